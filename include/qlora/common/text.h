@@ -1,0 +1,26 @@
+// Small text helpers shared by every module that reports user errors.
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace qlora {
+
+// Levenshtein distance (insert, delete, substitute: cost 1 each).
+size_t edit_distance(std::string_view a, std::string_view b);
+
+// The candidate closest to `got` when it is close enough to be a plausible
+// typo (distance <= max(2, |got| / 3)), or "" when none is.
+std::string closest_match(std::string_view got, const std::vector<std::string>& candidates);
+
+// "a, b, c" (each quoted when quote is true).
+std::string join(const std::vector<std::string>& items, std::string_view sep = ", ");
+
+// Shortest decimal text that parses back to exactly `v` ("0.0002", "1e-08", "3").
+std::string format_double(double v);
+
+// Lower-cased ASCII copy.
+std::string to_lower(std::string_view s);
+
+}  // namespace qlora

@@ -1,0 +1,168 @@
+// config: the typed run configuration and its one schema.
+//
+// A run is described by one YAML or JSON file (same schema, either syntax) plus
+// `--set a.b=value` overrides. Loading fills defaults, accepts the Hugging Face
+// TrainingArguments / PEFT / bitsandbytes names a practitioner already knows as
+// aliases, and validates everything in one pass: every problem is collected
+// with its key path (and line, for files) before anything is thrown, so the
+// user fixes them all at once. Unknown keys are errors ("did you mean ...").
+// This module knows nothing about torch.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "qlora/common/errors.h"
+
+namespace qlora {
+
+// ---------------------------------------------------------------- enums
+
+enum class Precision { kAuto, kBf16, kFp16, kFp32 };
+enum class OptimizerKind { kAdamW, kAdamW8bit, kPagedAdamW8bit };
+enum class LrSchedule { kConstant, kLinear, kCosine };
+enum class DataFormat { kAuto, kText, kCompletion, kAlpaca, kChat };
+enum class ChatTemplate { kAuto, kLlama3, kChatml };
+enum class DistBackend { kAuto, kNccl, kGloo };
+
+std::string_view to_string(Precision v);
+std::string_view to_string(OptimizerKind v);
+std::string_view to_string(LrSchedule v);
+std::string_view to_string(DataFormat v);
+std::string_view to_string(ChatTemplate v);
+std::string_view to_string(DistBackend v);
+
+// ---------------------------------------------------------------- the tree
+
+struct ModelConfig {
+  std::string path;    // Hugging Face model directory (config.json + *.safetensors)
+  std::string preset;  // architecture preset for planning without weights (llama-3.2-1b, ...)
+};
+
+struct QuantizationConfig {
+  std::string quant_type = "nf4";               // 4-bit NormalFloat, as bitsandbytes
+  bool double_quant = true;                     // 8-bit absmax in blocks of 256
+  Precision compute_dtype = Precision::kAuto;   // auto: follow train.precision
+};
+
+struct LoraConfig {
+  int64_t r = 16;
+  double alpha = 32.0;
+  double dropout = 0.05;
+  // Module names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)
+  // or the single entry "all-linear".
+  std::vector<std::string> target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};
+  bool rslora = false;  // scaling alpha / sqrt(r) instead of alpha / r
+};
+
+struct DataConfig {
+  std::string path;          // JSONL training file
+  std::string eval_path;     // optional separate JSONL evaluation file
+  double eval_ratio = 0.0;   // or: hold out this fraction of `path`
+  DataFormat format = DataFormat::kAuto;
+  int64_t max_seq_length = 2048;
+  bool packing = false;
+  bool train_on_inputs = false;  // false: loss on responses only
+  ChatTemplate chat_template = ChatTemplate::kAuto;
+};
+
+struct TrainConfig {
+  int64_t micro_batch_size = 2;             // per device, per forward pass
+  int64_t gradient_accumulation_steps = 16;
+  double epochs = 3.0;
+  int64_t max_steps = -1;                   // > 0: stop after this many optimizer steps
+  double learning_rate = 2e-4;
+  LrSchedule lr_scheduler = LrSchedule::kLinear;
+  int64_t warmup_steps = 0;
+  double warmup_ratio = 0.0;
+  double weight_decay = 0.0;
+  double max_grad_norm = 1.0;               // 0 disables clipping
+  double adam_beta1 = 0.9;
+  double adam_beta2 = 0.999;
+  double adam_epsilon = 1e-8;
+  Precision precision = Precision::kAuto;
+  bool gradient_checkpointing = true;
+  OptimizerKind optimizer = OptimizerKind::kPagedAdamW8bit;
+  int64_t seed = 42;
+  int64_t eval_steps = 0;                   // 0: evaluate only at the end
+  int64_t max_bad_steps = 10;               // abort after this many inf/nan steps in a row
+};
+
+struct OutputConfig {
+  std::string dir = "out";
+  int64_t save_steps = 500;
+  int64_t keep_last = 3;     // 0 keeps every checkpoint
+  int64_t logging_steps = 10;
+};
+
+struct HardwareConfig {
+  // Target GPU for `qlora plan`: "auto" (the GPU of this machine) or a preset
+  // name (t4, l4, a10, a100-40, a100-80, h100, h200) or a size like "24GiB".
+  std::string gpu = "auto";
+};
+
+struct DistributedConfig {
+  DistBackend backend = DistBackend::kAuto;  // auto: NCCL on GPUs, Gloo on CPU
+  // The world size is never configured: it comes from WORLD_SIZE / SLURM_NTASKS.
+};
+
+struct Config {
+  ModelConfig model;
+  QuantizationConfig quantization;
+  LoraConfig lora;
+  DataConfig data;
+  TrainConfig train;
+  OutputConfig output;
+  HardwareConfig hardware;
+  DistributedConfig distributed;
+
+  std::string source;  // where it came from ("configs/x.yaml", "<defaults>"), for messages
+};
+
+// ---------------------------------------------------------------- errors
+
+struct ConfigIssue {
+  std::string key;      // dotted key path, e.g. "train.micro_batch_size"; may be empty
+  std::string message;  // what was expected and what came
+  int line = 0;         // 1-based line in the source file, 0 when unknown
+};
+
+// All problems of one load, reported together (exit code 2).
+class ConfigError : public InputError {
+ public:
+  ConfigError(std::string source, std::vector<ConfigIssue> issues);
+  const std::string& source() const { return source_; }
+  const std::vector<ConfigIssue>& issues() const { return issues_; }
+
+ private:
+  std::string source_;
+  std::vector<ConfigIssue> issues_;
+};
+
+// ---------------------------------------------------------------- loading
+
+// Reads a .yaml/.yml/.json file, applies `overrides` ("a.b=value", typed by the
+// schema), fills defaults and validates. Throws ConfigError listing every problem.
+Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+
+// The same from text already in memory; `source` names it in messages.
+// JSON is YAML, so one parser reads both.
+Config parse_config(std::string_view text, std::string_view source,
+                    const std::vector<std::string>& overrides = {});
+
+// The built-in defaults, with overrides applied and validated (no file).
+Config default_config(const std::vector<std::string>& overrides = {});
+
+// ---------------------------------------------------------------- output
+
+// The resolved config as YAML (every key, canonical names, with comments) or
+// JSON. Loading either output again gives the same Config.
+std::string to_yaml(const Config& cfg);
+std::string to_json(const Config& cfg);
+
+// One line per key of the schema: "train.micro_batch_size  int  2  <help>".
+std::string describe_schema();
+
+}  // namespace qlora

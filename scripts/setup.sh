@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# One-time (and idempotent) set-up of a fresh Debian 12 machine for qlora:
+#   1. Debian packages: compiler tool chain and the C++ libraries qlora links.
+#   2. A project-local venv (.venv) holding the pinned PyPI `torch` wheel, whose
+#      bundled LibTorch (headers + shared libraries) the C++ build links against,
+#      plus the two small CUDA runtime wheels LibTorch's CPU library loads.
+#   3. Configure and build (build/).
+#
+#   bash scripts/setup.sh             # everything above
+#   bash scripts/setup.sh --oracles   # also the Python reference stack (transformers,
+#                                     # PEFT, bitsandbytes, tokenizers) that regenerates
+#                                     # the golden files under tests/data; not needed to
+#                                     # build or test.
+# Re-running it only does what is missing. Nothing is installed outside the
+# Debian package manager and .venv.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+# Pins. TORCH_VERSION follows the PyTorch on the GPU machines (2.11.0+cu130):
+# the same LibTorch version everywhere, one API surface.
+TORCH_VERSION=2.11.0
+CUDA_RUNTIME_VERSION=13.0.96   # libcudart.so.13, as torch 2.11's cuda-toolkit pin
+CUDA_CUPTI_VERSION=13.0.85     # libcupti.so.13, likewise
+ORACLE_PACKAGES=(transformers==5.17.0 peft==0.21.0 bitsandbytes==0.50.2
+                 tokenizers safetensors sentencepiece tiktoken numpy)
+
+want_oracles=0
+for arg in "$@"; do
+  case "$arg" in
+    --oracles) want_oracles=1 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option '$arg' (known: --oracles)" >&2; exit 2 ;;
+  esac
+done
+
+step() { printf '\n==> %s\n' "$*"; }
+t0=$(date +%s)
+
+# ---------------------------------------------------------------- 1. Debian packages
+APT_PACKAGES=(build-essential cmake ninja-build pkg-config git python3-venv
+              libcli11-dev nlohmann-json3-dev libyaml-cpp-dev libspdlog-dev libfmt-dev
+              libsentencepiece-dev libgtest-dev libgmock-dev libpcre2-dev)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  step "installing Debian packages: ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  step "Debian packages: all present"
+fi
+
+# ---------------------------------------------------------------- 2. venv + LibTorch
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  step "creating .venv"
+  "$PY" -m venv .venv
+fi
+VPY="$root/.venv/bin/python"
+have_torch=$("$VPY" - <<PYEOF 2>/dev/null || true
+import importlib.metadata as m
+try: print(m.version("torch"))
+except Exception: print("")
+PYEOF
+)
+if [ "$have_torch" != "$TORCH_VERSION" ]; then
+  step "installing torch==$TORCH_VERSION into .venv (LibTorch for the C++ build)"
+  # --no-deps: the C++ build needs only the LibTorch inside the wheel; its CUDA
+  # dependency wheels (several GB) serve torch_cuda, which the CPU build does not link.
+  "$VPY" -m pip install -q --disable-pip-version-check --no-deps "torch==$TORCH_VERSION"
+else
+  step "torch $TORCH_VERSION: present"
+fi
+# libtorch_cpu.so itself needs libcudart.so.13 and libcupti.so.13 at load time,
+# even with no GPU: take them from PyPI so the machine's CUDA toolkit is optional.
+if ! "$VPY" -m pip show -q nvidia-cuda-runtime nvidia-cuda-cupti >/dev/null 2>&1; then
+  step "installing CUDA runtime wheels (libcudart, libcupti)"
+  "$VPY" -m pip install -q --disable-pip-version-check --no-deps \
+    "nvidia-cuda-runtime==$CUDA_RUNTIME_VERSION" "nvidia-cuda-cupti==$CUDA_CUPTI_VERSION"
+fi
+
+if [ $want_oracles -eq 1 ]; then
+  step "installing the Python reference stack (oracles): ${ORACLE_PACKAGES[*]}"
+  # Now torch's own dependencies too, so `import torch` works for the oracle scripts.
+  "$VPY" -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" "${ORACLE_PACKAGES[@]}"
+fi
+
+# ---------------------------------------------------------------- 3. configure + build
+step "configuring and building (build/)"
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=${CMAKE_BUILD_TYPE:-RelWithDebInfo} \
+      -DQLORA_PYTHON="$VPY" ${QLORA_CMAKE_ARGS:-}
+cmake --build build -j "$(nproc)"
+
+step "done in $(( $(date +%s) - t0 )) s: build/qlora is ready"

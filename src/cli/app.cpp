@@ -1,0 +1,62 @@
+#include "qlora/cli/app.h"
+
+#include <exception>
+#include <iostream>
+#include <utility>
+#include <vector>
+
+#include "cli/commands.h"
+#include "qlora/common/errors.h"
+
+namespace qlora::cli {
+
+void add_config_options(CLI::App& cmd, ConfigOptions& opts, bool required) {
+  auto* c = cmd.add_option("-c,--config", opts.path, "run config (.yaml or .json)");
+  if (required) c->required();
+  cmd.add_option("--set", opts.overrides,
+                 "override a config key, typed by the schema (repeatable): --set train.micro_batch_size=4")
+      ->allow_extra_args(false);
+}
+
+Config load_config_options(const ConfigOptions& opts) {
+  return opts.path.empty() ? default_config(opts.overrides) : load_config(opts.path, opts.overrides);
+}
+
+int run(int argc, char** argv) {
+  CLI::App app{"qlora: QLoRA fine-tuning of Llama-family models (NF4 base, LoRA adapters)", "qlora"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", std::string("qlora ") + QLORA_VERSION);
+
+  std::vector<std::pair<CLI::App*, Runner>> commands;
+  auto remember = [&](Runner runner) { commands.emplace_back(app.get_subcommands({}).back(), std::move(runner)); };
+  // PLAN_COMMAND
+  remember(add_config_command(app));
+  remember(add_env_command(app));
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);  // prints CLI11's message and the usage hint
+    return kExitBadInput;
+  }
+
+  try {
+    for (auto& [cmd, runner] : commands)
+      if (cmd->parsed()) return runner();
+    return kExitBadInput;  // unreachable: require_subcommand(1)
+  } catch (const InputError& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return kExitBadInput;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return kExitRuntimeFailure;
+  }
+}
+
+}  // namespace qlora::cli

@@ -1,0 +1,63 @@
+#include "support/test_support.h"
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+
+namespace qlora::testing {
+namespace fs = std::filesystem;
+
+namespace {
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+}  // namespace
+
+std::string make_temp_dir(const std::string& tag) {
+  static std::atomic<int> counter{0};
+  fs::path dir = fs::temp_directory_path() /
+                 ("qlora-test-" + tag + "-" + std::to_string(::getpid()) + "-" +
+                  std::to_string(counter++));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir.string();
+}
+
+std::string write_file(const std::string& dir, const std::string& name, const std::string& text) {
+  fs::path p = fs::path(dir) / name;
+  fs::create_directories(p.parent_path());
+  std::ofstream out(p, std::ios::binary);
+  out << text;
+  if (!out) throw std::runtime_error("test support: cannot write " + p.string());
+  return p.string();
+}
+
+std::string source_path(const std::string& relative) {
+  return (fs::path(QLORA_SOURCE_DIR) / relative).string();
+}
+
+CommandResult run_qlora(const std::string& args) {
+  std::string dir = make_temp_dir("run");
+  fs::path out = fs::path(dir) / "stdout", err = fs::path(dir) / "stderr";
+  std::string cmd = "cd '" + std::string(QLORA_SOURCE_DIR) + "' && '" + QLORA_BIN + "' " + args +
+                    " >'" + out.string() + "' 2>'" + err.string() + "'";
+  int status = std::system(cmd.c_str());
+  CommandResult r;
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.out = slurp(out);
+  r.err = slurp(err);
+  fs::remove_all(dir);
+  return r;
+}
+
+}  // namespace qlora::testing

@@ -1,0 +1,29 @@
+// Shared helpers for the test executables: run the real `qlora` binary and
+// capture what it printed and its exit code; write scratch files.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace qlora::testing {
+
+struct CommandResult {
+  int exit_code = -1;
+  std::string out;  // stdout
+  std::string err;  // stderr
+};
+
+// Runs `qlora <args>` (QLORA_BIN) from the source directory; args are passed
+// through /bin/sh, so quote them as a shell would.
+CommandResult run_qlora(const std::string& args);
+
+// A fresh scratch directory under the system temp dir, unique per call.
+std::string make_temp_dir(const std::string& tag);
+
+// Writes `text` to `dir/name` and returns the full path.
+std::string write_file(const std::string& dir, const std::string& name, const std::string& text);
+
+// Absolute path of a file in the source tree ("configs/x.yaml").
+std::string source_path(const std::string& relative);
+
+}  // namespace qlora::testing
