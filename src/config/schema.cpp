@@ -128,6 +128,8 @@ std::vector<Field> build_schema() {
            "false: loss on responses only; true: on prompts too"));
   add(bind_enum("data.chat_template", &C::data, &DataConfig::chat_template, kTemplateNames,
                 "chat rendering for format chat: llama3 | chatml; auto: from the tokenizer"));
+  add(bind_member("data.skip_bad_lines", Kind::kBool, &C::data, &DataConfig::skip_bad_lines,
+                  "false: a malformed JSONL line stops the run (file:line named); true: skip and count it"));
 
   // train
   range(add(bind_member("train.micro_batch_size", Kind::kInt, &C::train, &TrainConfig::micro_batch_size,

@@ -66,6 +66,7 @@ struct DataConfig {
   bool packing = false;
   bool train_on_inputs = false;  // false: loss on responses only
   ChatTemplate chat_template = ChatTemplate::kAuto;
+  bool skip_bad_lines = false;   // true: skip and count malformed lines instead of stopping
 };
 
 struct TrainConfig {
