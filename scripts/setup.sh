@@ -23,8 +23,8 @@ cd "$root"
 TORCH_VERSION=2.11.0
 CUDA_RUNTIME_VERSION=13.0.96   # libcudart.so.13, as torch 2.11's cuda-toolkit pin
 CUDA_CUPTI_VERSION=13.0.85     # libcupti.so.13, likewise
-ORACLE_PACKAGES=(transformers==5.17.0 peft==0.21.0 bitsandbytes==0.50.2
-                 tokenizers safetensors sentencepiece tiktoken numpy)
+ORACLE_PACKAGES=(transformers==5.17.0 peft==0.21.0 bitsandbytes==0.50.2 tokenizers==0.23.3
+                 safetensors==0.8.0 sentencepiece==0.2.3 tiktoken==0.14.0 numpy)
 
 want_oracles=0
 for arg in "$@"; do

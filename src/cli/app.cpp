@@ -29,7 +29,7 @@ int run(int argc, char** argv) {
 
   std::vector<std::pair<CLI::App*, Runner>> commands;
   auto remember = [&](Runner runner) { commands.emplace_back(app.get_subcommands({}).back(), std::move(runner)); };
-  // PLAN_COMMAND
+  remember(add_plan_command(app));
   remember(add_config_command(app));
   remember(add_env_command(app));
 

@@ -14,6 +14,7 @@
 #include "config/yaml_tree.h"
 #include "qlora/common/text.h"
 #include "qlora/model/llama_config.h"
+#include "qlora/plan/gpu.h"
 
 namespace qlora {
 
@@ -383,6 +384,14 @@ class Loader {
               "unknown preset \"" + c.model.preset + "\"; expected one of " + join(presets, ", ") +
                   (near.empty() ? "" : "; did you mean " + near + "?"),
               line_for("model.preset"));
+      }
+    }
+    if (c.hardware.gpu != "auto" && c.hardware.gpu != "none") {
+      try {
+        (void)plan::resolve_gpu(c.hardware.gpu);
+      } catch (const InputError& e) {
+        issue("hardware.gpu", std::string(e.what()) + "; or auto (this machine) or none",
+              line_for("hardware.gpu"));
       }
     }
     if (c.output.dir.empty())

@@ -1,0 +1,158 @@
+// plan: what a QLoRA run will cost before it starts, torch-free.
+//
+// From a validated Config, the model's shapes and (optionally) a GPU, a Plan
+// says: the effective batch and how it is made; GPU memory per component
+// (NF4 base, 16-bit parts, LoRA weights / gradients / optimizer state,
+// activations, backward temporaries, logits and loss, CUDA context,
+// fragmentation), each with the formula and the numbers that went in; whether
+// it fits and what dominates; advice with concrete values that were re-planned
+// and fit; a time estimate from FLOPs; and the precision to use on that GPU.
+// Every assumption is a named constant in src/plan/ with its source, and the
+// trainer prints its measured peak next to the prediction.
+// Note [plan memory model] in src/plan/budget.cpp explains the formulas.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "qlora/config/config.h"
+#include "qlora/model/llama_config.h"
+#include "qlora/plan/gpu.h"
+
+namespace qlora::plan {
+
+// ---------------------------------------------------------------- pieces
+
+struct EffectiveBatch {
+  int64_t micro = 0;         // sequences per forward pass, per GPU
+  int64_t accumulation = 0;  // forward/backward passes per optimizer step
+  int64_t world = 1;         // data-parallel GPUs
+  int64_t total = 0;         // micro × accumulation × world
+  std::string formula;       // "2 × 16 × 1 = 32"
+};
+
+struct Component {
+  std::string key;      // machine-readable: "base_weights_nf4", "activations", ...
+  std::string label;    // for people: "base weights, NF4"
+  double bytes = 0;     // counted on the GPU (worst case for pageable memory)
+  std::string formula;  // how the number was computed, with the numbers
+  std::string detail;   // alternatives and notes (without double quant, HF unchunked, ...)
+  double pageable_bytes = 0;  // part a paged optimizer may move to host memory
+};
+
+struct Advice {
+  std::string kind;  // "micro_batch", "gradient_checkpointing", "seq_length", "lora_r",
+                     // "larger_gpu", "more_micro_batch", "headroom", "sliding_window"
+  std::string text;  // one line, with the values and the resulting total
+  // The settings this advice arrives at (cumulative with earlier advice of
+  // the same plan) and the memory they were re-planned at.
+  int64_t micro_batch_size = 0;
+  int64_t gradient_accumulation_steps = 0;
+  int64_t max_seq_length = 0;
+  int64_t lora_r = 0;
+  bool gradient_checkpointing = true;
+  double total_bytes = 0;
+  bool fits = false;
+};
+
+struct TimeEstimate {
+  bool available = false;         // false when the GPU's throughput is unknown
+  std::string why_unavailable;
+  double flops_per_token = 0;     // forward + backward (+ recompute), see formula
+  double tokens_per_step = 0;     // per GPU: micro × seq × accumulation
+  double flops_per_step = 0;      // per GPU
+  double peak_tflops = 0;         // the GPU's dense peak for the precision used
+  double utilisation = 0;         // assumed fraction of that peak
+  double dequant_seconds_per_step = 0;  // NF4 -> 16-bit passes, bandwidth-bound
+  double seconds_per_step = 0;
+  double hours_per_1000_steps = 0;
+  double tokens_per_second = 0;   // all GPUs together
+  std::string formula;
+  std::string note;
+};
+
+struct PrecisionAdvice {
+  std::string requested;  // train.precision as configured ("auto", "bf16", ...)
+  std::string resolved;   // what the run uses: "bf16", "fp16" or "fp32"
+  bool supported = true;  // false: the GPU cannot run what was asked
+  std::string message;
+};
+
+struct Plan {
+  std::string model_name;
+  LlamaConfig model;
+  std::string config_source;
+  EffectiveBatch batch;
+  int64_t seq_length = 0;
+  int64_t tokens_per_micro_batch = 0;  // micro × seq
+  int64_t total_params = 0;
+  int64_t lora_params = 0;
+  std::vector<std::string> lora_targets;  // resolved module names
+  PrecisionAdvice precision;
+  int activation_bytes = 2;  // bytes per activation element (2: bf16/fp16, 4: fp32)
+
+  std::vector<Component> components;
+  double total_bytes = 0;
+  double pageable_bytes = 0;
+
+  std::optional<GpuSpec> gpu;
+  bool fits = false;             // meaningful only with a gpu
+  double headroom_bytes = 0;     // gpu memory - total (negative: over)
+  std::string dominant;          // key of the largest component
+  int64_t largest_micro_batch = 0;  // with everything else as configured; 0: not even 1 fits
+  std::vector<Advice> advice;
+  TimeEstimate time;
+  std::vector<std::string> notes;  // other remarks (paging, sliding window, ...)
+};
+
+// ---------------------------------------------------------------- entry points
+
+// `gpu` may be null (no GPU known: no fit verdict, no time estimate).
+// world_size >= 1 is the number of data-parallel processes.
+Plan make_plan(const Config& cfg, const LlamaConfig& model, const GpuSpec* gpu, int64_t world_size);
+
+// Human table: one row per component (GiB with 2 decimals, the formula), the
+// total against the GPU, then advice, time and precision.
+std::string render_text(const Plan& plan);
+
+// The same as JSON (dump(2)): every number present, bytes as integers.
+std::string render_json(const Plan& plan);
+
+// ---------------------------------------------------------------- building blocks
+
+// Trainable LoRA parameters: Σ over layers and targeted modules of r·(in + out),
+// as PEFT counts them. Throws InputError for an unknown module name.
+int64_t lora_trainable_params(const LlamaConfig& model, const LoraConfig& lora);
+
+// The targeted module names, "all-linear" expanded (PEFT: every decoder
+// projection, never lm_head). Throws InputError for an unknown name.
+std::vector<std::string> resolve_lora_targets(const std::vector<std::string>& target_modules);
+
+// The knobs the memory budget depends on, pulled out of Config so that advice
+// can vary them and re-plan.
+struct BudgetInputs {
+  int64_t micro_batch_size = 1;
+  int64_t seq_length = 2048;
+  int64_t lora_r = 16;
+  std::vector<std::string> lora_targets;
+  double lora_dropout = 0.0;
+  bool gradient_checkpointing = true;
+  OptimizerKind optimizer = OptimizerKind::kPagedAdamW8bit;
+  bool double_quant = true;
+  int activation_bytes = 2;   // bf16 / fp16: 2, fp32: 4
+  int dequant_bytes = 2;      // quantization.compute_dtype
+  bool gqa_kv_expanded = false;  // attention kernel needs k/v repeated to all heads
+};
+
+// Memory per component, in the order render_text prints them.
+std::vector<Component> memory_components(const LlamaConfig& model, const BudgetInputs& in);
+
+// Sum of the components.
+double total_bytes(const std::vector<Component>& components);
+
+// Bytes with two decimals in GiB: "9.52".
+std::string format_gib(double bytes);
+
+}  // namespace qlora::plan

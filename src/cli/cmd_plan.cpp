@@ -1,0 +1,95 @@
+// qlora plan: the effective batch and the GPU memory budget of a run, before it starts.
+//
+//   qlora plan --config configs/llama-3.1-8b-t4.yaml [--gpu t4|h100|24GiB|auto|none] [--gpus N] [--json]
+//
+// The GPU comes from --gpu, else hardware.gpu in the config; "auto" asks the
+// CUDA driver (no GPU visible: no fit verdict, said so). The number of GPUs
+// comes from --gpus, else WORLD_SIZE (torchrun) or SLURM_NTASKS, else 1.
+#include <cstdlib>
+#include <iostream>
+#include <memory>
+#include <optional>
+
+#include "cli/commands.h"
+#include "qlora/common/errors.h"
+#include "qlora/kernels.h"
+#include "qlora/model/llama_config.h"
+#include "qlora/plan/plan.h"
+
+namespace qlora::cli {
+namespace {
+
+struct PlanOptions {
+  ConfigOptions config;
+  std::string gpu;      // empty: hardware.gpu
+  int64_t gpus = 0;     // 0: from the environment
+  bool json = false;
+};
+
+// A positive integer from an environment variable the launchers set.
+std::optional<int64_t> world_size_from_env(std::string* source) {
+  for (const char* name : {"WORLD_SIZE", "SLURM_NTASKS"}) {
+    const char* v = std::getenv(name);
+    if (!v || !*v) continue;
+    char* end = nullptr;
+    const long long n = std::strtoll(v, &end, 10);
+    if (*end != '\0' || n < 1)
+      throw InputError(std::string("environment variable ") + name + "=\"" + v +
+                       "\" is not a positive integer; unset it or pass --gpus N");
+    *source = name;
+    return n;
+  }
+  return std::nullopt;
+}
+
+// Resolves the GPU argument; nullopt when there is none to plan against.
+std::optional<plan::GpuSpec> gpu_for(const std::string& arg, std::vector<std::string>* notes) {
+  if (arg == "none") return std::nullopt;
+  if (arg != "auto") return plan::resolve_gpu(arg);
+  kernels::DeviceInfo dev;
+  char reason[256] = {0};
+  const int n = kernels::query_devices(&dev, 1, reason, sizeof reason);
+  if (n == 0) {
+    notes->push_back(std::string("hardware.gpu is auto and this machine has no usable GPU (") + reason +
+                     "): no fit verdict; pass --gpu t4|l4|a10|a100-40|a100-80|h100|h200|<N>GiB to plan for one");
+    return std::nullopt;
+  }
+  if (n > 1) notes->push_back("planning for GPU 0 (" + std::string(dev.name) + ") of " + std::to_string(n));
+  return plan::gpu_from_device(dev.name, double(dev.total_bytes), dev.cc_major, dev.cc_minor);
+}
+
+}  // namespace
+
+Runner add_plan_command(CLI::App& root) {
+  auto opts = std::make_shared<PlanOptions>();
+  CLI::App* cmd = root.add_subcommand(
+      "plan", "effective batch and GPU memory per component, whether it fits, and what to change if not");
+  add_config_options(*cmd, opts->config, /*required=*/false);
+  cmd->add_option("--gpu", opts->gpu,
+                  "GPU to plan for: t4, l4, a10, a100-40, a100-80, h100, h200, a size like 24GiB, auto (this "
+                  "machine) or none; default: hardware.gpu of the config");
+  cmd->add_option("--gpus", opts->gpus, "data-parallel GPUs (default: WORLD_SIZE / SLURM_NTASKS, else 1)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_flag("--json", opts->json, "print the plan as JSON");
+  return [opts]() {
+    const Config cfg = load_config_options(opts->config);
+    const LlamaConfig model = resolve_model_shape(cfg);
+
+    std::vector<std::string> notes;
+    int64_t world = opts->gpus;
+    if (world == 0) {
+      std::string source;
+      world = world_size_from_env(&source).value_or(1);
+      if (!source.empty()) notes.push_back("GPUs: " + std::to_string(world) + " from " + source);
+    }
+    const std::string gpu_arg = opts->gpu.empty() ? cfg.hardware.gpu : opts->gpu;
+    const std::optional<plan::GpuSpec> gpu = gpu_for(gpu_arg, &notes);
+
+    plan::Plan p = plan::make_plan(cfg, model, gpu ? &*gpu : nullptr, world);
+    p.notes.insert(p.notes.begin(), notes.begin(), notes.end());
+    std::cout << (opts->json ? plan::render_json(p) + "\n" : plan::render_text(p));
+    return kExitOk;
+  };
+}
+
+}  // namespace qlora::cli

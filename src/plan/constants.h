@@ -1,0 +1,71 @@
+// Every assumption of the planner in one place, each with where it comes from.
+// Internal to src/plan/.
+#pragma once
+
+#include <cstdint>
+
+namespace qlora::plan {
+
+inline constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+inline constexpr double kMiB = 1024.0 * 1024.0;
+
+// ---------------------------------------------------------------- NF4 storage
+// bitsandbytes quantize_4bit: blocksize defaults to 64; two 4-bit codes a byte.
+inline constexpr int64_t kNf4BlockSize = 64;
+// Double quantization (compress_statistics): the fp32 absmax values minus
+// their mean ("offset", one fp32 scalar per tensor) are quantize_blockwise'd
+// with blocksize=256 -> one uint8 per NF4 block and one fp32 absmax per 256 of
+// them (bitsandbytes functional.py, quantize_4bit). The 256-entry dynamic code
+// map is shared by all tensors and not counted.
+inline constexpr int64_t kDoubleQuantBlockSize = 256;
+
+// ---------------------------------------------------------------- optimizer state
+// bitsandbytes Optimizer2State.init_state (optim/optimizer.py): blockwise 8-bit
+// states use blocksize = 256 (older releases: 2048) with one fp32 absmax per
+// block for each of the two states; tensors with fewer than min_8bit_size =
+// 4096 elements keep fp32 states. Paged buffers (get_state_buffer) are only
+// used for tensors with at least 1e5 elements; absmax is never paged.
+inline constexpr int64_t kOptim8bitBlockSize = 256;
+inline constexpr int64_t kOptimMin8bitSize = 4096;
+inline constexpr int64_t kPagedMinElements = 100000;
+
+// ---------------------------------------------------------------- loss
+// The trainer's cross-entropy runs over chunks of this many tokens: each
+// chunk's logits are produced in fp32 by the lm_head GEMM, turned into the
+// gradient in place, cast once to the compute dtype for the backward GEMM,
+// and freed, so the [tokens, vocab] logits never exist whole.
+inline constexpr int64_t kCeChunkTokens = 1024;
+
+// ---------------------------------------------------------------- runtime overheads
+// An estimate for torch 2.11 + CUDA 13 with lazy module loading: ~620 MiB in
+// use after CUDA initialisation, 64 MiB more after the first cuBLAS call
+// (handle + workspace). Other GPUs and drivers differ by some tens of MiB;
+// `qlora plan --measure` replaces it with the device's own figure.
+inline constexpr double kCudaContextBytes = 621 * kMiB;
+inline constexpr double kCublasBytes = 64 * kMiB;
+// The caching allocator keeps freed blocks for reuse; blocks freed by one
+// step's activations do not always fit the next request, more so with
+// variable-length batches. 10% of the memory that is allocated and freed every
+// step (activations, backward temporaries, loss chunk) is set aside for that.
+inline constexpr double kFragmentationFraction = 0.10;
+// Headroom below which a plan that fits is called tight.
+inline constexpr double kTightHeadroomFraction = 0.05;
+
+// ---------------------------------------------------------------- time
+// Fraction of the dense tensor peak a QLoRA step sustains. ../shared/DESIGN.md
+// reports the torch.compile'd transformers + PEFT + bitsandbytes 8B step at
+// ~57% of the H100 bf16 peak and the eager one at about a third; small models
+// and small batches do worse, so the plan assumes 40%. An estimate, printed as one.
+inline constexpr double kAssumedMfu = 0.40;
+// NF4 -> 16-bit dequantization is bandwidth-bound; bitsandbytes reaches about
+// half the copy bandwidth on 8B-sized matrices (../shared/DESIGN.md); the plan
+// assumes 70% of the datasheet bandwidth.
+inline constexpr double kAssumedBandwidthUtilisation = 0.70;
+
+// ---------------------------------------------------------------- advice
+inline constexpr int64_t kSeqLengthStep = 128;  // suggested lengths are multiples of this
+inline constexpr int64_t kMinAdviceSeqLength = 256;
+inline constexpr int64_t kMinAdviceLoraR = 4;
+inline constexpr int64_t kMaxAdviceMicroBatch = 1024;
+
+}  // namespace qlora::plan

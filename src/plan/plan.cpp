@@ -1,0 +1,588 @@
+// make_plan: the budget of budget.cpp applied to one config, plus the verdict,
+// the advice, the precision and the time estimate.
+//
+// Note [plan advice order]
+// ~~~~~~~~~~~~~~~~~~~~~~~~
+// When a run does not fit, the knobs are turned in the order that changes the
+// training least:
+//   1. the micro batch, with gradient accumulation raised so that the
+//      effective batch (micro × accumulation × GPUs) stays what was asked:
+//      the same math, only slower;
+//   2. activation checkpointing, when it is off: the same math, ~30% slower;
+//   3. the sequence length: examples longer than it are truncated;
+//   4. the LoRA rank: a smaller adapter;
+//   5. a larger GPU.
+// Each step is re-planned with every earlier step applied, so the numbers in
+// an advice line are a plan that was computed, not a guess, and the last
+// advice line is a configuration that fits (or the statement that none of
+// these knobs is enough).
+#include <algorithm>
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "constants.h"
+#include "format.h"
+#include "qlora/common/errors.h"
+#include "qlora/common/text.h"
+#include "qlora/plan/plan.h"
+
+namespace qlora::plan {
+namespace {
+
+using fmt::commas;
+using fmt::fixed;
+using fmt::gib;
+
+std::string modules_text(const std::vector<std::string>& targets) { return join(targets, ","); }
+
+std::string pad_right(const std::string& s, size_t width) {
+  return s.size() >= width ? s : s + std::string(width - s.size(), ' ');
+}
+std::string pad_left(const std::string& s, size_t width) {
+  return s.size() >= width ? s : std::string(width - s.size(), ' ') + s;
+}
+
+// ---------------------------------------------------------------- precision
+
+PrecisionAdvice resolve_precision(Precision requested, const GpuSpec* gpu) {
+  PrecisionAdvice p;
+  p.requested = std::string(to_string(requested));
+  const bool known = gpu && gpu->has_compute_capability();
+  const std::string cc = known ? " (sm_" + std::to_string(gpu->cc_major) + std::to_string(gpu->cc_minor) + ")" : "";
+  const std::string gpu_name = gpu ? gpu->name : "";
+  switch (requested) {
+    case Precision::kAuto:
+      if (!known) {
+        p.resolved = "bf16";
+        p.message = "precision auto: bf16 assumed; on a GPU without bf16 tensor cores (T4, V100) it becomes "
+                    "fp16 with dynamic loss scaling (same memory)";
+      } else if (gpu->supports_bf16()) {
+        p.resolved = "bf16";
+        p.message = "precision auto: bf16 on " + gpu_name + cc + ", no loss scaling needed";
+      } else {
+        p.resolved = "fp16";
+        p.message = "precision auto: fp16 with dynamic loss scaling on " + gpu_name + cc +
+                    ", which has no bf16 tensor cores";
+      }
+      break;
+    case Precision::kBf16:
+      p.resolved = "bf16";
+      if (known && !gpu->supports_bf16()) {
+        p.supported = false;
+        p.message = gpu_name + cc + " has no bf16 tensor cores (they start with compute capability 8.0, "
+                    "Ampere); set train.precision: fp16 (dynamic loss scaling) or auto";
+      } else {
+        p.message = "bf16" + (known ? " on " + gpu_name + cc : std::string());
+      }
+      break;
+    case Precision::kFp16:
+      p.resolved = "fp16";
+      p.message = "fp16 with dynamic loss scaling";
+      if (known && gpu->supports_bf16())
+        p.message += "; " + gpu_name + cc + " supports bf16, which needs no loss scaling and has fp32's range "
+                     "at the same memory: consider train.precision: bf16";
+      break;
+    case Precision::kFp32:
+      p.resolved = "fp32";
+      p.message = "fp32: activations take twice the memory of bf16/fp16 and tensor cores run at most at TF32 rate";
+      break;
+  }
+  return p;
+}
+
+int bytes_of(const std::string& resolved) { return resolved == "fp32" ? 4 : 2; }
+
+// ---------------------------------------------------------------- inputs
+
+BudgetInputs inputs_from(const Config& cfg, const LlamaConfig& model, const GpuSpec* gpu,
+                         const PrecisionAdvice& precision) {
+  BudgetInputs in;
+  in.micro_batch_size = cfg.train.micro_batch_size;
+  in.seq_length = cfg.data.max_seq_length;
+  in.lora_r = cfg.lora.r;
+  in.lora_targets = resolve_lora_targets(cfg.lora.target_modules);
+  in.lora_dropout = cfg.lora.dropout;
+  in.gradient_checkpointing = cfg.train.gradient_checkpointing;
+  in.optimizer = cfg.train.optimizer;
+  in.double_quant = cfg.quantization.double_quant;
+  in.activation_bytes = bytes_of(precision.resolved);
+  const Precision cd = cfg.quantization.compute_dtype;
+  in.dequant_bytes = cd == Precision::kAuto ? in.activation_bytes : (cd == Precision::kFp32 ? 4 : 2);
+  // Flash attention needs sm_80+; the memory-efficient kernel on older GPUs
+  // takes k and v already repeated to every query head.
+  in.gqa_kv_expanded = gpu && gpu->has_compute_capability() && gpu->cc_major < 8 &&
+                       model.num_key_value_heads < model.num_attention_heads;
+  return in;
+}
+
+struct Budget {
+  std::vector<Component> components;
+  double total = 0;
+};
+
+Budget budget(const LlamaConfig& model, const BudgetInputs& in) {
+  Budget b;
+  b.components = memory_components(model, in);
+  b.total = total_bytes(b.components);
+  return b;
+}
+
+bool fits(double total, const GpuSpec& gpu) { return total <= gpu.memory_bytes; }
+
+// ---------------------------------------------------------------- advice
+
+// Largest micro batch (<= cap) that fits with everything else as in `in`; 0 if none.
+int64_t largest_fitting_micro(const LlamaConfig& model, BudgetInputs in, const GpuSpec& gpu, int64_t cap) {
+  // Memory grows monotonically with the micro batch: binary search.
+  int64_t lo = 0, hi = cap;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo + 1) / 2;
+    in.micro_batch_size = mid;
+    if (fits(budget(model, in).total, gpu))
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+// The largest divisor of `n` that is <= `limit` (>= 1).
+int64_t largest_divisor_at_most(int64_t n, int64_t limit) {
+  for (int64_t d = std::min(n, limit); d > 1; --d)
+    if (n % d == 0) return d;
+  return 1;
+}
+
+Advice make_advice(const std::string& kind, const std::string& text, const BudgetInputs& in, int64_t accumulation,
+                   double total, const GpuSpec& gpu) {
+  Advice a;
+  a.kind = kind;
+  a.micro_batch_size = in.micro_batch_size;
+  a.gradient_accumulation_steps = accumulation;
+  a.max_seq_length = in.seq_length;
+  a.lora_r = in.lora_r;
+  a.gradient_checkpointing = in.gradient_checkpointing;
+  a.total_bytes = total;
+  a.fits = fits(total, gpu);
+  a.text = text + ": total " + gib(total) + (a.fits ? ", fits" : ", still over " + gib(gpu.memory_bytes));
+  return a;
+}
+
+// Note [plan advice order] above.
+std::vector<Advice> advise_over(const LlamaConfig& model, BudgetInputs in, int64_t accumulation,
+                                const GpuSpec& gpu, int64_t world) {
+  std::vector<Advice> out;
+  const int64_t per_gpu_batch = in.micro_batch_size * accumulation;  // sequences per GPU per step
+
+  // 1. micro batch, keeping the effective batch.
+  if (in.micro_batch_size > 1) {
+    const int64_t best = largest_fitting_micro(model, in, gpu, in.micro_batch_size - 1);
+    int64_t micro = best >= 1 ? largest_divisor_at_most(per_gpu_batch, best) : 1;
+    const int64_t old_micro = in.micro_batch_size, old_acc = accumulation;
+    in.micro_batch_size = micro;
+    accumulation = per_gpu_batch / micro;
+    const double total = budget(model, in).total;
+    std::string text = "set train.micro_batch_size " + std::to_string(old_micro) + " → " + std::to_string(micro) +
+                       " and train.gradient_accumulation_steps " + std::to_string(old_acc) + " → " +
+                       std::to_string(accumulation) + " (effective batch stays " + std::to_string(micro) + " × " +
+                       std::to_string(accumulation) + " × " + std::to_string(world) + " = " +
+                       std::to_string(per_gpu_batch * world) + ")";
+    if (best > micro && best >= 1)
+      text += "; micro " + std::to_string(best) + " would fit but does not divide " + std::to_string(per_gpu_batch);
+    out.push_back(make_advice("micro_batch", text, in, accumulation, total, gpu));
+    if (out.back().fits) return out;
+  }
+  // 2. activation checkpointing.
+  if (!in.gradient_checkpointing) {
+    in.gradient_checkpointing = true;
+    const double total = budget(model, in).total;
+    out.push_back(make_advice("gradient_checkpointing",
+                              "set train.gradient_checkpointing: true (same gradients, ~30% more compute)", in,
+                              accumulation, total, gpu));
+    if (out.back().fits) return out;
+  }
+  // 3. sequence length: the longest multiple of kSeqLengthStep that fits.
+  if (in.seq_length > kMinAdviceSeqLength) {
+    const int64_t old = in.seq_length;
+    int64_t best = 0;
+    for (int64_t s = (old - 1) / kSeqLengthStep * kSeqLengthStep; s >= kMinAdviceSeqLength; s -= kSeqLengthStep) {
+      in.seq_length = s;
+      if (fits(budget(model, in).total, gpu)) {
+        best = s;
+        break;
+      }
+    }
+    in.seq_length = best ? best : kMinAdviceSeqLength;
+    const double total = budget(model, in).total;
+    out.push_back(make_advice("seq_length",
+                              "set data.max_seq_length " + std::to_string(old) + " → " +
+                                  std::to_string(in.seq_length) +
+                                  " (longer examples are truncated; the run reports how many)",
+                              in, accumulation, total, gpu));
+    if (out.back().fits) return out;
+  }
+  // 4. LoRA rank, halving.
+  if (in.lora_r > kMinAdviceLoraR) {
+    const int64_t old = in.lora_r;
+    while (in.lora_r > kMinAdviceLoraR) {
+      in.lora_r = std::max<int64_t>(kMinAdviceLoraR, in.lora_r / 2);
+      if (fits(budget(model, in).total, gpu)) break;
+    }
+    const double total = budget(model, in).total;
+    out.push_back(make_advice("lora_r",
+                              "set lora.r " + std::to_string(old) + " → " + std::to_string(in.lora_r) +
+                                  " (a smaller adapter; keep lora.alpha / r as before to keep the scaling)",
+                              in, accumulation, total, gpu));
+    if (out.back().fits) return out;
+  }
+  return out;
+}
+
+// The smallest preset GPU on which the original settings fit.
+std::string smallest_fitting_gpu(double total) {
+  std::string best;
+  double best_mem = 0;
+  for (const auto& name : gpu_preset_names()) {
+    const GpuSpec g = resolve_gpu(name);
+    if (total <= g.memory_bytes && (best.empty() || g.memory_bytes < best_mem)) {
+      best = name;
+      best_mem = g.memory_bytes;
+    }
+  }
+  return best;
+}
+
+// ---------------------------------------------------------------- time
+
+TimeEstimate estimate_time(const LlamaConfig& m, const BudgetInputs& in, int64_t accumulation, int64_t world,
+                           const GpuSpec* gpu, const std::string& precision, int64_t lora_params) {
+  TimeEstimate t;
+  if (!gpu || !gpu->has_throughput()) {
+    t.why_unavailable = gpu ? "no throughput figures for " + gpu->name + "; name a preset with --gpu for a time estimate"
+                            : "no GPU given; pass --gpu for a time estimate";
+    return t;
+  }
+  // Per token, with N the decoder projection weights, V·h the lm_head, S the
+  // sequence length, P the LoRA parameters:
+  //   forward  2N + 2Vh (GEMMs) + 2·L·S·nh·d (causal attention: QKᵀ and PV, half the square)
+  //   backward grad w.r.t. inputs only for the frozen base: 2N + 2Vh, attention 2×,
+  //            LoRA weights and inputs: 4P
+  //   recompute (checkpointing): the decoder forward again, 2N + attention
+  const double N = double(decoder_linear_params(m)), Vh = double(m.vocab_size * m.hidden_size);
+  const double attn = 2.0 * double(m.num_hidden_layers) * double(in.seq_length) *
+                      double(m.num_attention_heads * m.head_dim);
+  const double P = double(lora_params);
+  const double fwd = 2 * N + 2 * Vh + attn + 2 * P;
+  const double bwd = 2 * N + 2 * Vh + 2 * attn + 4 * P;
+  const double recompute = in.gradient_checkpointing ? 2 * N + attn + 2 * P : 0;
+  t.flops_per_token = fwd + bwd + recompute;
+  t.tokens_per_step = double(in.micro_batch_size * in.seq_length * accumulation);
+  t.flops_per_step = t.flops_per_token * t.tokens_per_step;
+  t.peak_tflops = precision == "bf16" ? gpu->bf16_tflops : precision == "fp16" ? gpu->fp16_tflops : gpu->fp32_tflops;
+  if (!(t.peak_tflops > 0)) {
+    t.why_unavailable = gpu->name + " has no " + precision + " tensor throughput on record";
+    return t;
+  }
+  t.utilisation = kAssumedMfu;
+  // Dequantization: every projection is expanded from NF4 once per forward,
+  // once per backward and once per recompute, for each micro batch: read the
+  // 4-bit codes + absmax, write the 16-bit weight.
+  const double passes = (in.gradient_checkpointing ? 3.0 : 2.0) * double(accumulation);
+  const double bytes_per_pass = N * (0.5 + double(in.dequant_bytes)) + N / double(kNf4BlockSize);
+  if (gpu->memory_bandwidth_gbs > 0)
+    t.dequant_seconds_per_step =
+        passes * bytes_per_pass / (gpu->memory_bandwidth_gbs * 1e9 * kAssumedBandwidthUtilisation);
+  t.seconds_per_step = t.flops_per_step / (t.peak_tflops * 1e12 * t.utilisation) + t.dequant_seconds_per_step;
+  t.hours_per_1000_steps = t.seconds_per_step * 1000.0 / 3600.0;
+  t.tokens_per_second = t.tokens_per_step * double(world) / t.seconds_per_step;
+  t.available = true;
+  t.formula = fixed(t.flops_per_token / 1e9, 2) + " GFLOP/token (forward + input-gradient backward" +
+              (in.gradient_checkpointing ? " + recompute" : "") + ") × " + commas(int64_t(t.tokens_per_step)) +
+              " tokens/step at " + fixed(t.utilisation * 100, 0) + "% of " + fixed(t.peak_tflops, 0) + " TFLOP/s " +
+              precision + " + NF4 dequantization " + fixed(t.dequant_seconds_per_step, 2) + " s/step";
+  t.note = "an estimate from FLOPs at an assumed " + fixed(t.utilisation * 100, 0) +
+           "% of the datasheet peak, not a measurement; sequences shorter than max_seq_length run faster";
+  return t;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- building blocks
+
+std::vector<std::string> resolve_lora_targets(const std::vector<std::string>& target_modules) {
+  const auto& all = decoder_linear_names();
+  std::vector<std::string> out;
+  for (const auto& t : target_modules) {
+    if (t == "all-linear") return all;
+    if (std::find(all.begin(), all.end(), t) == all.end()) {
+      std::string msg = "lora.target_modules: unknown module \"" + t + "\"";
+      const std::string near = closest_match(t, all);
+      if (!near.empty()) msg += "; did you mean \"" + near + "\"?";
+      throw InputError(msg + " (Llama modules: " + join(all) + ", or all-linear)");
+    }
+    if (std::find(out.begin(), out.end(), t) == out.end()) out.push_back(t);
+  }
+  return out;
+}
+
+int64_t lora_trainable_params(const LlamaConfig& model, const LoraConfig& lora) {
+  const auto targets = resolve_lora_targets(lora.target_modules);
+  int64_t per_layer = 0;
+  for (const auto& s : decoder_linear_shapes(model))
+    if (std::find(targets.begin(), targets.end(), s.name) != targets.end())
+      per_layer += lora.r * (s.in_features + s.out_features);
+  return per_layer * model.num_hidden_layers;
+}
+
+// ---------------------------------------------------------------- make_plan
+
+Plan make_plan(const Config& cfg, const LlamaConfig& model, const GpuSpec* gpu, int64_t world_size) {
+  if (world_size < 1) throw InputError("the number of GPUs must be at least 1, got " + std::to_string(world_size));
+  Plan plan;
+  plan.model_name = model.name;
+  plan.model = model;
+  plan.config_source = cfg.source;
+  if (gpu) plan.gpu = *gpu;
+
+  EffectiveBatch& b = plan.batch;
+  b.micro = cfg.train.micro_batch_size;
+  b.accumulation = cfg.train.gradient_accumulation_steps;
+  b.world = world_size;
+  b.total = b.micro * b.accumulation * b.world;
+  b.formula = std::to_string(b.micro) + " × " + std::to_string(b.accumulation) + " × " + std::to_string(b.world) +
+              " = " + std::to_string(b.total);
+
+  plan.precision = resolve_precision(cfg.train.precision, gpu);
+  const BudgetInputs in = inputs_from(cfg, model, gpu, plan.precision);
+  plan.activation_bytes = in.activation_bytes;
+  plan.seq_length = in.seq_length;
+  plan.tokens_per_micro_batch = in.micro_batch_size * in.seq_length;
+  plan.total_params = total_params(model);
+  plan.lora_params = lora_trainable_params(model, cfg.lora);
+  plan.lora_targets = in.lora_targets;
+
+  const Budget bud = budget(model, in);
+  plan.components = bud.components;
+  plan.total_bytes = bud.total;
+  for (const auto& c : plan.components) plan.pageable_bytes += c.pageable_bytes;
+  const auto dominant = std::max_element(plan.components.begin(), plan.components.end(),
+                                         [](const Component& a, const Component& c) { return a.bytes < c.bytes; });
+  plan.dominant = dominant->key;
+
+  if (gpu) {
+    plan.fits = fits(plan.total_bytes, *gpu);
+    plan.headroom_bytes = gpu->memory_bytes - plan.total_bytes;
+    plan.largest_micro_batch = largest_fitting_micro(model, in, *gpu, kMaxAdviceMicroBatch);
+    if (!plan.fits) {
+      plan.advice = advise_over(model, in, b.accumulation, *gpu, world_size);
+      if (plan.advice.empty() || !plan.advice.back().fits) {
+        const std::string bigger = smallest_fitting_gpu(plan.total_bytes);
+        Advice a;
+        a.kind = "larger_gpu";
+        a.total_bytes = plan.total_bytes;
+        a.text = bigger.empty() ? "no preset GPU holds " + gib(plan.total_bytes) +
+                                      " for one process; use a smaller model"
+                                : "the settings as given fit on a " + bigger + " (" +
+                                      gib(resolve_gpu(bigger).memory_bytes) + ")";
+        plan.advice.push_back(a);
+      }
+    } else {
+      if (plan.headroom_bytes < kTightHeadroomFraction * gpu->memory_bytes) {
+        Advice a;
+        a.kind = "headroom";
+        a.total_bytes = plan.total_bytes;
+        a.fits = true;
+        a.text = "fits with only " + gib(plan.headroom_bytes) + " to spare (under " +
+                 fixed(kTightHeadroomFraction * 100, 0) +
+                 "%): another process on the GPU or a fragmented allocator can tip it over";
+        plan.advice.push_back(a);
+      }
+      // A larger micro batch that keeps the effective batch runs faster.
+      const int64_t per_gpu = b.micro * b.accumulation;
+      const int64_t bigger = largest_divisor_at_most(per_gpu, plan.largest_micro_batch);
+      if (bigger > b.micro) {
+        BudgetInputs more = in;
+        more.micro_batch_size = bigger;
+        Advice a = make_advice("more_micro_batch",
+                               "room for a larger micro batch: train.micro_batch_size " + std::to_string(b.micro) +
+                                   " → " + std::to_string(bigger) + " with gradient_accumulation_steps " +
+                                   std::to_string(b.accumulation) + " → " + std::to_string(per_gpu / bigger) +
+                                   " keeps the effective batch " + std::to_string(b.total) +
+                                   " and runs fewer, larger steps",
+                               more, per_gpu / bigger, budget(model, more).total, *gpu);
+        plan.advice.push_back(a);
+      }
+    }
+  }
+  if (!plan.precision.supported) {
+    Advice a;
+    a.kind = "precision";
+    a.text = plan.precision.message;
+    plan.advice.insert(plan.advice.begin(), a);
+  }
+
+  plan.time = estimate_time(model, in, b.accumulation, world_size, gpu, plan.precision.resolved, plan.lora_params);
+
+  if (cfg.train.optimizer == OptimizerKind::kPagedAdamW8bit && plan.pageable_bytes > 0)
+    plan.notes.push_back("paged_adamw_8bit: " + gib(plan.pageable_bytes) +
+                         " of optimizer state can move to host memory under pressure; counted on the GPU here");
+  if (model.sliding_window > 0 && in.seq_length > model.sliding_window)
+    plan.notes.push_back("max_seq_length " + std::to_string(in.seq_length) + " exceeds the model's sliding window " +
+                         std::to_string(model.sliding_window) +
+                         "; qlora attends over the whole sequence (full causal attention)");
+  if (in.seq_length > model.max_position_embeddings)
+    plan.notes.push_back("max_seq_length " + std::to_string(in.seq_length) + " exceeds the model's " +
+                         "max_position_embeddings " + std::to_string(model.max_position_embeddings));
+  if (world_size > 1)
+    plan.notes.push_back("per GPU: each of the " + std::to_string(world_size) +
+                         " processes holds the whole NF4 base and its own activations; only LoRA gradients are "
+                         "all-reduced");
+  return plan;
+}
+
+// ---------------------------------------------------------------- rendering
+
+std::string render_text(const Plan& p) {
+  std::ostringstream o;
+  const auto& m = p.model;
+  o << "qlora plan" << (p.config_source.empty() ? "" : " for " + p.config_source) << "\n\n";
+  o << "  model       " << p.model_name << ": " << commas(p.total_params) << " parameters, "
+    << m.num_hidden_layers << " layers, hidden " << m.hidden_size << ", " << m.num_attention_heads << " heads / "
+    << m.num_key_value_heads << " kv, vocab " << commas(m.vocab_size)
+    << (m.tie_word_embeddings ? ", tied lm_head" : "") << "\n";
+  o << "  LoRA        " << commas(p.lora_params) << " trainable parameters on " << modules_text(p.lora_targets)
+    << " (" << fixed(100.0 * double(p.lora_params) / double(p.total_params), 2) << "% of the model)\n";
+  o << "  batch       effective batch = micro × accumulation × GPUs = " << p.batch.formula << " sequences of up to "
+    << commas(p.seq_length) << " tokens (" << commas(p.batch.total * p.seq_length) << " tokens per step)\n";
+  o << "  precision   " << p.precision.resolved << ": " << p.precision.message << "\n";
+  if (p.gpu)
+    o << "  GPU         " << p.gpu->name << ", " << gib(p.gpu->memory_bytes) << " usable"
+      << (p.gpu->note.empty() ? "" : " (" + p.gpu->note + ")") << "\n";
+  else
+    o << "  GPU         none given: no fit verdict (pass --gpu t4|l4|a10|a100-40|a100-80|h100|h200|<N>GiB)\n";
+
+  o << "\nGPU memory per process\n";
+  size_t width = 5;
+  for (const auto& c : p.components) width = std::max(width, c.label.size());
+  for (const auto& c : p.components) {
+    o << "  " << pad_right(c.label, width) << "  " << pad_left(format_gib(c.bytes), 7) << " GiB  " << c.formula << "\n";
+    if (!c.detail.empty()) o << "  " << std::string(width + 15, ' ') << c.detail << "\n";
+  }
+  const auto dom = std::find_if(p.components.begin(), p.components.end(),
+                                [&](const Component& c) { return c.key == p.dominant; });
+  o << "  " << std::string(width + 13, '-') << "\n";
+  o << "  " << pad_right("total", width) << "  " << pad_left(format_gib(p.total_bytes), 7) << " GiB  (" << fixed(p.total_bytes / 1e9, 2) << " GB); largest: " << dom->label
+    << ", " << fixed(100.0 * dom->bytes / p.total_bytes, 0) << "%\n";
+
+  if (p.gpu) {
+    o << "\n";
+    if (p.fits)
+      o << "FITS on " << p.gpu->name << ": " << gib(p.total_bytes) << " of " << gib(p.gpu->memory_bytes) << ", "
+        << gib(p.headroom_bytes) << " free\n";
+    else
+      o << "DOES NOT FIT on " << p.gpu->name << ": " << gib(p.total_bytes) << " of " << gib(p.gpu->memory_bytes)
+        << ", " << gib(-p.headroom_bytes) << " over\n";
+    if (p.largest_micro_batch > 0)
+      o << "largest micro batch that fits at " << p.seq_length << " tokens: " << p.largest_micro_batch
+        << (p.largest_micro_batch >= kMaxAdviceMicroBatch ? " or more" : "") << "\n";
+    else
+      o << "not even micro batch 1 fits at " << p.seq_length << " tokens\n";
+  }
+  if (!p.advice.empty()) {
+    o << "\nadvice\n";
+    for (size_t i = 0; i < p.advice.size(); ++i) o << "  " << i + 1 << ". " << p.advice[i].text << "\n";
+  }
+  o << "\ntime\n";
+  if (p.time.available) {
+    o << "  ~" << fixed(p.time.seconds_per_step, 2) << " s per optimizer step, ~" << fixed(p.time.hours_per_1000_steps, 1)
+      << " h per 1000 steps, ~" << commas(int64_t(p.time.tokens_per_second)) << " tokens/s\n";
+    o << "  " << p.time.formula << "\n  " << p.time.note << "\n";
+  } else {
+    o << "  " << p.time.why_unavailable << "\n";
+  }
+  if (!p.notes.empty()) {
+    o << "\nnotes\n";
+    for (const auto& n : p.notes) o << "  - " << n << "\n";
+  }
+  return o.str();
+}
+
+std::string render_json(const Plan& p) {
+  using nlohmann::ordered_json;
+  ordered_json j;
+  j["config"] = p.config_source;
+  j["model"] = {{"name", p.model_name},
+                {"parameters", p.total_params},
+                {"layers", p.model.num_hidden_layers},
+                {"hidden_size", p.model.hidden_size},
+                {"vocab_size", p.model.vocab_size},
+                {"tie_word_embeddings", p.model.tie_word_embeddings}};
+  j["lora"] = {{"trainable_parameters", p.lora_params}, {"target_modules", p.lora_targets}};
+  j["effective_batch"] = {{"micro_batch_size", p.batch.micro},
+                          {"gradient_accumulation_steps", p.batch.accumulation},
+                          {"world_size", p.batch.world},
+                          {"total", p.batch.total},
+                          {"formula", p.batch.formula},
+                          {"seq_length", p.seq_length},
+                          {"tokens_per_step", p.batch.total * p.seq_length}};
+  j["precision"] = {{"requested", p.precision.requested},
+                    {"resolved", p.precision.resolved},
+                    {"supported", p.precision.supported},
+                    {"message", p.precision.message}};
+  ordered_json comps = ordered_json::array();
+  for (const auto& c : p.components) {
+    ordered_json e = {{"key", c.key}, {"label", c.label}, {"bytes", int64_t(std::llround(c.bytes))},
+                      {"gib", std::round(c.bytes / kGiB * 1000) / 1000}, {"formula", c.formula}};
+    if (!c.detail.empty()) e["detail"] = c.detail;
+    if (c.pageable_bytes > 0) e["pageable_bytes"] = int64_t(std::llround(c.pageable_bytes));
+    comps.push_back(e);
+  }
+  j["memory"] = {{"components", comps},
+                 {"total_bytes", int64_t(std::llround(p.total_bytes))},
+                 {"total_gib", std::round(p.total_bytes / kGiB * 1000) / 1000},
+                 {"dominant", p.dominant}};
+  if (p.gpu) {
+    j["gpu"] = {{"name", p.gpu->name},
+                {"memory_bytes", int64_t(std::llround(p.gpu->memory_bytes))},
+                {"compute_capability", p.gpu->has_compute_capability()
+                                           ? std::to_string(p.gpu->cc_major) + "." + std::to_string(p.gpu->cc_minor)
+                                           : ""},
+                {"from_device", p.gpu->from_device}};
+    j["fits"] = p.fits;
+    j["headroom_bytes"] = int64_t(std::llround(p.headroom_bytes));
+    j["largest_micro_batch"] = p.largest_micro_batch;
+  } else {
+    j["gpu"] = nullptr;
+    j["fits"] = nullptr;
+  }
+  ordered_json adv = ordered_json::array();
+  for (const auto& a : p.advice) {
+    ordered_json e = {{"kind", a.kind}, {"text", a.text}};
+    if (a.micro_batch_size > 0)
+      e["settings"] = {{"micro_batch_size", a.micro_batch_size},
+                       {"gradient_accumulation_steps", a.gradient_accumulation_steps},
+                       {"max_seq_length", a.max_seq_length},
+                       {"lora_r", a.lora_r},
+                       {"gradient_checkpointing", a.gradient_checkpointing},
+                       {"total_bytes", int64_t(std::llround(a.total_bytes))},
+                       {"fits", a.fits}};
+    adv.push_back(e);
+  }
+  j["advice"] = adv;
+  if (p.time.available)
+    j["time"] = {{"seconds_per_step", p.time.seconds_per_step},
+                 {"hours_per_1000_steps", p.time.hours_per_1000_steps},
+                 {"tokens_per_second", p.time.tokens_per_second},
+                 {"flops_per_token", p.time.flops_per_token},
+                 {"peak_tflops", p.time.peak_tflops},
+                 {"assumed_utilisation", p.time.utilisation},
+                 {"dequant_seconds_per_step", p.time.dequant_seconds_per_step},
+                 {"note", p.time.note}};
+  else
+    j["time"] = {{"available", false}, {"why", p.time.why_unavailable}};
+  j["notes"] = p.notes;
+  return j.dump(2);
+}
+
+}  // namespace qlora::plan

@@ -1,0 +1,161 @@
+// model/llama_config: config.json as transformers writes it (both layouts),
+// the presets, parameter counts against the published figures, bad files.
+#include <gtest/gtest.h>
+
+#include "qlora/common/errors.h"
+#include "qlora/config/config.h"
+#include "qlora/model/llama_config.h"
+#include "support/test_support.h"
+
+namespace qlora {
+namespace {
+
+using testing::make_temp_dir;
+using testing::source_path;
+using testing::write_file;
+
+std::string model_config(const std::string& name) { return source_path("tests/data/model_configs/" + name + ".json"); }
+
+void expect_same_shape(const LlamaConfig& a, const LlamaConfig& b) {
+  EXPECT_EQ(a.model_type, b.model_type);
+  EXPECT_EQ(a.vocab_size, b.vocab_size);
+  EXPECT_EQ(a.hidden_size, b.hidden_size);
+  EXPECT_EQ(a.intermediate_size, b.intermediate_size);
+  EXPECT_EQ(a.num_hidden_layers, b.num_hidden_layers);
+  EXPECT_EQ(a.num_attention_heads, b.num_attention_heads);
+  EXPECT_EQ(a.num_key_value_heads, b.num_key_value_heads);
+  EXPECT_EQ(a.head_dim, b.head_dim);
+  EXPECT_EQ(a.max_position_embeddings, b.max_position_embeddings);
+  EXPECT_EQ(a.tie_word_embeddings, b.tie_word_embeddings);
+  EXPECT_DOUBLE_EQ(a.rope_theta, b.rope_theta);
+  EXPECT_DOUBLE_EQ(a.rms_norm_eps, b.rms_norm_eps);
+  EXPECT_EQ(a.has_llama3_rope_scaling, b.has_llama3_rope_scaling);
+  if (a.has_llama3_rope_scaling && b.has_llama3_rope_scaling) {
+    EXPECT_DOUBLE_EQ(a.rope_scaling_factor, b.rope_scaling_factor);
+    EXPECT_DOUBLE_EQ(a.rope_low_freq_factor, b.rope_low_freq_factor);
+    EXPECT_DOUBLE_EQ(a.rope_high_freq_factor, b.rope_high_freq_factor);
+    EXPECT_EQ(a.rope_original_max_position_embeddings, b.rope_original_max_position_embeddings);
+  }
+  EXPECT_EQ(a.sliding_window, b.sliding_window);
+}
+
+// The files transformers 5.17 wrote (scripts/golden/model_configs.py), in its
+// own layout (rope_parameters) and in the transformers 4 layout, read to the
+// same shapes as the presets.
+TEST(LlamaConfig, TransformersFilesEqualPresets) {
+  for (const char* name : {"llama-3.2-1b", "llama-3.1-8b", "llama-2-7b", "mistral-7b"}) {
+    SCOPED_TRACE(name);
+    const LlamaConfig preset = model_preset(name);
+    expect_same_shape(read_llama_config(model_config(name)), preset);
+    expect_same_shape(read_llama_config(model_config(std::string("hf4_") + name)), preset);
+  }
+}
+
+// Parameter counts as the model cards and PEFT's print_trainable_parameters
+// publish them (all params of the base model).
+TEST(LlamaConfig, TotalParamsMatchPublishedCounts) {
+  EXPECT_EQ(total_params(model_preset("llama-3.2-1b")), 1'235'814'400);
+  EXPECT_EQ(total_params(model_preset("llama-3.2-3b")), 3'212'749'824);
+  EXPECT_EQ(total_params(model_preset("llama-3.1-8b")), 8'030'261'248);
+  EXPECT_EQ(total_params(model_preset("llama-2-7b")), 6'738'415'616);
+  EXPECT_EQ(total_params(model_preset("mistral-7b")), 7'241'732'096);
+  EXPECT_EQ(total_params(model_preset("llama-3.1-70b")), 70'553'706'496);
+}
+
+TEST(LlamaConfig, LinearShapesOf8B) {
+  const auto shapes = decoder_linear_shapes(model_preset("llama-3.1-8b"));
+  ASSERT_EQ(shapes.size(), 7u);
+  EXPECT_EQ(shapes[1].name, "k_proj");
+  EXPECT_EQ(shapes[1].in_features, 4096);
+  EXPECT_EQ(shapes[1].out_features, 1024);  // 8 kv heads × 128
+  EXPECT_EQ(shapes[6].name, "down_proj");
+  EXPECT_EQ(shapes[6].in_features, 14336);
+  // 8,030,261,248 - 2 × 128,256 × 4,096 (embeddings, lm_head) - 65 × 4,096 (norms)
+  EXPECT_EQ(decoder_linear_params(model_preset("llama-3.1-8b")), 6'979'321'856);
+}
+
+TEST(LlamaConfig, UnknownPresetSuggests) {
+  try {
+    model_preset("llama-3.2-1");
+    FAIL() << "expected ConfigError";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("did you mean \"llama-3.2-1b\""), std::string::npos) << e.what();
+  }
+}
+
+struct BadModelConfig {
+  const char* name;
+  const char* text;
+  const char* expect;  // in the message, besides the file name
+};
+
+class BadModelConfigTest : public ::testing::TestWithParam<BadModelConfig> {};
+
+TEST_P(BadModelConfigTest, NamesFileAndKey) {
+  const auto& c = GetParam();
+  const std::string path = write_file(make_temp_dir("llama-config"), "config.json", c.text);
+  try {
+    read_llama_config(path);
+    FAIL() << "expected InputError for " << c.name;
+  } catch (const InputError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find(path), std::string::npos) << msg;
+    EXPECT_NE(msg.find(c.expect), std::string::npos) << "expected \"" << c.expect << "\" in: " << msg;
+  }
+}
+
+constexpr const char* kGood =
+    R"("model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+       "num_hidden_layers": 2, "num_attention_heads": 4)";
+
+std::string with(const std::string& extra) { return "{" + std::string(kGood) + ", " + extra + "}"; }
+
+const std::string kRopeYarn = with(R"("rope_scaling": {"rope_type": "yarn", "factor": 4.0})");
+const std::string kKvNotDividing = with(R"("num_key_value_heads": 3)");
+const std::string kLayersString = R"({"model_type": "llama", "vocab_size": 256, "hidden_size": 64,
+  "intermediate_size": 128, "num_hidden_layers": "2", "num_attention_heads": 4})";
+const std::string kNoHidden = R"({"model_type": "llama", "vocab_size": 256, "intermediate_size": 128,
+  "num_hidden_layers": 2, "num_attention_heads": 4})";
+const std::string kGpt2 = R"({"model_type": "gpt2", "vocab_size": 256})";
+const std::string kLlama3Incomplete = with(R"("rope_scaling": {"rope_type": "llama3", "factor": 8.0})");
+const std::string kNegativeVocab = R"({"model_type": "llama", "vocab_size": -5, "hidden_size": 64,
+  "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4})";
+
+INSTANTIATE_TEST_SUITE_P(
+    Table, BadModelConfigTest,
+    ::testing::Values(BadModelConfig{"not_json", "{\"model_type\": \"llama\",", "not valid JSON"},
+                      BadModelConfig{"array", "[1, 2]", "expected a JSON object"},
+                      BadModelConfig{"no_model_type", "{\"vocab_size\": 3}", "model_type"},
+                      BadModelConfig{"gpt2", kGpt2.c_str(), "\"gpt2\""},
+                      BadModelConfig{"missing_hidden", kNoHidden.c_str(), "\"hidden_size\": missing"},
+                      BadModelConfig{"string_layers", kLayersString.c_str(), "\"num_hidden_layers\": expected a positive integer"},
+                      BadModelConfig{"negative_vocab", kNegativeVocab.c_str(), "\"vocab_size\""},
+                      BadModelConfig{"kv_not_dividing", kKvNotDividing.c_str(), "num_key_value_heads"},
+                      BadModelConfig{"yarn", kRopeYarn.c_str(), "\"yarn\" is not supported"},
+                      BadModelConfig{"llama3_incomplete", kLlama3Incomplete.c_str(), "low_freq_factor"}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+TEST(LlamaConfig, MissingFileSaysWhatAModelDirHolds) {
+  try {
+    read_llama_config("/nonexistent/dir/config.json");
+    FAIL();
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("config.json and *.safetensors"), std::string::npos) << e.what();
+  }
+}
+
+TEST(LlamaConfig, ResolveFromConfigPathOrPreset) {
+  const std::string dir = make_temp_dir("model-dir");
+  write_file(dir, "config.json", with(R"("tie_word_embeddings": true)"));
+  Config cfg = default_config({"model.path=" + dir});
+  const LlamaConfig m = resolve_model_shape(cfg);
+  EXPECT_EQ(m.hidden_size, 64);
+  EXPECT_EQ(m.head_dim, 16);
+  EXPECT_EQ(m.num_key_value_heads, 4);  // defaults to the attention heads
+  EXPECT_TRUE(m.tie_word_embeddings);
+  EXPECT_EQ(resolve_model_shape(default_config({"model.preset=llama-2-7b"})).vocab_size, 32000);
+  EXPECT_THROW(resolve_model_shape(default_config()), ConfigError);
+}
+
+}  // namespace
+}  // namespace qlora

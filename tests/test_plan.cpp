@@ -1,0 +1,324 @@
+// plan: the effective batch, each memory formula against numbers worked out
+// by hand (the arithmetic is in the comments), the verdict and the advice
+// (re-planned, keeping the effective batch), precision, GPUs, the CLI.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <nlohmann/json.hpp>
+
+#include "qlora/common/errors.h"
+#include "qlora/config/config.h"
+#include "qlora/model/llama_config.h"
+#include "qlora/plan/plan.h"
+#include "support/test_support.h"
+
+namespace qlora::plan {
+namespace {
+
+using testing::run_qlora;
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+const Component& component(const Plan& p, const std::string& key) {
+  for (const auto& c : p.components)
+    if (c.key == key) return c;
+  throw std::runtime_error("no component " + key);
+}
+
+Plan plan_for(const std::string& preset, const std::string& gpu, std::vector<std::string> sets, int64_t world = 1) {
+  sets.push_back("model.preset=" + preset);
+  const Config cfg = default_config(sets);
+  if (gpu.empty()) return make_plan(cfg, resolve_model_shape(cfg), nullptr, world);
+  const GpuSpec g = resolve_gpu(gpu);
+  return make_plan(cfg, resolve_model_shape(cfg), &g, world);
+}
+
+// ---------------------------------------------------------------- effective batch
+
+TEST(Plan, EffectiveBatchIsMicroTimesAccumulationTimesGpus) {
+  const std::vector<std::string> sets = {"train.micro_batch_size=2", "train.gradient_accumulation_steps=16"};
+  EXPECT_EQ(plan_for("llama-3.2-1b", "t4", sets).batch.formula, "2 × 16 × 1 = 32");
+  const Plan four = plan_for("llama-3.2-1b", "t4", sets, 4);
+  EXPECT_EQ(four.batch.formula, "2 × 16 × 4 = 128");
+  EXPECT_EQ(four.batch.total, 128);
+  // Memory is per process: more GPUs do not change it.
+  EXPECT_DOUBLE_EQ(four.total_bytes, plan_for("llama-3.2-1b", "t4", sets).total_bytes);
+}
+
+// ---------------------------------------------------------------- LoRA counts
+
+// Published by PEFT's print_trainable_parameters for these models.
+TEST(Plan, LoraParamsMatchPeftCounts) {
+  LoraConfig qkvo;  // r 16 on q,k,v,o
+  EXPECT_EQ(lora_trainable_params(model_preset("llama-3.2-1b"), qkvo), 3'407'872);
+  EXPECT_EQ(lora_trainable_params(model_preset("llama-3.1-8b"), qkvo), 13'631'488);
+  LoraConfig all = qkvo;
+  all.target_modules = {"all-linear"};
+  EXPECT_EQ(lora_trainable_params(model_preset("llama-3.1-8b"), all), 41'943'040);
+  all.r = 64;
+  EXPECT_EQ(lora_trainable_params(model_preset("llama-2-7b"), all), 159'907'840);
+  LoraConfig bad = qkvo;
+  bad.target_modules = {"q_prj"};
+  EXPECT_THROW(lora_trainable_params(model_preset("llama-3.1-8b"), bad), InputError);
+}
+
+// ---------------------------------------------------------------- each component
+
+TEST(Plan, Nf4BaseWithAndWithoutDoubleQuant) {
+  // 8B: 6,979,321,856 projection weights / 2 = 3,489,660,928 packed bytes.
+  // Absmax with double quant, per tensor: blocks (uint8) + ceil(blocks/256) × 4 + 4 (offset):
+  //   q, o  4096×4096  = 262,144 blocks: 262,144 + 1,024×4 + 4 = 266,244
+  //   k, v  4096×1024  =  65,536 blocks:  65,536 +   256×4 + 4 =  66,564
+  //   gate, up, down 4096×14336 = 917,504 blocks: 917,504 + 3,584×4 + 4 = 931,844
+  //   layer: 2×266,244 + 2×66,564 + 3×931,844 = 3,461,148; × 32 = 110,756,736
+  const Plan dq = plan_for("llama-3.1-8b", "t4", {});
+  EXPECT_DOUBLE_EQ(component(dq, "base_weights_nf4").bytes, 3'489'660'928.0 + 110'756'736.0);
+  // Without: 109,051,904 blocks × 4 B = 436,207,616.
+  const Plan plain = plan_for("llama-3.1-8b", "t4", {"quantization.double_quant=false"});
+  EXPECT_DOUBLE_EQ(component(plain, "base_weights_nf4").bytes, 3'489'660'928.0 + 436'207'616.0);
+}
+
+TEST(Plan, SixteenBitPartsCountTiedEmbeddingsOnce) {
+  // 8B untied: (2 × 128,256 × 4,096 + 65 × 4,096) × 2 B = 2,101,878,784
+  EXPECT_DOUBLE_EQ(component(plan_for("llama-3.1-8b", "h100", {}), "base_weights_16bit").bytes, 2'101'878'784.0);
+  // 1B tied: (128,256 × 2,048 + 33 × 2,048) × 2 B = 525,471,744
+  EXPECT_DOUBLE_EQ(component(plan_for("llama-3.2-1b", "h100", {}), "base_weights_16bit").bytes, 525'471'744.0);
+  // fp32 doubles it.
+  EXPECT_DOUBLE_EQ(component(plan_for("llama-3.2-1b", "h100", {"train.precision=fp32"}), "base_weights_16bit").bytes,
+                   2 * 525'471'744.0);
+}
+
+TEST(Plan, LoraWeightsGradsAndOptimizerState) {
+  // 1B, r 16, q,k,v,o: 3,407,872 params; weights and grads fp32: 13,631,488 B each.
+  const Plan p = plan_for("llama-3.2-1b", "h100", {"train.optimizer=adamw"});
+  EXPECT_DOUBLE_EQ(component(p, "lora_weights").bytes, 13'631'488.0);
+  EXPECT_DOUBLE_EQ(component(p, "lora_grads").bytes, 13'631'488.0);
+  EXPECT_DOUBLE_EQ(component(p, "optimizer_states").bytes, 8 * 3'407'872.0);  // two fp32 moments
+  // 8-bit: per tensor 2 B/param + 2 states × ceil(n/256) × 4 B absmax. Per layer:
+  //   q: A 16×2048, B 2048×16 (32,768 each: 128 blocks); k, v: A 32,768, B 512×16 = 8,192 (32 blocks);
+  //   o like q. Params 212,992 → 425,984 B; blocks: 6×128 + 2×32 = 832 → 832 × 2 × 4 = 6,656 B.
+  //   (432,640 per layer) × 16 layers = 6,922,240.
+  const Plan eight = plan_for("llama-3.2-1b", "h100", {"train.optimizer=paged_adamw_8bit"});
+  EXPECT_DOUBLE_EQ(component(eight, "optimizer_states").bytes, 6'922'240.0);
+  EXPECT_DOUBLE_EQ(component(eight, "optimizer_states").pageable_bytes, 0.0);  // every tensor < 100,000
+}
+
+TEST(Plan, ActivationsWithAndWithoutCheckpointing) {
+  // 1B, bf16 (p = 2), micro 1 × 1024 tokens, r 16 on q,k,v,o, dropout 0.05, flash attention (H100).
+  // Per token per layer: norms 2 × (4×2048 + 4) = 16,392; attention 2 × (2,048 + 2 × 512) + 2 × 2,048 +
+  // 4 × 32 = 10,368; MLP 3 × 2 × 8,192 = 49,152; LoRA 4 × 2 × 16 + 3 B × (3 × 2,048 + 2,048) = 24,704
+  // → 100,616. One layer: 1,024 × 100,616 + 2 × 212,992 (bf16 copies of A, B) = 103,456,768.
+  // Final norm: 1,024 × (4×2048 + 4 + 2×2048) = 12,587,008. Layer inputs: 16 × 1,024 × 2,048 × 2 = 67,108,864.
+  const std::vector<std::string> sets = {"train.micro_batch_size=1", "data.max_seq_length=1024",
+                                         "train.precision=bf16", "lora.dropout=0.05"};
+  auto with = sets;
+  with.push_back("train.gradient_checkpointing=true");
+  auto without = sets;
+  without.push_back("train.gradient_checkpointing=false");
+  EXPECT_DOUBLE_EQ(component(plan_for("llama-3.2-1b", "h100", with), "activations").bytes,
+                   67'108'864.0 + 103'456'768.0 + 12'587'008.0);
+  EXPECT_DOUBLE_EQ(component(plan_for("llama-3.2-1b", "h100", without), "activations").bytes,
+                   16 * 103'456'768.0 + 12'587'008.0);
+}
+
+TEST(Plan, ChunkedLossNeverHoldsAllLogits) {
+  // 1B at micro 2 × 2048 = 4,096 tokens: one 1,024-token chunk × 128,256 × (4 + 2) B = 788,004,864.
+  const Plan p = plan_for("llama-3.2-1b", "h100", {"train.micro_batch_size=2", "data.max_seq_length=2048"});
+  EXPECT_DOUBLE_EQ(component(p, "logits_loss").bytes, 788'004'864.0);
+  // And it does not grow with the micro batch.
+  EXPECT_DOUBLE_EQ(component(plan_for("llama-3.2-1b", "h100", {"train.micro_batch_size=8"}), "logits_loss").bytes,
+                   788'004'864.0);
+}
+
+TEST(Plan, TotalIsTheSumAndDominantIsLargest) {
+  const Plan p = plan_for("llama-3.1-8b", "t4", {});
+  double sum = 0, largest = 0;
+  std::string key;
+  for (const auto& c : p.components) {
+    sum += c.bytes;
+    if (c.bytes > largest) largest = c.bytes, key = c.key;
+  }
+  EXPECT_DOUBLE_EQ(p.total_bytes, sum);
+  EXPECT_EQ(p.dominant, key);
+}
+
+// ---------------------------------------------------------------- verdicts
+
+// The reference case: 8B, micro 2, 2048 tokens, T4. It must land at
+// 10-14 GB and fit the T4's 15 GB.
+TEST(Plan, Llama8BOnT4AtMicro2Seq2048) {
+  const Plan p = plan_for("llama-3.1-8b", "t4",
+                          {"train.micro_batch_size=2", "data.max_seq_length=2048", "train.precision=fp16"});
+  EXPECT_GE(p.total_bytes, 10e9);
+  EXPECT_LE(p.total_bytes, 14e9);
+  EXPECT_TRUE(p.fits);
+  EXPECT_GT(p.headroom_bytes, 0);
+  EXPECT_EQ(p.precision.resolved, "fp16");
+}
+
+TEST(Plan, LargestMicroBatchIsTheEdge) {
+  const Plan p = plan_for("llama-3.1-8b", "t4", {"data.max_seq_length=2048"});
+  ASSERT_GT(p.largest_micro_batch, 0);
+  auto at = [&](int64_t micro) {
+    return plan_for("llama-3.1-8b", "t4", {"data.max_seq_length=2048", "train.micro_batch_size=" + std::to_string(micro)});
+  };
+  EXPECT_TRUE(at(p.largest_micro_batch).fits);
+  EXPECT_FALSE(at(p.largest_micro_batch + 1).fits);
+}
+
+// Advice keeps the effective batch, and every advised setting is a real plan:
+// planning the advised config gives the total the advice states.
+TEST(Plan, AdviceWhenOverKeepsEffectiveBatchAndReplans) {
+  const std::vector<std::string> sets = {"train.micro_batch_size=8", "train.gradient_accumulation_steps=4",
+                                         "data.max_seq_length=4096", "train.precision=fp16"};
+  const Plan p = plan_for("llama-3.1-8b", "t4", sets);
+  ASSERT_FALSE(p.fits);
+  ASSERT_FALSE(p.advice.empty());
+  EXPECT_EQ(p.advice.front().kind, "micro_batch");
+  EXPECT_TRUE(p.advice.back().fits) << p.advice.back().text;
+  for (const auto& a : p.advice) {
+    SCOPED_TRACE(a.text);
+    EXPECT_EQ(a.micro_batch_size * a.gradient_accumulation_steps, 32);
+    const Plan again = plan_for("llama-3.1-8b", "t4",
+                                {"train.micro_batch_size=" + std::to_string(a.micro_batch_size),
+                                 "train.gradient_accumulation_steps=" + std::to_string(a.gradient_accumulation_steps),
+                                 "data.max_seq_length=" + std::to_string(a.max_seq_length),
+                                 "lora.r=" + std::to_string(a.lora_r), "train.precision=fp16"});
+    EXPECT_DOUBLE_EQ(again.total_bytes, a.total_bytes);
+    EXPECT_EQ(again.fits, a.fits);
+  }
+}
+
+TEST(Plan, LargerGpuWhenNoKnobIsEnough) {
+  // 70B: the NF4 base alone (~37 GiB) is more than a T4. Sequence length and
+  // rank are tried, then the smallest preset on which the settings fit is named.
+  const std::vector<std::string> sets = {"train.micro_batch_size=1", "train.gradient_accumulation_steps=8"};
+  const Plan p = plan_for("llama-3.1-70b", "t4", sets);
+  ASSERT_FALSE(p.fits);
+  ASSERT_GE(p.advice.size(), 3u);
+  EXPECT_EQ(p.advice[0].kind, "seq_length");
+  EXPECT_EQ(p.advice[1].kind, "lora_r");
+  EXPECT_EQ(p.advice.back().kind, "larger_gpu");
+  EXPECT_NE(p.advice.back().text.find("a100-80"), std::string::npos) << p.advice.back().text;
+  EXPECT_TRUE(plan_for("llama-3.1-70b", "a100-80", sets).fits);
+  EXPECT_FALSE(plan_for("llama-3.1-70b", "a100-40", sets).fits);
+}
+
+TEST(Plan, NoGpuMeansNoVerdict) {
+  const Plan p = plan_for("llama-3.2-1b", "", {});
+  EXPECT_FALSE(p.gpu.has_value());
+  EXPECT_TRUE(p.advice.empty());
+  EXPECT_FALSE(p.time.available);
+  EXPECT_GT(p.total_bytes, 0);
+}
+
+// ---------------------------------------------------------------- precision
+
+TEST(Plan, PrecisionFollowsTheGpu) {
+  EXPECT_EQ(plan_for("llama-3.2-1b", "t4", {"train.precision=auto"}).precision.resolved, "fp16");
+  EXPECT_EQ(plan_for("llama-3.2-1b", "h100", {"train.precision=auto"}).precision.resolved, "bf16");
+  const Plan bad = plan_for("llama-3.2-1b", "t4", {"train.precision=bf16"});
+  EXPECT_FALSE(bad.precision.supported);
+  ASSERT_FALSE(bad.advice.empty());
+  EXPECT_EQ(bad.advice.front().kind, "precision");
+  EXPECT_NE(bad.advice.front().text.find("fp16"), std::string::npos);
+}
+
+TEST(Plan, TimeEstimateScalesWithTokens) {
+  const Plan a = plan_for("llama-3.2-1b", "h100", {"train.micro_batch_size=1", "train.gradient_accumulation_steps=8"});
+  const Plan b = plan_for("llama-3.2-1b", "h100", {"train.micro_batch_size=1", "train.gradient_accumulation_steps=16"});
+  ASSERT_TRUE(a.time.available);
+  EXPECT_NEAR(b.time.seconds_per_step / a.time.seconds_per_step, 2.0, 1e-9);
+  // 1B: forward ≈ 2 × 1.24e9 FLOP per token; with backward and recompute about 3×.
+  EXPECT_GT(a.time.flops_per_token, 3 * 2 * 1.2e9);
+  EXPECT_LT(a.time.flops_per_token, 3 * 2 * 1.4e9);
+}
+
+// ---------------------------------------------------------------- GPUs
+
+TEST(PlanGpu, PresetsAndSizes) {
+  EXPECT_EQ(resolve_gpu("H100").name, "h100");
+  EXPECT_DOUBLE_EQ(resolve_gpu("24GiB").memory_bytes, 24 * kGiB);
+  EXPECT_DOUBLE_EQ(resolve_gpu("80GB").memory_bytes, 80e9);
+  EXPECT_EQ(resolve_gpu("t4").cc_major, 7);
+  auto message = [](const std::string& arg) {
+    try {
+      resolve_gpu(arg);
+    } catch (const InputError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(message("h10").find("did you mean \"h100\""), std::string::npos) << message("h10");
+  EXPECT_NE(message("a100").find("a100-40"), std::string::npos) << message("a100");
+  EXPECT_NE(message("24").find("unit"), std::string::npos) << message("24");
+  EXPECT_NE(message("24TB").find("unknown unit"), std::string::npos) << message("24TB");
+}
+
+TEST(PlanGpu, DeviceNamesMapToPresetThroughput) {
+  EXPECT_DOUBLE_EQ(gpu_from_device("Tesla T4", 15.6e9, 7, 5).fp16_tflops, 65);
+  const GpuSpec a100 = gpu_from_device("NVIDIA A100-SXM4-80GB", 85e9, 8, 0);
+  EXPECT_DOUBLE_EQ(a100.memory_bandwidth_gbs, 2039);
+  EXPECT_TRUE(a100.from_device);
+  EXPECT_DOUBLE_EQ(a100.memory_bytes, 85e9);  // the device's own figure, not the preset's
+  EXPECT_FALSE(gpu_from_device("NVIDIA A10G", 24e9, 8, 6).has_throughput());  // not an A10
+  EXPECT_DOUBLE_EQ(gpu_from_device("NVIDIA H100 80GB HBM3", 85e9, 9, 0).bf16_tflops, 989);
+}
+
+// ---------------------------------------------------------------- CLI
+
+TEST(PlanCli, ShippedConfigsPlan) {
+  for (const char* cfg : {"configs/llama-3.2-1b-t4.yaml", "configs/llama-3.1-8b-t4.yaml", "configs/llama-3.1-8b-h100.yaml"}) {
+    const auto r = run_qlora(std::string("plan --config ") + cfg);
+    EXPECT_EQ(r.exit_code, 0) << cfg << "\n" << r.err;
+    EXPECT_NE(r.out.find("effective batch"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("FITS"), std::string::npos) << r.out;
+  }
+}
+
+TEST(PlanCli, JsonAndGpus) {
+  const auto r = run_qlora("plan --config configs/llama-3.2-1b-t4.yaml --json --gpus 4 --gpu h100");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["effective_batch"]["formula"], "2 × 16 × 4 = 128");
+  EXPECT_EQ(j["gpu"]["name"], "h100");
+  EXPECT_TRUE(j["fits"].get<bool>());
+  int64_t sum = 0;
+  for (const auto& c : j["memory"]["components"]) sum += c["bytes"].get<int64_t>();
+  EXPECT_NEAR(double(sum), double(j["memory"]["total_bytes"].get<int64_t>()), 16.0);  // per-component rounding
+}
+
+TEST(PlanCli, WorldSizeFromTheEnvironment) {
+  ::setenv("WORLD_SIZE", "8", 1);
+  auto r = run_qlora("plan --config configs/llama-3.2-1b-t4.yaml --json");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out)["effective_batch"]["world_size"], 8);
+  ::setenv("WORLD_SIZE", "eight", 1);
+  r = run_qlora("plan --config configs/llama-3.2-1b-t4.yaml");
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("WORLD_SIZE"), std::string::npos) << r.err;
+  ::unsetenv("WORLD_SIZE");
+}
+
+TEST(PlanCli, BadInputsExitTwoWithAMessage) {
+  auto r = run_qlora("plan --config configs/llama-3.2-1b-t4.yaml --gpu h10");
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("did you mean \"h100\""), std::string::npos) << r.err;
+  r = run_qlora("plan --config configs/llama-3.2-1b-t4.yaml --set hardware.gpu=tesla");
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("hardware.gpu"), std::string::npos) << r.err;
+  r = run_qlora("plan");  // no model at all
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("model.preset"), std::string::npos) << r.err;
+  r = run_qlora("plan --config configs/llama-3.2-1b-t4.yaml --gpus 0");
+  EXPECT_EQ(r.exit_code, 2);
+}
+
+TEST(PlanCli, NoGpuOnThisMachineIsSaid) {
+  const auto r = run_qlora("plan --config configs/llama-3.2-1b-t4.yaml --gpu none");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("no fit verdict"), std::string::npos) << r.out;
+}
+
+}  // namespace
+}  // namespace qlora::plan
