@@ -234,6 +234,21 @@ TEST(Plan, TimeEstimateScalesWithTokens) {
   EXPECT_LT(a.time.flops_per_token, 3 * 2 * 1.4e9);
 }
 
+TEST(Plan, EpochEstimateFromTheNumberOfExamples) {
+  const Config cfg = default_config({"model.preset=llama-3.2-1b", "train.micro_batch_size=2",
+                                     "train.gradient_accumulation_steps=16", "train.epochs=3"});
+  const GpuSpec g = resolve_gpu("h100");
+  Plan p = make_plan(cfg, resolve_model_shape(cfg), &g, 1);
+  set_dataset_size(p, cfg, 1000);  // 1000 / 32 → 32 steps (the last one partial), × 3 epochs
+  EXPECT_EQ(p.time.steps_per_epoch, 32);
+  EXPECT_EQ(p.time.total_steps, 96);
+  EXPECT_NEAR(p.time.hours_per_epoch, 32 * p.time.seconds_per_step / 3600, 1e-12);
+  const Config capped = default_config({"model.preset=llama-3.2-1b", "train.max_steps=10"});
+  Plan q = make_plan(capped, resolve_model_shape(capped), &g, 1);
+  set_dataset_size(q, capped, 1000);
+  EXPECT_EQ(q.time.total_steps, 10);
+}
+
 // ---------------------------------------------------------------- GPUs
 
 TEST(PlanGpu, PresetsAndSizes) {

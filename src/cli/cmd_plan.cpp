@@ -6,6 +6,7 @@
 // CUDA driver (no GPU visible: no fit verdict, said so). The number of GPUs
 // comes from --gpus, else WORLD_SIZE (torchrun) or SLURM_NTASKS, else 1.
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <memory>
 #include <optional>
@@ -58,6 +59,22 @@ std::optional<plan::GpuSpec> gpu_for(const std::string& arg, std::vector<std::st
   return plan::gpu_from_device(dev.name, double(dev.total_bytes), dev.cc_major, dev.cc_minor);
 }
 
+// Non-blank lines of the training file: the number of examples before
+// filtering (bad lines, over-long examples). 0 when the file is not there.
+int64_t count_examples(const std::string& path, std::vector<std::string>* notes) {
+  if (path.empty()) return 0;
+  std::ifstream in(path);
+  if (!in) {
+    notes->push_back("data.path " + path + " is not readable here: no per-epoch estimate");
+    return 0;
+  }
+  int64_t n = 0;
+  std::string line;
+  while (std::getline(in, line))
+    if (line.find_first_not_of(" \t\r") != std::string::npos) ++n;
+  return n;
+}
+
 }  // namespace
 
 Runner add_plan_command(CLI::App& root) {
@@ -86,6 +103,7 @@ Runner add_plan_command(CLI::App& root) {
     const std::optional<plan::GpuSpec> gpu = gpu_for(gpu_arg, &notes);
 
     plan::Plan p = plan::make_plan(cfg, model, gpu ? &*gpu : nullptr, world);
+    plan::set_dataset_size(p, cfg, count_examples(cfg.data.path, &notes));
     p.notes.insert(p.notes.begin(), notes.begin(), notes.end());
     std::cout << (opts->json ? plan::render_json(p) + "\n" : plan::render_text(p));
     return kExitOk;

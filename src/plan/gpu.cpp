@@ -32,13 +32,13 @@ struct Preset {
 const Preset kPresets[] = {
   // T4: 14.75 GiB total capacity (nvidia-smi 15360 MiB). 65 TFLOP/s fp16
   // tensor, no bf16 tensor cores (Turing), 8.1 fp32, 320 GB/s. sm_75.
-  {"t4", "T4", 14.75, 15360, 0, 65, 8.1, 320, 7, 5, "Tesla T4 16 GB (Turing)"},
+  {"t4", "T4", 14.75, 15360, 0, 65, 8.1, 320, 7, 5, "Tesla T4 16 GB, Turing"},
   // L4: 22.04 GiB (nvidia-smi 23034 MiB). 242 TFLOP/s bf16/fp16 with
   // sparsity -> 121 dense, 30.3 fp32, 300 GB/s. sm_89.
-  {"l4", "L4", 22.04, 23034, 121, 121, 30.3, 300, 8, 9, "L4 24 GB (Ada)"},
+  {"l4", "L4", 22.04, 23034, 121, 121, 30.3, 300, 8, 9, "L4 24 GB, Ada"},
   // A10: 22.20 GiB (nvidia-smi 23028 MiB, NVML 24146608128 bytes). 250 with
   // sparsity -> 125 dense bf16/fp16, 31.2 fp32, 600 GB/s. sm_86.
-  {"a10", "A10", 22.20, 23028, 125, 125, 31.2, 600, 8, 6, "A10 24 GB (Ampere)"},
+  {"a10", "A10", 22.20, 23028, 125, 125, 31.2, 600, 8, 6, "A10 24 GB, Ampere"},
   // A100 40 GB: 39.39 GiB (nvidia-smi 40960 MiB). 312 dense bf16/fp16,
   // 19.5 fp32, 1555 GB/s. sm_80.
   {"a100-40", "A100", 39.39, 40960, 312, 312, 19.5, 1555, 8, 0, "A100 40 GB SXM4"},

@@ -441,6 +441,18 @@ Plan make_plan(const Config& cfg, const LlamaConfig& model, const GpuSpec* gpu, 
   return plan;
 }
 
+void set_dataset_size(Plan& plan, const Config& cfg, int64_t train_examples) {
+  TimeEstimate& t = plan.time;
+  t.train_examples = train_examples;
+  if (train_examples <= 0 || plan.batch.total <= 0) return;
+  t.steps_per_epoch = (train_examples + plan.batch.total - 1) / plan.batch.total;
+  t.total_steps = cfg.train.max_steps > 0 ? cfg.train.max_steps
+                                          : int64_t(std::ceil(cfg.train.epochs * double(t.steps_per_epoch)));
+  if (!t.available) return;
+  t.hours_per_epoch = t.seconds_per_step * double(t.steps_per_epoch) / 3600.0;
+  t.total_hours = t.seconds_per_step * double(t.total_steps) / 3600.0;
+}
+
 // ---------------------------------------------------------------- rendering
 
 std::string render_text(const Plan& p) {
@@ -455,7 +467,7 @@ std::string render_text(const Plan& p) {
     << " (" << fixed(100.0 * double(p.lora_params) / double(p.total_params), 2) << "% of the model)\n";
   o << "  batch       effective batch = micro × accumulation × GPUs = " << p.batch.formula << " sequences of up to "
     << commas(p.seq_length) << " tokens (" << commas(p.batch.total * p.seq_length) << " tokens per step)\n";
-  o << "  precision   " << p.precision.resolved << ": " << p.precision.message << "\n";
+  o << "  precision   " << p.precision.message << "\n";
   if (p.gpu)
     o << "  GPU         " << p.gpu->name << ", " << gib(p.gpu->memory_bytes) << " usable"
       << (p.gpu->note.empty() ? "" : " (" + p.gpu->note + ")") << "\n";
@@ -497,6 +509,10 @@ std::string render_text(const Plan& p) {
   if (p.time.available) {
     o << "  ~" << fixed(p.time.seconds_per_step, 2) << " s per optimizer step, ~" << fixed(p.time.hours_per_1000_steps, 1)
       << " h per 1000 steps, ~" << commas(int64_t(p.time.tokens_per_second)) << " tokens/s\n";
+    if (p.time.train_examples > 0)
+      o << "  " << commas(p.time.train_examples) << " training examples / " << p.batch.total << " per step = "
+        << commas(p.time.steps_per_epoch) << " steps per epoch (~" << fixed(p.time.hours_per_epoch, 1)
+        << " h); the run: " << commas(p.time.total_steps) << " steps, ~" << fixed(p.time.total_hours, 1) << " h\n";
     o << "  " << p.time.formula << "\n  " << p.time.note << "\n";
   } else {
     o << "  " << p.time.why_unavailable << "\n";
@@ -578,6 +594,11 @@ std::string render_json(const Plan& p) {
                  {"peak_tflops", p.time.peak_tflops},
                  {"assumed_utilisation", p.time.utilisation},
                  {"dequant_seconds_per_step", p.time.dequant_seconds_per_step},
+                 {"train_examples", p.time.train_examples},
+                 {"steps_per_epoch", p.time.steps_per_epoch},
+                 {"total_steps", p.time.total_steps},
+                 {"hours_per_epoch", p.time.hours_per_epoch},
+                 {"total_hours", p.time.total_hours},
                  {"note", p.time.note}};
   else
     j["time"] = {{"available", false}, {"why", p.time.why_unavailable}};

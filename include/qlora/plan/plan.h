@@ -71,6 +71,13 @@ struct TimeEstimate {
   double tokens_per_second = 0;   // all GPUs together
   std::string formula;
   std::string note;
+
+  // Per epoch, when the number of training examples is known (set_dataset_size).
+  int64_t train_examples = 0;     // 0: unknown
+  int64_t steps_per_epoch = 0;    // ceil(examples / effective batch)
+  int64_t total_steps = 0;        // train.max_steps, else epochs × steps_per_epoch
+  double hours_per_epoch = 0;
+  double total_hours = 0;
 };
 
 struct PrecisionAdvice {
@@ -112,6 +119,11 @@ struct Plan {
 // `gpu` may be null (no GPU known: no fit verdict, no time estimate).
 // world_size >= 1 is the number of data-parallel processes.
 Plan make_plan(const Config& cfg, const LlamaConfig& model, const GpuSpec* gpu, int64_t world_size);
+
+// Adds the per-epoch and whole-run estimate once the number of training
+// examples is known (the CLI counts the lines of data.path). Each example is
+// counted as a full max_seq_length sequence: an upper bound without packing.
+void set_dataset_size(Plan& plan, const Config& cfg, int64_t train_examples);
 
 // Human table: one row per component (GiB with 2 decimals, the formula), the
 // total against the GPU, then advice, time and precision.
