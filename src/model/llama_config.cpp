@@ -19,110 +19,56 @@ using json = nlohmann::json;
 // (repository named in the comment), not derived. Llama 3.x and Mistral list
 // head_dim explicitly; Llama 2 does not, and hidden / heads = 128 there too.
 
-LlamaConfig llama3_common() {
-  LlamaConfig c;
-  c.model_type = "llama";
-  c.vocab_size = 128256;
-  c.max_position_embeddings = 131072;
-  c.rope_theta = 500000.0;
-  c.rms_norm_eps = 1e-5;
-  c.has_llama3_rope_scaling = true;
-  c.rope_low_freq_factor = 1.0;
-  c.rope_high_freq_factor = 4.0;
-  c.rope_original_max_position_embeddings = 8192;
-  c.torch_dtype = "bfloat16";
-  return c;
-}
+// One row per preset; rope_factor > 0 means Llama 3.1-style rope_scaling
+// (low 1, high 4, original context 8192, as all Llama 3.1 / 3.2 configs say).
+struct PresetRow {
+  const char* name;
+  const char* model_type;
+  int64_t vocab, hidden, intermediate, layers, heads, kv_heads, head_dim, max_positions;
+  bool tied;
+  double rope_theta, rope_factor;
+  int64_t sliding_window;
+  const char* dtype;
+};
+
+// clang-format off
+constexpr PresetRow kPresetRows[] = {
+  // name            type       vocab   hidden inter  layers heads kv head max_pos tied   theta     factor window dtype
+  {"llama-3.2-1b",  "llama",   128256, 2048,  8192,  16,    32,   8, 64,  131072, true,  500000.0, 32.0,  0,     "bfloat16"},  // meta-llama/Llama-3.2-1B
+  {"llama-3.2-3b",  "llama",   128256, 3072,  8192,  28,    24,   8, 128, 131072, true,  500000.0, 32.0,  0,     "bfloat16"},  // meta-llama/Llama-3.2-3B
+  {"llama-3.1-8b",  "llama",   128256, 4096,  14336, 32,    32,   8, 128, 131072, false, 500000.0, 8.0,   0,     "bfloat16"},  // meta-llama/Llama-3.1-8B
+  {"llama-2-7b",    "llama",   32000,  4096,  11008, 32,    32,  32, 128, 4096,   false, 10000.0,  0,     0,     "float16"},   // meta-llama/Llama-2-7b-hf
+  {"mistral-7b",    "mistral", 32000,  4096,  14336, 32,    32,   8, 128, 32768,  false, 10000.0,  0,     4096,  "bfloat16"},  // mistralai/Mistral-7B-v0.1
+  {"llama-3.1-70b", "llama",   128256, 8192,  28672, 80,    64,   8, 128, 131072, false, 500000.0, 8.0,   0,     "bfloat16"},  // meta-llama/Llama-3.1-70B
+};
+// clang-format on
 
 std::vector<LlamaConfig> make_presets() {
   std::vector<LlamaConfig> out;
-  {  // meta-llama/Llama-3.2-1B
-    LlamaConfig c = llama3_common();
-    c.name = "llama-3.2-1b";
-    c.hidden_size = 2048;
-    c.intermediate_size = 8192;
-    c.num_hidden_layers = 16;
-    c.num_attention_heads = 32;
-    c.num_key_value_heads = 8;
-    c.head_dim = 64;
-    c.tie_word_embeddings = true;
-    c.rope_scaling_factor = 32.0;
-    out.push_back(c);
-  }
-  {  // meta-llama/Llama-3.2-3B
-    LlamaConfig c = llama3_common();
-    c.name = "llama-3.2-3b";
-    c.hidden_size = 3072;
-    c.intermediate_size = 8192;
-    c.num_hidden_layers = 28;
-    c.num_attention_heads = 24;
-    c.num_key_value_heads = 8;
-    c.head_dim = 128;
-    c.tie_word_embeddings = true;
-    c.rope_scaling_factor = 32.0;
-    out.push_back(c);
-  }
-  {  // meta-llama/Llama-3.1-8B
-    LlamaConfig c = llama3_common();
-    c.name = "llama-3.1-8b";
-    c.hidden_size = 4096;
-    c.intermediate_size = 14336;
-    c.num_hidden_layers = 32;
-    c.num_attention_heads = 32;
-    c.num_key_value_heads = 8;
-    c.head_dim = 128;
-    c.tie_word_embeddings = false;
-    c.rope_scaling_factor = 8.0;
-    out.push_back(c);
-  }
-  {  // meta-llama/Llama-2-7b-hf
+  for (const PresetRow& r : kPresetRows) {
     LlamaConfig c;
-    c.name = "llama-2-7b";
-    c.model_type = "llama";
-    c.vocab_size = 32000;
-    c.hidden_size = 4096;
-    c.intermediate_size = 11008;
-    c.num_hidden_layers = 32;
-    c.num_attention_heads = 32;
-    c.num_key_value_heads = 32;
-    c.head_dim = 128;
-    c.max_position_embeddings = 4096;
-    c.rope_theta = 10000.0;
-    c.rms_norm_eps = 1e-5;
-    c.tie_word_embeddings = false;
-    c.torch_dtype = "float16";
-    out.push_back(c);
-  }
-  {  // mistralai/Mistral-7B-v0.1
-    LlamaConfig c;
-    c.name = "mistral-7b";
-    c.model_type = "mistral";
-    c.vocab_size = 32000;
-    c.hidden_size = 4096;
-    c.intermediate_size = 14336;
-    c.num_hidden_layers = 32;
-    c.num_attention_heads = 32;
-    c.num_key_value_heads = 8;
-    c.head_dim = 128;
-    c.max_position_embeddings = 32768;
-    c.rope_theta = 10000.0;
-    c.rms_norm_eps = 1e-5;
-    c.sliding_window = 4096;
-    c.tie_word_embeddings = false;
-    c.torch_dtype = "bfloat16";
-    out.push_back(c);
-  }
-  {  // meta-llama/Llama-3.1-70B
-    LlamaConfig c = llama3_common();
-    c.name = "llama-3.1-70b";
-    c.hidden_size = 8192;
-    c.intermediate_size = 28672;
-    c.num_hidden_layers = 80;
-    c.num_attention_heads = 64;
-    c.num_key_value_heads = 8;
-    c.head_dim = 128;
-    c.tie_word_embeddings = false;
-    c.rope_scaling_factor = 8.0;
+    c.name = r.name;
+    c.model_type = r.model_type;
+    c.vocab_size = r.vocab;
+    c.hidden_size = r.hidden;
+    c.intermediate_size = r.intermediate;
+    c.num_hidden_layers = r.layers;
+    c.num_attention_heads = r.heads;
+    c.num_key_value_heads = r.kv_heads;
+    c.head_dim = r.head_dim;
+    c.max_position_embeddings = r.max_positions;
+    c.tie_word_embeddings = r.tied;
+    c.rope_theta = r.rope_theta;
+    c.rms_norm_eps = 1e-5;  // every preset's config.json says 1e-05
+    c.sliding_window = r.sliding_window;
+    c.torch_dtype = r.dtype;
+    if (r.rope_factor > 0) {
+      c.has_llama3_rope_scaling = true;
+      c.rope_scaling_factor = r.rope_factor;
+      c.rope_low_freq_factor = 1.0;
+      c.rope_high_freq_factor = 4.0;
+      c.rope_original_max_position_embeddings = 8192;
+    }
     out.push_back(c);
   }
   return out;
