@@ -4,13 +4,17 @@
     .venv/bin/python scripts/golden/tokenizer.py
 
 Writes under tests/data/tokenizer/ only:
-  corpus.json            the hard corpus: {"lines": [{"text": str} | {"bytes_b64": str}]}
+  corpus.json            the hard corpus: {"lines": [{"text": str} | {"bytes_b64": str}]},
+                         hand-written lines then seeded random ones ("random": true) drawn
+                         from a pool of whitespace, letters, marks, digits, emoji, contractions
+                         and special-token fragments
                          (bytes lines hold invalid UTF-8; their golden ids are those of
                          bytes.decode("utf-8", errors="replace"), see Note [Invalid UTF-8])
   bpe/                   a small byte-level BPE tokenizer.json trained here with Llama 3's
                          pre-tokenizer regex, ignore_merges, Llama 3 style special tokens
                          and a TemplateProcessing bos; tokenizer_config.json
   bpe_string_merges/     the same tokenizer with merges written as "a b" strings (old format)
+  bpe_qwen2/             a smaller one with Qwen2's regex (\p{N} where Llama 3 has \p{N}{1,3})
   spm/                   a small sentencepiece BPE (byte_fallback) tokenizer.model trained here
                          with Llama 2's settings; tokenizer_config.json
   golden_<name>.json     per tokenizer: ids of every corpus line, HF's decode of those ids,
@@ -42,6 +46,8 @@ SHARED = ROOT.parent / "shared" / "data"
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                   r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
@@ -116,6 +122,36 @@ def corpus():
     return text, bad
 
 
+RANDOM_POOL = {
+    # weight, choices: units the random lines are made of (seeded, see random_lines)
+    "ascii": (30, list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")),
+    "digit": (8, list("0123456789")),
+    "punct": (8, list("!\"#$%&()*+,-./:;<=>?@[\\]^_`{|}~'")),
+    "space": (12, [" ", " ", "  ", "\t", "\n", "\n\n", "\r\n", "\r", "\x0b", "\x0c", "\x85",
+                   "\xa0", "\u2028", "\u3000", "\u2009", " \n ", "\n "]),
+    "letter": (10, list("éßſǄǅαЖщשع日本한กไÅﬁĳ")),
+    "mark": (3, ["\u0301", "\u0308", "\u093f", "\u0e31", "\u200d", "\ufe0f"]),
+    "number": (3, list("٣١５Ⅻ½²③")),
+    "emoji": (3, ["😀", "🦙", "🏽", "👨‍👩‍👧", "🏳️‍🌈", "❤️"]),
+    "symbol": (3, list("€©™—…“”’«»")),
+    "contraction": (4, ["'s", "'T", "'re", "'LL", "'ve", "'d", "'m", "'ſ", "n't"]),
+    "special": (2, ["<|eot_id|>", "<|begin_of_text|>", "</s>", "<s>", "<unk>", "<tool>", "xyzzy",
+                    "<|eot_id", "|>"]),
+}
+
+
+def random_lines(seed, count):
+    rng = random.Random(seed)
+    kinds = list(RANDOM_POOL)
+    weights = [RANDOM_POOL[k][0] for k in kinds]
+    lines = []
+    for _ in range(count):
+        units = [rng.choice(RANDOM_POOL[rng.choices(kinds, weights)[0]][1])
+                 for _ in range(rng.randint(0, 40))]
+        lines.append("".join(units))
+    return lines
+
+
 def train_text(seed):
     rng = random.Random(seed)
     words = ("the of and to in is you that it he was for on are as with his they at be this "
@@ -142,16 +178,16 @@ def train_text(seed):
     return lines
 
 
-def build_bpe(dirpath):
+def build_bpe(dirpath, pattern=LLAMA3_PATTERN, vocab_size=1200):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from tokenizers import processors, trainers
     tok = Tokenizer(models.BPE(ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1200, min_frequency=2, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=[])
     tok.train_from_iterator(train_text(1), trainer=trainer)
@@ -229,17 +265,24 @@ def llama_tokenizer(dirpath):
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     text, bad = corpus()
+    rand = random_lines(3, 250)
     (OUT / "corpus.json").write_text(json.dumps({
         "lines": [{"text": t} for t in text] +
-                 [{"bytes_b64": base64.b64encode(b).decode()} for b in bad]},
+                 [{"bytes_b64": base64.b64encode(b).decode()} for b in bad] +
+                 [{"text": t, "random": True} for t in rand]},
         ensure_ascii=False, indent=0) + "\n")
-    texts = line_texts(text, bad)
-    print(f"wrote corpus.json ({len(texts)} lines)")
+    texts = line_texts(text, bad) + rand
+    print(f"wrote corpus.json ({len(texts)} lines: {len(text) + len(bad)} hand-written, "
+          f"{len(rand)} random)")
 
     bpe = build_bpe(OUT / "bpe")
     string_merges_copy(OUT / "bpe", OUT / "bpe_string_merges")
     golden("bpe", texts, lambda t: bpe.encode(t, add_special_tokens=False).ids,
            lambda i: bpe.decode(i, skip_special_tokens=False), OUT / "golden_bpe.json")
+
+    qwen = build_bpe(OUT / "bpe_qwen2", pattern=QWEN2_PATTERN, vocab_size=700)
+    golden("bpe_qwen2", texts, lambda t: qwen.encode(t, add_special_tokens=False).ids,
+           lambda i: qwen.decode(i, skip_special_tokens=False), OUT / "golden_bpe_qwen2.json")
 
     build_spm(OUT / "spm")
     sp = llama_tokenizer(OUT / "spm")
