@@ -165,6 +165,53 @@ TEST(ByteLevelBpe, SpecialsFromTokenizerConfig) {
   EXPECT_EQ(bare->eos_id(), -1);
 }
 
+TEST(LoadTokenizer, SpecialTokenPrecedence) {
+  const std::string dir = qlora::testing::make_temp_dir("tok_specials");
+  fs::copy_file(kDataDir + "/bpe/tokenizer.json", dir + "/tokenizer.json");
+  const auto base = qlora::data::load_tokenizer(dir);
+  const int32_t eot = base->token_id("<|eot_id|>").value();
+  const int32_t eotext = base->token_id("<|end_of_text|>").value();
+  // generation_config.json alone: the first eos of the list.
+  qlora::testing::write_file(dir, "generation_config.json",
+                             "{\"eos_token_id\": [" + std::to_string(eotext) + ", " +
+                                 std::to_string(eot) + "]}");
+  EXPECT_EQ(qlora::data::load_tokenizer(dir)->eos_id(), eotext);
+  // special_tokens_map.json overrides it, tokenizer_config.json overrides both.
+  qlora::testing::write_file(dir, "special_tokens_map.json",
+                             R"({"eos_token": {"content": "<|eot_id|>"}, "pad_token": "<|end_of_text|>"})");
+  auto tok = qlora::data::load_tokenizer(dir);
+  EXPECT_EQ(tok->eos_id(), eot);
+  EXPECT_EQ(tok->pad_id(), eotext);
+  qlora::testing::write_file(dir, "tokenizer_config.json",
+                             R"({"eos_token": "<|end_of_text|>", "add_bos_token": false})");
+  tok = qlora::data::load_tokenizer(dir);
+  EXPECT_EQ(tok->eos_id(), eotext);
+  EXPECT_FALSE(tok->add_bos());
+  EXPECT_EQ(tok->bos_id(), base->bos_id());  // from the post-processor template
+  // An eos id outside the vocabulary is refused, naming generation_config.json.
+  const std::string gen =
+      qlora::testing::write_file(dir, "generation_config.json", R"({"eos_token_id": 999999})");
+  try {
+    qlora::data::load_tokenizer(dir);
+    ADD_FAILURE() << "eos_token_id 999999 accepted";
+  } catch (const qlora::InputError& e) {
+    EXPECT_NE(std::string(e.what()).find(gen), std::string::npos) << e.what();
+  }
+}
+
+TEST(LoadTokenizer, SentencepieceStyleTokenizerJsonFallsBackToTokenizerModel) {
+  // Llama 2 / TinyLlama directories ship a Metaspace tokenizer.json beside tokenizer.model.
+  const std::string dir = qlora::testing::make_temp_dir("tok_spm_dir");
+  fs::copy_file(kDataDir + "/spm/tokenizer.model", dir + "/tokenizer.model");
+  qlora::testing::write_file(dir, "tokenizer.json",
+                             R"({"model": {"type": "BPE", "byte_fallback": true, "vocab": {}, "merges": []},
+                                 "pre_tokenizer": {"type": "Metaspace"}})");
+  EXPECT_EQ(qlora::data::load_tokenizer(dir)->kind(), "sentencepiece");
+  // Without tokenizer.model the tokenizer.json is read, and refused.
+  fs::remove(dir + "/tokenizer.model");
+  EXPECT_THROW(qlora::data::load_tokenizer(dir), qlora::InputError);
+}
+
 TEST(Sentencepiece, IdsMatchTransformersOnCorpus) {
   const auto tok = qlora::data::load_tokenizer(kDataDir + "/spm");
   EXPECT_EQ(tok->kind(), "sentencepiece");
@@ -172,6 +219,11 @@ TEST(Sentencepiece, IdsMatchTransformersOnCorpus) {
   EXPECT_EQ(tok->eos_id(), 2);
   EXPECT_TRUE(tok->add_bos());
   EXPECT_EQ(check_against_golden(*tok, kDataDir + "/golden_spm.json"), 0);
+}
+
+TEST(Sentencepiece, LegacyConfigPrependsAfterEverySpecialToken) {
+  const auto tok = qlora::data::load_tokenizer(kDataDir + "/spm_legacy");
+  EXPECT_EQ(check_against_golden(*tok, kDataDir + "/golden_spm_legacy.json"), 0);
 }
 
 // ---------------------------------------------------------------- real tokenizers

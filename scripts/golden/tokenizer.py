@@ -17,6 +17,8 @@ Writes under tests/data/tokenizer/ only:
   bpe_qwen2/             a smaller one with Qwen2's regex (\p{N} where Llama 3 has \p{N}{1,3})
   spm/                   a small sentencepiece BPE (byte_fallback) tokenizer.model trained here
                          with Llama 2's settings; tokenizer_config.json
+  spm_legacy/            the same model with "legacy": true (transformers then prepends "▁"
+                         after every special token, not only at the start)
   golden_<name>.json     per tokenizer: ids of every corpus line, HF's decode of those ids,
                          and whether decode round-trips the line
   real_llama3.json       ids from tiktoken (allowed_special="all") for the real Llama 3
@@ -289,6 +291,17 @@ def main():
     print("spm oracle:", type(sp).__name__, sp.backend_tokenizer.pre_tokenizer)
     golden("spm", texts, lambda t: sp.encode(t, add_special_tokens=False),
            lambda i: sp.decode(i, skip_special_tokens=False), OUT / "golden_spm.json")
+
+    # legacy: true in tokenizer_config.json -> Metaspace prepend_scheme "always".
+    (OUT / "spm_legacy").mkdir(exist_ok=True)
+    shutil.copy(OUT / "spm" / "tokenizer.model", OUT / "spm_legacy" / "tokenizer.model")
+    cfg = json.loads((OUT / "spm" / "tokenizer_config.json").read_text())
+    cfg["legacy"] = True
+    (OUT / "spm_legacy" / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+    spl = llama_tokenizer(OUT / "spm_legacy")
+    print("spm legacy oracle:", spl.backend_tokenizer.pre_tokenizer)
+    golden("spm_legacy", texts, lambda t: spl.encode(t, add_special_tokens=False),
+           lambda i: spl.decode(i, skip_special_tokens=False), OUT / "golden_spm_legacy.json")
 
     if not SHARED.is_dir():
         print(f"{SHARED} absent: real_*.json not written")

@@ -87,12 +87,21 @@ bool is_space(char32_t cp) { return unicode::char_class(cp) == unicode::CharClas
 // One matching pass over a text segment with the tokens of one kind (normalized or not).
 void split_pass(const std::vector<const AddedToken*>& tokens, std::string_view text,
                 std::vector<Segment>& out) {
+  if (tokens.empty()) {
+    if (!text.empty()) out.push_back({text, -1});
+    return;
+  }
+  // Candidates by first byte: Llama 3 has 256 special tokens, all starting with '<'.
+  std::vector<const AddedToken*> by_first[256];
+  for (const AddedToken* t : tokens) {
+    if (!t->content.empty()) by_first[static_cast<uint8_t>(t->content[0])].push_back(t);
+  }
   size_t start = 0;  // first byte not yet emitted
   size_t pos = 0;
   while (pos < text.size()) {
     const AddedToken* best = nullptr;
-    for (const AddedToken* t : tokens) {
-      if (t->content.empty() || t->content.size() > text.size() - pos) continue;
+    for (const AddedToken* t : by_first[static_cast<uint8_t>(text[pos])]) {
+      if (t->content.size() > text.size() - pos) continue;
       if (text.compare(pos, t->content.size(), t->content) != 0) continue;
       if (!best || t->content.size() > best->content.size()) best = t;
     }

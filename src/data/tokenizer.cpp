@@ -97,10 +97,16 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
   int32_t bos = tok->bos_id(), eos = tok->eos_id(), pad = tok->pad_id();
   bool add_bos = tok->add_bos();
 
-  if (gen.is_object() && gen.contains("eos_token_id")) {
+  if (gen.is_object() && gen.contains("eos_token_id") && !gen["eos_token_id"].is_null()) {
     const json& e = gen["eos_token_id"];
-    if (e.is_number_integer()) eos = e.get<int32_t>();
-    else if (e.is_array() && !e.empty() && e[0].is_number_integer()) eos = e[0].get<int32_t>();
+    const json& first = e.is_array() && !e.empty() ? e[0] : e;
+    if (!first.is_number_integer() || first.get<int64_t>() < 0 ||
+        first.get<int64_t>() >= tok->vocab_size()) {
+      throw InputError(gen_path.string() + ": eos_token_id is " + e.dump() +
+                       ", expected a token id (or a list of them) below the vocabulary size " +
+                       std::to_string(tok->vocab_size()) + " of " + tok->path());
+    }
+    eos = first.get<int32_t>();
   }
   for (const auto& [cfg_j, file] : {std::pair<const json&, const fs::path&>{map, map_path},
                                     std::pair<const json&, const fs::path&>{cfg, cfg_path}}) {
@@ -120,11 +126,6 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
     const bool prefix = !cfg.contains("add_prefix_space") || cfg["add_prefix_space"].is_null() ||
                         cfg["add_prefix_space"] == true;
     set_sentencepiece_prefix_scheme(*tok, legacy, prefix);
-  }
-  if (eos >= tok->vocab_size() || bos >= tok->vocab_size()) {
-    throw InputError(gen_path.string() + ": eos_token_id " + std::to_string(eos) +
-                     " is outside the vocabulary of " + tok->path() + " (" +
-                     std::to_string(tok->vocab_size()) + " tokens)");
   }
   tok->set_special_ids(bos, eos, pad, add_bos && bos >= 0);
   return tok;
