@@ -113,6 +113,12 @@ def corpus():
         "\ue000 private use",
         "The quick brown fox jumps over the lazy dog.",
         "Mixed: αβγ ДЖЗ ĳ ŉ Ω",
+        # Letters and digits assigned after Unicode 14 (Kawi, Nag Mundari, CJK Ext. H, Garay,
+        # Kirat Rai, ...): our class table must be as new as the oracles' regex engines.
+        "new: \U00011f04\U00011f05x \U0001e4d0\U0001e4d1 \U00031350\U00031351 "
+        "1\U0001e4f0\U0001e4f1\U0001e4f22 \U00010d4a y\U0001e5d0 \U00016d40 \u1c89a "
+        "\U0001ccf0\U0001ccf1\U0001ccf2\U0001ccf3 \U00010d40! \U0001e4f0abc \U0001ccf0 x \U00011f04's "
+        "\U00031350's",
     ]
     bad = [
         b"abc\xff\xfe def",

@@ -1,6 +1,7 @@
 // UTF-8 and the few Unicode character classes the byte-level BPE pre-tokenizer needs
-// (\p{L}, \p{N}, \s). The class table is generated (scripts/gen_unicode_tables.py) and
-// committed, so no ICU or PCRE2 is needed at build time.
+// (\p{L}, \p{N}, \s). The class table is generated (scripts/gen_unicode_tables.py, from the
+// oracles' own regex engines so that the Unicode versions agree) and committed, so no ICU or
+// PCRE2 is needed at build time.
 #pragma once
 
 #include <cstddef>
@@ -22,7 +23,6 @@ struct CharRange {
 // Sorted, non-overlapping; code points in no range are kOther (unicode_tables.cpp).
 extern const CharRange kCharRanges[];
 extern const size_t kCharRangeCount;
-extern const char kUnicodeVersion[];
 
 CharClass char_class(char32_t cp);
 
