@@ -8,13 +8,16 @@ Classes, one per code point:
   number      \\p{N}
   whitespace  \\s
   other       everything else, unassigned code points included
+and, separately, a flag:
+  word        \w of the Rust regex crate (Alphabetic, marks, Nd, Pc, Join_Control): what
+              Hugging Face's single_word added tokens must not touch on either side
 They are taken from the regex engines of the oracles themselves, so that our scanner agrees
 with them on every code point: Oniguruma inside Hugging Face `tokenizers` (probed through a
 Split pre-tokenizer) and, as a cross-check that must agree exactly, the Rust regex engine inside
 `tiktoken`. Python's unicodedata is older (Unicode 14 in Python 3.11; the oracles know about
 9,000 letters more) and is only used for the comparison printed at the end.
-The table is a sorted list of ranges [first, last] with a class each; runs of `other` are left
-out, so a code point that falls in no range is `other`.
+The table is a sorted list of ranges [first, last] with a class and the word flag each; runs of
+non-word `other` are left out, so a code point that falls in no range is `other`, not word.
 """
 import pathlib
 import unicodedata
@@ -25,7 +28,7 @@ from tokenizers import Regex, pre_tokenizers
 CODE_POINTS = [cp for cp in range(0x110000) if not 0xD800 <= cp < 0xE000]
 CHUNK = 20000
 LETTER, NUMBER, WHITESPACE = 1, 2, 3
-NAMES = {LETTER: "kLetter", NUMBER: "kNumber", WHITESPACE: "kWhitespace"}
+NAMES = {0: "kOther", LETTER: "kLetter", NUMBER: "kNumber", WHITESPACE: "kWhitespace"}
 
 
 def chunks():
@@ -71,15 +74,24 @@ def main():
         print(f"{pattern}: {len(onig)} code points (unicodedata {unicodedata.unidata_version}: "
               f"{len(py) if py else '-'})")
 
+    # \w only matters for single_word added tokens. tokenizers checks those with the Rust regex
+    # crate, not Oniguruma (the two differ: Oniguruma's \w has No like ½ and lacks U+200D), and
+    # tiktoken's engine is built on that crate.
+    word = tiktoken_class(r"\w")
+    print(f"\\w: {len(word)} code points")
+
+    def key(cp):
+        return (classes.get(cp, 0), cp in word)
+
     ranges = []
-    start, cur = 0, classes.get(0, 0)
+    start, cur = 0, key(0)
     for cp in range(1, 0x110000):
-        c = classes.get(cp, 0)
-        if c != cur:
-            if cur:
+        k = key(cp)
+        if k != cur:
+            if cur != (0, False):
                 ranges.append((start, cp - 1, cur))
-            start, cur = cp, c
-    if cur:
+            start, cur = cp, k
+    if cur != (0, False):
         ranges.append((start, 0x10FFFF, cur))
     out = pathlib.Path(__file__).resolve().parent.parent / "src" / "data" / "unicode_tables.cpp"
     lines = [
@@ -91,8 +103,8 @@ def main():
         "",
         "const CharRange kCharRanges[] = {",
     ]
-    for a, b, c in ranges:
-        lines.append(f"    {{0x{a:X}, 0x{b:X}, CharClass::{NAMES[c]}}},")
+    for a, b, (c, w) in ranges:
+        lines.append(f"    {{0x{a:X}, 0x{b:X}, CharClass::{NAMES[c]}, {'true' if w else 'false'}}},")
     lines += [
         "};",
         f"const size_t kCharRangeCount = {len(ranges)};",

@@ -113,6 +113,10 @@ def corpus():
         "\ue000 private use",
         "The quick brown fox jumps over the lazy dog.",
         "Mixed: αβγ ДЖЗ ĳ ŉ Ω",
+        # Added tokens of the small BPE: "<tool>" strips whitespace on both sides, "xyzzy" is
+        # single_word (no \\w character, marks and Pc included, on either side).
+        "a  <tool>  b\n<tool>\tc <tool>",
+        "xyzzy \u0346xyzzy ‿xyzzy ½xyzzy Ⓐxyzzy xyzzy\u200d _xyzzy xyzzy, (xyzzy)",
         # Letters and digits assigned after Unicode 14 (Kawi, Nag Mundari, CJK Ext. H, Garay,
         # Kirat Rai, ...): our class table must be as new as the oracles' regex engines.
         "new: \U00011f04\U00011f05x \U0001e4d0\U0001e4d1 \U00031350\U00031351 "

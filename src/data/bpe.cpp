@@ -50,11 +50,6 @@ int byte_from_unicode(char32_t cp) {
 
 namespace {
 
-bool is_word_char(char32_t cp) {
-  const auto c = unicode::char_class(cp);
-  return c == unicode::CharClass::kLetter || c == unicode::CharClass::kNumber || cp == '_';
-}
-
 // The code point that ends just before byte `pos` of valid UTF-8 `s`.
 char32_t cp_before(std::string_view s, size_t pos) {
   size_t b = pos - 1;
@@ -111,8 +106,8 @@ void split_pass(const std::vector<const AddedToken*>& tokens, std::string_view t
     }
     size_t b = pos, e = pos + best->content.size();
     if (best->single_word) {
-      const bool left_ok = b == 0 || !is_word_char(cp_before(text, b));
-      const bool right_ok = e == text.size() || !is_word_char(cp_at(text, e));
+      const bool left_ok = b == 0 || !unicode::is_word_char(cp_before(text, b));
+      const bool right_ok = e == text.size() || !unicode::is_word_char(cp_at(text, e));
       if (!left_ok || !right_ok) {  // the match is dropped; scanning resumes after it
         pos = e;
         continue;

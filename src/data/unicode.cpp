@@ -4,6 +4,19 @@
 
 namespace qlora::data::unicode {
 
+namespace {
+
+const CharRange* find_range(char32_t cp) {
+  const CharRange* end = kCharRanges + kCharRangeCount;
+  const CharRange* it = std::upper_bound(kCharRanges, end, cp,
+                                         [](char32_t c, const CharRange& r) { return c < r.first; });
+  if (it == kCharRanges) return nullptr;
+  --it;
+  return cp <= it->last ? it : nullptr;
+}
+
+}  // namespace
+
 CharClass char_class(char32_t cp) {
   if (cp < 0x80) {  // fast path: ASCII
     if ((cp >= 'a' && cp <= 'z') || (cp >= 'A' && cp <= 'Z')) return CharClass::kLetter;
@@ -11,12 +24,13 @@ CharClass char_class(char32_t cp) {
     if (cp == ' ' || (cp >= 0x09 && cp <= 0x0D)) return CharClass::kWhitespace;
     return CharClass::kOther;
   }
-  const CharRange* end = kCharRanges + kCharRangeCount;
-  const CharRange* it = std::upper_bound(kCharRanges, end, cp,
-                                         [](char32_t c, const CharRange& r) { return c < r.first; });
-  if (it == kCharRanges) return CharClass::kOther;
-  --it;
-  return cp <= it->last ? it->cls : CharClass::kOther;
+  const CharRange* r = find_range(cp);
+  return r ? r->cls : CharClass::kOther;
+}
+
+bool is_word_char(char32_t cp) {
+  const CharRange* r = find_range(cp);
+  return r && r->word;
 }
 
 namespace {

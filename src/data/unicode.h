@@ -18,13 +18,17 @@ struct CharRange {
   char32_t first;
   char32_t last;
   CharClass cls;
+  bool word;  // \w: Alphabetic, marks, Nd, Pc, Join_Control
 };
 
-// Sorted, non-overlapping; code points in no range are kOther (unicode_tables.cpp).
+// Sorted, non-overlapping; code points in no range are kOther and not word
+// (unicode_tables.cpp).
 extern const CharRange kCharRanges[];
 extern const size_t kCharRangeCount;
 
 CharClass char_class(char32_t cp);
+// \w as the tokenizers library's regex engine has it (single_word added tokens).
+bool is_word_char(char32_t cp);
 
 inline constexpr char32_t kReplacementChar = 0xFFFD;
 
