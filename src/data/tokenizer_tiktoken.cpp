@@ -1,7 +1,6 @@
 // Meta's Llama 3 tokenizer.model: tiktoken BPE ranks ("<base64 bytes> <rank>" per line) plus
 // 256 special tokens that the file does not list.
 #include <fstream>
-#include <sstream>
 
 #include "data/tokenizer_bpe.h"
 #include "qlora/common/errors.h"

@@ -130,11 +130,4 @@ void append_utf8(std::string& out, char32_t cp) {
   }
 }
 
-std::string to_utf8(const std::vector<char32_t>& cps, size_t begin, size_t end) {
-  std::string out;
-  out.reserve(end - begin);
-  for (size_t i = begin; i < end; ++i) append_utf8(out, cps[i]);
-  return out;
-}
-
 }  // namespace qlora::data::unicode

@@ -48,6 +48,5 @@ std::string sanitize_utf8(std::string_view text);
 bool is_valid_utf8(std::string_view text);
 
 void append_utf8(std::string& out, char32_t cp);
-std::string to_utf8(const std::vector<char32_t>& cps, size_t begin, size_t end);
 
 }  // namespace qlora::data::unicode
