@@ -168,7 +168,9 @@ TEST(DataBatch, NoExampleSeesAnother) {
           ++pairs_checked;
         }
         // Positions restart: the position id is the token's index in its example.
-        if (!pad_i) EXPECT_EQ(b.position_ids[b.at(r, i)], b.input_ids[b.at(r, i)] % 1000);
+        if (!pad_i) {
+          EXPECT_EQ(b.position_ids[b.at(r, i)], b.input_ids[b.at(r, i)] % 1000);
+        }
       }
     }
   }
