@@ -1,0 +1,110 @@
+// Byte-level BPE shared by the tokenizer.json (Llama 3 / Qwen2) and tiktoken (Llama 3
+// tokenizer.model) loaders: the merge loop over raw bytes, the GPT-2 byte-to-unicode map, the
+// pre-tokenizer regex of the Llama 3 family (a hand-written scanner, no regex library), and
+// added/special-token splitting.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace qlora::data::bpe {
+
+// ---------------------------------------------------------------- byte-level map
+// GPT-2's reversible map of the 256 byte values onto printable code points, as UTF-8 strings.
+const std::vector<std::string>& byte_to_unicode();
+// Inverse of byte_to_unicode: code point -> byte, -1 when the code point is not in the map.
+int byte_from_unicode(char32_t cp);
+
+// ---------------------------------------------------------------- pre-tokenizer
+// The supported pre-tokenizer regexes. Note [Pre-tokenizer scanner] in bpe_split.cpp says how
+// the scanner reproduces the regex's leftmost-first alternation.
+struct SplitPattern {
+  std::string name;   // "llama3", "qwen2"
+  int max_digits;     // \p{N}{1,3} -> 3, \p{N} -> 1
+};
+inline constexpr char kLlama3Pattern[] =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+inline constexpr char kQwen2Pattern[] =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+// The pattern for a regex string, nullopt when the scanner does not implement it.
+std::optional<SplitPattern> find_split_pattern(std::string_view regex);
+
+// Byte ranges [begin, end) of the pieces of `text` (valid UTF-8), in order, covering all of it.
+std::vector<std::pair<size_t, size_t>> split_pieces(const SplitPattern& pattern,
+                                                    std::string_view text);
+
+// ---------------------------------------------------------------- added tokens
+struct AddedToken {
+  std::string content;
+  int32_t id = -1;
+  bool special = false;
+  bool lstrip = false;       // absorb whitespace on its left
+  bool rstrip = false;       // absorb whitespace on its right
+  bool single_word = false;  // only match when not inside a word
+  bool normalized = false;   // matched after normalization (no normalizer is supported, so
+                             // this only changes the order of the two matching passes)
+};
+
+// A piece of input text: either raw text to run through BPE or an added token's id.
+struct Segment {
+  std::string_view text;  // empty when id >= 0
+  int32_t id = -1;
+};
+
+// Splits `text` at occurrences of the added tokens, Hugging Face style: non-normalized tokens
+// first, then normalized ones in the remaining text; leftmost-longest matches.
+std::vector<Segment> split_added_tokens(const std::vector<AddedToken>& tokens,
+                                        std::string_view text);
+
+// ---------------------------------------------------------------- the merge loop
+// Vocabulary and merges over raw bytes. For tokenizer.json the merge rank is the line index in
+// "merges"; for tiktoken a pair (a, b) gets the rank of the token a+b (so tiktoken's "merge the
+// adjacent pair whose joined bytes rank lowest" is the same loop).
+class BpeModel {
+ public:
+  BpeModel();
+  // Registers a token; returns false when `bytes` is already a token (first id wins).
+  bool add_token(const std::string& bytes, int32_t id);
+  // Registers the merge a+b at `rank`; false when a or b or a+b is not a token.
+  bool add_merge(const std::string& a, const std::string& b, int32_t rank);
+  void set_ignore_merges(bool v) { ignore_merges_ = v; }
+
+  std::optional<int32_t> find(std::string_view bytes) const;
+  // Bytes of a token id, nullptr when the id has no token.
+  const std::string* bytes_of(int32_t id) const;
+  int32_t max_id() const { return static_cast<int32_t>(id_to_bytes_.size()) - 1; }
+  size_t token_count() const { return bytes_to_id_.size(); }
+  size_t merge_count() const { return merges_.size(); }
+
+  // Appends the ids of one pre-tokenized piece. Bytes with no single-byte token are dropped
+  // (as Hugging Face's BPE does without an unk token).
+  void encode_piece(std::string_view piece, std::vector<int32_t>& out) const;
+  // The same over a string whose initial symbols are its UTF-8 characters (sentencepiece
+  // vocabularies): a character that is no token becomes its bytes' byte_fallback ids (256
+  // entries, -1 where missing; nullptr for none) or else unk_id (runs fused into one).
+  void encode_chars(std::string_view piece, const int32_t* byte_fallback, int32_t unk_id,
+                    std::vector<int32_t>& out) const;
+
+ private:
+  void merge(const std::vector<int32_t>& initial, std::vector<int32_t>& out) const;
+  struct Merge {
+    int32_t rank;
+    int32_t id;
+  };
+  static uint64_t key(int32_t a, int32_t b) {
+    return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
+  }
+  std::unordered_map<std::string, int32_t> bytes_to_id_;
+  std::vector<std::string> id_to_bytes_;
+  std::vector<bool> has_id_;
+  std::unordered_map<uint64_t, Merge> merges_;
+  int32_t byte_id_[256];  // id of each single-byte token, -1 when none
+  bool ignore_merges_ = false;
+};
+
+}  // namespace qlora::data::bpe
