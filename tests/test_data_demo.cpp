@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "qlora/data/dataset.h"
+#include "qlora/data/tokenizer.h"
 #include "support/test_support.h"
 #include "test_data_tokenizer.h"
 
@@ -149,6 +150,59 @@ TEST(DataDemo, LoadsThroughThePipelineInBothForms) {
   EXPECT_EQ(chat.examples.size(), 300u);
   // Trained tokens are the answer plus eos (alpaca) or <|eot_id|> (chat): the same count.
   EXPECT_EQ(alpaca.summary.trained_tokens, chat.summary.trained_tokens);
+}
+
+// With the tokenizers of tests/data/tokenizer (a byte-level BPE with Llama 3's
+// pre-tokenizer and specials, and a sentencepiece model), every demo example is
+// tokenized as one whole string (no token straddles the prompt/response
+// boundary) and the trained tokens decode to exactly the answer.
+void check_real_tokenizer(const std::string& dir, const std::string& file) {
+  const std::unique_ptr<Tokenizer> t =
+      load_tokenizer(dir.front() == '/' ? dir : qlora::testing::source_path(dir));
+  LoadOptions o;
+  o.max_seq_length = 512;
+  const Dataset d = load_jsonl(demo(file), o, *t);
+  EXPECT_EQ(d.summary.segment_wise, 0) << dir << " " << file << ": " << d.summary.describe();
+  const std::vector<json> lines = read_lines(demo(file));
+  ASSERT_EQ(d.examples.size(), lines.size());
+  const bool chat = d.summary.format == DataFormat::kChat;
+  for (size_t i = 0; i < d.examples.size(); ++i) {
+    const TokenizedExample& ex = d.examples[i];
+    std::vector<int32_t> trained;
+    for (int32_t l : ex.labels) {
+      if (l != kIgnoreIndex) trained.push_back(l);
+    }
+    ASSERT_FALSE(trained.empty());
+    const int32_t end = chat ? *t->token_id("<|eot_id|>") : t->eos_id();
+    EXPECT_EQ(trained.back(), end);
+    trained.pop_back();
+    const std::string answer = chat ? lines[i]["messages"][1]["content"] : lines[i]["output"];
+    EXPECT_EQ(t->decode(trained), answer) << dir << " " << file << " line " << i + 1;
+    if (t->add_bos()) {
+      EXPECT_EQ(ex.input_ids.front(), t->bos_id());
+    }
+    EXPECT_NE(ex.input_ids[1], t->bos_id());  // never twice
+  }
+}
+
+TEST(DataDemo, RealTokenizersKeepTheWholeStringAndTheAnswerExact) {
+  check_real_tokenizer("tests/data/tokenizer/bpe", "eval.alpaca.jsonl");
+  check_real_tokenizer("tests/data/tokenizer/bpe", "eval.chat.jsonl");
+  check_real_tokenizer("tests/data/tokenizer/spm", "eval.alpaca.jsonl");
+}
+
+// The real Llama 3 (tiktoken) and Llama 2 (sentencepiece) tokenizers live
+// outside the repository (../shared/data, see its README): opt-in.
+TEST(DataDemo, RealLlamaTokenizersWhenPresent) {
+  const std::string shared = qlora::testing::source_path("../shared/data");
+  const std::string llama3 = shared + "/llama3-tokenizer/tokenizer.model";
+  const std::string llama2 = shared + "/llama2-tokenizer/tokenizer.model";
+  if (!std::filesystem::exists(llama3) || !std::filesystem::exists(llama2)) {
+    GTEST_SKIP() << "no " << shared << " (real Llama tokenizers are not part of the repository)";
+  }
+  check_real_tokenizer(llama3, "eval.alpaca.jsonl");
+  check_real_tokenizer(llama3, "eval.chat.jsonl");
+  check_real_tokenizer(llama2, "eval.alpaca.jsonl");
 }
 
 }  // namespace

@@ -201,6 +201,38 @@ TEST(DataFormat, ChatTemplateResolution) {
   EXPECT_NE(msg.find("data.chat_template"), std::string::npos) << msg;
 }
 
+// ---------------------------------------------------------------- whole string vs segments
+
+TEST(DataFormat, WholeStringTokenizationWhenEveryBoundaryIsATokenBoundary) {
+  // Like sentencepiece: an encoded text starts with a dummy-prefix token (501).
+  const ByteTokenizer t({{"<s>", "</s>"}, "", "</s>", "", false, "", /*dummy_prefix=*/true});
+  const TokenizedExample ex = tok(R"({"prompt":"Q:\n","completion":"5"})", t);
+  // Whole string: one dummy prefix. Segment-wise would give 501 81 58 10 501 53.
+  EXPECT_EQ(ex.input_ids, (std::vector<int32_t>{501, 81, 58, 10, 53, 257}));
+  EXPECT_EQ(ex.labels, (std::vector<int32_t>{I, I, I, I, 53, 257}));
+  EXPECT_FALSE(ex.segment_wise);
+}
+
+TEST(DataFormat, SegmentWiseWhenATokenStraddlesTheBoundary) {
+  // "ab" is one token (500): prompt "xa" + completion "b" cannot be split exactly.
+  const ByteTokenizer t({{"<s>", "</s>"}, "", "</s>", "", false, "ab", false});
+  const TokenizedExample ex = tok(R"({"prompt":"xa","completion":"b"})", t);
+  EXPECT_EQ(ex.input_ids, (std::vector<int32_t>{120, 97, 98, 257}));
+  EXPECT_EQ(ex.labels, (std::vector<int32_t>{I, I, 98, 257}));
+  EXPECT_TRUE(ex.segment_wise);
+  // With train_on_inputs there is no boundary to keep: the whole string.
+  const TokenizedExample all = tok(R"({"prompt":"xa","completion":"b"})", t, true);
+  EXPECT_EQ(all.input_ids, (std::vector<int32_t>{120, 500, 257}));
+  EXPECT_EQ(all.labels, (std::vector<int32_t>{I, 500, 257}));
+  const Dataset d = load_jsonl_text(R"({"prompt":"xa","completion":"b"})" "\n"
+                                    R"({"prompt":"x\n","completion":"ab"})" "\n",
+                                    "m.jsonl", opts(), t);
+  EXPECT_EQ(d.summary.segment_wise, 1);
+  EXPECT_FALSE(d.examples[1].segment_wise);
+  EXPECT_EQ(d.examples[1].input_ids, (std::vector<int32_t>{120, 10, 500, 257}));
+  EXPECT_NE(d.summary.describe().find("1 tokenized segment by segment"), std::string::npos);
+}
+
 // ---------------------------------------------------------------- lines, truncation
 
 TEST(DataDataset, BomCrlfAndBlankLinesAreHandledAndCounted) {

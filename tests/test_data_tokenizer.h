@@ -19,7 +19,12 @@ class ByteTokenizer : public Tokenizer {
     std::vector<std::string> specials;  // id 256, 257, ... in this order
     std::string bos, eos, pad;          // names from `specials`, or empty for none
     bool add_bos = false;
+    // Extras that make segment-wise and whole-string tokenization differ:
+    std::string merge;          // two characters encoded as one token (id kMergeId)
+    bool dummy_prefix = false;  // like sentencepiece: text gets a leading kPrefixId token
   };
+  static constexpr int32_t kMergeId = 500;
+  static constexpr int32_t kPrefixId = 501;  // "▁" at the start of an encoded text
 
   explicit ByteTokenizer(Options o) : specials_(std::move(o.specials)) {
     for (size_t i = 0; i < specials_.size(); ++i) ids_[specials_[i]] = 256 + static_cast<int32_t>(i);
@@ -29,6 +34,8 @@ class ByteTokenizer : public Tokenizer {
     pad_id_ = find(o.pad);
     add_bos_ = o.add_bos;
     kind_ = "test-bytes";
+    merge_ = o.merge;
+    dummy_prefix_ = o.dummy_prefix;
   }
 
   // Llama 3 style: <|begin_of_text|>=256 (bos, added), <|end_of_text|>=257 (eos),
@@ -36,21 +43,29 @@ class ByteTokenizer : public Tokenizer {
   static ByteTokenizer llama3() {
     return ByteTokenizer({{"<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                            "<|end_header_id|>", "<|eot_id|>"},
-                          "<|begin_of_text|>", "<|end_of_text|>", "", true});
+                          "<|begin_of_text|>", "<|end_of_text|>", "", true, "", false});
   }
   // ChatML / Qwen style: <|im_start|>=256, <|im_end|>=257 (eos), <|endoftext|>=258 (pad);
   // no bos.
   static ByteTokenizer chatml() {
     return ByteTokenizer({{"<|im_start|>", "<|im_end|>", "<|endoftext|>"}, "", "<|im_end|>",
-                          "<|endoftext|>", false});
+                          "<|endoftext|>", false, "", false});
   }
   // Llama 2 style: <s>=256 (bos, added), </s>=257 (eos); no chat tokens, no pad.
-  static ByteTokenizer plain() { return ByteTokenizer({{"<s>", "</s>"}, "<s>", "</s>", "", true}); }
+  static ByteTokenizer plain() {
+    return ByteTokenizer({{"<s>", "</s>"}, "<s>", "</s>", "", true, "", false});
+  }
 
   std::vector<int32_t> encode(std::string_view text) const override {
     std::vector<int32_t> out;
+    if (dummy_prefix_ && !text.empty()) out.push_back(kPrefixId);
     size_t i = 0;
     while (i < text.size()) {
+      if (!merge_.empty() && text.substr(i, merge_.size()) == merge_) {
+        out.push_back(kMergeId);
+        i += merge_.size();
+        continue;
+      }
       bool matched = false;
       for (size_t s = 0; s < specials_.size(); ++s) {
         if (text.substr(i, specials_[s].size()) == specials_[s]) {
@@ -67,12 +82,14 @@ class ByteTokenizer : public Tokenizer {
   std::string decode(const std::vector<int32_t>& ids) const override {
     std::string out;
     for (int32_t id : ids) {
-      if (id < 256) out += static_cast<char>(id);
+      if (id == kMergeId) out += merge_;
+      else if (id == kPrefixId) out += " ";
+      else if (id < 256) out += static_cast<char>(id);
       else out += specials_.at(static_cast<size_t>(id - 256));
     }
     return out;
   }
-  int32_t vocab_size() const override { return 256 + static_cast<int32_t>(specials_.size()); }
+  int32_t vocab_size() const override { return kPrefixId + 1; }
   std::optional<int32_t> token_id(std::string_view token) const override {
     auto it = ids_.find(std::string(token));
     if (it == ids_.end()) return std::nullopt;
@@ -82,6 +99,8 @@ class ByteTokenizer : public Tokenizer {
  private:
   std::vector<std::string> specials_;
   std::map<std::string, int32_t> ids_;
+  std::string merge_;
+  bool dummy_prefix_ = false;
 };
 
 // Byte ids of plain text (no specials), for writing expected sequences.

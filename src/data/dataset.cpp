@@ -24,6 +24,10 @@ std::string DataSummary::describe() const {
   if (format == DataFormat::kChat) os << ", " << to_string(chat_template);
   os << "), " << tokens << " tokens, " << trained_tokens << " trained, longest " << longest;
   if (truncated > 0) os << "; " << truncated << " truncated to max_seq_length";
+  if (segment_wise > 0) {
+    os << "; " << segment_wise << " tokenized segment by segment (a token straddled the "
+       << "prompt/response boundary)";
+  }
   if (blank_lines > 0) os << "; " << blank_lines << " blank lines ignored";
   if (skipped_total() > 0) {
     os << "; skipped " << skipped_total() << " bad lines (";
@@ -120,6 +124,7 @@ Dataset load_jsonl_text(std::string_view text, std::string_view source, const Lo
       }
       truncate(ex, options.max_seq_length);
       s.truncated += ex.truncated;
+      s.segment_wise += ex.segment_wise;
       s.tokens += ex.size();
       s.trained_tokens += count_trained(ex);
       s.longest = std::max(s.longest, ex.size());
@@ -166,12 +171,13 @@ namespace {
 void resummarize(Dataset& d) {
   DataSummary& s = d.summary;
   s.examples = static_cast<int64_t>(d.examples.size());
-  s.tokens = s.trained_tokens = s.longest = s.truncated = 0;
+  s.tokens = s.trained_tokens = s.longest = s.truncated = s.segment_wise = 0;
   for (const TokenizedExample& ex : d.examples) {
     s.tokens += ex.size();
     s.trained_tokens += count_trained(ex);
     s.longest = std::max(s.longest, ex.size());
     s.truncated += ex.truncated;
+    s.segment_wise += ex.segment_wise;
   }
 }
 

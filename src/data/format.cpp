@@ -2,6 +2,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <utility>
 
 #include "qlora/data/tokenizer.h"
@@ -184,7 +185,7 @@ std::vector<Message> get_messages(const json& obj) {
 }
 
 // Appends text to the last segment when it has the same trained flag, so
-// runs of untrained text are encoded together (Note [segment-wise tokenization]).
+// segments alternate between prompt and response (Note [tokenizing with an exact mask]).
 void push(std::vector<Segment>& segs, std::string text, bool trained) {
   if (text.empty()) return;
   if (!segs.empty() && segs.back().trained == trained) {
@@ -300,14 +301,57 @@ ChatTemplate resolve_chat_template(ChatTemplate requested, const Tokenizer& toke
   return requested;
 }
 
+namespace {
+
+bool starts_with(const std::vector<int32_t>& ids, const std::vector<int32_t>& prefix) {
+  return prefix.size() <= ids.size() && std::equal(prefix.begin(), prefix.end(), ids.begin());
+}
+
+void append(TokenizedExample& out, const std::vector<int32_t>& ids, size_t begin, size_t end,
+            bool trained) {
+  for (size_t i = begin; i < end; ++i) {
+    out.input_ids.push_back(ids[i]);
+    out.labels.push_back(trained ? ids[i] : kIgnoreIndex);
+  }
+}
+
+}  // namespace
+
 TokenizedExample tokenize_example(const RenderedExample& example, const Tokenizer& tokenizer,
                                   bool train_on_inputs) {
   TokenizedExample out;
-  for (const Segment& seg : example.segments) {
-    const std::vector<int32_t> ids = tokenizer.encode(seg.text);
-    const bool trained = train_on_inputs || seg.trained;
-    out.input_ids.insert(out.input_ids.end(), ids.begin(), ids.end());
-    for (int32_t id : ids) out.labels.push_back(trained ? id : kIgnoreIndex);
+  const std::vector<Segment>& segs = example.segments;
+  std::string text;
+  for (const Segment& seg : segs) text += seg.text;
+  const std::vector<int32_t> whole = tokenizer.encode(text);
+  if (train_on_inputs) {
+    append(out, whole, 0, whole.size(), true);  // every token trained: no boundary to keep
+  } else {
+    // Note [tokenizing with an exact mask]: whole string when every segment
+    // boundary is a token boundary of it.
+    std::vector<size_t> ends;  // where each segment ends in `whole`
+    std::string prefix;
+    bool whole_ok = true;
+    for (size_t i = 0; i + 1 < segs.size() && whole_ok; ++i) {
+      prefix += segs[i].text;
+      const std::vector<int32_t> ids = tokenizer.encode(prefix);
+      whole_ok = starts_with(whole, ids) && (ends.empty() || ids.size() >= ends.back());
+      ends.push_back(ids.size());
+    }
+    if (whole_ok) {
+      ends.push_back(whole.size());
+      size_t begin = 0;
+      for (size_t i = 0; i < segs.size(); ++i) {
+        append(out, whole, begin, ends[i], segs[i].trained);
+        begin = ends[i];
+      }
+    } else {
+      out.segment_wise = true;
+      for (const Segment& seg : segs) {
+        const std::vector<int32_t> ids = tokenizer.encode(seg.text);
+        append(out, ids, 0, ids.size(), seg.trained);
+      }
+    }
   }
   const int32_t bos = tokenizer.bos_id();
   if (tokenizer.add_bos() && bos >= 0 && (out.input_ids.empty() || out.input_ids[0] != bos)) {

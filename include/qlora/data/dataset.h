@@ -38,6 +38,7 @@ struct DataSummary {
   int64_t blank_lines = 0;       // ignored
   int64_t examples = 0;          // kept
   int64_t truncated = 0;         // kept, but cut to max_seq_length
+  int64_t segment_wise = 0;      // kept, tokenized segment-wise (Note [tokenizing with an exact mask])
   int64_t dropped_too_long = 0;  // skipped: no trained label left after truncation
   // Lines skipped per LineProblem (index = static_cast<int>(problem)), with
   // skip_bad_lines; kTooLong is counted here too (equal to dropped_too_long).

@@ -13,8 +13,8 @@
 //
 // Masking: with train_on_inputs false only the response (completion, alpaca
 // output, assistant content and its end-of-turn token) carries labels; the rest
-// is kIgnoreIndex. Segments are tokenized one by one (Note [segment-wise
-// tokenization]) so the mask boundary is exact.
+// is kIgnoreIndex. The mask boundary is exact: every token is wholly prompt or
+// wholly response (Note [tokenizing with an exact mask]).
 //
 // This header is torch-free and JSON-library-free.
 #pragma once
@@ -107,6 +107,7 @@ struct TokenizedExample {
   std::vector<int32_t> labels;  // same length; kIgnoreIndex where not trained
   int64_t line = 0;             // 1-based source line, for messages
   bool truncated = false;       // was cut to max_seq_length
+  bool segment_wise = false;    // fell back to segment-wise tokenization
 
   int64_t size() const { return static_cast<int64_t>(input_ids.size()); }
 };
@@ -117,15 +118,23 @@ struct TokenizedExample {
 // it keeps the last token of one example from being trained to predict the
 // first token of the next.
 //
-// Note [segment-wise tokenization]: each run of segments with the same trained
-// flag is encoded on its own and the ids are concatenated. Tokenizing the whole
-// string and mapping character offsets back would follow the tokenizer more
-// closely, but a token could then straddle the prompt/response boundary and the
-// mask would have to split it. Segment-wise, every token is wholly prompt or
-// wholly response. The two agree whenever the boundary is also a pre-tokenizer
-// boundary (a special token, or a newline before the response), which our
-// templates arrange; for sentencepiece each encoded run may begin with the
-// model's dummy-prefix space.
+// Note [tokenizing with an exact mask]: an example is a list of segments
+// (runs of text that are all prompt or all response). Two ways to tokenize it:
+//  - whole string: encode the concatenation. This is the tokenization the
+//    tokenizer itself gives the text (e.g. "\n5" -> "<0x0A>", "5" with
+//    sentencepiece), but a token may straddle a prompt/response boundary.
+//  - segment-wise: encode each segment alone and concatenate. Every token is
+//    wholly prompt or response, but the ids can differ from whole-string ones
+//    at boundaries (sentencepiece adds its dummy-prefix space to each segment:
+//    the response "5" becomes "▁5", which the model never sees at inference).
+// We use the whole string when every boundary is also a token boundary of it,
+// checked by encoding each prefix ending at a boundary and requiring its ids
+// to be a prefix of the whole string's ids (then the prompt tokens are exactly
+// what the prompt alone encodes to at inference, and the mask is exact).
+// Otherwise (a token straddles a boundary) we fall back to segment-wise for
+// that example and flag it (TokenizedExample::segment_wise; the summary counts
+// them). Our templates end prompts with a newline or a special token, so the
+// fallback is rare. Cost: one extra encode per boundary.
 //
 // bos is prepended when tokenizer.add_bos() and the first id is not already bos
 // (Llama 3 chat starts with <|begin_of_text|>); eos is appended when
