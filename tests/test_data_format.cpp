@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -313,6 +314,8 @@ std::vector<BadLine> bad_lines() {
       {"mistyped_input", R"({"instruction":"a","input":["x"],"output":"b"})",
        LineProblem::kWrongType, "\"input\" must be a string"},
       {"empty_output", R"({"instruction":"a","output":""})", LineProblem::kEmpty, "is empty"},
+      {"invalid_utf8", "{\"instruction\":\"a\xff\",\"output\":\"b\"}", LineProblem::kBadJson,
+       "malformed JSON"},
   };
 }
 
@@ -361,13 +364,48 @@ TEST(DataBadInput, SkipBadLinesCountsEachReason) {
   EXPECT_EQ(d.examples.size(), 2u);
   EXPECT_EQ(d.summary.format, DataFormat::kAlpaca);
   auto count = [&](LineProblem p) { return d.summary.skipped[static_cast<size_t>(p)]; };
-  EXPECT_EQ(count(LineProblem::kBadJson), 3);
+  EXPECT_EQ(count(LineProblem::kBadJson), 4);
   EXPECT_EQ(count(LineProblem::kMissingField), 2);
   EXPECT_EQ(count(LineProblem::kWrongType), 2);
   EXPECT_EQ(count(LineProblem::kEmpty), 1);
-  EXPECT_EQ(d.summary.skipped_total(), 8);
-  EXPECT_NE(d.summary.describe().find("skipped 8 bad lines"), std::string::npos)
+  EXPECT_EQ(d.summary.skipped_total(), 9);
+  EXPECT_NE(d.summary.describe().find("skipped 9 bad lines"), std::string::npos)
       << d.summary.describe();
+}
+
+// Seeded random corruptions of valid lines (byte flips, cuts, inserted
+// quotes/braces): the loader either accepts a line or throws InputError naming
+// file:line, never anything else.
+TEST(DataBadInput, CorruptedLinesNeverCrash) {
+  const auto t = ByteTokenizer::llama3();
+  const std::vector<std::string> seeds = {
+      R"({"instruction":"Add 2 and 3.","input":"","output":"5"})",
+      R"({"messages":[{"role":"user","content":"Hi"},{"role":"assistant","content":"Yo"}]})",
+      R"({"prompt":"a","completion":"b"})", R"({"text":"plain text"})"};
+  const std::string noise("{}[]\",:\\\x00\xff\xc3 atrue0-", 19);  // includes a NUL byte
+  std::mt19937_64 rng(2026);
+  int accepted = 0, rejected = 0;
+  for (int trial = 0; trial < 2000; ++trial) {
+    std::string line = seeds[rng() % seeds.size()];
+    const int edits = 1 + static_cast<int>(rng() % 3);
+    for (int e = 0; e < edits && !line.empty(); ++e) {
+      const size_t at = rng() % line.size();
+      switch (rng() % 3) {
+        case 0: line[at] = noise[rng() % noise.size()]; break;
+        case 1: line.resize(at); break;
+        default: line.insert(at, 1, noise[rng() % noise.size()]); break;
+      }
+    }
+    try {
+      load_jsonl_text(line + "\n", "fuzz.jsonl", opts(), t);
+      ++accepted;
+    } catch (const InputError& e) {
+      EXPECT_EQ(std::string(e.what()).rfind("fuzz.jsonl:", 0), 0u) << e.what();
+      ++rejected;
+    }
+  }
+  EXPECT_GT(rejected, 1000);  // most corruptions break the line
+  EXPECT_GT(accepted, 10);    // some only change the content
 }
 
 TEST(DataBadInput, NoUsableExampleIsAnError) {
