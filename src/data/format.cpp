@@ -1,0 +1,384 @@
+#include "qlora/data/format.h"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <utility>
+
+#include "qlora/data/tokenizer.h"
+
+namespace qlora::data {
+
+using nlohmann::json;
+
+std::string_view to_string(LineProblem p) {
+  switch (p) {
+    case LineProblem::kBadJson: return "malformed JSON";
+    case LineProblem::kUnknownFormat: return "unknown format";
+    case LineProblem::kMissingField: return "missing field";
+    case LineProblem::kWrongType: return "wrong field type";
+    case LineProblem::kEmpty: return "empty example";
+    case LineProblem::kBadRole: return "bad message role";
+    case LineProblem::kTooLong: return "too long (nothing to train after truncation)";
+  }
+  return "?";
+}
+
+// ---------------------------------------------------------------- templates
+
+std::string alpaca_prompt(std::string_view instruction, std::string_view input) {
+  std::string out;
+  if (input.empty()) {
+    out = "Below is an instruction that describes a task. "
+          "Write a response that appropriately completes the request.\n\n### Instruction:\n";
+    out += instruction;
+  } else {
+    out = "Below is an instruction that describes a task, paired with an input that provides "
+          "further context. Write a response that appropriately completes the request.\n\n"
+          "### Instruction:\n";
+    out += instruction;
+    out += "\n\n### Input:\n";
+    out += input;
+  }
+  out += "\n\n### Response:\n";
+  return out;
+}
+
+namespace {
+
+constexpr const char* kLlama3Begin = "<|begin_of_text|>";
+constexpr const char* kLlama3HeaderStart = "<|start_header_id|>";
+constexpr const char* kLlama3HeaderEnd = "<|end_header_id|>";
+constexpr const char* kLlama3Eot = "<|eot_id|>";
+constexpr const char* kChatmlStart = "<|im_start|>";
+constexpr const char* kChatmlEnd = "<|im_end|>";
+
+const char* kFormatHint =
+    "each line must be one JSON object: {\"text\"} | {\"prompt\",\"completion\"} | "
+    "{\"instruction\",\"input\",\"output\"} | {\"messages\":[{\"role\",\"content\"}]}";
+
+json parse_object(std::string_view line) {
+  json doc;
+  try {
+    doc = json::parse(line.begin(), line.end());
+  } catch (const json::parse_error& e) {
+    // e.byte is 1-based and points just past the offending character.
+    throw LineError(LineProblem::kBadJson,
+                    "malformed JSON at column " + std::to_string(e.byte) + " (" +
+                        std::string(e.what()).substr(std::string(e.what()).find(':') + 2) +
+                        "); " + kFormatHint);
+  }
+  if (!doc.is_object()) {
+    throw LineError(LineProblem::kBadJson,
+                    std::string("expected a JSON object, got a JSON ") + doc.type_name() + "; " +
+                        kFormatHint);
+  }
+  return doc;
+}
+
+std::string keys_of(const json& obj) {
+  std::string out;
+  for (auto it = obj.begin(); it != obj.end(); ++it) {
+    if (!out.empty()) out += ", ";
+    out += "\"" + it.key() + "\"";
+  }
+  return out.empty() ? "none" : out;
+}
+
+DataFormat detect_from_object(const json& obj) {
+  if (obj.contains("messages")) return DataFormat::kChat;
+  if (obj.contains("instruction") && obj.contains("output")) return DataFormat::kAlpaca;
+  if (obj.contains("prompt") && obj.contains("completion")) return DataFormat::kCompletion;
+  if (obj.contains("text")) return DataFormat::kText;
+  throw LineError(LineProblem::kUnknownFormat,
+                  "cannot tell the data format from the keys " + keys_of(obj) + "; " +
+                      kFormatHint + ", or set data.format");
+}
+
+// A required (or optional, when `required` is false) string field.
+std::string get_string(const json& obj, const char* key, DataFormat format, bool required = true) {
+  auto it = obj.find(key);
+  if (it == obj.end() || (!required && it->is_null())) {
+    if (!required) return {};
+    throw LineError(LineProblem::kMissingField,
+                    std::string("missing field \"") + key + "\" for format " +
+                        std::string(to_string(format)) + " (keys present: " + keys_of(obj) +
+                        "); every line of a file must use the same format");
+  }
+  if (!it->is_string()) {
+    throw LineError(LineProblem::kWrongType, std::string("field \"") + key +
+                                                 "\" must be a string, got a JSON " +
+                                                 it->type_name());
+  }
+  return it->get<std::string>();
+}
+
+void require_nonempty(const std::string& value, const char* key) {
+  if (value.empty()) {
+    throw LineError(LineProblem::kEmpty, std::string("field \"") + key +
+                                             "\" is empty: nothing to train on; fill it in or remove the line");
+  }
+}
+
+struct Message {
+  std::string role;
+  std::string content;
+};
+
+std::vector<Message> get_messages(const json& obj) {
+  auto it = obj.find("messages");
+  if (it == obj.end()) {
+    throw LineError(LineProblem::kMissingField,
+                    "missing field \"messages\" for format chat (keys present: " + keys_of(obj) +
+                        "); every line of a file must use the same format");
+  }
+  if (!it->is_array()) {
+    throw LineError(LineProblem::kWrongType,
+                    std::string("field \"messages\" must be an array of {\"role\",\"content\"}, "
+                                "got a JSON ") + it->type_name());
+  }
+  if (it->empty()) {
+    throw LineError(LineProblem::kEmpty, "\"messages\" is empty: nothing to train on");
+  }
+  std::vector<Message> out;
+  bool has_assistant = false;
+  for (size_t i = 0; i < it->size(); ++i) {
+    const json& m = (*it)[i];
+    const std::string where = "messages[" + std::to_string(i) + "]";
+    if (!m.is_object()) {
+      throw LineError(LineProblem::kWrongType, where + " must be an object {\"role\",\"content\"}, got a JSON " +
+                                                   m.type_name());
+    }
+    Message msg;
+    for (const char* key : {"role", "content"}) {
+      auto f = m.find(key);
+      if (f == m.end()) {
+        throw LineError(LineProblem::kMissingField,
+                        where + " has no \"" + key + "\" (keys present: " + keys_of(m) + ")");
+      }
+      if (!f->is_string()) {
+        throw LineError(LineProblem::kWrongType, where + "." + key +
+                                                     " must be a string, got a JSON " +
+                                                     f->type_name());
+      }
+    }
+    msg.role = m["role"].get<std::string>();
+    msg.content = m["content"].get<std::string>();
+    if (msg.role != "system" && msg.role != "user" && msg.role != "assistant") {
+      throw LineError(LineProblem::kBadRole,
+                      where + ".role is \"" + msg.role +
+                          "\"; expected \"system\", \"user\" or \"assistant\"");
+    }
+    if (msg.role == "assistant") {
+      has_assistant = true;
+      if (msg.content.empty()) {
+        throw LineError(LineProblem::kEmpty, where + " is an assistant message with empty content");
+      }
+    }
+    out.push_back(std::move(msg));
+  }
+  if (!has_assistant) {
+    throw LineError(LineProblem::kEmpty,
+                    "no assistant message: a chat example needs at least one response to train on");
+  }
+  return out;
+}
+
+// Appends text to the last segment when it has the same trained flag, so
+// segments alternate between prompt and response (Note [tokenizing with an exact mask]).
+void push(std::vector<Segment>& segs, std::string text, bool trained) {
+  if (text.empty()) return;
+  if (!segs.empty() && segs.back().trained == trained) {
+    segs.back().text += text;
+  } else {
+    segs.push_back({std::move(text), trained});
+  }
+}
+
+// Note [chat rendering]
+//   llama3: <|begin_of_text|> then per message
+//           <|start_header_id|>ROLE<|end_header_id|>\n\nCONTENT<|eot_id|>
+//   chatml: per message <|im_start|>ROLE\nCONTENT<|im_end|>\n
+// Content is used as written (not trimmed). For an assistant message the
+// content and its end-of-turn token (<|eot_id|> / <|im_end|>) are the trained
+// segment; its header, ChatML's trailing newline and every system/user message
+// are not. No generation prompt is added: the example ends after the last turn.
+std::vector<Segment> render_chat(const std::vector<Message>& messages, ChatTemplate tmpl) {
+  std::vector<Segment> segs;
+  if (tmpl == ChatTemplate::kLlama3) {
+    push(segs, kLlama3Begin, false);
+    for (const Message& m : messages) {
+      const bool trained = m.role == "assistant";
+      push(segs, std::string(kLlama3HeaderStart) + m.role + kLlama3HeaderEnd + "\n\n", false);
+      push(segs, m.content + kLlama3Eot, trained);
+    }
+  } else if (tmpl == ChatTemplate::kChatml) {
+    for (const Message& m : messages) {
+      const bool trained = m.role == "assistant";
+      push(segs, std::string(kChatmlStart) + m.role + "\n", false);
+      push(segs, m.content + kChatmlEnd, trained);
+      push(segs, "\n", false);
+    }
+  } else {
+    throw InputError("internal: chat template must be resolved before rendering");
+  }
+  return segs;
+}
+
+}  // namespace
+
+DataFormat detect_format(std::string_view json_line) {
+  return detect_from_object(parse_object(json_line));
+}
+
+RenderedExample render_line(std::string_view json_line, DataFormat format,
+                            ChatTemplate chat_template) {
+  const json obj = parse_object(json_line);
+  RenderedExample out;
+  out.format = format == DataFormat::kAuto ? detect_from_object(obj) : format;
+  switch (out.format) {
+    case DataFormat::kText: {
+      std::string text = get_string(obj, "text", out.format);
+      require_nonempty(text, "text");
+      push(out.segments, std::move(text), true);
+      out.append_eos = true;
+      break;
+    }
+    case DataFormat::kCompletion: {
+      std::string prompt = get_string(obj, "prompt", out.format);
+      std::string completion = get_string(obj, "completion", out.format);
+      require_nonempty(completion, "completion");
+      push(out.segments, std::move(prompt), false);
+      push(out.segments, std::move(completion), true);
+      out.append_eos = true;
+      break;
+    }
+    case DataFormat::kAlpaca: {
+      std::string instruction = get_string(obj, "instruction", out.format);
+      std::string input = get_string(obj, "input", out.format, /*required=*/false);
+      std::string output = get_string(obj, "output", out.format);
+      require_nonempty(instruction, "instruction");
+      require_nonempty(output, "output");
+      push(out.segments, alpaca_prompt(instruction, input), false);
+      push(out.segments, std::move(output), true);
+      out.append_eos = true;
+      break;
+    }
+    case DataFormat::kChat: {
+      out.segments = render_chat(get_messages(obj), chat_template);
+      out.append_eos = false;
+      break;
+    }
+    case DataFormat::kAuto: break;  // unreachable: resolved above
+  }
+  return out;
+}
+
+ChatTemplate resolve_chat_template(ChatTemplate requested, const Tokenizer& tokenizer) {
+  const bool has_llama3 = tokenizer.token_id(kLlama3HeaderStart).has_value();
+  const bool has_chatml = tokenizer.token_id(kChatmlStart).has_value();
+  if (requested == ChatTemplate::kAuto) {
+    if (has_llama3) return ChatTemplate::kLlama3;
+    if (has_chatml) return ChatTemplate::kChatml;
+    throw InputError(
+        "data.chat_template: auto found neither <|start_header_id|> (Llama 3) nor <|im_start|> "
+        "(ChatML) among the tokenizer's tokens; set data.chat_template to llama3 or chatml");
+  }
+  // Without its special tokens a template would be tokenized as plain text:
+  // the model would learn to spell the markers instead of using them.
+  const std::vector<const char*> needed =
+      requested == ChatTemplate::kLlama3
+          ? std::vector<const char*>{kLlama3Begin, kLlama3HeaderStart, kLlama3HeaderEnd, kLlama3Eot}
+          : std::vector<const char*>{kChatmlStart, kChatmlEnd};
+  for (const char* tok : needed) {
+    if (!tokenizer.token_id(tok)) {
+      throw InputError(std::string("data.chat_template: ") + std::string(to_string(requested)) +
+                       " needs the special token " + tok +
+                       ", which the tokenizer does not have; choose the template of this model "
+                       "(llama3 or chatml) or auto");
+    }
+  }
+  return requested;
+}
+
+namespace {
+
+bool starts_with(const std::vector<int32_t>& ids, const std::vector<int32_t>& prefix) {
+  return prefix.size() <= ids.size() && std::equal(prefix.begin(), prefix.end(), ids.begin());
+}
+
+void append(TokenizedExample& out, const std::vector<int32_t>& ids, size_t begin, size_t end,
+            bool trained) {
+  for (size_t i = begin; i < end; ++i) {
+    out.input_ids.push_back(ids[i]);
+    out.labels.push_back(trained ? ids[i] : kIgnoreIndex);
+  }
+}
+
+}  // namespace
+
+TokenizedExample tokenize_example(const RenderedExample& example, const Tokenizer& tokenizer,
+                                  bool train_on_inputs) {
+  TokenizedExample out;
+  const std::vector<Segment>& segs = example.segments;
+  std::string text;
+  for (const Segment& seg : segs) text += seg.text;
+  const std::vector<int32_t> whole = tokenizer.encode(text);
+  if (train_on_inputs) {
+    append(out, whole, 0, whole.size(), true);  // every token trained: no boundary to keep
+  } else {
+    // Note [tokenizing with an exact mask]: whole string when every segment
+    // boundary is a token boundary of it.
+    std::vector<size_t> ends;  // where each segment ends in `whole`
+    std::string prefix;
+    bool whole_ok = true;
+    for (size_t i = 0; i + 1 < segs.size() && whole_ok; ++i) {
+      prefix += segs[i].text;
+      const std::vector<int32_t> ids = tokenizer.encode(prefix);
+      whole_ok = starts_with(whole, ids) && (ends.empty() || ids.size() >= ends.back());
+      ends.push_back(ids.size());
+    }
+    if (whole_ok) {
+      ends.push_back(whole.size());
+      size_t begin = 0;
+      for (size_t i = 0; i < segs.size(); ++i) {
+        append(out, whole, begin, ends[i], segs[i].trained);
+        begin = ends[i];
+      }
+    } else {
+      out.segment_wise = true;
+      for (const Segment& seg : segs) {
+        const std::vector<int32_t> ids = tokenizer.encode(seg.text);
+        append(out, ids, 0, ids.size(), seg.trained);
+      }
+    }
+  }
+  const int32_t bos = tokenizer.bos_id();
+  if (tokenizer.add_bos() && bos >= 0 && (out.input_ids.empty() || out.input_ids[0] != bos)) {
+    out.input_ids.insert(out.input_ids.begin(), bos);
+    out.labels.insert(out.labels.begin(), kIgnoreIndex);
+  }
+  if (example.append_eos) {
+    const int32_t eos = tokenizer.eos_id();
+    if (eos < 0) {
+      throw InputError("the tokenizer has no eos token, which format " +
+                       std::string(to_string(example.format)) +
+                       " appends to every example; use a model directory whose "
+                       "tokenizer_config.json names eos_token");
+    }
+    // eos ends the response, so it is trained exactly when the response is.
+    const bool trained = train_on_inputs || (!example.segments.empty() && example.segments.back().trained);
+    out.input_ids.push_back(eos);
+    out.labels.push_back(trained ? eos : kIgnoreIndex);
+  }
+  if (!out.labels.empty()) out.labels[0] = kIgnoreIndex;  // Note [labels are unshifted]
+  return out;
+}
+
+int64_t count_trained(const TokenizedExample& example) {
+  int64_t n = 0;
+  for (int32_t l : example.labels) n += l != kIgnoreIndex;
+  return n;
+}
+
+}  // namespace qlora::data
