@@ -298,6 +298,28 @@ TEST(Nf4Tensor, DequantizeEqualsBitsandbytesInEveryDtype) {
   EXPECT_GE(compared, 45);
 }
 
+TEST(Nf4Tensor, ParallelCpuPathEqualsOneReferenceCall) {
+  // More blocks than one CPU task takes (4,096), an odd count of elements: the chunked
+  // at::Tensor path must give the bytes of one sequential reference call.
+  at::set_num_threads(2);
+  at::manual_seed(5);
+  const at::Tensor w = (at::randn({2049, 129}) * 0.03).to(at::kBFloat16);
+  const at::Tensor wf = w.to(at::kFloat).contiguous();
+  const int64_t n = w.numel();
+  std::vector<uint8_t> packed(ref::packed_bytes(n));
+  std::vector<float> absmax(ref::num_blocks(n, 64));
+  ref::nf4_quantize(wf.data_ptr<float>(), n, packed.data(), absmax.data());
+  const Nf4Tensor q = quantize_nf4(w, false);
+  EXPECT_TRUE(bits_equal(q.packed, u8_tensor(packed)));
+  EXPECT_TRUE(bits_equal(q.absmax, f32_tensor(absmax)));
+  at::Tensor want = at::empty({n}, at::kBFloat16);
+  ref::nf4_dequantize_bf16(packed.data(), absmax.data(), n,
+                           reinterpret_cast<uint16_t*>(want.data_ptr<at::BFloat16>()));
+  EXPECT_TRUE(bits_equal(dequantize_nf4(q, at::kBFloat16), want.reshape({2049, 129})));
+  EXPECT_TRUE(bits_equal(dequantize_nf4_torch_ops(quantize_nf4(w, true), at::kBFloat16),
+                         dequantize_nf4(quantize_nf4(w, true), at::kBFloat16)));
+}
+
 TEST(Nf4Tensor, QuantizationErrorWithinHalfTheWidestCodeGap) {
   // Independent of bitsandbytes: |x - deq(x)| <= absmax_block * (widest gap between codes) / 2,
   // plus the rounding of the scale (a few fp32 ulps of the block's absmax).
@@ -318,6 +340,9 @@ TEST(Nf4Tensor, QuantizationErrorWithinHalfTheWidestCodeGap) {
 TEST(Nf4Tensor, RejectsWhatItCannotQuantize) {
   EXPECT_THROW(quantize_nf4(at::ones({4, 4}, at::kInt)), c10::Error);
   EXPECT_THROW(quantize_nf4(at::empty({0}, at::kFloat)), c10::Error);
+  at::Tensor nan = at::randn({4, 64});
+  nan[2][3] = std::nanf("");
+  EXPECT_THROW(quantize_nf4(nan), c10::Error);
   const Nf4Tensor q = quantize_nf4(at::randn({8, 8}), true);
   EXPECT_THROW(dequantize_nf4(q, at::kLong), c10::Error);
   Nf4Tensor broken = q;

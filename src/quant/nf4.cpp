@@ -3,6 +3,7 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <mutex>
@@ -16,6 +17,9 @@ std::mutex g_kernels_mutex;
 std::array<Nf4DeviceKernels, static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>
     g_kernels;
 std::atomic<uint64_t> g_dequantize_calls{0};
+
+// Blocks of 64 weights one CPU task handles (~1 MiB of fp32 weights).
+constexpr int64_t kBlocksPerTask = 4096;
 
 void check_float_dtype(at::ScalarType t, const char* what) {
   TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, what,
@@ -69,9 +73,18 @@ int64_t Nf4Tensor::nbytes() const {
 Nf4Tensor quantize_nf4(const at::Tensor& w, bool double_quant) {
   TORCH_CHECK(w.defined() && w.numel() > 0, "quantize_nf4: the weight is empty");
   check_float_dtype(w.scalar_type(), "quantize_nf4: the weight");
+  if (!w.device().is_cpu()) {
+    const Nf4DeviceKernels k = nf4_device_kernels(w.device().type());
+    if (k.quantize != nullptr) return k.quantize(w, double_quant);
+  }
   // Widening bf16 / fp16 to fp32 is exact, and bitsandbytes computes in fp32 too.
   const at::Tensor x = w.detach().to(at::kCPU).contiguous().to(at::kFloat);
   const int64_t n = x.numel();
+  // NF4 has no code for inf / NaN, and bitsandbytes' result for them is an accident of its
+  // clamp; a weight holding them is a broken checkpoint, which the caller names.
+  const int64_t non_finite = n - at::isfinite(x).sum().item<int64_t>();
+  TORCH_CHECK(non_finite == 0, "quantize_nf4: the weight of shape ", w.sizes(), " holds ",
+              non_finite, " non-finite values (inf or NaN), which NF4 cannot represent");
   const int64_t blocks = ref::num_blocks(n, ref::kNf4BlockSize);
   const auto u8 = at::TensorOptions().dtype(at::kByte);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
@@ -81,8 +94,16 @@ Nf4Tensor quantize_nf4(const at::Tensor& w, bool double_quant) {
   q.dtype = w.scalar_type();
   q.packed = at::empty({ref::packed_bytes(n)}, u8);
   at::Tensor absmax = at::empty({blocks}, f32);
-  ref::nf4_quantize(x.data_ptr<float>(), n, q.packed.data_ptr<uint8_t>(),
-                    absmax.data_ptr<float>());
+  const float* src = x.data_ptr<float>();
+  uint8_t* packed = q.packed.data_ptr<uint8_t>();
+  float* scale = absmax.data_ptr<float>();
+  // Blocks are independent: each chunk of whole blocks starts on a byte (64 is even), and only
+  // the last chunk holds the short block and the padding nibble.
+  at::parallel_for(0, blocks, kBlocksPerTask, [&](int64_t b0, int64_t b1) {
+    const int64_t begin = b0 * ref::kNf4BlockSize;
+    const int64_t end = std::min(b1 * ref::kNf4BlockSize, n);
+    ref::nf4_quantize(src + begin, end - begin, packed + begin / 2, scale + b0);
+  });
   if (double_quant) {
     // torch.mean, as bitsandbytes takes it: its fp32 summation order decides the last bit.
     q.offset = at::mean(absmax).item<float>();
@@ -138,19 +159,23 @@ at::Tensor dequantize_nf4(const Nf4Tensor& w, at::ScalarType out_dtype) {
   at::Tensor out = at::empty(w.shape, at::TensorOptions().dtype(out_dtype));
   const uint8_t* packed = w.packed.data_ptr<uint8_t>();
   const float* scale = absmax.data_ptr<float>();
-  switch (out_dtype) {
-    case at::kFloat:
-      ref::nf4_dequantize_f32(packed, scale, n, out.data_ptr<float>());
-      break;
-    case at::kBFloat16:  // c10::BFloat16 is its 16 bits
-      ref::nf4_dequantize_bf16(packed, scale, n,
-                               reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
-      break;
-    default:  // kHalf
-      ref::nf4_dequantize_f16(packed, scale, n,
-                              reinterpret_cast<uint16_t*>(out.data_ptr<at::Half>()));
-      break;
-  }
+  void* dst = out.data_ptr();
+  at::parallel_for(0, w.blocks(), kBlocksPerTask, [&](int64_t b0, int64_t b1) {
+    const int64_t begin = b0 * ref::kNf4BlockSize;
+    const int64_t len = std::min(b1 * ref::kNf4BlockSize, n) - begin;
+    const uint8_t* p = packed + begin / 2;
+    switch (out_dtype) {
+      case at::kFloat:
+        ref::nf4_dequantize_f32(p, scale + b0, len, static_cast<float*>(dst) + begin);
+        break;
+      case at::kBFloat16:  // c10::BFloat16 and c10::Half are their 16 bits
+        ref::nf4_dequantize_bf16(p, scale + b0, len, static_cast<uint16_t*>(dst) + begin);
+        break;
+      default:  // kHalf
+        ref::nf4_dequantize_f16(p, scale + b0, len, static_cast<uint16_t*>(dst) + begin);
+        break;
+    }
+  });
   return out;
 }
 

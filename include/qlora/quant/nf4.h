@@ -4,9 +4,10 @@
 // The byte-level rules live in quant/nf4_ref.h (Note [NF4 layout], [NF4 rounding],
 // [NF4 double quantization]); this header is the at::Tensor face of them.
 //
-// Devices: CPU runs the reference loops. Other devices go through kernels registered with
-// set_nf4_device_kernels (the CUDA issue plugs in there); without them a generic path made of
-// torch ops is used, which gives the same values.
+// Devices: CPU runs the reference loops (in parallel over blocks). Other devices go through
+// kernels registered with set_nf4_device_kernels (the CUDA issue plugs in there); without them,
+// dequantization runs as torch ops on the device (same values) and quantization copies the
+// weight to the CPU and the result back.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -40,7 +41,8 @@ struct Nf4Tensor {
 };
 
 // ------------------------------------------------------------------ quantize / dequantize
-// w: any shape, fp32 / bf16 / fp16, any device. double_quant: bitsandbytes' compress_statistics.
+// w: any shape, fp32 / bf16 / fp16, finite (throws c10::Error naming the count of inf / NaN
+// values otherwise), any device. double_quant: bitsandbytes' compress_statistics.
 // The result lives on w's device.
 Nf4Tensor quantize_nf4(const at::Tensor& w, bool double_quant = true);
 
@@ -66,6 +68,8 @@ uint64_t nf4_dequantize_calls();
 // ------------------------------------------------------------------ device dispatch
 // Kernels for one device type. A null member falls back to the generic torch-op path.
 struct Nf4DeviceKernels {
+  // Quantizes w (on the device) exactly as quantize_nf4 does on the CPU.
+  Nf4Tensor (*quantize)(const at::Tensor& w, bool double_quant) = nullptr;
   // Writes the dequantized weight into `out` (contiguous, numel elements, fp32/bf16/fp16,
   // on the device) given the expanded fp32 absmax ([blocks], on the device).
   void (*dequantize)(const Nf4Tensor& w, const at::Tensor& absmax, at::Tensor& out) = nullptr;

@@ -71,7 +71,7 @@ float f16_bits_to_float(uint16_t bits);
 // The code (0..15) of one value already scaled into [-1, 1] (Note [NF4 rounding]).
 uint8_t nf4_nearest_code(float scaled);
 
-// x: [n] fp32 (widen bf16 / fp16 first).  packed: [packed_bytes(n)] two codes a byte
+// x: [n] fp32, finite (widen bf16 / fp16 first).  packed: [packed_bytes(n)] two codes a byte
 // (Note [NF4 layout]).  absmax: [num_blocks(n, 64)] fp32.
 void nf4_quantize(const float* x, int64_t n, uint8_t* packed, float* absmax);
 
