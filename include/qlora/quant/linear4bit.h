@@ -4,6 +4,10 @@
 // backward: the op saves the Nf4Tensor's handles (packed codes and statistics, already resident),
 // so a layer costs its 4-bit storage between forward and backward, not a dense copy.
 // The base is frozen: there is no gradient for W (bitsandbytes' MatMul4Bit does the same).
+// One deliberate difference: bitsandbytes' backward dequantizes into the ORIGINAL weight dtype
+// and then casts to the gradient's dtype; we dequantize straight into the gradient's dtype, so
+// backward multiplies by the same W as forward. The two agree whenever the original dtype is
+// the compute dtype or fp32 (one rounding of the same fp32 product either way).
 //
 // Devices: dequantize_nf4 dispatches (CPU reference, registered device kernels, or torch ops);
 // the matmul is at::linear / at::matmul on the tensors' device.
