@@ -23,9 +23,11 @@
 // Note [no allocation from header numbers]
 // Nothing is ever sized by a number read from the file: shapes and offsets are only compared
 // and multiplied (overflow-checked), data is never copied, and the file itself is mapped, not
-// read. What is allocated is the parsed header (strings, one TensorInfo per entry, at most
-// kMaxRank dims each), which is proportional to the header bytes actually present; those are
-// bounded by the file size and by kMaxHeaderBytes. The SAX handler also refuses any JSON
+// read. What is allocated is the parsed header: each name once (duplicates are found by
+// sorting pointers, the name index holds string_views), one TensorInfo per entry with at most
+// kMaxRank dims (8 bytes per dim, written as at least 2 header bytes), the metadata strings,
+// and nlohmann's buffer for one token. That is a small multiple of the header bytes actually
+// present, which are bounded by the file size and by kMaxHeaderBytes. The SAX handler also refuses any JSON
 // nesting deeper than the format needs (3 levels) as soon as it starts, so a header of
 // "[[[[..." never builds a tree.
 #include "qlora/io/safetensors.h"
@@ -41,7 +43,6 @@
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <stdexcept>
-#include <unordered_set>
 
 #include "io/safetensors_format.h"
 #include "qlora/common/errors.h"
@@ -246,12 +247,11 @@ class HeaderHandler {
 
   bool key(json::string_t& k) {
     if (depth_ == 1) {
-      if (!top_keys_.insert(k).second) {
-        if (k == "__metadata__") return stop("\"__metadata__\" appears twice in the header");
-        return stop_tensor_named(k, "appears twice in the header (duplicate name)");
-      }
+      // Duplicate tensor names are found after the parse (parse_safetensors), by sorting:
+      // a set of names here would be one more copy of every name.
       if (k == "__metadata__") {
-        in_metadata_ = true;
+        if (seen_metadata_) return stop("\"__metadata__\" appears twice in the header");
+        seen_metadata_ = in_metadata_ = true;
         return true;
       }
       in_metadata_ = false;
@@ -364,7 +364,7 @@ class HeaderHandler {
   bool in_metadata_ = false;
   Field field_ = Field::kNone;
   std::string meta_key_;
-  std::unordered_set<std::string> top_keys_;
+  bool seen_metadata_ = false;
 };
 
 // numel x element size for a validated shape; false on overflow.
@@ -417,6 +417,15 @@ ParsedFile parse_safetensors(const uint8_t* bytes, uint64_t size, const std::str
   out.metadata = std::move(handler.metadata);
   out.tensors.reserve(handler.entries.size());
   for (Entry& e : handler.entries) out.tensors.push_back(std::move(e.info));
+  handler.entries = {};
+  {
+    std::vector<const std::string*> names;
+    names.reserve(out.tensors.size());
+    for (const TensorInfo& t : out.tensors) names.push_back(&t.name);
+    std::sort(names.begin(), names.end(), [](const std::string* a, const std::string* b) { return *a < *b; });
+    for (size_t i = 1; i < names.size(); ++i)
+      if (*names[i] == *names[i - 1]) fail_tensor(path, *names[i], "appears twice in the header (duplicate name)");
+  }
 
   for (const TensorInfo& t : out.tensors) {
     const std::string range = "[" + std::to_string(t.begin) + ", " + std::to_string(t.end) + "]";
@@ -493,7 +502,8 @@ std::shared_ptr<const SafetensorsFile> SafetensorsFile::open(const std::string& 
   file->data_offset_ = parsed.data_offset;
   file->tensors_ = std::move(parsed.tensors);
   file->metadata_ = std::move(parsed.metadata);
-  for (size_t i = 0; i < file->tensors_.size(); ++i) file->index_[file->tensors_[i].name] = i;
+  // Keys view the names in tensors_, which never changes after this point.
+  for (size_t i = 0; i < file->tensors_.size(); ++i) file->index_.emplace(file->tensors_[i].name, i);
   return file;
 }
 
@@ -507,6 +517,10 @@ const TensorInfo* SafetensorsFile::find(const std::string& name) const {
 }
 
 const uint8_t* SafetensorsFile::data(const TensorInfo& info) const {
+  // `info` may be a caller's copy, or belong to another file: never step outside the mapping.
+  if (info.begin > info.end || info.end > size_ - data_offset_)
+    throw std::out_of_range(path_ + ": tensor \"" + info.name + "\": byte range [" + std::to_string(info.begin) +
+                            ", " + std::to_string(info.end) + ") is not inside this file's data section");
   return base_ + data_offset_ + info.begin;
 }
 

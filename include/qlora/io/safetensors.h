@@ -17,6 +17,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -69,7 +70,9 @@ class SafetensorsFile {
   // nullptr when the file holds no tensor of that name.
   const TensorInfo* find(const std::string& name) const;
   // The tensor's first byte inside the mapping (read-only memory: writing
-  // through it crashes). Valid while this object lives; nbytes() long.
+  // through it crashes). Valid while this object lives; nbytes() long. std::out_of_range
+  // when info's byte range is not inside this file's data section (a TensorInfo of another
+  // file).
   const uint8_t* data(const TensorInfo& info) const;
   // The "__metadata__" map (empty when the file has none).
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
@@ -81,11 +84,11 @@ class SafetensorsFile {
   SafetensorsFile() = default;
 
   std::string path_;
-  const uint8_t* base_ = nullptr;  // the mapping (nullptr for an empty data section we did not map)
+  const uint8_t* base_ = nullptr;  // the whole file, mapped
   uint64_t size_ = 0;
   uint64_t data_offset_ = 0;  // 8 + header length
   std::vector<TensorInfo> tensors_;
-  std::map<std::string, size_t> index_;  // name -> position in tensors_
+  std::map<std::string_view, size_t, std::less<>> index_;  // name (viewing tensors_) -> position
   std::map<std::string, std::string> metadata_;
 };
 
