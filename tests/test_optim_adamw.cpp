@@ -18,10 +18,10 @@ namespace {
 using namespace qlora::optim;
 
 // Our loop does torch's fp32 operations in torch's order, with the FMAs its AVX2 kernels
-// use (lerp, addcmul); the moments come out bit-identical, and all but a handful of
-// parameter elements too. The rest differ by an ulp at some step (an operation we could not
-// pin down), which then rides along. 1e-6 relative (the brief's bound, ~8 ulp) after 20
-// steps, with an absolute floor of 1e-6 of the largest learning rate (1e-3) so that a
+// use (lerp, addcmul). Measured: 14 of the 18 compared tensors bit-identical (all moments);
+// 59 of 56,316 parameter elements differ, by at most 1.5e-8 (an ulp at some step, from an
+// operation we could not pin down, which then rides along). Bound: 1e-6 relative (the
+// brief's) with an absolute floor of 1e-6 of the largest learning rate (1e-3), so that a
 // parameter crossing zero is compared against the size of its updates, not its own value.
 constexpr double kRelTol = 1e-6;
 constexpr double kAbsTol = 1e-9;

@@ -180,11 +180,14 @@ void adamw_step(float* param, const float* grad, float* exp_avg, float* exp_avg_
     float p = param[i];
     const float g = grad[i];
     if (decays) p = p * decay;
-    // ATen's vectorized lerp for a weight < 0.5 is fmadd(weight, end - self, self).
+    // ATen's AVX2 kernels fuse two of these multiply-adds (measured against torch 2.11:
+    // without the FMAs ~2,000 moment elements of 9,386 differ after 20 steps, with them none):
+    // lerp with a weight < 0.5 is fmadd(weight, end - self, self); addcmul's
+    // self + (value*t1)*t2 is contracted to fma(value*t1, t2, self).
     float m = exp_avg[i];
     m = std::fma(lerp_w, g - m, m);
     float v = exp_avg_sq[i] * b2;
-    v = v + one_minus_b2 * g * g;                                   // addcmul: self + value*t1*t2
+    v = std::fma(one_minus_b2 * g, g, v);
     const float denom = std::sqrt(v) / bc2_sqrt + eps;
     p = p + neg_step_size * m / denom;                              // addcdiv: self + value*t1/t2
     param[i] = p;
