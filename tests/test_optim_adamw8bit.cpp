@@ -301,8 +301,12 @@ TEST(AdamW8bit, NonFiniteGradientElementsAreSkippedAsBnbDoes) {
   EXPECT_EQ(params[0].param.data_ptr<float>()[5], before);
   const auto st = opt->state();
   for (const auto& [n, t] : st.tensors) {
-    if (n == "w_big.exp_avg.q") EXPECT_EQ(t.data_ptr<uint8_t>()[5], 127);   // code of 0 in the signed map
-    if (n == "w_big.exp_avg_sq.q") EXPECT_EQ(t.data_ptr<uint8_t>()[5], 0);
+    if (n == "w_big.exp_avg.q") {
+      EXPECT_EQ(t.data_ptr<uint8_t>()[5], 127);   // code of 0 in the signed map
+    }
+    if (n == "w_big.exp_avg_sq.q") {
+      EXPECT_EQ(t.data_ptr<uint8_t>()[5], 0);
+    }
   }
 }
 

@@ -129,10 +129,15 @@ def bnb_state(opt, params, tag):
 
 
 # ---------------------------------------------------------------- kernel transcription
-# NumPy, fp32 throughout, one operation per line as the CUDA source writes it. The CUDA
-# build contracts some a*b+c into FMAs and uses __powf / __fdividef; this transcription
-# uses correctly rounded operations, as our C++ reference does (same results expected
-# bit for bit against the C++; within a tolerance against the GPU).
+# NumPy, fp32 throughout, one operation per line as the CUDA source writes it. Source:
+# bitsandbytes csrc/kernels.cu at tag 0.50.1 (commit 37d2a938; the installed 0.50.2 has no
+# tag in the repository, and kOptimizerStatic8bit2StateBlockwise is unchanged from 0.50.1
+# to the current main). csrc/ops.cu launches it with BLOCK_SIZE 256, N_PER_TH 1 (one
+# element a thread, one absmax block a CUDA block) and kOptimizer32bit2State for fp32 state
+# with max_unorm 0 (update_scale 1). Line numbers below refer to that kernels.cu.
+# The CUDA build contracts some a*b+c into FMAs and uses __powf / __fdividef; this
+# transcription uses correctly rounded operations, as our C++ reference does (same results
+# expected bit for bit against the C++; within a tolerance against the GPU).
 
 f32 = np.float32
 
@@ -167,34 +172,34 @@ def quantize_2d(code, x, signed):
 def kernel_8bit_step(p, g, c1, c2, a1, a2, code1, code2, step, lr):
     n = p.shape[0]
     beta1, beta2, eps, wd, lr = f32(BETA1), f32(BETA2), f32(EPS), f32(WEIGHT_DECAY), f32(lr)
-    correction1 = f32(1.0) - np.power(beta1, f32(step))
-    correction2 = np.sqrt(f32(1.0) - np.power(beta2, f32(step)))
-    step_size = (-lr * correction2) / correction1
+    correction1 = f32(1.0) - np.power(beta1, f32(step))               # 932 (__powf)
+    correction2 = np.sqrt(f32(1.0) - np.power(beta2, f32(step)))      # 933
+    step_size = (-lr * correction2) / correction1                     # 934 (__fdividef)
     blocks = (n + BLOCK - 1) // BLOCK
     pad = blocks * BLOCK - n
-    # padding lanes of the last block load g = 0, code1 = 128, code2 = 0
+    # padding lanes of the last block load g = 0, code1 = 128, code2 = 0 (996-1002)
     gp = np.concatenate([g, np.zeros(pad, np.float32)])
     c1p = np.concatenate([c1, np.full(pad, 128, np.uint8)])
     c2p = np.concatenate([c2, np.zeros(pad, np.uint8)])
     blk = np.arange(blocks * BLOCK) // BLOCK
-    finite = np.isfinite(gp)
+    finite = np.isfinite(gp)                                          # 1021
     s2 = code2[c2p] * a2[blk]
-    s2 = (s2 * beta2) + (((f32(1.0) - beta2) * gp) * gp)
+    s2 = (s2 * beta2) + (((f32(1.0) - beta2) * gp) * gp)              # 1022-1024
     s1 = code1[c1p] * a1[blk]
-    s1 = (s1 * beta1) + ((f32(1.0) - beta1) * gp)
-    s1 = np.where(finite, s1, f32(0.0)).astype(np.float32)
+    s1 = (s1 * beta1) + ((f32(1.0) - beta1) * gp)                     # 1026-1027
+    s1 = np.where(finite, s1, f32(0.0)).astype(np.float32)            # 1034-1036
     s2 = np.where(finite, s2, f32(0.0)).astype(np.float32)
-    new_a1 = np.abs(s1).reshape(blocks, BLOCK).max(axis=1).astype(np.float32)
+    new_a1 = np.abs(s1).reshape(blocks, BLOCK).max(axis=1).astype(np.float32)  # 1043-1077 block max
     new_a2 = np.abs(s2).reshape(blocks, BLOCK).max(axis=1).astype(np.float32)
     s1v, s2v = s1[:n], s2[:n]
-    upd = step_size * (s1v / (np.sqrt(s2v) + (correction2 * eps)))
+    upd = step_size * (s1v / (np.sqrt(s2v) + (correction2 * eps)))   # 1098-1100 (__fdividef)
     newp = p + upd
     if wd > 0:
-        newp = newp * (f32(1.0) - (lr * wd))
+        newp = newp * (f32(1.0) - (lr * wd))                          # 1103-1104: decay after
     newp = np.where(finite[:n], newp, p).astype(np.float32)
-    q1 = quantize_2d(code1, s1v / new_a1[blk[:n]], True)
-    q2 = quantize_2d(code2, s2v / new_a2[blk[:n]], False)
-    # keep the sign of the first moment: step one code towards it when the map lost it
+    q1 = quantize_2d(code1, s1v / new_a1[blk[:n]], True)              # 1115 (quantize_2D, 222-261)
+    q2 = quantize_2d(code2, s2v / new_a2[blk[:n]], False)             # 1116
+    # keep the sign of the first moment: step one code towards it when the map lost it (1120-1125)
     lost = np.signbit(code1[q1]) != np.signbit(s1v)
     q1 = np.where(lost, np.where(s1v > 0, q1.astype(np.int64) + 1, q1.astype(np.int64) - 1), q1)
     return newp, (q1 & 0xFF).astype(np.uint8), q2, new_a1, new_a2
@@ -205,11 +210,11 @@ def kernel_32bit_step(p, g, m, v, step, lr):
     correction1 = f32(1.0) - np.power(beta1, f32(step))
     correction2 = np.sqrt(f32(1.0) - np.power(beta2, f32(step)))
     step_size = -lr * correction2 / correction1
-    m = m * beta1 + ((f32(1.0) - beta1) * g)
-    v = v * beta2 + ((f32(1.0) - beta2) * (g * g))
+    m = m * beta1 + ((f32(1.0) - beta1) * g)                          # 703
+    v = v * beta2 + ((f32(1.0) - beta2) * (g * g))                    # 704
     p = p + (f32(1.0) * step_size * (m / (np.sqrt(v) + (eps * correction2))))
     if wd > 0:
-        p = p * (f32(1.0) - (lr * wd))
+        p = p * (f32(1.0) - (lr * wd))                                # 708-709
     return p.astype(np.float32), m.astype(np.float32), v.astype(np.float32)
 
 
