@@ -254,4 +254,30 @@ TEST(AdamW, ParamsWithoutGradAreLeftAlone) {
   EXPECT_FALSE(at::equal(params[0].param, exact_values(1000, params[0].param.sizes().vec())));
 }
 
+TEST(AdamW, MakeOptimizerFollowsTheConfig) {
+  const Golden g = load("adamw.safetensors");
+  qlora::TrainConfig t;
+  t.optimizer = qlora::OptimizerKind::kAdamW;
+  EXPECT_EQ(make_optimizer(t, make_params(g.meta))->kind(), "adamw");
+  t.optimizer = qlora::OptimizerKind::kAdamW8bit;
+  EXPECT_EQ(make_optimizer(t, make_params(g.meta))->kind(), "adamw8bit");
+  t.optimizer = qlora::OptimizerKind::kPagedAdamW8bit;
+  EXPECT_EQ(make_optimizer(t, make_params(g.meta))->kind(), "paged_adamw8bit");
+  // hyper-parameters reach the math: the config's AdamW equals one built by hand
+  t.optimizer = qlora::OptimizerKind::kAdamW;
+  t.weight_decay = 0.1;
+  t.adam_beta2 = 0.99;
+  auto a_params = make_params(g.meta), b_params = make_params(g.meta);
+  auto a = make_optimizer(t, a_params);
+  AdamWOptions o;
+  o.weight_decay = 0.1;
+  o.beta2 = 0.99;
+  auto b = make_adamw(b_params, o);
+  set_grads(a_params, 0);
+  set_grads(b_params, 0);
+  a->step(1e-3);
+  b->step(1e-3);
+  for (size_t i = 0; i < a_params.size(); ++i) EXPECT_TRUE(at::equal(a_params[i].param, b_params[i].param));
+}
+
 }  // namespace

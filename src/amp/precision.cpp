@@ -1,12 +1,14 @@
 // Note [CPU precision]
 // On CPU, `auto` resolves to fp32. LibTorch's CPU autocast does run in bf16, but:
 //  - most CPUs this runs on (developer machines, CI: AVX2 without AVX512-BF16/AMX) have no
-//    bf16 arithmetic; oneDNN converts to fp32 and back, so bf16 matmuls are not faster than
-//    fp32 ones and the extra conversions cost time;
+//    bf16 arithmetic. Measured on the development machine (AVX2+FMA, torch 2.11, one
+//    thread, [512, 2048] x [2048, 2048]): fp32 matmul 73 ms, bf16 matmul 19.6 s, an
+//    nn.Linear under autocast(cpu, bf16) 615 ms against 77 ms in fp32;
 //  - CPU runs are the demo and the tests, whose point is agreement with reference numbers;
 //    bf16 rounding (8 bits of mantissa) would loosen every tolerance.
-// A user can still ask for bf16 on CPU explicitly (honoured). fp16 on CPU is honoured too
-// (with the loss scaler), for testing the fp16 path without a GPU.
+// A user can still ask for bf16 on CPU explicitly (honoured: it may pay off on CPUs with
+// AMX). fp16 on CPU is honoured too (with the loss scaler), to exercise that path without
+// a GPU.
 #include "qlora/amp/precision.h"
 
 #include <string>

@@ -53,7 +53,9 @@ class Optimizer {
   virtual ~Optimizer() = default;
 
   // One update of every parameter that has a defined grad (others are left alone, as
-  // torch does), with learning rate `lr`. Increments step_count() once.
+  // torch does), with learning rate `lr`. Increments step_count() once; bias correction
+  // uses that one count for every parameter (torch and bnb count per parameter, which only
+  // differs for a parameter that went without a gradient: LoRA's always have one).
   virtual void step(double lr) = 0;
 
   // Resets every gradient to undefined (set_to_none, torch's default).
