@@ -11,8 +11,8 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
-#include "model_test_io.h"
 #include "qlora/common/errors.h"
+#include "qlora/io/torch_io.h"
 #include "qlora/lora/adapter_io.h"
 #include "qlora/lora/lora.h"
 #include "qlora/model/llama.h"
@@ -42,7 +42,7 @@ std::string data_dir(const std::string& v) { return std::string(QLORA_SOURCE_DIR
 LlamaModel load_base(const std::string& v) {
   const LlamaConfig cfg = read_llama_config(data_dir(v) + "/config.json");
   const std::string path = data_dir(v) + "/model.safetensors";
-  return LlamaModel::load(cfg, weights_from_map(test_io::read_safetensors(path), path));
+  return LlamaModel::load(cfg, weights_from_map(io::load_safetensors(path), path));
 }
 
 double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
@@ -50,16 +50,16 @@ double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
 }
 
 // The base model with the PEFT-written adapter of variant `v` loaded into it
-// (config and weights read separately, so this test does not need the io module).
+// (config and weights read separately: load_adapter is tested on its own).
 LoraAdapter attach_peft_adapter(LlamaModel& m, const Variant& v) {
   const std::string dir = data_dir(v.name) + "/adapter";
   LoraAdapter a = LoraAdapter::attach(m, read_adapter_config(dir + "/adapter_config.json"));
-  a.load_state(test_io::read_safetensors(dir + "/adapter_model.safetensors"), dir);
+  a.load_state(io::load_safetensors(dir + "/adapter_model.safetensors"), dir);
   return a;
 }
 
 TEST(LoraInit, AMatchesPeftKaimingUniformAndBIsZero) {
-  auto golden = test_io::read_safetensors(data_dir("lora_init.safetensors"));
+  auto golden = io::load_safetensors(data_dir("lora_init.safetensors"));
   auto base = std::make_shared<DenseLinear>(torch::randn({32, 64}));
   torch::manual_seed(1234);
   LoraLinear layer(base, 8, 2.0, 0.0, c10::Device(c10::kCPU));
@@ -140,7 +140,7 @@ TEST(LoraPeft, PeftAdapterLoadsWithEqualLogits) {
   for (const auto& v : kVariants) {
     LlamaModel m = load_base(v.base);
     LoraAdapter a = attach_peft_adapter(m, v);
-    auto g = test_io::read_safetensors(data_dir(v.name) + "/golden.safetensors");
+    auto g = io::load_safetensors(data_dir(v.name) + "/golden.safetensors");
     at::Tensor logits = m.forward(g.at("input_ids"), padded_attention(g.at("attention_mask")));
     const double err = max_abs_diff(logits, g.at("logits"));
     std::printf("  %-16s %zu LoRA modules, logits max |err| vs PEFT = %.3e\n", v.name, a.module_names().size(), err);
@@ -152,7 +152,7 @@ TEST(LoraPeft, EveryLoraGradientMatchesPeft) {
   for (const auto& v : kVariants) {
     LlamaModel m = load_base(v.base);
     LoraAdapter a = attach_peft_adapter(m, v);
-    auto g = test_io::read_safetensors(data_dir(v.name) + "/golden.safetensors");
+    auto g = io::load_safetensors(data_dir(v.name) + "/golden.safetensors");
     at::Tensor hidden = m.forward_hidden(g.at("input_ids"), padded_attention(g.at("attention_mask")));
     at::Tensor labels = shift_labels(g.at("labels")).reshape({-1});
     TokenLoss loss = chunked_cross_entropy(hidden.reshape({-1, hidden.size(-1)}), m.lm_head_weight(), labels, 16);
@@ -251,6 +251,82 @@ TEST(LoraAdapterState, LoadStateListsMissingAndMisshapedKeys) {
   }
   // A second adapter on the same projections is refused.
   EXPECT_THROW(LoraAdapter::attach(m, s), InputError);
+}
+
+TEST(LoraAdapterIo, PeftDirectoryLoadsWithLoadAdapter) {
+  for (const auto& v : kVariants) {
+    LlamaModel m = load_base(v.base);
+    LoraAdapter a = load_adapter(m, data_dir(v.name) + "/adapter");
+    auto g = io::load_safetensors(data_dir(v.name) + "/golden.safetensors");
+    at::Tensor logits = m.forward(g.at("input_ids"), padded_attention(g.at("attention_mask")));
+    EXPECT_LT(max_abs_diff(logits, g.at("logits")), kLogitAtol) << v.name;
+  }
+}
+
+// A qlora adapter with its own (seeded) A and a random non-zero B, shaped like
+// variant v's, plus the logits qlora computes with it for the golden batch.
+struct WrittenAdapter {
+  at::Tensor logits;
+};
+WrittenAdapter write_adapter(const Variant& v, const std::string& dir, uint64_t seed) {
+  LlamaModel m = load_base(v.base);
+  torch::manual_seed(seed);
+  LoraAdapter a = LoraAdapter::attach(m, read_adapter_config(data_dir(v.name) + "/adapter/adapter_config.json"));
+  {
+    torch::NoGradGuard g;
+    for (auto& l : a.layers()) l->lora_b().copy_(0.1 * torch::randn(l->lora_b().sizes()));
+  }
+  save_adapter(a, dir, v.base);
+  auto g = io::load_safetensors(data_dir(v.name) + "/golden.safetensors");
+  torch::NoGradGuard no_grad;
+  return {m.forward(g.at("input_ids"), padded_attention(g.at("attention_mask")))};
+}
+
+TEST(LoraAdapterIo, QloraAdapterRoundTrips) {
+  const std::string root = qlora::testing::make_temp_dir("lora_rt");
+  for (const auto& v : kVariants) {
+    const std::string dir = root + "/" + v.name;
+    WrittenAdapter w = write_adapter(v, dir, 42);
+    LlamaModel m = load_base(v.base);
+    LoraAdapter back = load_adapter(m, dir);
+    auto g = io::load_safetensors(data_dir(v.name) + "/golden.safetensors");
+    at::Tensor logits = m.forward(g.at("input_ids"), padded_attention(g.at("attention_mask")));
+    EXPECT_TRUE(at::equal(logits, w.logits)) << v.name;
+    auto saved = io::load_safetensors(dir + "/adapter_model.safetensors");
+    for (const auto& [key, t] : back.named_parameters()) EXPECT_TRUE(at::equal(saved.at(key), t)) << key;
+    EXPECT_EQ(saved.size(), back.named_parameters().size());
+    const LoraSettings s = read_adapter_config(dir + "/adapter_config.json");
+    const LoraSettings peft = read_adapter_config(data_dir(v.name) + "/adapter/adapter_config.json");
+    EXPECT_EQ(s.r, peft.r);
+    EXPECT_EQ(s.alpha, peft.alpha);
+    EXPECT_EQ(s.rslora, peft.rslora);
+  }
+}
+
+TEST(LoraAdapterIo, MissingWeightsFileIsAnInputError) {
+  const std::string dir = qlora::testing::make_temp_dir("lora_missing");
+  std::filesystem::copy_file(data_dir("lora_qkvo") + "/adapter/adapter_config.json", dir + "/adapter_config.json");
+  LlamaModel m = load_base("llama3_untied");
+  try {
+    load_adapter(m, dir);
+    ADD_FAILURE() << "no error";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("adapter_model.safetensors: not found"), std::string::npos) << e.what();
+  }
+}
+
+// Not a check by itself: writes adapters for scripts/golden/model.py
+// --check-adapter, which loads them into PEFT and compares logits.
+//   QLORA_WRITE_ADAPTER=/tmp/qlora_adapter ./build/tests/test_lora --gtest_filter='*WriteAdapterForPeft*'
+TEST(LoraAdapterIo, WriteAdapterForPeft) {
+  const char* root = std::getenv("QLORA_WRITE_ADAPTER");
+  if (!root || !*root) GTEST_SKIP() << "set QLORA_WRITE_ADAPTER=DIR to write adapters for the PEFT check";
+  for (const auto& v : kVariants) {
+    const std::string dir = std::string(root) + "/" + v.name;
+    WrittenAdapter w = write_adapter(v, dir, 7);
+    io::save_safetensors(dir + "/qlora_logits.safetensors", {{"logits", w.logits.contiguous()}});
+    std::printf("  wrote %s\n", dir.c_str());
+  }
 }
 
 }  // namespace

@@ -10,7 +10,8 @@ What it writes under tests/data/model/ (read by tests/test_model_llama.cpp and t
     <variant>/golden.safetensors                          inputs and outputs of transformers:
         input_ids [B,T] i64, attention_mask [B,T] i64, labels [B,T] i64 (-100 on padding),
         logits [B,T,V] f32, loss [] f32 (transformers' mean over label tokens),
-        loss_sum [] f32, loss_count [] i64, inv_freq [head_dim/2] f32 (the rotary buffer)
+        loss_sum [] f32, loss_count [] i64, inv_freq [head_dim/2] f32 (the rotary buffer),
+        logits_bf16 / logits_fp16 [B,T,V]: the same model loaded with dtype bfloat16 / float16
     for variants llama3_tied, llama3_untied (GQA, llama3 rope scaling) and llama2
     (multi-head attention, plain RoPE, theta 10000).
 
@@ -141,6 +142,11 @@ def make_base(name, tied, llama3, seed):
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
     s, n = loss_sum_count(out.logits, labels)
+    half = {}
+    for key, dtype in (("logits_bf16", torch.bfloat16), ("logits_fp16", torch.float16)):
+        m16 = LlamaForCausalLM.from_pretrained(d, dtype=dtype).eval()
+        with torch.no_grad():
+            half[key] = m16(input_ids=ids, attention_mask=mask).logits.contiguous()
     inv_freq = model.model.rotary_emb.inv_freq.detach().float().contiguous()
     save_file(
         {
@@ -152,6 +158,7 @@ def make_base(name, tied, llama3, seed):
             "loss_sum": s.detach().float().reshape(()),
             "loss_count": n.reshape(()).to(torch.int64),
             "inv_freq": inv_freq,
+            **half,
         },
         os.path.join(d, "golden.safetensors"),
     )
@@ -186,7 +193,8 @@ def peft_key(param_name):
 
 def make_lora(name, spec, seed):
     base = load_base(spec["base"])
-    base.name_or_path = base.config._name_or_path = spec["base"]  # not this checkout's absolute path
+    # Recorded in adapter_config.json: a path relative to the repository root, not this checkout's.
+    base.name_or_path = base.config._name_or_path = os.path.relpath(os.path.join(OUT, spec["base"]), ROOT)
     torch.manual_seed(seed)
     model = get_peft_model(base, spec["config"])
     g = torch.Generator().manual_seed(seed + 1)
@@ -237,17 +245,27 @@ def check_adapter(root):
             continue
         found += 1
         base = load_base(spec["base"])
-        model = PeftModel.from_pretrained(base, d).eval()
         ids, mask, _ = make_batch()
         with torch.no_grad():
+            base_logits = base(input_ids=ids, attention_mask=mask).logits.float()
+        model = PeftModel.from_pretrained(base, d).eval()
+        saved = load_file(os.path.join(d, "adapter_model.safetensors"))
+        loaded = {peft_key(n): p for n, p in model.named_parameters() if "lora_" in n}
+        assert sorted(loaded) == sorted(saved), "PEFT's LoRA modules differ from the saved keys"
+        assert all(torch.equal(loaded[k], saved[k]) for k in saved), "PEFT did not load the saved values"
+        with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        effect = (logits - base_logits).abs().max().item()
         theirs = load_file(os.path.join(d, "qlora_logits.safetensors"))["logits"]
         err = (logits - theirs).abs().max().item()
         with open(os.path.join(d, "adapter_config.json")) as f:
             cfg = json.load(f)
         print(f"{name}: PEFT loaded qlora's adapter (r {cfg['r']}, targets {cfg['target_modules']}); "
-              f"max |logits_peft - logits_qlora| = {err:.3e}")
+              f"max |logits_peft - logits_qlora| = {err:.3e} (the adapter moves logits by up to {effect:.3f})")
         worst = max(worst, err)
+        if effect < 1e-3:
+            print("  the adapter has no effect: B is zero?")
+            worst = float("inf")
     if found == 0 or worst > LOGIT_TOL:
         print("FAILED")
         return 1

@@ -136,7 +136,8 @@ LlamaModel LlamaModel::load(const LlamaConfig& c, const WeightSource& src, const
                           ", expected a floating-point tensor");
       return at::Tensor();
     }
-    return t.detach().to(opt.device, opt.dtype).contiguous();
+    // Always a copy: a source may hand out read-only file mappings.
+    return t.detach().to(opt.device, opt.dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
   };
 
   LlamaModel m;
