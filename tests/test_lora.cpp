@@ -17,6 +17,8 @@
 #include "qlora/lora/lora.h"
 #include "qlora/model/llama.h"
 #include "qlora/model/loss.h"
+#include "qlora/model/nf4_linear.h"
+#include "qlora/quant/nf4.h"
 #include "support/test_support.h"
 
 namespace {
@@ -175,6 +177,41 @@ TEST(LoraPeft, EveryLoraGradientMatchesPeft) {
     EXPECT_EQ(checked, golden_grads) << v.name;
     std::printf("  %-16s %zu LoRA gradients, worst max|diff|/max|ref| vs PEFT = %.3e\n", v.name, checked, worst);
   }
+}
+
+TEST(LoraNf4, GradientsOverNf4BaseEqualThoseOverItsDequantizedWeights) {
+  // QLoRA: the same adapter over an NF4 base and over a dense base holding the
+  // NF4 weights dequantized must give the same loss and LoRA gradients
+  // (linear4bit passes the input gradient through the frozen weight).
+  const std::string path = data_dir("llama3_untied") + "/model.safetensors";
+  const LlamaConfig cfg = read_llama_config(data_dir("llama3_untied") + "/config.json");
+  LoadOptions nf4;
+  nf4.make_linear = nf4_linear_factory(true, at::kFloat);
+  LoadOptions dequant;
+  dequant.make_linear = [](const std::string&, const at::Tensor& w) {
+    return std::make_shared<DenseLinear>(quant::dequantize_nf4(quant::quantize_nf4(w, true), at::kFloat));
+  };
+  auto g = io::load_safetensors(data_dir("lora_qkvo") + "/golden.safetensors");
+  std::vector<std::vector<at::Tensor>> grads;
+  std::vector<double> losses;
+  for (const LoadOptions& opt : {nf4, dequant}) {
+    LlamaModel m = LlamaModel::load(cfg, weights_from_map(io::load_safetensors(path), path), opt);
+    LoraAdapter a = attach_peft_adapter(m, kVariants[0]);
+    at::Tensor hidden = m.forward_hidden(g.at("input_ids"), padded_attention(g.at("attention_mask")));
+    TokenLoss loss = chunked_cross_entropy(hidden.reshape({-1, hidden.size(-1)}), m.lm_head_weight(),
+                                           shift_labels(g.at("labels")).reshape({-1}), 16);
+    loss.sum.backward();
+    losses.push_back(loss.sum.item<double>());
+    grads.emplace_back();
+    for (const auto& p : a.parameters()) grads.back().push_back(p.grad());
+  }
+  EXPECT_NEAR(losses[0], losses[1], 1e-5 * losses[1]);
+  double worst = 0;
+  for (size_t i = 0; i < grads[0].size(); ++i)
+    worst = std::max(worst, max_abs_diff(grads[0][i], grads[1][i]) / grads[1][i].abs().max().item<double>());
+  std::printf("  NF4 base vs dequantized dense base: loss %.6f vs %.6f, worst LoRA grad rel diff %.3e\n", losses[0],
+              losses[1], worst);
+  EXPECT_LT(worst, kGradRtol);
 }
 
 TEST(LoraAdapterConfig, WritesEveryFieldPeftWrites) {

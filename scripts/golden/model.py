@@ -12,6 +12,8 @@ What it writes under tests/data/model/ (read by tests/test_model_llama.cpp and t
         logits [B,T,V] f32, loss [] f32 (transformers' mean over label tokens),
         loss_sum [] f32, loss_count [] i64, inv_freq [head_dim/2] f32 (the rotary buffer),
         logits_bf16 / logits_fp16 [B,T,V]: the same model loaded with dtype bfloat16 / float16
+        logits_nf4 [B,T,V] (llama3_untied only): fp32, every decoder projection replaced by its
+            bitsandbytes NF4 round trip (quantize_4bit blocksize 64, double quant; dequantize_4bit)
     for variants llama3_tied, llama3_untied (GQA, llama3 rope scaling) and llama2
     (multi-head attention, plain RoPE, theta 10000).
 
@@ -147,6 +149,8 @@ def make_base(name, tied, llama3, seed):
         m16 = LlamaForCausalLM.from_pretrained(d, dtype=dtype).eval()
         with torch.no_grad():
             half[key] = m16(input_ids=ids, attention_mask=mask).logits.contiguous()
+    if name == "llama3_untied":
+        half["logits_nf4"] = nf4_logits(d, ids, mask)
     inv_freq = model.model.rotary_emb.inv_freq.detach().float().contiguous()
     save_file(
         {
@@ -164,6 +168,21 @@ def make_base(name, tied, llama3, seed):
     )
     print(f"wrote {d}: loss {out.loss.item():.6f}, |logits| max {out.logits.abs().max().item():.3f}")
     return d
+
+
+def nf4_logits(model_dir, ids, mask):
+    """fp32 logits with every decoder projection replaced by bitsandbytes' NF4 round trip
+    (blocksize 64, double quantization): what a QLoRA base computes before any adapter."""
+    import bitsandbytes.functional as bnbf
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+                q, state = bnbf.quantize_4bit(mod.weight.data, blocksize=64, compress_statistics=True,
+                                              quant_type="nf4")
+                mod.weight.data = bnbf.dequantize_4bit(q, state).to(torch.float32)
+        return model(input_ids=ids, attention_mask=mask).logits.float().contiguous()
 
 
 def load_base(name):

@@ -198,6 +198,12 @@ AttentionInputs padded_attention(const at::Tensor& attention_mask) {
   at::Tensor causal = at::ones({t, t}, opts).tril();                           // [T, T]
   at::Tensor keys = attention_mask.to(at::kBool).view({b, 1, 1, t});          // [B, 1, 1, T]
   a.mask = at::logical_and(causal.view({1, 1, t, t}), keys);                   // [B, 1, T, T]
+  // A query with no visible key (a padding token before any real one, or an
+  // all-padding row) would make softmax 0/0 = NaN, and NaN times a zero loss
+  // weight is still NaN in backward. Let such queries see themselves; rows
+  // with any visible key are unchanged, so real tokens are unaffected.
+  at::Tensor blind = at::logical_not(a.mask.any(-1, /*keepdim=*/true));          // [B, 1, T, 1]
+  a.mask = at::logical_or(a.mask, at::logical_and(blind, at::eye(t, opts).view({1, 1, t, t})));
   return a;
 }
 
