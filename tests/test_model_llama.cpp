@@ -12,6 +12,9 @@
 #include "qlora/model/llama.h"
 #include "qlora/model/llama_config.h"
 #include "qlora/model/loss.h"
+#include "qlora/model/nf4_linear.h"
+#include "qlora/lora/lora.h"
+#include "qlora/lora/adapter_io.h"
 
 namespace {
 
@@ -30,6 +33,10 @@ constexpr double kGradRtol = 1e-5;
 // the lm_head product. Measured 1.8-2.1% for bf16, 0.21% for fp16.
 constexpr double kBf16Rtol = 0.05;
 constexpr double kFp16Rtol = 0.01;
+// NF4 base (our quantize + linear4bit, fp32 compute) vs transformers with
+// bitsandbytes' NF4 round trip of each projection: the same dequantized weights
+// (the quant tests check them bit for bit), so the fp32 bound applies.
+constexpr double kNf4LogitAtol = 1e-4;
 // bf16 / fp16 forward vs transformers run in the same dtype: relative to the
 // largest |logit|. Same ops in the same order give near-identical roundings;
 // the bound allows a few ulps of the dtype at the largest logit (measured: 0,
@@ -85,6 +92,22 @@ TEST(LlamaForward, CausalFastPathEqualsMaskPath) {
   at::Tensor a = m.forward(ids, causal_attention(2, 9, ids.device()));
   at::Tensor b = m.forward(ids, padded_attention(at::ones({2, 9}, at::kLong)));
   EXPECT_LT(max_abs_diff(a, b), 1e-5);
+}
+
+TEST(LlamaForward, LeftPaddingAndEmptyRowsStayFinite) {
+  LlamaModel m = load_variant("llama3_untied");
+  at::Tensor ids = at::randint(3, 256, {3, 6}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor mask = torch::tensor({1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0}, at::kLong).view({3, 6});
+  const AttentionInputs attn = padded_attention(mask);
+  // Every query sees at least one key (CPU SDPA happens to return finite
+  // values for a blind row; other kernels return NaN).
+  EXPECT_TRUE(attn.mask.any(-1).all().item<bool>());
+  at::Tensor logits = m.forward(ids, attn);
+  EXPECT_TRUE(at::isfinite(logits).all().item<bool>());
+  // The real tokens of the left-padded row see only real tokens: row 0's
+  // logits are untouched by the fix-up.
+  at::Tensor alone = m.forward(ids.narrow(0, 0, 1), causal_attention(1, 6, ids.device()));
+  EXPECT_LT(max_abs_diff(logits[0], alone[0]), 1e-5);
 }
 
 TEST(LlamaForward, PackedRowEqualsSeparateExamples) {
@@ -145,6 +168,21 @@ TEST(LlamaForward, HalfPrecisionForwardMatchesTransformers) {
       EXPECT_LT(err32, c.vs_fp32 * scale) << v << " " << c10::toString(c.dtype);
     }
   }
+}
+
+TEST(LlamaForward, Nf4BaseMatchesBitsandbytesDequantizedModel) {
+  const io::ModelDir dir = io::ModelDir::open(data_dir("llama3_untied"));
+  WeightSource src{dir.dir(), dir.tensor_names(), [&dir](const std::string& n) { return dir.tensor(n); }};
+  LoadOptions opt;
+  opt.make_linear = nf4_linear_factory(/*double_quant=*/true, at::kFloat);
+  LlamaModel m = LlamaModel::load(read_llama_config(dir.config_path()), src, opt);
+  ASSERT_EQ(std::dynamic_pointer_cast<FrozenLinear>(m.linear("model.layers.0.mlp.down_proj"))->kind(), "nf4");
+  auto g = io::load_safetensors(data_dir("llama3_untied") + "/golden.safetensors");
+  at::Tensor logits = m.forward(g.at("input_ids"), padded_attention(g.at("attention_mask")));
+  const double err = max_abs_diff(logits, g.at("logits_nf4"));
+  std::printf("  llama3_untied  NF4 logits max |err| vs transformers + bitsandbytes = %.3e (NF4 moved logits by %.3f)\n",
+              err, max_abs_diff(g.at("logits_nf4"), g.at("logits")));
+  EXPECT_LT(err, kNf4LogitAtol);
 }
 
 TEST(LlamaLoss, ChunkedLossEqualsTransformers) {
@@ -245,6 +283,68 @@ TEST(LlamaLoad, TiedModelSharesTheEmbeddingAndSlotsAreNamed) {
   EXPECT_EQ(m.linear("model.layers.1.self_attn.k_proj")->out_features(), 32);
   EXPECT_FALSE(m.has_linear("lm_head"));
   EXPECT_THROW(m.linear("model.layers.2.self_attn.q_proj"), std::out_of_range);
+}
+
+// The same code on a GPU: runs where torch sees CUDA (a QLORA_CUDA=ON build),
+// skipped elsewhere. fp32 with TF32 off must match the CPU golden; the NF4
+// base, LoRA gradients and the chunked loss must match the CPU run.
+TEST(LlamaCuda, ForwardLossNf4AndLoraMatchTheCpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device visible to torch";
+  at::globalContext().setAllowTF32CuBLAS(false);
+  const c10::Device gpu(c10::kCUDA, 0);
+  const std::string dir = data_dir("llama3_untied");
+  const LlamaConfig cfg = read_llama_config(dir + "/config.json");
+  auto weights = io::load_safetensors(dir + "/model.safetensors");
+  auto g = io::load_safetensors(dir + "/golden.safetensors");
+  at::Tensor ids = g.at("input_ids").to(gpu), mask = g.at("attention_mask").to(gpu);
+  at::Tensor labels = shift_labels(g.at("labels")).reshape({-1}).to(gpu);
+
+  std::vector<double> errs;
+  for (bool use_nf4 : {false, true}) {
+    LoadOptions opt;
+    opt.device = gpu;
+    if (use_nf4) opt.make_linear = nf4_linear_factory(true, at::kFloat);
+    LlamaModel m = LlamaModel::load(cfg, weights_from_map(weights, dir), opt);
+    at::Tensor logits = m.forward(ids, padded_attention(mask));
+    ASSERT_TRUE(logits.is_cuda());
+    const double err = max_abs_diff(logits.cpu(), g.at(use_nf4 ? "logits_nf4" : "logits"));
+    std::printf("  cuda %s fp32 logits max |err| vs golden = %.3e\n", use_nf4 ? "nf4  " : "dense", err);
+    EXPECT_LT(err, kLogitAtol);
+
+    // LoRA on top (PEFT's adapter), loss and gradients vs the same on the CPU.
+    const std::string adir = data_dir("lora_qkvo") + "/adapter";
+    lora::LoraAdapter a = lora::load_adapter(m, adir);
+    at::Tensor hidden = m.forward_hidden(ids, padded_attention(mask));
+    TokenLoss loss = chunked_cross_entropy(hidden.reshape({-1, hidden.size(-1)}), m.lm_head_weight(), labels, 8);
+    loss.sum.backward();
+
+    LoadOptions cpu_opt;
+    if (use_nf4) cpu_opt.make_linear = nf4_linear_factory(true, at::kFloat);
+    LlamaModel mc = LlamaModel::load(cfg, weights_from_map(weights, dir), cpu_opt);
+    lora::LoraAdapter ac = lora::load_adapter(mc, adir);
+    at::Tensor hc = mc.forward_hidden(g.at("input_ids"), padded_attention(g.at("attention_mask")));
+    TokenLoss lc = chunked_cross_entropy(hc.reshape({-1, hc.size(-1)}), mc.lm_head_weight(), labels.cpu(), 8);
+    lc.sum.backward();
+    EXPECT_NEAR(loss.sum.item<double>(), lc.sum.item<double>(), kLossRtol * lc.sum.item<double>());
+    double worst = 0;
+    for (size_t i = 0; i < a.parameters().size(); ++i) {
+      const at::Tensor& ref = ac.parameters()[i].grad();
+      worst = std::max(worst, max_abs_diff(a.parameters()[i].grad().cpu(), ref) / ref.abs().max().item<double>());
+    }
+    std::printf("  cuda %s LoRA grads worst rel diff vs cpu = %.3e\n", use_nf4 ? "nf4  " : "dense", worst);
+    EXPECT_LT(worst, 1e-4);
+  }
+  // bf16 on the GPU vs transformers' bf16 on the CPU: different kernels, so the
+  // bf16 vs fp32 bound applies.
+  LoadOptions bf;
+  bf.device = gpu;
+  bf.dtype = at::kBFloat16;
+  LlamaModel m = LlamaModel::load(cfg, weights_from_map(weights, dir), bf);
+  at::Tensor logits = m.forward(ids, padded_attention(mask)).cpu();
+  const double scale = g.at("logits").abs().max().item<double>();
+  const double err = max_abs_diff(logits, g.at("logits_bf16"));
+  std::printf("  cuda bf16 logits max |err| vs transformers bf16 (cpu) = %.3e (%.2f%%)\n", err, 100 * err / scale);
+  EXPECT_LT(err, kBf16Rtol * scale);
 }
 
 }  // namespace
