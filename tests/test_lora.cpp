@@ -313,7 +313,7 @@ WrittenAdapter write_adapter(const Variant& v, const std::string& dir, uint64_t 
     torch::NoGradGuard g;
     for (auto& l : a.layers()) l->lora_b().copy_(0.1 * torch::randn(l->lora_b().sizes()));
   }
-  save_adapter(a, dir, v.base);
+  save_adapter(a, dir, std::string("tests/data/model/") + v.base);
   auto g = io::load_safetensors(data_dir(v.name) + "/golden.safetensors");
   torch::NoGradGuard no_grad;
   return {m.forward(g.at("input_ids"), padded_attention(g.at("attention_mask")))};
