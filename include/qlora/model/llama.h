@@ -1,0 +1,163 @@
+// model/llama: the Llama-family decoder (Llama 2, 3.x, TinyLlama, Mistral-style)
+// as transformers' LlamaForCausalLM computes it, built from a LlamaConfig and a
+// name -> tensor source with Hugging Face's weight names.
+//
+// The model owns embeddings, RMSNorm weights, RoPE frequencies, the lm_head
+// weight and one `Linear` slot per projection (model/linear.h). It does not
+// know about files (the io module hands it tensors) nor about LoRA (the lora
+// module swaps slots through `set_linear`). The forward is split into
+// embed / layer_forward / final_norm so the trainer can checkpoint each
+// decoder layer. Every op is a plain ATen op: CPU and CUDA tensors alike.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "qlora/model/linear.h"
+#include "qlora/model/llama_config.h"
+
+namespace qlora::model {
+
+// ---------------------------------------------------------------- loading
+
+// Where weights come from: the names present, and a getter (lazy, so a
+// loader can quantize layer by layer without holding the whole bf16 model).
+struct WeightSource {
+  std::string origin;  // shown in errors: a file or directory
+  std::vector<std::string> names;
+  std::function<at::Tensor(const std::string& name)> get;
+};
+
+// A source over an in-memory map (tests, small models).
+WeightSource weights_from_map(std::map<std::string, at::Tensor> tensors, std::string origin);
+
+// Builds the frozen base of one projection from its weight, already cast to the
+// model dtype and moved to the model device. `name` is the HF module name
+// ("model.layers.3.mlp.down_proj").
+using LinearFactory =
+    std::function<std::shared_ptr<FrozenLinear>(const std::string& name, const at::Tensor& weight)>;
+
+struct LoadOptions {
+  at::ScalarType dtype = at::kFloat;  // of embeddings, norms, dense weights, activations
+  c10::Device device = c10::Device(c10::kCPU);
+  LinearFactory make_linear;  // empty: DenseLinear
+};
+
+// ---------------------------------------------------------------- attention layout
+
+// Positions and visibility for one batch of rows [B, T].
+struct AttentionInputs {
+  at::Tensor position_ids;  // [B, T] int64
+  at::Tensor mask;          // [B, 1, T, T] bool, true = query may attend key; undefined = causal only
+};
+
+// Every token real: causal attention without a mask tensor (SDPA's fast path).
+AttentionInputs causal_attention(int64_t batch, int64_t seq_len, c10::Device device);
+
+// Right- or left-padded rows. attention_mask [B, T]: 1 for real tokens, 0 for
+// padding. Keys that are padding are hidden; positions are 0..T-1 as
+// transformers uses when given no position_ids.
+AttentionInputs padded_attention(const at::Tensor& attention_mask);
+
+// Packed rows: several examples in one row. segment_ids [B, T] (any integers;
+// padding gets its own id, e.g. -1) and position_ids [B, T] restarting at 0 for
+// each example. A token attends to earlier tokens of its own segment only.
+AttentionInputs packed_attention(const at::Tensor& segment_ids, const at::Tensor& position_ids);
+
+// ---------------------------------------------------------------- building blocks
+
+// transformers' LlamaRMSNorm: normalize in fp32, cast back to x's dtype, then
+// multiply by the weight. x [..., h], weight [h].
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// Inverse RoPE frequencies [head_dim / 2] fp32 on the CPU, computed with the
+// same ops in the same dtype order as transformers' rope init functions
+// (default, and llama3 when the config has llama3 rope scaling).
+at::Tensor rope_inv_freq(const LlamaConfig& config);
+
+// cos and sin [B, T, head_dim] in `dtype`, computed in fp32 from inv_freq
+// [head_dim / 2] (any device) and position_ids [B, T].
+std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, const at::Tensor& position_ids,
+                                               at::ScalarType dtype);
+
+// Rotates x [B, heads, T, head_dim] by cos/sin [B, T, head_dim] (rotate-half layout).
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+// ---------------------------------------------------------------- the model
+
+class LlamaModel {
+ public:
+  // Checks the source against the config before allocating anything: every
+  // missing name, unexpected name and mis-shaped tensor is listed in one
+  // InputError naming source.origin. lm_head.weight is optional (and ignored)
+  // when the embeddings are tied; rotary_emb.inv_freq buffers are ignored.
+  static LlamaModel load(const LlamaConfig& config, const WeightSource& source, const LoadOptions& options = {});
+
+  const LlamaConfig& config() const { return config_; }
+  at::ScalarType dtype() const { return dtype_; }
+  c10::Device device() const { return device_; }
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+  // ---- forward, in pieces (each differentiable with respect to its inputs
+  // and to whatever trainable tensors the Linear slots hold)
+
+  at::Tensor embed(const at::Tensor& input_ids) const;  // [B, T] int64 -> [B, T, h]
+  // cos, sin [B, T, head_dim] in the model dtype for these positions.
+  std::pair<at::Tensor, at::Tensor> rope(const at::Tensor& position_ids) const;
+  // One decoder layer: hidden [B, T, h] -> [B, T, h].
+  at::Tensor layer_forward(int64_t layer, const at::Tensor& hidden, const std::pair<at::Tensor, at::Tensor>& cos_sin,
+                           const AttentionInputs& attention) const;
+  at::Tensor final_norm(const at::Tensor& hidden) const;  // [.., h]
+
+  // embed -> every layer -> final norm: [B, T] -> [B, T, h].
+  at::Tensor forward_hidden(const at::Tensor& input_ids, const AttentionInputs& attention) const;
+  // hidden [.., h] -> logits [.., V] in the model dtype.
+  at::Tensor logits(const at::Tensor& hidden) const;
+  // forward_hidden then logits.
+  at::Tensor forward(const at::Tensor& input_ids, const AttentionInputs& attention) const;
+
+  // [V, h]; the embedding matrix itself when tied.
+  const at::Tensor& lm_head_weight() const { return lm_head_; }
+  const at::Tensor& embedding_weight() const { return embed_; }
+  const at::Tensor& inv_freq() const { return inv_freq_; }
+
+  // ---- projection slots, by Hugging Face module name
+
+  // "model.layers.0.self_attn.q_proj", ..., "model.layers.{L-1}.mlp.down_proj":
+  // layer by layer, each in decoder_linear_names() order.
+  std::vector<std::string> linear_names() const;
+  bool has_linear(const std::string& name) const;
+  // Throws std::out_of_range naming the slot when there is no such projection.
+  const std::shared_ptr<Linear>& linear(const std::string& name) const;
+  void set_linear(const std::string& name, std::shared_ptr<Linear> layer);
+
+ private:
+  struct Layer {
+    at::Tensor input_norm;           // [h]
+    at::Tensor post_attention_norm;  // [h]
+    std::vector<std::shared_ptr<Linear>> proj;  // decoder_linear_names() order
+  };
+  LlamaModel() = default;
+  std::shared_ptr<Linear>& slot(const std::string& name);
+
+  LlamaConfig config_;
+  at::ScalarType dtype_ = at::kFloat;
+  c10::Device device_ = c10::Device(c10::kCPU);
+  at::Tensor embed_;     // [V, h]
+  at::Tensor lm_head_;   // [V, h]
+  at::Tensor norm_;      // [h]
+  at::Tensor inv_freq_;  // [head_dim / 2] fp32, on the model device
+  std::vector<Layer> layers_;
+};
+
+// Module name of projection `proj` (decoder_linear_names()) of layer `layer`.
+std::string linear_module_name(int64_t layer, const std::string& proj);
+
+}  // namespace qlora::model

@@ -1,0 +1,372 @@
+#include "qlora/model/llama.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+
+#include "qlora/common/errors.h"
+
+namespace qlora::model {
+namespace {
+
+std::string shape_text(at::IntArrayRef shape) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
+  os << "]";
+  return os.str();
+}
+
+// Every weight the config implies, with its shape.
+std::map<std::string, std::vector<int64_t>> expected_weights(const LlamaConfig& c) {
+  std::map<std::string, std::vector<int64_t>> out;
+  out["model.embed_tokens.weight"] = {c.vocab_size, c.hidden_size};
+  out["model.norm.weight"] = {c.hidden_size};
+  if (!c.tie_word_embeddings) out["lm_head.weight"] = {c.vocab_size, c.hidden_size};
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    out[p + "input_layernorm.weight"] = {c.hidden_size};
+    out[p + "post_attention_layernorm.weight"] = {c.hidden_size};
+    for (const auto& s : decoder_linear_shapes(c))
+      out[linear_module_name(l, s.name) + ".weight"] = {s.out_features, s.in_features};
+  }
+  return out;
+}
+
+bool ignorable_weight(const LlamaConfig& c, const std::string& name) {
+  const std::string buffer = "rotary_emb.inv_freq";  // saved by old transformers versions
+  if (name.size() >= buffer.size() && name.compare(name.size() - buffer.size(), buffer.size(), buffer) == 0)
+    return true;
+  return c.tie_word_embeddings && name == "lm_head.weight";  // some tied checkpoints carry a copy
+}
+
+void check_source(const LlamaConfig& c, const WeightSource& src) {
+  const auto expected = expected_weights(c);
+  std::set<std::string> present(src.names.begin(), src.names.end());
+  std::vector<std::string> missing, unexpected;
+  for (const auto& [name, shape] : expected) {
+    if (!present.count(name)) missing.push_back(name + " " + shape_text(shape));
+  }
+  for (const auto& name : present) {
+    if (!expected.count(name) && !ignorable_weight(c, name)) unexpected.push_back(name);
+  }
+  if (!missing.empty() || !unexpected.empty()) {
+    std::ostringstream os;
+    os << src.origin << ": the weights do not match the config (" << c.model_type << ", "
+       << c.num_hidden_layers << " layers, hidden " << c.hidden_size << ", vocab " << c.vocab_size << ")";
+    auto list = [&](const char* what, const std::vector<std::string>& v) {
+      if (v.empty()) return;
+      os << "; " << v.size() << " " << what << ": ";
+      for (size_t i = 0; i < v.size() && i < 12; ++i) os << (i ? ", " : "") << v[i];
+      if (v.size() > 12) os << ", ... (" << v.size() - 12 << " more)";
+    };
+    list("missing", missing);
+    list("unexpected", unexpected);
+    os << ". Check that config.json belongs to these weights (a Llama-family model saved by transformers)";
+    throw InputError(os.str());
+  }
+}
+
+// Splits "model.layers.N.<group>.<proj>" into (N, index of proj); false otherwise.
+bool parse_linear_name(const std::string& name, int64_t num_layers, int64_t* layer, size_t* proj) {
+  const std::string prefix = "model.layers.";
+  if (name.compare(0, prefix.size(), prefix) != 0) return false;
+  size_t dot = name.find('.', prefix.size());
+  if (dot == std::string::npos || dot == prefix.size()) return false;
+  const std::string num = name.substr(prefix.size(), dot - prefix.size());
+  if (num.find_first_not_of("0123456789") != std::string::npos || num.size() > 9) return false;
+  const int64_t l = std::stoll(num);
+  if (l >= num_layers) return false;
+  const auto& names = decoder_linear_names();
+  for (size_t i = 0; i < names.size(); ++i) {
+    if (name == linear_module_name(l, names[i])) {
+      *layer = l;
+      *proj = i;
+      return true;
+    }
+  }
+  return false;
+}
+
+// [B, kv_heads, T, d] -> [B, kv_heads * groups, T, d], each kv head repeated
+// for the query heads that share it.
+at::Tensor repeat_kv(const at::Tensor& x, int64_t groups) {
+  if (groups == 1) return x;
+  const auto b = x.size(0), h = x.size(1), t = x.size(2), d = x.size(3);
+  return x.unsqueeze(2).expand({b, h, groups, t, d}).reshape({b, h * groups, t, d});
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- loading
+
+WeightSource weights_from_map(std::map<std::string, at::Tensor> tensors, std::string origin) {
+  auto shared = std::make_shared<std::map<std::string, at::Tensor>>(std::move(tensors));
+  WeightSource src;
+  src.origin = std::move(origin);
+  for (const auto& kv : *shared) src.names.push_back(kv.first);
+  src.get = [shared](const std::string& name) { return shared->at(name); };
+  return src;
+}
+
+std::string linear_module_name(int64_t layer, const std::string& proj) {
+  const bool attn = proj == "q_proj" || proj == "k_proj" || proj == "v_proj" || proj == "o_proj";
+  return "model.layers." + std::to_string(layer) + (attn ? ".self_attn." : ".mlp.") + proj;
+}
+
+LlamaModel LlamaModel::load(const LlamaConfig& c, const WeightSource& src, const LoadOptions& opt) {
+  if (opt.dtype != at::kFloat && opt.dtype != at::kBFloat16 && opt.dtype != at::kHalf)
+    throw std::invalid_argument("LlamaModel::load: dtype must be float32, bfloat16 or float16");
+  check_source(c, src);
+  const auto expected = expected_weights(c);
+  std::vector<std::string> misshaped;
+  auto fetch = [&](const std::string& name) -> at::Tensor {
+    at::Tensor t = src.get(name);
+    const auto& want = expected.at(name);
+    if (!t.defined() || t.sizes() != at::IntArrayRef(want)) {
+      misshaped.push_back(name + " is " + (t.defined() ? shape_text(t.sizes()) : "undefined") + ", expected " +
+                          shape_text(want));
+      return at::Tensor();
+    }
+    if (!t.is_floating_point()) {
+      misshaped.push_back(name + " has dtype " + std::string(c10::toString(t.scalar_type())) +
+                          ", expected a floating-point tensor");
+      return at::Tensor();
+    }
+    // Always a copy: a source may hand out read-only file mappings.
+    return t.detach().to(opt.device, opt.dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  };
+
+  LlamaModel m;
+  m.config_ = c;
+  m.dtype_ = opt.dtype;
+  m.device_ = opt.device;
+  m.embed_ = fetch("model.embed_tokens.weight");
+  m.norm_ = fetch("model.norm.weight");
+  m.lm_head_ = c.tie_word_embeddings ? m.embed_ : fetch("lm_head.weight");
+  m.inv_freq_ = rope_inv_freq(c).to(opt.device);
+  const auto shapes = decoder_linear_shapes(c);
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    Layer layer;
+    layer.input_norm = fetch(p + "input_layernorm.weight");
+    layer.post_attention_norm = fetch(p + "post_attention_layernorm.weight");
+    for (const auto& s : shapes) {
+      const std::string module = linear_module_name(l, s.name);
+      at::Tensor w = fetch(module + ".weight");
+      if (!w.defined()) {
+        layer.proj.push_back(nullptr);
+        continue;
+      }
+      std::shared_ptr<FrozenLinear> lin = opt.make_linear ? opt.make_linear(module, w)
+                                                          : std::make_shared<DenseLinear>(w);
+      layer.proj.push_back(std::move(lin));
+    }
+    m.layers_.push_back(std::move(layer));
+    // Stop early: a checkpoint with wrong shapes should not cost a full load.
+    if (!misshaped.empty()) break;
+  }
+  if (!misshaped.empty()) {
+    std::ostringstream os;
+    os << src.origin << ": " << misshaped.size() << " weight(s) do not match config.json: ";
+    for (size_t i = 0; i < misshaped.size(); ++i) os << (i ? "; " : "") << misshaped[i];
+    os << ". Check that config.json belongs to these weights";
+    throw InputError(os.str());
+  }
+  return m;
+}
+
+// ---------------------------------------------------------------- attention layout
+
+AttentionInputs causal_attention(int64_t batch, int64_t seq_len, c10::Device device) {
+  AttentionInputs a;
+  a.position_ids = at::arange(seq_len, at::TensorOptions().dtype(at::kLong).device(device))
+                       .unsqueeze(0)
+                       .expand({batch, seq_len})
+                       .contiguous();
+  return a;
+}
+
+AttentionInputs padded_attention(const at::Tensor& attention_mask) {
+  TORCH_CHECK(attention_mask.dim() == 2, "attention_mask must be [B, T], got ", attention_mask.dim(), "-D");
+  const auto b = attention_mask.size(0), t = attention_mask.size(1);
+  AttentionInputs a = causal_attention(b, t, attention_mask.device());
+  const auto opts = at::TensorOptions().dtype(at::kBool).device(attention_mask.device());
+  at::Tensor causal = at::ones({t, t}, opts).tril();                           // [T, T]
+  at::Tensor keys = attention_mask.to(at::kBool).view({b, 1, 1, t});          // [B, 1, 1, T]
+  a.mask = at::logical_and(causal.view({1, 1, t, t}), keys);                   // [B, 1, T, T]
+  // A query with no visible key (a padding token before any real one, or an
+  // all-padding row) would make softmax 0/0 = NaN, and NaN times a zero loss
+  // weight is still NaN in backward. Let such queries see themselves; rows
+  // with any visible key are unchanged, so real tokens are unaffected.
+  at::Tensor blind = at::logical_not(a.mask.any(-1, /*keepdim=*/true));          // [B, 1, T, 1]
+  a.mask = at::logical_or(a.mask, at::logical_and(blind, at::eye(t, opts).view({1, 1, t, t})));
+  return a;
+}
+
+AttentionInputs packed_attention(const at::Tensor& segment_ids, const at::Tensor& position_ids) {
+  TORCH_CHECK(segment_ids.dim() == 2, "segment_ids must be [B, T], got ", segment_ids.dim(), "-D");
+  TORCH_CHECK(position_ids.sizes() == segment_ids.sizes(), "position_ids ", position_ids.sizes(),
+              " must have the shape of segment_ids ", segment_ids.sizes());
+  const auto b = segment_ids.size(0), t = segment_ids.size(1);
+  AttentionInputs a;
+  a.position_ids = position_ids.to(at::kLong);
+  const auto opts = at::TensorOptions().dtype(at::kBool).device(segment_ids.device());
+  at::Tensor causal = at::ones({t, t}, opts).tril().view({1, 1, t, t});
+  at::Tensor same = at::eq(segment_ids.view({b, 1, t, 1}), segment_ids.view({b, 1, 1, t}));  // [B, 1, T, T]
+  a.mask = at::logical_and(causal, same);
+  return a;
+}
+
+// ---------------------------------------------------------------- building blocks
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const auto in_dtype = x.scalar_type();
+  at::Tensor h = x.to(at::kFloat);
+  at::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
+  h = h * at::rsqrt(variance + eps);
+  return weight * h.to(in_dtype);
+}
+
+// Note [RoPE frequencies bit for bit]
+// transformers computes inv_freq in fp32 with a particular sequence of ops
+// (`1.0 / base ** (arange / dim)`, Python's `a / t` being `reciprocal(t) * a`);
+// the llama3 scaling then compares wavelengths against thresholds computed in
+// double and cast to fp32 by the comparison. The same ATen ops in the same
+// order give the same bits, which the golden test checks exactly.
+at::Tensor rope_inv_freq(const LlamaConfig& c) {
+  const int64_t dim = c.head_dim;
+  at::Tensor exponent = at::arange(0, dim, 2, at::TensorOptions().dtype(at::kLong)).to(at::kFloat) / dim;
+  at::Tensor inv_freq = at::reciprocal(at::pow(c.rope_theta, exponent)) * 1.0;
+  if (!c.has_llama3_rope_scaling) return inv_freq;
+
+  const double factor = c.rope_scaling_factor;
+  const double low = c.rope_low_freq_factor, high = c.rope_high_freq_factor;
+  const double old_context = static_cast<double>(c.rope_original_max_position_embeddings);
+  const double low_freq_wavelen = old_context / low;
+  const double high_freq_wavelen = old_context / high;
+
+  at::Tensor wavelen = at::reciprocal(inv_freq) * (2 * M_PI);
+  at::Tensor scaled = at::where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq);
+  at::Tensor smooth = (at::reciprocal(wavelen) * old_context - low) / (high - low);
+  at::Tensor smoothed = (1 - smooth) * scaled / factor + smooth * scaled;
+  at::Tensor medium = at::logical_not(wavelen < high_freq_wavelen) * at::logical_not(wavelen > low_freq_wavelen);
+  return at::where(medium, smoothed, scaled);
+}
+
+std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, const at::Tensor& position_ids,
+                                               at::ScalarType dtype) {
+  const auto b = position_ids.size(0);
+  at::Tensor f = inv_freq.to(position_ids.device(), at::kFloat).view({1, -1, 1}).expand({b, -1, 1});  // [B, d/2, 1]
+  at::Tensor p = position_ids.unsqueeze(1).to(at::kFloat);                                           // [B, 1, T]
+  at::Tensor freqs = at::matmul(f, p).transpose(1, 2);                                               // [B, T, d/2]
+  at::Tensor emb = at::cat({freqs, freqs}, -1);                                                      // [B, T, d]
+  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  at::Tensor c = cos.unsqueeze(1), s = sin.unsqueeze(1);  // [B, 1, T, d]
+  at::Tensor rotated = at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+  return x * c + rotated * s;
+}
+
+// ---------------------------------------------------------------- forward
+
+at::Tensor LlamaModel::embed(const at::Tensor& input_ids) const { return at::embedding(embed_, input_ids); }
+
+std::pair<at::Tensor, at::Tensor> LlamaModel::rope(const at::Tensor& position_ids) const {
+  return rope_cos_sin(inv_freq_, position_ids, dtype_);
+}
+
+at::Tensor LlamaModel::layer_forward(int64_t index, const at::Tensor& hidden,
+                                     const std::pair<at::Tensor, at::Tensor>& cos_sin,
+                                     const AttentionInputs& attention) const {
+  const Layer& layer = layers_.at(static_cast<size_t>(index));
+  const auto b = hidden.size(0), t = hidden.size(1);
+  const int64_t d = config_.head_dim, heads = config_.num_attention_heads, kv_heads = config_.num_key_value_heads;
+
+  at::Tensor h = rms_norm(hidden, layer.input_norm, config_.rms_norm_eps);
+  at::Tensor q = layer.proj[0]->forward(h).view({b, t, heads, d}).transpose(1, 2);     // [B, H, T, d]
+  at::Tensor k = layer.proj[1]->forward(h).view({b, t, kv_heads, d}).transpose(1, 2);  // [B, Hkv, T, d]
+  at::Tensor v = layer.proj[2]->forward(h).view({b, t, kv_heads, d}).transpose(1, 2);
+  q = apply_rope(q, cos_sin.first, cos_sin.second);
+  k = apply_rope(k, cos_sin.first, cos_sin.second);
+
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  at::Tensor attn;
+  if (attention.mask.defined()) {
+    // A mask rules out the flash kernels, and SDPA's GQA support with a mask
+    // falls back to the math kernel; repeat the kv heads as transformers does.
+    const int64_t groups = heads / kv_heads;
+    attn = at::scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attention.mask, 0.0,
+                                            /*is_causal=*/false, scale);
+  } else {
+    attn = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/t > 1, scale,
+                                            /*enable_gqa=*/heads != kv_heads);
+  }
+  attn = attn.transpose(1, 2).reshape({b, t, heads * d});
+  at::Tensor x = hidden + layer.proj[3]->forward(attn);
+
+  h = rms_norm(x, layer.post_attention_norm, config_.rms_norm_eps);
+  at::Tensor mlp = layer.proj[6]->forward(at::silu(layer.proj[4]->forward(h)) * layer.proj[5]->forward(h));
+  return x + mlp;
+}
+
+at::Tensor LlamaModel::final_norm(const at::Tensor& hidden) const {
+  return rms_norm(hidden, norm_, config_.rms_norm_eps);
+}
+
+at::Tensor LlamaModel::forward_hidden(const at::Tensor& input_ids, const AttentionInputs& attention) const {
+  TORCH_CHECK(input_ids.dim() == 2, "input_ids must be [B, T], got ", input_ids.dim(), "-D");
+  at::Tensor x = embed(input_ids);
+  const auto cos_sin = rope(attention.position_ids);
+  for (int64_t l = 0; l < num_layers(); ++l) x = layer_forward(l, x, cos_sin, attention);
+  return final_norm(x);
+}
+
+at::Tensor LlamaModel::logits(const at::Tensor& hidden) const { return at::matmul(hidden, lm_head_.t()); }
+
+at::Tensor LlamaModel::forward(const at::Tensor& input_ids, const AttentionInputs& attention) const {
+  return logits(forward_hidden(input_ids, attention));
+}
+
+// ---------------------------------------------------------------- slots
+
+std::vector<std::string> LlamaModel::linear_names() const {
+  std::vector<std::string> out;
+  for (int64_t l = 0; l < num_layers(); ++l)
+    for (const auto& p : decoder_linear_names()) out.push_back(linear_module_name(l, p));
+  return out;
+}
+
+bool LlamaModel::has_linear(const std::string& name) const {
+  int64_t l = 0;
+  size_t p = 0;
+  return parse_linear_name(name, num_layers(), &l, &p);
+}
+
+std::shared_ptr<Linear>& LlamaModel::slot(const std::string& name) {
+  int64_t l = 0;
+  size_t p = 0;
+  if (!parse_linear_name(name, num_layers(), &l, &p))
+    throw std::out_of_range("no projection named \"" + name + "\" in this model (" +
+                            std::to_string(num_layers()) + " layers)");
+  return layers_[static_cast<size_t>(l)].proj[p];
+}
+
+const std::shared_ptr<Linear>& LlamaModel::linear(const std::string& name) const {
+  return const_cast<LlamaModel*>(this)->slot(name);
+}
+
+void LlamaModel::set_linear(const std::string& name, std::shared_ptr<Linear> layer) {
+  std::shared_ptr<Linear>& s = slot(name);
+  TORCH_CHECK(layer && layer->in_features() == s->in_features() && layer->out_features() == s->out_features(),
+              "set_linear(", name, "): the replacement must be ", s->out_features(), " x ", s->in_features());
+  s = std::move(layer);
+}
+
+}  // namespace qlora::model
