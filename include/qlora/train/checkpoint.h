@@ -42,13 +42,17 @@ struct CheckpointOptions {
 };
 
 // fn(input), recomputed in backward. Differentiable with respect to `input`
-// and to every leaf fn reads; the result requires grad when either does and
-// grad mode is on. With grad mode off this is just fn(input).
+// and to every leaf fn reads. With grad mode on the result always requires
+// grad, even when `input` does not (the first layer's input comes from the
+// frozen embedding), so the leaves inside fn still get gradients; fn and what
+// it captures must stay valid until backward. With grad mode off this is just
+// fn(input).
 at::Tensor checkpoint(const TensorFn& fn, const at::Tensor& input, const CheckpointOptions& options = {});
 
 // embed -> every decoder layer (each through checkpoint() when `checkpointing`)
 // -> final norm: input_ids [B, T] int64 -> hidden [B, T, h]. Without
-// checkpointing this is model.forward_hidden.
+// checkpointing this is model.forward_hidden. `model` must outlive the
+// backward (the closures point at it; cos/sin and `attention` are copied).
 at::Tensor checkpointed_forward_hidden(const model::LlamaModel& model, const at::Tensor& input_ids,
                                        const model::AttentionInputs& attention, bool checkpointing,
                                        const CheckpointOptions& options = {});
