@@ -328,6 +328,26 @@ TEST(TrainSteps, TotalOptimizerSteps) {
   EXPECT_THROW(train::total_optimizer_steps(t, 12), InputError);
 }
 
+TEST(TrainSteps, LossScaleIsRemovedBeforeClippingAndReporting) {
+  // With an enabled scaler the backward sees loss x 2^16; the norm the step
+  // reports (and clips) must be that of the unscaled gradients, the loss that
+  // of the unscaled loss. fp32 throughout, so only rounding may differ.
+  const auto ex = make_examples(31);
+  const auto window = make_window(ex, 8);
+  Rig plain;
+  Rig scaled;
+  scaled.scaler = amp::LossScaler(amp::LossScalerOptions{/*enabled=*/true});
+  const train::StepStats a = plain.trainer->train_step(window);
+  const train::StepStats b = scaled.trainer->train_step(window);
+  EXPECT_FALSE(b.skipped);
+  EXPECT_NEAR(b.grad_norm, a.grad_norm, kNormRtol * a.grad_norm);
+  EXPECT_DOUBLE_EQ(b.loss, a.loss);
+  EXPECT_EQ(scaled.scaler.current_scale(), 65536.0f);
+  const auto pa = plain.adapter.parameters();
+  const auto pb = scaled.adapter.parameters();
+  EXPECT_LE(rel_diff(pb, pa), kAccumRtol);
+}
+
 // ---------------------------------------------------------------- the loop
 
 TEST(TrainLoop, RunsMaxStepsOverTheLoader) {
