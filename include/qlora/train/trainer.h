@@ -1,0 +1,181 @@
+// train/trainer: one optimizer step of QLoRA fine-tuning, as a recipe.
+//
+// A step takes the micro batches of one accumulation window and:
+//   1. counts the target tokens of the whole window (labels != -100 after the
+//      next-token shift), reduced over ranks by `world_tokens` (identity on one
+//      process; the distributed module plugs in an all-reduce);
+//   2. for each micro batch: forward to the final hidden states, the summed
+//      chunked cross-entropy, loss = sum / window_tokens (times the loss scale
+//      when the scaler is enabled), backward. Gradients accumulate in .grad();
+//   3. unscales (amp::LossScaler), clips the total gradient norm of the LoRA
+//      parameters (fp32) to max_grad_norm, skips the update on inf/nan
+//      (amp::BadStepPolicy), else steps the optimizer with the schedule's
+//      learning rate; then zeroes the gradients.
+// Note [token-normalized accumulation]: dividing each micro batch's sum by the
+// tokens of the WHOLE window makes the accumulated gradient the gradient of the
+// window's token mean, exactly what one big batch gives; a per-micro-batch mean
+// weighs tokens of short micro batches more and so differs whenever micro
+// batches hold different numbers of target tokens
+// (tests/test_train_accumulation.cpp shows both).
+// Weight decay lives in the optimizer (AdamWOptions::weight_decay).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "qlora/config/config.h"
+#include "qlora/data/batch.h"
+#include "qlora/train/schedule.h"
+
+namespace qlora {
+namespace model {
+class LlamaModel;
+struct AttentionInputs;
+}  // namespace model
+namespace optim {
+class Optimizer;
+}
+namespace data {
+class DataLoader;
+}
+namespace amp {
+class LossScaler;
+class BadStepPolicy;
+}  // namespace amp
+}  // namespace qlora
+
+namespace qlora::train {
+
+// ---------------------------------------------------------------- pieces
+
+// Sums a per-rank token count over all ranks. Single process: the identity.
+using TokenReduceFn = int64_t (*)(int64_t local_tokens);
+inline int64_t identity_tokens(int64_t local_tokens) { return local_tokens; }
+
+// Target tokens of one micro batch as the loss counts them: labels that are
+// not kIgnoreIndex after model::shift_labels (a row's first label never counts,
+// and in a packed row no example predicts the next one's first token). This is
+// at most Batch::trained_tokens, which counts before the shift.
+int64_t target_tokens(const data::Batch& batch);
+
+// torch.nn.utils.clip_grad_norm_ semantics over the defined gradients of
+// `params`: the total 2-norm (in fp32) of all gradients, and when max_norm > 0
+// and the norm exceeds it, every gradient multiplied by max_norm / (norm + 1e-6).
+// Returns the norm before clipping (inf/nan when a gradient holds one; then
+// nothing is scaled). max_norm <= 0 only measures.
+double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm);
+
+// Optimizer steps of a run, as transformers' Trainer counts them: max_steps when
+// > 0, else ceil(epochs * max(1, micro_batches_per_epoch / accumulation)) with
+// integer division (a trailing partial window of an epoch is not a step).
+// Throws InputError when neither gives at least one step.
+int64_t total_optimizer_steps(const TrainConfig& train, int64_t micro_batches_per_epoch);
+
+// ---------------------------------------------------------------- one step
+
+// One decoder layer's forward; the activation-checkpointing module supplies one
+// that recomputes in backward. Arguments as model::LlamaModel::layer_forward.
+using LayerForwardFn = std::function<at::Tensor(int64_t layer, const at::Tensor& hidden,
+                                                const std::pair<at::Tensor, at::Tensor>& cos_sin,
+                                                const model::AttentionInputs& attention)>;
+
+struct StepOptions {
+  double max_grad_norm = 1.0;  // 0 disables clipping (the norm is still reported)
+  int64_t loss_chunk = 1024;   // tokens per chunk of the cross-entropy
+  TokenReduceFn world_tokens = identity_tokens;
+  // TODO(checkpoint): when true, layers run through `layer_forward`, which the
+  // activation-checkpointing module (train/checkpoint.h) provides; until it is
+  // wired, true without a layer_forward throws std::invalid_argument.
+  bool gradient_checkpointing = false;
+  LayerForwardFn layer_forward;  // empty: model.layer_forward
+};
+
+struct StepStats {
+  double loss = 0.0;       // token mean of the cross-entropy over the window (this rank's sum)
+  double grad_norm = 0.0;  // total norm before clipping (inf/nan on a bad step)
+  double lr = 0.0;         // learning rate of this step (applied unless skipped)
+  int64_t tokens = 0;      // target tokens of the window, all ranks
+  bool skipped = false;    // no update: inf/nan gradients, or no target token at all
+};
+
+// What step 2 of the recipe leaves behind, before the update.
+struct AccumulatedWindow {
+  double loss_sum = 0.0;      // summed cross-entropy of this rank's micro batches
+  int64_t window_tokens = 0;  // divisor used: target tokens of the window, all ranks
+};
+
+class Trainer {
+ public:
+  // Every reference must outlive the trainer. `params` are the trainable tensors
+  // (the LoRA A and B of every adapted module), the ones `optimizer` updates.
+  Trainer(model::LlamaModel& model, std::vector<at::Tensor> params, optim::Optimizer& optimizer,
+          LrScheduler scheduler, amp::LossScaler& scaler, amp::BadStepPolicy& bad_steps,
+          StepOptions options = {});
+
+  // One optimizer step over the micro batches of one accumulation window.
+  StepStats train_step(const std::vector<data::Batch>& window);
+
+  // The recipe in two halves, public so tests can read the accumulated
+  // gradients before anything changes them.
+  AccumulatedWindow accumulate_gradients(const std::vector<data::Batch>& window);
+  StepStats apply_gradients(const AccumulatedWindow& window);
+
+  // The summed cross-entropy of one micro batch (differentiable) and its
+  // target-token count; no backward.
+  std::pair<at::Tensor, int64_t> micro_batch_loss(const data::Batch& batch) const;
+
+  // Drops every gradient of the trainable parameters (set_to_none).
+  void zero_grads();
+
+  int64_t step() const { return step_; }  // optimizer steps taken (skipped ones included)
+  const LrScheduler& scheduler() const { return scheduler_; }
+  const StepOptions& options() const { return options_; }
+
+ private:
+  at::Tensor forward_hidden(const at::Tensor& input_ids, const model::AttentionInputs& attention) const;
+
+  model::LlamaModel& model_;
+  std::vector<at::Tensor> params_;
+  optim::Optimizer& optimizer_;
+  LrScheduler scheduler_;
+  amp::LossScaler& scaler_;
+  amp::BadStepPolicy& bad_steps_;
+  StepOptions options_;
+  int64_t step_ = 0;
+};
+
+// ---------------------------------------------------------------- the loop
+
+// Called after every optimizer step (1-based step number): metrics, evaluation
+// and checkpoints hang here.
+using StepCallback = std::function<void(int64_t step, const StepStats& stats)>;
+
+struct LoopSummary {
+  int64_t steps = 0;    // optimizer steps taken by this call
+  int64_t skipped = 0;  // of which skipped (inf/nan, or no target token)
+  int64_t tokens = 0;   // target tokens seen (all ranks)
+  double first_loss = 0.0;
+  double last_loss = 0.0;
+  double seconds = 0.0;
+};
+
+// "step 10/200 | loss 2.3456 | lr 1.20e-04 | grad norm 0.532 | 1234 tok/s"
+// (" | skipped" appended on a skipped step).
+std::string format_step_line(int64_t step, int64_t total, const StepStats& stats, double tokens_per_second);
+
+// Runs the trainer until total_optimizer_steps(cfg.train, loader.steps_in_epoch(0))
+// optimizer steps are done (continuing from trainer.step(), so a restored
+// trainer and loader resume), each step taking train.gradient_accumulation_steps
+// micro batches from `loader` (epochs roll over inside the loader, so a window
+// may straddle two epochs). Logs format_step_line every output.logging_steps
+// steps (and the last). The trainer's schedule must span the same number of
+// steps (make_lr_scheduler(cfg.train, total)): std::invalid_argument otherwise.
+LoopSummary train_loop(const Config& cfg, Trainer& trainer, data::DataLoader& loader,
+                       const StepCallback& on_step = {});
+
+}  // namespace qlora::train

@@ -1,0 +1,222 @@
+#include "qlora/train/trainer.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "qlora/amp/scaler.h"
+#include "qlora/common/errors.h"
+#include "qlora/common/log.h"
+#include "qlora/data/loader.h"
+#include "qlora/data/batch_tensors.h"
+#include "qlora/model/llama.h"
+#include "qlora/model/loss.h"
+#include "qlora/optim/optimizer.h"
+
+namespace qlora::train {
+
+// ---------------------------------------------------------------- pieces
+
+int64_t target_tokens(const data::Batch& batch) {
+  // Label of token c + 1 is what position c predicts; position 0's own label
+  // is never a target (the row-wise shift of model::shift_labels).
+  int64_t n = 0;
+  for (int64_t r = 0; r < batch.rows; ++r)
+    for (int64_t c = 1; c < batch.cols; ++c)
+      if (batch.labels[batch.at(r, c)] != model::kIgnoreIndex) ++n;
+  return n;
+}
+
+double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm) {
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> norms;
+  for (const auto& p : params) {
+    const at::Tensor& g = p.grad();
+    if (g.defined()) norms.push_back(at::linalg_vector_norm(g.to(at::kFloat), 2));  // [] fp32
+  }
+  if (norms.empty()) return 0.0;
+  const at::Tensor total = at::linalg_vector_norm(at::stack(norms), 2);  // [] fp32
+  const double norm = total.item<double>();
+  // torch's clip_grad_norm_: coefficient max_norm / (norm + 1e-6), clamped to 1,
+  // computed in the gradients' dtype; a non-finite norm scales nothing here
+  // (the step is skipped by the bad-step policy instead of writing NaN grads).
+  if (max_norm > 0 && std::isfinite(norm)) {
+    const at::Tensor coef = at::clamp_max(max_norm / (total + 1e-6), 1.0);  // [] fp32
+    if (coef.item<float>() < 1.0f)
+      for (const auto& p : params)
+        if (p.grad().defined()) p.mutable_grad().mul_(coef.to(p.grad().scalar_type()));
+  }
+  return norm;
+}
+
+int64_t total_optimizer_steps(const TrainConfig& train, int64_t micro_batches_per_epoch) {
+  if (train.max_steps > 0) return train.max_steps;
+  if (train.gradient_accumulation_steps < 1)
+    throw InputError("train.gradient_accumulation_steps must be >= 1, got " +
+                     std::to_string(train.gradient_accumulation_steps));
+  const int64_t per_epoch = std::max<int64_t>(1, micro_batches_per_epoch / train.gradient_accumulation_steps);
+  const auto steps = static_cast<int64_t>(std::ceil(train.epochs * static_cast<double>(per_epoch)));
+  if (micro_batches_per_epoch < 1 || steps < 1)
+    throw InputError("the run would take no optimizer step: train.epochs = " + std::to_string(train.epochs) +
+                     ", " + std::to_string(micro_batches_per_epoch) +
+                     " micro batches per epoch; set train.epochs > 0, or train.max_steps, or add data");
+  return steps;
+}
+
+// ---------------------------------------------------------------- the trainer
+
+Trainer::Trainer(model::LlamaModel& model, std::vector<at::Tensor> params, optim::Optimizer& optimizer,
+                 LrScheduler scheduler, amp::LossScaler& scaler, amp::BadStepPolicy& bad_steps,
+                 StepOptions options)
+    : model_(model),
+      params_(std::move(params)),
+      optimizer_(optimizer),
+      scheduler_(std::move(scheduler)),
+      scaler_(scaler),
+      bad_steps_(bad_steps),
+      options_(std::move(options)) {
+  if (options_.gradient_checkpointing && !options_.layer_forward)
+    throw std::invalid_argument(
+        "Trainer: gradient_checkpointing needs a checkpointed layer_forward (train/checkpoint.h), none given");
+  if (!options_.world_tokens) options_.world_tokens = identity_tokens;
+  if (options_.loss_chunk < 1)
+    throw std::invalid_argument("Trainer: loss_chunk must be >= 1, got " + std::to_string(options_.loss_chunk));
+}
+
+StepStats Trainer::train_step(const std::vector<data::Batch>& window) {
+  const AccumulatedWindow acc = accumulate_gradients(window);
+  return apply_gradients(acc);
+}
+
+at::Tensor Trainer::forward_hidden(const at::Tensor& input_ids, const model::AttentionInputs& attention) const {
+  if (!options_.layer_forward) return model_.forward_hidden(input_ids, attention);
+  at::Tensor x = model_.embed(input_ids);
+  const auto cos_sin = model_.rope(attention.position_ids);
+  for (int64_t l = 0; l < model_.num_layers(); ++l) x = options_.layer_forward(l, x, cos_sin, attention);
+  return model_.final_norm(x);
+}
+
+std::pair<at::Tensor, int64_t> Trainer::micro_batch_loss(const data::Batch& batch) const {
+  const c10::Device device = model_.device();
+  const data::BatchTensors t = data::to_tensors(batch);
+  // A row holding more than one example is packed: attention must stop at
+  // example boundaries and positions restart (Note [packed attention]).
+  const bool packed = t.segment_ids.numel() > 0 && t.segment_ids.max().item<int32_t>() > 1;
+  const model::AttentionInputs attention =
+      packed ? model::packed_attention(t.segment_ids.to(device), t.position_ids.to(device))
+             : model::padded_attention(t.attention_mask.to(device));
+  const at::Tensor hidden = forward_hidden(t.input_ids.to(device), attention);        // [B, T, h]
+  const at::Tensor labels = model::shift_labels(t.labels).to(device).reshape({-1});  // [B*T] int64
+  const model::TokenLoss loss = model::chunked_cross_entropy(hidden.reshape({-1, hidden.size(-1)}),
+                                                             model_.lm_head_weight(), labels, options_.loss_chunk);
+  return {loss.sum, loss.count.item<int64_t>()};
+}
+
+AccumulatedWindow Trainer::accumulate_gradients(const std::vector<data::Batch>& window) {
+  AccumulatedWindow acc;
+  int64_t local_tokens = 0;
+  for (const auto& b : window) local_tokens += target_tokens(b);
+  acc.window_tokens = options_.world_tokens(local_tokens);
+  if (acc.window_tokens == 0) return acc;  // nothing to learn from: apply_gradients skips
+
+  // Note [token-normalized accumulation] (trainer.h).
+  const double inv_tokens = 1.0 / static_cast<double>(acc.window_tokens);
+  for (const auto& b : window) {
+    auto [sum, count] = micro_batch_loss(b);
+    if (count == 0) continue;  // no target: contributes nothing (and no graph to walk)
+    acc.loss_sum += sum.item<double>();
+    const at::Tensor loss = scaler_.scale(sum * inv_tokens);  // [] fp32
+    torch::autograd::backward({loss});
+  }
+  return acc;
+}
+
+StepStats Trainer::apply_gradients(const AccumulatedWindow& acc) {
+  StepStats stats;
+  stats.tokens = acc.window_tokens;
+  stats.lr = scheduler_.lr_at(step_);
+  ++step_;
+  if (acc.window_tokens == 0) {
+    // Every label masked: no gradient, no update, but the schedule moves on so
+    // the step count stays that of the run's plan.
+    stats.skipped = true;
+    zero_grads();
+    return stats;
+  }
+  stats.loss = acc.loss_sum / static_cast<double>(acc.window_tokens);
+
+  std::vector<at::Tensor> grads;
+  for (const auto& p : params_)
+    if (p.grad().defined()) grads.push_back(p.grad());
+  const bool bad = scaler_.unscale(grads) || !std::isfinite(stats.loss);
+  stats.grad_norm = clip_grad_norm(params_, bad ? 0.0 : options_.max_grad_norm);
+  if (!bad) optimizer_.step(stats.lr);
+  scaler_.update();
+  stats.skipped = bad_steps_.record(bad, step_ - 1);
+  zero_grads();
+  return stats;
+}
+
+void Trainer::zero_grads() {
+  optimizer_.zero_grad();
+  for (auto& p : params_) p.mutable_grad() = at::Tensor();  // set_to_none, as torch
+}
+
+// ---------------------------------------------------------------- the loop
+
+std::string format_step_line(int64_t step, int64_t total, const StepStats& stats, double tokens_per_second) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "step %lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s%s",
+                static_cast<long long>(step), static_cast<long long>(total), stats.loss, stats.lr, stats.grad_norm,
+                tokens_per_second, stats.skipped ? " | skipped" : "");
+  return buf;
+}
+
+LoopSummary train_loop(const Config& cfg, Trainer& trainer, data::DataLoader& loader, const StepCallback& on_step) {
+  using Clock = std::chrono::steady_clock;
+  const int64_t total = total_optimizer_steps(cfg.train, loader.steps_in_epoch(0));
+  if (trainer.scheduler().total_steps() != total)
+    throw std::invalid_argument("train_loop: the schedule spans " + std::to_string(trainer.scheduler().total_steps()) +
+                                " steps but the run has " + std::to_string(total));
+  const int64_t accumulation = cfg.train.gradient_accumulation_steps;
+  const int64_t every = cfg.output.logging_steps;
+
+  LoopSummary sum;
+  const Clock::time_point start = Clock::now();
+  Clock::time_point since = start;  // of the tokens/s window
+  int64_t tokens_since = 0;
+  while (trainer.step() < total) {
+    std::vector<data::Batch> window;
+    for (int64_t i = 0; i < accumulation; ++i) window.push_back(loader.next());
+    const StepStats st = trainer.train_step(window);
+    const int64_t step = trainer.step();
+
+    if (sum.steps == 0) sum.first_loss = st.loss;
+    sum.last_loss = st.loss;
+    ++sum.steps;
+    sum.skipped += st.skipped ? 1 : 0;
+    sum.tokens += st.tokens;
+    tokens_since += st.tokens;
+
+    if ((every > 0 && step % every == 0) || step == total) {
+      const Clock::time_point now = Clock::now();
+      const double secs = std::chrono::duration<double>(now - since).count();
+      log::info(format_step_line(step, total, st, secs > 0 ? static_cast<double>(tokens_since) / secs : 0.0));
+      since = now;
+      tokens_since = 0;
+    }
+    if (on_step) on_step(step, st);
+  }
+  sum.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  return sum;
+}
+
+}  // namespace qlora::train
