@@ -14,6 +14,7 @@
 #include "qlora/common/errors.h"
 #include "qlora/optim/adamw_ref.h"
 #include "qlora/optim/optimizer.h"
+#include "support/optim_golden.h"
 
 namespace {
 
@@ -44,88 +45,12 @@ constexpr double kBnbCpuMomentTolOfAbsmax = 0.05;
 constexpr double kBnbCudaParamTolInLr = 1e-2;
 constexpr double kBnbCudaCodeFlipFraction = 1e-3;
 
-// ---------------------------------------------------------------- golden inputs
-// Note [optim golden inputs]: scripts/golden/optim.py's exact_values, reimplemented; every
-// value is exact in fp32, so both sides start from identical bits.
-
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  uint64_t z = x;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-at::Tensor exact_values(uint64_t seed, std::vector<int64_t> shape) {
-  at::Tensor t = at::empty(shape, at::kFloat);
-  float* p = t.data_ptr<float>();
-  for (int64_t i = 0; i < t.numel(); ++i) {
-    const uint64_t z = splitmix64((seed << 32) ^ static_cast<uint64_t>(i));
-    const int64_t u = static_cast<int64_t>(z >> 40);
-    const int e = static_cast<int>((z >> 8) & 7);
-    p[i] = static_cast<float>(std::ldexp(static_cast<double>(u - (1 << 23)), e - 4 - 23));
-  }
-  return t;
-}
-
-struct Golden {
-  nlohmann::ordered_json meta;   // insertion order: the shapes' order gives the seeds
-  std::map<std::string, at::Tensor> tensors;
-};
-
-// Minimal safetensors reader for the golden files (F32 / U8 only).
-std::map<std::string, at::Tensor> read_safetensors(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  EXPECT_TRUE(f.good()) << "missing " << path << "; run scripts/golden/optim.py";
-  std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  uint64_t hlen = 0;
-  std::memcpy(&hlen, bytes.data(), 8);
-  const auto header = nlohmann::json::parse(bytes.substr(8, hlen));
-  const char* data = bytes.data() + 8 + hlen;
-  std::map<std::string, at::Tensor> out;
-  for (const auto& [name, info] : header.items()) {
-    if (name == "__metadata__") continue;
-    const auto dtype = info["dtype"] == "U8" ? at::kByte : at::kFloat;
-    const std::vector<int64_t> shape = info["shape"].get<std::vector<int64_t>>();
-    const uint64_t begin = info["data_offsets"][0], end = info["data_offsets"][1];
-    at::Tensor t = at::empty(shape, dtype);
-    EXPECT_EQ(static_cast<uint64_t>(t.nbytes()), end - begin) << name;
-    std::memcpy(t.data_ptr(), data + begin, end - begin);
-    out[name] = t;
-  }
-  return out;
-}
-
-Golden load(const std::string& file) {
-  const std::string dir = std::string(QLORA_SOURCE_DIR) + "/tests/data/optim/";
-  std::ifstream m(dir + "meta.json");
-  return {nlohmann::ordered_json::parse(m), read_safetensors(dir + file)};
-}
-
-std::vector<NamedParam> make_params(const nlohmann::ordered_json& meta) {
-  std::vector<NamedParam> params;
-  uint64_t k = 0;
-  for (const auto& [name, shape] : meta["shapes"].items()) {
-    params.push_back({name, exact_values(1000 + k, shape.get<std::vector<int64_t>>())});
-    ++k;
-  }
-  return params;
-}
-
-void set_grads(std::vector<NamedParam>& params, int64_t step) {
-  const float scale = static_cast<float>(std::ldexp(1.0, static_cast<int>(step % 3) - 1));
-  for (size_t k = 0; k < params.size(); ++k)
-    params[k].param.mutable_grad() = exact_values(100 * (step + 1) + k, params[k].param.sizes().vec()) * scale;
-}
-
-AdamWOptions options_of(const nlohmann::ordered_json& meta) {
-  AdamWOptions o;
-  o.beta1 = meta["beta1"];
-  o.beta2 = meta["beta2"];
-  o.eps = meta["eps"];
-  o.weight_decay = meta["weight_decay"];
-  return o;
-}
+using qlora::testing::exact_values;
+using qlora::testing::make_params;
+using qlora::testing::options_of;
+using qlora::testing::set_grads;
+using Golden = qlora::testing::OptimGolden;
+Golden load(const std::string& file) { return qlora::testing::load_optim_golden(file); }
 
 struct Diff {
   double max_rel = 0.0;
