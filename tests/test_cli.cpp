@@ -16,7 +16,7 @@ TEST(Cli, VersionAndHelp) {
   EXPECT_NE(r.out.find("qlora "), std::string::npos) << r.out;
   r = run_qlora("--help");
   EXPECT_EQ(r.exit_code, 0);
-  for (const char* cmd : {"plan", "config", "env"})
+  for (const char* cmd : {"plan", "config", "data", "env"})
     EXPECT_NE(r.out.find(cmd), std::string::npos) << "help does not list " << cmd << ":\n" << r.out;
 }
 

@@ -31,6 +31,7 @@ int run(int argc, char** argv) {
   auto remember = [&](Runner runner) { commands.emplace_back(app.get_subcommands({}).back(), std::move(runner)); };
   remember(add_plan_command(app));
   remember(add_config_command(app));
+  remember(add_data_command(app));
   remember(add_env_command(app));
 
   try {

@@ -17,6 +17,7 @@ using Runner = std::function<int()>;
 Runner add_config_command(CLI::App& root);
 Runner add_plan_command(CLI::App& root);
 Runner add_env_command(CLI::App& root);
+Runner add_data_command(CLI::App& root);
 
 // --config FILE and repeated --set KEY=VALUE, shared by every command that
 // reads a run config.
