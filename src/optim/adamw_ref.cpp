@@ -199,20 +199,35 @@ void adamw_step(float* param, const float* grad, float* exp_avg, float* exp_avg_
   }
 }
 
+namespace {
+
+// The fp32 scalars both bitsandbytes update kernels derive from the
+// hyper-parameters and the step, in the kernels' order of operations.
+struct BnbStepScalars {
+  float beta1, beta2, eps, lr, weight_decay, correction2, step_size;
+  BnbStepScalars(const AdamWHyper& h, int64_t step)
+      : beta1(static_cast<float>(h.beta1)),
+        beta2(static_cast<float>(h.beta2)),
+        eps(static_cast<float>(h.eps)),
+        lr(static_cast<float>(h.lr)),
+        weight_decay(static_cast<float>(h.weight_decay)) {
+    const float t = static_cast<float>(step);
+    const float correction1 = 1.0f - std::pow(beta1, t);
+    correction2 = std::sqrt(1.0f - std::pow(beta2, t));
+    step_size = (-lr * correction2) / correction1;
+  }
+};
+
+}  // namespace
+
 void adamw8bit_block_step(float* param, const float* grad, uint8_t* exp_avg_q, uint8_t* exp_avg_sq_q,
                           float* absmax_exp_avg, float* absmax_exp_avg_sq, int64_t n, int64_t step,
                           const AdamWHyper& h) {
   const float* code1 = kSignedDynamicMap.data();
   const float* code2 = kUnsignedDynamicMap.data();
-  const float beta1 = static_cast<float>(h.beta1);
-  const float beta2 = static_cast<float>(h.beta2);
-  const float eps = static_cast<float>(h.eps);
-  const float lr = static_cast<float>(h.lr);
-  const float weight_decay = static_cast<float>(h.weight_decay);
-  const float t = static_cast<float>(step);
-  const float correction1 = 1.0f - std::pow(beta1, t);
-  const float correction2 = std::sqrt(1.0f - std::pow(beta2, t));
-  const float step_size = (-lr * correction2) / correction1;
+  const BnbStepScalars k(h, step);
+  const float beta1 = k.beta1, beta2 = k.beta2, eps = k.eps, lr = k.lr, weight_decay = k.weight_decay;
+  const float correction2 = k.correction2, step_size = k.step_size;
   float m[kQuantBlock];
   float v[kQuantBlock];
   for (int64_t start = 0; start < n; start += kQuantBlock) {
@@ -258,15 +273,9 @@ void adamw8bit_block_step(float* param, const float* grad, uint8_t* exp_avg_q, u
 
 void adamw32_bnb_step(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n,
                       int64_t step, const AdamWHyper& h) {
-  const float beta1 = static_cast<float>(h.beta1);
-  const float beta2 = static_cast<float>(h.beta2);
-  const float eps = static_cast<float>(h.eps);
-  const float lr = static_cast<float>(h.lr);
-  const float weight_decay = static_cast<float>(h.weight_decay);
-  const float t = static_cast<float>(step);
-  const float correction1 = 1.0f - std::pow(beta1, t);
-  const float correction2 = std::sqrt(1.0f - std::pow(beta2, t));
-  const float step_size = -lr * correction2 / correction1;
+  const BnbStepScalars k(h, step);
+  const float beta1 = k.beta1, beta2 = k.beta2, eps = k.eps, lr = k.lr, weight_decay = k.weight_decay;
+  const float correction2 = k.correction2, step_size = k.step_size;
   for (int64_t i = 0; i < n; ++i) {
     const float g = grad[i];
     const float m = exp_avg[i] * beta1 + ((1.0f - beta1) * g);
