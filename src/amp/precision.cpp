@@ -17,17 +17,13 @@
 
 namespace qlora::amp {
 
-namespace {
-constexpr int kBf16MinCcMajor = 8;   // bf16 tensor cores start with Ampere (sm_80)
-}
-
 Precision resolve_precision(Precision requested, bool cuda, int cc_major) {
   switch (requested) {
     case Precision::kAuto:
       if (!cuda) return Precision::kFp32;
-      return cc_major >= kBf16MinCcMajor ? Precision::kBf16 : Precision::kFp16;
+      return gpu_supports_bf16(cc_major) ? Precision::kBf16 : Precision::kFp16;
     case Precision::kBf16:
-      if (cuda && cc_major < kBf16MinCcMajor)
+      if (cuda && !gpu_supports_bf16(cc_major))
         throw InputError("train.precision: bf16 needs a GPU with compute capability 8.0 or newer (Ampere), this "
                          "GPU is sm_" + std::to_string(cc_major) + "x; set train.precision: fp16 (dynamic loss "
                          "scaling) or auto");

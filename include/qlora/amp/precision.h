@@ -10,6 +10,11 @@
 
 namespace qlora::amp {
 
+// bf16 tensor cores start with Ampere (compute capability 8.0); the plan's GPU
+// presets and the run's precision both ask here.
+inline constexpr int kBf16MinCcMajor = 8;
+inline bool gpu_supports_bf16(int cc_major) { return cc_major >= kBf16MinCcMajor; }
+
 // Resolves `requested` for the device the run uses: `cuda` (a GPU is used) and its
 // compute-capability major version (ignored on CPU). Never returns kAuto. Throws
 // InputError for bf16 on a GPU older than sm_80, saying what to set instead.

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "qlora/amp/precision.h"
+
 namespace qlora::plan {
 
 struct GpuSpec {
@@ -26,7 +28,7 @@ struct GpuSpec {
   std::string note;             // which SKU the figures are for ("SXM"), where they come from
 
   bool has_compute_capability() const { return cc_major > 0; }
-  bool supports_bf16() const { return cc_major >= 8; }  // bf16 tensor cores: Ampere (8.0) and newer
+  bool supports_bf16() const { return amp::gpu_supports_bf16(cc_major); }
   bool has_throughput() const { return fp16_tflops > 0; }
 };
 
