@@ -369,11 +369,15 @@ TEST(TrainLoop, RunsMaxStepsOverTheLoader) {
   const train::LrScheduler sched = train::make_lr_scheduler(cfg.train, 5);
   train::Trainer trainer(rig.model, rig.adapter.parameters(), *rig.optimizer, sched, rig.scaler, rig.bad_steps);
   std::vector<int64_t> seen;
-  const train::LoopSummary sum = train::train_loop(cfg, trainer, loader, [&](int64_t step, const train::StepStats& st) {
-    seen.push_back(step);
-    EXPECT_DOUBLE_EQ(st.lr, sched.lr_at(step - 1));
+  const train::LoopSummary sum = train::train_loop(cfg, trainer, loader, [&](const train::StepEvent& e) {
+    seen.push_back(e.step);
+    EXPECT_EQ(e.total, 5);
+    EXPECT_DOUBLE_EQ(e.stats.lr, sched.lr_at(e.step - 1));
+    EXPECT_GE(e.eta_seconds, 0.0);
+    return true;
   });
   EXPECT_EQ(sum.steps, 5);
+  EXPECT_FALSE(sum.stopped);
   EXPECT_EQ(sum.skipped, 0);
   EXPECT_EQ(seen, (std::vector<int64_t>{1, 2, 3, 4, 5}));
   EXPECT_GT(sum.tokens, 0);
@@ -381,6 +385,15 @@ TEST(TrainLoop, RunsMaxStepsOverTheLoader) {
   // into its second epoch of 32.
   EXPECT_EQ(loader.epoch(), 1);
   EXPECT_EQ(rig.optimizer->step_count(), 5);
+
+  // A callback that says stop ends the loop after that step (a signal's save).
+  const train::LrScheduler sched2 = train::make_lr_scheduler(cfg.train, 5);
+  train::Trainer stopping(rig.model, rig.adapter.parameters(), *rig.optimizer, sched2, rig.scaler, rig.bad_steps);
+  const train::LoopSummary cut =
+      train::train_loop(cfg, stopping, loader, [](const train::StepEvent& e) { return e.step < 2; });
+  EXPECT_TRUE(cut.stopped);
+  EXPECT_EQ(cut.steps, 2);
+  EXPECT_EQ(stopping.step(), 2);
 }
 
 TEST(TrainLoop, StepLine) {

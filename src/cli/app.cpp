@@ -29,6 +29,8 @@ int run(int argc, char** argv) {
 
   std::vector<std::pair<CLI::App*, Runner>> commands;
   auto remember = [&](Runner runner) { commands.emplace_back(app.get_subcommands({}).back(), std::move(runner)); };
+  remember(add_demo_command(app));
+  remember(add_train_command(app));
   remember(add_plan_command(app));
   remember(add_config_command(app));
   remember(add_data_command(app));

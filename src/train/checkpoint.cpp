@@ -251,20 +251,26 @@ at::Tensor checkpoint(const TensorFn& fn, const at::Tensor& input, const Checkpo
   return CheckpointFunction::apply(input, anchor, c10::make_intrusive<FnHolder>(fn), options.preserve_rng_state);
 }
 
+LayerForwardFn checkpointed_layer_forward(const model::LlamaModel& model, const CheckpointOptions& options) {
+  const model::LlamaModel* m = &model;  // must outlive every backward
+  return [m, options](int64_t layer, const at::Tensor& hidden, const std::pair<at::Tensor, at::Tensor>& cos_sin,
+                      const model::AttentionInputs& attention) {
+    // By value: backward runs after this call has returned.
+    return checkpoint(
+        [m, layer, cos_sin, attention](const at::Tensor& h) { return m->layer_forward(layer, h, cos_sin, attention); },
+        hidden, options);
+  };
+}
+
 at::Tensor checkpointed_forward_hidden(const model::LlamaModel& model, const at::Tensor& input_ids,
                                        const model::AttentionInputs& attention, bool checkpointing,
                                        const CheckpointOptions& options) {
   if (!checkpointing) return model.forward_hidden(input_ids, attention);
   TORCH_CHECK(input_ids.dim() == 2, "input_ids must be [B, T], got ", input_ids.dim(), "-D");
+  const LayerForwardFn layer = checkpointed_layer_forward(model, options);
   at::Tensor x = model.embed(input_ids);  // [B, T, h]
   const auto cos_sin = model.rope(attention.position_ids);
-  for (int64_t l = 0; l < model.num_layers(); ++l) {
-    // By value: backward runs after this function has returned. The model must
-    // outlive the backward.
-    const model::LlamaModel* m = &model;
-    x = checkpoint([m, l, cos_sin, attention](const at::Tensor& h) { return m->layer_forward(l, h, cos_sin, attention); },
-                   x, options);
-  }
+  for (int64_t l = 0; l < model.num_layers(); ++l) x = layer(l, x, cos_sin, attention);
   return model.final_norm(x);
 }
 

@@ -71,6 +71,32 @@ int64_t total_optimizer_steps(const TrainConfig& train, int64_t micro_batches_pe
   return steps;
 }
 
+std::pair<at::Tensor, int64_t> batch_loss(const model::LlamaModel& model, const data::Batch& batch,
+                                          int64_t loss_chunk, const LayerForwardFn& layer_forward) {
+  const c10::Device device = model.device();
+  const data::BatchTensors t = data::to_tensors(batch);
+  // A row holding more than one example is packed: attention must stop at
+  // example boundaries and positions restart (Note [packed attention]).
+  const bool packed = t.segment_ids.numel() > 0 && t.segment_ids.max().item<int32_t>() > 1;
+  const model::AttentionInputs attention =
+      packed ? model::packed_attention(t.segment_ids.to(device), t.position_ids.to(device))
+             : model::padded_attention(t.attention_mask.to(device));
+  const at::Tensor input_ids = t.input_ids.to(device);
+  at::Tensor hidden;  // [B, T, h]
+  if (!layer_forward) {
+    hidden = model.forward_hidden(input_ids, attention);
+  } else {
+    hidden = model.embed(input_ids);
+    const auto cos_sin = model.rope(attention.position_ids);
+    for (int64_t l = 0; l < model.num_layers(); ++l) hidden = layer_forward(l, hidden, cos_sin, attention);
+    hidden = model.final_norm(hidden);
+  }
+  const at::Tensor labels = model::shift_labels(t.labels).to(device).reshape({-1});  // [B*T] int64
+  const model::TokenLoss loss =
+      model::chunked_cross_entropy(hidden.reshape({-1, hidden.size(-1)}), model.lm_head_weight(), labels, loss_chunk);
+  return {loss.sum, loss.count.item<int64_t>()};
+}
+
 // ---------------------------------------------------------------- the trainer
 
 Trainer::Trainer(model::LlamaModel& model, std::vector<at::Tensor> params, optim::Optimizer& optimizer,
@@ -96,28 +122,8 @@ StepStats Trainer::train_step(const std::vector<data::Batch>& window) {
   return apply_gradients(acc);
 }
 
-at::Tensor Trainer::forward_hidden(const at::Tensor& input_ids, const model::AttentionInputs& attention) const {
-  if (!options_.layer_forward) return model_.forward_hidden(input_ids, attention);
-  at::Tensor x = model_.embed(input_ids);
-  const auto cos_sin = model_.rope(attention.position_ids);
-  for (int64_t l = 0; l < model_.num_layers(); ++l) x = options_.layer_forward(l, x, cos_sin, attention);
-  return model_.final_norm(x);
-}
-
 std::pair<at::Tensor, int64_t> Trainer::micro_batch_loss(const data::Batch& batch) const {
-  const c10::Device device = model_.device();
-  const data::BatchTensors t = data::to_tensors(batch);
-  // A row holding more than one example is packed: attention must stop at
-  // example boundaries and positions restart (Note [packed attention]).
-  const bool packed = t.segment_ids.numel() > 0 && t.segment_ids.max().item<int32_t>() > 1;
-  const model::AttentionInputs attention =
-      packed ? model::packed_attention(t.segment_ids.to(device), t.position_ids.to(device))
-             : model::padded_attention(t.attention_mask.to(device));
-  const at::Tensor hidden = forward_hidden(t.input_ids.to(device), attention);        // [B, T, h]
-  const at::Tensor labels = model::shift_labels(t.labels).to(device).reshape({-1});  // [B*T] int64
-  const model::TokenLoss loss = model::chunked_cross_entropy(hidden.reshape({-1, hidden.size(-1)}),
-                                                             model_.lm_head_weight(), labels, options_.loss_chunk);
-  return {loss.sum, loss.count.item<int64_t>()};
+  return batch_loss(model_, batch, options_.loss_chunk, options_.layer_forward);
 }
 
 AccumulatedWindow Trainer::accumulate_gradients(const std::vector<data::Batch>& window) {
@@ -191,29 +197,34 @@ LoopSummary train_loop(const Config& cfg, Trainer& trainer, data::DataLoader& lo
 
   LoopSummary sum;
   const Clock::time_point start = Clock::now();
-  Clock::time_point since = start;  // of the tokens/s window
-  int64_t tokens_since = 0;
   while (trainer.step() < total) {
+    const Clock::time_point step_start = Clock::now();
     std::vector<data::Batch> window;
     for (int64_t i = 0; i < accumulation; ++i) window.push_back(loader.next());
-    const StepStats st = trainer.train_step(window);
-    const int64_t step = trainer.step();
+    StepEvent e;
+    e.stats = trainer.train_step(window);
+    e.step = trainer.step();
+    e.total = total;
+    const Clock::time_point now = Clock::now();
+    e.step_seconds = std::chrono::duration<double>(now - step_start).count();
+    e.tokens_per_second = e.step_seconds > 0 ? static_cast<double>(e.stats.tokens) / e.step_seconds : 0.0;
 
-    if (sum.steps == 0) sum.first_loss = st.loss;
-    sum.last_loss = st.loss;
+    if (sum.steps == 0) sum.first_loss = e.stats.loss;
+    sum.last_loss = e.stats.loss;
     ++sum.steps;
-    sum.skipped += st.skipped ? 1 : 0;
-    sum.tokens += st.tokens;
-    tokens_since += st.tokens;
+    sum.skipped += e.stats.skipped ? 1 : 0;
+    sum.tokens += e.stats.tokens;
+    const double elapsed = std::chrono::duration<double>(now - start).count();
+    e.eta_seconds = elapsed / static_cast<double>(sum.steps) * static_cast<double>(total - e.step);
 
-    if ((every > 0 && step % every == 0) || step == total) {
-      const Clock::time_point now = Clock::now();
-      const double secs = std::chrono::duration<double>(now - since).count();
-      log::info(format_step_line(step, total, st, secs > 0 ? static_cast<double>(tokens_since) / secs : 0.0));
-      since = now;
-      tokens_since = 0;
+    if (on_step) {
+      if (!on_step(e) && e.step < total) {
+        sum.stopped = true;
+        break;
+      }
+    } else if ((every > 0 && e.step % every == 0) || e.step == total) {
+      log::info(format_step_line(e.step, total, e.stats, e.tokens_per_second));
     }
-    if (on_step) on_step(step, st);
   }
   sum.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   return sum;

@@ -23,4 +23,7 @@ std::string format_double(double v);
 // Lower-cased ASCII copy.
 std::string to_lower(std::string_view s);
 
+// `s` without leading and trailing ASCII whitespace (a view into s).
+std::string_view trim(std::string_view s);
+
 }  // namespace qlora

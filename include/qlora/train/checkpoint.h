@@ -20,6 +20,8 @@
 #include <cstdint>
 #include <functional>
 
+#include "qlora/train/trainer.h"
+
 namespace qlora::model {
 class LlamaModel;
 struct AttentionInputs;
@@ -48,6 +50,11 @@ struct CheckpointOptions {
 // it captures must stay valid until backward. With grad mode off this is just
 // fn(input).
 at::Tensor checkpoint(const TensorFn& fn, const at::Tensor& input, const CheckpointOptions& options = {});
+
+// One decoder layer of `model` through checkpoint(): the layer_forward the
+// trainer runs with train.gradient_checkpointing (StepOptions::layer_forward).
+// `model` must outlive every backward.
+LayerForwardFn checkpointed_layer_forward(const model::LlamaModel& model, const CheckpointOptions& options = {});
 
 // embed -> every decoder layer (each through checkpoint() when `checkpointing`)
 // -> final norm: input_ids [B, T] int64 -> hidden [B, T, h]. Without

@@ -84,13 +84,19 @@ using LayerForwardFn = std::function<at::Tensor(int64_t layer, const at::Tensor&
                                                 const std::pair<at::Tensor, at::Tensor>& cos_sin,
                                                 const model::AttentionInputs& attention)>;
 
+// The summed cross-entropy of one micro batch (differentiable when grad mode is
+// on) and its target-token count; layers run through `layer_forward` when given.
+// Packed rows get the packed attention mask, padded rows the padding mask.
+std::pair<at::Tensor, int64_t> batch_loss(const model::LlamaModel& model, const data::Batch& batch,
+                                          int64_t loss_chunk, const LayerForwardFn& layer_forward = {});
+
 struct StepOptions {
   double max_grad_norm = 1.0;  // 0 disables clipping (the norm is still reported)
   int64_t loss_chunk = 1024;   // tokens per chunk of the cross-entropy
   TokenReduceFn world_tokens = identity_tokens;
-  // TODO(checkpoint): when true, layers run through `layer_forward`, which the
-  // activation-checkpointing module (train/checkpoint.h) provides; until it is
-  // wired, true without a layer_forward throws std::invalid_argument.
+  // When true, layers run through `layer_forward`, which the activation-
+  // checkpointing module provides (train/checkpoint.h: checkpointed_layer_forward);
+  // true without a layer_forward throws std::invalid_argument.
   bool gradient_checkpointing = false;
   LayerForwardFn layer_forward;  // empty: model.layer_forward
 };
@@ -133,12 +139,11 @@ class Trainer {
   void zero_grads();
 
   int64_t step() const { return step_; }  // optimizer steps taken (skipped ones included)
+  void set_step(int64_t step) { step_ = step; }  // resume: the steps a checkpoint had taken
   const LrScheduler& scheduler() const { return scheduler_; }
   const StepOptions& options() const { return options_; }
 
  private:
-  at::Tensor forward_hidden(const at::Tensor& input_ids, const model::AttentionInputs& attention) const;
-
   model::LlamaModel& model_;
   std::vector<at::Tensor> params_;
   optim::Optimizer& optimizer_;
@@ -151,9 +156,20 @@ class Trainer {
 
 // ---------------------------------------------------------------- the loop
 
-// Called after every optimizer step (1-based step number): metrics, evaluation
-// and checkpoints hang here.
-using StepCallback = std::function<void(int64_t step, const StepStats& stats)>;
+// What the loop reports after every optimizer step.
+struct StepEvent {
+  int64_t step = 0;     // 1-based optimizer step just taken
+  int64_t total = 0;    // optimizer steps of the whole run
+  StepStats stats;
+  double step_seconds = 0.0;       // wall time of this step
+  double tokens_per_second = 0.0;  // this step's target tokens / step_seconds
+  double eta_seconds = 0.0;        // remaining steps × mean step time of this call
+};
+
+// Called after every optimizer step: progress, metrics, evaluation and
+// checkpoints hang here. Returning false stops the loop after this step
+// (a signal asked to stop; the caller saves).
+using StepCallback = std::function<bool(const StepEvent& event)>;
 
 struct LoopSummary {
   int64_t steps = 0;    // optimizer steps taken by this call
@@ -162,6 +178,7 @@ struct LoopSummary {
   double first_loss = 0.0;
   double last_loss = 0.0;
   double seconds = 0.0;
+  bool stopped = false;  // on_step asked to stop before the last step
 };
 
 // "step 10/200 | loss 2.3456 | lr 1.20e-04 | grad norm 0.532 | 1234 tok/s"
@@ -172,9 +189,10 @@ std::string format_step_line(int64_t step, int64_t total, const StepStats& stats
 // optimizer steps are done (continuing from trainer.step(), so a restored
 // trainer and loader resume), each step taking train.gradient_accumulation_steps
 // micro batches from `loader` (epochs roll over inside the loader, so a window
-// may straddle two epochs). Logs format_step_line every output.logging_steps
-// steps (and the last). The trainer's schedule must span the same number of
-// steps (make_lr_scheduler(cfg.train, total)): std::invalid_argument otherwise.
+// may straddle two epochs), or until on_step returns false. Without on_step it
+// logs format_step_line every output.logging_steps steps (and the last). The
+// trainer's schedule must span the same number of steps
+// (make_lr_scheduler(cfg.train, total)): std::invalid_argument otherwise.
 LoopSummary train_loop(const Config& cfg, Trainer& trainer, data::DataLoader& loader,
                        const StepCallback& on_step = {});
 

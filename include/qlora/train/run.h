@@ -1,0 +1,54 @@
+// train/run: `qlora train` as one recipe, from a config to an adapter.
+//
+//   1. device and precision   (CUDA when present; precision: auto resolved)
+//   2. base model             (Hugging Face directory -> NF4 frozen linears)
+//   3. LoRA adapter           (PEFT init, seeded)
+//   4. tokenizer and data     (train / held-out split, the loader)
+//   5. optimizer, schedule, loss scaler, bad-step policy
+//   6. banner                 (effective batch, memory plan, trainable params)
+//   7. the loop               (progress, metrics.jsonl, evaluation every eval_steps)
+//   8. the adapter            (output_dir/adapter, PEFT format)
+// Each stage is a few lines here; the work lives in the modules it names.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "qlora/config/config.h"
+#include "qlora/train/eval.h"
+
+namespace qlora::train {
+
+struct RunOptions {
+  bool progress_bar = false;        // draw a bar (stderr is a terminal)
+  bool evaluate_at_start = true;    // held-out numbers before the first step
+  EvalOptions eval;                 // batch and generation sizes of evaluation
+};
+
+struct RunResult {
+  int64_t steps = 0;         // optimizer steps taken by this run
+  int64_t total_steps = 0;   // of the whole schedule
+  double first_loss = 0.0;
+  double last_loss = 0.0;
+  double seconds = 0.0;
+  bool has_eval = false;
+  EvalResult start_eval;     // when evaluate_at_start and there is eval data
+  EvalResult final_eval;
+  std::string adapter_dir;   // where the adapter was written
+  std::string metrics_path;  // output_dir/metrics.jsonl
+};
+
+// Runs the whole recipe. Throws InputError for anything the user can fix (a
+// missing model.path, unreadable files, bad data), TrainingDiverged when the
+// loss stays non-finite.
+RunResult run_training(const Config& cfg, const RunOptions& options = {});
+
+// "effective batch = micro 2 × accumulation 16 × GPUs 1 = 32 sequences per optimizer step"
+std::string effective_batch_line(const Config& cfg, int64_t world_size);
+
+// PEFT's print_trainable_parameters line (4-bit weights counted at their
+// original element count, as PEFT does for bitsandbytes' Params4bit):
+// "trainable params: 3,407,872 || all params: 1,239,222,272 || trainable%: 0.2750"
+std::string trainable_params_line(int64_t trainable, int64_t all);
+
+}  // namespace qlora::train

@@ -1,0 +1,195 @@
+#include "qlora/train/demo.h"
+
+#include <ATen/ATen.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "data/bpe.h"
+#include "qlora/io/torch_io.h"
+#include "qlora/model/llama.h"
+
+namespace qlora::train {
+namespace {
+
+using json = nlohmann::ordered_json;
+namespace fs = std::filesystem;
+
+// Llama 3's special tokens, after the 256 byte tokens.
+const std::vector<std::string>& special_tokens() {
+  static const std::vector<std::string> t = {"<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                             "<|end_header_id|>", "<|eot_id|>"};
+  return t;
+}
+
+void write_text(const fs::path& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << text;
+  out.close();
+  if (!out) throw std::runtime_error("cannot write " + path.string());
+}
+
+}  // namespace
+
+LlamaConfig demo_model_config() {
+  LlamaConfig c;
+  c.name = "qlora-demo-tiny";
+  c.model_type = "llama";
+  c.vocab_size = 256 + static_cast<int64_t>(special_tokens().size());
+  c.hidden_size = 256;
+  c.intermediate_size = 688;
+  c.num_hidden_layers = 4;
+  c.num_attention_heads = 8;
+  c.num_key_value_heads = 4;
+  c.head_dim = 32;
+  c.max_position_embeddings = 1024;
+  c.tie_word_embeddings = false;
+  c.rope_theta = 10000.0;
+  c.rms_norm_eps = 1e-5;
+  c.torch_dtype = "float32";
+  return c;
+}
+
+void write_demo_tokenizer(const std::string& dir) {
+  fs::create_directories(dir);
+  json vocab = json::object();
+  const auto& bytes = data::bpe::byte_to_unicode();
+  for (int b = 0; b < 256; ++b) vocab[bytes[static_cast<size_t>(b)]] = b;
+  json added = json::array();
+  for (size_t i = 0; i < special_tokens().size(); ++i)
+    added.push_back({{"id", 256 + static_cast<int>(i)},
+                     {"content", special_tokens()[i]},
+                     {"single_word", false},
+                     {"lstrip", false},
+                     {"rstrip", false},
+                     {"normalized", false},
+                     {"special", true}});
+  const json tok = {
+      {"version", "1.0"},
+      {"truncation", nullptr},
+      {"padding", nullptr},
+      {"added_tokens", added},
+      {"normalizer", nullptr},
+      {"pre_tokenizer",
+       {{"type", "Sequence"},
+        {"pretokenizers",
+         json::array({{{"type", "Split"},
+                       {"pattern", {{"Regex", data::bpe::kQwen2Pattern}}},
+                       {"behavior", "Isolated"},
+                       {"invert", false}},
+                      {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", false}, {"use_regex", false}}})}}},
+      {"post_processor",
+       {{"type", "TemplateProcessing"},
+        {"single", json::array({{{"SpecialToken", {{"id", "<|begin_of_text|>"}, {"type_id", 0}}}},
+                                {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}})},
+        {"pair", json::array({{{"SpecialToken", {{"id", "<|begin_of_text|>"}, {"type_id", 0}}}},
+                              {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
+                              {{"Sequence", {{"id", "B"}, {"type_id", 1}}}}})},
+        {"special_tokens",
+         {{"<|begin_of_text|>", {{"id", "<|begin_of_text|>"}, {"ids", {256}}, {"tokens", {"<|begin_of_text|>"}}}}}}}},
+      {"decoder", {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}}},
+      {"model",
+       {{"type", "BPE"},
+        {"dropout", nullptr},
+        {"unk_token", nullptr},
+        {"continuing_subword_prefix", nullptr},
+        {"end_of_word_suffix", nullptr},
+        {"fuse_unk", false},
+        {"byte_fallback", false},
+        {"ignore_merges", false},
+        {"vocab", vocab},
+        {"merges", json::array()}}}};
+  write_text(fs::path(dir) / "tokenizer.json", tok.dump(1) + "\n");
+  const json cfg = {{"bos_token", "<|begin_of_text|>"},
+                    {"eos_token", "<|end_of_text|>"},
+                    {"add_bos_token", true},
+                    {"clean_up_tokenization_spaces", false},
+                    {"model_max_length", 1024},
+                    {"tokenizer_class", "PreTrainedTokenizerFast"}};
+  write_text(fs::path(dir) / "tokenizer_config.json", cfg.dump(1) + "\n");
+  const json special = {{"bos_token", "<|begin_of_text|>"}, {"eos_token", "<|end_of_text|>"}};
+  write_text(fs::path(dir) / "special_tokens_map.json", special.dump(1) + "\n");
+}
+
+void write_random_llama(const std::string& dir, const LlamaConfig& c, uint64_t seed) {
+  fs::create_directories(dir);
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  constexpr double kInitStd = 0.02;  // transformers' initializer_range default
+  const auto normal = [&](std::vector<int64_t> shape) { return at::normal(0.0, kInitStd, shape, gen); };
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  const int64_t h = c.hidden_size, q = c.num_attention_heads * c.head_dim, kv = c.num_key_value_heads * c.head_dim;
+  tensors.emplace_back("model.embed_tokens.weight", normal({c.vocab_size, h}));
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    tensors.emplace_back(p + "input_layernorm.weight", at::ones({h}));
+    tensors.emplace_back(p + "post_attention_layernorm.weight", at::ones({h}));
+    tensors.emplace_back(model::linear_module_name(l, "q_proj") + ".weight", normal({q, h}));
+    tensors.emplace_back(model::linear_module_name(l, "k_proj") + ".weight", normal({kv, h}));
+    tensors.emplace_back(model::linear_module_name(l, "v_proj") + ".weight", normal({kv, h}));
+    tensors.emplace_back(model::linear_module_name(l, "o_proj") + ".weight", normal({h, q}));
+    tensors.emplace_back(model::linear_module_name(l, "gate_proj") + ".weight", normal({c.intermediate_size, h}));
+    tensors.emplace_back(model::linear_module_name(l, "up_proj") + ".weight", normal({c.intermediate_size, h}));
+    tensors.emplace_back(model::linear_module_name(l, "down_proj") + ".weight", normal({h, c.intermediate_size}));
+  }
+  tensors.emplace_back("model.norm.weight", at::ones({h}));
+  if (!c.tie_word_embeddings) tensors.emplace_back("lm_head.weight", normal({c.vocab_size, h}));
+  io::save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
+
+  const json config = {{"architectures", {"LlamaForCausalLM"}},
+                       {"model_type", "llama"},
+                       {"vocab_size", c.vocab_size},
+                       {"hidden_size", h},
+                       {"intermediate_size", c.intermediate_size},
+                       {"num_hidden_layers", c.num_hidden_layers},
+                       {"num_attention_heads", c.num_attention_heads},
+                       {"num_key_value_heads", c.num_key_value_heads},
+                       {"head_dim", c.head_dim},
+                       {"hidden_act", "silu"},
+                       {"max_position_embeddings", c.max_position_embeddings},
+                       {"initializer_range", kInitStd},
+                       {"rms_norm_eps", c.rms_norm_eps},
+                       {"rope_theta", c.rope_theta},
+                       {"attention_bias", false},
+                       {"mlp_bias", false},
+                       {"tie_word_embeddings", c.tie_word_embeddings},
+                       {"bos_token_id", 256},
+                       {"eos_token_id", 257},
+                       {"torch_dtype", "float32"}};
+  write_text(fs::path(dir) / "config.json", config.dump(2) + "\n");
+}
+
+Config demo_config(const std::string& work_dir, const std::string& data_dir) {
+  Config c = default_config();
+  c.source = "<qlora demo>";
+  c.model.path = (fs::path(work_dir) / "model").string();
+  c.lora.r = 16;
+  c.lora.alpha = 32;
+  c.lora.dropout = 0.0;
+  c.lora.target_modules = {"all-linear"};
+  c.data.path = (fs::path(data_dir) / "train.alpaca.jsonl").string();
+  c.data.eval_path = (fs::path(data_dir) / "eval.alpaca.jsonl").string();
+  c.data.max_seq_length = 256;
+  c.train.micro_batch_size = 8;
+  c.train.gradient_accumulation_steps = 1;
+  c.train.max_steps = 200;
+  c.train.learning_rate = 2e-3;
+  c.train.lr_scheduler = LrSchedule::kCosine;
+  c.train.warmup_steps = 10;
+  c.train.max_grad_norm = 1.0;
+  c.train.precision = Precision::kAuto;
+  c.train.gradient_checkpointing = false;
+  c.train.optimizer = OptimizerKind::kPagedAdamW8bit;
+  c.train.eval_steps = 50;
+  c.output.dir = (fs::path(work_dir) / "out").string();
+  c.output.save_steps = 50;
+  c.output.keep_last = 2;
+  c.output.logging_steps = 10;
+  return c;
+}
+
+}  // namespace qlora::train
