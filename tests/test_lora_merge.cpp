@@ -45,6 +45,24 @@ constexpr double kFp16GapFraction = 0.5;
 // weights and the same code, so only thread-count effects on CPU reductions (measured: 0).
 constexpr double kTransformersAtol = 1e-5;
 
+// Scratch directories, removed when the test program ends.
+std::vector<std::string>& scratch_dirs() {
+  static std::vector<std::string> dirs;
+  return dirs;
+}
+std::string make_temp_dir() {
+  scratch_dirs().push_back(qlora::testing::make_temp_dir("merge"));
+  return scratch_dirs().back();
+}
+class RemoveScratchDirs : public ::testing::Environment {
+ public:
+  void TearDown() override {
+    std::error_code ec;
+    for (const auto& d : scratch_dirs()) fs::remove_all(d, ec);
+  }
+};
+[[maybe_unused]] ::testing::Environment* const kRemoveScratch = ::testing::AddGlobalTestEnvironment(new RemoveScratchDirs);
+
 std::string data(const std::string& rel) { return qlora::testing::source_path("tests/data/merge/" + rel); }
 
 std::map<std::string, at::Tensor>& golden() {
@@ -131,7 +149,7 @@ void edit_adapter_weights(const std::string& dir,
 // ---------------------------------------------------------------- logits
 
 TEST(LoraMerge, Bf16MergeGivesPeftMergedLogits) {
-  const std::string tmp = qlora::testing::make_temp_dir("merge");
+  const std::string tmp = make_temp_dir();
   const std::string out = tmp + "/merged";
   std::vector<std::string> lines;
   lora::MergeOptions o = options(data("adapter"), out);
@@ -157,7 +175,7 @@ TEST(LoraMerge, Bf16MergeGivesPeftMergedLogits) {
 }
 
 TEST(LoraMerge, RsloraScaling) {
-  const std::string out = qlora::testing::make_temp_dir("merge") + "/merged";
+  const std::string out = make_temp_dir() + "/merged";
   const lora::MergeResult r = lora::merge_adapter(options(data("adapter_rslora"), out));
   EXPECT_EQ(r.merged_modules.size(), 4u);  // 2 layers x gate, up
   const double err = max_abs_diff(logits_of(out), golden().at("logits_rslora_merged_bf16"));
@@ -166,7 +184,7 @@ TEST(LoraMerge, RsloraScaling) {
 }
 
 TEST(LoraMerge, FromNf4MergesIntoTheBitsandbytesRoundTrip) {
-  const std::string out = qlora::testing::make_temp_dir("merge") + "/merged";
+  const std::string out = make_temp_dir() + "/merged";
   lora::MergeOptions o = options(data("adapter"), out);
   o.from_nf4 = true;
   const lora::MergeResult r = lora::merge_adapter(o);
@@ -189,7 +207,7 @@ TEST(LoraMerge, FromNf4MergesIntoTheBitsandbytesRoundTrip) {
 }
 
 TEST(LoraMerge, Fp16ShardedOutputWithIndex) {
-  const std::string out = qlora::testing::make_temp_dir("merge") + "/merged";
+  const std::string out = make_temp_dir() + "/merged";
   lora::MergeOptions o = options(data("adapter"), out);
   o.dtype = "fp16";
   o.max_shard_bytes = 40000;  // the model is ~215 KB in 16 bit: several shards
@@ -215,7 +233,7 @@ TEST(LoraMerge, Fp16ShardedOutputWithIndex) {
 // ---------------------------------------------------------------- the files around the weights
 
 TEST(LoraMerge, CopiesConfigAndTokenizerFiles) {
-  const std::string out = qlora::testing::make_temp_dir("merge") + "/merged";
+  const std::string out = make_temp_dir() + "/merged";
   const lora::MergeResult r = lora::merge_adapter(options(data("adapter"), out));
   for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"})
     EXPECT_EQ(slurp(fs::path(out) / f), slurp(data("base/") + f)) << f;
@@ -232,7 +250,7 @@ TEST(LoraMerge, CopiesConfigAndTokenizerFiles) {
 }
 
 TEST(LoraMerge, ForceReplacesANonEmptyOutOnlyWhenComplete) {
-  const std::string tmp = qlora::testing::make_temp_dir("merge");
+  const std::string tmp = make_temp_dir();
   const std::string out = tmp + "/merged";
   qlora::testing::write_file(out, "old.txt", "old");
   const std::string msg = input_error([&] { lora::merge_adapter(options(data("adapter"), out)); });
@@ -264,7 +282,7 @@ TEST(LoraMerge, ForceReplacesANonEmptyOutOnlyWhenComplete) {
 // ---------------------------------------------------------------- bad input
 
 TEST(LoraMergeErrors, AdapterModuleMissingFromTheBase) {
-  const std::string tmp = qlora::testing::make_temp_dir("merge");
+  const std::string tmp = make_temp_dir();
   const std::string bad = copy_adapter(tmp);
   edit_adapter_weights(bad, [](auto& t) {
     for (auto& [k, v] : t)
@@ -280,7 +298,7 @@ TEST(LoraMergeErrors, AdapterModuleMissingFromTheBase) {
 
 TEST(LoraMergeErrors, AdapterForADifferentBaseIsAShapeMismatch) {
   // tests/data/model/llama2 has the same names but 4 key/value heads: k_proj is [64, 64].
-  const std::string tmp = qlora::testing::make_temp_dir("merge");
+  const std::string tmp = make_temp_dir();
   lora::MergeOptions o = options(data("adapter"), tmp + "/out");
   o.base_dir = qlora::testing::source_path("tests/data/model/llama2");
   const std::string msg = input_error([&] { lora::merge_adapter(o); });
@@ -292,7 +310,7 @@ TEST(LoraMergeErrors, AdapterForADifferentBaseIsAShapeMismatch) {
 }
 
 TEST(LoraMergeErrors, RankDisagreesWithTheConfig) {
-  const std::string tmp = qlora::testing::make_temp_dir("merge");
+  const std::string tmp = make_temp_dir();
   const std::string bad = copy_adapter(tmp);
   edit_adapter_config(bad, [](nlohmann::json& j) { j["r"] = 4; });
   const std::string msg = input_error([&] { lora::merge_adapter(options(bad, tmp + "/out")); });
@@ -311,7 +329,7 @@ TEST(LoraMergeErrors, UnsupportedAdapterFeaturesAreNamed) {
                                {"lora_bias", true, "LoRA biases"},
                                {"peft_type", "IA3", "LORA"}};
   for (const Case& c : config_cases) {
-    const std::string tmp = qlora::testing::make_temp_dir("merge");
+    const std::string tmp = make_temp_dir();
     const std::string bad = copy_adapter(tmp);
     edit_adapter_config(bad, [&](nlohmann::json& j) { j[c.key] = c.value; });
     const std::string msg = input_error([&] { lora::merge_adapter(options(bad, tmp + "/out")); });
@@ -324,7 +342,7 @@ TEST(LoraMergeErrors, UnsupportedAdapterFeaturesAreNamed) {
       {"base_model.model.lm_head.modules_to_save.weight", "modules_to_save"},
       {"base_model.model.model.embed_tokens.lora_embedding_A", "embedding"}};
   for (const auto& [key, named] : weight_cases) {
-    const std::string tmp = qlora::testing::make_temp_dir("merge");
+    const std::string tmp = make_temp_dir();
     const std::string bad = copy_adapter(tmp);
     edit_adapter_weights(bad, [&, key = key](auto& t) { t.emplace_back(key, at::ones({4, 4})); });
     const std::string msg = input_error([&] { lora::merge_adapter(options(bad, tmp + "/out")); });
@@ -334,7 +352,7 @@ TEST(LoraMergeErrors, UnsupportedAdapterFeaturesAreNamed) {
 }
 
 TEST(LoraMergeErrors, OutputInsideAnInputOrBadDtype) {
-  const std::string tmp = qlora::testing::make_temp_dir("merge");
+  const std::string tmp = make_temp_dir();
   lora::MergeOptions o = options(data("adapter"), data("base"));
   o.force = true;
   std::string msg = input_error([&] { lora::merge_adapter(o); });
@@ -351,6 +369,34 @@ TEST(LoraMergeErrors, OutputInsideAnInputOrBadDtype) {
   msg = input_error([&] { lora::merge_adapter(o); });
   EXPECT_NE(msg.find("no-such-adapter"), std::string::npos) << msg;
   expect_only(tmp, {});
+}
+
+// ---------------------------------------------------------------- the command
+
+TEST(LoraMergeCli, OneLinePerStageThenWhatWasWritten) {
+  const qlora::testing::CommandResult help = qlora::testing::run_qlora("merge --help");
+  if (help.exit_code != 0 || help.out.find("--adapter") == std::string::npos)
+    GTEST_SKIP() << "this qlora binary has no merge subcommand (add_merge_command not registered in src/cli/app.cpp)";
+  const std::string tmp = make_temp_dir();
+  const std::string args = "merge --base tests/data/merge/base --adapter tests/data/merge/adapter --out '" + tmp +
+                           "/merged' --from-nf4";
+  const qlora::testing::CommandResult r = qlora::testing::run_qlora(args);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  std::vector<std::string> stages;
+  std::istringstream lines(r.out);
+  for (std::string line; std::getline(lines, line);) stages.push_back(line.substr(0, line.find(' ')));
+  EXPECT_EQ(stages, (std::vector<std::string>{"base", "adapter", "merging", "wrote", "copied", "done"})) << r.out;
+  EXPECT_NE(r.out.find("AutoModelForCausalLM.from_pretrained(\"" + tmp + "/merged\", dtype=torch.bfloat16)"),
+            std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("NF4 round trip of 14 projections"), std::string::npos) << r.out;
+  EXPECT_TRUE(fs::exists(tmp + "/merged/model.safetensors"));
+
+  const qlora::testing::CommandResult again = qlora::testing::run_qlora(args);
+  EXPECT_EQ(again.exit_code, 2) << again.out << again.err;  // bad input
+  EXPECT_NE(again.err.find("pass --force"), std::string::npos) << again.err;
+  EXPECT_EQ(qlora::testing::run_qlora(args + " --force").exit_code, 0);
+  EXPECT_EQ(qlora::testing::run_qlora(args + " --force --dtype fp32").exit_code, 2);  // CLI11 refuses it
 }
 
 // ---------------------------------------------------------------- transformers loads our output
@@ -380,7 +426,7 @@ TEST(LoraMergeTransformers, TransformersLoadsTheMergedDirectory) {
   run_capture("'" + py + "' -c 'import transformers, torch' 2>&1", &status);
   if (status != 0) GTEST_SKIP() << py << " cannot import transformers and torch";
 
-  const std::string out = qlora::testing::make_temp_dir("merge") + "/merged";
+  const std::string out = make_temp_dir() + "/merged";
   lora::merge_adapter(options(data("adapter"), out));
   const std::string text = run_capture("'" + py + "' '" + qlora::testing::source_path("scripts/check_merged_hf.py") +
                                            "' --merged '" + out + "' --golden '" + data("golden.safetensors") +

@@ -41,8 +41,8 @@ Runner add_merge_command(CLI::App& root) {
               << (opts->from_nf4 ? " (into the NF4 round trip of " + std::to_string(r.nf4_round_trips) + " projections)"
                                  : std::string())
               << ", " << r.tensors << " tensors in " << r.out_dir
-              << "; load it with: AutoModelForCausalLM.from_pretrained(\"" << r.out_dir << "\", dtype=" << torch_dtype
-              << ")\n";
+              << "; load it with transformers: AutoModelForCausalLM.from_pretrained(\"" << r.out_dir
+              << "\", dtype=" << torch_dtype << ")\n";
     return kExitOk;
   };
 }
