@@ -1,0 +1,76 @@
+// lora/merge: folding a PEFT LoRA adapter into its base model (`qlora merge`).
+//
+// Reads a Hugging Face model directory (io/model_dir.h) and a PEFT adapter directory
+// (adapter_config.json + adapter_model.safetensors, the format lora/adapter_io.h reads and
+// writes) and writes a new Hugging Face model directory whose every adapted projection is
+//
+//     W' = W + (B · A) · scaling        scaling = alpha / r, or alpha / sqrt(r) with rslora
+//
+// computed in fp32 and rounded once to the output dtype (bf16 or fp16); every other floating
+// tensor is cast to that dtype. W is the base weight as stored, or (from_nf4) the NF4 round trip
+// of it that QLoRA training computed against: see Note [merging into the NF4 base] in
+// src/lora/merge.cpp. config.json is copied with its dtype updated; tokenizer and generation
+// files are copied unchanged. The result loads with transformers' from_pretrained.
+//
+// Everything that can be checked is checked before anything is written (every adapter module
+// present in the base with matching shapes, the adapter plain LoRA). The output is built in a
+// temporary directory beside `out_dir` and renamed into place, so `out_dir` is either absent,
+// as it was, or complete. Tensors are merged shard by shard: the process holds the base mapped
+// (page cache) and at most one output shard in memory.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "qlora/io/safetensors.h"
+
+namespace qlora::lora {
+
+// ---------------------------------------------------------------- options
+
+struct MergeOptions {
+  std::string base_dir;     // a Hugging Face model directory (safetensors, 16- or 32-bit)
+  std::string adapter_dir;  // a PEFT LoRA adapter directory
+  std::string out_dir;      // must not exist, or be empty, or force
+  // Merge into the NF4 round trip of each decoder projection (bitsandbytes' NF4, blocksize 64,
+  // double quantization, as training quantizes) instead of the stored weight.
+  bool from_nf4 = false;
+  // "bf16", "fp16", or "" for the base's dtype when that is 16-bit, else bf16.
+  std::string dtype;
+  // Replace a non-empty out_dir (after the new one is complete).
+  bool force = false;
+  // Largest output shard in bytes; a model larger than this is written as
+  // model-0000i-of-0000n.safetensors with model.safetensors.index.json.
+  uint64_t max_shard_bytes = 5'000'000'000ull;
+  // Called once per stage with a one-line description (may be empty).
+  std::function<void(const std::string&)> progress;
+};
+
+// The output dtype for a --dtype value ("bf16" / "fp16", or "" with the base's config dtype
+// string such as "bfloat16" / "float32"). InputError for anything else.
+io::DType merge_output_dtype(const std::string& requested, const std::string& base_config_dtype);
+
+// ---------------------------------------------------------------- merging
+
+struct MergeResult {
+  std::string out_dir;
+  io::DType dtype = io::DType::BF16;
+  std::vector<std::string> merged_modules;  // HF module names that received B·A·scaling
+  int64_t nf4_round_trips = 0;              // projections replaced by their NF4 round trip
+  int64_t tensors = 0;                      // tensors written
+  uint64_t weight_bytes = 0;                // bytes of tensor data written
+  std::vector<std::string> weight_files;    // shard file names, in order
+  std::vector<std::string> copied_files;    // config.json, tokenizer files, ... (file names)
+};
+
+// Merges, writes and returns what was written. InputError (naming the directory, file, module
+// or tensor, and what to do) for: a missing or unreadable base or adapter, an adapter that is
+// not plain LoRA (DoRA, modules_to_save, biases, ... named plainly), an adapter module with no
+// base weight, a shape that does not fit the base, a quantized base, out_dir non-empty without
+// force or equal to an input. Other failures (disk full) are std::runtime_error naming the path;
+// then nothing is left behind.
+MergeResult merge_adapter(const MergeOptions& options);
+
+}  // namespace qlora::lora

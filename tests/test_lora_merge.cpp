@@ -1,0 +1,443 @@
+// lora/merge (`qlora merge`): the merged directory our model loads gives the logits of
+// transformers + PEFT (scripts/golden/merge.py wrote tests/data/merge/), the files around the
+// weights are right, the output is all-or-nothing, and each bad input is one InputError naming
+// what is wrong. The last test loads our output with transformers itself when QLORA_PYTHON has it.
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "qlora/common/errors.h"
+#include "qlora/io/model_dir.h"
+#include "qlora/io/torch_io.h"
+#include "qlora/lora/merge.h"
+#include "qlora/model/llama.h"
+#include "qlora/model/llama_config.h"
+#include "support/test_support.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using namespace qlora;
+
+// Our fp32 forward against transformers' fp32 forward of the same bf16 merged weights. The two
+// forwards agree to ~1e-5 on identical weights (tests/test_model_llama.cpp); one merged weight
+// one bf16 ulp off (a different summation order in B·A, a double rounding) moves these logits by
+// ~1e-3, so this bound also says our merged weights are PEFT's bit for bit (measured: 0, the
+// logits are identical, for the plain, rslora and NF4 merges).
+constexpr double kSameWeightsAtol = 1e-4;
+// Against PEFT's unmerged fp32 model, the only difference is the rounding of the merged weights
+// to bf16: we allow what that rounding costs transformers' own merge (the golden gap, measured
+// 4.15e-2 / 1.35e-2 / 3.66e-2 for the plain, rslora and NF4 cases) plus kSameWeightsAtol.
+// fp16 keeps 3 more mantissa bits than bf16, so its rounding should cost about 1/8 of the bf16
+// gap (measured 4.2e-3 against a bf16 gap of 4.15e-2); we allow 1/2, which still fails for
+// bf16-rounded or wrongly scaled weights.
+constexpr double kFp16GapFraction = 0.5;
+// What transformers loading our directory may differ from its own merged model by: the same
+// weights and the same code, so only thread-count effects on CPU reductions (measured: 0).
+constexpr double kTransformersAtol = 1e-5;
+
+// Scratch directories, removed when the test program ends.
+std::vector<std::string>& scratch_dirs() {
+  static std::vector<std::string> dirs;
+  return dirs;
+}
+std::string make_temp_dir() {
+  scratch_dirs().push_back(qlora::testing::make_temp_dir("merge"));
+  return scratch_dirs().back();
+}
+class RemoveScratchDirs : public ::testing::Environment {
+ public:
+  void TearDown() override {
+    std::error_code ec;
+    for (const auto& d : scratch_dirs()) fs::remove_all(d, ec);
+  }
+};
+[[maybe_unused]] ::testing::Environment* const kRemoveScratch = ::testing::AddGlobalTestEnvironment(new RemoveScratchDirs);
+
+std::string data(const std::string& rel) { return qlora::testing::source_path("tests/data/merge/" + rel); }
+
+std::map<std::string, at::Tensor>& golden() {
+  static auto g = io::load_safetensors(data("golden.safetensors"));
+  return g;
+}
+
+double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
+  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
+}
+double golden_gap(const std::string& a, const std::string& b) { return max_abs_diff(golden().at(a), golden().at(b)); }
+
+// Loads a model directory with our model in fp32 (bf16/fp16 weights upcast exactly) and runs
+// the golden batch.
+at::Tensor logits_of(const std::string& dir) {
+  const io::ModelDir md = io::ModelDir::open(dir);
+  model::WeightSource src{md.dir(), md.tensor_names(), [&md](const std::string& n) { return md.tensor(n); }};
+  model::LlamaModel m = model::LlamaModel::load(read_llama_config(md.config_path()), src);
+  return m.forward(golden().at("input_ids"), model::padded_attention(golden().at("attention_mask")));
+}
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+nlohmann::json config_of(const std::string& dir) { return nlohmann::json::parse(slurp(fs::path(dir) / "config.json")); }
+
+lora::MergeOptions options(const std::string& adapter, const std::string& out) {
+  lora::MergeOptions o;
+  o.base_dir = data("base");
+  o.adapter_dir = adapter;
+  o.out_dir = out;
+  return o;
+}
+
+// Nothing but `keep` in `dir`: no temporary or set-aside directories left behind.
+void expect_only(const std::string& dir, const std::set<std::string>& keep) {
+  for (const auto& e : fs::directory_iterator(dir))
+    EXPECT_TRUE(keep.count(e.path().filename().string())) << "left behind: " << e.path();
+}
+
+// The message of the InputError `fn` throws ("" and a test failure when it throws none).
+template <typename Fn>
+std::string input_error(Fn fn) {
+  try {
+    fn();
+  } catch (const InputError& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "expected an InputError, got: " << e.what();
+    return "";
+  }
+  ADD_FAILURE() << "expected an InputError, none thrown";
+  return "";
+}
+
+// A copy of the golden adapter whose config / weights a test then breaks.
+std::string copy_adapter(const std::string& tmp) {
+  const fs::path d = fs::path(tmp) / "adapter";
+  fs::create_directories(d);
+  fs::copy_file(data("adapter/adapter_config.json"), d / "adapter_config.json");
+  fs::copy_file(data("adapter/adapter_model.safetensors"), d / "adapter_model.safetensors");
+  return d.string();
+}
+
+void edit_adapter_config(const std::string& dir, const std::function<void(nlohmann::json&)>& edit) {
+  nlohmann::json j = nlohmann::json::parse(slurp(fs::path(dir) / "adapter_config.json"));
+  edit(j);
+  qlora::testing::write_file(dir, "adapter_config.json", j.dump(2));
+}
+
+void edit_adapter_weights(const std::string& dir,
+                          const std::function<void(std::vector<std::pair<std::string, at::Tensor>>&)>& edit) {
+  const std::string path = (fs::path(dir) / "adapter_model.safetensors").string();
+  std::vector<std::pair<std::string, at::Tensor>> t;
+  for (auto& [k, v] : io::load_safetensors(path)) t.emplace_back(k, v);
+  edit(t);
+  io::save_safetensors(path, t);
+}
+
+// ---------------------------------------------------------------- logits
+
+TEST(LoraMerge, Bf16MergeGivesPeftMergedLogits) {
+  const std::string tmp = make_temp_dir();
+  const std::string out = tmp + "/merged";
+  std::vector<std::string> lines;
+  lora::MergeOptions o = options(data("adapter"), out);
+  o.progress = [&](const std::string& l) { lines.push_back(l); };
+  const lora::MergeResult r = lora::merge_adapter(o);
+
+  EXPECT_EQ(r.dtype, io::DType::BF16);  // the base's dtype
+  EXPECT_EQ(r.merged_modules.size(), 10u);  // 2 layers x q, k, v, o, down
+  EXPECT_EQ(r.nf4_round_trips, 0);
+  EXPECT_EQ(r.weight_files, std::vector<std::string>{"model.safetensors"});
+  EXPECT_GE(lines.size(), 5u);
+
+  const at::Tensor logits = logits_of(out);
+  const double err_same = max_abs_diff(logits, golden().at("logits_merged_bf16"));
+  const double err_peft = max_abs_diff(logits, golden().at("logits_peft"));
+  const double gap = golden_gap("logits_merged_bf16", "logits_peft");
+  std::printf("  bf16 merge: max |logits diff| vs PEFT merged+bf16 %.3e, vs PEFT unmerged %.3e "
+              "(transformers' own bf16 gap %.3e; the adapter moves logits by %.3f)\n",
+              err_same, err_peft, gap, golden_gap("logits_peft", "logits_base"));
+  EXPECT_LT(err_same, kSameWeightsAtol);
+  EXPECT_LT(err_peft, gap + kSameWeightsAtol);
+  expect_only(tmp, {"merged"});
+}
+
+TEST(LoraMerge, RsloraScaling) {
+  const std::string out = make_temp_dir() + "/merged";
+  const lora::MergeResult r = lora::merge_adapter(options(data("adapter_rslora"), out));
+  EXPECT_EQ(r.merged_modules.size(), 4u);  // 2 layers x gate, up
+  const double err = max_abs_diff(logits_of(out), golden().at("logits_rslora_merged_bf16"));
+  std::printf("  rslora merge: max |logits diff| vs PEFT merged+bf16 %.3e\n", err);
+  EXPECT_LT(err, kSameWeightsAtol);
+}
+
+TEST(LoraMerge, FromNf4MergesIntoTheBitsandbytesRoundTrip) {
+  const std::string out = make_temp_dir() + "/merged";
+  lora::MergeOptions o = options(data("adapter"), out);
+  o.from_nf4 = true;
+  const lora::MergeResult r = lora::merge_adapter(o);
+  EXPECT_EQ(r.nf4_round_trips, 14);  // every decoder projection, adapted or not
+  const at::Tensor logits = logits_of(out);
+  const double err_same = max_abs_diff(logits, golden().at("logits_nf4_merged_bf16"));
+  const double err_peft = max_abs_diff(logits, golden().at("logits_nf4_peft"));
+  const double gap = golden_gap("logits_nf4_merged_bf16", "logits_nf4_peft");
+  std::printf("  NF4 merge: max |logits diff| vs PEFT on the bnb NF4 base, merged+bf16 %.3e, unmerged %.3e "
+              "(bf16 gap %.3e; NF4 moves logits by %.3f)\n",
+              err_same, err_peft, gap, golden_gap("logits_nf4_peft", "logits_peft"));
+  EXPECT_LT(err_same, kSameWeightsAtol);
+  EXPECT_LT(err_peft, gap + kSameWeightsAtol);
+  // lm_head and the embeddings are not NF4 in training: copied as stored.
+  const io::ModelDir base = io::ModelDir::open(data("base")), merged = io::ModelDir::open(out);
+  for (const char* n : {"lm_head.weight", "model.embed_tokens.weight"})
+    EXPECT_TRUE(at::equal(merged.tensor(n), base.tensor(n))) << n;
+  EXPECT_FALSE(at::equal(merged.tensor("model.layers.0.mlp.up_proj.weight"),
+                         base.tensor("model.layers.0.mlp.up_proj.weight")));
+}
+
+TEST(LoraMerge, Fp16ShardedOutputWithIndex) {
+  const std::string out = make_temp_dir() + "/merged";
+  lora::MergeOptions o = options(data("adapter"), out);
+  o.dtype = "fp16";
+  o.max_shard_bytes = 40000;  // the model is ~215 KB in 16 bit: several shards
+  const lora::MergeResult r = lora::merge_adapter(o);
+  ASSERT_GT(r.weight_files.size(), 3u);
+  EXPECT_EQ(r.weight_files.back(), "model.safetensors.index.json");
+  EXPECT_EQ(r.weight_files.front(), "model-00001-of-" + std::string(5 - std::to_string(r.weight_files.size() - 1).size(), '0') +
+                                        std::to_string(r.weight_files.size() - 1) + ".safetensors");
+  const auto index = nlohmann::json::parse(slurp(fs::path(out) / "model.safetensors.index.json"));
+  EXPECT_EQ(index["metadata"]["total_size"].get<uint64_t>(), r.weight_bytes);
+  EXPECT_EQ(index["weight_map"].size(), static_cast<size_t>(r.tensors));
+  EXPECT_EQ(config_of(out)["dtype"], "float16");
+
+  const io::ModelDir merged = io::ModelDir::open(out), base = io::ModelDir::open(data("base"));
+  for (const auto& n : merged.tensor_names()) EXPECT_EQ(merged.info(n)->dtype, io::DType::F16) << n;
+  EXPECT_TRUE(at::equal(merged.tensor("model.norm.weight"), base.tensor("model.norm.weight").to(at::kHalf)));
+  const double err = max_abs_diff(logits_of(out), golden().at("logits_peft"));
+  const double gap = golden_gap("logits_merged_bf16", "logits_peft");
+  std::printf("  fp16 merge: max |logits diff| vs PEFT unmerged %.3e (bf16's gap %.3e)\n", err, gap);
+  EXPECT_LT(err, kFp16GapFraction * gap);
+}
+
+// ---------------------------------------------------------------- the files around the weights
+
+TEST(LoraMerge, CopiesConfigAndTokenizerFiles) {
+  const std::string out = make_temp_dir() + "/merged";
+  const lora::MergeResult r = lora::merge_adapter(options(data("adapter"), out));
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"})
+    EXPECT_EQ(slurp(fs::path(out) / f), slurp(data("base/") + f)) << f;
+  std::set<std::string> listed(r.copied_files.begin(), r.copied_files.end());
+  EXPECT_EQ(listed, (std::set<std::string>{"config.json", "tokenizer.json", "tokenizer_config.json",
+                                           "special_tokens_map.json", "generation_config.json"}));
+  nlohmann::json ours = config_of(out), theirs = config_of(data("base"));
+  EXPECT_EQ(ours["dtype"], "bfloat16");
+  ours.erase("dtype");
+  theirs.erase("dtype");
+  EXPECT_EQ(ours, theirs);  // nothing else changed
+  expect_only(out, {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "generation_config.json"});
+}
+
+TEST(LoraMerge, ForceReplacesANonEmptyOutOnlyWhenComplete) {
+  const std::string tmp = make_temp_dir();
+  const std::string out = tmp + "/merged";
+  qlora::testing::write_file(out, "old.txt", "old");
+  const std::string msg = input_error([&] { lora::merge_adapter(options(data("adapter"), out)); });
+  EXPECT_NE(msg.find(out), std::string::npos) << msg;
+  EXPECT_NE(msg.find("not empty"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("--force"), std::string::npos) << msg;
+  EXPECT_TRUE(fs::exists(fs::path(out) / "old.txt"));
+
+  // A failing merge with --force leaves the old directory as it was.
+  const std::string bad = copy_adapter(tmp);
+  edit_adapter_config(bad, [](nlohmann::json& j) { j["r"] = 4; });
+  lora::MergeOptions o = options(bad, out);
+  o.force = true;
+  input_error([&] { lora::merge_adapter(o); });
+  EXPECT_TRUE(fs::exists(fs::path(out) / "old.txt"));
+
+  o.adapter_dir = data("adapter");
+  lora::merge_adapter(o);
+  EXPECT_FALSE(fs::exists(fs::path(out) / "old.txt"));
+  EXPECT_TRUE(fs::exists(fs::path(out) / "model.safetensors"));
+  expect_only(tmp, {"merged", "adapter"});
+
+  // An empty existing directory is fine without --force.
+  fs::create_directories(tmp + "/empty");
+  lora::merge_adapter(options(data("adapter"), tmp + "/empty"));
+  EXPECT_TRUE(fs::exists(tmp + "/empty/model.safetensors"));
+}
+
+// ---------------------------------------------------------------- bad input
+
+TEST(LoraMergeErrors, AdapterModuleMissingFromTheBase) {
+  const std::string tmp = make_temp_dir();
+  const std::string bad = copy_adapter(tmp);
+  edit_adapter_weights(bad, [](auto& t) {
+    for (auto& [k, v] : t)
+      if (k.find("layers.1.self_attn.q_proj") != std::string::npos) k.replace(k.find("layers.1"), 8, "layers.7");
+  });
+  const std::string msg = input_error([&] { lora::merge_adapter(options(bad, tmp + "/out")); });
+  EXPECT_NE(msg.find("model.layers.7.self_attn.q_proj"), std::string::npos) << msg;  // the module
+  EXPECT_NE(msg.find(data("base")), std::string::npos) << msg;                       // the base
+  EXPECT_NE(msg.find(bad), std::string::npos) << msg;                                // the adapter
+  EXPECT_FALSE(fs::exists(tmp + "/out"));
+  expect_only(tmp, {"adapter"});
+}
+
+TEST(LoraMergeErrors, AdapterForADifferentBaseIsAShapeMismatch) {
+  // tests/data/model/llama2 has the same names but 4 key/value heads: k_proj is [64, 64].
+  const std::string tmp = make_temp_dir();
+  lora::MergeOptions o = options(data("adapter"), tmp + "/out");
+  o.base_dir = qlora::testing::source_path("tests/data/model/llama2");
+  const std::string msg = input_error([&] { lora::merge_adapter(o); });
+  EXPECT_NE(msg.find("model.layers.0.self_attn.k_proj"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("[32, 64]"), std::string::npos) << msg;  // expected by the adapter
+  EXPECT_NE(msg.find("[64, 64]"), std::string::npos) << msg;  // found in the base
+  EXPECT_NE(msg.find("tests/data/merge/base"), std::string::npos) << msg;  // base_model_name_or_path, informational
+  EXPECT_FALSE(fs::exists(tmp + "/out"));
+}
+
+TEST(LoraMergeErrors, RankDisagreesWithTheConfig) {
+  const std::string tmp = make_temp_dir();
+  const std::string bad = copy_adapter(tmp);
+  edit_adapter_config(bad, [](nlohmann::json& j) { j["r"] = 4; });
+  const std::string msg = input_error([&] { lora::merge_adapter(options(bad, tmp + "/out")); });
+  EXPECT_NE(msg.find("r = 4"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("[8, 64]"), std::string::npos) << msg;
+}
+
+TEST(LoraMergeErrors, UnsupportedAdapterFeaturesAreNamed) {
+  struct Case {
+    const char* key;
+    nlohmann::json value;
+    const char* named;
+  };
+  const Case config_cases[] = {{"use_dora", true, "DoRA"},
+                               {"modules_to_save", nlohmann::json::array({"lm_head"}), "modules_to_save"},
+                               {"lora_bias", true, "LoRA biases"},
+                               {"peft_type", "IA3", "LORA"}};
+  for (const Case& c : config_cases) {
+    const std::string tmp = make_temp_dir();
+    const std::string bad = copy_adapter(tmp);
+    edit_adapter_config(bad, [&](nlohmann::json& j) { j[c.key] = c.value; });
+    const std::string msg = input_error([&] { lora::merge_adapter(options(bad, tmp + "/out")); });
+    EXPECT_NE(msg.find(c.named), std::string::npos) << c.key << ": " << msg;
+    EXPECT_NE(msg.find("adapter_config.json"), std::string::npos) << c.key << ": " << msg;
+  }
+  // The weights file alone can carry them too (a config edited by hand).
+  const std::pair<const char*, const char*> weight_cases[] = {
+      {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", "DoRA"},
+      {"base_model.model.lm_head.modules_to_save.weight", "modules_to_save"},
+      {"base_model.model.model.embed_tokens.lora_embedding_A", "embedding"}};
+  for (const auto& [key, named] : weight_cases) {
+    const std::string tmp = make_temp_dir();
+    const std::string bad = copy_adapter(tmp);
+    edit_adapter_weights(bad, [&, key = key](auto& t) { t.emplace_back(key, at::ones({4, 4})); });
+    const std::string msg = input_error([&] { lora::merge_adapter(options(bad, tmp + "/out")); });
+    EXPECT_NE(msg.find(named), std::string::npos) << key << ": " << msg;
+    EXPECT_NE(msg.find(key), std::string::npos) << key << ": " << msg;
+  }
+}
+
+TEST(LoraMergeErrors, OutputInsideAnInputOrBadDtype) {
+  const std::string tmp = make_temp_dir();
+  lora::MergeOptions o = options(data("adapter"), data("base"));
+  o.force = true;
+  std::string msg = input_error([&] { lora::merge_adapter(o); });
+  EXPECT_NE(msg.find("--base"), std::string::npos) << msg;
+  EXPECT_TRUE(fs::exists(data("base/model.safetensors")));
+
+  o = options(data("adapter"), tmp + "/out");
+  o.dtype = "fp8";
+  msg = input_error([&] { lora::merge_adapter(o); });
+  EXPECT_NE(msg.find("fp8"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("bf16 or fp16"), std::string::npos) << msg;
+
+  o = options(tmp + "/no-such-adapter", tmp + "/out");
+  msg = input_error([&] { lora::merge_adapter(o); });
+  EXPECT_NE(msg.find("no-such-adapter"), std::string::npos) << msg;
+  expect_only(tmp, {});
+}
+
+// ---------------------------------------------------------------- the command
+
+TEST(LoraMergeCli, OneLinePerStageThenWhatWasWritten) {
+  const qlora::testing::CommandResult help = qlora::testing::run_qlora("merge --help");
+  if (help.exit_code != 0 || help.out.find("--adapter") == std::string::npos)
+    GTEST_SKIP() << "this qlora binary has no merge subcommand (add_merge_command not registered in src/cli/app.cpp)";
+  const std::string tmp = make_temp_dir();
+  const std::string args = "merge --base tests/data/merge/base --adapter tests/data/merge/adapter --out '" + tmp +
+                           "/merged' --from-nf4";
+  const qlora::testing::CommandResult r = qlora::testing::run_qlora(args);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  std::vector<std::string> stages;
+  std::istringstream lines(r.out);
+  for (std::string line; std::getline(lines, line);) stages.push_back(line.substr(0, line.find(' ')));
+  EXPECT_EQ(stages, (std::vector<std::string>{"base", "adapter", "merging", "wrote", "copied", "done"})) << r.out;
+  EXPECT_NE(r.out.find("AutoModelForCausalLM.from_pretrained(\"" + tmp + "/merged\", dtype=torch.bfloat16)"),
+            std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("NF4 round trip of 14 projections"), std::string::npos) << r.out;
+  EXPECT_TRUE(fs::exists(tmp + "/merged/model.safetensors"));
+
+  const qlora::testing::CommandResult again = qlora::testing::run_qlora(args);
+  EXPECT_EQ(again.exit_code, 2) << again.out << again.err;  // bad input
+  EXPECT_NE(again.err.find("pass --force"), std::string::npos) << again.err;
+  EXPECT_EQ(qlora::testing::run_qlora(args + " --force").exit_code, 0);
+  EXPECT_EQ(qlora::testing::run_qlora(args + " --force --dtype fp32").exit_code, 2);  // CLI11 refuses it
+}
+
+// ---------------------------------------------------------------- transformers loads our output
+
+// The venv interpreter: ctest sets QLORA_PYTHON from the CMake option (tests/CMakeLists.txt).
+std::string python() {
+  const char* p = std::getenv("QLORA_PYTHON");
+  return p ? p : "";
+}
+
+std::string run_capture(const std::string& cmd, int* status) {
+  std::string out;
+  FILE* f = ::popen(cmd.c_str(), "r");
+  if (!f) return out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, n);
+  *status = ::pclose(f);
+  return out;
+}
+
+TEST(LoraMergeTransformers, TransformersLoadsTheMergedDirectory) {
+  const std::string py = python();
+  if (py.empty()) GTEST_SKIP() << "QLORA_PYTHON is not set (configure with -DQLORA_PYTHON=.venv/bin/python and run through ctest, "
+                                 "or export it): no Python to run transformers";
+  int status = -1;
+  run_capture("'" + py + "' -c 'import transformers, torch' 2>&1", &status);
+  if (status != 0) GTEST_SKIP() << py << " cannot import transformers and torch";
+
+  const std::string out = make_temp_dir() + "/merged";
+  lora::merge_adapter(options(data("adapter"), out));
+  const std::string text = run_capture("'" + py + "' '" + qlora::testing::source_path("scripts/check_merged_hf.py") +
+                                           "' --merged '" + out + "' --golden '" + data("golden.safetensors") +
+                                           "' --key logits_merged_bf16 2>/dev/null",
+                                       &status);
+  ASSERT_EQ(status, 0) << text;
+  const auto j = nlohmann::json::parse(text.substr(text.find('{')));
+  std::printf("  transformers on our merged dir: %s\n", j.dump().c_str());
+  EXPECT_EQ(j["dtype"], "torch.bfloat16");  // what from_pretrained picks from our config.json
+  EXPECT_LT(j["max_abs_diff"].get<double>(), kTransformersAtol);
+  EXPECT_TRUE(j["tokenizer_loads"].get<bool>());
+}
+
+}  // namespace
