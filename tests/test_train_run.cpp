@@ -60,7 +60,7 @@ std::string small_data(const std::string& dir, int n, int first) {
 model::LlamaModel load_small(const std::string& dir) {
   const io::ModelDir md = io::ModelDir::open(dir);
   const model::WeightSource w{md.dir(), md.tensor_names(), [&md](const std::string& n) { return md.tensor(n); }};
-  return model::LlamaModel::load(model::read_llama_config(md.config_path()), w);
+  return model::LlamaModel::load(read_llama_config(md.config_path()), w);
 }
 
 TEST(TrainRun, BannerLines) {

@@ -34,6 +34,7 @@ int run(int argc, char** argv) {
   remember(add_plan_command(app));
   remember(add_config_command(app));
   remember(add_data_command(app));
+  remember(add_merge_command(app));
   remember(add_env_command(app));
 
   try {

@@ -18,6 +18,7 @@ Runner add_config_command(CLI::App& root);
 Runner add_plan_command(CLI::App& root);
 Runner add_env_command(CLI::App& root);
 Runner add_data_command(CLI::App& root);
+Runner add_merge_command(CLI::App& root);
 Runner add_train_command(CLI::App& root);
 Runner add_demo_command(CLI::App& root);
 

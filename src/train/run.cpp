@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <ATen/Parallel.h>
 
 #include <chrono>
 #include <cstdio>
@@ -96,7 +97,7 @@ json eval_json(int64_t step, const EvalResult& r) {
 }
 
 // The memory the plan expects, one line ("plan: 1.23 GiB: base weights 0.50, ...").
-std::string plan_line(const Config& cfg, const model::LlamaConfig& shape, int64_t world) {
+std::string plan_line(const Config& cfg, const LlamaConfig& shape, int64_t world) {
   const plan::Plan p = plan::make_plan(cfg, shape, nullptr, world);
   std::string line = "memory plan (GPU, as `qlora plan` counts it): " + plan::format_gib(p.total_bytes) + " GiB =";
   bool first = true;
@@ -145,7 +146,7 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
 
   // 2. base model, frozen, its projections quantized to NF4 as they load
   const io::ModelDir dir = io::ModelDir::open(cfg.model.path);
-  const model::LlamaConfig shape = model::read_llama_config(dir.config_path());
+  const LlamaConfig shape = read_llama_config(dir.config_path());
   model::LoadOptions load;
   load.dtype = dtype;
   load.device = dev.device;
@@ -195,7 +196,7 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
 
   // 6. banner
   log::info(effective_batch_line(cfg, world));
-  log::info(trainable_params_line(trainable, model::total_params(shape) + trainable));
+  log::info(trainable_params_line(trainable, total_params(shape) + trainable));
   log::info(plan_line(cfg, shape, world));
   log::info(std::to_string(total) + " optimizer steps (" + std::to_string(loader.steps_in_epoch(0)) +
             " micro batches per epoch), " + std::string(to_string(cfg.train.lr_scheduler)) + " schedule, " +
