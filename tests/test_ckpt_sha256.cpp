@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <filesystem>
 #include <fstream>
 #include <random>
 #include <string>
@@ -96,10 +97,12 @@ TEST(Sha256, FileMatchesCoreutilsSha256sum) {
   std::ofstream(big_path, std::ios::binary).write(big.data(), static_cast<std::streamsize>(big.size()));
   EXPECT_EQ(sha256_file(big_path), "16f19af5a6e2d5308cc91e792c783c68a38ca5b2a4660ca4967c57ab792c093e");
   EXPECT_EQ(sha256_hex(big), sha256_file(big_path));
+  std::filesystem::remove_all(dir);
 }
 
 TEST(Sha256, UnreadableFileNamesTheFile) {
-  const std::string missing = testing::make_temp_dir("sha256") + "/no-such-file.bin";
+  const std::string dir = testing::make_temp_dir("sha256");
+  const std::string missing = dir + "/no-such-file.bin";
   try {
     sha256_file(missing);
     FAIL() << "sha256_file of a missing file did not throw";
@@ -107,6 +110,7 @@ TEST(Sha256, UnreadableFileNamesTheFile) {
     EXPECT_NE(std::string(e.what()).find(missing), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("No such file"), std::string::npos) << e.what();
   }
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
