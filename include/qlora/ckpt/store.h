@@ -81,7 +81,9 @@ Verification verify_checkpoint(const std::string& dir);
 
 // The newest checkpoint of output_dir that verifies. `warnings` has one line
 // per newer checkpoint skipped and why. path is empty (and the bool false)
-// when none verifies; the warnings then say what was wrong with each.
+// when none verifies; the warnings then say what was wrong with each. A
+// missing output_dir finds nothing; one that cannot be listed throws
+// CheckpointError.
 struct Found {
   std::string path;
   int64_t step = -1;
