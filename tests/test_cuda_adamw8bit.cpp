@@ -193,6 +193,80 @@ TEST(CudaAdamW8bit, FusedKernelEqualsReferenceBitForBit) {
   }
 }
 
+// Paged state (Note in DESIGN "Memory on a GPU, and paging"): the 8-bit moments and their absmax
+// in managed memory, explicitly evicted to the host before some steps (the kernel then faults
+// the pages back) and prefetched to the device before others; every step must still equal the
+// reference bit for bit. Small (a few MiB) and only where the GPU has that much free.
+TEST(CudaAdamW8bit, PagedStateEvictedToHostStillEqualsReference) {
+  std::string why;
+  if (!have_gpu(&why)) GTEST_SKIP() << "no GPU here (" << why << ")";
+  int device = 0, concurrent = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  cudaDeviceGetAttribute(&concurrent, cudaDevAttrConcurrentManagedAccess, device);
+  if (!concurrent) GTEST_SKIP() << "this GPU / driver cannot prefetch managed memory (no concurrent managed access)";
+  const int64_t n = (int64_t{1} << 20) + 77;
+  const int64_t blocks = optim::quant_blocks(n);
+  const size_t state_bytes = static_cast<size_t>(2 * n + 8 * blocks);
+  size_t free_bytes = 0, total_bytes = 0;
+  ASSERT_EQ(cudaMemGetInfo(&free_bytes, &total_bytes), cudaSuccess);
+  if (free_bytes < 8 * state_bytes) GTEST_SKIP() << "too little free GPU memory for the managed state";
+
+  uint8_t *q1 = nullptr, *q2 = nullptr;
+  float *a1 = nullptr, *a2 = nullptr, *d_param = nullptr, *d_grad = nullptr;
+  ASSERT_EQ(cudaMallocManaged(&q1, n), cudaSuccess);
+  ASSERT_EQ(cudaMallocManaged(&q2, n), cudaSuccess);
+  ASSERT_EQ(cudaMallocManaged(&a1, blocks * 4), cudaSuccess);
+  ASSERT_EQ(cudaMallocManaged(&a2, blocks * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&d_param, n * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&d_grad, n * 4), cudaSuccess);
+  std::memset(q1, 0, n);
+  std::memset(q2, 0, n);
+  std::memset(a1, 0, blocks * 4);
+  std::memset(a2, 0, blocks * 4);
+  std::vector<uint8_t> r1(static_cast<size_t>(n), 0), r2(static_cast<size_t>(n), 0);
+  std::vector<float> ra1(static_cast<size_t>(blocks), 0.0f), ra2(static_cast<size_t>(blocks), 0.0f);
+
+  std::mt19937 rng(77);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> param(static_cast<size_t>(n));
+  for (auto& p : param) p = normal(rng) * 0.1f;
+  cudaMemcpy(d_param, param.data(), n * 4, cudaMemcpyHostToDevice);
+  const kernels::DynamicMaps maps = dynamic_maps();
+  optim::AdamWHyper h;
+  h.lr = 1e-3;
+  h.weight_decay = 0.01;
+  for (int step = 1; step <= 4; ++step) {
+    std::vector<float> grad(static_cast<size_t>(n));
+    for (auto& g : grad) g = normal(rng) * 0.01f;
+    cudaMemcpy(d_grad, grad.data(), n * 4, cudaMemcpyHostToDevice);
+    cudaMemLocation where{};
+    where.type = step % 2 == 1 ? cudaMemLocationTypeHost : cudaMemLocationTypeDevice;
+    where.id = step % 2 == 1 ? 0 : device;
+    for (std::pair<void*, size_t> range : {std::pair<void*, size_t>{q1, n}, {q2, n}, {a1, blocks * 4}, {a2, blocks * 4}})
+      CUDA_OK(cudaMemPrefetchAsync(range.first, range.second, where, 0, nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    const kernels::AdamW8bitScalars s = kernels::adamw8bit_scalars(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, step);
+    CUDA_OK(kernels::adamw8bit_step(d_param, d_grad, FloatType::kF32, q1, q2, a1, a2, n, s, maps, nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    optim::adamw8bit_block_step(param.data(), grad.data(), r1.data(), r2.data(), ra1.data(), ra2.data(), n, step, h);
+    std::vector<float> gp(param.size());
+    cudaMemcpy(gp.data(), d_param, n * 4, cudaMemcpyDeviceToHost);
+    // The managed state is read where it lies now (on the device after the step): host access
+    // migrates it back, as a checkpoint save would.
+    EXPECT_EQ(count_bitwise_diffs(gp, param, "param", step), 0);
+    EXPECT_EQ(std::memcmp(q1, r1.data(), n), 0) << "exp_avg codes, step " << step;
+    EXPECT_EQ(std::memcmp(q2, r2.data(), n), 0) << "exp_avg_sq codes, step " << step;
+    EXPECT_EQ(std::memcmp(a1, ra1.data(), blocks * 4), 0) << "exp_avg absmax, step " << step;
+    EXPECT_EQ(std::memcmp(a2, ra2.data(), blocks * 4), 0) << "exp_avg_sq absmax, step " << step;
+  }
+  cudaFree(q1);
+  cudaFree(q2);
+  cudaFree(a1);
+  cudaFree(a2);
+  cudaFree(d_param);
+  cudaFree(d_grad);
+}
+
 #ifdef QLORA_WITH_CUDA
 TEST(CudaAdamW8bit, TensorGlueEqualsReference) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device visible to torch";
