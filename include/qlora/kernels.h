@@ -1,9 +1,17 @@
 // kernels: the CUDA side of qlora, as plain C++ with raw pointers and sizes.
 // Compiled by nvcc into its own library (qlora_kernels) that never sees a
 // torch header; the modules above call it through this header alone.
+//
+// Every launcher takes device pointers, sizes and a stream (a cudaStream_t: CUstream_st* is
+// the type cudaStream_t names, declared here so this header needs no CUDA header; null is the
+// legacy default stream) and returns the launch's cudaError_t as an int (0: success; the text
+// is cuda_error_string(code)). Launches are asynchronous on `stream`.
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
+
+struct CUstream_st;
 
 namespace qlora::kernels {
 
@@ -23,5 +31,72 @@ struct DeviceInfo {
 // are visible; returns 0 when there is no driver or no GPU, with the CUDA
 // runtime's reason written to `reason` (NUL-terminated, may be truncated).
 int query_devices(DeviceInfo* out, int max_devices, char* reason, size_t reason_size);
+
+// The CUDA runtime's text for a launcher's return code.
+const char* cuda_error_string(int code);
+
+// Element types of kernel inputs / outputs (fp32, bf16 / fp16 as their 16 bits).
+enum class FloatType { kF32, kBF16, kF16 };
+
+// ---------------------------------------------------------------- NF4
+// The format is quant/nf4_ref.h's (Note [NF4 layout], [NF4 double quantization]): packed codes
+// high nibble first, blocks of 64, and per block either an fp32 absmax or a double-quantized one.
+
+// The block scales of one NF4 tensor, as device pointers. Plain: `absmax` set, the rest null.
+// Double-quantized: absmax = null, and the block's scale is, in fp32 with two roundings (no FMA),
+//   code2[absmax_q[b]] * absmax2[b / 256] + offset.
+struct Nf4Scales {
+  const float* absmax = nullptr;      // [blocks] fp32
+  const uint8_t* absmax_q = nullptr;  // [blocks] uint8
+  const float* absmax2 = nullptr;     // [ceil(blocks / 256)] fp32
+  const float* code2 = nullptr;       // [256] fp32, the dynamic map
+  float offset = 0.0f;
+};
+
+// out[i] = nf4_code[q_i] * scale[i / 64] in fp32, rounded to nearest-even for bf16 / fp16:
+// bit for bit quant::ref::nf4_dequantize_{f32,bf16,f16} (with the absmax expanded first).
+// packed: [ceil(n / 2)] uint8; out: [n] of out_type. 16-byte aligned packed and out take the
+// vectorized path (32 elements a thread); any alignment is accepted.
+int nf4_dequantize(const uint8_t* packed, const Nf4Scales& scales, int64_t n, void* out,
+                   FloatType out_type, CUstream_st* stream);
+
+// Rows of x the fused GEMV handles in one launch.
+inline constexpr int64_t kNf4GemvMaxRows = 16;
+
+// y = x · Wᵀ with W the NF4 weight [n_out, k] (row-major, flattened blocks of 64 as stored):
+// x: [m, k] bf16 or fp16 (x_type), 1 <= m <= kNf4GemvMaxRows; y: [m, n_out], same type as x.
+// Each weight is decoded once to fp32 (nf4_code * scale, exactly the fp32 dequantized value)
+// and multiplied with all m rows; products are accumulated in fp32, rounded once into y.
+// k % 32 == 0 with 16-byte aligned x and packed takes the vectorized path; any k is accepted.
+int nf4_gemv(const void* x, FloatType x_type, int64_t m, int64_t k, const uint8_t* packed,
+             const Nf4Scales& scales, int64_t n_out, void* y, CUstream_st* stream);
+
+// ---------------------------------------------------------------- 8-bit AdamW
+// bitsandbytes' 8-bit blockwise AdamW, one fused pass: optim::adamw8bit_block_step (the
+// reference, include/qlora/optim/adamw_ref.h) on the device, bit for bit.
+
+// The fp32 scalars of one step, derived from the hyper-parameters on the host in the
+// reference's order of operations (passed as data: a schedule never rebuilds a graph).
+struct AdamW8bitScalars {
+  float beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, lr = 0.0f, weight_decay = 0.0f;
+  float correction2 = 0.0f;  // sqrt(1 - beta2^t)
+  float step_size = 0.0f;    // -lr * correction2 / (1 - beta1^t)
+};
+AdamW8bitScalars adamw8bit_scalars(double lr, double beta1, double beta2, double eps,
+                                   double weight_decay, int64_t step);
+
+// The two dynamic maps (optim::signed_dynamic_map / unsigned_dynamic_map), passed by value to
+// every launch (2 KiB of kernel parameters) so the kernels library holds no copy of them.
+struct DynamicMaps {
+  float signed_map[256];
+  float unsigned_map[256];
+};
+
+// param: [n] fp32; grad: [n] of grad_type; exp_avg_q, exp_avg_sq_q: [n] uint8;
+// absmax_exp_avg, absmax_exp_avg_sq: [ceil(n / 256)] fp32; all updated in place except grad.
+// Any n >= 1; 16-byte aligned param (and grad, 4-byte aligned codes) take vectorized loads.
+int adamw8bit_step(float* param, const void* grad, FloatType grad_type, uint8_t* exp_avg_q,
+                   uint8_t* exp_avg_sq_q, float* absmax_exp_avg, float* absmax_exp_avg_sq, int64_t n,
+                   const AdamW8bitScalars& scalars, const DynamicMaps& maps, CUstream_st* stream);
 
 }  // namespace qlora::kernels

@@ -1,0 +1,220 @@
+// Benchmarks of the NF4 and 8-bit AdamW kernels (kernels/), one JSON object a line on stdout:
+//   {"bench":"nf4_dequant", ...}  dequantize to bf16 vs a device-to-device copy of the output
+//                                 bytes, same run (target: ratio >= 0.85)
+//   {"bench":"nf4_gemv", ...}     the fused GEMV at M = 1, 4, 16 vs dequantize + cuBLAS
+//                                 (at::matmul) and vs cuBLAS on the already-dequantized weight
+//   {"bench":"adamw8bit", ...}    the fused 8-bit AdamW step: its bytes moved / time vs copy
+// Timing: CUDA events around each repeat, the L2 flushed between repeats (a 256 MiB memset),
+// warm-up first, the median of kRepeats. Weight values are random bytes (speed does not depend
+// on them). Needs a GPU; without one it prints one line saying so and exits 0.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#include "qlora/kernels.h"
+#include "qlora/optim/adamw_ref.h"
+#include "qlora/quant/nf4_ref.h"
+
+namespace {
+
+using qlora::kernels::FloatType;
+
+constexpr int kWarmup = 5;
+constexpr int kRepeats = 50;
+constexpr int64_t kFlushBytes = int64_t{256} << 20;  // > the 50 MiB L2 of an H100
+
+struct Shape {
+  const char* model;
+  int64_t out, in;
+};
+// Llama-3.2-1B: q/o 2048x2048, gate/up 8192x2048, down 2048x8192; Llama-3.1-8B: q/o 4096x4096,
+// gate/up 14336x4096, down 4096x14336.
+const Shape kShapes[] = {{"1B", 2048, 2048}, {"1B", 8192, 2048}, {"1B", 2048, 8192},
+                         {"8B", 4096, 4096}, {"8B", 14336, 4096}, {"8B", 4096, 14336}};
+
+void check(int rc, const char* what) {
+  if (rc != 0) {
+    std::fprintf(stderr, "bench_nf4: %s failed: %s\n", what, qlora::kernels::cuda_error_string(rc));
+    std::exit(1);
+  }
+}
+
+// Median milliseconds of `fn` on `stream`, the L2 flushed before each repeat.
+double time_ms(cudaStream_t stream, at::Tensor& flush, const std::function<void()>& fn) {
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  for (int i = 0; i < kWarmup; ++i) fn();
+  std::vector<float> ms;
+  for (int i = 0; i < kRepeats; ++i) {
+    check(cudaMemsetAsync(flush.data_ptr(), i & 0xFF, flush.numel(), stream), "L2 flush");
+    cudaEventRecord(start, stream);
+    fn();
+    cudaEventRecord(stop, stream);
+    cudaEventSynchronize(stop);
+    float t = 0.0f;
+    cudaEventElapsedTime(&t, start, stop);
+    ms.push_back(t);
+  }
+  check(static_cast<int>(cudaGetLastError()), "a timed launch");
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::nth_element(ms.begin(), ms.begin() + kRepeats / 2, ms.end());
+  return ms[kRepeats / 2];
+}
+
+double gbps(double bytes, double ms) { return bytes / (ms * 1e-3) / 1e9; }
+
+// A double-quantized NF4 weight of `n` elements with random bytes, on the GPU.
+struct RandomNf4 {
+  at::Tensor packed, absmax_q, absmax2, code2;
+  qlora::kernels::Nf4Scales scales;
+  int64_t bytes = 0;  // what a dequantize reads
+  explicit RandomNf4(int64_t n) {
+    const auto u8 = at::TensorOptions().dtype(at::kByte).device(at::kCUDA);
+    const auto f32 = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA);
+    const int64_t blocks = qlora::quant::ref::num_blocks(n, 64);
+    packed = at::randint(0, 256, {qlora::quant::ref::packed_bytes(n)}, u8);
+    absmax_q = at::randint(0, 256, {blocks}, u8);
+    absmax2 = at::rand({qlora::quant::ref::num_blocks(blocks, 256)}, f32) * 0.1;
+    code2 = at::from_blob(const_cast<float*>(qlora::quant::ref::dynamic_map()), {256}, at::kFloat).to(at::kCUDA);
+    scales.absmax_q = absmax_q.data_ptr<uint8_t>();
+    scales.absmax2 = absmax2.data_ptr<float>();
+    scales.code2 = code2.data_ptr<float>();
+    scales.offset = 0.05f;
+    bytes = packed.numel() + absmax_q.numel() + absmax2.numel() * 4 + 256 * 4;
+  }
+};
+
+void bench_dequant(cudaStream_t stream, at::Tensor& flush) {
+  for (const Shape& s : kShapes) {
+    const int64_t n = s.out * s.in;
+    RandomNf4 w(n);
+    at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA));
+    at::Tensor copy_dst = at::empty_like(out);
+    const double deq = time_ms(stream, flush, [&] {
+      check(qlora::kernels::nf4_dequantize(w.packed.data_ptr<uint8_t>(), w.scales, n, out.data_ptr(),
+                                           FloatType::kBF16, stream),
+            "nf4_dequantize");
+    });
+    const double out_bytes = static_cast<double>(n) * 2;
+    const double copy = time_ms(stream, flush, [&] {
+      check(static_cast<int>(cudaMemcpyAsync(copy_dst.data_ptr(), out.data_ptr(), static_cast<size_t>(out_bytes),
+                                             cudaMemcpyDeviceToDevice, stream)),
+            "copy");
+    });
+    const double deq_gbps = gbps(static_cast<double>(w.bytes) + out_bytes, deq);
+    const double copy_gbps = gbps(2 * out_bytes, copy);
+    std::printf(
+        "{\"bench\":\"nf4_dequant\",\"model\":\"%s\",\"out\":%lld,\"in\":%lld,\"dtype\":\"bf16\","
+        "\"ms\":%.4f,\"gbps\":%.1f,\"copy_ms\":%.4f,\"copy_gbps\":%.1f,\"ratio_to_copy\":%.3f,\"target\":0.85}\n",
+        s.model, static_cast<long long>(s.out), static_cast<long long>(s.in), deq, deq_gbps, copy, copy_gbps,
+        deq_gbps / copy_gbps);
+    std::fflush(stdout);
+  }
+}
+
+void bench_gemv(cudaStream_t stream, at::Tensor& flush) {
+  for (const Shape& s : kShapes) {
+    const int64_t n = s.out * s.in;
+    RandomNf4 w(n);
+    at::Tensor wdeq = at::empty({s.out, s.in}, at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA));
+    check(qlora::kernels::nf4_dequantize(w.packed.data_ptr<uint8_t>(), w.scales, n, wdeq.data_ptr(),
+                                         FloatType::kBF16, stream),
+          "nf4_dequantize");
+    for (int64_t m : {1, 4, 16}) {
+      const at::Tensor x = at::randn({m, s.in}, at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA));
+      at::Tensor y = at::empty({m, s.out}, x.options());
+      const double fused = time_ms(stream, flush, [&] {
+        check(qlora::kernels::nf4_gemv(x.data_ptr(), FloatType::kBF16, m, s.in, w.packed.data_ptr<uint8_t>(),
+                                       w.scales, s.out, y.data_ptr(), stream),
+              "nf4_gemv");
+      });
+      const double deq_mm = time_ms(stream, flush, [&] {
+        check(qlora::kernels::nf4_dequantize(w.packed.data_ptr<uint8_t>(), w.scales, n, wdeq.data_ptr(),
+                                             FloatType::kBF16, stream),
+              "nf4_dequantize");
+        at::matmul_out(y, x, wdeq.t());
+      });
+      const double dense = time_ms(stream, flush, [&] { at::matmul_out(y, x, wdeq.t()); });
+      const double bytes = static_cast<double>(w.bytes) + static_cast<double>(m * (s.in + s.out) * 2);
+      std::printf(
+          "{\"bench\":\"nf4_gemv\",\"model\":\"%s\",\"out\":%lld,\"in\":%lld,\"m\":%lld,\"ms\":%.4f,"
+          "\"gbps\":%.1f,\"dequant_matmul_ms\":%.4f,\"speedup_vs_dequant_matmul\":%.2f,"
+          "\"dense_bf16_matmul_ms\":%.4f,\"speedup_vs_dense\":%.2f}\n",
+          s.model, static_cast<long long>(s.out), static_cast<long long>(s.in), static_cast<long long>(m), fused,
+          gbps(bytes, fused), deq_mm, deq_mm / fused, dense, dense / fused);
+      std::fflush(stdout);
+    }
+  }
+}
+
+void bench_adamw(cudaStream_t stream, at::Tensor& flush) {
+  qlora::kernels::DynamicMaps maps;
+  std::memcpy(maps.signed_map, qlora::optim::signed_dynamic_map().data(), sizeof maps.signed_map);
+  std::memcpy(maps.unsigned_map, qlora::optim::unsigned_dynamic_map().data(), sizeof maps.unsigned_map);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA);
+  const auto u8 = at::TensorOptions().dtype(at::kByte).device(at::kCUDA);
+  // 1B, r 16 on q,k,v,o: ~3.4M LoRA parameters; all-linear 8B r 16: ~42M; and one large tensor.
+  for (int64_t n : {int64_t{3407872}, int64_t{41943040}, int64_t{134217728}}) {
+    for (FloatType gt : {FloatType::kF32, FloatType::kBF16}) {
+      at::Tensor param = at::randn({n}, f32) * 0.02;
+      at::Tensor grad = at::randn({n}, f32) * 1e-3;
+      if (gt == FloatType::kBF16) grad = grad.to(at::kBFloat16);
+      at::Tensor q1 = at::full({n}, 128, u8), q2 = at::zeros({n}, u8);
+      const int64_t blocks = qlora::optim::quant_blocks(n);
+      at::Tensor a1 = at::full({blocks}, 1e-4, f32), a2 = at::full({blocks}, 1e-8, f32);
+      int64_t step = 0;
+      const double ms = time_ms(stream, flush, [&] {
+        const auto s = qlora::kernels::adamw8bit_scalars(2e-4, 0.9, 0.999, 1e-8, 0.01, ++step);
+        check(qlora::kernels::adamw8bit_step(param.data_ptr<float>(), grad.data_ptr(), gt, q1.data_ptr<uint8_t>(),
+                                             q2.data_ptr<uint8_t>(), a1.data_ptr<float>(), a2.data_ptr<float>(), n, s,
+                                             maps, stream),
+              "adamw8bit_step");
+      });
+      // Read: param, grad, both codes, both absmax; written: param, both codes, both absmax.
+      const double gsize = gt == FloatType::kF32 ? 4 : 2;
+      const double bytes = static_cast<double>(n) * (4 + gsize + 2 + 4 + 2) + static_cast<double>(blocks) * 16;
+      at::Tensor src = at::empty({static_cast<int64_t>(bytes / 2)}, u8), dst = at::empty_like(src);
+      const double copy = time_ms(stream, flush, [&] {
+        check(static_cast<int>(cudaMemcpyAsync(dst.data_ptr(), src.data_ptr(), src.numel(), cudaMemcpyDeviceToDevice,
+                                               stream)),
+              "copy");
+      });
+      const double g = gbps(bytes, ms), copy_g = gbps(2.0 * static_cast<double>(src.numel()), copy);
+      std::printf(
+          "{\"bench\":\"adamw8bit\",\"n\":%lld,\"grad\":\"%s\",\"ms\":%.4f,\"bytes\":%.0f,\"gbps\":%.1f,"
+          "\"copy_gbps\":%.1f,\"ratio_to_copy\":%.3f}\n",
+          static_cast<long long>(n), gt == FloatType::kF32 ? "f32" : "bf16", ms, bytes, g, copy_g, g / copy_g);
+      std::fflush(stdout);
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  qlora::kernels::DeviceInfo dev[1];
+  char reason[256];
+  if (qlora::kernels::query_devices(dev, 1, reason, sizeof reason) == 0) {
+    std::printf("{\"bench\":\"nf4\",\"skipped\":\"no GPU: %s\"}\n", reason);
+    return 0;
+  }
+  std::printf("{\"bench\":\"nf4_device\",\"name\":\"%s\",\"sms\":%d,\"cc\":\"%d.%d\",\"repeats\":%d}\n", dev[0].name,
+              dev[0].multiprocessors, dev[0].cc_major, dev[0].cc_minor, kRepeats);
+  const c10::cuda::CUDAGuard guard(c10::Device(c10::kCUDA, 0));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(0).stream();
+  at::Tensor flush = at::empty({kFlushBytes}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
+  bench_dequant(stream, flush);
+  bench_gemv(stream, flush);
+  bench_adamw(stream, flush);
+  return 0;
+}

@@ -1,0 +1,25 @@
+// optim/adamw8bit_cuda: the fused 8-bit blockwise AdamW kernel (kernels/adamw8bit.cu) on
+// at::Tensors: one launch updates a parameter and both 8-bit moments, bit for bit what
+// adamw8bit_block_step (optim/adamw_ref.h) computes on the CPU.
+//
+// Defined only in builds with CUDA torch (QLORA_CUDA=ON, which defines QLORA_WITH_CUDA):
+// guard calls with #ifdef QLORA_WITH_CUDA.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "qlora/optim/adamw_ref.h"
+
+namespace qlora::optim {
+
+// param: [n] fp32 contiguous CUDA; grad: [n] fp32 / bf16 / fp16 contiguous, same device;
+// exp_avg_q, exp_avg_sq_q: [n] uint8; absmax_exp_avg, absmax_exp_avg_sq: [ceil(n / 256)] fp32
+// (device or managed memory reachable from the device). step: 1-based count after this update.
+// Updated in place (all but grad); runs on the current CUDA stream, asynchronously.
+void adamw8bit_step_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg_q,
+                         at::Tensor& exp_avg_sq_q, at::Tensor& absmax_exp_avg,
+                         at::Tensor& absmax_exp_avg_sq, int64_t step, const AdamWHyper& h);
+
+}  // namespace qlora::optim
