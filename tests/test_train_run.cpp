@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "qlora/common/text.h"
 #include "qlora/data/dataset.h"
 #include "qlora/data/tokenizer.h"
 #include "qlora/io/model_dir.h"
@@ -21,41 +22,13 @@
 #include "qlora/train/eval.h"
 #include "qlora/train/run.h"
 #include "support/test_support.h"
+#include "support/train_fixtures.h"
 
 namespace qlora {
 namespace {
 
 namespace fs = std::filesystem;
-
-LlamaConfig small_shape() {
-  LlamaConfig c = train::demo_model_config();
-  c.hidden_size = 64;
-  c.intermediate_size = 128;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 16;
-  return c;
-}
-
-// A model directory with the demo tokenizer and a small random model.
-std::string small_model_dir() {
-  static const std::string dir = [] {
-    const std::string d = testing::make_temp_dir("run_model");
-    train::write_demo_tokenizer(d);
-    train::write_random_llama(d, small_shape(), 7);
-    return d;
-  }();
-  return dir;
-}
-
-std::string small_data(const std::string& dir, int n, int first) {
-  std::string text;
-  for (int i = first; i < first + n; ++i)
-    text += R"({"instruction": "What is )" + std::to_string(i) + " + " + std::to_string(i % 7) +
-            R"(?", "input": "", "output": ")" + std::to_string(i + i % 7) + "\"}\n";
-  return testing::write_file(dir, "data" + std::to_string(first) + ".jsonl", text);
-}
+using testing::small_model_dir;
 
 model::LlamaModel load_small(const std::string& dir) {
   const io::ModelDir md = io::ModelDir::open(dir);
@@ -107,7 +80,7 @@ TEST(TrainRun, ExactMatchCountsWhatGenerationProduces) {
   const std::string tmp = testing::make_temp_dir("run_eval");
   data::LoadOptions lo;
   lo.max_seq_length = 256;
-  const data::Dataset ds = data::load_jsonl(small_data(tmp, 6, 10), lo, *tok);
+  const data::Dataset ds = data::load_jsonl(testing::small_alpaca_data(tmp, 6, 10), lo, *tok);
   train::EvalOptions eo;
   eo.batch_size = 4;
   eo.max_new_tokens = 4;
@@ -133,8 +106,8 @@ TEST(TrainRun, TrainsWritesMetricsAndAPeftAdapter) {
   const std::string tmp = testing::make_temp_dir("run_train");
   Config cfg = default_config();
   cfg.model.path = small_model_dir();
-  cfg.data.path = small_data(tmp, 48, 100);
-  cfg.data.eval_path = small_data(tmp, 8, 500);
+  cfg.data.path = testing::small_alpaca_data(tmp, 48, 100);
+  cfg.data.eval_path = testing::small_alpaca_data(tmp, 8, 500);
   cfg.data.max_seq_length = 256;
   cfg.lora.target_modules = {"all-linear"};
   cfg.lora.dropout = 0.0;

@@ -7,6 +7,7 @@
 
 #include "cli/commands.h"
 #include "qlora/common/errors.h"
+#include "qlora/quant/nf4_cuda.h"
 
 namespace qlora::cli {
 
@@ -50,6 +51,7 @@ int run(int argc, char** argv) {
     return kExitBadInput;
   }
 
+  quant::register_cuda_kernels();  // no-op without CUDA
   try {
     for (auto& [cmd, runner] : commands)
       if (cmd->parsed()) return runner();

@@ -72,6 +72,10 @@ Runner add_demo_command(CLI::App& root) {
       log::info("using the tiny base model already in " + model_dir.string());
     }
     Config cfg = train::demo_config(work.string(), data_dir);
+    if (fs::exists(cfg.output.dir)) {
+      log::info("removing the previous demo run in " + cfg.output.dir);
+      fs::remove_all(cfg.output.dir);
+    }
     cfg.train.max_steps = opts->steps;
     const fs::path yaml = work / "run.yaml";
     std::ofstream(yaml) << "# written by `qlora demo`; rerun with: qlora train --config " << yaml.string() << "\n"

@@ -1,7 +1,9 @@
 // qlora train: fine-tune with QLoRA as the config says.
 //
-//   qlora train --config run.yaml [--set key=value ...]
+//   qlora train --config run.yaml [--set key=value ...] [--resume auto|PATH [--force]]
 //
+// Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and exits with 130; a second
+// one quits at once.
 // What it prints and writes: train/run.h. Exit codes: 0 done, 2 bad input
 // (config, model directory, data), 1 a failure during training (e.g. the loss
 // stayed inf/nan for train.max_bad_steps steps).
@@ -20,6 +22,8 @@ struct TrainOptions {
   ConfigOptions config;
   int64_t generate_examples = 64;
   bool no_start_eval = false;
+  std::string resume;
+  bool force = false;
 };
 
 }  // namespace
@@ -32,14 +36,20 @@ Runner add_train_command(CLI::App& root) {
                   "held-out prompts answered greedily for exact-match accuracy at each evaluation (0: loss only)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_flag("--no-start-eval", opts->no_start_eval, "skip the evaluation before the first step");
+  cmd->add_option("--resume", opts->resume,
+                  "continue a run: auto (the newest checkpoint in output.dir that verifies; step 0 when none) "
+                  "or a checkpoint directory");
+  cmd->add_flag("--force", opts->force, "with --resume: resume even when the config changes the run's math");
   return [opts]() {
     const Config cfg = load_config_options(opts->config);
     train::RunOptions ro;
     ro.progress_bar = isatty(STDERR_FILENO) != 0;
     ro.evaluate_at_start = !opts->no_start_eval;
     ro.eval.generate_examples = opts->generate_examples;
-    train::run_training(cfg, ro);
-    return kExitOk;
+    ro.resume = opts->resume;
+    ro.force = opts->force;
+    const train::RunResult r = train::run_training(cfg, ro);
+    return r.interrupted ? kExitInterrupted : kExitOk;
   };
 }
 

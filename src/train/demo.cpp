@@ -173,7 +173,7 @@ Config demo_config(const std::string& work_dir, const std::string& data_dir) {
   c.lora.target_modules = {"all-linear"};
   c.data.path = (fs::path(data_dir) / "train.alpaca.jsonl").string();
   c.data.eval_path = (fs::path(data_dir) / "eval.alpaca.jsonl").string();
-  c.data.max_seq_length = 256;
+  c.data.max_seq_length = 320;
   c.train.micro_batch_size = 8;
   c.train.gradient_accumulation_steps = 1;
   c.train.max_steps = 200;

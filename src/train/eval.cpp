@@ -34,6 +34,10 @@ model::AttentionInputs left_padded_attention(const at::Tensor& mask /* [B, T] bo
   return a;
 }
 
+// Generated tokens allowed beyond the reference's length (whitespace the
+// comparison trims, then the stop token).
+constexpr int64_t kSlackTokens = 2;
+
 size_t first_trained(const data::TokenizedExample& e) {
   for (size_t i = 0; i < e.labels.size(); ++i)
     if (e.labels[i] != data::kIgnoreIndex) return i;
@@ -138,14 +142,20 @@ EvalResult evaluate(const model::LlamaModel& model, const data::Tokenizer& token
   for (size_t i = 0; i < chosen.size(); i += static_cast<size_t>(bs)) {
     std::vector<std::vector<int32_t>> prompts;
     std::vector<std::string> refs;
+    // An answer longer than the reference plus a little whitespace cannot
+    // match: stop there instead of at max_new_tokens (a fresh model never
+    // says its stop token, and would otherwise always run to the cap).
+    int64_t budget = 0;
     for (size_t j = i; j < std::min(chosen.size(), i + static_cast<size_t>(bs)); ++j) {
       const auto& e = *chosen[j];
       const size_t k = first_trained(e);
       prompts.emplace_back(e.input_ids.begin(), e.input_ids.begin() + static_cast<std::ptrdiff_t>(k));
-      refs.push_back(std::string(trim(tokenizer.decode(
-          strip_stops({e.input_ids.begin() + static_cast<std::ptrdiff_t>(k), e.input_ids.end()}, stops)))));
+      const std::vector<int32_t> ref =
+          strip_stops({e.input_ids.begin() + static_cast<std::ptrdiff_t>(k), e.input_ids.end()}, stops);
+      budget = std::max<int64_t>(budget, static_cast<int64_t>(ref.size()) + kSlackTokens);
+      refs.push_back(std::string(trim(tokenizer.decode(ref))));
     }
-    const auto answers = greedy_generate(model, prompts, stops, options.max_new_tokens);
+    const auto answers = greedy_generate(model, prompts, stops, std::min(budget, options.max_new_tokens));
     for (size_t j = 0; j < answers.size(); ++j) {
       ++r.generated;
       if (std::string(trim(tokenizer.decode(answers[j]))) == refs[j]) ++r.exact;

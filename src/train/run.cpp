@@ -4,9 +4,12 @@
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -15,6 +18,8 @@
 
 #include "qlora/amp/precision.h"
 #include "qlora/amp/scaler.h"
+#include "qlora/ckpt/sha256.h"
+#include "qlora/ckpt/store.h"
 #include "qlora/common/errors.h"
 #include "qlora/common/log.h"
 #include "qlora/data/dataset.h"
@@ -31,6 +36,7 @@
 #include "qlora/train/checkpoint.h"
 #include "qlora/train/progress.h"
 #include "qlora/train/schedule.h"
+#include "qlora/train/state.h"
 #include "qlora/train/trainer.h"
 
 namespace qlora::train {
@@ -83,7 +89,8 @@ json step_json(const StepEvent& e, int64_t memory_bytes) {
               {"loss", e.stats.loss},
               {"lr", e.stats.lr},
               {"grad_norm", e.stats.grad_norm},
-              {"tokens", e.stats.tokens},
+              {"target_tokens", e.stats.tokens},
+              {"input_tokens", e.input_tokens},
               {"tokens_per_second", e.tokens_per_second},
               {"step_seconds", e.step_seconds},
               {"skipped", e.stats.skipped},
@@ -108,6 +115,38 @@ std::string plan_line(const Config& cfg, const LlamaConfig& shape, int64_t world
   }
   return line;
 }
+
+// SIGINT / SIGTERM ask the run to stop at the next micro batch and save; a
+// second signal gets the default action (quit now, without saving).
+std::atomic<bool> g_stop_signal{false};
+
+extern "C" void on_stop_signal(int sig) {
+  g_stop_signal.store(true);
+  std::signal(sig, SIG_DFL);
+}
+
+class SignalGuard {
+ public:
+  explicit SignalGuard(bool enabled) : enabled_(enabled) {
+    if (!enabled_) return;
+    g_stop_signal.store(false);
+    old_int_ = std::signal(SIGINT, on_stop_signal);
+    old_term_ = std::signal(SIGTERM, on_stop_signal);
+  }
+  ~SignalGuard() {
+    if (!enabled_) return;
+    std::signal(SIGINT, old_int_);
+    std::signal(SIGTERM, old_term_);
+  }
+  SignalGuard(const SignalGuard&) = delete;
+  SignalGuard& operator=(const SignalGuard&) = delete;
+  bool fired() const { return enabled_ && g_stop_signal.load(); }
+
+ private:
+  bool enabled_;
+  void (*old_int_)(int) = SIG_DFL;
+  void (*old_term_)(int) = SIG_DFL;
+};
 
 }  // namespace
 
@@ -187,12 +226,40 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
   so.enabled = amp::needs_loss_scaling(dev.precision);
   amp::LossScaler scaler(so);
   amp::BadStepPolicy bad_steps(cfg.train.max_bad_steps);
+  SignalGuard signals(options.handle_signals);
   StepOptions step_options;
   step_options.max_grad_norm = cfg.train.max_grad_norm;
   step_options.gradient_checkpointing = cfg.train.gradient_checkpointing;
   if (cfg.train.gradient_checkpointing) step_options.layer_forward = checkpointed_layer_forward(model);
+  Trainer* trainer_ptr = nullptr;  // the stop test needs the step in progress
+  step_options.interrupted = [&](int64_t micro_done) {
+    return signals.fired() || (options.stop_when && options.stop_when(trainer_ptr->step() + 1, micro_done));
+  };
   Trainer trainer(model, adapter.parameters(), *optimizer, make_lr_scheduler(cfg.train, total), scaler, bad_steps,
                   step_options);
+  trainer_ptr = &trainer;
+
+  // 5b. resume: every piece of state from the checkpoint (train/state.h)
+  std::filesystem::create_directories(cfg.output.dir);
+  const std::string metrics_path = (std::filesystem::path(cfg.output.dir) / "metrics.jsonl").string();
+  const json fingerprint = run_fingerprint(cfg, ckpt::sha256_file(dir.config_path()), dev.precision, world);
+  const TrainingObjects objects{trainer, *optimizer, scaler, bad_steps, loader, adapter, dev.device};
+  if (!options.resume.empty()) {
+    const std::string from = resolve_resume(cfg.output.dir, options.resume);
+    if (from.empty()) {
+      log::info("--resume auto: no checkpoint in " + cfg.output.dir + " yet; starting from step 0");
+    } else {
+      result.start_step = load_checkpoint(from, objects, fingerprint, options.force, metrics_path);
+      log::info("resumed from " + from + " at step " + std::to_string(result.start_step) + " of " +
+                std::to_string(total));
+    }
+  } else if (const auto old = ckpt::list_checkpoints(cfg.output.dir); !old.empty()) {
+    // Starting over here would leave the earlier run's later checkpoints for
+    // a future --resume auto to pick up: refuse instead of mixing two runs.
+    throw InputError(cfg.output.dir + " already holds checkpoints of an earlier run (newest: " + old.back() +
+                     "); pass --resume auto to continue it, or set output.dir to a new directory");
+  }
+  if (result.start_step == 0) std::ofstream(metrics_path, std::ios::trunc);  // a new run's history
 
   // 6. banner
   log::info(effective_batch_line(cfg, world));
@@ -203,7 +270,6 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
             optimizer->kind() + (cfg.train.gradient_checkpointing ? ", activation checkpointing" : ""));
 
   // 7. the loop
-  std::filesystem::create_directories(cfg.output.dir);
   MetricsLog metrics(cfg.output.dir);
   result.metrics_path = metrics.path();
   Progress progress(total, cfg.output.logging_steps, options.progress_bar);
@@ -215,22 +281,45 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
     progress.message("step " + std::to_string(step) + " " + format_eval_line(r));
     return r;
   };
+  const auto save = [&]() {
+    result.last_checkpoint = save_checkpoint(cfg, objects, fingerprint, metrics.path());
+    progress.message("saved " + result.last_checkpoint);
+  };
   const bool has_eval = !sets.eval.examples.empty();
   result.has_eval = has_eval;
-  if (has_eval && options.evaluate_at_start) result.start_eval = run_eval(0);
+  if (has_eval && options.evaluate_at_start && result.start_step == 0) result.start_eval = run_eval(0);
 
-  const LoopSummary sum = train_loop(cfg, trainer, loader, [&](const StepEvent& e) {
-    const int64_t mem = memory_in_use(dev.device);
-    metrics.write(step_json(e, mem).dump());
-    progress.update(e, mem);
-    if (has_eval && cfg.train.eval_steps > 0 && e.step % cfg.train.eval_steps == 0 && e.step < e.total)
-      run_eval(e.step);
-    return true;
-  });
+  LoopSummary sum;
+  try {
+    sum = train_loop(cfg, trainer, loader, [&](const StepEvent& e) {
+      const int64_t mem = memory_in_use(dev.device);
+      metrics.write(step_json(e, mem).dump());
+      progress.update(e, mem);
+      result.losses.push_back(e.stats.loss);
+      if (has_eval && cfg.train.eval_steps > 0 && e.step % cfg.train.eval_steps == 0 && e.step < e.total)
+        run_eval(e.step);
+      if (cfg.output.save_steps > 0 && e.step % cfg.output.save_steps == 0 && e.step < e.total) save();
+      return !(signals.fired() || (options.stop_when && options.stop_when(e.step + 1, 0)));
+    });
+  } catch (const amp::TrainingDiverged&) {
+    progress.finish();
+    log::error("saving the last state before stopping (its step was skipped, the weights are the last good ones)");
+    save();
+    throw;
+  }
   progress.finish();
   result.steps = sum.steps;
   result.first_loss = sum.first_loss;
   result.last_loss = sum.last_loss;
+  if (sum.stopped) {
+    save();
+    result.interrupted = true;
+    result.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    log::warn("stopped at step " + std::to_string(trainer.step()) + " of " + std::to_string(total) + "; saved " +
+              result.last_checkpoint + ". Continue with: qlora train --config " + cfg.source + " --resume auto");
+    return result;
+  }
+  save();
   if (has_eval) result.final_eval = run_eval(trainer.step());
 
   // 8. the adapter, in PEFT's format

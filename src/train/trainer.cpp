@@ -1,6 +1,7 @@
 #include "qlora/train/trainer.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/autograd.h>
 
@@ -119,6 +120,11 @@ Trainer::Trainer(model::LlamaModel& model, std::vector<at::Tensor> params, optim
 
 StepStats Trainer::train_step(const std::vector<data::Batch>& window) {
   const AccumulatedWindow acc = accumulate_gradients(window);
+  if (acc.aborted) {
+    StepStats stats;
+    stats.aborted = true;
+    return stats;
+  }
   return apply_gradients(acc);
 }
 
@@ -133,10 +139,25 @@ AccumulatedWindow Trainer::accumulate_gradients(const std::vector<data::Batch>& 
   acc.window_tokens = options_.world_tokens(local_tokens);
   if (acc.window_tokens == 0) return acc;  // nothing to learn from: apply_gradients skips
 
+  // An abandoned window must leave no trace, the dropout draws of its micro
+  // batches included: keep the generators' states to put them back.
+  std::vector<std::pair<at::Generator, at::Tensor>> rng_at_start;
+  if (options_.interrupted) {
+    std::vector<at::Generator> gens = {at::globalContext().defaultGenerator(c10::kCPU)};
+    if (!model_.device().is_cpu()) gens.push_back(at::globalContext().defaultGenerator(model_.device()));
+    for (auto& g : gens) rng_at_start.emplace_back(g, g.get_state());
+  }
+
   // Note [token-normalized accumulation] (trainer.h).
   const double inv_tokens = 1.0 / static_cast<double>(acc.window_tokens);
-  for (const auto& b : window) {
-    auto [sum, count] = micro_batch_loss(b);
+  for (size_t i = 0; i < window.size(); ++i) {
+    if (i > 0 && options_.interrupted && options_.interrupted(static_cast<int64_t>(i))) {
+      zero_grads();
+      for (auto& [g, state] : rng_at_start) g.set_state(state);
+      acc.aborted = true;
+      return acc;
+    }
+    auto [sum, count] = micro_batch_loss(window[i]);
     if (count == 0) continue;  // no target: contributes nothing (and no graph to walk)
     acc.loss_sum += sum.item<double>();
     const at::Tensor loss = scaler_.scale(sum * inv_tokens);  // [] fp32
@@ -199,15 +220,23 @@ LoopSummary train_loop(const Config& cfg, Trainer& trainer, data::DataLoader& lo
   const Clock::time_point start = Clock::now();
   while (trainer.step() < total) {
     const Clock::time_point step_start = Clock::now();
+    const data::LoaderCursor window_start = loader.cursor();
     std::vector<data::Batch> window;
     for (int64_t i = 0; i < accumulation; ++i) window.push_back(loader.next());
     StepEvent e;
+    for (const auto& b : window)
+      for (const uint8_t m : b.attention_mask) e.input_tokens += m;
     e.stats = trainer.train_step(window);
+    if (e.stats.aborted) {
+      loader.restore(window_start);
+      sum.stopped = true;
+      break;
+    }
     e.step = trainer.step();
     e.total = total;
     const Clock::time_point now = Clock::now();
     e.step_seconds = std::chrono::duration<double>(now - step_start).count();
-    e.tokens_per_second = e.step_seconds > 0 ? static_cast<double>(e.stats.tokens) / e.step_seconds : 0.0;
+    e.tokens_per_second = e.step_seconds > 0 ? static_cast<double>(e.input_tokens) / e.step_seconds : 0.0;
 
     if (sum.steps == 0) sum.first_loss = e.stats.loss;
     sum.last_loss = e.stats.loss;

@@ -111,6 +111,11 @@ class BadStepPolicy {
   int64_t in_a_row() const { return in_a_row_; }
   int64_t total() const { return total_; }
   int64_t max_in_a_row() const { return max_in_a_row_; }
+  // For checkpoints: the counters as saved.
+  void restore(int64_t in_a_row, int64_t total) {
+    in_a_row_ = in_a_row;
+    total_ = total;
+  }
 
  private:
   int64_t max_in_a_row_;

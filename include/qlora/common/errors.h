@@ -13,6 +13,7 @@ namespace qlora {
 inline constexpr int kExitOk = 0;
 inline constexpr int kExitRuntimeFailure = 1;
 inline constexpr int kExitBadInput = 2;
+inline constexpr int kExitInterrupted = 130;  // stopped by a signal after saving a checkpoint (128 + SIGINT)
 
 // Bad user input: a config key, a flag value, a missing or malformed file.
 class InputError : public std::runtime_error {

@@ -38,7 +38,7 @@ struct EvalOptions {
   int64_t batch_size = 8;          // examples per forward pass
   int64_t loss_chunk = 1024;       // tokens per chunk of the cross-entropy
   int64_t generate_examples = 64;  // exact match over the first N examples (0: skip)
-  int64_t max_new_tokens = 32;     // generation cap per example
+  int64_t max_new_tokens = 32;     // generation cap per example (also: reference length + 2)
 };
 
 struct EvalResult {

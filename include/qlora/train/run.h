@@ -12,7 +12,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <vector>
 
 #include "qlora/config/config.h"
 #include "qlora/train/eval.h"
@@ -21,8 +23,16 @@ namespace qlora::train {
 
 struct RunOptions {
   bool progress_bar = false;        // draw a bar (stderr is a terminal)
-  bool evaluate_at_start = true;    // held-out numbers before the first step
+  bool evaluate_at_start = true;    // held-out numbers before the first step (not on resume)
   EvalOptions eval;                 // batch and generation sizes of evaluation
+  std::string resume;               // "": fresh; "auto": newest valid checkpoint (fresh if none); or a path
+  bool force = false;               // resume even when the run's math changed
+  bool handle_signals = true;       // SIGINT/SIGTERM: save a checkpoint, then return interrupted
+  // Stop on purpose (demo, tests): asked before step `step` (1-based) starts
+  // with micro = 0, and before each later micro batch of that step with the
+  // number done. true at micro 0 stops after step - 1; later, the window is
+  // abandoned and the checkpoint is that of step - 1 as well.
+  std::function<bool(int64_t step, int64_t micro)> stop_when;
 };
 
 struct RunResult {
@@ -34,13 +44,18 @@ struct RunResult {
   bool has_eval = false;
   EvalResult start_eval;     // when evaluate_at_start and there is eval data
   EvalResult final_eval;
-  std::string adapter_dir;   // where the adapter was written
+  std::string adapter_dir;   // where the adapter was written (empty when interrupted)
   std::string metrics_path;  // output_dir/metrics.jsonl
+  int64_t start_step = 0;    // 0, or the step resumed from
+  bool interrupted = false;  // stopped early (signal or stop_when); a checkpoint was saved
+  std::string last_checkpoint;
+  std::vector<double> losses;  // train loss of every step this call ran
 };
 
 // Runs the whole recipe. Throws InputError for anything the user can fix (a
-// missing model.path, unreadable files, bad data), TrainingDiverged when the
-// loss stays non-finite.
+// missing model.path, unreadable files, bad data, a resume that does not fit),
+// TrainingDiverged when the loss stays non-finite (after saving a checkpoint of
+// the last good step), ckpt::CheckpointError when a save fails.
 RunResult run_training(const Config& cfg, const RunOptions& options = {});
 
 // "effective batch = micro 2 × accumulation 16 × GPUs 1 = 32 sequences per optimizer step"

@@ -99,6 +99,10 @@ struct StepOptions {
   // true without a layer_forward throws std::invalid_argument.
   bool gradient_checkpointing = false;
   LayerForwardFn layer_forward;  // empty: model.layer_forward
+  // Polled before each micro batch after the first (argument: micro batches
+  // done in this window); true abandons the window: gradients are dropped,
+  // nothing is updated, the step is not counted (StepStats::aborted).
+  std::function<bool(int64_t micro_done)> interrupted;
 };
 
 struct StepStats {
@@ -107,12 +111,14 @@ struct StepStats {
   double lr = 0.0;         // learning rate of this step (applied unless skipped)
   int64_t tokens = 0;      // target tokens of the window, all ranks
   bool skipped = false;    // no update: inf/nan gradients, or no target token at all
+  bool aborted = false;    // StepOptions::interrupted fired mid-window: no step at all
 };
 
 // What step 2 of the recipe leaves behind, before the update.
 struct AccumulatedWindow {
   double loss_sum = 0.0;      // summed cross-entropy of this rank's micro batches
   int64_t window_tokens = 0;  // divisor used: target tokens of the window, all ranks
+  bool aborted = false;       // interrupted mid-window; gradients already dropped
 };
 
 class Trainer {
@@ -162,7 +168,8 @@ struct StepEvent {
   int64_t total = 0;    // optimizer steps of the whole run
   StepStats stats;
   double step_seconds = 0.0;       // wall time of this step
-  double tokens_per_second = 0.0;  // this step's target tokens / step_seconds
+  int64_t input_tokens = 0;        // real (non-padding) tokens this rank processed in the step
+  double tokens_per_second = 0.0;  // input_tokens / step_seconds (what throughput means to users)
   double eta_seconds = 0.0;        // remaining steps × mean step time of this call
 };
 
@@ -189,7 +196,10 @@ std::string format_step_line(int64_t step, int64_t total, const StepStats& stats
 // optimizer steps are done (continuing from trainer.step(), so a restored
 // trainer and loader resume), each step taking train.gradient_accumulation_steps
 // micro batches from `loader` (epochs roll over inside the loader, so a window
-// may straddle two epochs), or until on_step returns false. Without on_step it
+// may straddle two epochs), or until on_step returns false, or until the
+// trainer's `interrupted` abandons a window (then the loader is put back to
+// the window's start, so a checkpoint taken now resumes with that window).
+// Without on_step it
 // logs format_step_line every output.logging_steps steps (and the last). The
 // trainer's schedule must span the same number of steps
 // (make_lr_scheduler(cfg.train, total)): std::invalid_argument otherwise.

@@ -1,0 +1,97 @@
+// train/state: everything a run needs to continue exactly, in and out of a
+// checkpoint directory (the ckpt module makes the directory atomic and
+// verifiable; this module decides what goes in it).
+//
+// checkpoint-N/
+//   adapter.safetensors     LoRA A and B under PEFT's keys (fp32)
+//   optimizer.safetensors   every optimizer state tensor, by name
+//   rng.safetensors         CPU generator state (and CUDA's when on a GPU)
+//   trainer_state.json      step, schedule, loss scaler, bad-step counters,
+//                           optimizer scalars, the data loader's cursor
+//   run.json                the "math" of the run (below) and the versions
+//   config.yaml             the whole resolved config, for people
+//   metrics.jsonl           the metrics up to step N
+//   manifest.json           sha256 of every file (ckpt/store.h)
+// No pickle anywhere: safetensors and JSON.
+//
+// Note [what a resume may change]: the run's math is the base model (the sha256
+// of its config.json and its tensor names/shapes), the LoRA shapes (r, alpha,
+// targets, rslora), the quantization, the precision and the effective batch
+// (micro × accumulation × world). A resume whose config differs in any of
+// these is refused with the list of differences (--force overrides); other
+// differences (learning rate, max_steps, logging, output) are allowed and
+// listed as warnings.
+#pragma once
+
+#include <c10/core/Device.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "qlora/config/config.h"
+
+namespace qlora {
+namespace lora {
+class LoraAdapter;
+}
+namespace optim {
+class Optimizer;
+}
+namespace amp {
+class LossScaler;
+class BadStepPolicy;
+}  // namespace amp
+namespace data {
+class DataLoader;
+}
+}  // namespace qlora
+
+namespace qlora::train {
+
+class Trainer;
+
+// The live objects a checkpoint captures (all must outlive the call).
+struct TrainingObjects {
+  Trainer& trainer;
+  optim::Optimizer& optimizer;
+  amp::LossScaler& scaler;
+  amp::BadStepPolicy& bad_steps;
+  data::DataLoader& loader;
+  lora::LoraAdapter& adapter;
+  c10::Device device;
+};
+
+// The run's math (Note [what a resume may change]) plus the settings a resume
+// may change, as JSON: {"math": {...}, "other": {...}}.
+nlohmann::json run_fingerprint(const Config& cfg, const std::string& model_config_sha256, Precision precision,
+                               int64_t world_size);
+
+// Differences between a saved fingerprint and the current one, one line each
+// ("lora.r: checkpoint 16, now 8"). `math` lines refuse a resume.
+struct FingerprintDiff {
+  std::vector<std::string> math;
+  std::vector<std::string> other;
+};
+FingerprintDiff compare_fingerprints(const nlohmann::json& saved, const nlohmann::json& now);
+
+// Writes checkpoint-<step> into cfg.output.dir atomically, then prunes to
+// output.keep_last. Returns its path. Throws ckpt::CheckpointError (the
+// previous checkpoints stay untouched).
+std::string save_checkpoint(const Config& cfg, const TrainingObjects& objects, const nlohmann::json& fingerprint,
+                            const std::string& metrics_path);
+
+// Which checkpoint `--resume` means: "auto" = the newest that verifies in
+// cfg.output.dir (warnings for newer broken ones go to the log; "" when there
+// is none), or a path (InputError when it does not verify, saying why).
+std::string resolve_resume(const std::string& output_dir, const std::string& resume);
+
+// Restores every object from `dir` (verified first). Refuses (InputError
+// listing the differences) when the run's math changed, unless `force`.
+// Copies the checkpoint's metrics.jsonl over `metrics_path`. Returns the step.
+int64_t load_checkpoint(const std::string& dir, const TrainingObjects& objects, const nlohmann::json& fingerprint,
+                        bool force, const std::string& metrics_path);
+
+}  // namespace qlora::train

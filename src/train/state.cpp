@@ -1,0 +1,211 @@
+#include "qlora/train/state.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/core/Generator.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <utility>
+
+#include "qlora/amp/scaler.h"
+#include "qlora/ckpt/sha256.h"
+#include "qlora/ckpt/store.h"
+#include "qlora/common/errors.h"
+#include "qlora/common/log.h"
+#include "qlora/data/loader.h"
+#include "qlora/io/torch_io.h"
+#include "qlora/lora/lora.h"
+#include "qlora/optim/optimizer.h"
+#include "qlora/plan/plan.h"
+#include "qlora/train/trainer.h"
+
+namespace qlora::train {
+namespace {
+
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+constexpr int kStateFormatVersion = 1;
+
+std::string read_text(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+json parse_json_file(const fs::path& p) {
+  try {
+    return json::parse(read_text(p));
+  } catch (const json::exception& e) {
+    throw InputError(p.string() + ": not valid JSON (" + e.what() + "); the checkpoint is damaged, resume from another");
+  }
+}
+
+// The generators a step consumes: dropout draws from the default CPU generator,
+// or from the device's on a GPU.
+std::vector<std::pair<std::string, at::Generator>> generators(c10::Device device) {
+  std::vector<std::pair<std::string, at::Generator>> g = {{"cpu", at::globalContext().defaultGenerator(c10::kCPU)}};
+  if (device.is_cuda()) g.emplace_back("cuda", at::globalContext().defaultGenerator(device));
+  return g;
+}
+
+}  // namespace
+
+json run_fingerprint(const Config& cfg, const std::string& model_config_sha256, Precision precision,
+                     int64_t world_size) {
+  json math = {
+      {"model.config_sha256", model_config_sha256},
+      {"lora.r", cfg.lora.r},
+      {"lora.alpha", cfg.lora.alpha},
+      {"lora.rslora", cfg.lora.rslora},
+      {"lora.target_modules", plan::resolve_lora_targets(cfg.lora.target_modules)},
+      {"quantization.quant_type", cfg.quantization.quant_type},
+      {"quantization.double_quant", cfg.quantization.double_quant},
+      {"quantization.compute_dtype", std::string(to_string(cfg.quantization.compute_dtype))},
+      {"precision", std::string(to_string(precision))},
+      {"effective_batch", cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world_size},
+  };
+  json other = {
+      {"model.path", cfg.model.path},
+      {"lora.dropout", cfg.lora.dropout},
+      {"train.micro_batch_size", cfg.train.micro_batch_size},
+      {"train.gradient_accumulation_steps", cfg.train.gradient_accumulation_steps},
+      {"world_size", world_size},
+      {"train.learning_rate", cfg.train.learning_rate},
+      {"train.lr_scheduler", std::string(to_string(cfg.train.lr_scheduler))},
+      {"train.max_steps", cfg.train.max_steps},
+      {"train.epochs", cfg.train.epochs},
+      {"train.optimizer", std::string(to_string(cfg.train.optimizer))},
+      {"train.seed", cfg.train.seed},
+      {"data.path", cfg.data.path},
+  };
+  return json{{"math", math}, {"other", other}};
+}
+
+FingerprintDiff compare_fingerprints(const json& saved, const json& now) {
+  FingerprintDiff d;
+  const auto compare = [](const json& a, const json& b, std::vector<std::string>& out) {
+    if (!a.is_object() || !b.is_object()) return;
+    for (const auto& [key, value] : b.items()) {
+      const json was = a.contains(key) ? a.at(key) : json();
+      if (was != value) out.push_back(key + ": checkpoint " + was.dump() + ", now " + value.dump());
+    }
+  };
+  compare(saved.value("math", json::object()), now.value("math", json::object()), d.math);
+  compare(saved.value("other", json::object()), now.value("other", json::object()), d.other);
+  return d;
+}
+
+std::string save_checkpoint(const Config& cfg, const TrainingObjects& o, const json& fingerprint,
+                            const std::string& metrics_path) {
+  const int64_t step = o.trainer.step();
+  ckpt::CheckpointWriter w(cfg.output.dir, step);
+  try {
+    io::save_safetensors(w.path("adapter.safetensors"), o.adapter.named_parameters(), {{"format", "pt"}});
+    const optim::OptimizerState opt = o.optimizer.state();
+    io::save_safetensors(w.path("optimizer.safetensors"), opt.tensors);
+    std::vector<std::pair<std::string, at::Tensor>> rng;
+    for (auto& [name, gen] : generators(o.device)) rng.emplace_back(name, gen.get_state());
+    io::save_safetensors(w.path("rng.safetensors"), rng);
+  } catch (const ckpt::CheckpointError&) {
+    throw;
+  } catch (const std::exception& e) {
+    // The writer's destructor removes the partial directory.
+    throw ckpt::CheckpointError("checkpoint " + std::to_string(step) + " not saved: " + e.what() +
+                                ". The previous checkpoints in " + cfg.output.dir + " are untouched.");
+  }
+  const amp::LossScalerState sc = o.scaler.state();
+  const json state = {
+      {"format_version", kStateFormatVersion},
+      {"step", step},
+      {"total_steps", o.trainer.scheduler().total_steps()},
+      {"schedule",
+       {{"kind", std::string(to_string(o.trainer.scheduler().kind()))},
+        {"base_lr", o.trainer.scheduler().base_lr()},
+        {"warmup_steps", o.trainer.scheduler().warmup_steps()}}},
+      {"scaler", {{"scale", sc.scale}, {"growth_tracker", sc.growth_tracker}}},
+      {"bad_steps", {{"in_a_row", o.bad_steps.in_a_row()}, {"total", o.bad_steps.total()}}},
+      {"optimizer", {{"kind", o.optimizer.kind()}, {"scalars", json::parse(o.optimizer.state().scalars_json)}}},
+      {"loader", json::parse(o.loader.cursor().to_json())},
+  };
+  w.write_json("trainer_state.json", state);
+  w.write_json("run.json", json{{"fingerprint", fingerprint},
+                                {"qlora_version", QLORA_VERSION},
+                                {"torch_version", QLORA_TORCH_VERSION}});
+  w.write_text("config.yaml", to_yaml(cfg));
+  w.write_text("metrics.jsonl", fs::exists(metrics_path) ? read_text(metrics_path) : std::string());
+  const std::string path = w.commit(json{{"step", step}, {"config_sha256", ckpt::sha256_hex(to_json(cfg))}});
+  ckpt::prune_checkpoints(cfg.output.dir, static_cast<int>(cfg.output.keep_last));
+  return path;
+}
+
+std::string resolve_resume(const std::string& output_dir, const std::string& resume) {
+  if (resume == "auto") {
+    const ckpt::Found f = ckpt::find_latest_valid(output_dir);
+    for (const auto& w : f.warnings) log::warn(w);
+    return f ? f.path : std::string();
+  }
+  if (!fs::is_directory(resume))
+    throw InputError("--resume " + resume + ": no such checkpoint directory; use --resume auto to take the newest in " +
+                     output_dir);
+  const ckpt::Verification v = ckpt::verify_checkpoint(resume);
+  if (!v.ok)
+    throw InputError("--resume " + resume + ": the checkpoint does not verify: " + v.reason +
+                     "; use another checkpoint, or --resume auto to take the newest valid one");
+  return resume;
+}
+
+int64_t load_checkpoint(const std::string& dir, const TrainingObjects& o, const json& fingerprint, bool force,
+                        const std::string& metrics_path) {
+  const ckpt::Verification v = ckpt::verify_checkpoint(dir);
+  if (!v.ok) throw InputError("cannot resume from " + dir + ": " + v.reason);
+  const fs::path d(dir);
+
+  const json run = parse_json_file(d / "run.json");
+  const FingerprintDiff diff = compare_fingerprints(run.value("fingerprint", json::object()), fingerprint);
+  if (!diff.math.empty()) {
+    std::string msg = "cannot resume from " + dir + ": the config changes the run's math:\n";
+    for (const auto& l : diff.math) msg += "  " + l + "\n";
+    msg += "restore those settings, start a new run in another output.dir, or pass --force to resume anyway";
+    if (!force) throw InputError(msg);
+    log::warn(msg + " (--force given: resuming anyway)");
+  }
+  for (const auto& l : diff.other) log::warn("changed since the checkpoint (allowed): " + l);
+
+  const json st = parse_json_file(d / "trainer_state.json");
+  if (st.value("format_version", 0) != kStateFormatVersion)
+    throw InputError((d / "trainer_state.json").string() + ": format_version " + st.value("format_version", json()).dump() +
+                     ", this qlora reads " + std::to_string(kStateFormatVersion));
+  try {
+    o.adapter.load_state(io::load_safetensors((d / "adapter.safetensors").string()), (d / "adapter.safetensors").string());
+    optim::OptimizerState opt;
+    for (auto& [name, t] : io::load_safetensors((d / "optimizer.safetensors").string())) opt.tensors.emplace_back(name, t);
+    opt.scalars_json = st.at("optimizer").at("scalars").dump();
+    o.optimizer.load_state(opt);
+    const auto rng = io::load_safetensors((d / "rng.safetensors").string());
+    for (auto& [name, gen] : generators(o.device)) {
+      auto it = rng.find(name);
+      if (it == rng.end())
+        throw InputError((d / "rng.safetensors").string() + ": no \"" + name +
+                         "\" generator state (was the checkpoint written on another device type?)");
+      gen.set_state(it->second);
+    }
+    o.scaler.load_state(amp::LossScalerState{st.at("scaler").at("scale").get<float>(),
+                                             st.at("scaler").at("growth_tracker").get<int32_t>()});
+    o.bad_steps.restore(st.at("bad_steps").at("in_a_row").get<int64_t>(), st.at("bad_steps").at("total").get<int64_t>());
+    o.loader.restore(data::LoaderCursor::from_json(st.at("loader").dump(), (d / "trainer_state.json").string()));
+    o.trainer.set_step(st.at("step").get<int64_t>());
+  } catch (const json::exception& e) {
+    throw InputError((d / "trainer_state.json").string() + ": " + e.what() + "; the checkpoint is damaged");
+  }
+  // The metrics of the steps after this checkpoint belong to a run that is
+  // being replaced: history restarts from the checkpoint's copy.
+  std::ofstream(metrics_path, std::ios::binary | std::ios::trunc) << read_text(d / "metrics.jsonl");
+  return o.trainer.step();
+}
+
+}  // namespace qlora::train

@@ -1,0 +1,55 @@
+// Small training runs for tests: a random Llama with the demo's byte-level
+// tokenizer (hidden 64, 2 layers) and generated JSONL data, so `qlora train`'s
+// recipe runs end to end in a second or two on one core.
+#pragma once
+
+#include <string>
+
+#include "qlora/config/config.h"
+#include "qlora/model/llama_config.h"
+#include "qlora/train/demo.h"
+#include "support/test_support.h"
+
+namespace qlora::testing {
+
+inline LlamaConfig small_llama_shape() {
+  LlamaConfig c = train::demo_model_config();
+  c.hidden_size = 64;
+  c.intermediate_size = 128;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 16;
+  return c;
+}
+
+// A model directory (tokenizer + random weights), made once per process.
+inline const std::string& small_model_dir() {
+  static const std::string dir = [] {
+    const std::string d = make_temp_dir("small_model");
+    train::write_demo_tokenizer(d);
+    train::write_random_llama(d, small_llama_shape(), 7);
+    return d;
+  }();
+  return dir;
+}
+
+// n alpaca lines "What is i + i%7?" -> "i + i%7", i from `first`.
+inline std::string small_alpaca_data(const std::string& dir, int n, int first) {
+  std::string text;
+  for (int i = first; i < first + n; ++i)
+    text += R"({"instruction": "What is )" + std::to_string(i) + " + " + std::to_string(i % 7) +
+            R"(?", "input": "", "output": ")" + std::to_string(i + i % 7) + "\"}\n";
+  return write_file(dir, "alpaca" + std::to_string(first) + ".jsonl", text);
+}
+
+// n short completion lines of different lengths (a few dozen tokens each).
+inline std::string small_completion_data(const std::string& dir, int n) {
+  std::string text;
+  for (int i = 0; i < n; ++i)
+    text += R"({"prompt": ")" + std::string(static_cast<size_t>(1 + i % 5), 'a' + static_cast<char>(i % 3)) + " " +
+            std::to_string(i) + R"( =", "completion": " )" + std::to_string(i * 3) + "\"}\n";
+  return write_file(dir, "completion.jsonl", text);
+}
+
+}  // namespace qlora::testing
