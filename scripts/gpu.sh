@@ -5,6 +5,7 @@
 #
 #   bash scripts/gpu.sh            # build, cuda tests, benchmarks
 #   bash scripts/gpu.sh --all      # also the whole CPU suite
+#   bash scripts/gpu.sh --demo     # also `qlora demo` (200 steps) on the GPU
 #
 # The same CMakeLists.txt as everywhere; only -DQLORA_CUDA=ON and the Python
 # whose torch to link differ. Results also go to $OUT (the device tool's
@@ -18,10 +19,12 @@ archs=${QLORA_CUDA_ARCHS:-90}
 out=${OUT:-$build/out}
 mkdir -p "$out"
 all=0
+demo=0
 for arg in "$@"; do
   case "$arg" in
     --all) all=1 ;;
-    *) echo "scripts/gpu.sh: unknown option $arg (accepted: --all)" >&2; exit 2 ;;
+    --demo) demo=1 ;;
+    *) echo "scripts/gpu.sh: unknown option $arg (accepted: --all, --demo)" >&2; exit 2 ;;
   esac
 done
 
@@ -36,13 +39,19 @@ echo "== built in $(( $(date +%s) - start )) s"
 labels=(-L cuda)
 [[ $all == 1 ]] && labels=()
 ctest --test-dir "$build" "${labels[@]}" --output-on-failure -j 8 --timeout 600 \
-  --output-junit "$root/$out/ctest.xml" 2>&1 | tee "$out/ctest.log" | tail -40
+  --output-junit "$root/$out/ctest.xml" 2>&1 | tee "$out/ctest.log" | tail -40 || echo "== ctest reported failures"
 
 # Benchmarks: every bench_* program prints one JSON document.
 shopt -s nullglob
 for bench in "$build"/bench/bench_*; do
   name=$(basename "$bench")
   echo "== $name"
-  "$bench" | tee "$out/$name.json"
+  "$bench" | tee "$out/$name.json" || echo "== $name failed"
 done
+if [[ $demo == 1 ]]; then
+  echo "== qlora demo on the GPU"
+  rm -rf "$out/demo-gpu"
+  "$build/qlora" demo --dir "$out/demo-gpu" 2>&1 | tee "$out/demo-gpu.log" | tail -25
+  rm -rf "$out/demo-gpu/model" "$out/demo-gpu/out"/checkpoint-*   # keep the returned files small
+fi
 echo "== total $(( $(date +%s) - start )) s"
