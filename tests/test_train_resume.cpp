@@ -58,6 +58,7 @@ Config resume_config(const std::string& out) {
 
 train::RunOptions quiet() {
   train::RunOptions o;
+  o.device = "cpu";  // the exactness claim is the fp32 CPU one
   o.evaluate_at_start = false;
   o.handle_signals = false;
   return o;

@@ -120,6 +120,7 @@ TEST(TrainRun, TrainsWritesMetricsAndAPeftAdapter) {
   cfg.output.dir = tmp + "/out";
   cfg.output.logging_steps = 2;
   train::RunOptions ro;
+  ro.device = "cpu";
   ro.eval.generate_examples = 4;
   ro.eval.max_new_tokens = 4;
   const train::RunResult r = train::run_training(cfg, ro);

@@ -24,6 +24,7 @@ struct TrainOptions {
   bool no_start_eval = false;
   std::string resume;
   bool force = false;
+  std::string device = "auto";
 };
 
 }  // namespace
@@ -39,6 +40,9 @@ Runner add_train_command(CLI::App& root) {
   cmd->add_option("--resume", opts->resume,
                   "continue a run: auto (the newest checkpoint in output.dir that verifies; step 0 when none) "
                   "or a checkpoint directory");
+  cmd->add_option("--device", opts->device, "auto (a GPU when there is one), cpu or cuda")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
+      ->capture_default_str();
   cmd->add_flag("--force", opts->force, "with --resume: resume even when the config changes the run's math");
   return [opts]() {
     const Config cfg = load_config_options(opts->config);
@@ -47,6 +51,7 @@ Runner add_train_command(CLI::App& root) {
     ro.evaluate_at_start = !opts->no_start_eval;
     ro.eval.generate_examples = opts->generate_examples;
     ro.resume = opts->resume;
+    ro.device = opts->device;
     ro.force = opts->force;
     const train::RunResult r = train::run_training(cfg, ro);
     return r.interrupted ? kExitInterrupted : kExitOk;

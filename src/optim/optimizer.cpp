@@ -11,12 +11,23 @@
 #include <nlohmann/json.hpp>
 
 #include "qlora/common/errors.h"
+#ifdef QLORA_WITH_CUDA
+#include "qlora/optim/adamw8bit_cuda.h"
+#endif
 
 namespace qlora::optim {
 
 namespace {
 
 constexpr int kFormatVersion = 1;
+
+// State lives where the parameters are: host memory for CPU parameters, the
+// device's memory for GPU ones (the paged variant's managed memory is the
+// CUDA issue's next step).
+std::shared_ptr<StateStorage> make_storage_for(const std::vector<NamedParam>& params) {
+  if (params.empty() || params.front().param.is_cpu()) return make_host_storage();
+  return make_device_storage(params.front().param.device());
+}
 constexpr const char* kFormatName = "qlora.optimizer";
 
 std::string shape_str(at::IntArrayRef s) {
@@ -36,8 +47,35 @@ void check_params(const std::vector<NamedParam>& params) {
     TORCH_CHECK(p.param.scalar_type() == at::kFloat, "optimizer: parameter '", p.name,
                 "' must be fp32 (the master copy), got ", p.param.scalar_type());
     TORCH_CHECK(p.param.is_contiguous(), "optimizer: parameter '", p.name, "' must be contiguous");
+    TORCH_CHECK(p.param.device() == params.front().param.device(), "optimizer: parameter '", p.name, "' is on ",
+                p.param.device(), " but '", params.front().name, "' on ", params.front().param.device(),
+                "; every parameter must live on one device");
+#ifndef QLORA_WITH_CUDA
     TORCH_CHECK(p.param.device().is_cpu(), "optimizer: parameter '", p.name,
                 "' is on ", p.param.device(), "; this build's optimizers run on CPU tensors");
+#endif
+  }
+}
+
+// Runs `f` on CPU copies of `tensors` and copies the results back: the exact
+// CPU reference for device tensors where no kernel exists (fp32 AdamW, and
+// bnb's fp32 path for tensors below min_8bit_size). Costs a round trip of the
+// tensors over PCIe per step; LoRA state is small next to the model.
+template <class F>
+void on_host(const std::vector<at::Tensor*>& tensors, F&& f) {
+  if (tensors.front()->device().is_cpu()) {
+    f();
+    return;
+  }
+  std::vector<at::Tensor> device;
+  for (at::Tensor* t : tensors) {
+    device.push_back(*t);
+    *t = t->to(at::kCPU).contiguous();
+  }
+  f();
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    device[i].copy_(*tensors[i]);
+    *tensors[i] = device[i];
   }
 }
 
@@ -144,7 +182,7 @@ namespace {
 class AdamW final : public Optimizer {
  public:
   AdamW(std::vector<NamedParam> params, const AdamWOptions& o) : Optimizer(std::move(params)), opt_(o) {
-    auto storage = make_host_storage();
+    auto storage = make_storage_for(params_);
     for (const auto& p : params_) {
       exp_avg_.push_back(storage->allocate(p.param.sizes().vec(), at::kFloat));
       exp_avg_sq_.push_back(storage->allocate(p.param.sizes().vec(), at::kFloat));
@@ -155,10 +193,13 @@ class AdamW final : public Optimizer {
     ++step_;
     const AdamWHyper h{lr, opt_.beta1, opt_.beta2, opt_.eps, opt_.weight_decay};
     for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor g = grad_of(params_[i]);
+      at::Tensor g = grad_of(params_[i]);
       if (!g.defined()) continue;
-      adamw_step(params_[i].param.data_ptr<float>(), g.const_data_ptr<float>(), exp_avg_[i].data_ptr<float>(),
-                 exp_avg_sq_[i].data_ptr<float>(), params_[i].param.numel(), step_, h);
+      at::Tensor p = params_[i].param;
+      on_host({&p, &g, &exp_avg_[i], &exp_avg_sq_[i]}, [&] {
+        adamw_step(p.data_ptr<float>(), g.const_data_ptr<float>(), exp_avg_[i].data_ptr<float>(),
+                   exp_avg_sq_[i].data_ptr<float>(), p.numel(), step_, h);
+      });
     }
   }
 
@@ -206,7 +247,7 @@ class AdamW8bit final : public Optimizer {
       : Optimizer(std::move(params)), opt_(o), storage_(std::move(storage)), kind_(std::move(kind)) {
     TORCH_CHECK(o.min_8bit_size >= 1, "adamw8bit: min_8bit_size must be >= 1, got ", o.min_8bit_size);
     min_8bit_size_ = o.min_8bit_size;
-    if (!storage_) storage_ = make_host_storage();
+    if (!storage_) storage_ = make_storage_for(params_);
     for (const auto& p : params_) {
       State s;
       const auto shape = p.param.sizes().vec();
@@ -227,16 +268,28 @@ class AdamW8bit final : public Optimizer {
     storage_->prefetch_to_device();
     const AdamWHyper h{lr, opt_.beta1, opt_.beta2, opt_.eps, opt_.weight_decay};
     for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor g = grad_of(params_[i]);
+      at::Tensor g = grad_of(params_[i]);
       if (!g.defined()) continue;
       State& s = state_[i];
-      float* p = params_[i].param.data_ptr<float>();
-      const int64_t n = params_[i].param.numel();
+      at::Tensor p = params_[i].param;
+      const int64_t n = p.numel();
+#ifdef QLORA_WITH_CUDA
+      if (s.quantized && p.is_cuda()) {  // the fused kernel, bit for bit the reference
+        adamw8bit_step_cuda(p, g, s.m, s.v, s.absmax_m, s.absmax_v, step_, h);
+        continue;
+      }
+#endif
       if (s.quantized) {
-        adamw8bit_block_step(p, g.const_data_ptr<float>(), s.m.data_ptr<uint8_t>(), s.v.data_ptr<uint8_t>(),
-                             s.absmax_m.data_ptr<float>(), s.absmax_v.data_ptr<float>(), n, step_, h);
+        on_host({&p, &g, &s.m, &s.v, &s.absmax_m, &s.absmax_v}, [&] {
+          adamw8bit_block_step(p.data_ptr<float>(), g.const_data_ptr<float>(), s.m.data_ptr<uint8_t>(),
+                               s.v.data_ptr<uint8_t>(), s.absmax_m.data_ptr<float>(), s.absmax_v.data_ptr<float>(), n,
+                               step_, h);
+        });
       } else {
-        adamw32_bnb_step(p, g.const_data_ptr<float>(), s.m.data_ptr<float>(), s.v.data_ptr<float>(), n, step_, h);
+        on_host({&p, &g, &s.m, &s.v}, [&] {
+          adamw32_bnb_step(p.data_ptr<float>(), g.const_data_ptr<float>(), s.m.data_ptr<float>(),
+                           s.v.data_ptr<float>(), n, step_, h);
+        });
       }
     }
   }
@@ -306,7 +359,9 @@ std::unique_ptr<Optimizer> make_adamw8bit(std::vector<NamedParam> params, const 
 
 std::unique_ptr<Optimizer> make_paged_adamw8bit(std::vector<NamedParam> params, const AdamWOptions& options,
                                                 std::shared_ptr<StateStorage> storage) {
-  if (!storage) storage = make_host_paged_storage();
+  if (!storage) storage = params.empty() || params.front().param.is_cpu()
+                              ? make_host_paged_storage()
+                              : make_device_storage(params.front().param.device());
   return std::make_unique<AdamW8bit>(std::move(params), options, std::move(storage), "paged_adamw8bit");
 }
 

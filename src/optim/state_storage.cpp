@@ -49,7 +49,24 @@ class HostPagedStorage final : public StateStorage {
   bool paged() const override { return true; }
 };
 
+class DeviceStorage final : public StateStorage {
+ public:
+  explicit DeviceStorage(c10::Device device) : device_(device) {}
+  at::Tensor allocate(const std::vector<int64_t>& shape, at::ScalarType dtype) override {
+    at::Tensor t = at::zeros(shape, at::TensorOptions().dtype(dtype).device(device_));
+    bytes_allocated_ += t.nbytes();
+    return t;
+  }
+  std::string name() const override { return device_.str(); }
+  bool paged() const override { return false; }
+
+ private:
+  c10::Device device_;
+};
+
 }  // namespace
+
+std::shared_ptr<StateStorage> make_device_storage(c10::Device device) { return std::make_shared<DeviceStorage>(device); }
 
 std::shared_ptr<StateStorage> make_host_storage() { return std::make_shared<HostStorage>(); }
 std::shared_ptr<StateStorage> make_host_paged_storage() { return std::make_shared<HostPagedStorage>(); }

@@ -50,10 +50,14 @@ struct DeviceChoice {
   std::string description;  // "CPU" / "cuda:0 NVIDIA H100 80GB HBM3 (sm_90)"
 };
 
-DeviceChoice choose_device(const Config& cfg) {
+DeviceChoice choose_device(const Config& cfg, const std::string& want) {
   DeviceChoice d;
   int cc_major = 0;
-  if (at::globalContext().hasCUDA()) {
+  if (want != "auto" && want != "cpu" && want != "cuda")
+    throw InputError("--device " + want + ": expected auto, cpu or cuda");
+  if (want == "cuda" && !at::globalContext().hasCUDA())
+    throw InputError("--device cuda: this build or machine has no CUDA (qlora env says why); use --device cpu");
+  if (want != "cpu" && at::globalContext().hasCUDA()) {
     kernels::DeviceInfo info;
     char reason[256] = {0};
     if (kernels::query_devices(&info, 1, reason, sizeof reason) > 0) {
@@ -175,7 +179,7 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
     throw InputError(cfg.source + ": data.path is not set; point it at a JSONL file (see `qlora data --help`)");
 
   // 1. device and precision
-  const DeviceChoice dev = choose_device(cfg);
+  const DeviceChoice dev = choose_device(cfg, options.device);
   const at::ScalarType dtype = scalar_type(dev.precision);
   const Precision compute =
       cfg.quantization.compute_dtype == Precision::kAuto ? dev.precision : cfg.quantization.compute_dtype;

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 #include <cstdint>
 #include <memory>
@@ -41,5 +42,8 @@ std::shared_ptr<StateStorage> make_host_storage();
 // The paged layer's host implementation: page-aligned host allocations owned by the
 // storage's own allocator (posix_memalign), the CPU stand-in for managed memory.
 std::shared_ptr<StateStorage> make_host_paged_storage();
+
+// Zeroed tensors in the memory of `device` (a GPU's own memory; not paged).
+std::shared_ptr<StateStorage> make_device_storage(c10::Device device);
 
 }  // namespace qlora::optim

@@ -3,11 +3,11 @@
 // Face model directory, and the config that trains it on the shipped
 // synthetic task (data/demo).
 //
-// The tokenizer is a tokenizer.json of the Qwen2 family's shape (GPT-2 byte
-// map, one digit per pre-token) with the 256 byte tokens, no merges, and the
-// Llama 3 special tokens: every character is a token, so the arithmetic and
-// string tasks of the demo are learnable by a model this small. transformers'
-// tokenizers library reads it as it reads any BPE tokenizer.json.
+// The tokenizer is a byte-level BPE tokenizer.json of the Qwen2 family's shape
+// (GPT-2 byte map, one digit per pre-token, so numbers stay digit by digit)
+// whose merges are learned here from the demo's training text, plus Llama 3's
+// special tokens. transformers' tokenizers library reads it as it reads any
+// BPE tokenizer.json.
 // The model is initialized as transformers initializes LlamaForCausalLM
 // (normal(0, 0.02) weights, unit norms), from a seed: it knows nothing, and
 // what the demo shows is the LoRA adapter learning the task on top of it.
@@ -15,18 +15,33 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "qlora/config/config.h"
 #include "qlora/model/llama_config.h"
 
 namespace qlora::train {
 
-// The tiny model's shape: vocab 261 (256 bytes + 5 specials), hidden 256,
-// 4 layers, 8 heads over 4 key/value heads, SwiGLU 688, ~2.5 M parameters.
-LlamaConfig demo_model_config();
+// The tiny model's shape for a vocabulary of `vocab_size`: hidden 256, 4
+// layers, 8 heads over 4 key/value heads, SwiGLU 688 (~2.4 M parameters
+// besides the embeddings).
+LlamaConfig demo_model_config(int64_t vocab_size = 256 + 5);
 
-// tokenizer.json, tokenizer_config.json and special_tokens_map.json in dir.
-void write_demo_tokenizer(const std::string& dir);
+// The texts of a JSONL training file as the trainer renders them (any format
+// the data module reads), for learning merges.
+std::vector<std::string> rendered_texts(const std::string& jsonl_path);
+
+// Byte-level BPE merges learned from `texts`: at most `max_merges`, each the
+// most frequent adjacent pair (ties: the smaller pair) over the pre-tokenized
+// pieces, stopping when no pair occurs twice. Pairs as byte strings.
+std::vector<std::pair<std::string, std::string>> learn_merges(const std::vector<std::string>& texts, int max_merges);
+
+// tokenizer.json (256 byte tokens, then one per merge, then the special
+// tokens), tokenizer_config.json and special_tokens_map.json in dir. Returns
+// the vocabulary size.
+int64_t write_demo_tokenizer(const std::string& dir,
+                             const std::vector<std::pair<std::string, std::string>>& merges = {});
 
 // config.json and model.safetensors (fp32) of `shape`, random as transformers
 // initializes it from `seed`.

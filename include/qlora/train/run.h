@@ -22,6 +22,7 @@
 namespace qlora::train {
 
 struct RunOptions {
+  std::string device = "auto";      // auto (the first GPU when there is one), cpu, cuda
   bool progress_bar = false;        // draw a bar (stderr is a terminal)
   bool evaluate_at_start = true;    // held-out numbers before the first step (not on resume)
   EvalOptions eval;                 // batch and generation sizes of evaluation

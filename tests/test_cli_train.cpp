@@ -1,0 +1,115 @@
+// `qlora train` as a user runs it: the real binary, a config file, Ctrl-C.
+// SIGINT (and SIGTERM) must save a checkpoint and exit 130 with the command
+// that continues the run; `--resume auto` then finishes it.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <thread>
+
+#include "qlora/ckpt/store.h"
+#include "support/test_support.h"
+#include "support/train_fixtures.h"
+
+namespace qlora {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string write_config(const std::string& dir, int64_t max_steps) {
+  const std::string data = testing::small_completion_data(dir, 64);
+  const std::string text = "model:\n  path: " + testing::small_model_dir() +
+                           "\nlora:\n  r: 4\n  alpha: 8\n  target_modules: [q_proj, v_proj]\n"
+                           "data:\n  path: " + data + "\n  max_seq_length: 64\n"
+                           "train:\n  micro_batch_size: 2\n  gradient_accumulation_steps: 2\n  max_steps: " +
+                           std::to_string(max_steps) +
+                           "\n  precision: fp32\n  optimizer: adamw\n  gradient_checkpointing: false\n"
+                           "output:\n  dir: " + dir + "/out\n  save_steps: 1000\n  logging_steps: 1\n";
+  return testing::write_file(dir, "run.yaml", text);
+}
+
+int64_t lines_in(const std::string& path) {
+  std::ifstream in(path);
+  std::string line;
+  int64_t n = 0;
+  while (std::getline(in, line)) ++n;
+  return n;
+}
+
+// Starts `qlora train`, waits for a few steps in metrics.jsonl, sends `sig`,
+// and returns the exit status; stderr goes to dir/stderr.txt.
+int interrupt_after_steps(const std::string& dir, const std::string& config, int sig) {
+  const std::string err = dir + "/stderr.txt";
+  const pid_t pid = fork();
+  if (pid == 0) {
+    if (!freopen(err.c_str(), "w", stderr)) _exit(99);
+    execl(QLORA_BIN, QLORA_BIN, "train", "--config", config.c_str(), "--device", "cpu", "--no-start-eval",
+          static_cast<char*>(nullptr));
+    _exit(98);
+  }
+  const std::string metrics = dir + "/out/metrics.jsonl";
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (lines_in(metrics) < 3 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  kill(pid, sig);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+std::string read(const std::string& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+TEST(CliTrain, SigintSavesACheckpointAndResumeAutoFinishes) {
+  const std::string dir = testing::make_temp_dir("cli_sigint");
+  const std::string config = write_config(dir, 2000);
+  EXPECT_EQ(interrupt_after_steps(dir, config, SIGINT), 130) << read(dir + "/stderr.txt");
+  const std::string err = read(dir + "/stderr.txt");
+  EXPECT_NE(err.find("--resume auto"), std::string::npos) << err;
+  const ckpt::Found found = ckpt::find_latest_valid(dir + "/out");
+  ASSERT_TRUE(found) << err;
+  EXPECT_GE(found.step, 3);
+  EXPECT_LT(found.step, 2000);
+
+  // Finish it (fewer steps so the test stays short; max_steps is not the math).
+  const auto r = testing::run_qlora("train --config " + config + " --device cpu --resume auto --set train.max_steps=" +
+                                    std::to_string(found.step + 3));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("resumed from " + found.path), std::string::npos) << r.err;
+  EXPECT_TRUE(fs::exists(dir + "/out/adapter/adapter_model.safetensors"));
+}
+
+TEST(CliTrain, SigtermSavesToo) {
+  const std::string dir = testing::make_temp_dir("cli_sigterm");
+  EXPECT_EQ(interrupt_after_steps(dir, write_config(dir, 2000), SIGTERM), 130) << read(dir + "/stderr.txt");
+  EXPECT_TRUE(ckpt::find_latest_valid(dir + "/out"));
+}
+
+TEST(CliTrain, BadResumePathAndStaleOutputDirAreClearErrors) {
+  const std::string dir = testing::make_temp_dir("cli_badresume");
+  const std::string config = write_config(dir, 4);
+  auto r = testing::run_qlora("train --config " + config + " --device cpu --resume " + dir + "/nope");
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("no such checkpoint directory"), std::string::npos) << r.err;
+
+  r = testing::run_qlora("train --config " + config + " --device cpu --no-start-eval");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  // Starting over in a directory that holds a run's checkpoints is refused.
+  r = testing::run_qlora("train --config " + config + " --device cpu");
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("already holds checkpoints"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("--resume auto"), std::string::npos) << r.err;
+
+  r = testing::run_qlora("train --config " + dir + "/missing.yaml");
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+}
+
+}  // namespace
+}  // namespace qlora
