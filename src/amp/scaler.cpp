@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <vector>
 
 namespace qlora::amp {
 
@@ -57,14 +58,21 @@ bool LossScaler::unscale(const std::vector<at::Tensor>& grads) {
   if (unscaled_) return found_inf_;
   const float inv = options_.enabled ? inverse_scale(state_.scale) : 1.0f;
   bool found = false;
+  std::vector<at::Tensor> device_finite;  // one [] bool per GPU gradient, read with one sync
   for (const at::Tensor& g : grads) {
     if (!g.defined()) continue;
     TORCH_CHECK(g.scalar_type() == at::kFloat, "loss scaler: gradients must be fp32 (master weights), got ",
                 g.scalar_type());
-    TORCH_CHECK(g.is_contiguous() && g.device().is_cpu(),
-                "loss scaler: gradients must be contiguous CPU tensors in this build");
+    if (!g.device().is_cpu()) {
+      // On a GPU: the same fp32 multiply as unscale_and_check, as tensor ops.
+      if (inv != 1.0f) g.mul_(inv);
+      device_finite.push_back(at::isfinite(g).all());
+      continue;
+    }
+    TORCH_CHECK(g.is_contiguous(), "loss scaler: gradients must be contiguous");
     found = unscale_and_check(g.data_ptr<float>(), g.numel(), inv) || found;
   }
+  if (!device_finite.empty()) found = !at::stack(device_finite).all().item<bool>() || found;
   found_inf_ = found;
   unscaled_ = true;
   return found_inf_;
