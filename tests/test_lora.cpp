@@ -352,18 +352,26 @@ TEST(LoraAdapterIo, MissingWeightsFileIsAnInputError) {
   }
 }
 
-// Not a check by itself: writes adapters for scripts/golden/model.py
-// --check-adapter, which loads them into PEFT and compares logits.
-//   QLORA_WRITE_ADAPTER=/tmp/qlora_adapter ./build/tests/test_lora --gtest_filter='*WriteAdapterForPeft*'
-TEST(LoraAdapterIo, WriteAdapterForPeft) {
-  const char* root = std::getenv("QLORA_WRITE_ADAPTER");
-  if (!root || !*root) GTEST_SKIP() << "set QLORA_WRITE_ADAPTER=DIR to write adapters for the PEFT check";
+// PEFT loads the adapters we write and computes the logits we compute: runs
+// scripts/golden/model.py --check-adapter on them when QLORA_PYTHON has
+// transformers and PEFT (setup.sh --oracles; skipped otherwise, saying so).
+TEST(LoraAdapterIo, PeftLoadsOurAdaptersWithOurLogits) {
+  std::string why;
+  const std::string py = qlora::testing::python_with("transformers, peft, torch", &why);
+  if (py.empty()) GTEST_SKIP() << why;
+  const std::string root = qlora::testing::make_temp_dir("peft_check");
   for (const auto& v : kVariants) {
-    const std::string dir = std::string(root) + "/" + v.name;
+    const std::string dir = root + "/" + v.name;
     WrittenAdapter w = write_adapter(v, dir, 7);
     io::save_safetensors(dir + "/qlora_logits.safetensors", {{"logits", w.logits.contiguous()}});
-    std::printf("  wrote %s\n", dir.c_str());
   }
+  int status = -1;
+  const std::string out = qlora::testing::run_capture(
+      "'" + py + "' '" + qlora::testing::source_path("scripts/golden/model.py") + "' --check-adapter '" + root + "' 2>&1",
+      &status);
+  std::printf("%s", out.c_str());
+  EXPECT_EQ(status, 0) << out;  // the script exits 1 when any logit differs by more than 1e-4
+  EXPECT_NE(out.find("PEFT loaded qlora's adapter"), std::string::npos) << out;
 }
 
 }  // namespace

@@ -401,34 +401,15 @@ TEST(LoraMergeCli, OneLinePerStageThenWhatWasWritten) {
 
 // ---------------------------------------------------------------- transformers loads our output
 
-// The venv interpreter: ctest sets QLORA_PYTHON from the CMake option (tests/CMakeLists.txt).
-std::string python() {
-  const char* p = std::getenv("QLORA_PYTHON");
-  return p ? p : "";
-}
-
-std::string run_capture(const std::string& cmd, int* status) {
-  std::string out;
-  FILE* f = ::popen(cmd.c_str(), "r");
-  if (!f) return out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, n);
-  *status = ::pclose(f);
-  return out;
-}
-
 TEST(LoraMergeTransformers, TransformersLoadsTheMergedDirectory) {
-  const std::string py = python();
-  if (py.empty()) GTEST_SKIP() << "QLORA_PYTHON is not set (configure with -DQLORA_PYTHON=.venv/bin/python and run through ctest, "
-                                 "or export it): no Python to run transformers";
+  std::string why;
+  const std::string py = qlora::testing::python_with("transformers, torch", &why);
+  if (py.empty()) GTEST_SKIP() << why;
   int status = -1;
-  run_capture("'" + py + "' -c 'import transformers, torch' 2>&1", &status);
-  if (status != 0) GTEST_SKIP() << py << " cannot import transformers and torch";
 
   const std::string out = make_temp_dir() + "/merged";
   lora::merge_adapter(options(data("adapter"), out));
-  const std::string text = run_capture("'" + py + "' '" + qlora::testing::source_path("scripts/check_merged_hf.py") +
+  const std::string text = qlora::testing::run_capture("'" + py + "' '" + qlora::testing::source_path("scripts/check_merged_hf.py") +
                                            "' --merged '" + out + "' --golden '" + data("golden.safetensors") +
                                            "' --key logits_merged_bf16 2>/dev/null",
                                        &status);

@@ -29,10 +29,9 @@ B is set non-zero (seeded normal) before saving so gradients of A are non-trivia
 
 Reverse check (an adapter written by qlora loads in PEFT with equal logits):
 
-    QLORA_WRITE_ADAPTER=/tmp/qlora_adapter ./build/tests/test_lora --gtest_filter='*WriteAdapterForPeft*'
-    .venv/bin/python scripts/golden/model.py --check-adapter /tmp/qlora_adapter
+    ctest --test-dir build -R PeftLoadsOurAdapters     (runs this script's --check-adapter)
 
-The test writes, for each LoRA variant V, /tmp/qlora_adapter/V/ (adapter_config.json,
+The test writes, for each LoRA variant V, DIR/V/ (adapter_config.json,
 adapter_model.safetensors, qlora_logits.safetensors holding the logits qlora computed for the
 golden batch). The check loads each into PEFT on the same base model and prints the max absolute
 logit difference; it exits 1 if any exceeds 1e-4.

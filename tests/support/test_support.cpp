@@ -46,6 +46,36 @@ std::string source_path(const std::string& relative) {
   return (fs::path(QLORA_SOURCE_DIR) / relative).string();
 }
 
+std::string run_capture(const std::string& cmd, int* exit_code) {
+  std::string out;
+  FILE* f = ::popen(cmd.c_str(), "r");
+  if (!f) {
+    *exit_code = -1;
+    return out;
+  }
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, n);
+  const int status = ::pclose(f);
+  *exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return out;
+}
+
+std::string python_with(const std::string& modules, std::string* why) {
+  const char* p = std::getenv("QLORA_PYTHON");
+  if (!p || !*p) {
+    *why = "QLORA_PYTHON is not set (configure with -DQLORA_PYTHON=.venv/bin/python and run through ctest)";
+    return "";
+  }
+  int status = -1;
+  run_capture("'" + std::string(p) + "' -c 'import " + modules + "' 2>&1", &status);
+  if (status != 0) {
+    *why = std::string(p) + " cannot import " + modules + " (bash scripts/setup.sh --oracles installs them)";
+    return "";
+  }
+  return p;
+}
+
 CommandResult run_qlora(const std::string& args) {
   std::string dir = make_temp_dir("run");
   fs::path out = fs::path(dir) / "stdout", err = fs::path(dir) / "stderr";

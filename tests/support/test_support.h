@@ -26,4 +26,12 @@ std::string write_file(const std::string& dir, const std::string& name, const st
 // Absolute path of a file in the source tree ("configs/x.yaml").
 std::string source_path(const std::string& relative);
 
+// Runs `cmd` through /bin/sh; returns its stdout and sets *exit_code.
+std::string run_capture(const std::string& cmd, int* exit_code);
+
+// The interpreter in QLORA_PYTHON (ctest sets it from the CMake option) when it
+// can import every module of `modules` ("transformers, peft"); otherwise "" and
+// *why says what is missing (for GTEST_SKIP).
+std::string python_with(const std::string& modules, std::string* why);
+
 }  // namespace qlora::testing

@@ -1,0 +1,334 @@
+// Benchmark of the whole training step (issue 8, point 4): `qlora train` as users run it, through
+// the public recipe train::run_training, on the Llama-3.2-1B architecture with random weights;
+// r 16 / alpha 32 / dropout 0.05 on q,k,v,o, activation checkpointing, bf16, paged 8-bit AdamW.
+// One JSON object a line on stdout, per configuration (micro, seq):
+//   {"bench":"train","system":"qlora","model":"llama-3.2-1b","micro":2,"seq":512,"steps_timed":10,
+//    "tokens_per_second":...,"peak_allocated_bytes":...,"peak_reserved_bytes":...,
+//    "plan_total_bytes":...,"plan_error_pct":...,...}
+// or the same keys up to "seq" plus "error" when that configuration failed. Logs go to stderr.
+//
+//   bench_train [--quick] [--steps N] [--work DIR] [--keep]
+//     --quick     only the first configuration (micro 2, seq 512)
+//     --steps N   optimizer steps per configuration (default 12); the first kWarmupSteps are
+//                 warm-up, excluded from the timing and from the peak
+//     --work DIR  where the model, data and outputs go, kept for the next call (the random model,
+//                 ~5 GB of fp32, is written once and reused); default: a new folder under $TMPDIR,
+//                 removed at the end
+//     --keep      also keep each configuration's data, metrics.jsonl and adapter
+//
+// Note [what is timed and what is the peak]
+// Throughput: the trainer's own per-step wall time (metrics.jsonl "step_seconds", each step ends
+// with the loss read back to the host, so the GPU work is inside it) and "input_tokens", summed
+// over the steps after warm-up. A second figure, wall_tokens_per_second, takes the wall clock
+// between two device synchronizations around the same steps (the stop_when hook, which the recipe
+// asks after every step), so per-step bookkeeping (metrics lines) is counted too.
+// Memory: CUDA caching allocator statistics (what torch.cuda.max_memory_allocated reads in the
+// peer), reset when the warm-up ends, so the peak is the steady training step's, the base model,
+// adapter, optimizer state and loader already resident, and model loading left out (the peer
+// resets after loading too). run_peak_allocated_bytes keeps the whole run, loading included.
+// Memory the allocator does not see (managed memory of the paged optimizer, cuBLAS workspaces
+// outside the allocator, the CUDA context) is in neither system's figure.
+// The plan: plan::make_plan for the same Config on the h100 preset; plan_error_pct is
+// (predicted - measured) / measured of peak_allocated_bytes.
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "qlora/config/config.h"
+#include "qlora/kernels.h"
+#include "qlora/model/llama_config.h"
+#include "qlora/plan/gpu.h"
+#include "qlora/plan/plan.h"
+#include "qlora/train/demo.h"
+#include "qlora/train/run.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+constexpr const char* kModel = "llama-3.2-1b";
+constexpr const char* kGpuPreset = "h100";
+constexpr int64_t kWarmupSteps = 2;
+constexpr int64_t kDefaultSteps = 12;
+constexpr uint64_t kModelSeed = 1234;
+constexpr int64_t kExtraChars = 16;  // a line is seq + this many bytes, so truncation makes every row seq
+
+struct Shape {
+  int64_t micro, seq;
+};
+// Issue 8, point 4.
+const Shape kShapes[] = {{2, 512}, {4, 1024}, {8, 2048}};
+
+struct Args {
+  bool quick = false;
+  bool keep = false;
+  int64_t steps = kDefaultSteps;
+  std::string work;
+};
+
+[[noreturn]] void usage(const std::string& why) {
+  std::fprintf(stderr, "bench_train: %s\nusage: bench_train [--quick] [--steps N (> %lld)] [--work DIR] [--keep]\n",
+               why.c_str(), static_cast<long long>(kWarmupSteps));
+  std::exit(2);
+}
+
+Args parse_args(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--quick") {
+      a.quick = true;
+    } else if (arg == "--keep") {
+      a.keep = true;
+    } else if (arg == "--steps" || arg == "--work") {
+      if (i + 1 >= argc) usage(arg + " needs a value");
+      const std::string v = argv[++i];
+      if (arg == "--work") {
+        a.work = v;
+        continue;
+      }
+      char* end = nullptr;
+      a.steps = std::strtoll(v.c_str(), &end, 10);
+      if (end == v.c_str() || *end != '\0') usage("--steps expects an integer, got " + v);
+    } else {
+      usage("unknown argument " + arg);
+    }
+  }
+  if (a.steps <= kWarmupSteps) usage("--steps must exceed the " + std::to_string(kWarmupSteps) + " warm-up steps");
+  return a;
+}
+
+// A text-format JSONL file of `lines` rows of `chars` random lowercase letters and spaces: the demo
+// tokenizer without merges makes one token per byte, so each row tokenizes to >= chars tokens.
+void write_text_data(const std::string& path, int64_t lines, int64_t chars, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> pick(0, 26);  // 26: a space
+  std::ofstream f(path, std::ios::trunc);
+  for (int64_t l = 0; l < lines; ++l) {
+    std::string text(static_cast<size_t>(chars), ' ');
+    for (auto& c : text) {
+      const int k = pick(rng);
+      c = k == 26 ? ' ' : static_cast<char>('a' + k);
+    }
+    f << json{{"text", text}}.dump() << '\n';
+  }
+  if (!f) throw std::runtime_error("could not write " + path);
+}
+
+qlora::Config make_config(const std::string& model_dir, const std::string& data_path, const std::string& out_dir,
+                          const Shape& s, int64_t steps) {
+  qlora::Config cfg = qlora::default_config();
+  cfg.source = "<bench_train>";
+  cfg.model.path = model_dir;
+  cfg.lora.r = 16;
+  cfg.lora.alpha = 32.0;
+  cfg.lora.dropout = 0.05;
+  cfg.lora.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};
+  cfg.data.path = data_path;
+  cfg.data.format = qlora::DataFormat::kText;
+  cfg.data.max_seq_length = s.seq;
+  cfg.data.packing = false;
+  cfg.train.micro_batch_size = s.micro;
+  cfg.train.gradient_accumulation_steps = 1;
+  cfg.train.max_steps = steps;
+  cfg.train.precision = qlora::Precision::kBf16;
+  cfg.train.gradient_checkpointing = true;
+  cfg.train.optimizer = qlora::OptimizerKind::kPagedAdamW8bit;
+  cfg.train.eval_steps = 0;
+  cfg.output.dir = out_dir;
+  cfg.output.save_steps = steps + 1000;  // only the final save, after the timed steps
+  cfg.output.keep_last = 1;
+  cfg.output.logging_steps = 1;
+  return cfg;
+}
+
+struct Timed {
+  int64_t steps = 0;
+  int64_t tokens = 0;
+  double seconds = 0.0;
+  double mean_loss = 0.0;
+};
+
+// The train lines of metrics.jsonl after warm-up: tokens and the trainer's step seconds.
+Timed read_metrics(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) throw std::runtime_error("no metrics file " + path);
+  Timed t;
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.empty()) continue;
+    const json j = json::parse(line);
+    if (j.value("type", "") != "train" || j.at("step").get<int64_t>() <= kWarmupSteps) continue;
+    ++t.steps;
+    t.tokens += j.at("input_tokens").get<int64_t>();
+    t.seconds += j.at("step_seconds").get<double>();
+    t.mean_loss += j.at("loss").get<double>();
+  }
+  if (t.steps > 0) t.mean_loss /= static_cast<double>(t.steps);
+  return t;
+}
+
+int64_t allocated_peak() {
+  return c10::cuda::CUDACachingAllocator::getDeviceStats(0).allocated_bytes[0].peak;
+}
+int64_t reserved_peak() {
+  return c10::cuda::CUDACachingAllocator::getDeviceStats(0).reserved_bytes[0].peak;
+}
+
+json run_one(const Shape& s, const Args& args, const fs::path& work, const fs::path& model_dir,
+             const qlora::LlamaConfig& shape, const qlora::plan::GpuSpec& gpu) {
+  const std::string tag = "m" + std::to_string(s.micro) + "_s" + std::to_string(s.seq);
+  const fs::path data = work / ("data_" + tag + ".jsonl");
+  const fs::path out = work / ("out_" + tag);
+  fs::remove_all(out);
+  // One row per micro batch per step, plus a spare batch (the loader never runs dry mid-window).
+  write_text_data(data.string(), (args.steps + 1) * s.micro, s.seq + kExtraChars,
+                  static_cast<uint64_t>(s.micro * 100003 + s.seq));
+  const qlora::Config cfg = make_config(model_dir.string(), data.string(), out.string(), s, args.steps);
+  const qlora::plan::Plan plan = qlora::plan::make_plan(cfg, shape, &gpu, 1);
+
+  // Note [what is timed and what is the peak]: the hook fires after each step with step + 1.
+  int64_t run_peak_alloc = 0, run_peak_reserved = 0;
+  Clock::time_point timed_start{}, timed_end{};
+  qlora::train::RunOptions options;
+  options.device = "cuda";
+  options.evaluate_at_start = false;
+  options.handle_signals = false;
+  options.progress_bar = false;
+  options.stop_when = [&](int64_t next_step, int64_t micro_done) {
+    if (micro_done != 0) return false;
+    if (next_step == kWarmupSteps + 1) {
+      c10::cuda::device_synchronize();
+      run_peak_alloc = allocated_peak();
+      run_peak_reserved = reserved_peak();
+      c10::cuda::CUDACachingAllocator::resetPeakStats(0);
+      timed_start = Clock::now();
+    } else if (next_step == args.steps + 1) {
+      c10::cuda::device_synchronize();
+      timed_end = Clock::now();
+    }
+    return false;
+  };
+
+  c10::cuda::CUDACachingAllocator::emptyCache();
+  c10::cuda::CUDACachingAllocator::resetPeakStats(0);
+  const auto result = qlora::train::run_training(cfg, options);
+  c10::cuda::device_synchronize();
+  const int64_t peak_alloc = allocated_peak();      // since the warm-up ended (the final save included)
+  const int64_t peak_reserved = reserved_peak();
+  const Timed t = read_metrics(result.metrics_path);
+  if (t.steps == 0 || t.seconds <= 0) throw std::runtime_error("no timed steps in " + result.metrics_path);
+  const double wall = std::chrono::duration<double>(timed_end - timed_start).count();
+
+  json j = {{"bench", "train"},
+            {"system", "qlora"},
+            {"model", kModel},
+            {"micro", s.micro},
+            {"seq", s.seq},
+            {"precision", "bf16"},
+            {"gradient_checkpointing", true},
+            {"optimizer", "paged_adamw_8bit"},
+            {"lora", "r16 a32 q,k,v,o"},
+            {"steps_timed", t.steps},
+            {"tokens_timed", t.tokens},
+            {"tokens_per_second", static_cast<double>(t.tokens) / t.seconds},
+            {"step_seconds_mean", t.seconds / static_cast<double>(t.steps)},
+            {"wall_tokens_per_second", wall > 0 ? static_cast<double>(t.tokens) / wall : 0.0},
+            {"loss_mean_timed", t.mean_loss},
+            {"peak_allocated_bytes", peak_alloc},
+            {"peak_reserved_bytes", peak_reserved},
+            {"run_peak_allocated_bytes", std::max(run_peak_alloc, peak_alloc)},
+            {"run_peak_reserved_bytes", std::max(run_peak_reserved, peak_reserved)},
+            {"plan_total_bytes", static_cast<int64_t>(plan.total_bytes)},
+            {"plan_error_pct", peak_alloc > 0 ? 100.0 * (plan.total_bytes - static_cast<double>(peak_alloc)) /
+                                                    static_cast<double>(peak_alloc)
+                                              : 0.0},
+            {"plan_gpu", kGpuPreset}};
+  if (plan.time.available) j["plan_tokens_per_second"] = plan.time.tokens_per_second;
+  if (!args.keep) {
+    std::error_code ec;
+    fs::remove_all(out, ec);
+    fs::remove(data, ec);
+  }
+  return j;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Args args = parse_args(argc, argv);
+  qlora::kernels::DeviceInfo dev[1];
+  char reason[256] = {0};
+  if (qlora::kernels::query_devices(dev, 1, reason, sizeof reason) == 0) {
+    std::printf("{\"bench\":\"train\",\"system\":\"qlora\",\"skipped\":\"no GPU: %s\"}\n", reason);
+    return 0;
+  }
+  std::printf("%s\n", json{{"bench", "train_device"},
+                           {"system", "qlora"},
+                           {"name", dev[0].name},
+                           {"cc", std::to_string(dev[0].cc_major) + "." + std::to_string(dev[0].cc_minor)},
+                           {"steps", args.steps},
+                           {"warmup_steps", kWarmupSteps}}
+                          .dump()
+                          .c_str());
+  std::fflush(stdout);
+
+  const fs::path work = args.work.empty()
+                            ? fs::temp_directory_path() / ("qlora-bench-train-" + std::to_string(::getpid()))
+                            : fs::path(args.work);
+  const fs::path model_dir = work / "model";
+  int failures = 0;
+  try {
+    const qlora::LlamaConfig shape = qlora::model_preset(kModel);
+    const qlora::plan::GpuSpec gpu = qlora::plan::resolve_gpu(kGpuPreset);
+    fs::create_directories(work);
+    if (!fs::exists(model_dir / "model.safetensors") || !fs::exists(model_dir / "tokenizer.json")) {
+      const Clock::time_point t0 = Clock::now();
+      std::fprintf(stderr, "bench_train: writing a random %s (fp32, ~5 GB) to %s\n", kModel, model_dir.c_str());
+      qlora::train::write_random_llama(model_dir.string(), shape, kModelSeed);
+      // Byte-level, no merges: vocabulary 261 (< the model's 128256; ids stay in range).
+      qlora::train::write_demo_tokenizer(model_dir.string());
+      std::fprintf(stderr, "bench_train: model written in %.0f s\n",
+                   std::chrono::duration<double>(Clock::now() - t0).count());
+    }
+    for (const Shape& s : kShapes) {
+      json j;
+      try {
+        j = run_one(s, args, work, model_dir, shape, gpu);
+      } catch (const std::exception& e) {
+        ++failures;
+        j = {{"bench", "train"}, {"system", "qlora"}, {"model", kModel},
+             {"micro", s.micro}, {"seq", s.seq},      {"error", e.what()}};
+      }
+      std::printf("%s\n", j.dump(-1, ' ', false, json::error_handler_t::replace).c_str());
+      std::fflush(stdout);
+      c10::cuda::CUDACachingAllocator::emptyCache();
+      if (args.quick) break;
+    }
+  } catch (const std::exception& e) {
+    ++failures;
+    std::printf("%s\n", json{{"bench", "train"}, {"system", "qlora"}, {"model", kModel}, {"error", e.what()}}
+                            .dump(-1, ' ', false, json::error_handler_t::replace)
+                            .c_str());
+  }
+  if (!args.keep && args.work.empty()) {
+    std::error_code ec;
+    fs::remove_all(work, ec);
+  }
+  return failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,326 @@
+#!/usr/bin/env python3
+"""The peer of bench/bench_train (issue 8, point 5): the same training step with
+transformers + PEFT + bitsandbytes on the same GPU, eager and with the PEFT model
+wrapped in torch.compile.
+
+Llama-3.2-1B architecture (its config.json values), random weights: the model is
+built in bf16, saved with save_pretrained to a temporary folder (the GPU machine
+reaches no hub) and loaded back the QLoRA way (NF4, double quant, bf16 compute),
+then prepare_model_for_kbit_training (checkpointing, use_reentrant False), LoRA
+r 16 / alpha 32 / dropout 0.05 on q,k,v,o, bitsandbytes' PagedAdamW8bit (lr 2e-4,
+no weight decay), gradient clipping at 1.0 and bf16 autocast around the forward
+(what the Hugging Face Trainer does with bf16=True and its default max_grad_norm).
+
+One JSON object a line on stdout, per (configuration, mode):
+  {"bench":"train","system":"hf-peft-bnb","mode":"eager","micro":2,"seq":512,
+   "tokens_per_second":...,"peak_allocated_bytes":...,"peak_reserved_bytes":...}
+or the same keys with "error" when that one failed. Progress goes to stderr.
+
+Timing: `steps` optimizer steps on random token ids (labels = inputs); the first
+2 are warm-up (torch.compile compiles there). Then a device synchronization, the
+allocator's peak statistics reset, the timed steps, a synchronization. The peaks
+are those of the timed steps (max_memory_allocated / max_memory_reserved), with
+the model, adapter and optimizer state already resident and loading left out, as
+bench_train measures; *_with_warmup_bytes keep the warm-up (and compilation).
+Managed memory of the paged optimizer is outside the allocator, as for qlora.
+
+  PYTHONPATH=$PWD/.whl/site python3 scripts/bench_peer.py [--quick] [--steps N]
+      [--modes eager,compile] [--configs 2x512,4x1024,8x2048] [--work DIR]
+"""
+
+import argparse
+import gc
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+
+WARMUP_STEPS = 2
+CONFIGS = [(2, 512), (4, 1024), (8, 2048)]  # (micro, seq), issue 8 point 4
+LR = 2e-4
+MAX_GRAD_NORM = 1.0
+SEED = 1234
+
+# Llama-3.2-1B's published config.json.
+LLAMA_32_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+    tie_word_embeddings=True,
+    attention_bias=False,
+    mlp_bias=False,
+    initializer_range=0.02,
+    bos_token_id=128000,
+    eos_token_id=128001,
+    use_cache=False,
+)
+ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def log(msg):
+    print(f"bench_peer: {msg}", file=sys.stderr, flush=True)
+
+
+def emit(obj):
+    print(json.dumps(obj), flush=True)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="only the first configuration (micro 2, seq 512)")
+    p.add_argument("--steps", type=int, default=12, help=f"steps per run, the first {WARMUP_STEPS} warm-up")
+    p.add_argument("--modes", default="eager,compile", help="comma-separated: eager, compile")
+    p.add_argument("--configs", default="", help="comma-separated MICROxSEQ subset, e.g. 2x512,8x2048")
+    p.add_argument("--work", default="", help="folder for the saved random model (default: a temp dir)")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke test of the script itself
+    a = p.parse_args()
+    if a.steps <= WARMUP_STEPS:
+        p.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
+    a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    for m in a.modes:
+        if m not in ("eager", "compile"):
+            p.error(f"--modes: unknown mode {m!r} (eager, compile)")
+    configs = list(CONFIGS)
+    if a.configs:
+        configs = []
+        for item in a.configs.split(","):
+            try:
+                micro, seq = (int(x) for x in item.lower().split("x"))
+            except ValueError:
+                p.error(f"--configs: expected MICROxSEQ such as 2x512, got {item!r}")
+            configs.append((micro, seq))
+    if a.quick:
+        configs = configs[:1]
+    a.config_list = configs
+    return a
+
+
+def model_config(tiny):
+    from transformers import LlamaConfig
+
+    values = dict(LLAMA_32_1B)
+    if tiny:
+        values.update(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, bos_token_id=1, eos_token_id=2)
+    return LlamaConfig(rope_parameters=dict(ROPE), **values)
+
+
+def write_random_model(path, tiny, device):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(SEED)
+    cfg = model_config(tiny)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)  # transformers' own random init
+    model.to(torch.bfloat16)
+    model.save_pretrained(path)
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return n
+
+
+def load_qlora_model(path, device):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    bnb_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = LlamaForCausalLM.from_pretrained(
+        path,
+        quantization_config=bnb_config,
+        dtype=torch.bfloat16,
+        device_map={"": 0} if device == "cuda" else {"": "cpu"},
+        attn_implementation="sdpa",
+    )
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    model.train()
+    return model
+
+
+def make_optimizer(params, device):
+    if device != "cuda":  # --tiny on a machine without a GPU: paged optimizers need CUDA
+        import torch
+
+        return torch.optim.AdamW(params, lr=LR, weight_decay=0.0), "torch.AdamW (no GPU)"
+    import bitsandbytes as bnb
+
+    return bnb.optim.PagedAdamW8bit(params, lr=LR, weight_decay=0.0), "bnb.PagedAdamW8bit"
+
+
+def run_one(path, micro, seq, mode, steps, device, vocab):
+    import torch
+
+    base = load_qlora_model(path, device)
+    params = [p for p in base.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    optimizer, optimizer_name = make_optimizer(params, device)
+    model = torch.compile(base) if mode == "compile" else base
+
+    gen = torch.Generator(device=device).manual_seed(SEED + micro * 7919 + seq)
+    batches = [torch.randint(0, vocab, (micro, seq), device=device, generator=gen) for _ in range(steps)]
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def step(ids):
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for i in range(WARMUP_STEPS):
+        step(batches[i])
+    sync()
+    warmup_seconds = time.perf_counter() - t0
+    with_warmup_alloc = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+    with_warmup_reserved = torch.cuda.max_memory_reserved() if device == "cuda" else 0
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    losses = []
+    t0 = time.perf_counter()
+    for i in range(WARMUP_STEPS, steps):
+        losses.append(step(batches[i]))
+    sync()
+    seconds = time.perf_counter() - t0
+    losses = [float(x) for x in losses]  # after the clock: no extra synchronization inside the timing
+    timed = steps - WARMUP_STEPS
+    tokens = timed * micro * seq
+    result = {
+        "steps_timed": timed,
+        "tokens_timed": tokens,
+        "tokens_per_second": tokens / seconds,
+        "step_seconds_mean": seconds / timed,
+        "warmup_seconds": warmup_seconds,
+        "loss_mean_timed": sum(losses) / len(losses),
+        "loss_finite": all(math.isfinite(x) for x in losses),
+        "peak_allocated_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else 0,
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved() if device == "cuda" else 0,
+        "peak_allocated_with_warmup_bytes": with_warmup_alloc,
+        "peak_reserved_with_warmup_bytes": with_warmup_reserved,
+        "trainable_params": trainable,
+        "optimizer": optimizer_name,
+    }
+    del model, base, optimizer, params, batches
+    return result
+
+
+def free(device):
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    try:
+        torch._dynamo.reset()  # drop compiled graphs (and the model they hold) between runs
+    except Exception:  # noqa: BLE001 - only a cleanup
+        pass
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main():
+    args = parse_args()
+    head = {"bench": "train", "system": "hf-peft-bnb", "model": "llama-3.2-1b" if not args.tiny else "tiny"}
+    try:
+        import torch
+        import transformers
+        import peft
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+        try:
+            import bitsandbytes
+
+            versions["bitsandbytes"] = bitsandbytes.__version__
+        except Exception as e:  # noqa: BLE001 - reported, then every run fails with the reason
+            versions["bitsandbytes"] = f"import failed: {e}"
+        if device != "cuda" and not args.tiny:
+            emit({**head, "skipped": "no GPU (torch.cuda.is_available() is False)", **versions})
+            return 0
+        emit({"bench": "train_device", "system": "hf-peft-bnb", "device": torch.cuda.get_device_name(0)
+              if device == "cuda" else "cpu", "steps": args.steps, "warmup_steps": WARMUP_STEPS, **versions})
+    except Exception as e:  # noqa: BLE001
+        emit({**head, "error": f"setup: {type(e).__name__}: {e}"})
+        return 1
+
+    work = args.work or tempfile.mkdtemp(prefix="qlora-bench-peer-")
+    path = os.path.join(work, "llama-3.2-1b-random")
+    failures = 0
+    try:
+        if not os.path.exists(os.path.join(path, "config.json")):
+            t0 = time.perf_counter()
+            n = write_random_model(path, args.tiny, device)
+            log(f"random model ({n:,} parameters, bf16) written to {path} in {time.perf_counter() - t0:.0f} s")
+        vocab = model_config(args.tiny).vocab_size
+        for micro, seq in args.config_list:
+            for mode in args.modes:
+                row = {**head, "mode": mode, "micro": micro, "seq": seq, "precision": "bf16",
+                       "gradient_checkpointing": True, "lora": "r16 a32 q,k,v,o"}
+                log(f"{mode} micro {micro} seq {seq}: {args.steps} steps ({WARMUP_STEPS} warm-up)")
+                try:
+                    row.update(run_one(path, micro, seq, mode, args.steps, device, vocab))
+                except Exception as e:  # noqa: BLE001 - one failed configuration must not stop the rest
+                    failures += 1
+                    traceback.print_exc(file=sys.stderr)
+                    msg = f"{type(e).__name__}: {e}"
+                    row["error"] = msg if len(msg) < 2000 else msg[:2000] + " ..."
+                emit(row)
+                free(device)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0 if failures == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
