@@ -41,17 +41,17 @@ labels=(-L cuda)
 ctest --test-dir "$build" "${labels[@]}" --output-on-failure -j 8 --timeout 600 \
   --output-junit "$root/$out/ctest.xml" 2>&1 | tee "$out/ctest.log" | tail -40 || echo "== ctest reported failures"
 
-# Benchmarks: every bench_* program prints one JSON document.
+if [[ $demo == 1 ]]; then
+  echo "== qlora demo on the GPU"
+  rm -rf "$out/demo-gpu"
+  "$build/qlora" demo --dir "$out/demo-gpu" 2>&1 | tee "$out/demo-gpu.log" | tail -25 || echo "== demo failed"
+  rm -rf "$out/demo-gpu/model" "$out/demo-gpu/out"/checkpoint-*   # keep the returned files small
+fi
+# Benchmarks: every bench_* program prints JSON lines (QLORA_BENCH_ARGS are passed to each).
 shopt -s nullglob
 for bench in "$build"/bench/bench_*; do
   name=$(basename "$bench")
   echo "== $name"
-  "$bench" | tee "$out/$name.json" || echo "== $name failed"
+  "$bench" ${QLORA_BENCH_ARGS:-} 2>"$out/$name.log" | tee "$out/$name.json" || echo "== $name failed"
 done
-if [[ $demo == 1 ]]; then
-  echo "== qlora demo on the GPU"
-  rm -rf "$out/demo-gpu"
-  "$build/qlora" demo --dir "$out/demo-gpu" 2>&1 | tee "$out/demo-gpu.log" | tail -25
-  rm -rf "$out/demo-gpu/model" "$out/demo-gpu/out"/checkpoint-*   # keep the returned files small
-fi
 echo "== total $(( $(date +%s) - start )) s"
