@@ -30,6 +30,7 @@
 // outside the allocator, the CUDA context) is in neither system's figure.
 // The plan: plan::make_plan for the same Config on the h100 preset; plan_error_pct is
 // (predicted - measured) / measured of peak_allocated_bytes.
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <unistd.h>
@@ -225,6 +226,9 @@ json run_one(const Shape& s, const Args& args, const fs::path& work, const fs::p
     return false;
   };
 
+  // The caching allocator initializes with the first CUDA tensor; its stats
+  // calls throw ("Invalid device argument") before that.
+  (void)at::empty({1}, at::TensorOptions().device(at::kCUDA));
   c10::cuda::CUDACachingAllocator::emptyCache();
   c10::cuda::CUDACachingAllocator::resetPeakStats(0);
   const auto result = qlora::train::run_training(cfg, options);

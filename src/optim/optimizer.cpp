@@ -2,6 +2,7 @@
 #include "qlora/optim/optimizer.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 
 #include <algorithm>
 #include <map>
@@ -63,6 +64,7 @@ void check_params(const std::vector<NamedParam>& params) {
 // tensors over PCIe per step; LoRA state is small next to the model.
 template <class F>
 void on_host(const std::vector<at::Tensor*>& tensors, F&& f) {
+  at::NoGradGuard no_grad;  // the parameters are autograd leaves
   if (tensors.front()->device().is_cpu()) {
     f();
     return;
@@ -264,6 +266,7 @@ class AdamW8bit final : public Optimizer {
   }
 
   void step(double lr) override {
+    at::NoGradGuard no_grad;
     ++step_;
     storage_->prefetch_to_device();
     const AdamWHyper h{lr, opt_.beta1, opt_.beta2, opt_.eps, opt_.weight_decay};
