@@ -149,7 +149,9 @@ at::Tensor dequantize_nf4(const Nf4Tensor& w, at::ScalarType out_dtype) {
   if (!w.device().is_cpu()) {
     const Nf4DeviceKernels k = nf4_device_kernels(w.device().type());
     if (k.dequantize == nullptr) return dequantize_nf4_torch_ops(w, out_dtype);
-    const at::Tensor absmax = nf4_block_absmax(w).contiguous();
+    // A kernel that decodes the double-quantized scales itself saves the
+    // expansion's few small launches per dequantize (three per linear and step).
+    const at::Tensor absmax = k.decodes_statistics ? at::Tensor() : nf4_block_absmax(w).contiguous();
     at::Tensor out = at::empty(w.shape, at::TensorOptions().dtype(out_dtype).device(w.device()));
     k.dequantize(w, absmax, out);
     return out;

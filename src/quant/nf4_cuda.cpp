@@ -89,6 +89,7 @@ bool register_cuda_kernels() {
   std::call_once(once, [] {
     Nf4DeviceKernels k;
     k.dequantize = &dequantize_hook;  // quantize stays null: the CPU reference path, then a copy
+    k.decodes_statistics = true;
     set_nf4_device_kernels(c10::DeviceType::CUDA, k);
   });
   return true;

@@ -95,7 +95,9 @@ std::pair<at::Tensor, int64_t> batch_loss(const model::LlamaModel& model, const 
   const at::Tensor labels = model::shift_labels(t.labels).to(device).reshape({-1});  // [B*T] int64
   const model::TokenLoss loss =
       model::chunked_cross_entropy(hidden.reshape({-1, hidden.size(-1)}), model.lm_head_weight(), labels, loss_chunk);
-  return {loss.sum, loss.count.item<int64_t>()};
+  // The count on the host (the same labels, counted before they went to the
+  // device): no device sync per micro batch.
+  return {loss.sum, target_tokens(batch)};
 }
 
 // ---------------------------------------------------------------- the trainer
@@ -150,6 +152,7 @@ AccumulatedWindow Trainer::accumulate_gradients(const std::vector<data::Batch>& 
 
   // Note [token-normalized accumulation] (trainer.h).
   const double inv_tokens = 1.0 / static_cast<double>(acc.window_tokens);
+  std::vector<at::Tensor> sums;  // read once after the window: one device sync, not one per micro batch
   for (size_t i = 0; i < window.size(); ++i) {
     if (i > 0 && options_.interrupted && options_.interrupted(static_cast<int64_t>(i))) {
       zero_grads();
@@ -159,9 +162,14 @@ AccumulatedWindow Trainer::accumulate_gradients(const std::vector<data::Batch>& 
     }
     auto [sum, count] = micro_batch_loss(window[i]);
     if (count == 0) continue;  // no target: contributes nothing (and no graph to walk)
-    acc.loss_sum += sum.item<double>();
+    sums.push_back(sum.detach());
     const at::Tensor loss = scaler_.scale(sum * inv_tokens);  // [] fp32
     torch::autograd::backward({loss});
+  }
+  if (!sums.empty()) {
+    const at::Tensor host = at::stack(sums).to(at::kCPU).to(at::kDouble).contiguous();  // [micro] fp64
+    const double* v = host.const_data_ptr<double>();
+    for (int64_t i = 0; i < host.numel(); ++i) acc.loss_sum += v[i];  // in micro-batch order
   }
   return acc;
 }

@@ -71,8 +71,10 @@ struct Nf4DeviceKernels {
   // Quantizes w (on the device) exactly as quantize_nf4 does on the CPU.
   Nf4Tensor (*quantize)(const at::Tensor& w, bool double_quant) = nullptr;
   // Writes the dequantized weight into `out` (contiguous, numel elements, fp32/bf16/fp16,
-  // on the device) given the expanded fp32 absmax ([blocks], on the device).
+  // on the device) given the expanded fp32 absmax ([blocks], on the device), or, when
+  // `decodes_statistics`, an undefined tensor: the kernel decodes the block scales itself.
   void (*dequantize)(const Nf4Tensor& w, const at::Tensor& absmax, at::Tensor& out) = nullptr;
+  bool decodes_statistics = false;
 };
 // Registers kernels for `type` (e.g. c10::DeviceType::CUDA); call once at start-up.
 void set_nf4_device_kernels(c10::DeviceType type, const Nf4DeviceKernels& kernels);
