@@ -17,22 +17,7 @@ inline constexpr int kScaleBlock = 256;  // scales per second-level absmax
 
 // bitsandbytes' NF4 table (quant::ref::nf4_code()); test_cuda_nf4_kernels pins every code.
 static __constant__ float kNf4Table[16] = {
-    -1.0f,
-    -0.6961928009986877f,
-    -0.5250730514526367f,
-    -0.39491748809814453f,
-    -0.28444138169288635f,
-    -0.18477343022823334f,
-    -0.09105003625154495f,
-    0.0f,
-    0.07958029955625534f,
-    0.16093020141124725f,
-    0.24611230194568634f,
-    0.33791524171829224f,
-    0.44070982933044434f,
-    0.5626170039176941f,
-    0.7229568362236023f,
-    1.0f,
+#include "qlora/quant/nf4_code.inc"
 };
 
 // Copies the NF4 table into shared memory (threads 0..15); the caller syncs.

@@ -113,3 +113,27 @@ TEST(CliTrain, BadResumePathAndStaleOutputDirAreClearErrors) {
 
 }  // namespace
 }  // namespace qlora
+
+namespace qlora {
+namespace {
+
+// The README's first command, shortened: builds its model and tokenizer,
+// trains, stops half-way on purpose, resumes, and says where the adapter is.
+TEST(CliDemo, BuildsTrainsStopsResumesAndPointsAtTheAdapter) {
+  const std::string dir = testing::make_temp_dir("cli_demo");
+  const auto r = testing::run_qlora("demo --dir " + dir + " --steps 10 --eval-generate 4");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("interrupted on purpose after step 5"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("resumed from " + dir + "/out/checkpoint-5"), std::string::npos) << r.err;
+  EXPECT_NE(r.out.find("qlora demo finished: 10 steps"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("PeftModel.from_pretrained"), std::string::npos) << r.out;
+  EXPECT_TRUE(fs::exists(dir + "/out/adapter/adapter_model.safetensors"));
+  EXPECT_TRUE(fs::exists(dir + "/model/tokenizer.json"));
+  EXPECT_TRUE(fs::exists(dir + "/run.yaml"));
+  // The run's config loads back as a qlora config.
+  const auto check = testing::run_qlora("config --config " + dir + "/run.yaml");
+  EXPECT_EQ(check.exit_code, 0) << check.err;
+}
+
+}  // namespace
+}  // namespace qlora

@@ -13,22 +13,7 @@ namespace {
 // bitsandbytes' NF4 table (get_4bit_type("nf4")): normal-distribution quantiles scaled to
 // [-1, 1], 7 negative values, 0, 8 positive values. Pinned bit for bit by test_quant_nf4.
 constexpr float kNf4Code[16] = {
-    -1.0f,
-    -0.6961928009986877f,
-    -0.5250730514526367f,
-    -0.39491748809814453f,
-    -0.28444138169288635f,
-    -0.18477343022823334f,
-    -0.09105003625154495f,
-    0.0f,
-    0.07958029955625534f,
-    0.16093020141124725f,
-    0.24611230194568634f,
-    0.33791524171829224f,
-    0.44070982933044434f,
-    0.5626170039176941f,
-    0.7229568362236023f,
-    1.0f,
+#include "qlora/quant/nf4_code.inc"
 };
 
 // The values bitsandbytes 0.50.2's create_dynamic_map(signed=True, 7, 8) returns on the golden
