@@ -33,6 +33,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -45,6 +46,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -80,12 +82,22 @@ struct Args {
   bool keep = false;
   int64_t steps = kDefaultSteps;
   std::string work;
+  std::string profile;  // Kineto (CPU + CUDA) trace of the timed steps of each configuration
 };
 
 [[noreturn]] void usage(const std::string& why) {
-  std::fprintf(stderr, "bench_train: %s\nusage: bench_train [--quick] [--steps N (> %lld)] [--work DIR] [--keep]\n",
+  std::fprintf(stderr, "bench_train: %s\nusage: bench_train [--quick] [--steps N (> %lld)] [--work DIR] [--keep] [--profile PREFIX]\n",
                why.c_str(), static_cast<long long>(kWarmupSteps));
   std::exit(2);
+}
+
+// Kineto with CPU ops and CUDA activity (CUPTI), as torch.profiler records them.
+void start_profiler() {
+  using torch::profiler::impl::ActivityType;
+  const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+  const std::set<ActivityType> activities = {ActivityType::CPU, ActivityType::CUDA};
+  torch::autograd::profiler::prepareProfiler(config, activities);
+  torch::autograd::profiler::enableProfiler(config, activities);
 }
 
 Args parse_args(int argc, char** argv) {
@@ -96,11 +108,15 @@ Args parse_args(int argc, char** argv) {
       a.quick = true;
     } else if (arg == "--keep") {
       a.keep = true;
-    } else if (arg == "--steps" || arg == "--work") {
+    } else if (arg == "--steps" || arg == "--work" || arg == "--profile") {
       if (i + 1 >= argc) usage(arg + " needs a value");
       const std::string v = argv[++i];
       if (arg == "--work") {
         a.work = v;
+        continue;
+      }
+      if (arg == "--profile") {
+        a.profile = v;
         continue;
       }
       char* end = nullptr;
@@ -218,6 +234,7 @@ json run_one(const Shape& s, const Args& args, const fs::path& work, const fs::p
       run_peak_alloc = allocated_peak();
       run_peak_reserved = reserved_peak();
       c10::cuda::CUDACachingAllocator::resetPeakStats(0);
+      if (!args.profile.empty()) start_profiler();
       timed_start = Clock::now();
     } else if (next_step == args.steps + 1) {
       c10::cuda::device_synchronize();
@@ -233,6 +250,10 @@ json run_one(const Shape& s, const Args& args, const fs::path& work, const fs::p
   c10::cuda::CUDACachingAllocator::resetPeakStats(0);
   const auto result = qlora::train::run_training(cfg, options);
   c10::cuda::device_synchronize();
+  if (!args.profile.empty()) {
+    // The trace spans the timed steps and the final save (metrics.jsonl says how long each took).
+    torch::autograd::profiler::disableProfiler()->save(args.profile + "_" + tag + ".json");
+  }
   const int64_t peak_alloc = allocated_peak();      // since the warm-up ended (the final save included)
   const int64_t peak_reserved = reserved_peak();
   const Timed t = read_metrics(result.metrics_path);

@@ -32,6 +32,7 @@
 #include "qlora/model/llama.h"
 #include "qlora/model/nf4_linear.h"
 #include "qlora/optim/optimizer.h"
+#include "qlora/quant/nf4_cuda.h"
 #include "qlora/plan/plan.h"
 #include "qlora/train/checkpoint.h"
 #include "qlora/train/progress.h"
@@ -178,7 +179,8 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
   if (cfg.data.path.empty())
     throw InputError(cfg.source + ": data.path is not set; point it at a JSONL file (see `qlora data --help`)");
 
-  // 1. device and precision
+  // 1. device and precision (and the CUDA kernels, once per process; a no-op without CUDA)
+  quant::register_cuda_kernels();
   const DeviceChoice dev = choose_device(cfg, options.device);
   const at::ScalarType dtype = scalar_type(dev.precision);
   const Precision compute =
