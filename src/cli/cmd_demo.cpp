@@ -92,6 +92,7 @@ Runner add_demo_command(CLI::App& root) {
     std::ofstream(yaml) << "# written by `qlora demo`; rerun with: qlora train --config " << yaml.string() << "\n"
                         << to_yaml(cfg);
     log::info("config: " + yaml.string());
+    cfg.source = yaml.string();  // what messages name (e.g. the command that resumes)
 
     train::RunOptions ro;
     ro.progress_bar = isatty(STDERR_FILENO) != 0;
