@@ -24,7 +24,7 @@
 namespace qlora::train {
 
 // The tiny model's shape for a vocabulary of `vocab_size`: hidden 256, 4
-// layers, 8 heads over 4 key/value heads, SwiGLU 688 (~2.4 M parameters
+// layers, 8 heads over 4 key/value heads, SwiGLU 688 (~2.9 M parameters
 // besides the embeddings).
 LlamaConfig demo_model_config(int64_t vocab_size = 256 + 5);
 
