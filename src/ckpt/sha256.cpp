@@ -2,14 +2,14 @@
 // over a 64-byte block, the message padded with 0x80, zeros and its bit length.
 #include "qlora/ckpt/sha256.h"
 
-#include <fcntl.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <vector>
 
+#include "ckpt/fs.h"
+#include "qlora/ckpt/store.h"
 #include "qlora/common/errors.h"
 
 namespace qlora::ckpt {
@@ -131,25 +131,13 @@ std::string sha256_hex(std::string_view bytes) {
 }
 
 std::string sha256_file(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    throw InputError("cannot open " + path + " to compute its sha256: " + std::strerror(errno));
+  // One read-and-hash loop serves checkpoints and this; here a missing or
+  // unreadable file is the user's input, so the error is an InputError.
+  try {
+    return fs::hash_file(path).sha256;
+  } catch (const CheckpointError& e) {
+    throw InputError(std::string(e.what()) + " (to compute its sha256)");
   }
-  Sha256 h;
-  std::vector<uint8_t> chunk(1 << 20);
-  for (;;) {
-    const ssize_t got = ::read(fd, chunk.data(), chunk.size());
-    if (got < 0) {
-      if (errno == EINTR) continue;
-      const int err = errno;
-      ::close(fd);
-      throw InputError("cannot read " + path + " to compute its sha256: " + std::strerror(err));
-    }
-    if (got == 0) break;
-    h.update(chunk.data(), static_cast<size_t>(got));
-  }
-  ::close(fd);
-  return h.hex_digest();
 }
 
 }  // namespace qlora::ckpt

@@ -1,6 +1,8 @@
 // The CUDA NF4 kernels behind the at::Tensor API (include/qlora/quant/nf4_cuda.h).
 // Compiled in every build; everything that needs CUDA torch is under QLORA_WITH_CUDA, so a
-// CPU-only build gets the stubs (register_cuda_kernels() == false) and callers need no #ifdef.
+// CPU-only build registers nothing (register_cuda_kernels() returns false, dequantization
+// keeps the CPU / torch-op paths) and its CUDA entry points fail with "built without CUDA";
+// callers need no #ifdef.
 #include "qlora/quant/nf4_cuda.h"
 
 #include <c10/util/Exception.h>
