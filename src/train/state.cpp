@@ -45,13 +45,6 @@ json parse_json_file(const fs::path& p) {
   }
 }
 
-// The generators a step consumes: dropout draws from the default CPU generator,
-// or from the device's on a GPU.
-std::vector<std::pair<std::string, at::Generator>> generators(c10::Device device) {
-  std::vector<std::pair<std::string, at::Generator>> g = {{"cpu", at::globalContext().defaultGenerator(c10::kCPU)}};
-  if (device.is_cuda()) g.emplace_back("cuda", at::globalContext().defaultGenerator(device));
-  return g;
-}
 
 }  // namespace
 
@@ -104,12 +97,12 @@ std::string save_checkpoint(const Config& cfg, const TrainingObjects& o, const j
                             const std::string& metrics_path) {
   const int64_t step = o.trainer.step();
   ckpt::CheckpointWriter w(cfg.output.dir, step);
+  const optim::OptimizerState opt = o.optimizer.state();  // a deep copy: taken once
   try {
     io::save_safetensors(w.path("adapter.safetensors"), o.adapter.named_parameters(), {{"format", "pt"}});
-    const optim::OptimizerState opt = o.optimizer.state();
     io::save_safetensors(w.path("optimizer.safetensors"), opt.tensors);
     std::vector<std::pair<std::string, at::Tensor>> rng;
-    for (auto& [name, gen] : generators(o.device)) rng.emplace_back(name, gen.get_state());
+    for (auto& [name, gen] : step_generators(o.device)) rng.emplace_back(name, gen.get_state());
     io::save_safetensors(w.path("rng.safetensors"), rng);
   } catch (const ckpt::CheckpointError&) {
     throw;
@@ -129,7 +122,7 @@ std::string save_checkpoint(const Config& cfg, const TrainingObjects& o, const j
         {"warmup_steps", o.trainer.scheduler().warmup_steps()}}},
       {"scaler", {{"scale", sc.scale}, {"growth_tracker", sc.growth_tracker}}},
       {"bad_steps", {{"in_a_row", o.bad_steps.in_a_row()}, {"total", o.bad_steps.total()}}},
-      {"optimizer", {{"kind", o.optimizer.kind()}, {"scalars", json::parse(o.optimizer.state().scalars_json)}}},
+      {"optimizer", {{"kind", o.optimizer.kind()}, {"scalars", json::parse(opt.scalars_json)}}},
       {"loader", json::parse(o.loader.cursor().to_json())},
   };
   w.write_json("trainer_state.json", state);
@@ -187,7 +180,7 @@ int64_t load_checkpoint(const std::string& dir, const TrainingObjects& o, const 
     opt.scalars_json = st.at("optimizer").at("scalars").dump();
     o.optimizer.load_state(opt);
     const auto rng = io::load_safetensors((d / "rng.safetensors").string());
-    for (auto& [name, gen] : generators(o.device)) {
+    for (auto& [name, gen] : step_generators(o.device)) {
       auto it = rng.find(name);
       if (it == rng.end())
         throw InputError((d / "rng.safetensors").string() + ": no \"" + name +

@@ -26,6 +26,12 @@ namespace qlora::train {
 
 // ---------------------------------------------------------------- pieces
 
+std::vector<std::pair<std::string, at::Generator>> step_generators(c10::Device device) {
+  std::vector<std::pair<std::string, at::Generator>> g = {{"cpu", at::globalContext().defaultGenerator(c10::kCPU)}};
+  if (device.is_cuda()) g.emplace_back("cuda", at::globalContext().defaultGenerator(device));
+  return g;
+}
+
 int64_t target_tokens(const data::Batch& batch) {
   // Label of token c + 1 is what position c predicts; position 0's own label
   // is never a target (the row-wise shift of model::shift_labels).
@@ -145,9 +151,7 @@ AccumulatedWindow Trainer::accumulate_gradients(const std::vector<data::Batch>& 
   // batches included: keep the generators' states to put them back.
   std::vector<std::pair<at::Generator, at::Tensor>> rng_at_start;
   if (options_.interrupted) {
-    std::vector<at::Generator> gens = {at::globalContext().defaultGenerator(c10::kCPU)};
-    if (!model_.device().is_cpu()) gens.push_back(at::globalContext().defaultGenerator(model_.device()));
-    for (auto& g : gens) rng_at_start.emplace_back(g, g.get_state());
+    for (auto& [name, g] : step_generators(model_.device())) rng_at_start.emplace_back(g, g.get_state());
   }
 
   // Note [token-normalized accumulation] (trainer.h).

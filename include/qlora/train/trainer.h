@@ -20,7 +20,9 @@
 // Weight decay lives in the optimizer (AdamWOptions::weight_decay).
 #pragma once
 
+#include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 #include <cstdint>
 #include <functional>
@@ -52,6 +54,12 @@ class BadStepPolicy;
 namespace qlora::train {
 
 // ---------------------------------------------------------------- pieces
+
+// The random generators a training step draws from (LoRA dropout): the default
+// CPU generator, plus the device's when the model is on a GPU; named "cpu" /
+// "cuda" as checkpoints store them. An abandoned window restores them, a
+// checkpoint saves them.
+std::vector<std::pair<std::string, at::Generator>> step_generators(c10::Device device);
 
 // Sums a per-rank token count over all ranks. Single process: the identity.
 using TokenReduceFn = int64_t (*)(int64_t local_tokens);
