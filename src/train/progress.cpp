@@ -116,7 +116,9 @@ void Progress::finish() {
 
 // ---------------------------------------------------------------- MetricsLog
 
-MetricsLog::MetricsLog(const std::string& dir) : path_((std::filesystem::path(dir) / "metrics.jsonl").string()) {
+std::string MetricsLog::path_in(const std::string& dir) { return (std::filesystem::path(dir) / "metrics.jsonl").string(); }
+
+MetricsLog::MetricsLog(const std::string& dir) : path_(path_in(dir)) {
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   file_ = std::fopen(path_.c_str(), "a");

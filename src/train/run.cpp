@@ -179,6 +179,19 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
   if (cfg.data.path.empty())
     throw InputError(cfg.source + ": data.path is not set; point it at a JSONL file (see `qlora data --help`)");
 
+  // 0. which checkpoint a resume continues from (or why a fresh start is
+  // refused), decided before anything expensive loads
+  const std::string resume_from = options.resume.empty() ? std::string() : resolve_resume(cfg.output.dir, options.resume);
+  if (options.resume == "auto" && resume_from.empty())
+    log::info("--resume auto: no checkpoint in " + cfg.output.dir + " yet; starting from step 0");
+  if (options.resume.empty()) {
+    if (const auto old = ckpt::list_checkpoints(cfg.output.dir); !old.empty())
+      // Starting over here would leave the earlier run's later checkpoints for
+      // a future --resume auto to pick up: refuse instead of mixing two runs.
+      throw InputError(cfg.output.dir + " already holds checkpoints of an earlier run (newest: " + old.back() +
+                       "); pass --resume auto to continue it, or set output.dir to a new directory");
+  }
+
   // 1. device and precision (and the CUDA kernels, once per process; a no-op without CUDA)
   quant::register_cuda_kernels();
   const DeviceChoice dev = choose_device(cfg, options.device);
@@ -245,25 +258,15 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
                   step_options);
   trainer_ptr = &trainer;
 
-  // 5b. resume: every piece of state from the checkpoint (train/state.h)
+  // 5b. resume: every piece of state from the checkpoint chosen in 0 (train/state.h)
   std::filesystem::create_directories(cfg.output.dir);
-  const std::string metrics_path = (std::filesystem::path(cfg.output.dir) / "metrics.jsonl").string();
+  const std::string metrics_path = MetricsLog::path_in(cfg.output.dir);
   const json fingerprint = run_fingerprint(cfg, ckpt::sha256_file(dir.config_path()), dev.precision, world);
   const TrainingObjects objects{trainer, *optimizer, scaler, bad_steps, loader, adapter, dev.device};
-  if (!options.resume.empty()) {
-    const std::string from = resolve_resume(cfg.output.dir, options.resume);
-    if (from.empty()) {
-      log::info("--resume auto: no checkpoint in " + cfg.output.dir + " yet; starting from step 0");
-    } else {
-      result.start_step = load_checkpoint(from, objects, fingerprint, options.force, metrics_path);
-      log::info("resumed from " + from + " at step " + std::to_string(result.start_step) + " of " +
-                std::to_string(total));
-    }
-  } else if (const auto old = ckpt::list_checkpoints(cfg.output.dir); !old.empty()) {
-    // Starting over here would leave the earlier run's later checkpoints for
-    // a future --resume auto to pick up: refuse instead of mixing two runs.
-    throw InputError(cfg.output.dir + " already holds checkpoints of an earlier run (newest: " + old.back() +
-                     "); pass --resume auto to continue it, or set output.dir to a new directory");
+  if (!resume_from.empty()) {
+    result.start_step = load_checkpoint(resume_from, objects, fingerprint, options.force, metrics_path);
+    log::info("resumed from " + resume_from + " at step " + std::to_string(result.start_step) + " of " +
+              std::to_string(total));
   }
   if (result.start_step == 0) std::ofstream(metrics_path, std::ios::trunc);  // a new run's history
 

@@ -61,6 +61,7 @@ class MetricsLog {
   MetricsLog& operator=(const MetricsLog&) = delete;
 
   void write(const std::string& json_line);  // one object, no newline
+  static std::string path_in(const std::string& dir);  // dir/metrics.jsonl
   const std::string& path() const { return path_; }
 
  private:
