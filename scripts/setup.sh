@@ -41,7 +41,8 @@ t0=$(date +%s)
 # ---------------------------------------------------------------- 1. Debian packages
 APT_PACKAGES=(build-essential cmake ninja-build pkg-config git python3-venv
               libcli11-dev nlohmann-json3-dev libyaml-cpp-dev libspdlog-dev libfmt-dev
-              libsentencepiece-dev libgtest-dev libgmock-dev libpcre2-dev)
+              libsentencepiece-dev libgtest-dev libgmock-dev libpcre2-dev
+              libgloo-dev)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

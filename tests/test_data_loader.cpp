@@ -364,3 +364,54 @@ TEST(DataLoader, RejectsUnusableOptions) {
 
 }  // namespace
 }  // namespace qlora::data
+
+namespace qlora::data {
+namespace {
+
+// A resume on another world size continues from the same global micro batch
+// (Note [sharding]): what ranks 0..W'-1 take next, in rank order, is what the
+// old world would have taken next.
+TEST(DataLoader, CursorMovesToAnotherWorldSizeAtTheSameGlobalMicroBatch) {
+  const auto ex = random_examples(48, 20, 5);
+  LoaderOptions o;
+  o.micro_batch_size = 2;
+  o.seed = 7;
+  o.world_size = 2;
+  DataLoader two(ex, o);
+  take(two, 4);  // 8 global micro batches of epoch 0 done
+  const LoaderCursor saved = two.cursor();
+
+  for (const int64_t world : {1, 4}) {
+    for (int64_t r = 0; r < world; ++r) {
+      LoaderOptions w = o;
+      w.world_size = world;
+      w.rank = r;
+      DataLoader l(ex, w);
+      l.restore(saved);
+      EXPECT_EQ(l.cursor().position, 8 / world) << "world " << world;
+      // Its next micro batch is global micro batch 8 + r of epoch 0.
+      const Batch b = l.next();
+      const Batch expect_batch = [&] {
+        LoaderOptions single = w;
+        single.world_size = 1;
+        single.rank = 0;
+        DataLoader s(ex, single);
+        for (int64_t i = 0; i < 8 + r; ++i) s.next();
+        return s.next();
+      }();
+      EXPECT_EQ(b.input_ids, expect_batch.input_ids) << "world " << world << " rank " << r;
+    }
+  }
+  LoaderOptions three = o;
+  three.world_size = 3;
+  DataLoader l3(ex, three);
+  try {
+    l3.restore(saved);
+    FAIL() << "8 global micro batches cannot be split over 3 ranks, yet the restore was accepted";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("cannot split evenly"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace qlora::data

@@ -205,14 +205,28 @@ void DataLoader::restore(const LoaderCursor& c) {
     throw mismatch("data.max_seq_length", std::to_string(c.max_seq_length),
                    std::to_string(me.max_seq_length));
   }
-  if (c.world_size != me.world_size) {
-    throw mismatch("the world size", std::to_string(c.world_size), std::to_string(me.world_size));
-  }
   if (c.shuffle != me.shuffle) {
     throw mismatch("shuffling", c.shuffle ? "on" : "off", me.shuffle ? "on" : "off");
   }
+  // Note [sharding]: the ranks of a step take consecutive micro batches of
+  // M_e, so the epoch's progress is position × world_size global micro
+  // batches whatever the world size; another world size continues from the
+  // same global micro batch when it divides that count.
+  int64_t position = c.position;
+  if (c.world_size != me.world_size) {
+    const int64_t global = c.position * c.world_size;
+    if (c.world_size < 1 || global % me.world_size != 0) {
+      throw InputError("cannot resume the data loader on " + std::to_string(me.world_size) +
+                       " processes: the checkpoint was written by " + std::to_string(c.world_size) + " after " +
+                       std::to_string(global) + " micro batches of epoch " + std::to_string(c.epoch) + ", which " +
+                       std::to_string(me.world_size) + " ranks cannot split evenly; resume on " +
+                       std::to_string(c.world_size) + " processes (or a world size dividing " + std::to_string(global) +
+                       ")");
+    }
+    position = global / me.world_size;
+  }
   cursor_.epoch = c.epoch;
-  cursor_.position = c.position;
+  cursor_.position = position;
 }
 
 }  // namespace qlora::data

@@ -25,6 +25,8 @@
 #include "qlora/data/dataset.h"
 #include "qlora/data/loader.h"
 #include "qlora/data/tokenizer.h"
+#include "qlora/dist/group.h"
+#include "qlora/dist/launch.h"
 #include "qlora/io/model_dir.h"
 #include "qlora/kernels.h"
 #include "qlora/lora/adapter_io.h"
@@ -51,7 +53,8 @@ struct DeviceChoice {
   std::string description;  // "CPU" / "cuda:0 NVIDIA H100 80GB HBM3 (sm_90)"
 };
 
-DeviceChoice choose_device(const Config& cfg, const std::string& want) {
+// The GPU of this rank is its local rank (torchrun / SLURM), as in torch.
+DeviceChoice choose_device(const Config& cfg, const std::string& want, int64_t local_rank) {
   DeviceChoice d;
   int cc_major = 0;
   if (want != "auto" && want != "cpu" && want != "cuda")
@@ -59,13 +62,19 @@ DeviceChoice choose_device(const Config& cfg, const std::string& want) {
   if (want == "cuda" && !at::globalContext().hasCUDA())
     throw InputError("--device cuda: this build or machine has no CUDA (qlora env says why); use --device cpu");
   if (want != "cpu" && at::globalContext().hasCUDA()) {
-    kernels::DeviceInfo info;
+    constexpr int kMaxDevices = 64;
+    kernels::DeviceInfo info[kMaxDevices];
     char reason[256] = {0};
-    if (kernels::query_devices(&info, 1, reason, sizeof reason) > 0) {
-      d.device = c10::Device(c10::kCUDA, 0);
-      cc_major = info.cc_major;
-      d.description = "cuda:0 " + std::string(info.name) + " (sm_" + std::to_string(info.cc_major) +
-                      std::to_string(info.cc_minor) + ")";
+    const int n = kernels::query_devices(info, kMaxDevices, reason, sizeof reason);
+    if (n > 0 && local_rank >= n)
+      throw InputError("LOCAL_RANK " + std::to_string(local_rank) + " but this host has " + std::to_string(n) +
+                       " GPU(s): start at most " + std::to_string(n) + " processes per host (torchrun --nproc-per-node)");
+    if (n > 0) {
+      const kernels::DeviceInfo& g = info[local_rank];
+      d.device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(local_rank));
+      cc_major = g.cc_major;
+      d.description = "cuda:" + std::to_string(local_rank) + " " + std::string(g.name) + " (sm_" +
+                      std::to_string(g.cc_major) + std::to_string(g.cc_minor) + ")";
     }
   }
   if (d.device.is_cpu()) d.description = "CPU (" + std::to_string(at::get_num_threads()) + " threads)";
@@ -106,6 +115,35 @@ json eval_json(int64_t step, const EvalResult& r) {
   return json{{"type", "eval"},          {"step", step},           {"loss", r.loss},
               {"tokens", r.tokens},      {"examples", r.examples}, {"exact_match", r.exact},
               {"generated", r.generated}, {"accuracy", r.accuracy()}, {"seconds", r.seconds}};
+}
+
+// Held-out evaluation split over the ranks (rank r takes examples r, r + W,
+// ...; exact match still covers the first generate_examples of the whole
+// set) and summed, so every rank returns the whole set's numbers.
+EvalResult evaluate_sharded(const model::LlamaModel& model, const data::Tokenizer& tokenizer,
+                            const std::vector<data::TokenizedExample>& examples, EvalOptions options,
+                            const dist::Group& group) {
+  if (!group.distributed()) return evaluate(model, tokenizer, examples, options);
+  const int64_t world = group.world_size();
+  std::vector<data::TokenizedExample> mine;
+  int64_t generate = 0;
+  for (size_t i = static_cast<size_t>(group.rank()); i < examples.size(); i += static_cast<size_t>(world)) {
+    mine.push_back(examples[i]);
+    if (static_cast<int64_t>(i) < options.generate_examples) ++generate;
+  }
+  options.generate_examples = generate;
+  EvalResult r = evaluate(model, tokenizer, mine, options);
+  const at::Tensor t = at::tensor(std::vector<double>{r.loss * static_cast<double>(r.tokens), static_cast<double>(r.tokens),
+                                                      static_cast<double>(r.examples), static_cast<double>(r.generated),
+                                                      static_cast<double>(r.exact)});  // [5] fp64
+  group.all_reduce_sum({t});
+  const auto v = [&](int64_t i) { return t[i].item<double>(); };
+  r.tokens = static_cast<int64_t>(v(1));
+  r.loss = r.tokens > 0 ? v(0) / v(1) : 0.0;
+  r.examples = static_cast<int64_t>(v(2));
+  r.generated = static_cast<int64_t>(v(3));
+  r.exact = static_cast<int64_t>(v(4));
+  return r;
 }
 
 // The memory the plan expects, one line ("plan: 1.23 GiB: base weights 0.50, ...").
@@ -172,7 +210,11 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
   using Clock = std::chrono::steady_clock;
   const Clock::time_point start = Clock::now();
   RunResult result;
-  const int64_t world = 1;  // data parallelism arrives with the dist module
+  const dist::Launch launch = dist::launch_from_env();
+  const int64_t world = launch.world_size;
+  const bool main_rank = launch.is_main();
+  // Ranks other than 0 say only what goes wrong; rank 0 speaks for the run.
+  if (!main_rank) log::set_level(log::Level::kError);
   if (cfg.model.path.empty())
     throw InputError(cfg.source + ": model.path is not set; training needs a Hugging Face model directory "
                      "(config.json, *.safetensors, tokenizer). `qlora demo` builds a tiny one to try.");
@@ -194,13 +236,17 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
 
   // 1. device and precision (and the CUDA kernels, once per process; a no-op without CUDA)
   quant::register_cuda_kernels();
-  const DeviceChoice dev = choose_device(cfg, options.device);
+  const DeviceChoice dev = choose_device(cfg, options.device, launch.local_rank);
   const at::ScalarType dtype = scalar_type(dev.precision);
   const Precision compute =
       cfg.quantization.compute_dtype == Precision::kAuto ? dev.precision : cfg.quantization.compute_dtype;
   log::info("device " + dev.description + ", precision " + std::string(to_string(dev.precision)) +
             (amp::needs_loss_scaling(dev.precision) ? " with dynamic loss scaling" : ""));
   at::manual_seed(static_cast<uint64_t>(cfg.train.seed));
+  if (launch.distributed())
+    log::info("data parallel: " + launch.describe() + "; connecting (" +
+              (dev.device.is_cuda() ? "NCCL" : "Gloo") + ")");
+  const dist::Group group = dist::Group::connect(launch, dev.device);
 
   // 2. base model, frozen, its projections quantized to NF4 as they load
   const io::ModelDir dir = io::ModelDir::open(cfg.model.path);
@@ -214,6 +260,9 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
 
   // 3. LoRA adapter (A from the seeded generator, as PEFT initializes it)
   lora::LoraAdapter adapter = lora::LoraAdapter::attach(model, lora::settings_from_config(cfg.lora));
+  // Every rank drew the same A (same seed, above); from here each rank's
+  // dropout masks come from its own stream.
+  if (launch.rank > 0) at::manual_seed(static_cast<uint64_t>(cfg.train.seed) + static_cast<uint64_t>(launch.rank));
   std::vector<optim::NamedParam> named;
   int64_t trainable = 0;
   for (auto& [name, p] : adapter.named_parameters()) {
@@ -235,6 +284,8 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
   lo.max_seq_length = cfg.data.max_seq_length;
   lo.seed = static_cast<uint64_t>(cfg.train.seed);
   lo.pad_id = data::choose_pad_id(tokenizer->pad_id(), tokenizer->eos_id());
+  lo.rank = launch.rank;
+  lo.world_size = world;
   data::DataLoader loader(sets.train.examples, lo);
   const int64_t total = total_optimizer_steps(cfg.train, loader.steps_in_epoch(0));
   result.total_steps = total;
@@ -249,26 +300,30 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
   StepOptions step_options;
   step_options.max_grad_norm = cfg.train.max_grad_norm;
   step_options.gradient_checkpointing = cfg.train.gradient_checkpointing;
+  step_options.group = &group;
   if (cfg.train.gradient_checkpointing) step_options.layer_forward = checkpointed_layer_forward(model);
   Trainer* trainer_ptr = nullptr;  // the stop test needs the step in progress
-  step_options.interrupted = [&](int64_t micro_done) {
-    return signals.fired() || (options.stop_when && options.stop_when(trainer_ptr->step() + 1, micro_done));
-  };
+  // Several ranks must stop at the same step: they agree at step boundaries
+  // (on_step below), never mid-window.
+  if (!group.distributed())
+    step_options.interrupted = [&](int64_t micro_done) {
+      return signals.fired() || (options.stop_when && options.stop_when(trainer_ptr->step() + 1, micro_done));
+    };
   Trainer trainer(model, adapter.parameters(), *optimizer, make_lr_scheduler(cfg.train, total), scaler, bad_steps,
                   step_options);
   trainer_ptr = &trainer;
 
   // 5b. resume: every piece of state from the checkpoint chosen in 0 (train/state.h)
   std::filesystem::create_directories(cfg.output.dir);
-  const std::string metrics_path = MetricsLog::path_in(cfg.output.dir);
+  const std::string metrics_path = main_rank ? MetricsLog::path_in(cfg.output.dir) : std::string();
   const json fingerprint = run_fingerprint(cfg, ckpt::sha256_file(dir.config_path()), dev.precision, world);
-  const TrainingObjects objects{trainer, *optimizer, scaler, bad_steps, loader, adapter, dev.device};
+  const TrainingObjects objects{trainer, *optimizer, scaler, bad_steps, loader, adapter, dev.device, &group};
   if (!resume_from.empty()) {
     result.start_step = load_checkpoint(resume_from, objects, fingerprint, options.force, metrics_path);
     log::info("resumed from " + resume_from + " at step " + std::to_string(result.start_step) + " of " +
               std::to_string(total));
   }
-  if (result.start_step == 0) std::ofstream(metrics_path, std::ios::trunc);  // a new run's history
+  if (result.start_step == 0 && main_rank) std::ofstream(metrics_path, std::ios::trunc);  // a new run's history
 
   // 6. banner
   log::info(effective_batch_line(cfg, world));
@@ -278,20 +333,23 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
             " micro batches per epoch), " + std::string(to_string(cfg.train.lr_scheduler)) + " schedule, " +
             optimizer->kind() + (cfg.train.gradient_checkpointing ? ", activation checkpointing" : ""));
 
-  // 7. the loop
-  MetricsLog metrics(cfg.output.dir);
-  result.metrics_path = metrics.path();
-  Progress progress(total, cfg.output.logging_steps, options.progress_bar);
+  // 7. the loop (rank 0 alone writes metrics.jsonl and draws progress)
+  std::unique_ptr<MetricsLog> metrics = main_rank ? std::make_unique<MetricsLog>(cfg.output.dir) : nullptr;
+  const auto write_metrics = [&](const json& j) {
+    if (metrics) metrics->write(j.dump());
+  };
+  result.metrics_path = MetricsLog::path_in(cfg.output.dir);
+  Progress progress(total, cfg.output.logging_steps, options.progress_bar && main_rank);
   const auto run_eval = [&](int64_t step) {
     adapter.set_training(false);
-    const EvalResult r = evaluate(model, *tokenizer, sets.eval.examples, options.eval);
+    const EvalResult r = evaluate_sharded(model, *tokenizer, sets.eval.examples, options.eval, group);
     adapter.set_training(true);
-    metrics.write(eval_json(step, r).dump());
+    write_metrics(eval_json(step, r));
     progress.message("step " + std::to_string(step) + " " + format_eval_line(r));
     return r;
   };
   const auto save = [&]() {
-    result.last_checkpoint = save_checkpoint(cfg, objects, fingerprint, metrics.path());
+    result.last_checkpoint = save_checkpoint(cfg, objects, fingerprint, metrics_path);
     progress.message("saved " + result.last_checkpoint);
   };
   const bool has_eval = !sets.eval.examples.empty();
@@ -302,13 +360,14 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
   try {
     sum = train_loop(cfg, trainer, loader, [&](const StepEvent& e) {
       const int64_t mem = memory_in_use(dev.device);
-      metrics.write(step_json(e, mem).dump());
+      write_metrics(step_json(e, mem));
       progress.update(e, mem);
       result.losses.push_back(e.stats.loss);
       if (has_eval && cfg.train.eval_steps > 0 && e.step % cfg.train.eval_steps == 0 && e.step < e.total)
         run_eval(e.step);
       if (cfg.output.save_steps > 0 && e.step % cfg.output.save_steps == 0 && e.step < e.total) save();
-      return !(signals.fired() || (options.stop_when && options.stop_when(e.step + 1, 0)));
+      const bool stop = signals.fired() || (options.stop_when && options.stop_when(e.step + 1, 0));
+      return !group.any(stop);
     });
   } catch (const amp::TrainingDiverged&) {
     progress.finish();
@@ -333,7 +392,8 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
 
   // 8. the adapter, in PEFT's format
   result.adapter_dir = (std::filesystem::path(cfg.output.dir) / "adapter").string();
-  lora::save_adapter(adapter, result.adapter_dir, cfg.model.path);
+  if (main_rank) lora::save_adapter(adapter, result.adapter_dir, cfg.model.path);
+  group.barrier();  // no rank reports done before the adapter is on disk
   result.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   char losses[64];
   std::snprintf(losses, sizeof losses, "%.4f -> %.4f", sum.first_loss, sum.last_loss);

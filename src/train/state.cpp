@@ -16,6 +16,7 @@
 #include "qlora/common/errors.h"
 #include "qlora/common/log.h"
 #include "qlora/data/loader.h"
+#include "qlora/dist/group.h"
 #include "qlora/io/torch_io.h"
 #include "qlora/lora/lora.h"
 #include "qlora/optim/optimizer.h"
@@ -47,6 +48,10 @@ json parse_json_file(const fs::path& p) {
 
 
 }  // namespace
+
+std::string rng_key(int64_t rank, const std::string& generator) {
+  return rank == 0 ? generator : "rank" + std::to_string(rank) + "." + generator;
+}
 
 json run_fingerprint(const Config& cfg, const std::string& model_config_sha256, Precision precision,
                      int64_t world_size) {
@@ -96,13 +101,24 @@ FingerprintDiff compare_fingerprints(const json& saved, const json& now) {
 std::string save_checkpoint(const Config& cfg, const TrainingObjects& o, const json& fingerprint,
                             const std::string& metrics_path) {
   const int64_t step = o.trainer.step();
+  // Every rank's generators (the LoRA and optimizer state is the same on all).
+  std::vector<std::pair<std::string, at::Tensor>> rng;
+  const bool several = o.group != nullptr && o.group->distributed();
+  for (auto& [name, gen] : step_generators(o.device)) {
+    if (!several) {
+      rng.emplace_back(name, gen.get_state());
+      continue;
+    }
+    const std::vector<at::Tensor> states = o.group->all_gather(gen.get_state());
+    for (size_t r = 0; r < states.size(); ++r) rng.emplace_back(rng_key(static_cast<int64_t>(r), name), states[r]);
+  }
+  if (several && !o.group->is_main()) return (fs::path(cfg.output.dir) / ("checkpoint-" + std::to_string(step))).string();
+
   ckpt::CheckpointWriter w(cfg.output.dir, step);
   const optim::OptimizerState opt = o.optimizer.state();  // a deep copy: taken once
   try {
     io::save_safetensors(w.path("adapter.safetensors"), o.adapter.named_parameters(), {{"format", "pt"}});
     io::save_safetensors(w.path("optimizer.safetensors"), opt.tensors);
-    std::vector<std::pair<std::string, at::Tensor>> rng;
-    for (auto& [name, gen] : step_generators(o.device)) rng.emplace_back(name, gen.get_state());
     io::save_safetensors(w.path("rng.safetensors"), rng);
   } catch (const ckpt::CheckpointError&) {
     throw;
@@ -180,8 +196,10 @@ int64_t load_checkpoint(const std::string& dir, const TrainingObjects& o, const 
     opt.scalars_json = st.at("optimizer").at("scalars").dump();
     o.optimizer.load_state(opt);
     const auto rng = io::load_safetensors((d / "rng.safetensors").string());
+    const int64_t rank = o.group != nullptr ? o.group->rank() : 0;
     for (auto& [name, gen] : step_generators(o.device)) {
-      auto it = rng.find(name);
+      auto it = rng.find(rng_key(rank, name));
+      if (it == rng.end() && rank > 0 && rng.count(name) > 0) continue;  // a rank the old world lacked
       if (it == rng.end())
         throw InputError((d / "rng.safetensors").string() + ": no \"" + name +
                          "\" generator state (was the checkpoint written on another device type?)");
@@ -197,7 +215,8 @@ int64_t load_checkpoint(const std::string& dir, const TrainingObjects& o, const 
   }
   // The metrics of the steps after this checkpoint belong to a run that is
   // being replaced: history restarts from the checkpoint's copy.
-  std::ofstream(metrics_path, std::ios::binary | std::ios::trunc) << read_text(d / "metrics.jsonl");
+  if (!metrics_path.empty())
+    std::ofstream(metrics_path, std::ios::binary | std::ios::trunc) << read_text(d / "metrics.jsonl");
   return o.trainer.step();
 }
 

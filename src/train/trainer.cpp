@@ -18,6 +18,7 @@
 #include "qlora/common/log.h"
 #include "qlora/data/loader.h"
 #include "qlora/data/batch_tensors.h"
+#include "qlora/dist/group.h"
 #include "qlora/model/llama.h"
 #include "qlora/model/loss.h"
 #include "qlora/optim/optimizer.h"
@@ -121,7 +122,6 @@ Trainer::Trainer(model::LlamaModel& model, std::vector<at::Tensor> params, optim
   if (options_.gradient_checkpointing && !options_.layer_forward)
     throw std::invalid_argument(
         "Trainer: gradient_checkpointing needs a checkpointed layer_forward (train/checkpoint.h), none given");
-  if (!options_.world_tokens) options_.world_tokens = identity_tokens;
   if (options_.loss_chunk < 1)
     throw std::invalid_argument("Trainer: loss_chunk must be >= 1, got " + std::to_string(options_.loss_chunk));
 }
@@ -142,10 +142,21 @@ std::pair<at::Tensor, int64_t> Trainer::micro_batch_loss(const data::Batch& batc
 
 AccumulatedWindow Trainer::accumulate_gradients(const std::vector<data::Batch>& window) {
   AccumulatedWindow acc;
-  int64_t local_tokens = 0;
-  for (const auto& b : window) local_tokens += target_tokens(b);
-  acc.window_tokens = options_.world_tokens(local_tokens);
-  if (acc.window_tokens == 0) return acc;  // nothing to learn from: apply_gradients skips
+  const dist::Group* group = options_.group != nullptr && options_.group->distributed() ? options_.group : nullptr;
+  int64_t counts[2] = {0, 0};  // target tokens (the loss divisor), real input tokens
+  for (const auto& b : window) {
+    counts[0] += target_tokens(b);
+    for (const uint8_t m : b.attention_mask) counts[1] += m;
+  }
+  if (group != nullptr) {
+    const at::Tensor t = at::tensor(at::ArrayRef<int64_t>(counts, 2));  // [2] int64
+    group->all_reduce_sum({t});
+    counts[0] = t[0].item<int64_t>();
+    counts[1] = t[1].item<int64_t>();
+  }
+  acc.window_tokens = counts[0];
+  acc.input_tokens = counts[1];
+  if (acc.window_tokens == 0) return acc;  // nothing to learn from on any rank: apply_gradients skips
 
   // An abandoned window must leave no trace, the dropout draws of its micro
   // batches included: keep the generators' states to put them back.
@@ -175,12 +186,24 @@ AccumulatedWindow Trainer::accumulate_gradients(const std::vector<data::Batch>& 
     const double* v = host.const_data_ptr<double>();
     for (int64_t i = 0; i < host.numel(); ++i) acc.loss_sum += v[i];  // in micro-batch order
   }
+  if (group != nullptr) {
+    // Note [what crosses ranks] (dist/group.h): a rank whose micro batches held
+    // no target still takes part, with zero gradients.
+    std::vector<at::Tensor> grads;
+    for (auto& p : params_) {
+      if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
+      grads.push_back(p.grad());
+    }
+    group->all_reduce_sum(grads);
+    acc.loss_sum = group->sum(acc.loss_sum);
+  }
   return acc;
 }
 
 StepStats Trainer::apply_gradients(const AccumulatedWindow& acc) {
   StepStats stats;
   stats.tokens = acc.window_tokens;
+  stats.input_tokens = acc.input_tokens;
   stats.lr = scheduler_.lr_at(step_);
   ++step_;
   if (acc.window_tokens == 0) {
@@ -236,9 +259,8 @@ LoopSummary train_loop(const Config& cfg, Trainer& trainer, data::DataLoader& lo
     std::vector<data::Batch> window;
     for (int64_t i = 0; i < accumulation; ++i) window.push_back(loader.next());
     StepEvent e;
-    for (const auto& b : window)
-      for (const uint8_t m : b.attention_mask) e.input_tokens += m;
     e.stats = trainer.train_step(window);
+    e.input_tokens = e.stats.input_tokens;
     if (e.stats.aborted) {
       loader.restore(window_start);
       sum.stopped = true;

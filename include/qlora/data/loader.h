@@ -83,7 +83,9 @@ class DataLoader {
   const LoaderCursor& cursor() const { return cursor_; }
 
   // Continue exactly where `cursor` was taken. Throws InputError when it
-  // belongs to other data or other batch options (saying which).
+  // belongs to other data or other batch options (saying which). A cursor of
+  // another world size continues from the same global micro batch when this
+  // world size divides the global micro batches done in the epoch.
   void restore(const LoaderCursor& cursor);
 
   // The example indices of every global micro batch of epoch e (M_e), for

@@ -5,7 +5,9 @@
 // checkpoint-N/
 //   adapter.safetensors     LoRA A and B under PEFT's keys (fp32)
 //   optimizer.safetensors   every optimizer state tensor, by name
-//   rng.safetensors         CPU generator state (and CUDA's when on a GPU)
+//   rng.safetensors         CPU generator state (and CUDA's when on a GPU) of
+//                           rank 0 as "cpu" / "cuda", of rank r > 0 as
+//                           "rank<r>.cpu" / "rank<r>.cuda"
 //   trainer_state.json      step, schedule, loss scaler, bad-step counters,
 //                           optimizer scalars, the data loader's cursor
 //   run.json                the "math" of the run (below) and the versions
@@ -47,6 +49,9 @@ class BadStepPolicy;
 namespace data {
 class DataLoader;
 }
+namespace dist {
+class Group;
+}
 }  // namespace qlora
 
 namespace qlora::train {
@@ -62,7 +67,11 @@ struct TrainingObjects {
   data::DataLoader& loader;
   lora::LoraAdapter& adapter;
   c10::Device device;
+  const dist::Group* group = nullptr;  // several ranks: rank 0 writes, every rank's RNG goes in
 };
+
+// The name of a generator of `rank` in rng.safetensors ("cpu", "rank1.cpu").
+std::string rng_key(int64_t rank, const std::string& generator);
 
 // The run's math (Note [what a resume may change]) plus the settings a resume
 // may change, as JSON: {"math": {...}, "other": {...}}.
@@ -79,7 +88,9 @@ FingerprintDiff compare_fingerprints(const nlohmann::json& saved, const nlohmann
 
 // Writes checkpoint-<step> into cfg.output.dir atomically, then prunes to
 // output.keep_last. Returns its path. Throws ckpt::CheckpointError (the
-// previous checkpoints stay untouched).
+// previous checkpoints stay untouched). Collective with a group of several
+// ranks: every rank calls it, rank 0 alone writes (other ranks get the path
+// it will have).
 std::string save_checkpoint(const Config& cfg, const TrainingObjects& objects, const nlohmann::json& fingerprint,
                             const std::string& metrics_path);
 
@@ -90,7 +101,10 @@ std::string resolve_resume(const std::string& output_dir, const std::string& res
 
 // Restores every object from `dir` (verified first). Refuses (InputError
 // listing the differences) when the run's math changed, unless `force`.
-// Copies the checkpoint's metrics.jsonl over `metrics_path`. Returns the step.
+// Copies the checkpoint's metrics.jsonl over `metrics_path` (unless empty:
+// ranks other than 0). Each rank takes its own generators' states; a rank the
+// checkpoint has none for (the world grew) keeps the seeding it started with.
+// Returns the step.
 int64_t load_checkpoint(const std::string& dir, const TrainingObjects& objects, const nlohmann::json& fingerprint,
                         bool force, const std::string& metrics_path);
 

@@ -2,13 +2,14 @@
 //
 // A step takes the micro batches of one accumulation window and:
 //   1. counts the target tokens of the whole window (labels != -100 after the
-//      next-token shift), reduced over ranks by `world_tokens` (identity on one
-//      process; the distributed module plugs in an all-reduce);
+//      next-token shift), summed over ranks when StepOptions::group spans
+//      several processes (dist/group.h);
 //   2. for each micro batch: forward to the final hidden states, the summed
 //      chunked cross-entropy, loss = sum / window_tokens (times the loss scale
 //      when the scaler is enabled), backward. Gradients accumulate in .grad();
 //   3. unscales (amp::LossScaler), clips the total gradient norm of the LoRA
-//      parameters (fp32) to max_grad_norm, skips the update on inf/nan
+//      parameters (fp32) to max_grad_norm (after the LoRA gradients were summed
+//      over ranks: Note [what crosses ranks] in dist/group.h), skips the update on inf/nan
 //      (amp::BadStepPolicy), else steps the optimizer with the schedule's
 //      learning rate; then zeroes the gradients.
 // Note [token-normalized accumulation]: dividing each micro batch's sum by the
@@ -49,6 +50,9 @@ namespace amp {
 class LossScaler;
 class BadStepPolicy;
 }  // namespace amp
+namespace dist {
+class Group;
+}
 }  // namespace qlora
 
 namespace qlora::train {
@@ -60,10 +64,6 @@ namespace qlora::train {
 // "cuda" as checkpoints store them. An abandoned window restores them, a
 // checkpoint saves them.
 std::vector<std::pair<std::string, at::Generator>> step_generators(c10::Device device);
-
-// Sums a per-rank token count over all ranks. Single process: the identity.
-using TokenReduceFn = int64_t (*)(int64_t local_tokens);
-inline int64_t identity_tokens(int64_t local_tokens) { return local_tokens; }
 
 // Target tokens of one micro batch as the loss counts them: labels that are
 // not kIgnoreIndex after model::shift_labels (a row's first label never counts,
@@ -101,7 +101,10 @@ std::pair<at::Tensor, int64_t> batch_loss(const model::LlamaModel& model, const 
 struct StepOptions {
   double max_grad_norm = 1.0;  // 0 disables clipping (the norm is still reported)
   int64_t loss_chunk = 1024;   // tokens per chunk of the cross-entropy
-  TokenReduceFn world_tokens = identity_tokens;
+  // The data-parallel group (must outlive the trainer); null or one process:
+  // nothing is communicated. With several ranks, token counts, the loss sum and
+  // the LoRA gradients are summed over ranks, so every rank takes the same step.
+  const dist::Group* group = nullptr;
   // When true, layers run through `layer_forward`, which the activation-
   // checkpointing module provides (train/checkpoint.h: checkpointed_layer_forward);
   // true without a layer_forward throws std::invalid_argument.
@@ -114,18 +117,20 @@ struct StepOptions {
 };
 
 struct StepStats {
-  double loss = 0.0;       // token mean of the cross-entropy over the window (this rank's sum)
+  double loss = 0.0;       // token mean of the cross-entropy over the window, all ranks
   double grad_norm = 0.0;  // total norm before clipping (inf/nan on a bad step)
   double lr = 0.0;         // learning rate of this step (applied unless skipped)
   int64_t tokens = 0;      // target tokens of the window, all ranks
+  int64_t input_tokens = 0;  // real (non-padding) tokens of the window, all ranks
   bool skipped = false;    // no update: inf/nan gradients, or no target token at all
   bool aborted = false;    // StepOptions::interrupted fired mid-window: no step at all
 };
 
 // What step 2 of the recipe leaves behind, before the update.
 struct AccumulatedWindow {
-  double loss_sum = 0.0;      // summed cross-entropy of this rank's micro batches
+  double loss_sum = 0.0;      // summed cross-entropy of the window's micro batches, all ranks
   int64_t window_tokens = 0;  // divisor used: target tokens of the window, all ranks
+  int64_t input_tokens = 0;   // real tokens of the window, all ranks
   bool aborted = false;       // interrupted mid-window; gradients already dropped
 };
 
@@ -176,7 +181,7 @@ struct StepEvent {
   int64_t total = 0;    // optimizer steps of the whole run
   StepStats stats;
   double step_seconds = 0.0;       // wall time of this step
-  int64_t input_tokens = 0;        // real (non-padding) tokens this rank processed in the step
+  int64_t input_tokens = 0;        // real (non-padding) tokens of the step, all ranks
   double tokens_per_second = 0.0;  // input_tokens / step_seconds (what throughput means to users)
   double eta_seconds = 0.0;        // remaining steps × mean step time of this call
 };
