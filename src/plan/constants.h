@@ -38,10 +38,15 @@ inline constexpr int64_t kCeChunkTokens = 1024;
 
 // ---------------------------------------------------------------- runtime overheads
 // An estimate for torch 2.11 + CUDA 13 with lazy module loading: ~620 MiB in
-// use after CUDA initialisation, 64 MiB more after the first cuBLAS call
-// (handle + workspace). Other GPUs and drivers differ by some tens of MiB;
-// `qlora plan --measure` replaces it with the device's own figure.
+// use after CUDA initialisation, outside the caching allocator. Other GPUs and
+// drivers differ by some tens of MiB; `qlora plan --measure` replaces it with
+// the device's own figure.
 inline constexpr double kCudaContextBytes = 621 * kMiB;
+// ATen gives each cuBLAS and cuBLASLt handle (per stream) a workspace from the
+// caching allocator (CublasHandlePool.cpp: getChosenWorkspaceSize, 32 MiB by
+// default on sm_90, CUBLAS_WORKSPACE_CONFIG overrides), so the allocator's
+// peak includes both: 64 MiB. Older GPUs get smaller defaults; the plan keeps
+// the larger figure.
 inline constexpr double kCublasBytes = 64 * kMiB;
 // The caching allocator keeps freed blocks for reuse; blocks freed by one
 // step's activations do not always fit the next request, more so with
