@@ -123,6 +123,23 @@ TEST(Plan, ActivationsWithAndWithoutCheckpointing) {
   EXPECT_DOUBLE_EQ(component(plan_for("llama-3.2-1b", "h100", without), "activations").bytes, 1'803'461'632.0);
 }
 
+TEST(Plan, LoraWithoutDropoutKeepsSharedInputsOnce) {
+  // 1B, all-linear, dropout 0, bf16: A's linear keeps its input itself. 7 A outputs 7 × 2 × 16 = 224;
+  // q, k, v share the normed input (2 × 2,048 = 4,096), o's input is the attention output (kept
+  // already: 0), gate and up share theirs (4,096), down's is the MLP product (2 × 8,192 = 16,384)
+  // → 24,800. With dropout 0.05 each module keeps its dropped input and mask instead, 3 B per input
+  // element: 224 + 3 × (6 × 2,048 + 8,192) = 61,664.
+  const std::vector<std::string> sets = {"lora.target_modules=all-linear", "train.precision=bf16"};
+  auto none = sets;
+  none.push_back("lora.dropout=0");
+  auto some = sets;
+  some.push_back("lora.dropout=0.05");
+  EXPECT_NE(component(plan_for("llama-3.2-1b", "h100", none), "activations").detail.find("LoRA = 24,800 (A outputs + kept inputs)"),
+            std::string::npos);
+  EXPECT_NE(component(plan_for("llama-3.2-1b", "h100", some), "activations").detail.find("LoRA = 61,664 (A outputs"),
+            std::string::npos);
+}
+
 TEST(Plan, LayerPhasePeakAtLongSequences) {
   // 1B, bf16, micro 8 × 2048: T = 16,384, B·S² = 33,554,432. Per token as above (106,760).
   // Layer phase: inputs 16 × 16,384 × 4,096 = 1,073,741,824; the recomputed layer 16,384 × 106,760 +

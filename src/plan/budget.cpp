@@ -222,7 +222,7 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
   // ---- what a step allocates: Note [plan memory model]
   const int64_t B = in.micro_batch_size, S = in.seq_length;
   const double tokens = double(T), square = double(B) * double(S) * double(S);  // B·S² mask elements
-  const int64_t step_tok = 2 * p * d + 37;  // cos, sin; ids, positions, labels; loss's labels, mask, lse
+  const int64_t step_tok = 2 * p * d + kStepIndexBytesPerToken;  // cos, sin [B, S, d] + indices
   int64_t lora_tok = 0;
   for (const auto& s : decoder_linear_shapes(m)) {
     if (!targets(in, s.name.c_str())) continue;
@@ -255,7 +255,7 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
   const double loss_final = tokens * double(4 * h + 4 + p * h);
   const double loss_act = boundaries + (in.gradient_checkpointing ? 0.0 : double(L) * layer_bytes) + loss_final + step_bytes;
   const double loss_ws = tokens * double(p * h);
-  const double loss_logits = double(chunk) * double(V) * 12.0;
+  const double loss_logits = double(chunk) * double(V) * double(kCeChunkBytesPerLogit);
   const double loss_total = loss_act + loss_ws + loss_logits;
   // Layer phase.
   int64_t largest_linear = 0;

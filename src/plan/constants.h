@@ -35,6 +35,13 @@ inline constexpr int64_t kPagedMinElements = 100000;
 // gradient in place, cast once to the compute dtype for the backward GEMM,
 // and freed, so the [tokens, vocab] logits never exist whole.
 inline constexpr int64_t kCeChunkTokens = 1024;
+// Bytes per logit of one chunk at the loss backward's peak: the fp32 logits,
+// logits - lse and their exp are live together while exp runs (src/model/loss.cpp).
+inline constexpr int64_t kCeChunkBytesPerLogit = 12;
+// Index tensors a step keeps per token on the GPU: input ids, position ids and
+// shifted labels (int64 each), and the loss's safe labels (int64), valid mask
+// (bool) and logsumexp (fp32): 8 + 8 + 8 + 8 + 1 + 4.
+inline constexpr int64_t kStepIndexBytesPerToken = 37;
 
 // ---------------------------------------------------------------- runtime overheads
 // An estimate for torch 2.11 + CUDA 13 with lazy module loading: ~620 MiB in
