@@ -8,6 +8,7 @@
 
 #include "qlora/common/errors.h"
 #include "qlora/config/config.h"
+#include "qlora/kernels.h"
 #include "qlora/model/llama_config.h"
 #include "qlora/plan/plan.h"
 #include "support/test_support.h"
@@ -104,30 +105,119 @@ TEST(Plan, LoraWeightsGradsAndOptimizerState) {
 }
 
 TEST(Plan, ActivationsWithAndWithoutCheckpointing) {
-  // 1B, bf16 (p = 2), micro 1 × 1024 tokens, r 16 on q,k,v,o, dropout 0.05, flash attention (H100).
-  // Per token per layer: norms 2 × (4×2048 + 4) = 16,392; attention 2 × (2,048 + 2 × 512) + 2 × 2,048 +
-  // 4 × 32 = 10,368; MLP 3 × 2 × 8,192 = 49,152; LoRA 4 × 2 × 16 + 3 B × (3 × 2,048 + 2,048) = 24,704
-  // → 100,616. One layer: 1,024 × 100,616 + 2 × 212,992 (bf16 copies of A, B) = 103,456,768.
-  // Final norm: 1,024 × (4×2048 + 4 + 2×2048) = 12,587,008. Layer inputs: 16 × 1,024 × 2,048 × 2 = 67,108,864.
+  // 1B, bf16 (p = 2), micro 1 × 1024 tokens (T = 1024, B·S² = 1,048,576), r 16 on q,k,v,o, dropout 0.05.
+  // One layer per token: norms 2 × (4×2048 + 4) = 16,392; attention 4 × 2 × 32 × 64 + 4 × 32 = 16,512;
+  // MLP 3 × 2 × 8,192 = 49,152; LoRA 4 × 2 × 16 + 3 B × (3 × 2,048 + 2,048) = 24,704 → 106,760.
+  // One layer: 1,024 × 106,760 + 2 B × 1,048,576 (bias) + 2 × 212,992 (bf16 A, B) = 111,845,376.
+  // Layer inputs: 16 × 1,024 × 2,048 × 2 = 67,108,864. Step: 1,024 × (2×2×64 + 37) + 1,048,576 = 1,348,608.
+  // Loss phase (the peak here): final norm 1,024 × (4×2048 + 4 + 2×2048) = 12,587,008.
+  //   with checkpointing:    67,108,864 + 12,587,008 + 1,348,608 = 81,044,480
+  //   without: 16 × 111,845,376 + 12,587,008 + 1,348,608 = 1,803,461,632
   const std::vector<std::string> sets = {"train.micro_batch_size=1", "data.max_seq_length=1024",
                                          "train.precision=bf16", "lora.dropout=0.05"};
   auto with = sets;
   with.push_back("train.gradient_checkpointing=true");
   auto without = sets;
   without.push_back("train.gradient_checkpointing=false");
-  EXPECT_DOUBLE_EQ(component(plan_for("llama-3.2-1b", "h100", with), "activations").bytes,
-                   67'108'864.0 + 103'456'768.0 + 12'587'008.0);
-  EXPECT_DOUBLE_EQ(component(plan_for("llama-3.2-1b", "h100", without), "activations").bytes,
-                   16 * 103'456'768.0 + 12'587'008.0);
+  EXPECT_DOUBLE_EQ(component(plan_for("llama-3.2-1b", "h100", with), "activations").bytes, 81'044'480.0);
+  EXPECT_DOUBLE_EQ(component(plan_for("llama-3.2-1b", "h100", without), "activations").bytes, 1'803'461'632.0);
+}
+
+TEST(Plan, LoraWithoutDropoutKeepsSharedInputsOnce) {
+  // 1B, all-linear, dropout 0, bf16: A's linear keeps its input itself. 7 A outputs 7 × 2 × 16 = 224;
+  // q, k, v share the normed input (2 × 2,048 = 4,096), o's input is the attention output (kept
+  // already: 0), gate and up share theirs (4,096), down's is the MLP product (2 × 8,192 = 16,384)
+  // → 24,800. With dropout 0.05 each module keeps its dropped input and mask instead, 3 B per input
+  // element: 224 + 3 × (6 × 2,048 + 8,192) = 61,664.
+  const std::vector<std::string> sets = {"lora.target_modules=all-linear", "train.precision=bf16"};
+  auto none = sets;
+  none.push_back("lora.dropout=0");
+  auto some = sets;
+  some.push_back("lora.dropout=0.05");
+  EXPECT_NE(component(plan_for("llama-3.2-1b", "h100", none), "activations").detail.find("LoRA = 24,800 (A outputs + kept inputs)"),
+            std::string::npos);
+  EXPECT_NE(component(plan_for("llama-3.2-1b", "h100", some), "activations").detail.find("LoRA = 61,664 (A outputs"),
+            std::string::npos);
+}
+
+TEST(Plan, LayerPhasePeakAtLongSequences) {
+  // 1B, bf16, micro 8 × 2048: T = 16,384, B·S² = 33,554,432. Per token as above (106,760).
+  // Layer phase: inputs 16 × 16,384 × 4,096 = 1,073,741,824; the recomputed layer 16,384 × 106,760 +
+  // 2 × 33,554,432 + 425,984 = 1,816,690,688; step 16,384 × 293 + 33,554,432 = 38,354,944
+  // → activations 2,928,787,456. In flight: 3 MLP gradients 16,384 × 49,152 = 805,306,368 (above
+  // down_proj dequantized, 33,554,432 + 16,384 × 16,384) + output and gradient 16,384 × 8,192 =
+  // 134,217,728 → 939,524,096. Loss phase: 1,073,741,824 + 16,384 × 12,292 + 38,354,944 + 16,384 ×
+  // 4,096 + 1,576,009,728 = 2,956,607,488, below 3,868,311,552: the logits chunk is gone at the peak.
+  const Plan p = plan_for("llama-3.2-1b", "h100",
+                          {"train.micro_batch_size=8", "data.max_seq_length=2048", "train.precision=bf16"});
+  EXPECT_DOUBLE_EQ(component(p, "activations").bytes, 2'928'787'456.0);
+  EXPECT_DOUBLE_EQ(component(p, "backward_workspace").bytes, 939'524'096.0);
+  EXPECT_DOUBLE_EQ(component(p, "logits_loss").bytes, 0.0);
+  EXPECT_NE(component(p, "logits_loss").formula.find("freed before the peak"), std::string::npos);
 }
 
 TEST(Plan, ChunkedLossNeverHoldsAllLogits) {
-  // 1B at micro 2 × 2048 = 4,096 tokens: one 1,024-token chunk × 128,256 × (4 + 2) B = 788,004,864.
+  // 1B at micro 2 × 2048 = 4,096 tokens peaks in the loss phase: one 1,024-token chunk × 128,256 ×
+  // 12 B (fp32 logits, logits − lse, exp) = 1,576,009,728.
   const Plan p = plan_for("llama-3.2-1b", "h100", {"train.micro_batch_size=2", "data.max_seq_length=2048"});
-  EXPECT_DOUBLE_EQ(component(p, "logits_loss").bytes, 788'004'864.0);
-  // And it does not grow with the micro batch.
-  EXPECT_DOUBLE_EQ(component(plan_for("llama-3.2-1b", "h100", {"train.micro_batch_size=8"}), "logits_loss").bytes,
-                   788'004'864.0);
+  EXPECT_DOUBLE_EQ(component(p, "logits_loss").bytes, 1'576'009'728.0);
+  // More tokens never make it larger.
+  for (int micro : {3, 4, 6})
+    EXPECT_LE(component(plan_for("llama-3.2-1b", "h100", {"train.micro_batch_size=" + std::to_string(micro)}),
+                        "logits_loss")
+                  .bytes,
+              1'576'009'728.0);
+}
+
+// ---------------------------------------------------------------- against the GPU
+
+// Measured on an H100 (2026-11-25, session 3) with bench/bench_train: the Llama-3.2-1B architecture
+// (random weights), LoRA r 16 on q,k,v,o with dropout 0.05, activation checkpointing, bf16, paged
+// 8-bit AdamW; the CUDA caching allocator's max allocated bytes over steps 2..N, printed in GB (1e9)
+// with two decimals. The plan predicted 2.95, 3.75 and 6.93 GB (its total) before Note [plan memory
+// model] was derived from the code.
+struct Measurement {
+  int64_t micro, seq;
+  double peak_allocated_bytes;
+};
+constexpr Measurement kH100Session3[] = {{2, 512, 2.78e9}, {4, 1024, 3.04e9}, {8, 2048, 4.98e9}};
+// Issue 9's target for the predicted total against the measured peak.
+constexpr double kPlanTolerance = 0.10;
+// The benchmark printed GB with two decimals: a measured 2.78 is anything in [2.775, 2.785).
+constexpr double kMeasurementRounding = 0.005e9;
+constexpr double kCudaContextAtLeast = 500.0 * 1024 * 1024;  // outside the allocator; the plan assumes 621 MiB
+
+Plan plan_measured(const Measurement& m) {
+  return plan_for("llama-3.2-1b", "h100",
+                  {"train.micro_batch_size=" + std::to_string(m.micro), "data.max_seq_length=" + std::to_string(m.seq),
+                   "lora.r=16", "lora.dropout=0.05", "train.precision=bf16", "train.gradient_checkpointing=true",
+                   "train.optimizer=paged_adamw_8bit"});
+}
+
+TEST(PlanMeasured, AllocatorPeakWithinTenPercentOfTheH100) {
+  for (const auto& m : kH100Session3) {
+    const Plan p = plan_measured(m);
+    SCOPED_TRACE("micro " + std::to_string(m.micro) + " × " + std::to_string(m.seq) + ": predicted " +
+                 std::to_string(p.allocated_bytes / 1e9) + " GB, measured " + std::to_string(m.peak_allocated_bytes / 1e9));
+    EXPECT_NEAR(p.allocated_bytes, m.peak_allocated_bytes, kPlanTolerance * m.peak_allocated_bytes);
+  }
+}
+
+// The guard against under-counting, which costs an OOM mid-run where an
+// over-count costs a smaller micro batch: the allocator-visible prediction is
+// not below any measurement (up to the benchmark's rounding), and the total
+// the fit verdict uses adds at least the CUDA context on top of it.
+TEST(PlanMeasured, NeverBelowWhatWasMeasured) {
+  for (const auto& m : kH100Session3) {
+    const Plan p = plan_measured(m);
+    SCOPED_TRACE("micro " + std::to_string(m.micro) + " × " + std::to_string(m.seq));
+    EXPECT_GE(p.allocated_bytes, m.peak_allocated_bytes - kMeasurementRounding);
+    EXPECT_GE(p.total_bytes, m.peak_allocated_bytes + kCudaContextAtLeast);
+    double outside = 0;
+    for (const auto& c : p.components)
+      if (!c.in_allocator) outside += c.bytes;
+    EXPECT_DOUBLE_EQ(p.total_bytes, p.allocated_bytes + outside);
+  }
 }
 
 TEST(Plan, TotalIsTheSumAndDominantIsLargest) {
@@ -144,12 +234,16 @@ TEST(Plan, TotalIsTheSumAndDominantIsLargest) {
 
 // ---------------------------------------------------------------- verdicts
 
-// The issue's reference case: 8B, micro 2, 2048 tokens, T4. It must land at
-// 10-14 GB and fit the T4's 15 GB.
+// The planning issue's reference case: 8B, micro 2, 2048 tokens, T4. That
+// issue expected 10-14 GB, a figure for the transformers + PEFT stack (fp32
+// norms and embeddings, unchunked logits); Note [plan memory model], derived
+// from this implementation and checked on an H100 for the 1B architecture,
+// puts it at 9.63 GB (8.70 GB allocated + context + fragmentation reserve).
+// It must land at 9-14 GB and fit the T4's 15 GB.
 TEST(Plan, Llama8BOnT4AtMicro2Seq2048) {
   const Plan p = plan_for("llama-3.1-8b", "t4",
                           {"train.micro_batch_size=2", "data.max_seq_length=2048", "train.precision=fp16"});
-  EXPECT_GE(p.total_bytes, 10e9);
+  EXPECT_GE(p.total_bytes, 9e9);
   EXPECT_LE(p.total_bytes, 14e9);
   EXPECT_TRUE(p.fits);
   EXPECT_GT(p.headroom_bytes, 0);
@@ -280,6 +374,55 @@ TEST(PlanGpu, DeviceNamesMapToPresetThroughput) {
   EXPECT_DOUBLE_EQ(gpu_from_device("NVIDIA H100 80GB HBM3", 85e9, 9, 0).bf16_tflops, 989);
 }
 
+TEST(PlanGpu, ThisMachineFromADeviceDescription) {
+  ThisMachine here;
+  here.gpu = gpu_from_device("NVIDIA H100 80GB HBM3", 85017493504.0, 9, 0);  // 79.18 GiB
+  here.device_count = 1;
+  EXPECT_EQ(this_machine_entry(here), "this machine: NVIDIA H100 80GB HBM3, 79.2 GiB, sm_90");
+  for (const char* arg : {"this", "auto", "THIS"}) {
+    const GpuSpec g = resolve_gpu(arg, &here);
+    EXPECT_EQ(g.name, "NVIDIA H100 80GB HBM3");
+    EXPECT_TRUE(g.from_device);
+    EXPECT_DOUBLE_EQ(g.bf16_tflops, 989);
+  }
+  EXPECT_EQ(resolve_gpu("t4", &here).name, "t4");  // presets still resolve as presets
+  const std::string accepted = accepted_gpu_values(&here);
+  EXPECT_NE(accepted.find("h200, this (this machine: NVIDIA H100 80GB HBM3, 79.2 GiB, sm_90), none"),
+            std::string::npos)
+      << accepted;
+  try {
+    resolve_gpu("h1000", &here);
+    ADD_FAILURE() << "h1000 resolved";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("this machine: NVIDIA H100"), std::string::npos) << e.what();
+  }
+  here.device_count = 2;
+  EXPECT_EQ(this_machine_entry(here), "this machine: NVIDIA H100 80GB HBM3, 79.2 GiB, sm_90 (GPU 0 of 2)");
+  EXPECT_TRUE(names_this_machine("Auto"));
+  EXPECT_FALSE(names_this_machine("h100"));
+}
+
+TEST(PlanGpu, NoGpuOnThisMachineIsSaidPlainly) {
+  ThisMachine none;
+  none.why_none = "no CUDA-capable device is detected";
+  EXPECT_EQ(this_machine_entry(none), "this machine: no GPU (no CUDA-capable device is detected)");
+  EXPECT_NE(accepted_gpu_values(&none).find("this (this machine: no GPU"), std::string::npos);
+  try {
+    resolve_gpu("this", &none);
+    ADD_FAILURE() << "resolved a GPU that is not there";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("has none (no CUDA-capable device is detected)"), std::string::npos)
+        << e.what();
+  }
+  // Without a query the message says that none was asked, not that none exists.
+  try {
+    resolve_gpu("this");
+    ADD_FAILURE() << "resolved without a query";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("none was queried"), std::string::npos) << e.what();
+  }
+}
+
 // ---------------------------------------------------------------- CLI
 
 TEST(PlanCli, ShippedConfigsPlan) {
@@ -327,6 +470,31 @@ TEST(PlanCli, BadInputsExitTwoWithAMessage) {
   EXPECT_NE(r.err.find("model.preset"), std::string::npos) << r.err;
   r = run_qlora("plan --config configs/llama-3.2-1b-t4.yaml --gpus 0");
   EXPECT_EQ(r.exit_code, 2);
+}
+
+// `--gpu this` on whatever this machine is: with a GPU the plan is for it, without one the report
+// says there is none; the report lists this machine either way.
+TEST(PlanCli, GpuThisIsThisMachine) {
+  kernels::DeviceInfo dev;
+  char reason[256] = {0};
+  const int n = kernels::query_devices(&dev, 1, reason, sizeof reason);
+  auto r = run_qlora("plan --config configs/llama-3.2-1b-t4.yaml --gpu this");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  if (n == 0) {
+    EXPECT_NE(r.out.find("this machine: no GPU"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("no fit verdict"), std::string::npos) << r.out;
+  } else {
+    EXPECT_NE(r.out.find(std::string("this machine: ") + dev.name), std::string::npos) << r.out;
+  }
+  r = run_qlora("plan --config configs/llama-3.2-1b-t4.yaml --gpu h100 --json");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  ASSERT_TRUE(j["this_machine"].is_string());
+  EXPECT_EQ(j["this_machine"].get<std::string>().rfind("this machine: ", 0), 0u);
+  EXPECT_GT(j["memory"]["allocated_bytes"].get<int64_t>(), 0);
+  EXPECT_LT(j["memory"]["allocated_bytes"].get<int64_t>(), j["memory"]["total_bytes"].get<int64_t>());
+  r = run_qlora("plan --help");
+  EXPECT_NE(r.out.find("this machine: "), std::string::npos) << r.out;
 }
 
 TEST(PlanCli, NoGpuOnThisMachineIsSaid) {

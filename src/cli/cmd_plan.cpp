@@ -1,9 +1,11 @@
 // qlora plan: the effective batch and the GPU memory budget of a run, before it starts.
 //
-//   qlora plan --config configs/llama-3.1-8b-t4.yaml [--gpu t4|h100|24GiB|auto|none] [--gpus N] [--json]
+//   qlora plan --config configs/llama-3.1-8b-t4.yaml [--gpu t4|h100|24GiB|this|auto|none] [--gpus N] [--json]
 //
-// The GPU comes from --gpu, else hardware.gpu in the config; "auto" asks the
-// CUDA driver (no GPU visible: no fit verdict, said so). The number of GPUs
+// The GPU comes from --gpu, else hardware.gpu in the config; "this" (or
+// "auto") is the GPU of this machine, read from the CUDA driver (none
+// visible: no fit verdict, said so). The report lists this machine's GPU
+// beside the presets either way. The number of GPUs
 // comes from --gpus, else WORLD_SIZE (torchrun) or SLURM_NTASKS, else 1.
 #include <cstdlib>
 #include <fstream>
@@ -43,20 +45,36 @@ std::optional<int64_t> world_size_from_env(std::string* source) {
   return std::nullopt;
 }
 
-// Resolves the GPU argument; nullopt when there is none to plan against.
-std::optional<plan::GpuSpec> gpu_for(const std::string& arg, std::vector<std::string>* notes) {
-  if (arg == "none") return std::nullopt;
-  if (arg != "auto") return plan::resolve_gpu(arg);
+// Asks the CUDA driver for GPU 0 (no torch: kernels::query_devices). Cheap
+// without a driver; on a GPU machine it costs the driver's initialisation.
+plan::ThisMachine query_this_machine() {
+  plan::ThisMachine here;
   kernels::DeviceInfo dev;
   char reason[256] = {0};
-  const int n = kernels::query_devices(&dev, 1, reason, sizeof reason);
-  if (n == 0) {
-    notes->push_back(std::string("hardware.gpu is auto and this machine has no usable GPU (") + reason +
-                     "): no fit verdict; pass --gpu t4|l4|a10|a100-40|a100-80|h100|h200|<N>GiB to plan for one");
+  here.device_count = kernels::query_devices(&dev, 1, reason, sizeof reason);
+  if (here.device_count == 0) {
+    here.why_none = reason[0] ? reason : "no CUDA device visible";
+    return here;
+  }
+  here.gpu = plan::gpu_from_device(dev.name, double(dev.total_bytes), dev.cc_major, dev.cc_minor);
+  return here;
+}
+
+// Resolves the GPU argument; nullopt when there is none to plan against.
+// "auto" / "this" ask the driver; so does a bad value, for the error message
+// to list this machine's GPU among the accepted ones.
+std::optional<plan::GpuSpec> gpu_for(const std::string& arg, const plan::ThisMachine& here,
+                                     std::vector<std::string>* notes) {
+  if (arg == "none") return std::nullopt;
+  if (!plan::names_this_machine(arg)) return plan::resolve_gpu(arg, &here);
+  if (!here.gpu) {
+    notes->push_back("--gpu " + arg + ": this machine has no usable GPU (" + here.why_none +
+                     "): no fit verdict; pass --gpu " + plan::accepted_gpu_values(nullptr) + " to plan for one");
     return std::nullopt;
   }
-  if (n > 1) notes->push_back("planning for GPU 0 (" + std::string(dev.name) + ") of " + std::to_string(n));
-  return plan::gpu_from_device(dev.name, double(dev.total_bytes), dev.cc_major, dev.cc_minor);
+  if (here.device_count > 1)
+    notes->push_back("planning for GPU 0 (" + here.gpu->name + ") of " + std::to_string(here.device_count));
+  return here.gpu;
 }
 
 // Non-blank lines of the training file: the number of examples before
@@ -83,8 +101,13 @@ Runner add_plan_command(CLI::App& root) {
       "plan", "effective batch and GPU memory per component, whether it fits, and what to change if not");
   add_config_options(*cmd, opts->config, /*required=*/false);
   cmd->add_option("--gpu", opts->gpu,
-                  "GPU to plan for: t4, l4, a10, a100-40, a100-80, h100, h200, a size like 24GiB, auto (this "
-                  "machine) or none; default: hardware.gpu of the config");
+                  "GPU to plan for: t4, l4, a10, a100-40, a100-80, h100, h200, a size like 24GiB, this (or auto: "
+                  "the GPU of this machine, listed below) or none; default: hardware.gpu of the config");
+  // Asked only when help is printed: the driver is not initialised for nothing.
+  cmd->footer([] {
+    const plan::ThisMachine here = query_this_machine();
+    return "--gpu accepts: " + plan::accepted_gpu_values(&here);
+  });
   cmd->add_option("--gpus", opts->gpus, "data-parallel GPUs (default: WORLD_SIZE / SLURM_NTASKS, else 1)")
       ->check(CLI::PositiveNumber);
   cmd->add_flag("--json", opts->json, "print the plan as JSON");
@@ -100,9 +123,11 @@ Runner add_plan_command(CLI::App& root) {
       if (!source.empty()) notes.push_back("GPUs: " + std::to_string(world) + " from " + source);
     }
     const std::string gpu_arg = opts->gpu.empty() ? cfg.hardware.gpu : opts->gpu;
-    const std::optional<plan::GpuSpec> gpu = gpu_for(gpu_arg, &notes);
+    const plan::ThisMachine here = query_this_machine();
+    const std::optional<plan::GpuSpec> gpu = gpu_for(gpu_arg, here, &notes);
 
     plan::Plan p = plan::make_plan(cfg, model, gpu ? &*gpu : nullptr, world);
+    p.this_machine = plan::this_machine_entry(here);
     plan::set_dataset_size(p, cfg, count_examples(cfg.data.path, &notes));
     p.notes.insert(p.notes.begin(), notes.begin(), notes.end());
     std::cout << (opts->json ? plan::render_json(p) + "\n" : plan::render_text(p));

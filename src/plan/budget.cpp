@@ -2,41 +2,75 @@
 //
 // Note [plan memory model]
 // ~~~~~~~~~~~~~~~~~~~~~~~~
-// Components are added as if they were all live at once. That is the
-// conservative reading: the loss chunk and the recomputed layer are in fact
-// live at different moments, but the caching allocator keeps what it once
-// reserved, and a budget that is a little high costs a smaller micro batch
-// while one that is low costs an OOM an hour into the run.
+// The plan predicts the peak of one training step: what is allocated at the
+// moment the most is, read from what this implementation keeps, not the sum
+// of everything that is ever allocated. The parts that live the whole run
+// (NF4 base, 16-bit embeddings and norms, LoRA weights, gradients and
+// optimizer state, cuBLAS workspaces) are there at every moment; what a step
+// allocates peaks at one of two moments, and the plan takes the larger:
 //
-// Notation: L layers, h hidden, i intermediate, nh heads, nkv kv heads, d
-// head_dim, V vocab, T = micro × seq tokens per forward pass, p = bytes per
-// activation element (2 for bf16/fp16, 4 for fp32).
+//   loss phase   the backward of the chunked cross-entropy (src/model/loss.cpp)
+//   layer phase  the backward of the top decoder layer, at its MLP product
 //
-// Activations are what autograd saves for backward in an op-by-op LibTorch
-// decoder layer (frozen weights, LoRA fp32 masters cast per use), op by op:
-//   RMSNorm (x.float(), x·rsqrt(mean x²+eps), ·w)  saves the fp32 copy + rstd: 4h + 4
-//   frozen linear                                   saves nothing per token
-//   LoRA on a linear                                A's output: p·r; with dropout
-//                                                   also the dropped input and its
-//                                                   mask: (p + 1)·in; without, the
-//                                                   input itself must be kept
-//   RoPE (q·cos + rot(q)·sin)                       nothing (cos/sin are constants)
-//   scaled_dot_product_attention                    q, k, v, out: p·(2·nh·d + 2·nkv·d), lse: 4·nh
-//   silu(gate) · up                                 gate, silu(gate), up: 3·p·i
-// These are derived from the ops' saved tensors, not yet measured: `qlora plan
-// --measure` (the measured-memory issue) checks them against the caching
-// allocator and corrects this model. Attention is O(T): fused kernels never
-// store the T×T scores. Flash attention (sm_80+) reads grouped k/v heads
-// directly; the memory-efficient kernel used on sm_7x needs k, v repeated to
-// nh heads first.
+// Notation: L layers, h hidden, i intermediate, nh heads, d head_dim, V vocab,
+// B micro batch, S sequence, T = B·S tokens, p bytes per activation element
+// (2 for bf16/fp16, 4 for fp32), c = min(1024, T) tokens per loss chunk.
 //
-// Gradient checkpointing keeps each layer's input (p·h per token per layer)
-// and recomputes one layer at a time in backward, so the peak holds all
-// boundaries plus one layer's full activations. Without it all L layers are
-// kept. While a layer is differentiated, its gradients are in flight: the
-// incoming and outgoing hidden-state gradients (2·p·h) and the MLP's three
-// intermediate gradients (3·p·i) per token, plus one projection dequantized to
-// 16 bits for its GEMM (the largest, i·h).
+// What autograd keeps for one decoder layer with grad on (src/model/llama.cpp
+// layer_forward, ops as they save tensors), per token:
+//   two RMSNorms: x.float() (kept by pow and mul) + rstd       2·(4h + 4)
+//   LoRA on a projection, dropout > 0: the dropped input (kept by
+//     A's linear) + dropout's bool mask, and A's output         (p + 1)·in + p·r
+//   LoRA, dropout 0: A's linear keeps the input itself, which q, k, v share
+//     (p·h once), o takes from the attention output (already kept), gate and
+//     up share (p·h), down's input is the MLP product (p·i)
+//   frozen NF4 projection (src/quant/linear4bit.cpp)            nothing: the
+//     weight is dequantized again in backward, the input is not needed
+//   RoPE                                                         nothing new (cos, sin)
+//   attention: the trainer always passes a mask (padded or packed), so the
+//     layer repeats k, v to all heads and SDPA runs the memory-efficient
+//     kernel, which keeps q, k, v, out and the fp32 logsumexp   4·p·nh·d + 4·nh
+//     and the mask converted to an additive bias, p per B·S² element
+//   MLP: silu keeps gate, the product keeps silu(gate) and up   3·p·i
+// plus the 16-bit copies of the layer's LoRA matrices (p·r·(in + out) each).
+//
+// Activation checkpointing (src/train/checkpoint.cpp) keeps each layer's
+// input, L·T·h·p in all, and runs the forward without grad; in backward it
+// recomputes one layer with grad on and differentiates it, so one layer's
+// tensors above exist at a time. Without checkpointing all L are kept (and
+// the layer inputs are not: no op keeps them).
+//
+// Loss phase. Kept: the layer inputs, the final norm's fp32 copy and the
+// normed hidden state (4h + 4 + p·h per token), the bool attention mask
+// (B·S²), cos/sin and the step's index tensors (2·p·d + 37 per token: ids,
+// positions, labels, the loss's safe labels, mask and fp32 logsumexp).
+// Allocated: grad_hidden (p·h per token) and, for one chunk at a time, the
+// fp32 logits, logits − lse and their exp, all three live as exp runs:
+// 12·V·c. The lm_head is the frozen embedding: no [V, h] gradient.
+//
+// Layer phase. Kept: the layer inputs, the recomputed layer (above), mask and
+// bias (1 + p per B·S² element), cos/sin and indices. In flight when the
+// product's backward runs: its incoming gradient and the gradients for
+// silu(gate) and up (3·p·i per token, the saved gate, silu(gate) and up still
+// held), the layer's output and the gradient coming into it (2·p·h); a moment
+// earlier, the down projection's weight dequantized for its input gradient
+// (i·h in the compute dtype) beside the first of those gradients; the larger
+// of the two moments is taken. Later nodes of the layer free more than they
+// allocate (the MLP's saved tensors go before attention's backward
+// allocates its q, k, v gradients and fp32 accumulator).
+//
+// cuBLAS and cuBLASLt each keep a workspace per handle and stream, allocated
+// through the caching allocator (32 MiB each on sm_90): 64 MiB. The CUDA
+// context is outside the allocator, and so is the fragmentation reserve (the
+// gap between reserved and allocated); plan.allocated_bytes is everything
+// else, the figure to compare with torch.cuda.max_memory_allocated.
+//
+// Checked against the caching allocator's max allocated on an H100
+// (bench/bench_train, Llama-3.2-1B, r 16 on q,k,v,o, dropout 0.05, bf16,
+// checkpointing, paged 8-bit AdamW; tests/test_plan.cpp pins the points):
+// predicted within +0.2% to +0.4% at micro 2 × 512, 4 × 1024 and 8 × 2048.
+// The first two peak in the loss phase (the 1.58 GB of the logits chunk
+// dominates), the third in the layer phase.
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -108,7 +142,7 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
   using fmt::gib;
   std::vector<Component> out;
   const int64_t L = m.num_hidden_layers, h = m.hidden_size, i = m.intermediate_size, V = m.vocab_size;
-  const int64_t nh = m.num_attention_heads, nkv = m.num_key_value_heads, d = m.head_dim;
+  const int64_t nh = m.num_attention_heads, d = m.head_dim;
   const int64_t p = in.activation_bytes;
   const int64_t T = in.micro_batch_size * in.seq_length;
 
@@ -177,98 +211,142 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
       if (small) c.formula += "; " + commas(small * L) + " params in tensors under 4,096 elements keep fp32 (8 B)";
       if (in.optimizer == OptimizerKind::kPagedAdamW8bit) {
         c.pageable_bytes = double(pageable * L);
-        c.detail = "paged: state buffers of tensors with >= 100,000 elements live in unified memory and can "
-                   "move to the host under pressure: " +
-                   gib(c.pageable_bytes) + " here" +
-                   (pageable == 0 ? " (every LoRA tensor is smaller)" : "") +
-                   "; counted on the GPU as the worst case";
+        c.detail = "paged: in bitsandbytes, state buffers of tensors with >= 100,000 elements live in unified "
+                   "memory and can move to the host under pressure (" +
+                   gib(c.pageable_bytes) + " here" + (pageable == 0 ? ": every LoRA tensor is smaller" : "") +
+                   "); qlora keeps GPU parameters' state in device memory, so it is counted on the GPU";
       }
     }
     out.push_back(c);
   }
-  // ---- activations
-  const int64_t kv_heads_saved = in.gqa_kv_expanded ? nh : nkv;
+  // ---- what a step allocates: Note [plan memory model]
+  const int64_t B = in.micro_batch_size, S = in.seq_length;
+  const double tokens = double(T), square = double(B) * double(S) * double(S);  // B·S² mask elements
+  const int64_t step_tok = 2 * p * d + kStepIndexBytesPerToken;  // cos, sin [B, S, d] + indices
   int64_t lora_tok = 0;
   for (const auto& s : decoder_linear_shapes(m)) {
     if (!targets(in, s.name.c_str())) continue;
     lora_tok += p * in.lora_r;
     if (in.lora_dropout > 0) lora_tok += (p + 1) * s.in_features;
   }
-  if (in.lora_dropout <= 0) {  // the undropped inputs must be kept for A's gradient
+  if (in.lora_dropout <= 0) {  // A's linear keeps its input itself; shared inputs are kept once
     if (targets(in, "q_proj") || targets(in, "k_proj") || targets(in, "v_proj")) lora_tok += p * h;
     if (targets(in, "gate_proj") || targets(in, "up_proj")) lora_tok += p * h;
     if (targets(in, "down_proj")) lora_tok += p * i;
   }
   const int64_t norm_tok = 2 * (4 * h + 4);
-  const int64_t attn_tok = p * (nh * d + 2 * kv_heads_saved * d) + p * nh * d + 4 * nh;
+  const int64_t attn_tok = 4 * p * nh * d + 4 * nh;
   const int64_t mlp_tok = 3 * p * i;
   const int64_t layer_tok = norm_tok + attn_tok + mlp_tok + lora_tok;
-  const double layer_bytes = double(T) * double(layer_tok) + double(p * lora_per_layer);
-  const double final_norm = double(T) * double(4 * h + 4 + p * h);
-  const double boundaries = double(L) * double(T) * double(h * p);
-  const double with_ckpt = boundaries + layer_bytes + final_norm;
-  const double without_ckpt = double(L) * layer_bytes + final_norm;
-  {
-    Component c{"activations", "activations", in.gradient_checkpointing ? with_ckpt : without_ckpt, "", "", 0};
-    const std::string tokens = commas(T) + " tokens";
-    const std::string per_layer = commas(layer_tok) + " B/token/layer";
-    if (in.gradient_checkpointing)
-      c.formula = "checkpointing: " + std::to_string(L) + " layer inputs × " + tokens + " × " + commas(h) + " × " +
-                  std::to_string(p) + " B = " + gib(boundaries) + " + one layer recomputed in backward, " +
-                  per_layer + " × " + tokens + " = " + gib(layer_bytes) + " + final norm " + gib(final_norm);
-    else
-      c.formula = "no checkpointing: " + std::to_string(L) + " layers × " + per_layer + " × " + tokens + " = " +
-                  gib(double(L) * layer_bytes) + " + final norm " + gib(final_norm);
-    c.detail = "per layer and token: norms 2×(4h+4) = " + commas(norm_tok) + ", attention q,k,v,out + lse = " +
-               commas(attn_tok) + (in.gqa_kv_expanded ? " (k, v repeated to all heads: no flash attention)" : "") +
-               ", MLP 3·p·i = " + commas(mlp_tok) + ", LoRA = " + commas(lora_tok) +
-               (in.lora_dropout > 0 ? " (A outputs + dropped inputs and masks)" : " (A outputs + kept inputs)") +
-               (in.gradient_checkpointing ? "; without checkpointing: " + gib(without_ckpt)
-                                          : "; with checkpointing: " + gib(with_ckpt));
-    out.push_back(c);
-  }
-  // ---- backward temporaries
+  // One layer's kept tensors: per token, its bias per mask element, its 16-bit LoRA copies.
+  const double layer_bytes = tokens * double(layer_tok) + square * double(p) + double(p * lora_per_layer);
+  const double kept_layers = in.gradient_checkpointing ? 1.0 : double(L);
+  const double boundaries = in.gradient_checkpointing ? double(L) * tokens * double(h * p) : 0.0;
+  const double step_bytes = tokens * double(step_tok) + square;  // + the bool mask
+  const std::string boundary_text =
+      in.gradient_checkpointing ? "layer inputs " + std::to_string(L) + " × " + commas(T) + " tokens × " + commas(h) +
+                                      " × " + std::to_string(p) + " B = " + gib(boundaries) + " + "
+                                : std::string();
+  const std::string layers_text = in.gradient_checkpointing ? "one layer recomputed in backward"
+                                                            : std::to_string(L) + " layers (no checkpointing)";
+
+  // Loss phase.
+  const int64_t chunk = std::min<int64_t>(kCeChunkTokens, T);
+  const double loss_final = tokens * double(4 * h + 4 + p * h);
+  const double loss_act = boundaries + (in.gradient_checkpointing ? 0.0 : double(L) * layer_bytes) + loss_final + step_bytes;
+  const double loss_ws = tokens * double(p * h);
+  const double loss_logits = double(chunk) * double(V) * double(kCeChunkBytesPerLogit);
+  const double loss_total = loss_act + loss_ws + loss_logits;
+  // Layer phase.
   int64_t largest_linear = 0;
   for (const auto& s : decoder_linear_shapes(m)) largest_linear = std::max(largest_linear, s.in_features * s.out_features);
+  const double layer_act = boundaries + kept_layers * layer_bytes + step_bytes;
+  const double product_grads = tokens * double(3 * p * i);
+  const double down_dequant = double(i * h * in.dequant_bytes) + tokens * double(p * i);
+  const double out_and_grad = tokens * double(2 * p * h);
+  const double layer_ws = std::max(product_grads, down_dequant) + out_and_grad;
+  const double layer_total = layer_act + layer_ws;
+  const bool loss_peak = loss_total >= layer_total;
+  const std::string other =
+      loss_peak ? "the layer phase peaks lower: " + gib(layer_total) : "the loss phase peaks lower: " + gib(loss_total);
   {
-    const double grads = double(T) * double(3 * p * i + 2 * p * h);
-    const double dequant = double(largest_linear * in.dequant_bytes);
-    Component c{"backward_workspace", "backward temporaries", grads + dequant, "", "", 0};
-    c.formula = "gradients in flight in one layer: " + commas(T) + " tokens × (3 × " + commas(i) + " + 2 × " +
-                commas(h) + ") × " + std::to_string(p) + " B = " + gib(grads) +
-                " + one projection dequantized for its GEMM, " + commas(largest_linear) + " × " +
-                std::to_string(in.dequant_bytes) + " B = " + gib(dequant);
+    Component c{"activations", "activations", loss_peak ? loss_act : layer_act, "", "", 0};
+    const std::string per_layer = commas(layer_tok) + " B/token/layer";
+    const std::string steps = "; mask, cos/sin, indices " + gib(step_bytes);
+    if (loss_peak)
+      c.formula = "at the loss backward: " + boundary_text +
+                  (in.gradient_checkpointing ? "" : layers_text + ", " + per_layer + " = " + gib(double(L) * layer_bytes) + " + ") +
+                  "final norm's fp32 copy and output " + gib(loss_final) + steps;
+    else
+      c.formula = "at the top layer's backward: " + boundary_text + layers_text + ", " + per_layer + " × " +
+                  commas(T) + " tokens + attention bias = " + gib(kept_layers * layer_bytes) + steps;
+    c.detail = "per layer and token: norms 2×(4h+4) = " + commas(norm_tok) + ", attention q, k, v (repeated to " +
+               std::to_string(nh) + " heads), out, lse = " + commas(attn_tok) + ", MLP 3·p·i = " + commas(mlp_tok) +
+               ", LoRA = " + commas(lora_tok) +
+               (in.lora_dropout > 0 ? " (A outputs + dropped inputs and masks)" : " (A outputs + kept inputs)") +
+               "; " + other;
     out.push_back(c);
   }
-  // ---- logits and loss
   {
-    const int64_t chunk = std::min<int64_t>(kCeChunkTokens, T);
-    const double chunked = double(chunk) * double(V) * double(4 + p);
-    const double unchunked = double(T) * double(V) * double(p + 4 + 4);
-    Component c{"logits_loss", "logits + cross-entropy", chunked, "", "", 0};
+    Component c{"backward_workspace", "backward temporaries", loss_peak ? loss_ws : layer_ws, "", "", 0};
+    if (loss_peak)
+      c.formula = "gradient of the final hidden state, " + commas(T) + " tokens × " + commas(h) + " × " +
+                  std::to_string(p) + " B";
+    else
+      c.formula = (product_grads >= down_dequant
+                       ? "the MLP product's gradients (its own, silu(gate)'s, up's): " + commas(T) + " tokens × 3 × " +
+                             commas(i) + " × " + std::to_string(p) + " B = " + gib(product_grads)
+                       : "down_proj dequantized, " + commas(i * h) + " × " + std::to_string(in.dequant_bytes) +
+                             " B, beside the product's gradient = " + gib(down_dequant)) +
+                  " + the layer's output and its gradient " + gib(out_and_grad);
+    c.detail = "NF4 projections are dequantized one at a time (" + commas(largest_linear) + " × " +
+               std::to_string(in.dequant_bytes) + " B at most) and freed after their GEMM";
+    out.push_back(c);
+  }
+  {
+    const double unchunked = tokens * double(V) * double(p + 4 + 4);
+    Component c{"logits_loss", "logits + cross-entropy", loss_peak ? loss_logits : 0.0, "", "", 0};
     c.formula = "chunked cross-entropy, " + commas(chunk) + " tokens at a time × " + commas(V) +
-                " vocab × (4 B fp32 logits + " + std::to_string(p) + " B gradient)";
+                " vocab × 12 B (fp32 logits, logits − lse and their exp) = " + gib(loss_logits) +
+                (loss_peak ? "" : "; freed before the peak (layer phase)");
     c.detail = "unchunked, as transformers computes it (" + std::to_string(p) +
                "-byte logits, their fp32 copy and the fp32 log-softmax for all " + commas(T) + " tokens): " +
                gib(unchunked);
     out.push_back(c);
   }
   // ---- runtime
-  out.push_back({"cuda_context", "CUDA context + cuBLAS", kCudaContextBytes + kCublasBytes,
-                 "CUDA context " + fmt::fixed(kCudaContextBytes / kMiB, 0) + " MiB + cuBLAS handle and workspace " +
-                     fmt::fixed(kCublasBytes / kMiB, 0) + " MiB (typical for torch 2.11 + CUDA 13 with lazy module loading)",
+  out.push_back({"cublas_workspace", "cuBLAS workspaces", kCublasBytes,
+                 "cuBLAS + cuBLASLt, " + fmt::fixed(kCublasBytes / kMiB / 2, 0) +
+                     " MiB each, allocated through the caching allocator",
                  "", 0});
+  {
+    Component c{"cuda_context", "CUDA context", kCudaContextBytes,
+                "CUDA context " + fmt::fixed(kCudaContextBytes / kMiB, 0) +
+                    " MiB (typical for torch 2.11 + CUDA 13 with lazy module loading)",
+                "outside the caching allocator", 0};
+    c.in_allocator = false;
+    out.push_back(c);
+  }
   {
     double transient = 0;
     for (const auto& c : out)
       if (c.key == "activations" || c.key == "backward_workspace" || c.key == "logits_loss") transient += c.bytes;
-    out.push_back({"fragmentation", "allocator fragmentation", kFragmentationFraction * transient,
-                   fmt::fixed(kFragmentationFraction * 100, 0) +
-                       "% of what is allocated and freed every step (activations, temporaries, loss) = " +
-                       fmt::fixed(kFragmentationFraction * 100, 0) + "% × " + gib(transient),
-                   "", 0});
+    Component c{"fragmentation", "allocator fragmentation", kFragmentationFraction * transient,
+                fmt::fixed(kFragmentationFraction * 100, 0) +
+                    "% of what is allocated and freed every step (activations, temporaries, loss) = " +
+                    fmt::fixed(kFragmentationFraction * 100, 0) + "% × " + gib(transient),
+                "reserved by the caching allocator but not allocated", 0};
+    c.in_allocator = false;
+    out.push_back(c);
   }
   return out;
+}
+
+double allocated_bytes(const std::vector<Component>& components) {
+  double t = 0;
+  for (const auto& c : components)
+    if (c.in_allocator) t += c.bytes;
+  return t;
 }
 
 }  // namespace qlora::plan

@@ -35,13 +35,25 @@ inline constexpr int64_t kPagedMinElements = 100000;
 // gradient in place, cast once to the compute dtype for the backward GEMM,
 // and freed, so the [tokens, vocab] logits never exist whole.
 inline constexpr int64_t kCeChunkTokens = 1024;
+// Bytes per logit of one chunk at the loss backward's peak: the fp32 logits,
+// logits - lse and their exp are live together while exp runs (src/model/loss.cpp).
+inline constexpr int64_t kCeChunkBytesPerLogit = 12;
+// Index tensors a step keeps per token on the GPU: input ids, position ids and
+// shifted labels (int64 each), and the loss's safe labels (int64), valid mask
+// (bool) and logsumexp (fp32): 8 + 8 + 8 + 8 + 1 + 4.
+inline constexpr int64_t kStepIndexBytesPerToken = 37;
 
 // ---------------------------------------------------------------- runtime overheads
 // An estimate for torch 2.11 + CUDA 13 with lazy module loading: ~620 MiB in
-// use after CUDA initialisation, 64 MiB more after the first cuBLAS call
-// (handle + workspace). Other GPUs and drivers differ by some tens of MiB;
-// `qlora plan --measure` replaces it with the device's own figure.
+// use after CUDA initialisation, outside the caching allocator. Other GPUs and
+// drivers differ by some tens of MiB; `qlora plan --measure` replaces it with
+// the device's own figure.
 inline constexpr double kCudaContextBytes = 621 * kMiB;
+// ATen gives each cuBLAS and cuBLASLt handle (per stream) a workspace from the
+// caching allocator (CublasHandlePool.cpp: getChosenWorkspaceSize, 32 MiB by
+// default on sm_90, CUBLAS_WORKSPACE_CONFIG overrides), so the allocator's
+// peak includes both: 64 MiB. Older GPUs get smaller defaults; the plan keeps
+// the larger figure.
 inline constexpr double kCublasBytes = 64 * kMiB;
 // The caching allocator keeps freed blocks for reuse; blocks freed by one
 // step's activations do not always fit the next request, more so with

@@ -2,6 +2,7 @@
 
 #include <cctype>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 
 #include "qlora/common/errors.h"
@@ -69,9 +70,13 @@ GpuSpec to_spec(const Preset& p) {
   return g;
 }
 
-std::string accepted_text() {
-  return "accepted: " + join(gpu_preset_names()) + ", or a memory size such as 24GiB or 80GB";
+std::string fixed_1(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f", v);
+  return buf;
 }
+
+std::string accepted_text(const ThisMachine* here) { return "accepted: " + accepted_gpu_values(here); }
 
 // "24GiB" -> 24 * 2^30, "80GB" -> 80e9; false when `s` is not a size.
 bool parse_size(const std::string& s, double* bytes, std::string* problem) {
@@ -114,8 +119,37 @@ const std::vector<std::string>& gpu_preset_names() {
   return names;
 }
 
-GpuSpec resolve_gpu(const std::string& arg) {
+bool names_this_machine(const std::string& arg) {
   const std::string key = to_lower(arg);
+  return key == "auto" || key == "this";
+}
+
+std::string this_machine_entry(const ThisMachine& here) {
+  if (!here.gpu)
+    return "this machine: no GPU" + (here.why_none.empty() ? std::string() : " (" + here.why_none + ")");
+  const GpuSpec& g = *here.gpu;
+  std::string s = "this machine: " + g.name + ", " + fixed_1(g.memory_bytes / kGiB) + " GiB";
+  if (g.has_compute_capability()) s += ", sm_" + std::to_string(g.cc_major) + std::to_string(g.cc_minor);
+  if (here.device_count > 1) s += " (GPU 0 of " + std::to_string(here.device_count) + ")";
+  return s;
+}
+
+std::string accepted_gpu_values(const ThisMachine* here) {
+  const std::string local = here ? "this (" + this_machine_entry(*here) + ")" : "this / auto (the GPU of this machine)";
+  return join(gpu_preset_names()) + ", " + local + ", none, or a memory size such as 24GiB or 80GB";
+}
+
+GpuSpec resolve_gpu(const std::string& arg, const ThisMachine* here) {
+  const std::string key = to_lower(arg);
+  if (names_this_machine(arg)) {
+    if (here && here->gpu) return *here->gpu;
+    if (here)
+      throw InputError("--gpu " + arg + " plans for the GPU of this machine, and it has none" +
+                       (here->why_none.empty() ? std::string() : " (" + here->why_none + ")") +
+                       "; name one instead (" + accepted_text(nullptr) + ")");
+    throw InputError("--gpu " + arg + " needs the GPU of this machine, and none was queried; name one instead (" +
+                     accepted_text(nullptr) + ")");
+  }
   for (const auto& p : kPresets)
     if (key == p.name) return to_spec(p);
 
@@ -128,9 +162,6 @@ GpuSpec resolve_gpu(const std::string& arg) {
     g.note = "memory size only: no throughput or compute capability known";
     return g;
   }
-  if (key == "auto")
-    throw InputError("--gpu auto needs the GPU of this machine, and none was queried; name one instead (" +
-                     accepted_text() + ")");
   if (!problem.empty()) throw InputError("GPU \"" + arg + "\": " + problem);
   std::string msg = "unknown GPU \"" + arg + "\"";
   // A preset that starts with what was typed ("h10", "a100") beats one that
@@ -140,7 +171,7 @@ GpuSpec resolve_gpu(const std::string& arg) {
     if (near.empty() && name.rfind(key, 0) == 0) near = name;
   if (near.empty()) near = closest_match(arg, gpu_preset_names());
   if (!near.empty()) msg += "; did you mean \"" + near + "\"?";
-  throw InputError(msg + " (" + accepted_text() + ")");
+  throw InputError(msg + " (" + accepted_text(here) + ")");
 }
 
 GpuSpec gpu_from_device(const std::string& device_name, double total_bytes, int cc_major, int cc_minor) {

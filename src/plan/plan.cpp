@@ -23,6 +23,7 @@
 #include "format.h"
 #include "qlora/common/errors.h"
 #include "qlora/common/text.h"
+#include "qlora/plan/finder.h"
 #include "qlora/plan/plan.h"
 
 namespace qlora::plan {
@@ -86,8 +87,7 @@ int bytes_of(const std::string& resolved) { return resolved == "fp32" ? 4 : 2; }
 
 // ---------------------------------------------------------------- inputs
 
-BudgetInputs inputs_from(const Config& cfg, const LlamaConfig& model, const GpuSpec* gpu,
-                         const PrecisionAdvice& precision) {
+BudgetInputs inputs_from(const Config& cfg, const PrecisionAdvice& precision) {
   BudgetInputs in;
   in.micro_batch_size = cfg.train.micro_batch_size;
   in.seq_length = cfg.data.max_seq_length;
@@ -100,10 +100,6 @@ BudgetInputs inputs_from(const Config& cfg, const LlamaConfig& model, const GpuS
   in.activation_bytes = bytes_of(precision.resolved);
   const Precision cd = cfg.quantization.compute_dtype;
   in.dequant_bytes = cd == Precision::kAuto ? in.activation_bytes : (cd == Precision::kFp32 ? 4 : 2);
-  // Flash attention needs sm_80+; the memory-efficient kernel on older GPUs
-  // takes k and v already repeated to every query head.
-  in.gqa_kv_expanded = gpu && gpu->has_compute_capability() && gpu->cc_major < 8 &&
-                       model.num_key_value_heads < model.num_attention_heads;
   return in;
 }
 
@@ -136,13 +132,6 @@ int64_t largest_fitting_micro(const LlamaConfig& model, BudgetInputs in, const G
       hi = mid - 1;
   }
   return lo;
-}
-
-// The largest divisor of `n` that is <= `limit` (>= 1).
-int64_t largest_divisor_at_most(int64_t n, int64_t limit) {
-  for (int64_t d = std::min(n, limit); d > 1; --d)
-    if (n % d == 0) return d;
-  return 1;
 }
 
 Advice make_advice(const std::string& kind, const std::string& text, const BudgetInputs& in, int64_t accumulation,
@@ -345,7 +334,7 @@ Plan make_plan(const Config& cfg, const LlamaConfig& model, const GpuSpec* gpu, 
               " = " + std::to_string(b.total);
 
   plan.precision = resolve_precision(cfg.train.precision, gpu);
-  const BudgetInputs in = inputs_from(cfg, model, gpu, plan.precision);
+  const BudgetInputs in = inputs_from(cfg, plan.precision);
   plan.activation_bytes = in.activation_bytes;
   plan.seq_length = in.seq_length;
   plan.tokens_per_micro_batch = in.micro_batch_size * in.seq_length;
@@ -356,6 +345,7 @@ Plan make_plan(const Config& cfg, const LlamaConfig& model, const GpuSpec* gpu, 
   const Budget bud = budget(model, in);
   plan.components = bud.components;
   plan.total_bytes = bud.total;
+  plan.allocated_bytes = allocated_bytes(plan.components);
   for (const auto& c : plan.components) plan.pageable_bytes += c.pageable_bytes;
   const auto dominant = std::max_element(plan.components.begin(), plan.components.end(),
                                          [](const Component& a, const Component& c) { return a.bytes < c.bytes; });

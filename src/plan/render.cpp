@@ -41,10 +41,12 @@ std::string render_text(const Plan& p) {
     << commas(p.seq_length) << " tokens (" << commas(p.batch.total * p.seq_length) << " tokens per step)\n";
   o << "  precision   " << p.precision.message << "\n";
   if (p.gpu)
-    o << "  GPU         " << p.gpu->name << ", " << gib(p.gpu->memory_bytes) << " usable"
-      << (p.gpu->note.empty() ? "" : " (" + p.gpu->note + ")") << "\n";
+    o << "  GPU         " << (p.gpu->from_device ? "this machine: " : "") << p.gpu->name << ", "
+      << gib(p.gpu->memory_bytes) << " usable" << (p.gpu->note.empty() ? "" : " (" + p.gpu->note + ")") << "\n";
   else
-    o << "  GPU         none given: no fit verdict (pass --gpu t4|l4|a10|a100-40|a100-80|h100|h200|<N>GiB)\n";
+    o << "  GPU         none given: no fit verdict (pass --gpu " << join(gpu_preset_names(), "|")
+      << "|this|<N>GiB)\n";
+  if (!p.this_machine.empty() && !(p.gpu && p.gpu->from_device)) o << "              " << p.this_machine << "\n";
 
   o << "\nGPU memory per process\n";
   size_t width = 5;
@@ -58,6 +60,9 @@ std::string render_text(const Plan& p) {
   o << "  " << std::string(width + 13, '-') << "\n";
   o << "  " << pad_right("total", width) << "  " << pad_left(format_gib(p.total_bytes), 7) << " GiB  (" << fixed(p.total_bytes / 1e9, 2) << " GB); largest: " << dom->label
     << ", " << fixed(100.0 * dom->bytes / p.total_bytes, 0) << "%\n";
+  o << "  " << pad_right("allocated", width) << "  " << pad_left(format_gib(p.allocated_bytes), 7) << " GiB  ("
+    << fixed(p.allocated_bytes / 1e9, 2) << " GB): the caching allocator's peak (max_memory_allocated), the total "
+    << "less the CUDA context and the fragmentation reserve\n";
 
   if (p.gpu) {
     o << "\n";
@@ -124,11 +129,13 @@ std::string render_json(const Plan& p) {
                       {"gib", std::round(c.bytes / kGiB * 1000) / 1000}, {"formula", c.formula}};
     if (!c.detail.empty()) e["detail"] = c.detail;
     if (c.pageable_bytes > 0) e["pageable_bytes"] = int64_t(std::llround(c.pageable_bytes));
+    e["in_allocator"] = c.in_allocator;
     comps.push_back(e);
   }
   j["memory"] = {{"components", comps},
                  {"total_bytes", int64_t(std::llround(p.total_bytes))},
                  {"total_gib", std::round(p.total_bytes / kGiB * 1000) / 1000},
+                 {"allocated_bytes", int64_t(std::llround(p.allocated_bytes))},
                  {"dominant", p.dominant}};
   if (p.gpu) {
     j["gpu"] = {{"name", p.gpu->name},
@@ -144,6 +151,10 @@ std::string render_json(const Plan& p) {
     j["gpu"] = nullptr;
     j["fits"] = nullptr;
   }
+  if (p.this_machine.empty())
+    j["this_machine"] = nullptr;
+  else
+    j["this_machine"] = p.this_machine;
   ordered_json adv = ordered_json::array();
   for (const auto& a : p.advice) {
     ordered_json e = {{"kind", a.kind}, {"text", a.text}};

@@ -7,6 +7,7 @@
 // calls "total capacity"), which is a little below what nvidia-smi shows.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -35,11 +36,34 @@ struct GpuSpec {
 // t4, l4, a10, a100-40, a100-80, h100, h200.
 const std::vector<std::string>& gpu_preset_names();
 
+// ---------------------------------------------------------------- this machine
+
+// The GPU of this machine as the caller queried it (the CLI asks the CUDA
+// driver through kernels::query_devices; the planner never does).
+struct ThisMachine {
+  std::optional<GpuSpec> gpu;  // GPU 0, from gpu_from_device; empty: none usable
+  int device_count = 0;        // visible CUDA devices
+  std::string why_none;        // the driver's reason when there is none
+};
+
+// True for "auto" and "this" (any case): the GPU of this machine.
+bool names_this_machine(const std::string& arg);
+
+// "this machine: NVIDIA H100 80GB HBM3, 79.2 GiB, sm_90", or "this machine:
+// no GPU (no CUDA-capable device is detected)" when there is none.
+std::string this_machine_entry(const ThisMachine& here);
+
+// The values --gpu accepts, for help and error messages: the presets, then
+// "this (<this_machine_entry>)" when `here` is given (without: "this / auto
+// (the GPU of this machine)"), "none", and memory sizes.
+std::string accepted_gpu_values(const ThisMachine* here);
+
 // A preset name (case-insensitive) or a memory size: "24GiB" (2^30) or "80GB"
-// (1e9), decimals allowed. "auto" is the caller's business (query the device,
-// then gpu_from_device). Throws InputError listing what is accepted, with
-// "did you mean" for a near miss.
-GpuSpec resolve_gpu(const std::string& arg);
+// (1e9), decimals allowed; "this" / "auto" resolve to here->gpu. Throws
+// InputError listing what is accepted (this machine's entry among them when
+// `here` is given), with "did you mean" for a near miss; for "this" / "auto"
+// without a GPU here, one that says there is none and why.
+GpuSpec resolve_gpu(const std::string& arg, const ThisMachine* here = nullptr);
 
 // A GpuSpec for a queried device: its own memory and compute capability, the
 // throughput of the preset whose name matches the device name ("Tesla T4",

@@ -40,6 +40,8 @@ struct Component {
   std::string formula;  // how the number was computed, with the numbers
   std::string detail;   // alternatives and notes (without double quant, HF unchunked, ...)
   double pageable_bytes = 0;  // part a paged optimizer may move to host memory
+  bool in_allocator = true;   // allocated through the CUDA caching allocator (false: the
+                              // CUDA context, the fragmentation reserve)
 };
 
 struct Advice {
@@ -101,10 +103,13 @@ struct Plan {
   int activation_bytes = 2;  // bytes per activation element (2: bf16/fp16, 4: fp32)
 
   std::vector<Component> components;
-  double total_bytes = 0;
+  double total_bytes = 0;      // what the process needs on the GPU: the fit verdict uses this
+  double allocated_bytes = 0;  // the caching allocator's predicted peak (max_memory_allocated):
+                               // total less the CUDA context and the fragmentation reserve
   double pageable_bytes = 0;
 
   std::optional<GpuSpec> gpu;
+  std::string this_machine;      // this_machine_entry() when the caller queried the device; empty: not asked
   bool fits = false;             // meaningful only with a gpu
   double headroom_bytes = 0;     // gpu memory - total (negative: over)
   std::string dominant;          // key of the largest component
@@ -155,14 +160,17 @@ struct BudgetInputs {
   bool double_quant = true;
   int activation_bytes = 2;   // bf16 / fp16: 2, fp32: 4
   int dequant_bytes = 2;      // quantization.compute_dtype
-  bool gqa_kv_expanded = false;  // attention kernel needs k/v repeated to all heads
 };
 
-// Memory per component, in the order render_text prints them.
+// Memory per component at the peak of a step, in the order render_text prints
+// them (Note [plan memory model]).
 std::vector<Component> memory_components(const LlamaConfig& model, const BudgetInputs& in);
 
 // Sum of the components.
 double total_bytes(const std::vector<Component>& components);
+
+// Sum of the components the caching allocator counts (in_allocator).
+double allocated_bytes(const std::vector<Component>& components);
 
 // Bytes with two decimals in GiB: "9.52".
 std::string format_gib(double bytes);
