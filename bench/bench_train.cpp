@@ -4,7 +4,7 @@
 // One JSON object a line on stdout, per configuration (micro, seq):
 //   {"bench":"train","system":"qlora","model":"llama-3.2-1b","micro":2,"seq":512,"steps_timed":10,
 //    "tokens_per_second":...,"peak_allocated_bytes":...,"peak_reserved_bytes":...,
-//    "plan_total_bytes":...,"plan_error_pct":...,...}
+//    "plan_total_bytes":...,"plan_allocated_bytes":...,"plan_error_pct":...,...}
 // or the same keys up to "seq" plus "error" when that configuration failed. Logs go to stderr.
 //
 //   bench_train [--quick] [--steps N] [--work DIR] [--keep]
@@ -26,10 +26,13 @@
 // peer), reset when the warm-up ends, so the peak is the steady training step's, the base model,
 // adapter, optimizer state and loader already resident, and model loading left out (the peer
 // resets after loading too). run_peak_allocated_bytes keeps the whole run, loading included.
-// Memory the allocator does not see (managed memory of the paged optimizer, cuBLAS workspaces
-// outside the allocator, the CUDA context) is in neither system's figure.
-// The plan: plan::make_plan for the same Config on the h100 preset; plan_error_pct is
-// (predicted - measured) / measured of peak_allocated_bytes.
+// Memory the allocator does not see (managed memory of the paged optimizer, the CUDA context) is
+// in neither system's figure; cuBLAS workspaces go through the allocator and are in both.
+// The plan: plan::make_plan for the same Config on the h100 preset. plan_total_bytes is what the
+// process needs (the fit verdict: CUDA context and fragmentation reserve included);
+// plan_allocated_bytes is the allocator's part of it (Note [plan memory model] in
+// src/plan/budget.cpp), the figure comparable with the measurement: plan_error_pct is
+// (plan_allocated_bytes - peak_allocated_bytes) / peak_allocated_bytes.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -280,7 +283,8 @@ json run_one(const Shape& s, const Args& args, const fs::path& work, const fs::p
             {"run_peak_allocated_bytes", std::max(run_peak_alloc, peak_alloc)},
             {"run_peak_reserved_bytes", std::max(run_peak_reserved, peak_reserved)},
             {"plan_total_bytes", static_cast<int64_t>(plan.total_bytes)},
-            {"plan_error_pct", peak_alloc > 0 ? 100.0 * (plan.total_bytes - static_cast<double>(peak_alloc)) /
+            {"plan_allocated_bytes", static_cast<int64_t>(plan.allocated_bytes)},
+            {"plan_error_pct", peak_alloc > 0 ? 100.0 * (plan.allocated_bytes - static_cast<double>(peak_alloc)) /
                                                     static_cast<double>(peak_alloc)
                                               : 0.0},
             {"plan_gpu", kGpuPreset}};
