@@ -122,6 +122,26 @@ TEST(Config, ErrorMessageNamesFileLineAndKey) {
   }
 }
 
+TEST(Config, HardwareGpuTakesThisMachine) {
+  // "this" and "auto" both mean the GPU `qlora plan` finds here (any case).
+  for (const char* v : {"this", "auto", "This", "AUTO", "none", "h100", "24GiB"})
+    EXPECT_EQ(parse_config(std::string("hardware:\n  gpu: ") + v + "\n", "g.yaml").hardware.gpu, v) << v;
+}
+
+TEST(Config, UnknownHardwareGpuListsEachAcceptedValueOnce) {
+  const auto issues = issues_of("hardware:\n  gpu: h1000\n");
+  ASSERT_EQ(issues.size(), 1u) << dump(issues);
+  const std::string& m = issues[0].message;
+  EXPECT_EQ(issues[0].key, "hardware.gpu");
+  EXPECT_EQ(issues[0].line, 2);
+  EXPECT_NE(m.find("did you mean \"h100\"?"), std::string::npos) << m;
+  for (const std::string v : {"t4", "this / auto", "auto", "none", "24GiB"}) {
+    const size_t first = m.find(v);
+    EXPECT_NE(first, std::string::npos) << v << " missing from: " << m;
+    EXPECT_EQ(m.find(v, first + 1), std::string::npos) << v << " listed twice in: " << m;
+  }
+}
+
 // ---------------------------------------------------------------- defaults, aliases
 
 TEST(Config, EmptyDocumentGivesDefaults) {

@@ -386,12 +386,15 @@ class Loader {
               line_for("model.preset"));
       }
     }
-    if (c.hardware.gpu != "auto" && c.hardware.gpu != "none") {
+    // "this" / "auto": the GPU of this machine, which `qlora plan` queries
+    // when it runs (not here: a config is checked on any machine).
+    if (!plan::names_this_machine(c.hardware.gpu) && c.hardware.gpu != "none") {
       try {
         (void)plan::resolve_gpu(c.hardware.gpu);
       } catch (const InputError& e) {
-        issue("hardware.gpu", std::string(e.what()) + "; or auto (this machine) or none",
-              line_for("hardware.gpu"));
+        // An unknown name's message already lists what is accepted (this,
+        // auto and none among them); a malformed size's says what to write.
+        issue("hardware.gpu", e.what(), line_for("hardware.gpu"));
       }
     }
     if (c.output.dir.empty())
