@@ -166,7 +166,7 @@ TEST(DistGroup, GlooCollectivesAcrossTwoRanks) {
         l.world_size = 2;
         l.local_world_size = 2;
         l.master_port = port;
-        const dist::Group g = dist::Group::connect(l, c10::Device(c10::kCPU), std::chrono::seconds(60));
+        const dist::Group g = dist::Group::connect(l, c10::Device(c10::kCPU), DistBackend::kAuto, std::chrono::seconds(60));
         if (g.backend() != "gloo") failures[r] = "backend " + g.backend();
         if (g.sum(int64_t{10 + r}) != 21) failures[r] += " int sum";
         if (g.sum(0.25 * (r + 1)) != 0.75) failures[r] += " double sum";

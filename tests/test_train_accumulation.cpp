@@ -407,4 +407,73 @@ TEST(TrainLoop, StepLine) {
   EXPECT_EQ(train::format_step_line(10, 200, st, 0), "step 10/200 | loss 2.3457 | lr 1.20e-04 | grad norm 0.532 | 0 tok/s | skipped");
 }
 
+
+// ---------------------------------------------------------------- out of memory (Note [out-of-memory retry])
+
+// A layer that "runs out of memory" above `max_rows` rows, as CUDA's caching
+// allocator reports it (c10::OutOfMemoryError); `model` is set once the rig exists.
+struct TightMemory {
+  const model::LlamaModel* model = nullptr;
+  int64_t max_rows = 0;
+  int64_t failures = 0;
+  train::LayerForwardFn layer_forward() {
+    return [this](int64_t l, const at::Tensor& hidden, const std::pair<at::Tensor, at::Tensor>& cos_sin,
+                  const model::AttentionInputs& attention) {
+      if (hidden.size(0) > max_rows) {
+        ++failures;
+        C10_THROW_ERROR(OutOfMemoryError, "CUDA out of memory (simulated by the test)");
+      }
+      return model->layer_forward(l, hidden, cos_sin, attention);
+    };
+  }
+};
+
+TEST(TrainOutOfMemory, RetriesAtFewerRowsWithTheSameGradient) {
+  const auto ex = make_examples(23);
+  const auto window = make_window(ex, 8);  // 4 micro batches of 8 rows
+  train::StepOptions plain;
+  plain.max_grad_norm = 0.0;
+  Rig reference(plain);
+  const train::AccumulatedWindow want = reference.trainer->accumulate_gradients(window);
+  const auto g_want = grads_of(reference.adapter.parameters());
+
+  TightMemory tight;
+  tight.max_rows = 2;
+  train::StepOptions opts = plain;
+  opts.layer_forward = tight.layer_forward();
+  Rig rig(opts);
+  tight.model = &rig.model;
+  const train::AccumulatedWindow got = rig.trainer->accumulate_gradients(window);
+  ASSERT_FALSE(got.out_of_memory);
+  // 8 rows fail, 4 rows fail, 2 rows fit: two failed attempts, then the step.
+  EXPECT_EQ(tight.failures, 2);
+  EXPECT_EQ(rig.trainer->max_micro_rows(), 2);
+  EXPECT_EQ(got.window_tokens, want.window_tokens);
+  EXPECT_NEAR(got.loss_sum, want.loss_sum, kAccumRtol * want.loss_sum);
+  EXPECT_LE(rel_diff(grads_of(rig.adapter.parameters()), g_want), kAccumRtol);
+  rig.trainer->zero_grads();
+
+  // The smaller size sticks: the next window runs at 2 rows without a failure.
+  rig.trainer->accumulate_gradients(window);
+  EXPECT_EQ(tight.failures, 2);
+}
+
+TEST(TrainOutOfMemory, NothingFitsReportsOutOfMemoryAndChangesNothing) {
+  const auto ex = make_examples(29);
+  TightMemory tight;
+  tight.max_rows = 0;  // not even one row
+  train::StepOptions opts;
+  opts.layer_forward = tight.layer_forward();
+  Rig rig(opts);
+  tight.model = &rig.model;
+  const auto before = rig.adapter.parameters()[0].clone();
+  const train::StepStats s = rig.trainer->train_step(make_window(ex, 4));
+  EXPECT_TRUE(s.out_of_memory);
+  EXPECT_EQ(rig.trainer->step(), 0);  // no step taken, the schedule did not move
+  EXPECT_EQ(rig.trainer->max_micro_rows(), 1);
+  EXPECT_EQ(tight.failures, 3);  // 4, 2, 1 rows
+  for (const auto& p : rig.adapter.parameters()) EXPECT_FALSE(p.grad().defined());
+  EXPECT_TRUE(at::equal(before, rig.adapter.parameters()[0]));
+}
+
 }  // namespace

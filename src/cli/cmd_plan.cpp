@@ -1,6 +1,8 @@
 // qlora plan: the effective batch and the GPU memory budget of a run, before it starts.
 //
 //   qlora plan --config configs/llama-3.1-8b-t4.yaml [--gpu t4|h100|24GiB|this|auto|none] [--gpus N] [--json]
+//   qlora plan --config run.yaml --measure [--steps 3] [--seq N] [--memory-cap 15GiB]   (on a GPU)
+//   qlora plan --config run.yaml --find-micro-batch [--memory-cap 15GiB]               (on a GPU)
 //
 // The GPU comes from --gpu, else hardware.gpu in the config; "this" (or
 // "auto") is the GPU of this machine, read from the CUDA driver (none
@@ -17,7 +19,9 @@
 #include "qlora/common/errors.h"
 #include "qlora/kernels.h"
 #include "qlora/model/llama_config.h"
+#include "qlora/plan/finder.h"
 #include "qlora/plan/plan.h"
+#include "qlora/train/measure.h"
 
 namespace qlora::cli {
 namespace {
@@ -27,6 +31,10 @@ struct PlanOptions {
   std::string gpu;      // empty: hardware.gpu
   int64_t gpus = 0;     // 0: from the environment
   bool json = false;
+  bool measure = false;
+  bool find_micro_batch = false;
+  std::string memory_cap;
+  train::MeasureOptions measure_options;
 };
 
 // A positive integer from an environment variable the launchers set.
@@ -111,6 +119,19 @@ Runner add_plan_command(CLI::App& root) {
   cmd->add_option("--gpus", opts->gpus, "data-parallel GPUs (default: WORLD_SIZE / SLURM_NTASKS, else 1)")
       ->check(CLI::PositiveNumber);
   cmd->add_flag("--json", opts->json, "print the plan as JSON");
+  cmd->add_flag("--measure", opts->measure,
+                "GPU: run a few real optimizer steps at the config's settings and the longest sequence of the data, "
+                "and print the measured memory next to the plan's");
+  cmd->add_flag("--find-micro-batch", opts->find_micro_batch,
+                "GPU: the largest micro batch that fits (real forward + backward passes, from the plan's guess) and "
+                "the accumulation that keeps the effective batch");
+  cmd->add_option("--memory-cap", opts->memory_cap, "with --measure / --find-micro-batch: cap the allocator (e.g. 15GiB)");
+  cmd->add_option("--steps", opts->measure_options.steps, "with --measure: optimizer steps to run")
+      ->check(CLI::Range(2, 1000))
+      ->capture_default_str();
+  cmd->add_option("--seq", opts->measure_options.seq, "with --measure / --find-micro-batch: sequence length (default: "
+                  "the longest the data makes)")
+      ->check(CLI::PositiveNumber);
   return [opts]() {
     const Config cfg = load_config_options(opts->config);
     const LlamaConfig model = resolve_model_shape(cfg);
@@ -126,6 +147,22 @@ Runner add_plan_command(CLI::App& root) {
     const plan::ThisMachine here = query_this_machine();
     const std::optional<plan::GpuSpec> gpu = gpu_for(gpu_arg, here, &notes);
 
+    if (!opts->memory_cap.empty()) opts->measure_options.memory_cap_bytes = plan::resolve_gpu(opts->memory_cap).memory_bytes;
+    if (opts->find_micro_batch) {
+      const plan::FinderResult f = train::find_micro_batch_for(cfg, opts->measure_options, world);
+      for (const auto& t : f.trials)
+        std::cerr << "  micro " << t.micro << ": " << (t.result.fits ? "fits" : "does not fit") << ", peak allocated "
+                  << plan::format_gib(t.result.peak_allocated_bytes) << " GiB, reserved "
+                  << plan::format_gib(t.result.peak_reserved_bytes) << " GiB"
+                  << (t.result.error.empty() ? "" : " (" + t.result.error + ")") << "\n";
+      std::cout << f.message << "\n";
+      return f.found ? kExitOk : kExitBadInput;
+    }
+    if (opts->measure) {
+      const train::Measurement m = train::measure_plan(cfg, opts->measure_options);
+      std::cout << (opts->json ? train::measurement_json(m).dump() + "\n" : train::format_measurement(m));
+      return m.out_of_memory ? kExitBadInput : kExitOk;
+    }
     plan::Plan p = plan::make_plan(cfg, model, gpu ? &*gpu : nullptr, world);
     p.this_machine = plan::this_machine_entry(here);
     plan::set_dataset_size(p, cfg, count_examples(cfg.data.path, &notes));

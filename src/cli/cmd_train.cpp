@@ -1,6 +1,7 @@
 // qlora train: fine-tune with QLoRA as the config says.
 //
 //   qlora train --config run.yaml [--set key=value ...] [--resume auto|PATH [--force]]
+//               [--micro-batch auto] [--memory-cap 15GiB]
 //
 // Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and exits with 130; a second
 // one quits at once.
@@ -13,6 +14,8 @@
 #include <memory>
 
 #include "cli/commands.h"
+#include "qlora/common/errors.h"
+#include "qlora/plan/gpu.h"
 #include "qlora/train/run.h"
 
 namespace qlora::cli {
@@ -25,6 +28,8 @@ struct TrainOptions {
   std::string resume;
   bool force = false;
   std::string device = "auto";
+  std::string micro_batch;  // "" (the config's) or "auto"
+  std::string memory_cap;   // "" or a size: "15GiB", "16GB"
 };
 
 }  // namespace
@@ -44,6 +49,12 @@ Runner add_train_command(CLI::App& root) {
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
       ->capture_default_str();
   cmd->add_flag("--force", opts->force, "with --resume: resume even when the config changes the run's math");
+  cmd->add_option("--micro-batch", opts->micro_batch,
+                  "auto: measure the largest micro batch that fits this GPU and set accumulation so the effective "
+                  "batch stays the config's (a resume keeps the checkpoint's choice)")
+      ->check(CLI::IsMember({"auto"}));
+  cmd->add_option("--memory-cap", opts->memory_cap,
+                  "let the CUDA allocator use at most this much (e.g. 15GiB: train as on a 16 GB GPU)");
   return [opts]() {
     const Config cfg = load_config_options(opts->config);
     train::RunOptions ro;
@@ -53,6 +64,8 @@ Runner add_train_command(CLI::App& root) {
     ro.resume = opts->resume;
     ro.device = opts->device;
     ro.force = opts->force;
+    ro.micro_batch_auto = opts->micro_batch == "auto";
+    if (!opts->memory_cap.empty()) ro.memory_cap_bytes = plan::resolve_gpu(opts->memory_cap).memory_bytes;
     const train::RunResult r = train::run_training(cfg, ro);
     return r.interrupted ? kExitInterrupted : kExitOk;
   };

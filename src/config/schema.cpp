@@ -186,7 +186,7 @@ std::vector<Field> build_schema() {
 
   // hardware, distributed
   add(bind_member("hardware.gpu", Kind::kString, &C::hardware, &HardwareConfig::gpu,
-           "GPU `qlora plan` budgets for: auto (this machine) | none | t4 | l4 | a10 | a100-40 | a100-80 | h100 | h200 | <N>GiB"));
+           "GPU `qlora plan` budgets for: this or auto (the GPU of this machine) | none | t4 | l4 | a10 | a100-40 | a100-80 | h100 | h200 | <N>GiB"));
   add(bind_enum("distributed.backend", &C::distributed, &DistributedConfig::backend, kBackendNames,
                 "process-group backend: auto = NCCL on GPUs, Gloo on CPU"));
   return s;

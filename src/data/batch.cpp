@@ -128,3 +128,35 @@ std::vector<uint8_t> packed_attention_mask(const std::vector<int32_t>& segment_i
 }
 
 }  // namespace qlora::data
+
+namespace qlora::data {
+
+std::vector<Batch> split_rows(const Batch& batch, int64_t max_rows) {
+  if (max_rows < 1) throw std::invalid_argument("split_rows: max_rows must be >= 1, got " + std::to_string(max_rows));
+  std::vector<Batch> pieces;
+  const auto per_token = static_cast<size_t>(batch.rows * batch.cols);
+  for (int64_t r0 = 0; r0 < batch.rows; r0 += max_rows) {
+    const int64_t n = std::min(max_rows, batch.rows - r0);
+    Batch p;
+    p.rows = n;
+    p.cols = batch.cols;
+    const auto begin = static_cast<size_t>(r0 * batch.cols), end = static_cast<size_t>((r0 + n) * batch.cols);
+    const auto slice = [&](const auto& v, auto& out) {
+      if (v.size() == per_token) out.assign(v.begin() + static_cast<std::ptrdiff_t>(begin), v.begin() + static_cast<std::ptrdiff_t>(end));
+    };
+    slice(batch.input_ids, p.input_ids);
+    slice(batch.labels, p.labels);
+    slice(batch.attention_mask, p.attention_mask);
+    slice(batch.position_ids, p.position_ids);
+    slice(batch.segment_ids, p.segment_ids);
+    // One example per row unless packed (then the row of each index is not
+    // recorded here): keep the indices only when they map to rows.
+    if (static_cast<int64_t>(batch.example_indices.size()) == batch.rows)
+      p.example_indices.assign(batch.example_indices.begin() + r0, batch.example_indices.begin() + r0 + n);
+    for (const int32_t l : p.labels) p.trained_tokens += l != kIgnoreIndex;
+    pieces.push_back(std::move(p));
+  }
+  return pieces;
+}
+
+}  // namespace qlora::data

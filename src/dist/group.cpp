@@ -77,10 +77,14 @@ Group::~Group() = default;
 Group::Group(Group&&) noexcept = default;
 Group& Group::operator=(Group&&) noexcept = default;
 
-Group Group::connect(const Launch& launch, c10::Device device, std::chrono::milliseconds timeout) {
+Group Group::connect(const Launch& launch, c10::Device device, DistBackend backend,
+                     std::chrono::milliseconds timeout) {
   Group g;
   if (!launch.distributed()) return g;
-  if (const std::string why = unavailable_reason(device); !why.empty())
+  if (backend == DistBackend::kNccl && !device.is_cuda())
+    throw InputError("distributed.backend: nccl needs GPUs, and this run is on the CPU; use gloo or auto");
+  const bool want_gloo = backend == DistBackend::kGloo || !device.is_cuda();
+  if (const std::string why = unavailable_reason(want_gloo ? c10::Device(c10::kCPU) : device); !why.empty())
     throw InputError("WORLD_SIZE " + std::to_string(launch.world_size) + " (" + launch.source + "): " + why);
   g.impl_ = std::make_unique<Impl>();
   g.rank_ = launch.rank;
@@ -106,7 +110,7 @@ Group Group::connect(const Launch& launch, c10::Device device, std::chrono::mill
   const int rank = static_cast<int>(launch.rank);
   const int world = static_cast<int>(launch.world_size);
 #ifdef USE_C10D_NCCL
-  if (device.is_cuda()) {
+  if (!want_gloo) {
     c10::cuda::set_device(static_cast<c10::DeviceIndex>(device.index()));
     auto opts = c10d::ProcessGroupNCCL::Options::create();
     opts->timeout = timeout;

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
@@ -191,34 +192,66 @@ int64_t write_demo_tokenizer(const std::string& dir, const std::vector<std::pair
   return first_special + static_cast<int64_t>(special_tokens().size());
 }
 
+std::vector<std::pair<std::string, std::vector<int64_t>>> llama_tensor_shapes(const LlamaConfig& c) {
+  std::vector<std::pair<std::string, std::vector<int64_t>>> t;
+  const int64_t h = c.hidden_size, q = c.num_attention_heads * c.head_dim, kv = c.num_key_value_heads * c.head_dim;
+  t.push_back({"model.embed_tokens.weight", {c.vocab_size, h}});
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    t.push_back({p + "input_layernorm.weight", {h}});
+    t.push_back({p + "post_attention_layernorm.weight", {h}});
+    t.push_back({model::linear_module_name(l, "q_proj") + ".weight", {q, h}});
+    t.push_back({model::linear_module_name(l, "k_proj") + ".weight", {kv, h}});
+    t.push_back({model::linear_module_name(l, "v_proj") + ".weight", {kv, h}});
+    t.push_back({model::linear_module_name(l, "o_proj") + ".weight", {h, q}});
+    t.push_back({model::linear_module_name(l, "gate_proj") + ".weight", {c.intermediate_size, h}});
+    t.push_back({model::linear_module_name(l, "up_proj") + ".weight", {c.intermediate_size, h}});
+    t.push_back({model::linear_module_name(l, "down_proj") + ".weight", {h, c.intermediate_size}});
+  }
+  t.push_back({"model.norm.weight", {h}});
+  if (!c.tie_word_embeddings) t.push_back({"lm_head.weight", {c.vocab_size, h}});
+  return t;
+}
+
+namespace {
+constexpr double kInitStd = 0.02;  // transformers' initializer_range default
+
+// Norm weights are ones (as transformers initializes them), the rest N(0, kInitStd).
+at::Tensor random_tensor(const std::string& name, const std::vector<int64_t>& shape, at::Generator& gen,
+                         c10::Device device) {
+  const bool norm = name.find("layernorm") != std::string::npos || name == "model.norm.weight";
+  if (norm) return at::ones(shape, at::TensorOptions().device(device));
+  return at::normal(0.0, kInitStd, shape, gen, at::TensorOptions().device(device));
+}
+}  // namespace
+
+model::WeightSource random_llama_weights(const LlamaConfig& shape, uint64_t seed, c10::Device device) {
+  auto shapes = std::make_shared<std::map<std::string, std::vector<int64_t>>>();
+  std::vector<std::string> names;
+  for (auto& [name, dims] : llama_tensor_shapes(shape)) {
+    names.push_back(name);
+    (*shapes)[name] = dims;
+  }
+  auto gen = std::make_shared<at::Generator>(device.is_cuda() ? at::globalContext().defaultGenerator(device).clone()
+                                                              : at::make_generator<at::CPUGeneratorImpl>(seed));
+  if (device.is_cuda()) gen->set_current_seed(seed);
+  return model::WeightSource{"<random weights, seed " + std::to_string(seed) + ">", names,
+                             [shapes, gen, device](const std::string& name) {
+                               return random_tensor(name, shapes->at(name), *gen, device);
+                             }};
+}
+
 void write_random_llama(const std::string& dir, const LlamaConfig& c, uint64_t seed) {
   fs::create_directories(dir);
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-  constexpr double kInitStd = 0.02;  // transformers' initializer_range default
-  const auto normal = [&](std::vector<int64_t> shape) { return at::normal(0.0, kInitStd, shape, gen); };
   std::vector<std::pair<std::string, at::Tensor>> tensors;
-  const int64_t h = c.hidden_size, q = c.num_attention_heads * c.head_dim, kv = c.num_key_value_heads * c.head_dim;
-  tensors.emplace_back("model.embed_tokens.weight", normal({c.vocab_size, h}));
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    tensors.emplace_back(p + "input_layernorm.weight", at::ones({h}));
-    tensors.emplace_back(p + "post_attention_layernorm.weight", at::ones({h}));
-    tensors.emplace_back(model::linear_module_name(l, "q_proj") + ".weight", normal({q, h}));
-    tensors.emplace_back(model::linear_module_name(l, "k_proj") + ".weight", normal({kv, h}));
-    tensors.emplace_back(model::linear_module_name(l, "v_proj") + ".weight", normal({kv, h}));
-    tensors.emplace_back(model::linear_module_name(l, "o_proj") + ".weight", normal({h, q}));
-    tensors.emplace_back(model::linear_module_name(l, "gate_proj") + ".weight", normal({c.intermediate_size, h}));
-    tensors.emplace_back(model::linear_module_name(l, "up_proj") + ".weight", normal({c.intermediate_size, h}));
-    tensors.emplace_back(model::linear_module_name(l, "down_proj") + ".weight", normal({h, c.intermediate_size}));
-  }
-  tensors.emplace_back("model.norm.weight", at::ones({h}));
-  if (!c.tie_word_embeddings) tensors.emplace_back("lm_head.weight", normal({c.vocab_size, h}));
+  for (auto& [name, dims] : llama_tensor_shapes(c)) tensors.emplace_back(name, random_tensor(name, dims, gen, c10::kCPU));
   io::save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
 
   const json config = {{"architectures", {"LlamaForCausalLM"}},
                        {"model_type", "llama"},
                        {"vocab_size", c.vocab_size},
-                       {"hidden_size", h},
+                       {"hidden_size", c.hidden_size},
                        {"intermediate_size", c.intermediate_size},
                        {"num_hidden_layers", c.num_hidden_layers},
                        {"num_attention_heads", c.num_attention_heads},

@@ -1,8 +1,6 @@
 #include "qlora/train/run.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Context.h>
-#include <ATen/Parallel.h>
 
 #include <atomic>
 #include <chrono>
@@ -27,17 +25,17 @@
 #include "qlora/data/tokenizer.h"
 #include "qlora/dist/group.h"
 #include "qlora/dist/launch.h"
-#include "qlora/io/model_dir.h"
-#include "qlora/kernels.h"
 #include "qlora/lora/adapter_io.h"
 #include "qlora/lora/lora.h"
 #include "qlora/model/llama.h"
-#include "qlora/model/nf4_linear.h"
 #include "qlora/optim/optimizer.h"
 #include "qlora/quant/nf4_cuda.h"
 #include "qlora/plan/plan.h"
 #include "qlora/train/checkpoint.h"
+#include "qlora/train/measure.h"
+#include "qlora/train/memory.h"
 #include "qlora/train/progress.h"
+#include "qlora/train/setup.h"
 #include "qlora/train/schedule.h"
 #include "qlora/train/state.h"
 #include "qlora/train/trainer.h"
@@ -46,49 +44,6 @@ namespace qlora::train {
 namespace {
 
 using json = nlohmann::json;
-
-struct DeviceChoice {
-  c10::Device device = c10::Device(c10::kCPU);
-  Precision precision = Precision::kFp32;
-  std::string description;  // "CPU" / "cuda:0 NVIDIA H100 80GB HBM3 (sm_90)"
-};
-
-// The GPU of this rank is its local rank (torchrun / SLURM), as in torch.
-DeviceChoice choose_device(const Config& cfg, const std::string& want, int64_t local_rank) {
-  DeviceChoice d;
-  int cc_major = 0;
-  if (want != "auto" && want != "cpu" && want != "cuda")
-    throw InputError("--device " + want + ": expected auto, cpu or cuda");
-  if (want == "cuda" && !at::globalContext().hasCUDA())
-    throw InputError("--device cuda: this build or machine has no CUDA (qlora env says why); use --device cpu");
-  if (want != "cpu" && at::globalContext().hasCUDA()) {
-    constexpr int kMaxDevices = 64;
-    kernels::DeviceInfo info[kMaxDevices];
-    char reason[256] = {0};
-    const int n = kernels::query_devices(info, kMaxDevices, reason, sizeof reason);
-    if (n > 0 && local_rank >= n)
-      throw InputError("LOCAL_RANK " + std::to_string(local_rank) + " but this host has " + std::to_string(n) +
-                       " GPU(s): start at most " + std::to_string(n) + " processes per host (torchrun --nproc-per-node)");
-    if (n > 0) {
-      const kernels::DeviceInfo& g = info[local_rank];
-      d.device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(local_rank));
-      cc_major = g.cc_major;
-      d.description = "cuda:" + std::to_string(local_rank) + " " + std::string(g.name) + " (sm_" +
-                      std::to_string(g.cc_major) + std::to_string(g.cc_minor) + ")";
-    }
-  }
-  if (d.device.is_cpu()) d.description = "CPU (" + std::to_string(at::get_num_threads()) + " threads)";
-  d.precision = amp::resolve_precision(cfg.train.precision, d.device.is_cuda(), cc_major);
-  return d;
-}
-
-at::ScalarType scalar_type(Precision p) {
-  switch (p) {
-    case Precision::kBf16: return at::kBFloat16;
-    case Precision::kFp16: return at::kHalf;
-    default: return at::kFloat;
-  }
-}
 
 std::string with_commas(int64_t v) {
   std::string digits = std::to_string(v < 0 ? -v : v);
@@ -206,7 +161,44 @@ std::string trainable_params_line(int64_t trainable, int64_t all) {
   return "trainable params: " + with_commas(trainable) + " || all params: " + with_commas(all) + " || trainable%: " + pct;
 }
 
-RunResult run_training(const Config& cfg, const RunOptions& options) {
+// --micro-batch auto (RunOptions): the checkpoint's choice on a resume, else
+// the finder's on the GPU, agreed by every rank (the smallest), written into cfg.
+void choose_micro_batch(Config& cfg, const RunOptions& options, const std::string& resume_from, const DeviceChoice& dev,
+                        const BaseModel& base, const lora::LoraAdapter& adapter, const dist::Group& group) {
+  if (!resume_from.empty()) {
+    const json run = json::parse(std::ifstream(std::filesystem::path(resume_from) / "run.json"));
+    const json other = run.at("fingerprint").at("other");
+    cfg.train.micro_batch_size = other.at("train.micro_batch_size").get<int64_t>();
+    cfg.train.gradient_accumulation_steps = other.at("train.gradient_accumulation_steps").get<int64_t>();
+    log::info("--micro-batch auto: keeping the checkpoint's micro " + std::to_string(cfg.train.micro_batch_size) +
+              " × accumulation " + std::to_string(cfg.train.gradient_accumulation_steps));
+    return;
+  }
+  if (!dev.device.is_cuda()) {
+    log::warn("--micro-batch auto needs a GPU to measure on; keeping micro " +
+              std::to_string(cfg.train.micro_batch_size) + " on " + dev.description);
+    return;
+  }
+  std::string seq_source;
+  const int64_t seq = worst_case_seq(cfg, &seq_source);
+  StepOptions probe;
+  if (cfg.train.gradient_checkpointing) probe.layer_forward = checkpointed_layer_forward(base.model);
+  const plan::FinderResult f =
+      find_micro_batch_on_device(cfg, base.shape, base.model, adapter.parameters(), probe,
+                                 gpu_spec_of(dev, options.memory_cap_bytes), seq, group.world_size());
+  if (!f.found) throw InputError("--micro-batch auto: " + f.message);
+  int64_t micro = f.micro;
+  if (group.distributed()) {  // every rank must run the same micro batch: the smallest choice
+    for (const auto& t : group.all_gather(at::full({1}, f.micro, at::kLong))) micro = std::min(micro, t.item<int64_t>());
+  }
+  const int64_t per_gpu = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps;
+  log::info(f.message + " [at seq " + std::to_string(seq) + ": " + seq_source + "]");
+  cfg.train.micro_batch_size = micro;
+  cfg.train.gradient_accumulation_steps = per_gpu / micro;
+}
+
+RunResult run_training(const Config& cfg_in, const RunOptions& options) {
+  Config cfg = cfg_in;  // --micro-batch auto may change micro × accumulation (never their product)
   using Clock = std::chrono::steady_clock;
   const Clock::time_point start = Clock::now();
   RunResult result;
@@ -237,32 +229,32 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
   // 1. device and precision (and the CUDA kernels, once per process; a no-op without CUDA)
   quant::register_cuda_kernels();
   const DeviceChoice dev = choose_device(cfg, options.device, launch.local_rank);
-  const at::ScalarType dtype = scalar_type(dev.precision);
-  const Precision compute =
-      cfg.quantization.compute_dtype == Precision::kAuto ? dev.precision : cfg.quantization.compute_dtype;
   log::info("device " + dev.description + ", precision " + std::string(to_string(dev.precision)) +
             (amp::needs_loss_scaling(dev.precision) ? " with dynamic loss scaling" : ""));
   at::manual_seed(static_cast<uint64_t>(cfg.train.seed));
   if (launch.distributed())
     log::info("data parallel: " + launch.describe() + "; connecting (" +
-              (dev.device.is_cuda() ? "NCCL" : "Gloo") + ")");
-  const dist::Group group = dist::Group::connect(launch, dev.device);
+              (dev.device.is_cuda() && cfg.distributed.backend != DistBackend::kGloo ? "NCCL" : "Gloo") + ")");
+  const dist::Group group = dist::Group::connect(launch, dev.device, cfg.distributed.backend);
+  if (options.memory_cap_bytes > 0 && dev.device.is_cuda()) {
+    set_memory_fraction(dev.device, std::min(1.0, options.memory_cap_bytes / dev.gpu_total_bytes));
+    log::info("memory cap: the CUDA allocator may take " + plan::format_gib(options.memory_cap_bytes) + " GiB of " +
+              plan::format_gib(dev.gpu_total_bytes));
+  }
 
   // 2. base model, frozen, its projections quantized to NF4 as they load
-  const io::ModelDir dir = io::ModelDir::open(cfg.model.path);
-  const LlamaConfig shape = read_llama_config(dir.config_path());
-  model::LoadOptions load;
-  load.dtype = dtype;
-  load.device = dev.device;
-  load.make_linear = model::nf4_linear_factory(cfg.quantization.double_quant, scalar_type(compute));
-  const model::WeightSource weights{dir.dir(), dir.tensor_names(), [&dir](const std::string& n) { return dir.tensor(n); }};
-  model::LlamaModel model = model::LlamaModel::load(shape, weights, load);
+  BaseModel base = load_base_model(cfg, dev);
+  model::LlamaModel& model = base.model;
+  const LlamaConfig& shape = base.shape;
 
   // 3. LoRA adapter (A from the seeded generator, as PEFT initializes it)
   lora::LoraAdapter adapter = lora::LoraAdapter::attach(model, lora::settings_from_config(cfg.lora));
   // Every rank drew the same A (same seed, above); from here each rank's
   // dropout masks come from its own stream.
   if (launch.rank > 0) at::manual_seed(static_cast<uint64_t>(cfg.train.seed) + static_cast<uint64_t>(launch.rank));
+  if (options.micro_batch_auto) choose_micro_batch(cfg, options, resume_from, dev, base, adapter, group);
+  result.micro_batch_size = cfg.train.micro_batch_size;
+  result.gradient_accumulation_steps = cfg.train.gradient_accumulation_steps;
   std::vector<optim::NamedParam> named;
   int64_t trainable = 0;
   for (auto& [name, p] : adapter.named_parameters()) {
@@ -271,8 +263,8 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
   }
 
   // 4. tokenizer and data
-  const std::string tokenizer_path = dir.tokenizer_path();
-  if (tokenizer_path.empty())
+  if (!std::filesystem::exists(std::filesystem::path(cfg.model.path) / "tokenizer.json") &&
+      !std::filesystem::exists(std::filesystem::path(cfg.model.path) / "tokenizer.model"))
     throw InputError(cfg.model.path + " has no tokenizer.json or tokenizer.model; copy the base model's tokenizer files there");
   const std::unique_ptr<data::Tokenizer> tokenizer = data::load_tokenizer(cfg.model.path);
   const data::TrainEval sets = data::load_train_eval(cfg.data, static_cast<uint64_t>(cfg.train.seed), *tokenizer);
@@ -316,7 +308,7 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
   // 5b. resume: every piece of state from the checkpoint chosen in 0 (train/state.h)
   std::filesystem::create_directories(cfg.output.dir);
   const std::string metrics_path = main_rank ? MetricsLog::path_in(cfg.output.dir) : std::string();
-  const json fingerprint = run_fingerprint(cfg, ckpt::sha256_file(dir.config_path()), dev.precision, world);
+  const json fingerprint = run_fingerprint(cfg, ckpt::sha256_file(base.config_path), dev.precision, world);
   const TrainingObjects objects{trainer, *optimizer, scaler, bad_steps, loader, adapter, dev.device, &group};
   if (!resume_from.empty()) {
     result.start_step = load_checkpoint(resume_from, objects, fingerprint, options.force, metrics_path);
@@ -376,9 +368,19 @@ RunResult run_training(const Config& cfg, const RunOptions& options) {
     throw;
   }
   progress.finish();
+  result.max_micro_rows = trainer.max_micro_rows();
   result.steps = sum.steps;
   result.first_loss = sum.first_loss;
   result.last_loss = sum.last_loss;
+  if (sum.out_of_memory) {
+    save();
+    throw InputError("out of memory in step " + std::to_string(trainer.step() + 1) +
+                     " even at one sequence per micro batch (" + dev.description + "); saved " +
+                     result.last_checkpoint + ". `qlora plan --config " + cfg.source +
+                     "` shows what takes the memory: turn on train.gradient_checkpointing, target fewer "
+                     "lora.target_modules, or use a GPU with more memory; then qlora train --config " + cfg.source +
+                     " --resume auto");
+  }
   if (sum.stopped) {
     save();
     result.interrupted = true;

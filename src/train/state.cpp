@@ -140,6 +140,7 @@ std::string save_checkpoint(const Config& cfg, const TrainingObjects& o, const j
       {"bad_steps", {{"in_a_row", o.bad_steps.in_a_row()}, {"total", o.bad_steps.total()}}},
       {"optimizer", {{"kind", o.optimizer.kind()}, {"scalars", json::parse(opt.scalars_json)}}},
       {"loader", json::parse(o.loader.cursor().to_json())},
+      {"max_micro_rows", o.trainer.max_micro_rows()},
   };
   w.write_json("trainer_state.json", state);
   w.write_json("run.json", json{{"fingerprint", fingerprint},
@@ -210,6 +211,7 @@ int64_t load_checkpoint(const std::string& dir, const TrainingObjects& o, const 
     o.bad_steps.restore(st.at("bad_steps").at("in_a_row").get<int64_t>(), st.at("bad_steps").at("total").get<int64_t>());
     o.loader.restore(data::LoaderCursor::from_json(st.at("loader").dump(), (d / "trainer_state.json").string()));
     o.trainer.set_step(st.at("step").get<int64_t>());
+    o.trainer.set_max_micro_rows(st.value("max_micro_rows", int64_t{0}));
   } catch (const json::exception& e) {
     throw InputError((d / "trainer_state.json").string() + ": " + e.what() + "; the checkpoint is damaged");
   }

@@ -22,6 +22,8 @@
 #include "qlora/model/llama.h"
 #include "qlora/model/loss.h"
 #include "qlora/optim/optimizer.h"
+#include "qlora/plan/finder.h"
+#include "qlora/train/memory.h"
 
 namespace qlora::train {
 
@@ -128,9 +130,10 @@ Trainer::Trainer(model::LlamaModel& model, std::vector<at::Tensor> params, optim
 
 StepStats Trainer::train_step(const std::vector<data::Batch>& window) {
   const AccumulatedWindow acc = accumulate_gradients(window);
-  if (acc.aborted) {
+  if (acc.aborted || acc.out_of_memory) {
     StepStats stats;
-    stats.aborted = true;
+    stats.aborted = acc.aborted;
+    stats.out_of_memory = acc.out_of_memory;
     return stats;
   }
   return apply_gradients(acc);
@@ -158,34 +161,48 @@ AccumulatedWindow Trainer::accumulate_gradients(const std::vector<data::Batch>& 
   acc.input_tokens = counts[1];
   if (acc.window_tokens == 0) return acc;  // nothing to learn from on any rank: apply_gradients skips
 
-  // An abandoned window must leave no trace, the dropout draws of its micro
-  // batches included: keep the generators' states to put them back.
+  // An abandoned or out-of-memory window must leave no trace, the dropout
+  // draws of its micro batches included: keep the generators' states.
   std::vector<std::pair<at::Generator, at::Tensor>> rng_at_start;
-  if (options_.interrupted) {
-    for (auto& [name, g] : step_generators(model_.device())) rng_at_start.emplace_back(g, g.get_state());
-  }
+  for (auto& [name, g] : step_generators(model_.device())) rng_at_start.emplace_back(g, g.get_state());
+  const auto drop_attempt = [&] {
+    zero_grads();
+    for (auto& [g, state] : rng_at_start) g.set_state(state);
+  };
 
-  // Note [token-normalized accumulation] (trainer.h).
-  const double inv_tokens = 1.0 / static_cast<double>(acc.window_tokens);
-  std::vector<at::Tensor> sums;  // read once after the window: one device sync, not one per micro batch
-  for (size_t i = 0; i < window.size(); ++i) {
-    if (i > 0 && options_.interrupted && options_.interrupted(static_cast<int64_t>(i))) {
-      zero_grads();
-      for (auto& [g, state] : rng_at_start) g.set_state(state);
-      acc.aborted = true;
-      return acc;
+  for (;;) {
+    try {
+      if (!run_micro_batches(window, acc)) {
+        drop_attempt();
+        acc.aborted = true;
+        return acc;
+      }
+      break;
+    } catch (const std::exception& e) {
+      if (!is_out_of_memory(e)) throw;
+      // Note [out-of-memory retry] (trainer.h).
+      drop_attempt();
+      release_cached_memory(model_.device());
+      int64_t rows = max_micro_rows_;  // the rows that did not fit
+      if (rows == 0)
+        for (const auto& b : window) rows = std::max(rows, b.rows);
+      const auto next = plan::oom_fallback(rows, 1);
+      if (!next) {
+        acc.out_of_memory = true;
+        break;
+      }
+      max_micro_rows_ = next->micro;
+      log::warn("out of memory at " + std::to_string(rows) + " rows per micro batch (step " + std::to_string(step_ + 1) +
+                "); retrying the step at " + std::to_string(max_micro_rows_) +
+                " rows per micro batch: same sequences, same effective batch, same math");
     }
-    auto [sum, count] = micro_batch_loss(window[i]);
-    if (count == 0) continue;  // no target: contributes nothing (and no graph to walk)
-    sums.push_back(sum.detach());
-    const at::Tensor loss = scaler_.scale(sum * inv_tokens);  // [] fp32
-    torch::autograd::backward({loss});
   }
-  if (!sums.empty()) {
-    const at::Tensor host = at::stack(sums).to(at::kCPU).to(at::kDouble).contiguous();  // [micro] fp64
-    const double* v = host.const_data_ptr<double>();
-    for (int64_t i = 0; i < host.numel(); ++i) acc.loss_sum += v[i];  // in micro-batch order
+  if (group != nullptr && group->any(acc.out_of_memory)) {
+    acc.out_of_memory = true;  // every rank stops together
+    zero_grads();
+    return acc;
   }
+  if (acc.out_of_memory) return acc;
   if (group != nullptr) {
     // Note [what crosses ranks] (dist/group.h): a rank whose micro batches held
     // no target still takes part, with zero gradients.
@@ -198,6 +215,33 @@ AccumulatedWindow Trainer::accumulate_gradients(const std::vector<data::Batch>& 
     acc.loss_sum = group->sum(acc.loss_sum);
   }
   return acc;
+}
+
+bool Trainer::run_micro_batches(const std::vector<data::Batch>& window, AccumulatedWindow& acc) {
+  // Note [token-normalized accumulation] (trainer.h).
+  const double inv_tokens = 1.0 / static_cast<double>(acc.window_tokens);
+  std::vector<at::Tensor> sums;  // read once after the window: one device sync, not one per micro batch
+  for (size_t i = 0; i < window.size(); ++i) {
+    if (i > 0 && options_.interrupted && options_.interrupted(static_cast<int64_t>(i))) return false;
+    const bool split = max_micro_rows_ > 0 && window[i].rows > max_micro_rows_;
+    const std::vector<data::Batch> pieces =
+        split ? data::split_rows(window[i], max_micro_rows_) : std::vector<data::Batch>{};
+    const size_t n = split ? pieces.size() : 1;
+    for (size_t k = 0; k < n; ++k) {
+      auto [sum, count] = micro_batch_loss(split ? pieces[k] : window[i]);
+      if (count == 0) continue;  // no target: contributes nothing (and no graph to walk)
+      sums.push_back(sum.detach());
+      const at::Tensor loss = scaler_.scale(sum * inv_tokens);  // [] fp32
+      torch::autograd::backward({loss});
+    }
+  }
+  acc.loss_sum = 0.0;
+  if (!sums.empty()) {
+    const at::Tensor host = at::stack(sums).to(at::kCPU).to(at::kDouble).contiguous();  // [micro] fp64
+    const double* v = host.const_data_ptr<double>();
+    for (int64_t i = 0; i < host.numel(); ++i) acc.loss_sum += v[i];  // in micro-batch order
+  }
+  return true;
 }
 
 StepStats Trainer::apply_gradients(const AccumulatedWindow& acc) {
@@ -261,9 +305,10 @@ LoopSummary train_loop(const Config& cfg, Trainer& trainer, data::DataLoader& lo
     StepEvent e;
     e.stats = trainer.train_step(window);
     e.input_tokens = e.stats.input_tokens;
-    if (e.stats.aborted) {
+    if (e.stats.aborted || e.stats.out_of_memory) {
       loader.restore(window_start);
       sum.stopped = true;
+      sum.out_of_memory = e.stats.out_of_memory;
       break;
     }
     e.step = trainer.step();

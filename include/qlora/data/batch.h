@@ -64,3 +64,13 @@ std::vector<uint8_t> packed_attention_mask(const std::vector<int32_t>& segment_i
                                            int64_t cols);
 
 }  // namespace qlora::data
+
+namespace qlora::data {
+
+// `batch` cut into consecutive pieces of at most `max_rows` rows (the last may
+// be smaller), every per-token field sliced by rows, trained_tokens recounted.
+// The trainer retries an out-of-memory window this way: token-normalized
+// accumulation makes the pieces' gradient that of the whole batch.
+std::vector<Batch> split_rows(const Batch& batch, int64_t max_rows);
+
+}  // namespace qlora::data

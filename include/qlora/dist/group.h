@@ -7,9 +7,11 @@
 // Every call is collective: all ranks must make it, in the same order. A
 // Group of one process (world size 1) does no communication at all.
 //
-// Note [what crosses ranks]: per optimizer step, one int64 all-reduce (the
-// window's target tokens, before backward: the loss divisor) and one bucketed
-// all-reduce of the LoRA gradients plus the loss sum (after the window). The
+// Note [what crosses ranks]: per optimizer step, one all-reduce of two int64
+// (the window's target tokens, before backward: the loss divisor; and its real
+// input tokens, for tokens/s), one bucketed all-reduce of the LoRA gradients
+// and one of the loss sum (after the window), and one of the stop flag (so
+// every rank stops at the same step). The
 // base model is frozen and identical on every rank (each rank loads and
 // quantizes it), so nothing else needs to move. LoRA gradients are small
 // (Llama-3.2-1B, r 16 on q,k,v,o: 13.6 MB in fp32), so they go in one bucket
@@ -25,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "qlora/config/config.h"
 #include "qlora/dist/launch.h"
 
 namespace qlora::dist {
@@ -43,10 +46,11 @@ class Group {
   Group& operator=(Group&&) noexcept;
 
   // Rendezvous with the other ranks of `launch` and open the backend for
-  // `device` (CUDA: NCCL on cuda:local_rank; CPU: Gloo). Throws InputError
-  // when this build has no backend for it, RuntimeError when the rendezvous
-  // fails within `timeout` (naming the address).
-  static Group connect(const Launch& launch, c10::Device device,
+  // `device`: distributed.backend auto = NCCL on cuda:local_rank, Gloo on CPU;
+  // gloo on a GPU stages tensors through the host; nccl on a CPU is refused.
+  // Throws InputError when this build has no such backend, RuntimeError when
+  // the rendezvous fails within `timeout` (naming the address).
+  static Group connect(const Launch& launch, c10::Device device, DistBackend backend = DistBackend::kAuto,
                        std::chrono::milliseconds timeout = std::chrono::minutes(10));
 
   int64_t rank() const { return rank_; }

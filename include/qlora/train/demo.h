@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "qlora/config/config.h"
+#include "qlora/model/llama.h"
 #include "qlora/model/llama_config.h"
 
 namespace qlora::train {
@@ -46,6 +47,16 @@ int64_t write_demo_tokenizer(const std::string& dir,
 // config.json and model.safetensors (fp32) of `shape`, random as transformers
 // initializes it from `seed`.
 void write_random_llama(const std::string& dir, const LlamaConfig& shape, uint64_t seed);
+
+// The Hugging Face tensor names and shapes of a Llama of `shape`, in the
+// order write_random_llama draws them.
+std::vector<std::pair<std::string, std::vector<int64_t>>> llama_tensor_shapes(const LlamaConfig& shape);
+
+// The same random weights without a file: each tensor drawn on `device` when
+// the loader asks for it (fp32). `qlora plan --measure` uses it for a model
+// directory that holds only config.json: memory does not depend on the values.
+// (On a GPU the draws differ from the CPU's, same seed or not.)
+model::WeightSource random_llama_weights(const LlamaConfig& shape, uint64_t seed, c10::Device device);
 
 // The demo's run config, rooted at `work_dir` (model in work_dir/model,
 // output in work_dir/out), reading the shipped data under `data_dir`.

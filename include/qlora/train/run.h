@@ -34,6 +34,11 @@ struct RunOptions {
   // number done. true at micro 0 stops after step - 1; later, the window is
   // abandoned and the checkpoint is that of step - 1 as well.
   std::function<bool(int64_t step, int64_t micro)> stop_when;
+  // --micro-batch auto: probe the GPU for the largest micro batch that fits
+  // (train/measure.h) and set accumulation so the effective batch stays the
+  // config's; a resume keeps the checkpoint's choice. Ignored on CPU (said so).
+  bool micro_batch_auto = false;
+  double memory_cap_bytes = 0;  // > 0: cap the CUDA allocator there (a smaller GPU's memory)
 };
 
 struct RunResult {
@@ -51,10 +56,15 @@ struct RunResult {
   bool interrupted = false;  // stopped early (signal or stop_when); a checkpoint was saved
   std::string last_checkpoint;
   std::vector<double> losses;  // train loss of every step this call ran
+  int64_t micro_batch_size = 0;             // as run (after --micro-batch auto)
+  int64_t gradient_accumulation_steps = 0;  // as run
+  int64_t max_micro_rows = 0;               // > 0: out-of-memory retries cut micro batches to this many rows
 };
 
 // Runs the whole recipe. Throws InputError for anything the user can fix (a
-// missing model.path, unreadable files, bad data, a resume that does not fit),
+// missing model.path, unreadable files, bad data, a resume that does not fit,
+// a step that does not fit in memory even at one sequence per micro batch:
+// after saving a checkpoint),
 // TrainingDiverged when the loss stays non-finite (after saving a checkpoint of
 // the last good step), ckpt::CheckpointError when a save fails.
 RunResult run_training(const Config& cfg, const RunOptions& options = {});

@@ -12,6 +12,15 @@
 //      over ranks: Note [what crosses ranks] in dist/group.h), skips the update on inf/nan
 //      (amp::BadStepPolicy), else steps the optimizer with the schedule's
 //      learning rate; then zeroes the gradients.
+// Note [out-of-memory retry]: a micro batch that runs out of device memory
+// (c10::OutOfMemoryError) does not end the run. The window's gradients and
+// generator draws are dropped, the allocator's cache released, and the window
+// runs again with every micro batch cut into pieces of fewer rows
+// (plan::oom_fallback: 8 -> 4 -> 2 -> 1 rows); the pieces keep the window's
+// token divisor, so the gradient is the one the whole batches give (up to
+// summation order). The smaller size sticks for the rest of the run (and goes
+// into checkpoints). Only when one row does not fit does the step report
+// out_of_memory, for the caller to save and stop.
 // Note [token-normalized accumulation]: dividing each micro batch's sum by the
 // tokens of the WHOLE window makes the accumulated gradient the gradient of the
 // window's token mean, exactly what one big batch gives; a per-micro-batch mean
@@ -124,6 +133,7 @@ struct StepStats {
   int64_t input_tokens = 0;  // real (non-padding) tokens of the window, all ranks
   bool skipped = false;    // no update: inf/nan gradients, or no target token at all
   bool aborted = false;    // StepOptions::interrupted fired mid-window: no step at all
+  bool out_of_memory = false;  // even one-row micro batches ran out of memory: no step at all
 };
 
 // What step 2 of the recipe leaves behind, before the update.
@@ -132,6 +142,7 @@ struct AccumulatedWindow {
   int64_t window_tokens = 0;  // divisor used: target tokens of the window, all ranks
   int64_t input_tokens = 0;   // real tokens of the window, all ranks
   bool aborted = false;       // interrupted mid-window; gradients already dropped
+  bool out_of_memory = false; // Note [out-of-memory retry]: nothing fits; gradients dropped
 };
 
 class Trainer {
@@ -157,6 +168,11 @@ class Trainer {
   // Drops every gradient of the trainable parameters (set_to_none).
   void zero_grads();
 
+  // Rows per micro batch the trainer runs at most (0: as the loader made
+  // them); lowered by Note [out-of-memory retry], saved in checkpoints.
+  int64_t max_micro_rows() const { return max_micro_rows_; }
+  void set_max_micro_rows(int64_t rows) { max_micro_rows_ = rows; }
+
   int64_t step() const { return step_; }  // optimizer steps taken (skipped ones included)
   void set_step(int64_t step) { step_ = step; }  // resume: the steps a checkpoint had taken
   const LrScheduler& scheduler() const { return scheduler_; }
@@ -171,6 +187,10 @@ class Trainer {
   amp::BadStepPolicy& bad_steps_;
   StepOptions options_;
   int64_t step_ = 0;
+  int64_t max_micro_rows_ = 0;
+
+  // Step 2 of the recipe for one attempt; false when interrupted mid-window.
+  bool run_micro_batches(const std::vector<data::Batch>& window, AccumulatedWindow& acc);
 };
 
 // ---------------------------------------------------------------- the loop
@@ -199,6 +219,7 @@ struct LoopSummary {
   double last_loss = 0.0;
   double seconds = 0.0;
   bool stopped = false;  // on_step asked to stop before the last step
+  bool out_of_memory = false;  // stopped because a step did not fit even at one row per micro batch
 };
 
 // "step 10/200 | loss 2.3456 | lr 1.20e-04 | grad norm 0.532 | 1234 tok/s"

@@ -1,0 +1,92 @@
+#include "qlora/train/setup.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
+
+#include <filesystem>
+#include <string>
+
+#include "qlora/amp/precision.h"
+#include "qlora/common/errors.h"
+#include "qlora/io/model_dir.h"
+#include "qlora/kernels.h"
+#include "qlora/model/nf4_linear.h"
+#include "qlora/train/demo.h"
+
+namespace qlora::train {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr uint64_t kRandomWeightsSeed = 0;
+
+bool has_safetensors(const std::string& dir) {
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec))
+    if (e.path().extension() == ".safetensors") return true;
+  return false;
+}
+
+}  // namespace
+
+DeviceChoice choose_device(const Config& cfg, const std::string& want, int64_t local_rank) {
+  DeviceChoice d;
+  if (want != "auto" && want != "cpu" && want != "cuda")
+    throw InputError("--device " + want + ": expected auto, cpu or cuda");
+  if (want == "cuda" && !at::globalContext().hasCUDA())
+    throw InputError("--device cuda: this build or machine has no CUDA (qlora env says why); use --device cpu");
+  if (want != "cpu" && at::globalContext().hasCUDA()) {
+    constexpr int kMaxDevices = 64;
+    kernels::DeviceInfo info[kMaxDevices];
+    char reason[256] = {0};
+    const int n = kernels::query_devices(info, kMaxDevices, reason, sizeof reason);
+    if (n > 0 && local_rank >= n)
+      throw InputError("LOCAL_RANK " + std::to_string(local_rank) + " but this host has " + std::to_string(n) +
+                       " GPU(s): start at most " + std::to_string(n) + " processes per host (torchrun --nproc-per-node)");
+    if (n > 0) {
+      const kernels::DeviceInfo& g = info[local_rank];
+      d.device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(local_rank));
+      d.gpu_name = g.name;
+      d.gpu_total_bytes = static_cast<double>(g.total_bytes);
+      d.cc_major = g.cc_major;
+      d.cc_minor = g.cc_minor;
+      d.description = "cuda:" + std::to_string(local_rank) + " " + std::string(g.name) + " (sm_" +
+                      std::to_string(g.cc_major) + std::to_string(g.cc_minor) + ")";
+    }
+  }
+  if (d.device.is_cpu()) d.description = "CPU (" + std::to_string(at::get_num_threads()) + " threads)";
+  d.precision = amp::resolve_precision(cfg.train.precision, d.device.is_cuda(), d.cc_major);
+  return d;
+}
+
+at::ScalarType scalar_type(Precision p) {
+  switch (p) {
+    case Precision::kBf16: return at::kBFloat16;
+    case Precision::kFp16: return at::kHalf;
+    default: return at::kFloat;
+  }
+}
+
+BaseModel load_base_model(const Config& cfg, const DeviceChoice& dev, bool allow_random_weights) {
+  const Precision compute =
+      cfg.quantization.compute_dtype == Precision::kAuto ? dev.precision : cfg.quantization.compute_dtype;
+  model::LoadOptions load;
+  load.dtype = scalar_type(dev.precision);
+  load.device = dev.device;
+  load.make_linear = model::nf4_linear_factory(cfg.quantization.double_quant, scalar_type(compute));
+  const fs::path config_json = fs::path(cfg.model.path) / "config.json";
+  const bool preset_only = cfg.model.path.empty() && !cfg.model.preset.empty();
+  if (allow_random_weights && (preset_only || (fs::exists(config_json) && !has_safetensors(cfg.model.path)))) {
+    const LlamaConfig shape = preset_only ? model_preset(cfg.model.preset) : read_llama_config(config_json.string());
+    model::LlamaModel m = model::LlamaModel::load(shape, random_llama_weights(shape, kRandomWeightsSeed, dev.device), load);
+    return BaseModel{shape, preset_only ? std::string() : config_json.string(), true, std::move(m)};
+  }
+  const io::ModelDir dir = io::ModelDir::open(cfg.model.path);
+  const LlamaConfig shape = read_llama_config(dir.config_path());
+  const model::WeightSource weights{dir.dir(), dir.tensor_names(), [&dir](const std::string& n) { return dir.tensor(n); }};
+  model::LlamaModel m = model::LlamaModel::load(shape, weights, load);
+  return BaseModel{shape, dir.config_path(), false, std::move(m)};
+}
+
+}  // namespace qlora::train
