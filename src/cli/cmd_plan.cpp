@@ -160,7 +160,9 @@ Runner add_plan_command(CLI::App& root) {
     }
     if (opts->measure) {
       const train::Measurement m = train::measure_plan(cfg, opts->measure_options);
-      std::cout << (opts->json ? train::measurement_json(m).dump() + "\n" : train::format_measurement(m));
+      // With --json the table still goes to stderr, for the person watching.
+      (opts->json ? std::cerr : std::cout) << train::format_measurement(m);
+      if (opts->json) std::cout << train::measurement_json(m).dump() << "\n";
       return m.out_of_memory ? kExitBadInput : kExitOk;
     }
     plan::Plan p = plan::make_plan(cfg, model, gpu ? &*gpu : nullptr, world);
