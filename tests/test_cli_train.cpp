@@ -111,6 +111,28 @@ TEST(CliTrain, BadResumePathAndStaleOutputDirAreClearErrors) {
   EXPECT_EQ(r.exit_code, 2) << r.err;
 }
 
+// --micro-batch auto measures on a GPU; on a CPU it says so and keeps the
+// config's micro batch (and so the effective batch).
+TEST(CliTrain, MicroBatchAutoOnCpuKeepsTheConfigAndSaysWhy) {
+  const std::string dir = testing::make_temp_dir("cli_microauto");
+  const auto r = testing::run_qlora("train --config " + write_config(dir, 2) +
+                                    " --device cpu --no-start-eval --micro-batch auto");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("--micro-batch auto needs a GPU to measure on; keeping micro 2"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("effective batch = micro 2 × accumulation 2 × GPUs 1 = 4"), std::string::npos) << r.err;
+}
+
+// plan --measure / --find-micro-batch run real steps on a GPU; without one the
+// message says so (exit 2), never a crash or a made-up number.
+TEST(CliPlan, MeasureWithoutAGpuIsAClearError) {
+  for (const char* flag : {"--measure", "--find-micro-batch"}) {
+    const auto r = testing::run_qlora(std::string("plan --config configs/llama-3.2-1b-t4.yaml --seq 64 ") + flag);
+    if (r.exit_code == 0) GTEST_SKIP() << "this machine has a GPU: " << flag << " measured (the cuda tests cover it)";
+    EXPECT_EQ(r.exit_code, 2) << r.err;
+    EXPECT_NE(r.err.find(std::string("qlora plan ") + flag + " needs a GPU"), std::string::npos) << r.err;
+  }
+}
+
 }  // namespace
 }  // namespace qlora
 

@@ -226,6 +226,7 @@ Measurement measure_plan(const Config& cfg_in, const MeasureOptions& o) {
   const plan::Plan p = plan::make_plan(cfg, base.shape, &gpu, 1);
   m.predicted_allocated = p.allocated_bytes;
   m.predicted_total = p.total_bytes;
+  m.predicted_reserved = p.total_bytes - sum_of(p, {"cuda_context"});
   m.groups = {
       {"base weights (NF4 + 16-bit embeddings, norms, head)", sum_of(p, {"base_weights_nf4", "base_weights_16bit"}),
        a_base - a0},
@@ -262,8 +263,12 @@ std::string format_measurement(const Measurement& m) {
                 gib(m.predicted_allocated).c_str(), gib(m.peak_allocated).c_str(),
                 pct(m.predicted_allocated, m.peak_allocated).c_str());
   out += line;
-  std::snprintf(line, sizeof line, "  %-64s %10s %10s\n", "peak reserved (max_memory_reserved; plan total adds context)",
-                gib(m.predicted_total).c_str(), gib(m.peak_reserved).c_str());
+  std::snprintf(line, sizeof line, "  %-64s %10s %10s %8s\n", "peak reserved (max_memory_reserved)",
+                gib(m.predicted_reserved).c_str(), gib(m.peak_reserved).c_str(),
+                pct(m.predicted_reserved, m.peak_reserved).c_str());
+  out += line;
+  std::snprintf(line, sizeof line, "  %-64s %10s\n", "plan total (reserved + CUDA context: the fit verdict)",
+                gib(m.predicted_total).c_str());
   out += line;
   char tail[128];
   std::snprintf(tail, sizeof tail, "  %.3f s per optimizer step (after the first)\n", m.seconds_per_step);
@@ -288,6 +293,9 @@ json measurement_json(const Measurement& m) {
               {"peak_reserved_bytes", m.peak_reserved},
               {"predicted_allocated_bytes", m.predicted_allocated},
               {"predicted_total_bytes", m.predicted_total},
+              {"predicted_reserved_bytes", m.predicted_reserved},
+              {"reserved_error_pct",
+               m.peak_reserved > 0 ? 100.0 * (m.predicted_reserved - m.peak_reserved) / m.peak_reserved : 0.0},
               {"allocated_error_pct",
                m.peak_allocated > 0 ? 100.0 * (m.predicted_allocated - m.peak_allocated) / m.peak_allocated : 0.0},
               {"seconds_per_step", m.seconds_per_step}};

@@ -1,5 +1,6 @@
 #include "qlora/train/memory.h"
 
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <cstring>
@@ -70,7 +71,12 @@ void release_cached_memory(c10::Device device) {
 
 void set_memory_fraction(c10::Device device, double fraction) {
 #ifdef QLORA_WITH_CUDA
-  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::setMemoryFraction(fraction, index_of(device));
+  if (device.is_cuda()) {
+    // The allocator sets up a device on its first allocation there, and
+    // refuses a fraction for a device it has not set up yet.
+    (void)at::empty({1}, at::TensorOptions().device(device));
+    c10::cuda::CUDACachingAllocator::setMemoryFraction(fraction, index_of(device));
+  }
 #endif
   (void)device;
   (void)fraction;

@@ -56,6 +56,7 @@ struct Measurement {
   std::vector<MeasuredGroup> groups;
   double peak_allocated = 0, peak_reserved = 0;
   double predicted_allocated = 0, predicted_total = 0;
+  double predicted_reserved = 0;  // the plan's total less the CUDA context (outside the allocator)
   double seconds_per_step = 0;
 };
 
