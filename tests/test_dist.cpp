@@ -28,6 +28,7 @@
 #include "qlora/dist/launch.h"
 #include "qlora/io/torch_io.h"
 #include "support/test_support.h"
+#include "support/dist_fixtures.h"
 #include "support/train_fixtures.h"
 
 namespace qlora {
@@ -36,12 +37,7 @@ namespace {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-// fp32 sums of the same numbers in another order (rank 0's micro batches, then
-// rank 1's, versus all in window order) differ by a few ulps; Adam's update
-// direction m / sqrt(v) passes such differences on without growing them much
-// over a handful of steps. 1e-6 is the bound.
-constexpr double kLossTolerance = 1e-6;
-constexpr double kAdapterTolerance = 1e-6;
+// Tolerances: support/dist_fixtures.h (kDistLossTolerance, kDistAdapterTolerance).
 
 dist::EnvLookup env_of(std::map<std::string, std::string> vars) {
   return [vars](const std::string& name) -> std::optional<std::string> {
@@ -122,21 +118,6 @@ TEST(DistLaunch, InconsistentVariablesNameTheVariable) {
   EXPECT_NE(error_of({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}}).find("MASTER_ADDR"), std::string::npos);
 }
 
-// A TCP port nobody listens on right now.
-int free_port() {
-  const int s = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = 0;
-  bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  socklen_t len = sizeof a;
-  getsockname(s, reinterpret_cast<sockaddr*>(&a), &len);
-  const int port = ntohs(a.sin_port);
-  close(s);
-  return port;
-}
-
 bool have_gloo(std::string* why) {
   *why = dist::unavailable_reason(c10::Device(c10::kCPU));
   return why->empty();
@@ -154,7 +135,7 @@ TEST(DistGroup, OneProcessIsANoOp) {
 TEST(DistGroup, GlooCollectivesAcrossTwoRanks) {
   std::string why;
   if (!have_gloo(&why)) GTEST_SKIP() << why;
-  const int port = free_port();
+  const int port = testing::free_port();
   std::vector<std::string> failures(2);
   std::vector<std::thread> ranks;
   for (int r = 0; r < 2; ++r) {
@@ -192,106 +173,6 @@ TEST(DistGroup, GlooCollectivesAcrossTwoRanks) {
   EXPECT_EQ(failures[1], "");
 }
 
-// ---------------------------------------------------------------- `qlora train`, two processes
-
-std::string write_config(const std::string& dir, const std::string& out, int64_t accumulation, int64_t max_steps) {
-  const std::string data = testing::small_completion_data(dir, 96);
-  const std::string text = "model:\n  path: " + testing::small_model_dir() +
-                           "\nlora:\n  r: 4\n  alpha: 8\n  dropout: 0.0\n  target_modules: [q_proj, k_proj, v_proj, o_proj]\n"
-                           "data:\n  path: " + data + "\n  max_seq_length: 64\n  eval_ratio: 0.125\n"
-                           "train:\n  micro_batch_size: 2\n  gradient_accumulation_steps: " + std::to_string(accumulation) +
-                           "\n  max_steps: " + std::to_string(max_steps) +
-                           "\n  learning_rate: 0.002\n  precision: fp32\n  optimizer: adamw\n"
-                           "  gradient_checkpointing: false\n"
-                           "output:\n  dir: " + out + "\n  save_steps: 3\n  keep_last: 0\n  logging_steps: 1\n";
-  return testing::write_file(dir, "run-acc" + std::to_string(accumulation) + ".yaml", text);
-}
-
-// Starts `qlora train` as `world` processes with the variables torchrun sets;
-// returns every rank's exit code and keeps stderr in dir/rank<r>.txt.
-std::vector<int> launch_ranks(const std::string& dir, const std::string& config, int world, const std::string& extra = "") {
-  const int port = free_port();
-  std::vector<pid_t> pids;
-  for (int r = 0; r < world; ++r) {
-    const pid_t pid = fork();
-    if (pid == 0) {
-      const std::string err = dir + "/rank" + std::to_string(r) + ".txt";
-      if (!freopen(err.c_str(), "w", stderr)) _exit(99);
-      setenv("RANK", std::to_string(r).c_str(), 1);
-      setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
-      setenv("WORLD_SIZE", std::to_string(world).c_str(), 1);
-      setenv("LOCAL_WORLD_SIZE", std::to_string(world).c_str(), 1);
-      setenv("MASTER_ADDR", "127.0.0.1", 1);
-      setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
-      setenv("OMP_NUM_THREADS", "1", 1);
-      const std::string cmd = std::string(QLORA_BIN) + " train --config " + config + " --device cpu " + extra;
-      execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
-      _exit(98);
-    }
-    pids.push_back(pid);
-  }
-  std::vector<int> codes;
-  for (pid_t pid : pids) {
-    int status = 0;
-    waitpid(pid, &status, 0);
-    codes.push_back(WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
-  }
-  return codes;
-}
-
-std::string read(const std::string& path) {
-  std::ifstream in(path);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-std::vector<json> metrics_of(const std::string& out, const std::string& type) {
-  std::vector<json> v;
-  std::ifstream in(out + "/metrics.jsonl");
-  std::string line;
-  while (std::getline(in, line))
-    if (json j = json::parse(line); j.value("type", "") == type) v.push_back(j);
-  return v;
-}
-
-double max_adapter_difference(const std::string& a_dir, const std::string& b_dir) {
-  const auto a = io::load_safetensors(a_dir + "/adapter_model.safetensors");
-  const auto b = io::load_safetensors(b_dir + "/adapter_model.safetensors");
-  EXPECT_EQ(a.size(), b.size());
-  double worst = 0.0;
-  for (const auto& [name, t] : a) {
-    auto it = b.find(name);
-    if (it == b.end()) {
-      ADD_FAILURE() << name << " missing from " << b_dir;
-      return INFINITY;
-    }
-    worst = std::max(worst, (t - it->second).abs().max().item<double>());
-  }
-  return worst;
-}
-
-void expect_same_run(const std::string& single_out, const std::string& dist_out) {
-  const auto s = metrics_of(single_out, "train");
-  const auto d = metrics_of(dist_out, "train");
-  ASSERT_EQ(s.size(), d.size());
-  ASSERT_FALSE(s.empty());
-  for (size_t i = 0; i < s.size(); ++i) {
-    EXPECT_NEAR(s[i]["loss"].get<double>(), d[i]["loss"].get<double>(), kLossTolerance) << "step " << i + 1;
-    EXPECT_EQ(s[i]["target_tokens"], d[i]["target_tokens"]) << "step " << i + 1;
-    EXPECT_EQ(s[i]["input_tokens"], d[i]["input_tokens"]) << "step " << i + 1;
-  }
-  const auto se = metrics_of(single_out, "eval");
-  const auto de = metrics_of(dist_out, "eval");
-  ASSERT_EQ(se.size(), de.size());
-  for (size_t i = 0; i < se.size(); ++i) {
-    EXPECT_NEAR(se[i]["loss"].get<double>(), de[i]["loss"].get<double>(), kLossTolerance);
-    EXPECT_EQ(se[i]["tokens"], de[i]["tokens"]);
-    EXPECT_EQ(se[i]["examples"], de[i]["examples"]);
-    EXPECT_EQ(se[i]["exact_match"], de[i]["exact_match"]);
-    EXPECT_EQ(se[i]["generated"], de[i]["generated"]);
-  }
-  EXPECT_LE(max_adapter_difference(single_out + "/adapter", dist_out + "/adapter"), kAdapterTolerance);
-}
-
 class DistTrain : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -303,17 +184,17 @@ class DistTrain : public ::testing::Test {
 TEST_F(DistTrain, TwoGlooProcessesEqualOneWithTwiceTheAccumulation) {
   const std::string dir = testing::make_temp_dir("dist_train");
   constexpr int64_t kSteps = 6;
-  const auto one = testing::run_qlora("train --config " + write_config(dir, dir + "/one", 4, kSteps) + " --device cpu");
+  const auto one = testing::run_qlora("train --config " + testing::dist_config(dir, dir + "/one", 4, kSteps) + " --device cpu");
   ASSERT_EQ(one.exit_code, 0) << one.err;
 
-  const std::vector<int> codes = launch_ranks(dir, write_config(dir, dir + "/two", 2, kSteps), 2);
-  ASSERT_EQ(codes, (std::vector<int>{0, 0})) << read(dir + "/rank0.txt") << read(dir + "/rank1.txt");
-  const std::string rank0 = read(dir + "/rank0.txt");
+  const std::vector<int> codes = testing::launch_ranks(dir, testing::dist_config(dir, dir + "/two", 2, kSteps), 2, "--device cpu");
+  ASSERT_EQ(codes, (std::vector<int>{0, 0})) << testing::read_text(dir + "/rank0.txt") << testing::read_text(dir + "/rank1.txt");
+  const std::string rank0 = testing::read_text(dir + "/rank0.txt");
   EXPECT_NE(rank0.find("effective batch = micro 2 × accumulation 2 × GPUs 2 = 8"), std::string::npos) << rank0;
   EXPECT_NE(rank0.find("data parallel: rank 0 of 2"), std::string::npos) << rank0;
   // Rank 1 said nothing (no failure to report); rank 0 alone logged.
-  EXPECT_EQ(read(dir + "/rank1.txt"), "");
-  expect_same_run(dir + "/one", dir + "/two");
+  EXPECT_EQ(testing::read_text(dir + "/rank1.txt"), "");
+  testing::expect_same_run(dir + "/one", dir + "/two");
 
   // Rank 0 wrote the checkpoints, with both ranks' generators.
   const auto rng = io::load_safetensors(dir + "/two/checkpoint-3/rng.safetensors");
@@ -324,12 +205,12 @@ TEST_F(DistTrain, TwoGlooProcessesEqualOneWithTwiceTheAccumulation) {
   // (micro 2 × accumulation 4 × 1) and ends where both runs ended.
   fs::create_directories(dir + "/resumed");
   fs::copy(dir + "/two/checkpoint-3", dir + "/resumed/checkpoint-3", fs::copy_options::recursive);
-  std::string cfg = read(write_config(dir, dir + "/resumed", 4, kSteps));
+  std::string cfg = testing::read_text(testing::dist_config(dir, dir + "/resumed", 4, kSteps));
   const auto resumed =
       testing::run_qlora("train --config " + testing::write_file(dir, "resume.yaml", cfg) + " --device cpu --resume auto");
   ASSERT_EQ(resumed.exit_code, 0) << resumed.err;
   EXPECT_NE(resumed.err.find("world_size: checkpoint 2, now 1"), std::string::npos) << resumed.err;
-  EXPECT_LE(max_adapter_difference(dir + "/one/adapter", dir + "/resumed/adapter"), kAdapterTolerance);
+  EXPECT_LE(testing::max_adapter_difference(dir + "/one/adapter", dir + "/resumed/adapter"), testing::kDistAdapterTolerance);
 }
 
 TEST_F(DistTrain, TorchrunLaunchesTheBinary) {
@@ -340,16 +221,16 @@ TEST_F(DistTrain, TorchrunLaunchesTheBinary) {
   if (!fs::exists(torchrun)) GTEST_SKIP() << "no torchrun beside " << python;
   const std::string dir = testing::make_temp_dir("dist_torchrun");
   constexpr int64_t kSteps = 3;
-  const auto one = testing::run_qlora("train --config " + write_config(dir, dir + "/one", 4, kSteps) + " --device cpu");
+  const auto one = testing::run_qlora("train --config " + testing::dist_config(dir, dir + "/one", 4, kSteps) + " --device cpu");
   ASSERT_EQ(one.exit_code, 0) << one.err;
   int code = -1;
   const std::string log = testing::run_capture(
       "OMP_NUM_THREADS=1 " + torchrun + " --standalone --nproc-per-node 2 --no-python " + QLORA_BIN +
-          " train --config " + write_config(dir, dir + "/two", 2, kSteps) + " --device cpu 2>&1",
+          " train --config " + testing::dist_config(dir, dir + "/two", 2, kSteps) + " --device cpu 2>&1",
       &code);
   ASSERT_EQ(code, 0) << log;
   EXPECT_NE(log.find("rank 0 of 2"), std::string::npos) << log;
-  expect_same_run(dir + "/one", dir + "/two");
+  testing::expect_same_run(dir + "/one", dir + "/two");
 }
 
 }  // namespace
