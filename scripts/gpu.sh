@@ -8,6 +8,7 @@
 #   bash scripts/gpu.sh --demo     # also `qlora demo` (200 steps) on the GPU
 #   bash scripts/gpu.sh --measure  # also `qlora plan --measure` on the issue's configurations
 #                                  # and --find-micro-batch for the 8B under a 15 GiB cap
+#   bash scripts/gpu.sh --finder   # only the finder part of --measure
 #   bash scripts/gpu.sh --no-bench # skip the benchmarks
 #
 # The same CMakeLists.txt as everywhere; only -DQLORA_CUDA=ON and the Python
@@ -24,14 +25,16 @@ mkdir -p "$out"
 all=0
 demo=0
 measure=0
+finder=0
 run_bench=1
 for arg in "$@"; do
   case "$arg" in
     --all) all=1 ;;
     --demo) demo=1 ;;
-    --measure) measure=1 ;;
+    --measure) measure=1; finder=1 ;;
+    --finder) finder=1 ;;
     --no-bench) run_bench=0 ;;
-    *) echo "scripts/gpu.sh: unknown option $arg (accepted: --all, --demo, --measure, --no-bench)" >&2; exit 2 ;;
+    *) echo "scripts/gpu.sh: unknown option $arg (accepted: --all, --demo, --measure, --finder, --no-bench)" >&2; exit 2 ;;
   esac
 done
 # The GPU machine has no Debian gloo package and no network: Gloo's headers
@@ -78,7 +81,9 @@ if [[ $measure == 1 ]]; then
   measure_one 1b-no-ckpt-2x512 "${one_b[@]}" --set train.micro_batch_size=2 --seq 512 --set train.gradient_checkpointing=false
   measure_one 1b-fp16-4x1024 --config configs/llama-3.2-1b-t4.yaml --set train.micro_batch_size=4 --seq 1024
   measure_one 8b-2x2048 "${eight_b[@]}" --set train.micro_batch_size=2 --seq 2048
-  echo "-- 8B, fp16 as on a T4, finder under a 15 GiB cap at seq 2048"
+fi
+if [[ $finder == 1 ]]; then
+  echo "== qlora plan --find-micro-batch: 8B, fp16 as on a T4, under a 15 GiB cap at seq 2048"
   "$build/qlora" plan --config configs/llama-3.1-8b-t4.yaml --find-micro-batch --memory-cap 15GiB --seq 2048 \
     2>&1 | tee "$out/finder-8b-15gib.txt" || echo "== finder failed"
 fi

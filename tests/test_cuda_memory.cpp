@@ -135,8 +135,28 @@ TEST(CudaMemory, OutOfMemoryRetriesAtFewerRowsAndTrainsTheSameSteps) {
   for (size_t i = 0; i < capped.losses.size(); ++i)
     EXPECT_NEAR(capped.losses[i], free_run.losses[i], kLossRtol * free_run.losses[i]) << "step " << i + 1;
 
+  // --micro-batch auto under the same cap: a micro batch that divides 16, the
+  // effective batch kept; a resume keeps the choice without searching again.
+  rig.cfg.output.dir = rig.dir + "/auto";
+  rig.cfg.train.max_steps = 2;
+  train::RunOptions automatic = quiet(cap);
+  automatic.micro_batch_auto = true;
+  const train::RunResult a = train::run_training(rig.cfg, automatic);
+  std::printf("  --micro-batch auto under the cap: micro %lld × accumulation %lld\n",
+              static_cast<long long>(a.micro_batch_size), static_cast<long long>(a.gradient_accumulation_steps));
+  EXPECT_LT(a.micro_batch_size, kMicro);
+  EXPECT_EQ(a.micro_batch_size * a.gradient_accumulation_steps, kMicro);
+  rig.cfg.train.max_steps = 3;
+  automatic.resume = "auto";
+  const train::RunResult b = train::run_training(rig.cfg, automatic);
+  EXPECT_EQ(b.start_step, 2);
+  EXPECT_EQ(b.micro_batch_size, a.micro_batch_size);
+  EXPECT_EQ(b.gradient_accumulation_steps, a.gradient_accumulation_steps);
+  train::set_memory_fraction(gpu, 1.0);
+
   // Healthy afterwards: a new uncapped run in the same process trains.
   rig.cfg.output.dir = rig.dir + "/after";
+  rig.cfg.train.max_steps = 3;
   const train::RunResult after = train::run_training(rig.cfg, quiet(0));
   EXPECT_EQ(after.steps, 3);
 }
