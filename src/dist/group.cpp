@@ -129,20 +129,24 @@ Group Group::connect(const Launch& launch, c10::Device device, DistBackend backe
   return g;
 }
 
+namespace {
+
+// One scalar summed over ranks, through a one-element tensor on the backend's device.
+template <typename T>
+T sum_scalar(c10d::Backend& backend, c10::Device device, T v, at::ScalarType dtype) {
+  std::vector<at::Tensor> ts{at::full({1}, v, at::TensorOptions().dtype(dtype).device(device))};
+  backend.allreduce(ts)->wait();
+  return ts[0].to(at::kCPU).item<T>();
+}
+
+}  // namespace
+
 int64_t Group::sum(int64_t v) const {
-  if (!distributed()) return v;
-  at::Tensor t = at::full({1}, v, at::TensorOptions().dtype(at::kLong).device(impl_->comm_device));
-  std::vector<at::Tensor> ts{t};
-  impl_->wait(impl_->backend->allreduce(ts));
-  return ts[0].to(at::kCPU).item<int64_t>();
+  return distributed() ? sum_scalar(*impl_->backend, impl_->comm_device, v, at::kLong) : v;
 }
 
 double Group::sum(double v) const {
-  if (!distributed()) return v;
-  at::Tensor t = at::full({1}, v, at::TensorOptions().dtype(at::kDouble).device(impl_->comm_device));
-  std::vector<at::Tensor> ts{t};
-  impl_->wait(impl_->backend->allreduce(ts));
-  return ts[0].to(at::kCPU).item<double>();
+  return distributed() ? sum_scalar(*impl_->backend, impl_->comm_device, v, at::kDouble) : v;
 }
 
 void Group::all_reduce_sum(const std::vector<at::Tensor>& tensors) const {

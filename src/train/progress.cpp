@@ -11,51 +11,16 @@
 #include <stdexcept>
 #include <string>
 
-#ifdef QLORA_WITH_CUDA
-#include <c10/cuda/CUDACachingAllocator.h>
-#endif
 
 #include "qlora/common/log.h"
 #include "qlora/plan/plan.h"
+#include "qlora/train/memory.h"
 
 namespace qlora::train {
-namespace {
 
-// A field of /proc/self/status in kB ("VmRSS:", "VmHWM:"), as bytes; 0 when absent.
-int64_t proc_status_bytes(const char* key) {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  const size_t n = std::strlen(key);
-  while (std::getline(in, line))
-    if (line.compare(0, n, key) == 0) return std::stoll(line.substr(n)) * 1024;
-  return 0;
-}
+int64_t memory_in_use(c10::Device device) { return memory_stats(device).allocated; }
 
-#ifdef QLORA_WITH_CUDA
-int64_t cuda_stat(c10::Device device, bool peak) {
-  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index() < 0 ? 0 : device.index());
-  const auto& s = stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
-  return peak ? s.peak : s.current;
-}
-#endif
-
-}  // namespace
-
-int64_t memory_in_use(c10::Device device) {
-#ifdef QLORA_WITH_CUDA
-  if (device.is_cuda()) return cuda_stat(device, false);
-#endif
-  (void)device;
-  return proc_status_bytes("VmRSS:");
-}
-
-int64_t peak_memory(c10::Device device) {
-#ifdef QLORA_WITH_CUDA
-  if (device.is_cuda()) return cuda_stat(device, true);
-#endif
-  (void)device;
-  return proc_status_bytes("VmHWM:");
-}
+int64_t peak_memory(c10::Device device) { return memory_stats(device).peak_allocated; }
 
 std::string format_duration(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "?";
