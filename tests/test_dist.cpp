@@ -213,6 +213,30 @@ TEST_F(DistTrain, TwoGlooProcessesEqualOneWithTwiceTheAccumulation) {
   EXPECT_LE(testing::max_adapter_difference(dir + "/one/adapter", dir + "/resumed/adapter"), testing::kDistAdapterTolerance);
 }
 
+// Two processes stopped at a checkpoint and resumed as two processes continue
+// exactly: LoRA dropout on, so each rank's generator must come back as its
+// own (rng.safetensors "cpu" / "rank1.cpu"), and the loader's cursor too.
+TEST_F(DistTrain, TwoProcessResumeIsExactWithDropout) {
+  const std::string dir = testing::make_temp_dir("dist_resume");
+  constexpr int64_t kSteps = 6;
+  constexpr double kDropout = 0.1;
+  const std::string whole = testing::dist_config(dir, dir + "/whole", 2, kSteps, "", kDropout);
+  ASSERT_EQ(testing::launch_ranks(dir, whole, 2, "--device cpu"), (std::vector<int>{0, 0}))
+      << testing::read_text(dir + "/rank0.txt") << testing::read_text(dir + "/rank1.txt");
+  fs::create_directories(dir + "/resumed");
+  fs::copy(dir + "/whole/checkpoint-3", dir + "/resumed/checkpoint-3", fs::copy_options::recursive);
+  const std::string resumed = testing::dist_config(dir, dir + "/resumed", 2, kSteps, "", kDropout);
+  ASSERT_EQ(testing::launch_ranks(dir, resumed, 2, "--device cpu --resume auto"), (std::vector<int>{0, 0}))
+      << testing::read_text(dir + "/rank0.txt") << testing::read_text(dir + "/rank1.txt");
+  EXPECT_NE(testing::read_text(dir + "/rank0.txt").find("resumed from " + dir + "/resumed/checkpoint-3"),
+            std::string::npos);
+  const auto a = testing::metrics_of(dir + "/whole", "train");
+  const auto b = testing::metrics_of(dir + "/resumed", "train");
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i]["loss"], b[i]["loss"]) << "step " << i + 1;
+  EXPECT_EQ(testing::max_adapter_difference(dir + "/whole/adapter", dir + "/resumed/adapter"), 0.0);
+}
+
 TEST_F(DistTrain, TorchrunLaunchesTheBinary) {
   std::string why;
   const std::string python = testing::python_with("torch", &why);

@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -48,17 +49,19 @@ inline int free_port() {
 
 // `extra` is appended to the YAML (e.g. "distributed:\n  backend: gloo\n").
 inline std::string dist_config(const std::string& dir, const std::string& out, int64_t accumulation, int64_t max_steps,
-                               const std::string& extra = "") {
+                               const std::string& extra = "", double dropout = 0.0) {
   const std::string data = testing::small_completion_data(dir, 96);
   const std::string text = "model:\n  path: " + testing::small_model_dir() +
-                           "\nlora:\n  r: 4\n  alpha: 8\n  dropout: 0.0\n  target_modules: [q_proj, k_proj, v_proj, o_proj]\n"
+                           "\nlora:\n  r: 4\n  alpha: 8\n  dropout: " + std::to_string(dropout) +
+                           "\n  target_modules: [q_proj, k_proj, v_proj, o_proj]\n"
                            "data:\n  path: " + data + "\n  max_seq_length: 64\n  eval_ratio: 0.125\n"
                            "train:\n  micro_batch_size: 2\n  gradient_accumulation_steps: " + std::to_string(accumulation) +
                            "\n  max_steps: " + std::to_string(max_steps) +
                            "\n  learning_rate: 0.002\n  precision: fp32\n  optimizer: adamw\n"
                            "  gradient_checkpointing: false\n"
                            "output:\n  dir: " + out + "\n  save_steps: 3\n  keep_last: 0\n  logging_steps: 1\n" + extra;
-  return testing::write_file(dir, "run-acc" + std::to_string(accumulation) + ".yaml", text);
+  // One file per output directory: several configs of one test live side by side.
+  return testing::write_file(dir, "run-" + std::filesystem::path(out).filename().string() + ".yaml", text);
 }
 
 // Starts `qlora train` as `world` processes with the variables torchrun sets;
