@@ -73,9 +73,12 @@ AttentionInputs packed_attention(const at::Tensor& segment_ids, const at::Tensor
 
 // ---------------------------------------------------------------- building blocks
 
-// transformers' LlamaRMSNorm: normalize in fp32, cast back to x's dtype, then
-// multiply by the weight. x [..., h], weight [h].
+// LlamaRMSNorm, x [..., h], weight [h]: rms_norm_reference on the CPU and in
+// fp32; ATen's fused kernel for bf16/fp16 on a GPU (Note [fused RMSNorm on GPUs]).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+// transformers' op order (fp32 statistics, round to the input dtype, then the
+// weight): what rms_norm runs on the CPU and in fp32 (Note [fused RMSNorm on GPUs]).
+at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& weight, double eps);
 
 // Inverse RoPE frequencies [head_dim / 2] fp32 on the CPU, computed with the
 // same ops in the same dtype order as transformers' rope init functions
