@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "qlora/ckpt/store.h"
+#include "qlora/common/errors.h"
 #include "qlora/common/text.h"
 #include "qlora/data/dataset.h"
 #include "qlora/data/tokenizer.h"
@@ -162,6 +164,74 @@ TEST(TrainRun, MissingModelPathSaysWhatToDo) {
     EXPECT_NE(std::string(e.what()).find("model.path is not set"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("qlora demo"), std::string::npos) << e.what();
   }
+}
+
+}  // namespace
+}  // namespace qlora
+
+namespace qlora {
+namespace {
+
+// Note [out-of-memory retry] end to end, without a GPU: layers above N rows
+// raise the allocator's out-of-memory error (RunOptions::simulate_oom_above_rows).
+Config oom_config(const std::string& tmp, const std::string& out) {
+  Config cfg = default_config();
+  cfg.model.path = testing::small_model_dir();
+  cfg.data.path = testing::small_alpaca_data(tmp, 32, 100);
+  cfg.data.max_seq_length = 256;
+  // No dropout: cut into pieces, a micro batch draws its dropout masks piece
+  // by piece, other draws of the same distribution (Note [out-of-memory retry]).
+  cfg.lora.dropout = 0.0;
+  cfg.train.micro_batch_size = 4;
+  cfg.train.gradient_accumulation_steps = 2;
+  cfg.train.max_steps = 4;
+  cfg.train.precision = Precision::kFp32;
+  cfg.train.gradient_checkpointing = false;
+  cfg.output.dir = tmp + "/" + out;
+  cfg.output.save_steps = 1000;
+  return cfg;
+}
+
+train::RunOptions oom_options(int64_t rows) {
+  train::RunOptions ro;
+  ro.device = "cpu";
+  ro.evaluate_at_start = false;
+  ro.handle_signals = false;
+  ro.simulate_oom_above_rows = rows;
+  return ro;
+}
+
+// Summation order only: pieces of 1 row instead of 4 (fp32).
+constexpr double kOomLossRtol = 1e-5;
+
+TEST(TrainRunOutOfMemory, RetriesAtOneRowAndTrainsTheSameSteps) {
+  const std::string tmp = testing::make_temp_dir("run_oom");
+  const train::RunResult plain = train::run_training(oom_config(tmp, "plain"), oom_options(-1));
+  const train::RunResult tight = train::run_training(oom_config(tmp, "tight"), oom_options(1));
+  EXPECT_EQ(plain.max_micro_rows, 0);
+  EXPECT_EQ(tight.max_micro_rows, 1);  // 4 -> 2 -> 1
+  ASSERT_EQ(tight.losses.size(), plain.losses.size());
+  for (size_t i = 0; i < plain.losses.size(); ++i)
+    EXPECT_NEAR(tight.losses[i], plain.losses[i], kOomLossRtol * plain.losses[i]) << "step " << i + 1;
+  // The smaller size is in the checkpoint, for a resume to keep.
+  std::ifstream state(tight.last_checkpoint + "/trainer_state.json");
+  EXPECT_EQ(nlohmann::json::parse(state).at("max_micro_rows").get<int64_t>(), 1);
+}
+
+TEST(TrainRunOutOfMemory, NothingFitsSavesACheckpointAndSaysWhatToChange) {
+  const std::string tmp = testing::make_temp_dir("run_oom_none");
+  const Config cfg = oom_config(tmp, "out");
+  try {
+    train::run_training(cfg, oom_options(0));
+    FAIL() << "expected InputError: not even one row fits";
+  } catch (const InputError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("out of memory in step 1 even at one sequence per micro batch"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("gradient_checkpointing"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("--resume auto"), std::string::npos) << msg;
+  }
+  const ckpt::Found found = ckpt::find_latest_valid(cfg.output.dir);
+  EXPECT_TRUE(found) << "the run must leave a checkpoint to resume from";
 }
 
 }  // namespace

@@ -294,6 +294,18 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   step_options.gradient_checkpointing = cfg.train.gradient_checkpointing;
   step_options.group = &group;
   if (cfg.train.gradient_checkpointing) step_options.layer_forward = checkpointed_layer_forward(model);
+  if (options.simulate_oom_above_rows >= 0) {
+    LayerForwardFn inner = step_options.layer_forward;
+    if (!inner) inner = [&model](int64_t l, const at::Tensor& h, const auto& cs, const auto& a) {
+      return model.layer_forward(l, h, cs, a);
+    };
+    step_options.layer_forward = [inner, rows = options.simulate_oom_above_rows](
+                                     int64_t l, const at::Tensor& h, const std::pair<at::Tensor, at::Tensor>& cs,
+                                     const model::AttentionInputs& a) {
+      if (h.size(0) > rows) C10_THROW_ERROR(OutOfMemoryError, "CUDA out of memory (simulated: RunOptions)");
+      return inner(l, h, cs, a);
+    };
+  }
   Trainer* trainer_ptr = nullptr;  // the stop test needs the step in progress
   // Several ranks must stop at the same step: they agree at step boundaries
   // (on_step below), never mid-window.

@@ -39,6 +39,10 @@ struct RunOptions {
   // config's; a resume keeps the checkpoint's choice. Ignored on CPU (said so).
   bool micro_batch_auto = false;
   double memory_cap_bytes = 0;  // > 0: cap the CUDA allocator there (a smaller GPU's memory)
+  // Tests of Note [out-of-memory retry] on machines without a GPU: >= 0 makes
+  // every decoder layer whose input has more rows than this raise c10's
+  // OutOfMemoryError, as the CUDA allocator does. -1: off.
+  int64_t simulate_oom_above_rows = -1;
 };
 
 struct RunResult {

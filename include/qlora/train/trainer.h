@@ -18,7 +18,8 @@
 // runs again with every micro batch cut into pieces of fewer rows
 // (plan::oom_fallback: 8 -> 4 -> 2 -> 1 rows); the pieces keep the window's
 // token divisor, so the gradient is the one the whole batches give (up to
-// summation order). The smaller size sticks for the rest of the run (and goes
+// summation order; with LoRA dropout the pieces draw their masks piece by
+// piece: other draws of the same distribution). The smaller size sticks for the rest of the run (and goes
 // into checkpoints). Only when one row does not fit does the step report
 // out_of_memory, for the caller to save and stop.
 // Note [token-normalized accumulation]: dividing each micro batch's sum by the
