@@ -69,26 +69,31 @@ plan::GpuSpec gpu_spec_of(const DeviceChoice& dev, double memory_cap_bytes) {
   return g;
 }
 
-int64_t worst_case_seq(const Config& cfg, std::string* source) {
+int64_t longest_sequence(const Config& cfg, const std::vector<data::TokenizedExample>& examples, std::string* source) {
   if (cfg.data.packing) {
     *source = "data.max_seq_length (packed rows are always full)";
     return cfg.data.max_seq_length;
   }
+  int64_t longest = 0;
+  for (const auto& e : examples) longest = std::max<int64_t>(longest, static_cast<int64_t>(e.input_ids.size()));
+  if (longest == 0) {
+    *source = "data.max_seq_length";
+    return cfg.data.max_seq_length;
+  }
+  *source = "the longest of " + std::to_string(examples.size()) + " training examples in " + cfg.data.path;
+  return std::min(longest, cfg.data.max_seq_length);
+}
+
+int64_t worst_case_seq(const Config& cfg, std::string* source) {
+  if (cfg.data.packing) return longest_sequence(cfg, {}, source);
   try {
     const std::unique_ptr<data::Tokenizer> tok = data::load_tokenizer(cfg.model.path);
     const data::TrainEval sets = data::load_train_eval(cfg.data, static_cast<uint64_t>(cfg.train.seed), *tok);
-    int64_t longest = 0;
-    for (const auto& e : sets.train.examples) longest = std::max<int64_t>(longest, static_cast<int64_t>(e.input_ids.size()));
-    if (longest > 0) {
-      *source = "the longest of " + std::to_string(sets.train.examples.size()) + " training examples in " + cfg.data.path;
-      return std::min(longest, cfg.data.max_seq_length);
-    }
+    return longest_sequence(cfg, sets.train.examples, source);
   } catch (const std::exception& e) {
     *source = "data.max_seq_length (the data did not load: " + first_line(e.what()) + ")";
     return cfg.data.max_seq_length;
   }
-  *source = "data.max_seq_length";
-  return cfg.data.max_seq_length;
 }
 
 plan::ProbeResult probe_micro_batch(const model::LlamaModel& model, const std::vector<at::Tensor>& params,

@@ -164,7 +164,8 @@ std::string trainable_params_line(int64_t trainable, int64_t all) {
 // --micro-batch auto (RunOptions): the checkpoint's choice on a resume, else
 // the finder's on the GPU, agreed by every rank (the smallest), written into cfg.
 void choose_micro_batch(Config& cfg, const RunOptions& options, const std::string& resume_from, const DeviceChoice& dev,
-                        const BaseModel& base, const lora::LoraAdapter& adapter, const dist::Group& group) {
+                        const BaseModel& base, const lora::LoraAdapter& adapter,
+                        const std::vector<data::TokenizedExample>& train_examples, const dist::Group& group) {
   if (!resume_from.empty()) {
     const json run = json::parse(std::ifstream(std::filesystem::path(resume_from) / "run.json"));
     const json other = run.at("fingerprint").at("other");
@@ -180,7 +181,7 @@ void choose_micro_batch(Config& cfg, const RunOptions& options, const std::strin
     return;
   }
   std::string seq_source;
-  const int64_t seq = worst_case_seq(cfg, &seq_source);
+  const int64_t seq = longest_sequence(cfg, train_examples, &seq_source);
   StepOptions probe;
   if (cfg.train.gradient_checkpointing) probe.layer_forward = checkpointed_layer_forward(base.model);
   const plan::FinderResult f =
@@ -252,9 +253,6 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   // Every rank drew the same A (same seed, above); from here each rank's
   // dropout masks come from its own stream.
   if (launch.rank > 0) at::manual_seed(static_cast<uint64_t>(cfg.train.seed) + static_cast<uint64_t>(launch.rank));
-  if (options.micro_batch_auto) choose_micro_batch(cfg, options, resume_from, dev, base, adapter, group);
-  result.micro_batch_size = cfg.train.micro_batch_size;
-  result.gradient_accumulation_steps = cfg.train.gradient_accumulation_steps;
   std::vector<optim::NamedParam> named;
   int64_t trainable = 0;
   for (auto& [name, p] : adapter.named_parameters()) {
@@ -270,6 +268,9 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   const data::TrainEval sets = data::load_train_eval(cfg.data, static_cast<uint64_t>(cfg.train.seed), *tokenizer);
   log::info(sets.train.summary.describe());
   if (!sets.eval.examples.empty()) log::info("held out: " + sets.eval.summary.describe());
+  if (options.micro_batch_auto) choose_micro_batch(cfg, options, resume_from, dev, base, adapter, sets.train.examples, group);
+  result.micro_batch_size = cfg.train.micro_batch_size;
+  result.gradient_accumulation_steps = cfg.train.gradient_accumulation_steps;
   data::LoaderOptions lo;
   lo.micro_batch_size = cfg.train.micro_batch_size;
   lo.packing = cfg.data.packing;

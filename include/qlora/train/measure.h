@@ -23,6 +23,7 @@
 #include <nlohmann/json.hpp>
 
 #include "qlora/config/config.h"
+#include "qlora/data/format.h"
 #include "qlora/plan/finder.h"
 #include "qlora/train/setup.h"
 #include "qlora/train/trainer.h"
@@ -93,5 +94,8 @@ plan::GpuSpec gpu_spec_of(const DeviceChoice& dev, double memory_cap_bytes);
 // else the longest tokenized training example (capped at max_seq_length),
 // when the data and tokenizer load; else max_seq_length. *source says which.
 int64_t worst_case_seq(const Config& cfg, std::string* source);
+
+// The same over examples already tokenized (a run that has loaded its data).
+int64_t longest_sequence(const Config& cfg, const std::vector<data::TokenizedExample>& examples, std::string* source);
 
 }  // namespace qlora::train
