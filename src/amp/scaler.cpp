@@ -58,21 +58,27 @@ bool LossScaler::unscale(const std::vector<at::Tensor>& grads) {
   if (unscaled_) return found_inf_;
   const float inv = options_.enabled ? inverse_scale(state_.scale) : 1.0f;
   bool found = false;
-  std::vector<at::Tensor> device_finite;  // one [] bool per GPU gradient, read with one sync
+  std::vector<at::Tensor> device_grads;  // GPU gradients: one multi-tensor kernel, one sync
   for (const at::Tensor& g : grads) {
     if (!g.defined()) continue;
     TORCH_CHECK(g.scalar_type() == at::kFloat, "loss scaler: gradients must be fp32 (master weights), got ",
                 g.scalar_type());
     if (!g.device().is_cpu()) {
-      // On a GPU: the same fp32 multiply as unscale_and_check, as tensor ops.
-      if (inv != 1.0f) g.mul_(inv);
-      device_finite.push_back(at::isfinite(g).all());
+      device_grads.push_back(g);
       continue;
     }
     TORCH_CHECK(g.is_contiguous(), "loss scaler: gradients must be contiguous");
     found = unscale_and_check(g.data_ptr<float>(), g.numel(), inv) || found;
   }
-  if (!device_finite.empty()) found = !at::stack(device_finite).all().item<bool>() || found;
+  if (!device_grads.empty()) {
+    // torch.amp.GradScaler's kernel: the same fp32 multiply by 1/scale as
+    // unscale_and_check, and a flag set where any product is inf or NaN.
+    const auto opts = device_grads.front().options();
+    at::Tensor found_inf = at::zeros({1}, opts);
+    const at::Tensor inv_scale = at::full({1}, inv, opts);
+    at::_amp_foreach_non_finite_check_and_unscale_(device_grads, found_inf, inv_scale);
+    found = found_inf.item<float>() != 0.0f || found;
+  }
   found_inf_ = found;
   unscaled_ = true;
   return found_inf_;

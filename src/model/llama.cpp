@@ -241,13 +241,16 @@ at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& weight, dou
 // (tests/test_cuda_model.cpp bounds it). fp32 and the CPU keep the op-by-op
 // reference, which the golden tests pin bit for bit. QLORA_REFERENCE_NORM=1
 // forces the reference everywhere (to compare).
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+bool fused_rms_norm_applies(const at::Tensor& x, const at::Tensor& weight) {
   static const bool reference_only = [] {
     const char* v = std::getenv("QLORA_REFERENCE_NORM");
     return v != nullptr && *v != '\0' && std::string(v) != "0";
   }();
-  if (reference_only || !x.is_cuda() || x.scalar_type() == at::kFloat || weight.scalar_type() != x.scalar_type())
-    return rms_norm_reference(x, weight, eps);
+  return !reference_only && x.is_cuda() && x.scalar_type() != at::kFloat && weight.scalar_type() == x.scalar_type();
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  if (!fused_rms_norm_applies(x, weight)) return rms_norm_reference(x, weight, eps);
   return std::get<0>(at::_fused_rms_norm(x, {x.size(-1)}, weight, eps));
 }
 
@@ -294,6 +297,20 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
   return x * c + rotated * s;
 }
 
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionInputs& attention) {
+  const int64_t heads = q.size(1), kv_heads = k.size(1), t = q.size(2);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(3)));
+  if (attention.mask.defined()) {
+    // A mask rules out the flash kernels, and SDPA's GQA support with a mask
+    // falls back to the math kernel; repeat the kv heads as transformers does.
+    const int64_t groups = heads / kv_heads;
+    return at::scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attention.mask, 0.0,
+                                            /*is_causal=*/false, scale);
+  }
+  return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/t > 1, scale,
+                                          /*enable_gqa=*/heads != kv_heads);
+}
+
 // ---------------------------------------------------------------- forward
 
 at::Tensor LlamaModel::embed(const at::Tensor& input_ids) const { return at::embedding(embed_, input_ids); }
@@ -316,23 +333,16 @@ at::Tensor LlamaModel::layer_forward(int64_t index, const at::Tensor& hidden,
   q = apply_rope(q, cos_sin.first, cos_sin.second);
   k = apply_rope(k, cos_sin.first, cos_sin.second);
 
-  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-  at::Tensor attn;
-  if (attention.mask.defined()) {
-    // A mask rules out the flash kernels, and SDPA's GQA support with a mask
-    // falls back to the math kernel; repeat the kv heads as transformers does.
-    const int64_t groups = heads / kv_heads;
-    attn = at::scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attention.mask, 0.0,
-                                            /*is_causal=*/false, scale);
-  } else {
-    attn = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/t > 1, scale,
-                                            /*enable_gqa=*/heads != kv_heads);
-  }
+  at::Tensor attn = model::attention(q, k, v, attention);
   attn = attn.transpose(1, 2).reshape({b, t, heads * d});
   at::Tensor x = hidden + layer.proj[3]->forward(attn);
 
   h = rms_norm(x, layer.post_attention_norm, config_.rms_norm_eps);
-  at::Tensor mlp = layer.proj[6]->forward(at::silu(layer.proj[4]->forward(h)) * layer.proj[5]->forward(h));
+  // gate before up, as Python evaluates them: with LoRA dropout the order decides
+  // which mask each draws (C++ leaves the order of a * b's operands unspecified).
+  at::Tensor gate = layer.proj[4]->forward(h);
+  at::Tensor up = layer.proj[5]->forward(h);
+  at::Tensor mlp = layer.proj[6]->forward(at::silu(gate) * up);
   return x + mlp;
 }
 

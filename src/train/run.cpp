@@ -32,6 +32,7 @@
 #include "qlora/quant/nf4_cuda.h"
 #include "qlora/plan/plan.h"
 #include "qlora/train/checkpoint.h"
+#include "qlora/train/fused_layer.h"
 #include "qlora/train/measure.h"
 #include "qlora/train/memory.h"
 #include "qlora/train/progress.h"
@@ -183,7 +184,7 @@ void choose_micro_batch(Config& cfg, const RunOptions& options, const std::strin
   std::string seq_source;
   const int64_t seq = longest_sequence(cfg, train_examples, &seq_source);
   StepOptions probe;
-  if (cfg.train.gradient_checkpointing) probe.layer_forward = checkpointed_layer_forward(base.model);
+  if (cfg.train.gradient_checkpointing) probe.layer_forward = training_layer_forward(base.model);
   const plan::FinderResult f =
       find_micro_batch_on_device(cfg, base.shape, base.model, adapter.parameters(), probe,
                                  gpu_spec_of(dev, options.memory_cap_bytes), seq, group.world_size());
@@ -294,7 +295,7 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   step_options.max_grad_norm = cfg.train.max_grad_norm;
   step_options.gradient_checkpointing = cfg.train.gradient_checkpointing;
   step_options.group = &group;
-  if (cfg.train.gradient_checkpointing) step_options.layer_forward = checkpointed_layer_forward(model);
+  if (cfg.train.gradient_checkpointing) step_options.layer_forward = training_layer_forward(model);
   if (options.simulate_oom_above_rows >= 0) {
     LayerForwardFn inner = step_options.layer_forward;
     if (!inner) inner = [&model](int64_t l, const at::Tensor& h, const auto& cs, const auto& a) {

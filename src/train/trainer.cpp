@@ -45,24 +45,48 @@ int64_t target_tokens(const data::Batch& batch) {
   return n;
 }
 
+// Every row's mask is ones then zeros (collate_padded places examples at column 0).
+static bool right_padded(const data::Batch& batch) {
+  for (int64_t r = 0; r < batch.rows; ++r) {
+    bool pad_seen = false;
+    for (int64_t c = 0; c < batch.cols; ++c) {
+      const bool real = batch.attention_mask[batch.at(r, c)] != 0;
+      if (real && pad_seen) return false;
+      pad_seen = pad_seen || !real;
+    }
+  }
+  return true;
+}
+
 double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm) {
   at::NoGradGuard no_grad;
+  std::vector<at::Tensor> grads;
+  for (const auto& p : params)
+    if (p.grad().defined()) grads.push_back(p.grad());
+  if (grads.empty()) return 0.0;
+  // One multi-tensor kernel for the per-gradient norms (fp32 master gradients),
+  // then the norm of the norms: the host reads one number.
   std::vector<at::Tensor> norms;
-  for (const auto& p : params) {
-    const at::Tensor& g = p.grad();
-    if (g.defined()) norms.push_back(at::linalg_vector_norm(g.to(at::kFloat), 2));  // [] fp32
+  const bool all_fp32 = std::all_of(grads.begin(), grads.end(), [](const at::Tensor& g) {
+    return g.scalar_type() == at::kFloat;
+  });
+  if (all_fp32) {
+    norms = at::_foreach_norm(grads, 2);
+  } else {
+    for (const auto& g : grads) norms.push_back(at::linalg_vector_norm(g.to(at::kFloat), 2));
   }
-  if (norms.empty()) return 0.0;
   const at::Tensor total = at::linalg_vector_norm(at::stack(norms), 2);  // [] fp32
   const double norm = total.item<double>();
   // torch's clip_grad_norm_: coefficient max_norm / (norm + 1e-6), clamped to 1,
-  // computed in the gradients' dtype; a non-finite norm scales nothing here
-  // (the step is skipped by the bad-step policy instead of writing NaN grads).
-  if (max_norm > 0 && std::isfinite(norm)) {
+  // computed in fp32 and always applied (x * 1.0 is x); a non-finite norm scales
+  // nothing here (the step is skipped by the bad-step policy instead of writing NaN grads).
+  if (max_norm > 0 && std::isfinite(norm) && max_norm / (norm + 1e-6) < 1.0) {
     const at::Tensor coef = at::clamp_max(max_norm / (total + 1e-6), 1.0);  // [] fp32
-    if (coef.item<float>() < 1.0f)
-      for (const auto& p : params)
-        if (p.grad().defined()) p.mutable_grad().mul_(coef.to(p.grad().scalar_type()));
+    if (all_fp32) {
+      at::_foreach_mul_(grads, coef);
+    } else {
+      for (auto& g : grads) g.mul_(coef.to(g.scalar_type()));
+    }
   }
   return norm;
 }
@@ -87,10 +111,20 @@ std::pair<at::Tensor, int64_t> batch_loss(const model::LlamaModel& model, const 
   const data::BatchTensors t = data::to_tensors(batch);
   // A row holding more than one example is packed: attention must stop at
   // example boundaries and positions restart (Note [packed attention]).
-  const bool packed = t.segment_ids.numel() > 0 && t.segment_ids.max().item<int32_t>() > 1;
-  const model::AttentionInputs attention =
-      packed ? model::packed_attention(t.segment_ids.to(device), t.position_ids.to(device))
-             : model::padded_attention(t.attention_mask.to(device));
+  // Decided on the host copy: no device sync per micro batch.
+  const bool packed = std::any_of(batch.segment_ids.begin(), batch.segment_ids.end(), [](int32_t s) { return s > 1; });
+  model::AttentionInputs attention;
+  if (packed) {
+    attention = model::packed_attention(t.segment_ids.to(device), t.position_ids.to(device));
+  } else if (right_padded(batch)) {
+    // Note [right padding needs no mask]: a real token attends only to earlier
+    // positions, all real when padding comes last, so causal attention gives every
+    // real token (the only ones with a loss) what the padding mask gives it, and
+    // takes SDPA's flash kernels with grouped kv heads instead of a [B, 1, T, T] mask.
+    attention = model::causal_attention(batch.rows, batch.cols, device);
+  } else {
+    attention = model::padded_attention(t.attention_mask.to(device));
+  }
   const at::Tensor input_ids = t.input_ids.to(device);
   at::Tensor hidden;  // [B, T, h]
   if (!layer_forward) {

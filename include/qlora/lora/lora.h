@@ -75,6 +75,7 @@ class LoraLinear final : public model::Linear {
   const at::Tensor& lora_b() const { return b_; }
   int64_t r() const { return a_.size(0); }
   double scaling() const { return scaling_; }
+  double dropout() const { return dropout_; }
 
   // Dropout is active only while training.
   void set_training(bool training) { training_ = training; }

@@ -79,6 +79,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 // transformers' op order (fp32 statistics, round to the input dtype, then the
 // weight): what rms_norm runs on the CPU and in fp32 (Note [fused RMSNorm on GPUs]).
 at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& weight, double eps);
+// Whether rms_norm takes ATen's fused kernel for these operands (Note [fused RMSNorm on GPUs]).
+bool fused_rms_norm_applies(const at::Tensor& x, const at::Tensor& weight);
 
 // Inverse RoPE frequencies [head_dim / 2] fp32 on the CPU, computed with the
 // same ops in the same dtype order as transformers' rope init functions
@@ -92,6 +94,11 @@ std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, const
 
 // Rotates x [B, heads, T, head_dim] by cos/sin [B, T, head_dim] (rotate-half layout).
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+// Scaled dot-product attention of q [B, H, T, d] over k, v [B, Hkv, T, d] (H a multiple of
+// Hkv): causal when `attention` has no mask, else the mask (k, v repeated per query head
+// then, as transformers does). Returns [B, H, T, d].
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionInputs& attention);
 
 // ---------------------------------------------------------------- the model
 
@@ -130,6 +137,15 @@ class LlamaModel {
   const at::Tensor& lm_head_weight() const { return lm_head_; }
   const at::Tensor& embedding_weight() const { return embed_; }
   const at::Tensor& inv_freq() const { return inv_freq_; }
+  // A decoder layer's two RMSNorm weights [h] (for hand-written layers: train/fused_layer.h).
+  const at::Tensor& input_norm_weight(int64_t layer) const { return layers_.at(static_cast<size_t>(layer)).input_norm; }
+  const at::Tensor& post_attention_norm_weight(int64_t layer) const {
+    return layers_.at(static_cast<size_t>(layer)).post_attention_norm;
+  }
+  // A decoder layer's projection, by its index in decoder_linear_names() (0 q ... 6 down).
+  const std::shared_ptr<Linear>& projection(int64_t layer, size_t index) const {
+    return layers_.at(static_cast<size_t>(layer)).proj.at(index);
+  }
 
   // ---- projection slots, by Hugging Face module name
 

@@ -1,0 +1,46 @@
+// train/fused_layer: a checkpointed decoder layer whose backward is written out
+// by hand instead of recorded by autograd.
+//
+// The generic checkpoint (train/checkpoint.h) recomputes the layer under
+// autograd: ~60 small ATen ops forward, more backward, every projection
+// dequantized three times, the base output and the LoRA update added in
+// separate kernels. The fused layer does the same math with fewer, larger
+// kernels (Note [fused decoder layer] in src/train/fused_layer.cpp):
+//   - q, k, v dequantized into one weight and multiplied in one GEMM; gate and
+//     up likewise; a LoRA update added by the GEMM that makes it (addmm);
+//   - RoPE and SwiGLU as fused element-wise ops (model/fused_ops.h), the
+//     residual adds inside the GEMMs;
+//   - forward keeps the layer input and the attention residual (x + o(attn));
+//     backward recomputes only what the gradient needs: o_proj and down_proj
+//     are not run again, and each weight is dequantized once per pass;
+//   - LoRA gradients are accumulated into A.grad / B.grad directly.
+// Dropout masks are drawn in the generic layer's order from the same
+// generators, so on the CPU the masks are the generic layer's, and the
+// gradients agree to rounding (tests/test_fused_layer.cpp).
+#pragma once
+
+#include <string>
+
+#include "qlora/train/trainer.h"
+
+namespace qlora::model {
+class LlamaModel;
+}
+
+namespace qlora::train {
+
+// Empty when `model` can run through the fused layer; otherwise why not
+// (a projection that is neither a frozen base nor LoRA over one).
+std::string fused_layer_unsupported(const model::LlamaModel& model);
+
+// The fused, checkpointed layer forward (`model` must outlive every backward).
+// With grad mode off it is model.layer_forward.
+LayerForwardFn fused_layer_forward(const model::LlamaModel& model);
+
+// What a run with gradient checkpointing uses: the fused layer for bf16 / fp16
+// models on a GPU, the generic checkpoint elsewhere (the CPU and fp32 keep the
+// reference path the golden tests pin). QLORA_LAYER=reference or =fused
+// overrides the choice (to compare; fused on an unsupported model throws).
+LayerForwardFn training_layer_forward(const model::LlamaModel& model);
+
+}  // namespace qlora::train

@@ -1,0 +1,138 @@
+// The fused decoder layer (train/fused_layer.h) against the generic checkpointed
+// layer, which runs the model's own forward under autograd: same outputs, same
+// input gradient, same LoRA gradients, the same dropout masks, and the generators
+// left where the generic layer leaves them. fp32 on the CPU, where the two differ
+// only by the order of additions (the residual and the LoRA update inside one
+// GEMM, the RMSNorm backward written out).
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <string>
+#include <vector>
+
+#include "qlora/lora/lora.h"
+#include "qlora/model/llama.h"
+#include "qlora/model/nf4_linear.h"
+#include "qlora/train/checkpoint.h"
+#include "qlora/train/demo.h"
+#include "qlora/train/fused_layer.h"
+#include "support/train_fixtures.h"
+
+namespace qlora {
+namespace {
+
+using model::LlamaModel;
+
+// fp32 results that differ by summation order: a few ulps of the largest entry
+// over a chain of ~10 GEMMs; 2e-5 of max|reference| leaves room without hiding
+// a wrong term (a dropped LoRA or residual term moves them by > 1e-2).
+constexpr double kRelTol = 2e-5;
+
+struct Setup {
+  bool nf4 = false;
+  double dropout = 0.0;
+  bool padded = false;       // a padding mask (one row shorter) instead of causal only
+  bool input_grad = true;    // false: the input is a frozen embedding's output
+};
+
+struct Result {
+  at::Tensor y, dx, after;  // after: a draw from the generator once the step is done
+  std::vector<at::Tensor> grads;
+};
+
+double max_rel(const at::Tensor& got, const at::Tensor& want) {
+  const double scale = std::max(want.abs().max().item<double>(), 1e-30);
+  return (got - want).abs().max().item<double>() / scale;
+}
+
+Result run(LlamaModel& m, lora::LoraAdapter& adapter, const train::LayerForwardFn& layer, const Setup& s) {
+  for (auto& p : adapter.parameters()) p.mutable_grad() = at::Tensor();
+  torch::manual_seed(99);
+  const int64_t b = 2, t = 7, h = m.config().hidden_size;
+  at::Tensor x = at::randn({b, t, h});
+  at::Tensor w = at::randn({b, t, h});
+  if (s.input_grad) x.requires_grad_(true);
+  model::AttentionInputs attn = model::causal_attention(b, t, c10::kCPU);
+  if (s.padded) {
+    at::Tensor mask = at::ones({b, t}, at::kLong);
+    mask[1].narrow(0, t - 2, 2).fill_(0);
+    attn = model::padded_attention(mask);
+  }
+  const auto cos_sin = m.rope(attn.position_ids);
+  at::Tensor y = x;
+  for (int64_t l = 0; l < m.num_layers(); ++l) y = layer(l, y, cos_sin, attn);
+  (y * w).sum().backward();
+  Result r;
+  r.y = y.detach();
+  if (s.input_grad) r.dx = x.grad();
+  r.after = at::rand({4});
+  for (const auto& p : adapter.parameters()) r.grads.push_back(p.grad().defined() ? p.grad().clone() : at::Tensor());
+  return r;
+}
+
+void compare(const Setup& s) {
+  const LlamaConfig shape = testing::small_llama_shape();
+  model::LoadOptions opt;
+  if (s.nf4) opt.make_linear = model::nf4_linear_factory(true, at::kFloat);
+  LlamaModel m = LlamaModel::load(shape, train::random_llama_weights(shape, 3, c10::kCPU), opt);
+  lora::LoraSettings ls;
+  ls.r = 4;
+  ls.alpha = 8;
+  ls.dropout = s.dropout;
+  ls.target_modules = {"all-linear"};
+  torch::manual_seed(1);
+  lora::LoraAdapter adapter = lora::LoraAdapter::attach(m, ls);
+  {
+    at::NoGradGuard no_grad;  // B is zero at init: give it values so A's gradient is not zero
+    for (const auto& l : adapter.layers()) l->lora_b().normal_(0.0, 0.05);
+  }
+  ASSERT_EQ(train::fused_layer_unsupported(m), "");
+  const Result want = run(m, adapter, train::checkpointed_layer_forward(m), s);
+  const Result got = run(m, adapter, train::fused_layer_forward(m), s);
+  EXPECT_LT(max_rel(got.y, want.y), kRelTol) << "layer outputs";
+  if (s.input_grad) EXPECT_LT(max_rel(got.dx, want.dx), kRelTol) << "input gradient";
+  EXPECT_TRUE(at::equal(got.after, want.after)) << "the generator must be left where the generic layer leaves it";
+  const auto names = adapter.named_parameters();
+  ASSERT_EQ(got.grads.size(), want.grads.size());
+  for (size_t i = 0; i < got.grads.size(); ++i) {
+    ASSERT_TRUE(want.grads[i].defined() && got.grads[i].defined()) << names[i].first;
+    EXPECT_LT(max_rel(got.grads[i], want.grads[i]), kRelTol) << names[i].first;
+  }
+}
+
+TEST(FusedLayer, MatchesTheGenericLayerWithoutDropout) { compare({}); }
+
+TEST(FusedLayer, DrawsTheSameDropoutMasks) { compare({false, 0.2, false, true}); }
+
+TEST(FusedLayer, Nf4BaseAndPaddingMask) { compare({true, 0.1, true, true}); }
+
+TEST(FusedLayer, InputWithoutGradStillTrainsTheAdapter) { compare({false, 0.0, false, false}); }
+
+TEST(FusedLayer, GradModeOffIsThePlainForward) {
+  const LlamaConfig shape = testing::small_llama_shape();
+  LlamaModel m = LlamaModel::load(shape, train::random_llama_weights(shape, 3, c10::kCPU));
+  at::NoGradGuard no_grad;
+  at::Tensor x = at::randn({1, 4, shape.hidden_size});
+  const auto attn = model::causal_attention(1, 4, c10::kCPU);
+  const auto cos_sin = m.rope(attn.position_ids);
+  EXPECT_TRUE(at::equal(train::fused_layer_forward(m)(0, x, cos_sin, attn), m.layer_forward(0, x, cos_sin, attn)));
+}
+
+TEST(FusedLayer, TheCpuRunKeepsTheGenericLayer) {
+  // fp32 on the CPU: the path the golden tests pin stays the generic one.
+  const LlamaConfig shape = testing::small_llama_shape();
+  LlamaModel m = LlamaModel::load(shape, train::random_llama_weights(shape, 3, c10::kCPU));
+  lora::LoraSettings ls;
+  ls.target_modules = {"q_proj"};
+  lora::LoraAdapter adapter = lora::LoraAdapter::attach(m, ls);
+  torch::manual_seed(5);
+  at::Tensor x = at::randn({1, 3, shape.hidden_size}).requires_grad_(true);
+  const auto attn = model::causal_attention(1, 3, c10::kCPU);
+  const auto cos_sin = m.rope(attn.position_ids);
+  const at::Tensor y = train::training_layer_forward(m)(0, x, cos_sin, attn);
+  ASSERT_TRUE(y.grad_fn());
+  EXPECT_NE(y.grad_fn()->name().find("CheckpointFunction"), std::string::npos) << y.grad_fn()->name();
+}
+
+}  // namespace
+}  // namespace qlora
