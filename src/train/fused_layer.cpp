@@ -29,11 +29,13 @@ using torch::autograd::variable_list;
 // Forward (grad off): n1 = norm(x); qkv = n1·[Wq;Wk;Wv]ᵀ (+ each LoRA by addmm into
 // its columns); RoPE in place on the q and k columns; a = attention(q, k, v);
 // h1 = x + a·Woᵀ (+ LoRA); n2 = norm(h1); gu = n2·[Wg;Wu]ᵀ (+ LoRA); m = swiglu(gu);
-// y = h1 + m·Wdᵀ (+ LoRA). Kept for backward: x, h1, the generator states.
-// Backward: the generators are set back, the attention half is recomputed up to a
-// (no o_proj: h1 is kept), then the MLP half up to m (no down_proj: y is not needed),
-// drawing every dropout mask in the forward's order; then the gradient flows
-// down (W_d, SwiGLU, [Wg;Wu], norm 2, W_o, attention, RoPE, [Wq;Wk;Wv], norm 1).
+// y = h1 + m·Wdᵀ (+ LoRA).
+// Kept for backward: x, h1, and the generator states before each half.
+// Backward, one half at a time: the MLP half is recomputed from h1 up to m (no
+// down_proj: y is not needed) and differentiated (W_d, SwiGLU, [Wg;Wu], norm 2);
+// then the attention half from x up to a (no o_proj: h1 is kept) and differentiated
+// (W_o, attention, RoPE, [Wq;Wk;Wv], norm 1). Each half's generators are set to
+// where its forward drew, so every dropout mask is the forward's.
 // The merged weights of the recomputation are reused by the backward, so each
 // projection is dequantized once forward and once backward. Attention's own
 // backward is ATen's (a small autograd graph around SDPA alone).
@@ -270,6 +272,11 @@ AttentionHalf attention_half(const LayerRefs& r, const at::Tensor& x2, int64_t b
   at::Tensor v = s.qkv.narrow(1, (heads + kv) * d, kv * d).view({b, t, kv, d});
   model::rope_inplace(q, cos_sin.first, cos_sin.second);
   model::rope_inplace(k, cos_sin.first, cos_sin.second);
+  // Dense [B, T, H, d] copies: SDPA's fast kernels want each of q, k, v packed
+  // (the column slices of qkv have a row stride of q + k + v).
+  q = q.contiguous();
+  k = k.contiguous();
+  v = v.contiguous();
   at::Tensor out;
   if (grad_leaves != nullptr) {
     *grad_leaves = {q.detach().requires_grad_(true), k.detach().requires_grad_(true),
@@ -318,21 +325,115 @@ struct LayerHolder : torch::CustomClassHolder {
   model::AttentionInputs attention;
 };
 
+// Generator states in ctx->saved_data under `key`.
+void save_rng(AutogradContext* ctx, const std::string& key, const c10::Device& device) {
+  const RngState rng = capture_rng(device);
+  ctx->saved_data[key + "_cpu"] = rng.cpu;
+  if (rng.cuda.defined()) ctx->saved_data[key + "_cuda"] = rng.cuda;
+}
+
+void load_rng(AutogradContext* ctx, const std::string& key, const c10::Device& device) {
+  RngState rng;
+  rng.cpu = ctx->saved_data[key + "_cpu"].toTensor();
+  if (ctx->saved_data.count(key + "_cuda")) rng.cuda = ctx->saved_data[key + "_cuda"].toTensor();
+  restore_rng(rng, device);
+}
+
+// The MLP half's backward: recomputed from h1 (its dropout masks drawn from the
+// generators as they stood before its forward), then the gradient from dy down to h1.
+at::Tensor mlp_backward(const LayerRefs& r, const at::Tensor& h1, const at::Tensor& dy) {
+  MlpHalf mlp = mlp_half(r, h1);
+  LoraPass down;
+  if (r.proj[kDown].lora) {
+    down.in = dropout(mlp.m, *r.proj[kDown].lora);
+    down.t = at::mm(down.in.x, r.proj[kDown].lora->lora_a().to(dy.scalar_type()).t());
+  }
+  mlp.m = at::Tensor();
+  at::Tensor dm = at::mm(dy, merged_weight(pick(r, {kDown}), dy.options()));  // [N, I]
+  if (r.proj[kDown].lora) dm.add_(lora_backward(*r.proj[kDown].lora, down, dy));
+  down = LoraPass();
+  model::swiglu_backward_inplace(dm, mlp.gu);  // gu now holds [dg | du]
+  dm = at::Tensor();
+  at::Tensor dn2 = at::mm(mlp.gu, mlp.w_gu);  // [N, h]
+  if (at::Tensor d = lora_columns_backward(r, {kGate, kUp}, mlp.gu, mlp.lora); d.defined()) dn2.add_(d);
+  mlp.gu = at::Tensor();
+  mlp.w_gu = at::Tensor();
+  return norm_backward(dn2, h1, r.norm2, mlp.n2).add_(dy);
+}
+
+// The attention half's backward: recomputed from x (q, k, v and then o's dropout
+// masks drawn in the forward's order), then the gradient from dh1 down to x.
+at::Tensor attention_backward(const LayerHolder& holder, const at::Tensor& x2, int64_t b, int64_t t,
+                              const at::Tensor& dh1) {
+  const LayerRefs& r = holder.refs;
+  std::array<at::Tensor, 3> leaves;
+  at::Tensor attn_out;
+  AttentionHalf att = attention_half(r, x2, b, t, holder.cos_sin, holder.attention, &leaves, &attn_out);
+  LoraPass o;
+  if (r.proj[kO].lora) {
+    o.in = dropout(att.a, *r.proj[kO].lora);
+    o.t = at::mm(o.in.x, r.proj[kO].lora->lora_a().to(dh1.scalar_type()).t());
+  }
+  att.a = at::Tensor();
+  at::Tensor da = at::mm(dh1, merged_weight(pick(r, {kO}), dh1.options()));  // [N, H·d]
+  if (r.proj[kO].lora) da.add_(lora_backward(*r.proj[kO].lora, o, dh1));
+  o = LoraPass();
+  const LlamaConfig& c = r.model->config();
+  const int64_t d = c.head_dim, heads = c.num_attention_heads, kv = c.num_key_value_heads;
+  variable_list dqkv;
+  {
+    at::AutoGradMode on(true);
+    dqkv = torch::autograd::grad({attn_out}, {leaves[0], leaves[1], leaves[2]},
+                                 {da.view({b, t, heads, d}).transpose(1, 2)});
+  }
+  da = at::Tensor();
+  attn_out = at::Tensor();
+  leaves = {};
+  at::Tensor g_qkv = at::empty_like(att.qkv);  // [N, q + k + v]
+  att.qkv = at::Tensor();
+  at::Tensor gq = g_qkv.narrow(1, 0, heads * d).view({b, t, heads, d});
+  at::Tensor gk = g_qkv.narrow(1, heads * d, kv * d).view({b, t, kv, d});
+  at::Tensor gv = g_qkv.narrow(1, (heads + kv) * d, kv * d).view({b, t, kv, d});
+  gq.copy_(dqkv[0]);
+  gk.copy_(dqkv[1]);
+  gv.copy_(dqkv[2]);
+  dqkv.clear();
+  model::rope_backward_inplace(gq, holder.cos_sin.first, holder.cos_sin.second);
+  model::rope_backward_inplace(gk, holder.cos_sin.first, holder.cos_sin.second);
+  at::Tensor dn1 = at::mm(g_qkv, att.w_qkv);  // [N, h]
+  if (at::Tensor dl = lora_columns_backward(r, {kQ, kK, kV}, g_qkv, att.lora); dl.defined()) dn1.add_(dl);
+  return norm_backward(dn1, x2, r.norm1, att.n1).add_(dh1);
+}
+
+// Puts the generators back to the state backward found them in, also on a throw.
+class RngGuard {
+ public:
+  RngGuard(bool active, const c10::Device& device) : device_(device) {
+    if (active) found_ = capture_rng(device);
+  }
+  ~RngGuard() {
+    if (found_.cpu.defined()) restore_rng(found_, device_);
+  }
+  RngGuard(const RngGuard&) = delete;
+  RngGuard& operator=(const RngGuard&) = delete;
+
+ private:
+  RngState found_;
+  c10::Device device_;
+};
+
 struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& anchor,
                             const c10::intrusive_ptr<LayerHolder>& holder) {
     (void)anchor;
     const LayerRefs& r = holder->refs;
     const int64_t b = input.size(0), t = input.size(1), h = input.size(2);
-    if (r.any_dropout) {
-      const RngState rng = capture_rng(input.device());
-      ctx->saved_data["rng_cpu"] = rng.cpu;
-      if (rng.cuda.defined()) ctx->saved_data["rng_cuda"] = rng.cuda;
-    }
+    if (r.any_dropout) save_rng(ctx, "rng_attention", input.device());
     const at::Tensor x2 = input.reshape({b * t, h});
     at::Tensor a = attention_half(r, x2, b, t, holder->cos_sin, holder->attention, nullptr, nullptr).a;
     const at::Tensor h1 = residual_projection(r, kO, x2, a, nullptr);
     a = at::Tensor();
+    if (r.any_dropout) save_rng(ctx, "rng_mlp", input.device());
     at::Tensor m = mlp_half(r, h1).m;
     const at::Tensor y = residual_projection(r, kDown, h1, m, nullptr);
     ctx->save_for_backward({input});
@@ -341,6 +442,9 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
     return y.view({b, t, h});
   }
 
+  // Note [fused decoder layer]: the MLP half first (recomputed from h1), then the
+  // attention half (recomputed from x); each half's generators are put back to
+  // where its forward drew, so only one half's activations are alive at a time.
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     variable_list grads(3);
     if (!grad_outputs[0].defined()) return grads;
@@ -348,84 +452,13 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
     const at::Tensor h1 = ctx->saved_data["h1"].toTensor();
     const auto holder = c10::static_intrusive_pointer_cast<LayerHolder>(ctx->saved_data["layer"].toCapsule());
     const LayerRefs& r = holder->refs;
+    const c10::Device device = input.device();
     const int64_t b = input.size(0), t = input.size(1), h = input.size(2);
-    const at::Tensor x2 = input.reshape({b * t, h});
-    const at::Tensor dy = grad_outputs[0].reshape({b * t, h});
-
-    // Recompute, drawing the forward's dropout masks (Note [Checkpoint RNG]).
-    std::array<at::Tensor, 3> leaves;
-    at::Tensor attn_out;
-    AttentionHalf att;
-    MlpHalf mlp;
-    LoraPass o_pass, down_pass;
-    {
-      RngState found;
-      if (r.any_dropout) {
-        found = capture_rng(input.device());
-        RngState forward_state;
-        forward_state.cpu = ctx->saved_data["rng_cpu"].toTensor();
-        if (ctx->saved_data.count("rng_cuda")) forward_state.cuda = ctx->saved_data["rng_cuda"].toTensor();
-        restore_rng(forward_state, input.device());
-      }
-      struct Restore {
-        const RngState* s;
-        c10::Device device;
-        ~Restore() {
-          if (s->cpu.defined()) restore_rng(*s, device);
-        }
-      } restore{&found, input.device()};
-      att = attention_half(r, x2, b, t, holder->cos_sin, holder->attention, &leaves, &attn_out);
-      if (r.proj[kO].lora) o_pass = LoraPass{dropout(att.a, *r.proj[kO].lora), {}};
-      mlp = mlp_half(r, h1);
-      if (r.proj[kDown].lora) down_pass = LoraPass{dropout(mlp.m, *r.proj[kDown].lora), {}};
-    }
-    // The t of o and down (dropped input · Aᵀ), as lora_add computes them.
-    auto finish = [](const Proj& p, LoraPass& pass) {
-      if (p.lora) pass.t = at::mm(pass.in.x, p.lora->lora_a().to(pass.in.x.scalar_type()).t());
-    };
-    finish(r.proj[kO], o_pass);
-    finish(r.proj[kDown], down_pass);
-
-    // MLP: down, SwiGLU, gate/up, norm 2.
-    at::Tensor dm = at::mm(dy, merged_weight(pick(r, {kDown}), dy.options()));  // [N, I]
-    if (r.proj[kDown].lora) dm.add_(lora_backward(*r.proj[kDown].lora, down_pass, dy));
-    down_pass = LoraPass();
-    mlp.m = at::Tensor();
-    model::swiglu_backward_inplace(dm, mlp.gu);  // gu now holds [dg | du]
-    dm = at::Tensor();
-    at::Tensor dn2 = at::mm(mlp.gu, mlp.w_gu);    // [N, h]
-    if (at::Tensor d = lora_columns_backward(r, {kGate, kUp}, mlp.gu, mlp.lora); d.defined()) dn2.add_(d);
-    const at::Tensor dh1 = norm_backward(dn2, h1, r.norm2, mlp.n2).add_(dy);
-    mlp = MlpHalf();
-    dn2 = at::Tensor();
-
-    // Attention: o, SDPA, RoPE, q/k/v, norm 1.
-    at::Tensor da = at::mm(dh1, merged_weight(pick(r, {kO}), dh1.options()));  // [N, H·d]
-    if (r.proj[kO].lora) da.add_(lora_backward(*r.proj[kO].lora, o_pass, dh1));
-    o_pass = LoraPass();
-    const LlamaConfig& c = r.model->config();
-    const int64_t d = c.head_dim, heads = c.num_attention_heads, kv = c.num_key_value_heads;
-    variable_list dqkv;
-    {
-      at::AutoGradMode on(true);
-      dqkv = torch::autograd::grad({attn_out}, {leaves[0], leaves[1], leaves[2]},
-                                   {da.view({b, t, heads, d}).transpose(1, 2)});
-    }
-    da = at::Tensor();
-    attn_out = at::Tensor();
-    at::Tensor g_qkv = at::empty_like(att.qkv);  // [N, q + k + v]
-    at::Tensor gq = g_qkv.narrow(1, 0, heads * d).view({b, t, heads, d});
-    at::Tensor gk = g_qkv.narrow(1, heads * d, kv * d).view({b, t, kv, d});
-    at::Tensor gv = g_qkv.narrow(1, (heads + kv) * d, kv * d).view({b, t, kv, d});
-    gq.copy_(dqkv[0]);
-    gk.copy_(dqkv[1]);
-    gv.copy_(dqkv[2]);
-    dqkv.clear();
-    model::rope_backward_inplace(gq, holder->cos_sin.first, holder->cos_sin.second);
-    model::rope_backward_inplace(gk, holder->cos_sin.first, holder->cos_sin.second);
-    at::Tensor dn1 = at::mm(g_qkv, att.w_qkv);  // [N, h]
-    if (at::Tensor dl = lora_columns_backward(r, {kQ, kK, kV}, g_qkv, att.lora); dl.defined()) dn1.add_(dl);
-    grads[0] = norm_backward(dn1, x2, r.norm1, att.n1).add_(dh1).view({b, t, h});
+    const RngGuard guard(r.any_dropout, device);
+    if (r.any_dropout) load_rng(ctx, "rng_mlp", device);
+    const at::Tensor dh1 = mlp_backward(r, h1, grad_outputs[0].reshape({b * t, h}));
+    if (r.any_dropout) load_rng(ctx, "rng_attention", device);
+    grads[0] = attention_backward(*holder, input.reshape({b * t, h}), b, t, dh1).view({b, t, h});
     return grads;
   }
 };
