@@ -1,19 +1,21 @@
 // Benchmark of the whole training step (issue 8, point 4): `qlora train` as users run it, through
-// the public recipe train::run_training, on the Llama-3.2-1B architecture with random weights;
-// r 16 / alpha 32 / dropout 0.05 on q,k,v,o, activation checkpointing, bf16, paged 8-bit AdamW.
+// the public recipe train::run_training, on the Llama-3.2-1B (and 3.1-8B) architecture with random
+// weights drawn on the GPU; r 16 / alpha 32 / dropout 0.05 on q,k,v,o, activation checkpointing,
+// bf16, paged 8-bit AdamW, unless a configuration (kShapes) says otherwise.
 // One JSON object a line on stdout, per configuration (micro, seq):
 //   {"bench":"train","system":"qlora","model":"llama-3.2-1b","micro":2,"seq":512,"steps_timed":10,
 //    "tokens_per_second":...,"peak_allocated_bytes":...,"peak_reserved_bytes":...,
 //    "plan_total_bytes":...,"plan_allocated_bytes":...,"plan_error_pct":...,...}
 // or the same keys up to "seq" plus "error" when that configuration failed. Logs go to stderr.
 //
-//   bench_train [--quick] [--steps N] [--work DIR] [--keep]
+//   bench_train [--quick] [--configs NAMES] [--steps N] [--work DIR] [--keep] [--profile PREFIX]
 //     --quick     only the first configuration (micro 2, seq 512)
+//     --configs   comma-separated names from kShapes (default: 2x512,4x1024,8x2048); also
+//                 all-linear-4x1024, no-ckpt-2x512, fp16-4x1024, 8b-2x2048
 //     --steps N   optimizer steps per configuration (default 12); the first kWarmupSteps are
 //                 warm-up, excluded from the timing and from the peak
-//     --work DIR  where the model, data and outputs go, kept for the next call (the random model,
-//                 ~5 GB of fp32, is written once and reused); default: a new folder under $TMPDIR,
-//                 removed at the end
+//     --work DIR  where the model directories (config.json + tokenizer), data and outputs go;
+//                 default: a new folder under $TMPDIR, removed at the end
 //     --keep      also keep each configuration's data, metrics.jsonl and adapter
 //
 // Note [what is timed and what is the peak]
@@ -67,18 +69,31 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
-constexpr const char* kModel = "llama-3.2-1b";
 constexpr const char* kGpuPreset = "h100";
 constexpr int64_t kWarmupSteps = 2;
 constexpr int64_t kDefaultSteps = 12;
-constexpr uint64_t kModelSeed = 1234;
 constexpr int64_t kExtraChars = 16;  // a line is seq + this many bytes, so truncation makes every row seq
 
+// One configuration of issue 8, point 4. The defaults are r 16 / alpha 32 / dropout 0.05 on
+// q,k,v,o, checkpointing, bf16, paged 8-bit AdamW; a variant changes one of them.
 struct Shape {
+  const char* name;
+  const char* model;  // a preset: qlora::model_preset
   int64_t micro, seq;
+  bool all_linear = false;
+  bool checkpointing = true;
+  bool fp16 = false;  // fp16 with the dynamic loss scaler instead of bf16
 };
-// Issue 8, point 4.
-const Shape kShapes[] = {{2, 512}, {4, 1024}, {8, 2048}};
+const Shape kShapes[] = {
+    {"2x512", "llama-3.2-1b", 2, 512},
+    {"4x1024", "llama-3.2-1b", 4, 1024},
+    {"8x2048", "llama-3.2-1b", 8, 2048},
+    {"all-linear-4x1024", "llama-3.2-1b", 4, 1024, true},
+    {"no-ckpt-2x512", "llama-3.2-1b", 2, 512, false, false},
+    {"fp16-4x1024", "llama-3.2-1b", 4, 1024, false, true, true},
+    {"8b-2x2048", "llama-3.1-8b", 2, 2048},
+};
+constexpr int kDefaultShapes = 3;  // without --configs: the three micro × seq points
 
 struct Args {
   bool quick = false;
@@ -86,10 +101,11 @@ struct Args {
   int64_t steps = kDefaultSteps;
   std::string work;
   std::string profile;  // Kineto (CPU + CUDA) trace of the timed steps of each configuration
+  std::vector<Shape> shapes;
 };
 
 [[noreturn]] void usage(const std::string& why) {
-  std::fprintf(stderr, "bench_train: %s\nusage: bench_train [--quick] [--steps N (> %lld)] [--work DIR] [--keep] [--profile PREFIX]\n",
+  std::fprintf(stderr, "bench_train: %s\nusage: bench_train [--quick] [--configs NAMES] [--steps N (> %lld)] [--work DIR] [--keep] [--profile PREFIX]\n",
                why.c_str(), static_cast<long long>(kWarmupSteps));
   std::exit(2);
 }
@@ -111,6 +127,23 @@ Args parse_args(int argc, char** argv) {
       a.quick = true;
     } else if (arg == "--keep") {
       a.keep = true;
+    } else if (arg == "--configs") {
+      if (i + 1 >= argc) usage("--configs needs a value");
+      std::string list = argv[++i];
+      for (size_t pos = 0; pos <= list.size();) {
+        const size_t comma = std::min(list.find(',', pos), list.size());
+        const std::string name = list.substr(pos, comma - pos);
+        pos = comma + 1;
+        if (name.empty()) continue;
+        bool found = false;
+        for (const Shape& s : kShapes)
+          if (name == s.name) a.shapes.push_back(s), found = true;
+        if (!found) {
+          std::string known;
+          for (const Shape& s : kShapes) known += std::string(known.empty() ? "" : ", ") + s.name;
+          usage("--configs: unknown configuration " + name + " (known: " + known + ")");
+        }
+      }
     } else if (arg == "--steps" || arg == "--work" || arg == "--profile") {
       if (i + 1 >= argc) usage(arg + " needs a value");
       const std::string v = argv[++i];
@@ -129,6 +162,8 @@ Args parse_args(int argc, char** argv) {
       usage("unknown argument " + arg);
     }
   }
+  if (a.shapes.empty()) a.shapes.assign(kShapes, kShapes + kDefaultShapes);
+  if (a.quick) a.shapes.resize(1);
   if (a.steps <= kWarmupSteps) usage("--steps must exceed the " + std::to_string(kWarmupSteps) + " warm-up steps");
   return a;
 }
@@ -159,6 +194,7 @@ qlora::Config make_config(const std::string& model_dir, const std::string& data_
   cfg.lora.alpha = 32.0;
   cfg.lora.dropout = 0.05;
   cfg.lora.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};
+  if (s.all_linear) cfg.lora.target_modules = {"all-linear"};
   cfg.data.path = data_path;
   cfg.data.format = qlora::DataFormat::kText;
   cfg.data.max_seq_length = s.seq;
@@ -166,8 +202,8 @@ qlora::Config make_config(const std::string& model_dir, const std::string& data_
   cfg.train.micro_batch_size = s.micro;
   cfg.train.gradient_accumulation_steps = 1;
   cfg.train.max_steps = steps;
-  cfg.train.precision = qlora::Precision::kBf16;
-  cfg.train.gradient_checkpointing = true;
+  cfg.train.precision = s.fp16 ? qlora::Precision::kFp16 : qlora::Precision::kBf16;
+  cfg.train.gradient_checkpointing = s.checkpointing;
   cfg.train.optimizer = qlora::OptimizerKind::kPagedAdamW8bit;
   cfg.train.eval_steps = 0;
   cfg.output.dir = out_dir;
@@ -212,7 +248,7 @@ int64_t reserved_peak() {
 
 json run_one(const Shape& s, const Args& args, const fs::path& work, const fs::path& model_dir,
              const qlora::LlamaConfig& shape, const qlora::plan::GpuSpec& gpu) {
-  const std::string tag = "m" + std::to_string(s.micro) + "_s" + std::to_string(s.seq);
+  const std::string tag = s.name;
   const fs::path data = work / ("data_" + tag + ".jsonl");
   const fs::path out = work / ("out_" + tag);
   fs::remove_all(out);
@@ -229,6 +265,7 @@ json run_one(const Shape& s, const Args& args, const fs::path& work, const fs::p
   options.device = "cuda";
   options.evaluate_at_start = false;
   options.handle_signals = false;
+  options.random_weights = true;  // the directory holds config.json only: weights drawn on the GPU
   options.progress_bar = false;
   options.stop_when = [&](int64_t next_step, int64_t micro_done) {
     if (micro_done != 0) return false;
@@ -265,13 +302,14 @@ json run_one(const Shape& s, const Args& args, const fs::path& work, const fs::p
 
   json j = {{"bench", "train"},
             {"system", "qlora"},
-            {"model", kModel},
+            {"config", s.name},
+            {"model", s.model},
             {"micro", s.micro},
             {"seq", s.seq},
-            {"precision", "bf16"},
-            {"gradient_checkpointing", true},
+            {"precision", s.fp16 ? "fp16" : "bf16"},
+            {"gradient_checkpointing", s.checkpointing},
             {"optimizer", "paged_adamw_8bit"},
-            {"lora", "r16 a32 q,k,v,o"},
+            {"lora", s.all_linear ? "r16 a32 all-linear" : "r16 a32 q,k,v,o"},
             {"steps_timed", t.steps},
             {"tokens_timed", t.tokens},
             {"tokens_per_second", static_cast<double>(t.tokens) / t.seconds},
@@ -320,38 +358,34 @@ int main(int argc, char** argv) {
   const fs::path work = args.work.empty()
                             ? fs::temp_directory_path() / ("qlora-bench-train-" + std::to_string(::getpid()))
                             : fs::path(args.work);
-  const fs::path model_dir = work / "model";
   int failures = 0;
   try {
-    const qlora::LlamaConfig shape = qlora::model_preset(kModel);
     const qlora::plan::GpuSpec gpu = qlora::plan::resolve_gpu(kGpuPreset);
-    fs::create_directories(work);
-    if (!fs::exists(model_dir / "model.safetensors") || !fs::exists(model_dir / "tokenizer.json")) {
-      const Clock::time_point t0 = Clock::now();
-      std::fprintf(stderr, "bench_train: writing a random %s (fp32, ~5 GB) to %s\n", kModel, model_dir.c_str());
-      qlora::train::write_random_llama(model_dir.string(), shape, kModelSeed);
-      // Byte-level, no merges: vocabulary 261 (< the model's 128256; ids stay in range).
-      qlora::train::write_demo_tokenizer(model_dir.string());
-      std::fprintf(stderr, "bench_train: model written in %.0f s\n",
-                   std::chrono::duration<double>(Clock::now() - t0).count());
-    }
-    for (const Shape& s : kShapes) {
+    for (const Shape& s : args.shapes) {
       json j;
       try {
+        // config.json and a tokenizer only: RunOptions::random_weights draws the weights on
+        // the GPU (seconds, where writing an 8B checkpoint would take minutes and 32 GB).
+        const qlora::LlamaConfig shape = qlora::model_preset(s.model);
+        const fs::path model_dir = work / (std::string("model-") + s.model);
+        if (!fs::exists(model_dir / "config.json") || !fs::exists(model_dir / "tokenizer.json")) {
+          qlora::train::write_llama_config(model_dir.string(), shape);
+          // Byte-level, no merges: vocabulary 261 (< the model's; ids stay in range).
+          qlora::train::write_demo_tokenizer(model_dir.string());
+        }
         j = run_one(s, args, work, model_dir, shape, gpu);
       } catch (const std::exception& e) {
         ++failures;
-        j = {{"bench", "train"}, {"system", "qlora"}, {"model", kModel},
+        j = {{"bench", "train"}, {"system", "qlora"}, {"config", s.name}, {"model", s.model},
              {"micro", s.micro}, {"seq", s.seq},      {"error", e.what()}};
       }
       std::printf("%s\n", j.dump(-1, ' ', false, json::error_handler_t::replace).c_str());
       std::fflush(stdout);
       c10::cuda::CUDACachingAllocator::emptyCache();
-      if (args.quick) break;
     }
   } catch (const std::exception& e) {
     ++failures;
-    std::printf("%s\n", json{{"bench", "train"}, {"system", "qlora"}, {"model", kModel}, {"error", e.what()}}
+    std::printf("%s\n", json{{"bench", "train"}, {"system", "qlora"}, {"error", e.what()}}
                             .dump(-1, ' ', false, json::error_handler_t::replace)
                             .c_str());
   }

@@ -247,7 +247,11 @@ void write_random_llama(const std::string& dir, const LlamaConfig& c, uint64_t s
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   for (auto& [name, dims] : llama_tensor_shapes(c)) tensors.emplace_back(name, random_tensor(name, dims, gen, c10::kCPU));
   io::save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
+  write_llama_config(dir, c);
+}
 
+void write_llama_config(const std::string& dir, const LlamaConfig& c) {
+  fs::create_directories(dir);
   const json config = {{"architectures", {"LlamaForCausalLM"}},
                        {"model_type", "llama"},
                        {"vocab_size", c.vocab_size},

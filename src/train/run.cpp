@@ -245,7 +245,7 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   }
 
   // 2. base model, frozen, its projections quantized to NF4 as they load
-  BaseModel base = load_base_model(cfg, dev);
+  BaseModel base = load_base_model(cfg, dev, options.random_weights);
   model::LlamaModel& model = base.model;
   const LlamaConfig& shape = base.shape;
 

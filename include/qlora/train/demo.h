@@ -47,6 +47,9 @@ int64_t write_demo_tokenizer(const std::string& dir,
 // config.json and model.safetensors (fp32) of `shape`, random as transformers
 // initializes it from `seed`.
 void write_random_llama(const std::string& dir, const LlamaConfig& shape, uint64_t seed);
+// Only the config.json of write_random_llama: a model directory that `plan --measure` and
+// benchmarks (RunOptions::random_weights) fill with random weights of that shape on the device.
+void write_llama_config(const std::string& dir, const LlamaConfig& shape);
 
 // The Hugging Face tensor names and shapes of a Llama of `shape`, in the
 // order write_random_llama draws them.

@@ -43,6 +43,10 @@ struct RunOptions {
   // every decoder layer whose input has more rows than this raise c10's
   // OutOfMemoryError, as the CUDA allocator does. -1: off.
   int64_t simulate_oom_above_rows = -1;
+  // Benchmark hook: a model directory with config.json and no *.safetensors is
+  // trained from random weights of that shape, drawn on the device (as `plan
+  // --measure` does). Off for users: a missing checkpoint is an error.
+  bool random_weights = false;
 };
 
 struct RunResult {
