@@ -25,7 +25,8 @@ bench_train measures; *_with_warmup_bytes keep the warm-up (and compilation).
 Managed memory of the paged optimizer is outside the allocator, as for qlora.
 
   PYTHONPATH=$PWD/.whl/site python3 scripts/bench_peer.py [--quick] [--steps N]
-      [--modes eager,compile] [--configs 2x512,4x1024,8x2048] [--work DIR]
+      [--modes eager,compile] [--configs 2x512,4x1024,8x2048,all-linear-4x1024,no-ckpt-2x512,fp16-4x1024,8b-2x2048]
+      [--work DIR]
 """
 
 import argparse
@@ -41,6 +42,14 @@ import traceback
 
 WARMUP_STEPS = 2
 CONFIGS = [(2, 512), (4, 1024), (8, 2048)]  # (micro, seq), issue 8 point 4
+# The other configurations of issue 8 point 4, by the names bench_train uses: each changes one
+# thing of the default (1B, q,k,v,o, checkpointing, bf16).
+VARIANTS = {
+    "all-linear-4x1024": dict(micro=4, seq=1024, all_linear=True),
+    "no-ckpt-2x512": dict(micro=2, seq=512, checkpointing=False),
+    "fp16-4x1024": dict(micro=4, seq=1024, fp16=True),
+    "8b-2x2048": dict(micro=2, seq=2048, model="llama-3.1-8b"),
+}
 LR = 2e-4
 MAX_GRAD_NORM = 1.0
 SEED = 1234
@@ -65,6 +74,9 @@ LLAMA_32_1B = dict(
     eos_token_id=128001,
     use_cache=False,
 )
+# Llama-3.1-8B's published config.json (what differs from the 1B).
+LLAMA_31_8B = dict(LLAMA_32_1B, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                   num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
 ROPE = {
     "rope_type": "llama3",
     "rope_theta": 500000.0,
@@ -98,37 +110,46 @@ def parse_args():
     for m in a.modes:
         if m not in ("eager", "compile"):
             p.error(f"--modes: unknown mode {m!r} (eager, compile)")
-    configs = list(CONFIGS)
+    configs = [variant(f"{m}x{s}", micro=m, seq=s) for m, s in CONFIGS]
     if a.configs:
         configs = []
         for item in a.configs.split(","):
+            if item in VARIANTS:
+                configs.append(variant(item, **VARIANTS[item]))
+                continue
             try:
                 micro, seq = (int(x) for x in item.lower().split("x"))
             except ValueError:
-                p.error(f"--configs: expected MICROxSEQ such as 2x512, got {item!r}")
-            configs.append((micro, seq))
+                p.error(f"--configs: expected MICROxSEQ such as 2x512 or one of {', '.join(VARIANTS)}, got {item!r}")
+            configs.append(variant(item, micro=micro, seq=seq))
     if a.quick:
         configs = configs[:1]
     a.config_list = configs
     return a
 
 
-def model_config(tiny):
+def variant(name, micro, seq, model="llama-3.2-1b", all_linear=False, checkpointing=True, fp16=False):
+    return dict(name=name, micro=micro, seq=seq, model=model, all_linear=all_linear,
+                checkpointing=checkpointing, fp16=fp16)
+
+
+def model_config(tiny, model="llama-3.2-1b"):
     from transformers import LlamaConfig
 
-    values = dict(LLAMA_32_1B)
+    values = dict(LLAMA_31_8B if model == "llama-3.1-8b" else LLAMA_32_1B)
+    rope = dict(ROPE, factor=8.0) if model == "llama-3.1-8b" else dict(ROPE)
     if tiny:
         values.update(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, bos_token_id=1, eos_token_id=2)
-    return LlamaConfig(rope_parameters=dict(ROPE), **values)
+    return LlamaConfig(rope_parameters=rope, **values)
 
 
-def write_random_model(path, tiny, device):
+def write_random_model(path, tiny, device, model_name):
     import torch
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(SEED)
-    cfg = model_config(tiny)
+    cfg = model_config(tiny, model_name)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)  # transformers' own random init
     model.to(torch.bfloat16)
@@ -141,33 +162,34 @@ def write_random_model(path, tiny, device):
     return n
 
 
-def load_qlora_model(path, device):
+def load_qlora_model(path, device, v):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
+    dtype = torch.float16 if v["fp16"] else torch.bfloat16
     bnb_config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=dtype,
     )
     model = LlamaForCausalLM.from_pretrained(
         path,
         quantization_config=bnb_config,
-        dtype=torch.bfloat16,
+        dtype=dtype,
         device_map={"": 0} if device == "cuda" else {"": "cpu"},
         attn_implementation="sdpa",
     )
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        model, use_gradient_checkpointing=v["checkpointing"], gradient_checkpointing_kwargs={"use_reentrant": False}
     )
     lora = LoraConfig(
         r=16,
         lora_alpha=32,
         lora_dropout=0.05,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_modules="all-linear" if v["all_linear"] else ["q_proj", "k_proj", "v_proj", "o_proj"],
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -186,10 +208,11 @@ def make_optimizer(params, device):
     return bnb.optim.PagedAdamW8bit(params, lr=LR, weight_decay=0.0), "bnb.PagedAdamW8bit"
 
 
-def run_one(path, micro, seq, mode, steps, device, vocab):
+def run_one(path, v, mode, steps, device, vocab):
     import torch
 
-    base = load_qlora_model(path, device)
+    micro, seq = v["micro"], v["seq"]
+    base = load_qlora_model(path, device, v)
     params = [p for p in base.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     optimizer, optimizer_name = make_optimizer(params, device)
@@ -197,7 +220,9 @@ def run_one(path, micro, seq, mode, steps, device, vocab):
 
     gen = torch.Generator(device=device).manual_seed(SEED + micro * 7919 + seq)
     batches = [torch.randint(0, vocab, (micro, seq), device=device, generator=gen) for _ in range(steps)]
-    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16)
+    autocast = torch.autocast(device_type=device, dtype=torch.float16 if v["fp16"] else torch.bfloat16)
+    # fp16: the Hugging Face Trainer's dynamic loss scaling (torch.amp.GradScaler).
+    scaler = torch.amp.GradScaler(device) if v["fp16"] else None
 
     def sync():
         if device == "cuda":
@@ -206,9 +231,16 @@ def run_one(path, micro, seq, mode, steps, device, vocab):
     def step(ids):
         with autocast:
             loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
@@ -294,21 +326,24 @@ def main():
         return 1
 
     work = args.work or tempfile.mkdtemp(prefix="qlora-bench-peer-")
-    path = os.path.join(work, "llama-3.2-1b-random")
     failures = 0
     try:
-        if not os.path.exists(os.path.join(path, "config.json")):
-            t0 = time.perf_counter()
-            n = write_random_model(path, args.tiny, device)
-            log(f"random model ({n:,} parameters, bf16) written to {path} in {time.perf_counter() - t0:.0f} s")
-        vocab = model_config(args.tiny).vocab_size
-        for micro, seq in args.config_list:
+        for v in args.config_list:
+            path = os.path.join(work, v["model"] + "-random")
+            if not os.path.exists(os.path.join(path, "config.json")):
+                t0 = time.perf_counter()
+                n = write_random_model(path, args.tiny, device, v["model"])
+                log(f"random model ({n:,} parameters, bf16) written to {path} in {time.perf_counter() - t0:.0f} s")
+            vocab = model_config(args.tiny, v["model"]).vocab_size
+            micro, seq = v["micro"], v["seq"]
             for mode in args.modes:
-                row = {**head, "mode": mode, "micro": micro, "seq": seq, "precision": "bf16",
-                       "gradient_checkpointing": True, "lora": "r16 a32 q,k,v,o"}
-                log(f"{mode} micro {micro} seq {seq}: {args.steps} steps ({WARMUP_STEPS} warm-up)")
+                row = {**head, "config": v["name"], "model": v["model"] if not args.tiny else "tiny", "mode": mode,
+                       "micro": micro, "seq": seq, "precision": "fp16" if v["fp16"] else "bf16",
+                       "gradient_checkpointing": v["checkpointing"],
+                       "lora": "r16 a32 " + ("all-linear" if v["all_linear"] else "q,k,v,o")}
+                log(f"{mode} {v['name']}: {args.steps} steps ({WARMUP_STEPS} warm-up)")
                 try:
-                    row.update(run_one(path, micro, seq, mode, args.steps, device, vocab))
+                    row.update(run_one(path, v, mode, args.steps, device, vocab))
                 except Exception as e:  # noqa: BLE001 - one failed configuration must not stop the rest
                     failures += 1
                     traceback.print_exc(file=sys.stderr)
