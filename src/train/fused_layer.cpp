@@ -116,10 +116,11 @@ Dropped dropout(const at::Tensor& x, const lora::LoraLinear& l) {
   return {x * noise, noise, p};
 }
 
-at::Tensor dropout_backward(const at::Tensor& grad, const Dropped& d) {
+// In place on grad: the mask and the 1/(1-p) scale (one rounding, as native_dropout_backward).
+at::Tensor& dropout_backward_(at::Tensor& grad, const Dropped& d) {
   if (!d.mask.defined()) return grad;
-  if (d.mask.scalar_type() == at::kBool) return at::native_dropout_backward(grad, d.mask, 1.0 / (1.0 - d.p));
-  return grad * d.mask;
+  if (d.mask.scalar_type() == at::kBool) return grad.mul_(d.mask).mul_(1.0 / (1.0 - d.p));
+  return grad.mul_(d.mask);
 }
 
 // One LoRA's forward pieces, kept for its backward.
@@ -147,14 +148,18 @@ void accumulate_grad(const at::Tensor& param, const at::Tensor& grad) {
 }
 
 // The backward of lora_add for the gradient `go` [N, out] at its output: A and B's
-// gradients accumulated, the gradient with respect to x [N, in] returned.
-at::Tensor lora_backward(const lora::LoraLinear& l, const LoraPass& pass, const at::Tensor& go) {
+// gradients accumulated, the gradient with respect to x [N, in] returned. Consumes
+// `pass`: the dropped input goes as soon as A's gradient is taken.
+at::Tensor lora_backward(const lora::LoraLinear& l, LoraPass&& pass, const at::Tensor& go) {
   const at::ScalarType dt = go.scalar_type();
-  const at::Tensor gs = go * l.scaling();                             // [N, out]
-  accumulate_grad(l.lora_b(), at::mm(gs.t(), pass.t));                // [out, r]
-  const at::Tensor dt_ = at::mm(gs, l.lora_b().to(dt));              // [N, r]
-  accumulate_grad(l.lora_a(), at::mm(dt_.t(), pass.in.x));            // [r, in]
-  return dropout_backward(at::mm(dt_, l.lora_a().to(dt)), pass.in);  // [N, in]
+  const at::Tensor gs = go * l.scaling();                 // [N, out]
+  accumulate_grad(l.lora_b(), at::mm(gs.t(), pass.t));    // [out, r]
+  const at::Tensor dt_ = at::mm(gs, l.lora_b().to(dt));  // [N, r]
+  accumulate_grad(l.lora_a(), at::mm(dt_.t(), pass.in.x));  // [r, in]
+  pass.in.x = at::Tensor();
+  pass.t = at::Tensor();
+  at::Tensor dx = at::mm(dt_, l.lora_a().to(dt));  // [N, in]
+  return dropout_backward_(dx, pass.in);
 }
 
 // ---------------------------------------------------------------- RMSNorm
@@ -231,15 +236,15 @@ void lora_columns(const LayerRefs& r, std::initializer_list<size_t> idx, const a
 
 // The gradient of LoRA projections `idx` given the gradient of their merged output.
 at::Tensor lora_columns_backward(const LayerRefs& r, std::initializer_list<size_t> idx, const at::Tensor& gout,
-                                 const std::vector<std::pair<size_t, LoraPass>>& passes) {
+                                 std::vector<std::pair<size_t, LoraPass>>& passes) {
   at::Tensor dx;
   int64_t off = 0;
   for (size_t i : idx) {
     const Proj& p = r.proj[i];
     const int64_t n = p.base->out_features();
-    for (const auto& [which, pass] : passes) {
+    for (auto& [which, pass] : passes) {
       if (which != i) continue;
-      at::Tensor d = lora_backward(*p.lora, pass, gout.narrow(1, off, n));
+      at::Tensor d = lora_backward(*p.lora, std::move(pass), gout.narrow(1, off, n));
       dx = dx.defined() ? dx.add_(d) : d;
     }
     off += n;
@@ -350,8 +355,7 @@ at::Tensor mlp_backward(const LayerRefs& r, const at::Tensor& h1, const at::Tens
   }
   mlp.m = at::Tensor();
   at::Tensor dm = at::mm(dy, merged_weight(pick(r, {kDown}), dy.options()));  // [N, I]
-  if (r.proj[kDown].lora) dm.add_(lora_backward(*r.proj[kDown].lora, down, dy));
-  down = LoraPass();
+  if (r.proj[kDown].lora) dm.add_(lora_backward(*r.proj[kDown].lora, std::move(down), dy));
   model::swiglu_backward_inplace(dm, mlp.gu);  // gu now holds [dg | du]
   dm = at::Tensor();
   at::Tensor dn2 = at::mm(mlp.gu, mlp.w_gu);  // [N, h]
@@ -376,8 +380,7 @@ at::Tensor attention_backward(const LayerHolder& holder, const at::Tensor& x2, i
   }
   att.a = at::Tensor();
   at::Tensor da = at::mm(dh1, merged_weight(pick(r, {kO}), dh1.options()));  // [N, H·d]
-  if (r.proj[kO].lora) da.add_(lora_backward(*r.proj[kO].lora, o, dh1));
-  o = LoraPass();
+  if (r.proj[kO].lora) da.add_(lora_backward(*r.proj[kO].lora, std::move(o), dh1));
   const LlamaConfig& c = r.model->config();
   const int64_t d = c.head_dim, heads = c.num_attention_heads, kv = c.num_key_value_heads;
   variable_list dqkv;
