@@ -99,4 +99,39 @@ int adamw8bit_step(float* param, const void* grad, FloatType grad_type, uint8_t*
                    uint8_t* exp_avg_sq_q, float* absmax_exp_avg, float* absmax_exp_avg_sq, int64_t n,
                    const AdamW8bitScalars& scalars, const DynamicMaps& maps, CUstream_st* stream);
 
+// ---------------------------------------------------------------- fused element-wise ops
+// The decoder layer's RoPE and SwiGLU (model/fused_ops.h: the references and the at::Tensor
+// API). Each kernel loads to fp32, computes in fp32 and rounds once into the output type
+// (`type`, shared by every operand). Strides are in elements and must be >= 0; the last dim is
+// contiguous. Aligned operands (16-byte row starts: base pointers aligned, row strides and the
+// half dim / I multiples of 8 elements for bf16 / fp16, 4 for fp32) take 16-byte loads; any
+// layout is accepted. Empty sizes launch nothing and return 0.
+
+// x: [batch, seq, heads, head_dim] with element strides (stride_batch, stride_seq, stride_head).
+struct RopeView {
+  int64_t batch = 0, seq = 0, heads = 0, head_dim = 0;  // head_dim even
+  int64_t stride_batch = 0, stride_seq = 0, stride_head = 0;
+};
+
+// In place, transformers' rotate-half RoPE: x <- x * cos + rotate_half(x) * sin, with
+// rotate_half(x) = cat(-x[d/2:], x[:d/2]); cos, sin: [batch, seq, head_dim] contiguous.
+// One thread owns the lane pair (i, i + d/2), so the update in place is safe.
+int rope_inplace(void* x, const void* cos, const void* sin, FloatType type, const RopeView& view,
+                 CUstream_st* stream);
+
+// Its backward, in place on the gradient: g <- g * cos + rotate_half_T(g * sin), with
+// rotate_half_T(y) = cat(y[d/2:], -y[:d/2]).
+int rope_backward_inplace(void* g, const void* cos, const void* sin, FloatType type, const RopeView& view,
+                          CUstream_st* stream);
+
+// m[r, :] = silu(g) * u with g = gu[r, :inter], u = gu[r, inter:2 inter]; gu: [rows, >= 2 inter]
+// with row stride gu_row_stride, m: [rows, >= inter] with row stride m_row_stride (no overlap).
+int swiglu(const void* gu, int64_t gu_row_stride, int64_t rows, int64_t inter, void* m, int64_t m_row_stride,
+           FloatType type, CUstream_st* stream);
+
+// In place on gu: [g | u] <- [dg | du], du = dm * silu(g), dg = dm * u * silu'(g) with
+// silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g))); dm: [rows, >= inter], row stride dm_row_stride.
+int swiglu_backward_inplace(const void* dm, int64_t dm_row_stride, void* gu, int64_t gu_row_stride, int64_t rows,
+                            int64_t inter, FloatType type, CUstream_st* stream);
+
 }  // namespace qlora::kernels

@@ -1,0 +1,46 @@
+// model/fused_ops: the decoder layer's element-wise ops as in-place / fused calls, for the
+// hand-written layer forward and backward (no autograd inside the layer): RoPE and its
+// backward on strided head views, SwiGLU of a merged gate/up GEMM output and its backward.
+//
+// Each op has an ATen reference (op for op what model/llama.h computes, so CPU and fp32 runs
+// keep their bits) and, for bf16 / fp16 tensors on a CUDA device in a QLORA_CUDA build, one
+// fused kernel (include/qlora/kernels.h, "fused element-wise ops"): fp32 math, one rounding.
+// fp32 on the GPU takes the reference too (like model::rms_norm). QLORA_REFERENCE_OPS=1 in
+// the environment forces the references everywhere, to compare.
+//
+// Layouts: the last dim must be contiguous (stride 1); other strides are free, so column
+// slices of a wider GEMM output can be passed as they are.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace qlora::model {
+
+// RoPE in place, transformers' rotate_half convention: x <- x*cos + rotate_half(x)*sin,
+// rotate_half(x) = cat(-x[..., d/2:], x[..., :d/2]).
+// x: [B, T, H, d], last dim contiguous, d even; cos, sin: [B, T, d] contiguous, x's dtype and
+// device (what model::rope_cos_sin returns).
+void rope_inplace(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+// The backward of rope_inplace, in place on the gradient g (same layout rules):
+// g <- g*cos + rotate_half_T(g*sin), rotate_half_T(y) = cat(y[..., d/2:], -y[..., :d/2]).
+void rope_backward_inplace(at::Tensor& g, const at::Tensor& cos, const at::Tensor& sin);
+
+// SwiGLU of a merged gate/up GEMM output: gu [N, 2I] (last dim contiguous, any row stride),
+// g = gu[:, :I], u = gu[:, I:]; returns m = silu(g) * u, [N, I] contiguous, gu's dtype.
+at::Tensor swiglu(const at::Tensor& gu);
+
+// Backward, in place: given dm [N, I] (dL/dm, any row stride, last dim contiguous) and gu,
+// overwrites gu with [dg | du]: du = dm * silu(g), dg = dm * u * silu'(g),
+// silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g))).
+void swiglu_backward_inplace(const at::Tensor& dm, at::Tensor& gu);
+
+// The references, always ATen ops (the CPU, fp32, QLORA_REFERENCE_OPS=1, and the tests).
+// rope_inplace_reference computes what model::apply_rope computes for the same values;
+// swiglu_reference is at::silu(g) * u.
+void rope_inplace_reference(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+void rope_backward_inplace_reference(at::Tensor& g, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor swiglu_reference(const at::Tensor& gu);
+void swiglu_backward_inplace_reference(const at::Tensor& dm, at::Tensor& gu);
+
+}  // namespace qlora::model

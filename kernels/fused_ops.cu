@@ -1,0 +1,299 @@
+// Fused element-wise ops of the decoder layer (include/qlora/kernels.h: "fused element-wise
+// ops"): RoPE forward / backward in place on strided head views, and SwiGLU forward / backward
+// of a merged gate/up GEMM output. The math is model/fused_ops.h's references'; every kernel
+// loads its inputs to fp32, computes in fp32 and rounds once into the output type.
+//
+// Note [fused ops vector path]
+//   A thread handles V consecutive elements (V pairs for RoPE) with one 16-byte load per
+//   operand: V = 8 for bf16 / fp16, 4 for fp32. That needs every row start 16-byte aligned:
+//   the base pointers aligned and every row stride (and RoPE's half dim, SwiGLU's I, which
+//   place the second operand) a multiple of V. When any of it fails the whole launch takes the
+//   same kernel with V = 1 (scalar loads): one branch on the host, no mixed rows.
+//
+// Note [fused ops in place]
+//   RoPE: the thread that owns lane i of a row also owns lane i + d/2, reads both (and the
+//   matching cos / sin) before writing either, so x can be updated in place. SwiGLU backward:
+//   the thread that owns column i reads g_i, u_i, dm_i and then writes dg_i over g_i and du_i
+//   over u_i. No pointer here is __restrict__ where it aliases another.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "qlora/kernels.h"
+
+namespace qlora::kernels {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxGrid = 65535LL * 16;  // the grid-stride loops cover the rest
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline unsigned grid_for(int64_t work) { return static_cast<unsigned>(std::min(ceil_div(work, kThreads), kMaxGrid)); }
+
+template <typename T>
+struct Conv;
+template <>
+struct Conv<float> {
+  static __device__ __forceinline__ float to(float v) { return v; }
+  static __device__ __forceinline__ float from(float v) { return v; }
+};
+template <>
+struct Conv<__nv_bfloat16> {
+  static __device__ __forceinline__ float to(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
+template <>
+struct Conv<__half> {
+  static __device__ __forceinline__ float to(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
+};
+
+// V elements at p (16-byte aligned when V * sizeof(T) == 16) to fp32.
+template <typename T, int V>
+__device__ __forceinline__ void load(const T* p, float (&f)[V]) {
+  if constexpr (V * sizeof(T) == 16) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    T e[V];
+    memcpy(e, &raw, 16);
+#pragma unroll
+    for (int k = 0; k < V; ++k) f[k] = Conv<T>::to(e[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) f[k] = Conv<T>::to(p[k]);
+  }
+}
+
+// V fp32 values rounded once into T at p.
+template <typename T, int V>
+__device__ __forceinline__ void store(T* p, const float (&f)[V]) {
+  if constexpr (V * sizeof(T) == 16) {
+    T e[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) e[k] = Conv<T>::from(f[k]);
+    uint4 raw;
+    memcpy(&raw, e, 16);
+    *reinterpret_cast<uint4*>(p) = raw;
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) p[k] = Conv<T>::from(f[k]);
+  }
+}
+
+// ---------------------------------------------------------------- RoPE
+
+// Rows are the (b, t, h) triples; a row has half / V groups of V pairs (i, i + half).
+// Forward:  x1' = x1 c1 - x2 s1,  x2' = x2 c2 + x1 s2   (x * cos + rotate_half(x) * sin)
+// Backward: g1' = g1 c1 + g2 s2,  g2' = g2 c2 - g1 s1   (g * cos + rotate_half_T(g * sin))
+template <typename T, int V, bool kBackward>
+__global__ void __launch_bounds__(kThreads) rope_kernel(T* x, const T* __restrict__ cos, const T* __restrict__ sin,
+                                                        RopeView v) {
+  const int64_t half = v.head_dim / 2;
+  const int64_t groups = half / V;
+  const int64_t total = v.batch * v.seq * v.heads * groups;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < total; idx += step) {
+    const int64_t i = (idx % groups) * V;
+    const int64_t row = idx / groups;
+    const int64_t h = row % v.heads;
+    const int64_t bt = row / v.heads;
+    const int64_t t = bt % v.seq;
+    const int64_t b = bt / v.seq;
+    T* xr = x + b * v.stride_batch + t * v.stride_seq + h * v.stride_head;
+    const T* cr = cos + bt * v.head_dim;
+    const T* sr = sin + bt * v.head_dim;
+    float x1[V], x2[V], c1[V], c2[V], s1[V], s2[V];
+    load<T, V>(xr + i, x1);
+    load<T, V>(xr + half + i, x2);
+    load<T, V>(cr + i, c1);
+    load<T, V>(cr + half + i, c2);
+    load<T, V>(sr + i, s1);
+    load<T, V>(sr + half + i, s2);
+    float y1[V], y2[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      if constexpr (kBackward) {
+        y1[k] = x1[k] * c1[k] + x2[k] * s2[k];
+        y2[k] = x2[k] * c2[k] - x1[k] * s1[k];
+      } else {
+        y1[k] = x1[k] * c1[k] - x2[k] * s1[k];
+        y2[k] = x2[k] * c2[k] + x1[k] * s2[k];
+      }
+    }
+    store<T, V>(xr + i, y1);
+    store<T, V>(xr + half + i, y2);
+  }
+}
+
+template <typename T, bool kBackward>
+int launch_rope(void* x, const void* cos, const void* sin, const RopeView& v, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t half = v.head_dim / 2;
+  const bool vec = half % kVec == 0 && v.stride_batch % kVec == 0 && v.stride_seq % kVec == 0 &&
+                   v.stride_head % kVec == 0 && aligned16(x) && aligned16(cos) && aligned16(sin);
+  T* xp = static_cast<T*>(x);
+  const T* cp = static_cast<const T*>(cos);
+  const T* sp = static_cast<const T*>(sin);
+  const int64_t rows = v.batch * v.seq * v.heads;
+  if (vec) {
+    rope_kernel<T, kVec, kBackward><<<grid_for(rows * (half / kVec)), kThreads, 0, stream>>>(xp, cp, sp, v);
+  } else {
+    rope_kernel<T, 1, kBackward><<<grid_for(rows * half), kThreads, 0, stream>>>(xp, cp, sp, v);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <bool kBackward>
+int rope_dispatch(void* x, const void* cos, const void* sin, FloatType type, const RopeView& v,
+                  CUstream_st* stream) {
+  if (v.batch < 0 || v.seq < 0 || v.heads < 0 || v.head_dim < 0 || v.head_dim % 2 != 0)
+    return static_cast<int>(cudaErrorInvalidValue);
+  if (v.batch == 0 || v.seq == 0 || v.heads == 0 || v.head_dim == 0) return 0;
+  if (x == nullptr || cos == nullptr || sin == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  switch (type) {
+    case FloatType::kF32:
+      return launch_rope<float, kBackward>(x, cos, sin, v, stream);
+    case FloatType::kBF16:
+      return launch_rope<__nv_bfloat16, kBackward>(x, cos, sin, v, stream);
+    case FloatType::kF16:
+      return launch_rope<__half, kBackward>(x, cos, sin, v, stream);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+// ---------------------------------------------------------------- SwiGLU
+
+// sigmoid in fp32 with the accurate expf (g = -inf..inf: expf(-g) = inf gives 0, 0 gives 1).
+__device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
+
+// m[r, i] = silu(g) * u for columns i of V-groups; g = gu[r, i], u = gu[r, I + i].
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads) swiglu_kernel(const T* __restrict__ gu, int64_t gu_stride, int64_t rows,
+                                                          int64_t inter, T* __restrict__ m, int64_t m_stride) {
+  const int64_t groups = inter / V;
+  const int64_t total = rows * groups;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < total; idx += step) {
+    const int64_t i = (idx % groups) * V;
+    const int64_t r = idx / groups;
+    float g[V], u[V], y[V];
+    load<T, V>(gu + r * gu_stride + i, g);
+    load<T, V>(gu + r * gu_stride + inter + i, u);
+#pragma unroll
+    for (int k = 0; k < V; ++k) y[k] = g[k] * sigmoid(g[k]) * u[k];
+    store<T, V>(m + r * m_stride + i, y);
+  }
+}
+
+// Note [fused ops in place]: dg over g, du over u.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads) swiglu_backward_kernel(const T* __restrict__ dm, int64_t dm_stride,
+                                                                   T* gu, int64_t gu_stride, int64_t rows,
+                                                                   int64_t inter) {
+  const int64_t groups = inter / V;
+  const int64_t total = rows * groups;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < total; idx += step) {
+    const int64_t i = (idx % groups) * V;
+    const int64_t r = idx / groups;
+    T* gp = gu + r * gu_stride + i;
+    T* up = gp + inter;
+    float g[V], u[V], d[V], dg[V], du[V];
+    load<T, V>(gp, g);
+    load<T, V>(up, u);
+    load<T, V>(dm + r * dm_stride + i, d);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float s = sigmoid(g[k]);
+      du[k] = d[k] * (g[k] * s);
+      dg[k] = d[k] * u[k] * (s * (1.0f + g[k] * (1.0f - s)));
+    }
+    store<T, V>(gp, dg);
+    store<T, V>(up, du);
+  }
+}
+
+template <typename T>
+int launch_swiglu(const void* gu, int64_t gu_stride, int64_t rows, int64_t inter, void* m, int64_t m_stride,
+                  cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = inter % kVec == 0 && gu_stride % kVec == 0 && m_stride % kVec == 0 && aligned16(gu) && aligned16(m);
+  const T* g = static_cast<const T*>(gu);
+  T* out = static_cast<T*>(m);
+  if (vec) {
+    swiglu_kernel<T, kVec><<<grid_for(rows * (inter / kVec)), kThreads, 0, stream>>>(g, gu_stride, rows, inter, out,
+                                                                                     m_stride);
+  } else {
+    swiglu_kernel<T, 1><<<grid_for(rows * inter), kThreads, 0, stream>>>(g, gu_stride, rows, inter, out, m_stride);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
+int launch_swiglu_backward(const void* dm, int64_t dm_stride, void* gu, int64_t gu_stride, int64_t rows,
+                           int64_t inter, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec =
+      inter % kVec == 0 && gu_stride % kVec == 0 && dm_stride % kVec == 0 && aligned16(gu) && aligned16(dm);
+  const T* d = static_cast<const T*>(dm);
+  T* g = static_cast<T*>(gu);
+  if (vec) {
+    swiglu_backward_kernel<T, kVec>
+        <<<grid_for(rows * (inter / kVec)), kThreads, 0, stream>>>(d, dm_stride, g, gu_stride, rows, inter);
+  } else {
+    swiglu_backward_kernel<T, 1><<<grid_for(rows * inter), kThreads, 0, stream>>>(d, dm_stride, g, gu_stride, rows,
+                                                                                  inter);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+
+int rope_inplace(void* x, const void* cos, const void* sin, FloatType type, const RopeView& view,
+                 CUstream_st* stream) {
+  return rope_dispatch<false>(x, cos, sin, type, view, stream);
+}
+
+int rope_backward_inplace(void* g, const void* cos, const void* sin, FloatType type, const RopeView& view,
+                          CUstream_st* stream) {
+  return rope_dispatch<true>(g, cos, sin, type, view, stream);
+}
+
+int swiglu(const void* gu, int64_t gu_row_stride, int64_t rows, int64_t inter, void* m, int64_t m_row_stride,
+           FloatType type, CUstream_st* stream) {
+  if (rows < 0 || inter < 0) return static_cast<int>(cudaErrorInvalidValue);
+  if (rows == 0 || inter == 0) return 0;
+  if (gu == nullptr || m == nullptr || gu_row_stride < 2 * inter || m_row_stride < inter)
+    return static_cast<int>(cudaErrorInvalidValue);
+  switch (type) {
+    case FloatType::kF32:
+      return launch_swiglu<float>(gu, gu_row_stride, rows, inter, m, m_row_stride, stream);
+    case FloatType::kBF16:
+      return launch_swiglu<__nv_bfloat16>(gu, gu_row_stride, rows, inter, m, m_row_stride, stream);
+    case FloatType::kF16:
+      return launch_swiglu<__half>(gu, gu_row_stride, rows, inter, m, m_row_stride, stream);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+int swiglu_backward_inplace(const void* dm, int64_t dm_row_stride, void* gu, int64_t gu_row_stride, int64_t rows,
+                            int64_t inter, FloatType type, CUstream_st* stream) {
+  if (rows < 0 || inter < 0) return static_cast<int>(cudaErrorInvalidValue);
+  if (rows == 0 || inter == 0) return 0;
+  if (gu == nullptr || dm == nullptr || gu_row_stride < 2 * inter || dm_row_stride < inter)
+    return static_cast<int>(cudaErrorInvalidValue);
+  switch (type) {
+    case FloatType::kF32:
+      return launch_swiglu_backward<float>(dm, dm_row_stride, gu, gu_row_stride, rows, inter, stream);
+    case FloatType::kBF16:
+      return launch_swiglu_backward<__nv_bfloat16>(dm, dm_row_stride, gu, gu_row_stride, rows, inter, stream);
+    case FloatType::kF16:
+      return launch_swiglu_backward<__half>(dm, dm_row_stride, gu, gu_row_stride, rows, inter, stream);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+}  // namespace qlora::kernels

@@ -1,0 +1,238 @@
+// model/fused_ops: the ATen references against independent formulations on the CPU:
+// rope_inplace_reference against model::apply_rope (the model's own op sequence, on the
+// [B, H, T, d] layout), rope_backward_inplace_reference and swiglu_backward_inplace_reference
+// against autograd, swiglu_reference against at::silu(g) * u; on contiguous tensors and on the
+// strided column-slice views the fused decoder layer passes, at ragged sizes. The dispatching
+// entry points take the references on the CPU, so they are checked equal to them too.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "qlora/model/fused_ops.h"
+#include "qlora/model/llama.h"
+
+namespace qlora::model {
+namespace {
+
+// rope_inplace_reference does apply_rope's element-wise ops (mul, neg, cat, mul, add) on the
+// same values, so in fp32 every element is equal bit for bit. The RoPE backward is exact against
+// autograd too: per element both add the same two rounded products (autograd's other terms are
+// the zeros of the narrow / cat backward, which add exactly).
+constexpr double kExact = 0.0;
+// SwiGLU's backward against autograd in fp32: silu's derivative is the same formula, but the
+// order in which dm, u and silu'(g) are multiplied differs: a few fp32 roundings of an element.
+// 1e-6 of the largest gradient is ~16 fp32 ulps (2^-24 ~ 6e-8); seen: at most 3.2e-7.
+constexpr double kAutogradRtol = 1e-6;
+
+// Sizes of the ragged cases: rows / sequence lengths, head dims, intermediate sizes (odd too).
+const std::vector<int64_t> kRows = {1, 3, 17};
+const std::vector<int64_t> kHeadDims = {64, 128};
+const std::vector<int64_t> kInters = {1, 37, 64};
+
+double max_abs(const at::Tensor& t) { return t.numel() == 0 ? 0.0 : t.abs().max().item<double>(); }
+
+// max |a - b| / max(max |b|, tiny) in double.
+double rel_err(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor da = a.to(at::kDouble), db = b.to(at::kDouble);
+  const double scale = std::max(max_abs(db), 1e-30);
+  return max_abs(da - db) / scale;
+}
+
+// cos, sin [B, T, d] from rope_cos_sin with random positions (so every angle differs).
+std::pair<at::Tensor, at::Tensor> make_cos_sin(int64_t b, int64_t t, int64_t d) {
+  LlamaConfig c;
+  c.head_dim = d;
+  c.rope_theta = 10000.0;
+  const at::Tensor inv_freq = rope_inv_freq(c);
+  const at::Tensor pos = at::randint(0, 4096, {b, t}, at::kLong);
+  return rope_cos_sin(inv_freq, pos, at::kFloat);
+}
+
+// A [B, T, H, d] view whose rows are a column slice of a wider [B*T, W] buffer (as the fused
+// layer's q / k slices of the merged qkv GEMM output), starting at column `col`.
+at::Tensor slice_view(const at::Tensor& wide, int64_t b, int64_t t, int64_t h, int64_t d, int64_t col) {
+  return wide.narrow(1, col, h * d).view({b, t, h, d});
+}
+
+TEST(FusedOpsReference, RopeEqualsApplyRope) {
+  torch::manual_seed(1);
+  for (int64_t t : kRows)
+    for (int64_t d : kHeadDims) {
+      const int64_t b = 2, h = 3;
+      const auto [cos, sin] = make_cos_sin(b, t, d);
+      // Contiguous x.
+      at::Tensor x = at::randn({b, t, h, d});
+      const at::Tensor want = apply_rope(x.transpose(1, 2), cos, sin).transpose(1, 2);  // [B, T, H, d]
+      at::Tensor y = x.clone();
+      rope_inplace_reference(y, cos, sin);
+      EXPECT_LE(rel_err(y, want), kExact) << "T=" << t << " d=" << d;
+      at::Tensor z = x.clone();
+      rope_inplace(z, cos, sin);  // the CPU takes the reference
+      EXPECT_TRUE(at::equal(z, y));
+
+      // A column slice of [B*T, 3*h*d + 3] (the k slice of a q|k|v buffer, odd row stride):
+      // the slice is rotated, every other column stays as it was.
+      const int64_t width = 3 * h * d + 3;
+      at::Tensor wide = at::randn({b * t, width});
+      const at::Tensor before = wide.clone();
+      at::Tensor view = slice_view(wide, b, t, h, d, h * d + 1);
+      const at::Tensor want_view = apply_rope(view.transpose(1, 2), cos, sin).transpose(1, 2);
+      rope_inplace_reference(view, cos, sin);
+      EXPECT_LE(rel_err(slice_view(wide, b, t, h, d, h * d + 1), want_view), kExact);
+      EXPECT_TRUE(at::equal(wide.narrow(1, 0, h * d + 1), before.narrow(1, 0, h * d + 1)));
+      EXPECT_TRUE(at::equal(wide.narrow(1, 2 * h * d + 1, h * d + 2), before.narrow(1, 2 * h * d + 1, h * d + 2)));
+    }
+}
+
+TEST(FusedOpsReference, RopeBackwardMatchesAutograd) {
+  torch::manual_seed(2);
+  for (int64_t t : kRows)
+    for (int64_t d : kHeadDims) {
+      const int64_t b = 2, h = 3;
+      const auto [cos, sin] = make_cos_sin(b, t, d);
+      const at::Tensor x = at::randn({b, h, t, d}).requires_grad_(true);
+      const at::Tensor grad = at::randn({b, h, t, d});
+      apply_rope(x, cos, sin).backward(grad);
+      const at::Tensor want = x.grad().transpose(1, 2);  // [B, T, H, d]
+
+      // A copy: for T = 1 the transpose is already "contiguous" and .contiguous() would alias grad.
+      at::Tensor g = grad.transpose(1, 2).clone(at::MemoryFormat::Contiguous);
+      rope_backward_inplace_reference(g, cos, sin);
+      const double err = rel_err(g, want);
+      EXPECT_LE(err, kExact) << "T=" << t << " d=" << d;
+      std::printf("  rope backward vs autograd T=%lld d=%lld: max err / max|ref| = %.3g\n", static_cast<long long>(t),
+                  static_cast<long long>(d), err);
+
+      // The same gradient in a column slice of a wider buffer.
+      const int64_t width = 2 * h * d + 5;
+      at::Tensor wide = at::randn({b * t, width});
+      const at::Tensor before = wide.clone();
+      at::Tensor view = slice_view(wide, b, t, h, d, 5);
+      view.copy_(grad.transpose(1, 2));
+      rope_backward_inplace(view, cos, sin);
+      EXPECT_TRUE(at::equal(slice_view(wide, b, t, h, d, 5), g))
+          << "T=" << t << " d=" << d << " max diff " << max_abs(slice_view(wide, b, t, h, d, 5) - g);
+      EXPECT_TRUE(at::equal(wide.narrow(1, 0, 5), before.narrow(1, 0, 5)));
+      EXPECT_TRUE(at::equal(wide.narrow(1, 5 + h * d, h * d), before.narrow(1, 5 + h * d, h * d)));
+    }
+}
+
+TEST(FusedOpsReference, RopeBackwardIsTheAdjoint) {
+  // <rope(x), y> = <x, rope_backward(y)> for random x, y: the backward is the transpose.
+  torch::manual_seed(3);
+  const int64_t b = 1, t = 17, h = 2, d = 64;
+  const auto [cos, sin] = make_cos_sin(b, t, d);
+  const at::Tensor x = at::randn({b, t, h, d}, at::kDouble), y = at::randn({b, t, h, d}, at::kDouble);
+  const at::Tensor c = cos.to(at::kDouble), s = sin.to(at::kDouble);
+  at::Tensor rx = x.clone(), ry = y.clone();
+  rope_inplace_reference(rx, c, s);
+  rope_backward_inplace_reference(ry, c, s);
+  const double lhs = (rx * y).sum().item<double>(), rhs = (x * ry).sum().item<double>();
+  EXPECT_NEAR(lhs, rhs, 1e-10 * (std::abs(lhs) + 1.0));
+}
+
+TEST(FusedOpsReference, SwigluEqualsSiluTimesUp) {
+  torch::manual_seed(4);
+  for (int64_t n : kRows)
+    for (int64_t inter : kInters) {
+      const at::Tensor gu = at::randn({n, 2 * inter}) * 3;
+      const at::Tensor want = at::silu(gu.narrow(1, 0, inter)) * gu.narrow(1, inter, inter);
+      const at::Tensor m = swiglu_reference(gu);
+      EXPECT_TRUE(m.is_contiguous());
+      EXPECT_EQ(m.sizes(), (std::vector<int64_t>{n, inter}));
+      EXPECT_LE(rel_err(m, want), kExact) << "N=" << n << " I=" << inter;
+      EXPECT_TRUE(at::equal(swiglu(gu), m));
+
+      // gu as a column slice of [N, 3I + 5] (odd row stride).
+      const at::Tensor wide = at::randn({n, 3 * inter + 5});
+      wide.narrow(1, 3, 2 * inter).copy_(gu);
+      const at::Tensor ms = swiglu_reference(wide.narrow(1, 3, 2 * inter));
+      EXPECT_TRUE(ms.is_contiguous());
+      EXPECT_TRUE(at::equal(ms, m));
+    }
+}
+
+TEST(FusedOpsReference, SwigluBackwardMatchesAutograd) {
+  torch::manual_seed(5);
+  for (int64_t n : kRows)
+    for (int64_t inter : kInters) {
+      const at::Tensor gu0 = at::randn({n, 2 * inter}) * 3;
+      const at::Tensor dm = at::randn({n, inter});
+      const at::Tensor g = gu0.narrow(1, 0, inter).clone().requires_grad_(true);
+      const at::Tensor u = gu0.narrow(1, inter, inter).clone().requires_grad_(true);
+      (at::silu(g) * u).backward(dm);
+
+      at::Tensor gu = gu0.clone();
+      swiglu_backward_inplace_reference(dm, gu);
+      const double err_dg = rel_err(gu.narrow(1, 0, inter), g.grad());
+      const double err_du = rel_err(gu.narrow(1, inter, inter), u.grad());
+      EXPECT_LE(err_dg, kAutogradRtol) << "dg N=" << n << " I=" << inter;
+      EXPECT_LE(err_du, kAutogradRtol) << "du N=" << n << " I=" << inter;
+      std::printf("  swiglu backward vs autograd N=%lld I=%lld: max err / max|ref| = %.3g (dg), %.3g (du)\n",
+                  static_cast<long long>(n), static_cast<long long>(inter), err_dg, err_du);
+
+      // Strided: gu a column slice of [N, 3I + 5], dm a column slice of [N, 2I + 1]; the columns
+      // outside gu's slice stay as they were.
+      at::Tensor wide = at::randn({n, 3 * inter + 5});
+      const at::Tensor before = wide.clone();
+      at::Tensor gus = wide.narrow(1, 3, 2 * inter);
+      gus.copy_(gu0);
+      const at::Tensor dm_wide = at::randn({n, 2 * inter + 1});
+      at::Tensor dms = dm_wide.narrow(1, 1, inter);
+      dms.copy_(dm);
+      swiglu_backward_inplace(dms, gus);
+      EXPECT_TRUE(at::equal(wide.narrow(1, 3, 2 * inter), gu));
+      EXPECT_TRUE(at::equal(wide.narrow(1, 0, 3), before.narrow(1, 0, 3)));
+      EXPECT_TRUE(at::equal(wide.narrow(1, 3 + 2 * inter, inter + 2), before.narrow(1, 3 + 2 * inter, inter + 2)));
+    }
+}
+
+TEST(FusedOpsReference, EmptyRowsAreFine) {
+  const auto [cos, sin] = make_cos_sin(1, 0, 64);
+  at::Tensor x = at::randn({1, 0, 2, 64});
+  EXPECT_NO_THROW(rope_inplace(x, cos, sin));
+  const at::Tensor gu = at::randn({0, 10});
+  EXPECT_EQ(swiglu(gu).sizes(), (std::vector<int64_t>{0, 5}));
+  at::Tensor gu2 = gu.clone();
+  EXPECT_NO_THROW(swiglu_backward_inplace(at::randn({0, 5}), gu2));
+}
+
+TEST(FusedOpsReference, BadInputThrows) {
+  const auto [cos, sin] = make_cos_sin(2, 3, 64);
+  at::Tensor x = at::randn({2, 3, 4, 64});
+  // cos of the wrong shape (T = 4 instead of 3), of another dtype, not contiguous.
+  const auto [cos4, sin4] = make_cos_sin(2, 4, 64);
+  EXPECT_THROW(rope_inplace(x, cos4, sin), c10::Error);
+  EXPECT_THROW(rope_backward_inplace(x, cos, sin4), c10::Error);
+  EXPECT_THROW(rope_inplace(x, cos.to(at::kDouble), sin), c10::Error);
+  const at::Tensor cos_t = cos.transpose(0, 1).contiguous().transpose(0, 1);
+  EXPECT_THROW(rope_inplace(x, cos_t, sin), c10::Error);
+  // x whose last dim is not contiguous, x of the wrong rank, an odd head dim.
+  at::Tensor xt = at::randn({2, 3, 64, 4}).transpose(2, 3);
+  EXPECT_THROW(rope_inplace(xt, cos, sin), c10::Error);
+  at::Tensor x3 = at::randn({2, 3, 64});
+  EXPECT_THROW(rope_inplace(x3, cos, sin), c10::Error);
+  try {
+    rope_inplace(x, cos4, sin);
+  } catch (const c10::Error& e) {
+    const std::string what = e.what_without_backtrace();
+    EXPECT_NE(what.find("expected cos [2, 3, 64]"), std::string::npos) << what;
+    EXPECT_NE(what.find("[2, 4, 64]"), std::string::npos) << what;
+  }
+
+  // SwiGLU: odd width, last dim not contiguous, dm of the wrong shape / dtype.
+  EXPECT_THROW(swiglu(at::randn({3, 7})), c10::Error);
+  EXPECT_THROW(swiglu(at::randn({8, 3}).t()), c10::Error);
+  at::Tensor gu = at::randn({3, 8});
+  EXPECT_THROW(swiglu_backward_inplace(at::randn({3, 8}), gu), c10::Error);
+  EXPECT_THROW(swiglu_backward_inplace(at::randn({4, 4}).t().narrow(0, 0, 3), gu), c10::Error);
+  EXPECT_THROW(swiglu_backward_inplace(at::randn({3, 4}, at::kDouble), gu), c10::Error);
+}
+
+}  // namespace
+}  // namespace qlora::model
