@@ -134,4 +134,17 @@ int swiglu(const void* gu, int64_t gu_row_stride, int64_t rows, int64_t inter, v
 int swiglu_backward_inplace(const void* dm, int64_t dm_row_stride, void* gu, int64_t gu_row_stride, int64_t rows,
                             int64_t inter, FloatType type, CUstream_st* stream);
 
+// ---------------------------------------------------------------- cross-entropy
+// One row of logits a CTA (kernels/cross_entropy.cu, Note [cross-entropy rows kernel]), all in
+// fp32: lse[r] = logsumexp(row r), loss[r] = lse[r] - row[labels[r]] (0 where labels[r] ==
+// ignore_index), and then row r is OVERWRITTEN with d(sum of losses)/d(logits):
+// exp(x - lse[r]) - [j == labels[r]], rounded once to the row's type (zeros for an ignored row;
+// its lse is still written). The CPU reference is model::cross_entropy_rows_reference.
+// logits: n rows of `vocab` elements of `type`, row r at logits + r * row_stride elements
+// (row_stride >= vocab; columns past vocab are not touched); labels: [n] int64, each in
+// [0, vocab) or ignore_index (the caller checks: no device-side check); lse, loss: [n] fp32.
+// A 16-byte aligned start with row_stride * element size a multiple of 16 takes vector loads.
+int cross_entropy_rows(void* logits, FloatType type, int64_t n, int64_t vocab, int64_t row_stride,
+                       const int64_t* labels, int64_t ignore_index, float* lse, float* loss, CUstream_st* stream);
+
 }  // namespace qlora::kernels

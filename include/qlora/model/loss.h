@@ -6,7 +6,10 @@
 // a per-batch mean cannot give. Tokens are processed `chunk` at a time in a
 // custom autograd function: forward keeps only each token's logsumexp, and
 // backward recomputes each chunk's logits to form the gradient with respect to
-// the hidden states and, when it requires grad, the lm_head weight.
+// the hidden states and, when it requires grad, the lm_head weight. On GPUs in
+// bf16 / fp16 with a frozen lm_head, forward instead forms the gradient with
+// respect to the hidden states right away (LossPath::kFused) and backward only
+// scales it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -29,6 +32,33 @@ struct TokenLoss {
 // kIgnoreIndex throw.
 TokenLoss chunked_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                                 int64_t chunk = 1024);
+
+// Which implementation chunked_cross_entropy runs (Note [fused cross-entropy] in loss.cpp).
+// kAuto: kFused where it applies (hidden on a CUDA device in bf16 / fp16, grad mode on, hidden
+// requires grad, the weight does not) unless the environment variable QLORA_REFERENCE_LOSS=1
+// (read once) asks for kReference; kReference everywhere else. kReference: the recomputing
+// path above, on any device. kFused: the gradient formed in the forward pass; throws where it
+// does not apply (or in a build without CUDA).
+enum class LossPath { kAuto, kReference, kFused };
+
+TokenLoss chunked_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+                                int64_t chunk, LossPath path);
+
+// Whether LossPath::kFused applies to these inputs now (see LossPath; ignores the env var).
+bool fused_cross_entropy_applies(const at::Tensor& hidden, const at::Tensor& weight);
+
+// The CPU reference of the GPU rows kernel (qlora::kernels::cross_entropy_rows), in fp32 ATen ops
+// on any device: logits [n, V] (any float dtype, upcast first), labels [n] int64 in [0, V) or
+// kIgnoreIndex (not checked). lse [n] = logsumexp of each row; loss [n] = lse - logit[label],
+// 0 for ignored rows; grad [n, V] fp32 = softmax - onehot(label), zeros for ignored rows: the
+// gradient of loss.sum() with respect to the logits. The kernel writes grad rounded once to the
+// logits' dtype.
+struct CrossEntropyRows {
+  at::Tensor lse;   // [n] fp32
+  at::Tensor loss;  // [n] fp32
+  at::Tensor grad;  // [n, V] fp32
+};
+CrossEntropyRows cross_entropy_rows_reference(const at::Tensor& logits, const at::Tensor& labels);
 
 // The plain reference: full fp32 logits, at::cross_entropy with reduction sum.
 // For tests and small vocabularies.
