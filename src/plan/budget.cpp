@@ -137,6 +137,41 @@ double total_bytes(const std::vector<Component>& components) {
 
 std::string format_gib(double bytes) { return fmt::fixed(bytes / kGiB, 2); }
 
+// Note [plan: fused layer halves]: what is alive, per token, at the peak of each half of
+// the fused layer's backward (src/train/fused_layer.cpp), besides the kept x and h1.
+//   MLP half, at down_proj's LoRA input gradient: the incoming gradient and n2 (p·h each,
+//     + fp32 rstd), gate|up (2·p·i), the gradient at the MLP product (p·i), the LoRA
+//     temporary (p·i) and dropout mask (i), the gate/up LoRA inputs (dropped copy p·h and
+//     mask h each with dropout) and A outputs (p·r); weights: [Wg;Wu] and Wd dequantized.
+//   attention half, at SDPA's backward: the incoming gradient and n1, q|k|v and its packed
+//     copies (2·p·(q+k+v)), SDPA's output and lse, the gradient at the attention output,
+//     the q, k, v gradients and SDPA's fp32 accumulator for dq (4·H·d), the q/k/v LoRA inputs
+//     and o's dropout mask; weights: [Wq;Wk;Wv], Wo.
+struct FusedHalves {
+  double mlp_tok = 0, attention_tok = 0;          // bytes per token
+  double mlp_weights = 0, attention_weights = 0;  // dequantized weights
+};
+
+FusedHalves fused_halves(const LlamaConfig& m, const BudgetInputs& in) {
+  const int64_t h = m.hidden_size, i = m.intermediate_size, p = in.activation_bytes, r = in.lora_r;
+  const int64_t hd = m.num_attention_heads * m.head_dim;
+  const int64_t qkv = hd + 2 * m.num_key_value_heads * m.head_dim;
+  const bool drop = in.lora_dropout > 0;
+  auto lora_in = [&](const char* name, int64_t in_features) -> int64_t {
+    if (!targets(in, name)) return 0;
+    return p * r + (drop ? (p + 1) * in_features : 0);
+  };
+  FusedHalves f;
+  f.mlp_tok = double(2 * p * h + 4 + 2 * p * i + p * i + lora_in("gate_proj", h) + lora_in("up_proj", h));
+  if (targets(in, "down_proj")) f.mlp_tok += double(p * i + (drop ? i : 0));
+  f.attention_tok = double(2 * p * h + 4 + 2 * p * qkv + p * hd + 4 * m.num_attention_heads + p * hd + p * qkv + 4 * hd +
+                           lora_in("q_proj", h) + lora_in("k_proj", h) + lora_in("v_proj", h));
+  if (targets(in, "o_proj")) f.attention_tok += double(p * r + (drop ? hd : 0));
+  f.mlp_weights = double(3 * i * h * in.dequant_bytes);
+  f.attention_weights = double((qkv + hd) * h * in.dequant_bytes);
+  return f;
+}
+
 std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInputs& in) {
   using fmt::commas;
   using fmt::gib;
@@ -221,7 +256,15 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
   }
   // ---- what a step allocates: Note [plan memory model]
   const int64_t B = in.micro_batch_size, S = in.seq_length;
-  const double tokens = double(T), square = double(B) * double(S) * double(S);  // B·S² mask elements
+  // Note [plan: the GPU paths]: bf16/fp16 run on a GPU, where the norm is ATen's fused
+  // kernel (it keeps the 16-bit input and rstd, no fp32 copy), the checkpointed layer is the
+  // fused one (train/fused_layer.h) and the cross-entropy computes its gradient in forward.
+  // Only packed rows carry an attention mask (right-padded rows attend causally).
+  const bool gpu16 = p == 2;
+  const bool fused_layer = gpu16 && in.gradient_checkpointing;
+  const double tokens = double(T);
+  const double square = in.packed ? double(B) * double(S) * double(S) : 0.0;  // B·S² mask elements
+  const int64_t nkv = m.num_key_value_heads;
   const int64_t step_tok = 2 * p * d + kStepIndexBytesPerToken;  // cos, sin [B, S, d] + indices
   int64_t lora_tok = 0;
   for (const auto& s : decoder_linear_shapes(m)) {
@@ -234,17 +277,22 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
     if (targets(in, "gate_proj") || targets(in, "up_proj")) lora_tok += p * h;
     if (targets(in, "down_proj")) lora_tok += p * i;
   }
-  const int64_t norm_tok = 2 * (4 * h + 4);
-  const int64_t attn_tok = 4 * p * nh * d + 4 * nh;
+  const int64_t norm_tok = gpu16 ? 2 * (p * h + 4) : 2 * (4 * h + 4);
+  // With a mask k, v are repeated to every head (the memory-efficient kernel); without, SDPA
+  // takes them grouped.
+  const int64_t attn_tok = (in.packed ? 4 * p * nh * d : p * (2 * nh * d + 2 * nkv * d)) + 4 * nh;
   const int64_t mlp_tok = 3 * p * i;
   const int64_t layer_tok = norm_tok + attn_tok + mlp_tok + lora_tok;
   // One layer's kept tensors: per token, its bias per mask element, its 16-bit LoRA copies.
   const double layer_bytes = tokens * double(layer_tok) + square * double(p) + double(p * lora_per_layer);
   const double kept_layers = in.gradient_checkpointing ? 1.0 : double(L);
-  const double boundaries = in.gradient_checkpointing ? double(L) * tokens * double(h * p) : 0.0;
+  // The fused layer keeps the attention residual h1 beside each layer input.
+  const double boundaries =
+      in.gradient_checkpointing ? double(fused_layer ? 2 : 1) * double(L) * tokens * double(h * p) : 0.0;
   const double step_bytes = tokens * double(step_tok) + square;  // + the bool mask
   const std::string boundary_text =
-      in.gradient_checkpointing ? "layer inputs " + std::to_string(L) + " × " + commas(T) + " tokens × " + commas(h) +
+      in.gradient_checkpointing ? std::string(fused_layer ? "layer inputs and attention residuals 2 × " : "layer inputs ") +
+                                      std::to_string(L) + " × " + commas(T) + " tokens × " + commas(h) +
                                       " × " + std::to_string(p) + " B = " + gib(boundaries) + " + "
                                 : std::string();
   const std::string layers_text = in.gradient_checkpointing ? "one layer recomputed in backward"
@@ -252,19 +300,34 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
 
   // Loss phase.
   const int64_t chunk = std::min<int64_t>(kCeChunkTokens, T);
-  const double loss_final = tokens * double(4 * h + 4 + p * h);
+  // The final norm's saved input (16-bit with the fused norm, an fp32 copy otherwise) and output.
+  const double loss_final = tokens * double((gpu16 ? p * h : 4 * h) + 4 + p * h);
   const double loss_act = boundaries + (in.gradient_checkpointing ? 0.0 : double(L) * layer_bytes) + loss_final + step_bytes;
-  const double loss_ws = tokens * double(p * h);
-  const double loss_logits = double(chunk) * double(V) * double(kCeChunkBytesPerLogit);
+  // The fused cross-entropy (16-bit on GPUs, Note [fused cross-entropy] in src/model/loss.cpp)
+  // keeps the gradient of the hidden state from forward (p·h per token) and scales it in fp32
+  // in backward (4·h + p·h more); its logits chunk is 16-bit, overwritten in place by the
+  // gradient, beside the chunk's product with W. The reference path recomputes fp32 logits.
+  const double loss_ws = gpu16 ? tokens * double(p * h + 4 * h + p * h) : tokens * double(p * h);
+  const double loss_logits = gpu16 ? double(chunk) * double(V * p + h * p)
+                                   : double(chunk) * double(V) * double(kCeChunkBytesPerLogit);
   const double loss_total = loss_act + loss_ws + loss_logits;
   // Layer phase.
   int64_t largest_linear = 0;
   for (const auto& s : decoder_linear_shapes(m)) largest_linear = std::max(largest_linear, s.in_features * s.out_features);
-  const double layer_act = boundaries + kept_layers * layer_bytes + step_bytes;
+  double layer_act = boundaries + kept_layers * layer_bytes + step_bytes;
   const double product_grads = tokens * double(3 * p * i);
   const double down_dequant = double(i * h * in.dequant_bytes) + tokens * double(p * i);
   const double out_and_grad = tokens * double(2 * p * h);
-  const double layer_ws = std::max(product_grads, down_dequant) + out_and_grad;
+  double layer_ws = std::max(product_grads, down_dequant) + out_and_grad;
+  // The fused layer (Note [fused decoder layer]) differentiates one half at a time.
+  const FusedHalves fused = fused_halves(m, in);
+  const bool fused_mlp_peak = fused.mlp_tok * tokens + fused.mlp_weights >=
+                              fused.attention_tok * tokens + square * double(1 + p) + fused.attention_weights;
+  if (fused_layer) {
+    layer_act = boundaries + step_bytes +
+                (fused_mlp_peak ? fused.mlp_tok * tokens : fused.attention_tok * tokens + square * double(1 + p));
+    layer_ws = fused_mlp_peak ? fused.mlp_weights : fused.attention_weights;
+  }
   const double layer_total = layer_act + layer_ws;
   const bool loss_peak = loss_total >= layer_total;
   const std::string other =
@@ -276,7 +339,12 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
     if (loss_peak)
       c.formula = "at the loss backward: " + boundary_text +
                   (in.gradient_checkpointing ? "" : layers_text + ", " + per_layer + " = " + gib(double(L) * layer_bytes) + " + ") +
-                  "final norm's fp32 copy and output " + gib(loss_final) + steps;
+                  (gpu16 ? "final norm's input and output " : "final norm's fp32 copy and output ") + gib(loss_final) + steps;
+    else if (fused_layer)
+      c.formula = "at the top layer's backward (fused layer, " +
+                  std::string(fused_mlp_peak ? "MLP" : "attention") + " half): " + boundary_text + "that half's " +
+                  commas(int64_t(fused_mlp_peak ? fused.mlp_tok : fused.attention_tok)) + " B/token × " + commas(T) +
+                  " tokens = " + gib(layer_act - boundaries - step_bytes) + steps;
     else
       c.formula = "at the top layer's backward: " + boundary_text + layers_text + ", " + per_layer + " × " +
                   commas(T) + " tokens + attention bias = " + gib(kept_layers * layer_bytes) + steps;
@@ -289,9 +357,16 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
   }
   {
     Component c{"backward_workspace", "backward temporaries", loss_peak ? loss_ws : layer_ws, "", "", 0};
-    if (loss_peak)
+    if (loss_peak && gpu16)
+      c.formula = "gradient of the final hidden state, kept from the forward and scaled in fp32, " + commas(T) +
+                  " tokens × " + commas(h) + " × (2 × " + std::to_string(p) + " + 4) B";
+    else if (loss_peak)
       c.formula = "gradient of the final hidden state, " + commas(T) + " tokens × " + commas(h) + " × " +
                   std::to_string(p) + " B";
+    else if (fused_layer)
+      c.formula = fused_mlp_peak ? "the fused layer's [gate; up] and down_proj dequantized: " + commas(3 * i * h) +
+                                       " × " + std::to_string(in.dequant_bytes) + " B = " + gib(fused.mlp_weights)
+                                 : "the fused layer's [q; k; v] and o_proj dequantized = " + gib(fused.attention_weights);
     else
       c.formula = (product_grads >= down_dequant
                        ? "the MLP product's gradients (its own, silu(gate)'s, up's): " + commas(T) + " tokens × 3 × " +
@@ -307,7 +382,9 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
     const double unchunked = tokens * double(V) * double(p + 4 + 4);
     Component c{"logits_loss", "logits + cross-entropy", loss_peak ? loss_logits : 0.0, "", "", 0};
     c.formula = "chunked cross-entropy, " + commas(chunk) + " tokens at a time × " + commas(V) +
-                " vocab × 12 B (fp32 logits, logits − lse and their exp) = " + gib(loss_logits) +
+                (gpu16 ? " vocab × " + std::to_string(p) + " B (16-bit logits, turned into their gradient in place) = "
+                       : std::string(" vocab × 12 B (fp32 logits, logits − lse and their exp) = ")) +
+                gib(loss_logits) +
                 (loss_peak ? "" : "; freed before the peak (layer phase)");
     c.detail = "unchunked, as transformers computes it (" + std::to_string(p) +
                "-byte logits, their fp32 copy and the fp32 log-softmax for all " + commas(T) + " tokens): " +

@@ -97,6 +97,7 @@ BudgetInputs inputs_from(const Config& cfg, const PrecisionAdvice& precision) {
   in.gradient_checkpointing = cfg.train.gradient_checkpointing;
   in.optimizer = cfg.train.optimizer;
   in.double_quant = cfg.quantization.double_quant;
+  in.packed = cfg.data.packing;
   in.activation_bytes = bytes_of(precision.resolved);
   const Precision cd = cfg.quantization.compute_dtype;
   in.dequant_bytes = cd == Precision::kAuto ? in.activation_bytes : (cd == Precision::kFp32 ? 4 : 2);

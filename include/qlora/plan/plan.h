@@ -160,6 +160,7 @@ struct BudgetInputs {
   bool double_quant = true;
   int activation_bytes = 2;   // bf16 / fp16: 2, fp32: 4
   int dequant_bytes = 2;      // quantization.compute_dtype
+  bool packed = false;        // data.packing: an attention mask per micro batch (padded rows need none)
 };
 
 // Memory per component at the peak of a step, in the order render_text prints
