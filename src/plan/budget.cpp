@@ -143,8 +143,10 @@ std::string format_gib(double bytes) { return fmt::fixed(bytes / kGiB, 2); }
 //     + fp32 rstd), gate|up (2·p·i), the gradient at the MLP product (p·i), the LoRA
 //     temporary (p·i) and dropout mask (i), the gate/up LoRA inputs (dropped copy p·h and
 //     mask h each with dropout) and A outputs (p·r); weights: [Wg;Wu] and Wd dequantized.
-//   attention half, at SDPA's backward: the incoming gradient and n1, q|k|v and its packed
-//     copies (2·p·(q+k+v)), SDPA's output and lse, the gradient at the attention output,
+//   attention half, at SDPA's backward: the layer's incoming gradient (the autograd engine
+//     holds it until the layer's backward returns), the gradient at h1 and n1, q|k|v and its
+//     packed copies (2·p·(q+k+v)), SDPA's output and lse, the gradient at the attention output
+//     and SDPA's dense copy of it (2·p·H·d),
 //     the q, k, v gradients and SDPA's fp32 accumulator for dq (4·H·d), the q/k/v LoRA inputs
 //     and o's dropout mask; weights: [Wq;Wk;Wv], Wo.
 struct FusedHalves {
@@ -164,7 +166,7 @@ FusedHalves fused_halves(const LlamaConfig& m, const BudgetInputs& in) {
   FusedHalves f;
   f.mlp_tok = double(2 * p * h + 4 + 2 * p * i + p * i + lora_in("gate_proj", h) + lora_in("up_proj", h));
   if (targets(in, "down_proj")) f.mlp_tok += double(p * i + (drop ? i : 0));
-  f.attention_tok = double(2 * p * h + 4 + 2 * p * qkv + p * hd + 4 * m.num_attention_heads + p * hd + p * qkv + 4 * hd +
+  f.attention_tok = double(3 * p * h + 4 + 2 * p * qkv + p * hd + 4 * m.num_attention_heads + 2 * p * hd + p * qkv + 4 * hd +
                            lora_in("q_proj", h) + lora_in("k_proj", h) + lora_in("v_proj", h));
   if (targets(in, "o_proj")) f.attention_tok += double(p * r + (drop ? hd : 0));
   f.mlp_weights = double(3 * i * h * in.dequant_bytes);
