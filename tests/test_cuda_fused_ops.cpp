@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "qlora/kernels.h"
+#include "support/cuda_launch.h"
 #include "qlora/model/fused_ops.h"
 #include "qlora/model/llama.h"
 
@@ -44,20 +45,6 @@ at::ScalarType scalar_of(FloatType t) {
 }
 const char* name_of(FloatType t) { return t == FloatType::kBF16 ? "bf16" : t == FloatType::kF16 ? "fp16" : "fp32"; }
 const FloatType kTypes[] = {FloatType::kF32, FloatType::kBF16, FloatType::kF16};
-
-bool have_gpu(std::string* why) {
-  kernels::DeviceInfo devices[4];
-  char reason[256];
-  if (kernels::query_devices(devices, 4, reason, sizeof reason) > 0) return true;
-  *why = reason;
-  return false;
-}
-
-#define SKIP_WITHOUT_GPU()                                              \
-  do {                                                                  \
-    std::string why;                                                    \
-    if (!have_gpu(&why)) GTEST_SKIP() << "no GPU here (" << why << ")"; \
-  } while (0)
 
 // A CPU tensor's bytes on the device, freed on scope exit.
 class DeviceCopy {

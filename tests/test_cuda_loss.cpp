@@ -15,6 +15,7 @@
 #include <string>
 
 #include "qlora/kernels.h"
+#include "support/cuda_launch.h"
 #include "qlora/model/loss.h"
 
 namespace {
@@ -49,26 +50,6 @@ constexpr double kLossSumRtol = 1e-4;
 // differ in their last bit and round to neighbouring 16-bit values. 4 half-ulps.
 constexpr double kBf16GradRtol = 4 * kBf16HalfUlp;
 constexpr double kF16GradRtol = 4 * kF16HalfUlp;
-
-bool have_gpu(std::string* why) {
-  kernels::DeviceInfo devices[4];
-  char reason[256];
-  if (kernels::query_devices(devices, 4, reason, sizeof reason) > 0) return true;
-  *why = reason;
-  return false;
-}
-
-#define SKIP_WITHOUT_GPU()                                              \
-  do {                                                                  \
-    std::string why;                                                    \
-    if (!have_gpu(&why)) GTEST_SKIP() << "no GPU here (" << why << ")"; \
-  } while (0)
-
-#define CUDA_OK(expr)                                                      \
-  do {                                                                     \
-    const int rc_ = static_cast<int>(expr);                                \
-    ASSERT_EQ(rc_, 0) << #expr << ": " << kernels::cuda_error_string(rc_); \
-  } while (0)
 
 // Device memory for one test, freed on scope exit.
 class DeviceBuffer {
