@@ -1,4 +1,4 @@
-// kernels (label cuda): NF4 dequantize and the fused dequant-GEMV against the torch-free CPU
+// kernels (label cuda): NF4 quantize, dequantize and the fused dequant-GEMV against the torch-free CPU
 // reference (quant/nf4_ref.h), element by element on seeded random ragged shapes; skipped where
 // no GPU is visible. The kernels are called through their plain-pointer launchers
 // (qlora/kernels.h) with the CUDA runtime alone, so this test needs no CUDA build of torch;
@@ -10,11 +10,13 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "qlora/kernels.h"
+#include "support/cuda_launch.h"
 #include "qlora/quant/nf4_ref.h"
 
 #ifdef QLORA_WITH_CUDA
@@ -45,26 +47,6 @@ constexpr double kBf16Unit = 1.0 / (1 << 8);
 constexpr double kF16Unit = 1.0 / (1 << 11);
 constexpr double kAbsFloor = 1.0 / (1 << 24);
 constexpr int kTreeLevels = 5;
-
-bool have_gpu(std::string* why) {
-  kernels::DeviceInfo devices[4];
-  char reason[256];
-  if (kernels::query_devices(devices, 4, reason, sizeof reason) > 0) return true;
-  *why = reason;
-  return false;
-}
-
-#define SKIP_WITHOUT_GPU()                                              \
-  do {                                                                  \
-    std::string why;                                                    \
-    if (!have_gpu(&why)) GTEST_SKIP() << "no GPU here (" << why << ")"; \
-  } while (0)
-
-#define CUDA_OK(expr)                                                           \
-  do {                                                                          \
-    const int rc_ = static_cast<int>(expr);                                     \
-    ASSERT_EQ(rc_, 0) << #expr << ": " << kernels::cuda_error_string(rc_);      \
-  } while (0)
 
 // Device memory for one test, freed on scope exit; `pad` extra bytes let a test misalign.
 class DeviceBuffer {
@@ -110,7 +92,8 @@ struct Nf4Host {
   std::vector<float> expanded;   // the double-quantized absmax, expanded (reference)
 };
 
-Nf4Host make_nf4(int64_t n, uint32_t seed) {
+// Normal weights whose blocks of 64 have different magnitudes (so the scales vary).
+std::vector<float> blocky_weight(int64_t n, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::uniform_real_distribution<float> scale(0.005f, 0.2f);
@@ -120,6 +103,11 @@ Nf4Host make_nf4(int64_t n, uint32_t seed) {
     if (i % ref::kNf4BlockSize == 0) s = scale(rng);
     w[static_cast<size_t>(i)] = normal(rng) * s;
   }
+  return w;
+}
+
+Nf4Host make_nf4(int64_t n, uint32_t seed) {
+  const std::vector<float> w = blocky_weight(n, seed);
   Nf4Host h;
   h.n = n;
   const int64_t blocks = ref::num_blocks(n, ref::kNf4BlockSize);
@@ -323,7 +311,139 @@ TEST(CudaNf4Kernels, LaunchersRejectBadArguments) {
   cudaFree(p);
 }
 
+// blocky_weight with an all-zero block (absmax 0: every code is the
+// zero code) and values exactly on NF4 midpoints of their block (ties take the lower code), as
+// fp32 bits; narrowed to bf16 / fp16 by the caller.
+std::vector<float> quantize_input(int64_t n, uint32_t seed) {
+  std::vector<float> w = blocky_weight(n, seed);
+  if (n >= 3 * ref::kNf4BlockSize) {
+    for (int64_t i = ref::kNf4BlockSize; i < 2 * ref::kNf4BlockSize; ++i) w[static_cast<size_t>(i)] = 0.0f;
+    // Block 2: absmax 1 (one weight is 1.0), and a weight on each midpoint (a + b) / 2.
+    const float* code = ref::nf4_code();
+    float* b2 = w.data() + 2 * ref::kNf4BlockSize;
+    b2[0] = 1.0f;
+    for (int j = 0; j < 15; ++j) b2[1 + j] = (code[j] + code[j + 1]) / 2.0f;
+  }
+  return w;
+}
+
+// The kernel (Note [NF4 quantize kernel]) against quant::ref::nf4_quantize on every byte of the
+// codes and every absmax, for fp32, bf16 and fp16 inputs (widened exactly, as the CPU path does).
+TEST(CudaNf4Kernels, QuantizeEqualsReferenceBitForBit) {
+  SKIP_WITHOUT_GPU();
+  uint32_t seed = 40;
+  for (int64_t n : kDequantSizes) {
+    for (FloatType t : {FloatType::kF32, FloatType::kBF16, FloatType::kF16}) {
+      SCOPED_TRACE(std::string(type_name(t)) + " n=" + std::to_string(n));
+      std::vector<float> w = quantize_input(n, seed++);
+      std::vector<uint8_t> bytes(static_cast<size_t>(n) * type_size(t));
+      for (int64_t i = 0; i < n; ++i) {  // narrow, then widen back: the reference sees the same values
+        float& v = w[static_cast<size_t>(i)];
+        if (t == FloatType::kBF16) {
+          const uint16_t b = ref::float_to_bf16_bits(v);
+          std::memcpy(&bytes[static_cast<size_t>(i) * 2], &b, 2);
+          v = ref::bf16_bits_to_float(b);
+        } else if (t == FloatType::kF16) {
+          const uint16_t b = ref::float_to_f16_bits(v);
+          std::memcpy(&bytes[static_cast<size_t>(i) * 2], &b, 2);
+          v = ref::f16_bits_to_float(b);
+        } else {
+          std::memcpy(&bytes[static_cast<size_t>(i) * 4], &v, 4);
+        }
+      }
+      const int64_t blocks = ref::num_blocks(n, ref::kNf4BlockSize);
+      std::vector<uint8_t> want_packed(static_cast<size_t>(ref::packed_bytes(n)));
+      std::vector<float> want_absmax(static_cast<size_t>(blocks));
+      ref::nf4_quantize(w.data(), n, want_packed.data(), want_absmax.data());
+
+      DeviceBuffer x(bytes.size()), packed(want_packed.size()), absmax(want_absmax.size() * 4), bad(8);
+      ASSERT_TRUE(x.ok() && packed.ok() && absmax.ok() && bad.ok());
+      upload(x.at(), bytes);
+      CUDA_OK(cudaMemset(packed.at(), 0xAB, want_packed.size()));  // poison: every byte must be written
+      CUDA_OK(cudaMemset(bad.at(), 0, 8));
+      CUDA_OK(kernels::nf4_quantize(x.at(), t, n, packed.at<uint8_t>(), absmax.at<float>(),
+                                    bad.at<unsigned long long>(), nullptr));
+      CUDA_OK(cudaDeviceSynchronize());
+      std::vector<uint8_t> got_packed(want_packed.size());
+      std::vector<float> got_absmax(want_absmax.size());
+      std::vector<unsigned long long> got_bad(1);
+      download(got_packed, packed.at());
+      download(got_absmax, absmax.at());
+      download(got_bad, bad.at());
+      EXPECT_EQ(got_bad[0], 0u);
+      EXPECT_EQ(count_mismatches(got_packed, want_packed, 1, "packed byte"), 0);
+      const std::vector<uint8_t> ga(reinterpret_cast<uint8_t*>(got_absmax.data()),
+                                    reinterpret_cast<uint8_t*>(got_absmax.data()) + got_absmax.size() * 4);
+      const std::vector<uint8_t> wa(reinterpret_cast<uint8_t*>(want_absmax.data()),
+                                    reinterpret_cast<uint8_t*>(want_absmax.data()) + want_absmax.size() * 4);
+      EXPECT_EQ(count_mismatches(ga, wa, 4, "absmax"), 0);
+    }
+  }
+}
+
+// inf and NaN weights are counted (the tensor glue refuses them, as the CPU path does).
+TEST(CudaNf4Kernels, QuantizeCountsNonFiniteWeights) {
+  SKIP_WITHOUT_GPU();
+  const int64_t n = 1000;
+  std::vector<float> w = quantize_input(n, 7);
+  w[3] = std::numeric_limits<float>::infinity();
+  w[500] = std::numeric_limits<float>::quiet_NaN();
+  w[999] = -std::numeric_limits<float>::infinity();
+  DeviceBuffer x(n * 4), packed(ref::packed_bytes(n)), absmax(ref::num_blocks(n, 64) * 4), bad(8);
+  upload(x.at(), w);
+  CUDA_OK(cudaMemset(bad.at(), 0, 8));
+  CUDA_OK(kernels::nf4_quantize(x.at(), FloatType::kF32, n, packed.at<uint8_t>(), absmax.at<float>(),
+                                bad.at<unsigned long long>(), nullptr));
+  std::vector<unsigned long long> got_bad(1);
+  download(got_bad, bad.at());
+  EXPECT_EQ(got_bad[0], 3u);
+  EXPECT_NE(kernels::nf4_quantize(nullptr, FloatType::kF32, n, packed.at<uint8_t>(), absmax.at<float>(),
+                                  bad.at<unsigned long long>(), nullptr),
+            0);
+}
+
 #ifdef QLORA_WITH_CUDA
+// quantize_nf4 on a CUDA weight (the registered kernel + the host double quantization) equals
+// quantize_nf4 on the same weight on the CPU, every part of the Nf4Tensor bit for bit.
+TEST(CudaNf4Kernels, QuantizeOnTheGpuEqualsTheCpuPath) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device visible to torch";
+  ASSERT_TRUE(quant::register_cuda_kernels());
+  if (quant::nf4_device_kernels(c10::DeviceType::CUDA).quantize == nullptr)
+    GTEST_SKIP() << "QLORA_GPU_QUANTIZE=0: quantization stays on the CPU path";
+  torch::manual_seed(9);
+  for (const std::vector<int64_t>& shape : std::vector<std::vector<int64_t>>{{96, 200}, {7, 9}, {2048, 520}, {1001}}) {
+    for (at::ScalarType t : {at::kFloat, at::kBFloat16, at::kHalf}) {
+      const at::Tensor w = (torch::randn(shape) * 0.05).to(t);
+      for (bool dq : {true, false}) {
+        SCOPED_TRACE("dtype " + std::string(c10::toString(t)) + " dq=" + std::to_string(dq) + " numel " +
+                     std::to_string(w.numel()));
+        const quant::Nf4Tensor cpu = quant::quantize_nf4(w, dq);
+        const quant::Nf4Tensor gpu = quant::quantize_nf4(w.cuda(), dq);
+        ASSERT_TRUE(gpu.packed.is_cuda());
+        EXPECT_EQ(gpu.shape, cpu.shape);
+        EXPECT_EQ(gpu.dtype, cpu.dtype);
+        EXPECT_TRUE(torch::equal(gpu.packed.cpu(), cpu.packed));
+        EXPECT_EQ(gpu.absmax.defined(), cpu.absmax.defined());
+        if (cpu.absmax.defined()) EXPECT_TRUE(torch::equal(gpu.absmax.cpu(), cpu.absmax));
+        if (dq) {
+          EXPECT_EQ(std::memcmp(&gpu.offset, &cpu.offset, 4), 0) << gpu.offset << " vs " << cpu.offset;
+          EXPECT_TRUE(torch::equal(gpu.absmax_q.cpu(), cpu.absmax_q));
+          EXPECT_TRUE(torch::equal(gpu.absmax2.cpu(), cpu.absmax2));
+          EXPECT_TRUE(torch::equal(gpu.code2.cpu(), cpu.code2));
+        }
+      }
+    }
+  }
+  at::Tensor broken = torch::randn({64, 64}).cuda();
+  broken.view(-1)[100].fill_(std::numeric_limits<float>::quiet_NaN());
+  try {
+    (void)quant::quantize_nf4(broken, true);
+    FAIL() << "expected a weight holding NaN to be refused";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("1 non-finite values"), std::string::npos) << e.what();
+  }
+}
+
 // The at::Tensor glue: dequantize_nf4 on a CUDA Nf4Tensor goes through the registered kernel and
 // equals the CPU path exactly; nf4_gemv_cuda equals the launcher's contract.
 TEST(CudaNf4Kernels, TensorGlueEqualsCpuPath) {

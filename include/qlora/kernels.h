@@ -38,6 +38,26 @@ const char* cuda_error_string(int code);
 // Element types of kernel inputs / outputs (fp32, bf16 / fp16 as their 16 bits).
 enum class FloatType { kF32, kBF16, kF16 };
 
+// ---------------------------------------------------------------- managed memory
+// The paged optimizer's state (optim/state_storage.h, Note [paged state in managed memory]).
+
+// True when `device` supports managed memory with concurrent access (what prefetching needs);
+// otherwise false with the reason in `reason`.
+bool managed_memory_supported(int device, char* reason, size_t reason_size);
+
+// Zero-filled managed memory of `bytes` preferring `device`, refused with cudaErrorMemoryAllocation
+// (and nothing allocated) when `bytes` exceeds what the GPU has free; *free_bytes (if not null)
+// gets what cudaMemGetInfo reported. Free with managed_free.
+int managed_alloc(void** ptr, size_t bytes, int device, size_t* free_bytes);
+int managed_free(void* ptr);
+
+// Migrates [ptr, ptr + bytes) of managed memory to `device`, or to the host for device < 0,
+// asynchronously on `stream`.
+int managed_prefetch(const void* ptr, size_t bytes, int device, CUstream_st* stream);
+
+// cudaDeviceSynchronize, for callers without CUDA headers.
+int device_synchronize();
+
 // ---------------------------------------------------------------- NF4
 // The format is quant/nf4_ref.h's (Note [NF4 layout], [NF4 double quantization]): packed codes
 // high nibble first, blocks of 64, and per block either an fp32 absmax or a double-quantized one.
@@ -59,6 +79,14 @@ struct Nf4Scales {
 // vectorized path (32 elements a thread); any alignment is accepted.
 int nf4_dequantize(const uint8_t* packed, const Nf4Scales& scales, int64_t n, void* out,
                    FloatType out_type, CUstream_st* stream);
+
+// The codes and fp32 absmax of x (Note [NF4 quantize kernel]), bit for bit
+// quant::ref::nf4_quantize: x: [n] of x_type; packed: [ceil(n / 2)] uint8 (every byte written);
+// absmax: [ceil(n / 64)] fp32. *non_finite (device memory, zeroed by the caller) is increased by
+// the number of inf / NaN weights, whose codes are then meaningless. Double quantization of the
+// absmax is the caller's (quant::ref::nf4_double_quantize, on the host).
+int nf4_quantize(const void* x, FloatType x_type, int64_t n, uint8_t* packed, float* absmax,
+                 unsigned long long* non_finite, CUstream_st* stream);
 
 // Rows of x the fused GEMV handles in one launch.
 inline constexpr int64_t kNf4GemvMaxRows = 16;

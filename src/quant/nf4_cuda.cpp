@@ -12,7 +12,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstdlib>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "qlora/kernels.h"
@@ -84,13 +86,65 @@ void dequantize_hook(const Nf4Tensor& w, const at::Tensor& /*absmax*/, at::Tenso
   dequantize_nf4_cuda_into(w, out);
 }
 
+// Nf4DeviceKernels::quantize: codes and block absmax by the kernel (Note [NF4 quantize
+// kernel]); the double quantization of the absmax on the host, as quantize_nf4's CPU path does
+// it (torch.mean on the CPU decides the offset's last bit), which moves [blocks] floats, not the
+// weight. The result equals quantize_nf4(w.cpu()) moved to w's device, bit for bit.
+Nf4Tensor quantize_hook(const at::Tensor& w, bool double_quant) {
+  const at::Tensor x = w.detach().contiguous();
+  const kernels::FloatType type = float_type(x.scalar_type(), "quantize_nf4: the weight");
+  const int64_t n = x.numel();
+  const int64_t blocks = ref::num_blocks(n, ref::kNf4BlockSize);
+  const at::Device device = x.device();
+  const c10::cuda::CUDAGuard guard(device);
+  Nf4Tensor q;
+  q.shape = w.sizes().vec();
+  q.dtype = w.scalar_type();
+  q.packed = at::empty({ref::packed_bytes(n)}, at::TensorOptions().dtype(at::kByte).device(device));
+  at::Tensor absmax = at::empty({blocks}, at::TensorOptions().dtype(at::kFloat).device(device));
+  at::Tensor non_finite = at::zeros({1}, at::TensorOptions().dtype(at::kLong).device(device));
+  check_launch(kernels::nf4_quantize(x.data_ptr(), type, n, q.packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
+                                     reinterpret_cast<unsigned long long*>(non_finite.data_ptr<int64_t>()),
+                                     current_stream(device)),
+               "the NF4 quantize kernel");
+  const int64_t bad = non_finite.item<int64_t>();
+  TORCH_CHECK(bad == 0, "quantize_nf4: the weight of shape ", w.sizes(), " holds ", bad,
+              " non-finite values (inf or NaN), which NF4 cannot represent");
+  if (!double_quant) {
+    q.absmax = absmax;
+    return q;
+  }
+  const at::Tensor host_absmax = absmax.cpu();
+  absmax = at::Tensor();
+  q.offset = at::mean(host_absmax).item<float>();
+  at::Tensor absmax_q = at::empty({blocks}, at::kByte);
+  at::Tensor absmax2 = at::empty({ref::num_blocks(blocks, ref::kAbsmaxBlockSize)}, at::kFloat);
+  ref::nf4_double_quantize(host_absmax.data_ptr<float>(), blocks, q.offset, absmax_q.data_ptr<uint8_t>(),
+                           absmax2.data_ptr<float>());
+  q.absmax_q = absmax_q.to(device);
+  q.absmax2 = absmax2.to(device);
+  q.code2 = at::from_blob(const_cast<float*>(ref::dynamic_map()), {256}, at::kFloat).to(device);
+  return q;
+}
+
+// QLORA_GPU_QUANTIZE=0 keeps quantization on the CPU reference path (then a copy): the A/B
+// switch for the kernel above.
+bool gpu_quantize_enabled() {
+  const char* v = std::getenv("QLORA_GPU_QUANTIZE");
+  if (v == nullptr) return true;
+  const std::string s = v;
+  TORCH_CHECK(s == "0" || s == "1", "QLORA_GPU_QUANTIZE=", s, ": expected 1 (quantize on the GPU, the default) or 0");
+  return s == "1";
+}
+
 }  // namespace
 
 bool register_cuda_kernels() {
   static std::once_flag once;
   std::call_once(once, [] {
     Nf4DeviceKernels k;
-    k.dequantize = &dequantize_hook;  // quantize stays null: the CPU reference path, then a copy
+    k.dequantize = &dequantize_hook;
+    if (gpu_quantize_enabled()) k.quantize = &quantize_hook;  // else: the CPU reference path, then a copy
     k.decodes_statistics = true;
     set_nf4_device_kernels(c10::DeviceType::CUDA, k);
   });
