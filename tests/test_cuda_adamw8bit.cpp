@@ -23,6 +23,8 @@
 #include <torch/torch.h>
 
 #include "qlora/optim/adamw8bit_cuda.h"
+#include "qlora/optim/optimizer.h"
+#include "qlora/optim/state_storage.h"
 #endif
 
 namespace qlora {
@@ -292,6 +294,80 @@ TEST(CudaAdamW8bit, TensorGlueEqualsReference) {
   EXPECT_TRUE(torch::equal(gq2.cpu(), q2));
   EXPECT_TRUE(torch::equal(ga1.cpu(), a1));
   EXPECT_TRUE(torch::equal(ga2.cpu(), a2));
+}
+
+// Note [paged state in managed memory]: the optimizer `qlora train` builds for paged_adamw_8bit
+// on a GPU keeps its state in managed memory; evicted to the host before every other step (the
+// kernel then faults it back, or the step's prefetch brings it), it must still equal the same
+// optimizer over the GPU's own memory bit for bit, state and checkpointed state included.
+TEST(CudaPagedState, ManagedStateEvictedToHostEqualsDeviceState) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device visible to torch";
+  const c10::Device gpu(c10::kCUDA, 0);
+  if (const std::string why = optim::managed_storage_unavailable(gpu); !why.empty()) GTEST_SKIP() << why;
+  torch::manual_seed(11);
+  // Two 8-bit tensors (one ragged) and one under min_8bit_size (fp32 state).
+  const std::vector<int64_t> sizes = {5 * 4096 + 3, 4096 * 2, 100};
+  auto make_params = [&] {
+    std::vector<optim::NamedParam> ps;
+    torch::manual_seed(12);
+    for (size_t i = 0; i < sizes.size(); ++i)
+      ps.push_back({"p" + std::to_string(i), (torch::randn({sizes[i]}) * 0.1).to(gpu)});
+    return ps;
+  };
+  optim::AdamWOptions o;
+  o.weight_decay = 0.01;
+  o.min_8bit_size = 4096;
+  auto managed = optim::make_managed_storage(gpu);
+  auto paged = optim::make_paged_adamw8bit(make_params(), o, managed);
+  auto plain = optim::make_adamw8bit(make_params(), o, optim::make_device_storage(gpu));
+  ASSERT_EQ(managed->name(), "cuda-managed");
+  ASSERT_TRUE(managed->paged());
+  ASSERT_GT(managed->bytes_allocated(), 0u);
+  for (int step = 1; step <= 4; ++step) {
+    torch::manual_seed(100 + step);
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      const at::Tensor g = (torch::randn({sizes[i]}) * 0.01).to(gpu);
+      at::Tensor a = paged->params()[i].param, b = plain->params()[i].param;
+      a.mutable_grad() = g.clone();
+      b.mutable_grad() = g.clone();
+    }
+    if (step % 2 == 1) managed->evict_to_host();
+    paged->step(2e-4);
+    plain->step(2e-4);
+    for (size_t i = 0; i < sizes.size(); ++i)
+      EXPECT_TRUE(torch::equal(paged->params()[i].param.cpu(), plain->params()[i].param.cpu()))
+          << "parameter " << i << " after step " << step;
+  }
+  const optim::OptimizerState a = paged->state(), b = plain->state();
+  ASSERT_EQ(a.tensors.size(), b.tensors.size());
+  for (size_t i = 0; i < a.tensors.size(); ++i) {
+    EXPECT_EQ(a.tensors[i].first, b.tensors[i].first);
+    EXPECT_TRUE(torch::equal(a.tensors[i].second.cpu(), b.tensors[i].second.cpu())) << a.tensors[i].first;
+  }
+  // What `qlora train` builds by default for paged_adamw_8bit on this GPU.
+  auto defaulted = optim::make_paged_adamw8bit(make_params(), o);
+  EXPECT_EQ(defaulted->kind(), "paged_adamw8bit");
+}
+
+TEST(CudaPagedState, RefusesMoreThanTheGpuHasFree) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device visible to torch";
+  const c10::Device gpu(c10::kCUDA, 0);
+  if (const std::string why = optim::managed_storage_unavailable(gpu); !why.empty()) GTEST_SKIP() << why;
+  kernels::DeviceInfo dev[1];
+  char reason[256] = {0};
+  ASSERT_EQ(kernels::query_devices(dev, 1, reason, sizeof reason) > 0, true) << reason;
+  auto managed = optim::make_managed_storage(gpu);
+  // Twice the GPU's whole memory: refused before cudaMallocManaged is called, with the sizes.
+  const int64_t too_many = static_cast<int64_t>(2 * dev[0].total_bytes);
+  try {
+    (void)managed->allocate({too_many}, at::kByte);
+    FAIL() << "expected the allocation to be refused";
+  } catch (const c10::Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("bytes free"), std::string::npos) << what;
+    EXPECT_NE(what.find("train.optimizer: adamw_8bit"), std::string::npos) << what;
+  }
+  EXPECT_EQ(managed->bytes_allocated(), 0u);
 }
 #endif
 

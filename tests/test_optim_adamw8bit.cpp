@@ -254,6 +254,20 @@ TEST(AdamW8bit, PagedStateLivesInItsStorageAndSavesExactly) {
   EXPECT_EQ(sa.scalars_json, sb.scalars_json);
 }
 
+// Managed storage (the GPU's paged state, Note [paged state in managed memory]) says why it
+// cannot be used instead of failing inside CUDA: a CPU device, a CUDA device without an index.
+// (tests/test_cuda_adamw8bit.cpp runs it on a GPU.)
+TEST(AdamW8bit, ManagedStorageSaysWhyItCannotBeUsed) {
+  EXPECT_NE(managed_storage_unavailable(c10::Device(c10::kCPU)).find("not an indexed CUDA device"), std::string::npos);
+  EXPECT_NE(managed_storage_unavailable(c10::Device(c10::kCUDA)).find("not an indexed CUDA device"), std::string::npos);
+  try {
+    (void)make_managed_storage(c10::Device(c10::kCPU));
+    FAIL() << "expected make_managed_storage(cpu) to throw";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("needs an indexed CUDA device, got cpu"), std::string::npos) << e.what();
+  }
+}
+
 TEST(AdamW8bit, NonFiniteGradientElementsAreSkippedAsBnbDoes) {
   const Golden g = load("qmaps.safetensors");
   auto params = make_params(g.meta);

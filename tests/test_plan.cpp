@@ -103,7 +103,15 @@ TEST(Plan, LoraWeightsGradsAndOptimizerState) {
   //   (432,640 per layer) × 16 layers = 6,922,240.
   const Plan eight = plan_for("llama-3.2-1b", "h100", {"train.optimizer=paged_adamw_8bit"});
   EXPECT_DOUBLE_EQ(component(eight, "optimizer_states").bytes, 6'922'240.0);
-  EXPECT_DOUBLE_EQ(component(eight, "optimizer_states").pageable_bytes, 0.0);  // every tensor < 100,000
+  // Note [paged state in managed memory]: all of it is managed memory, on the GPU but outside the
+  // caching allocator, so the total counts it and allocated_bytes does not; adamw8bit's is
+  // ordinary device memory, the same bytes inside the allocator.
+  EXPECT_DOUBLE_EQ(component(eight, "optimizer_states").pageable_bytes, 6'922'240.0);
+  EXPECT_FALSE(component(eight, "optimizer_states").in_allocator);
+  const Plan unpaged = plan_for("llama-3.2-1b", "h100", {"train.optimizer=adamw_8bit"});
+  EXPECT_TRUE(component(unpaged, "optimizer_states").in_allocator);
+  EXPECT_DOUBLE_EQ(unpaged.allocated_bytes - eight.allocated_bytes, 6'922'240.0);
+  EXPECT_DOUBLE_EQ(unpaged.total_bytes, eight.total_bytes);
 }
 
 TEST(Plan, ActivationsWithAndWithoutCheckpointing) {

@@ -5,6 +5,7 @@
 #include <ATen/core/grad_mode.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <set>
 #include <sstream>
@@ -12,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "qlora/common/errors.h"
+#include "qlora/common/log.h"
 #ifdef QLORA_WITH_CUDA
 #include "qlora/optim/adamw8bit_cuda.h"
 #endif
@@ -21,13 +23,29 @@ namespace qlora::optim {
 namespace {
 
 constexpr int kFormatVersion = 1;
+// Slack per state buffer in StateStorage::reserve's total (a storage may align each buffer).
+constexpr uint64_t kStateAlign = 256;
 
 // State lives where the parameters are: host memory for CPU parameters, the
-// device's memory for GPU ones (the paged variant's managed memory is the
-// CUDA issue's next step).
+// device's memory for GPU ones (the paged variant: make_paged_gpu_storage).
 std::shared_ptr<StateStorage> make_storage_for(const std::vector<NamedParam>& params) {
   if (params.empty() || params.front().param.is_cpu()) return make_host_storage();
   return make_device_storage(params.front().param.device());
+}
+
+// The paged optimizer's state on a GPU: managed memory (Note [paged state in managed memory]
+// in state_storage.cpp) where the device supports it, else the GPU's own memory, said once.
+// QLORA_PAGED_STATE=device keeps it in the GPU's own memory (an A/B switch for benchmarks).
+std::shared_ptr<StateStorage> make_paged_gpu_storage(c10::Device device) {
+  const char* env = std::getenv("QLORA_PAGED_STATE");
+  const std::string want = env == nullptr ? "managed" : env;
+  if (want == "device") return make_device_storage(device);
+  if (want != "managed")
+    throw InputError("QLORA_PAGED_STATE=" + want + ": expected managed (the default) or device");
+  const std::string why = managed_storage_unavailable(device);
+  if (why.empty()) return make_managed_storage(device);
+  log::warn("paged_adamw_8bit: the optimizer state stays in " + device.str() + "'s own memory (not paged): " + why);
+  return make_device_storage(device);
 }
 constexpr const char* kFormatName = "qlora.optimizer";
 
@@ -250,6 +268,13 @@ class AdamW8bit final : public Optimizer {
     TORCH_CHECK(o.min_8bit_size >= 1, "adamw8bit: min_8bit_size must be >= 1, got ", o.min_8bit_size);
     min_8bit_size_ = o.min_8bit_size;
     if (!storage_) storage_ = make_storage_for(params_);
+    uint64_t total = 0;  // what the loop below asks for, slots rounded as a storage may round them
+    for (const auto& p : params_) {
+      const uint64_t n = static_cast<uint64_t>(p.param.numel());
+      total += p.param.numel() >= min_8bit_size_ ? 2 * n + 8 * static_cast<uint64_t>(quant_blocks(p.param.numel())) + 4 * kStateAlign
+                                                : 8 * n + 2 * kStateAlign;
+    }
+    storage_->reserve(total);
     for (const auto& p : params_) {
       State s;
       const auto shape = p.param.sizes().vec();
@@ -364,7 +389,7 @@ std::unique_ptr<Optimizer> make_paged_adamw8bit(std::vector<NamedParam> params, 
                                                 std::shared_ptr<StateStorage> storage) {
   if (!storage) storage = params.empty() || params.front().param.is_cpu()
                               ? make_host_paged_storage()
-                              : make_device_storage(params.front().param.device());
+                              : make_paged_gpu_storage(params.front().param.device());
   return std::make_unique<AdamW8bit>(std::move(params), options, std::move(storage), "paged_adamw8bit");
 }
 

@@ -247,11 +247,15 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
       c.formula = commas(P) + " params × 2 B (two uint8 states) + fp32 absmax per 256 per state";
       if (small) c.formula += "; " + commas(small * L) + " params in tensors under 4,096 elements keep fp32 (8 B)";
       if (in.optimizer == OptimizerKind::kPagedAdamW8bit) {
-        c.pageable_bytes = double(pageable * L);
-        c.detail = "paged: in bitsandbytes, state buffers of tensors with >= 100,000 elements live in unified "
-                   "memory and can move to the host under pressure (" +
-                   gib(c.pageable_bytes) + " here" + (pageable == 0 ? ": every LoRA tensor is smaller" : "") +
-                   "); qlora keeps GPU parameters' state in device memory, so it is counted on the GPU";
+        // Note [paged state in managed memory] (optim/state_storage.cpp): all of it is managed
+        // memory preferring the GPU, outside the caching allocator, and resident on the GPU
+        // unless the driver pages it out, so the total counts it and allocated_bytes does not.
+        c.pageable_bytes = c.bytes;
+        c.in_allocator = false;
+        c.detail = "paged: CUDA managed memory preferring the GPU (outside the caching allocator), which the "
+                   "driver can move to the host under pressure; counted on the GPU (bitsandbytes pages only "
+                   "buffers of tensors with >= 100,000 elements: " +
+                   gib(double(pageable * L)) + " here" + (pageable == 0 ? ", every LoRA tensor is smaller" : "") + ")";
       }
     }
     out.push_back(c);

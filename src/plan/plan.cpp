@@ -408,7 +408,8 @@ Plan make_plan(const Config& cfg, const LlamaConfig& model, const GpuSpec* gpu, 
 
   if (cfg.train.optimizer == OptimizerKind::kPagedAdamW8bit && plan.pageable_bytes > 0)
     plan.notes.push_back("paged_adamw_8bit: " + gib(plan.pageable_bytes) +
-                         " of optimizer state can move to host memory under pressure; counted on the GPU here");
+                         " of optimizer state is in managed memory, which can move to host memory under "
+                         "pressure; counted on the GPU here");
   if (model.sliding_window > 0 && in.seq_length > model.sliding_window)
     plan.notes.push_back("max_seq_length " + std::to_string(in.seq_length) + " exceeds the model's sliding window " +
                          std::to_string(model.sliding_window) +

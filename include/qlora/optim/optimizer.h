@@ -88,8 +88,9 @@ class Optimizer {
 std::unique_ptr<Optimizer> make_adamw(std::vector<NamedParam> params, const AdamWOptions& options);
 
 // bitsandbytes AdamW8bit semantics; state buffers come from `storage` (host memory when
-// null). paged_adamw8bit is the same optimizer over make_host_paged_storage() (CPU) or
-// managed memory (CUDA issue); only kind() and the storage differ.
+// null). paged_adamw8bit is the same optimizer over make_host_paged_storage() (CPU) or, on a
+// GPU, make_managed_storage() (the device's own memory where managed memory is unavailable or
+// QLORA_PAGED_STATE=device); only kind() and the storage differ.
 std::unique_ptr<Optimizer> make_adamw8bit(std::vector<NamedParam> params, const AdamWOptions& options,
                                           std::shared_ptr<StateStorage> storage = nullptr);
 std::unique_ptr<Optimizer> make_paged_adamw8bit(std::vector<NamedParam> params, const AdamWOptions& options,

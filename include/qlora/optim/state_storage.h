@@ -1,10 +1,11 @@
 // optim/state_storage: where optimizer state lives.
 //
 // The paged optimizer asks a StateStorage for its state buffers instead of allocating them
-// itself, so the placement policy is one object: plain host memory here; CUDA managed
-// ("unified") memory that the driver pages between GPU and host in the CUDA issue, where
-// prefetch_to_device / evict_to_host become cudaMemPrefetchAsync calls. Buffers come back
-// as at::Tensors over the storage's memory and are zero-filled (fresh optimizer state).
+// itself, so the placement policy is one object: plain or page-aligned host memory on the CPU;
+// on a GPU, CUDA managed ("unified") memory that the driver pages between GPU and host, where
+// prefetch_to_device / evict_to_host are cudaMemPrefetchAsync calls (Note [paged state in
+// managed memory] in state_storage.cpp), or the GPU's own memory. Buffers come back as
+// at::Tensors over the storage's memory and are zero-filled (fresh optimizer state).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -23,6 +24,9 @@ class StateStorage {
 
   // A zero-filled, contiguous tensor of `shape` and `dtype` in this storage.
   virtual at::Tensor allocate(const std::vector<int64_t>& shape, at::ScalarType dtype) = 0;
+
+  // The total the caller is about to allocate (so a storage can take it in one piece); a hint.
+  virtual void reserve(uint64_t /*bytes*/) {}
 
   // Hints before and after the optimizer step touches the state; no-ops on the host.
   virtual void prefetch_to_device() {}
@@ -45,5 +49,13 @@ std::shared_ptr<StateStorage> make_host_paged_storage();
 
 // Zeroed tensors in the memory of `device` (a GPU's own memory; not paged).
 std::shared_ptr<StateStorage> make_device_storage(c10::Device device);
+
+// CUDA managed memory preferring `device` (an indexed CUDA device), paged by the driver; each
+// buffer refused before allocation when it exceeds the GPU's free memory. Throws (c10::Error)
+// where managed_storage_unavailable(device) is not empty.
+std::shared_ptr<StateStorage> make_managed_storage(c10::Device device);
+
+// Why make_managed_storage(device) cannot be used here ("" when it can).
+std::string managed_storage_unavailable(c10::Device device);
 
 }  // namespace qlora::optim
