@@ -1,6 +1,6 @@
 // qlora demo: the whole product on built-in defaults, on CPU, in minutes.
 //
-//   qlora demo [--dir qlora-demo] [--data data/demo] [--steps 200]
+//   qlora demo [--dir qlora-demo] [--data data/demo] [--steps 200] [--device auto|cpu|cuda]
 //
 // Builds a tiny random Llama and a byte-level tokenizer in --dir/model, writes
 // the run's config to --dir/run.yaml, and trains a LoRA adapter on the shipped
@@ -36,6 +36,7 @@ struct DemoOptions {
   std::string data;  // empty: data/demo beside the binary's source tree, or in the working directory
   int64_t steps = 200;
   int64_t eval_examples = 32;
+  std::string device = "auto";
 };
 
 // data/demo next to the working directory, or relative to the binary (build/qlora -> ../data/demo).
@@ -70,6 +71,9 @@ Runner add_demo_command(CLI::App& root) {
   cmd->add_option("--eval-generate", opts->eval_examples, "held-out prompts answered for exact match at each evaluation")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--device", opts->device, "auto (a GPU when there is one), cpu or cuda")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   return [opts]() {
     const std::string data_dir = find_demo_data(opts->data);
     const fs::path work(opts->dir);
@@ -95,6 +99,7 @@ Runner add_demo_command(CLI::App& root) {
     cfg.source = yaml.string();  // what messages name (e.g. the command that resumes)
 
     train::RunOptions ro;
+    ro.device = opts->device;
     ro.progress_bar = isatty(STDERR_FILENO) != 0;
     ro.eval.generate_examples = opts->eval_examples;
     // Interrupted on purpose half-way, as a kill or Ctrl-C would, then resumed
