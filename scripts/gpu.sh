@@ -1,77 +1,229 @@
 #!/usr/bin/env bash
-# The GPU machine's one command: configure and build against the torch that is
-# installed there (CUDA build of LibTorch 2.11), run every `cuda`-labelled test
-# (and the CPU suite with --all), run the benchmarks, and print JSON.
+# The GPU machine's one command: configure and build against the torch that is installed there
+# (CUDA build of LibTorch 2.11), run the `cuda`-labelled tests, the benchmarks (qlora and, with
+# --peer, transformers + PEFT + bitsandbytes side by side), and print JSON and tables.
 #
-#   bash scripts/gpu.sh            # build, cuda tests, benchmarks
-#   bash scripts/gpu.sh --all      # also the whole CPU suite
-#   bash scripts/gpu.sh --demo     # also `qlora demo` (200 steps) on the GPU
-#   bash scripts/gpu.sh --measure  # also `qlora plan --measure` on the issue's configurations
-#                                  # and --find-micro-batch for the 8B under a 15 GiB cap
-#   bash scripts/gpu.sh --finder   # only the finder part of --measure
-#   bash scripts/gpu.sh --no-bench # skip the benchmarks
+#   bash scripts/gpu.sh                 # build, cuda tests, bench_nf4, bench_train (2x512,4x1024,8x2048)
+#   bash scripts/gpu.sh --call 1        # issue 8, the first of its two device calls (below)
+#   bash scripts/gpu.sh --call 2        # issue 8, the second
+#   options (after --call they change the preset):
+#   --all                the whole CPU suite too (builds every test)
+#   --no-tests           no ctest
+#   --no-bench           no benchmarks at all
+#   --train NAMES        bench_train --configs NAMES ("" for none)
+#   --peer NAMES         scripts/bench_peer.py --configs NAMES, then scripts/bench_compare.py
+#   --peer-modes MODES   eager,compile (default)
+#   --profile NAMES      bench_train --profile for these: scripts/profile_summary.py of each
+#   --demo               `qlora demo` on the GPU and on the CPU, held-out numbers side by side
+#   --measure            `qlora plan --measure` on issue 8's configurations, and the finder
+#   --finder             only the 8B finder under a 15 GiB cap
 #
-# The same CMakeLists.txt as everywhere; only -DQLORA_CUDA=ON and the Python
-# whose torch to link differ. Results also go to $OUT (the device tool's
-# return folder) when it is set.
-set -euo pipefail
+# Issue 8 in two calls (every phase has its own time limit, so a call always returns what
+# finished; what did not run reads "not run" in the comparison, never "met"):
+#   call 1: cuda tests, bench_nf4, bench_train and the peer (eager, compiled) on 2x512, 4x1024,
+#           8x2048.
+#   call 2: bench_train and the peer on 8b-2x2048, fp16-4x1024, all-linear-4x1024,
+#           no-ckpt-2x512; then `qlora demo` on GPU and CPU (point 7) and profiles of 2x512 and
+#           8x2048 (the peer leaves them their time).
+#   Phases run in this order: build, tests, bench_nf4, bench_train, peer, demo, profiles,
+#   --measure, and none runs past QLORA_GPU_DEADLINE (560 s), so the results always come back.
+#   A machine still warm from call 1 keeps build-gpu/, so call 2 rebuilds nothing.
+#
+# The same CMakeLists.txt as everywhere; only -DQLORA_CUDA=ON and the Python whose torch to link
+# differ. Every log and JSON goes to $build/out; what comes back through the device tool (at
+# most 8 files) is $OUT/summary.txt (the tables) and $OUT/results.tar.gz (everything).
+# bitsandbytes for the peer: a wheel in .whl/ (carried; the GPU machine reaches no registry) is
+# installed into /tmp/site when `import bitsandbytes` fails.
+set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 build=${QLORA_GPU_BUILD:-build-gpu}
 python=${QLORA_PYTHON:-$(command -v python3)}
 archs=${QLORA_CUDA_ARCHS:-90}
-out=${OUT:-$build/out}
-mkdir -p "$out"
-all=0
-demo=0
-measure=0
-finder=0
-run_bench=1
-for arg in "$@"; do
-  case "$arg" in
+out="$root/$build/out"
+
+all=0 tests=1 bench=1 demo=0 measure=0 finder=0 call=""
+train_configs="2x512,4x1024,8x2048" peer_configs="" peer_modes="eager,compile" profile_configs=""
+preset() {
+  case "$1" in
+    1) train_configs="2x512,4x1024,8x2048"; peer_configs="2x512,4x1024,8x2048" ;;
+    2) tests=0; demo=1; train_configs="8b-2x2048,fp16-4x1024,all-linear-4x1024,no-ckpt-2x512"
+       peer_configs="8b-2x2048,fp16-4x1024,all-linear-4x1024,no-ckpt-2x512"; profile_configs="2x512,8x2048" ;;
+    *) echo "scripts/gpu.sh: --call expects 1 or 2, got '$1'" >&2; exit 2 ;;
+  esac
+}
+need() { [[ $# -ge 2 ]] || { echo "scripts/gpu.sh: $1 needs a value" >&2; exit 2; }; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --call) need "$@"; call=$2; preset "$2"; shift ;;
     --all) all=1 ;;
+    --no-tests) tests=0 ;;
+    --no-bench) bench=0 ;;
+    --train) need "$@"; train_configs=$2; shift ;;
+    --peer) need "$@"; peer_configs=$2; shift ;;
+    --peer-modes) need "$@"; peer_modes=$2; shift ;;
+    --profile) need "$@"; profile_configs=$2; shift ;;
     --demo) demo=1 ;;
     --measure) measure=1; finder=1 ;;
     --finder) finder=1 ;;
-    --no-bench) run_bench=0 ;;
-    *) echo "scripts/gpu.sh: unknown option $arg (accepted: --all, --demo, --measure, --finder, --no-bench)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    *) echo "scripts/gpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
+  shift
 done
-# The GPU machine has no Debian gloo package and no network: Gloo's headers
-# travel in .whl/gloo (dpkg -x of libgloo-dev, made on the developer machine).
-gloo_args=()
-[[ -d "$root/.whl/gloo/usr/include/gloo" ]] && gloo_args=(-DQLORA_GLOO_ROOT="$root/.whl/gloo/usr")
 
 start=$(date +%s)
+# The device tool stops a command at 600 s and then returns only what is already in $OUT, so
+# every phase ends by this deadline and the packing after it always runs.
+deadline=${QLORA_GPU_DEADLINE:-560}
+elapsed() { echo $(( $(date +%s) - start )); }
+phase() { echo "== [$(elapsed) s] $*"; }
+failures=()
+failed() { failures+=("$1"); echo "== $1 FAILED"; }
+# Runs "$@" for at most $1 seconds and never past the deadline; a phase stopped at its limit,
+# or skipped because too little time is left, is reported, not fatal.
+limited() {
+  local limit=$1; shift
+  local left=$(( deadline - $(elapsed) ))
+  (( left < limit )) && limit=$left
+  if (( left < 20 )); then
+    echo "== skipped, ${left} s left before the ${deadline} s deadline: $*"
+    return 124
+  fi
+  timeout --kill-after=10 "$limit" "$@"
+  local rc=$?
+  [[ $rc == 124 || $rc == 137 ]] && echo "== stopped at its ${limit} s limit: $*"
+  return $rc
+}
+rm -rf "$out"; mkdir -p "$out"
+
+# ---------------------------------------------------------------- build
+# The GPU machine has no Debian gloo package and no network: Gloo's headers travel in
+# .whl/gloo (dpkg -x of libgloo-dev, made on the developer machine).
+gloo_args=()
+[[ -d "$root/.whl/gloo/usr/include/gloo" ]] && gloo_args=(-DQLORA_GLOO_ROOT="$root/.whl/gloo/usr")
+phase "configure and build ($build)"
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQLORA_CUDA=ON \
-  -DQLORA_PYTHON="$python" -DQLORA_CUDA_ARCHS="$archs" "${gloo_args[@]}" >"$out/configure.log"
+  -DQLORA_PYTHON="$python" -DQLORA_CUDA_ARCHS="$archs" "${gloo_args[@]}" >"$out/configure.log" 2>&1 \
+  || { tail -30 "$out/configure.log"; exit 1; }
 grep "qlora:" "$out/configure.log" || true
-ninja -C "$build" -j"$(nproc)" >"$out/build.log" || { tail -50 "$out/build.log"; exit 1; }
-echo "== built in $(( $(date +%s) - start )) s"
-
-"$build/qlora" env --json | tee "$out/env.json"
-
-labels=(-L cuda)
-[[ $all == 1 ]] && labels=()
-ctest --test-dir "$build" "${labels[@]}" --output-on-failure -j 8 --timeout 600 \
-  --output-junit "$root/$out/ctest.xml" 2>&1 | tee "$out/ctest.log" | tail -40 || echo "== ctest reported failures"
-
-if [[ $demo == 1 ]]; then
-  echo "== qlora demo on the GPU"
-  rm -rf "$out/demo-gpu"
-  "$build/qlora" demo --dir "$out/demo-gpu" 2>&1 | tee "$out/demo-gpu.log" | tail -25 || echo "== demo failed"
-  rm -rf "$out/demo-gpu/model" "$out/demo-gpu/out"/checkpoint-*   # keep the returned files small
+targets=()
+if [[ $all == 0 ]]; then
+  # Only what this run uses: the binary, the benchmarks and the cuda test programs (a test
+  # program not built leaves "NOT_BUILT" entries without the cuda label, which -L cuda skips).
+  mapfile -t targets < <(ninja -C "$build" -t targets all | sed -n 's/^\(test_cuda_[a-z0-9_]*\|bench_[a-z0-9_]*\|qlora\): .*/\1/p' | sort -u)
 fi
+ninja -C "$build" -j"$(nproc)" "${targets[@]}" >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+phase "built"
+"$build/qlora" env --json >"$out/env.json" 2>&1 || failed "qlora env"
+
+# ---------------------------------------------------------------- tests
+if [[ $tests == 1 ]]; then
+  labels=(-L cuda)
+  [[ $all == 1 ]] && labels=()
+  phase "ctest ${labels[*]}"
+  limited 420 ctest --test-dir "$build" "${labels[@]}" --output-on-failure -j 8 --timeout 300 \
+    --output-junit "$out/ctest.xml" >"$out/ctest.log" 2>&1 || failed "ctest"
+  grep -E "tests passed|tests failed|\(Failed\)|\(SEGFAULT\)|Not Run|Timeout" "$out/ctest.log" | head -20
+fi
+
+# ---------------------------------------------------------------- benchmarks
+if [[ $bench == 1 ]]; then
+  phase "bench_nf4"
+  limited 120 "$build/bench/bench_nf4" >"$out/bench_nf4.json" 2>"$out/bench_nf4.log" || failed "bench_nf4"
+  if [[ -n $train_configs ]]; then
+    phase "bench_train --configs $train_configs"
+    limited 300 "$build/bench/bench_train" --configs "$train_configs" >"$out/bench_train.json" 2>"$out/bench_train.log" \
+      || failed "bench_train"
+    cut -c1-240 "$out/bench_train.json"
+  fi
+  if [[ -n $peer_configs ]]; then
+    if ! "$python" -c "import bitsandbytes" 2>/dev/null; then
+      shopt -s nullglob
+      wheels=("$root"/.whl/*.whl)
+      shopt -u nullglob
+      if [[ ${#wheels[@]} -gt 0 ]]; then
+        "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+          "${wheels[@]}" && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+      fi
+    fi
+    # What follows the peer keeps its share of the call: the demo (two runs) and the profiles.
+    reserve=0
+    [[ $demo == 1 ]] && reserve=$(( reserve + 150 ))
+    [[ -n $profile_configs ]] && reserve=$(( reserve + 60 * $(tr ',' '\n' <<<"$profile_configs" | grep -c .) ))
+    peer_limit=$(( deadline - $(elapsed) - reserve ))
+    phase "bench_peer --configs $peer_configs --modes $peer_modes"
+    PYTHONUNBUFFERED=1 limited "$peer_limit" "$python" scripts/bench_peer.py --configs "$peer_configs" --modes "$peer_modes" \
+      >"$out/bench_peer.json" 2>"$out/bench_peer.log" || failed "bench_peer"
+    if [[ -s "$out/bench_train.json" ]]; then
+      "$python" scripts/bench_compare.py "$out/bench_train.json" "$out/bench_peer.json" --json "$out/compare.json" \
+        >"$out/compare.txt" 2>&1 || failed "bench_compare"
+      cat "$out/compare.txt"
+    fi
+  fi
+fi
+
+# ---------------------------------------------------------------- point 7: the demo on GPU and CPU
+if [[ $demo == 1 ]]; then
+  for device in cuda cpu; do
+    phase "qlora demo --device $device"
+    limited 200 "$build/qlora" demo --device "$device" --dir "$out/demo-$device" >"$out/demo-$device.log" 2>&1 \
+      || failed "demo on $device"
+    rm -rf "$out/demo-$device/model" "$out/demo-$device/out"/checkpoint-*  # keep the returned files small
+  done
+  "$python" - "$out" <<'PYEOF' | tee "$out/demo-compare.txt"
+import json, os, sys
+out = sys.argv[1]
+def rows(device):
+    path = os.path.join(out, f"demo-{device}", "out", "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    return [json.loads(l) for l in open(path) if l.strip()]
+got = {d: rows(d) for d in ("cuda", "cpu")}
+final = {}
+for d, r in got.items():
+    evals = [x for x in r or [] if x.get("type") == "eval"]
+    train = [x for x in r or [] if x.get("type") == "train"]
+    if not evals or not train:
+        print(f"demo {d}: no metrics (see demo-{d}.log)")
+        continue
+    first, last = evals[0], evals[-1]
+    final[d] = last
+    print(f"demo {d}: step 1 loss {train[0]['loss']:.4f}; held-out loss {first['loss']:.3f} -> {last['loss']:.3f}, "
+          f"exact match {first['exact_match']}/{first['generated']} -> {last['exact_match']}/{last['generated']}")
+if len(final) == 2:
+    g, c = final["cuda"]["exact_match"], final["cpu"]["exact_match"]
+    print(f"point 7: the GPU run's final exact match {g} {'reaches' if g >= c else 'is below'} the CPU run's {c}")
+PYEOF
+fi
+
+if [[ $bench == 1 ]]; then
+  if [[ -n $profile_configs ]]; then
+    IFS=, read -ra names <<<"$profile_configs"
+    for name in "${names[@]}"; do
+      phase "bench_train --profile ($name)"
+      limited 120 "$build/bench/bench_train" --configs "$name" --steps 5 --profile "$out/trace" \
+        >"$out/profile-$name.json" 2>"$out/profile-$name.log" || failed "profile $name"
+      if [[ -f "$out/trace_$name.json" ]]; then
+        "$python" scripts/profile_summary.py "$out/trace_$name.json" --top 25 >"$out/profile-summary-$name.json"
+        rm -f "$out/trace_$name.json"  # hundreds of MB; the summary is what comes back
+        "$python" -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: v for k, v in d.items() if not isinstance(v, (list, dict))})" \
+          "$out/profile-summary-$name.json"
+      fi
+    done
+  fi
+fi
+
+# ---------------------------------------------------------------- plan --measure (issue 9)
 if [[ $measure == 1 ]]; then
-  # Issue 9: the plan against the CUDA caching allocator, random weights of the
-  # preset's shape (no model files needed), one process per configuration.
-  echo "== qlora plan --measure"
+  phase "qlora plan --measure"
   one_b=(--config configs/llama-3.2-1b-t4.yaml --set train.precision=bf16)
   eight_b=(--config configs/llama-3.1-8b-t4.yaml --set train.precision=bf16)
   measure_one() {
     local name=$1; shift
     echo "-- $name"
-    "$build/qlora" plan "$@" --measure --json 2>"$out/measure-$name.log" >"$out/measure-$name.json" || echo "== $name failed"
+    limited 120 "$build/qlora" plan "$@" --measure --json 2>"$out/measure-$name.log" >"$out/measure-$name.json" \
+      || failed "measure $name"
     grep -v "^\[" "$out/measure-$name.log" | tail -9
   }
   measure_one 1b-2x512 "${one_b[@]}" --set train.micro_batch_size=2 --seq 512
@@ -83,18 +235,25 @@ if [[ $measure == 1 ]]; then
   measure_one 8b-2x2048 "${eight_b[@]}" --set train.micro_batch_size=2 --seq 2048
 fi
 if [[ $finder == 1 ]]; then
-  echo "== qlora plan --find-micro-batch: 8B, fp16 as on a T4, under a 15 GiB cap at seq 2048"
-  "$build/qlora" plan --config configs/llama-3.1-8b-t4.yaml --find-micro-batch --memory-cap 15GiB --seq 2048 \
-    2>&1 | tee "$out/finder-8b-15gib.txt" || echo "== finder failed"
+  phase "qlora plan --find-micro-batch: 8B, fp16 as on a T4, under a 15 GiB cap at seq 2048"
+  limited 200 "$build/qlora" plan --config configs/llama-3.1-8b-t4.yaml --find-micro-batch --memory-cap 15GiB --seq 2048 \
+    >"$out/finder-8b-15gib.txt" 2>&1 || failed "finder"
+  tail -3 "$out/finder-8b-15gib.txt"
 fi
 
-# Benchmarks: every bench_* program prints JSON lines (QLORA_BENCH_ARGS are passed to each).
-shopt -s nullglob
-[[ $run_bench == 1 ]] || echo "== benchmarks skipped (--no-bench)"
-for bench in "$build"/bench/bench_*; do
-  [[ $run_bench == 1 ]] || break
-  name=$(basename "$bench")
-  echo "== $name"
-  "$bench" ${QLORA_BENCH_ARGS:-} 2>"$out/$name.log" | tee "$out/$name.json" || echo "== $name failed"
-done
-echo "== total $(( $(date +%s) - start )) s"
+# ---------------------------------------------------------------- what comes back
+phase "done${call:+ (call $call)}; failures: ${failures[*]:-none}"
+{
+  echo "scripts/gpu.sh ${call:+--call $call} on $(date -u +%F), $(elapsed) s; failures: ${failures[*]:-none}"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+  grep -E "tests passed|tests failed|\(Failed\)" "$out/ctest.log" 2>/dev/null
+  cat "$out/demo-compare.txt" "$out/compare.txt" 2>/dev/null
+  for f in "$out"/profile-summary-*.json; do
+    [[ -f $f ]] && "$python" -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1].rsplit('/',1)[-1], {k: v for k, v in d.items() if not isinstance(v, (list, dict))})" "$f"
+  done
+} >"$out/summary.txt" 2>&1
+if [[ -n ${OUT:-} ]]; then
+  cp "$out/summary.txt" "$OUT/summary.txt"
+  tar -C "$build" -czf "$OUT/results.tar.gz" out
+fi
+[[ ${#failures[@]} == 0 ]]
