@@ -71,9 +71,10 @@ class DeviceStorage final : public StateStorage {
 // Note [paged state in managed memory]
 // What bitsandbytes' paged optimizers do: the 8-bit moments and their absmax live in CUDA
 // managed memory preferring the GPU, so the driver can move them to the host when the GPU is
-// short of memory and fault them back when the step's kernel touches them. Each buffer is
-// refused before it is allocated when it exceeds what the GPU has free (DESIGN: on a shared
-// GPU, oversubscribing managed memory can hang it). prefetch_to_device runs before every
+// short of memory and fault them back when the step's kernel touches them. The optimizer
+// reserves its whole state first, so it is one managed allocation (an arena the buffers are
+// aligned slices of); an allocation is refused before it is made when it exceeds what the GPU
+// has free (DESIGN: on a shared GPU, oversubscribing managed memory can hang it). prefetch_to_device runs before every
 // optimizer step (AdamW8bit::step) so the kernel does not fault page by page; evict_to_host
 // moves everything to the host (tests; or a caller that wants the GPU's memory back). Both are
 // asynchronous on the legacy default stream, where LibTorch's kernels run unless a caller sets

@@ -50,9 +50,10 @@ std::shared_ptr<StateStorage> make_host_paged_storage();
 // Zeroed tensors in the memory of `device` (a GPU's own memory; not paged).
 std::shared_ptr<StateStorage> make_device_storage(c10::Device device);
 
-// CUDA managed memory preferring `device` (an indexed CUDA device), paged by the driver; each
-// buffer refused before allocation when it exceeds the GPU's free memory. Throws (c10::Error)
-// where managed_storage_unavailable(device) is not empty.
+// CUDA managed memory preferring `device` (an indexed CUDA device), paged by the driver: one
+// arena of reserve()'s size (8 MiB chunks without it), each allocation refused before it is made
+// when it exceeds the GPU's free memory. Throws (c10::Error) where
+// managed_storage_unavailable(device) is not empty.
 std::shared_ptr<StateStorage> make_managed_storage(c10::Device device);
 
 // Why make_managed_storage(device) cannot be used here ("" when it can).
