@@ -13,6 +13,7 @@
 #include <map>
 #include <sstream>
 #include <string>
+#include <limits>
 #include <vector>
 
 #include "qlora/quant/nf4.h"
@@ -224,6 +225,34 @@ TEST(Nf4Reference, TiesTakeTheLowerCodeAndOddCountsPadWithZeroCode) {
   EXPECT_EQ(packed[1] & 0x0F, ref::kNf4ZeroCode);           // padding
 }
 
+// A full block (the vectorized path: multiply by 1 / absmax) and the short last block (divide)
+// agree with the code-by-code rule on every midpoint, just above it and just below it: with
+// absmax 1 both scalings are exact, so each weight reaches the midpoint test as written.
+TEST(Nf4Reference, FullAndShortBlocksGiveEveryWeightItsNearestCode) {
+  const float* code = ref::nf4_code();
+  std::vector<float> x;
+  for (int j = 0; j < 15; ++j) {
+    const float mid = (code[j] + code[j + 1]) / 2.0f;
+    x.insert(x.end(), {mid, std::nextafter(mid, 2.0f), std::nextafter(mid, -2.0f)});
+  }
+  x.push_back(1.0f);  // absmax 1
+  x.resize(64, -1.0f);
+  const std::vector<float> block = x;
+  x.insert(x.end(), block.begin(), block.begin() + 47);  // a second, short block of 47
+  const int64_t n = static_cast<int64_t>(x.size());
+  std::vector<uint8_t> packed(static_cast<size_t>(ref::packed_bytes(n)));
+  std::vector<float> absmax(2);
+  ref::nf4_quantize(x.data(), n, packed.data(), absmax.data());
+  EXPECT_EQ(absmax[0], 1.0f);
+  EXPECT_EQ(absmax[1], 1.0f);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t byte = packed[static_cast<size_t>(i / 2)];
+    const int got = i % 2 == 0 ? byte >> 4 : byte & 0x0F;
+    EXPECT_EQ(got, ref::nf4_nearest_code(x[static_cast<size_t>(i)])) << "element " << i << " = " << x[static_cast<size_t>(i)];
+  }
+  EXPECT_EQ(packed.back() & 0x0F, ref::kNf4ZeroCode);  // 111 elements: the padding nibble
+}
+
 TEST(Nf4Reference, NarrowingMatchesTorch) {
   // Random values over many binades, halfway cases, subnormals, overflow to inf.
   at::manual_seed(7);
@@ -343,6 +372,16 @@ TEST(Nf4Tensor, RejectsWhatItCannotQuantize) {
   at::Tensor nan = at::randn({4, 64});
   nan[2][3] = std::nanf("");
   EXPECT_THROW(quantize_nf4(nan), c10::Error);
+  // Counted across the parallel chunks (4,096 blocks each): an inf in the first, a NaN in the third.
+  at::Tensor broken_weight = at::randn({600, 1000});
+  broken_weight.view(-1)[0].fill_(std::numeric_limits<float>::infinity());
+  broken_weight.view(-1)[550000].fill_(std::nanf(""));
+  try {
+    (void)quantize_nf4(broken_weight, true);
+    FAIL() << "expected the weight to be refused";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("holds 2 non-finite values"), std::string::npos) << e.what();
+  }
   const Nf4Tensor q = quantize_nf4(at::randn({8, 8}), true);
   EXPECT_THROW(dequantize_nf4(q, at::kLong), c10::Error);
   Nf4Tensor broken = q;

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cmath>
 #include <array>
 #include <atomic>
 #include <mutex>
@@ -80,11 +81,6 @@ Nf4Tensor quantize_nf4(const at::Tensor& w, bool double_quant) {
   // Widening bf16 / fp16 to fp32 is exact, and bitsandbytes computes in fp32 too.
   const at::Tensor x = w.detach().to(at::kCPU).contiguous().to(at::kFloat);
   const int64_t n = x.numel();
-  // NF4 has no code for inf / NaN, and bitsandbytes' result for them is an accident of its
-  // clamp; a weight holding them is a broken checkpoint, which the caller names.
-  const int64_t non_finite = n - at::isfinite(x).sum().item<int64_t>();
-  TORCH_CHECK(non_finite == 0, "quantize_nf4: the weight of shape ", w.sizes(), " holds ",
-              non_finite, " non-finite values (inf or NaN), which NF4 cannot represent");
   const int64_t blocks = ref::num_blocks(n, ref::kNf4BlockSize);
   const auto u8 = at::TensorOptions().dtype(at::kByte);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
@@ -99,11 +95,20 @@ Nf4Tensor quantize_nf4(const at::Tensor& w, bool double_quant) {
   float* scale = absmax.data_ptr<float>();
   // Blocks are independent: each chunk of whole blocks starts on a byte (64 is even), and only
   // the last chunk holds the short block and the padding nibble.
+  // NF4 has no code for inf / NaN, and bitsandbytes' result for them is an accident of its
+  // clamp; a weight holding them is a broken checkpoint, which the caller names. Counted in the
+  // same pass (the chunk is in cache), the codes of such a weight are thrown away.
+  std::atomic<int64_t> non_finite{0};
   at::parallel_for(0, blocks, kBlocksPerTask, [&](int64_t b0, int64_t b1) {
     const int64_t begin = b0 * ref::kNf4BlockSize;
     const int64_t end = std::min(b1 * ref::kNf4BlockSize, n);
     ref::nf4_quantize(src + begin, end - begin, packed + begin / 2, scale + b0);
+    int64_t bad = 0;
+    for (int64_t i = begin; i < end; ++i) bad += std::isfinite(src[i]) ? 0 : 1;
+    if (bad != 0) non_finite += bad;
   });
+  TORCH_CHECK(non_finite.load() == 0, "quantize_nf4: the weight of shape ", w.sizes(), " holds ",
+              non_finite.load(), " non-finite values (inf or NaN), which NF4 cannot represent");
   if (double_quant) {
     // torch.mean, as bitsandbytes takes it: its fp32 summation order decides the last bit.
     q.offset = at::mean(absmax).item<float>();

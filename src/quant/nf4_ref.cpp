@@ -143,17 +143,27 @@ float f16_bits_to_float(uint16_t h) {
 }
 
 // ------------------------------------------------------------------ NF4
-uint8_t nf4_nearest_code(float scaled) {
-  const float* m = nf4_midpoints().m;
-  uint8_t q = 0;
-  while (q < 15 && m[q] < scaled) ++q;  // midpoints strictly below: ties take the lower code
+namespace {
+// The number of midpoints strictly below `scaled` (they increase, so it is the index of the
+// nearest code; ties take the lower code; NaN gives 0). Branch-free: the codes of random weights
+// are unpredictable, and a compare loop that stops early mispredicts on most of them.
+inline int32_t midpoints_below_i32(const float* m, float scaled) {
+  int32_t q = 0;
+  for (int j = 0; j < 15; ++j) q += m[j] < scaled ? 1 : 0;
   return q;
 }
+inline uint8_t midpoints_below(const float* m, float scaled) {
+  return static_cast<uint8_t>(midpoints_below_i32(m, scaled));
+}
+}  // namespace
+
+uint8_t nf4_nearest_code(float scaled) { return midpoints_below(nf4_midpoints().m, scaled); }
 
 void nf4_quantize(const float* x, int64_t n, uint8_t* packed, float* absmax) {
   const int64_t blocks = num_blocks(n, kNf4BlockSize);
   const int64_t full_blocks = n / kNf4BlockSize;
   std::fill(packed, packed + packed_bytes(n), static_cast<uint8_t>(0));
+  const float* mids = nf4_midpoints().m;
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t begin = b * kNf4BlockSize;
     const int64_t end = std::min(begin + kNf4BlockSize, n);
@@ -161,11 +171,21 @@ void nf4_quantize(const float* x, int64_t n, uint8_t* packed, float* absmax) {
     for (int64_t i = begin; i < end; ++i) amax = std::max(amax, std::fabs(x[i]));
     absmax[b] = amax;
     const float divisor = std::max(amax, kMinDivisor);
-    const bool full = b < full_blocks;
-    const float inv = 1.0f / divisor;  // full blocks multiply by this (Note [NF4 rounding])
-    for (int64_t i = begin; i < end; ++i) {
-      const float s = clamp_unit(full ? x[i] * inv : x[i] / divisor);
-      const uint8_t q = nf4_nearest_code(s);
+    if (b < full_blocks) {
+      // The same operations element by element, written as fixed-length loops over the block
+      // so the compiler vectorizes them: scale and clamp, count the midpoints below, pack.
+      const float inv = 1.0f / divisor;  // full blocks multiply by this (Note [NF4 rounding])
+      const float* xb = x + begin;
+      float s[kNf4BlockSize];
+      int32_t q[kNf4BlockSize];  // 32-bit counts: one lane per float compare
+      for (int64_t i = 0; i < kNf4BlockSize; ++i) s[i] = clamp_unit(xb[i] * inv);
+      for (int64_t i = 0; i < kNf4BlockSize; ++i) q[i] = midpoints_below_i32(mids, s[i]);
+      uint8_t* pb = packed + begin / 2;
+      for (int64_t k = 0; k < kNf4BlockSize / 2; ++k) pb[k] = static_cast<uint8_t>((q[2 * k] << 4) | q[2 * k + 1]);
+      continue;
+    }
+    for (int64_t i = begin; i < end; ++i) {  // the short last block divides
+      const uint8_t q = midpoints_below(mids, clamp_unit(x[i] / divisor));
       packed[i / 2] |= (i % 2 == 0) ? static_cast<uint8_t>(q << 4) : q;
     }
   }
