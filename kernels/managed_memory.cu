@@ -85,6 +85,4 @@ int managed_prefetch(const void* ptr, size_t bytes, int device, CUstream_st* str
   return static_cast<int>(cudaMemPrefetchAsync(ptr, bytes, location_of(device), 0, stream));
 }
 
-int device_synchronize() { return static_cast<int>(cudaDeviceSynchronize()); }
-
 }  // namespace qlora::kernels

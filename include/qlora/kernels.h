@@ -55,9 +55,6 @@ int managed_free(void* ptr);
 // asynchronously on `stream`.
 int managed_prefetch(const void* ptr, size_t bytes, int device, CUstream_st* stream);
 
-// cudaDeviceSynchronize, for callers without CUDA headers.
-int device_synchronize();
-
 // ---------------------------------------------------------------- NF4
 // The format is quant/nf4_ref.h's (Note [NF4 layout], [NF4 double quantization]): packed codes
 // high nibble first, blocks of 64, and per block either an fp32 absmax or a double-quantized one.

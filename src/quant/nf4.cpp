@@ -4,8 +4,8 @@
 #include <torch/torch.h>
 
 #include <algorithm>
-#include <cmath>
 #include <array>
+#include <cmath>
 #include <atomic>
 #include <mutex>
 
@@ -93,12 +93,12 @@ Nf4Tensor quantize_nf4(const at::Tensor& w, bool double_quant) {
   const float* src = x.data_ptr<float>();
   uint8_t* packed = q.packed.data_ptr<uint8_t>();
   float* scale = absmax.data_ptr<float>();
+  // NF4 has no code for inf / NaN, and bitsandbytes' result for them is an accident of its
+  // clamp; a weight holding them is a broken checkpoint. They are counted in the same pass (the
+  // chunk is in cache) and finish_nf4_quantize refuses the weight.
+  std::atomic<int64_t> non_finite{0};
   // Blocks are independent: each chunk of whole blocks starts on a byte (64 is even), and only
   // the last chunk holds the short block and the padding nibble.
-  // NF4 has no code for inf / NaN, and bitsandbytes' result for them is an accident of its
-  // clamp; a weight holding them is a broken checkpoint, which the caller names. Counted in the
-  // same pass (the chunk is in cache), the codes of such a weight are thrown away.
-  std::atomic<int64_t> non_finite{0};
   at::parallel_for(0, blocks, kBlocksPerTask, [&](int64_t b0, int64_t b1) {
     const int64_t begin = b0 * ref::kNf4BlockSize;
     const int64_t end = std::min(b1 * ref::kNf4BlockSize, n);
@@ -107,20 +107,33 @@ Nf4Tensor quantize_nf4(const at::Tensor& w, bool double_quant) {
     for (int64_t i = begin; i < end; ++i) bad += std::isfinite(src[i]) ? 0 : 1;
     if (bad != 0) non_finite += bad;
   });
-  TORCH_CHECK(non_finite.load() == 0, "quantize_nf4: the weight of shape ", w.sizes(), " holds ",
-              non_finite.load(), " non-finite values (inf or NaN), which NF4 cannot represent");
-  if (double_quant) {
-    // torch.mean, as bitsandbytes takes it: its fp32 summation order decides the last bit.
-    q.offset = at::mean(absmax).item<float>();
-    q.absmax_q = at::empty({blocks}, u8);
-    q.absmax2 = at::empty({ref::num_blocks(blocks, ref::kAbsmaxBlockSize)}, f32);
-    ref::nf4_double_quantize(absmax.data_ptr<float>(), blocks, q.offset,
-                             q.absmax_q.data_ptr<uint8_t>(), q.absmax2.data_ptr<float>());
-    q.code2 = at::from_blob(const_cast<float*>(ref::dynamic_map()), {256}, f32).clone();
-  } else {
-    q.absmax = absmax;
-  }
+  finish_nf4_quantize(q, w, non_finite.load(), absmax, double_quant);
   return w.device().is_cpu() ? q : nf4_to(q, w.device());
+}
+
+void finish_nf4_quantize(Nf4Tensor& q, const at::Tensor& w, int64_t non_finite, const at::Tensor& absmax,
+                         bool double_quant) {
+  TORCH_CHECK(non_finite == 0, "quantize_nf4: the weight of shape ", w.sizes(), " holds ", non_finite,
+              " non-finite values (inf or NaN), which NF4 cannot represent");
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous() && absmax.numel() == q.blocks(),
+              "finish_nf4_quantize: absmax must be a contiguous fp32 tensor of ", q.blocks(), " elements, got ",
+              absmax.toString(), " of ", absmax.numel());
+  if (!double_quant) {
+    q.absmax = absmax;
+    return;
+  }
+  const at::Device device = absmax.device();
+  const at::Tensor host = absmax.is_cpu() ? absmax : absmax.cpu();
+  const int64_t blocks = host.numel();
+  // torch.mean, as bitsandbytes takes it: its fp32 summation order decides the last bit.
+  q.offset = at::mean(host).item<float>();
+  at::Tensor absmax_q = at::empty({blocks}, at::kByte);
+  at::Tensor absmax2 = at::empty({ref::num_blocks(blocks, ref::kAbsmaxBlockSize)}, at::kFloat);
+  ref::nf4_double_quantize(host.data_ptr<float>(), blocks, q.offset, absmax_q.data_ptr<uint8_t>(),
+                           absmax2.data_ptr<float>());
+  q.absmax_q = absmax_q.to(device);
+  q.absmax2 = absmax2.to(device);
+  q.code2 = at::from_blob(const_cast<float*>(ref::dynamic_map()), {256}, at::kFloat).clone().to(device);
 }
 
 Nf4Tensor nf4_to(const Nf4Tensor& w, at::Device device) {

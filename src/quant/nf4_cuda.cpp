@@ -87,9 +87,9 @@ void dequantize_hook(const Nf4Tensor& w, const at::Tensor& /*absmax*/, at::Tenso
 }
 
 // Nf4DeviceKernels::quantize: codes and block absmax by the kernel (Note [NF4 quantize
-// kernel]); the double quantization of the absmax on the host, as quantize_nf4's CPU path does
-// it (torch.mean on the CPU decides the offset's last bit), which moves [blocks] floats, not the
-// weight. The result equals quantize_nf4(w.cpu()) moved to w's device, bit for bit.
+// kernel]), the rest by finish_nf4_quantize as on the CPU path (the double quantization moves
+// [blocks] floats to the host, not the weight). The result equals quantize_nf4(w.cpu()) moved
+// to w's device, bit for bit.
 Nf4Tensor quantize_hook(const at::Tensor& w, bool double_quant) {
   const at::Tensor x = w.detach().contiguous();
   const kernels::FloatType type = float_type(x.scalar_type(), "quantize_nf4: the weight");
@@ -107,23 +107,7 @@ Nf4Tensor quantize_hook(const at::Tensor& w, bool double_quant) {
                                      reinterpret_cast<unsigned long long*>(non_finite.data_ptr<int64_t>()),
                                      current_stream(device)),
                "the NF4 quantize kernel");
-  const int64_t bad = non_finite.item<int64_t>();
-  TORCH_CHECK(bad == 0, "quantize_nf4: the weight of shape ", w.sizes(), " holds ", bad,
-              " non-finite values (inf or NaN), which NF4 cannot represent");
-  if (!double_quant) {
-    q.absmax = absmax;
-    return q;
-  }
-  const at::Tensor host_absmax = absmax.cpu();
-  absmax = at::Tensor();
-  q.offset = at::mean(host_absmax).item<float>();
-  at::Tensor absmax_q = at::empty({blocks}, at::kByte);
-  at::Tensor absmax2 = at::empty({ref::num_blocks(blocks, ref::kAbsmaxBlockSize)}, at::kFloat);
-  ref::nf4_double_quantize(host_absmax.data_ptr<float>(), blocks, q.offset, absmax_q.data_ptr<uint8_t>(),
-                           absmax2.data_ptr<float>());
-  q.absmax_q = absmax_q.to(device);
-  q.absmax2 = absmax2.to(device);
-  q.code2 = at::from_blob(const_cast<float*>(ref::dynamic_map()), {256}, at::kFloat).to(device);
+  finish_nf4_quantize(q, w, non_finite.item<int64_t>(), absmax, double_quant);
   return q;
 }
 

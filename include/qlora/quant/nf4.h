@@ -81,4 +81,12 @@ void set_nf4_device_kernels(c10::DeviceType type, const Nf4DeviceKernels& kernel
 // The kernels registered for `type` (all members null when none).
 Nf4DeviceKernels nf4_device_kernels(c10::DeviceType type);
 
+// The end of quantize_nf4, shared by the CPU path and device quantize kernels once the codes
+// (q.packed) and the fp32 block absmax are known: refuses a weight holding `non_finite` inf /
+// NaN values (naming w's shape), then sets q's scales from `absmax` ([blocks] fp32, contiguous,
+// on any device): plain, or double-quantized on the host (torch.mean on the CPU decides the
+// offset's last bit, as bitsandbytes takes it), the results on absmax's device.
+void finish_nf4_quantize(Nf4Tensor& q, const at::Tensor& w, int64_t non_finite, const at::Tensor& absmax,
+                         bool double_quant);
+
 }  // namespace qlora::quant
