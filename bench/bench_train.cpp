@@ -11,7 +11,9 @@
 //   bench_train [--quick] [--configs NAMES] [--steps N] [--work DIR] [--keep] [--profile PREFIX]
 //     --quick     only the first configuration (micro 2, seq 512)
 //     --configs   comma-separated names from kShapes (default: 2x512,4x1024,8x2048); also
-//                 all-linear-4x1024, no-ckpt-2x512, fp16-4x1024, 8b-2x2048
+//                 all-linear-4x1024, no-ckpt-2x512, fp16-4x1024, 8b-2x2048, and
+//                 selective-4x1024, selective-8x2048, selective-8b-2x2048 (train.recompute:
+//                 selective; compared with the peer's full-checkpointing run of the same shape)
 //     --steps N   optimizer steps per configuration (default 12); the first kWarmupSteps are
 //                 warm-up, excluded from the timing and from the peak
 //     --work DIR  where the model directories (config.json + tokenizer), data and outputs go;
@@ -83,6 +85,10 @@ struct Shape {
   bool all_linear = false;
   bool checkpointing = true;
   bool fp16 = false;  // fp16 with the dynamic loss scaler instead of bf16
+  bool selective = false;  // train.recompute: selective (Note [selective recompute])
+  // The peer's configuration this one is compared with (null: the same name). The peer has
+  // no selective recompute: those rows stand beside its full-checkpointing run, as information.
+  const char* peer = nullptr;
 };
 const Shape kShapes[] = {
     {"2x512", "llama-3.2-1b", 2, 512},
@@ -92,6 +98,9 @@ const Shape kShapes[] = {
     {"no-ckpt-2x512", "llama-3.2-1b", 2, 512, false, false},
     {"fp16-4x1024", "llama-3.2-1b", 4, 1024, false, true, true},
     {"8b-2x2048", "llama-3.1-8b", 2, 2048},
+    {"selective-4x1024", "llama-3.2-1b", 4, 1024, false, true, false, true, "4x1024"},
+    {"selective-8x2048", "llama-3.2-1b", 8, 2048, false, true, false, true, "8x2048"},
+    {"selective-8b-2x2048", "llama-3.1-8b", 2, 2048, false, true, false, true, "8b-2x2048"},
 };
 constexpr int kDefaultShapes = 3;  // without --configs: the three micro × seq points
 
@@ -204,6 +213,7 @@ qlora::Config make_config(const std::string& model_dir, const std::string& data_
   cfg.train.max_steps = steps;
   cfg.train.precision = s.fp16 ? qlora::Precision::kFp16 : qlora::Precision::kBf16;
   cfg.train.gradient_checkpointing = s.checkpointing;
+  cfg.train.recompute = s.selective ? qlora::Recompute::kSelective : qlora::Recompute::kFull;
   cfg.train.optimizer = qlora::OptimizerKind::kPagedAdamW8bit;
   cfg.train.eval_steps = 0;
   cfg.output.dir = out_dir;
@@ -308,6 +318,8 @@ json run_one(const Shape& s, const Args& args, const fs::path& work, const fs::p
             {"seq", s.seq},
             {"precision", s.fp16 ? "fp16" : "bf16"},
             {"gradient_checkpointing", s.checkpointing},
+            {"recompute", s.checkpointing ? (s.selective ? "selective" : "full") : "none"},
+            {"peer_config", s.peer ? s.peer : s.name},
             {"optimizer", "paged_adamw_8bit"},
             {"lora", s.all_linear ? "r16 a32 all-linear" : "r16 a32 q,k,v,o"},
             {"steps_timed", t.steps},

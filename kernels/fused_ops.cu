@@ -1,6 +1,6 @@
 // Fused element-wise ops of the decoder layer (include/qlora/kernels.h: "fused element-wise
-// ops"): RoPE forward / backward in place on strided head views, and SwiGLU forward / backward
-// of a merged gate/up GEMM output. The math is model/fused_ops.h's references'; every kernel
+// ops"): RoPE forward / backward in place on strided head views, SwiGLU forward / backward
+// of a merged gate/up GEMM output, and LoRA dropout's backward summed into the input gradient. The math is model/fused_ops.h's references'; every kernel
 // loads its inputs to fp32, computes in fp32 and rounds once into the output type.
 //
 // Note [fused ops vector path]
@@ -250,6 +250,57 @@ int launch_swiglu_backward(const void* dm, int64_t dm_stride, void* gu, int64_t 
   return static_cast<int>(cudaGetLastError());
 }
 
+// Note [dropout backward add]
+//   LoRA's dropout backward on the GPU was three ATen kernels a projection: grad * mask (bool
+//   promoted: an unvectorized mixed-type kernel), * 1/(1-p), and the add into the gradient
+//   that the projections sharing an input sum. One pass here: v = mask ? round(d * scale) : 0,
+//   then out = round(acc + v) (or out = v), the same roundings in the same order, so the
+//   result keeps the three kernels' bits. mask is the bool mask at::native_dropout returns.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads) dropout_backward_add_kernel(T* out, const T* acc, const T* d,
+                                                                        const bool* __restrict__ mask, int64_t n,
+                                                                        float scale) {
+  const int64_t groups = n / V;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < groups; idx += step) {
+    const int64_t i = idx * V;
+    float dv[V], a[V], y[V];
+    bool keep[V];
+    load<T, V>(d + i, dv);
+    if constexpr (V == 8) {
+      const uint2 raw = *reinterpret_cast<const uint2*>(mask + i);
+      memcpy(keep, &raw, 8);
+    } else {
+#pragma unroll
+      for (int k = 0; k < V; ++k) keep[k] = mask[i + k];
+    }
+    if (acc != nullptr) load<T, V>(acc + i, a);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float v = keep[k] ? Conv<T>::to(Conv<T>::from(dv[k] * scale)) : 0.0f;
+      y[k] = acc != nullptr ? a[k] + v : v;
+    }
+    store<T, V>(out + i, y);
+  }
+}
+
+template <typename T>
+int launch_dropout_backward_add(void* out, const void* acc, const void* d, const bool* mask, int64_t n, float scale,
+                                cudaStream_t stream) {
+  constexpr int kVec = 8;  // 16 bytes of bf16 / fp16, 8 of the mask
+  const bool vec = n % kVec == 0 && aligned16(out) && aligned16(d) && (acc == nullptr || aligned16(acc)) &&
+                   (reinterpret_cast<uintptr_t>(mask) & 7u) == 0;
+  T* o = static_cast<T*>(out);
+  const T* a = static_cast<const T*>(acc);
+  const T* dv = static_cast<const T*>(d);
+  if (vec) {
+    dropout_backward_add_kernel<T, kVec><<<grid_for(n / kVec), kThreads, 0, stream>>>(o, a, dv, mask, n, scale);
+  } else {
+    dropout_backward_add_kernel<T, 1><<<grid_for(n), kThreads, 0, stream>>>(o, a, dv, mask, n, scale);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
 }  // namespace
 
 int rope_inplace(void* x, const void* cos, const void* sin, FloatType type, const RopeView& view,
@@ -292,6 +343,22 @@ int swiglu_backward_inplace(const void* dm, int64_t dm_row_stride, void* gu, int
       return launch_swiglu_backward<__nv_bfloat16>(dm, dm_row_stride, gu, gu_row_stride, rows, inter, stream);
     case FloatType::kF16:
       return launch_swiglu_backward<__half>(dm, dm_row_stride, gu, gu_row_stride, rows, inter, stream);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+int dropout_backward_add(void* out, const void* acc, const void* d, const bool* mask, int64_t n, float scale,
+                         FloatType type, CUstream_st* stream) {
+  if (n < 0) return static_cast<int>(cudaErrorInvalidValue);
+  if (n == 0) return 0;
+  if (out == nullptr || d == nullptr || mask == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  switch (type) {
+    case FloatType::kBF16:
+      return launch_dropout_backward_add<__nv_bfloat16>(out, acc, d, mask, n, scale, stream);
+    case FloatType::kF16:
+      return launch_dropout_backward_add<__half>(out, acc, d, mask, n, scale, stream);
+    case FloatType::kF32:
+      return launch_dropout_backward_add<float>(out, acc, d, mask, n, scale, stream);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

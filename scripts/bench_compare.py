@@ -12,7 +12,8 @@ Per configuration (the names bench_train and bench_peer share, e.g. 2x512, 8b-2x
   memory_ratio      = qlora peak allocated / the smaller of the two peers' peaks (target <= 0.7)
   plan_error_pct    = bench_train's (plan allocated - measured peak) / measured peak (target +-10%)
 A target whose inputs are missing (a peer run that failed or was not made) reads "not run",
-never "met". Prints a table on stdout and, with --json, one object per configuration.
+never "met". A row of ours the peer cannot run (train.recompute: selective) names the peer run it
+stands beside (peer_config); its ratios are printed with "n/a" for the verdicts. Prints a table on stdout and, with --json, one object per configuration.
 Only the standard library: it runs on the GPU machine and here alike.
 """
 import argparse
@@ -69,8 +70,11 @@ def compare(train_rows, peer_rows):
     out = []
     for name in names:
         q = ours.get(name, {})
-        eager = peers.get((name, "eager"), {})
-        compiled = peers.get((name, "compile"), {})
+        # A configuration of ours the peer cannot run (selective recompute) names the peer
+        # run it stands beside; its ratios are information, never a verdict on the target.
+        peer_name = q.get("peer_config", name)
+        eager = peers.get((peer_name, "eager"), {})
+        compiled = peers.get((peer_name, "compile"), {})
 
         def tps(r):
             return r.get("tokens_per_second") if "error" not in r else None
@@ -98,9 +102,12 @@ def compare(train_rows, peer_rows):
             "errors": {k: r["error"] for k, r in (("qlora", q), ("eager", eager), ("compile", compiled))
                        if "error" in r},
         }
+        row["peer_config"] = peer_name
         row["speed_target"] = speed_target(model)
         row["speed_verdict"] = verdict(row["speed_vs_compiled"], row["speed_target"], True)
         row["memory_verdict"] = verdict(row["memory_ratio"], MEMORY_TARGET, False)
+        if peer_name != name:
+            row["speed_verdict"] = row["memory_verdict"] = f"n/a (vs the peer's {peer_name})"
         plan = row["plan_error_pct"]
         row["plan_verdict"] = "not run" if plan is None else ("met" if abs(plan) <= PLAN_TOLERANCE_PCT else "missed")
         out.append(row)

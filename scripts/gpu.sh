@@ -15,16 +15,21 @@
 #   --peer-modes MODES   eager,compile (default)
 #   --profile NAMES      bench_train --profile for these: scripts/profile_summary.py of each
 #   --demo               `qlora demo` on the GPU and on the CPU, held-out numbers side by side
+#   --demo-cpu FILE      the CPU run's metrics.jsonl, made on another machine (bench/results/...):
+#                        only the GPU demo runs here
+#   --steps N            bench_train's optimizer steps a configuration (default 22: 2 warm-up)
 #   --measure            `qlora plan --measure` on issue 8's configurations, and the finder
 #   --finder             only the 8B finder under a 15 GiB cap
 #
 # Issue 8 in two calls (every phase has its own time limit, so a call always returns what
 # finished; what did not run reads "not run" in the comparison, never "met"):
-#   call 1: cuda tests, bench_nf4, bench_train and the peer (eager, compiled) on 2x512, 4x1024,
-#           8x2048.
-#   call 2: bench_train and the peer on 8b-2x2048, fp16-4x1024, all-linear-4x1024,
-#           no-ckpt-2x512; then `qlora demo` on GPU and CPU (point 7) and profiles of 2x512 and
-#           8x2048 (the peer leaves them their time).
+#   call 1: bench_nf4, bench_train on 2x512, 4x1024, 8x2048 and their selective-recompute
+#           rows, the peer (eager, compiled) on 2x512, 4x1024, 8x2048.
+#   call 2: the cuda tests, bench_train and the peer on 8b-2x2048 (and selective-8b-2x2048),
+#           all-linear-4x1024, no-ckpt-2x512, fp16-4x1024, in that order; then `qlora demo` on
+#           the GPU against the CPU run committed under bench/results (point 7).
+#   The peer's torch.compile warm-ups (~90 s a configuration on an H200) are what fills the
+#   calls: what does not fit reads "not run".
 #   Phases run in this order: build, tests, bench_nf4, bench_train, peer, demo, profiles,
 #   --measure, and none runs past QLORA_GPU_DEADLINE (560 s), so the results always come back.
 #   A machine still warm from call 1 keeps build-gpu/, so call 2 rebuilds nothing.
@@ -42,13 +47,15 @@ python=${QLORA_PYTHON:-$(command -v python3)}
 archs=${QLORA_CUDA_ARCHS:-90}
 out="$root/$build/out"
 
-all=0 tests=1 bench=1 demo=0 measure=0 finder=0 call=""
+all=0 tests=1 bench=1 demo=0 measure=0 finder=0 call="" demo_cpu="" steps=22
 train_configs="2x512,4x1024,8x2048" peer_configs="" peer_modes="eager,compile" profile_configs=""
 preset() {
   case "$1" in
-    1) train_configs="2x512,4x1024,8x2048"; peer_configs="2x512,4x1024,8x2048" ;;
-    2) tests=0; demo=1; train_configs="8b-2x2048,fp16-4x1024,all-linear-4x1024,no-ckpt-2x512"
-       peer_configs="8b-2x2048,fp16-4x1024,all-linear-4x1024,no-ckpt-2x512"; profile_configs="2x512,8x2048" ;;
+    1) tests=0; train_configs="2x512,4x1024,8x2048,selective-4x1024,selective-8x2048"
+       peer_configs="2x512,4x1024,8x2048" ;;
+    2) demo=1; demo_cpu=$(ls -d "$root"/bench/results/*/demo-cpu-metrics.jsonl 2>/dev/null | sort | tail -1)
+       train_configs="8b-2x2048,selective-8b-2x2048,all-linear-4x1024,no-ckpt-2x512,fp16-4x1024"
+       peer_configs="8b-2x2048,all-linear-4x1024,no-ckpt-2x512,fp16-4x1024" ;;
     *) echo "scripts/gpu.sh: --call expects 1 or 2, got '$1'" >&2; exit 2 ;;
   esac
 }
@@ -64,9 +71,11 @@ while [[ $# -gt 0 ]]; do
     --peer-modes) need "$@"; peer_modes=$2; shift ;;
     --profile) need "$@"; profile_configs=$2; shift ;;
     --demo) demo=1 ;;
+    --demo-cpu) need "$@"; demo_cpu=$2; shift ;;
+    --steps) need "$@"; steps=$2; shift ;;
     --measure) measure=1; finder=1 ;;
     --finder) finder=1 ;;
-    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
     *) echo "scripts/gpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -122,7 +131,7 @@ if [[ $tests == 1 ]]; then
   labels=(-L cuda)
   [[ $all == 1 ]] && labels=()
   phase "ctest ${labels[*]}"
-  limited 420 ctest --test-dir "$build" "${labels[@]}" --output-on-failure -j 8 --timeout 300 \
+  limited 420 ctest --test-dir "$build" "${labels[@]}" --output-on-failure -j 8 --timeout 300 --test-output-size-passed 65536 \
     --output-junit "$out/ctest.xml" >"$out/ctest.log" 2>&1 || failed "ctest"
   grep -E "tests passed|tests failed|\(Failed\)|\(SEGFAULT\)|Not Run|Timeout" "$out/ctest.log" | head -20
 fi
@@ -133,7 +142,7 @@ if [[ $bench == 1 ]]; then
   limited 120 "$build/bench/bench_nf4" >"$out/bench_nf4.json" 2>"$out/bench_nf4.log" || failed "bench_nf4"
   if [[ -n $train_configs ]]; then
     phase "bench_train --configs $train_configs"
-    limited 300 "$build/bench/bench_train" --configs "$train_configs" >"$out/bench_train.json" 2>"$out/bench_train.log" \
+    limited 300 "$build/bench/bench_train" --configs "$train_configs" --steps "$steps" >"$out/bench_train.json" 2>"$out/bench_train.log" \
       || failed "bench_train"
     cut -c1-240 "$out/bench_train.json"
   fi
@@ -149,7 +158,7 @@ if [[ $bench == 1 ]]; then
     fi
     # What follows the peer keeps its share of the call: the demo (two runs) and the profiles.
     reserve=0
-    [[ $demo == 1 ]] && reserve=$(( reserve + 150 ))
+    [[ $demo == 1 ]] && reserve=$(( reserve + (${#demo_cpu} > 0 ? 60 : 150) ))
     [[ -n $profile_configs ]] && reserve=$(( reserve + 60 * $(tr ',' '\n' <<<"$profile_configs" | grep -c .) ))
     peer_limit=$(( deadline - $(elapsed) - reserve ))
     phase "bench_peer --configs $peer_configs --modes $peer_modes"
@@ -165,7 +174,14 @@ fi
 
 # ---------------------------------------------------------------- point 7: the demo on GPU and CPU
 if [[ $demo == 1 ]]; then
-  for device in cuda cpu; do
+  demo_devices=(cuda cpu)
+  if [[ -n $demo_cpu ]]; then
+    # The CPU run was made elsewhere (its metrics committed): only the GPU runs here.
+    demo_devices=(cuda)
+    mkdir -p "$out/demo-cpu/out" && cp "$demo_cpu" "$out/demo-cpu/out/metrics.jsonl"
+    echo "demo cpu: from $demo_cpu"
+  fi
+  for device in "${demo_devices[@]}"; do
     phase "qlora demo --device $device"
     limited 200 "$build/qlora" demo --device "$device" --dir "$out/demo-$device" >"$out/demo-$device.log" 2>&1 \
       || failed "demo on $device"

@@ -62,6 +62,8 @@ const BadConfig kBadConfigs[] = {
     {"bad_enum", "train:\n  precision: bf61\n", "train.precision",
      "expected one of auto | bf16 | fp16 | fp32, got the string \"bf61\"; did you mean bf16?", 2},
     {"bad_optimizer", "train:\n  optimizer: sgd\n", "train.optimizer", "expected one of adamw | adamw_8bit", 2},
+    {"bad_recompute", "train:\n  recompute: partial\n", "train.recompute",
+     "expected one of full | selective, got the string \"partial\"", 2},
     {"unsupported_hf_optim", "optim: adafactor\n", "optim", "optim \"adafactor\" is not supported", 1},
     {"dropout_one", "lora:\n  dropout: 1.0\n", "lora.dropout", "expected a number >= 0 and < 1, got 1", 2},
     {"unknown_target_module", "lora:\n  target_modules: [q_proj, vproj]\n", "lora.target_modules",
@@ -222,8 +224,10 @@ TEST(Config, OverridesAreTypedAndWin) {
   const Config c = parse_config("train:\n  micro_batch_size: 2\n", "o.yaml",
                                 {"train.micro_batch_size=8", "lora.target_modules=[q_proj, v_proj]",
                                  "train.learning_rate=3e-4", "data.packing=true",
-                                 "per_device_train_batch_size=8"});
+                                 "per_device_train_batch_size=8", "train.recompute=selective"});
   EXPECT_EQ(c.train.micro_batch_size, 8);
+  EXPECT_EQ(c.train.recompute, Recompute::kSelective);
+  EXPECT_EQ(default_config().train.recompute, Recompute::kFull);
   EXPECT_EQ(c.lora.target_modules, (std::vector<std::string>{"q_proj", "v_proj"}));
   EXPECT_DOUBLE_EQ(c.train.learning_rate, 3e-4);
   EXPECT_TRUE(c.data.packing);

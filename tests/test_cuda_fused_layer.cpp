@@ -1,5 +1,6 @@
 // The fused decoder layer on a GPU against the generic checkpointed layer on the
-// same GPU: NF4 base, LoRA on every projection with dropout, grouped kv heads,
+// same GPU (with selective recompute too; without checkpointing against the generic
+// layer without it): NF4 base, LoRA on every projection with dropout, grouped kv heads,
 // in fp32 (TF32 off: agreement to summation order), bf16 and fp16 (agreement to
 // the roundings the two orders take). The dropout masks are the same in both:
 // the same generator, drawn in the same order (checked by the outputs).
@@ -60,7 +61,7 @@ Result run(const LlamaModel& m, const lora::LoraAdapter& adapter, const train::L
   return r;
 }
 
-void compare(at::ScalarType dtype) {
+void compare(at::ScalarType dtype, train::FusedRecompute what = train::FusedRecompute::kFull) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device visible to torch";
   quant::register_cuda_kernels();
   at::globalContext().setAllowTF32CuBLAS(false);
@@ -87,8 +88,14 @@ void compare(at::ScalarType dtype) {
     at::NoGradGuard no_grad;
     for (const auto& l : adapter.layers()) l->lora_b().normal_(0.0, 0.05);
   }
-  const Result want = run(m, adapter, train::checkpointed_layer_forward(m), dtype);
-  const Result got = run(m, adapter, train::fused_layer_forward(m), dtype);
+  // Without checkpointing the reference is the model's own layer under autograd.
+  const train::LayerForwardFn generic =
+      what == train::FusedRecompute::kNothing
+          ? train::LayerForwardFn([&m](int64_t l, const at::Tensor& h, const std::pair<at::Tensor, at::Tensor>& cs,
+                                       const model::AttentionInputs& a) { return m.layer_forward(l, h, cs, a); })
+          : train::checkpointed_layer_forward(m);
+  const Result want = run(m, adapter, generic, dtype);
+  const Result got = run(m, adapter, train::fused_layer_forward(m, what), dtype);
   const bool fp32 = dtype == at::kFloat;
   const double out_tol = fp32 ? kFp32Tol : kHalfOutTol, grad_tol = fp32 ? kFp32Tol : kHalfGradTol;
   const double ey = max_rel(got.y, want.y), ex = max_rel(got.dx, want.dx);
@@ -99,8 +106,12 @@ void compare(at::ScalarType dtype) {
     eg = std::max(eg, e);
     EXPECT_LT(e, grad_tol) << names[i].first;
   }
-  std::printf("  %s: output %.2e, input grad %.2e, worst LoRA grad %.2e (relative to max |generic|)\n",
-              std::string(c10::toString(dtype)).c_str(), ey, ex, eg);
+  std::printf("  %s%s: output %.2e, input grad %.2e, worst LoRA grad %.2e (relative to max |generic|)\n",
+              std::string(c10::toString(dtype)).c_str(),
+              what == train::FusedRecompute::kSelective ? " selective"
+              : what == train::FusedRecompute::kNothing ? " no checkpointing"
+                                                        : "",
+              ey, ex, eg);
   EXPECT_LT(ey, out_tol);
   EXPECT_LT(ex, grad_tol);
 }
@@ -108,6 +119,11 @@ void compare(at::ScalarType dtype) {
 TEST(CudaFusedLayer, Fp32MatchesTheGenericLayer) { compare(at::kFloat); }
 TEST(CudaFusedLayer, Bf16MatchesTheGenericLayer) { compare(at::kBFloat16); }
 TEST(CudaFusedLayer, Fp16MatchesTheGenericLayer) { compare(at::kHalf); }
+// Note [selective recompute]: gate/up kept, the rest recomputed with the forward's masks.
+TEST(CudaFusedLayer, SelectiveRecomputeMatchesTheGenericLayer) { compare(at::kBFloat16, train::FusedRecompute::kSelective); }
+// Note [fused layer without checkpointing]: against the generic layer without checkpointing.
+TEST(CudaFusedLayer, WithoutCheckpointingMatchesTheGenericLayer) { compare(at::kBFloat16, train::FusedRecompute::kNothing); }
+TEST(CudaFusedLayer, Fp32WithoutCheckpointing) { compare(at::kFloat, train::FusedRecompute::kNothing); }
 
 }  // namespace
 }  // namespace qlora

@@ -1,4 +1,5 @@
 // kernels/fused_ops.cu (label cuda): RoPE, its backward, SwiGLU and its backward on the GPU
+// (and LoRA dropout's backward, bit for bit against the ATen ops it replaces)
 // against model/fused_ops.h's references run in fp32 on the CPU, element by element, for fp32,
 // bf16 and fp16, on seeded random ragged shapes: strided column-slice views as the fused layer
 // passes them, aligned (16-byte vector path) and unaligned (row stride 3*I + 5, odd column
@@ -316,6 +317,52 @@ TEST(CudaFusedOps, TensorApiOnCudaTensors) {
     check_close(got.narrow(1, col + inter, inter), ref.narrow(1, inter, inter), tolerance(ft),
                 "tensor api swiglu du " + type);
     check_outside(got, col, 2 * inter, "tensor api swiglu backward " + type);
+  }
+}
+
+// ---------------------------------------------------------------- LoRA dropout backward
+
+// model::dropout_backward_add on CUDA tensors (the kernel for bf16 / fp16) against the three
+// ATen ops it replaces, run on the same CUDA tensors, and against its definition computed on
+// the CPU in fp32 (round(d · float(scale)) where kept, then round(acc + that)): bit for bit,
+// since each step rounds once in the same order. (ATen's CPU ops are no oracle here: their
+// bf16 / fp16 multiply by a scalar rounds differently, by an ulp, seen on an H200's host.)
+// Ragged sizes (n % 8 != 0 takes the scalar kernel for all), an operand off 16-byte alignment
+// (scalar kernel), with and without a sum to add into.
+TEST(CudaFusedOps, DropoutBackwardAddEqualsTheCudaAtenOpsBitForBit) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "torch sees no CUDA device (or this is a CPU build of torch)";
+  torch::manual_seed(16);
+  const at::Device cuda(at::kCUDA, 0);
+  const double p = 0.1, scale = 1.0 / (1.0 - p);
+  for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+    for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{8}, int64_t{1000}, int64_t{64 * 2048}, int64_t{3 * 4096 + 5}}) {
+      for (int64_t offset : {int64_t{0}, int64_t{1}}) {  // 1: d and acc off 16-byte alignment
+        for (bool with_acc : {false, true}) {
+          const std::string what = std::string(c10::toString(dtype)) + " n=" + std::to_string(n) +
+                                   " offset=" + std::to_string(offset) + (with_acc ? " acc" : " no acc");
+          const at::Tensor d = (at::randn({n + offset}) * 3).to(dtype);
+          const at::Tensor acc = at::randn({n + offset}).to(dtype);
+          const at::Tensor mask = at::rand({n}) > p;
+          const at::Tensor dd = d.to(cuda), ad = acc.to(cuda), md = mask.to(cuda);
+          const at::Tensor want_cuda = model::dropout_backward_add_reference(
+              with_acc ? ad.clone().narrow(0, offset, n) : at::Tensor(), dd.clone().narrow(0, offset, n), md, scale);
+          at::Tensor got = model::dropout_backward_add(with_acc ? ad.narrow(0, offset, n) : at::Tensor(),
+                                                       dd.narrow(0, offset, n), md, scale);
+          // Where the result went: into acc, or in place on d.
+          const at::Tensor target = with_acc ? ad.narrow(0, offset, n) : dd.narrow(0, offset, n);
+          EXPECT_EQ(got.data_ptr(), target.data_ptr()) << what << ": the result is not in place";
+          EXPECT_TRUE(at::equal(got.cpu(), want_cuda.cpu())) << what << ": differs from ATen's CUDA ops";
+          const at::Tensor kept =
+              (d.narrow(0, offset, n).to(at::kFloat) * static_cast<float>(scale)).to(dtype).to(at::kFloat);
+          const at::Tensor v = at::where(mask, kept, at::zeros_like(kept));
+          const at::Tensor want_def =
+              (with_acc ? acc.narrow(0, offset, n).to(at::kFloat) + v : v).to(dtype);
+          const at::Tensor diff = (got.cpu().to(at::kFloat) - want_def.to(at::kFloat)).abs();
+          EXPECT_TRUE(at::equal(got.cpu(), want_def))
+              << what << ": differs from the definition, max |diff| " << diff.max().item<double>();
+        }
+      }
+    }
   }
 }
 

@@ -209,13 +209,17 @@ TEST(CudaNf4Kernels, DequantizeEqualsReferenceBitForBit) {
   uint32_t seed = 1;
   for (int64_t n : kDequantSizes) {
     const Nf4Host h = make_nf4(n, seed++);
-    for (size_t misalign : {size_t{0}, size_t{1}}) {  // 1: packed off 16 bytes -> the scalar kernel
+    // 0: the vector kernel; 4: packed 4- but not 16-byte aligned, still the vector kernel;
+    // 1: packed not 4-byte aligned -> the scalar kernel for every element.
+    for (size_t misalign : {size_t{0}, size_t{4}, size_t{1}}) {
       const Nf4Device d(h, misalign);
       for (bool dq : {false, true}) {
         for (FloatType t : {FloatType::kF32, FloatType::kBF16, FloatType::kF16}) {
           const size_t elem = type_size(t);
           DeviceBuffer out(static_cast<size_t>(n) * elem);
           ASSERT_TRUE(out.ok());
+          // Poisoned: an element the kernel skips reads as NaN bits, never as a right value.
+          CUDA_OK(cudaMemset(out.at(), 0xFF, static_cast<size_t>(n) * elem));
           CUDA_OK(kernels::nf4_dequantize(d.packed_ptr(), d.scales(dq), n, out.at(), t, nullptr));
           CUDA_OK(cudaDeviceSynchronize());
           std::vector<uint8_t> got(static_cast<size_t>(n) * elem);

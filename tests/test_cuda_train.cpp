@@ -31,7 +31,7 @@ Config small_run(const std::string& tmp, const std::string& out, Precision preci
   Config cfg = default_config();
   cfg.model.path = testing::small_model_dir();
   cfg.data.path = testing::small_alpaca_data(tmp, 32, 100);
-  cfg.data.max_seq_length = 128;
+  cfg.data.max_seq_length = 256;  // as test_train_run: the longest prompt of the fixture fits
   cfg.lora.target_modules = {"all-linear"};
   cfg.lora.dropout = 0.0;
   cfg.train.micro_batch_size = 4;

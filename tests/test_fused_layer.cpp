@@ -33,6 +33,7 @@ struct Setup {
   double dropout = 0.0;
   bool padded = false;       // a padding mask (one row shorter) instead of causal only
   bool input_grad = true;    // false: the input is a frozen embedding's output
+  train::FusedRecompute recompute = train::FusedRecompute::kFull;
 };
 
 struct Result {
@@ -87,8 +88,25 @@ void compare(const Setup& s) {
     for (const auto& l : adapter.layers()) l->lora_b().normal_(0.0, 0.05);
   }
   ASSERT_EQ(train::fused_layer_unsupported(m), "");
-  const Result want = run(m, adapter, train::checkpointed_layer_forward(m), s);
-  const Result got = run(m, adapter, train::fused_layer_forward(m), s);
+  // Without checkpointing the reference is the model's own layer under autograd.
+  const train::LayerForwardFn generic =
+      s.recompute == train::FusedRecompute::kNothing
+          ? train::LayerForwardFn([&m](int64_t l, const at::Tensor& h, const std::pair<at::Tensor, at::Tensor>& cs,
+                                       const model::AttentionInputs& a) { return m.layer_forward(l, h, cs, a); })
+          : train::checkpointed_layer_forward(m);
+  const Result want = run(m, adapter, generic, s);
+  const Result got = run(m, adapter, train::fused_layer_forward(m, s.recompute), s);
+  if (s.recompute != train::FusedRecompute::kFull) {
+    // What is kept is what the full recompute would make again (Note [selective recompute],
+    // Note [fused layer without checkpointing]), so the fused runs agree bit for bit.
+    const Result full = run(m, adapter, train::fused_layer_forward(m, train::FusedRecompute::kFull), s);
+    EXPECT_TRUE(at::equal(got.y, full.y)) << "kept vs full recompute: layer outputs";
+    if (s.input_grad) {
+      EXPECT_TRUE(at::equal(got.dx, full.dx)) << "kept vs full recompute: input gradient";
+    }
+    for (size_t i = 0; i < got.grads.size(); ++i)
+      EXPECT_TRUE(at::equal(got.grads[i], full.grads[i])) << "kept vs full recompute: gradient " << i;
+  }
   EXPECT_LT(max_rel(got.y, want.y), kRelTol) << "layer outputs";
   if (s.input_grad) EXPECT_LT(max_rel(got.dx, want.dx), kRelTol) << "input gradient";
   EXPECT_TRUE(at::equal(got.after, want.after)) << "the generator must be left where the generic layer leaves it";
@@ -107,6 +125,24 @@ TEST(FusedLayer, DrawsTheSameDropoutMasks) { compare({false, 0.2, false, true});
 TEST(FusedLayer, Nf4BaseAndPaddingMask) { compare({true, 0.1, true, true}); }
 
 TEST(FusedLayer, InputWithoutGradStillTrainsTheAdapter) { compare({false, 0.0, false, false}); }
+
+// gate/up kept from forward; LoRA (with dropout) on gate, up and down, whose masks must be
+// drawn again in the forward's order.
+TEST(FusedLayer, SelectiveRecomputeDrawsTheSameMasks) {
+  compare({true, 0.2, true, true, train::FusedRecompute::kSelective});
+}
+
+TEST(FusedLayer, SelectiveRecomputeWithoutDropout) {
+  compare({false, 0.0, false, true, train::FusedRecompute::kSelective});
+}
+
+// No checkpointing: both halves kept from forward, every mask drawn once, in the generic
+// layer's order.
+TEST(FusedLayer, WithoutCheckpointingMatchesTheGenericLayer) {
+  compare({true, 0.2, true, true, train::FusedRecompute::kNothing});
+}
+
+TEST(FusedLayer, WithoutCheckpointingOrDropout) { compare({false, 0.0, false, false, train::FusedRecompute::kNothing}); }
 
 TEST(FusedLayer, GradModeOffIsThePlainForward) {
   const LlamaConfig shape = testing::small_llama_shape();
@@ -129,9 +165,11 @@ TEST(FusedLayer, TheCpuRunKeepsTheGenericLayer) {
   at::Tensor x = at::randn({1, 3, shape.hidden_size}).requires_grad_(true);
   const auto attn = model::causal_attention(1, 3, c10::kCPU);
   const auto cos_sin = m.rope(attn.position_ids);
-  const at::Tensor y = train::training_layer_forward(m)(0, x, cos_sin, attn);
+  const at::Tensor y = train::training_layer_forward(m, true)(0, x, cos_sin, attn);
   ASSERT_TRUE(y.grad_fn());
   EXPECT_NE(y.grad_fn()->name().find("CheckpointFunction"), std::string::npos) << y.grad_fn()->name();
+  // Without checkpointing: no layer function, the model's own forward.
+  EXPECT_FALSE(train::training_layer_forward(m, false, Recompute::kSelective));
 }
 
 }  // namespace

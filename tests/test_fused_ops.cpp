@@ -192,6 +192,52 @@ TEST(FusedOpsReference, SwigluBackwardMatchesAutograd) {
     }
 }
 
+// LoRA dropout's backward: acc + d · scale where the mask keeps, acc where it drops, or
+// without acc the dropped gradient alone, in place on d. The CPU's bf16 multiply by a scalar
+// rounds its own way (an ulp from the fp32 product, seen), so the definition is met to one
+// bf16 ulp of each element here; the CUDA kernel is pinned bit for bit in test_cuda_fused_ops.
+TEST(FusedOpsReference, DropoutBackwardAddIsTheMaskedScaledSum) {
+  torch::manual_seed(17);
+  const double scale = 1.0 / 0.9;
+  const at::Tensor d = (at::randn({6, 40}) * 3).to(at::kBFloat16);
+  const at::Tensor acc = at::randn({6, 40}).to(at::kBFloat16);
+  const at::Tensor mask = at::rand({6, 40}) > 0.1;
+  ASSERT_TRUE(mask.any().item<bool>() && !mask.all().item<bool>());
+  const at::Tensor kept = (d.to(at::kFloat) * static_cast<float>(scale)).to(at::kBFloat16).to(at::kFloat);
+  const at::Tensor dropped = at::where(mask, kept, at::zeros_like(kept));
+  const at::Tensor want_sum = (acc.to(at::kFloat) + dropped).to(at::kBFloat16);
+
+  // One bf16 ulp (2^-7 relative, 2^-8 for the rounding and as much for the scalar's) of the
+  // terms' magnitude |acc| + |d · scale|: a dropped mask or a missing scale moves an element by
+  // ~10% of it or all of it.
+  const at::Tensor magnitude = acc.to(at::kFloat).abs() + kept.abs();
+  const auto ulp_close = [&magnitude](const at::Tensor& got, const at::Tensor& want) {
+    const at::Tensor g = got.to(at::kFloat), w = want.to(at::kFloat);
+    return ((g - w).abs() <= magnitude * (1.0 / 128) + 1e-6).all().item<bool>();
+  };
+  at::Tensor a = acc.clone(), dc = d.clone();
+  const at::Tensor sum = dropout_backward_add(a, dc, mask, scale);
+  EXPECT_EQ(sum.data_ptr(), a.data_ptr()) << "the sum goes into acc";
+  EXPECT_TRUE(ulp_close(sum, want_sum));
+  at::Tensor alone = d.clone();
+  const at::Tensor first = dropout_backward_add(at::Tensor(), alone, mask, scale);
+  EXPECT_EQ(first.data_ptr(), alone.data_ptr()) << "without acc, in place on d";
+  EXPECT_TRUE(ulp_close(first, dropped.to(at::kBFloat16)));
+  // Where the mask drops, exactly acc (or exactly zero).
+  EXPECT_TRUE(at::equal(sum.masked_select(~mask), acc.masked_select(~mask)));
+  EXPECT_TRUE((first.masked_select(~mask) == 0).all().item<bool>());
+}
+
+TEST(FusedOpsReference, DropoutBackwardAddWantsTheBoolMask) {
+  const at::Tensor d = at::randn({4, 8});
+  try {
+    dropout_backward_add(at::Tensor(), d.clone(), at::ones({4, 8}), 2.0);  // float noise, not a bool mask
+    FAIL() << "a float mask was accepted";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("expected a bool mask of d's shape"), std::string::npos) << e.what();
+  }
+}
+
 TEST(FusedOpsReference, EmptyRowsAreFine) {
   const auto [cos, sin] = make_cos_sin(1, 0, 64);
   at::Tensor x = at::randn({1, 0, 2, 64});

@@ -123,11 +123,12 @@ TEST(Plan, ActivationsWithAndWithoutCheckpointing) {
   //   and scaled 1,024 × 16,384 + logits chunk 1,024 × (128,256 + 2,048) × 2 = 426,550,272, against
   //   the layer phase's MLP half 134,217,728 + 300,032 + 1,024 × 57,348 + 3 × 8,192 × 2,048 × 2
   //   = 293,905,408 (the attention half: 1,024 × 71,940 + 20,971,520 on the same kept part, lower).
-  // Without: the generic layer per token: norms 2 × (2×2,048 + 4) = 8,200 (fused norm: 16-bit
-  //   input + rstd); attention q, k, v at their own head counts and out 2 × (2×2,048 + 2×512) +
-  //   lse 4 × 32 = 10,368; MLP 3 × 2 × 8,192 = 49,152; LoRA 4 × 2 × 16 + 3 B × 4 × 2,048 = 24,704
-  //   → 92,424; one layer 1,024 × 92,424 + 2 × 212,992 = 95,068,160; 16 layers + final norm +
-  //   step = 1,521,090,560 + 8,392,704 + 300,032 = 1,529,783,296.
+  // Without: the fused layer keeping everything (Note [fused layer without checkpointing]) per
+  //   token: norms' inputs and rstd 2 × (2×2,048 + 4) = 8,200 (16-bit input + rstd); attention q,
+  //   k, v at their own head counts and out 2 × (2×2,048 + 2×512) + lse 4 × 32 = 10,368; MLP
+  //   gate|up 2 × 2 × 8,192 = 32,768; LoRA 4 × 2 × 16 + 3 B × 4 × 2,048 = 24,704 → 76,040; one
+  //   layer 1,024 × 76,040 + 2 × 212,992 = 78,290,944; 16 layers + final norm + step
+  //   = 1,252,655,104 + 8,392,704 + 300,032 = 1,261,347,840.
   const std::vector<std::string> sets = {"train.micro_batch_size=1", "data.max_seq_length=1024",
                                          "train.precision=bf16", "lora.dropout=0.05"};
   auto with = sets;
@@ -135,7 +136,7 @@ TEST(Plan, ActivationsWithAndWithoutCheckpointing) {
   auto without = sets;
   without.push_back("train.gradient_checkpointing=false");
   EXPECT_DOUBLE_EQ(component(plan_for("llama-3.2-1b", "h100", with), "activations").bytes, 142'910'464.0);
-  EXPECT_DOUBLE_EQ(component(plan_for("llama-3.2-1b", "h100", without), "activations").bytes, 1'529'783'296.0);
+  EXPECT_DOUBLE_EQ(component(plan_for("llama-3.2-1b", "h100", without), "activations").bytes, 1'261'347'840.0);
 }
 
 TEST(Plan, LoraWithoutDropoutKeepsSharedInputsOnce) {
@@ -174,6 +175,46 @@ TEST(Plan, LayerPhasePeakAtLongSequences) {
   EXPECT_DOUBLE_EQ(component(p, "backward_workspace").bytes, 20'971'520.0);
   EXPECT_DOUBLE_EQ(component(p, "logits_loss").bytes, 0.0);
   EXPECT_NE(component(p, "logits_loss").formula.find("freed before the peak"), std::string::npos);
+}
+
+TEST(Plan, SelectiveRecomputeKeepsGateUpAndSavesItsGemm) {
+  // As LayerPhasePeakAtLongSequences, with train.recompute: selective (Note [selective recompute]).
+  // Kept besides x and h1: each layer's gate/up output 16 × 16,384 × 2 × 8,192 × 2 = 8,589,934,592
+  //   → 10,737,418,240. The MLP half no longer allocates gate|up: 57,348 − 2×2×8,192 = 24,580 per
+  //   token → 402,718,720 + 100,663,296, still below the attention half's 1,199,636,480.
+  // → activations 10,737,418,240 + 4,800,512 + 1,178,664,960 = 11,920,883,712; loss phase
+  //   2,821,865,472 + 8,589,934,592 = 11,411,800,064, lower.
+  // Compute: the gate/up GEMMs leave the recompute, 2 × 16 × 2,048 × 2 × 8,192 = 1,073,741,824 per token.
+  const std::vector<std::string> sets = {"train.micro_batch_size=8", "data.max_seq_length=2048",
+                                         "train.precision=bf16"};
+  auto sel = sets;
+  sel.push_back("train.recompute=selective");
+  const Plan full = plan_for("llama-3.2-1b", "h100", sets);
+  const Plan p = plan_for("llama-3.2-1b", "h100", sel);
+  EXPECT_DOUBLE_EQ(component(p, "activations").bytes, 11'920'883'712.0);
+  EXPECT_DOUBLE_EQ(component(p, "backward_workspace").bytes, 20'971'520.0);
+  EXPECT_NE(component(p, "activations").formula.find("gate/up outputs kept (selective recompute)"), std::string::npos)
+      << component(p, "activations").formula;
+  ASSERT_TRUE(p.time.available && full.time.available);
+  EXPECT_DOUBLE_EQ(full.time.flops_per_token - p.time.flops_per_token, 1'073'741'824.0);
+  // fp32 runs the generic checkpoint, which recomputes everything: selective changes nothing.
+  auto fp32 = sets, fp32_sel = sel;
+  fp32.back() = fp32_sel[2] = "train.precision=fp32";
+  EXPECT_DOUBLE_EQ(plan_for("llama-3.2-1b", "h100", fp32_sel).total_bytes,
+                   plan_for("llama-3.2-1b", "h100", fp32).total_bytes);
+}
+
+TEST(Plan, OverWithSelectiveRecomputeAdvisesFullFirst) {
+  // The same run on a 12 GiB GPU: selective does not fit, full recompute does (the table above).
+  const Plan p = plan_for("llama-3.2-1b", "12GiB",
+                          {"train.micro_batch_size=8", "data.max_seq_length=2048", "train.precision=bf16",
+                           "train.recompute=selective"});
+  ASSERT_FALSE(p.fits);
+  ASSERT_FALSE(p.advice.empty());
+  EXPECT_EQ(p.advice.front().kind, "recompute") << p.advice.front().text;
+  EXPECT_NE(p.advice.front().text.find("set train.recompute: full"), std::string::npos) << p.advice.front().text;
+  EXPECT_TRUE(p.advice.front().fits) << p.advice.front().text;
+  EXPECT_EQ(p.advice.size(), 1u);
 }
 
 TEST(Plan, ChunkedLossNeverHoldsAllLogits) {

@@ -72,8 +72,9 @@ struct Nf4Scales {
 
 // out[i] = nf4_code[q_i] * scale[i / 64] in fp32, rounded to nearest-even for bf16 / fp16:
 // bit for bit quant::ref::nf4_dequantize_{f32,bf16,f16} (with the absmax expanded first).
-// packed: [ceil(n / 2)] uint8; out: [n] of out_type. 16-byte aligned packed and out take the
-// vectorized path (32 elements a thread); any alignment is accepted.
+// packed: [ceil(n / 2)] uint8; out: [n] of out_type. A 4-byte aligned packed and a 16-byte
+// aligned out take the vectorized path (Note [NF4 dequant vector path], kernels/nf4_dequant.cu);
+// any alignment is accepted.
 int nf4_dequantize(const uint8_t* packed, const Nf4Scales& scales, int64_t n, void* out,
                    FloatType out_type, CUstream_st* stream);
 
@@ -158,6 +159,14 @@ int swiglu(const void* gu, int64_t gu_row_stride, int64_t rows, int64_t inter, v
 // silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g))); dm: [rows, >= inter], row stride dm_row_stride.
 int swiglu_backward_inplace(const void* dm, int64_t dm_row_stride, void* gu, int64_t gu_row_stride, int64_t rows,
                             int64_t inter, FloatType type, CUstream_st* stream);
+
+// LoRA dropout's backward added into an input gradient (Note [dropout backward add],
+// kernels/fused_ops.cu): out[i] = acc[i] + v (or out[i] = v when acc is null), with
+// v = mask[i] ? round(d[i] * scale) : 0 and each sum rounded once into `type`; d, acc, out: [n]
+// contiguous (out may alias acc or d); mask: [n] bool. 16-byte aligned operands (8-byte for the
+// mask) with n a multiple of 8 take vector loads; any layout is accepted.
+int dropout_backward_add(void* out, const void* acc, const void* d, const bool* mask, int64_t n, float scale,
+                         FloatType type, CUstream_st* stream);
 
 // ---------------------------------------------------------------- cross-entropy
 // One row of logits a CTA (kernels/cross_entropy.cu, Note [cross-entropy rows kernel]), all in

@@ -15,6 +15,7 @@ const std::vector<std::string> kScheduleNames = {"constant", "linear", "cosine"}
 const std::vector<std::string> kFormatNames = {"auto", "text", "completion", "alpaca", "chat"};
 const std::vector<std::string> kTemplateNames = {"auto", "llama3", "chatml"};
 const std::vector<std::string> kBackendNames = {"auto", "nccl", "gloo"};
+const std::vector<std::string> kRecomputeNames = {"full", "selective"};
 
 template <typename E>
 std::string_view name_of(const std::vector<std::string>& names, E v) {
@@ -34,6 +35,7 @@ std::string_view to_string(LrSchedule v) { return name_of(kScheduleNames, v); }
 std::string_view to_string(DataFormat v) { return name_of(kFormatNames, v); }
 std::string_view to_string(ChatTemplate v) { return name_of(kTemplateNames, v); }
 std::string_view to_string(DistBackend v) { return name_of(kBackendNames, v); }
+std::string_view to_string(Recompute v) { return name_of(kRecomputeNames, v); }
 
 namespace config_detail {
 namespace {
@@ -165,6 +167,9 @@ std::vector<Field> build_schema() {
   add(bind_member("train.gradient_checkpointing", Kind::kBool, &C::train,
            &TrainConfig::gradient_checkpointing,
            "recompute each decoder layer in backward: far less activation memory, ~30% more compute"));
+  add(bind_enum("train.recompute", &C::train, &TrainConfig::recompute, kRecomputeNames,
+                "with checkpointing, on a GPU: full | selective (keeps each layer's gate/up GEMM output, "
+                "2 x intermediate_size values a token: ~10% less compute, more memory; see qlora plan)"));
   add(bind_enum("train.optimizer", &C::train, &TrainConfig::optimizer, kOptimizerNames,
                 "adamw (8 B/param) | adamw_8bit (2 B/param) | paged_adamw_8bit (can spill to host)"));
   range(add(bind_member("train.seed", Kind::kInt, &C::train, &TrainConfig::seed,

@@ -9,6 +9,7 @@
 
 #include <cstdlib>
 #include <string>
+#include <utility>
 
 #ifdef QLORA_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -157,6 +158,15 @@ void swiglu_backward_inplace_reference(const at::Tensor& dm, at::Tensor& gu) {
   u.copy_(du);
 }
 
+at::Tensor dropout_backward_add_reference(at::Tensor acc, at::Tensor d, const at::Tensor& mask, double scale) {
+  TORCH_CHECK(mask.defined() && mask.scalar_type() == at::kBool && mask.sizes() == d.sizes(),
+              "dropout_backward_add: expected a bool mask of d's shape ", d.sizes(), ", got ", describe(mask));
+  TORCH_CHECK(!acc.defined() || (acc.sizes() == d.sizes() && acc.scalar_type() == d.scalar_type()),
+              "dropout_backward_add: expected acc of d's shape and dtype (", describe(d), "), got ", describe(acc));
+  d.mul_(mask).mul_(scale);
+  return acc.defined() ? acc.add_(d) : d;
+}
+
 // ---------------------------------------------------------------- dispatch
 
 void rope_inplace(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
@@ -218,6 +228,24 @@ void swiglu_backward_inplace(const at::Tensor& dm, at::Tensor& gu) {
   }
 #endif
   swiglu_backward_inplace_reference(dm, gu);
+}
+
+at::Tensor dropout_backward_add(at::Tensor acc, at::Tensor d, const at::Tensor& mask, double scale) {
+#ifdef QLORA_WITH_CUDA
+  if (use_kernel(d) && d.is_contiguous() && mask.is_contiguous() && mask.scalar_type() == at::kBool &&
+      mask.sizes() == d.sizes() && mask.device() == d.device() &&
+      (!acc.defined() || (acc.is_contiguous() && acc.sizes() == d.sizes() && acc.scalar_type() == d.scalar_type() &&
+                          acc.device() == d.device()))) {
+    at::Tensor out = acc.defined() ? acc : d;
+    const c10::cuda::CUDAGuard guard(d.device());
+    check_launch(kernels::dropout_backward_add(out.data_ptr(), acc.defined() ? acc.const_data_ptr() : nullptr,
+                                               d.const_data_ptr(), mask.const_data_ptr<bool>(), d.numel(),
+                                               static_cast<float>(scale), float_type(d), stream_of(d)),
+                 "dropout_backward_add");
+    return out;
+  }
+#endif
+  return dropout_backward_add_reference(std::move(acc), std::move(d), mask, scale);
 }
 
 }  // namespace qlora::model

@@ -287,21 +287,34 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
   // With a mask k, v are repeated to every head (the memory-efficient kernel); without, SDPA
   // takes them grouped.
   const int64_t attn_tok = (in.packed ? 4 * p * nh * d : p * (2 * nh * d + 2 * nkv * d)) + 4 * nh;
-  const int64_t mlp_tok = 3 * p * i;
+  // The generic layer keeps gate, up and silu(gate) (3·p·i); the fused layer without
+  // checkpointing (the GPU's 16-bit path, Note [fused layer without checkpointing]) keeps
+  // gate|up alone and silu(gate)·up only as down_proj's LoRA input (counted with LoRA).
+  const int64_t mlp_factor = gpu16 ? 2 : 3;
+  const int64_t mlp_tok = mlp_factor * p * i;
   const int64_t layer_tok = norm_tok + attn_tok + mlp_tok + lora_tok;
   // One layer's kept tensors: per token, its bias per mask element, its 16-bit LoRA copies.
   const double layer_bytes = tokens * double(layer_tok) + square * double(p) + double(p * lora_per_layer);
   const double kept_layers = in.gradient_checkpointing ? 1.0 : double(L);
-  // The fused layer keeps the attention residual h1 beside each layer input.
+  // The fused layer keeps the attention residual h1 beside each layer input, and with
+  // selective recompute each layer's gate/up GEMM output [T, 2i] (Note [selective recompute]).
+  const bool selective = fused_layer && in.selective_recompute;
+  const double kept_gate_up = selective ? double(L) * tokens * double(2 * i * p) : 0.0;
   const double boundaries =
-      in.gradient_checkpointing ? double(fused_layer ? 2 : 1) * double(L) * tokens * double(h * p) : 0.0;
+      (in.gradient_checkpointing ? double(fused_layer ? 2 : 1) * double(L) * tokens * double(h * p) : 0.0) +
+      kept_gate_up;
   const double step_bytes = tokens * double(step_tok) + square;  // + the bool mask
   const std::string boundary_text =
       in.gradient_checkpointing ? std::string(fused_layer ? "layer inputs and attention residuals 2 × " : "layer inputs ") +
                                       std::to_string(L) + " × " + commas(T) + " tokens × " + commas(h) +
-                                      " × " + std::to_string(p) + " B = " + gib(boundaries) + " + "
+                                      " × " + std::to_string(p) + " B = " + gib(boundaries - kept_gate_up) + " + " +
+                                      (selective ? "gate/up outputs kept (selective recompute) " + std::to_string(L) +
+                                                       " × " + commas(T) + " tokens × 2 × " + commas(i) + " × " +
+                                                       std::to_string(p) + " B = " + gib(kept_gate_up) + " + "
+                                                 : std::string())
                                 : std::string();
-  const std::string layers_text = in.gradient_checkpointing ? "one layer recomputed in backward"
+  const std::string layers_text = in.gradient_checkpointing ? (selective ? "one layer recomputed in backward but its gate/up GEMM"
+                                                                       : "one layer recomputed in backward")
                                                             : std::to_string(L) + " layers (no checkpointing)";
 
   // Loss phase.
@@ -326,7 +339,8 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
   const double out_and_grad = tokens * double(2 * p * h);
   double layer_ws = std::max(product_grads, down_dequant) + out_and_grad;
   // The fused layer (Note [fused decoder layer]) differentiates one half at a time.
-  const FusedHalves fused = fused_halves(m, in);
+  FusedHalves fused = fused_halves(m, in);
+  if (selective) fused.mlp_tok -= double(2 * p * i);  // the top layer's gate|up is among the kept
   const bool fused_mlp_peak = fused.mlp_tok * tokens + fused.mlp_weights >=
                               fused.attention_tok * tokens + square * double(1 + p) + fused.attention_weights;
   if (fused_layer) {
@@ -355,7 +369,7 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
       c.formula = "at the top layer's backward: " + boundary_text + layers_text + ", " + per_layer + " × " +
                   commas(T) + " tokens + attention bias = " + gib(kept_layers * layer_bytes) + steps;
     c.detail = "per layer and token: norms 2×(4h+4) = " + commas(norm_tok) + ", attention q, k, v (repeated to " +
-               std::to_string(nh) + " heads), out, lse = " + commas(attn_tok) + ", MLP 3·p·i = " + commas(mlp_tok) +
+               std::to_string(nh) + " heads), out, lse = " + commas(attn_tok) + ", MLP " + std::to_string(mlp_factor) + "·p·i = " + commas(mlp_tok) +
                ", LoRA = " + commas(lora_tok) +
                (in.lora_dropout > 0 ? " (A outputs + dropped inputs and masks)" : " (A outputs + kept inputs)") +
                "; " + other;

@@ -5,6 +5,7 @@
 // ~~~~~~~~~~~~~~~~~~~~~~~~
 // When a run does not fit, the knobs are turned in the order that changes the
 // training least:
+//   0. train.recompute: selective back to full: the same math, ~10% slower;
 //   1. the micro batch, with gradient accumulation raised so that the
 //      effective batch (micro × accumulation × GPUs) stays what was asked:
 //      the same math, only slower;
@@ -95,6 +96,7 @@ BudgetInputs inputs_from(const Config& cfg, const PrecisionAdvice& precision) {
   in.lora_targets = resolve_lora_targets(cfg.lora.target_modules);
   in.lora_dropout = cfg.lora.dropout;
   in.gradient_checkpointing = cfg.train.gradient_checkpointing;
+  in.selective_recompute = cfg.train.recompute == Recompute::kSelective;
   in.optimizer = cfg.train.optimizer;
   in.double_quant = cfg.quantization.double_quant;
   in.packed = cfg.data.packing;
@@ -156,6 +158,19 @@ std::vector<Advice> advise_over(const LlamaConfig& model, BudgetInputs in, int64
   std::vector<Advice> out;
   const int64_t per_gpu_batch = in.micro_batch_size * accumulation;  // sequences per GPU per step
 
+  // 0. selective recompute back to full: the same batch, only more compute.
+  if (in.selective_recompute && in.gradient_checkpointing) {
+    const double before = budget(model, in).total;
+    in.selective_recompute = false;
+    const double total = budget(model, in).total;
+    if (total < before) {
+      out.push_back(make_advice("recompute",
+                                "set train.recompute: full (each layer's gate/up output recomputed instead of kept: " +
+                                    gib(before - total) + " less, ~10% more compute)",
+                                in, accumulation, total, gpu));
+      if (out.back().fits) return out;
+    }
+  }
   // 1. micro batch, keeping the effective batch.
   if (in.micro_batch_size > 1) {
     const int64_t best = largest_fitting_micro(model, in, gpu, in.micro_batch_size - 1);
@@ -249,14 +264,17 @@ TimeEstimate estimate_time(const LlamaConfig& m, const BudgetInputs& in, int64_t
   //   forward  2N + 2Vh (GEMMs) + 2·L·S·nh·d (causal attention: QKᵀ and PV, half the square)
   //   backward grad w.r.t. inputs only for the frozen base: 2N + 2Vh, attention 2×,
   //            LoRA weights and inputs: 4P
-  //   recompute (checkpointing): the decoder forward again, 2N + attention
+  //   recompute (checkpointing): the decoder forward again, 2N + attention; selective
+  //            (the GPU's fused layer) leaves out the gate/up GEMMs, 2·L·h·2i
   const double N = double(decoder_linear_params(m)), Vh = double(m.vocab_size * m.hidden_size);
   const double attn = 2.0 * double(m.num_hidden_layers) * double(in.seq_length) *
                       double(m.num_attention_heads * m.head_dim);
   const double P = double(lora_params);
   const double fwd = 2 * N + 2 * Vh + attn + 2 * P;
   const double bwd = 2 * N + 2 * Vh + 2 * attn + 4 * P;
-  const double recompute = in.gradient_checkpointing ? 2 * N + attn + 2 * P : 0;
+  const bool selective = in.gradient_checkpointing && in.selective_recompute && in.activation_bytes == 2;
+  const double gate_up = 2.0 * double(m.num_hidden_layers) * double(m.hidden_size) * 2.0 * double(m.intermediate_size);
+  const double recompute = in.gradient_checkpointing ? 2 * N + attn + 2 * P - (selective ? gate_up : 0.0) : 0;
   t.flops_per_token = fwd + bwd + recompute;
   t.tokens_per_step = double(in.micro_batch_size * in.seq_length * accumulation);
   t.flops_per_step = t.flops_per_token * t.tokens_per_step;
@@ -279,7 +297,7 @@ TimeEstimate estimate_time(const LlamaConfig& m, const BudgetInputs& in, int64_t
   t.tokens_per_second = t.tokens_per_step * double(world) / t.seconds_per_step;
   t.available = true;
   t.formula = fixed(t.flops_per_token / 1e9, 2) + " GFLOP/token (forward + input-gradient backward" +
-              (in.gradient_checkpointing ? " + recompute" : "") + ") × " + commas(int64_t(t.tokens_per_step)) +
+              (in.gradient_checkpointing ? (selective ? " + selective recompute" : " + recompute") : "") + ") × " + commas(int64_t(t.tokens_per_step)) +
               " tokens/step at " + fixed(t.utilisation * 100, 0) + "% of " + fixed(t.peak_tflops, 0) + " TFLOP/s " +
               precision + " + NF4 dequantization " + fixed(t.dequant_seconds_per_step, 2) + " s/step";
   t.note = "an estimate from FLOPs at an assumed " + fixed(t.utilisation * 100, 0) +

@@ -6,6 +6,9 @@
 
 #include <array>
 #include <cstdlib>
+#include <memory>
+#include <optional>
+#include <tuple>
 #include <stdexcept>
 #include <utility>
 #include <vector>
@@ -40,20 +43,38 @@ using torch::autograd::variable_list;
 // projection is dequantized once forward and once backward. Attention's own
 // backward is ATen's (a small autograd graph around SDPA alone).
 
+// Note [selective recompute]
+// With train.recompute: selective, forward also keeps gu = n2·[Wg;Wu]ᵀ (+ LoRA), the
+// MLP's largest GEMM output ([N, 2I]), and the MLP half's backward starts from it:
+// norm 2 is recomputed (element-wise), the gate/up LoRA inputs and A outputs are
+// drawn again in the forward's order (so the dropout masks are the forward's), and
+// silu(g)·u only where down_proj has LoRA, but the [N, h]·[h, 2I] GEMM is not run
+// again: about a sixth of a 1B layer's recompute FLOPs (2I·h of the 3I·h + (q+k+v)·h
+// per token). The cost is 2I values a token a layer kept through the step (the plan
+// counts them); the kept gu is overwritten by [dg | du] in backward, so it is used once.
+
 // Index of each projection in decoder_linear_names().
 constexpr size_t kQ = 0, kK = 1, kV = 2, kO = 3, kGate = 4, kUp = 5, kDown = 6;
 
 struct Proj {
   const model::FrozenLinear* base = nullptr;
   const lora::LoraLinear* lora = nullptr;  // null: no adapter on this projection
+  // LoRA's A [r, in] and B [out, r] in the compute dtype, cast once a layer call (forward,
+  // recompute and backward share them; the fp32 masters change only at the optimizer step).
+  at::Tensor a, b;
 };
 
-Proj proj_of(const model::LlamaModel& m, int64_t layer, size_t index) {
+// compute: the dtype of the layer's activations; undefined: no LoRA casts (checks only).
+Proj proj_of(const model::LlamaModel& m, int64_t layer, size_t index, std::optional<at::ScalarType> compute = {}) {
   const model::Linear* lin = m.projection(layer, index).get();
   Proj p;
   if (const auto* l = dynamic_cast<const lora::LoraLinear*>(lin)) {
     p.lora = l;
     p.base = l->base().get();
+    if (compute) {
+      p.a = l->lora_a().to(*compute);
+      p.b = l->lora_b().to(*compute);
+    }
   } else {
     p.base = dynamic_cast<const model::FrozenLinear*>(lin);
   }
@@ -129,37 +150,54 @@ struct LoraPass {
   at::Tensor t;  // [N, r] = dropped input · Aᵀ
 };
 
-// out += scaling · (dropout(x) · Aᵀ) · Bᵀ, in x's dtype; out may be a column slice.
-LoraPass lora_add(const lora::LoraLinear& l, const at::Tensor& x, at::Tensor out) {
-  LoraPass pass{dropout(x, l), {}};
-  pass.t = at::mm(pass.in.x, l.lora_a().to(x.scalar_type()).t());
-  out.addmm_(pass.t, l.lora_b().to(x.scalar_type()).t(), /*beta=*/1.0, /*alpha=*/l.scaling());
+// dropout(x) and its product with Aᵀ, what a LoRA's backward needs of its forward.
+LoraPass lora_pass(const Proj& p, const at::Tensor& x) {
+  LoraPass pass{dropout(x, *p.lora), {}};
+  pass.t = at::mm(pass.in.x, p.a.t());
   return pass;
 }
 
-void accumulate_grad(const at::Tensor& param, const at::Tensor& grad) {
+// out += scaling · (dropout(x) · Aᵀ) · Bᵀ, in x's dtype; out may be a column slice.
+LoraPass lora_add(const Proj& p, const at::Tensor& x, at::Tensor out) {
+  LoraPass pass = lora_pass(p, x);
+  out.addmm_(pass.t, p.b.t(), /*beta=*/1.0, /*alpha=*/p.lora->scaling());
+  return pass;
+}
+
+// param.grad += alpha · grad (in the parameter's dtype).
+void accumulate_grad(const at::Tensor& param, const at::Tensor& grad, double alpha) {
   at::Tensor p = param;  // a handle: .mutable_grad() is the parameter's
   at::Tensor g = grad.to(p.scalar_type());
   if (p.grad().defined()) {
-    p.mutable_grad().add_(g);
+    p.mutable_grad().add_(g, alpha);
   } else {
+    if (alpha != 1.0) g = g.mul(alpha);
     p.mutable_grad() = g.is_contiguous() ? g : g.contiguous();
   }
 }
 
+// The gradient with respect to a LoRA's input x, dx (before its dropout), added to acc (the
+// projections sharing x sum theirs; undefined: dx starts the sum).
+at::Tensor add_input_grad(at::Tensor acc, at::Tensor dx, const Dropped& d) {
+  if (d.mask.defined() && d.mask.scalar_type() == at::kBool)  // the GPU's native_dropout
+    return model::dropout_backward_add(std::move(acc), std::move(dx), d.mask, 1.0 / (1.0 - d.p));
+  dropout_backward_(dx, d);
+  return acc.defined() ? acc.add_(dx) : dx;
+}
+
 // The backward of lora_add for the gradient `go` [N, out] at its output: A and B's
-// gradients accumulated, the gradient with respect to x [N, in] returned. Consumes
-// `pass`: the dropped input goes as soon as A's gradient is taken.
-at::Tensor lora_backward(const lora::LoraLinear& l, LoraPass&& pass, const at::Tensor& go) {
-  const at::ScalarType dt = go.scalar_type();
-  const at::Tensor gs = go * l.scaling();                 // [N, out]
-  accumulate_grad(l.lora_b(), at::mm(gs.t(), pass.t));    // [out, r]
-  const at::Tensor dt_ = at::mm(gs, l.lora_b().to(dt));  // [N, r]
-  accumulate_grad(l.lora_a(), at::mm(dt_.t(), pass.in.x));  // [r, in]
+// gradients accumulated, the gradient with respect to x [N, in] added to `acc` and the sum
+// returned. The scaling goes where the tensors are small ([out, r], [N, r]), not on go.
+// Consumes `pass`: the dropped input goes as soon as A's gradient is taken.
+at::Tensor lora_backward(const Proj& p, LoraPass&& pass, const at::Tensor& go, at::Tensor acc) {
+  const lora::LoraLinear& l = *p.lora;
+  const double s = l.scaling();
+  accumulate_grad(l.lora_b(), at::mm(go.t(), pass.t), s);  // [out, r]
+  const at::Tensor dt_ = at::mm(go, p.b).mul_(s);           // [N, r]
+  accumulate_grad(l.lora_a(), at::mm(dt_.t(), pass.in.x), 1.0);  // [r, in]
   pass.in.x = at::Tensor();
   pass.t = at::Tensor();
-  at::Tensor dx = at::mm(dt_, l.lora_a().to(dt));  // [N, in]
-  return dropout_backward_(dx, pass.in);
+  return add_input_grad(std::move(acc), at::mm(dt_, p.a), pass.in);  // [N, in]
 }
 
 // ---------------------------------------------------------------- RMSNorm
@@ -199,12 +237,12 @@ struct LayerRefs {
   bool any_dropout = false;
 };
 
-LayerRefs layer_refs(const model::LlamaModel& m, int64_t index) {
+LayerRefs layer_refs(const model::LlamaModel& m, int64_t index, at::ScalarType compute) {
   LayerRefs r;
   r.model = &m;
   r.index = index;
   for (size_t i = 0; i < r.proj.size(); ++i) {
-    r.proj[i] = proj_of(m, index, i);
+    r.proj[i] = proj_of(m, index, i, compute);
     if (r.proj[i].lora && r.proj[i].lora->training() && r.proj[i].lora->dropout() > 0) r.any_dropout = true;
   }
   r.norm1 = m.input_norm_weight(index);
@@ -227,7 +265,7 @@ void lora_columns(const LayerRefs& r, std::initializer_list<size_t> idx, const a
     const Proj& p = r.proj[i];
     const int64_t n = p.base->out_features();
     if (p.lora) {
-      LoraPass pass = lora_add(*p.lora, x, out.narrow(1, off, n));
+      LoraPass pass = lora_add(p, x, out.narrow(1, off, n));
       if (passes) passes->emplace_back(i, std::move(pass));
     }
     off += n;
@@ -244,8 +282,7 @@ at::Tensor lora_columns_backward(const LayerRefs& r, std::initializer_list<size_
     const int64_t n = p.base->out_features();
     for (auto& [which, pass] : passes) {
       if (which != i) continue;
-      at::Tensor d = lora_backward(*p.lora, std::move(pass), gout.narrow(1, off, n));
-      dx = dx.defined() ? dx.add_(d) : d;
+      dx = lora_backward(p, std::move(pass), gout.narrow(1, off, n), dx);
     }
     off += n;
   }
@@ -316,6 +353,18 @@ MlpHalf mlp_half(const LayerRefs& r, const at::Tensor& h1) {
   return s;
 }
 
+// Note [selective recompute]: the MLP half again from the kept gu, without its GEMM.
+MlpHalf mlp_half_from_kept(const LayerRefs& r, const at::Tensor& h1, at::Tensor gu) {
+  MlpHalf s;
+  s.n2 = norm_forward(h1, r.norm2, r.model->config().rms_norm_eps);
+  s.w_gu = merged_weight(pick(r, {kGate, kUp}), h1.options());  // for the input gradient
+  for (size_t i : {kGate, kUp})
+    if (r.proj[i].lora) s.lora.emplace_back(i, lora_pass(r.proj[i], s.n2.y));
+  s.gu = std::move(gu);
+  if (r.proj[kDown].lora) s.m = model::swiglu(s.gu);  // down_proj's LoRA input
+  return s;
+}
+
 // y = base + x·Wᵀ (+ LoRA): o_proj and down_proj with the residual in the GEMM.
 at::Tensor residual_projection(const LayerRefs& r, size_t index, const at::Tensor& residual, const at::Tensor& x,
                                std::vector<std::pair<size_t, LoraPass>>* passes) {
@@ -324,8 +373,17 @@ at::Tensor residual_projection(const LayerRefs& r, size_t index, const at::Tenso
   return y;
 }
 
+struct KeptLayer;
+
 struct LayerHolder : torch::CustomClassHolder {
+  // What forward keeps for backward: the input and h1 (full recompute), also each
+  // layer's gate/up output (Note [selective recompute]), or everything (no checkpointing,
+  // Note [fused layer without checkpointing]).
+  enum class Keep { kInputs, kGateUp, kAll };
   LayerRefs refs;
+  Keep keep = Keep::kInputs;
+  std::unique_ptr<KeptLayer> kept;  // Keep::kAll, from forward until backward takes it
+  ~LayerHolder() override;
   std::pair<at::Tensor, at::Tensor> cos_sin;
   model::AttentionInputs attention;
 };
@@ -344,18 +402,13 @@ void load_rng(AutogradContext* ctx, const std::string& key, const c10::Device& d
   restore_rng(rng, device);
 }
 
-// The MLP half's backward: recomputed from h1 (its dropout masks drawn from the
-// generators as they stood before its forward), then the gradient from dy down to h1.
-at::Tensor mlp_backward(const LayerRefs& r, const at::Tensor& h1, const at::Tensor& dy) {
-  MlpHalf mlp = mlp_half(r, h1);
-  LoraPass down;
-  if (r.proj[kDown].lora) {
-    down.in = dropout(mlp.m, *r.proj[kDown].lora);
-    down.t = at::mm(down.in.x, r.proj[kDown].lora->lora_a().to(dy.scalar_type()).t());
-  }
+// The MLP half's backward from its forward pieces `mlp` (recomputed, rebuilt from the
+// kept gate/up output, or kept whole) and down_proj's LoRA pass: the gradient from dy
+// down to h1. mlp.w_gu must hold [Wg;Wu] dequantized.
+at::Tensor mlp_backward(const LayerRefs& r, const at::Tensor& h1, const at::Tensor& dy, MlpHalf mlp, LoraPass down) {
   mlp.m = at::Tensor();
   at::Tensor dm = at::mm(dy, merged_weight(pick(r, {kDown}), dy.options()));  // [N, I]
-  if (r.proj[kDown].lora) dm.add_(lora_backward(*r.proj[kDown].lora, std::move(down), dy));
+  if (r.proj[kDown].lora) dm = lora_backward(r.proj[kDown], std::move(down), dy, dm);
   model::swiglu_backward_inplace(dm, mlp.gu);  // gu now holds [dg | du]
   dm = at::Tensor();
   at::Tensor dn2 = at::mm(mlp.gu, mlp.w_gu);  // [N, h]
@@ -365,34 +418,41 @@ at::Tensor mlp_backward(const LayerRefs& r, const at::Tensor& h1, const at::Tens
   return norm_backward(dn2, h1, r.norm2, mlp.n2).add_(dy);
 }
 
-// The attention half's backward: recomputed from x (q, k, v and then o's dropout
-// masks drawn in the forward's order), then the gradient from dh1 down to x.
-at::Tensor attention_backward(const LayerHolder& holder, const at::Tensor& x2, int64_t b, int64_t t,
-                              const at::Tensor& dh1) {
-  const LayerRefs& r = holder.refs;
+// The MLP half recomputed from h1 (from the kept gate/up output when `kept_gu` is
+// defined), its dropout masks drawn in the forward's order: gate, up, then down.
+std::pair<MlpHalf, LoraPass> mlp_recompute(const LayerRefs& r, const at::Tensor& h1, at::Tensor kept_gu) {
+  MlpHalf mlp = kept_gu.defined() ? mlp_half_from_kept(r, h1, std::move(kept_gu)) : mlp_half(r, h1);
+  LoraPass down;
+  if (r.proj[kDown].lora) down = lora_pass(r.proj[kDown], mlp.m);
+  return {std::move(mlp), std::move(down)};
+}
+
+// What attention's backward needs of its forward: SDPA's graph from the q, k, v leaves
+// to its output.
+struct AttentionGraph {
   std::array<at::Tensor, 3> leaves;
-  at::Tensor attn_out;
-  AttentionHalf att = attention_half(r, x2, b, t, holder.cos_sin, holder.attention, &leaves, &attn_out);
-  LoraPass o;
-  if (r.proj[kO].lora) {
-    o.in = dropout(att.a, *r.proj[kO].lora);
-    o.t = at::mm(o.in.x, r.proj[kO].lora->lora_a().to(dh1.scalar_type()).t());
-  }
+  at::Tensor out;  // [B, H, T, d]
+};
+
+// The attention half's backward from its forward pieces (recomputed or kept; att.w_qkv
+// must hold [Wq;Wk;Wv] dequantized) and o_proj's LoRA pass: the gradient from dh1 down to x.
+at::Tensor attention_backward(const LayerHolder& holder, const at::Tensor& x2, int64_t b, int64_t t,
+                              const at::Tensor& dh1, AttentionHalf att, AttentionGraph graph, LoraPass o) {
+  const LayerRefs& r = holder.refs;
   att.a = at::Tensor();
   at::Tensor da = at::mm(dh1, merged_weight(pick(r, {kO}), dh1.options()));  // [N, H·d]
-  if (r.proj[kO].lora) da.add_(lora_backward(*r.proj[kO].lora, std::move(o), dh1));
+  if (r.proj[kO].lora) da = lora_backward(r.proj[kO], std::move(o), dh1, da);
   const LlamaConfig& c = r.model->config();
   const int64_t d = c.head_dim, heads = c.num_attention_heads, kv = c.num_key_value_heads;
   variable_list dqkv;
   {
     at::AutoGradMode on(true);
-    dqkv = torch::autograd::grad({attn_out}, {leaves[0], leaves[1], leaves[2]},
+    dqkv = torch::autograd::grad({graph.out}, {graph.leaves[0], graph.leaves[1], graph.leaves[2]},
                                  {da.view({b, t, heads, d}).transpose(1, 2)});
   }
   da = at::Tensor();
-  attn_out = at::Tensor();
-  leaves = {};
-  at::Tensor g_qkv = at::empty_like(att.qkv);  // [N, q + k + v]
+  graph = AttentionGraph();
+  at::Tensor g_qkv = at::empty({b * t, (heads + 2 * kv) * d}, dh1.options());  // [N, q + k + v]
   att.qkv = at::Tensor();
   at::Tensor gq = g_qkv.narrow(1, 0, heads * d).view({b, t, heads, d});
   at::Tensor gk = g_qkv.narrow(1, heads * d, kv * d).view({b, t, kv, d});
@@ -406,6 +466,40 @@ at::Tensor attention_backward(const LayerHolder& holder, const at::Tensor& x2, i
   at::Tensor dn1 = at::mm(g_qkv, att.w_qkv);  // [N, h]
   if (at::Tensor dl = lora_columns_backward(r, {kQ, kK, kV}, g_qkv, att.lora); dl.defined()) dn1.add_(dl);
   return norm_backward(dn1, x2, r.norm1, att.n1).add_(dh1);
+}
+
+// The attention half recomputed from x (q, k, v and then o's dropout masks drawn in the
+// forward's order).
+std::tuple<AttentionHalf, AttentionGraph, LoraPass> attention_recompute(const LayerHolder& holder,
+                                                                        const at::Tensor& x2, int64_t b, int64_t t) {
+  const LayerRefs& r = holder.refs;
+  AttentionGraph graph;
+  AttentionHalf att = attention_half(r, x2, b, t, holder.cos_sin, holder.attention, &graph.leaves, &graph.out);
+  LoraPass o;
+  if (r.proj[kO].lora) o = lora_pass(r.proj[kO], att.a);
+  return {std::move(att), std::move(graph), std::move(o)};
+}
+
+// Note [fused layer without checkpointing]: what the forward keeps when nothing is
+// recomputed: each half's pieces as backward wants them, without the dequantized
+// weights (dequantized again in backward) and without what no gradient reads (the q|k|v
+// GEMM output once its packed copies exist, the attention output and silu(g)·u unless a
+// LoRA pass holds them as its input).
+struct KeptLayer {
+  AttentionHalf att;
+  AttentionGraph graph;
+  LoraPass o;
+  MlpHalf mlp;
+  LoraPass down;
+};
+
+LayerHolder::~LayerHolder() = default;
+
+// The one LoRA pass of projection `index` in `passes` (an empty one when it has no LoRA).
+LoraPass take_pass(std::vector<std::pair<size_t, LoraPass>>& passes, size_t index) {
+  for (auto& [which, pass] : passes)
+    if (which == index) return std::move(pass);
+  return {};
 }
 
 // Puts the generators back to the state backward found them in, also on a throw.
@@ -431,14 +525,45 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
     (void)anchor;
     const LayerRefs& r = holder->refs;
     const int64_t b = input.size(0), t = input.size(1), h = input.size(2);
-    if (r.any_dropout) save_rng(ctx, "rng_attention", input.device());
+    const bool keep_all = holder->keep == LayerHolder::Keep::kAll;
+    const bool replay = r.any_dropout && !keep_all;  // recomputing halves replay the generators
     const at::Tensor x2 = input.reshape({b * t, h});
-    at::Tensor a = attention_half(r, x2, b, t, holder->cos_sin, holder->attention, nullptr, nullptr).a;
-    const at::Tensor h1 = residual_projection(r, kO, x2, a, nullptr);
-    a = at::Tensor();
-    if (r.any_dropout) save_rng(ctx, "rng_mlp", input.device());
-    at::Tensor m = mlp_half(r, h1).m;
-    const at::Tensor y = residual_projection(r, kDown, h1, m, nullptr);
+    std::unique_ptr<KeptLayer> kept = keep_all ? std::make_unique<KeptLayer>() : nullptr;
+
+    if (replay) save_rng(ctx, "rng_attention", input.device());
+    at::Tensor h1;
+    if (kept) {
+      kept->att = attention_half(r, x2, b, t, holder->cos_sin, holder->attention, &kept->graph.leaves,
+                                 &kept->graph.out);
+      std::vector<std::pair<size_t, LoraPass>> o;
+      h1 = residual_projection(r, kO, x2, kept->att.a, &o);
+      kept->o = take_pass(o, kO);
+      kept->att.w_qkv = at::Tensor();
+      kept->att.qkv = at::Tensor();  // q, k, v live on in their packed copies (the leaves)
+      kept->att.a = at::Tensor();
+      kept->att.n1.y = at::Tensor();  // the norm's backward reads x and rstd; LoRA passes hold their inputs
+    } else {
+      at::Tensor a = attention_half(r, x2, b, t, holder->cos_sin, holder->attention, nullptr, nullptr).a;
+      h1 = residual_projection(r, kO, x2, a, nullptr);
+    }
+
+    if (replay) save_rng(ctx, "rng_mlp", input.device());
+    MlpHalf mlp = mlp_half(r, h1);
+    const at::Tensor m = std::move(mlp.m);
+    at::Tensor y;
+    if (kept) {
+      std::vector<std::pair<size_t, LoraPass>> down;
+      mlp.w_gu = at::Tensor();
+      mlp.n2.y = at::Tensor();
+      kept->mlp = std::move(mlp);
+      y = residual_projection(r, kDown, h1, m, &down);
+      kept->down = take_pass(down, kDown);
+      holder->kept = std::move(kept);
+    } else {
+      if (holder->keep == LayerHolder::Keep::kGateUp) ctx->saved_data["gu"] = mlp.gu;
+      mlp = MlpHalf();  // [Wg;Wu] dequantized, n2, the LoRA passes (and gu unless kept) go before down_proj's
+      y = residual_projection(r, kDown, h1, m, nullptr);
+    }
     ctx->save_for_backward({input});
     ctx->saved_data["h1"] = h1;
     ctx->saved_data["layer"] = at::IValue::make_capsule(holder);
@@ -448,6 +573,7 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
   // Note [fused decoder layer]: the MLP half first (recomputed from h1), then the
   // attention half (recomputed from x); each half's generators are put back to
   // where its forward drew, so only one half's activations are alive at a time.
+  // Without checkpointing both halves come from the forward (KeptLayer).
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     variable_list grads(3);
     if (!grad_outputs[0].defined()) return grads;
@@ -457,11 +583,30 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
     const LayerRefs& r = holder->refs;
     const c10::Device device = input.device();
     const int64_t b = input.size(0), t = input.size(1), h = input.size(2);
+    const at::Tensor x2 = input.reshape({b * t, h});
+    const at::Tensor dy = grad_outputs[0].reshape({b * t, h});
+    if (std::unique_ptr<KeptLayer> kept = std::move(holder->kept)) {
+      kept->mlp.w_gu = merged_weight(pick(r, {kGate, kUp}), h1.options());
+      const at::Tensor dh1 = mlp_backward(r, h1, dy, std::move(kept->mlp), std::move(kept->down));
+      kept->att.w_qkv = merged_weight(pick(r, {kQ, kK, kV}), x2.options());
+      grads[0] = attention_backward(*holder, x2, b, t, dh1, std::move(kept->att), std::move(kept->graph),
+                                    std::move(kept->o))
+                     .view({b, t, h});
+      return grads;
+    }
     const RngGuard guard(r.any_dropout, device);
     if (r.any_dropout) load_rng(ctx, "rng_mlp", device);
-    const at::Tensor dh1 = mlp_backward(r, h1, grad_outputs[0].reshape({b * t, h}));
+    at::Tensor kept_gu;
+    if (auto it = ctx->saved_data.find("gu"); it != ctx->saved_data.end()) {
+      kept_gu = it->second.toTensor();
+      ctx->saved_data.erase(it);  // used once: backward overwrites it with [dg | du]
+    }
+    auto [mlp, down] = mlp_recompute(r, h1, std::move(kept_gu));
+    const at::Tensor dh1 = mlp_backward(r, h1, dy, std::move(mlp), std::move(down));
     if (r.any_dropout) load_rng(ctx, "rng_attention", device);
-    grads[0] = attention_backward(*holder, input.reshape({b * t, h}), b, t, dh1).view({b, t, h});
+    auto [att, graph, o] = attention_recompute(*holder, x2, b, t);
+    grads[0] = attention_backward(*holder, x2, b, t, dh1, std::move(att), std::move(graph), std::move(o))
+                   .view({b, t, h});
     return grads;
   }
 };
@@ -484,15 +629,19 @@ std::string fused_layer_unsupported(const model::LlamaModel& model) {
   return {};
 }
 
-LayerForwardFn fused_layer_forward(const model::LlamaModel& model) {
+LayerForwardFn fused_layer_forward(const model::LlamaModel& model, FusedRecompute what) {
   const std::string why = fused_layer_unsupported(model);
   if (!why.empty()) throw std::invalid_argument("fused_layer_forward: " + why);
   const model::LlamaModel* m = &model;
-  return [m](int64_t layer, const at::Tensor& hidden, const std::pair<at::Tensor, at::Tensor>& cos_sin,
+  const LayerHolder::Keep keep = what == FusedRecompute::kFull        ? LayerHolder::Keep::kInputs
+                                 : what == FusedRecompute::kSelective ? LayerHolder::Keep::kGateUp
+                                                                      : LayerHolder::Keep::kAll;
+  return [m, keep](int64_t layer, const at::Tensor& hidden, const std::pair<at::Tensor, at::Tensor>& cos_sin,
              const model::AttentionInputs& attention) -> at::Tensor {
     if (!at::GradMode::is_enabled()) return m->layer_forward(layer, hidden, cos_sin, attention);
     auto holder = c10::make_intrusive<LayerHolder>();
-    holder->refs = layer_refs(*m, layer);
+    holder->refs = layer_refs(*m, layer, hidden.scalar_type());
+    holder->keep = keep;
     holder->cos_sin = cos_sin;
     holder->attention = attention;
     // As in checkpoint(): without an input that requires grad, the output would have
@@ -503,12 +652,16 @@ LayerForwardFn fused_layer_forward(const model::LlamaModel& model) {
   };
 }
 
-LayerForwardFn training_layer_forward(const model::LlamaModel& model) {
-  if (env_is("QLORA_LAYER", "fused")) return fused_layer_forward(model);
+LayerForwardFn training_layer_forward(const model::LlamaModel& model, bool gradient_checkpointing,
+                                      Recompute recompute) {
+  const FusedRecompute what = !gradient_checkpointing            ? FusedRecompute::kNothing
+                              : recompute == Recompute::kSelective ? FusedRecompute::kSelective
+                                                                   : FusedRecompute::kFull;
+  if (env_is("QLORA_LAYER", "fused")) return fused_layer_forward(model, what);
   const bool gpu_16bit = model.device().is_cuda() && model.dtype() != at::kFloat;
   if (env_is("QLORA_LAYER", "reference") || !gpu_16bit || !fused_layer_unsupported(model).empty())
-    return checkpointed_layer_forward(model);
-  return fused_layer_forward(model);
+    return gradient_checkpointing ? checkpointed_layer_forward(model) : LayerForwardFn();
+  return fused_layer_forward(model, what);
 }
 
 }  // namespace qlora::train

@@ -159,7 +159,7 @@ plan::FinderResult find_micro_batch_for(const Config& cfg, const MeasureOptions&
   BaseModel base = load_base_model(cfg, dev, /*allow_random_weights=*/true);
   lora::LoraAdapter adapter = lora::LoraAdapter::attach(base.model, lora::settings_from_config(cfg.lora));
   StepOptions probe;
-  if (cfg.train.gradient_checkpointing) probe.layer_forward = training_layer_forward(base.model);
+  probe.layer_forward = training_layer_forward(base.model, cfg.train.gradient_checkpointing, cfg.train.recompute);
   plan::FinderResult f = find_micro_batch_on_device(cfg, base.shape, base.model, adapter.parameters(), probe,
                                                     gpu_spec_of(dev, o.memory_cap_bytes), seq, world);
   f.message += " [" + dev.description + ", seq " + std::to_string(seq) + (source.empty() ? "" : ": " + source) + "]";
@@ -197,7 +197,7 @@ Measurement measure_plan(const Config& cfg_in, const MeasureOptions& o) {
   StepOptions step_options;
   step_options.max_grad_norm = cfg.train.max_grad_norm;
   step_options.gradient_checkpointing = cfg.train.gradient_checkpointing;
-  if (cfg.train.gradient_checkpointing) step_options.layer_forward = training_layer_forward(base.model);
+  step_options.layer_forward = training_layer_forward(base.model, cfg.train.gradient_checkpointing, cfg.train.recompute);
   TrainConfig schedule = cfg.train;
   schedule.max_steps = m.steps;
   schedule.warmup_steps = 0;

@@ -184,7 +184,7 @@ void choose_micro_batch(Config& cfg, const RunOptions& options, const std::strin
   std::string seq_source;
   const int64_t seq = longest_sequence(cfg, train_examples, &seq_source);
   StepOptions probe;
-  if (cfg.train.gradient_checkpointing) probe.layer_forward = training_layer_forward(base.model);
+  probe.layer_forward = training_layer_forward(base.model, cfg.train.gradient_checkpointing, cfg.train.recompute);
   const plan::FinderResult f =
       find_micro_batch_on_device(cfg, base.shape, base.model, adapter.parameters(), probe,
                                  gpu_spec_of(dev, options.memory_cap_bytes), seq, group.world_size());
@@ -295,7 +295,7 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   step_options.max_grad_norm = cfg.train.max_grad_norm;
   step_options.gradient_checkpointing = cfg.train.gradient_checkpointing;
   step_options.group = &group;
-  if (cfg.train.gradient_checkpointing) step_options.layer_forward = training_layer_forward(model);
+  step_options.layer_forward = training_layer_forward(model, cfg.train.gradient_checkpointing, cfg.train.recompute);
   if (options.simulate_oom_above_rows >= 0) {
     LayerForwardFn inner = step_options.layer_forward;
     if (!inner) inner = [&model](int64_t l, const at::Tensor& h, const auto& cs, const auto& a) {
@@ -337,7 +337,12 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   log::info(plan_line(cfg, shape, world));
   log::info(std::to_string(total) + " optimizer steps (" + std::to_string(loader.steps_in_epoch(0)) +
             " micro batches per epoch), " + std::string(to_string(cfg.train.lr_scheduler)) + " schedule, " +
-            optimizer->kind() + (cfg.train.gradient_checkpointing ? ", activation checkpointing" : ""));
+            optimizer->kind() + (cfg.train.gradient_checkpointing ? ", activation checkpointing" : "") +
+            (cfg.train.gradient_checkpointing && cfg.train.recompute == Recompute::kSelective
+                 ? (model.device().is_cuda() && model.dtype() != at::kFloat
+                        ? " (selective recompute: gate/up outputs kept)"
+                        : " (train.recompute: selective takes effect on a GPU in bf16/fp16 only; full recompute here)")
+                 : ""));
 
   // 7. the loop (rank 0 alone writes metrics.jsonl and draws progress)
   std::unique_ptr<MetricsLog> metrics = main_rank ? std::make_unique<MetricsLog>(cfg.output.dir) : nullptr;

@@ -26,6 +26,8 @@ enum class LrSchedule { kConstant, kLinear, kCosine };
 enum class DataFormat { kAuto, kText, kCompletion, kAlpaca, kChat };
 enum class ChatTemplate { kAuto, kLlama3, kChatml };
 enum class DistBackend { kAuto, kNccl, kGloo };
+// What a checkpointed layer recomputes in backward (train.recompute).
+enum class Recompute { kFull, kSelective };
 
 std::string_view to_string(Precision v);
 std::string_view to_string(OptimizerKind v);
@@ -33,6 +35,7 @@ std::string_view to_string(LrSchedule v);
 std::string_view to_string(DataFormat v);
 std::string_view to_string(ChatTemplate v);
 std::string_view to_string(DistBackend v);
+std::string_view to_string(Recompute v);
 
 // ---------------------------------------------------------------- the tree
 
@@ -85,6 +88,9 @@ struct TrainConfig {
   double adam_epsilon = 1e-8;
   Precision precision = Precision::kAuto;
   bool gradient_checkpointing = true;
+  // With checkpointing: full recomputes each layer in backward; selective keeps each layer's
+  // gate/up GEMM output and recomputes the rest (Note [selective recompute]).
+  Recompute recompute = Recompute::kFull;
   OptimizerKind optimizer = OptimizerKind::kPagedAdamW8bit;
   int64_t seed = 42;
   int64_t eval_steps = 0;                   // 0: evaluate only at the end

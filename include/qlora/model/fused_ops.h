@@ -35,6 +35,13 @@ at::Tensor swiglu(const at::Tensor& gu);
 // silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g))).
 void swiglu_backward_inplace(const at::Tensor& dm, at::Tensor& gu);
 
+// LoRA dropout's backward added into the input gradient of the projections that share an
+// input: with mask the bool mask of at::native_dropout and scale = 1 / (1 - p), returns
+// acc += (d ⊙ mask) · scale, or, with acc undefined, (d ⊙ mask) · scale in place on d. Each
+// step rounds as those ATen ops would (Note [dropout backward add], kernels/fused_ops.cu).
+// d, acc: same shape and dtype, contiguous for the kernel (other layouts take the reference).
+at::Tensor dropout_backward_add(at::Tensor acc, at::Tensor d, const at::Tensor& mask, double scale);
+
 // The references, always ATen ops (the CPU, fp32, QLORA_REFERENCE_OPS=1, and the tests).
 // rope_inplace_reference computes what model::apply_rope computes for the same values;
 // swiglu_reference is at::silu(g) * u.
@@ -42,5 +49,6 @@ void rope_inplace_reference(at::Tensor& x, const at::Tensor& cos, const at::Tens
 void rope_backward_inplace_reference(at::Tensor& g, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor swiglu_reference(const at::Tensor& gu);
 void swiglu_backward_inplace_reference(const at::Tensor& dm, at::Tensor& gu);
+at::Tensor dropout_backward_add_reference(at::Tensor acc, at::Tensor d, const at::Tensor& mask, double scale);
 
 }  // namespace qlora::model

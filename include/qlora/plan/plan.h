@@ -45,7 +45,7 @@ struct Component {
 };
 
 struct Advice {
-  std::string kind;  // "micro_batch", "gradient_checkpointing", "seq_length", "lora_r",
+  std::string kind;  // "recompute", "micro_batch", "gradient_checkpointing", "seq_length", "lora_r",
                      // "larger_gpu", "more_micro_batch", "headroom", "sliding_window"
   std::string text;  // one line, with the values and the resulting total
   // The settings this advice arrives at (cumulative with earlier advice of
@@ -156,6 +156,7 @@ struct BudgetInputs {
   std::vector<std::string> lora_targets;
   double lora_dropout = 0.0;
   bool gradient_checkpointing = true;
+  bool selective_recompute = false;  // train.recompute: selective (the GPU's fused layer only)
   OptimizerKind optimizer = OptimizerKind::kPagedAdamW8bit;
   bool double_quant = true;
   int activation_bytes = 2;   // bf16 / fp16: 2, fp32: 4

@@ -21,6 +21,7 @@
 
 #include <string>
 
+#include "qlora/config/config.h"
 #include "qlora/train/trainer.h"
 
 namespace qlora::model {
@@ -33,14 +34,24 @@ namespace qlora::train {
 // (a projection that is neither a frozen base nor LoRA over one).
 std::string fused_layer_unsupported(const model::LlamaModel& model);
 
-// The fused, checkpointed layer forward (`model` must outlive every backward).
-// With grad mode off it is model.layer_forward.
-LayerForwardFn fused_layer_forward(const model::LlamaModel& model);
+// What the fused layer recomputes in backward: all but its input and the attention
+// residual (kFull: checkpointing), all but the gate/up GEMM too (kSelective: Note
+// [selective recompute] in src/train/fused_layer.cpp), nothing (kNothing: no
+// checkpointing, Note [fused layer without checkpointing]).
+enum class FusedRecompute { kFull, kSelective, kNothing };
 
-// What a run with gradient checkpointing uses: the fused layer for bf16 / fp16
-// models on a GPU, the generic checkpoint elsewhere (the CPU and fp32 keep the
-// reference path the golden tests pin). QLORA_LAYER=reference or =fused
-// overrides the choice (to compare; fused on an unsupported model throws).
-LayerForwardFn training_layer_forward(const model::LlamaModel& model);
+// The fused layer forward (`model` must outlive every backward). With grad mode off
+// it is model.layer_forward.
+LayerForwardFn fused_layer_forward(const model::LlamaModel& model, FusedRecompute what = FusedRecompute::kFull);
+
+// What a training run uses for its decoder layers: the fused layer for bf16 / fp16
+// models on a GPU, checkpointed (train.gradient_checkpointing, with train.recompute)
+// or not; elsewhere the generic checkpoint, or an empty function (the model's own
+// forward under autograd) without checkpointing: the CPU and fp32 keep the reference
+// path the golden tests pin. QLORA_LAYER=reference or =fused overrides the choice (to
+// compare; fused on an unsupported model throws). `recompute` reaches the fused layer
+// only: the generic checkpoint always recomputes the whole layer.
+LayerForwardFn training_layer_forward(const model::LlamaModel& model, bool gradient_checkpointing,
+                                      Recompute recompute = Recompute::kFull);
 
 }  // namespace qlora::train
