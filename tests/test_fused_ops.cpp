@@ -207,13 +207,13 @@ TEST(FusedOpsReference, DropoutBackwardAddIsTheMaskedScaledSum) {
   const at::Tensor dropped = at::where(mask, kept, at::zeros_like(kept));
   const at::Tensor want_sum = (acc.to(at::kFloat) + dropped).to(at::kBFloat16);
 
-  // One bf16 ulp (2^-7 relative, 2^-8 for the rounding and as much for the scalar's) of the
-  // terms' magnitude |acc| + |d · scale|: a dropped mask or a missing scale moves an element by
-  // ~10% of it or all of it.
+  // Two bf16 ulps (2^-7 relative each) of the terms' magnitude |acc| + |d · scale|: the
+  // product may land an ulp off the fp32 one, and the sum rounds again. A dropped mask or a
+  // missing scale moves an element by ~10% of it or all of it.
   const at::Tensor magnitude = acc.to(at::kFloat).abs() + kept.abs();
   const auto ulp_close = [&magnitude](const at::Tensor& got, const at::Tensor& want) {
     const at::Tensor g = got.to(at::kFloat), w = want.to(at::kFloat);
-    return ((g - w).abs() <= magnitude * (1.0 / 128) + 1e-6).all().item<bool>();
+    return ((g - w).abs() <= magnitude * (2.0 / 128) + 1e-6).all().item<bool>();
   };
   at::Tensor a = acc.clone(), dc = d.clone();
   const at::Tensor sum = dropout_backward_add(a, dc, mask, scale);

@@ -235,10 +235,13 @@ TEST(Plan, ChunkedLossNeverHoldsAllLogits) {
 
 // ---------------------------------------------------------------- against the GPU
 
-// Measured on an H100 (2026-11-25, session 5) with bench/bench_train --configs ... (10 steps,
-// 2 warm-up): the CUDA caching allocator's max allocated bytes over the timed steps, random
-// weights; r 16 / alpha 32 / dropout 0.05, paged 8-bit AdamW, the fused layer and loss (bf16 /
-// fp16 on the GPU). Each row changes one thing of (1B, q,k,v,o, checkpointing, bf16).
+// Measured with bench/bench_train --configs ... (2 warm-up steps): the CUDA caching allocator's
+// max allocated bytes over the timed steps, random weights; r 16 / alpha 32 / dropout 0.05,
+// paged 8-bit AdamW, the fused layer and loss (bf16 / fp16 on the GPU). Each row changes one
+// thing of (1B, q,k,v,o, checkpointing, bf16). The first rows on an H100 (2026-11-25, session
+// 5; the H200 of 2026-12-01 measured each within 0.03%); the last four on that H200 (2026-12-01,
+// bench/results/2026-12-01-h200-session7): the fused layer without checkpointing (which
+// replaced the generic layer there: 2,902,283,776 before) and selective recompute.
 struct Measurement {
   const char* model;
   int64_t micro, seq;
@@ -246,15 +249,19 @@ struct Measurement {
   bool checkpointing;
   const char* precision;
   double peak_allocated_bytes;
+  const char* recompute = "full";
 };
-constexpr Measurement kH100Session5[] = {
+constexpr Measurement kMeasured[] = {
     {"llama-3.2-1b", 2, 512, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 1'526'081'536},
     {"llama-3.2-1b", 4, 1024, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 1'989'827'072},
     {"llama-3.2-1b", 8, 2048, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 4'528'316'416},
     {"llama-3.2-1b", 4, 1024, "all-linear", true, "bf16", 2'188'646'912},
     {"llama-3.2-1b", 4, 1024, "q_proj,k_proj,v_proj,o_proj", true, "fp16", 1'989'827'072},
-    {"llama-3.2-1b", 2, 512, "q_proj,k_proj,v_proj,o_proj", false, "bf16", 2'902'283'776},
     {"llama-3.1-8b", 2, 2048, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 8'773'265'920},
+    {"llama-3.2-1b", 2, 512, "q_proj,k_proj,v_proj,o_proj", false, "bf16", 2'637'588'480},
+    {"llama-3.2-1b", 4, 1024, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 4'114'736'128, "selective"},
+    {"llama-3.2-1b", 8, 2048, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 12'581'249'024, "selective"},
+    {"llama-3.1-8b", 2, 2048, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 16'054'118'912, "selective"},
 };
 // Issue 8's target for the predicted peak against the measured one.
 constexpr double kPlanTolerance = 0.10;
@@ -270,17 +277,17 @@ Plan plan_measured(const Measurement& m) {
                    "lora.r=16", "lora.dropout=0.05", std::string("lora.target_modules=") + m.targets,
                    std::string("train.precision=") + m.precision,
                    std::string("train.gradient_checkpointing=") + (m.checkpointing ? "true" : "false"),
-                   "train.optimizer=paged_adamw_8bit"});
+                   std::string("train.recompute=") + m.recompute, "train.optimizer=paged_adamw_8bit"});
 }
 
 std::string describe(const Measurement& m, const Plan& p) {
   return std::string(m.model) + " " + std::to_string(m.micro) + " × " + std::to_string(m.seq) + " " + m.targets +
-         (m.checkpointing ? "" : " no-ckpt") + " " + m.precision + ": predicted " + std::to_string(p.allocated_bytes / 1e9) +
+         (m.checkpointing ? "" : " no-ckpt") + (std::string(m.recompute) == "full" ? "" : " selective") + " " + m.precision + ": predicted " + std::to_string(p.allocated_bytes / 1e9) +
          " GB, measured " + std::to_string(m.peak_allocated_bytes / 1e9);
 }
 
-TEST(PlanMeasured, AllocatorPeakWithinTenPercentOfTheH100) {
-  for (const auto& m : kH100Session5) {
+TEST(PlanMeasured, AllocatorPeakWithinTenPercentOfTheGpu) {
+  for (const auto& m : kMeasured) {
     const Plan p = plan_measured(m);
     SCOPED_TRACE(describe(m, p));
     std::printf("  %s (%+.1f%%)\n", describe(m, p).c_str(),
@@ -294,7 +301,7 @@ TEST(PlanMeasured, AllocatorPeakWithinTenPercentOfTheH100) {
 // not below any measurement by more than kUnderCountAllowance, and the total
 // the fit verdict uses adds at least the CUDA context on top of the measurement.
 TEST(PlanMeasured, NeverBelowWhatWasMeasured) {
-  for (const auto& m : kH100Session5) {
+  for (const auto& m : kMeasured) {
     const Plan p = plan_measured(m);
     SCOPED_TRACE(describe(m, p));
     EXPECT_GE(p.allocated_bytes, (1.0 - kUnderCountAllowance) * m.peak_allocated_bytes);
