@@ -34,6 +34,20 @@ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline unsigned grid_for(int64_t work) { return static_cast<unsigned>(std::min(ceil_div(work, kThreads), kMaxGrid)); }
 
+// f(T{}) with T the storage type `type` names: one switch for every launcher below.
+template <typename F>
+int dispatch_type(FloatType type, F&& f) {
+  switch (type) {
+    case FloatType::kF32:
+      return f(float{});
+    case FloatType::kBF16:
+      return f(__nv_bfloat16{});
+    case FloatType::kF16:
+      return f(__half{});
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
 template <typename T>
 struct Conv;
 template <>
@@ -153,15 +167,7 @@ int rope_dispatch(void* x, const void* cos, const void* sin, FloatType type, con
     return static_cast<int>(cudaErrorInvalidValue);
   if (v.batch == 0 || v.seq == 0 || v.heads == 0 || v.head_dim == 0) return 0;
   if (x == nullptr || cos == nullptr || sin == nullptr) return static_cast<int>(cudaErrorInvalidValue);
-  switch (type) {
-    case FloatType::kF32:
-      return launch_rope<float, kBackward>(x, cos, sin, v, stream);
-    case FloatType::kBF16:
-      return launch_rope<__nv_bfloat16, kBackward>(x, cos, sin, v, stream);
-    case FloatType::kF16:
-      return launch_rope<__half, kBackward>(x, cos, sin, v, stream);
-  }
-  return static_cast<int>(cudaErrorInvalidValue);
+  return dispatch_type(type, [&](auto tag) { return launch_rope<decltype(tag), kBackward>(x, cos, sin, v, stream); });
 }
 
 // ---------------------------------------------------------------- SwiGLU
@@ -319,15 +325,9 @@ int swiglu(const void* gu, int64_t gu_row_stride, int64_t rows, int64_t inter, v
   if (rows == 0 || inter == 0) return 0;
   if (gu == nullptr || m == nullptr || gu_row_stride < 2 * inter || m_row_stride < inter)
     return static_cast<int>(cudaErrorInvalidValue);
-  switch (type) {
-    case FloatType::kF32:
-      return launch_swiglu<float>(gu, gu_row_stride, rows, inter, m, m_row_stride, stream);
-    case FloatType::kBF16:
-      return launch_swiglu<__nv_bfloat16>(gu, gu_row_stride, rows, inter, m, m_row_stride, stream);
-    case FloatType::kF16:
-      return launch_swiglu<__half>(gu, gu_row_stride, rows, inter, m, m_row_stride, stream);
-  }
-  return static_cast<int>(cudaErrorInvalidValue);
+  return dispatch_type(type, [&](auto tag) {
+    return launch_swiglu<decltype(tag)>(gu, gu_row_stride, rows, inter, m, m_row_stride, stream);
+  });
 }
 
 int swiglu_backward_inplace(const void* dm, int64_t dm_row_stride, void* gu, int64_t gu_row_stride, int64_t rows,
@@ -336,15 +336,9 @@ int swiglu_backward_inplace(const void* dm, int64_t dm_row_stride, void* gu, int
   if (rows == 0 || inter == 0) return 0;
   if (gu == nullptr || dm == nullptr || gu_row_stride < 2 * inter || dm_row_stride < inter)
     return static_cast<int>(cudaErrorInvalidValue);
-  switch (type) {
-    case FloatType::kF32:
-      return launch_swiglu_backward<float>(dm, dm_row_stride, gu, gu_row_stride, rows, inter, stream);
-    case FloatType::kBF16:
-      return launch_swiglu_backward<__nv_bfloat16>(dm, dm_row_stride, gu, gu_row_stride, rows, inter, stream);
-    case FloatType::kF16:
-      return launch_swiglu_backward<__half>(dm, dm_row_stride, gu, gu_row_stride, rows, inter, stream);
-  }
-  return static_cast<int>(cudaErrorInvalidValue);
+  return dispatch_type(type, [&](auto tag) {
+    return launch_swiglu_backward<decltype(tag)>(dm, dm_row_stride, gu, gu_row_stride, rows, inter, stream);
+  });
 }
 
 int dropout_backward_add(void* out, const void* acc, const void* d, const bool* mask, int64_t n, float scale,
@@ -352,15 +346,9 @@ int dropout_backward_add(void* out, const void* acc, const void* d, const bool* 
   if (n < 0) return static_cast<int>(cudaErrorInvalidValue);
   if (n == 0) return 0;
   if (out == nullptr || d == nullptr || mask == nullptr) return static_cast<int>(cudaErrorInvalidValue);
-  switch (type) {
-    case FloatType::kBF16:
-      return launch_dropout_backward_add<__nv_bfloat16>(out, acc, d, mask, n, scale, stream);
-    case FloatType::kF16:
-      return launch_dropout_backward_add<__half>(out, acc, d, mask, n, scale, stream);
-    case FloatType::kF32:
-      return launch_dropout_backward_add<float>(out, acc, d, mask, n, scale, stream);
-  }
-  return static_cast<int>(cudaErrorInvalidValue);
+  return dispatch_type(type, [&](auto tag) {
+    return launch_dropout_backward_add<decltype(tag)>(out, acc, d, mask, n, scale, stream);
+  });
 }
 
 }  // namespace qlora::kernels

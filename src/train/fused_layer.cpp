@@ -16,10 +16,8 @@
 #include "qlora/lora/lora.h"
 #include "qlora/model/fused_ops.h"
 #include "qlora/model/llama.h"
-#include "qlora/model/nf4_linear.h"
-#include "qlora/quant/nf4.h"
-#include "qlora/quant/nf4_cuda.h"
 #include "qlora/train/checkpoint.h"
+#include "train/fused_layer_parts.h"
 #include "train/rng_state.h"
 
 namespace qlora::train {
@@ -33,7 +31,8 @@ using torch::autograd::variable_list;
 // its columns); RoPE in place on the q and k columns; a = attention(q, k, v);
 // h1 = x + a·Woᵀ (+ LoRA); n2 = norm(h1); gu = n2·[Wg;Wu]ᵀ (+ LoRA); m = swiglu(gu);
 // y = h1 + m·Wdᵀ (+ LoRA).
-// Kept for backward: x, h1, and the generator states before each half.
+// Kept for backward: x, h1, and the generator states before each half (Note [selective
+// recompute] and Note [fused layer without checkpointing] keep more).
 // Backward, one half at a time: the MLP half is recomputed from h1 up to m (no
 // down_proj: y is not needed) and differentiated (W_d, SwiGLU, [Wg;Wu], norm 2);
 // then the attention half from x up to a (no o_proj: h1 is kept) and differentiated
@@ -49,183 +48,15 @@ using torch::autograd::variable_list;
 // norm 2 is recomputed (element-wise), the gate/up LoRA inputs and A outputs are
 // drawn again in the forward's order (so the dropout masks are the forward's), and
 // silu(g)·u only where down_proj has LoRA, but the [N, h]·[h, 2I] GEMM is not run
-// again: about a sixth of a 1B layer's recompute FLOPs (2I·h of the 3I·h + (q+k+v)·h
-// per token). The cost is 2I values a token a layer kept through the step (the plan
-// counts them); the kept gu is overwritten by [dg | du] in backward, so it is used once.
+// again: 2I·h of the (q+k+v)·h + 2I·h weights a token the recompute multiplies by (84%
+// of it for Llama-3.2-1B, a sixth of the whole step's FLOPs). The cost is 2I values a
+// token a layer kept through the step (the plan counts them); the kept gu is
+// overwritten by [dg | du] in backward, so it is used once.
 
 // Index of each projection in decoder_linear_names().
 constexpr size_t kQ = 0, kK = 1, kV = 2, kO = 3, kGate = 4, kUp = 5, kDown = 6;
 
-struct Proj {
-  const model::FrozenLinear* base = nullptr;
-  const lora::LoraLinear* lora = nullptr;  // null: no adapter on this projection
-  // LoRA's A [r, in] and B [out, r] in the compute dtype, cast once a layer call (forward,
-  // recompute and backward share them; the fp32 masters change only at the optimizer step).
-  at::Tensor a, b;
-};
-
-// compute: the dtype of the layer's activations; undefined: no LoRA casts (checks only).
-Proj proj_of(const model::LlamaModel& m, int64_t layer, size_t index, std::optional<at::ScalarType> compute = {}) {
-  const model::Linear* lin = m.projection(layer, index).get();
-  Proj p;
-  if (const auto* l = dynamic_cast<const lora::LoraLinear*>(lin)) {
-    p.lora = l;
-    p.base = l->base().get();
-    if (compute) {
-      p.a = l->lora_a().to(*compute);
-      p.b = l->lora_b().to(*compute);
-    }
-  } else {
-    p.base = dynamic_cast<const model::FrozenLinear*>(lin);
-  }
-  return p;
-}
-
-// ---------------------------------------------------------------- weights
-
-// Writes base's weight [out, in] (in out's dtype) into `out`, a contiguous block of rows.
-void weight_into(const model::FrozenLinear& base, at::Tensor out) {
-  const auto* nf4 = dynamic_cast<const model::Nf4Linear*>(&base);
-  if (nf4 != nullptr && out.is_cuda()) {
-    quant::dequantize_nf4_cuda_into(nf4->weight(), out);
-    return;
-  }
-  if (const auto* dense = dynamic_cast<const model::DenseLinear*>(&base)) {
-    out.copy_(dense->weight());
-    return;
-  }
-  out.copy_(base.dense_weight(out.scalar_type()));
-}
-
-// The projections' weights stacked by rows: [sum of out, in], one GEMM for all of them.
-at::Tensor merged_weight(const std::vector<Proj>& projs, const at::TensorOptions& opts) {
-  if (projs.size() == 1) {
-    if (const auto* dense = dynamic_cast<const model::DenseLinear*>(projs[0].base))
-      if (dense->weight().scalar_type() == opts.dtype().toScalarType()) return dense->weight();
-  }
-  int64_t rows = 0;
-  for (const auto& p : projs) rows += p.base->out_features();
-  at::Tensor w = at::empty({rows, projs[0].base->in_features()}, opts);
-  int64_t off = 0;
-  for (const auto& p : projs) {
-    weight_into(*p.base, w.narrow(0, off, p.base->out_features()));
-    off += p.base->out_features();
-  }
-  return w;
-}
-
-// ---------------------------------------------------------------- dropout and LoRA
-
-// LoRA dropout as the generic layer draws it (lora::LoraLinear::forward calls
-// at::dropout): the fused kernel on GPUs, a scaled Bernoulli mask on the CPU, so
-// the generators advance the same way and the masks are the same.
-struct Dropped {
-  at::Tensor x;     // the input the LoRA A sees
-  at::Tensor mask;  // bool (GPU) or the scaled noise (CPU); undefined without dropout
-  double p = 0.0;
-};
-
-Dropped dropout(const at::Tensor& x, const lora::LoraLinear& l) {
-  const double p = l.dropout();
-  if (!l.training() || p <= 0.0) return {x, {}, 0.0};
-  if (x.is_cuda()) {
-    auto [y, mask] = at::native_dropout(x, p, /*train=*/true);
-    return {y, mask, p};
-  }
-  at::Tensor noise = at::empty_like(x).bernoulli_(1.0 - p);
-  noise.div_(1.0 - p);
-  return {x * noise, noise, p};
-}
-
-// In place on grad: the mask and the 1/(1-p) scale (one rounding, as native_dropout_backward).
-at::Tensor& dropout_backward_(at::Tensor& grad, const Dropped& d) {
-  if (!d.mask.defined()) return grad;
-  if (d.mask.scalar_type() == at::kBool) return grad.mul_(d.mask).mul_(1.0 / (1.0 - d.p));
-  return grad.mul_(d.mask);
-}
-
-// One LoRA's forward pieces, kept for its backward.
-struct LoraPass {
-  Dropped in;
-  at::Tensor t;  // [N, r] = dropped input · Aᵀ
-};
-
-// dropout(x) and its product with Aᵀ, what a LoRA's backward needs of its forward.
-LoraPass lora_pass(const Proj& p, const at::Tensor& x) {
-  LoraPass pass{dropout(x, *p.lora), {}};
-  pass.t = at::mm(pass.in.x, p.a.t());
-  return pass;
-}
-
-// out += scaling · (dropout(x) · Aᵀ) · Bᵀ, in x's dtype; out may be a column slice.
-LoraPass lora_add(const Proj& p, const at::Tensor& x, at::Tensor out) {
-  LoraPass pass = lora_pass(p, x);
-  out.addmm_(pass.t, p.b.t(), /*beta=*/1.0, /*alpha=*/p.lora->scaling());
-  return pass;
-}
-
-// param.grad += alpha · grad (in the parameter's dtype).
-void accumulate_grad(const at::Tensor& param, const at::Tensor& grad, double alpha) {
-  at::Tensor p = param;  // a handle: .mutable_grad() is the parameter's
-  at::Tensor g = grad.to(p.scalar_type());
-  if (p.grad().defined()) {
-    p.mutable_grad().add_(g, alpha);
-  } else {
-    if (alpha != 1.0) g = g.mul(alpha);
-    p.mutable_grad() = g.is_contiguous() ? g : g.contiguous();
-  }
-}
-
-// The gradient with respect to a LoRA's input x, dx (before its dropout), added to acc (the
-// projections sharing x sum theirs; undefined: dx starts the sum).
-at::Tensor add_input_grad(at::Tensor acc, at::Tensor dx, const Dropped& d) {
-  if (d.mask.defined() && d.mask.scalar_type() == at::kBool)  // the GPU's native_dropout
-    return model::dropout_backward_add(std::move(acc), std::move(dx), d.mask, 1.0 / (1.0 - d.p));
-  dropout_backward_(dx, d);
-  return acc.defined() ? acc.add_(dx) : dx;
-}
-
-// The backward of lora_add for the gradient `go` [N, out] at its output: A and B's
-// gradients accumulated, the gradient with respect to x [N, in] added to `acc` and the sum
-// returned. The scaling goes where the tensors are small ([out, r], [N, r]), not on go.
-// Consumes `pass`: the dropped input goes as soon as A's gradient is taken.
-at::Tensor lora_backward(const Proj& p, LoraPass&& pass, const at::Tensor& go, at::Tensor acc) {
-  const lora::LoraLinear& l = *p.lora;
-  const double s = l.scaling();
-  accumulate_grad(l.lora_b(), at::mm(go.t(), pass.t), s);  // [out, r]
-  const at::Tensor dt_ = at::mm(go, p.b).mul_(s);           // [N, r]
-  accumulate_grad(l.lora_a(), at::mm(dt_.t(), pass.in.x), 1.0);  // [r, in]
-  pass.in.x = at::Tensor();
-  pass.t = at::Tensor();
-  return add_input_grad(std::move(acc), at::mm(dt_, p.a), pass.in);  // [N, in]
-}
-
-// ---------------------------------------------------------------- RMSNorm
-
-struct Normed {
-  at::Tensor y;     // [N, h]
-  at::Tensor rstd;  // [N, 1] fp32
-};
-
-Normed norm_forward(const at::Tensor& x, const at::Tensor& w, double eps) {
-  if (model::fused_rms_norm_applies(x, w)) {
-    auto [y, rstd] = at::_fused_rms_norm(x, {x.size(-1)}, w, eps);
-    return {y, rstd};
-  }
-  // model::rms_norm_reference's ops, keeping 1/rms.
-  const at::Tensor h = x.to(at::kFloat);
-  const at::Tensor rstd = at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
-  return {w * (h * rstd).to(x.scalar_type()), rstd};
-}
-
-at::Tensor norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const Normed& n) {
-  if (model::fused_rms_norm_applies(x, w))
-    return std::get<0>(at::_fused_rms_norm_backward(dy, x, {x.size(-1)}, n.rstd, w, {true, false}));
-  const at::Tensor xhat = x.to(at::kFloat) * n.rstd;           // [N, h] fp32
-  const at::Tensor dxhat = (dy * w).to(at::kFloat);            // as autograd: the product in x's dtype
-  const at::Tensor dot = (dxhat * xhat).mean(-1, /*keepdim=*/true);
-  return (n.rstd * (dxhat - xhat * dot)).to(x.scalar_type());
-}
+using namespace fused;  // Proj, LoraPass, Normed and their operations (train/fused_layer_parts.h)
 
 // ---------------------------------------------------------------- the layer
 

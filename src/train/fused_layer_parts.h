@@ -1,0 +1,86 @@
+// train/fused_layer_parts: the pieces the fused decoder layer (src/train/fused_layer.cpp) is
+// made of, private to src/train: a projection's frozen base and LoRA, the merged dequantized
+// weights, LoRA's dropout, forward and backward as the layer's hand-written backward needs
+// them, and RMSNorm forward / backward keeping 1/rms.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/TensorOptions.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace qlora::model {
+class FrozenLinear;
+class LlamaModel;
+}  // namespace qlora::model
+namespace qlora::lora {
+class LoraLinear;
+}
+
+namespace qlora::train::fused {
+
+// ---------------------------------------------------------------- projections and weights
+
+struct Proj {
+  const model::FrozenLinear* base = nullptr;
+  const lora::LoraLinear* lora = nullptr;  // null: no adapter on this projection
+  // LoRA's A [r, in] and B [out, r] in the compute dtype, cast once a layer call (forward,
+  // recompute and backward share them; the fp32 masters change only at the optimizer step).
+  at::Tensor a, b;
+};
+
+// Projection `index` (decoder_linear_names() order) of `layer`. compute: the dtype of the
+// layer's activations; undefined: no LoRA casts (checks only). base is null when the
+// projection is neither a frozen base nor LoRA over one.
+Proj proj_of(const model::LlamaModel& m, int64_t layer, size_t index, std::optional<at::ScalarType> compute = {});
+
+// The projections' weights stacked by rows: [sum of out, in], one GEMM for all of them.
+at::Tensor merged_weight(const std::vector<Proj>& projs, const at::TensorOptions& opts);
+
+// ---------------------------------------------------------------- dropout and LoRA
+
+// LoRA dropout as the generic layer draws it (lora::LoraLinear::forward calls
+// at::dropout): the fused kernel on GPUs, a scaled Bernoulli mask on the CPU, so
+// the generators advance the same way and the masks are the same.
+struct Dropped {
+  at::Tensor x;     // the input the LoRA A sees
+  at::Tensor mask;  // bool (GPU) or the scaled noise (CPU); undefined without dropout
+  double p = 0.0;
+};
+
+Dropped dropout(const at::Tensor& x, const lora::LoraLinear& l);
+
+// In place on grad: the mask and the 1/(1-p) scale (one rounding, as native_dropout_backward).
+at::Tensor& dropout_backward_(at::Tensor& grad, const Dropped& d);
+
+// One LoRA's forward pieces, kept for its backward.
+struct LoraPass {
+  Dropped in;
+  at::Tensor t;  // [N, r] = dropped input · Aᵀ
+};
+
+// dropout(x) and its product with Aᵀ, what a LoRA's backward needs of its forward.
+LoraPass lora_pass(const Proj& p, const at::Tensor& x);
+
+// out += scaling · (dropout(x) · Aᵀ) · Bᵀ, in x's dtype; out may be a column slice.
+LoraPass lora_add(const Proj& p, const at::Tensor& x, at::Tensor out);
+
+// The backward of lora_add for the gradient `go` [N, out] at its output: A and B's gradients
+// accumulated, the gradient with respect to x [N, in] added to `acc` (undefined: it starts the
+// sum) and the sum returned. Consumes `pass`.
+at::Tensor lora_backward(const Proj& p, LoraPass&& pass, const at::Tensor& go, at::Tensor acc);
+
+// ---------------------------------------------------------------- RMSNorm
+
+struct Normed {
+  at::Tensor y;     // [N, h]
+  at::Tensor rstd;  // [N, 1] fp32
+};
+
+Normed norm_forward(const at::Tensor& x, const at::Tensor& w, double eps);
+at::Tensor norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const Normed& n);
+
+}  // namespace qlora::train::fused
