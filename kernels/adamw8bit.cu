@@ -96,21 +96,15 @@ __device__ __forceinline__ uint32_t pack4(const uint8_t* c) {
   return uint32_t{c[0]} | (uint32_t{c[1]} << 8) | (uint32_t{c[2]} << 16) | (uint32_t{c[3]} << 24);
 }
 
-// Note [AdamW8bit kernel layout]. vec_ok: the pointers allow the vector loads of full blocks.
+// Note [AdamW8bit kernel layout]: the warp's block b of one parameter. vec_ok: the pointers
+// allow the vector loads of full blocks. code1, code2: the maps in shared memory.
 template <typename G>
-__global__ void __launch_bounds__(kThreads) adamw8bit_kernel(float* __restrict__ param, const G* __restrict__ grad,
-                                                             uint8_t* __restrict__ exp_avg_q,
-                                                             uint8_t* __restrict__ exp_avg_sq_q,
-                                                             float* __restrict__ absmax1,
-                                                             float* __restrict__ absmax2, int64_t n,
-                                                             AdamW8bitScalars s, DynamicMaps maps, bool vec_ok) {
-  __shared__ float code1[256];
-  __shared__ float code2[256];
-  code1[threadIdx.x] = maps.signed_map[threadIdx.x];
-  code2[threadIdx.x] = maps.unsigned_map[threadIdx.x];
-  __syncthreads();
+__device__ __forceinline__ void step_block(float* __restrict__ param, const G* __restrict__ grad,
+                                           uint8_t* __restrict__ exp_avg_q, uint8_t* __restrict__ exp_avg_sq_q,
+                                           float* __restrict__ absmax1, float* __restrict__ absmax2, int64_t n,
+                                           int64_t b, const AdamW8bitScalars& s, const float* code1,
+                                           const float* code2, bool vec_ok) {
   const int lane = threadIdx.x & 31;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int64_t start = b * kBlock;
   if (start >= n) return;
   const int64_t len = n - start < kBlock ? n - start : kBlock;
@@ -206,7 +200,94 @@ __global__ void __launch_bounds__(kThreads) adamw8bit_kernel(float* __restrict__
   }
 }
 
+// One parameter a launch (adamw8bit_step).
+template <typename G>
+__global__ void __launch_bounds__(kThreads) adamw8bit_kernel(float* __restrict__ param, const G* __restrict__ grad,
+                                                             uint8_t* __restrict__ exp_avg_q,
+                                                             uint8_t* __restrict__ exp_avg_sq_q,
+                                                             float* __restrict__ absmax1,
+                                                             float* __restrict__ absmax2, int64_t n,
+                                                             AdamW8bitScalars s, DynamicMaps maps, bool vec_ok) {
+  __shared__ float code1[256];
+  __shared__ float code2[256];
+  code1[threadIdx.x] = maps.signed_map[threadIdx.x];
+  code2[threadIdx.x] = maps.unsigned_map[threadIdx.x];
+  __syncthreads();
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  step_block<G>(param, grad, exp_avg_q, exp_avg_sq_q, absmax1, absmax2, n, b, s, code1, code2, vec_ok);
+}
+
+// Note [AdamW8bit multi-tensor launch]
+//   LoRA's parameters are hundreds of small tensors (256 for Llama-3.1-8B on q,k,v,o): a launch
+//   each costs more than the update. adamw8bit_step_multi hands up to
+//   kAdamW8bitTensorsPerLaunch of them to one launch as a kernel parameter (with the maps it
+//   stays under the classic 4 KiB of parameters): the 256-element blocks of all of them are
+//   numbered one after the other (first_block), each warp finds its tensor by a scan of that
+//   prefix and runs the same step_block as the one-tensor kernel, so the bits are the same.
+struct MultiEntry {
+  float* param;
+  const void* grad;
+  uint8_t* q1;
+  uint8_t* q2;
+  float* absmax1;
+  float* absmax2;
+  int64_t n;
+  bool vec_ok;
+};
+struct MultiArgs {
+  int count;
+  int64_t first_block[kAdamW8bitTensorsPerLaunch + 1];  // first_block[count]: all blocks
+  MultiEntry e[kAdamW8bitTensorsPerLaunch];
+};
+static_assert(sizeof(MultiArgs) + sizeof(DynamicMaps) + sizeof(AdamW8bitScalars) <= 4096,
+              "adamw8bit_multi_kernel's parameters must fit the classic 4 KiB");
+
+template <typename G>
+__global__ void __launch_bounds__(kThreads) adamw8bit_multi_kernel(MultiArgs args, AdamW8bitScalars s, DynamicMaps maps) {
+  __shared__ float code1[256];
+  __shared__ float code2[256];
+  code1[threadIdx.x] = maps.signed_map[threadIdx.x];
+  code2[threadIdx.x] = maps.unsigned_map[threadIdx.x];
+  __syncthreads();
+  const int64_t gb = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (gb >= args.first_block[args.count]) return;
+  int t = 0;
+  while (gb >= args.first_block[t + 1]) ++t;  // at most kAdamW8bitTensorsPerLaunch steps, warp-uniform
+  const MultiEntry& e = args.e[t];
+  step_block<G>(e.param, static_cast<const G*>(e.grad), e.q1, e.q2, e.absmax1, e.absmax2, e.n, gb - args.first_block[t],
+                s, code1, code2, e.vec_ok);
+}
+
 bool aligned(const void* p, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
+
+template <typename G>
+int launch_multi(const AdamW8bitTensor* tensors, int64_t count, const AdamW8bitScalars& s, const DynamicMaps& maps,
+                 cudaStream_t stream) {
+  for (int64_t first = 0; first < count; first += kAdamW8bitTensorsPerLaunch) {
+    MultiArgs args{};
+    int64_t blocks = 0;
+    for (int64_t i = first; i < count && args.count < kAdamW8bitTensorsPerLaunch; ++i) {
+      const AdamW8bitTensor& t = tensors[i];
+      if (t.n <= 0) continue;
+      if (t.param == nullptr || t.grad == nullptr || t.exp_avg_q == nullptr || t.exp_avg_sq_q == nullptr ||
+          t.absmax_exp_avg == nullptr || t.absmax_exp_avg_sq == nullptr)
+        return static_cast<int>(cudaErrorInvalidValue);
+      const G* grad = static_cast<const G*>(t.grad);
+      args.first_block[args.count] = blocks;
+      args.e[args.count] = {t.param, t.grad, t.exp_avg_q, t.exp_avg_sq_q, t.absmax_exp_avg, t.absmax_exp_avg_sq, t.n,
+                            aligned(t.param, 16) && aligned(grad, 4 * sizeof(G)) && aligned(t.exp_avg_q, 4) &&
+                                aligned(t.exp_avg_sq_q, 4)};
+      blocks += detail::ceil_div(t.n, kBlock);
+      ++args.count;
+    }
+    if (args.count == 0) continue;
+    args.first_block[args.count] = blocks;
+    const unsigned grid = static_cast<unsigned>(detail::ceil_div(blocks, kWarps));
+    adamw8bit_multi_kernel<G><<<grid, kThreads, 0, stream>>>(args, s, maps);
+    if (const cudaError_t rc = cudaGetLastError(); rc != cudaSuccess) return static_cast<int>(rc);
+  }
+  return 0;
+}
 
 template <typename G>
 int launch(float* param, const G* grad, uint8_t* q1, uint8_t* q2, float* absmax1, float* absmax2, int64_t n,
@@ -253,6 +334,21 @@ int adamw8bit_step(float* param, const void* grad, FloatType grad_type, uint8_t*
     case FloatType::kF16:
       return launch(param, static_cast<const __half*>(grad), exp_avg_q, exp_avg_sq_q, absmax_exp_avg,
                     absmax_exp_avg_sq, n, scalars, maps, stream);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+int adamw8bit_step_multi(const AdamW8bitTensor* tensors, int64_t count, FloatType grad_type,
+                         const AdamW8bitScalars& scalars, const DynamicMaps& maps, CUstream_st* stream) {
+  if (count <= 0) return 0;
+  if (tensors == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  switch (grad_type) {
+    case FloatType::kF32:
+      return launch_multi<float>(tensors, count, scalars, maps, stream);
+    case FloatType::kBF16:
+      return launch_multi<__nv_bfloat16>(tensors, count, scalars, maps, stream);
+    case FloatType::kF16:
+      return launch_multi<__half>(tensors, count, scalars, maps, stream);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

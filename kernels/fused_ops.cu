@@ -1,5 +1,5 @@
 // Fused element-wise ops of the decoder layer (include/qlora/kernels.h: "fused element-wise
-// ops"): RoPE forward / backward in place on strided head views, SwiGLU forward / backward
+// ops"): RoPE forward / backward on strided head views, in place or from one view into another, SwiGLU forward / backward
 // of a merged gate/up GEMM output, and LoRA dropout's backward summed into the input gradient. The math is model/fused_ops.h's references'; every kernel
 // loads its inputs to fp32, computes in fp32 and rounds once into the output type.
 //
@@ -99,75 +99,104 @@ __device__ __forceinline__ void store(T* p, const float (&f)[V]) {
 
 // ---------------------------------------------------------------- RoPE
 
-// Rows are the (b, t, h) triples; a row has half / V groups of V pairs (i, i + half).
+// Rows are the (b, t, h) triples; a row has half / V groups of V pairs (i, i + half), read
+// from `in` (view vi) and written to `out` (view vo): the same memory for the in-place ops.
 // Forward:  x1' = x1 c1 - x2 s1,  x2' = x2 c2 + x1 s2   (x * cos + rotate_half(x) * sin)
 // Backward: g1' = g1 c1 + g2 s2,  g2' = g2 c2 - g1 s1   (g * cos + rotate_half_T(g * sin))
-template <typename T, int V, bool kBackward>
-__global__ void __launch_bounds__(kThreads) rope_kernel(T* x, const T* __restrict__ cos, const T* __restrict__ sin,
-                                                        RopeView v) {
-  const int64_t half = v.head_dim / 2;
+// Copy:     unchanged (cos, sin not read).
+template <typename T, int V, RopeMode kMode>
+__global__ void __launch_bounds__(kThreads) rope_kernel(T* out, RopeView vo, const T* in, RopeView vi,
+                                                        const T* __restrict__ cos, const T* __restrict__ sin) {
+  const int64_t half = vi.head_dim / 2;
   const int64_t groups = half / V;
-  const int64_t total = v.batch * v.seq * v.heads * groups;
+  const int64_t total = vi.batch * vi.seq * vi.heads * groups;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < total; idx += step) {
     const int64_t i = (idx % groups) * V;
     const int64_t row = idx / groups;
-    const int64_t h = row % v.heads;
-    const int64_t bt = row / v.heads;
-    const int64_t t = bt % v.seq;
-    const int64_t b = bt / v.seq;
-    T* xr = x + b * v.stride_batch + t * v.stride_seq + h * v.stride_head;
-    const T* cr = cos + bt * v.head_dim;
-    const T* sr = sin + bt * v.head_dim;
-    float x1[V], x2[V], c1[V], c2[V], s1[V], s2[V];
+    const int64_t h = row % vi.heads;
+    const int64_t bt = row / vi.heads;
+    const int64_t t = bt % vi.seq;
+    const int64_t b = bt / vi.seq;
+    const T* xr = in + b * vi.stride_batch + t * vi.stride_seq + h * vi.stride_head;
+    T* yr = out + b * vo.stride_batch + t * vo.stride_seq + h * vo.stride_head;
+    float x1[V], x2[V];
     load<T, V>(xr + i, x1);
     load<T, V>(xr + half + i, x2);
-    load<T, V>(cr + i, c1);
-    load<T, V>(cr + half + i, c2);
-    load<T, V>(sr + i, s1);
-    load<T, V>(sr + half + i, s2);
-    float y1[V], y2[V];
+    if constexpr (kMode == RopeMode::kCopy) {
+      store<T, V>(yr + i, x1);
+      store<T, V>(yr + half + i, x2);
+    } else {
+      const T* cr = cos + bt * vi.head_dim;
+      const T* sr = sin + bt * vi.head_dim;
+      float c1[V], c2[V], s1[V], s2[V];
+      load<T, V>(cr + i, c1);
+      load<T, V>(cr + half + i, c2);
+      load<T, V>(sr + i, s1);
+      load<T, V>(sr + half + i, s2);
+      float y1[V], y2[V];
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      if constexpr (kBackward) {
-        y1[k] = x1[k] * c1[k] + x2[k] * s2[k];
-        y2[k] = x2[k] * c2[k] - x1[k] * s1[k];
-      } else {
-        y1[k] = x1[k] * c1[k] - x2[k] * s1[k];
-        y2[k] = x2[k] * c2[k] + x1[k] * s2[k];
+      for (int k = 0; k < V; ++k) {
+        if constexpr (kMode == RopeMode::kBackward) {
+          y1[k] = x1[k] * c1[k] + x2[k] * s2[k];
+          y2[k] = x2[k] * c2[k] - x1[k] * s1[k];
+        } else {
+          y1[k] = x1[k] * c1[k] - x2[k] * s1[k];
+          y2[k] = x2[k] * c2[k] + x1[k] * s2[k];
+        }
       }
+      store<T, V>(yr + i, y1);
+      store<T, V>(yr + half + i, y2);
     }
-    store<T, V>(xr + i, y1);
-    store<T, V>(xr + half + i, y2);
   }
 }
 
-template <typename T, bool kBackward>
-int launch_rope(void* x, const void* cos, const void* sin, const RopeView& v, cudaStream_t stream) {
+bool strides_multiple_of(const RopeView& v, int64_t n) {
+  return v.stride_batch % n == 0 && v.stride_seq % n == 0 && v.stride_head % n == 0;
+}
+
+template <typename T, RopeMode kMode>
+int launch_rope(void* out, const RopeView& vo, const void* in, const RopeView& vi, const void* cos, const void* sin,
+                cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
-  const int64_t half = v.head_dim / 2;
-  const bool vec = half % kVec == 0 && v.stride_batch % kVec == 0 && v.stride_seq % kVec == 0 &&
-                   v.stride_head % kVec == 0 && aligned16(x) && aligned16(cos) && aligned16(sin);
-  T* xp = static_cast<T*>(x);
+  const int64_t half = vi.head_dim / 2;
+  const bool tables = kMode == RopeMode::kCopy || (aligned16(cos) && aligned16(sin));
+  const bool vec = half % kVec == 0 && strides_multiple_of(vi, kVec) && strides_multiple_of(vo, kVec) &&
+                   aligned16(in) && aligned16(out) && tables;
+  T* op = static_cast<T*>(out);
+  const T* ip = static_cast<const T*>(in);
   const T* cp = static_cast<const T*>(cos);
   const T* sp = static_cast<const T*>(sin);
-  const int64_t rows = v.batch * v.seq * v.heads;
+  const int64_t rows = vi.batch * vi.seq * vi.heads;
   if (vec) {
-    rope_kernel<T, kVec, kBackward><<<grid_for(rows * (half / kVec)), kThreads, 0, stream>>>(xp, cp, sp, v);
+    rope_kernel<T, kVec, kMode><<<grid_for(rows * (half / kVec)), kThreads, 0, stream>>>(op, vo, ip, vi, cp, sp);
   } else {
-    rope_kernel<T, 1, kBackward><<<grid_for(rows * half), kThreads, 0, stream>>>(xp, cp, sp, v);
+    rope_kernel<T, 1, kMode><<<grid_for(rows * half), kThreads, 0, stream>>>(op, vo, ip, vi, cp, sp);
   }
   return static_cast<int>(cudaGetLastError());
 }
 
-template <bool kBackward>
-int rope_dispatch(void* x, const void* cos, const void* sin, FloatType type, const RopeView& v,
-                  CUstream_st* stream) {
-  if (v.batch < 0 || v.seq < 0 || v.heads < 0 || v.head_dim < 0 || v.head_dim % 2 != 0)
+int rope_dispatch(void* out, const RopeView& vo, const void* in, const RopeView& vi, const void* cos, const void* sin,
+                  FloatType type, RopeMode mode, CUstream_st* stream) {
+  if (vi.batch < 0 || vi.seq < 0 || vi.heads < 0 || vi.head_dim < 0 || vi.head_dim % 2 != 0)
     return static_cast<int>(cudaErrorInvalidValue);
-  if (v.batch == 0 || v.seq == 0 || v.heads == 0 || v.head_dim == 0) return 0;
-  if (x == nullptr || cos == nullptr || sin == nullptr) return static_cast<int>(cudaErrorInvalidValue);
-  return dispatch_type(type, [&](auto tag) { return launch_rope<decltype(tag), kBackward>(x, cos, sin, v, stream); });
+  if (vo.batch != vi.batch || vo.seq != vi.seq || vo.heads != vi.heads || vo.head_dim != vi.head_dim)
+    return static_cast<int>(cudaErrorInvalidValue);
+  if (vi.batch == 0 || vi.seq == 0 || vi.heads == 0 || vi.head_dim == 0) return 0;
+  if (out == nullptr || in == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  if (mode != RopeMode::kCopy && (cos == nullptr || sin == nullptr)) return static_cast<int>(cudaErrorInvalidValue);
+  return dispatch_type(type, [&](auto tag) {
+    using T = decltype(tag);
+    switch (mode) {
+      case RopeMode::kForward:
+        return launch_rope<T, RopeMode::kForward>(out, vo, in, vi, cos, sin, stream);
+      case RopeMode::kBackward:
+        return launch_rope<T, RopeMode::kBackward>(out, vo, in, vi, cos, sin, stream);
+      case RopeMode::kCopy:
+        return launch_rope<T, RopeMode::kCopy>(out, vo, in, vi, cos, sin, stream);
+    }
+    return static_cast<int>(cudaErrorInvalidValue);
+  });
 }
 
 // ---------------------------------------------------------------- SwiGLU
@@ -311,12 +340,17 @@ int launch_dropout_backward_add(void* out, const void* acc, const void* d, const
 
 int rope_inplace(void* x, const void* cos, const void* sin, FloatType type, const RopeView& view,
                  CUstream_st* stream) {
-  return rope_dispatch<false>(x, cos, sin, type, view, stream);
+  return rope_dispatch(x, view, x, view, cos, sin, type, RopeMode::kForward, stream);
 }
 
 int rope_backward_inplace(void* g, const void* cos, const void* sin, FloatType type, const RopeView& view,
                           CUstream_st* stream) {
-  return rope_dispatch<true>(g, cos, sin, type, view, stream);
+  return rope_dispatch(g, view, g, view, cos, sin, type, RopeMode::kBackward, stream);
+}
+
+int rope_into(void* dst, const RopeView& dst_view, const void* src, const RopeView& src_view, const void* cos,
+              const void* sin, FloatType type, RopeMode mode, CUstream_st* stream) {
+  return rope_dispatch(dst, dst_view, src, src_view, cos, sin, type, mode, stream);
 }
 
 int swiglu(const void* gu, int64_t gu_row_stride, int64_t rows, int64_t inter, void* m, int64_t m_row_stride,

@@ -26,7 +26,15 @@ Managed memory of the paged optimizer is outside the allocator, as for qlora.
 
   PYTHONPATH=$PWD/.whl/site python3 scripts/bench_peer.py [--quick] [--steps N]
       [--modes eager,compile] [--configs 2x512,4x1024,8x2048,all-linear-4x1024,no-ckpt-2x512,fp16-4x1024,8b-2x2048]
-      [--work DIR]
+      [--work DIR] [--jobs N] [--deadline SECONDS]
+
+--jobs N (Note [warm-ups side by side]): every (configuration, mode) runs in its own process;
+up to N of them warm up (load, compile, the warm-up steps) at the same time, and only when no
+warm-up is left does each time its steps, one at a time, with the others idle. torch.compile's
+warm-up (90-220 s a configuration on an H200) is mostly CPU work on one GPU that sits idle, so
+side by side they take about as long as the slowest few, not their sum; the timed steps run
+as they do one by one. --deadline (seconds from the start) stops waiting for warm-ups then:
+what is ready is timed, the rest reads as an error row.
 """
 
 import argparse
@@ -102,8 +110,14 @@ def parse_args():
     p.add_argument("--modes", default="eager,compile", help="comma-separated: eager, compile")
     p.add_argument("--configs", default="", help="comma-separated MICROxSEQ subset, e.g. 2x512,8x2048")
     p.add_argument("--work", default="", help="folder for the saved random model (default: a temp dir)")
+    p.add_argument("--jobs", type=int, default=1, help="warm-ups side by side in worker processes (1: in turn)")
+    p.add_argument("--deadline", type=float, default=0, help="with --jobs: seconds until the timing starts anyway")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke test of the script itself
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # CONFIG:MODE, started by --jobs
+    p.add_argument("--turns", default="", help=argparse.SUPPRESS)   # the folder of ready / go files
     a = p.parse_args()
+    if a.jobs < 1:
+        p.error("--jobs must be at least 1")
     if a.steps <= WARMUP_STEPS:
         p.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
     a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
@@ -208,7 +222,7 @@ def make_optimizer(params, device):
     return bnb.optim.PagedAdamW8bit(params, lr=LR, weight_decay=0.0), "bnb.PagedAdamW8bit"
 
 
-def run_one(path, v, mode, steps, device, vocab):
+def run_one(path, v, mode, steps, device, vocab, before_timing=None):
     import torch
 
     micro, seq = v["micro"], v["seq"]
@@ -253,6 +267,8 @@ def run_one(path, v, mode, steps, device, vocab):
     warmup_seconds = time.perf_counter() - t0
     with_warmup_alloc = torch.cuda.max_memory_allocated() if device == "cuda" else 0
     with_warmup_reserved = torch.cuda.max_memory_reserved() if device == "cuda" else 0
+    if before_timing is not None:
+        before_timing()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -300,6 +316,143 @@ def free(device):
         torch.cuda.empty_cache()
 
 
+def row_head(args, v, mode):
+    return {"bench": "train", "system": "hf-peft-bnb", "config": v["name"],
+            "model": v["model"] if not args.tiny else "tiny", "mode": mode, "micro": v["micro"], "seq": v["seq"],
+            "precision": "fp16" if v["fp16"] else "bf16", "gradient_checkpointing": v["checkpointing"],
+            "lora": "r16 a32 " + ("all-linear" if v["all_linear"] else "q,k,v,o")}
+
+
+def measure(args, work, v, mode, device, before_timing=None):
+    """One (configuration, mode): its JSON row, with "error" when it failed."""
+    row = row_head(args, v, mode)
+    path = os.path.join(work, v["model"] + "-random")
+    log(f"{mode} {v['name']}: {args.steps} steps ({WARMUP_STEPS} warm-up)")
+    try:
+        row.update(run_one(path, v, mode, args.steps, device, model_config(args.tiny, v["model"]).vocab_size,
+                           before_timing))
+    except Exception as e:  # noqa: BLE001 - one failed configuration must not stop the rest
+        traceback.print_exc(file=sys.stderr)
+        msg = f"{type(e).__name__}: {e}"
+        row["error"] = msg if len(msg) < 2000 else msg[:2000] + " ..."
+    return row
+
+
+def ensure_models(args, work, device):
+    for model in dict.fromkeys(v["model"] for v in args.config_list):
+        path = os.path.join(work, model + "-random")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            t0 = time.perf_counter()
+            n = write_random_model(path, args.tiny, device, model)
+            log(f"random model ({n:,} parameters, bf16) written to {path} in {time.perf_counter() - t0:.0f} s")
+
+
+# Note [warm-ups side by side]
+# The coordinator (--jobs N) starts one worker process per (configuration, mode), in the order
+# given, keeping at most N of them in their warm-up. A worker loads, warms up (compiles), frees
+# its cached blocks, writes TURNS/<key>.ready and waits for TURNS/<key>.go; then it resets the
+# peak statistics, times its steps and prints its row. The coordinator hands out the turns in
+# order once no worker is warming up (or at --deadline), one at a time: every timed step runs
+# with the GPU and the CPUs otherwise idle. A worker whose coordinator dies exits.
+def worker_main(args, device):
+    name, mode = args.worker.rsplit(":", 1)
+    v = next(c for c in args.config_list if c["name"] == name)
+    key = f"{name}.{mode}"
+    parent = os.getppid()
+
+    def wait_for_turn():
+        import torch
+
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        open(os.path.join(args.turns, key + ".ready"), "w").close()
+        go = os.path.join(args.turns, key + ".go")
+        while not os.path.exists(go):
+            if os.getppid() != parent:
+                raise RuntimeError("the coordinator is gone")
+            time.sleep(0.05)
+
+    row = measure(args, args.work, v, mode, device, wait_for_turn)
+    emit(row)
+    return 0 if "error" not in row else 1
+
+
+def coordinate(args, work):
+    import signal
+    import subprocess
+
+    start = time.monotonic()
+    turns = tempfile.mkdtemp(prefix="qlora-bench-peer-turns-")
+    runs = [(v, mode) for v in args.config_list for mode in args.modes]
+    procs = {}  # index -> Popen
+    done = {}   # index -> row
+
+    def key(i):
+        return f"{runs[i][0]['name']}.{runs[i][1]}"
+
+    def ready(i):
+        return os.path.exists(os.path.join(turns, key(i) + ".ready"))
+
+    def finish(i, timeout=None):
+        out, _ = procs[i].communicate(timeout=timeout)
+        rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        if rows:
+            done[i] = rows[-1]
+        else:
+            done[i] = dict(row_head(args, *runs[i]), error=f"worker exited with {procs[i].returncode} and no row")
+
+    def stop_all(why):
+        for i, p in procs.items():
+            if i not in done:
+                p.kill()
+                p.wait()
+                done[i] = dict(row_head(args, *runs[i]), error=why)
+
+    def on_term(signum, frame):  # the caller's time limit: rows for what did not finish, then out
+        stop_all("not timed: bench_peer was stopped (time limit)")
+        for i in range(len(runs)):
+            if i in done and not done[i].get("_emitted"):
+                emit(done[i])
+        sys.exit(1)
+
+    signal.signal(signal.SIGTERM, on_term)
+    base = [sys.executable, os.path.abspath(__file__), "--steps", str(args.steps), "--work", work, "--turns", turns,
+            "--configs", ",".join(v["name"] for v in args.config_list)] + (["--tiny"] if args.tiny else [])
+    late = lambda: args.deadline > 0 and time.monotonic() - start > args.deadline  # noqa: E731
+    pending = list(range(len(runs)))
+    while pending or any(i not in done and not ready(i) for i in procs):
+        for i in list(procs):
+            if i not in done and procs[i].poll() is not None:
+                finish(i)
+        warming = [i for i in procs if i not in done and not ready(i)]
+        while pending and len(warming) < args.jobs and not late():
+            i = pending.pop(0)
+            procs[i] = subprocess.Popen(base + ["--worker", f"{runs[i][0]['name']}:{runs[i][1]}"],
+                                        stdout=subprocess.PIPE, text=True)
+            warming.append(i)
+        if late():
+            log(f"deadline ({args.deadline:.0f} s): timing what is ready")
+            break
+        time.sleep(0.2)
+    log(f"warm-ups done after {time.monotonic() - start:.0f} s; timing one run at a time")
+    for i in range(len(runs)):
+        if i not in procs:
+            done[i] = dict(row_head(args, *runs[i]), error="not run: the warm-ups reached --deadline first")
+        elif i not in done and ready(i):
+            open(os.path.join(turns, key(i) + ".go"), "w").close()
+            finish(i)
+        elif i not in done:
+            procs[i].kill()
+            finish(i)
+            done[i] = dict(row_head(args, *runs[i]), error="not timed: its warm-up did not finish by --deadline")
+        emit(done[i])
+        done[i]["_emitted"] = True
+    shutil.rmtree(turns, ignore_errors=True)
+    return sum(1 for r in done.values() if "error" in r)
+
+
 def main():
     args = parse_args()
     head = {"bench": "train", "system": "hf-peft-bnb", "model": "llama-3.2-1b" if not args.tiny else "tiny"}
@@ -309,6 +462,8 @@ def main():
         import peft
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.worker:
+            return worker_main(args, device)
         versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
         try:
             import bitsandbytes
@@ -320,7 +475,8 @@ def main():
             emit({**head, "skipped": "no GPU (torch.cuda.is_available() is False)", **versions})
             return 0
         emit({"bench": "train_device", "system": "hf-peft-bnb", "device": torch.cuda.get_device_name(0)
-              if device == "cuda" else "cpu", "steps": args.steps, "warmup_steps": WARMUP_STEPS, **versions})
+              if device == "cuda" else "cpu", "steps": args.steps, "warmup_steps": WARMUP_STEPS,
+              "jobs": args.jobs, **versions})
     except Exception as e:  # noqa: BLE001
         emit({**head, "error": f"setup: {type(e).__name__}: {e}"})
         return 1
@@ -328,29 +484,17 @@ def main():
     work = args.work or tempfile.mkdtemp(prefix="qlora-bench-peer-")
     failures = 0
     try:
-        for v in args.config_list:
-            path = os.path.join(work, v["model"] + "-random")
-            if not os.path.exists(os.path.join(path, "config.json")):
-                t0 = time.perf_counter()
-                n = write_random_model(path, args.tiny, device, v["model"])
-                log(f"random model ({n:,} parameters, bf16) written to {path} in {time.perf_counter() - t0:.0f} s")
-            vocab = model_config(args.tiny, v["model"]).vocab_size
-            micro, seq = v["micro"], v["seq"]
-            for mode in args.modes:
-                row = {**head, "config": v["name"], "model": v["model"] if not args.tiny else "tiny", "mode": mode,
-                       "micro": micro, "seq": seq, "precision": "fp16" if v["fp16"] else "bf16",
-                       "gradient_checkpointing": v["checkpointing"],
-                       "lora": "r16 a32 " + ("all-linear" if v["all_linear"] else "q,k,v,o")}
-                log(f"{mode} {v['name']}: {args.steps} steps ({WARMUP_STEPS} warm-up)")
-                try:
-                    row.update(run_one(path, v, mode, args.steps, device, vocab))
-                except Exception as e:  # noqa: BLE001 - one failed configuration must not stop the rest
-                    failures += 1
-                    traceback.print_exc(file=sys.stderr)
-                    msg = f"{type(e).__name__}: {e}"
-                    row["error"] = msg if len(msg) < 2000 else msg[:2000] + " ..."
-                emit(row)
-                free(device)
+        ensure_models(args, work, device)
+        free(device)
+        if args.jobs > 1:
+            failures = coordinate(args, work)
+        else:
+            for v in args.config_list:
+                for mode in args.modes:
+                    row = measure(args, work, v, mode, device)
+                    failures += "error" in row
+                    emit(row)
+                    free(device)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

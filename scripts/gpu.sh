@@ -18,18 +18,20 @@
 #   --demo-cpu FILE      the CPU run's metrics.jsonl, made on another machine (bench/results/...):
 #                        only the GPU demo runs here
 #   --steps N            bench_train's optimizer steps a configuration (default 22: 2 warm-up)
+#   --jobs N             the peer's warm-ups side by side (scripts/bench_peer.py --jobs; default 8)
 #   --measure            `qlora plan --measure` on issue 8's configurations, and the finder
 #   --finder             only the 8B finder under a 15 GiB cap
 #
 # Issue 8 in two calls (every phase has its own time limit, so a call always returns what
 # finished; what did not run reads "not run" in the comparison, never "met"):
-#   call 1: bench_nf4, bench_train on 2x512, 4x1024, 8x2048 and their selective-recompute
-#           rows, the peer (eager, compiled) on 2x512, 4x1024, 8x2048.
-#   call 2: the cuda tests, bench_train and the peer on 8b-2x2048 (and selective-8b-2x2048),
-#           all-linear-4x1024, no-ckpt-2x512, fp16-4x1024, in that order; then `qlora demo` on
-#           the GPU against the CPU run committed under bench/results (point 7).
-#   The peer's torch.compile warm-ups (~90 s a configuration on an H200) are what fills the
-#   calls: what does not fit reads "not run".
+#   call 1: the cuda tests, bench_nf4, bench_train on 2x512, 4x1024, 8x2048 and their
+#           selective / auto recompute rows, the peer (eager, compiled) on 2x512, 4x1024,
+#           8x2048; then `qlora demo` on the GPU against the CPU run committed under
+#           bench/results (point 7).
+#   call 2: bench_train and the peer on 8b-2x2048 (and its selective and auto-under-a-cap
+#           rows), all-linear-4x1024, no-ckpt-2x512, fp16-4x1024.
+#   The peer's torch.compile warm-ups (90-220 s a configuration on an H200) run side by side
+#   (--jobs), its timed steps one at a time; what does not fit reads "not run".
 #   Phases run in this order: build, tests, bench_nf4, bench_train, peer, demo, profiles,
 #   --measure, and none runs past QLORA_GPU_DEADLINE (560 s), so the results always come back.
 #   A machine still warm from call 1 keeps build-gpu/, so call 2 rebuilds nothing.
@@ -47,14 +49,14 @@ python=${QLORA_PYTHON:-$(command -v python3)}
 archs=${QLORA_CUDA_ARCHS:-90}
 out="$root/$build/out"
 
-all=0 tests=1 bench=1 demo=0 measure=0 finder=0 call="" demo_cpu="" steps=22
+all=0 tests=1 bench=1 demo=0 measure=0 finder=0 call="" demo_cpu="" steps=22 jobs=8
 train_configs="2x512,4x1024,8x2048" peer_configs="" peer_modes="eager,compile" profile_configs=""
 preset() {
   case "$1" in
-    1) tests=0; train_configs="2x512,4x1024,8x2048,selective-4x1024,selective-8x2048"
+    1) demo=1; demo_cpu=$(ls -d "$root"/bench/results/*/demo-cpu-metrics.jsonl 2>/dev/null | sort | tail -1)
+       train_configs="2x512,4x1024,8x2048,selective-4x1024,selective-8x2048,auto-8x2048"
        peer_configs="2x512,4x1024,8x2048" ;;
-    2) demo=1; demo_cpu=$(ls -d "$root"/bench/results/*/demo-cpu-metrics.jsonl 2>/dev/null | sort | tail -1)
-       train_configs="8b-2x2048,selective-8b-2x2048,all-linear-4x1024,no-ckpt-2x512,fp16-4x1024"
+    2) tests=0; train_configs="8b-2x2048,selective-8b-2x2048,auto-8b-2x2048-cap,all-linear-4x1024,no-ckpt-2x512,fp16-4x1024"
        peer_configs="8b-2x2048,all-linear-4x1024,no-ckpt-2x512,fp16-4x1024" ;;
     *) echo "scripts/gpu.sh: --call expects 1 or 2, got '$1'" >&2; exit 2 ;;
   esac
@@ -73,9 +75,10 @@ while [[ $# -gt 0 ]]; do
     --demo) demo=1 ;;
     --demo-cpu) need "$@"; demo_cpu=$2; shift ;;
     --steps) need "$@"; steps=$2; shift ;;
+    --jobs) need "$@"; jobs=$2; shift ;;
     --measure) measure=1; finder=1 ;;
     --finder) finder=1 ;;
-    -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "scripts/gpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -162,7 +165,9 @@ if [[ $bench == 1 ]]; then
     [[ -n $profile_configs ]] && reserve=$(( reserve + 60 * $(tr ',' '\n' <<<"$profile_configs" | grep -c .) ))
     peer_limit=$(( deadline - $(elapsed) - reserve ))
     phase "bench_peer --configs $peer_configs --modes $peer_modes"
+    # Its warm-ups stop being waited for 60 s before its limit, so what is ready still gets timed.
     PYTHONUNBUFFERED=1 limited "$peer_limit" "$python" scripts/bench_peer.py --configs "$peer_configs" --modes "$peer_modes" \
+      --jobs "$jobs" --deadline $(( peer_limit > 120 ? peer_limit - 60 : peer_limit / 2 )) \
       >"$out/bench_peer.json" 2>"$out/bench_peer.log" || failed "bench_peer"
     if [[ -s "$out/bench_train.json" ]]; then
       "$python" scripts/bench_compare.py "$out/bench_train.json" "$out/bench_peer.json" --json "$out/compare.json" \

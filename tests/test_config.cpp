@@ -228,6 +228,12 @@ TEST(Config, OverridesAreTypedAndWin) {
   EXPECT_EQ(c.train.micro_batch_size, 8);
   EXPECT_EQ(c.train.recompute, Recompute::kSelective);
   EXPECT_EQ(default_config().train.recompute, Recompute::kFull);
+  EXPECT_EQ(default_config().train.selective_layers, -1);
+  const Config a = parse_config("train:\n  recompute: auto\n  selective_layers: 4\n", "a.yaml");
+  EXPECT_EQ(a.train.recompute, Recompute::kAuto);
+  EXPECT_EQ(a.train.selective_layers, 4);
+  EXPECT_THROW(parse_config("train:\n  selective_layers: -2\n", "b.yaml"), ConfigError);
+  EXPECT_THROW(parse_config("train:\n  recompute: some\n", "c.yaml"), ConfigError);
   EXPECT_EQ(c.lora.target_modules, (std::vector<std::string>{"q_proj", "v_proj"}));
   EXPECT_DOUBLE_EQ(c.train.learning_rate, 3e-4);
   EXPECT_TRUE(c.data.packing);

@@ -296,6 +296,67 @@ TEST(CudaAdamW8bit, TensorGlueEqualsReference) {
   EXPECT_TRUE(torch::equal(ga2.cpu(), a2));
 }
 
+// adamw8bit_step_cuda_many (Note [AdamW8bit multi-tensor launch]): 53 parameters of ragged
+// sizes (more than two launches' worth), fp32 and bf16 gradients mixed (one list each), one
+// parameter off 16-byte alignment (the scalar path inside a multi launch), three steps: every
+// parameter, code and absmax equal to the reference's, bit for bit.
+TEST(CudaAdamW8bit, ManyTensorsInFewLaunchesEqualReference) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device visible to torch";
+  torch::manual_seed(5);
+  optim::AdamWHyper h;
+  h.lr = 3e-4;
+  h.weight_decay = 0.01;
+  const int64_t sizes[] = {1, 255, 256, 257, 1000, 4096 + 3, 31, 512};
+  struct One {
+    at::Tensor param, grad, q1, q2, a1, a2;            // the reference's, on the CPU
+    at::Tensor gbuf, gp, gg, gq1, gq2, ga1, ga2;      // the GPU's
+  };
+  std::vector<One> all;
+  for (int i = 0; i < 53; ++i) {
+    const int64_t n = sizes[i % 8] + i;
+    One o;
+    o.param = torch::randn({n}) * 0.1;
+    o.grad = torch::randn({n});
+    if (i % 3 == 1) o.grad = o.grad.to(at::kBFloat16);
+    o.q1 = torch::zeros({n}, at::kByte);
+    o.q2 = torch::zeros({n}, at::kByte);
+    o.a1 = torch::zeros({optim::quant_blocks(n)});
+    o.a2 = torch::zeros({optim::quant_blocks(n)});
+    if (i == 7) {  // param at a 4-byte offset into its buffer: not 16-byte aligned
+      o.gbuf = torch::zeros({n + 1}, at::TensorOptions().device(at::kCUDA));
+      o.gp = o.gbuf.narrow(0, 1, n);
+      o.gp.copy_(o.param.cuda());
+    } else {
+      o.gp = o.param.cuda();
+    }
+    o.gg = o.grad.cuda();
+    o.gq1 = o.q1.cuda();
+    o.gq2 = o.q2.cuda();
+    o.ga1 = o.a1.cuda();
+    o.ga2 = o.a2.cuda();
+    all.push_back(std::move(o));
+  }
+  for (int step = 1; step <= 3; ++step) {
+    std::vector<optim::AdamW8bitOperands> ops;
+    for (One& o : all) ops.push_back({&o.gp, &o.gg, &o.gq1, &o.gq2, &o.ga1, &o.ga2});
+    optim::adamw8bit_step_cuda_many(ops, step, h);
+    for (One& o : all) {
+      const at::Tensor g32 = o.grad.to(at::kFloat).contiguous();
+      optim::adamw8bit_block_step(o.param.data_ptr<float>(), g32.data_ptr<float>(), o.q1.data_ptr<uint8_t>(),
+                                  o.q2.data_ptr<uint8_t>(), o.a1.data_ptr<float>(), o.a2.data_ptr<float>(),
+                                  o.param.numel(), step, h);
+    }
+  }
+  for (size_t i = 0; i < all.size(); ++i) {
+    const One& o = all[i];
+    EXPECT_TRUE(torch::equal(o.gp.cpu(), o.param)) << "parameter " << i << " (" << o.param.numel() << " elements)";
+    EXPECT_TRUE(torch::equal(o.gq1.cpu(), o.q1)) << "exp_avg codes " << i;
+    EXPECT_TRUE(torch::equal(o.gq2.cpu(), o.q2)) << "exp_avg_sq codes " << i;
+    EXPECT_TRUE(torch::equal(o.ga1.cpu(), o.a1)) << "exp_avg absmax " << i;
+    EXPECT_TRUE(torch::equal(o.ga2.cpu(), o.a2)) << "exp_avg_sq absmax " << i;
+  }
+}
+
 // Note [paged state in managed memory]: the optimizer `qlora train` builds for paged_adamw_8bit
 // on a GPU keeps its state in managed memory; evicted to the host before every other step (the
 // kernel then faults it back, or the step's prefetch brings it), it must still equal the same

@@ -1,4 +1,4 @@
-// kernels/fused_ops.cu (label cuda): RoPE, its backward, SwiGLU and its backward on the GPU
+// kernels/fused_ops.cu (label cuda): RoPE, its backward (in place and out of place), SwiGLU and its backward on the GPU
 // (and LoRA dropout's backward, bit for bit against the ATen ops it replaces)
 // against model/fused_ops.h's references run in fp32 on the CPU, element by element, for fp32,
 // bf16 and fp16, on seeded random ragged shapes: strided column-slice views as the fused layer
@@ -191,6 +191,68 @@ TEST(CudaFusedOps, RopeRejectsOddHeadDim) {
   EXPECT_NE(kernels::rope_inplace(dummy, dummy, dummy, FloatType::kF32, v, nullptr), 0);
 }
 
+// rope_into (forward, backward, copy): from a strided column slice of a sentinel buffer into
+// another buffer of a different row stride and offset, against the in-place kernel on the same
+// values, bit for bit (same fp32 math, one rounding; copy is exact). The source must come back
+// unchanged, the columns around the destination slice untouched.
+TEST(CudaFusedOps, RopeIntoEqualsTheInPlaceKernelBitForBit) {
+  SKIP_WITHOUT_GPU();
+  torch::manual_seed(13);
+  for (FloatType ft : kTypes) {
+    for (const RopeCase& c : kRopeCases) {
+      for (kernels::RopeMode mode : {kernels::RopeMode::kForward, kernels::RopeMode::kBackward, kernels::RopeMode::kCopy}) {
+        const at::ScalarType dtype = scalar_of(ft);
+        const char* mode_name = mode == kernels::RopeMode::kForward ? "forward" : mode == kernels::RopeMode::kBackward ? "backward" : "copy";
+        const int64_t hd = c.h * c.d;
+        const int64_t dst_width = hd + (c.col % 2 == 0 ? 8 : 3), dst_col = c.col % 2 == 0 ? 8 : 1;
+        const std::string what = std::string("rope_into ") + mode_name + " " + name_of(ft) + " B=" + std::to_string(c.b) +
+                                 " T=" + std::to_string(c.t) + " H=" + std::to_string(c.h) + " d=" + std::to_string(c.d) +
+                                 " src stride=" + std::to_string(c.width) + " dst stride=" + std::to_string(dst_width);
+        const auto [cos, sin] = make_cos_sin(c.b, c.t, c.d, dtype);
+        const at::Tensor src = sentinel_buffer(c.b * c.t, c.width, c.col, hd, dtype, 2.0);
+        const at::Tensor dst = at::full({c.b * c.t, dst_width}, kSentinel, dtype);
+        DeviceCopy dsrc(src), ddst(dst), dinplace(src), dcos(cos), dsin(sin);
+        ASSERT_TRUE(dsrc.ok() && ddst.ok() && dinplace.ok() && dcos.ok() && dsin.ok()) << what;
+        kernels::RopeView vs;
+        vs.batch = c.b;
+        vs.seq = c.t;
+        vs.heads = c.h;
+        vs.head_dim = c.d;
+        vs.stride_batch = c.t * c.width;
+        vs.stride_seq = c.width;
+        vs.stride_head = c.d;
+        kernels::RopeView vd = vs;
+        vd.stride_batch = c.t * dst_width;
+        vd.stride_seq = dst_width;
+        int rc = kernels::rope_into(ddst.at(dst_col), vd, dsrc.at(c.col), vs, dcos.at(0), dsin.at(0), ft, mode, nullptr);
+        ASSERT_EQ(rc, 0) << what << ": " << kernels::cuda_error_string(rc);
+        rc = mode == kernels::RopeMode::kForward    ? kernels::rope_inplace(dinplace.at(c.col), dcos.at(0), dsin.at(0), ft, vs, nullptr)
+             : mode == kernels::RopeMode::kBackward ? kernels::rope_backward_inplace(dinplace.at(c.col), dcos.at(0), dsin.at(0), ft, vs, nullptr)
+                                                    : 0;
+        ASSERT_EQ(rc, 0) << what << ": " << kernels::cuda_error_string(rc);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << what;
+        const at::Tensor got = ddst.download(), want = dinplace.download(), src_after = dsrc.download();
+        ASSERT_TRUE(got.defined() && want.defined() && src_after.defined()) << what;
+        EXPECT_TRUE(at::equal(got.narrow(1, dst_col, hd), want.narrow(1, c.col, hd)))
+            << what << ": expected the in-place kernel's values bit for bit, got max |diff| "
+            << max_abs(f32(got.narrow(1, dst_col, hd)) - f32(want.narrow(1, c.col, hd)));
+        check_outside(got, dst_col, hd, what);
+        EXPECT_TRUE(at::equal(src_after, src)) << what << ": the source changed";
+      }
+    }
+  }
+  // Sizes that differ between the views are refused.
+  kernels::RopeView a, b;
+  a.batch = b.batch = a.seq = b.seq = 1;
+  a.heads = 2;
+  b.heads = 1;
+  a.head_dim = b.head_dim = 8;
+  float buf[32] = {};
+  EXPECT_NE(kernels::rope_into(buf, a, buf + 16, b, nullptr, nullptr, FloatType::kF32, kernels::RopeMode::kCopy, nullptr), 0);
+  EXPECT_NE(kernels::rope_into(buf, a, buf + 16, a, nullptr, nullptr, FloatType::kF32, kernels::RopeMode::kForward, nullptr), 0)
+      << "forward without cos / sin must be refused";
+}
+
 // ---------------------------------------------------------------- SwiGLU
 
 struct SwigluCase {
@@ -297,6 +359,29 @@ TEST(CudaFusedOps, TensorApiOnCudaTensors) {
         const at::Tensor got = wd.cpu();
         check_close(got.narrow(1, col, h * d).reshape({b, t, h, d}), ref, tolerance(ft), what);
         check_outside(got, col, h * d, what);
+      }
+    }
+    // rope_into / rope_backward_into / copy_heads from the q slice of a [B*T, 3*H*d + 8]
+    // buffer into a packed tensor: the in-place op's values on the same slice, bit for bit.
+    {
+      const int64_t b = 2, t = 9, h = 4, d = 64, w = 3 * h * d + 8;
+      const auto [cos, sin] = make_cos_sin(b, t, d, dtype);
+      const at::Tensor cd = cos.to(cuda), sd = sin.to(cuda);
+      const at::Tensor wide = sentinel_buffer(b * t, w, 0, h * d, dtype, 2.0).to(cuda);
+      const at::Tensor src = wide.narrow(1, 0, h * d).view({b, t, h, d});
+      for (int mode = 0; mode < 3; ++mode) {
+        at::Tensor dst = at::empty({b, t, h, d}, src.options());
+        at::Tensor want = src.clone();
+        if (mode == 0) {
+          model::rope_into(dst, src, cd, sd);
+          model::rope_inplace(want, cd, sd);
+        } else if (mode == 1) {
+          model::rope_backward_into(dst, src, cd, sd);
+          model::rope_backward_inplace(want, cd, sd);
+        } else {
+          model::copy_heads(dst, src);
+        }
+        EXPECT_TRUE(at::equal(dst, want)) << "tensor api rope_into mode " << mode << " " << type;
       }
     }
     // SwiGLU on gu a column slice of [N, 3I + 5], dm a column slice of [N, I + 3].

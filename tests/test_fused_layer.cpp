@@ -34,6 +34,7 @@ struct Setup {
   bool padded = false;       // a padding mask (one row shorter) instead of causal only
   bool input_grad = true;    // false: the input is a frozen embedding's output
   train::FusedRecompute recompute = train::FusedRecompute::kFull;
+  int64_t selective_layers = -1;  // with kSelective: how many (the last) layers keep gate/up
 };
 
 struct Result {
@@ -95,7 +96,7 @@ void compare(const Setup& s) {
                                        const model::AttentionInputs& a) { return m.layer_forward(l, h, cs, a); })
           : train::checkpointed_layer_forward(m);
   const Result want = run(m, adapter, generic, s);
-  const Result got = run(m, adapter, train::fused_layer_forward(m, s.recompute), s);
+  const Result got = run(m, adapter, train::fused_layer_forward(m, s.recompute, s.selective_layers), s);
   if (s.recompute != train::FusedRecompute::kFull) {
     // What is kept is what the full recompute would make again (Note [selective recompute],
     // Note [fused layer without checkpointing]), so the fused runs agree bit for bit.
@@ -130,6 +131,13 @@ TEST(FusedLayer, InputWithoutGradStillTrainsTheAdapter) { compare({false, 0.0, f
 // drawn again in the forward's order.
 TEST(FusedLayer, SelectiveRecomputeDrawsTheSameMasks) {
   compare({true, 0.2, true, true, train::FusedRecompute::kSelective});
+}
+
+// train.selective_layers: the last layer keeps gate/up, the ones below recompute it; the
+// masks of both kinds of layer must be the forward's.
+TEST(FusedLayer, SelectiveInTheLastLayerOnly) {
+  ASSERT_GE(testing::small_llama_shape().num_hidden_layers, 2);
+  compare({true, 0.2, false, true, train::FusedRecompute::kSelective, 1});
 }
 
 TEST(FusedLayer, SelectiveRecomputeWithoutDropout) {

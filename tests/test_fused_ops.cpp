@@ -89,6 +89,46 @@ TEST(FusedOpsReference, RopeEqualsApplyRope) {
     }
 }
 
+// rope_into / rope_backward_into / copy_heads: from the k slice of a q|k|v buffer (odd row
+// stride) into a packed tensor, the values apply_rope gives (forward), the autograd-checked
+// backward reference (backward), the slice itself (copy); the source is left as it was.
+TEST(FusedOpsReference, RopeIntoWritesTheRotatedSliceAndLeavesTheSource) {
+  torch::manual_seed(4);
+  const int64_t b = 2, t = 5, h = 3, d = 64, width = 3 * h * d + 3, col = h * d + 1;
+  const auto [cos, sin] = make_cos_sin(b, t, d);
+  const at::Tensor wide = at::randn({b * t, width});
+  const at::Tensor before = wide.clone();
+  const at::Tensor src = slice_view(wide, b, t, h, d, col);
+
+  at::Tensor q = at::empty({b, t, h, d});
+  rope_into(q, src, cos, sin);
+  EXPECT_LE(rel_err(q, apply_rope(src.transpose(1, 2), cos, sin).transpose(1, 2)), kExact);
+  at::Tensor g = at::empty({b, t, h, d});
+  rope_backward_into(g, src, cos, sin);
+  at::Tensor want = src.clone();
+  rope_backward_inplace_reference(want, cos, sin);
+  EXPECT_TRUE(at::equal(g, want));
+  at::Tensor v = at::empty({b, t, h, d});
+  copy_heads(v, src);
+  EXPECT_TRUE(at::equal(v, src));
+  EXPECT_TRUE(at::equal(wide, before)) << "the source buffer changed";
+
+  // Shapes, dtypes that differ; the same tensor on both sides.
+  at::Tensor small = at::empty({b, t, h - 1, d});
+  EXPECT_THROW(rope_into(small, src, cos, sin), c10::Error);
+  at::Tensor other = at::empty({b, t, h, d}, at::kDouble);
+  EXPECT_THROW(copy_heads(other, src), c10::Error);
+  at::Tensor same = at::randn({b, t, h, d});
+  EXPECT_THROW(rope_into(same, same, cos, sin), c10::Error);
+  try {
+    rope_into(small, src, cos, sin);
+  } catch (const c10::Error& e) {
+    const std::string what = e.what_without_backtrace();
+    EXPECT_NE(what.find("expected dst and src of one [B, T, H, d] shape"), std::string::npos) << what;
+    EXPECT_NE(what.find("[2, 5, 2, 64]"), std::string::npos) << what;
+  }
+}
+
 TEST(FusedOpsReference, RopeBackwardMatchesAutograd) {
   torch::manual_seed(2);
   for (int64_t t : kRows)

@@ -204,6 +204,64 @@ TEST(Plan, SelectiveRecomputeKeepsGateUpAndSavesItsGemm) {
                    plan_for("llama-3.2-1b", "h100", fp32).total_bytes);
 }
 
+TEST(Plan, SelectiveInSomeLayersKeepsOnlyTheirGateUp) {
+  // The run above with train.selective_layers: 8 of 16: half the kept gate/up outputs,
+  // 8 × 536,870,912 B = 4,294,967,296 less → 7,625,916,416 (the layer phase still peaks: the
+  // loss phase is 2,821,865,472 + 4,294,967,296 = 7,116,832,768), half the FLOPs saved.
+  const std::vector<std::string> sets = {"train.micro_batch_size=8", "data.max_seq_length=2048",
+                                         "train.precision=bf16", "train.recompute=selective"};
+  auto half = sets;
+  half.push_back("train.selective_layers=8");
+  const Plan all = plan_for("llama-3.2-1b", "h100", sets);
+  const Plan p = plan_for("llama-3.2-1b", "h100", half);
+  EXPECT_DOUBLE_EQ(component(p, "activations").bytes, 7'625'916'416.0);
+  EXPECT_EQ(p.recompute, "selective");
+  EXPECT_EQ(p.selective_layers, 8);
+  EXPECT_EQ(all.selective_layers, 16);
+  EXPECT_DOUBLE_EQ(p.time.flops_per_token - all.time.flops_per_token, 536'870'912.0);
+  // 0 layers is full recompute; more layers than the model has is all of them.
+  auto none = sets, more = sets;
+  none.push_back("train.selective_layers=0");
+  more.push_back("train.selective_layers=99");
+  auto full_sets = sets;
+  full_sets.back() = "train.recompute=full";
+  EXPECT_DOUBLE_EQ(plan_for("llama-3.2-1b", "h100", none).total_bytes, plan_for("llama-3.2-1b", "h100", full_sets).total_bytes);
+  EXPECT_EQ(plan_for("llama-3.2-1b", "h100", none).recompute, "full");
+  EXPECT_DOUBLE_EQ(plan_for("llama-3.2-1b", "h100", more).total_bytes, all.total_bytes);
+}
+
+TEST(Plan, AutoRecomputeKeepsAsManyLayersAsFit) {
+  // 8B at 2 × 2048, bf16: on an 80 GB H100 every layer's gate/up fits; under 13 GB only some,
+  // the most that leave 5% of it free; without a GPU, auto plans as full.
+  const std::vector<std::string> sets = {"train.micro_batch_size=2", "data.max_seq_length=2048",
+                                         "train.precision=bf16", "train.recompute=auto"};
+  const Plan big = plan_for("llama-3.1-8b", "h100", sets);
+  EXPECT_EQ(big.recompute, "selective");
+  EXPECT_EQ(big.selective_layers, 32);
+  const Plan capped = plan_for("llama-3.1-8b", "13GB", sets);
+  const double limit = resolve_gpu("13GB").memory_bytes * (1 - 0.05);  // kTightHeadroomFraction, src/plan/constants.h
+  ASSERT_GT(capped.selective_layers, 0);
+  ASSERT_LT(capped.selective_layers, 32);
+  EXPECT_LE(capped.total_bytes, limit);
+  auto one_more = sets;
+  one_more.back() = "train.recompute=selective";
+  one_more.push_back("train.selective_layers=" + std::to_string(capped.selective_layers + 1));
+  EXPECT_GT(plan_for("llama-3.1-8b", "13GB", one_more).total_bytes, limit)
+      << "auto stopped at " << capped.selective_layers << " layers though one more fits";
+  bool noted = false;
+  for (const auto& n : capped.notes) noted |= n.find("train.recompute: auto keeps the gate/up output in") != std::string::npos;
+  EXPECT_TRUE(noted);
+  const Plan none = plan_for("llama-3.1-8b", "", sets);
+  EXPECT_EQ(none.recompute, "full");
+  auto fp32 = sets;
+  fp32[2] = "train.precision=fp32";
+  EXPECT_EQ(plan_for("llama-3.2-1b", "h100", fp32).recompute, "full");
+  // Too small for even full recompute: auto keeps nothing, and the usual advice follows.
+  const Plan tiny = plan_for("llama-3.1-8b", "6GiB", sets);
+  EXPECT_EQ(tiny.selective_layers, 0);
+  EXPECT_FALSE(tiny.fits);
+}
+
 TEST(Plan, OverWithSelectiveRecomputeAdvisesFullFirst) {
   // The same run on a 12 GiB GPU: selective does not fit, full recompute does (the table above).
   const Plan p = plan_for("llama-3.2-1b", "12GiB",

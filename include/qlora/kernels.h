@@ -125,6 +125,24 @@ int adamw8bit_step(float* param, const void* grad, FloatType grad_type, uint8_t*
                    uint8_t* exp_avg_sq_q, float* absmax_exp_avg, float* absmax_exp_avg_sq, int64_t n,
                    const AdamW8bitScalars& scalars, const DynamicMaps& maps, CUstream_st* stream);
 
+// One parameter of a multi-tensor step: adamw8bit_step's operands.
+struct AdamW8bitTensor {
+  float* param = nullptr;
+  const void* grad = nullptr;
+  uint8_t* exp_avg_q = nullptr;
+  uint8_t* exp_avg_sq_q = nullptr;
+  float* absmax_exp_avg = nullptr;
+  float* absmax_exp_avg_sq = nullptr;
+  int64_t n = 0;
+};
+inline constexpr int kAdamW8bitTensorsPerLaunch = 24;
+
+// adamw8bit_step for `count` parameters whose gradients are all grad_type, with one launch per
+// kAdamW8bitTensorsPerLaunch of them (Note [AdamW8bit multi-tensor launch],
+// kernels/adamw8bit.cu): the bits of one adamw8bit_step each. Tensors with n == 0 are skipped.
+int adamw8bit_step_multi(const AdamW8bitTensor* tensors, int64_t count, FloatType grad_type,
+                         const AdamW8bitScalars& scalars, const DynamicMaps& maps, CUstream_st* stream);
+
 // ---------------------------------------------------------------- fused element-wise ops
 // The decoder layer's RoPE and SwiGLU (model/fused_ops.h: the references and the at::Tensor
 // API). Each kernel loads to fp32, computes in fp32 and rounds once into the output type
@@ -149,6 +167,18 @@ int rope_inplace(void* x, const void* cos, const void* sin, FloatType type, cons
 // rotate_half_T(y) = cat(y[d/2:], -y[:d/2]).
 int rope_backward_inplace(void* g, const void* cos, const void* sin, FloatType type, const RopeView& view,
                           CUstream_st* stream);
+
+// What rope_into does to each head vector: rotate (rope_inplace's math), rotate back
+// (rope_backward_inplace's), or copy it unchanged.
+enum class RopeMode { kForward, kBackward, kCopy };
+
+// dst <- mode(src), out of place: q and k from their column blocks of the merged q|k|v GEMM
+// output into the packed [batch, seq, heads, head_dim] tensors attention wants, rotated on the
+// way (one pass where RoPE in place and a copy take two), and their gradients back. dst_view
+// and src_view have the same sizes and their own strides; dst and src must not overlap unless
+// they are the same view. cos, sin as above (unused, may be null, with kCopy).
+int rope_into(void* dst, const RopeView& dst_view, const void* src, const RopeView& src_view, const void* cos,
+              const void* sin, FloatType type, RopeMode mode, CUstream_st* stream);
 
 // m[r, :] = silu(g) * u with g = gu[r, :inter], u = gu[r, inter:2 inter]; gu: [rows, >= 2 inter]
 // with row stride gu_row_stride, m: [rows, >= inter] with row stride m_row_stride (no overlap).

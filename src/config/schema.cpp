@@ -15,7 +15,7 @@ const std::vector<std::string> kScheduleNames = {"constant", "linear", "cosine"}
 const std::vector<std::string> kFormatNames = {"auto", "text", "completion", "alpaca", "chat"};
 const std::vector<std::string> kTemplateNames = {"auto", "llama3", "chatml"};
 const std::vector<std::string> kBackendNames = {"auto", "nccl", "gloo"};
-const std::vector<std::string> kRecomputeNames = {"full", "selective"};
+const std::vector<std::string> kRecomputeNames = {"full", "selective", "auto"};
 
 template <typename E>
 std::string_view name_of(const std::vector<std::string>& names, E v) {
@@ -169,7 +169,11 @@ std::vector<Field> build_schema() {
            "recompute each decoder layer in backward: far less activation memory, ~30% more compute"));
   add(bind_enum("train.recompute", &C::train, &TrainConfig::recompute, kRecomputeNames,
                 "with checkpointing, on a GPU: full | selective (keeps each layer's gate/up GEMM output, "
-                "2 x intermediate_size values a token: ~10% less compute, more memory; see qlora plan)"));
+                "2 x intermediate_size values a token: ~10% less compute, more memory) | auto (selective in as "
+                "many layers as the GPU's memory holds; see qlora plan)"));
+  range(add(bind_member("train.selective_layers", Kind::kInt, &C::train, &TrainConfig::selective_layers,
+                 "with train.recompute: selective, how many layers (the last ones) keep gate/up; -1: all")),
+        -1, 1e6);
   add(bind_enum("train.optimizer", &C::train, &TrainConfig::optimizer, kOptimizerNames,
                 "adamw (8 B/param) | adamw_8bit (2 B/param) | paged_adamw_8bit (can spill to host)"));
   range(add(bind_member("train.seed", Kind::kInt, &C::train, &TrainConfig::seed,

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstring>
+#include <vector>
 
 #include "qlora/kernels.h"
 
@@ -33,11 +34,10 @@ const kernels::DynamicMaps& dynamic_maps() {
   return maps;
 }
 
-}  // namespace
-
-void adamw8bit_step_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg_q,
-                         at::Tensor& exp_avg_sq_q, at::Tensor& absmax_exp_avg,
-                         at::Tensor& absmax_exp_avg_sq, int64_t step, const AdamWHyper& h) {
+// The operands checked (adamw8bit_step_cuda's rules) and the gradient's kernel type.
+kernels::FloatType checked(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg_q,
+                           const at::Tensor& exp_avg_sq_q, const at::Tensor& absmax_exp_avg,
+                           const at::Tensor& absmax_exp_avg_sq, int64_t step) {
   TORCH_CHECK(param.defined() && param.is_cuda(), "adamw8bit_step_cuda: the parameter must be a CUDA tensor");
   TORCH_CHECK(step >= 1, "adamw8bit_step_cuda: step must be >= 1, got ", step);
   const at::Device device = param.device();
@@ -53,6 +53,18 @@ void adamw8bit_step_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& 
   check_state(exp_avg_sq_q, at::kByte, n, device, "exp_avg_sq_q");
   check_state(absmax_exp_avg, at::kFloat, quant_blocks(n), device, "absmax_exp_avg");
   check_state(absmax_exp_avg_sq, at::kFloat, quant_blocks(n), device, "absmax_exp_avg_sq");
+  return grad_type;
+}
+
+}  // namespace
+
+void adamw8bit_step_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg_q,
+                         at::Tensor& exp_avg_sq_q, at::Tensor& absmax_exp_avg,
+                         at::Tensor& absmax_exp_avg_sq, int64_t step, const AdamWHyper& h) {
+  const kernels::FloatType grad_type =
+      checked(param, grad, exp_avg_q, exp_avg_sq_q, absmax_exp_avg, absmax_exp_avg_sq, step);
+  const at::Device device = param.device();
+  const int64_t n = param.numel();
   if (n == 0) return;
   const kernels::AdamW8bitScalars s =
       kernels::adamw8bit_scalars(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, step);
@@ -62,6 +74,38 @@ void adamw8bit_step_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& 
       exp_avg_sq_q.data_ptr<uint8_t>(), absmax_exp_avg.data_ptr<float>(), absmax_exp_avg_sq.data_ptr<float>(), n, s,
       dynamic_maps(), c10::cuda::getCurrentCUDAStream(device.index()).stream());
   TORCH_CHECK(rc == 0, "the 8-bit AdamW kernel failed: ", kernels::cuda_error_string(rc));
+}
+
+void adamw8bit_step_cuda_many(const std::vector<AdamW8bitOperands>& operands, int64_t step, const AdamWHyper& h) {
+  if (operands.empty()) return;
+  const at::Device device = operands.front().param->device();
+  // Note [AdamW8bit multi-tensor launch]: one list per gradient dtype, in the given order.
+  std::vector<kernels::AdamW8bitTensor> by_type[3];
+  for (const AdamW8bitOperands& o : operands) {
+    const kernels::FloatType type =
+        checked(*o.param, *o.grad, *o.exp_avg_q, *o.exp_avg_sq_q, *o.absmax_exp_avg, *o.absmax_exp_avg_sq, step);
+    TORCH_CHECK(o.param->device() == device, "adamw8bit_step_cuda_many: the parameters are on ", device, " and ",
+                o.param->device(), "; expected one device");
+    kernels::AdamW8bitTensor t;
+    t.param = o.param->data_ptr<float>();
+    t.grad = o.grad->const_data_ptr();
+    t.exp_avg_q = o.exp_avg_q->data_ptr<uint8_t>();
+    t.exp_avg_sq_q = o.exp_avg_sq_q->data_ptr<uint8_t>();
+    t.absmax_exp_avg = o.absmax_exp_avg->data_ptr<float>();
+    t.absmax_exp_avg_sq = o.absmax_exp_avg_sq->data_ptr<float>();
+    t.n = o.param->numel();
+    by_type[static_cast<int>(type)].push_back(t);
+  }
+  const kernels::AdamW8bitScalars s =
+      kernels::adamw8bit_scalars(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, step);
+  const c10::cuda::CUDAGuard guard(device);
+  for (int type = 0; type < 3; ++type) {
+    if (by_type[type].empty()) continue;
+    const int rc = kernels::adamw8bit_step_multi(by_type[type].data(), static_cast<int64_t>(by_type[type].size()),
+                                                 static_cast<kernels::FloatType>(type), s, dynamic_maps(),
+                                                 c10::cuda::getCurrentCUDAStream(device.index()).stream());
+    TORCH_CHECK(rc == 0, "the 8-bit AdamW kernel failed: ", kernels::cuda_error_string(rc));
+  }
 }
 
 }  // namespace qlora::optim

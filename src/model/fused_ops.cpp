@@ -197,6 +197,57 @@ void rope_backward_inplace(at::Tensor& g, const at::Tensor& cos, const at::Tenso
   rope_backward_inplace_reference(g, cos, sin);
 }
 
+namespace {
+
+// dst and src of one [B, T, H, d] shape, dtype and device, not overlapping (rope_into's rules).
+void check_into(const char* op, const at::Tensor& dst, const at::Tensor& src) {
+  TORCH_CHECK(dst.defined() && src.defined() && dst.dim() == 4 && dst.sizes() == src.sizes() &&
+                  dst.scalar_type() == src.scalar_type() && dst.device() == src.device(),
+              op, ": expected dst and src of one [B, T, H, d] shape, dtype and device, got dst ", describe(dst),
+              " and src ", describe(src));
+  TORCH_CHECK(last_dim_contiguous(dst) && last_dim_contiguous(src), op,
+              ": expected the last dims contiguous (stride 1), got dst ", describe(dst), " and src ", describe(src));
+  TORCH_CHECK(dst.numel() == 0 || !dst.is_same(src), op, ": dst and src are the same tensor; use the in-place op");
+}
+
+// rope_into, rope_backward_into, copy_heads: the kernel, or the copy and then the in-place
+// reference (the values the kernel's single rounding gives, since the copy is exact).
+void into(const char* op, at::Tensor& dst, const at::Tensor& src, const at::Tensor* cos, const at::Tensor* sin,
+          bool backward) {
+  check_into(op, dst, src);
+  if (cos != nullptr) check_rope(op, src, *cos, *sin);
+#ifdef QLORA_WITH_CUDA
+  if (use_kernel(dst)) {
+    const kernels::RopeMode mode =
+        cos == nullptr ? kernels::RopeMode::kCopy : (backward ? kernels::RopeMode::kBackward : kernels::RopeMode::kForward);
+    const c10::cuda::CUDAGuard guard(dst.device());
+    check_launch(kernels::rope_into(dst.data_ptr(), rope_view(dst), src.const_data_ptr(), rope_view(src),
+                                    cos ? cos->const_data_ptr() : nullptr, sin ? sin->const_data_ptr() : nullptr,
+                                    float_type(dst), mode, stream_of(dst)),
+                 op);
+    return;
+  }
+#endif
+  dst.copy_(src);
+  if (cos == nullptr) return;
+  if (backward)
+    rope_backward_inplace_reference(dst, *cos, *sin);
+  else
+    rope_inplace_reference(dst, *cos, *sin);
+}
+
+}  // namespace
+
+void rope_into(at::Tensor& dst, const at::Tensor& src, const at::Tensor& cos, const at::Tensor& sin) {
+  into("rope_into", dst, src, &cos, &sin, false);
+}
+
+void rope_backward_into(at::Tensor& dst, const at::Tensor& src, const at::Tensor& cos, const at::Tensor& sin) {
+  into("rope_backward_into", dst, src, &cos, &sin, true);
+}
+
+void copy_heads(at::Tensor& dst, const at::Tensor& src) { into("copy_heads", dst, src, nullptr, nullptr, false); }
+
 at::Tensor swiglu(const at::Tensor& gu) {
 #ifdef QLORA_WITH_CUDA
   if (use_kernel(gu)) {

@@ -298,8 +298,9 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
   const double kept_layers = in.gradient_checkpointing ? 1.0 : double(L);
   // The fused layer keeps the attention residual h1 beside each layer input, and with
   // selective recompute each layer's gate/up GEMM output [T, 2i] (Note [selective recompute]).
-  const bool selective = fused_layer && in.selective_recompute;
-  const double kept_gate_up = selective ? double(L) * tokens * double(2 * i * p) : 0.0;
+  const int64_t kept_layers_gu = in.selective_layers < 0 ? L : std::min(in.selective_layers, L);
+  const bool selective = fused_layer && in.selective_recompute && kept_layers_gu > 0;
+  const double kept_gate_up = selective ? double(kept_layers_gu) * tokens * double(2 * i * p) : 0.0;
   const double boundaries =
       (in.gradient_checkpointing ? double(fused_layer ? 2 : 1) * double(L) * tokens * double(h * p) : 0.0) +
       kept_gate_up;
@@ -308,7 +309,7 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
       in.gradient_checkpointing ? std::string(fused_layer ? "layer inputs and attention residuals 2 × " : "layer inputs ") +
                                       std::to_string(L) + " × " + commas(T) + " tokens × " + commas(h) +
                                       " × " + std::to_string(p) + " B = " + gib(boundaries - kept_gate_up) + " + " +
-                                      (selective ? "gate/up outputs kept (selective recompute) " + std::to_string(L) +
+                                      (selective ? "gate/up outputs kept (selective recompute) " + std::to_string(kept_layers_gu) +
                                                        " × " + commas(T) + " tokens × 2 × " + commas(i) + " × " +
                                                        std::to_string(p) + " B = " + gib(kept_gate_up) + " + "
                                                  : std::string())

@@ -97,6 +97,7 @@ BudgetInputs inputs_from(const Config& cfg, const PrecisionAdvice& precision) {
   in.lora_dropout = cfg.lora.dropout;
   in.gradient_checkpointing = cfg.train.gradient_checkpointing;
   in.selective_recompute = cfg.train.recompute == Recompute::kSelective;
+  in.selective_layers = cfg.train.selective_layers;
   in.optimizer = cfg.train.optimizer;
   in.double_quant = cfg.quantization.double_quant;
   in.packed = cfg.data.packing;
@@ -272,8 +273,9 @@ TimeEstimate estimate_time(const LlamaConfig& m, const BudgetInputs& in, int64_t
   const double P = double(lora_params);
   const double fwd = 2 * N + 2 * Vh + attn + 2 * P;
   const double bwd = 2 * N + 2 * Vh + 2 * attn + 4 * P;
-  const bool selective = in.gradient_checkpointing && in.selective_recompute && in.activation_bytes == 2;
-  const double gate_up = 2.0 * double(m.num_hidden_layers) * double(m.hidden_size) * 2.0 * double(m.intermediate_size);
+  const int64_t kept_gu = in.selective_layers < 0 ? m.num_hidden_layers : std::min(in.selective_layers, m.num_hidden_layers);
+  const bool selective = in.gradient_checkpointing && in.selective_recompute && in.activation_bytes == 2 && kept_gu > 0;
+  const double gate_up = 2.0 * double(kept_gu) * double(m.hidden_size) * 2.0 * double(m.intermediate_size);
   const double recompute = in.gradient_checkpointing ? 2 * N + attn + 2 * P - (selective ? gate_up : 0.0) : 0;
   t.flops_per_token = fwd + bwd + recompute;
   t.tokens_per_step = double(in.micro_batch_size * in.seq_length * accumulation);
@@ -336,6 +338,52 @@ int64_t lora_trainable_params(const LlamaConfig& model, const LoraConfig& lora) 
 
 // ---------------------------------------------------------------- make_plan
 
+int64_t auto_selective_layers(const LlamaConfig& model, BudgetInputs in, const GpuSpec& gpu) {
+  if (!in.gradient_checkpointing || in.activation_bytes != 2) return 0;  // only the GPU's 16-bit fused layer keeps gate/up
+  in.selective_recompute = true;
+  const double limit = gpu.memory_bytes * (1.0 - kTightHeadroomFraction);
+  const auto total_with = [&](int64_t kept) {
+    in.selective_layers = kept;
+    return total_bytes(memory_components(model, in));
+  };
+  // The total grows with the kept layers: the largest count under the limit, by bisection.
+  int64_t lo = 0, hi = model.num_hidden_layers;
+  if (total_with(0) > limit) return 0;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo + 1) / 2;
+    if (total_with(mid) <= limit)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+namespace {
+
+// train.recompute as the run will have it: auto resolved against `gpu` (full without one), the
+// selective count clamped to the model's layers; written into `in` and the plan.
+void resolve_recompute(Plan& plan, const Config& cfg, const LlamaConfig& model, BudgetInputs& in, const GpuSpec* gpu) {
+  const int64_t L = model.num_hidden_layers;
+  if (cfg.train.recompute == Recompute::kAuto) {
+    const int64_t kept = gpu ? auto_selective_layers(model, in, *gpu) : 0;
+    in.selective_recompute = kept > 0;
+    in.selective_layers = kept;
+    plan.notes.push_back(
+        !gpu ? "train.recompute: auto decides on the GPU (pass --gpu to see its choice); planned here as full"
+             : !in.gradient_checkpointing || in.activation_bytes != 2
+                   ? "train.recompute: auto: full (selective recompute needs checkpointing and bf16/fp16 on a GPU)"
+                   : "train.recompute: auto keeps the gate/up output in " + std::to_string(kept) + " of " +
+                         std::to_string(L) + " layers (the most that leave " +
+                         fixed(kTightHeadroomFraction * 100, 0) + "% of " + gpu->name + "'s memory free)");
+  }
+  const bool selective = in.gradient_checkpointing && in.selective_recompute && in.activation_bytes == 2;
+  plan.selective_layers = selective ? (in.selective_layers < 0 ? L : std::min(in.selective_layers, L)) : 0;
+  plan.recompute = !in.gradient_checkpointing ? "none" : plan.selective_layers > 0 ? "selective" : "full";
+}
+
+}  // namespace
+
 Plan make_plan(const Config& cfg, const LlamaConfig& model, const GpuSpec* gpu, int64_t world_size) {
   if (world_size < 1) throw InputError("the number of GPUs must be at least 1, got " + std::to_string(world_size));
   Plan plan;
@@ -353,7 +401,8 @@ Plan make_plan(const Config& cfg, const LlamaConfig& model, const GpuSpec* gpu, 
               " = " + std::to_string(b.total);
 
   plan.precision = resolve_precision(cfg.train.precision, gpu);
-  const BudgetInputs in = inputs_from(cfg, plan.precision);
+  BudgetInputs in = inputs_from(cfg, plan.precision);
+  resolve_recompute(plan, cfg, model, in, gpu);
   plan.activation_bytes = in.activation_bytes;
   plan.seq_length = in.seq_length;
   plan.tokens_per_micro_batch = in.micro_batch_size * in.seq_length;

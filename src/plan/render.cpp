@@ -40,6 +40,12 @@ std::string render_text(const Plan& p) {
   o << "  batch       effective batch = micro × accumulation × GPUs = " << p.batch.formula << " sequences of up to "
     << commas(p.seq_length) << " tokens (" << commas(p.batch.total * p.seq_length) << " tokens per step)\n";
   o << "  precision   " << p.precision.message << "\n";
+  o << "  recompute   "
+    << (p.recompute == "none"        ? std::string("none (no activation checkpointing)")
+        : p.recompute == "selective" ? "selective: gate/up outputs kept in " + std::to_string(p.selective_layers) + " of " +
+                                           std::to_string(p.model.num_hidden_layers) + " layers, the rest recomputed"
+                                     : std::string("full: each layer recomputed in backward"))
+    << "\n";
   if (p.gpu)
     o << "  GPU         " << (p.gpu->from_device ? "this machine: " : "") << p.gpu->name << ", "
       << gib(p.gpu->memory_bytes) << " usable" << (p.gpu->note.empty() ? "" : " (" + p.gpu->note + ")") << "\n";
@@ -119,6 +125,7 @@ std::string render_json(const Plan& p) {
                           {"formula", p.batch.formula},
                           {"seq_length", p.seq_length},
                           {"tokens_per_step", p.batch.total * p.seq_length}};
+  j["recompute"] = {{"mode", p.recompute}, {"selective_layers", p.selective_layers}};
   j["precision"] = {{"requested", p.precision.requested},
                     {"resolved", p.precision.resolved},
                     {"supported", p.precision.supported},

@@ -4,6 +4,7 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <memory>
@@ -28,7 +29,8 @@ using torch::autograd::variable_list;
 
 // Note [fused decoder layer]
 // Forward (grad off): n1 = norm(x); qkv = n1·[Wq;Wk;Wv]ᵀ (+ each LoRA by addmm into
-// its columns); RoPE in place on the q and k columns; a = attention(q, k, v);
+// its columns); q and k rotated out of their columns into packed tensors, v copied; a =
+// attention(q, k, v);
 // h1 = x + a·Woᵀ (+ LoRA); n2 = norm(h1); gu = n2·[Wg;Wu]ᵀ (+ LoRA); m = swiglu(gu);
 // y = h1 + m·Wdᵀ (+ LoRA).
 // Kept for backward: x, h1, and the generator states before each half (Note [selective
@@ -140,16 +142,14 @@ AttentionHalf attention_half(const LayerRefs& r, const at::Tensor& x2, int64_t b
   s.w_qkv = merged_weight(pick(r, {kQ, kK, kV}), x2.options());
   s.qkv = at::mm(s.n1.y, s.w_qkv.t());
   lora_columns(r, {kQ, kK, kV}, s.n1.y, s.qkv, &s.lora);
-  at::Tensor q = s.qkv.narrow(1, 0, heads * d).view({b, t, heads, d});
-  at::Tensor k = s.qkv.narrow(1, heads * d, kv * d).view({b, t, kv, d});
-  at::Tensor v = s.qkv.narrow(1, (heads + kv) * d, kv * d).view({b, t, kv, d});
-  model::rope_inplace(q, cos_sin.first, cos_sin.second);
-  model::rope_inplace(k, cos_sin.first, cos_sin.second);
-  // Dense [B, T, H, d] copies: SDPA's fast kernels want each of q, k, v packed
-  // (the column slices of qkv have a row stride of q + k + v).
-  q = q.contiguous();
-  k = k.contiguous();
-  v = v.contiguous();
+  // Dense [B, T, H, d] tensors: SDPA's fast kernels want each of q, k, v packed (the column
+  // slices of qkv have a row stride of q + k + v). RoPE writes q and k there as it rotates them.
+  at::Tensor q = at::empty({b, t, heads, d}, s.qkv.options());
+  at::Tensor k = at::empty({b, t, kv, d}, s.qkv.options());
+  at::Tensor v = at::empty({b, t, kv, d}, s.qkv.options());
+  model::rope_into(q, s.qkv.narrow(1, 0, heads * d).view({b, t, heads, d}), cos_sin.first, cos_sin.second);
+  model::rope_into(k, s.qkv.narrow(1, heads * d, kv * d).view({b, t, kv, d}), cos_sin.first, cos_sin.second);
+  model::copy_heads(v, s.qkv.narrow(1, (heads + kv) * d, kv * d).view({b, t, kv, d}));
   at::Tensor out;
   if (grad_leaves != nullptr) {
     *grad_leaves = {q.detach().requires_grad_(true), k.detach().requires_grad_(true),
@@ -174,13 +174,15 @@ struct MlpHalf {
   std::vector<std::pair<size_t, LoraPass>> lora;
 };
 
-MlpHalf mlp_half(const LayerRefs& r, const at::Tensor& h1) {
+// The MLP half up to m = swiglu(gu). `need_m` false (a recompute where down_proj has no
+// LoRA: backward reads gu, never m) leaves m out.
+MlpHalf mlp_half(const LayerRefs& r, const at::Tensor& h1, bool need_m = true) {
   MlpHalf s;
   s.n2 = norm_forward(h1, r.norm2, r.model->config().rms_norm_eps);
   s.w_gu = merged_weight(pick(r, {kGate, kUp}), h1.options());
   s.gu = at::mm(s.n2.y, s.w_gu.t());
   lora_columns(r, {kGate, kUp}, s.n2.y, s.gu, &s.lora);
-  s.m = model::swiglu(s.gu);
+  if (need_m) s.m = model::swiglu(s.gu);
   return s;
 }
 
@@ -252,7 +254,8 @@ at::Tensor mlp_backward(const LayerRefs& r, const at::Tensor& h1, const at::Tens
 // The MLP half recomputed from h1 (from the kept gate/up output when `kept_gu` is
 // defined), its dropout masks drawn in the forward's order: gate, up, then down.
 std::pair<MlpHalf, LoraPass> mlp_recompute(const LayerRefs& r, const at::Tensor& h1, at::Tensor kept_gu) {
-  MlpHalf mlp = kept_gu.defined() ? mlp_half_from_kept(r, h1, std::move(kept_gu)) : mlp_half(r, h1);
+  const bool down_lora = r.proj[kDown].lora != nullptr;  // m is down_proj's LoRA input, nothing else's
+  MlpHalf mlp = kept_gu.defined() ? mlp_half_from_kept(r, h1, std::move(kept_gu)) : mlp_half(r, h1, down_lora);
   LoraPass down;
   if (r.proj[kDown].lora) down = lora_pass(r.proj[kDown], mlp.m);
   return {std::move(mlp), std::move(down)};
@@ -288,12 +291,10 @@ at::Tensor attention_backward(const LayerHolder& holder, const at::Tensor& x2, i
   at::Tensor gq = g_qkv.narrow(1, 0, heads * d).view({b, t, heads, d});
   at::Tensor gk = g_qkv.narrow(1, heads * d, kv * d).view({b, t, kv, d});
   at::Tensor gv = g_qkv.narrow(1, (heads + kv) * d, kv * d).view({b, t, kv, d});
-  gq.copy_(dqkv[0]);
-  gk.copy_(dqkv[1]);
-  gv.copy_(dqkv[2]);
+  model::rope_backward_into(gq, dqkv[0], holder.cos_sin.first, holder.cos_sin.second);
+  model::rope_backward_into(gk, dqkv[1], holder.cos_sin.first, holder.cos_sin.second);
+  model::copy_heads(gv, dqkv[2]);
   dqkv.clear();
-  model::rope_backward_inplace(gq, holder.cos_sin.first, holder.cos_sin.second);
-  model::rope_backward_inplace(gk, holder.cos_sin.first, holder.cos_sin.second);
   at::Tensor dn1 = at::mm(g_qkv, att.w_qkv);  // [N, h]
   if (at::Tensor dl = lora_columns_backward(r, {kQ, kK, kV}, g_qkv, att.lora); dl.defined()) dn1.add_(dl);
   return norm_backward(dn1, x2, r.norm1, att.n1).add_(dh1);
@@ -460,19 +461,25 @@ std::string fused_layer_unsupported(const model::LlamaModel& model) {
   return {};
 }
 
-LayerForwardFn fused_layer_forward(const model::LlamaModel& model, FusedRecompute what) {
+LayerForwardFn fused_layer_forward(const model::LlamaModel& model, FusedRecompute what, int64_t selective_layers) {
   const std::string why = fused_layer_unsupported(model);
   if (!why.empty()) throw std::invalid_argument("fused_layer_forward: " + why);
   const model::LlamaModel* m = &model;
   const LayerHolder::Keep keep = what == FusedRecompute::kFull        ? LayerHolder::Keep::kInputs
                                  : what == FusedRecompute::kSelective ? LayerHolder::Keep::kGateUp
                                                                       : LayerHolder::Keep::kAll;
-  return [m, keep](int64_t layer, const at::Tensor& hidden, const std::pair<at::Tensor, at::Tensor>& cos_sin,
-             const model::AttentionInputs& attention) -> at::Tensor {
+  // Note [selective recompute]: the last selective_layers layers keep gate/up, the rest
+  // recompute it (which layers does not change the peak: every kept output is alive when
+  // backward starts; the last ones are freed first).
+  const int64_t layers = model.num_layers();
+  const int64_t first_kept =
+      keep != LayerHolder::Keep::kGateUp || selective_layers < 0 ? 0 : layers - std::min(selective_layers, layers);
+  return [m, keep, first_kept](int64_t layer, const at::Tensor& hidden, const std::pair<at::Tensor, at::Tensor>& cos_sin,
+                               const model::AttentionInputs& attention) -> at::Tensor {
     if (!at::GradMode::is_enabled()) return m->layer_forward(layer, hidden, cos_sin, attention);
     auto holder = c10::make_intrusive<LayerHolder>();
     holder->refs = layer_refs(*m, layer, hidden.scalar_type());
-    holder->keep = keep;
+    holder->keep = keep == LayerHolder::Keep::kGateUp && layer < first_kept ? LayerHolder::Keep::kInputs : keep;
     holder->cos_sin = cos_sin;
     holder->attention = attention;
     // As in checkpoint(): without an input that requires grad, the output would have
@@ -484,15 +491,15 @@ LayerForwardFn fused_layer_forward(const model::LlamaModel& model, FusedRecomput
 }
 
 LayerForwardFn training_layer_forward(const model::LlamaModel& model, bool gradient_checkpointing,
-                                      Recompute recompute) {
+                                      Recompute recompute, int64_t selective_layers) {
   const FusedRecompute what = !gradient_checkpointing            ? FusedRecompute::kNothing
                               : recompute == Recompute::kSelective ? FusedRecompute::kSelective
                                                                    : FusedRecompute::kFull;
-  if (env_is("QLORA_LAYER", "fused")) return fused_layer_forward(model, what);
+  if (env_is("QLORA_LAYER", "fused")) return fused_layer_forward(model, what, selective_layers);
   const bool gpu_16bit = model.device().is_cuda() && model.dtype() != at::kFloat;
   if (env_is("QLORA_LAYER", "reference") || !gpu_16bit || !fused_layer_unsupported(model).empty())
     return gradient_checkpointing ? checkpointed_layer_forward(model) : LayerForwardFn();
-  return fused_layer_forward(model, what);
+  return fused_layer_forward(model, what, selective_layers);
 }
 
 }  // namespace qlora::train

@@ -40,6 +40,13 @@ void accumulate_grad(const at::Tensor& param, const at::Tensor& grad, double alp
   }
 }
 
+// In place on grad: the mask and the 1/(1-p) scale (one rounding, as native_dropout_backward).
+at::Tensor& dropout_backward_(at::Tensor& grad, const Dropped& d) {
+  if (!d.mask.defined()) return grad;
+  if (d.mask.scalar_type() == at::kBool) return grad.mul_(d.mask).mul_(1.0 / (1.0 - d.p));
+  return grad.mul_(d.mask);
+}
+
 // The gradient with respect to a LoRA's input x, dx (before its dropout), added to acc (the
 // projections sharing x sum theirs; undefined: dx starts the sum).
 at::Tensor add_input_grad(at::Tensor acc, at::Tensor dx, const Dropped& d) {
@@ -99,13 +106,6 @@ Dropped dropout(const at::Tensor& x, const lora::LoraLinear& l) {
   at::Tensor noise = at::empty_like(x).bernoulli_(1.0 - p);
   noise.div_(1.0 - p);
   return {x * noise, noise, p};
-}
-
-// In place on grad: the mask and the 1/(1-p) scale (one rounding, as native_dropout_backward).
-at::Tensor& dropout_backward_(at::Tensor& grad, const Dropped& d) {
-  if (!d.mask.defined()) return grad;
-  if (d.mask.scalar_type() == at::kBool) return grad.mul_(d.mask).mul_(1.0 / (1.0 - d.p));
-  return grad.mul_(d.mask);
 }
 
 // dropout(x) and its product with Aᵀ, what a LoRA's backward needs of its forward.

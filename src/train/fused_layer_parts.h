@@ -53,9 +53,6 @@ struct Dropped {
 
 Dropped dropout(const at::Tensor& x, const lora::LoraLinear& l);
 
-// In place on grad: the mask and the 1/(1-p) scale (one rounding, as native_dropout_backward).
-at::Tensor& dropout_backward_(at::Tensor& grad, const Dropped& d);
-
 // One LoRA's forward pieces, kept for its backward.
 struct LoraPass {
   Dropped in;

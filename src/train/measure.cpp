@@ -15,6 +15,7 @@
 #include "qlora/amp/precision.h"
 #include "qlora/amp/scaler.h"
 #include "qlora/common/errors.h"
+#include "qlora/common/log.h"
 #include "qlora/data/batch.h"
 #include "qlora/data/dataset.h"
 #include "qlora/data/tokenizer.h"
@@ -68,6 +69,26 @@ plan::GpuSpec gpu_spec_of(const DeviceChoice& dev, double memory_cap_bytes) {
                                           dev.cc_major, dev.cc_minor);
   if (memory_cap_bytes > 0) g.note += (g.note.empty() ? "" : "; ") + std::string("capped with --memory-cap");
   return g;
+}
+
+std::string resolve_auto_recompute(Config& cfg, const LlamaConfig& shape, const DeviceChoice& dev,
+                                   double memory_cap_bytes, int64_t world) {
+  if (cfg.train.recompute != Recompute::kAuto) return {};
+  Config c = cfg;
+  c.train.precision = dev.precision;
+  const plan::GpuSpec gpu = gpu_spec_of(dev, memory_cap_bytes);
+  const plan::Plan p = plan::make_plan(c, shape, dev.device.is_cuda() ? &gpu : nullptr, world);
+  const int64_t kept = dev.device.is_cuda() ? p.selective_layers : 0;
+  cfg.train.recompute = kept > 0 ? Recompute::kSelective : Recompute::kFull;
+  cfg.train.selective_layers = kept;
+  if (!dev.device.is_cuda() || dev.precision == Precision::kFp32 || !cfg.train.gradient_checkpointing)
+    return "train.recompute auto: full (selective recompute needs activation checkpointing and bf16/fp16 on a GPU)";
+  return "train.recompute auto: " +
+         (kept > 0 ? "gate/up outputs kept in " + std::to_string(kept) + " of " + std::to_string(shape.num_hidden_layers) +
+                         " layers, the rest recomputed"
+                   : std::string("full (no layer's gate/up output fits beside the rest)")) +
+         "; the plan's total " + plan::format_gib(p.total_bytes) + " GiB of " + plan::format_gib(gpu.memory_bytes) +
+         " GiB" + (memory_cap_bytes > 0 ? " (--memory-cap)" : "");
 }
 
 int64_t longest_sequence(const Config& cfg, const std::vector<data::TokenizedExample>& examples, std::string* source) {
@@ -134,6 +155,8 @@ plan::FinderResult find_micro_batch_on_device(const Config& cfg, const LlamaConf
                                               int64_t world) {
   Config c = cfg;
   c.data.max_seq_length = seq;
+  // The probe steps read recompute: auto as full; auto itself is settled after the micro batch.
+  if (c.train.recompute == Recompute::kAuto) c.train.recompute = Recompute::kFull;
   const plan::Plan p = plan::make_plan(c, shape, &gpu, world);
   return plan::find_micro_batch(plan::finder_inputs(p), [&](int64_t micro) {
     return probe_micro_batch(model, params, opts, micro, seq, gpu.memory_bytes);
@@ -159,7 +182,8 @@ plan::FinderResult find_micro_batch_for(const Config& cfg, const MeasureOptions&
   BaseModel base = load_base_model(cfg, dev, /*allow_random_weights=*/true);
   lora::LoraAdapter adapter = lora::LoraAdapter::attach(base.model, lora::settings_from_config(cfg.lora));
   StepOptions probe;
-  probe.layer_forward = training_layer_forward(base.model, cfg.train.gradient_checkpointing, cfg.train.recompute);
+  probe.layer_forward = training_layer_forward(base.model, cfg.train.gradient_checkpointing, cfg.train.recompute,
+                                               cfg.train.selective_layers);
   plan::FinderResult f = find_micro_batch_on_device(cfg, base.shape, base.model, adapter.parameters(), probe,
                                                     gpu_spec_of(dev, o.memory_cap_bytes), seq, world);
   f.message += " [" + dev.description + ", seq " + std::to_string(seq) + (source.empty() ? "" : ": " + source) + "]";
@@ -184,6 +208,8 @@ Measurement measure_plan(const Config& cfg_in, const MeasureOptions& o) {
   const double a0 = allocated();
   BaseModel base = load_base_model(cfg, dev, /*allow_random_weights=*/true);
   m.random_weights = base.random_weights;
+  if (const std::string line = resolve_auto_recompute(cfg, base.shape, dev, o.memory_cap_bytes, 1); !line.empty())
+    log::info(line);
   const double a_base = allocated();
   lora::LoraAdapter adapter = lora::LoraAdapter::attach(base.model, lora::settings_from_config(cfg.lora));
   const double a_lora = allocated();
@@ -197,7 +223,8 @@ Measurement measure_plan(const Config& cfg_in, const MeasureOptions& o) {
   StepOptions step_options;
   step_options.max_grad_norm = cfg.train.max_grad_norm;
   step_options.gradient_checkpointing = cfg.train.gradient_checkpointing;
-  step_options.layer_forward = training_layer_forward(base.model, cfg.train.gradient_checkpointing, cfg.train.recompute);
+  step_options.layer_forward = training_layer_forward(base.model, cfg.train.gradient_checkpointing, cfg.train.recompute,
+                                                      cfg.train.selective_layers);
   TrainConfig schedule = cfg.train;
   schedule.max_steps = m.steps;
   schedule.warmup_steps = 0;

@@ -184,7 +184,8 @@ void choose_micro_batch(Config& cfg, const RunOptions& options, const std::strin
   std::string seq_source;
   const int64_t seq = longest_sequence(cfg, train_examples, &seq_source);
   StepOptions probe;
-  probe.layer_forward = training_layer_forward(base.model, cfg.train.gradient_checkpointing, cfg.train.recompute);
+  probe.layer_forward = training_layer_forward(base.model, cfg.train.gradient_checkpointing, cfg.train.recompute,
+                                               cfg.train.selective_layers);
   const plan::FinderResult f =
       find_micro_batch_on_device(cfg, base.shape, base.model, adapter.parameters(), probe,
                                  gpu_spec_of(dev, options.memory_cap_bytes), seq, group.world_size());
@@ -270,6 +271,10 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   log::info(sets.train.summary.describe());
   if (!sets.eval.examples.empty()) log::info("held out: " + sets.eval.summary.describe());
   if (options.micro_batch_auto) choose_micro_batch(cfg, options, resume_from, dev, base, adapter, sets.train.examples, group);
+  if (const std::string line = resolve_auto_recompute(cfg, shape, dev, options.memory_cap_bytes, world); !line.empty())
+    log::info(line);
+  result.recompute = cfg.train.recompute;
+  result.selective_layers = cfg.train.selective_layers;
   result.micro_batch_size = cfg.train.micro_batch_size;
   result.gradient_accumulation_steps = cfg.train.gradient_accumulation_steps;
   data::LoaderOptions lo;
@@ -295,7 +300,8 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   step_options.max_grad_norm = cfg.train.max_grad_norm;
   step_options.gradient_checkpointing = cfg.train.gradient_checkpointing;
   step_options.group = &group;
-  step_options.layer_forward = training_layer_forward(model, cfg.train.gradient_checkpointing, cfg.train.recompute);
+  step_options.layer_forward = training_layer_forward(model, cfg.train.gradient_checkpointing, cfg.train.recompute,
+                                                      cfg.train.selective_layers);
   if (options.simulate_oom_above_rows >= 0) {
     LayerForwardFn inner = step_options.layer_forward;
     if (!inner) inner = [&model](int64_t l, const at::Tensor& h, const auto& cs, const auto& a) {
@@ -340,7 +346,11 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
             optimizer->kind() + (cfg.train.gradient_checkpointing ? ", activation checkpointing" : "") +
             (cfg.train.gradient_checkpointing && cfg.train.recompute == Recompute::kSelective
                  ? (model.device().is_cuda() && model.dtype() != at::kFloat
-                        ? " (selective recompute: gate/up outputs kept)"
+                        ? " (selective recompute: gate/up outputs kept in " +
+                              std::to_string(cfg.train.selective_layers < 0
+                                                 ? shape.num_hidden_layers
+                                                 : std::min(cfg.train.selective_layers, shape.num_hidden_layers)) +
+                              " of " + std::to_string(shape.num_hidden_layers) + " layers)"
                         : " (train.recompute: selective takes effect on a GPU in bf16/fp16 only; full recompute here)")
                  : ""));
 

@@ -51,19 +51,25 @@ class Verdicts(unittest.TestCase):
         self.assertAlmostEqual(c["speed_vs_compiled"], 6000 / 4900)
         self.assertEqual(c["speed_verdict"], "met")
 
-    def test_selective_row_stands_beside_the_peers_full_run_without_a_verdict(self):
-        sel = dict(qlora("selective-4x1024", 70000, 4 * GB), peer_config="4x1024")
+    def test_selective_row_stands_beside_the_peers_full_run_and_says_how_it_recomputed(self):
+        sel = dict(qlora("selective-4x1024", 70000, 4 * GB), peer_config="4x1024", recompute_as_run="selective",
+                   selective_layers=16)
+        auto = dict(qlora("auto-4x1024", 50000, 6 * GB), peer_config="4x1024", recompute_as_run="full",
+                    selective_layers=0)
         rows = self.by_config(
-            [qlora("4x1024", 55000, 2 * GB), sel],
+            [qlora("4x1024", 55000, 2 * GB), sel, auto],
             [peer("4x1024", "eager", 20000, 9 * GB), peer("4x1024", "compile", 40000, 8 * GB)])
         s = rows["selective-4x1024"]
         self.assertEqual(s["peer_config"], "4x1024")
         self.assertAlmostEqual(s["speed_vs_compiled"], 1.75)
         self.assertAlmostEqual(s["memory_ratio"], 0.5)
-        self.assertEqual(s["speed_verdict"], "n/a (vs the peer's 4x1024)")
-        self.assertEqual(s["memory_verdict"], "n/a (vs the peer's 4x1024)")
-        self.assertEqual(rows["4x1024"]["speed_verdict"], "missed")  # the same-configuration row decides
-        self.assertEqual(len(rows), 2)
+        self.assertEqual(s["speed_verdict"], "met (selective in 16 layers, vs the peer's 4x1024)")
+        self.assertEqual(s["memory_verdict"], "met (selective in 16 layers, vs the peer's 4x1024)")
+        a = rows["auto-4x1024"]
+        self.assertEqual(a["speed_verdict"], "missed (full, vs the peer's 4x1024)")
+        self.assertEqual(a["memory_verdict"], "missed (full, vs the peer's 4x1024)")
+        self.assertEqual(rows["4x1024"]["speed_verdict"], "missed")  # the like-for-like row, untagged
+        self.assertEqual(len(rows), 3)
 
     def test_missing_or_failed_peer_is_not_run_never_met(self):
         rows = self.by_config(

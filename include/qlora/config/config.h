@@ -26,8 +26,10 @@ enum class LrSchedule { kConstant, kLinear, kCosine };
 enum class DataFormat { kAuto, kText, kCompletion, kAlpaca, kChat };
 enum class ChatTemplate { kAuto, kLlama3, kChatml };
 enum class DistBackend { kAuto, kNccl, kGloo };
-// What a checkpointed layer recomputes in backward (train.recompute).
-enum class Recompute { kFull, kSelective };
+// What a checkpointed layer recomputes in backward (train.recompute): everything, all but
+// the gate/up GEMM output (in train.selective_layers of the layers), or that with the number of
+// layers chosen from the memory plan (auto).
+enum class Recompute { kFull, kSelective, kAuto };
 
 std::string_view to_string(Precision v);
 std::string_view to_string(OptimizerKind v);
@@ -91,6 +93,9 @@ struct TrainConfig {
   // With checkpointing: full recomputes each layer in backward; selective keeps each layer's
   // gate/up GEMM output and recomputes the rest (Note [selective recompute]).
   Recompute recompute = Recompute::kFull;
+  // With selective: how many decoder layers (the last ones) keep their gate/up output; -1: all.
+  // auto sets it to the most that fit the GPU (src/plan: auto_selective_layers).
+  int64_t selective_layers = -1;
   OptimizerKind optimizer = OptimizerKind::kPagedAdamW8bit;
   int64_t seed = 42;
   int64_t eval_steps = 0;                   // 0: evaluate only at the end

@@ -26,6 +26,14 @@ void rope_inplace(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 // g <- g*cos + rotate_half_T(g*sin), rotate_half_T(y) = cat(y[..., d/2:], -y[..., :d/2]).
 void rope_backward_inplace(at::Tensor& g, const at::Tensor& cos, const at::Tensor& sin);
 
+// Out of place: dst <- RoPE(src), its backward, or src unchanged (copy_heads). dst and src:
+// [B, T, H, d] of the same sizes, dtype and device, last dims contiguous, other strides free,
+// not overlapping; one pass (the kernel) where rope_inplace would need a copy beside it. The
+// values are those of dst.copy_(src) followed by rope_inplace / rope_backward_inplace.
+void rope_into(at::Tensor& dst, const at::Tensor& src, const at::Tensor& cos, const at::Tensor& sin);
+void rope_backward_into(at::Tensor& dst, const at::Tensor& src, const at::Tensor& cos, const at::Tensor& sin);
+void copy_heads(at::Tensor& dst, const at::Tensor& src);
+
 // SwiGLU of a merged gate/up GEMM output: gu [N, 2I] (last dim contiguous, any row stride),
 // g = gu[:, :I], u = gu[:, I:]; returns m = silu(g) * u, [N, I] contiguous, gu's dtype.
 at::Tensor swiglu(const at::Tensor& gu);

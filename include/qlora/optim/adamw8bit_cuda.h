@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "qlora/optim/adamw_ref.h"
 
@@ -21,5 +22,20 @@ namespace qlora::optim {
 void adamw8bit_step_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg_q,
                          at::Tensor& exp_avg_sq_q, at::Tensor& absmax_exp_avg,
                          at::Tensor& absmax_exp_avg_sq, int64_t step, const AdamWHyper& h);
+
+// One parameter's operands for adamw8bit_step_cuda_many (as adamw8bit_step_cuda's).
+struct AdamW8bitOperands {
+  at::Tensor* param = nullptr;
+  const at::Tensor* grad = nullptr;
+  at::Tensor* exp_avg_q = nullptr;
+  at::Tensor* exp_avg_sq_q = nullptr;
+  at::Tensor* absmax_exp_avg = nullptr;
+  at::Tensor* absmax_exp_avg_sq = nullptr;
+};
+
+// adamw8bit_step_cuda for many parameters on one device, in multi-tensor launches
+// (kernels::adamw8bit_step_multi: one per 24 parameters whose gradients share a dtype instead
+// of one each), with the same checks and the same bits.
+void adamw8bit_step_cuda_many(const std::vector<AdamW8bitOperands>& operands, int64_t step, const AdamWHyper& h);
 
 }  // namespace qlora::optim

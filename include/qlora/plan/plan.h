@@ -114,6 +114,11 @@ struct Plan {
   double headroom_bytes = 0;     // gpu memory - total (negative: over)
   std::string dominant;          // key of the largest component
   int64_t largest_micro_batch = 0;  // with everything else as configured; 0: not even 1 fits
+  // What a checkpointed layer recomputes: "full", "selective" (gate/up kept in
+  // selective_layers of the layers), "none" (no checkpointing); with train.recompute: auto, what
+  // auto chose for this GPU (full without one).
+  std::string recompute;
+  int64_t selective_layers = 0;
   std::vector<Advice> advice;
   TimeEstimate time;
   std::vector<std::string> notes;  // other remarks (paging, sliding window, ...)
@@ -157,6 +162,7 @@ struct BudgetInputs {
   double lora_dropout = 0.0;
   bool gradient_checkpointing = true;
   bool selective_recompute = false;  // train.recompute: selective (the GPU's fused layer only)
+  int64_t selective_layers = -1;     // how many layers keep gate/up with it (-1: all)
   OptimizerKind optimizer = OptimizerKind::kPagedAdamW8bit;
   bool double_quant = true;
   int activation_bytes = 2;   // bf16 / fp16: 2, fp32: 4
@@ -167,6 +173,13 @@ struct BudgetInputs {
 // Memory per component at the peak of a step, in the order render_text prints
 // them (Note [plan memory model]).
 std::vector<Component> memory_components(const LlamaConfig& model, const BudgetInputs& in);
+
+// train.recompute: auto: the most decoder layers (0 .. num_hidden_layers) that can keep their
+// gate/up output (selective recompute) while the plan's total still leaves the headroom a plan
+// needs not to be tight (kTightHeadroomFraction of `gpu`'s memory). `in` as the run would
+// have it otherwise; its selective fields are ignored. 0 without checkpointing, on fp32, or when
+// even full recompute does not fit.
+int64_t auto_selective_layers(const LlamaConfig& model, BudgetInputs in, const GpuSpec& gpu);
 
 // Sum of the components.
 double total_bytes(const std::vector<Component>& components);

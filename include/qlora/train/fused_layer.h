@@ -41,8 +41,10 @@ std::string fused_layer_unsupported(const model::LlamaModel& model);
 enum class FusedRecompute { kFull, kSelective, kNothing };
 
 // The fused layer forward (`model` must outlive every backward). With grad mode off
-// it is model.layer_forward.
-LayerForwardFn fused_layer_forward(const model::LlamaModel& model, FusedRecompute what = FusedRecompute::kFull);
+// it is model.layer_forward. With kSelective, the last `selective_layers` layers keep their
+// gate/up output and the others recompute in full (-1: every layer keeps it).
+LayerForwardFn fused_layer_forward(const model::LlamaModel& model, FusedRecompute what = FusedRecompute::kFull,
+                                   int64_t selective_layers = -1);
 
 // What a training run uses for its decoder layers: the fused layer for bf16 / fp16
 // models on a GPU, checkpointed (train.gradient_checkpointing, with train.recompute)
@@ -50,8 +52,9 @@ LayerForwardFn fused_layer_forward(const model::LlamaModel& model, FusedRecomput
 // forward under autograd) without checkpointing: the CPU and fp32 keep the reference
 // path the golden tests pin. QLORA_LAYER=reference or =fused overrides the choice (to
 // compare; fused on an unsupported model throws). `recompute` reaches the fused layer
-// only: the generic checkpoint always recomputes the whole layer.
+// only: the generic checkpoint always recomputes the whole layer. Recompute::kAuto must have
+// been resolved by then (train::resolve_auto_recompute); here it reads as full.
 LayerForwardFn training_layer_forward(const model::LlamaModel& model, bool gradient_checkpointing,
-                                      Recompute recompute = Recompute::kFull);
+                                      Recompute recompute = Recompute::kFull, int64_t selective_layers = -1);
 
 }  // namespace qlora::train

@@ -67,6 +67,8 @@ struct RunResult {
   int64_t micro_batch_size = 0;             // as run (after --micro-batch auto)
   int64_t gradient_accumulation_steps = 0;  // as run
   int64_t max_micro_rows = 0;               // > 0: out-of-memory retries cut micro batches to this many rows
+  Recompute recompute = Recompute::kFull;   // as run (after train.recompute: auto)
+  int64_t selective_layers = -1;            // as run, with selective
 };
 
 // Runs the whole recipe. Throws InputError for anything the user can fix (a
