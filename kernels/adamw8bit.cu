@@ -200,6 +200,13 @@ __device__ __forceinline__ void step_block(float* __restrict__ param, const G* _
   }
 }
 
+// The two maps into shared memory (a CTA has 256 threads: one entry each), for the searches.
+__device__ __forceinline__ void load_maps(const DynamicMaps& maps, float* code1, float* code2) {
+  code1[threadIdx.x] = maps.signed_map[threadIdx.x];
+  code2[threadIdx.x] = maps.unsigned_map[threadIdx.x];
+  __syncthreads();
+}
+
 // One parameter a launch (adamw8bit_step).
 template <typename G>
 __global__ void __launch_bounds__(kThreads) adamw8bit_kernel(float* __restrict__ param, const G* __restrict__ grad,
@@ -210,9 +217,7 @@ __global__ void __launch_bounds__(kThreads) adamw8bit_kernel(float* __restrict__
                                                              AdamW8bitScalars s, DynamicMaps maps, bool vec_ok) {
   __shared__ float code1[256];
   __shared__ float code2[256];
-  code1[threadIdx.x] = maps.signed_map[threadIdx.x];
-  code2[threadIdx.x] = maps.unsigned_map[threadIdx.x];
-  __syncthreads();
+  load_maps(maps, code1, code2);
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   step_block<G>(param, grad, exp_avg_q, exp_avg_sq_q, absmax1, absmax2, n, b, s, code1, code2, vec_ok);
 }
@@ -246,9 +251,7 @@ template <typename G>
 __global__ void __launch_bounds__(kThreads) adamw8bit_multi_kernel(MultiArgs args, AdamW8bitScalars s, DynamicMaps maps) {
   __shared__ float code1[256];
   __shared__ float code2[256];
-  code1[threadIdx.x] = maps.signed_map[threadIdx.x];
-  code2[threadIdx.x] = maps.unsigned_map[threadIdx.x];
-  __syncthreads();
+  load_maps(maps, code1, code2);
   const int64_t gb = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (gb >= args.first_block[args.count]) return;
   int t = 0;

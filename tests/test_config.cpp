@@ -63,7 +63,7 @@ const BadConfig kBadConfigs[] = {
      "expected one of auto | bf16 | fp16 | fp32, got the string \"bf61\"; did you mean bf16?", 2},
     {"bad_optimizer", "train:\n  optimizer: sgd\n", "train.optimizer", "expected one of adamw | adamw_8bit", 2},
     {"bad_recompute", "train:\n  recompute: partial\n", "train.recompute",
-     "expected one of full | selective, got the string \"partial\"", 2},
+     "expected one of full | selective | auto, got the string \"partial\"", 2},
     {"unsupported_hf_optim", "optim: adafactor\n", "optim", "optim \"adafactor\" is not supported", 1},
     {"dropout_one", "lora:\n  dropout: 1.0\n", "lora.dropout", "expected a number >= 0 and < 1, got 1", 2},
     {"unknown_target_module", "lora:\n  target_modules: [q_proj, vproj]\n", "lora.target_modules",

@@ -131,6 +131,19 @@ std::pair<at::Tensor, at::Tensor> make_cos_sin(int64_t b, int64_t t, int64_t d, 
   return model::rope_cos_sin(model::rope_inv_freq(c), pos, dtype);
 }
 
+// The case's heads as rows of a [B*T, width] buffer (each head d elements after the last).
+kernels::RopeView view_of(const RopeCase& c, int64_t width) {
+  kernels::RopeView v;
+  v.batch = c.b;
+  v.seq = c.t;
+  v.heads = c.h;
+  v.head_dim = c.d;
+  v.stride_batch = c.t * width;
+  v.stride_seq = width;
+  v.stride_head = c.d;
+  return v;
+}
+
 void run_rope_case(FloatType ft, const RopeCase& c, bool backward) {
   const at::ScalarType dtype = scalar_of(ft);
   const std::string what = std::string(backward ? "rope backward " : "rope ") + name_of(ft) + " B=" +
@@ -141,14 +154,7 @@ void run_rope_case(FloatType ft, const RopeCase& c, bool backward) {
   const at::Tensor wide = sentinel_buffer(c.b * c.t, c.width, c.col, c.h * c.d, dtype, 2.0);
   DeviceCopy dx(wide), dcos(cos), dsin(sin);
   ASSERT_TRUE(dx.ok() && dcos.ok() && dsin.ok()) << what;
-  kernels::RopeView v;
-  v.batch = c.b;
-  v.seq = c.t;
-  v.heads = c.h;
-  v.head_dim = c.d;
-  v.stride_batch = c.t * c.width;
-  v.stride_seq = c.width;
-  v.stride_head = c.d;
+  const kernels::RopeView v = view_of(c, c.width);
   const int rc = backward ? kernels::rope_backward_inplace(dx.at(c.col), dcos.at(0), dsin.at(0), ft, v, nullptr)
                           : kernels::rope_inplace(dx.at(c.col), dcos.at(0), dsin.at(0), ft, v, nullptr);
   ASSERT_EQ(rc, 0) << what << ": " << kernels::cuda_error_string(rc);
@@ -213,17 +219,7 @@ TEST(CudaFusedOps, RopeIntoEqualsTheInPlaceKernelBitForBit) {
         const at::Tensor dst = at::full({c.b * c.t, dst_width}, kSentinel, dtype);
         DeviceCopy dsrc(src), ddst(dst), dinplace(src), dcos(cos), dsin(sin);
         ASSERT_TRUE(dsrc.ok() && ddst.ok() && dinplace.ok() && dcos.ok() && dsin.ok()) << what;
-        kernels::RopeView vs;
-        vs.batch = c.b;
-        vs.seq = c.t;
-        vs.heads = c.h;
-        vs.head_dim = c.d;
-        vs.stride_batch = c.t * c.width;
-        vs.stride_seq = c.width;
-        vs.stride_head = c.d;
-        kernels::RopeView vd = vs;
-        vd.stride_batch = c.t * dst_width;
-        vd.stride_seq = dst_width;
+        const kernels::RopeView vs = view_of(c, c.width), vd = view_of(c, dst_width);
         int rc = kernels::rope_into(ddst.at(dst_col), vd, dsrc.at(c.col), vs, dcos.at(0), dsin.at(0), ft, mode, nullptr);
         ASSERT_EQ(rc, 0) << what << ": " << kernels::cuda_error_string(rc);
         rc = mode == kernels::RopeMode::kForward    ? kernels::rope_inplace(dinplace.at(c.col), dcos.at(0), dsin.at(0), ft, vs, nullptr)

@@ -582,6 +582,10 @@ TEST(PlanCli, ShippedConfigsPlan) {
     EXPECT_EQ(r.exit_code, 0) << cfg << "\n" << r.err;
     EXPECT_NE(r.out.find("effective batch"), std::string::npos) << r.out;
     EXPECT_NE(r.out.find("FITS"), std::string::npos) << r.out;
+    if (std::string(cfg).find("8b") != std::string::npos) {  // train.recompute: auto, resolved for the config's GPU
+      EXPECT_NE(r.out.find("recompute   selective: gate/up outputs kept in "), std::string::npos) << r.out;
+      EXPECT_NE(r.out.find("train.recompute: auto keeps the gate/up output in "), std::string::npos) << r.out;
+    }
   }
 }
 

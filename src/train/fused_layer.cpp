@@ -53,7 +53,11 @@ using torch::autograd::variable_list;
 // again: 2I·h of the (q+k+v)·h + 2I·h weights a token the recompute multiplies by (84%
 // of it for Llama-3.2-1B, a sixth of the whole step's FLOPs). The cost is 2I values a
 // token a layer kept through the step (the plan counts them); the kept gu is
-// overwritten by [dg | du] in backward, so it is used once.
+// overwritten by [dg | du] in backward, so it is used once. train.selective_layers keeps it in
+// the last N layers only (the others recompute in full), and train.recompute: auto picks the
+// N the plan fits on the GPU: the top layers' kept outputs are freed first in backward, and
+// the peak (all kept outputs alive, the top layer's MLP half without a gate|up of its own) is
+// what the plan counts.
 
 // Index of each projection in decoder_linear_names().
 constexpr size_t kQ = 0, kK = 1, kV = 2, kO = 3, kGate = 4, kUp = 5, kDown = 6;
