@@ -266,10 +266,11 @@ bool aligned(const void* p, uintptr_t bytes) { return (reinterpret_cast<uintptr_
 template <typename G>
 int launch_multi(const AdamW8bitTensor* tensors, int64_t count, const AdamW8bitScalars& s, const DynamicMaps& maps,
                  cudaStream_t stream) {
-  for (int64_t first = 0; first < count; first += kAdamW8bitTensorsPerLaunch) {
+  int64_t i = 0;  // the next tensor: a launch takes the next kAdamW8bitTensorsPerLaunch non-empty ones
+  while (i < count) {
     MultiArgs args{};
     int64_t blocks = 0;
-    for (int64_t i = first; i < count && args.count < kAdamW8bitTensorsPerLaunch; ++i) {
+    for (; i < count && args.count < kAdamW8bitTensorsPerLaunch; ++i) {
       const AdamW8bitTensor& t = tensors[i];
       if (t.n <= 0) continue;
       if (t.param == nullptr || t.grad == nullptr || t.exp_avg_q == nullptr || t.exp_avg_sq_q == nullptr ||

@@ -61,19 +61,7 @@ kernels::FloatType checked(const at::Tensor& param, const at::Tensor& grad, cons
 void adamw8bit_step_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg_q,
                          at::Tensor& exp_avg_sq_q, at::Tensor& absmax_exp_avg,
                          at::Tensor& absmax_exp_avg_sq, int64_t step, const AdamWHyper& h) {
-  const kernels::FloatType grad_type =
-      checked(param, grad, exp_avg_q, exp_avg_sq_q, absmax_exp_avg, absmax_exp_avg_sq, step);
-  const at::Device device = param.device();
-  const int64_t n = param.numel();
-  if (n == 0) return;
-  const kernels::AdamW8bitScalars s =
-      kernels::adamw8bit_scalars(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, step);
-  const c10::cuda::CUDAGuard guard(device);
-  const int rc = kernels::adamw8bit_step(
-      param.data_ptr<float>(), grad.data_ptr(), grad_type, exp_avg_q.data_ptr<uint8_t>(),
-      exp_avg_sq_q.data_ptr<uint8_t>(), absmax_exp_avg.data_ptr<float>(), absmax_exp_avg_sq.data_ptr<float>(), n, s,
-      dynamic_maps(), c10::cuda::getCurrentCUDAStream(device.index()).stream());
-  TORCH_CHECK(rc == 0, "the 8-bit AdamW kernel failed: ", kernels::cuda_error_string(rc));
+  adamw8bit_step_cuda_many({{&param, &grad, &exp_avg_q, &exp_avg_sq_q, &absmax_exp_avg, &absmax_exp_avg_sq}}, step, h);
 }
 
 void adamw8bit_step_cuda_many(const std::vector<AdamW8bitOperands>& operands, int64_t step, const AdamWHyper& h) {

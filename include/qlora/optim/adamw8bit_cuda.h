@@ -1,6 +1,7 @@
 // optim/adamw8bit_cuda: the fused 8-bit blockwise AdamW kernel (kernels/adamw8bit.cu) on
-// at::Tensors: one launch updates a parameter and both 8-bit moments, bit for bit what
-// adamw8bit_block_step (optim/adamw_ref.h) computes on the CPU.
+// at::Tensors: one pass updates a parameter and both 8-bit moments, bit for bit what
+// adamw8bit_block_step (optim/adamw_ref.h) computes on the CPU; one launch serves up to 24
+// parameters (Note [AdamW8bit multi-tensor launch]).
 //
 // Defined only in builds with CUDA torch (QLORA_CUDA=ON, which defines QLORA_WITH_CUDA):
 // guard calls with #ifdef QLORA_WITH_CUDA.
