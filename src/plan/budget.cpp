@@ -298,7 +298,7 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
   const double kept_layers = in.gradient_checkpointing ? 1.0 : double(L);
   // The fused layer keeps the attention residual h1 beside each layer input, and with
   // selective recompute each layer's gate/up GEMM output [T, 2i] (Note [selective recompute]).
-  const int64_t kept_layers_gu = in.selective_layers < 0 ? L : std::min(in.selective_layers, L);
+  const int64_t kept_layers_gu = kept_gate_up_layers(in.selective_layers, L);
   const bool selective = fused_layer && in.selective_recompute && kept_layers_gu > 0;
   const double kept_gate_up = selective ? double(kept_layers_gu) * tokens * double(2 * i * p) : 0.0;
   const double boundaries =

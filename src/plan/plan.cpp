@@ -273,7 +273,7 @@ TimeEstimate estimate_time(const LlamaConfig& m, const BudgetInputs& in, int64_t
   const double P = double(lora_params);
   const double fwd = 2 * N + 2 * Vh + attn + 2 * P;
   const double bwd = 2 * N + 2 * Vh + 2 * attn + 4 * P;
-  const int64_t kept_gu = in.selective_layers < 0 ? m.num_hidden_layers : std::min(in.selective_layers, m.num_hidden_layers);
+  const int64_t kept_gu = kept_gate_up_layers(in.selective_layers, m.num_hidden_layers);
   const bool selective = in.gradient_checkpointing && in.selective_recompute && in.activation_bytes == 2 && kept_gu > 0;
   const double gate_up = 2.0 * double(kept_gu) * double(m.hidden_size) * 2.0 * double(m.intermediate_size);
   const double recompute = in.gradient_checkpointing ? 2 * N + attn + 2 * P - (selective ? gate_up : 0.0) : 0;
@@ -378,7 +378,7 @@ void resolve_recompute(Plan& plan, const Config& cfg, const LlamaConfig& model, 
                          fixed(kTightHeadroomFraction * 100, 0) + "% of " + gpu->name + "'s memory free)");
   }
   const bool selective = in.gradient_checkpointing && in.selective_recompute && in.activation_bytes == 2;
-  plan.selective_layers = selective ? (in.selective_layers < 0 ? L : std::min(in.selective_layers, L)) : 0;
+  plan.selective_layers = selective ? kept_gate_up_layers(in.selective_layers, L) : 0;
   plan.recompute = !in.gradient_checkpointing ? "none" : plan.selective_layers > 0 ? "selective" : "full";
 }
 

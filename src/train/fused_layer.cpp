@@ -4,7 +4,6 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <memory>
@@ -17,6 +16,7 @@
 #include "qlora/lora/lora.h"
 #include "qlora/model/fused_ops.h"
 #include "qlora/model/llama.h"
+#include "qlora/plan/plan.h"
 #include "qlora/train/checkpoint.h"
 #include "train/fused_layer_parts.h"
 #include "train/rng_state.h"
@@ -477,7 +477,7 @@ LayerForwardFn fused_layer_forward(const model::LlamaModel& model, FusedRecomput
   // backward starts; the last ones are freed first).
   const int64_t layers = model.num_layers();
   const int64_t first_kept =
-      keep != LayerHolder::Keep::kGateUp || selective_layers < 0 ? 0 : layers - std::min(selective_layers, layers);
+      keep != LayerHolder::Keep::kGateUp ? 0 : layers - plan::kept_gate_up_layers(selective_layers, layers);
   return [m, keep, first_kept](int64_t layer, const at::Tensor& hidden, const std::pair<at::Tensor, at::Tensor>& cos_sin,
                                const model::AttentionInputs& attention) -> at::Tensor {
     if (!at::GradMode::is_enabled()) return m->layer_forward(layer, hidden, cos_sin, attention);

@@ -78,7 +78,7 @@ std::string resolve_auto_recompute(Config& cfg, const LlamaConfig& shape, const 
   c.train.precision = dev.precision;
   const plan::GpuSpec gpu = gpu_spec_of(dev, memory_cap_bytes);
   const plan::Plan p = plan::make_plan(c, shape, dev.device.is_cuda() ? &gpu : nullptr, world);
-  const int64_t kept = dev.device.is_cuda() ? p.selective_layers : 0;
+  const int64_t kept = p.selective_layers;  // 0 without a GPU (no GpuSpec, auto plans full)
   cfg.train.recompute = kept > 0 ? Recompute::kSelective : Recompute::kFull;
   cfg.train.selective_layers = kept;
   if (!dev.device.is_cuda() || dev.precision == Precision::kFp32 || !cfg.train.gradient_checkpointing)

@@ -347,9 +347,8 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
             (cfg.train.gradient_checkpointing && cfg.train.recompute == Recompute::kSelective
                  ? (model.device().is_cuda() && model.dtype() != at::kFloat
                         ? " (selective recompute: gate/up outputs kept in " +
-                              std::to_string(cfg.train.selective_layers < 0
-                                                 ? shape.num_hidden_layers
-                                                 : std::min(cfg.train.selective_layers, shape.num_hidden_layers)) +
+                              std::to_string(plan::kept_gate_up_layers(cfg.train.selective_layers,
+                                                                       shape.num_hidden_layers)) +
                               " of " + std::to_string(shape.num_hidden_layers) + " layers)"
                         : " (train.recompute: selective takes effect on a GPU in bf16/fp16 only; full recompute here)")
                  : ""));

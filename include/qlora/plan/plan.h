@@ -170,6 +170,13 @@ struct BudgetInputs {
   bool packed = false;        // data.packing: an attention mask per micro batch (padded rows need none)
 };
 
+// How many layers keep their gate/up output for train.selective_layers = `selective_layers`
+// (-1: all) in a model of `num_layers`: the count the fused layer, the budget and the time
+// estimate share.
+inline int64_t kept_gate_up_layers(int64_t selective_layers, int64_t num_layers) {
+  return selective_layers < 0 ? num_layers : (selective_layers < num_layers ? selective_layers : num_layers);
+}
+
 // Memory per component at the peak of a step, in the order render_text prints
 // them (Note [plan memory model]).
 std::vector<Component> memory_components(const LlamaConfig& model, const BudgetInputs& in);
