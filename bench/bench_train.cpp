@@ -132,10 +132,12 @@ struct Args {
   std::exit(2);
 }
 
-// Kineto with CPU ops and CUDA activity (CUPTI), as torch.profiler records them.
+// Kineto with CPU ops (and their input shapes: which tensor an op copied) and CUDA activity
+// (CUPTI), as torch.profiler(record_shapes=True) records them.
 void start_profiler() {
   using torch::profiler::impl::ActivityType;
-  const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+  const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO,
+                                                     /*report_input_shapes=*/true);
   const std::set<ActivityType> activities = {ActivityType::CPU, ActivityType::CUDA};
   torch::autograd::profiler::prepareProfiler(config, activities);
   torch::autograd::profiler::enableProfiler(config, activities);

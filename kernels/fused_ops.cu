@@ -1,6 +1,7 @@
 // Fused element-wise ops of the decoder layer (include/qlora/kernels.h: "fused element-wise
 // ops"): RoPE forward / backward on strided head views, in place or from one view into another, SwiGLU forward / backward
-// of a merged gate/up GEMM output, and LoRA dropout's backward summed into the input gradient. The math is model/fused_ops.h's references'; every kernel
+// of a merged gate/up GEMM output, LoRA dropout for up to three projections sharing an input,
+// and its backward summed into the input gradient. The math is model/fused_ops.h's references'; every kernel
 // loads its inputs to fp32, computes in fp32 and rounds once into the output type.
 //
 // Note [fused ops vector path]
@@ -291,9 +292,9 @@ int launch_swiglu_backward(const void* dm, int64_t dm_stride, void* gu, int64_t 
 //   that the projections sharing an input sum. One pass here: v = mask ? round(d * scale) : 0,
 //   then out = round(acc + v) (or out = v), the same roundings in the same order, so the
 //   result keeps the three kernels' bits. mask is the bool mask at::native_dropout returns.
-template <typename T, int V>
+template <typename T, int V, bool kBits>
 __global__ void __launch_bounds__(kThreads) dropout_backward_add_kernel(T* out, const T* acc, const T* d,
-                                                                        const bool* __restrict__ mask, int64_t n,
+                                                                        const uint8_t* __restrict__ mask, int64_t n,
                                                                         float scale) {
   const int64_t groups = n / V;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
@@ -302,12 +303,21 @@ __global__ void __launch_bounds__(kThreads) dropout_backward_add_kernel(T* out, 
     float dv[V], a[V], y[V];
     bool keep[V];
     load<T, V>(d + i, dv);
-    if constexpr (V == 8) {
+    if constexpr (kBits) {  // bit i % 8 of byte i / 8 (Note [LoRA dropout kernel])
+      if constexpr (V == 8) {
+        const uint8_t b = mask[idx];
+#pragma unroll
+        for (int k = 0; k < V; ++k) keep[k] = (b >> k) & 1u;
+      } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) keep[k] = (mask[(i + k) >> 3] >> ((i + k) & 7)) & 1u;
+      }
+    } else if constexpr (V == 8) {
       const uint2 raw = *reinterpret_cast<const uint2*>(mask + i);
       memcpy(keep, &raw, 8);
     } else {
 #pragma unroll
-      for (int k = 0; k < V; ++k) keep[k] = mask[i + k];
+      for (int k = 0; k < V; ++k) keep[k] = mask[i + k] != 0;
     }
     if (acc != nullptr) load<T, V>(acc + i, a);
 #pragma unroll
@@ -319,19 +329,126 @@ __global__ void __launch_bounds__(kThreads) dropout_backward_add_kernel(T* out, 
   }
 }
 
-template <typename T>
-int launch_dropout_backward_add(void* out, const void* acc, const void* d, const bool* mask, int64_t n, float scale,
+template <typename T, bool kBits>
+int launch_dropout_backward_add(void* out, const void* acc, const void* d, const uint8_t* mask, int64_t n, float scale,
                                 cudaStream_t stream) {
-  constexpr int kVec = 8;  // 16 bytes of bf16 / fp16, 8 of the mask
+  constexpr int kVec = 8;  // 16 bytes of bf16 / fp16, 8 bytes of a bool mask or one of a bit mask
   const bool vec = n % kVec == 0 && aligned16(out) && aligned16(d) && (acc == nullptr || aligned16(acc)) &&
-                   (reinterpret_cast<uintptr_t>(mask) & 7u) == 0;
+                   (kBits || (reinterpret_cast<uintptr_t>(mask) & 7u) == 0);
   T* o = static_cast<T*>(out);
   const T* a = static_cast<const T*>(acc);
   const T* dv = static_cast<const T*>(d);
   if (vec) {
-    dropout_backward_add_kernel<T, kVec><<<grid_for(n / kVec), kThreads, 0, stream>>>(o, a, dv, mask, n, scale);
+    dropout_backward_add_kernel<T, kVec, kBits><<<grid_for(n / kVec), kThreads, 0, stream>>>(o, a, dv, mask, n, scale);
   } else {
-    dropout_backward_add_kernel<T, 1><<<grid_for(n), kThreads, 0, stream>>>(o, a, dv, mask, n, scale);
+    dropout_backward_add_kernel<T, 1, kBits><<<grid_for(n), kThreads, 0, stream>>>(o, a, dv, mask, n, scale);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+// ---------------------------------------------------------------- LoRA dropout
+
+// Note [LoRA dropout kernel]
+//   at::native_dropout reads its input and writes the dropped copy and a bool mask, one
+//   projection at a time: q, k and v share their input, so a decoder layer's forward read it
+//   three times and wrote three byte masks (the largest element-wise cost of an 8B step after
+//   the NF4 dequant). lora_dropout reads x once for up to three projections and writes each
+//   one's dropped copy and a bit mask (bit i % 8 of byte i / 8), an eighth of the mask bytes,
+//   which the backward (dropout_backward_add with bits) reads.
+//   The draws are a pure function of (seed, offset, i), so a recompute draws them again: for
+//   projection p, with the offset o_p the device generator handed out (as ATen's kernels take
+//   theirs), element i takes word i % 4 of Philox4x32-10 with counter (i / 4 low, i / 4 high,
+//   o_p low, o_p high) and key (seed low, seed high). It is dropped when that word is below
+//   threshold = round(p * 2^32) (a drop probability within 2^-33 of p), else
+//   out = round(x * scale), scale = 1 / (1 - p) in fp32. Dropped elements are +0.
+//   A thread owns 8 consecutive elements: one 16-byte load of x (bf16 / fp16), two Philox
+//   blocks and one 16-byte store a projection, and one mask byte. The CPU reference is
+//   model::lora_dropout_reference; the Philox rounds there are checked against Random123's
+//   known answers, and this kernel against the reference bit for bit.
+__device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;  // Random123's multipliers
+  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;  // and key increments
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t hi0 = __umulhi(kM0, c.x), lo0 = kM0 * c.x;
+    const uint32_t hi1 = __umulhi(kM1, c.z), lo1 = kM1 * c.z;
+    c = make_uint4(hi1 ^ c.y ^ k.x, lo1, hi0 ^ c.w ^ k.y, lo0);
+    k.x += kW0;
+    k.y += kW1;
+  }
+  return c;
+}
+
+struct DropoutOutputs {
+  void* out[kMaxDropoutOutputs];
+  uint8_t* mask[kMaxDropoutOutputs];
+  uint64_t offset[kMaxDropoutOutputs];
+};
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) lora_dropout_kernel(const T* __restrict__ x, int64_t n, int count,
+                                                                DropoutOutputs o, uint2 key, uint32_t threshold,
+                                                                float scale) {
+  const int64_t groups = (n + 7) / 8;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < groups; idx += step) {
+    const int64_t i = idx * 8;
+    const int m = static_cast<int>(min(static_cast<int64_t>(8), n - i));
+    const bool full = kVec && m == 8;
+    float xv[8];
+    if (full) {
+      load<T, 8>(x + i, xv);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) xv[k] = k < m ? Conv<T>::to(x[i + k]) : 0.0f;
+    }
+    const uint64_t q = static_cast<uint64_t>(i) / 4;
+    for (int p = 0; p < count; ++p) {
+      const uint64_t off = o.offset[p];
+      const uint32_t olo = static_cast<uint32_t>(off), ohi = static_cast<uint32_t>(off >> 32);
+      const uint4 r0 = philox4x32_10(make_uint4(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), olo, ohi), key);
+      const uint4 r1 =
+          philox4x32_10(make_uint4(static_cast<uint32_t>(q + 1), static_cast<uint32_t>((q + 1) >> 32), olo, ohi), key);
+      const uint32_t w[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
+      float y[8];
+      uint32_t bits = 0;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const bool keep = k < m && w[k] >= threshold;
+        y[k] = keep ? xv[k] * scale : 0.0f;
+        bits |= static_cast<uint32_t>(keep) << k;
+      }
+      T* out = static_cast<T*>(o.out[p]);
+      if (full) {
+        store<T, 8>(out + i, y);
+      } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+          if (k < m) out[i + k] = Conv<T>::from(y[k]);
+      }
+      o.mask[p][idx] = static_cast<uint8_t>(bits);
+    }
+  }
+}
+
+template <typename T>
+int launch_lora_dropout(const void* x, int64_t n, int count, void* const* outs, uint8_t* const* masks,
+                        const DropoutDraws& draws, uint32_t threshold, float scale, cudaStream_t stream) {
+  DropoutOutputs o{};
+  bool vec = aligned16(x);
+  for (int p = 0; p < count; ++p) {
+    o.out[p] = outs[p];
+    o.mask[p] = masks[p];
+    o.offset[p] = draws.offset[p];
+    vec = vec && aligned16(outs[p]);
+  }
+  const uint2 key = make_uint2(static_cast<uint32_t>(draws.seed), static_cast<uint32_t>(draws.seed >> 32));
+  const T* xv = static_cast<const T*>(x);
+  const unsigned grid = grid_for((n + 7) / 8);
+  if (vec) {
+    lora_dropout_kernel<T, true><<<grid, kThreads, 0, stream>>>(xv, n, count, o, key, threshold, scale);
+  } else {
+    lora_dropout_kernel<T, false><<<grid, kThreads, 0, stream>>>(xv, n, count, o, key, threshold, scale);
   }
   return static_cast<int>(cudaGetLastError());
 }
@@ -380,8 +497,32 @@ int dropout_backward_add(void* out, const void* acc, const void* d, const bool* 
   if (n < 0) return static_cast<int>(cudaErrorInvalidValue);
   if (n == 0) return 0;
   if (out == nullptr || d == nullptr || mask == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  const auto* bytes = reinterpret_cast<const uint8_t*>(mask);
   return dispatch_type(type, [&](auto tag) {
-    return launch_dropout_backward_add<decltype(tag)>(out, acc, d, mask, n, scale, stream);
+    return launch_dropout_backward_add<decltype(tag), false>(out, acc, d, bytes, n, scale, stream);
+  });
+}
+
+int dropout_backward_add_bits(void* out, const void* acc, const void* d, const uint8_t* bits, int64_t n, float scale,
+                              FloatType type, CUstream_st* stream) {
+  if (n < 0) return static_cast<int>(cudaErrorInvalidValue);
+  if (n == 0) return 0;
+  if (out == nullptr || d == nullptr || bits == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  return dispatch_type(type, [&](auto tag) {
+    return launch_dropout_backward_add<decltype(tag), true>(out, acc, d, bits, n, scale, stream);
+  });
+}
+
+int lora_dropout(const void* x, int64_t n, FloatType type, int count, void* const* outs, uint8_t* const* masks,
+                 const DropoutDraws& draws, uint32_t threshold, float scale, CUstream_st* stream) {
+  if (n < 0 || count < 1 || count > kMaxDropoutOutputs || n / 4 >= (int64_t{1} << 62))
+    return static_cast<int>(cudaErrorInvalidValue);
+  if (n == 0) return 0;
+  if (x == nullptr || outs == nullptr || masks == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  for (int p = 0; p < count; ++p)
+    if (outs[p] == nullptr || masks[p] == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  return dispatch_type(type, [&](auto tag) {
+    return launch_lora_dropout<decltype(tag)>(x, n, count, outs, masks, draws, threshold, scale, stream);
   });
 }
 

@@ -226,7 +226,8 @@ if [[ $bench == 1 ]]; then
       limited 120 "$build/bench/bench_train" --configs "$name" --steps 5 --profile "$out/trace" \
         >"$out/profile-$name.json" 2>"$out/profile-$name.log" || failed "profile $name"
       if [[ -f "$out/trace_$name.json" ]]; then
-        "$python" scripts/profile_summary.py "$out/trace_$name.json" --top 25 >"$out/profile-summary-$name.json"
+        "$python" scripts/profile_summary.py "$out/trace_$name.json" --top 25 \
+          --timeline "$out/profile-timeline-$name.json" >"$out/profile-summary-$name.json"
         rm -f "$out/trace_$name.json"  # hundreds of MB; the summary is what comes back
         "$python" -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: v for k, v in d.items() if not isinstance(v, (list, dict))})" \
           "$out/profile-summary-$name.json"

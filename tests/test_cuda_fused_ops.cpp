@@ -447,5 +447,104 @@ TEST(CudaFusedOps, DropoutBackwardAddEqualsTheCudaAtenOpsBitForBit) {
   }
 }
 
+// ---------------------------------------------------------------- LoRA dropout
+
+// model::lora_dropout (the kernel) against its CPU reference, bit for bit: every dtype, one to
+// three copies, sizes off the 8-element groups (the last group partial), x off 16-byte
+// alignment (the scalar kernel), offsets past 2^32 (the counter's high word).
+TEST(CudaFusedOps, LoraDropoutEqualsTheReferenceBitForBit) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "torch sees no CUDA device (or this is a CPU build of torch)";
+  torch::manual_seed(21);
+  const at::Device cuda(at::kCUDA, 0);
+  const uint64_t seed = 0x9e3779b97f4a7c15ULL;
+  for (at::ScalarType dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{8}, int64_t{1000}, int64_t{3 * 4096 + 5}, int64_t{64 * 2048}}) {
+      for (int64_t offset : {int64_t{0}, int64_t{1}}) {
+        for (const std::vector<uint64_t>& offsets :
+             {std::vector<uint64_t>{4}, std::vector<uint64_t>{8, 12}, std::vector<uint64_t>{(1ULL << 40) + 4, 16, 20}}) {
+          for (const double p : {0.05, 0.5}) {
+            const std::string what = std::string(c10::toString(dtype)) + " n=" + std::to_string(n) + " offset=" +
+                                     std::to_string(offset) + " copies=" + std::to_string(offsets.size()) +
+                                     " p=" + std::to_string(p);
+            const at::Tensor x = (at::randn({n + offset}) * 2).to(dtype);
+            const at::Tensor xs = x.narrow(0, offset, n);
+            const std::vector<model::DroppedCopy> want = model::lora_dropout_reference(xs, p, seed, offsets);
+            const std::vector<model::DroppedCopy> got = model::lora_dropout(xs.to(cuda), p, seed, offsets);
+            ASSERT_EQ(got.size(), want.size()) << what;
+            for (size_t k = 0; k < got.size(); ++k) {
+              EXPECT_TRUE(at::equal(got[k].bits.cpu(), want[k].bits)) << what << " copy " << k << ": the bit masks differ";
+              const at::Tensor g = got[k].x.cpu();
+              EXPECT_TRUE(at::equal(g, want[k].x))
+                  << what << " copy " << k << ": max |diff| "
+                  << (g.to(at::kDouble) - want[k].x.to(at::kDouble)).abs().max().item<double>();
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// The draws come from the device generator: three copies in one call draw what three calls of
+// one draw, and putting the generator back (what a recompute does) draws the same masks again.
+TEST(CudaFusedOps, LoraDropoutDrawsFromTheDeviceGenerator) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "torch sees no CUDA device (or this is a CPU build of torch)";
+  const at::Device cuda(at::kCUDA, 0);
+  torch::manual_seed(22);
+  const at::Tensor x = at::randn({37, 129}, at::TensorOptions().device(cuda).dtype(at::kBFloat16));
+  at::Generator gen = at::globalContext().defaultGenerator(cuda);
+  const at::Tensor start = gen.get_state();
+  const std::vector<model::DroppedCopy> three = model::lora_dropout(x, 3, 0.1);
+  gen.set_state(start);
+  for (int k = 0; k < 3; ++k) {
+    const model::DroppedCopy one = model::lora_dropout(x, 1, 0.1).front();
+    EXPECT_TRUE(at::equal(one.bits, three[k].bits)) << "copy " << k;
+    EXPECT_TRUE(at::equal(one.x, three[k].x)) << "copy " << k;
+  }
+  EXPECT_FALSE(at::equal(three[0].bits, three[1].bits)) << "two copies drew the same mask";
+  const at::Tensor after = gen.get_state();
+  gen.set_state(start);
+  const std::vector<model::DroppedCopy> again = model::lora_dropout(x, 3, 0.1);
+  for (int k = 0; k < 3; ++k) EXPECT_TRUE(at::equal(again[k].bits, three[k].bits)) << "replay, copy " << k;
+  EXPECT_TRUE(at::equal(gen.get_state(), after)) << "a replay must leave the generator where the first draw did";
+  // A large input drops p of its elements.
+  const at::Tensor big = at::ones({1 << 22}, at::TensorOptions().device(cuda).dtype(at::kHalf));
+  const model::DroppedCopy d = model::lora_dropout(big, 1, 0.05).front();
+  const double rate = 1.0 - model::unpack_bits(d.bits, {1 << 22}).to(at::kDouble).mean().item<double>();
+  EXPECT_NEAR(rate, 0.05, 7e-4) << "expected a drop rate of 0.05 (six standard deviations: 6.4e-4), got " << rate;
+}
+
+// The backward with the kernel's bit mask equals the bool-mask kernel's on the unpacked mask,
+// and lora_dropout_autograd's gradient is that backward of the forward's own mask.
+TEST(CudaFusedOps, LoraDropoutBackwardWithBits) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "torch sees no CUDA device (or this is a CPU build of torch)";
+  const at::Device cuda(at::kCUDA, 0);
+  torch::manual_seed(23);
+  const double p = 0.2, scale = 1.0 / (1.0 - p);
+  for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+    for (int64_t n : {int64_t{5}, int64_t{4096}, int64_t{3 * 4096 + 5}}) {
+      const at::Tensor x = at::randn({n}, at::TensorOptions().device(cuda).dtype(dtype));
+      const model::DroppedCopy c = model::lora_dropout(x, 1, p).front();
+      const at::Tensor mask = model::unpack_bits(c.bits, {n});
+      const at::Tensor d = at::randn({n}, x.options()), acc = at::randn({n}, x.options());
+      const at::Tensor want = model::dropout_backward_add(acc.clone(), d.clone(), mask, scale);
+      const at::Tensor got = model::dropout_backward_add(acc.clone(), d.clone(), c.bits, scale);
+      EXPECT_TRUE(at::equal(got, want)) << c10::toString(dtype) << " n=" << n;
+    }
+  }
+  at::Generator gen = at::globalContext().defaultGenerator(cuda);
+  const at::Tensor x = at::randn({8, 100}, at::TensorOptions().device(cuda).dtype(at::kBFloat16));
+  const at::Tensor start = gen.get_state();
+  const at::Tensor leaf = x.clone().requires_grad_(true);
+  const at::Tensor y = model::lora_dropout_autograd(leaf, p);
+  const at::Tensor g = at::randn({8, 100}, x.options());
+  y.backward(g);
+  gen.set_state(start);
+  const model::DroppedCopy c = model::lora_dropout(x, 1, p).front();
+  EXPECT_TRUE(at::equal(y.detach(), c.x));
+  const at::Tensor want = model::dropout_backward_add(at::Tensor(), g.clone(), c.bits, scale);
+  EXPECT_TRUE(at::equal(leaf.grad(), want));
+}
+
 }  // namespace
 }  // namespace qlora

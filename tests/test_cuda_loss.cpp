@@ -233,4 +233,45 @@ TEST(FusedCrossEntropy, EqualsTheReferencePathOnCuda) {
   }
 }
 
+// Labels on the host (what the trainer passes, so the range check needs no device sync): the
+// same loss, count and gradient as labels on the device, bit for bit; a label out of range is
+// refused with the message, and the model's upload copies a host tensor exactly.
+TEST(FusedCrossEntropy, HostLabelsEqualDeviceLabels) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device visible to torch";
+  const c10::Device gpu(c10::kCUDA, 0);
+  const int64_t n = 45, h = 32, vocab = 777;
+  torch::manual_seed(7);
+  const at::Tensor hidden0 = torch::randn({n, h}).to(gpu).to(at::kBFloat16);
+  const at::Tensor weight = (torch::randn({vocab, h}) * 0.3).to(gpu).to(at::kBFloat16);
+  at::Tensor host = torch::randint(0, vocab, {n}, at::kLong);
+  host.index_put_({torch::arange(n) % 4 == 0}, kIgnoreIndex);
+  for (const LossPath path : {LossPath::kFused, LossPath::kReference}) {
+    at::Tensor hd = hidden0.clone().requires_grad_(true);
+    at::Tensor hh = hidden0.clone().requires_grad_(true);
+    TokenLoss on_device = chunked_cross_entropy(hd, weight, host.to(gpu), 16, path);
+    TokenLoss from_host = chunked_cross_entropy(hh, weight, host, 16, path);
+    on_device.sum.backward();
+    from_host.sum.backward();
+    EXPECT_TRUE(from_host.sum.equal(on_device.sum)) << "expected the device-label loss "
+                                                    << on_device.sum.item<float>() << ", got "
+                                                    << from_host.sum.item<float>();
+    EXPECT_EQ(from_host.count.item<int64_t>(), on_device.count.item<int64_t>());
+    EXPECT_EQ(from_host.count.device(), gpu);
+    EXPECT_TRUE(hh.grad().equal(hd.grad()));
+  }
+  at::Tensor bad = host.clone();
+  bad[3] = vocab;
+  at::Tensor hb = hidden0.clone().requires_grad_(true);
+  try {
+    chunked_cross_entropy(hb, weight, bad, 16);
+    ADD_FAILURE() << "expected a label outside [0, 777) to be refused";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("a label is outside [0, 777)"), std::string::npos) << e.what();
+  }
+  const at::Tensor up = upload(host, gpu);
+  EXPECT_EQ(up.device(), gpu);
+  EXPECT_TRUE(up.cpu().equal(host));
+  EXPECT_TRUE(upload(host, c10::Device(c10::kCPU)).equal(host));  // the CPU: as is
+}
+
 }  // namespace

@@ -8,6 +8,8 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <array>
+#include <cstdint>
 #include <cstdio>
 #include <cmath>
 #include <string>
@@ -274,8 +276,82 @@ TEST(FusedOpsReference, DropoutBackwardAddWantsTheBoolMask) {
     dropout_backward_add(at::Tensor(), d.clone(), at::ones({4, 8}), 2.0);  // float noise, not a bool mask
     FAIL() << "a float mask was accepted";
   } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("expected a bool mask of d's shape"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("expected a bool mask of d's shape [4, 8] or a uint8 bit mask"),
+              std::string::npos)
+        << e.what();
   }
+}
+
+// ---------------------------------------------------------------- LoRA dropout (the CPU reference)
+
+// Random123's known-answer vectors for Philox4x32-10 (its kat_vectors file): counter, key, output.
+TEST(LoraDropoutReference, PhiloxMatchesRandom123KnownAnswers) {
+  struct Kat {
+    std::array<uint32_t, 4> ctr;
+    std::array<uint32_t, 2> key;
+    std::array<uint32_t, 4> want;
+  };
+  const Kat kats[] = {
+      {{0, 0, 0, 0}, {0, 0}, {0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8}},
+      {{0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff}, {0xffffffff, 0xffffffff},
+       {0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd}},
+      {{0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344}, {0xa4093822, 0x299f31d0},
+       {0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1}},
+  };
+  for (const Kat& k : kats) {
+    const std::array<uint32_t, 4> got = philox4x32_10(k.ctr, k.key);
+    for (int w = 0; w < 4; ++w)
+      EXPECT_EQ(got[w], k.want[w]) << "word " << w << ": expected " << std::hex << k.want[w] << ", got " << got[w];
+  }
+}
+
+TEST(LoraDropoutReference, ThresholdIsPTimesTwoToThe32) {
+  EXPECT_EQ(dropout_threshold(0.05), 214748365u);  // round(0.05 * 2^32) = round(214748364.8)
+  EXPECT_EQ(dropout_threshold(0.5), 2147483648u);
+  EXPECT_EQ(dropout_threshold(1.0 - 1e-12), 0xFFFFFFFFu);
+  EXPECT_THROW(dropout_threshold(0.0), c10::Error);
+  EXPECT_THROW(dropout_threshold(1.0), c10::Error);
+}
+
+// The reference's copies: kept elements are round(x * scale) in fp32 then the dtype, dropped
+// ones +0, the bits say which, the drop rate is p, and the draws depend on the offset only.
+TEST(LoraDropoutReference, CopiesBitsAndRate) {
+  torch::manual_seed(3);
+  const int64_t n = 1 << 16;
+  const double p = 0.3;
+  const at::Tensor x = (at::randn({n}) + 10.0).to(at::kBFloat16);  // no zero: a zero output is a drop
+  const std::vector<DroppedCopy> c = lora_dropout_reference(x.view({256, 256}), p, 0x0123456789abcdefULL, {8, 12, 8});
+  ASSERT_EQ(c.size(), 3u);
+  const float scale = static_cast<float>(1.0 / (1.0 - p));
+  for (const DroppedCopy& d : c) {
+    ASSERT_EQ(d.x.sizes(), (std::vector<int64_t>{256, 256}));
+    ASSERT_EQ(d.bits.numel(), n / 8);
+    const at::Tensor keep = unpack_bits(d.bits, {n});
+    EXPECT_TRUE(at::equal(keep, d.x.reshape({-1}) != 0)) << "the bits and the zeros disagree";
+    const at::Tensor scaled = (x.to(at::kFloat) * scale).to(at::kBFloat16);
+    EXPECT_TRUE(at::equal(d.x.reshape({-1}).masked_select(keep), scaled.masked_select(keep)));
+    const double rate = 1.0 - keep.to(at::kDouble).mean().item<double>();
+    // sqrt(p (1 - p) / n) = 0.0018: six of those.
+    EXPECT_NEAR(rate, p, 0.011) << "expected a drop rate of " << p << ", got " << rate;
+  }
+  EXPECT_TRUE(at::equal(c[0].bits, c[2].bits)) << "the same offset must draw the same mask";
+  const double same = (unpack_bits(c[0].bits, {n}) == unpack_bits(c[1].bits, {n})).to(at::kDouble).mean().item<double>();
+  // Independent masks agree on p^2 + (1 - p)^2 = 0.58 of the elements.
+  EXPECT_NEAR(same, 0.58, 0.02) << "offsets 8 and 12 drew correlated masks";
+}
+
+TEST(LoraDropoutReference, BitMaskBackwardEqualsTheBoolOne) {
+  torch::manual_seed(5);
+  for (const int64_t n : {int64_t{1}, int64_t{13}, int64_t{64}}) {
+    const at::Tensor d = at::randn({n}).to(at::kBFloat16);
+    const at::Tensor acc = at::randn({n}).to(at::kBFloat16);
+    const DroppedCopy c = lora_dropout_reference(at::ones({n}), 0.4, 99, {4}).front();
+    const at::Tensor mask = unpack_bits(c.bits, {n});
+    const at::Tensor want = dropout_backward_add(acc.clone(), d.clone(), mask, 1.0 / 0.6);
+    const at::Tensor got = dropout_backward_add(acc.clone(), d.clone(), c.bits, 1.0 / 0.6);
+    EXPECT_TRUE(at::equal(got, want)) << "n=" << n;
+  }
+  EXPECT_THROW(unpack_bits(at::zeros({3}, at::kByte), {8}), c10::Error);  // 3 bytes for 8 elements
 }
 
 TEST(FusedOpsReference, EmptyRowsAreFine) {

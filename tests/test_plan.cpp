@@ -122,9 +122,9 @@ TEST(Plan, ActivationsWithAndWithoutCheckpointing) {
   // Without: the fused layer keeping everything (Note [fused layer without checkpointing]) per
   //   token: norms' inputs and rstd 2 × (2×2,048 + 4) = 8,200 (16-bit input + rstd); attention q,
   //   k, v at their own head counts and out 2 × (2×2,048 + 2×512) + lse 4 × 32 = 10,368; MLP
-  //   gate|up 2 × 2 × 8,192 = 32,768; LoRA 4 × 2 × 16 + 3 B × 4 × 2,048 = 24,704 → 76,040; one
-  //   layer 1,024 × 76,040 + 2 × 212,992 = 78,290,944; 16 layers + final norm + step
-  //   = 1,252,655,104 + 8,392,704 + 300,032 = 1,261,347,840.
+  //   gate|up 2 × 2 × 8,192 = 32,768; LoRA 4 × 2 × 16 + 4 × (2 × 2,048 dropped copy + 2,048 / 8
+  //   bit mask) = 17,536 → 68,872; one layer 1,024 × 68,872 + 2 × 212,992 = 70,950,912; 16
+  //   layers + final norm + step = 1,135,214,592 + 8,392,704 + 300,032 = 1,143,907,328.
   const std::vector<std::string> sets = {"train.micro_batch_size=1", "data.max_seq_length=1024",
                                          "train.precision=bf16", "lora.dropout=0.05"};
   auto with = sets;
@@ -132,15 +132,15 @@ TEST(Plan, ActivationsWithAndWithoutCheckpointing) {
   auto without = sets;
   without.push_back("train.gradient_checkpointing=false");
   EXPECT_DOUBLE_EQ(component(plan_for("llama-3.2-1b", "h100", with), "activations").bytes, 142'910'464.0);
-  EXPECT_DOUBLE_EQ(component(plan_for("llama-3.2-1b", "h100", without), "activations").bytes, 1'261'347'840.0);
+  EXPECT_DOUBLE_EQ(component(plan_for("llama-3.2-1b", "h100", without), "activations").bytes, 1'143'907'328.0);
 }
 
 TEST(Plan, LoraWithoutDropoutKeepsSharedInputsOnce) {
   // 1B, all-linear, dropout 0, bf16: A's linear keeps its input itself. 7 A outputs 7 × 2 × 16 = 224;
   // q, k, v share the normed input (2 × 2,048 = 4,096), o's input is the attention output (kept
   // already: 0), gate and up share theirs (4,096), down's is the MLP product (2 × 8,192 = 16,384)
-  // → 24,800. With dropout 0.05 each module keeps its dropped input and mask instead, 3 B per input
-  // element: 224 + 3 × (6 × 2,048 + 8,192) = 61,664.
+  // → 24,800. With dropout 0.05 each module keeps its dropped input (2 B an element) and its bit
+  // mask (1/8 B) instead: 224 + 6 × (4,096 + 256) + (16,384 + 1,024) = 43,744.
   const std::vector<std::string> sets = {"lora.target_modules=all-linear", "train.precision=bf16"};
   auto none = sets;
   none.push_back("lora.dropout=0");
@@ -148,7 +148,7 @@ TEST(Plan, LoraWithoutDropoutKeepsSharedInputsOnce) {
   some.push_back("lora.dropout=0.05");
   EXPECT_NE(component(plan_for("llama-3.2-1b", "h100", none), "activations").detail.find("LoRA = 24,800 (A outputs + kept inputs)"),
             std::string::npos);
-  EXPECT_NE(component(plan_for("llama-3.2-1b", "h100", some), "activations").detail.find("LoRA = 61,664 (A outputs"),
+  EXPECT_NE(component(plan_for("llama-3.2-1b", "h100", some), "activations").detail.find("LoRA = 43,744 (A outputs"),
             std::string::npos);
 }
 
@@ -158,16 +158,16 @@ TEST(Plan, LayerPhasePeakAtLongSequences) {
   // Attention half per token (Note [plan: fused layer halves]): incoming gradient, gradient at h1
   //   and n1 3×2×2,048 + 4; q|k|v and packed copies 2×2×3,072; out 2×2,048 + lse 4×32; gradient at
   //   out and its dense copy 2×2×2,048; q, k, v gradients 2×3,072; dq accumulator 4×2,048; q, k, v
-  //   LoRA 3 × (2×16 + 3×2,048); o's A output and mask 32 + 2,048 → 71,940; × 16,384 =
-  //   1,178,664,960, + [Wq;Wk;Wv] and Wo 5,120 × 2,048 × 2 = 20,971,520. MLP half: 8,196 +
-  //   2×2×8,192 + 2×8,192 = 57,348 per token → 939,589,632 + Wg, Wu, Wd 100,663,296 =
-  //   1,040,252,928, below the attention half's 1,199,636,480.
-  // → activations 2,147,483,648 + 4,800,512 + 1,178,664,960 = 3,330,949,120, workspace 20,971,520.
+  //   LoRA 3 × (2×16 + 2×2,048 + 2,048/8 bit mask); o's A output and bit mask 32 + 256 → 64,772;
+  //   × 16,384 = 1,061,224,448, + [Wq;Wk;Wv] and Wo 5,120 × 2,048 × 2 = 20,971,520. MLP half:
+  //   8,196 + 2×2×8,192 + 2×8,192 = 57,348 per token → 939,589,632 + Wg, Wu, Wd 100,663,296 =
+  //   1,040,252,928, below the attention half's 1,082,195,968.
+  // → activations 2,147,483,648 + 4,800,512 + 1,061,224,448 = 3,213,508,608, workspace 20,971,520.
   // Loss phase: 2,147,483,648 + 16,384 × 8,196 + 4,800,512 + 16,384 × 16,384 + 266,862,592
-  //   = 2,821,865,472, below 3,351,920,640: the logits chunk is gone at the peak.
+  //   = 2,821,865,472, below 3,234,480,128: the logits chunk is gone at the peak.
   const Plan p = plan_for("llama-3.2-1b", "h100",
                           {"train.micro_batch_size=8", "data.max_seq_length=2048", "train.precision=bf16"});
-  EXPECT_DOUBLE_EQ(component(p, "activations").bytes, 3'330'949'120.0);
+  EXPECT_DOUBLE_EQ(component(p, "activations").bytes, 3'213'508'608.0);
   EXPECT_DOUBLE_EQ(component(p, "backward_workspace").bytes, 20'971'520.0);
   EXPECT_DOUBLE_EQ(component(p, "logits_loss").bytes, 0.0);
   EXPECT_NE(component(p, "logits_loss").formula.find("freed before the peak"), std::string::npos);
@@ -177,8 +177,8 @@ TEST(Plan, SelectiveRecomputeKeepsGateUpAndSavesItsGemm) {
   // As LayerPhasePeakAtLongSequences, with train.recompute: selective (Note [selective recompute]).
   // Kept besides x and h1: each layer's gate/up output 16 × 16,384 × 2 × 8,192 × 2 = 8,589,934,592
   //   → 10,737,418,240. The MLP half no longer allocates gate|up: 57,348 − 2×2×8,192 = 24,580 per
-  //   token → 402,718,720 + 100,663,296, still below the attention half's 1,199,636,480.
-  // → activations 10,737,418,240 + 4,800,512 + 1,178,664,960 = 11,920,883,712; loss phase
+  //   token → 402,718,720 + 100,663,296, still below the attention half's 1,082,195,968.
+  // → activations 10,737,418,240 + 4,800,512 + 1,061,224,448 = 11,803,443,200; loss phase
   //   2,821,865,472 + 8,589,934,592 = 11,411,800,064, lower.
   // Compute: the gate/up GEMMs leave the recompute, 2 × 16 × 2,048 × 2 × 8,192 = 1,073,741,824 per token.
   const std::vector<std::string> sets = {"train.micro_batch_size=8", "data.max_seq_length=2048",
@@ -187,7 +187,7 @@ TEST(Plan, SelectiveRecomputeKeepsGateUpAndSavesItsGemm) {
   sel.push_back("train.recompute=selective");
   const Plan full = plan_for("llama-3.2-1b", "h100", sets);
   const Plan p = plan_for("llama-3.2-1b", "h100", sel);
-  EXPECT_DOUBLE_EQ(component(p, "activations").bytes, 11'920'883'712.0);
+  EXPECT_DOUBLE_EQ(component(p, "activations").bytes, 11'803'443'200.0);
   EXPECT_DOUBLE_EQ(component(p, "backward_workspace").bytes, 20'971'520.0);
   EXPECT_NE(component(p, "activations").formula.find("gate/up outputs kept (selective recompute)"), std::string::npos)
       << component(p, "activations").formula;
@@ -202,7 +202,7 @@ TEST(Plan, SelectiveRecomputeKeepsGateUpAndSavesItsGemm) {
 
 TEST(Plan, SelectiveInSomeLayersKeepsOnlyTheirGateUp) {
   // The run above with train.selective_layers: 8 of 16: half the kept gate/up outputs,
-  // 8 × 536,870,912 B = 4,294,967,296 less → 7,625,916,416 (the layer phase still peaks: the
+  // 8 × 536,870,912 B = 4,294,967,296 less → 7,508,475,904 (the layer phase still peaks: the
   // loss phase is 2,821,865,472 + 4,294,967,296 = 7,116,832,768), half the FLOPs saved.
   const std::vector<std::string> sets = {"train.micro_batch_size=8", "data.max_seq_length=2048",
                                          "train.precision=bf16", "train.recompute=selective"};
@@ -210,7 +210,7 @@ TEST(Plan, SelectiveInSomeLayersKeepsOnlyTheirGateUp) {
   half.push_back("train.selective_layers=8");
   const Plan all = plan_for("llama-3.2-1b", "h100", sets);
   const Plan p = plan_for("llama-3.2-1b", "h100", half);
-  EXPECT_DOUBLE_EQ(component(p, "activations").bytes, 7'625'916'416.0);
+  EXPECT_DOUBLE_EQ(component(p, "activations").bytes, 7'508'475'904.0);
   EXPECT_EQ(p.recompute, "selective");
   EXPECT_EQ(p.selective_layers, 8);
   EXPECT_EQ(all.selective_layers, 16);
@@ -292,10 +292,9 @@ TEST(Plan, ChunkedLossNeverHoldsAllLogits) {
 // Measured with bench/bench_train --configs ... (2 warm-up steps): the CUDA caching allocator's
 // max allocated bytes over the timed steps, random weights; r 16 / alpha 32 / dropout 0.05,
 // paged 8-bit AdamW, the fused layer and loss (bf16 / fp16 on the GPU). Each row changes one
-// thing of (1B, q,k,v,o, checkpointing, bf16). The first rows on an H100 (2026-11-25, session
-// 5; the H200 of 2026-12-01 measured each within 0.03%); the last four on that H200 (2026-12-01,
-// bench/results/2026-12-01-h200-session7): the fused layer without checkpointing (which
-// replaced the generic layer there: 2,902,283,776 before) and selective recompute.
+// thing of (1B, q,k,v,o, checkpointing, bf16). All on an H200 (2026-12-02, session 9, issue 8's
+// two calls: bench/results/2026-12-02-h200-session9), with LoRA dropout's bit masks (Note [LoRA
+// dropout kernel]); the byte masks before them measured 0.01-4.7% more (8 × 2048: 4,528,316,416).
 struct Measurement {
   const char* model;
   int64_t micro, seq;
@@ -306,15 +305,15 @@ struct Measurement {
   const char* recompute = "full";
 };
 constexpr Measurement kMeasured[] = {
-    {"llama-3.2-1b", 2, 512, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 1'526'081'536},
-    {"llama-3.2-1b", 4, 1024, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 1'989'827'072},
-    {"llama-3.2-1b", 8, 2048, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 4'528'316'416},
-    {"llama-3.2-1b", 4, 1024, "all-linear", true, "bf16", 2'188'646'912},
-    {"llama-3.2-1b", 4, 1024, "q_proj,k_proj,v_proj,o_proj", true, "fp16", 1'989'827'072},
-    {"llama-3.1-8b", 2, 2048, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 8'773'265'920},
-    {"llama-3.2-1b", 2, 512, "q_proj,k_proj,v_proj,o_proj", false, "bf16", 2'637'588'480},
-    {"llama-3.2-1b", 4, 1024, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 4'114'736'128, "selective"},
-    {"llama-3.2-1b", 8, 2048, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 12'581'249'024, "selective"},
+    {"llama-3.2-1b", 2, 512, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 1'525'949'440},
+    {"llama-3.2-1b", 4, 1024, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 1'989'696'000},
+    {"llama-3.2-1b", 8, 2048, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 4'410'744'832},
+    {"llama-3.2-1b", 4, 1024, "all-linear", true, "bf16", 2'144'229'888},
+    {"llama-3.2-1b", 4, 1024, "q_proj,k_proj,v_proj,o_proj", true, "fp16", 1'989'696'000},
+    {"llama-3.1-8b", 2, 2048, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 8'772'807'168},
+    {"llama-3.2-1b", 2, 512, "q_proj,k_proj,v_proj,o_proj", false, "bf16", 2'520'146'944},
+    {"llama-3.2-1b", 4, 1024, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 4'114'732'032, "selective"},
+    {"llama-3.2-1b", 8, 2048, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 12'463'808'512, "selective"},
     {"llama-3.1-8b", 2, 2048, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 16'054'118'912, "selective"},
 };
 // Issue 8's target for the predicted peak against the measured one.

@@ -198,6 +198,25 @@ int swiglu_backward_inplace(const void* dm, int64_t dm_row_stride, void* gu, int
 int dropout_backward_add(void* out, const void* acc, const void* d, const bool* mask, int64_t n, float scale,
                          FloatType type, CUstream_st* stream);
 
+// The same with the bit mask lora_dropout writes: bit i % 8 of bits[i / 8] is mask[i].
+int dropout_backward_add_bits(void* out, const void* acc, const void* d, const uint8_t* bits, int64_t n, float scale,
+                              FloatType type, CUstream_st* stream);
+
+// LoRA dropout of one input x [n] (contiguous) for `count` (1..3) projections in one pass
+// (Note [LoRA dropout kernel], kernels/fused_ops.cu): outs[p] [n] = x with element i dropped
+// (+0) when word i % 4 of Philox4x32-10(counter (i / 4, offset[p]), key seed) is below
+// `threshold`, else round(x[i] * scale); masks[p] [ceil(n / 8)] bytes, bit i % 8 of byte i / 8
+// set where element i is kept. Offsets must be 4 or more apart for independent draws (the
+// device generator's philox_cuda_state(4) hands out such). 16-byte aligned pointers take vector
+// loads; any alignment is accepted.
+inline constexpr int kMaxDropoutOutputs = 3;
+struct DropoutDraws {
+  uint64_t seed = 0;
+  uint64_t offset[kMaxDropoutOutputs] = {};
+};
+int lora_dropout(const void* x, int64_t n, FloatType type, int count, void* const* outs, uint8_t* const* masks,
+                 const DropoutDraws& draws, uint32_t threshold, float scale, CUstream_st* stream);
+
 // ---------------------------------------------------------------- cross-entropy
 // One row of logits a CTA (kernels/cross_entropy.cu, Note [cross-entropy rows kernel]), all in
 // fp32: lse[r] = logsumexp(row r), loss[r] = lse[r] - row[labels[r]] (0 where labels[r] ==

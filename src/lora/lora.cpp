@@ -10,6 +10,7 @@
 
 #include "qlora/common/errors.h"
 #include "qlora/config/config.h"
+#include "qlora/model/fused_ops.h"
 #include "qlora/model/llama.h"
 
 namespace qlora::lora {
@@ -113,7 +114,11 @@ LoraLinear::LoraLinear(std::shared_ptr<model::FrozenLinear> base, int64_t r, dou
 
 at::Tensor LoraLinear::forward(const at::Tensor& x) const {
   at::Tensor y = base_->forward(x);
-  at::Tensor xd = (training_ && dropout_ > 0) ? at::dropout(x, dropout_, /*train=*/true) : x;
+  // On a GPU our dropout kernel (model::lora_dropout, Note [LoRA dropout kernel]), which the
+  // fused layer draws the same masks from; torch's dropout on the CPU.
+  at::Tensor xd = x;
+  if (training_ && dropout_ > 0)
+    xd = x.is_cuda() ? model::lora_dropout_autograd(x, dropout_) : at::dropout(x, dropout_, /*train=*/true);
   at::Tensor update = at::linear(at::linear(xd, a_.to(x.scalar_type())), b_.to(x.scalar_type()));  // [..., out]
   return y + update * scaling_;
 }

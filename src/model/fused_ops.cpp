@@ -7,11 +7,17 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 #include <utility>
+#include <vector>
+
+#include <torch/csrc/autograd/custom_function.h>
 
 #ifdef QLORA_WITH_CUDA
+#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -158,9 +164,85 @@ void swiglu_backward_inplace_reference(const at::Tensor& dm, at::Tensor& gu) {
   u.copy_(du);
 }
 
-at::Tensor dropout_backward_add_reference(at::Tensor acc, at::Tensor d, const at::Tensor& mask, double scale) {
+namespace {
+
+bool is_bit_mask(const at::Tensor& mask, const at::Tensor& d) {
+  return mask.defined() && mask.scalar_type() == at::kByte && mask.dim() == 1 && mask.numel() == (d.numel() + 7) / 8;
+}
+
+}  // namespace
+
+at::Tensor unpack_bits(const at::Tensor& bits, at::IntArrayRef sizes) {
+  int64_t n = 1;
+  for (const int64_t s : sizes) n *= s;
+  TORCH_CHECK(bits.defined() && bits.scalar_type() == at::kByte && bits.dim() == 1 && bits.numel() == (n + 7) / 8,
+              "unpack_bits: expected uint8 [", (n + 7) / 8, "] for ", n, " elements, got ", describe(bits));
+  const at::Tensor shifts = at::arange(8, bits.options());
+  const at::Tensor all = bits.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and(1).reshape({-1});  // [8 ceil(n/8)]
+  return all.narrow(0, 0, n).to(at::kBool).reshape(sizes);
+}
+
+uint32_t dropout_threshold(double p) {
+  TORCH_CHECK(p > 0.0 && p < 1.0, "dropout_threshold: expected p in (0, 1), got ", p);
+  const double t = std::round(p * 4294967296.0);
+  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
+}
+
+// Random123's Philox4x32-10, written from the published round function: a round maps
+// (c0, c1, c2, c3) with key (k0, k1) to (hi(M1 c2) ^ c1 ^ k0, lo(M1 c2), hi(M0 c0) ^ c3 ^ k1,
+// lo(M0 c0)), and the key gains the Weyl constants between rounds.
+std::array<uint32_t, 4> philox4x32_10(std::array<uint32_t, 4> c, std::array<uint32_t, 2> k) {
+  constexpr uint64_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k[0] += kW0;
+      k[1] += kW1;
+    }
+    const uint64_t p0 = kM0 * c[0], p1 = kM1 * c[2];
+    c = {static_cast<uint32_t>(p1 >> 32) ^ c[1] ^ k[0], static_cast<uint32_t>(p1),
+         static_cast<uint32_t>(p0 >> 32) ^ c[3] ^ k[1], static_cast<uint32_t>(p0)};
+  }
+  return c;
+}
+
+std::vector<DroppedCopy> lora_dropout_reference(const at::Tensor& x, double p, uint64_t seed,
+                                                const std::vector<uint64_t>& offsets) {
+  const at::Tensor xc = x.detach().to(at::kCPU).contiguous();
+  const int64_t n = xc.numel();
+  const uint32_t threshold = dropout_threshold(p);
+  const auto scale = static_cast<float>(1.0 / (1.0 - p));
+  const std::array<uint32_t, 2> key = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
+  std::vector<DroppedCopy> out;
+  for (const uint64_t off : offsets) {
+    at::Tensor keep = at::empty({n}, at::kBool);
+    at::Tensor bits = at::zeros({(n + 7) / 8}, at::kByte);
+    bool* kp = keep.data_ptr<bool>();
+    uint8_t* bp = bits.data_ptr<uint8_t>();
+    std::array<uint32_t, 4> words{};
+    for (int64_t i = 0; i < n; ++i) {
+      if (i % 4 == 0) {
+        const auto q = static_cast<uint64_t>(i / 4);
+        words = philox4x32_10({static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), static_cast<uint32_t>(off),
+                               static_cast<uint32_t>(off >> 32)},
+                              key);
+      }
+      kp[i] = words[i % 4] >= threshold;
+      if (kp[i]) bp[i / 8] = static_cast<uint8_t>(bp[i / 8] | (1u << (i % 8)));
+    }
+    // round(x * scale) in fp32, rounded once to x's dtype; dropped elements +0.
+    const at::Tensor scaled = (xc.to(at::kFloat) * scale).to(xc.scalar_type());
+    const at::Tensor dropped = at::where(keep.view(xc.sizes()), scaled, at::zeros_like(scaled));
+    out.push_back({dropped, bits});
+  }
+  return out;
+}
+
+at::Tensor dropout_backward_add_reference(at::Tensor acc, at::Tensor d, const at::Tensor& given_mask, double scale) {
+  const at::Tensor mask = is_bit_mask(given_mask, d) ? unpack_bits(given_mask, d.sizes()) : given_mask;
   TORCH_CHECK(mask.defined() && mask.scalar_type() == at::kBool && mask.sizes() == d.sizes(),
-              "dropout_backward_add: expected a bool mask of d's shape ", d.sizes(), ", got ", describe(mask));
+              "dropout_backward_add: expected a bool mask of d's shape ", d.sizes(),
+              " or a uint8 bit mask of its elements, got ", describe(given_mask));
   TORCH_CHECK(!acc.defined() || (acc.sizes() == d.sizes() && acc.scalar_type() == d.scalar_type()),
               "dropout_backward_add: expected acc of d's shape and dtype (", describe(d), "), got ", describe(acc));
   d.mul_(mask).mul_(scale);
@@ -283,20 +365,107 @@ void swiglu_backward_inplace(const at::Tensor& dm, at::Tensor& gu) {
 
 at::Tensor dropout_backward_add(at::Tensor acc, at::Tensor d, const at::Tensor& mask, double scale) {
 #ifdef QLORA_WITH_CUDA
-  if (use_kernel(d) && d.is_contiguous() && mask.is_contiguous() && mask.scalar_type() == at::kBool &&
-      mask.sizes() == d.sizes() && mask.device() == d.device() &&
+  const bool bits = is_bit_mask(mask, d);
+  if (use_kernel(d) && d.is_contiguous() && mask.is_contiguous() && mask.device() == d.device() &&
+      (bits || (mask.scalar_type() == at::kBool && mask.sizes() == d.sizes())) &&
       (!acc.defined() || (acc.is_contiguous() && acc.sizes() == d.sizes() && acc.scalar_type() == d.scalar_type() &&
                           acc.device() == d.device()))) {
     at::Tensor out = acc.defined() ? acc : d;
     const c10::cuda::CUDAGuard guard(d.device());
-    check_launch(kernels::dropout_backward_add(out.data_ptr(), acc.defined() ? acc.const_data_ptr() : nullptr,
-                                               d.const_data_ptr(), mask.const_data_ptr<bool>(), d.numel(),
-                                               static_cast<float>(scale), float_type(d), stream_of(d)),
+    const void* a = acc.defined() ? acc.const_data_ptr() : nullptr;
+    const auto s = static_cast<float>(scale);
+    check_launch(bits ? kernels::dropout_backward_add_bits(out.data_ptr(), a, d.const_data_ptr(),
+                                                           mask.const_data_ptr<uint8_t>(), d.numel(), s, float_type(d),
+                                                           stream_of(d))
+                      : kernels::dropout_backward_add(out.data_ptr(), a, d.const_data_ptr(),
+                                                      mask.const_data_ptr<bool>(), d.numel(), s, float_type(d),
+                                                      stream_of(d)),
                  "dropout_backward_add");
     return out;
   }
 #endif
   return dropout_backward_add_reference(std::move(acc), std::move(d), mask, scale);
 }
+
+std::vector<DroppedCopy> lora_dropout(const at::Tensor& x, double p, uint64_t seed, const std::vector<uint64_t>& offsets) {
+  const auto count = static_cast<int64_t>(offsets.size());
+  TORCH_CHECK(x.defined() && x.is_cuda() && at::isFloatingType(x.scalar_type()),
+              "lora_dropout: expected a float tensor on a CUDA device, got ", describe(x));
+  TORCH_CHECK(count >= 1 && count <= 3, "lora_dropout: expected 1 to 3 copies, got ", count);
+  const uint32_t threshold = dropout_threshold(p);
+#ifdef QLORA_WITH_CUDA
+  const at::Tensor xc = x.contiguous();
+  const int64_t n = xc.numel();
+  std::vector<DroppedCopy> out;
+  kernels::DropoutDraws draws;
+  draws.seed = seed;
+  void* outs[kernels::kMaxDropoutOutputs] = {};
+  uint8_t* masks[kernels::kMaxDropoutOutputs] = {};
+  for (int64_t k = 0; k < count; ++k) {
+    out.push_back({at::empty_like(xc), at::empty({(n + 7) / 8}, xc.options().dtype(at::kByte))});
+    outs[k] = out.back().x.data_ptr();
+    masks[k] = out.back().bits.data_ptr<uint8_t>();
+    draws.offset[k] = offsets[static_cast<size_t>(k)];
+  }
+  const kernels::FloatType type = xc.scalar_type() == at::kFloat ? kernels::FloatType::kF32 : float_type(xc);
+  TORCH_CHECK(xc.scalar_type() == at::kFloat || xc.scalar_type() == at::kBFloat16 || xc.scalar_type() == at::kHalf,
+              "lora_dropout: expected fp32, bf16 or fp16, got ", describe(x));
+  const c10::cuda::CUDAGuard guard(xc.device());
+  check_launch(kernels::lora_dropout(xc.const_data_ptr(), n, type, static_cast<int>(count), outs, masks, draws,
+                                     threshold, static_cast<float>(1.0 / (1.0 - p)), stream_of(xc)),
+               "lora_dropout");
+  return out;
+#else
+  (void)seed;
+  (void)threshold;
+  TORCH_CHECK(false, "lora_dropout: this build has no CUDA kernels (QLORA_CUDA=OFF)");
+#endif
+}
+
+std::vector<DroppedCopy> lora_dropout(const at::Tensor& x, int64_t count, double p) {
+  TORCH_CHECK(x.defined() && x.is_cuda(), "lora_dropout: expected a tensor on a CUDA device, got ", describe(x));
+  TORCH_CHECK(count >= 1 && count <= 3, "lora_dropout: expected 1 to 3 copies, got ", count);
+#ifdef QLORA_WITH_CUDA
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+      std::nullopt, at::cuda::detail::getDefaultCUDAGenerator(x.device().index()));
+  uint64_t seed = 0;
+  std::vector<uint64_t> offsets;
+  {
+    const std::lock_guard<std::mutex> lock(gen->mutex_);
+    for (int64_t k = 0; k < count; ++k) {
+      const at::PhiloxCudaState st = gen->philox_cuda_state(4);
+      TORCH_CHECK(!st.captured_, "lora_dropout: CUDA graph capture is not supported");
+      seed = st.seed_.val;
+      offsets.push_back(st.offset_.val);
+    }
+  }
+  return lora_dropout(x, p, seed, offsets);
+#else
+  (void)p;
+  TORCH_CHECK(false, "lora_dropout: this build has no CUDA kernels (QLORA_CUDA=OFF)");
+#endif
+}
+
+namespace {
+
+// lora_dropout_autograd's function: the kernel forward, dropout_backward_add with its bits back.
+struct LoraDropoutFunction : public torch::autograd::Function<LoraDropoutFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, double p) {
+    DroppedCopy d = std::move(lora_dropout(x, 1, p).front());
+    ctx->save_for_backward({d.bits});
+    ctx->saved_data["scale"] = 1.0 / (1.0 - p);
+    return d.x;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const at::Tensor bits = ctx->get_saved_variables()[0];
+    at::Tensor g = grads[0].contiguous().clone();  // the incoming gradient may be shared: a copy to write into
+    return {dropout_backward_add(at::Tensor(), std::move(g), bits, ctx->saved_data["scale"].toDouble()), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor lora_dropout_autograd(const at::Tensor& x, double p) { return LoraDropoutFunction::apply(x, p); }
 
 }  // namespace qlora::model

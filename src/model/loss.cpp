@@ -212,15 +212,27 @@ TokenLoss chunked_cross_entropy(const at::Tensor& hidden, const at::Tensor& weig
   return chunked_cross_entropy(hidden, weight, labels, chunk, LossPath::kAuto);
 }
 
-TokenLoss chunked_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+at::Tensor upload(const at::Tensor& host, c10::Device device) {
+  if (!device.is_cuda() || !host.is_cpu()) return host.to(device);
+  return host.pin_memory().to(device, /*non_blocking=*/true);
+}
+
+TokenLoss chunked_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& host_or_device_labels,
                                 int64_t chunk, LossPath path) {
-  check_inputs(hidden, weight, labels);
+  check_inputs(hidden, weight, host_or_device_labels);
   TORCH_CHECK(chunk > 0, "cross_entropy: chunk must be positive, got ", chunk);
   const int64_t vocab = weight.size(0);
-  // One cheap check instead of a device-side assert deep inside gather.
-  at::Tensor bad = at::logical_and(labels.ne(kIgnoreIndex), at::logical_or(labels.lt(0), labels.ge(vocab)));
-  TORCH_CHECK(!bad.any().item<bool>(), "cross_entropy: a label is outside [0, ", vocab, ") and is not ",
-              kIgnoreIndex);
+  // One cheap check instead of a device-side assert deep inside gather: on the host when the
+  // labels are there (then uploaded without blocking the host), else at the cost of a device sync.
+  {
+    const at::Tensor& l = host_or_device_labels;
+    const at::Tensor bad = at::logical_and(l.ne(kIgnoreIndex), at::logical_or(l.lt(0), l.ge(vocab)));
+    TORCH_CHECK(!bad.any().item<bool>(), "cross_entropy: a label is outside [0, ", vocab, ") and is not ",
+                kIgnoreIndex);
+  }
+  const at::Tensor labels = host_or_device_labels.device() == hidden.device()
+                                ? host_or_device_labels
+                                : upload(host_or_device_labels, hidden.device());
   const bool fused_applies = fused_cross_entropy_applies(hidden, weight);
   TORCH_CHECK(path != LossPath::kFused || fused_applies,
               "cross_entropy: the fused path needs bf16 / fp16 hidden states on a CUDA device (in a CUDA build) "

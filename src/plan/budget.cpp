@@ -20,7 +20,9 @@
 // layer_forward, ops as they save tensors), per token:
 //   two RMSNorms: x.float() (kept by pow and mul) + rstd       2·(4h + 4)
 //   LoRA on a projection, dropout > 0: the dropped input (kept by
-//     A's linear) + dropout's bool mask, and A's output         (p + 1)·in + p·r
+//     A's linear) + dropout's mask, and A's output                p·in + m + p·r
+//     (m = in bytes of bool mask; on GPUs, bf16/fp16, the bit mask of
+//     Note [LoRA dropout kernel]: ceil(in / 8))
 //   LoRA, dropout 0: A's linear keeps the input itself, which q, k, v share
 //     (p·h once), o takes from the attention output (already kept), gate and
 //     up share (p·h), down's input is the MLP product (p·i)
@@ -141,14 +143,14 @@ std::string format_gib(double bytes) { return fmt::fixed(bytes / kGiB, 2); }
 // the fused layer's backward (src/train/fused_layer.cpp), besides the kept x and h1.
 //   MLP half, at down_proj's LoRA input gradient: the incoming gradient and n2 (p·h each,
 //     + fp32 rstd), gate|up (2·p·i), the gradient at the MLP product (p·i), the LoRA
-//     temporary (p·i) and dropout mask (i), the gate/up LoRA inputs (dropped copy p·h and
-//     mask h each with dropout) and A outputs (p·r); weights: [Wg;Wu] and Wd dequantized.
+//     temporary (p·i) and dropout bit mask (i/8), the gate/up LoRA inputs (dropped copy p·h and
+//     bit mask h/8 each with dropout) and A outputs (p·r); weights: [Wg;Wu] and Wd dequantized.
 //   attention half, at SDPA's backward: the layer's incoming gradient (the autograd engine
 //     holds it until the layer's backward returns), the gradient at h1 and n1, q|k|v and its
 //     packed copies (2·p·(q+k+v)), SDPA's output and lse, the gradient at the attention output
 //     and SDPA's dense copy of it (2·p·H·d),
 //     the q, k, v gradients and SDPA's fp32 accumulator for dq (4·H·d), the q/k/v LoRA inputs
-//     and o's dropout mask; weights: [Wq;Wk;Wv], Wo.
+//     and o's dropout bit mask; weights: [Wq;Wk;Wv], Wo.
 struct FusedHalves {
   double mlp_tok = 0, attention_tok = 0;          // bytes per token
   double mlp_weights = 0, attention_weights = 0;  // dequantized weights
@@ -161,14 +163,14 @@ FusedHalves fused_halves(const LlamaConfig& m, const BudgetInputs& in) {
   const bool drop = in.lora_dropout > 0;
   auto lora_in = [&](const char* name, int64_t in_features) -> int64_t {
     if (!targets(in, name)) return 0;
-    return p * r + (drop ? (p + 1) * in_features : 0);
+    return p * r + (drop ? p * in_features + (in_features + 7) / 8 : 0);  // bit masks on GPUs
   };
   FusedHalves f;
   f.mlp_tok = double(2 * p * h + 4 + 2 * p * i + p * i + lora_in("gate_proj", h) + lora_in("up_proj", h));
-  if (targets(in, "down_proj")) f.mlp_tok += double(p * i + (drop ? i : 0));
+  if (targets(in, "down_proj")) f.mlp_tok += double(p * i + (drop ? (i + 7) / 8 : 0));
   f.attention_tok = double(3 * p * h + 4 + 2 * p * qkv + p * hd + 4 * m.num_attention_heads + 2 * p * hd + p * qkv + 4 * hd +
                            lora_in("q_proj", h) + lora_in("k_proj", h) + lora_in("v_proj", h));
-  if (targets(in, "o_proj")) f.attention_tok += double(p * r + (drop ? hd : 0));
+  if (targets(in, "o_proj")) f.attention_tok += double(p * r + (drop ? (hd + 7) / 8 : 0));
   f.mlp_weights = double(3 * i * h * in.dequant_bytes);
   f.attention_weights = double((qkv + hd) * h * in.dequant_bytes);
   return f;
@@ -276,7 +278,7 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
   for (const auto& s : decoder_linear_shapes(m)) {
     if (!targets(in, s.name.c_str())) continue;
     lora_tok += p * in.lora_r;
-    if (in.lora_dropout > 0) lora_tok += (p + 1) * s.in_features;
+    if (in.lora_dropout > 0) lora_tok += p * s.in_features + (gpu16 ? (s.in_features + 7) / 8 : s.in_features);
   }
   if (in.lora_dropout <= 0) {  // A's linear keeps its input itself; shared inputs are kept once
     if (targets(in, "q_proj") || targets(in, "k_proj") || targets(in, "v_proj")) lora_tok += p * h;

@@ -95,14 +95,35 @@ std::vector<Proj> pick(const LayerRefs& r, std::initializer_list<size_t> idx) {
 
 // LoRA of projections `idx` (whose outputs are consecutive column blocks of `out`)
 // on input x; the passes in `passes` (null entries where no LoRA).
+// The dropped copies of x for the LoRA projections among `idx` (which share x), drawn
+// together in idx's order (fused_layer_parts.h: dropout_shared).
+std::vector<std::pair<size_t, Dropped>> shared_dropout(const LayerRefs& r, std::initializer_list<size_t> idx,
+                                                       const at::Tensor& x) {
+  std::vector<size_t> which;
+  std::vector<const lora::LoraLinear*> loras;
+  for (size_t i : idx)
+    if (r.proj[i].lora) {
+      which.push_back(i);
+      loras.push_back(r.proj[i].lora);
+    }
+  std::vector<std::pair<size_t, Dropped>> out;
+  if (loras.empty()) return out;
+  std::vector<Dropped> dropped = dropout_shared(x, loras);
+  for (size_t k = 0; k < which.size(); ++k) out.emplace_back(which[k], std::move(dropped[k]));
+  return out;
+}
+
 void lora_columns(const LayerRefs& r, std::initializer_list<size_t> idx, const at::Tensor& x, at::Tensor& out,
                   std::vector<std::pair<size_t, LoraPass>>* passes) {
+  std::vector<std::pair<size_t, Dropped>> dropped = shared_dropout(r, idx, x);
+  auto next = dropped.begin();
   int64_t off = 0;
   for (size_t i : idx) {
     const Proj& p = r.proj[i];
     const int64_t n = p.base->out_features();
     if (p.lora) {
-      LoraPass pass = lora_add(p, x, out.narrow(1, off, n));
+      LoraPass pass = lora_add(p, std::move(next->second), out.narrow(1, off, n));
+      ++next;
       if (passes) passes->emplace_back(i, std::move(pass));
     }
     off += n;
@@ -195,8 +216,8 @@ MlpHalf mlp_half_from_kept(const LayerRefs& r, const at::Tensor& h1, at::Tensor 
   MlpHalf s;
   s.n2 = norm_forward(h1, r.norm2, r.model->config().rms_norm_eps);
   s.w_gu = merged_weight(pick(r, {kGate, kUp}), h1.options());  // for the input gradient
-  for (size_t i : {kGate, kUp})
-    if (r.proj[i].lora) s.lora.emplace_back(i, lora_pass(r.proj[i], s.n2.y));
+  for (auto& [i, dropped] : shared_dropout(r, {kGate, kUp}, s.n2.y))
+    s.lora.emplace_back(i, lora_pass(r.proj[i], std::move(dropped)));
   s.gu = std::move(gu);
   if (r.proj[kDown].lora) s.m = model::swiglu(s.gu);  // down_proj's LoRA input
   return s;

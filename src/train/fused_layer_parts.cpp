@@ -40,19 +40,13 @@ void accumulate_grad(const at::Tensor& param, const at::Tensor& grad, double alp
   }
 }
 
-// In place on grad: the mask and the 1/(1-p) scale (one rounding, as native_dropout_backward).
-at::Tensor& dropout_backward_(at::Tensor& grad, const Dropped& d) {
-  if (!d.mask.defined()) return grad;
-  if (d.mask.scalar_type() == at::kBool) return grad.mul_(d.mask).mul_(1.0 / (1.0 - d.p));
-  return grad.mul_(d.mask);
-}
-
 // The gradient with respect to a LoRA's input x, dx (before its dropout), added to acc (the
 // projections sharing x sum theirs; undefined: dx starts the sum).
 at::Tensor add_input_grad(at::Tensor acc, at::Tensor dx, const Dropped& d) {
-  if (d.mask.defined() && d.mask.scalar_type() == at::kBool)  // the GPU's native_dropout
+  if (!d.mask.defined()) return acc.defined() ? acc.add_(dx) : dx;
+  if (d.mask.scalar_type() == at::kByte)  // the GPU's bit mask (model::lora_dropout)
     return model::dropout_backward_add(std::move(acc), std::move(dx), d.mask, 1.0 / (1.0 - d.p));
-  dropout_backward_(dx, d);
+  dx.mul_(d.mask);  // the CPU's scaled noise
   return acc.defined() ? acc.add_(dx) : dx;
 }
 
@@ -96,28 +90,48 @@ at::Tensor merged_weight(const std::vector<Proj>& projs, const at::TensorOptions
 
 // ---------------------------------------------------------------- dropout and LoRA
 
-Dropped dropout(const at::Tensor& x, const lora::LoraLinear& l) {
-  const double p = l.dropout();
-  if (!l.training() || p <= 0.0) return {x, {}, 0.0};
-  if (x.is_cuda()) {
-    auto [y, mask] = at::native_dropout(x, p, /*train=*/true);
-    return {y, mask, p};
+Dropped dropout(const at::Tensor& x, const lora::LoraLinear& l) { return std::move(dropout_shared(x, {&l}).front()); }
+
+std::vector<Dropped> dropout_shared(const at::Tensor& x, const std::vector<const lora::LoraLinear*>& loras) {
+  std::vector<Dropped> out(loras.size());
+  // Which draw: on the GPU the projections with dropout draw in one kernel call when they
+  // share p (what one call a projection would draw, in the same order).
+  std::vector<size_t> drawing;
+  for (size_t k = 0; k < loras.size(); ++k) {
+    const double p = loras[k]->dropout();
+    if (!loras[k]->training() || p <= 0.0) {
+      out[k] = {x, {}, 0.0};
+      continue;
+    }
+    if (x.is_cuda()) {
+      drawing.push_back(k);
+      continue;
+    }
+    at::Tensor noise = at::empty_like(x).bernoulli_(1.0 - p);
+    noise.div_(1.0 - p);
+    out[k] = {x * noise, noise, p};
   }
-  at::Tensor noise = at::empty_like(x).bernoulli_(1.0 - p);
-  noise.div_(1.0 - p);
-  return {x * noise, noise, p};
+  for (size_t first = 0; first < drawing.size();) {
+    const double p = loras[drawing[first]]->dropout();
+    size_t last = first + 1;
+    while (last < drawing.size() && last - first < 3 && loras[drawing[last]]->dropout() == p) ++last;
+    std::vector<model::DroppedCopy> copies = model::lora_dropout(x, static_cast<int64_t>(last - first), p);
+    for (size_t j = first; j < last; ++j) out[drawing[j]] = {std::move(copies[j - first].x), std::move(copies[j - first].bits), p};
+    first = last;
+  }
+  return out;
 }
 
-// dropout(x) and its product with Aᵀ, what a LoRA's backward needs of its forward.
-LoraPass lora_pass(const Proj& p, const at::Tensor& x) {
-  LoraPass pass{dropout(x, *p.lora), {}};
+LoraPass lora_pass(const Proj& p, Dropped in) {
+  LoraPass pass{std::move(in), {}};
   pass.t = at::mm(pass.in.x, p.a.t());
   return pass;
 }
 
-// out += scaling · (dropout(x) · Aᵀ) · Bᵀ, in x's dtype; out may be a column slice.
-LoraPass lora_add(const Proj& p, const at::Tensor& x, at::Tensor out) {
-  LoraPass pass = lora_pass(p, x);
+LoraPass lora_pass(const Proj& p, const at::Tensor& x) { return lora_pass(p, dropout(x, *p.lora)); }
+
+LoraPass lora_add(const Proj& p, Dropped in, at::Tensor out) {
+  LoraPass pass = lora_pass(p, std::move(in));
   out.addmm_(pass.t, p.b.t(), /*beta=*/1.0, /*alpha=*/p.lora->scaling());
   return pass;
 }

@@ -42,16 +42,21 @@ at::Tensor merged_weight(const std::vector<Proj>& projs, const at::TensorOptions
 
 // ---------------------------------------------------------------- dropout and LoRA
 
-// LoRA dropout as the generic layer draws it (lora::LoraLinear::forward calls
-// at::dropout): the fused kernel on GPUs, a scaled Bernoulli mask on the CPU, so
+// LoRA dropout as the generic layer draws it (lora::LoraLinear::forward): our kernel on GPUs
+// (model::lora_dropout, a bit mask), a scaled Bernoulli mask on the CPU (at::dropout's), so
 // the generators advance the same way and the masks are the same.
 struct Dropped {
   at::Tensor x;     // the input the LoRA A sees
-  at::Tensor mask;  // bool (GPU) or the scaled noise (CPU); undefined without dropout
+  at::Tensor mask;  // uint8 bits (GPU) or the scaled noise (CPU); undefined without dropout
   double p = 0.0;
 };
 
 Dropped dropout(const at::Tensor& x, const lora::LoraLinear& l);
+
+// The dropped copies of one input for projections that share it (q, k, v; gate, up), in
+// their order: on a GPU one pass over x (Note [LoRA dropout kernel]) drawing what a call a
+// projection would.
+std::vector<Dropped> dropout_shared(const at::Tensor& x, const std::vector<const lora::LoraLinear*>& loras);
 
 // One LoRA's forward pieces, kept for its backward.
 struct LoraPass {
@@ -59,11 +64,13 @@ struct LoraPass {
   at::Tensor t;  // [N, r] = dropped input · Aᵀ
 };
 
-// dropout(x) and its product with Aᵀ, what a LoRA's backward needs of its forward.
+// dropout(x) and its product with Aᵀ, what a LoRA's backward needs of its forward (the
+// second form from a dropped copy already drawn).
 LoraPass lora_pass(const Proj& p, const at::Tensor& x);
+LoraPass lora_pass(const Proj& p, Dropped in);
 
-// out += scaling · (dropout(x) · Aᵀ) · Bᵀ, in x's dtype; out may be a column slice.
-LoraPass lora_add(const Proj& p, const at::Tensor& x, at::Tensor out);
+// out += scaling · (in.x · Aᵀ) · Bᵀ, in x's dtype; out may be a column slice.
+LoraPass lora_add(const Proj& p, Dropped in, at::Tensor out);
 
 // The backward of lora_add for the gradient `go` [N, out] at its output: A and B's gradients
 // accumulated, the gradient with respect to x [N, in] added to `acc` (undefined: it starts the

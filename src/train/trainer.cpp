@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/core/grad_mode.h>
+#include <ATen/record_function.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 #include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "qlora/amp/scaler.h"
@@ -115,7 +117,7 @@ std::pair<at::Tensor, int64_t> batch_loss(const model::LlamaModel& model, const 
   const bool packed = std::any_of(batch.segment_ids.begin(), batch.segment_ids.end(), [](int32_t s) { return s > 1; });
   model::AttentionInputs attention;
   if (packed) {
-    attention = model::packed_attention(t.segment_ids.to(device), t.position_ids.to(device));
+    attention = model::packed_attention(model::upload(t.segment_ids, device), model::upload(t.position_ids, device));
   } else if (right_padded(batch)) {
     // Note [right padding needs no mask]: a real token attends only to earlier
     // positions, all real when padding comes last, so causal attention gives every
@@ -123,9 +125,12 @@ std::pair<at::Tensor, int64_t> batch_loss(const model::LlamaModel& model, const 
     // takes SDPA's flash kernels with grouped kv heads instead of a [B, 1, T, T] mask.
     attention = model::causal_attention(batch.rows, batch.cols, device);
   } else {
-    attention = model::padded_attention(t.attention_mask.to(device));
+    attention = model::padded_attention(model::upload(t.attention_mask, device));
   }
-  const at::Tensor input_ids = t.input_ids.to(device);
+  const at::Tensor input_ids = model::upload(t.input_ids, device);
+  // The labels stay on the host: the loss checks their range there and uploads them
+  // without a device sync (model::chunked_cross_entropy).
+  const at::Tensor labels = model::shift_labels(t.labels).reshape({-1});  // [B*T] int64, CPU
   at::Tensor hidden;  // [B, T, h]
   if (!layer_forward) {
     hidden = model.forward_hidden(input_ids, attention);
@@ -135,7 +140,6 @@ std::pair<at::Tensor, int64_t> batch_loss(const model::LlamaModel& model, const 
     for (int64_t l = 0; l < model.num_layers(); ++l) hidden = layer_forward(l, hidden, cos_sin, attention);
     hidden = model.final_norm(hidden);
   }
-  const at::Tensor labels = model::shift_labels(t.labels).to(device).reshape({-1});  // [B*T] int64
   const model::TokenLoss loss =
       model::chunked_cross_entropy(hidden.reshape({-1, hidden.size(-1)}), model.lm_head_weight(), labels, loss_chunk);
   // The count on the host (the same labels, counted before they went to the
@@ -262,15 +266,24 @@ bool Trainer::run_micro_batches(const std::vector<data::Batch>& window, Accumula
         split ? data::split_rows(window[i], max_micro_rows_) : std::vector<data::Batch>{};
     const size_t n = split ? pieces.size() : 1;
     for (size_t k = 0; k < n; ++k) {
-      auto [sum, count] = micro_batch_loss(split ? pieces[k] : window[i]);
+      // The phases carry user scopes so a profile (bench_train --profile) shows where the
+      // host is when the GPU waits.
+      at::Tensor sum;
+      int64_t count = 0;
+      {
+        RECORD_USER_SCOPE("qlora::forward");
+        std::tie(sum, count) = micro_batch_loss(split ? pieces[k] : window[i]);
+      }
       if (count == 0) continue;  // no target: contributes nothing (and no graph to walk)
       sums.push_back(sum.detach());
+      RECORD_USER_SCOPE("qlora::backward");
       const at::Tensor loss = scaler_.scale(sum * inv_tokens);  // [] fp32
       torch::autograd::backward({loss});
     }
   }
   acc.loss_sum = 0.0;
   if (!sums.empty()) {
+    RECORD_USER_SCOPE("qlora::loss_read");
     const at::Tensor host = at::stack(sums).to(at::kCPU).to(at::kDouble).contiguous();  // [micro] fp64
     const double* v = host.const_data_ptr<double>();
     for (int64_t i = 0; i < host.numel(); ++i) acc.loss_sum += v[i];  // in micro-batch order
@@ -296,6 +309,7 @@ StepStats Trainer::apply_gradients(const AccumulatedWindow& acc) {
   std::vector<at::Tensor> grads;
   for (const auto& p : params_)
     if (p.grad().defined()) grads.push_back(p.grad());
+  RECORD_USER_SCOPE("qlora::apply_gradients");
   const bool bad = scaler_.unscale(grads) || !std::isfinite(stats.loss);
   stats.grad_norm = clip_grad_norm(params_, bad ? 0.0 : options_.max_grad_norm);
   if (!bad) optimizer_.step(stats.lr);
@@ -335,7 +349,10 @@ LoopSummary train_loop(const Config& cfg, Trainer& trainer, data::DataLoader& lo
     const Clock::time_point step_start = Clock::now();
     const data::LoaderCursor window_start = loader.cursor();
     std::vector<data::Batch> window;
-    for (int64_t i = 0; i < accumulation; ++i) window.push_back(loader.next());
+    {
+      RECORD_USER_SCOPE("qlora::next_window");
+      for (int64_t i = 0; i < accumulation; ++i) window.push_back(loader.next());
+    }
     StepEvent e;
     e.stats = trainer.train_step(window);
     e.input_tokens = e.stats.input_tokens;
@@ -360,6 +377,7 @@ LoopSummary train_loop(const Config& cfg, Trainer& trainer, data::DataLoader& lo
     e.eta_seconds = elapsed / static_cast<double>(sum.steps) * static_cast<double>(total - e.step);
 
     if (on_step) {
+      RECORD_USER_SCOPE("qlora::on_step");
       if (!on_step(e) && e.step < total) {
         sum.stopped = true;
         break;

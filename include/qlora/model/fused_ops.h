@@ -14,6 +14,10 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
+#include <cstdint>
+#include <vector>
+
 namespace qlora::model {
 
 // RoPE in place, transformers' rotate_half convention: x <- x*cos + rotate_half(x)*sin,
@@ -44,11 +48,43 @@ at::Tensor swiglu(const at::Tensor& gu);
 void swiglu_backward_inplace(const at::Tensor& dm, at::Tensor& gu);
 
 // LoRA dropout's backward added into the input gradient of the projections that share an
-// input: with mask the bool mask of at::native_dropout and scale = 1 / (1 - p), returns
+// input: with mask the bool mask of at::native_dropout (or the uint8 bit mask of lora_dropout,
+// bit i % 8 of byte i / 8 for element i) and scale = 1 / (1 - p), returns
 // acc += (d ⊙ mask) · scale, or, with acc undefined, (d ⊙ mask) · scale in place on d. Each
 // step rounds as those ATen ops would (Note [dropout backward add], kernels/fused_ops.cu).
 // d, acc: same shape and dtype, contiguous for the kernel (other layouts take the reference).
 at::Tensor dropout_backward_add(at::Tensor acc, at::Tensor d, const at::Tensor& mask, double scale);
+
+// LoRA dropout on a GPU (Note [LoRA dropout kernel], kernels/fused_ops.cu): `count` (1..3)
+// dropped copies of x (a CUDA tensor, any float dtype), as `count` projections sharing the
+// input draw them, in one pass over x. Each copy has x's shape; its mask is a flat uint8 bit
+// mask [ceil(numel / 8)] (bit i % 8 of byte i / 8 set where element i is kept). The draws come
+// from x's device generator, one philox_cuda_state(4) a copy, so `count` calls of one copy draw
+// what one call of `count` draws, and a recompute that puts the generator back draws the same
+// masks. p in (0, 1). There is no ATen path on the device: the CPU reference below is the oracle.
+struct DroppedCopy {
+  at::Tensor x;     // the dropped copy, x's shape and dtype
+  at::Tensor bits;  // uint8 [ceil(numel / 8)]
+};
+std::vector<DroppedCopy> lora_dropout(const at::Tensor& x, int64_t count, double p);
+// The same from given draws: seed and one offset a copy (tests; lora_dropout passes the generator's).
+std::vector<DroppedCopy> lora_dropout(const at::Tensor& x, double p, uint64_t seed, const std::vector<uint64_t>& offsets);
+
+// LoRA dropout for autograd (lora::LoraLinear on a GPU): one copy of lora_dropout, whose
+// backward is dropout_backward_add with its bits.
+at::Tensor lora_dropout_autograd(const at::Tensor& x, double p);
+
+// The kernel's drop threshold for p: round(p * 2^32) (element dropped when its Philox word is
+// below it), and Philox4x32-10 (Random123's counter-based generator, 10 rounds) on the host.
+uint32_t dropout_threshold(double p);
+std::array<uint32_t, 4> philox4x32_10(std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key);
+
+// The CPU reference of lora_dropout from given draws: x on any device, results on the CPU.
+std::vector<DroppedCopy> lora_dropout_reference(const at::Tensor& x, double p, uint64_t seed,
+                                                const std::vector<uint64_t>& offsets);
+
+// A bit mask [ceil(n / 8)] as a bool tensor of `sizes` (n elements), on the mask's device.
+at::Tensor unpack_bits(const at::Tensor& bits, at::IntArrayRef sizes);
 
 // The references, always ATen ops (the CPU, fp32, QLORA_REFERENCE_OPS=1, and the tests).
 // rope_inplace_reference computes what model::apply_rope computes for the same values;

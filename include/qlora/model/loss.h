@@ -13,6 +13,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 #include <cstdint>
 
@@ -29,7 +30,8 @@ struct TokenLoss {
 // lm_head, same dtype), labels [N] int64 with kIgnoreIndex for tokens that do
 // not count. Each chunk's logits are hidden · Wᵀ in the input dtype, then fp32
 // (as transformers upcasts before its loss). Labels outside [0, V) other than
-// kIgnoreIndex throw.
+// kIgnoreIndex throw. Labels may be on the CPU while hidden is on a GPU: they are checked
+// there and uploaded without a device sync (checking labels on the GPU costs one).
 TokenLoss chunked_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                                 int64_t chunk = 1024);
 
@@ -63,6 +65,12 @@ CrossEntropyRows cross_entropy_rows_reference(const at::Tensor& logits, const at
 // The plain reference: full fp32 logits, at::cross_entropy with reduction sum.
 // For tests and small vocabularies.
 TokenLoss dense_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels);
+
+// A CPU tensor on `device`. On a GPU without blocking the host: through pinned memory and an
+// asynchronous copy (a copy from pageable memory waits for all the work queued on the stream,
+// which stops the host from running ahead of the GPU; the caching host allocator keeps the
+// pinned block until the copy is done). Anything else: tensor.to(device).
+at::Tensor upload(const at::Tensor& host, c10::Device device);
 
 // labels [B, T] -> [B, T] where position t holds labels[t + 1] and the last
 // position kIgnoreIndex: what a causal LM predicts at each position.
