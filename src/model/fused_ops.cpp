@@ -389,8 +389,9 @@ at::Tensor dropout_backward_add(at::Tensor acc, at::Tensor d, const at::Tensor& 
 
 std::vector<DroppedCopy> lora_dropout(const at::Tensor& x, double p, uint64_t seed, const std::vector<uint64_t>& offsets) {
   const auto count = static_cast<int64_t>(offsets.size());
-  TORCH_CHECK(x.defined() && x.is_cuda() && at::isFloatingType(x.scalar_type()),
-              "lora_dropout: expected a float tensor on a CUDA device, got ", describe(x));
+  TORCH_CHECK(x.defined() && x.is_cuda() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
+              "lora_dropout: expected an fp32, bf16 or fp16 tensor on a CUDA device, got ", describe(x));
   TORCH_CHECK(count >= 1 && count <= 3, "lora_dropout: expected 1 to 3 copies, got ", count);
   const uint32_t threshold = dropout_threshold(p);
 #ifdef QLORA_WITH_CUDA
@@ -408,8 +409,6 @@ std::vector<DroppedCopy> lora_dropout(const at::Tensor& x, double p, uint64_t se
     draws.offset[k] = offsets[static_cast<size_t>(k)];
   }
   const kernels::FloatType type = xc.scalar_type() == at::kFloat ? kernels::FloatType::kF32 : float_type(xc);
-  TORCH_CHECK(xc.scalar_type() == at::kFloat || xc.scalar_type() == at::kBFloat16 || xc.scalar_type() == at::kHalf,
-              "lora_dropout: expected fp32, bf16 or fp16, got ", describe(x));
   const c10::cuda::CUDAGuard guard(xc.device());
   check_launch(kernels::lora_dropout(xc.const_data_ptr(), n, type, static_cast<int>(count), outs, masks, draws,
                                      threshold, static_cast<float>(1.0 / (1.0 - p)), stream_of(xc)),

@@ -93,8 +93,6 @@ std::vector<Proj> pick(const LayerRefs& r, std::initializer_list<size_t> idx) {
   return out;
 }
 
-// LoRA of projections `idx` (whose outputs are consecutive column blocks of `out`)
-// on input x; the passes in `passes` (null entries where no LoRA).
 // The dropped copies of x for the LoRA projections among `idx` (which share x), drawn
 // together in idx's order (fused_layer_parts.h: dropout_shared).
 std::vector<std::pair<size_t, Dropped>> shared_dropout(const LayerRefs& r, std::initializer_list<size_t> idx,
@@ -113,6 +111,8 @@ std::vector<std::pair<size_t, Dropped>> shared_dropout(const LayerRefs& r, std::
   return out;
 }
 
+// LoRA of projections `idx` (whose outputs are consecutive column blocks of `out`)
+// on input x; the passes in `passes` (null entries where no LoRA).
 void lora_columns(const LayerRefs& r, std::initializer_list<size_t> idx, const at::Tensor& x, at::Tensor& out,
                   std::vector<std::pair<size_t, LoraPass>>* passes) {
   std::vector<std::pair<size_t, Dropped>> dropped = shared_dropout(r, idx, x);
