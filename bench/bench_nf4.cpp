@@ -4,6 +4,8 @@
 //   {"bench":"nf4_gemv", ...}     the fused GEMV at M = 1, 4, 16 vs dequantize + cuBLAS
 //                                 (at::matmul) and vs cuBLAS on the already-dequantized weight
 //   {"bench":"adamw8bit", ...}    the fused 8-bit AdamW step: its bytes moved / time vs copy
+//   {"bench":"lora_dropout", ...} LoRA dropout of q, k, v's shared input (three copies, p 0.05;
+//                                 Note [LoRA dropout kernel]): bytes moved / time vs copy
 // Timing: CUDA events around each repeat, the L2 flushed between repeats (a 256 MiB memset),
 // warm-up first, the median of kRepeats. Weight values are random bytes (speed does not depend
 // on them). Needs a GPU; without one it prints one line saying so and exits 0.
@@ -13,10 +15,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <tuple>
 #include <vector>
 
 #include "qlora/kernels.h"
@@ -199,6 +203,49 @@ void bench_adamw(cudaStream_t stream, at::Tensor& flush) {
   }
 }
 
+void bench_dropout(cudaStream_t stream, at::Tensor& flush) {
+  const double p = 0.05;
+  // The q/k/v input of a micro batch: 8 x 2048 tokens of Llama-3.2-1B, 2 x 2048 of Llama-3.1-8B.
+  for (const auto& [model, tokens, hidden] : {std::tuple{"1B", 16384, 2048}, std::tuple{"8B", 4096, 4096}}) {
+    const int64_t n = int64_t{tokens} * hidden;
+    const at::Tensor x = at::randn({n}, at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA));
+    std::vector<at::Tensor> outs, masks;
+    void* out_ptrs[3];
+    uint8_t* mask_ptrs[3];
+    for (int k = 0; k < 3; ++k) {
+      outs.push_back(at::empty_like(x));
+      masks.push_back(at::empty({(n + 7) / 8}, x.options().dtype(at::kByte)));
+      out_ptrs[k] = outs.back().data_ptr();
+      mask_ptrs[k] = masks.back().data_ptr<uint8_t>();
+    }
+    const double bytes = static_cast<double>(n) * (2 + 3 * 2) + 3.0 * static_cast<double>((n + 7) / 8);
+    // A device-to-device copy of about as many bytes (read + write 8n).
+    const at::Tensor src = at::empty({n * 2}, x.options()), dst = at::empty_like(src);
+    const double copy = time_ms(stream, flush, [&] {
+      check(static_cast<int>(cudaMemcpyAsync(dst.data_ptr(), src.data_ptr(), static_cast<size_t>(n) * 4,
+                                             cudaMemcpyDeviceToDevice, stream)),
+            "copy");
+    });
+    const double copy_g = gbps(static_cast<double>(n) * 8, copy);
+    qlora::kernels::DropoutDraws draws;
+    draws.seed = 1234;
+    draws.offset[0] = 0;
+    draws.offset[1] = 4;
+    draws.offset[2] = 8;
+    const auto threshold = static_cast<uint32_t>(std::llround(p * 4294967296.0));
+    const double ms = time_ms(stream, flush, [&] {
+      check(qlora::kernels::lora_dropout(x.data_ptr(), n, FloatType::kBF16, 3, out_ptrs, mask_ptrs, draws, threshold,
+                                         static_cast<float>(1.0 / (1.0 - p)), stream),
+            "lora_dropout");
+    });
+    std::printf(
+        "{\"bench\":\"lora_dropout\",\"model\":\"%s\",\"tokens\":%d,\"hidden\":%d,\"copies\":3,\"ms\":%.4f,"
+        "\"gbps\":%.1f,\"copy_gbps\":%.1f,\"ratio_to_copy\":%.3f}\n",
+        model, tokens, hidden, ms, gbps(bytes, ms), copy_g, gbps(bytes, ms) / copy_g);
+    std::fflush(stdout);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -216,5 +263,6 @@ int main() {
   bench_dequant(stream, flush);
   bench_gemv(stream, flush);
   bench_adamw(stream, flush);
+  bench_dropout(stream, flush);
   return 0;
 }

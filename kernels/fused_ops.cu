@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "qlora/kernels.h"
 
@@ -385,8 +386,10 @@ struct DropoutOutputs {
   uint64_t offset[kMaxDropoutOutputs];
 };
 
-template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads) lora_dropout_kernel(const T* __restrict__ x, int64_t n, int count,
+// kCount copies, a compile-time count: a loop over a runtime count indexed the kernel's
+// parameter arrays dynamically, which put them in local memory (a 72-byte stack frame).
+template <typename T, bool kVec, int kCount>
+__global__ void __launch_bounds__(kThreads) lora_dropout_kernel(const T* __restrict__ x, int64_t n,
                                                                 DropoutOutputs o, uint2 key, uint32_t threshold,
                                                                 float scale) {
   const int64_t groups = (n + 7) / 8;
@@ -403,7 +406,8 @@ __global__ void __launch_bounds__(kThreads) lora_dropout_kernel(const T* __restr
       for (int k = 0; k < 8; ++k) xv[k] = k < m ? Conv<T>::to(x[i + k]) : 0.0f;
     }
     const uint64_t q = static_cast<uint64_t>(i) / 4;
-    for (int p = 0; p < count; ++p) {
+#pragma unroll
+    for (int p = 0; p < kCount; ++p) {
       const uint64_t off = o.offset[p];
       const uint32_t olo = static_cast<uint32_t>(off), ohi = static_cast<uint32_t>(off >> 32);
       const uint4 r0 = philox4x32_10(make_uint4(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), olo, ohi), key);
@@ -445,10 +449,17 @@ int launch_lora_dropout(const void* x, int64_t n, int count, void* const* outs, 
   const uint2 key = make_uint2(static_cast<uint32_t>(draws.seed), static_cast<uint32_t>(draws.seed >> 32));
   const T* xv = static_cast<const T*>(x);
   const unsigned grid = grid_for((n + 7) / 8);
+  auto launch = [&](auto kernel) { kernel<<<grid, kThreads, 0, stream>>>(xv, n, o, key, threshold, scale); };
+  auto with_count = [&](auto vec_tag) {
+    constexpr bool kV = decltype(vec_tag)::value;
+    if (count == 1) launch(lora_dropout_kernel<T, kV, 1>);
+    if (count == 2) launch(lora_dropout_kernel<T, kV, 2>);
+    if (count == 3) launch(lora_dropout_kernel<T, kV, 3>);
+  };
   if (vec) {
-    lora_dropout_kernel<T, true><<<grid, kThreads, 0, stream>>>(xv, n, count, o, key, threshold, scale);
+    with_count(std::true_type{});
   } else {
-    lora_dropout_kernel<T, false><<<grid, kThreads, 0, stream>>>(xv, n, count, o, key, threshold, scale);
+    with_count(std::false_type{});
   }
   return static_cast<int>(cudaGetLastError());
 }

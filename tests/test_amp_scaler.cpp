@@ -170,6 +170,23 @@ TEST(LossScaler, DisabledScalerPassesThroughButStillFindsInf) {
   EXPECT_EQ(scaler.current_scale(), 1.0f);
 }
 
+// The trainer's one-read step checks the gradients itself (their norm) and tells a disabled
+// scaler the verdict; an enabled scaler must divide, so it refuses.
+TEST(LossScaler, DisabledScalerTakesACheckMadeElsewhere) {
+  LossScalerOptions o;
+  o.enabled = false;
+  LossScaler scaler(o);
+  EXPECT_TRUE(scaler.unscale_checked(true));
+  EXPECT_TRUE(scaler.found_inf());
+  EXPECT_TRUE(scaler.unscale_checked(false)) << "a second call in the step keeps the first verdict";
+  scaler.update();
+  EXPECT_FALSE(scaler.unscale_checked(false));
+  scaler.update();
+  EXPECT_EQ(scaler.current_scale(), 1.0f);
+  LossScaler enabled;
+  EXPECT_THROW(enabled.unscale_checked(false), c10::Error);
+}
+
 TEST(LossScaler, ScalesTheLossAndRoundTripsItsState) {
   LossScaler scaler;
   EXPECT_EQ(scaler.scale(at::full({}, 0.5f)).item<float>(), 32768.0f);

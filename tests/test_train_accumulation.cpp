@@ -313,6 +313,25 @@ TEST(TrainSteps, NonFiniteGradientsSkipTheUpdate) {
   EXPECT_EQ(rig.bad_steps.in_a_row(), 0);
 }
 
+// Note [one read at the step's end]: train_step reads the gradients' norm with the loss (one
+// device read a step); the step it takes is the one the two halves take with their own reads:
+// the same loss, norm (clipped: max_grad_norm below the norm) and parameters, bit for bit.
+TEST(TrainSteps, OneReadStepEqualsTheTwoHalves) {
+  const auto ex = make_examples(29);
+  const auto window = make_window(ex, 8);
+  train::StepOptions opts;
+  opts.max_grad_norm = 1e-3;  // below any norm here: the clipping runs
+  Rig halves(opts), fused(opts);
+  const train::StepStats want = halves.trainer->apply_gradients(halves.trainer->accumulate_gradients(window));
+  const train::StepStats got = fused.trainer->train_step(window);
+  EXPECT_EQ(got.loss, want.loss);
+  EXPECT_EQ(got.grad_norm, want.grad_norm);
+  EXPECT_GT(want.grad_norm, opts.max_grad_norm);
+  EXPECT_FALSE(got.skipped);
+  const auto a = halves.adapter.parameters(), b = fused.adapter.parameters();
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i], b[i])) << "parameter " << i;
+}
+
 TEST(TrainSteps, TotalOptimizerSteps) {
   TrainConfig t;
   t.gradient_accumulation_steps = 4;

@@ -84,6 +84,14 @@ bool LossScaler::unscale(const std::vector<at::Tensor>& grads) {
   return found_inf_;
 }
 
+bool LossScaler::unscale_checked(bool found_inf) {
+  TORCH_CHECK(!options_.enabled, "loss scaler: unscale_checked() is for a disabled scaler (an enabled one divides)");
+  if (unscaled_) return found_inf_;
+  found_inf_ = found_inf;
+  unscaled_ = true;
+  return found_inf_;
+}
+
 void LossScaler::update() {
   TORCH_CHECK(unscaled_, "loss scaler: update() called without unscale() in this step");
   if (options_.enabled)

@@ -260,6 +260,12 @@ void load_rng(AutogradContext* ctx, const std::string& key, const c10::Device& d
   restore_rng(rng, device);
 }
 
+// The gradient at a merged projection's input: lora_dx (its LoRAs' part; undefined
+// without) + g·W, the sum made by the GEMM (one pass fewer over [N, h] than mm, then add).
+at::Tensor input_grad(at::Tensor lora_dx, const at::Tensor& g, const at::Tensor& w) {
+  return lora_dx.defined() ? lora_dx.addmm_(g, w) : at::mm(g, w);
+}
+
 // The MLP half's backward from its forward pieces `mlp` (recomputed, rebuilt from the
 // kept gate/up output, or kept whole) and down_proj's LoRA pass: the gradient from dy
 // down to h1. mlp.w_gu must hold [Wg;Wu] dequantized.
@@ -269,8 +275,7 @@ at::Tensor mlp_backward(const LayerRefs& r, const at::Tensor& h1, const at::Tens
   if (r.proj[kDown].lora) dm = lora_backward(r.proj[kDown], std::move(down), dy, dm);
   model::swiglu_backward_inplace(dm, mlp.gu);  // gu now holds [dg | du]
   dm = at::Tensor();
-  at::Tensor dn2 = at::mm(mlp.gu, mlp.w_gu);  // [N, h]
-  if (at::Tensor d = lora_columns_backward(r, {kGate, kUp}, mlp.gu, mlp.lora); d.defined()) dn2.add_(d);
+  at::Tensor dn2 = input_grad(lora_columns_backward(r, {kGate, kUp}, mlp.gu, mlp.lora), mlp.gu, mlp.w_gu);  // [N, h]
   mlp.gu = at::Tensor();
   mlp.w_gu = at::Tensor();
   return norm_backward(dn2, h1, r.norm2, mlp.n2).add_(dy);
@@ -320,8 +325,7 @@ at::Tensor attention_backward(const LayerHolder& holder, const at::Tensor& x2, i
   model::rope_backward_into(gk, dqkv[1], holder.cos_sin.first, holder.cos_sin.second);
   model::copy_heads(gv, dqkv[2]);
   dqkv.clear();
-  at::Tensor dn1 = at::mm(g_qkv, att.w_qkv);  // [N, h]
-  if (at::Tensor dl = lora_columns_backward(r, {kQ, kK, kV}, g_qkv, att.lora); dl.defined()) dn1.add_(dl);
+  const at::Tensor dn1 = input_grad(lora_columns_backward(r, {kQ, kK, kV}, g_qkv, att.lora), g_qkv, att.w_qkv);  // [N, h]
   return norm_backward(dn1, x2, r.norm1, att.n1).add_(dh1);
 }
 

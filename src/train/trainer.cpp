@@ -60,36 +60,53 @@ static bool right_padded(const data::Batch& batch) {
   return true;
 }
 
-double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm) {
-  at::NoGradGuard no_grad;
+namespace {
+bool all_fp32(const std::vector<at::Tensor>& grads) {
+  return std::all_of(grads.begin(), grads.end(), [](const at::Tensor& g) { return g.scalar_type() == at::kFloat; });
+}
+
+std::vector<at::Tensor> defined_grads(const std::vector<at::Tensor>& params) {
   std::vector<at::Tensor> grads;
   for (const auto& p : params)
     if (p.grad().defined()) grads.push_back(p.grad());
-  if (grads.empty()) return 0.0;
+  return grads;
+}
+}  // namespace
+
+at::Tensor grad_norm_on_device(const std::vector<at::Tensor>& grads) {
+  at::NoGradGuard no_grad;
+  if (grads.empty()) return {};
   // One multi-tensor kernel for the per-gradient norms (fp32 master gradients),
-  // then the norm of the norms: the host reads one number.
+  // then the norm of the norms.
   std::vector<at::Tensor> norms;
-  const bool all_fp32 = std::all_of(grads.begin(), grads.end(), [](const at::Tensor& g) {
-    return g.scalar_type() == at::kFloat;
-  });
-  if (all_fp32) {
+  if (all_fp32(grads)) {
     norms = at::_foreach_norm(grads, 2);
   } else {
     for (const auto& g : grads) norms.push_back(at::linalg_vector_norm(g.to(at::kFloat), 2));
   }
-  const at::Tensor total = at::linalg_vector_norm(at::stack(norms), 2);  // [] fp32
-  const double norm = total.item<double>();
+  return at::linalg_vector_norm(at::stack(norms), 2);  // [] fp32
+}
+
+void clip_by_norm(const std::vector<at::Tensor>& grads, const at::Tensor& total, double norm, double max_norm) {
+  at::NoGradGuard no_grad;
   // torch's clip_grad_norm_: coefficient max_norm / (norm + 1e-6), clamped to 1,
   // computed in fp32 and always applied (x * 1.0 is x); a non-finite norm scales
   // nothing here (the step is skipped by the bad-step policy instead of writing NaN grads).
-  if (max_norm > 0 && std::isfinite(norm) && max_norm / (norm + 1e-6) < 1.0) {
-    const at::Tensor coef = at::clamp_max(max_norm / (total + 1e-6), 1.0);  // [] fp32
-    if (all_fp32) {
-      at::_foreach_mul_(grads, coef);
-    } else {
-      for (auto& g : grads) g.mul_(coef.to(g.scalar_type()));
-    }
+  if (grads.empty() || !(max_norm > 0 && std::isfinite(norm) && max_norm / (norm + 1e-6) < 1.0)) return;
+  const at::Tensor coef = at::clamp_max(max_norm / (total + 1e-6), 1.0);  // [] fp32
+  if (all_fp32(grads)) {
+    at::_foreach_mul_(grads, coef);
+  } else {
+    for (const auto& g : grads) g.mul_(coef.to(g.scalar_type()));
   }
+}
+
+double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm) {
+  const std::vector<at::Tensor> grads = defined_grads(params);
+  if (grads.empty()) return 0.0;
+  const at::Tensor total = grad_norm_on_device(grads);
+  const double norm = total.item<double>();  // the host reads one number
+  clip_by_norm(grads, total, norm, max_norm);
   return norm;
 }
 
@@ -167,7 +184,7 @@ Trainer::Trainer(model::LlamaModel& model, std::vector<at::Tensor> params, optim
 }
 
 StepStats Trainer::train_step(const std::vector<data::Batch>& window) {
-  const AccumulatedWindow acc = accumulate_gradients(window);
+  const AccumulatedWindow acc = accumulate(window, /*read_norm=*/true);
   if (acc.aborted || acc.out_of_memory) {
     StepStats stats;
     stats.aborted = acc.aborted;
@@ -182,6 +199,10 @@ std::pair<at::Tensor, int64_t> Trainer::micro_batch_loss(const data::Batch& batc
 }
 
 AccumulatedWindow Trainer::accumulate_gradients(const std::vector<data::Batch>& window) {
+  return accumulate(window, /*read_norm=*/false);
+}
+
+AccumulatedWindow Trainer::accumulate(const std::vector<data::Batch>& window, bool read_norm) {
   AccumulatedWindow acc;
   const dist::Group* group = options_.group != nullptr && options_.group->distributed() ? options_.group : nullptr;
   int64_t counts[2] = {0, 0};  // target tokens (the loss divisor), real input tokens
@@ -210,7 +231,7 @@ AccumulatedWindow Trainer::accumulate_gradients(const std::vector<data::Batch>& 
 
   for (;;) {
     try {
-      if (!run_micro_batches(window, acc)) {
+      if (!run_micro_batches(window, acc, read_norm)) {
         drop_attempt();
         acc.aborted = true;
         return acc;
@@ -255,7 +276,7 @@ AccumulatedWindow Trainer::accumulate_gradients(const std::vector<data::Batch>& 
   return acc;
 }
 
-bool Trainer::run_micro_batches(const std::vector<data::Batch>& window, AccumulatedWindow& acc) {
+bool Trainer::run_micro_batches(const std::vector<data::Batch>& window, AccumulatedWindow& acc, bool read_norm) {
   // Note [token-normalized accumulation] (trainer.h).
   const double inv_tokens = 1.0 / static_cast<double>(acc.window_tokens);
   std::vector<at::Tensor> sums;  // read once after the window: one device sync, not one per micro batch
@@ -284,9 +305,26 @@ bool Trainer::run_micro_batches(const std::vector<data::Batch>& window, Accumula
   acc.loss_sum = 0.0;
   if (!sums.empty()) {
     RECORD_USER_SCOPE("qlora::loss_read");
-    const at::Tensor host = at::stack(sums).to(at::kCPU).to(at::kDouble).contiguous();  // [micro] fp64
+    // Note [one read at the step's end]: each read-back waits for the GPU to finish, and the
+    // GPU then idles while the host launches what follows. A step read three numbers: the
+    // losses, the scaler's inf/nan flag and the gradients' norm. With one process and no loss
+    // scaler the gradients are final here, so their norm is launched behind the backward and
+    // read in the same copy as the losses, and it stands for the inf/nan check (a gradient
+    // holding inf or nan makes the norm inf or nan): one wait a step instead of three. With
+    // the scaler on (fp16) the gradients are divided first; with several processes they are
+    // summed across ranks first: those steps read as before.
+    const bool norm_now = read_norm && !scaler_.enabled() &&
+                          (options_.group == nullptr || !options_.group->distributed());
+    at::Tensor read = at::stack(sums).to(at::kDouble);  // [micro] fp64 (exact from fp32)
+    if (norm_now) {
+      acc.grad_norm_total = grad_norm_on_device(defined_grads(params_));
+      if (acc.grad_norm_total.defined()) read = at::cat({read, acc.grad_norm_total.to(at::kDouble).view({1})});
+    }
+    const at::Tensor host = read.to(at::kCPU).contiguous();
     const double* v = host.const_data_ptr<double>();
-    for (int64_t i = 0; i < host.numel(); ++i) acc.loss_sum += v[i];  // in micro-batch order
+    const auto micro = static_cast<int64_t>(sums.size());
+    for (int64_t i = 0; i < micro; ++i) acc.loss_sum += v[i];  // in micro-batch order
+    if (norm_now) acc.grad_norm = acc.grad_norm_total.defined() ? v[micro] : 0.0;
   }
   return true;
 }
@@ -310,8 +348,14 @@ StepStats Trainer::apply_gradients(const AccumulatedWindow& acc) {
   for (const auto& p : params_)
     if (p.grad().defined()) grads.push_back(p.grad());
   RECORD_USER_SCOPE("qlora::apply_gradients");
-  const bool bad = scaler_.unscale(grads) || !std::isfinite(stats.loss);
-  stats.grad_norm = clip_grad_norm(params_, bad ? 0.0 : options_.max_grad_norm);
+  const bool bad = (acc.grad_norm ? scaler_.unscale_checked(!std::isfinite(*acc.grad_norm)) : scaler_.unscale(grads)) ||
+                   !std::isfinite(stats.loss);
+  if (acc.grad_norm) {  // Note [one read at the step's end]: read with the loss
+    stats.grad_norm = *acc.grad_norm;
+    clip_by_norm(grads, acc.grad_norm_total, stats.grad_norm, bad ? 0.0 : options_.max_grad_norm);
+  } else {
+    stats.grad_norm = clip_grad_norm(params_, bad ? 0.0 : options_.max_grad_norm);
+  }
   if (!bad) optimizer_.step(stats.lr);
   scaler_.update();
   stats.skipped = bad_steps_.record(bad, step_ - 1);

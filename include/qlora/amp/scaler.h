@@ -69,6 +69,10 @@ class LossScaler {
   // returns true when the step must be skipped. A second call in the same step returns the
   // same verdict without touching the gradients again.
   bool unscale(const std::vector<at::Tensor>& grads);
+  // Disabled scaler only (nothing to divide): unscale() with the inf/nan check made elsewhere,
+  // `found_inf` (the trainer reads the gradients' norm with the loss and checks that: Note [one
+  // read at the step's end] in src/train/trainer.cpp). Returns it.
+  bool unscale_checked(bool found_inf);
 
   // Closes the step: applies update_scale with this step's verdict (enabled) and re-arms
   // unscale(). Must follow unscale().

@@ -37,6 +37,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -87,6 +88,13 @@ int64_t target_tokens(const data::Batch& batch);
 // Returns the norm before clipping (inf/nan when a gradient holds one; then
 // nothing is scaled). max_norm <= 0 only measures.
 double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm);
+
+// clip_grad_norm in two halves, so the host can read the norm with other numbers in one copy:
+// the total norm of `grads` on their device ([] fp32, undefined when there are none), and the
+// clipping by it given its value read back (`norm`; nothing scaled when max_norm <= 0, the
+// norm is not finite or within max_norm).
+at::Tensor grad_norm_on_device(const std::vector<at::Tensor>& grads);
+void clip_by_norm(const std::vector<at::Tensor>& grads, const at::Tensor& total, double norm, double max_norm);
 
 // Optimizer steps of a run, as transformers' Trainer counts them: max_steps when
 // > 0, else ceil(epochs * max(1, micro_batches_per_epoch / accumulation)) with
@@ -140,6 +148,10 @@ struct StepStats {
 // What step 2 of the recipe leaves behind, before the update.
 struct AccumulatedWindow {
   double loss_sum = 0.0;      // summed cross-entropy of the window's micro batches, all ranks
+  // Note [one read at the step's end] (src/train/trainer.cpp): the gradients' total norm, read
+  // with the loss by train_step when the loss scaler is off and there is one process.
+  std::optional<double> grad_norm;
+  at::Tensor grad_norm_total;  // its [] fp32 tensor on the device, for the clipping coefficient
   int64_t window_tokens = 0;  // divisor used: target tokens of the window, all ranks
   int64_t input_tokens = 0;   // real tokens of the window, all ranks
   bool aborted = false;       // interrupted mid-window; gradients already dropped
@@ -191,7 +203,10 @@ class Trainer {
   int64_t max_micro_rows_ = 0;
 
   // Step 2 of the recipe for one attempt; false when interrupted mid-window.
-  bool run_micro_batches(const std::vector<data::Batch>& window, AccumulatedWindow& acc);
+  // read_norm: Note [one read at the step's end] (train_step: nothing changes the gradients
+  // between the two halves).
+  bool run_micro_batches(const std::vector<data::Batch>& window, AccumulatedWindow& acc, bool read_norm);
+  AccumulatedWindow accumulate(const std::vector<data::Batch>& window, bool read_norm);
 };
 
 // ---------------------------------------------------------------- the loop
