@@ -344,9 +344,7 @@ StepStats Trainer::apply_gradients(const AccumulatedWindow& acc) {
   }
   stats.loss = acc.loss_sum / static_cast<double>(acc.window_tokens);
 
-  std::vector<at::Tensor> grads;
-  for (const auto& p : params_)
-    if (p.grad().defined()) grads.push_back(p.grad());
+  const std::vector<at::Tensor> grads = defined_grads(params_);
   RECORD_USER_SCOPE("qlora::apply_gradients");
   const bool bad = (acc.grad_norm ? scaler_.unscale_checked(!std::isfinite(*acc.grad_norm)) : scaler_.unscale(grads)) ||
                    !std::isfinite(stats.loss);
