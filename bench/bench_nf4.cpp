@@ -15,7 +15,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -24,6 +23,7 @@
 #include <vector>
 
 #include "qlora/kernels.h"
+#include "qlora/model/fused_ops.h"
 #include "qlora/optim/adamw_ref.h"
 #include "qlora/quant/nf4_ref.h"
 
@@ -232,7 +232,7 @@ void bench_dropout(cudaStream_t stream, at::Tensor& flush) {
     draws.offset[0] = 0;
     draws.offset[1] = 4;
     draws.offset[2] = 8;
-    const auto threshold = static_cast<uint32_t>(std::llround(p * 4294967296.0));
+    const uint32_t threshold = qlora::model::dropout_threshold(p);
     const double ms = time_ms(stream, flush, [&] {
       check(qlora::kernels::lora_dropout(x.data_ptr(), n, FloatType::kBF16, 3, out_ptrs, mask_ptrs, draws, threshold,
                                          static_cast<float>(1.0 / (1.0 - p)), stream),
