@@ -514,6 +514,47 @@ TEST(CudaFusedOps, LoraDropoutDrawsFromTheDeviceGenerator) {
   EXPECT_NEAR(rate, 0.05, 7e-4) << "expected a drop rate of 0.05 (six standard deviations: 6.4e-4), got " << rate;
 }
 
+// model::dropout_backward_sum (one kernel pass for up to three terms) against the terms added
+// one call at a time by ATen's CUDA ops on the unpacked masks (dropout_backward_add_reference),
+// bit for bit: one to three terms, with and without a sum to add into, ragged sizes (scalar
+// kernel) and operands off 16-byte alignment; the result lands in acc, or in place on d[0].
+TEST(CudaFusedOps, DropoutBackwardSumEqualsOneCallATermBitForBit) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "torch sees no CUDA device (or this is a CPU build of torch)";
+  torch::manual_seed(24);
+  const at::Device cuda(at::kCUDA, 0);
+  const double p = 0.05, scale = 1.0 / (1.0 - p);
+  for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+    for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{8}, int64_t{1000}, int64_t{3 * 4096 + 5}, int64_t{64 * 2048}}) {
+      for (int64_t offset : {int64_t{0}, int64_t{1}}) {
+        for (int count = 1; count <= 3; ++count) {
+          for (bool with_acc : {false, true}) {
+            const std::string what = std::string(c10::toString(dtype)) + " n=" + std::to_string(n) + " offset=" +
+                                     std::to_string(offset) + " terms=" + std::to_string(count) +
+                                     (with_acc ? " acc" : " no acc");
+            const at::TensorOptions opt = at::TensorOptions().device(cuda).dtype(dtype);
+            const at::Tensor acc = at::randn({n + offset}, opt).narrow(0, offset, n);
+            std::vector<at::Tensor> d, bits;
+            for (int k = 0; k < count; ++k) {
+              d.push_back((at::randn({n + offset}, opt) * 3).narrow(0, offset, n));
+              bits.push_back(model::lora_dropout(at::ones({n}, opt), 1, p).front().bits);
+            }
+            at::Tensor want = with_acc ? acc.clone() : at::Tensor();
+            for (int k = 0; k < count; ++k)
+              want = model::dropout_backward_add_reference(want, d[k].clone(), model::unpack_bits(bits[k], {n}), scale);
+            std::vector<at::Tensor> terms;
+            for (const at::Tensor& t : d) terms.push_back(t.clone());
+            const at::Tensor into = with_acc ? acc.clone() : terms.front();
+            const at::Tensor got = model::dropout_backward_sum(with_acc ? into : at::Tensor(), terms, bits, scale);
+            EXPECT_EQ(got.data_ptr(), into.data_ptr()) << what << ": the result is not in place";
+            EXPECT_TRUE(at::equal(got, want))
+                << what << ": max |diff| " << (got.to(at::kDouble) - want.to(at::kDouble)).abs().max().item<double>();
+          }
+        }
+      }
+    }
+  }
+}
+
 // The backward with the kernel's bit mask equals the bool-mask kernel's on the unpacked mask,
 // and lora_dropout_autograd's gradient is that backward of the forward's own mask.
 TEST(CudaFusedOps, LoraDropoutBackwardWithBits) {

@@ -305,10 +305,10 @@ TEST(LoraDropoutReference, PhiloxMatchesRandom123KnownAnswers) {
   }
 }
 
-TEST(LoraDropoutReference, ThresholdIsPTimesTwoToThe32) {
-  EXPECT_EQ(dropout_threshold(0.05), 214748365u);  // round(0.05 * 2^32) = round(214748364.8)
-  EXPECT_EQ(dropout_threshold(0.5), 2147483648u);
-  EXPECT_EQ(dropout_threshold(1.0 - 1e-12), 0xFFFFFFFFu);
+TEST(LoraDropoutReference, ThresholdIsPTimesTwoToThe16) {
+  EXPECT_EQ(dropout_threshold(0.05), 3277u);  // round(0.05 * 2^16) = round(3276.8)
+  EXPECT_EQ(dropout_threshold(0.5), 32768u);
+  EXPECT_EQ(dropout_threshold(1.0 - 1e-12), 0xFFFFu);
   EXPECT_THROW(dropout_threshold(0.0), c10::Error);
   EXPECT_THROW(dropout_threshold(1.0), c10::Error);
 }
@@ -352,6 +352,26 @@ TEST(LoraDropoutReference, BitMaskBackwardEqualsTheBoolOne) {
     EXPECT_TRUE(at::equal(got, want)) << "n=" << n;
   }
   EXPECT_THROW(unpack_bits(at::zeros({3}, at::kByte), {8}), c10::Error);  // 3 bytes for 8 elements
+}
+
+// On the CPU dropout_backward_sum is the terms added one call at a time, in order; a mask
+// missing for a term is refused.
+TEST(LoraDropoutReference, SumIsOneCallATerm) {
+  torch::manual_seed(6);
+  const int64_t n = 45;
+  const double scale = 1.0 / 0.9;
+  std::vector<at::Tensor> d, bits;
+  for (int k = 0; k < 3; ++k) {
+    d.push_back(at::randn({n}).to(at::kBFloat16));
+    bits.push_back(lora_dropout_reference(at::ones({n}), 0.1, 7, {static_cast<uint64_t>(4 * (k + 1))}).front().bits);
+  }
+  const at::Tensor acc = at::randn({n}).to(at::kBFloat16);
+  at::Tensor want = acc.clone();
+  for (int k = 0; k < 3; ++k) want = dropout_backward_add(want, d[k].clone(), bits[k], scale);
+  std::vector<at::Tensor> terms;
+  for (const at::Tensor& t : d) terms.push_back(t.clone());
+  EXPECT_TRUE(at::equal(dropout_backward_sum(acc.clone(), terms, bits, scale), want));
+  EXPECT_THROW(dropout_backward_sum(acc.clone(), {d[0].clone(), d[1].clone()}, {bits[0]}, scale), c10::Error);
 }
 
 TEST(FusedOpsReference, EmptyRowsAreFine) {

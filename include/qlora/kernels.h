@@ -202,14 +202,21 @@ int dropout_backward_add(void* out, const void* acc, const void* d, const bool* 
 int dropout_backward_add_bits(void* out, const void* acc, const void* d, const uint8_t* bits, int64_t n, float scale,
                               FloatType type, CUstream_st* stream);
 
+// Up to three such terms summed in one pass (Note [dropout backward sum], kernels/fused_ops.cu):
+// out = acc (absent: the first term), then out = round(out + v_p) for each term p in order,
+// v_p = bit i of bits[p] ? round(d[p][i] * scale) : 0: what `count` calls of
+// dropout_backward_add_bits one a term would leave, bit for bit. out may alias acc or d[0].
+inline constexpr int kMaxDropoutOutputs = 3;
+int dropout_backward_sum_bits(void* out, const void* acc, int count, const void* const* d, const uint8_t* const* bits,
+                              int64_t n, float scale, FloatType type, CUstream_st* stream);
+
 // LoRA dropout of one input x [n] (contiguous) for `count` (1..3) projections in one pass
 // (Note [LoRA dropout kernel], kernels/fused_ops.cu): outs[p] [n] = x with element i dropped
-// (+0) when word i % 4 of Philox4x32-10(counter (i / 4, offset[p]), key seed) is below
-// `threshold`, else round(x[i] * scale); masks[p] [ceil(n / 8)] bytes, bit i % 8 of byte i / 8
+// (+0) when its 16 bits of Philox4x32-10(counter (i / 8, offset[p]), key seed) (word (i % 8) / 2,
+// low half for even i, high for odd) are below `threshold` (< 2^16), else round(x[i] * scale); masks[p] [ceil(n / 8)] bytes, bit i % 8 of byte i / 8
 // set where element i is kept. Offsets must be 4 or more apart for independent draws (the
 // device generator's philox_cuda_state(4) hands out such). 16-byte aligned pointers take vector
 // loads; any alignment is accepted.
-inline constexpr int kMaxDropoutOutputs = 3;
 struct DropoutDraws {
   uint64_t seed = 0;
   uint64_t offset[kMaxDropoutOutputs] = {};

@@ -184,8 +184,8 @@ at::Tensor unpack_bits(const at::Tensor& bits, at::IntArrayRef sizes) {
 
 uint32_t dropout_threshold(double p) {
   TORCH_CHECK(p > 0.0 && p < 1.0, "dropout_threshold: expected p in (0, 1), got ", p);
-  const double t = std::round(p * 4294967296.0);
-  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
+  const double t = std::round(p * 65536.0);
+  return t >= 65535.0 ? 0xFFFFu : static_cast<uint32_t>(t);
 }
 
 // Random123's Philox4x32-10, written from the published round function: a round maps
@@ -221,13 +221,14 @@ std::vector<DroppedCopy> lora_dropout_reference(const at::Tensor& x, double p, u
     uint8_t* bp = bits.data_ptr<uint8_t>();
     std::array<uint32_t, 4> words{};
     for (int64_t i = 0; i < n; ++i) {
-      if (i % 4 == 0) {
-        const auto q = static_cast<uint64_t>(i / 4);
+      if (i % 8 == 0) {  // one Philox block an 8-element group, 16 bits an element
+        const auto q = static_cast<uint64_t>(i / 8);
         words = philox4x32_10({static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), static_cast<uint32_t>(off),
                                static_cast<uint32_t>(off >> 32)},
                               key);
       }
-      kp[i] = words[i % 4] >= threshold;
+      const uint32_t draw = (words[(i % 8) / 2] >> (16 * (i % 2))) & 0xFFFFu;
+      kp[i] = draw >= threshold;
       if (kp[i]) bp[i / 8] = static_cast<uint8_t>(bp[i / 8] | (1u << (i % 8)));
     }
     // round(x * scale) in fp32, rounded once to x's dtype; dropped elements +0.
@@ -385,6 +386,40 @@ at::Tensor dropout_backward_add(at::Tensor acc, at::Tensor d, const at::Tensor& 
   }
 #endif
   return dropout_backward_add_reference(std::move(acc), std::move(d), mask, scale);
+}
+
+at::Tensor dropout_backward_sum(at::Tensor acc, std::vector<at::Tensor> d, const std::vector<at::Tensor>& bits,
+                                double scale) {
+  TORCH_CHECK(!d.empty() && d.size() == bits.size(), "dropout_backward_sum: expected as many bit masks as terms (at least ",
+              "one), got ", d.size(), " terms and ", bits.size(), " masks");
+#ifdef QLORA_WITH_CUDA
+  const at::Tensor& d0 = d.front();
+  auto fits = [&](const at::Tensor& t) {
+    return t.is_contiguous() && t.sizes() == d0.sizes() && t.scalar_type() == d0.scalar_type() &&
+           t.device() == d0.device();
+  };
+  bool kernel = use_kernel(d0) && d.size() <= static_cast<size_t>(kernels::kMaxDropoutOutputs) &&
+                (!acc.defined() || fits(acc));
+  for (size_t p = 0; p < d.size() && kernel; ++p)
+    kernel = fits(d[p]) && is_bit_mask(bits[p], d0) && bits[p].is_contiguous() && bits[p].device() == d0.device();
+  if (kernel) {
+    at::Tensor out = acc.defined() ? acc : d0;
+    const c10::cuda::CUDAGuard guard(d0.device());
+    std::array<const void*, kernels::kMaxDropoutOutputs> dp{};
+    std::array<const uint8_t*, kernels::kMaxDropoutOutputs> bp{};
+    for (size_t p = 0; p < d.size(); ++p) {
+      dp[p] = d[p].const_data_ptr();
+      bp[p] = bits[p].const_data_ptr<uint8_t>();
+    }
+    check_launch(kernels::dropout_backward_sum_bits(out.data_ptr(), acc.defined() ? acc.const_data_ptr() : nullptr,
+                                                    static_cast<int>(d.size()), dp.data(), bp.data(), d0.numel(),
+                                                    static_cast<float>(scale), float_type(d0), stream_of(d0)),
+                 "dropout_backward_sum");
+    return out;
+  }
+#endif
+  for (size_t p = 0; p < d.size(); ++p) acc = dropout_backward_add(std::move(acc), std::move(d[p]), bits[p], scale);
+  return acc;
 }
 
 std::vector<DroppedCopy> lora_dropout(const at::Tensor& x, double p, uint64_t seed, const std::vector<uint64_t>& offsets) {

@@ -141,13 +141,17 @@ std::string format_gib(double bytes) { return fmt::fixed(bytes / kGiB, 2); }
 
 // Note [plan: fused layer halves]: what is alive, per token, at the peak of each half of
 // the fused layer's backward (src/train/fused_layer.cpp), besides the kept x and h1.
-//   MLP half, at down_proj's LoRA input gradient: the incoming gradient and n2 (p·h each,
-//     + fp32 rstd), gate|up (2·p·i), the gradient at the MLP product (p·i), the LoRA
-//     temporary (p·i) and dropout bit mask (i/8), the gate/up LoRA inputs (dropped copy p·h and
-//     bit mask h/8 each with dropout) and A outputs (p·r); weights: [Wg;Wu] and Wd dequantized.
+//   MLP half, at down_proj's LoRA input gradient: the incoming gradient (p·h, + fp32 rstd), n2
+//     only where a gate/up LoRA without dropout takes it as its input, gate|up (2·p·i), the
+//     gradient at the MLP product (p·i), the LoRA temporary (p·i) and dropout bit mask (i/8),
+//     the gate/up LoRA inputs (dropped copy p·h and bit mask h/8 each with dropout) and A
+//     outputs (p·r); weights: [Wg;Wu] and Wd dequantized, or, with a kept gate|up output (the
+//     top layer under selective recompute), the larger of the two: [Wg;Wu] is dequantized only
+//     after Wd and the product's gradient are freed.
 //   attention half, at SDPA's backward: the layer's incoming gradient (the autograd engine
-//     holds it until the layer's backward returns), the gradient at h1 and n1, q|k|v and its
-//     packed copies (2·p·(q+k+v)), SDPA's output and lse, the gradient at the attention output
+//     holds it until the layer's backward returns), the gradient at h1, n1 only where a q/k/v
+//     LoRA without dropout takes it as its input, the packed copies of q, k, v (p·(q+k+v);
+//     the GEMM output they came from is gone), SDPA's output and lse, the gradient at the attention output
 //     and SDPA's dense copy of it (2·p·H·d),
 //     the q, k, v gradients and SDPA's fp32 accumulator for dq (4·H·d), the q/k/v LoRA inputs
 //     and o's dropout bit mask; weights: [Wq;Wk;Wv], Wo.
@@ -156,7 +160,7 @@ struct FusedHalves {
   double mlp_weights = 0, attention_weights = 0;  // dequantized weights
 };
 
-FusedHalves fused_halves(const LlamaConfig& m, const BudgetInputs& in) {
+FusedHalves fused_halves(const LlamaConfig& m, const BudgetInputs& in, bool kept_gate_up) {
   const int64_t h = m.hidden_size, i = m.intermediate_size, p = in.activation_bytes, r = in.lora_r;
   const int64_t hd = m.num_attention_heads * m.head_dim;
   const int64_t qkv = hd + 2 * m.num_key_value_heads * m.head_dim;
@@ -166,12 +170,14 @@ FusedHalves fused_halves(const LlamaConfig& m, const BudgetInputs& in) {
     return p * r + (drop ? p * in_features + (in_features + 7) / 8 : 0);  // bit masks on GPUs
   };
   FusedHalves f;
-  f.mlp_tok = double(2 * p * h + 4 + 2 * p * i + p * i + lora_in("gate_proj", h) + lora_in("up_proj", h));
+  const bool n2_kept = !drop && (targets(in, "gate_proj") || targets(in, "up_proj"));
+  f.mlp_tok = double((n2_kept ? 2 : 1) * p * h + 4 + 2 * p * i + p * i + lora_in("gate_proj", h) + lora_in("up_proj", h));
   if (targets(in, "down_proj")) f.mlp_tok += double(p * i + (drop ? (i + 7) / 8 : 0));
-  f.attention_tok = double(3 * p * h + 4 + 2 * p * qkv + p * hd + 4 * m.num_attention_heads + 2 * p * hd + p * qkv + 4 * hd +
+  const bool n1_kept = !drop && (targets(in, "q_proj") || targets(in, "k_proj") || targets(in, "v_proj"));
+  f.attention_tok = double((n1_kept ? 3 : 2) * p * h + 4 + p * qkv + p * hd + 4 * m.num_attention_heads + 2 * p * hd + p * qkv + 4 * hd +
                            lora_in("q_proj", h) + lora_in("k_proj", h) + lora_in("v_proj", h));
   if (targets(in, "o_proj")) f.attention_tok += double(p * r + (drop ? (hd + 7) / 8 : 0));
-  f.mlp_weights = double(3 * i * h * in.dequant_bytes);
+  f.mlp_weights = double((kept_gate_up ? 2 : 3) * i * h * in.dequant_bytes);
   f.attention_weights = double((qkv + hd) * h * in.dequant_bytes);
   return f;
 }
@@ -342,7 +348,7 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
   const double out_and_grad = tokens * double(2 * p * h);
   double layer_ws = std::max(product_grads, down_dequant) + out_and_grad;
   // The fused layer (Note [fused decoder layer]) differentiates one half at a time.
-  FusedHalves fused = fused_halves(m, in);
+  FusedHalves fused = fused_halves(m, in, selective);
   if (selective) fused.mlp_tok -= double(2 * p * i);  // the top layer's gate|up is among the kept
   const bool fused_mlp_peak = fused.mlp_tok * tokens + fused.mlp_weights >=
                               fused.attention_tok * tokens + square * double(1 + p) + fused.attention_weights;
@@ -387,7 +393,10 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
       c.formula = "gradient of the final hidden state, " + commas(T) + " tokens × " + commas(h) + " × " +
                   std::to_string(p) + " B";
     else if (fused_layer)
-      c.formula = fused_mlp_peak ? "the fused layer's [gate; up] and down_proj dequantized: " + commas(3 * i * h) +
+      c.formula = fused_mlp_peak ? (selective ? "the fused layer's [gate; up] dequantized (after down_proj's is freed): " +
+                                                    commas(2 * i * h)
+                                              : "the fused layer's [gate; up] and down_proj dequantized: " +
+                                                    commas(3 * i * h)) +
                                        " × " + std::to_string(in.dequant_bytes) + " B = " + gib(fused.mlp_weights)
                                  : "the fused layer's [q; k; v] and o_proj dequantized = " + gib(fused.attention_weights);
     else

@@ -131,32 +131,36 @@ void lora_columns(const LayerRefs& r, std::initializer_list<size_t> idx, const a
 }
 
 // The gradient of LoRA projections `idx` given the gradient of their merged output.
+// The terms are summed in idx's order, one pass for those sharing a GPU bit mask's p
+// (add_input_grads).
 at::Tensor lora_columns_backward(const LayerRefs& r, std::initializer_list<size_t> idx, const at::Tensor& gout,
                                  std::vector<std::pair<size_t, LoraPass>>& passes) {
-  at::Tensor dx;
+  std::vector<DroppedGrad> terms;
   int64_t off = 0;
   for (size_t i : idx) {
     const Proj& p = r.proj[i];
     const int64_t n = p.base->out_features();
     for (auto& [which, pass] : passes) {
       if (which != i) continue;
-      dx = lora_backward(p, std::move(pass), gout.narrow(1, off, n), dx);
+      terms.push_back(lora_backward(p, std::move(pass), gout.narrow(1, off, n)));
     }
     off += n;
   }
-  return dx;
+  return add_input_grads(at::Tensor(), std::move(terms));
 }
 
 struct AttentionHalf {
   Normed n1;
   at::Tensor w_qkv;  // [q + k + v, h]
-  at::Tensor qkv;    // [N, q + k + v], q and k rotated
   at::Tensor a;      // [N, H·d] attention output
   std::vector<std::pair<size_t, LoraPass>> lora;
 };
 
 // The attention half up to a. With `grad_leaves`, q, k, v enter attention as
 // autograd leaves (filled in) and `attn_out` holds attention's differentiable output.
+// What backward does not read goes before attention runs: the q|k|v GEMM output (q, k, v
+// live on in their packed copies) and n1 (the norm's backward reads x and rstd; a LoRA
+// input without dropout is n1 itself and holds it).
 AttentionHalf attention_half(const LayerRefs& r, const at::Tensor& x2, int64_t b, int64_t t,
                              const std::pair<at::Tensor, at::Tensor>& cos_sin, const model::AttentionInputs& attention,
                              std::array<at::Tensor, 3>* grad_leaves, at::Tensor* attn_out) {
@@ -165,16 +169,18 @@ AttentionHalf attention_half(const LayerRefs& r, const at::Tensor& x2, int64_t b
   AttentionHalf s;
   s.n1 = norm_forward(x2, r.norm1, c.rms_norm_eps);
   s.w_qkv = merged_weight(pick(r, {kQ, kK, kV}), x2.options());
-  s.qkv = at::mm(s.n1.y, s.w_qkv.t());
-  lora_columns(r, {kQ, kK, kV}, s.n1.y, s.qkv, &s.lora);
+  at::Tensor qkv = at::mm(s.n1.y, s.w_qkv.t());  // [N, q + k + v]
+  lora_columns(r, {kQ, kK, kV}, s.n1.y, qkv, &s.lora);
+  s.n1.y = at::Tensor();
   // Dense [B, T, H, d] tensors: SDPA's fast kernels want each of q, k, v packed (the column
   // slices of qkv have a row stride of q + k + v). RoPE writes q and k there as it rotates them.
-  at::Tensor q = at::empty({b, t, heads, d}, s.qkv.options());
-  at::Tensor k = at::empty({b, t, kv, d}, s.qkv.options());
-  at::Tensor v = at::empty({b, t, kv, d}, s.qkv.options());
-  model::rope_into(q, s.qkv.narrow(1, 0, heads * d).view({b, t, heads, d}), cos_sin.first, cos_sin.second);
-  model::rope_into(k, s.qkv.narrow(1, heads * d, kv * d).view({b, t, kv, d}), cos_sin.first, cos_sin.second);
-  model::copy_heads(v, s.qkv.narrow(1, (heads + kv) * d, kv * d).view({b, t, kv, d}));
+  at::Tensor q = at::empty({b, t, heads, d}, qkv.options());
+  at::Tensor k = at::empty({b, t, kv, d}, qkv.options());
+  at::Tensor v = at::empty({b, t, kv, d}, qkv.options());
+  model::rope_into(q, qkv.narrow(1, 0, heads * d).view({b, t, heads, d}), cos_sin.first, cos_sin.second);
+  model::rope_into(k, qkv.narrow(1, heads * d, kv * d).view({b, t, kv, d}), cos_sin.first, cos_sin.second);
+  model::copy_heads(v, qkv.narrow(1, (heads + kv) * d, kv * d).view({b, t, kv, d}));
+  qkv = at::Tensor();
   at::Tensor out;
   if (grad_leaves != nullptr) {
     *grad_leaves = {q.detach().requires_grad_(true), k.detach().requires_grad_(true),
@@ -200,24 +206,27 @@ struct MlpHalf {
 };
 
 // The MLP half up to m = swiglu(gu). `need_m` false (a recompute where down_proj has no
-// LoRA: backward reads gu, never m) leaves m out.
+// LoRA: backward reads gu, never m) leaves m out. n2 goes once the gate/up LoRAs have their
+// inputs (a LoRA without dropout holds it; the norm's backward reads h1 and rstd).
 MlpHalf mlp_half(const LayerRefs& r, const at::Tensor& h1, bool need_m = true) {
   MlpHalf s;
   s.n2 = norm_forward(h1, r.norm2, r.model->config().rms_norm_eps);
   s.w_gu = merged_weight(pick(r, {kGate, kUp}), h1.options());
   s.gu = at::mm(s.n2.y, s.w_gu.t());
   lora_columns(r, {kGate, kUp}, s.n2.y, s.gu, &s.lora);
+  s.n2.y = at::Tensor();
   if (need_m) s.m = model::swiglu(s.gu);
   return s;
 }
 
-// Note [selective recompute]: the MLP half again from the kept gu, without its GEMM.
+// Note [selective recompute]: the MLP half again from the kept gu, without its GEMM. [Wg;Wu]
+// is left for mlp_backward to dequantize once down_proj's weight and gradient are gone.
 MlpHalf mlp_half_from_kept(const LayerRefs& r, const at::Tensor& h1, at::Tensor gu) {
   MlpHalf s;
   s.n2 = norm_forward(h1, r.norm2, r.model->config().rms_norm_eps);
-  s.w_gu = merged_weight(pick(r, {kGate, kUp}), h1.options());  // for the input gradient
   for (auto& [i, dropped] : shared_dropout(r, {kGate, kUp}, s.n2.y))
     s.lora.emplace_back(i, lora_pass(r.proj[i], std::move(dropped)));
+  s.n2.y = at::Tensor();
   s.gu = std::move(gu);
   if (r.proj[kDown].lora) s.m = model::swiglu(s.gu);  // down_proj's LoRA input
   return s;
@@ -268,13 +277,17 @@ at::Tensor input_grad(at::Tensor lora_dx, const at::Tensor& g, const at::Tensor&
 
 // The MLP half's backward from its forward pieces `mlp` (recomputed, rebuilt from the
 // kept gate/up output, or kept whole) and down_proj's LoRA pass: the gradient from dy
-// down to h1. mlp.w_gu must hold [Wg;Wu] dequantized.
+// down to h1. mlp.w_gu holds [Wg;Wu] dequantized when a recompute made it; undefined, it is
+// dequantized here after W_d and the MLP product's gradient are freed, so the two weights are
+// never alive together (the MLP half's peak with a kept gate/up output, Note [plan: fused
+// layer halves]).
 at::Tensor mlp_backward(const LayerRefs& r, const at::Tensor& h1, const at::Tensor& dy, MlpHalf mlp, LoraPass down) {
   mlp.m = at::Tensor();
   at::Tensor dm = at::mm(dy, merged_weight(pick(r, {kDown}), dy.options()));  // [N, I]
   if (r.proj[kDown].lora) dm = lora_backward(r.proj[kDown], std::move(down), dy, dm);
   model::swiglu_backward_inplace(dm, mlp.gu);  // gu now holds [dg | du]
   dm = at::Tensor();
+  if (!mlp.w_gu.defined()) mlp.w_gu = merged_weight(pick(r, {kGate, kUp}), dy.options());
   at::Tensor dn2 = input_grad(lora_columns_backward(r, {kGate, kUp}, mlp.gu, mlp.lora), mlp.gu, mlp.w_gu);  // [N, h]
   mlp.gu = at::Tensor();
   mlp.w_gu = at::Tensor();
@@ -317,7 +330,6 @@ at::Tensor attention_backward(const LayerHolder& holder, const at::Tensor& x2, i
   da = at::Tensor();
   graph = AttentionGraph();
   at::Tensor g_qkv = at::empty({b * t, (heads + 2 * kv) * d}, dh1.options());  // [N, q + k + v]
-  att.qkv = at::Tensor();
   at::Tensor gq = g_qkv.narrow(1, 0, heads * d).view({b, t, heads, d});
   at::Tensor gk = g_qkv.narrow(1, heads * d, kv * d).view({b, t, kv, d});
   at::Tensor gv = g_qkv.narrow(1, (heads + kv) * d, kv * d).view({b, t, kv, d});
@@ -400,9 +412,7 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
       h1 = residual_projection(r, kO, x2, kept->att.a, &o);
       kept->o = take_pass(o, kO);
       kept->att.w_qkv = at::Tensor();
-      kept->att.qkv = at::Tensor();  // q, k, v live on in their packed copies (the leaves)
       kept->att.a = at::Tensor();
-      kept->att.n1.y = at::Tensor();  // the norm's backward reads x and rstd; LoRA passes hold their inputs
     } else {
       at::Tensor a = attention_half(r, x2, b, t, holder->cos_sin, holder->attention, nullptr, nullptr).a;
       h1 = residual_projection(r, kO, x2, a, nullptr);
@@ -415,7 +425,6 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
     if (kept) {
       std::vector<std::pair<size_t, LoraPass>> down;
       mlp.w_gu = at::Tensor();
-      mlp.n2.y = at::Tensor();
       kept->mlp = std::move(mlp);
       y = residual_projection(r, kDown, h1, m, &down);
       kept->down = take_pass(down, kDown);
@@ -447,7 +456,6 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
     const at::Tensor x2 = input.reshape({b * t, h});
     const at::Tensor dy = grad_outputs[0].reshape({b * t, h});
     if (std::unique_ptr<KeptLayer> kept = std::move(holder->kept)) {
-      kept->mlp.w_gu = merged_weight(pick(r, {kGate, kUp}), h1.options());
       const at::Tensor dh1 = mlp_backward(r, h1, dy, std::move(kept->mlp), std::move(kept->down));
       kept->att.w_qkv = merged_weight(pick(r, {kQ, kK, kV}), x2.options());
       grads[0] = attention_backward(*holder, x2, b, t, dh1, std::move(kept->att), std::move(kept->graph),

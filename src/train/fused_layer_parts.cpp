@@ -28,27 +28,39 @@ void weight_into(const model::FrozenLinear& base, at::Tensor out) {
   out.copy_(base.dense_weight(out.scalar_type()));
 }
 
-// param.grad += alpha · grad (in the parameter's dtype).
-void accumulate_grad(const at::Tensor& param, const at::Tensor& grad, double alpha) {
-  at::Tensor p = param;  // a handle: .mutable_grad() is the parameter's
-  at::Tensor g = grad.to(p.scalar_type());
-  if (p.grad().defined()) {
-    p.mutable_grad().add_(g, alpha);
-  } else {
-    if (alpha != 1.0) g = g.mul(alpha);
-    p.mutable_grad() = g.is_contiguous() ? g : g.contiguous();
-  }
+// A LoRA matrix's gradient, a · b, in the dtype of its fp32 master `param`: on a GPU the GEMM
+// writes fp32 itself (16-bit inputs, fp32 output: no rounding to 16 bits and no cast kernel after);
+// elsewhere the product in the inputs' dtype.
+at::Tensor grad_product(const at::Tensor& param, const at::Tensor& a, const at::Tensor& b) {
+  if (a.is_cuda() && param.scalar_type() == at::kFloat && a.scalar_type() != at::kFloat)
+    return at::mm(a, b, at::kFloat);
+  return at::mm(a, b);
 }
 
-// The gradient with respect to a LoRA's input x, dx (before its dropout), added to acc (the
-// projections sharing x sum theirs; undefined: dx starts the sum).
-at::Tensor add_input_grad(at::Tensor acc, at::Tensor dx, const Dropped& d) {
-  if (!d.mask.defined()) return acc.defined() ? acc.add_(dx) : dx;
-  if (d.mask.scalar_type() == at::kByte)  // the GPU's bit mask (model::lora_dropout)
-    return model::dropout_backward_add(std::move(acc), std::move(dx), d.mask, 1.0 / (1.0 - d.p));
-  dx.mul_(d.mask);  // the CPU's scaled noise
-  return acc.defined() ? acc.add_(dx) : dx;
+// param.grad += alpha · grad. An existing gradient takes grad in grad's dtype (the add upcasts
+// inside its kernel: no cast op before it); a first one is grad in the parameter's dtype.
+void accumulate_grad(const at::Tensor& param, const at::Tensor& grad, double alpha) {
+  at::Tensor p = param;  // a handle: .mutable_grad() is the parameter's
+  if (p.grad().defined()) {
+    p.mutable_grad().add_(grad, alpha);
+    return;
+  }
+  at::Tensor g = grad.to(p.scalar_type());  // grad itself when the dtypes match
+  if (alpha != 1.0) g = g.mul(alpha);
+  p.mutable_grad() = g.is_contiguous() ? g : g.contiguous();
 }
+
+// One term of add_input_grads: dx (the gradient at the dropped input) through its dropout,
+// added to acc (undefined: the term starts the sum).
+at::Tensor add_input_grad(at::Tensor acc, DroppedGrad g) {
+  if (!g.mask.defined()) return acc.defined() ? acc.add_(g.dx) : g.dx;
+  if (g.mask.scalar_type() == at::kByte)  // the GPU's bit mask (model::lora_dropout)
+    return model::dropout_backward_add(std::move(acc), std::move(g.dx), g.mask, 1.0 / (1.0 - g.p));
+  g.dx.mul_(g.mask);  // the CPU's scaled noise
+  return acc.defined() ? acc.add_(g.dx) : g.dx;
+}
+
+bool bit_masked(const DroppedGrad& g) { return g.mask.defined() && g.mask.scalar_type() == at::kByte; }
 
 }  // namespace
 
@@ -137,18 +149,44 @@ LoraPass lora_add(const Proj& p, Dropped in, at::Tensor out) {
 }
 
 // The backward of lora_add for the gradient `go` [N, out] at its output: A and B's
-// gradients accumulated, the gradient with respect to x [N, in] added to `acc` and the sum
-// returned. The scaling goes where the tensors are small ([out, r], [N, r]), not on go.
-// Consumes `pass`: the dropped input goes as soon as A's gradient is taken.
-at::Tensor lora_backward(const Proj& p, LoraPass&& pass, const at::Tensor& go, at::Tensor acc) {
+// gradients accumulated, the gradient at the dropped input returned with its dropout. The
+// scaling goes where the tensors are small ([out, r], [N, r]), not on go. Consumes `pass`: the
+// dropped input goes as soon as A's gradient is taken.
+DroppedGrad lora_backward(const Proj& p, LoraPass&& pass, const at::Tensor& go) {
   const lora::LoraLinear& l = *p.lora;
   const double s = l.scaling();
-  accumulate_grad(l.lora_b(), at::mm(go.t(), pass.t), s);  // [out, r]
+  accumulate_grad(l.lora_b(), grad_product(l.lora_b(), go.t(), pass.t), s);  // [out, r]
   const at::Tensor dt_ = at::mm(go, p.b).mul_(s);           // [N, r]
-  accumulate_grad(l.lora_a(), at::mm(dt_.t(), pass.in.x), 1.0);  // [r, in]
+  accumulate_grad(l.lora_a(), grad_product(l.lora_a(), dt_.t(), pass.in.x), 1.0);  // [r, in]
   pass.in.x = at::Tensor();
   pass.t = at::Tensor();
-  return add_input_grad(std::move(acc), at::mm(dt_, p.a), pass.in);  // [N, in]
+  return {at::mm(dt_, p.a), std::move(pass.in.mask), pass.in.p};  // [N, in]
+}
+
+at::Tensor lora_backward(const Proj& p, LoraPass&& pass, const at::Tensor& go, at::Tensor acc) {
+  return add_input_grad(std::move(acc), lora_backward(p, std::move(pass), go));
+}
+
+// Runs of up to three GPU bit-mask terms with one p take one kernel pass
+// (model::dropout_backward_sum); the rest go one at a time. Either way the terms are added in
+// order with the roundings of one call a term.
+at::Tensor add_input_grads(at::Tensor acc, std::vector<DroppedGrad> grads) {
+  for (size_t first = 0; first < grads.size();) {
+    if (!bit_masked(grads[first])) {
+      acc = add_input_grad(std::move(acc), std::move(grads[first++]));
+      continue;
+    }
+    size_t last = first + 1;
+    while (last < grads.size() && last - first < 3 && bit_masked(grads[last]) && grads[last].p == grads[first].p) ++last;
+    std::vector<at::Tensor> d, bits;
+    for (size_t k = first; k < last; ++k) {
+      d.push_back(std::move(grads[k].dx));
+      bits.push_back(std::move(grads[k].mask));
+    }
+    acc = model::dropout_backward_sum(std::move(acc), std::move(d), bits, 1.0 / (1.0 - grads[first].p));
+    first = last;
+  }
+  return acc;
 }
 
 // ---------------------------------------------------------------- RMSNorm

@@ -72,9 +72,23 @@ LoraPass lora_pass(const Proj& p, Dropped in);
 // out += scaling · (in.x · Aᵀ) · Bᵀ, in x's dtype; out may be a column slice.
 LoraPass lora_add(const Proj& p, Dropped in, at::Tensor out);
 
+// A LoRA's gradient at its dropped input, and that input's dropout (as Dropped).
+struct DroppedGrad {
+  at::Tensor dx;    // [N, in]
+  at::Tensor mask;  // undefined without dropout
+  double p = 0.0;
+};
+
 // The backward of lora_add for the gradient `go` [N, out] at its output: A and B's gradients
-// accumulated, the gradient with respect to x [N, in] added to `acc` (undefined: it starts the
-// sum) and the sum returned. Consumes `pass`.
+// accumulated and the gradient at the dropped input returned. Consumes `pass`.
+DroppedGrad lora_backward(const Proj& p, LoraPass&& pass, const at::Tensor& go);
+
+// The gradient with respect to x [N, in] of the LoRAs sharing x: each term's dropout undone
+// and the terms summed, in order, into acc (undefined: the first term starts the sum). On a GPU
+// up to three terms with bit masks and one p take one pass (model::dropout_backward_sum).
+at::Tensor add_input_grads(at::Tensor acc, std::vector<DroppedGrad> grads);
+
+// One LoRA's: lora_backward, then its term added to acc.
 at::Tensor lora_backward(const Proj& p, LoraPass&& pass, const at::Tensor& go, at::Tensor acc);
 
 // ---------------------------------------------------------------- RMSNorm

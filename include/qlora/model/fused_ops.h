@@ -55,6 +55,12 @@ void swiglu_backward_inplace(const at::Tensor& dm, at::Tensor& gu);
 // d, acc: same shape and dtype, contiguous for the kernel (other layouts take the reference).
 at::Tensor dropout_backward_add(at::Tensor acc, at::Tensor d, const at::Tensor& mask, double scale);
 
+// The projections sharing an input, summed: dropout_backward_add of each term d[p] with its bit
+// mask bits[p], in order, into acc (undefined: in place on d[0]). On a GPU, up to three terms of
+// one shape and dtype take one kernel pass (Note [dropout backward sum]), bit for bit the calls.
+at::Tensor dropout_backward_sum(at::Tensor acc, std::vector<at::Tensor> d, const std::vector<at::Tensor>& bits,
+                                double scale);
+
 // LoRA dropout on a GPU (Note [LoRA dropout kernel], kernels/fused_ops.cu): `count` (1..3)
 // dropped copies of x (a CUDA tensor, any float dtype), as `count` projections sharing the
 // input draw them, in one pass over x. Each copy has x's shape; its mask is a flat uint8 bit
@@ -74,8 +80,8 @@ std::vector<DroppedCopy> lora_dropout(const at::Tensor& x, double p, uint64_t se
 // backward is dropout_backward_add with its bits.
 at::Tensor lora_dropout_autograd(const at::Tensor& x, double p);
 
-// The kernel's drop threshold for p: round(p * 2^32) (element dropped when its Philox word is
-// below it), and Philox4x32-10 (Random123's counter-based generator, 10 rounds) on the host.
+// The kernel's drop threshold for p: round(p * 2^16), at most 2^16 - 1 (an element is dropped
+// when its 16 Philox bits are below it), and Philox4x32-10 (Random123's counter-based generator, 10 rounds) on the host.
 uint32_t dropout_threshold(double p);
 std::array<uint32_t, 4> philox4x32_10(std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key);
 
