@@ -246,6 +246,48 @@ void bench_dropout(cudaStream_t stream, at::Tensor& flush) {
   }
 }
 
+// The fused layer's backward tails at a micro batch's shape (1B 8 x 2048, 8B 2 x 2048 tokens):
+// - rms_norm_backward_add (Note [RMSNorm backward add]) against what it replaced, ATen's
+//   _fused_rms_norm_backward then an add;
+// - dropout_backward_sum of q, k, v's three terms (Note [dropout backward sum]) against three
+//   one-term calls.
+// The same operands for both sides; each timed after an L2 flush. The outputs are written in
+// place, so a timed run starts from the previous one's result: the values differ, the traffic
+// does not.
+void bench_backward_tails(cudaStream_t stream, at::Tensor& flush) {
+  const double p = 0.05, scale = 1.0 / (1.0 - p);
+  for (const auto& [model, tokens, hidden] : {std::tuple{"1B", 16384, 2048}, std::tuple{"8B", 4096, 4096}}) {
+    const at::TensorOptions opt = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+    const at::Tensor x = at::randn({tokens, hidden}, opt), w = at::ones({hidden}, opt);
+    const at::Tensor res = at::randn({tokens, hidden}, opt);
+    at::Tensor g = at::randn({tokens, hidden}, opt);
+    const at::Tensor rstd = at::rsqrt(x.to(at::kFloat).pow(2).mean(-1, /*keepdim=*/true) + 1e-5);
+    const double ours = time_ms(stream, flush, [&] { qlora::model::rms_norm_backward_add(g, x, w, rstd, res); });
+    const double aten = time_ms(stream, flush, [&] {
+      std::get<0>(at::_fused_rms_norm_backward(g, x, {hidden}, rstd, w, {true, false})).add_(res);
+    });
+    std::printf(
+        "{\"bench\":\"rms_norm_backward_add\",\"model\":\"%s\",\"tokens\":%d,\"hidden\":%d,\"ms\":%.4f,"
+        "\"aten_norm_backward_then_add_ms\":%.4f,\"speedup\":%.2f}\n",
+        model, tokens, hidden, ours, aten, aten / ours);
+    std::vector<at::Tensor> d, bits;
+    for (int k = 0; k < 3; ++k) {
+      d.push_back(at::randn({tokens * int64_t{hidden}}, opt));
+      bits.push_back(qlora::model::lora_dropout(d.back(), 1, p).front().bits);
+    }
+    at::Tensor acc = at::randn({tokens * int64_t{hidden}}, opt);
+    const double one_pass = time_ms(stream, flush, [&] { qlora::model::dropout_backward_sum(acc, d, bits, scale); });
+    const double calls = time_ms(stream, flush, [&] {
+      for (int k = 0; k < 3; ++k) qlora::model::dropout_backward_add(acc, d[k], bits[k], scale);
+    });
+    std::printf(
+        "{\"bench\":\"dropout_backward_sum\",\"model\":\"%s\",\"tokens\":%d,\"hidden\":%d,\"terms\":3,\"ms\":%.4f,"
+        "\"three_calls_ms\":%.4f,\"speedup\":%.2f}\n",
+        model, tokens, hidden, one_pass, calls, calls / one_pass);
+    std::fflush(stdout);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -264,5 +306,6 @@ int main() {
   bench_gemv(stream, flush);
   bench_adamw(stream, flush);
   bench_dropout(stream, flush);
+  bench_backward_tails(stream, flush);
   return 0;
 }

@@ -405,6 +405,70 @@ int launch_dropout_backward_sum(void* out, const void* acc, int count, const voi
   return static_cast<int>(cudaGetLastError());
 }
 
+// ---------------------------------------------------------------- RMSNorm backward + residual
+
+// Note [RMSNorm backward add]
+//   The fused decoder layer ends each half's backward with its norm's input gradient plus the
+//   residual branch's gradient: ATen's _fused_rms_norm_backward, then an add, two passes over
+//   [N, h] and two launches a norm. Here one CTA a row: with r = 1/rms of the row (fp32, kept from
+//   forward), dx_j = r g_j w_j − x_j r³ mean_k(g_k w_k x_k), and out_j = round(dx_j + res_j), all in
+//   fp32. The first loop sums g·w·x (per thread, then per warp, then over the warps in a fixed
+//   order: the same bits every run); the second re-reads the row (now in L1/L2) and writes out.
+//   out may alias g or res: each element is read and written by the same thread, after the sum.
+//   The CPU reference is model::rms_norm_backward_add_reference.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads) rms_norm_backward_add_kernel(T* out, const T* g, const T* x, const T* w,
+                                                                         const float* __restrict__ rstd, const T* res,
+                                                                         int64_t h) {
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * h;
+  const float r = rstd[blockIdx.x];
+  float part = 0.0f;
+  for (int64_t j = static_cast<int64_t>(threadIdx.x) * V; j < h; j += kThreads * V) {
+    float gv[V], xv[V], wv[V];
+    load<T, V>(g + base + j, gv);
+    load<T, V>(x + base + j, xv);
+    load<T, V>(w + j, wv);
+#pragma unroll
+    for (int k = 0; k < V; ++k) part += gv[k] * wv[k] * xv[k];
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) part += __shfl_xor_sync(0xFFFFFFFFu, part, off);
+  __shared__ float warp_sums[kThreads / 32];
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = part;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kThreads / 32; ++k) total += warp_sums[k];
+  const float c = total / static_cast<float>(h) * r * r * r;
+  for (int64_t j = static_cast<int64_t>(threadIdx.x) * V; j < h; j += kThreads * V) {
+    float gv[V], xv[V], wv[V], rv[V], y[V];
+    load<T, V>(g + base + j, gv);
+    load<T, V>(x + base + j, xv);
+    load<T, V>(w + j, wv);
+    load<T, V>(res + base + j, rv);
+#pragma unroll
+    for (int k = 0; k < V; ++k) y[k] = r * gv[k] * wv[k] - xv[k] * c + rv[k];
+    store<T, V>(out + base + j, y);
+  }
+}
+
+template <typename T>
+int launch_rms_norm_backward_add(void* out, const void* g, const void* x, const void* w, const float* rstd,
+                                 const void* res, int64_t rows, int64_t h, cudaStream_t stream) {
+  constexpr int kVec = 8;  // 16 bytes of bf16 / fp16
+  const bool vec = h % kVec == 0 && aligned16(out) && aligned16(g) && aligned16(x) && aligned16(w) && aligned16(res);
+  T* o = static_cast<T*>(out);
+  const T *gv = static_cast<const T*>(g), *xv = static_cast<const T*>(x), *wv = static_cast<const T*>(w),
+          *rv = static_cast<const T*>(res);
+  const auto grid = static_cast<unsigned>(rows);
+  if (vec) {
+    rms_norm_backward_add_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(o, gv, xv, wv, rstd, rv, h);
+  } else {
+    rms_norm_backward_add_kernel<T, 1><<<grid, kThreads, 0, stream>>>(o, gv, xv, wv, rstd, rv, h);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
 // ---------------------------------------------------------------- LoRA dropout
 
 // Note [LoRA dropout kernel]
@@ -549,6 +613,17 @@ int swiglu(const void* gu, int64_t gu_row_stride, int64_t rows, int64_t inter, v
     return static_cast<int>(cudaErrorInvalidValue);
   return dispatch_type(type, [&](auto tag) {
     return launch_swiglu<decltype(tag)>(gu, gu_row_stride, rows, inter, m, m_row_stride, stream);
+  });
+}
+
+int rms_norm_backward_add(void* out, const void* g, const void* x, const void* w, const float* rstd, const void* res,
+                          int64_t rows, int64_t h, FloatType type, CUstream_st* stream) {
+  if (rows < 0 || h < 0 || rows >= (int64_t{1} << 31)) return static_cast<int>(cudaErrorInvalidValue);
+  if (rows == 0 || h == 0) return 0;
+  if (out == nullptr || g == nullptr || x == nullptr || w == nullptr || rstd == nullptr || res == nullptr)
+    return static_cast<int>(cudaErrorInvalidValue);
+  return dispatch_type(type, [&](auto tag) {
+    return launch_rms_norm_backward_add<decltype(tag)>(out, g, x, w, rstd, res, rows, h, stream);
   });
 }
 

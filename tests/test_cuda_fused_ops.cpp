@@ -401,6 +401,41 @@ TEST(CudaFusedOps, TensorApiOnCudaTensors) {
   }
 }
 
+// ---------------------------------------------------------------- RMSNorm backward + residual
+
+// model::rms_norm_backward_add (the kernel for bf16 / fp16) element-wise against its reference
+// run on the same CUDA tensors in fp32: the two differ in the order of the row's sum and in fp32
+// rounding, so each element may differ by one rounding of the output dtype (2 ulp allowed, on
+// the element's own magnitude). Rows of h a multiple of 8 (vector loads) and not (scalar), one
+// row and many, written in place on g.
+TEST(CudaFusedOps, RmsNormBackwardAddMatchesReference) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "torch sees no CUDA device (or this is a CPU build of torch)";
+  torch::manual_seed(32);
+  const at::Device cuda(at::kCUDA, 0);
+  for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+    const double ulp = dtype == at::kBFloat16 ? 1.0 / 128 : 1.0 / 1024;  // spacing at 1.0
+    for (const int64_t rows : {int64_t{1}, int64_t{3}, int64_t{257}}) {
+      for (const int64_t h : {int64_t{8}, int64_t{1001}, int64_t{2048}, int64_t{4100}}) {
+        const std::string what = std::string(c10::toString(dtype)) + " rows=" + std::to_string(rows) + " h=" +
+                                 std::to_string(h);
+        const at::TensorOptions opt = at::TensorOptions().device(cuda).dtype(dtype);
+        const at::Tensor x = at::randn({rows, h}, opt), w = (at::randn({h}, opt) * 0.5 + 1.0).to(dtype);
+        const at::Tensor g = at::randn({rows, h}, opt), res = at::randn({rows, h}, opt);
+        const at::Tensor rstd = at::rsqrt(x.to(at::kFloat).pow(2).mean(-1, /*keepdim=*/true) + 1e-5);
+        const at::Tensor want = model::rms_norm_backward_add_reference(g.clone(), x, w, rstd, res);
+        at::Tensor into = g.clone();
+        const at::Tensor got = model::rms_norm_backward_add(into, x, w, rstd, res);
+        EXPECT_EQ(got.data_ptr(), into.data_ptr()) << what << ": not in place on g";
+        const at::Tensor wf = want.to(at::kFloat), diff = (got.to(at::kFloat) - wf).abs();
+        const at::Tensor bound = (wf.abs() + 1e-2) * (2 * ulp);
+        EXPECT_TRUE(at::all(diff <= bound).item<bool>())
+            << what << ": max |diff| " << diff.max().item<float>() << ", worst diff / bound "
+            << (diff / bound).max().item<float>();
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------- LoRA dropout backward
 
 // model::dropout_backward_add on CUDA tensors (the kernel for bf16 / fp16) against the three

@@ -374,6 +374,30 @@ TEST(LoraDropoutReference, SumIsOneCallATerm) {
   EXPECT_THROW(dropout_backward_sum(acc.clone(), {d[0].clone(), d[1].clone()}, {bits[0]}, scale), c10::Error);
 }
 
+// The norm's backward reference against autograd through rms_norm_reference (PyTorch's own
+// differentiation of LlamaRMSNorm's ops), plus the residual gradient, in fp64; in place on g.
+TEST(FusedOpsReference, RmsNormBackwardAddIsAutogradsPlusTheResidual) {
+  torch::manual_seed(31);
+  const double eps = 1e-5;
+  for (const int64_t h : {int64_t{8}, int64_t{37}, int64_t{256}}) {
+    const at::Tensor x = at::randn({5, h}, at::kDouble).requires_grad_(true);
+    const at::Tensor w = at::randn({h}, at::kDouble);
+    const at::Tensor g = at::randn({5, h}, at::kDouble), res = at::randn({5, h}, at::kDouble);
+    const at::Tensor y = rms_norm_reference(x, w, eps);
+    const at::Tensor want = torch::autograd::grad({y}, {x}, {g})[0] + res;
+    const at::Tensor rstd = at::rsqrt(x.detach().pow(2).mean(-1, /*keepdim=*/true) + eps);
+    at::Tensor into = g.clone();
+    const at::Tensor got = rms_norm_backward_add_reference(into, x.detach(), w, rstd, res);
+    EXPECT_EQ(got.data_ptr(), into.data_ptr()) << "not in place on g";
+    // The reference computes in fp32: its rounding, not the formula, bounds the difference.
+    const double err = (got - want).abs().max().item<double>() / want.abs().max().item<double>();
+    EXPECT_LT(err, 1e-5) << "h=" << h << ": relative error " << err;
+  }
+  EXPECT_THROW(rms_norm_backward_add_reference(at::zeros({2, 4}), at::zeros({2, 5}), at::ones({4}), at::ones({2}),
+                                               at::zeros({2, 4})),
+               c10::Error);
+}
+
 TEST(FusedOpsReference, EmptyRowsAreFine) {
   const auto [cos, sin] = make_cos_sin(1, 0, 64);
   at::Tensor x = at::randn({1, 0, 2, 64});

@@ -187,6 +187,14 @@ int swiglu(const void* gu, int64_t gu_row_stride, int64_t rows, int64_t inter, v
 
 // In place on gu: [g | u] <- [dg | du], du = dm * silu(g), dg = dm * u * silu'(g) with
 // silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g))); dm: [rows, >= inter], row stride dm_row_stride.
+// RMSNorm's input gradient plus a residual's gradient (Note [RMSNorm backward add],
+// kernels/fused_ops.cu): for each of `rows` rows of h elements, with r = rstd[row],
+// out = round(r·g⊙w − x·r³·mean(g⊙w⊙x) + res), in fp32. g, x, res, out: [rows, h] contiguous of
+// `type`; w: [h] of `type`; rstd: [rows] fp32 (1/rms, as the forward kept it). out may alias g or
+// res. h a multiple of 8 with 16-byte aligned operands takes vector loads; any h is accepted.
+int rms_norm_backward_add(void* out, const void* g, const void* x, const void* w, const float* rstd, const void* res,
+                          int64_t rows, int64_t h, FloatType type, CUstream_st* stream);
+
 int swiglu_backward_inplace(const void* dm, int64_t dm_row_stride, void* gu, int64_t gu_row_stride, int64_t rows,
                             int64_t inter, FloatType type, CUstream_st* stream);
 

@@ -152,6 +152,20 @@ at::Tensor swiglu_reference(const at::Tensor& gu) {
   return (at::silu(gu.narrow(1, 0, inter)) * gu.narrow(1, inter, inter)).contiguous();
 }
 
+at::Tensor rms_norm_backward_add_reference(at::Tensor g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
+                                           const at::Tensor& res) {
+  TORCH_CHECK(g.dim() == 2 && x.sizes() == g.sizes() && res.sizes() == g.sizes() && w.dim() == 1 &&
+                  w.size(0) == g.size(1) && rstd.numel() == g.size(0),
+              "rms_norm_backward_add: expected g, x, res [N, h], w [h] and rstd [N] (or [N, 1]), got g ", describe(g),
+              ", x ", describe(x), ", w ", describe(w), ", rstd ", describe(rstd), ", res ", describe(res));
+  const at::Tensor gw = g.to(at::kFloat) * w.to(at::kFloat);
+  const at::Tensor xf = x.to(at::kFloat);
+  const at::Tensor r = rstd.to(at::kFloat).reshape({-1, 1});
+  const at::Tensor c = (gw * xf).mean(-1, /*keepdim=*/true) * r * r * r;
+  g.copy_(r * gw - xf * c + res.to(at::kFloat));
+  return g;
+}
+
 void swiglu_backward_inplace_reference(const at::Tensor& dm, at::Tensor& gu) {
   check_gu("swiglu_backward_inplace", gu);
   check_dm("swiglu_backward_inplace", dm, gu);
@@ -345,6 +359,26 @@ at::Tensor swiglu(const at::Tensor& gu) {
   }
 #endif
   return swiglu_reference(gu);
+}
+
+at::Tensor rms_norm_backward_add(at::Tensor g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
+                                 const at::Tensor& res) {
+#ifdef QLORA_WITH_CUDA
+  auto same = [&](const at::Tensor& t) {
+    return t.is_contiguous() && t.sizes() == g.sizes() && t.scalar_type() == g.scalar_type() && t.device() == g.device();
+  };
+  if (use_kernel(g) && g.dim() == 2 && g.is_contiguous() && same(x) && same(res) && w.dim() == 1 &&
+      w.size(0) == g.size(1) && w.is_contiguous() && w.scalar_type() == g.scalar_type() && w.device() == g.device() &&
+      rstd.scalar_type() == at::kFloat && rstd.numel() == g.size(0) && rstd.is_contiguous() && rstd.device() == g.device()) {
+    const c10::cuda::CUDAGuard guard(g.device());
+    check_launch(kernels::rms_norm_backward_add(g.data_ptr(), g.const_data_ptr(), x.const_data_ptr(), w.const_data_ptr(),
+                                                rstd.const_data_ptr<float>(), res.const_data_ptr(), g.size(0), g.size(1),
+                                                float_type(g), stream_of(g)),
+                 "rms_norm_backward_add");
+    return g;
+  }
+#endif
+  return rms_norm_backward_add_reference(std::move(g), x, w, rstd, res);
 }
 
 void swiglu_backward_inplace(const at::Tensor& dm, at::Tensor& gu) {

@@ -291,7 +291,7 @@ at::Tensor mlp_backward(const LayerRefs& r, const at::Tensor& h1, const at::Tens
   at::Tensor dn2 = input_grad(lora_columns_backward(r, {kGate, kUp}, mlp.gu, mlp.lora), mlp.gu, mlp.w_gu);  // [N, h]
   mlp.gu = at::Tensor();
   mlp.w_gu = at::Tensor();
-  return norm_backward(dn2, h1, r.norm2, mlp.n2).add_(dy);
+  return norm_backward_add(std::move(dn2), h1, r.norm2, mlp.n2, dy);
 }
 
 // The MLP half recomputed from h1 (from the kept gate/up output when `kept_gu` is
@@ -337,8 +337,8 @@ at::Tensor attention_backward(const LayerHolder& holder, const at::Tensor& x2, i
   model::rope_backward_into(gk, dqkv[1], holder.cos_sin.first, holder.cos_sin.second);
   model::copy_heads(gv, dqkv[2]);
   dqkv.clear();
-  const at::Tensor dn1 = input_grad(lora_columns_backward(r, {kQ, kK, kV}, g_qkv, att.lora), g_qkv, att.w_qkv);  // [N, h]
-  return norm_backward(dn1, x2, r.norm1, att.n1).add_(dh1);
+  at::Tensor dn1 = input_grad(lora_columns_backward(r, {kQ, kK, kV}, g_qkv, att.lora), g_qkv, att.w_qkv);  // [N, h]
+  return norm_backward_add(std::move(dn1), x2, r.norm1, att.n1, dh1);
 }
 
 // The attention half recomputed from x (q, k, v and then o's dropout masks drawn in the

@@ -211,4 +211,10 @@ at::Tensor norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Te
   return (n.rstd * (dxhat - xhat * dot)).to(x.scalar_type());
 }
 
+at::Tensor norm_backward_add(at::Tensor dy, const at::Tensor& x, const at::Tensor& w, const Normed& n,
+                             const at::Tensor& residual) {
+  if (model::fused_rms_norm_applies(x, w)) return model::rms_norm_backward_add(std::move(dy), x, w, n.rstd, residual);
+  return norm_backward(dy, x, w, n).add_(residual);
+}
+
 }  // namespace qlora::train::fused

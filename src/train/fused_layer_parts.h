@@ -100,5 +100,9 @@ struct Normed {
 
 Normed norm_forward(const at::Tensor& x, const at::Tensor& w, double eps);
 at::Tensor norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const Normed& n);
+// norm_backward(dy, ...) + residual, in place on dy: on GPUs (16-bit) one kernel pass
+// (model::rms_norm_backward_add), elsewhere norm_backward's ops and an add.
+at::Tensor norm_backward_add(at::Tensor dy, const at::Tensor& x, const at::Tensor& w, const Normed& n,
+                             const at::Tensor& residual);
 
 }  // namespace qlora::train::fused

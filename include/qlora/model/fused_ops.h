@@ -47,6 +47,13 @@ at::Tensor swiglu(const at::Tensor& gu);
 // silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g))).
 void swiglu_backward_inplace(const at::Tensor& dm, at::Tensor& gu);
 
+// RMSNorm's backward with the residual branch's gradient added, in place on g: for x [N, h] whose
+// norm kept rstd [N, 1] (fp32, 1/rms a row), g the gradient at the norm's output and res the
+// residual's gradient [N, h], g becomes d(norm)/dx·g + res. The kernel (Note [RMSNorm backward
+// add]) for bf16 / fp16 CUDA tensors with contiguous operands, the reference elsewhere.
+at::Tensor rms_norm_backward_add(at::Tensor g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
+                                 const at::Tensor& res);
+
 // LoRA dropout's backward added into the input gradient of the projections that share an
 // input: with mask the bool mask of at::native_dropout (or the uint8 bit mask of lora_dropout,
 // bit i % 8 of byte i / 8 for element i) and scale = 1 / (1 - p), returns
@@ -99,6 +106,9 @@ void rope_inplace_reference(at::Tensor& x, const at::Tensor& cos, const at::Tens
 void rope_backward_inplace_reference(at::Tensor& g, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor swiglu_reference(const at::Tensor& gu);
 void swiglu_backward_inplace_reference(const at::Tensor& dm, at::Tensor& gu);
+// In fp32: r·(g⊙w) − x·r³·mean(g⊙w⊙x) + res, rounded once into g (in place).
+at::Tensor rms_norm_backward_add_reference(at::Tensor g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
+                                           const at::Tensor& res);
 at::Tensor dropout_backward_add_reference(at::Tensor acc, at::Tensor d, const at::Tensor& mask, double scale);
 
 }  // namespace qlora::model
