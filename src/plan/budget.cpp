@@ -360,7 +360,10 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
   const double layer_total = layer_act + layer_ws;
   const bool loss_peak = loss_total >= layer_total;
   const std::string other =
-      loss_peak ? "the layer phase peaks lower: " + gib(layer_total) : "the loss phase peaks lower: " + gib(loss_total);
+      loss_peak ? "the layer phase peaks lower: activations and temporaries " + gib(layer_total) + " against " +
+                      gib(loss_total) + " here"
+                : "the loss phase peaks lower: activations and temporaries " + gib(loss_total) + " against " +
+                      gib(layer_total) + " here";
   {
     Component c{"activations", "activations", loss_peak ? loss_act : layer_act, "", "", 0};
     const std::string per_layer = commas(layer_tok) + " B/token/layer";
