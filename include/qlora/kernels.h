@@ -185,8 +185,6 @@ int rope_into(void* dst, const RopeView& dst_view, const void* src, const RopeVi
 int swiglu(const void* gu, int64_t gu_row_stride, int64_t rows, int64_t inter, void* m, int64_t m_row_stride,
            FloatType type, CUstream_st* stream);
 
-// In place on gu: [g | u] <- [dg | du], du = dm * silu(g), dg = dm * u * silu'(g) with
-// silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g))); dm: [rows, >= inter], row stride dm_row_stride.
 // RMSNorm's input gradient plus a residual's gradient (Note [RMSNorm backward add],
 // kernels/fused_ops.cu): for each of `rows` rows of h elements, with r = rstd[row],
 // out = round(r·g⊙w − x·r³·mean(g⊙w⊙x) + res), in fp32. g, x, res, out: [rows, h] contiguous of
@@ -195,6 +193,8 @@ int swiglu(const void* gu, int64_t gu_row_stride, int64_t rows, int64_t inter, v
 int rms_norm_backward_add(void* out, const void* g, const void* x, const void* w, const float* rstd, const void* res,
                           int64_t rows, int64_t h, FloatType type, CUstream_st* stream);
 
+// In place on gu: [g | u] <- [dg | du], du = dm * silu(g), dg = dm * u * silu'(g) with
+// silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g))); dm: [rows, >= inter], row stride dm_row_stride.
 int swiglu_backward_inplace(const void* dm, int64_t dm_row_stride, void* gu, int64_t gu_row_stride, int64_t rows,
                             int64_t inter, FloatType type, CUstream_st* stream);
 
@@ -221,8 +221,8 @@ int dropout_backward_sum_bits(void* out, const void* acc, int count, const void*
 // LoRA dropout of one input x [n] (contiguous) for `count` (1..3) projections in one pass
 // (Note [LoRA dropout kernel], kernels/fused_ops.cu): outs[p] [n] = x with element i dropped
 // (+0) when its 16 bits of Philox4x32-10(counter (i / 8, offset[p]), key seed) (word (i % 8) / 2,
-// low half for even i, high for odd) are below `threshold` (< 2^16), else round(x[i] * scale); masks[p] [ceil(n / 8)] bytes, bit i % 8 of byte i / 8
-// set where element i is kept. Offsets must be 4 or more apart for independent draws (the
+// low half for even i, high for odd) are below `threshold` (< 2^16), else round(x[i] * scale);
+// masks[p] [ceil(n / 8)] bytes, bit i % 8 of byte i / 8 set where element i is kept. Offsets must be 4 or more apart for independent draws (the
 // device generator's philox_cuda_state(4) hands out such). 16-byte aligned pointers take vector
 // loads; any alignment is accepted.
 struct DropoutDraws {

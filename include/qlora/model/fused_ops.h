@@ -88,7 +88,8 @@ std::vector<DroppedCopy> lora_dropout(const at::Tensor& x, double p, uint64_t se
 at::Tensor lora_dropout_autograd(const at::Tensor& x, double p);
 
 // The kernel's drop threshold for p: round(p * 2^16), at most 2^16 - 1 (an element is dropped
-// when its 16 Philox bits are below it), and Philox4x32-10 (Random123's counter-based generator, 10 rounds) on the host.
+// when its 16 Philox bits are below it), and Philox4x32-10 (Random123's counter-based generator,
+// 10 rounds) on the host.
 uint32_t dropout_threshold(double p);
 std::array<uint32_t, 4> philox4x32_10(std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key);
 
