@@ -144,8 +144,8 @@ int adamw8bit_step_multi(const AdamW8bitTensor* tensors, int64_t count, FloatTyp
                          const AdamW8bitScalars& scalars, const DynamicMaps& maps, CUstream_st* stream);
 
 // ---------------------------------------------------------------- fused element-wise ops
-// The decoder layer's RoPE and SwiGLU (model/fused_ops.h: the references and the at::Tensor
-// API). Each kernel loads to fp32, computes in fp32 and rounds once into the output type
+// The decoder layer's RoPE, SwiGLU, RMSNorm backward (kernels/fused_ops.cu) and LoRA dropout
+// (kernels/dropout.cu) (model/fused_ops.h: the references and the at::Tensor API). Each kernel loads to fp32, computes in fp32 and rounds once into the output type
 // (`type`, shared by every operand). Strides are in elements and must be >= 0; the last dim is
 // contiguous. Aligned operands (16-byte row starts: base pointers aligned, row strides and the
 // half dim / I multiples of 8 elements for bf16 / fp16, 4 for fp32) take 16-byte loads; any
@@ -199,7 +199,7 @@ int swiglu_backward_inplace(const void* dm, int64_t dm_row_stride, void* gu, int
                             int64_t inter, FloatType type, CUstream_st* stream);
 
 // LoRA dropout's backward added into an input gradient (Note [dropout backward add],
-// kernels/fused_ops.cu): out[i] = acc[i] + v (or out[i] = v when acc is null), with
+// kernels/dropout.cu): out[i] = acc[i] + v (or out[i] = v when acc is null), with
 // v = mask[i] ? round(d[i] * scale) : 0 and each sum rounded once into `type`; d, acc, out: [n]
 // contiguous (out may alias acc or d); mask: [n] bool. 16-byte aligned operands (8-byte for the
 // mask) with n a multiple of 8 take vector loads; any layout is accepted.
@@ -210,7 +210,7 @@ int dropout_backward_add(void* out, const void* acc, const void* d, const bool* 
 int dropout_backward_add_bits(void* out, const void* acc, const void* d, const uint8_t* bits, int64_t n, float scale,
                               FloatType type, CUstream_st* stream);
 
-// Up to three such terms summed in one pass (Note [dropout backward sum], kernels/fused_ops.cu):
+// Up to three such terms summed in one pass (Note [dropout backward sum], kernels/dropout.cu):
 // out = acc (absent: the first term), then out = round(out + v_p) for each term p in order,
 // v_p = bit i of bits[p] ? round(d[p][i] * scale) : 0: what `count` calls of
 // dropout_backward_add_bits one a term would leave, bit for bit. out may alias acc or d[0].
@@ -219,7 +219,7 @@ int dropout_backward_sum_bits(void* out, const void* acc, int count, const void*
                               int64_t n, float scale, FloatType type, CUstream_st* stream);
 
 // LoRA dropout of one input x [n] (contiguous) for `count` (1..3) projections in one pass
-// (Note [LoRA dropout kernel], kernels/fused_ops.cu): outs[p] [n] = x with element i dropped
+// (Note [LoRA dropout kernel], kernels/dropout.cu): outs[p] [n] = x with element i dropped
 // (+0) when its 16 bits of Philox4x32-10(counter (i / 8, offset[p]), key seed) (word (i % 8) / 2,
 // low half for even i, high for odd) are below `threshold` (< 2^16), else round(x[i] * scale);
 // masks[p] [ceil(n / 8)] bytes, bit i % 8 of byte i / 8 set where element i is kept. Offsets must be 4 or more apart for independent draws (the

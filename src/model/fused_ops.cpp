@@ -1,5 +1,5 @@
 // The fused element-wise ops (include/qlora/model/fused_ops.h): argument checks, the ATen
-// references, and the dispatch to kernels/fused_ops.cu for bf16 / fp16 CUDA tensors. Compiled
+// references, and the dispatch to kernels/fused_ops.cu and dropout.cu for bf16 / fp16 CUDA tensors. Compiled
 // in every build; the kernel calls need CUDA torch (streams, guards), so they sit under
 // QLORA_WITH_CUDA and a CPU-only build always takes the references.
 #include "qlora/model/fused_ops.h"

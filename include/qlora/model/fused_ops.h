@@ -58,7 +58,7 @@ at::Tensor rms_norm_backward_add(at::Tensor g, const at::Tensor& x, const at::Te
 // input: with mask the bool mask of at::native_dropout (or the uint8 bit mask of lora_dropout,
 // bit i % 8 of byte i / 8 for element i) and scale = 1 / (1 - p), returns
 // acc += (d ⊙ mask) · scale, or, with acc undefined, (d ⊙ mask) · scale in place on d. Each
-// step rounds as those ATen ops would (Note [dropout backward add], kernels/fused_ops.cu).
+// step rounds as those ATen ops would (Note [dropout backward add], kernels/dropout.cu).
 // d, acc: same shape and dtype, contiguous for the kernel (other layouts take the reference).
 at::Tensor dropout_backward_add(at::Tensor acc, at::Tensor d, const at::Tensor& mask, double scale);
 
@@ -68,7 +68,7 @@ at::Tensor dropout_backward_add(at::Tensor acc, at::Tensor d, const at::Tensor& 
 at::Tensor dropout_backward_sum(at::Tensor acc, std::vector<at::Tensor> d, const std::vector<at::Tensor>& bits,
                                 double scale);
 
-// LoRA dropout on a GPU (Note [LoRA dropout kernel], kernels/fused_ops.cu): `count` (1..3)
+// LoRA dropout on a GPU (Note [LoRA dropout kernel], kernels/dropout.cu): `count` (1..3)
 // dropped copies of x (a CUDA tensor, any float dtype), as `count` projections sharing the
 // input draw them, in one pass over x. Each copy has x's shape; its mask is a flat uint8 bit
 // mask [ceil(numel / 8)] (bit i % 8 of byte i / 8 set where element i is kept). The draws come
