@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kThreads) dropout_backward_add_kernel(T* out, 
     if (acc != nullptr) load<T, V>(acc + i, a);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const float v = keep[k] ? Conv<T>::to(Conv<T>::from(dv[k] * scale)) : 0.0f;
+      const float v = keep[k] ? Convert<T>::to_float(Convert<T>::from_float(dv[k] * scale)) : 0.0f;
       y[k] = acc != nullptr ? a[k] + v : v;
     }
     store<T, V>(out + i, y);
@@ -100,8 +100,8 @@ __global__ void __launch_bounds__(kThreads) dropout_backward_sum_kernel(T* out, 
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         const bool keep = V == 8 ? (bits[idx] >> k) & 1u : (bits[(i + k) >> 3] >> ((i + k) & 7)) & 1u;
-        const float v = keep ? Conv<T>::to(Conv<T>::from(dv[k] * scale)) : 0.0f;
-        y[k] = p == 0 && acc == nullptr ? v : Conv<T>::to(Conv<T>::from(y[k] + v));
+        const float v = keep ? Convert<T>::to_float(Convert<T>::from_float(dv[k] * scale)) : 0.0f;
+        y[k] = p == 0 && acc == nullptr ? v : Convert<T>::to_float(Convert<T>::from_float(y[k] + v));
       }
     }
     store<T, V>(out + i, y);
@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(kThreads) lora_dropout_kernel(const T* __restr
       load<T, 8>(x + i, xv);
     } else {
 #pragma unroll
-      for (int k = 0; k < 8; ++k) xv[k] = k < m ? Conv<T>::to(x[i + k]) : 0.0f;
+      for (int k = 0; k < 8; ++k) xv[k] = k < m ? Convert<T>::to_float(x[i + k]) : 0.0f;
     }
     const uint64_t q = static_cast<uint64_t>(idx);  // the Philox counter: the 8-element group
 #pragma unroll
@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kThreads) lora_dropout_kernel(const T* __restr
       } else {
 #pragma unroll
         for (int k = 0; k < 8; ++k)
-          if (k < m) out[i + k] = Conv<T>::from(y[k]);
+          if (k < m) out[i + k] = Convert<T>::from_float(y[k]);
       }
       o.mask[p][idx] = static_cast<uint8_t>(bits);
     }
