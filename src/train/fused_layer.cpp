@@ -75,6 +75,7 @@ struct LayerRefs {
 };
 
 LayerRefs layer_refs(const model::LlamaModel& m, int64_t index, at::ScalarType compute) {
+  const BelowAutograd below;  // LoRA's casts: no graph (backward is the layer's own)
   LayerRefs r;
   r.model = &m;
   r.index = index;
@@ -183,6 +184,7 @@ AttentionHalf attention_half(const LayerRefs& r, const at::Tensor& x2, int64_t b
   qkv = at::Tensor();
   at::Tensor out;
   if (grad_leaves != nullptr) {
+    const WithAutograd autograd;
     *grad_leaves = {q.detach().requires_grad_(true), k.detach().requires_grad_(true),
                     v.detach().requires_grad_(true)};
     at::AutoGradMode on(true);
@@ -323,6 +325,7 @@ at::Tensor attention_backward(const LayerHolder& holder, const at::Tensor& x2, i
   const int64_t d = c.head_dim, heads = c.num_attention_heads, kv = c.num_key_value_heads;
   variable_list dqkv;
   {
+    const WithAutograd autograd;
     at::AutoGradMode on(true);
     dqkv = torch::autograd::grad({graph.out}, {graph.leaves[0], graph.leaves[1], graph.leaves[2]},
                                  {da.view({b, t, heads, d}).transpose(1, 2)});
@@ -396,6 +399,7 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& anchor,
                             const c10::intrusive_ptr<LayerHolder>& holder) {
     (void)anchor;
+    const BelowAutograd below;  // Note [fused layer below autograd]
     const LayerRefs& r = holder->refs;
     const int64_t b = input.size(0), t = input.size(1), h = input.size(2);
     const bool keep_all = holder->keep == LayerHolder::Keep::kAll;
@@ -447,6 +451,7 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     variable_list grads(3);
     if (!grad_outputs[0].defined()) return grads;
+    const BelowAutograd below;  // Note [fused layer below autograd]
     const at::Tensor input = ctx->get_saved_variables()[0];
     const at::Tensor h1 = ctx->saved_data["h1"].toTensor();
     const auto holder = c10::static_intrusive_pointer_cast<LayerHolder>(ctx->saved_data["layer"].toCapsule());

@@ -4,8 +4,10 @@
 // them, and RMSNorm forward / backward keeping 1/rms.
 #pragma once
 
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/TensorOptions.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -21,6 +23,41 @@ class LoraLinear;
 }
 
 namespace qlora::train::fused {
+
+// ---------------------------------------------------------------- dispatch
+
+// Note [fused layer below autograd]
+// The fused layer differentiates by hand, so none of its own ops needs autograd's
+// bookkeeping. Under BelowAutograd they go straight to their kernels: the dispatcher skips
+// the Autograd and ADInplaceOrView keys (grad mode is off there anyway, but every op still
+// passed through both, and every narrow, view and transpose built autograd's view record).
+// That is host time a kernel, and where the GPU finishes a layer's small GEMMs faster than
+// the host issues them (Llama-3.2-1B at 4 x 1024) it is the step's time. WithAutograd undoes
+// it where the layer does want a graph: SDPA's, from the q, k, v leaves to its output. A
+// tensor made below autograd carries no view record, so none of them may reach a graph as a
+// view that is later written in place (the layer hands autograd only y and the leaves, both
+// fresh tensors).
+class BelowAutograd {
+ public:
+  BelowAutograd() = default;
+  BelowAutograd(const BelowAutograd&) = delete;
+  BelowAutograd& operator=(const BelowAutograd&) = delete;
+
+ private:
+  at::AutoDispatchBelowADInplaceOrView guard_;
+};
+
+class WithAutograd {
+ public:
+  WithAutograd()
+      : guard_(c10::impl::tls_local_dispatch_key_set().included_,
+               c10::impl::tls_local_dispatch_key_set().excluded_ - c10::autograd_dispatch_keyset_with_ADInplaceOrView) {}
+  WithAutograd(const WithAutograd&) = delete;
+  WithAutograd& operator=(const WithAutograd&) = delete;
+
+ private:
+  c10::impl::ForceDispatchKeyGuard guard_;
+};
 
 // ---------------------------------------------------------------- projections and weights
 
