@@ -526,7 +526,8 @@ LayerForwardFn fused_layer_forward(const model::LlamaModel& model, FusedRecomput
     holder->attention = attention;
     // As in checkpoint(): without an input that requires grad, the output would have
     // no grad_fn and the LoRA matrices inside would never get gradients.
-    at::Tensor anchor = at::zeros({}, hidden.options());
+    // Its value is never read (empty: no fill kernel a layer).
+    at::Tensor anchor = at::empty({}, hidden.options());
     if (!hidden.requires_grad()) anchor.requires_grad_(true);
     return FusedLayerFunction::apply(hidden, anchor, holder);
   };

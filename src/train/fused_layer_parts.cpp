@@ -37,6 +37,14 @@ at::Tensor grad_product(const at::Tensor& param, const at::Tensor& a, const at::
   return at::mm(a, b);
 }
 
+// alpha · (a · b) from one GEMM, alpha applied inside it (cuBLAS's, or the CPU's): no kernel of
+// its own over the product. addmm with beta 0 reads nothing of its first argument, which only
+// has to broadcast to the product's shape.
+at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double alpha) {
+  if (alpha == 1.0) return at::mm(a, b);
+  return at::addmm(at::empty({1}, a.options()), a, b, /*beta=*/0.0, alpha);
+}
+
 // param.grad += alpha · grad. An existing gradient takes grad in grad's dtype (the add upcasts
 // inside its kernel: no cast op before it); a first one is grad in the parameter's dtype.
 void accumulate_grad(const at::Tensor& param, const at::Tensor& grad, double alpha) {
@@ -136,7 +144,7 @@ std::vector<Dropped> dropout_shared(const at::Tensor& x, const std::vector<const
 
 LoraPass lora_pass(const Proj& p, Dropped in) {
   LoraPass pass{std::move(in), {}};
-  pass.t = at::mm(pass.in.x, p.a.t());
+  pass.t = scaled_mm(pass.in.x, p.a.t(), p.lora->scaling());
   return pass;
 }
 
@@ -144,19 +152,20 @@ LoraPass lora_pass(const Proj& p, const at::Tensor& x) { return lora_pass(p, dro
 
 LoraPass lora_add(const Proj& p, Dropped in, at::Tensor out) {
   LoraPass pass = lora_pass(p, std::move(in));
-  out.addmm_(pass.t, p.b.t(), /*beta=*/1.0, /*alpha=*/p.lora->scaling());
+  out.addmm_(pass.t, p.b.t());  // pass.t holds the scaling
   return pass;
 }
 
 // The backward of lora_add for the gradient `go` [N, out] at its output: A and B's
 // gradients accumulated, the gradient at the dropped input returned with its dropout. The
-// scaling goes where the tensors are small ([out, r], [N, r]), not on go. Consumes `pass`: the
+// scaling goes where the tensors are small ([N, r]), inside the GEMMs that make them: pass.t
+// already holds it (so B's gradient needs none) and dt is made scaled. Consumes `pass`: the
 // dropped input goes as soon as A's gradient is taken.
 DroppedGrad lora_backward(const Proj& p, LoraPass&& pass, const at::Tensor& go) {
   const lora::LoraLinear& l = *p.lora;
   const double s = l.scaling();
-  accumulate_grad(l.lora_b(), grad_product(l.lora_b(), go.t(), pass.t), s);  // [out, r]
-  const at::Tensor dt_ = at::mm(go, p.b).mul_(s);           // [N, r]
+  accumulate_grad(l.lora_b(), grad_product(l.lora_b(), go.t(), pass.t), 1.0);  // [out, r]
+  const at::Tensor dt_ = scaled_mm(go, p.b, s);                                    // [N, r]
   accumulate_grad(l.lora_a(), grad_product(l.lora_a(), dt_.t(), pass.in.x), 1.0);  // [r, in]
   pass.in.x = at::Tensor();
   pass.t = at::Tensor();

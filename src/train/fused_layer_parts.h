@@ -98,15 +98,16 @@ std::vector<Dropped> dropout_shared(const at::Tensor& x, const std::vector<const
 // One LoRA's forward pieces, kept for its backward.
 struct LoraPass {
   Dropped in;
-  at::Tensor t;  // [N, r] = dropped input · Aᵀ
+  at::Tensor t;  // [N, r] = scaling · dropped input · Aᵀ
 };
 
-// dropout(x) and its product with Aᵀ, what a LoRA's backward needs of its forward (the
-// second form from a dropped copy already drawn).
+// dropout(x) and its product with Aᵀ times the scaling, what a LoRA's backward needs of its
+// forward (the second form from a dropped copy already drawn).
 LoraPass lora_pass(const Proj& p, const at::Tensor& x);
 LoraPass lora_pass(const Proj& p, Dropped in);
 
-// out += scaling · (in.x · Aᵀ) · Bᵀ, in x's dtype; out may be a column slice.
+// out += (scaling · in.x · Aᵀ) · Bᵀ, in x's dtype (the scaling applied by the first GEMM, to
+// the small [N, r] product); out may be a column slice.
 LoraPass lora_add(const Proj& p, Dropped in, at::Tensor out);
 
 // A LoRA's gradient at its dropped input, and that input's dropout (as Dropped).
