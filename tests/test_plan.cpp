@@ -474,9 +474,32 @@ TEST(Plan, TimeEstimateScalesWithTokens) {
   const Plan b = plan_for("llama-3.2-1b", "h100", {"train.micro_batch_size=1", "train.gradient_accumulation_steps=16"});
   ASSERT_TRUE(a.time.available);
   EXPECT_NEAR(b.time.seconds_per_step / a.time.seconds_per_step, 2.0, 1e-9);
-  // 1B: forward ≈ 2 × 1.24e9 FLOP per token; with backward and recompute about 3×.
-  EXPECT_GT(a.time.flops_per_token, 3 * 2 * 1.2e9);
-  EXPECT_LT(a.time.flops_per_token, 3 * 2 * 1.4e9);
+  // 1B: forward ≈ 2 × 1.24e9 FLOP per token, the input-gradient backward the same, and the fused
+  // layer's recompute 2 × 0.64e9 (q, k, v and gate/up), plus attention.
+  EXPECT_GT(a.time.flops_per_token, 4 * 1.2e9 + 2 * 0.6e9);
+  EXPECT_LT(a.time.flops_per_token, 4 * 1.4e9 + 2 * 0.7e9);
+}
+
+// The fused layer (bf16/fp16 on a GPU) keeps each layer's input and attention residual, so its
+// recompute runs neither o_proj nor down_proj, and its backward reuses the weights its recompute
+// dequantized; the generic checkpoint (fp32) recomputes the whole layer and dequantizes a third
+// time.
+TEST(Plan, FusedLayerRecomputesNeitherOProjNorDownProj) {
+  const Plan fused = plan_for("llama-3.2-1b", "h100", {"train.precision=bf16"});
+  const Plan generic = plan_for("llama-3.2-1b", "h100", {"train.precision=fp32"});
+  ASSERT_TRUE(fused.time.available && generic.time.available);
+  // 2 FLOP × 16 layers × 2,048 × (o_proj's 2,048 + down_proj's 8,192) = 671,088,640 per token.
+  EXPECT_DOUBLE_EQ(generic.time.flops_per_token - fused.time.flops_per_token, 671'088'640.0);
+  EXPECT_NE(fused.time.formula.find("recompute without o_proj and down_proj"), std::string::npos)
+      << fused.time.formula;
+  // Three passes against two, each writing fp32 (4 B) against bf16 (2 B) weights beside the
+  // 4-bit codes (0.5 B) and an absmax byte per 64.
+  const double per_pass = (0.5 + 4 + 1.0 / 64) / (0.5 + 2 + 1.0 / 64);
+  EXPECT_NEAR(generic.time.dequant_seconds_per_step / fused.time.dequant_seconds_per_step, 1.5 * per_pass, 1e-12);
+  // Without checkpointing nothing is recomputed: forward and backward only, two passes each way.
+  const Plan none = plan_for("llama-3.2-1b", "h100", {"train.precision=bf16", "train.gradient_checkpointing=false"});
+  EXPECT_NEAR(none.time.dequant_seconds_per_step, fused.time.dequant_seconds_per_step, 1e-15);
+  EXPECT_LT(none.time.flops_per_token, fused.time.flops_per_token);
 }
 
 TEST(Plan, EpochEstimateFromTheNumberOfExamples) {

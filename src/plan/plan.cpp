@@ -265,9 +265,16 @@ TimeEstimate estimate_time(const LlamaConfig& m, const BudgetInputs& in, int64_t
   //   forward  2N + 2Vh (GEMMs) + 2·L·S·nh·d (causal attention: QKᵀ and PV, half the square)
   //   backward grad w.r.t. inputs only for the frozen base: 2N + 2Vh, attention 2×,
   //            LoRA weights and inputs: 4P
-  //   recompute (checkpointing): the decoder forward again, 2N + attention; selective
-  //            (the GPU's fused layer) leaves out the gate/up GEMMs, 2·L·h·2i
+  //   recompute (checkpointing): the generic checkpoint (fp32) runs the decoder forward again,
+  //            2N + attention; the GPU's fused layer (bf16/fp16, Note [fused decoder layer])
+  //            keeps each layer's input and attention residual, so it recomputes q, k, v and
+  //            gate/up but neither o_proj nor down_proj, 2·(N - L·h·(H·d + i)) + attention;
+  //            selective leaves out the gate/up GEMMs too, 2·L·h·2i
   const double N = double(decoder_linear_params(m)), Vh = double(m.vocab_size * m.hidden_size);
+  const bool fused_layer = in.gradient_checkpointing && in.activation_bytes == 2;
+  const double not_recomputed = fused_layer ? double(m.num_hidden_layers) * double(m.hidden_size) *
+                                                  double(m.num_attention_heads * m.head_dim + m.intermediate_size)
+                                            : 0.0;
   const double attn = 2.0 * double(m.num_hidden_layers) * double(in.seq_length) *
                       double(m.num_attention_heads * m.head_dim);
   const double P = double(lora_params);
@@ -276,7 +283,8 @@ TimeEstimate estimate_time(const LlamaConfig& m, const BudgetInputs& in, int64_t
   const int64_t kept_gu = kept_gate_up_layers(in.selective_layers, m.num_hidden_layers);
   const bool selective = in.gradient_checkpointing && in.selective_recompute && in.activation_bytes == 2 && kept_gu > 0;
   const double gate_up = 2.0 * double(kept_gu) * double(m.hidden_size) * 2.0 * double(m.intermediate_size);
-  const double recompute = in.gradient_checkpointing ? 2 * N + attn + 2 * P - (selective ? gate_up : 0.0) : 0;
+  const double recompute =
+      in.gradient_checkpointing ? 2 * (N - not_recomputed) + attn + 2 * P - (selective ? gate_up : 0.0) : 0;
   t.flops_per_token = fwd + bwd + recompute;
   t.tokens_per_step = double(in.micro_batch_size * in.seq_length * accumulation);
   t.flops_per_step = t.flops_per_token * t.tokens_per_step;
@@ -286,10 +294,11 @@ TimeEstimate estimate_time(const LlamaConfig& m, const BudgetInputs& in, int64_t
     return t;
   }
   t.utilisation = kAssumedMfu;
-  // Dequantization: every projection is expanded from NF4 once per forward,
-  // once per backward and once per recompute, for each micro batch: read the
-  // 4-bit codes + absmax, write the 16-bit weight.
-  const double passes = (in.gradient_checkpointing ? 3.0 : 2.0) * double(accumulation);
+  // Dequantization: every projection is expanded from NF4 once per forward and once per
+  // backward, for each micro batch: read the 4-bit codes + absmax, write the 16-bit weight.
+  // The generic checkpoint expands them once more in its recompute; the fused layer's
+  // backward reuses what its recompute expanded.
+  const double passes = (in.gradient_checkpointing && !fused_layer ? 3.0 : 2.0) * double(accumulation);
   const double bytes_per_pass = N * (0.5 + double(in.dequant_bytes)) + N / double(kNf4BlockSize);
   if (gpu->memory_bandwidth_gbs > 0)
     t.dequant_seconds_per_step =
@@ -299,7 +308,11 @@ TimeEstimate estimate_time(const LlamaConfig& m, const BudgetInputs& in, int64_t
   t.tokens_per_second = t.tokens_per_step * double(world) / t.seconds_per_step;
   t.available = true;
   t.formula = fixed(t.flops_per_token / 1e9, 2) + " GFLOP/token (forward + input-gradient backward" +
-              (in.gradient_checkpointing ? (selective ? " + selective recompute" : " + recompute") : "") + ") × " + commas(int64_t(t.tokens_per_step)) +
+              (!in.gradient_checkpointing ? ""
+               : selective                ? " + selective recompute"
+               : fused_layer              ? " + recompute without o_proj and down_proj"
+                                          : " + recompute") +
+              ") × " + commas(int64_t(t.tokens_per_step)) +
               " tokens/step at " + fixed(t.utilisation * 100, 0) + "% of " + fixed(t.peak_tflops, 0) + " TFLOP/s " +
               precision + " + NF4 dequantization " + fixed(t.dequant_seconds_per_step, 2) + " s/step";
   t.note = "an estimate from FLOPs at an assumed " + fixed(t.utilisation * 100, 0) +
