@@ -45,16 +45,16 @@ at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double alpha) {
   return at::addmm(at::empty({1}, a.options()), a, b, /*beta=*/0.0, alpha);
 }
 
-// param.grad += alpha · grad. An existing gradient takes grad in grad's dtype (the add upcasts
-// inside its kernel: no cast op before it); a first one is grad in the parameter's dtype.
-void accumulate_grad(const at::Tensor& param, const at::Tensor& grad, double alpha) {
+// param.grad += grad. An existing gradient takes grad in grad's dtype (the add upcasts inside
+// its kernel: no cast op before it); a first one is grad in the parameter's dtype. (The LoRA
+// scaling is already in grad: lora_backward.)
+void accumulate_grad(const at::Tensor& param, const at::Tensor& grad) {
   at::Tensor p = param;  // a handle: .mutable_grad() is the parameter's
   if (p.grad().defined()) {
-    p.mutable_grad().add_(grad, alpha);
+    p.mutable_grad().add_(grad);
     return;
   }
-  at::Tensor g = grad.to(p.scalar_type());  // grad itself when the dtypes match
-  if (alpha != 1.0) g = g.mul(alpha);
+  const at::Tensor g = grad.to(p.scalar_type());  // grad itself when the dtypes match
   p.mutable_grad() = g.is_contiguous() ? g : g.contiguous();
 }
 
@@ -164,9 +164,9 @@ LoraPass lora_add(const Proj& p, Dropped in, at::Tensor out) {
 DroppedGrad lora_backward(const Proj& p, LoraPass&& pass, const at::Tensor& go) {
   const lora::LoraLinear& l = *p.lora;
   const double s = l.scaling();
-  accumulate_grad(l.lora_b(), grad_product(l.lora_b(), go.t(), pass.t), 1.0);  // [out, r]
-  const at::Tensor dt_ = scaled_mm(go, p.b, s);                                    // [N, r]
-  accumulate_grad(l.lora_a(), grad_product(l.lora_a(), dt_.t(), pass.in.x), 1.0);  // [r, in]
+  accumulate_grad(l.lora_b(), grad_product(l.lora_b(), go.t(), pass.t));  // [out, r]
+  const at::Tensor dt_ = scaled_mm(go, p.b, s);                           // [N, r]
+  accumulate_grad(l.lora_a(), grad_product(l.lora_a(), dt_.t(), pass.in.x));  // [r, in]
   pass.in.x = at::Tensor();
   pass.t = at::Tensor();
   return {at::mm(dt_, p.a), std::move(pass.in.mask), pass.in.p};  // [N, in]

@@ -31,9 +31,11 @@ namespace qlora::train::fused {
 // bookkeeping. Under BelowAutograd they go straight to their kernels: the dispatcher skips
 // the Autograd and ADInplaceOrView keys (grad mode is off there anyway, but every op still
 // passed through both, and every narrow, view and transpose built autograd's view record).
-// That is host time a kernel, and where the GPU finishes a layer's small GEMMs faster than
-// the host issues them (Llama-3.2-1B at 4 x 1024) it is the step's time. WithAutograd undoes
-// it where the layer does want a graph: SDPA's, from the q, k, v leaves to its output. A
+// That is host time a kernel: under the profiler, which slows every op on the host, an H200's
+// Llama-3.2-1B 4 x 1024 step went from 88-105 ms to 78 ms; without it the host was already
+// ahead of the GPU there and tok/s did not change (bench/results/2026-12-02-h200-session12).
+// It is headroom for slower hosts and smaller steps. WithAutograd undoes it where the layer
+// does want a graph: SDPA's, from the q, k, v leaves to its output. A
 // tensor made below autograd carries no view record, so none of them may reach a graph as a
 // view that is later written in place (the layer hands autograd only y and the leaves, both
 // fresh tensors).
