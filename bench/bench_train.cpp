@@ -13,9 +13,10 @@
 //     --configs   comma-separated names from kShapes (default: 2x512,4x1024,8x2048); also
 //                 all-linear-4x1024, no-ckpt-2x512, fp16-4x1024, 8b-2x2048, and
 //                 selective-4x1024, selective-8x2048, selective-8b-2x2048 (train.recompute:
-//                 selective), auto-8x2048 and auto-8b-2x2048-cap (train.recompute: auto, the
-//                 latter under a 15.45 GB --memory-cap); all compared with the peer's
-//                 full-checkpointing run of the same shape
+//                 selective), auto-2x512, auto-4x1024, auto-8x2048, auto-8b-2x2048 and
+//                 auto-8b-2x2048-cap (train.recompute: auto, the last under a 15.45 GB
+//                 --memory-cap), no-ckpt-8x2048 and no-ckpt-8b-2x2048; all compared with the
+//                 peer's full-checkpointing run of the same shape
 //     --steps N   optimizer steps per configuration (default 12); the first kWarmupSteps are
 //                 warm-up, excluded from the timing and from the peak
 //     --work DIR  where the model directories (config.json + tokenizer), data and outputs go;
@@ -117,6 +118,14 @@ const Shape kShapes[] = {
     // and n1; 17 layers would be 14.94 GB and 12.58 GB).
     {"auto-8b-2x2048-cap", "llama-3.1-8b", 2, 2048, false, true, false, kAutoRc, "8b-2x2048", 15.45},
     {"auto-8x2048", "llama-3.2-1b", 8, 2048, false, true, false, kAutoRc, "8x2048"},
+    // auto on the whole GPU (an H200 holds every layer whole at these shapes).
+    {"auto-2x512", "llama-3.2-1b", 2, 512, false, true, false, kAutoRc, "2x512"},
+    {"auto-4x1024", "llama-3.2-1b", 4, 1024, false, true, false, kAutoRc, "4x1024"},
+    {"auto-8b-2x2048", "llama-3.1-8b", 2, 2048, false, true, false, kAutoRc, "8b-2x2048"},
+    // Nothing recomputed, beside the peer's checkpointed run of the shape: the floor of the
+    // recompute lever (what train.recompute can gain at most, and at what memory).
+    {"no-ckpt-8x2048", "llama-3.2-1b", 8, 2048, false, false, false, qlora::Recompute::kFull, "8x2048"},
+    {"no-ckpt-8b-2x2048", "llama-3.1-8b", 2, 2048, false, false, false, qlora::Recompute::kFull, "8b-2x2048"},
 };
 constexpr int kDefaultShapes = 3;  // without --configs: the three micro × seq points
 
@@ -321,6 +330,7 @@ json run_one(const Shape& s, const Args& args, const fs::path& work, const fs::p
   // The plan of what ran: train.recompute: auto as the run resolved it.
   cfg.train.recompute = result.recompute;
   cfg.train.selective_layers = result.selective_layers;
+  cfg.train.no_recompute_layers = result.no_recompute_layers;
   const qlora::plan::Plan plan = qlora::plan::make_plan(cfg, shape, &gpu, 1);
   if (!args.profile.empty()) {
     // The trace spans the timed steps and the final save (metrics.jsonl says how long each took).
@@ -343,6 +353,7 @@ json run_one(const Shape& s, const Args& args, const fs::path& work, const fs::p
             {"recompute", !s.checkpointing ? std::string("none") : std::string(qlora::to_string(s.recompute))},
             {"recompute_as_run", plan.recompute},
             {"selective_layers", plan.selective_layers},
+            {"no_recompute_layers", plan.no_recompute_layers},
             {"memory_cap_bytes", static_cast<int64_t>(s.memory_cap_gb * 1e9)},
             {"peer_config", s.peer ? s.peer : s.name},
             {"optimizer", "paged_adamw_8bit"},

@@ -111,7 +111,13 @@ def compare(train_rows, peer_rows):
             # Checkpointing as the issue asks, but recomputing less than the peer does: the
             # verdict is given and says so (the row of the same name is the like-for-like one).
             how = q.get("recompute_as_run") or q.get("recompute") or "?"
-            if how == "selective" and q.get("selective_layers") is not None:
+            whole = q.get("no_recompute_layers") or 0
+            kept = q.get("selective_layers") or 0
+            if whole > 0:  # train.no_recompute_layers (as auto chose it): those layers keep everything
+                how = f"nothing recomputed in {whole} layers"
+                if kept > whole:
+                    how += f", selective in {kept - whole}"
+            elif how == "selective" and q.get("selective_layers") is not None:
                 how += f" in {q['selective_layers']} layers"
             tag = f" ({how}, vs the peer's {peer_name})"
             row["speed_verdict"] += tag

@@ -168,6 +168,30 @@ TEST(CudaFusedOps, DropoutBackwardSumEqualsOneCallATermBitForBit) {
   }
 }
 
+// Note [shed LoRA inputs]: the kernel's copy is remade from the input and its bits bit for bit
+// (vector and scalar paths: sizes off the 8-element groups, x off 16-byte alignment), and the
+// input is left as it was.
+TEST(CudaFusedOps, ApplyingTheBitsAgainRemakesTheKernelsCopy) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "torch sees no CUDA device (or this is a CPU build of torch)";
+  const at::Device cuda(at::kCUDA, 0);
+  torch::manual_seed(24);
+  const double p = 0.05;
+  for (at::ScalarType dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    for (int64_t n : {int64_t{5}, int64_t{4096}, int64_t{3 * 4096 + 5}}) {
+      for (int64_t offset : {int64_t{0}, int64_t{1}}) {
+        const at::Tensor buf = at::randn({n + offset}, at::TensorOptions().device(cuda).dtype(dtype));
+        const at::Tensor x = buf.narrow(0, offset, n);
+        const at::Tensor before = x.clone();
+        for (const model::DroppedCopy& c : model::lora_dropout(x, 3, p)) {
+          const at::Tensor again = model::apply_dropout_bits(x, c.bits, 1.0 / (1.0 - p));
+          EXPECT_TRUE(at::equal(again, c.x)) << c10::toString(dtype) << " n=" << n << " offset=" << offset;
+        }
+        EXPECT_TRUE(at::equal(x, before)) << "the input was written";
+      }
+    }
+  }
+}
+
 // The backward with the kernel's bit mask equals the bool-mask kernel's on the unpacked mask,
 // and lora_dropout_autograd's gradient is that backward of the forward's own mask.
 TEST(CudaFusedOps, LoraDropoutBackwardWithBits) {

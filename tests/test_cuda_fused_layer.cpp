@@ -61,7 +61,8 @@ Result run(const LlamaModel& m, const lora::LoraAdapter& adapter, const train::L
   return r;
 }
 
-void compare(at::ScalarType dtype, train::FusedRecompute what = train::FusedRecompute::kFull) {
+void compare(at::ScalarType dtype, train::FusedRecompute what = train::FusedRecompute::kFull,
+             int64_t no_recompute_layers = 0) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device visible to torch";
   quant::register_cuda_kernels();
   at::globalContext().setAllowTF32CuBLAS(false);
@@ -95,7 +96,7 @@ void compare(at::ScalarType dtype, train::FusedRecompute what = train::FusedReco
                                        const model::AttentionInputs& a) { return m.layer_forward(l, h, cs, a); })
           : train::checkpointed_layer_forward(m);
   const Result want = run(m, adapter, generic, dtype);
-  const Result got = run(m, adapter, train::fused_layer_forward(m, what), dtype);
+  const Result got = run(m, adapter, train::fused_layer_forward(m, what, -1, no_recompute_layers), dtype);
   const bool fp32 = dtype == at::kFloat;
   const double out_tol = fp32 ? kFp32Tol : kHalfOutTol, grad_tol = fp32 ? kFp32Tol : kHalfGradTol;
   const double ey = max_rel(got.y, want.y), ex = max_rel(got.dx, want.dx);
@@ -108,9 +109,10 @@ void compare(at::ScalarType dtype, train::FusedRecompute what = train::FusedReco
   }
   std::printf("  %s%s: output %.2e, input grad %.2e, worst LoRA grad %.2e (relative to max |generic|)\n",
               std::string(c10::toString(dtype)).c_str(),
-              what == train::FusedRecompute::kSelective ? " selective"
-              : what == train::FusedRecompute::kNothing ? " no checkpointing"
-                                                        : "",
+              no_recompute_layers > 0                  ? " last layer not recomputed"
+              : what == train::FusedRecompute::kSelective ? " selective"
+              : what == train::FusedRecompute::kNothing   ? " no checkpointing"
+                                                          : "",
               ey, ex, eg);
   EXPECT_LT(ey, out_tol);
   EXPECT_LT(ex, grad_tol);
@@ -124,6 +126,12 @@ TEST(CudaFusedLayer, SelectiveRecomputeMatchesTheGenericLayer) { compare(at::kBF
 // Note [fused layer without checkpointing]: against the generic layer without checkpointing.
 TEST(CudaFusedLayer, WithoutCheckpointingMatchesTheGenericLayer) { compare(at::kBFloat16, train::FusedRecompute::kNothing); }
 TEST(CudaFusedLayer, Fp32WithoutCheckpointing) { compare(at::kFloat, train::FusedRecompute::kNothing); }
+// Note [layers not recomputed]: the last of the two layers keeps everything (its LoRA inputs
+// shed, Note [shed LoRA inputs]), the first recomputes; against the generic checkpoint.
+TEST(CudaFusedLayer, LastLayerNotRecomputedMatchesTheGenericLayer) {
+  compare(at::kBFloat16, train::FusedRecompute::kFull, 1);
+}
+TEST(CudaFusedLayer, Fp32LastLayerNotRecomputed) { compare(at::kFloat, train::FusedRecompute::kFull, 1); }
 
 }  // namespace
 }  // namespace qlora

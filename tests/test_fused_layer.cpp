@@ -35,6 +35,7 @@ struct Setup {
   bool input_grad = true;    // false: the input is a frozen embedding's output
   train::FusedRecompute recompute = train::FusedRecompute::kFull;
   int64_t selective_layers = -1;  // with kSelective: how many (the last) layers keep gate/up
+  int64_t no_recompute_layers = 0;  // how many (the last) layers recompute nothing
 };
 
 struct Result {
@@ -96,10 +97,12 @@ void compare(const Setup& s) {
                                        const model::AttentionInputs& a) { return m.layer_forward(l, h, cs, a); })
           : train::checkpointed_layer_forward(m);
   const Result want = run(m, adapter, generic, s);
-  const Result got = run(m, adapter, train::fused_layer_forward(m, s.recompute, s.selective_layers), s);
-  if (s.recompute != train::FusedRecompute::kFull) {
+  const Result got =
+      run(m, adapter, train::fused_layer_forward(m, s.recompute, s.selective_layers, s.no_recompute_layers), s);
+  if (s.recompute != train::FusedRecompute::kFull || s.no_recompute_layers > 0) {
     // What is kept is what the full recompute would make again (Note [selective recompute],
-    // Note [fused layer without checkpointing]), so the fused runs agree bit for bit.
+    // Note [fused layer without checkpointing], Note [layers not recomputed]), so the fused runs
+    // agree bit for bit.
     const Result full = run(m, adapter, train::fused_layer_forward(m, train::FusedRecompute::kFull), s);
     EXPECT_TRUE(at::equal(got.y, full.y)) << "kept vs full recompute: layer outputs";
     if (s.input_grad) {
@@ -109,7 +112,9 @@ void compare(const Setup& s) {
       EXPECT_TRUE(at::equal(got.grads[i], full.grads[i])) << "kept vs full recompute: gradient " << i;
   }
   EXPECT_LT(max_rel(got.y, want.y), kRelTol) << "layer outputs";
-  if (s.input_grad) EXPECT_LT(max_rel(got.dx, want.dx), kRelTol) << "input gradient";
+  if (s.input_grad) {
+    EXPECT_LT(max_rel(got.dx, want.dx), kRelTol) << "input gradient";
+  }
   EXPECT_TRUE(at::equal(got.after, want.after)) << "the generator must be left where the generic layer leaves it";
   const auto names = adapter.named_parameters();
   ASSERT_EQ(got.grads.size(), want.grads.size());
@@ -148,6 +153,21 @@ TEST(FusedLayer, SelectiveRecomputeWithoutDropout) {
 // layer's order.
 TEST(FusedLayer, WithoutCheckpointingMatchesTheGenericLayer) {
   compare({true, 0.2, true, true, train::FusedRecompute::kNothing});
+}
+
+// Note [layers not recomputed]: the last layer keeps everything, the one below recomputes (in
+// full, or all but gate/up); the masks of both kinds of layer must be the forward's.
+TEST(FusedLayer, LastLayerNotRecomputed) {
+  ASSERT_GE(testing::small_llama_shape().num_hidden_layers, 2);
+  compare({true, 0.2, true, true, train::FusedRecompute::kFull, -1, 1});
+}
+
+TEST(FusedLayer, LastLayerNotRecomputedTheRestSelective) {
+  compare({false, 0.2, false, true, train::FusedRecompute::kSelective, -1, 1});
+}
+
+TEST(FusedLayer, NoLayerRecomputedUnderCheckpointing) {
+  compare({true, 0.2, false, true, train::FusedRecompute::kSelective, -1, 99});
 }
 
 TEST(FusedLayer, WithoutCheckpointingOrDropout) { compare({false, 0.0, false, false, train::FusedRecompute::kNothing}); }

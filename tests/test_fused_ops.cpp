@@ -354,6 +354,24 @@ TEST(LoraDropoutReference, BitMaskBackwardEqualsTheBoolOne) {
   EXPECT_THROW(unpack_bits(at::zeros({3}, at::kByte), {8}), c10::Error);  // 3 bytes for 8 elements
 }
 
+// Note [shed LoRA inputs]: the input and a copy's bits give the copy back, bit for bit, and
+// leave the input as it was; bits of another size are refused.
+TEST(LoraDropoutReference, ApplyingTheBitsAgainRemakesTheCopy) {
+  torch::manual_seed(7);
+  const double p = 0.25;
+  for (const at::ScalarType dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    for (const int64_t n : {int64_t{1}, int64_t{13}, int64_t{4096 + 3}}) {
+      const at::Tensor x = (at::randn({n}) * 3).to(dtype);
+      const at::Tensor before = x.clone();
+      const DroppedCopy c = lora_dropout_reference(x, p, 1234, {8}).front();
+      const at::Tensor again = apply_dropout_bits(x, c.bits, 1.0 / (1.0 - p));
+      EXPECT_TRUE(at::equal(again, c.x)) << c10::toString(dtype) << " n=" << n;
+      EXPECT_TRUE(at::equal(x, before)) << "the input was written";
+    }
+  }
+  EXPECT_THROW(apply_dropout_bits(at::ones({16}), at::zeros({1}, at::kByte), 2.0), c10::Error);
+}
+
 // On the CPU dropout_backward_sum is the terms added one call at a time, in order; a mask
 // missing for a term is refused.
 TEST(LoraDropoutReference, SumIsOneCallATerm) {

@@ -399,6 +399,11 @@ class Loader {
     }
     if (c.output.dir.empty())
       issue("output.dir", "expected a directory path, got an empty string", line_for("output.dir"));
+    if (c.train.no_recompute_layers > 0 && c.train.recompute == Recompute::kAuto)
+      issue("train.no_recompute_layers",
+            "train.recompute: auto chooses it (from the plan, on the GPU the run gets); remove it, or set "
+            "train.recompute: full or selective to choose it yourself",
+            line_for("train.no_recompute_layers"));
   }
 
   std::string source_;

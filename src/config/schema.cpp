@@ -170,10 +170,15 @@ std::vector<Field> build_schema() {
   add(bind_enum("train.recompute", &C::train, &TrainConfig::recompute, kRecomputeNames,
                 "with checkpointing, on a GPU: full | selective (keeps each layer's gate/up GEMM output, "
                 "2 x intermediate_size values a token: ~10% less compute, more memory) | auto (selective in as "
-                "many layers as the GPU's memory holds; see qlora plan)"));
+                "many layers as the GPU's memory holds, then no recompute in as many as still fit; see qlora plan)"));
   range(add(bind_member("train.selective_layers", Kind::kInt, &C::train, &TrainConfig::selective_layers,
                  "with train.recompute: selective, how many layers (the last ones) keep gate/up; -1: all")),
         -1, 1e6);
+  range(add(bind_member("train.no_recompute_layers", Kind::kInt, &C::train, &TrainConfig::no_recompute_layers,
+                 "with checkpointing, on a GPU: how many layers (the last ones) recompute nothing, keeping all "
+                 "their activations (fastest, most memory); auto sets it when every layer keeps gate/up and "
+                 "memory is left")),
+        0, 1e6);
   add(bind_enum("train.optimizer", &C::train, &TrainConfig::optimizer, kOptimizerNames,
                 "adamw (8 B/param) | adamw_8bit (2 B/param) | paged_adamw_8bit (can spill to host)"));
   range(add(bind_member("train.seed", Kind::kInt, &C::train, &TrainConfig::seed,

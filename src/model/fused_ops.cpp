@@ -422,6 +422,27 @@ at::Tensor dropout_backward_add(at::Tensor acc, at::Tensor d, const at::Tensor& 
   return dropout_backward_add_reference(std::move(acc), std::move(d), mask, scale);
 }
 
+at::Tensor apply_dropout_bits(const at::Tensor& x, const at::Tensor& bits, double scale) {
+  TORCH_CHECK(is_bit_mask(bits, x), "apply_dropout_bits: expected a uint8 bit mask of x's ", x.numel(),
+              " elements, got ", describe(bits));
+#ifdef QLORA_WITH_CUDA
+  if (use_kernel(x) && x.is_contiguous() && bits.is_contiguous() && bits.device() == x.device()) {
+    at::Tensor out = at::empty_like(x);
+    const c10::cuda::CUDAGuard guard(x.device());
+    check_launch(kernels::dropout_backward_add_bits(out.data_ptr(), nullptr, x.const_data_ptr(),
+                                                    bits.const_data_ptr<uint8_t>(), x.numel(),
+                                                    static_cast<float>(scale), float_type(x), stream_of(x)),
+                 "apply_dropout_bits");
+    return out;
+  }
+#endif
+  // As lora_dropout_reference rounds: x · scale in fp32 (scale rounded to fp32 first, as the
+  // kernels take it), once into x's dtype; dropped elements +0.
+  const at::Tensor keep = unpack_bits(bits, x.sizes());
+  const at::Tensor scaled = (x.to(at::kFloat) * static_cast<float>(scale)).to(x.scalar_type());
+  return at::where(keep, scaled, at::zeros_like(scaled));
+}
+
 at::Tensor dropout_backward_sum(at::Tensor acc, std::vector<at::Tensor> d, const std::vector<at::Tensor>& bits,
                                 double scale) {
   TORCH_CHECK(!d.empty() && d.size() == bits.size(), "dropout_backward_sum: expected as many bit masks as terms (at least ",

@@ -280,16 +280,28 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
   const double square = in.packed ? double(B) * double(S) * double(S) : 0.0;  // B·S² mask elements
   const int64_t nkv = m.num_key_value_heads;
   const int64_t step_tok = 2 * p * d + kStepIndexBytesPerToken;  // cos, sin [B, S, d] + indices
+  // What a layer keeps for its LoRAs a token: A's output, and the input A saw. Without dropout
+  // that is the input itself, kept once for the projections sharing it (o_proj's is SDPA's
+  // output, counted with attention). With dropout the generic layer keeps each dropped copy and
+  // its mask (bool on the CPU); the GPU's fused layer keeps the dropped copies only where it
+  // cannot shed them (down_proj's), elsewhere the shared input once and a bit mask a LoRA
+  // (Note [shed LoRA inputs] in src/train/fused_layer_parts.h).
+  const bool drop = in.lora_dropout > 0;
+  const bool qkv_lora = targets(in, "q_proj") || targets(in, "k_proj") || targets(in, "v_proj");
+  const bool gu_lora = targets(in, "gate_proj") || targets(in, "up_proj");
   int64_t lora_tok = 0;
   for (const auto& s : decoder_linear_shapes(m)) {
     if (!targets(in, s.name.c_str())) continue;
     lora_tok += p * in.lora_r;
-    if (in.lora_dropout > 0) lora_tok += p * s.in_features + (gpu16 ? (s.in_features + 7) / 8 : s.in_features);
+    if (!drop) continue;
+    const bool shed = gpu16 && s.name != "down_proj";
+    lora_tok += gpu16 ? (s.in_features + 7) / 8 : s.in_features;  // the mask
+    if (!shed) lora_tok += p * s.in_features;                      // the dropped copy
   }
-  if (in.lora_dropout <= 0) {  // A's linear keeps its input itself; shared inputs are kept once
-    if (targets(in, "q_proj") || targets(in, "k_proj") || targets(in, "v_proj")) lora_tok += p * h;
-    if (targets(in, "gate_proj") || targets(in, "up_proj")) lora_tok += p * h;
-    if (targets(in, "down_proj")) lora_tok += p * i;
+  if (!drop || gpu16) {  // the undropped inputs, once for the projections sharing one
+    if (qkv_lora) lora_tok += p * h;
+    if (gu_lora) lora_tok += p * h;
+    if (!drop && targets(in, "down_proj")) lora_tok += p * i;
   }
   const int64_t norm_tok = gpu16 ? 2 * (p * h + 4) : 2 * (4 * h + 4);
   // With a mask k, v are repeated to every head (the memory-efficient kernel); without, SDPA
@@ -303,34 +315,45 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
   const int64_t layer_tok = norm_tok + attn_tok + mlp_tok + lora_tok;
   // One layer's kept tensors: per token, its bias per mask element, its 16-bit LoRA copies.
   const double layer_bytes = tokens * double(layer_tok) + square * double(p) + double(p * lora_per_layer);
-  const double kept_layers = in.gradient_checkpointing ? 1.0 : double(L);
+  // Layers kept whole at the peak: every layer without checkpointing, the `whole` ones with it
+  // (train.no_recompute_layers, Note [layers not recomputed]); under the generic checkpoint the
+  // one being recomputed.
+  const int64_t whole = whole_layers(in, L);
+  const double kept_layers = !in.gradient_checkpointing ? double(L) : whole > 0 ? double(whole) : 1.0;
+  const double kept_whole = !in.gradient_checkpointing ? double(L) * layer_bytes : double(whole) * layer_bytes;
   // The fused layer keeps the attention residual h1 beside each layer input, and with
   // selective recompute each layer's gate/up GEMM output [T, 2i] (Note [selective recompute]).
-  const int64_t kept_layers_gu = kept_gate_up_layers(in.selective_layers, L);
+  // The last `whole` layers keep all of a layer instead (layer_bytes: their input and h1 among it).
+  const int64_t kept_layers_gu = std::max<int64_t>(0, kept_gate_up_layers(in.selective_layers, L) - whole);
   const bool selective = fused_layer && in.selective_recompute && kept_layers_gu > 0;
   const double kept_gate_up = selective ? double(kept_layers_gu) * tokens * double(2 * i * p) : 0.0;
+  const int64_t boundary_layers = L - whole;
   const double boundaries =
-      (in.gradient_checkpointing ? double(fused_layer ? 2 : 1) * double(L) * tokens * double(h * p) : 0.0) +
+      (in.gradient_checkpointing ? double(fused_layer ? 2 : 1) * double(boundary_layers) * tokens * double(h * p)
+                                 : 0.0) +
       kept_gate_up;
   const double step_bytes = tokens * double(step_tok) + square;  // + the bool mask
+  const bool any_boundaries = in.gradient_checkpointing && boundary_layers > 0;
   const std::string boundary_text =
-      in.gradient_checkpointing ? std::string(fused_layer ? "layer inputs and attention residuals 2 × " : "layer inputs ") +
-                                      std::to_string(L) + " × " + commas(T) + " tokens × " + commas(h) +
+      any_boundaries ? std::string(fused_layer ? "layer inputs and attention residuals 2 × " : "layer inputs ") +
+                                      std::to_string(boundary_layers) + " × " + commas(T) + " tokens × " + commas(h) +
                                       " × " + std::to_string(p) + " B = " + gib(boundaries - kept_gate_up) + " + " +
                                       (selective ? "gate/up outputs kept (selective recompute) " + std::to_string(kept_layers_gu) +
                                                        " × " + commas(T) + " tokens × 2 × " + commas(i) + " × " +
                                                        std::to_string(p) + " B = " + gib(kept_gate_up) + " + "
                                                  : std::string())
                                 : std::string();
-  const std::string layers_text = in.gradient_checkpointing ? (selective ? "one layer recomputed in backward but its gate/up GEMM"
-                                                                       : "one layer recomputed in backward")
-                                                            : std::to_string(L) + " layers (no checkpointing)";
+  const std::string layers_text = !in.gradient_checkpointing ? std::to_string(L) + " layers (no checkpointing)"
+                                  : whole > 0 ? "the last " + std::to_string(whole) + " of " + std::to_string(L) +
+                                                    " layers kept whole (not recomputed)"
+                                  : selective ? "one layer recomputed in backward but its gate/up GEMM"
+                                              : "one layer recomputed in backward";
 
   // Loss phase.
   const int64_t chunk = std::min<int64_t>(kCeChunkTokens, T);
   // The final norm's saved input (16-bit with the fused norm, an fp32 copy otherwise) and output.
   const double loss_final = tokens * double((gpu16 ? p * h : 4 * h) + 4 + p * h);
-  const double loss_act = boundaries + (in.gradient_checkpointing ? 0.0 : double(L) * layer_bytes) + loss_final + step_bytes;
+  const double loss_act = boundaries + kept_whole + loss_final + step_bytes;
   // The fused cross-entropy (16-bit on GPUs, Note [fused cross-entropy] in src/model/loss.cpp)
   // keeps the gradient of the hidden state from forward (p·h per token) and scales it in fp32
   // in backward (4·h + p·h more); its logits chunk is 16-bit, overwritten in place by the
@@ -352,7 +375,10 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
   if (selective) fused.mlp_tok -= double(2 * p * i);  // the top layer's gate|up is among the kept
   const bool fused_mlp_peak = fused.mlp_tok * tokens + fused.mlp_weights >=
                               fused.attention_tok * tokens + square * double(1 + p) + fused.attention_weights;
-  if (fused_layer) {
+  // With layers kept whole the top one is such a layer: its backward is the one without
+  // checkpointing (the generic temporaries above), not a recomputed half's.
+  const bool fused_halves_peak = fused_layer && whole == 0;
+  if (fused_halves_peak) {
     layer_act = boundaries + step_bytes +
                 (fused_mlp_peak ? fused.mlp_tok * tokens : fused.attention_tok * tokens + square * double(1 + p));
     layer_ws = fused_mlp_peak ? fused.mlp_weights : fused.attention_weights;
@@ -370,9 +396,9 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
     const std::string steps = "; mask, cos/sin, indices " + gib(step_bytes);
     if (loss_peak)
       c.formula = "at the loss backward: " + boundary_text +
-                  (in.gradient_checkpointing ? "" : layers_text + ", " + per_layer + " = " + gib(double(L) * layer_bytes) + " + ") +
+                  (kept_whole > 0 ? layers_text + ", " + per_layer + " = " + gib(kept_whole) + " + " : "") +
                   (gpu16 ? "final norm's input and output " : "final norm's fp32 copy and output ") + gib(loss_final) + steps;
-    else if (fused_layer)
+    else if (fused_halves_peak)
       c.formula = "at the top layer's backward (fused layer, " +
                   std::string(fused_mlp_peak ? "MLP" : "attention") + " half): " + boundary_text + "that half's " +
                   commas(int64_t(fused_mlp_peak ? fused.mlp_tok : fused.attention_tok)) + " B/token × " + commas(T) +
@@ -383,7 +409,9 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
     c.detail = "per layer and token: norms 2×(4h+4) = " + commas(norm_tok) + ", attention q, k, v (repeated to " +
                std::to_string(nh) + " heads), out, lse = " + commas(attn_tok) + ", MLP " + std::to_string(mlp_factor) + "·p·i = " + commas(mlp_tok) +
                ", LoRA = " + commas(lora_tok) +
-               (in.lora_dropout > 0 ? " (A outputs + dropped inputs and masks)" : " (A outputs + kept inputs)") +
+               (in.lora_dropout <= 0 ? " (A outputs + kept inputs)"
+                : gpu16              ? " (A outputs + bit masks + undropped inputs, down_proj's dropped)"
+                                     : " (A outputs + dropped inputs and masks)") +
                "; " + other;
     out.push_back(c);
   }
@@ -395,7 +423,7 @@ std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInput
     else if (loss_peak)
       c.formula = "gradient of the final hidden state, " + commas(T) + " tokens × " + commas(h) + " × " +
                   std::to_string(p) + " B";
-    else if (fused_layer)
+    else if (fused_halves_peak)
       c.formula = fused_mlp_peak ? (selective ? "the fused layer's [gate; up] dequantized (after down_proj's is freed): " +
                                                     commas(2 * i * h)
                                               : "the fused layer's [gate; up] and down_proj dequantized: " +

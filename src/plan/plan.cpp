@@ -98,6 +98,7 @@ BudgetInputs inputs_from(const Config& cfg, const PrecisionAdvice& precision) {
   in.gradient_checkpointing = cfg.train.gradient_checkpointing;
   in.selective_recompute = cfg.train.recompute == Recompute::kSelective;
   in.selective_layers = cfg.train.selective_layers;
+  in.no_recompute_layers = cfg.train.no_recompute_layers;
   in.optimizer = cfg.train.optimizer;
   in.double_quant = cfg.quantization.double_quant;
   in.packed = cfg.data.packing;
@@ -159,15 +160,20 @@ std::vector<Advice> advise_over(const LlamaConfig& model, BudgetInputs in, int64
   std::vector<Advice> out;
   const int64_t per_gpu_batch = in.micro_batch_size * accumulation;  // sequences per GPU per step
 
-  // 0. selective recompute back to full: the same batch, only more compute.
-  if (in.selective_recompute && in.gradient_checkpointing) {
+  // 0. selective recompute and layers kept whole back to full: the same batch, only more compute.
+  if ((in.selective_recompute || whole_layers(in, model.num_hidden_layers) > 0) && in.gradient_checkpointing) {
     const double before = budget(model, in).total;
+    const bool whole = whole_layers(in, model.num_hidden_layers) > 0;
     in.selective_recompute = false;
+    in.no_recompute_layers = 0;
     const double total = budget(model, in).total;
     if (total < before) {
       out.push_back(make_advice("recompute",
-                                "set train.recompute: full (each layer's gate/up output recomputed instead of kept: " +
-                                    gib(before - total) + " less, ~10% more compute)",
+                                std::string("set train.recompute: full") +
+                                    (whole ? " and train.no_recompute_layers: 0" : "") +
+                                    " (every layer recomputed in backward instead of keeping " +
+                                    (whole ? "activations" : "its gate/up output") + ": " + gib(before - total) +
+                                    " less, more compute)",
                                 in, accumulation, total, gpu));
       if (out.back().fits) return out;
     }
@@ -280,11 +286,16 @@ TimeEstimate estimate_time(const LlamaConfig& m, const BudgetInputs& in, int64_t
   const double P = double(lora_params);
   const double fwd = 2 * N + 2 * Vh + attn + 2 * P;
   const double bwd = 2 * N + 2 * Vh + 2 * attn + 4 * P;
-  const int64_t kept_gu = kept_gate_up_layers(in.selective_layers, m.num_hidden_layers);
+  //            (a layer at a time); the last whole_layers recompute nothing (Note [layers not recomputed])
+  const int64_t L = m.num_hidden_layers;
+  const int64_t whole = whole_layers(in, L);
+  const int64_t kept_gu = std::max<int64_t>(0, kept_gate_up_layers(in.selective_layers, L) - whole);
   const bool selective = in.gradient_checkpointing && in.selective_recompute && in.activation_bytes == 2 && kept_gu > 0;
   const double gate_up = 2.0 * double(kept_gu) * double(m.hidden_size) * 2.0 * double(m.intermediate_size);
-  const double recompute =
-      in.gradient_checkpointing ? 2 * (N - not_recomputed) + attn + 2 * P - (selective ? gate_up : 0.0) : 0;
+  const double recompute_all = 2 * (N - not_recomputed) + attn + 2 * P;
+  const double recompute = in.gradient_checkpointing ? recompute_all * double(L - whole) / double(L) -
+                                                           (selective ? gate_up : 0.0)
+                                                     : 0;
   t.flops_per_token = fwd + bwd + recompute;
   t.tokens_per_step = double(in.micro_batch_size * in.seq_length * accumulation);
   t.flops_per_step = t.flops_per_token * t.tokens_per_step;
@@ -309,6 +320,10 @@ TimeEstimate estimate_time(const LlamaConfig& m, const BudgetInputs& in, int64_t
   t.available = true;
   t.formula = fixed(t.flops_per_token / 1e9, 2) + " GFLOP/token (forward + input-gradient backward" +
               (!in.gradient_checkpointing ? ""
+               : whole == L               ? " + no recompute (every layer kept whole)"
+               : whole > 0
+                   ? " + recompute in " + std::to_string(L - whole) + " of " + std::to_string(L) + " layers" +
+                         (selective ? ", selective" : "")
                : selective                ? " + selective recompute"
                : fused_layer              ? " + recompute without o_proj and down_proj"
                                           : " + recompute") +
@@ -351,25 +366,51 @@ int64_t lora_trainable_params(const LlamaConfig& model, const LoraConfig& lora) 
 
 // ---------------------------------------------------------------- make_plan
 
-int64_t auto_selective_layers(const LlamaConfig& model, BudgetInputs in, const GpuSpec& gpu) {
-  if (!in.gradient_checkpointing || in.activation_bytes != 2) return 0;  // only the GPU's 16-bit fused layer keeps gate/up
-  in.selective_recompute = true;
-  const double limit = gpu.memory_bytes * (1.0 - kTightHeadroomFraction);
-  const auto total_with = [&](int64_t kept) {
-    in.selective_layers = kept;
-    return total_bytes(memory_components(model, in));
-  };
-  // The total grows with the kept layers: the largest count under the limit, by bisection.
-  int64_t lo = 0, hi = model.num_hidden_layers;
-  if (total_with(0) > limit) return 0;
+namespace {
+
+// The largest n in [0, hi] with fits(n), for a fits that holds up to some n and not beyond (a
+// total that grows with n, under a limit), by bisection; 0 also when not even 0 fits.
+template <class Fits>
+int64_t largest_fitting(int64_t hi, const Fits& fits) {
+  int64_t lo = 0;
+  if (!fits(0)) return 0;
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo + 1) / 2;
-    if (total_with(mid) <= limit)
+    if (fits(mid))
       lo = mid;
     else
       hi = mid - 1;
   }
   return lo;
+}
+
+}  // namespace
+
+AutoRecompute auto_recompute(const LlamaConfig& model, BudgetInputs in, const GpuSpec& gpu) {
+  AutoRecompute out;
+  // Only the GPU's 16-bit fused layer keeps more than its inputs.
+  if (!in.gradient_checkpointing || in.activation_bytes != 2) return out;
+  const int64_t L = model.num_hidden_layers;
+  const double limit = gpu.memory_bytes * (1.0 - kTightHeadroomFraction);
+  const auto fits = [&] { return total_bytes(memory_components(model, in)) <= limit; };
+  in.selective_recompute = true;
+  in.no_recompute_layers = 0;
+  out.selective_layers = largest_fitting(L, [&](int64_t n) {
+    in.selective_layers = n;
+    return fits();
+  });
+  if (out.selective_layers < L) return out;
+  // Note [layers not recomputed]: every layer keeps gate/up; then layers kept whole, from the top.
+  in.selective_layers = L;
+  out.no_recompute_layers = largest_fitting(L, [&](int64_t n) {
+    in.no_recompute_layers = n;
+    return fits();
+  });
+  return out;
+}
+
+int64_t auto_selective_layers(const LlamaConfig& model, BudgetInputs in, const GpuSpec& gpu) {
+  return auto_recompute(model, std::move(in), gpu).selective_layers;
 }
 
 namespace {
@@ -379,19 +420,28 @@ namespace {
 void resolve_recompute(Plan& plan, const Config& cfg, const LlamaConfig& model, BudgetInputs& in, const GpuSpec* gpu) {
   const int64_t L = model.num_hidden_layers;
   if (cfg.train.recompute == Recompute::kAuto) {
-    const int64_t kept = gpu ? auto_selective_layers(model, in, *gpu) : 0;
-    in.selective_recompute = kept > 0;
-    in.selective_layers = kept;
+    const AutoRecompute a = gpu ? auto_recompute(model, in, *gpu) : AutoRecompute{};
+    in.selective_recompute = a.selective_layers > 0;
+    in.selective_layers = a.selective_layers;
+    in.no_recompute_layers = a.no_recompute_layers;
     plan.notes.push_back(
         !gpu ? "train.recompute: auto decides on the GPU (pass --gpu to see its choice); planned here as full"
              : !in.gradient_checkpointing || in.activation_bytes != 2
                    ? "train.recompute: auto: full (selective recompute needs checkpointing and bf16/fp16 on a GPU)"
-                   : "train.recompute: auto keeps the gate/up output in " + std::to_string(kept) + " of " +
-                         std::to_string(L) + " layers (the most that leave " +
-                         fixed(kTightHeadroomFraction * 100, 0) + "% of " + gpu->name + "'s memory free)");
+                   : "train.recompute: auto keeps the gate/up output in " + std::to_string(a.selective_layers) +
+                         " of " + std::to_string(L) + " layers" +
+                         (a.no_recompute_layers > 0
+                              ? " and recomputes nothing in the last " + std::to_string(a.no_recompute_layers)
+                              : std::string()) +
+                         " (the most that leave " + fixed(kTightHeadroomFraction * 100, 0) + "% of " + gpu->name +
+                         "'s memory free)");
+  } else if (in.no_recompute_layers > 0 && whole_layers(in, L) == 0) {
+    plan.notes.push_back("train.no_recompute_layers: " + std::to_string(in.no_recompute_layers) +
+                         " has no effect here: only the GPU's bf16/fp16 layer under checkpointing keeps layers whole");
   }
   const bool selective = in.gradient_checkpointing && in.selective_recompute && in.activation_bytes == 2;
   plan.selective_layers = selective ? kept_gate_up_layers(in.selective_layers, L) : 0;
+  plan.no_recompute_layers = whole_layers(in, L);
   plan.recompute = !in.gradient_checkpointing ? "none" : plan.selective_layers > 0 ? "selective" : "full";
 }
 

@@ -27,6 +27,27 @@ std::string pad_left(const std::string& s, size_t width) {
 
 // ---------------------------------------------------------------- rendering
 
+namespace {
+
+// The plan's `recompute` line: what a checkpointed layer recomputes in backward.
+std::string recompute_line(const Plan& p) {
+  const int64_t L = p.model.num_hidden_layers, whole = p.no_recompute_layers;
+  if (p.recompute == "none") return "none (no activation checkpointing)";
+  if (whole >= L) return "none: every layer kept whole (train.no_recompute_layers), as without checkpointing";
+  const int64_t gate_up = std::max<int64_t>(0, p.selective_layers - whole);
+  if (whole == 0)
+    return gate_up > 0 ? "selective: gate/up outputs kept in " + std::to_string(gate_up) + " of " + std::to_string(L) +
+                             " layers, the rest recomputed"
+                       : "full: each layer recomputed in backward";
+  std::string out = "the last " + std::to_string(whole) + " of " + std::to_string(L) +
+                    " layers kept whole (nothing recomputed)";
+  if (gate_up > 0) out += ", gate/up outputs kept in the " + std::to_string(gate_up) + " below them";
+  if (L - whole - gate_up > 0) out += ", " + std::to_string(L - whole - gate_up) + " recomputed in full";
+  return out;
+}
+
+}  // namespace
+
 std::string render_text(const Plan& p) {
   std::ostringstream o;
   const auto& m = p.model;
@@ -40,12 +61,7 @@ std::string render_text(const Plan& p) {
   o << "  batch       effective batch = micro × accumulation × GPUs = " << p.batch.formula << " sequences of up to "
     << commas(p.seq_length) << " tokens (" << commas(p.batch.total * p.seq_length) << " tokens per step)\n";
   o << "  precision   " << p.precision.message << "\n";
-  o << "  recompute   "
-    << (p.recompute == "none"        ? std::string("none (no activation checkpointing)")
-        : p.recompute == "selective" ? "selective: gate/up outputs kept in " + std::to_string(p.selective_layers) + " of " +
-                                           std::to_string(p.model.num_hidden_layers) + " layers, the rest recomputed"
-                                     : std::string("full: each layer recomputed in backward"))
-    << "\n";
+  o << "  recompute   " << recompute_line(p) << "\n";
   if (p.gpu)
     o << "  GPU         " << (p.gpu->from_device ? "this machine: " : "") << p.gpu->name << ", "
       << gib(p.gpu->memory_bytes) << " usable" << (p.gpu->note.empty() ? "" : " (" + p.gpu->note + ")") << "\n";
@@ -125,7 +141,9 @@ std::string render_json(const Plan& p) {
                           {"formula", p.batch.formula},
                           {"seq_length", p.seq_length},
                           {"tokens_per_step", p.batch.total * p.seq_length}};
-  j["recompute"] = {{"mode", p.recompute}, {"selective_layers", p.selective_layers}};
+  j["recompute"] = {{"mode", p.recompute},
+                    {"selective_layers", p.selective_layers},
+                    {"no_recompute_layers", p.no_recompute_layers}};
   j["precision"] = {{"requested", p.precision.requested},
                     {"resolved", p.precision.resolved},
                     {"supported", p.precision.supported},

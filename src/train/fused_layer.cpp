@@ -4,6 +4,7 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <memory>
@@ -58,6 +59,22 @@ using torch::autograd::variable_list;
 // N the plan fits on the GPU: the top layers' kept outputs are freed first in backward, and
 // the peak (all kept outputs alive, the top layer's MLP half without a gate|up of its own) is
 // what the plan counts.
+
+// Note [layers not recomputed]
+// Under checkpointing, train.no_recompute_layers = M makes the last M layers keep
+// everything their backward reads, as without checkpointing (Note [fused layer without
+// checkpointing]), beside the others' full or selective recompute: the last ones, because
+// backward reaches them first, so theirs is the memory freed first, and the peak (every
+// layer's kept state alive as backward starts, plus the top layer's backward temporaries) is
+// what the plan counts (src/plan/budget.cpp). A layer kept whole saves its whole recompute:
+// the norms, the q|k|v and gate|up GEMMs with their LoRAs, RoPE and attention's forward;
+// its LoRA inputs are kept shed (Note [shed LoRA inputs] in train/fused_layer_parts.h).
+// train.recompute: auto turns to it once every layer keeps its gate/up output and memory is
+// left, so under a memory limit that gate/up does not fill, auto's choice is what it was
+// before. The two buy about the same time a byte: on an H200, Llama-3.2-1B at 8 × 2048, the
+// gate/up outputs of 16 layers saved 26.7 ms a step for 8.08 GB (3.3 ms a GB), the rest of the
+// 16 layers 15.6 ms for 4.10 GB (3.8 ms a GB; 2.2 before the LoRA inputs were shed)
+// (bench/results/2026-12-02-h200-session13).
 
 // Index of each projection in decoder_linear_names().
 constexpr size_t kQ = 0, kK = 1, kV = 2, kO = 3, kGate = 4, kUp = 5, kDown = 6;
@@ -150,6 +167,12 @@ at::Tensor lora_columns_backward(const LayerRefs& r, std::initializer_list<size_
   return add_input_grads(at::Tensor(), std::move(terms));
 }
 
+// Note [shed LoRA inputs] (train/fused_layer_parts.h): the passes' dropped copies of `source`
+// go; their masks and source stay.
+void shed_passes(std::vector<std::pair<size_t, LoraPass>>& passes, const at::Tensor& source) {
+  for (auto& [which, pass] : passes) pass.in = shed(std::move(pass.in), source);
+}
+
 struct AttentionHalf {
   Normed n1;
   at::Tensor w_qkv;  // [q + k + v, h]
@@ -164,7 +187,7 @@ struct AttentionHalf {
 // input without dropout is n1 itself and holds it).
 AttentionHalf attention_half(const LayerRefs& r, const at::Tensor& x2, int64_t b, int64_t t,
                              const std::pair<at::Tensor, at::Tensor>& cos_sin, const model::AttentionInputs& attention,
-                             std::array<at::Tensor, 3>* grad_leaves, at::Tensor* attn_out) {
+                             std::array<at::Tensor, 3>* grad_leaves, at::Tensor* attn_out, bool shed_inputs = false) {
   const LlamaConfig& c = r.model->config();
   const int64_t d = c.head_dim, heads = c.num_attention_heads, kv = c.num_key_value_heads;
   AttentionHalf s;
@@ -172,6 +195,7 @@ AttentionHalf attention_half(const LayerRefs& r, const at::Tensor& x2, int64_t b
   s.w_qkv = merged_weight(pick(r, {kQ, kK, kV}), x2.options());
   at::Tensor qkv = at::mm(s.n1.y, s.w_qkv.t());  // [N, q + k + v]
   lora_columns(r, {kQ, kK, kV}, s.n1.y, qkv, &s.lora);
+  if (shed_inputs) shed_passes(s.lora, s.n1.y);
   s.n1.y = at::Tensor();
   // Dense [B, T, H, d] tensors: SDPA's fast kernels want each of q, k, v packed (the column
   // slices of qkv have a row stride of q + k + v). RoPE writes q and k there as it rotates them.
@@ -210,12 +234,13 @@ struct MlpHalf {
 // The MLP half up to m = swiglu(gu). `need_m` false (a recompute where down_proj has no
 // LoRA: backward reads gu, never m) leaves m out. n2 goes once the gate/up LoRAs have their
 // inputs (a LoRA without dropout holds it; the norm's backward reads h1 and rstd).
-MlpHalf mlp_half(const LayerRefs& r, const at::Tensor& h1, bool need_m = true) {
+MlpHalf mlp_half(const LayerRefs& r, const at::Tensor& h1, bool need_m = true, bool shed_inputs = false) {
   MlpHalf s;
   s.n2 = norm_forward(h1, r.norm2, r.model->config().rms_norm_eps);
   s.w_gu = merged_weight(pick(r, {kGate, kUp}), h1.options());
   s.gu = at::mm(s.n2.y, s.w_gu.t());
   lora_columns(r, {kGate, kUp}, s.n2.y, s.gu, &s.lora);
+  if (shed_inputs) shed_passes(s.lora, s.n2.y);
   s.n2.y = at::Tensor();
   if (need_m) s.m = model::swiglu(s.gu);
   return s;
@@ -411,10 +436,11 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
     at::Tensor h1;
     if (kept) {
       kept->att = attention_half(r, x2, b, t, holder->cos_sin, holder->attention, &kept->graph.leaves,
-                                 &kept->graph.out);
+                                 &kept->graph.out, /*shed_inputs=*/true);
       std::vector<std::pair<size_t, LoraPass>> o;
       h1 = residual_projection(r, kO, x2, kept->att.a, &o);
       kept->o = take_pass(o, kO);
+      kept->o.in = shed(std::move(kept->o.in), kept->att.a);  // SDPA's output: kept by its graph
       kept->att.w_qkv = at::Tensor();
       kept->att.a = at::Tensor();
     } else {
@@ -423,7 +449,7 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
     }
 
     if (replay) save_rng(ctx, "rng_mlp", input.device());
-    MlpHalf mlp = mlp_half(r, h1);
+    MlpHalf mlp = mlp_half(r, h1, /*need_m=*/true, /*shed_inputs=*/keep_all);
     const at::Tensor m = std::move(mlp.m);
     at::Tensor y;
     if (kept) {
@@ -503,7 +529,8 @@ std::string fused_layer_unsupported(const model::LlamaModel& model) {
   return {};
 }
 
-LayerForwardFn fused_layer_forward(const model::LlamaModel& model, FusedRecompute what, int64_t selective_layers) {
+LayerForwardFn fused_layer_forward(const model::LlamaModel& model, FusedRecompute what, int64_t selective_layers,
+                                   int64_t no_recompute_layers) {
   const std::string why = fused_layer_unsupported(model);
   if (!why.empty()) throw std::invalid_argument("fused_layer_forward: " + why);
   const model::LlamaModel* m = &model;
@@ -516,12 +543,17 @@ LayerForwardFn fused_layer_forward(const model::LlamaModel& model, FusedRecomput
   const int64_t layers = model.num_layers();
   const int64_t first_kept =
       keep != LayerHolder::Keep::kGateUp ? 0 : layers - plan::kept_gate_up_layers(selective_layers, layers);
-  return [m, keep, first_kept](int64_t layer, const at::Tensor& hidden, const std::pair<at::Tensor, at::Tensor>& cos_sin,
-                               const model::AttentionInputs& attention) -> at::Tensor {
+  // Note [layers not recomputed]: the last no_recompute_layers keep everything.
+  const int64_t first_whole = layers - std::clamp<int64_t>(no_recompute_layers, 0, layers);
+  return [m, keep, first_kept, first_whole](int64_t layer, const at::Tensor& hidden,
+                                            const std::pair<at::Tensor, at::Tensor>& cos_sin,
+                                            const model::AttentionInputs& attention) -> at::Tensor {
     if (!at::GradMode::is_enabled()) return m->layer_forward(layer, hidden, cos_sin, attention);
     auto holder = c10::make_intrusive<LayerHolder>();
     holder->refs = layer_refs(*m, layer, hidden.scalar_type());
-    holder->keep = keep == LayerHolder::Keep::kGateUp && layer < first_kept ? LayerHolder::Keep::kInputs : keep;
+    holder->keep = layer >= first_whole                                       ? LayerHolder::Keep::kAll
+                   : keep == LayerHolder::Keep::kGateUp && layer < first_kept ? LayerHolder::Keep::kInputs
+                                                                              : keep;
     holder->cos_sin = cos_sin;
     holder->attention = attention;
     // As in checkpoint(): without an input that requires grad, the output would have
@@ -534,15 +566,15 @@ LayerForwardFn fused_layer_forward(const model::LlamaModel& model, FusedRecomput
 }
 
 LayerForwardFn training_layer_forward(const model::LlamaModel& model, bool gradient_checkpointing,
-                                      Recompute recompute, int64_t selective_layers) {
+                                      Recompute recompute, int64_t selective_layers, int64_t no_recompute_layers) {
   const FusedRecompute what = !gradient_checkpointing            ? FusedRecompute::kNothing
                               : recompute == Recompute::kSelective ? FusedRecompute::kSelective
                                                                    : FusedRecompute::kFull;
-  if (env_is("QLORA_LAYER", "fused")) return fused_layer_forward(model, what, selective_layers);
+  if (env_is("QLORA_LAYER", "fused")) return fused_layer_forward(model, what, selective_layers, no_recompute_layers);
   const bool gpu_16bit = model.device().is_cuda() && model.dtype() != at::kFloat;
   if (env_is("QLORA_LAYER", "reference") || !gpu_16bit || !fused_layer_unsupported(model).empty())
     return gradient_checkpointing ? checkpointed_layer_forward(model) : LayerForwardFn();
-  return fused_layer_forward(model, what, selective_layers);
+  return fused_layer_forward(model, what, selective_layers, no_recompute_layers);
 }
 
 }  // namespace qlora::train

@@ -142,6 +142,18 @@ std::vector<Dropped> dropout_shared(const at::Tensor& x, const std::vector<const
   return out;
 }
 
+Dropped shed(Dropped in, const at::Tensor& source) {
+  if (!in.x.defined() || !in.mask.defined() || in.mask.scalar_type() != at::kByte) return in;
+  in.x = at::Tensor();
+  in.source = source;
+  return in;
+}
+
+at::Tensor dropped_input(const Dropped& in) {
+  if (in.x.defined()) return in.x;
+  return model::apply_dropout_bits(in.source, in.mask, 1.0 / (1.0 - in.p));
+}
+
 LoraPass lora_pass(const Proj& p, Dropped in) {
   LoraPass pass{std::move(in), {}};
   pass.t = scaled_mm(pass.in.x, p.a.t(), p.lora->scaling());
@@ -166,8 +178,9 @@ DroppedGrad lora_backward(const Proj& p, LoraPass&& pass, const at::Tensor& go) 
   const double s = l.scaling();
   accumulate_grad(l.lora_b(), grad_product(l.lora_b(), go.t(), pass.t));  // [out, r]
   const at::Tensor dt_ = scaled_mm(go, p.b, s);                           // [N, r]
-  accumulate_grad(l.lora_a(), grad_product(l.lora_a(), dt_.t(), pass.in.x));  // [r, in]
+  accumulate_grad(l.lora_a(), grad_product(l.lora_a(), dt_.t(), dropped_input(pass.in)));  // [r, in]
   pass.in.x = at::Tensor();
+  pass.in.source = at::Tensor();
   pass.t = at::Tensor();
   return {at::mm(dt_, p.a), std::move(pass.in.mask), pass.in.p};  // [N, in]
 }

@@ -85,10 +85,25 @@ at::Tensor merged_weight(const std::vector<Proj>& projs, const at::TensorOptions
 // (model::lora_dropout, a bit mask), a scaled Bernoulli mask on the CPU (at::dropout's), so
 // the generators advance the same way and the masks are the same.
 struct Dropped {
-  at::Tensor x;     // the input the LoRA A sees
-  at::Tensor mask;  // uint8 bits (GPU) or the scaled noise (CPU); undefined without dropout
+  at::Tensor x;       // the input the LoRA A sees (undefined while shed: source and mask remake it)
+  at::Tensor mask;    // uint8 bits (GPU) or the scaled noise (CPU); undefined without dropout
   double p = 0.0;
+  at::Tensor source;  // shed(): the input before dropout, which something else keeps anyway
 };
+
+// Note [shed LoRA inputs]
+// Kept from forward to backward (the layer without recompute), a dropped copy costs the
+// input's size a LoRA: three copies of n1 for q, k, v, one of the attention output for o.
+// Shed, the copy goes and the LoRA keeps only its bit mask and the undropped input, which
+// the projections sharing it keep once (and o's, the attention output, SDPA keeps anyway);
+// backward remakes the copy from the two (model::apply_dropout_bits: the forward's roundings,
+// so the same bits) for A's gradient and frees it at once. Only GPU bit masks are shed (the
+// CPU's mask is the scaled noise, the size of the copy). `source` must be what `in.x` was
+// dropped from.
+Dropped shed(Dropped in, const at::Tensor& source);
+
+// The input the LoRA A saw: in.x, or remade from a shed one.
+at::Tensor dropped_input(const Dropped& in);
 
 Dropped dropout(const at::Tensor& x, const lora::LoraLinear& l);
 

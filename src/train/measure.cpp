@@ -81,12 +81,18 @@ std::string resolve_auto_recompute(Config& cfg, const LlamaConfig& shape, const 
   const int64_t kept = p.selective_layers;  // 0 without a GPU (no GpuSpec, auto plans full)
   cfg.train.recompute = kept > 0 ? Recompute::kSelective : Recompute::kFull;
   cfg.train.selective_layers = kept;
+  cfg.train.no_recompute_layers = p.no_recompute_layers;
   if (!dev.device.is_cuda() || dev.precision == Precision::kFp32 || !cfg.train.gradient_checkpointing)
     return "train.recompute auto: full (selective recompute needs activation checkpointing and bf16/fp16 on a GPU)";
+  const int64_t L = shape.num_hidden_layers;
   return "train.recompute auto: " +
-         (kept > 0 ? "gate/up outputs kept in " + std::to_string(kept) + " of " + std::to_string(shape.num_hidden_layers) +
-                         " layers, the rest recomputed"
-                   : std::string("full (no layer's gate/up output fits beside the rest)")) +
+         (p.no_recompute_layers == L ? "nothing recomputed (every layer kept whole)"
+          : p.no_recompute_layers > 0
+              ? "nothing recomputed in the last " + std::to_string(p.no_recompute_layers) + " of " + std::to_string(L) +
+                    " layers, gate/up outputs kept in the rest"
+          : kept > 0 ? "gate/up outputs kept in " + std::to_string(kept) + " of " + std::to_string(L) +
+                           " layers, the rest recomputed"
+                     : std::string("full (no layer's gate/up output fits beside the rest)")) +
          "; the plan's total " + plan::format_gib(p.total_bytes) + " GiB of " + plan::format_gib(gpu.memory_bytes) +
          " GiB" + (memory_cap_bytes > 0 ? " (--memory-cap)" : "");
 }

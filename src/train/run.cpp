@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -162,6 +163,26 @@ std::string trainable_params_line(int64_t trainable, int64_t all) {
   return "trainable params: " + with_commas(trainable) + " || all params: " + with_commas(all) + " || trainable%: " + pct;
 }
 
+// What the banner adds to "activation checkpointing" when a layer keeps more than its input
+// (train.recompute: selective, train.no_recompute_layers); `fused`: the GPU's 16-bit layer, the
+// only one that does.
+std::string recompute_banner(const Config& cfg, bool fused, int64_t layers) {
+  const bool selective = cfg.train.recompute == Recompute::kSelective;
+  const int64_t whole = std::clamp<int64_t>(cfg.train.no_recompute_layers, 0, layers);
+  if (!cfg.train.gradient_checkpointing || (!selective && whole == 0)) return "";
+  if (!fused)
+    return " (train.recompute: selective and train.no_recompute_layers take effect on a GPU in bf16/fp16 only; "
+           "full recompute here)";
+  const int64_t kept =
+      selective ? std::max<int64_t>(0, plan::kept_gate_up_layers(cfg.train.selective_layers, layers) - whole) : 0;
+  std::string out;
+  if (kept > 0) out += "gate/up outputs kept in " + std::to_string(kept) + " of " + std::to_string(layers) + " layers";
+  if (whole > 0)
+    out += (out.empty() ? "" : ", ") + std::string("nothing recomputed in the last ") + std::to_string(whole) + " of " +
+           std::to_string(layers);
+  return " (" + out + ")";
+}
+
 // --micro-batch auto (RunOptions): the checkpoint's choice on a resume, else
 // the finder's on the GPU, agreed by every rank (the smallest), written into cfg.
 void choose_micro_batch(Config& cfg, const RunOptions& options, const std::string& resume_from, const DeviceChoice& dev,
@@ -185,7 +206,7 @@ void choose_micro_batch(Config& cfg, const RunOptions& options, const std::strin
   const int64_t seq = longest_sequence(cfg, train_examples, &seq_source);
   StepOptions probe;
   probe.layer_forward = training_layer_forward(base.model, cfg.train.gradient_checkpointing, cfg.train.recompute,
-                                               cfg.train.selective_layers);
+                                               cfg.train.selective_layers, cfg.train.no_recompute_layers);
   const plan::FinderResult f =
       find_micro_batch_on_device(cfg, base.shape, base.model, adapter.parameters(), probe,
                                  gpu_spec_of(dev, options.memory_cap_bytes), seq, group.world_size());
@@ -275,6 +296,7 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
     log::info(line);
   result.recompute = cfg.train.recompute;
   result.selective_layers = cfg.train.selective_layers;
+  result.no_recompute_layers = cfg.train.no_recompute_layers;
   result.micro_batch_size = cfg.train.micro_batch_size;
   result.gradient_accumulation_steps = cfg.train.gradient_accumulation_steps;
   data::LoaderOptions lo;
@@ -301,7 +323,7 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   step_options.gradient_checkpointing = cfg.train.gradient_checkpointing;
   step_options.group = &group;
   step_options.layer_forward = training_layer_forward(model, cfg.train.gradient_checkpointing, cfg.train.recompute,
-                                                      cfg.train.selective_layers);
+                                                      cfg.train.selective_layers, cfg.train.no_recompute_layers);
   if (options.simulate_oom_above_rows >= 0) {
     LayerForwardFn inner = step_options.layer_forward;
     if (!inner) inner = [&model](int64_t l, const at::Tensor& h, const auto& cs, const auto& a) {
@@ -344,14 +366,7 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   log::info(std::to_string(total) + " optimizer steps (" + std::to_string(loader.steps_in_epoch(0)) +
             " micro batches per epoch), " + std::string(to_string(cfg.train.lr_scheduler)) + " schedule, " +
             optimizer->kind() + (cfg.train.gradient_checkpointing ? ", activation checkpointing" : "") +
-            (cfg.train.gradient_checkpointing && cfg.train.recompute == Recompute::kSelective
-                 ? (model.device().is_cuda() && model.dtype() != at::kFloat
-                        ? " (selective recompute: gate/up outputs kept in " +
-                              std::to_string(plan::kept_gate_up_layers(cfg.train.selective_layers,
-                                                                       shape.num_hidden_layers)) +
-                              " of " + std::to_string(shape.num_hidden_layers) + " layers)"
-                        : " (train.recompute: selective takes effect on a GPU in bf16/fp16 only; full recompute here)")
-                 : ""));
+            recompute_banner(cfg, model.device().is_cuda() && model.dtype() != at::kFloat, shape.num_hidden_layers));
 
   // 7. the loop (rank 0 alone writes metrics.jsonl and draws progress)
   std::unique_ptr<MetricsLog> metrics = main_rank ? std::make_unique<MetricsLog>(cfg.output.dir) : nullptr;

@@ -71,6 +71,21 @@ class Verdicts(unittest.TestCase):
         self.assertEqual(rows["4x1024"]["speed_verdict"], "missed")  # the like-for-like row, untagged
         self.assertEqual(len(rows), 3)
 
+    def test_layers_kept_whole_are_named_in_the_verdict(self):
+        every = dict(qlora("auto-8x2048", 90000, 16 * GB), peer_config="8x2048", recompute_as_run="selective",
+                     selective_layers=16, no_recompute_layers=16)
+        some = dict(qlora("auto-some-8x2048", 85000, 12 * GB), peer_config="8x2048", recompute_as_run="selective",
+                    selective_layers=16, no_recompute_layers=4)
+        rows = self.by_config(
+            [qlora("8x2048", 73000, 4 * GB), every, some],
+            [peer("8x2048", "eager", 35000, 30 * GB), peer("8x2048", "compile", 59000, 28 * GB)])
+        self.assertEqual(rows["auto-8x2048"]["speed_verdict"],
+                         "met (nothing recomputed in 16 layers, vs the peer's 8x2048)")
+        self.assertEqual(rows["auto-some-8x2048"]["memory_verdict"],
+                         "met (nothing recomputed in 4 layers, selective in 12, vs the peer's 8x2048)")
+        self.assertEqual(rows["auto-some-8x2048"]["speed_verdict"],
+                         "missed (nothing recomputed in 4 layers, selective in 12, vs the peer's 8x2048)")
+
     def test_missing_or_failed_peer_is_not_run_never_met(self):
         rows = self.by_config(
             [qlora("2x512", 30000, 1.0 * GB), qlora("8x2048", 60000, 4 * GB)],

@@ -96,6 +96,10 @@ struct TrainConfig {
   // With selective: how many decoder layers (the last ones) keep their gate/up output; -1: all.
   // auto sets it to the most that fit the GPU (src/plan: auto_selective_layers).
   int64_t selective_layers = -1;
+  // With checkpointing, on a GPU: how many decoder layers (the last ones) recompute nothing in
+  // backward, keeping every activation as without checkpointing; 0: none. auto sets it once
+  // every layer keeps gate/up and memory is left (Note [layers not recomputed]).
+  int64_t no_recompute_layers = 0;
   OptimizerKind optimizer = OptimizerKind::kPagedAdamW8bit;
   int64_t seed = 42;
   int64_t eval_steps = 0;                   // 0: evaluate only at the end

@@ -62,6 +62,13 @@ at::Tensor rms_norm_backward_add(at::Tensor g, const at::Tensor& x, const at::Te
 // d, acc: same shape and dtype, contiguous for the kernel (other layouts take the reference).
 at::Tensor dropout_backward_add(at::Tensor acc, at::Tensor d, const at::Tensor& mask, double scale);
 
+// x with a LoRA dropout bit mask applied again, out of place: (x ⊙ mask) · scale, element i
+// rounded once as lora_dropout rounded it, so x and the bits of one lora_dropout copy (with
+// scale = 1 / (1 - p)) give that copy back bit for bit (Note [shed LoRA inputs] in
+// src/train/fused_layer_parts.h). On a GPU one kernel pass (dropout_backward_add_bits without
+// an accumulator); elsewhere lora_dropout_reference's arithmetic with the given bits.
+at::Tensor apply_dropout_bits(const at::Tensor& x, const at::Tensor& bits, double scale);
+
 // The projections sharing an input, summed: dropout_backward_add of each term d[p] with its bit
 // mask bits[p], in order, into acc (undefined: in place on d[0]). On a GPU, up to three terms of
 // one shape and dtype take one kernel pass (Note [dropout backward sum]), bit for bit the calls.

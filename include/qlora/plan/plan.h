@@ -119,6 +119,7 @@ struct Plan {
   // auto chose for this GPU (full without one).
   std::string recompute;
   int64_t selective_layers = 0;
+  int64_t no_recompute_layers = 0;  // of those, the last ones that recompute nothing (whole_layers)
   std::vector<Advice> advice;
   TimeEstimate time;
   std::vector<std::string> notes;  // other remarks (paging, sliding window, ...)
@@ -163,6 +164,7 @@ struct BudgetInputs {
   bool gradient_checkpointing = true;
   bool selective_recompute = false;  // train.recompute: selective (the GPU's fused layer only)
   int64_t selective_layers = -1;     // how many layers keep gate/up with it (-1: all)
+  int64_t no_recompute_layers = 0;   // train.no_recompute_layers (the GPU's fused layer under checkpointing only)
   OptimizerKind optimizer = OptimizerKind::kPagedAdamW8bit;
   bool double_quant = true;
   int activation_bytes = 2;   // bf16 / fp16: 2, fp32: 4
@@ -177,6 +179,15 @@ inline int64_t kept_gate_up_layers(int64_t selective_layers, int64_t num_layers)
   return selective_layers < 0 ? num_layers : (selective_layers < num_layers ? selective_layers : num_layers);
 }
 
+// How many layers (the last ones) recompute nothing for `in` in a model of `num_layers`: those of
+// train.no_recompute_layers, clamped; none but under checkpointing with 16-bit activations
+// (the GPU's fused layer, Note [layers not recomputed]). The budget, the time estimate and the
+// fused layer share it.
+inline int64_t whole_layers(const BudgetInputs& in, int64_t num_layers) {
+  if (!in.gradient_checkpointing || in.activation_bytes != 2 || in.no_recompute_layers <= 0) return 0;
+  return in.no_recompute_layers < num_layers ? in.no_recompute_layers : num_layers;
+}
+
 // Memory per component at the peak of a step, in the order render_text prints
 // them (Note [plan memory model]).
 std::vector<Component> memory_components(const LlamaConfig& model, const BudgetInputs& in);
@@ -187,6 +198,15 @@ std::vector<Component> memory_components(const LlamaConfig& model, const BudgetI
 // have it otherwise; its selective fields are ignored. 0 without checkpointing, on fp32, or when
 // even full recompute does not fit.
 int64_t auto_selective_layers(const LlamaConfig& model, BudgetInputs in, const GpuSpec& gpu);
+
+// train.recompute: auto in full: gate/up kept in auto_selective_layers of the layers; when that
+// is every layer, also the most (0 .. num_hidden_layers) that can recompute nothing under the
+// same headroom (Note [layers not recomputed]).
+struct AutoRecompute {
+  int64_t selective_layers = 0;
+  int64_t no_recompute_layers = 0;
+};
+AutoRecompute auto_recompute(const LlamaConfig& model, BudgetInputs in, const GpuSpec& gpu);
 
 // Sum of the components.
 double total_bytes(const std::vector<Component>& components);

@@ -42,9 +42,11 @@ enum class FusedRecompute { kFull, kSelective, kNothing };
 
 // The fused layer forward (`model` must outlive every backward). With grad mode off
 // it is model.layer_forward. With kSelective, the last `selective_layers` layers keep their
-// gate/up output and the others recompute in full (-1: every layer keeps it).
+// gate/up output and the others recompute in full (-1: every layer keeps it). With kFull or
+// kSelective, the last `no_recompute_layers` layers (clamped to the model's) recompute nothing,
+// as under kNothing (Note [layers not recomputed] in src/train/fused_layer.cpp).
 LayerForwardFn fused_layer_forward(const model::LlamaModel& model, FusedRecompute what = FusedRecompute::kFull,
-                                   int64_t selective_layers = -1);
+                                   int64_t selective_layers = -1, int64_t no_recompute_layers = 0);
 
 // What a training run uses for its decoder layers: the fused layer for bf16 / fp16
 // models on a GPU, checkpointed (train.gradient_checkpointing, with train.recompute)
@@ -52,9 +54,11 @@ LayerForwardFn fused_layer_forward(const model::LlamaModel& model, FusedRecomput
 // forward under autograd) without checkpointing: the CPU and fp32 keep the reference
 // path the golden tests pin. QLORA_LAYER=reference or =fused overrides the choice (to
 // compare; fused on an unsupported model throws). `recompute` reaches the fused layer
-// only: the generic checkpoint always recomputes the whole layer. Recompute::kAuto must have
-// been resolved by then (train::resolve_auto_recompute); here it reads as full.
+// only, and so does `no_recompute_layers` (train.no_recompute_layers): the generic checkpoint
+// always recomputes the whole layer. Recompute::kAuto must have been resolved by then
+// (train::resolve_auto_recompute); here it reads as full.
 LayerForwardFn training_layer_forward(const model::LlamaModel& model, bool gradient_checkpointing,
-                                      Recompute recompute = Recompute::kFull, int64_t selective_layers = -1);
+                                      Recompute recompute = Recompute::kFull, int64_t selective_layers = -1,
+                                      int64_t no_recompute_layers = 0);
 
 }  // namespace qlora::train

@@ -69,6 +69,7 @@ struct RunResult {
   int64_t max_micro_rows = 0;               // > 0: out-of-memory retries cut micro batches to this many rows
   Recompute recompute = Recompute::kFull;   // as run (after train.recompute: auto)
   int64_t selective_layers = -1;            // as run, with selective
+  int64_t no_recompute_layers = 0;          // as run (train.no_recompute_layers, after auto)
 };
 
 // Runs the whole recipe. Throws InputError for anything the user can fix (a
