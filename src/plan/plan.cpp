@@ -161,9 +161,9 @@ std::vector<Advice> advise_over(const LlamaConfig& model, BudgetInputs in, int64
   const int64_t per_gpu_batch = in.micro_batch_size * accumulation;  // sequences per GPU per step
 
   // 0. selective recompute and layers kept whole back to full: the same batch, only more compute.
-  if ((in.selective_recompute || whole_layers(in, model.num_hidden_layers) > 0) && in.gradient_checkpointing) {
+  const bool whole = whole_layers(in, model.num_hidden_layers) > 0;
+  if ((in.selective_recompute || whole) && in.gradient_checkpointing) {
     const double before = budget(model, in).total;
-    const bool whole = whole_layers(in, model.num_hidden_layers) > 0;
     in.selective_recompute = false;
     in.no_recompute_layers = 0;
     const double total = budget(model, in).total;

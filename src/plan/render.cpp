@@ -27,14 +27,12 @@ std::string pad_left(const std::string& s, size_t width) {
 
 // ---------------------------------------------------------------- rendering
 
-namespace {
-
-// The plan's `recompute` line: what a checkpointed layer recomputes in backward.
-std::string recompute_line(const Plan& p) {
-  const int64_t L = p.model.num_hidden_layers, whole = p.no_recompute_layers;
-  if (p.recompute == "none") return "none (no activation checkpointing)";
+std::string recompute_text(const std::string& mode, int64_t layers, int64_t selective_layers,
+                           int64_t no_recompute_layers) {
+  const int64_t L = layers, whole = no_recompute_layers;
+  if (mode == "none") return "none (no activation checkpointing)";
   if (whole >= L) return "none: every layer kept whole (train.no_recompute_layers), as without checkpointing";
-  const int64_t gate_up = std::max<int64_t>(0, p.selective_layers - whole);
+  const int64_t gate_up = std::max<int64_t>(0, selective_layers - whole);
   if (whole == 0)
     return gate_up > 0 ? "selective: gate/up outputs kept in " + std::to_string(gate_up) + " of " + std::to_string(L) +
                              " layers, the rest recomputed"
@@ -45,8 +43,6 @@ std::string recompute_line(const Plan& p) {
   if (L - whole - gate_up > 0) out += ", " + std::to_string(L - whole - gate_up) + " recomputed in full";
   return out;
 }
-
-}  // namespace
 
 std::string render_text(const Plan& p) {
   std::ostringstream o;
@@ -61,7 +57,8 @@ std::string render_text(const Plan& p) {
   o << "  batch       effective batch = micro × accumulation × GPUs = " << p.batch.formula << " sequences of up to "
     << commas(p.seq_length) << " tokens (" << commas(p.batch.total * p.seq_length) << " tokens per step)\n";
   o << "  precision   " << p.precision.message << "\n";
-  o << "  recompute   " << recompute_line(p) << "\n";
+  o << "  recompute   "
+    << recompute_text(p.recompute, p.model.num_hidden_layers, p.selective_layers, p.no_recompute_layers) << "\n";
   if (p.gpu)
     o << "  GPU         " << (p.gpu->from_device ? "this machine: " : "") << p.gpu->name << ", "
       << gib(p.gpu->memory_bytes) << " usable" << (p.gpu->note.empty() ? "" : " (" + p.gpu->note + ")") << "\n";

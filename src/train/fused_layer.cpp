@@ -71,10 +71,10 @@ using torch::autograd::variable_list;
 // its LoRA inputs are kept shed (Note [shed LoRA inputs] in train/fused_layer_parts.h).
 // train.recompute: auto turns to it once every layer keeps its gate/up output and memory is
 // left, so under a memory limit that gate/up does not fill, auto's choice is what it was
-// before. The two buy about the same time a byte: on an H200, Llama-3.2-1B at 8 × 2048, the
-// gate/up outputs of 16 layers saved 26.7 ms a step for 8.08 GB (3.3 ms a GB), the rest of the
-// 16 layers 15.6 ms for 4.10 GB (3.8 ms a GB; 2.2 before the LoRA inputs were shed)
-// (bench/results/2026-12-02-h200-session13).
+// before. Gate/up first: on an H200 (bench/results/2026-12-02-h200-session13) the 8B at
+// 2 × 2048's gate/up outputs saved 46 ms a step for 7.14 GB (6.4 ms a GB), the rest of its 32
+// layers 18 ms for 4.06 GB (4.4 ms a GB); Llama-3.2-1B at 8 × 2048 had them about even, 26.7 ms
+// for 8.08 GB (3.3 ms a GB) and 15.6 ms for 4.10 GB (3.8; 2.2 before the LoRA inputs were shed).
 
 // Index of each projection in decoder_linear_names().
 constexpr size_t kQ = 0, kK = 1, kV = 2, kO = 3, kGate = 4, kUp = 5, kDown = 6;
@@ -575,6 +575,11 @@ LayerForwardFn training_layer_forward(const model::LlamaModel& model, bool gradi
   if (env_is("QLORA_LAYER", "reference") || !gpu_16bit || !fused_layer_unsupported(model).empty())
     return gradient_checkpointing ? checkpointed_layer_forward(model) : LayerForwardFn();
   return fused_layer_forward(model, what, selective_layers, no_recompute_layers);
+}
+
+LayerForwardFn training_layer_forward(const model::LlamaModel& model, const TrainConfig& train) {
+  return training_layer_forward(model, train.gradient_checkpointing, train.recompute, train.selective_layers,
+                                train.no_recompute_layers);
 }
 
 }  // namespace qlora::train

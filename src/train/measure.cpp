@@ -84,15 +84,9 @@ std::string resolve_auto_recompute(Config& cfg, const LlamaConfig& shape, const 
   cfg.train.no_recompute_layers = p.no_recompute_layers;
   if (!dev.device.is_cuda() || dev.precision == Precision::kFp32 || !cfg.train.gradient_checkpointing)
     return "train.recompute auto: full (selective recompute needs activation checkpointing and bf16/fp16 on a GPU)";
-  const int64_t L = shape.num_hidden_layers;
   return "train.recompute auto: " +
-         (p.no_recompute_layers == L ? "nothing recomputed (every layer kept whole)"
-          : p.no_recompute_layers > 0
-              ? "nothing recomputed in the last " + std::to_string(p.no_recompute_layers) + " of " + std::to_string(L) +
-                    " layers, gate/up outputs kept in the rest"
-          : kept > 0 ? "gate/up outputs kept in " + std::to_string(kept) + " of " + std::to_string(L) +
-                           " layers, the rest recomputed"
-                     : std::string("full (no layer's gate/up output fits beside the rest)")) +
+         (kept > 0 ? plan::recompute_text(p.recompute, shape.num_hidden_layers, kept, p.no_recompute_layers)
+                   : std::string("full (no layer's gate/up output fits beside the rest)")) +
          "; the plan's total " + plan::format_gib(p.total_bytes) + " GiB of " + plan::format_gib(gpu.memory_bytes) +
          " GiB" + (memory_cap_bytes > 0 ? " (--memory-cap)" : "");
 }
@@ -188,8 +182,7 @@ plan::FinderResult find_micro_batch_for(const Config& cfg, const MeasureOptions&
   BaseModel base = load_base_model(cfg, dev, /*allow_random_weights=*/true);
   lora::LoraAdapter adapter = lora::LoraAdapter::attach(base.model, lora::settings_from_config(cfg.lora));
   StepOptions probe;
-  probe.layer_forward = training_layer_forward(base.model, cfg.train.gradient_checkpointing, cfg.train.recompute,
-                                               cfg.train.selective_layers);
+  probe.layer_forward = training_layer_forward(base.model, cfg.train);
   plan::FinderResult f = find_micro_batch_on_device(cfg, base.shape, base.model, adapter.parameters(), probe,
                                                     gpu_spec_of(dev, o.memory_cap_bytes), seq, world);
   f.message += " [" + dev.description + ", seq " + std::to_string(seq) + (source.empty() ? "" : ": " + source) + "]";
@@ -229,8 +222,7 @@ Measurement measure_plan(const Config& cfg_in, const MeasureOptions& o) {
   StepOptions step_options;
   step_options.max_grad_norm = cfg.train.max_grad_norm;
   step_options.gradient_checkpointing = cfg.train.gradient_checkpointing;
-  step_options.layer_forward = training_layer_forward(base.model, cfg.train.gradient_checkpointing, cfg.train.recompute,
-                                                      cfg.train.selective_layers);
+  step_options.layer_forward = training_layer_forward(base.model, cfg.train);
   TrainConfig schedule = cfg.train;
   schedule.max_steps = m.steps;
   schedule.warmup_steps = 0;

@@ -173,14 +173,8 @@ std::string recompute_banner(const Config& cfg, bool fused, int64_t layers) {
   if (!fused)
     return " (train.recompute: selective and train.no_recompute_layers take effect on a GPU in bf16/fp16 only; "
            "full recompute here)";
-  const int64_t kept =
-      selective ? std::max<int64_t>(0, plan::kept_gate_up_layers(cfg.train.selective_layers, layers) - whole) : 0;
-  std::string out;
-  if (kept > 0) out += "gate/up outputs kept in " + std::to_string(kept) + " of " + std::to_string(layers) + " layers";
-  if (whole > 0)
-    out += (out.empty() ? "" : ", ") + std::string("nothing recomputed in the last ") + std::to_string(whole) + " of " +
-           std::to_string(layers);
-  return " (" + out + ")";
+  const int64_t kept = selective ? plan::kept_gate_up_layers(cfg.train.selective_layers, layers) : 0;
+  return " (" + plan::recompute_text("selective", layers, kept, whole) + ")";
 }
 
 // --micro-batch auto (RunOptions): the checkpoint's choice on a resume, else
@@ -205,8 +199,7 @@ void choose_micro_batch(Config& cfg, const RunOptions& options, const std::strin
   std::string seq_source;
   const int64_t seq = longest_sequence(cfg, train_examples, &seq_source);
   StepOptions probe;
-  probe.layer_forward = training_layer_forward(base.model, cfg.train.gradient_checkpointing, cfg.train.recompute,
-                                               cfg.train.selective_layers, cfg.train.no_recompute_layers);
+  probe.layer_forward = training_layer_forward(base.model, cfg.train);
   const plan::FinderResult f =
       find_micro_batch_on_device(cfg, base.shape, base.model, adapter.parameters(), probe,
                                  gpu_spec_of(dev, options.memory_cap_bytes), seq, group.world_size());
@@ -322,8 +315,7 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   step_options.max_grad_norm = cfg.train.max_grad_norm;
   step_options.gradient_checkpointing = cfg.train.gradient_checkpointing;
   step_options.group = &group;
-  step_options.layer_forward = training_layer_forward(model, cfg.train.gradient_checkpointing, cfg.train.recompute,
-                                                      cfg.train.selective_layers, cfg.train.no_recompute_layers);
+  step_options.layer_forward = training_layer_forward(model, cfg.train);
   if (options.simulate_oom_above_rows >= 0) {
     LayerForwardFn inner = step_options.layer_forward;
     if (!inner) inner = [&model](int64_t l, const at::Tensor& h, const auto& cs, const auto& a) {

@@ -136,6 +136,12 @@ Plan make_plan(const Config& cfg, const LlamaConfig& model, const GpuSpec* gpu, 
 // counted as a full max_seq_length sequence: an upper bound without packing.
 void set_dataset_size(Plan& plan, const Config& cfg, int64_t train_examples);
 
+// What a checkpointed layer recomputes, in words (the plan's `recompute` line, the run's
+// banner): `mode` as Plan::recompute, `selective_layers` the layers keeping gate/up (those kept
+// whole among them), `no_recompute_layers` the last ones kept whole, in a model of `layers`.
+std::string recompute_text(const std::string& mode, int64_t layers, int64_t selective_layers,
+                           int64_t no_recompute_layers);
+
 // Human table: one row per component (GiB with 2 decimals, the formula), the
 // total against the GPU, then advice, time and precision.
 std::string render_text(const Plan& plan);

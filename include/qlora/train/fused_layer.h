@@ -61,4 +61,8 @@ LayerForwardFn training_layer_forward(const model::LlamaModel& model, bool gradi
                                       Recompute recompute = Recompute::kFull, int64_t selective_layers = -1,
                                       int64_t no_recompute_layers = 0);
 
+// The same for a run's train section: gradient_checkpointing, recompute, selective_layers,
+// no_recompute_layers.
+LayerForwardFn training_layer_forward(const model::LlamaModel& model, const TrainConfig& train);
+
 }  // namespace qlora::train
