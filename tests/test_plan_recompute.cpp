@@ -3,6 +3,7 @@
 // not recomputed]), and train.recompute: auto, which chooses both from the memory budget.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -244,6 +245,29 @@ TEST(PlanRecompute, AutoKeepsLayersWholeOnceGateUpFitsEverywhere) {
                                 "train.recompute=auto"});
   ASSERT_LT(capped.selective_layers, 32);
   EXPECT_EQ(capped.no_recompute_layers, 0);
+}
+
+// With room left, the plan says what auto would keep, and what it saves.
+TEST(PlanRecompute, RoomToRecomputeLessIsAdvised) {
+  const Plan full = plan_for("llama-3.2-1b", "h100", long_run({}));
+  ASSERT_TRUE(full.fits);
+  const Advice* less = nullptr;
+  for (const auto& a : full.advice)
+    if (a.kind == "recompute_less") less = &a;
+  ASSERT_NE(less, nullptr);
+  const Plan whole = plan_for("llama-3.2-1b", "h100", long_run({"train.no_recompute_layers=16"}));
+  EXPECT_DOUBLE_EQ(less->total_bytes, whole.total_bytes);  // on 80 GB auto keeps every layer whole
+  EXPECT_TRUE(less->fits);
+  EXPECT_NE(less->text.find("room to recompute less: train.recompute: auto would have none: every layer kept whole"),
+            std::string::npos)
+      << less->text;
+  const int saved = static_cast<int>(std::lround(100.0 * (1.0 - whole.time.flops_per_token / full.time.flops_per_token)));
+  EXPECT_NE(less->text.find("(" + std::to_string(saved) + "% fewer FLOPs a step)"), std::string::npos) << less->text;
+  // Nothing to advise under auto itself, nor where no more fits, nor without a GPU.
+  for (const Plan& p : {plan_for("llama-3.2-1b", "h100", long_run({"train.recompute=auto"})),
+                        plan_for("llama-3.2-1b", "h100", long_run({"train.no_recompute_layers=16"})),
+                        plan_for("llama-3.2-1b", "", long_run({}))})
+    for (const auto& a : p.advice) EXPECT_NE(a.kind, "recompute_less") << a.text;
 }
 
 // Over the GPU with layers kept whole: the first advice is full recompute, naming both keys.

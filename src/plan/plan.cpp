@@ -5,7 +5,8 @@
 // ~~~~~~~~~~~~~~~~~~~~~~~~
 // When a run does not fit, the knobs are turned in the order that changes the
 // training least:
-//   0. train.recompute: selective back to full: the same math, ~10% slower;
+//   0. train.recompute: selective (and train.no_recompute_layers) back to full: the same math,
+//      slower;
 //   1. the micro batch, with gradient accumulation raised so that the
 //      effective batch (micro × accumulation × GPUs) stays what was asked:
 //      the same math, only slower;
@@ -524,6 +525,34 @@ Plan make_plan(const Config& cfg, const LlamaConfig& model, const GpuSpec* gpu, 
                                    " and runs fewer, larger steps",
                                more, per_gpu / bigger, budget(model, more).total, *gpu);
         plan.advice.push_back(a);
+      }
+      // Room to recompute less: what train.recompute: auto would keep on this GPU, when it keeps
+      // more than the config does (Note [layers not recomputed]).
+      if (cfg.train.recompute != Recompute::kAuto) {
+        const AutoRecompute keep = auto_recompute(model, in, *gpu);
+        // A layer kept whole keeps its gate/up output too.
+        const int64_t gate_up_now = std::max(plan.selective_layers, plan.no_recompute_layers);
+        if (keep.no_recompute_layers > plan.no_recompute_layers ||
+            std::max(keep.selective_layers, keep.no_recompute_layers) > gate_up_now) {
+          BudgetInputs less = in;
+          less.selective_recompute = keep.selective_layers > 0;
+          less.selective_layers = keep.selective_layers;
+          less.no_recompute_layers = keep.no_recompute_layers;
+          const TimeEstimate now = estimate_time(model, in, b.accumulation, world_size, gpu, plan.precision.resolved,
+                                                 plan.lora_params);
+          const TimeEstimate then = estimate_time(model, less, b.accumulation, world_size, gpu,
+                                                  plan.precision.resolved, plan.lora_params);
+          const std::string flops =
+              now.available && then.available
+                  ? " (" + fixed(100.0 * (1.0 - then.flops_per_token / now.flops_per_token), 0) + "% fewer FLOPs a step)"
+                  : std::string();
+          plan.advice.push_back(make_advice(
+              "recompute_less",
+              "room to recompute less: train.recompute: auto would have " +
+                  recompute_text("selective", model.num_hidden_layers, keep.selective_layers, keep.no_recompute_layers) +
+                  flops,
+              less, b.accumulation, budget(model, less).total, *gpu));
+        }
       }
     }
   }

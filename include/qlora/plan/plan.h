@@ -46,7 +46,7 @@ struct Component {
 
 struct Advice {
   std::string kind;  // "recompute", "micro_batch", "gradient_checkpointing", "seq_length", "lora_r",
-                     // "larger_gpu", "more_micro_batch", "headroom", "sliding_window"
+                     // "larger_gpu", "more_micro_batch", "recompute_less", "headroom", "sliding_window"
   std::string text;  // one line, with the values and the resulting total
   // The settings this advice arrives at (cumulative with earlier advice of
   // the same plan) and the memory they were re-planned at.
