@@ -410,10 +410,6 @@ AutoRecompute auto_recompute(const LlamaConfig& model, BudgetInputs in, const Gp
   return out;
 }
 
-int64_t auto_selective_layers(const LlamaConfig& model, BudgetInputs in, const GpuSpec& gpu) {
-  return auto_recompute(model, std::move(in), gpu).selective_layers;
-}
-
 namespace {
 
 // train.recompute as the run will have it: auto resolved against `gpu` (full without one), the
@@ -482,6 +478,7 @@ Plan make_plan(const Config& cfg, const LlamaConfig& model, const GpuSpec* gpu, 
   const auto dominant = std::max_element(plan.components.begin(), plan.components.end(),
                                          [](const Component& a, const Component& c) { return a.bytes < c.bytes; });
   plan.dominant = dominant->key;
+  plan.time = estimate_time(model, in, b.accumulation, world_size, gpu, plan.precision.resolved, plan.lora_params);
 
   if (gpu) {
     plan.fits = fits(plan.total_bytes, *gpu);
@@ -538,14 +535,12 @@ Plan make_plan(const Config& cfg, const LlamaConfig& model, const GpuSpec* gpu, 
           less.selective_recompute = keep.selective_layers > 0;
           less.selective_layers = keep.selective_layers;
           less.no_recompute_layers = keep.no_recompute_layers;
-          const TimeEstimate now = estimate_time(model, in, b.accumulation, world_size, gpu, plan.precision.resolved,
-                                                 plan.lora_params);
           const TimeEstimate then = estimate_time(model, less, b.accumulation, world_size, gpu,
                                                   plan.precision.resolved, plan.lora_params);
-          const std::string flops =
-              now.available && then.available
-                  ? " (" + fixed(100.0 * (1.0 - then.flops_per_token / now.flops_per_token), 0) + "% fewer FLOPs a step)"
-                  : std::string();
+          const double saved = 1.0 - then.flops_per_token / plan.time.flops_per_token;
+          const std::string flops = plan.time.available && then.available
+                                        ? " (" + fixed(100.0 * saved, 0) + "% fewer FLOPs a step)"
+                                        : std::string();
           plan.advice.push_back(make_advice(
               "recompute_less",
               "room to recompute less: train.recompute: auto would have " +
@@ -562,8 +557,6 @@ Plan make_plan(const Config& cfg, const LlamaConfig& model, const GpuSpec* gpu, 
     a.text = plan.precision.message;
     plan.advice.insert(plan.advice.begin(), a);
   }
-
-  plan.time = estimate_time(model, in, b.accumulation, world_size, gpu, plan.precision.resolved, plan.lora_params);
 
   if (cfg.train.optimizer == OptimizerKind::kPagedAdamW8bit && plan.pageable_bytes > 0)
     plan.notes.push_back("paged_adamw_8bit: " + gib(plan.pageable_bytes) +

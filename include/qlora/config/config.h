@@ -94,7 +94,7 @@ struct TrainConfig {
   // gate/up GEMM output and recomputes the rest (Note [selective recompute]).
   Recompute recompute = Recompute::kFull;
   // With selective: how many decoder layers (the last ones) keep their gate/up output; -1: all.
-  // auto sets it to the most that fit the GPU (src/plan: auto_selective_layers).
+  // auto sets it to the most that fit the GPU (plan::auto_recompute).
   int64_t selective_layers = -1;
   // With checkpointing, on a GPU: how many decoder layers (the last ones) recompute nothing in
   // backward, keeping every activation as without checkpointing; 0: none. auto sets it once

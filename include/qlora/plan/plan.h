@@ -187,8 +187,8 @@ inline int64_t kept_gate_up_layers(int64_t selective_layers, int64_t num_layers)
 
 // How many layers (the last ones) recompute nothing for `in` in a model of `num_layers`: those of
 // train.no_recompute_layers, clamped; none but under checkpointing with 16-bit activations
-// (the GPU's fused layer, Note [layers not recomputed]). The budget, the time estimate and the
-// fused layer share it.
+// (the GPU's fused layer, Note [layers not recomputed]). The budget, the time estimate, auto and
+// the advice share it (the fused layer and the run's banner clamp the count the same way).
 inline int64_t whole_layers(const BudgetInputs& in, int64_t num_layers) {
   if (!in.gradient_checkpointing || in.activation_bytes != 2 || in.no_recompute_layers <= 0) return 0;
   return in.no_recompute_layers < num_layers ? in.no_recompute_layers : num_layers;
@@ -198,16 +198,12 @@ inline int64_t whole_layers(const BudgetInputs& in, int64_t num_layers) {
 // them (Note [plan memory model]).
 std::vector<Component> memory_components(const LlamaConfig& model, const BudgetInputs& in);
 
-// train.recompute: auto: the most decoder layers (0 .. num_hidden_layers) that can keep their
-// gate/up output (selective recompute) while the plan's total still leaves the headroom a plan
-// needs not to be tight (kTightHeadroomFraction of `gpu`'s memory). `in` as the run would
-// have it otherwise; its selective fields are ignored. 0 without checkpointing, on fp32, or when
-// even full recompute does not fit.
-int64_t auto_selective_layers(const LlamaConfig& model, BudgetInputs in, const GpuSpec& gpu);
-
-// train.recompute: auto in full: gate/up kept in auto_selective_layers of the layers; when that
-// is every layer, also the most (0 .. num_hidden_layers) that can recompute nothing under the
-// same headroom (Note [layers not recomputed]).
+// train.recompute: auto: selective_layers, the most decoder layers (0 .. num_hidden_layers) that
+// can keep their gate/up output while the plan's total still leaves the headroom a plan needs
+// not to be tight (kTightHeadroomFraction of `gpu`'s memory); when that is every layer,
+// no_recompute_layers, the most that can recompute nothing under the same headroom (Note
+// [layers not recomputed]). `in` as the run would have it otherwise; its recompute fields are
+// ignored. Both 0 without checkpointing, on fp32, or when even full recompute does not fit.
 struct AutoRecompute {
   int64_t selective_layers = 0;
   int64_t no_recompute_layers = 0;

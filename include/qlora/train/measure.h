@@ -92,7 +92,7 @@ plan::GpuSpec gpu_spec_of(const DeviceChoice& dev, double memory_cap_bytes);
 
 // train.recompute: auto made concrete for the device a run chose, in cfg: selective in the most
 // layers the plan fits into the GPU's memory (or the cap, when > 0), with headroom left
-// (plan::auto_selective_layers), else full; full on a CPU or in fp32. Returns the line to log ("" when
+// (plan::auto_recompute), else full; full on a CPU or in fp32. Returns the line to log ("" when
 // cfg did not ask for auto). After the micro batch is settled: the choice depends on it.
 std::string resolve_auto_recompute(Config& cfg, const LlamaConfig& shape, const DeviceChoice& dev,
                                    double memory_cap_bytes, int64_t world);
