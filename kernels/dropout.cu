@@ -178,52 +178,67 @@ struct DropoutOutputs {
   uint64_t offset[kMaxDropoutOutputs];
 };
 
+// One 8-element group `idx` of lora_dropout_kernel: m valid elements (8 in every group but a
+// ragged last one); kFull: all 8 valid and 16-byte aligned (one vector load and store each).
+template <typename T, bool kFull, int kCount>
+__device__ __forceinline__ void dropout_group(const T* __restrict__ x, int64_t idx, int m, const DropoutOutputs& o,
+                                              uint2 key, uint32_t threshold, float scale) {
+  const int64_t i = idx * 8;
+  float xv[8];
+  if (kFull) {
+    load<T, 8>(x + i, xv);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) xv[k] = k < m ? Convert<T>::to_float(x[i + k]) : 0.0f;
+  }
+  const uint64_t q = static_cast<uint64_t>(idx);  // the Philox counter: the 8-element group
+#pragma unroll
+  for (int p = 0; p < kCount; ++p) {
+    const uint64_t off = o.offset[p];
+    const uint32_t olo = static_cast<uint32_t>(off), ohi = static_cast<uint32_t>(off >> 32);
+    const uint4 r = philox4x32_10(make_uint4(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), olo, ohi), key);
+    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+    float y[8];
+    uint32_t bits = 0;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const uint32_t draw = (w[k >> 1] >> (16 * (k & 1))) & 0xFFFFu;
+      const bool keep = (kFull || k < m) && draw >= threshold;
+      y[k] = keep ? xv[k] * scale : 0.0f;
+      bits |= static_cast<uint32_t>(keep) << k;
+    }
+    T* out = static_cast<T*>(o.out[p]);
+    if (kFull) {
+      store<T, 8>(out + i, y);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k)
+        if (k < m) out[i + k] = Convert<T>::from_float(y[k]);
+    }
+    o.mask[p][idx] = static_cast<uint8_t>(bits);
+  }
+}
+
 // kCount copies, a compile-time count: a loop over a runtime count indexed the kernel's
 // parameter arrays dynamically, which put them in local memory (a 72-byte stack frame).
+// The full groups (kVec: 16-byte aligned 16-bit operands) and the rest run in two loops: one
+// loop choosing per group kept both paths live at once (ptxas: a 4-byte spill with three bf16 or
+// fp16 copies; none now, for any type and count).
 template <typename T, bool kVec, int kCount>
 __global__ void __launch_bounds__(kThreads) lora_dropout_kernel(const T* __restrict__ x, int64_t n,
                                                                 DropoutOutputs o, uint2 key, uint32_t threshold,
                                                                 float scale) {
   const int64_t groups = (n + 7) / 8;
+  const int64_t full_groups = kVec && sizeof(T) == 2 ? n / 8 : 0;  // fp32: 32 bytes a group, no vector path
   const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < groups; idx += step) {
-    const int64_t i = idx * 8;
-    const int m = static_cast<int>(min(static_cast<int64_t>(8), n - i));
-    const bool full = kVec && m == 8;
-    float xv[8];
-    if (full) {
-      load<T, 8>(x + i, xv);
-    } else {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) xv[k] = k < m ? Convert<T>::to_float(x[i + k]) : 0.0f;
-    }
-    const uint64_t q = static_cast<uint64_t>(idx);  // the Philox counter: the 8-element group
-#pragma unroll
-    for (int p = 0; p < kCount; ++p) {
-      const uint64_t off = o.offset[p];
-      const uint32_t olo = static_cast<uint32_t>(off), ohi = static_cast<uint32_t>(off >> 32);
-      const uint4 r = philox4x32_10(make_uint4(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), olo, ohi), key);
-      const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-      float y[8];
-      uint32_t bits = 0;
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const uint32_t draw = (w[k >> 1] >> (16 * (k & 1))) & 0xFFFFu;
-        const bool keep = k < m && draw >= threshold;
-        y[k] = keep ? xv[k] * scale : 0.0f;
-        bits |= static_cast<uint32_t>(keep) << k;
-      }
-      T* out = static_cast<T*>(o.out[p]);
-      if (full) {
-        store<T, 8>(out + i, y);
-      } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k)
-          if (k < m) out[i + k] = Convert<T>::from_float(y[k]);
-      }
-      o.mask[p][idx] = static_cast<uint8_t>(bits);
-    }
-  }
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+#pragma unroll 1
+  for (int64_t idx = first; idx < full_groups; idx += step)
+    dropout_group<T, true, kCount>(x, idx, 8, o, key, threshold, scale);
+#pragma unroll 1
+  for (int64_t idx = full_groups + first; idx < groups; idx += step)
+    dropout_group<T, false, kCount>(x, idx, static_cast<int>(min(static_cast<int64_t>(8), n - idx * 8)), o, key,
+                                    threshold, scale);
 }
 
 template <typename T>

@@ -570,11 +570,14 @@ LayerForwardFn training_layer_forward(const model::LlamaModel& model, bool gradi
   const FusedRecompute what = !gradient_checkpointing            ? FusedRecompute::kNothing
                               : recompute == Recompute::kSelective ? FusedRecompute::kSelective
                                                                    : FusedRecompute::kFull;
-  if (env_is("QLORA_LAYER", "fused")) return fused_layer_forward(model, what, selective_layers, no_recompute_layers);
-  const bool gpu_16bit = model.device().is_cuda() && model.dtype() != at::kFloat;
-  if (env_is("QLORA_LAYER", "reference") || !gpu_16bit || !fused_layer_unsupported(model).empty())
-    return gradient_checkpointing ? checkpointed_layer_forward(model) : LayerForwardFn();
+  if (!trains_with_fused_layer(model)) return gradient_checkpointing ? checkpointed_layer_forward(model) : LayerForwardFn();
   return fused_layer_forward(model, what, selective_layers, no_recompute_layers);
+}
+
+bool trains_with_fused_layer(const model::LlamaModel& model) {
+  if (env_is("QLORA_LAYER", "fused")) return true;
+  const bool gpu_16bit = model.device().is_cuda() && model.dtype() != at::kFloat;
+  return !env_is("QLORA_LAYER", "reference") && gpu_16bit && fused_layer_unsupported(model).empty();
 }
 
 LayerForwardFn training_layer_forward(const model::LlamaModel& model, const TrainConfig& train) {

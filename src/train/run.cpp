@@ -164,8 +164,8 @@ std::string trainable_params_line(int64_t trainable, int64_t all) {
 }
 
 // What the banner adds to "activation checkpointing" when a layer keeps more than its input
-// (train.recompute: selective, train.no_recompute_layers); `fused`: the GPU's 16-bit layer, the
-// only one that does.
+// (train.recompute: selective, train.no_recompute_layers); `fused`: the run trains with the fused
+// layer (trains_with_fused_layer), the only one that does.
 std::string recompute_banner(const Config& cfg, bool fused, int64_t layers) {
   const bool selective = cfg.train.recompute == Recompute::kSelective;
   const int64_t whole = std::clamp<int64_t>(cfg.train.no_recompute_layers, 0, layers);
@@ -358,7 +358,7 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   log::info(std::to_string(total) + " optimizer steps (" + std::to_string(loader.steps_in_epoch(0)) +
             " micro batches per epoch), " + std::string(to_string(cfg.train.lr_scheduler)) + " schedule, " +
             optimizer->kind() + (cfg.train.gradient_checkpointing ? ", activation checkpointing" : "") +
-            recompute_banner(cfg, model.device().is_cuda() && model.dtype() != at::kFloat, shape.num_hidden_layers));
+            recompute_banner(cfg, trains_with_fused_layer(model), shape.num_hidden_layers));
 
   // 7. the loop (rank 0 alone writes metrics.jsonl and draws progress)
   std::unique_ptr<MetricsLog> metrics = main_rank ? std::make_unique<MetricsLog>(cfg.output.dir) : nullptr;

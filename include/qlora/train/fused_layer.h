@@ -65,4 +65,8 @@ LayerForwardFn training_layer_forward(const model::LlamaModel& model, bool gradi
 // no_recompute_layers.
 LayerForwardFn training_layer_forward(const model::LlamaModel& model, const TrainConfig& train);
 
+// Whether training_layer_forward gives `model` the fused layer (where train.recompute: selective
+// and train.no_recompute_layers take effect) rather than the generic checkpoint.
+bool trains_with_fused_layer(const model::LlamaModel& model);
+
 }  // namespace qlora::train
