@@ -148,6 +148,52 @@ void lora_columns(const LayerRefs& r, std::initializer_list<size_t> idx, const a
   }
 }
 
+// Note [LoRA before the base GEMM]
+// A merged projection's output is [residual +] x·Wᵀ plus each LoRA's (scaling·dropout(x)·Aᵀ)·Bᵀ
+// in its column block. Added after the base GEMM, each LoRA product reads and writes its block
+// of the output once more: a pass over [N, out] a projection, memory-bound (with all-linear LoRA
+// at 4 × 1024 on an H200 the GEMM kernel those additions ran as took 13.4 ms of three profiled
+// steps, against 2.0 with LoRA on q,k,v,o: bench/results/2026-12-02-h200-session14,
+// call4-profile-summary-*). When every projection of the block has a LoRA, the
+// small products are written first (into the fresh output, or onto the residual) and the base
+// GEMM adds into them (beta 1), so the output is read once, in the GEMM's epilogue. The sum is
+// the same three terms rounded in another order (the LoRA term rounded to 16 bits before the
+// base product is added, where before the base product was rounded first). Blocks where some
+// projection has no LoRA keep the base GEMM first (its columns would need zeroing).
+at::Tensor project(const LayerRefs& r, std::initializer_list<size_t> idx, const at::Tensor& x, const at::Tensor& w,
+                   const at::Tensor& residual, std::vector<std::pair<size_t, LoraPass>>* passes) {
+  const bool every_lora = std::all_of(idx.begin(), idx.end(), [&](size_t i) { return r.proj[i].lora != nullptr; });
+  if (!every_lora || (residual.defined() && idx.size() != 1)) {
+    at::Tensor out = residual.defined() ? at::addmm(residual, x, w.t()) : at::mm(x, w.t());
+    lora_columns(r, idx, x, out, passes);
+    return out;
+  }
+  std::vector<std::pair<size_t, Dropped>> dropped = shared_dropout(r, idx, x);
+  at::Tensor out;
+  if (residual.defined()) {
+    const Proj& p = r.proj[*idx.begin()];
+    LoraPass pass = lora_pass(p, std::move(dropped.front().second));
+    out = at::addmm(residual, pass.t, p.b.t());  // pass.t holds the scaling
+    if (passes) passes->emplace_back(*idx.begin(), std::move(pass));
+  } else {
+    out = at::empty({x.size(0), w.size(0)}, x.options());
+    auto next = dropped.begin();
+    int64_t off = 0;
+    for (size_t i : idx) {
+      const Proj& p = r.proj[i];
+      const int64_t n = p.base->out_features();
+      LoraPass pass = lora_pass(p, std::move(next->second));
+      ++next;
+      at::Tensor block = out.narrow(1, off, n);
+      at::mm_out(block, pass.t, p.b.t());
+      if (passes) passes->emplace_back(i, std::move(pass));
+      off += n;
+    }
+  }
+  out.addmm_(x, w.t());
+  return out;
+}
+
 // The gradient of LoRA projections `idx` given the gradient of their merged output.
 // The terms are summed in idx's order, one pass for those sharing a GPU bit mask's p
 // (add_input_grads).
@@ -193,8 +239,7 @@ AttentionHalf attention_half(const LayerRefs& r, const at::Tensor& x2, int64_t b
   AttentionHalf s;
   s.n1 = norm_forward(x2, r.norm1, c.rms_norm_eps);
   s.w_qkv = merged_weight(pick(r, {kQ, kK, kV}), x2.options());
-  at::Tensor qkv = at::mm(s.n1.y, s.w_qkv.t());  // [N, q + k + v]
-  lora_columns(r, {kQ, kK, kV}, s.n1.y, qkv, &s.lora);
+  at::Tensor qkv = project(r, {kQ, kK, kV}, s.n1.y, s.w_qkv, at::Tensor(), &s.lora);  // [N, q + k + v]
   if (shed_inputs) shed_passes(s.lora, s.n1.y);
   s.n1.y = at::Tensor();
   // Dense [B, T, H, d] tensors: SDPA's fast kernels want each of q, k, v packed (the column
@@ -238,8 +283,7 @@ MlpHalf mlp_half(const LayerRefs& r, const at::Tensor& h1, bool need_m = true, b
   MlpHalf s;
   s.n2 = norm_forward(h1, r.norm2, r.model->config().rms_norm_eps);
   s.w_gu = merged_weight(pick(r, {kGate, kUp}), h1.options());
-  s.gu = at::mm(s.n2.y, s.w_gu.t());
-  lora_columns(r, {kGate, kUp}, s.n2.y, s.gu, &s.lora);
+  s.gu = project(r, {kGate, kUp}, s.n2.y, s.w_gu, at::Tensor(), &s.lora);
   if (shed_inputs) shed_passes(s.lora, s.n2.y);
   s.n2.y = at::Tensor();
   if (need_m) s.m = model::swiglu(s.gu);
@@ -262,9 +306,7 @@ MlpHalf mlp_half_from_kept(const LayerRefs& r, const at::Tensor& h1, at::Tensor 
 // y = base + x·Wᵀ (+ LoRA): o_proj and down_proj with the residual in the GEMM.
 at::Tensor residual_projection(const LayerRefs& r, size_t index, const at::Tensor& residual, const at::Tensor& x,
                                std::vector<std::pair<size_t, LoraPass>>* passes) {
-  at::Tensor y = at::addmm(residual, x, merged_weight(pick(r, {index}), x.options()).t());
-  lora_columns(r, {index}, x, y, passes);
-  return y;
+  return project(r, {index}, x, merged_weight(pick(r, {index}), x.options()), residual, passes);
 }
 
 struct KeptLayer;
