@@ -36,6 +36,7 @@ struct Setup {
   train::FusedRecompute recompute = train::FusedRecompute::kFull;
   int64_t selective_layers = -1;  // with kSelective: how many (the last) layers keep gate/up
   int64_t no_recompute_layers = 0;  // how many (the last) layers recompute nothing
+  std::vector<std::string> targets = {"all-linear"};
 };
 
 struct Result {
@@ -82,7 +83,7 @@ void compare(const Setup& s) {
   ls.r = 4;
   ls.alpha = 8;
   ls.dropout = s.dropout;
-  ls.target_modules = {"all-linear"};
+  ls.target_modules = s.targets;
   torch::manual_seed(1);
   lora::LoraAdapter adapter = lora::LoraAdapter::attach(m, ls);
   {
@@ -127,6 +128,14 @@ void compare(const Setup& s) {
 TEST(FusedLayer, MatchesTheGenericLayerWithoutDropout) { compare({}); }
 
 TEST(FusedLayer, DrawsTheSameDropoutMasks) { compare({false, 0.2, false, true}); }
+
+// Some projections of a merged GEMM without LoRA (k, gate; down): Note [LoRA before the base
+// GEMM] keeps the base GEMM first there, and writes the LoRA products first for o.
+TEST(FusedLayer, LoraOnSomeProjectionsOfAMergedGemm) {
+  ::qlora::Setup s{false, 0.2, false, true};
+  s.targets = {"q_proj", "v_proj", "o_proj", "up_proj"};
+  compare(s);
+}
 
 TEST(FusedLayer, Nf4BaseAndPaddingMask) { compare({true, 0.1, true, true}); }
 

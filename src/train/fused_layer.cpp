@@ -20,6 +20,7 @@
 #include "qlora/plan/plan.h"
 #include "qlora/train/checkpoint.h"
 #include "train/fused_layer_parts.h"
+#include "train/fused_projections.h"
 #include "train/rng_state.h"
 
 namespace qlora::train {
@@ -29,9 +30,9 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // Note [fused decoder layer]
-// Forward (grad off): n1 = norm(x); qkv = n1·[Wq;Wk;Wv]ᵀ (+ each LoRA by addmm into
-// its columns); q and k rotated out of their columns into packed tensors, v copied; a =
-// attention(q, k, v);
+// Forward (grad off): n1 = norm(x); qkv = n1·[Wq;Wk;Wv]ᵀ (+ each LoRA in its columns: Note
+// [LoRA before the base GEMM] in train/fused_projections.cpp); q and k rotated out of their
+// columns into packed tensors, v copied; a = attention(q, k, v);
 // h1 = x + a·Woᵀ (+ LoRA); n2 = norm(h1); gu = n2·[Wg;Wu]ᵀ (+ LoRA); m = swiglu(gu);
 // y = h1 + m·Wdᵀ (+ LoRA).
 // Kept for backward: x, h1, and the generator states before each half (Note [selective
@@ -76,148 +77,10 @@ using torch::autograd::variable_list;
 // layers 18 ms for 4.06 GB (4.4 ms a GB); Llama-3.2-1B at 8 × 2048 had them about even, 26.7 ms
 // for 8.08 GB (3.3 ms a GB) and 15.6 ms for 4.10 GB (3.8; 2.2 before the LoRA inputs were shed).
 
-// Index of each projection in decoder_linear_names().
-constexpr size_t kQ = 0, kK = 1, kV = 2, kO = 3, kGate = 4, kUp = 5, kDown = 6;
-
-using namespace fused;  // Proj, LoraPass, Normed and their operations (train/fused_layer_parts.h)
+using namespace fused;  // Proj, LoraPass, Normed, LayerRefs, project and the rest
+                        // (train/fused_layer_parts.h, train/fused_projections.h)
 
 // ---------------------------------------------------------------- the layer
-
-struct LayerRefs {
-  const model::LlamaModel* model = nullptr;
-  int64_t index = 0;
-  std::array<Proj, 7> proj;
-  at::Tensor norm1, norm2;
-  bool any_dropout = false;
-};
-
-LayerRefs layer_refs(const model::LlamaModel& m, int64_t index, at::ScalarType compute) {
-  const BelowAutograd below;  // LoRA's casts: no graph (backward is the layer's own)
-  LayerRefs r;
-  r.model = &m;
-  r.index = index;
-  for (size_t i = 0; i < r.proj.size(); ++i) {
-    r.proj[i] = proj_of(m, index, i, compute);
-    if (r.proj[i].lora && r.proj[i].lora->training() && r.proj[i].lora->dropout() > 0) r.any_dropout = true;
-  }
-  r.norm1 = m.input_norm_weight(index);
-  r.norm2 = m.post_attention_norm_weight(index);
-  return r;
-}
-
-std::vector<Proj> pick(const LayerRefs& r, std::initializer_list<size_t> idx) {
-  std::vector<Proj> out;
-  for (size_t i : idx) out.push_back(r.proj[i]);
-  return out;
-}
-
-// The dropped copies of x for the LoRA projections among `idx` (which share x), drawn
-// together in idx's order (fused_layer_parts.h: dropout_shared).
-std::vector<std::pair<size_t, Dropped>> shared_dropout(const LayerRefs& r, std::initializer_list<size_t> idx,
-                                                       const at::Tensor& x) {
-  std::vector<size_t> which;
-  std::vector<const lora::LoraLinear*> loras;
-  for (size_t i : idx)
-    if (r.proj[i].lora) {
-      which.push_back(i);
-      loras.push_back(r.proj[i].lora);
-    }
-  std::vector<std::pair<size_t, Dropped>> out;
-  if (loras.empty()) return out;
-  std::vector<Dropped> dropped = dropout_shared(x, loras);
-  for (size_t k = 0; k < which.size(); ++k) out.emplace_back(which[k], std::move(dropped[k]));
-  return out;
-}
-
-// LoRA of projections `idx` (whose outputs are consecutive column blocks of `out`)
-// on input x; the passes in `passes` (null entries where no LoRA).
-void lora_columns(const LayerRefs& r, std::initializer_list<size_t> idx, const at::Tensor& x, at::Tensor& out,
-                  std::vector<std::pair<size_t, LoraPass>>* passes) {
-  std::vector<std::pair<size_t, Dropped>> dropped = shared_dropout(r, idx, x);
-  auto next = dropped.begin();
-  int64_t off = 0;
-  for (size_t i : idx) {
-    const Proj& p = r.proj[i];
-    const int64_t n = p.base->out_features();
-    if (p.lora) {
-      LoraPass pass = lora_add(p, std::move(next->second), out.narrow(1, off, n));
-      ++next;
-      if (passes) passes->emplace_back(i, std::move(pass));
-    }
-    off += n;
-  }
-}
-
-// Note [LoRA before the base GEMM]
-// A merged projection's output is [residual +] x·Wᵀ plus each LoRA's (scaling·dropout(x)·Aᵀ)·Bᵀ
-// in its column block. Added after the base GEMM, each LoRA product reads and writes its block
-// of the output once more: a pass over [N, out] a projection, memory-bound (with all-linear LoRA
-// at 4 × 1024 on an H200 the GEMM kernel those additions ran as took 13.4 ms of three profiled
-// steps, against 2.0 with LoRA on q,k,v,o: bench/results/2026-12-02-h200-session14,
-// call4-profile-summary-*). When every projection of the block has a LoRA, the
-// small products are written first (into the fresh output, or onto the residual) and the base
-// GEMM adds into them (beta 1), so the output is read once, in the GEMM's epilogue. The sum is
-// the same three terms rounded in another order (the LoRA term rounded to 16 bits before the
-// base product is added, where before the base product was rounded first). Blocks where some
-// projection has no LoRA keep the base GEMM first (its columns would need zeroing).
-at::Tensor project(const LayerRefs& r, std::initializer_list<size_t> idx, const at::Tensor& x, const at::Tensor& w,
-                   const at::Tensor& residual, std::vector<std::pair<size_t, LoraPass>>* passes) {
-  const bool every_lora = std::all_of(idx.begin(), idx.end(), [&](size_t i) { return r.proj[i].lora != nullptr; });
-  if (!every_lora || (residual.defined() && idx.size() != 1)) {
-    at::Tensor out = residual.defined() ? at::addmm(residual, x, w.t()) : at::mm(x, w.t());
-    lora_columns(r, idx, x, out, passes);
-    return out;
-  }
-  std::vector<std::pair<size_t, Dropped>> dropped = shared_dropout(r, idx, x);
-  at::Tensor out;
-  if (residual.defined()) {
-    const Proj& p = r.proj[*idx.begin()];
-    LoraPass pass = lora_pass(p, std::move(dropped.front().second));
-    out = at::addmm(residual, pass.t, p.b.t());  // pass.t holds the scaling
-    if (passes) passes->emplace_back(*idx.begin(), std::move(pass));
-  } else {
-    out = at::empty({x.size(0), w.size(0)}, x.options());
-    auto next = dropped.begin();
-    int64_t off = 0;
-    for (size_t i : idx) {
-      const Proj& p = r.proj[i];
-      const int64_t n = p.base->out_features();
-      LoraPass pass = lora_pass(p, std::move(next->second));
-      ++next;
-      at::Tensor block = out.narrow(1, off, n);
-      at::mm_out(block, pass.t, p.b.t());
-      if (passes) passes->emplace_back(i, std::move(pass));
-      off += n;
-    }
-  }
-  out.addmm_(x, w.t());
-  return out;
-}
-
-// The gradient of LoRA projections `idx` given the gradient of their merged output.
-// The terms are summed in idx's order, one pass for those sharing a GPU bit mask's p
-// (add_input_grads).
-at::Tensor lora_columns_backward(const LayerRefs& r, std::initializer_list<size_t> idx, const at::Tensor& gout,
-                                 std::vector<std::pair<size_t, LoraPass>>& passes) {
-  std::vector<DroppedGrad> terms;
-  int64_t off = 0;
-  for (size_t i : idx) {
-    const Proj& p = r.proj[i];
-    const int64_t n = p.base->out_features();
-    for (auto& [which, pass] : passes) {
-      if (which != i) continue;
-      terms.push_back(lora_backward(p, std::move(pass), gout.narrow(1, off, n)));
-    }
-    off += n;
-  }
-  return add_input_grads(at::Tensor(), std::move(terms));
-}
-
-// Note [shed LoRA inputs] (train/fused_layer_parts.h): the passes' dropped copies of `source`
-// go; their masks and source stay.
-void shed_passes(std::vector<std::pair<size_t, LoraPass>>& passes, const at::Tensor& source) {
-  for (auto& [which, pass] : passes) pass.in = shed(std::move(pass.in), source);
-}
 
 struct AttentionHalf {
   Normed n1;

@@ -120,7 +120,7 @@ std::vector<Dropped> dropout_shared(const at::Tensor& x, const std::vector<const
   for (size_t k = 0; k < loras.size(); ++k) {
     const double p = loras[k]->dropout();
     if (!loras[k]->training() || p <= 0.0) {
-      out[k] = {x, {}, 0.0};
+      out[k] = {x, {}, 0.0, {}};
       continue;
     }
     if (x.is_cuda()) {
@@ -129,14 +129,14 @@ std::vector<Dropped> dropout_shared(const at::Tensor& x, const std::vector<const
     }
     at::Tensor noise = at::empty_like(x).bernoulli_(1.0 - p);
     noise.div_(1.0 - p);
-    out[k] = {x * noise, noise, p};
+    out[k] = {x * noise, noise, p, {}};
   }
   for (size_t first = 0; first < drawing.size();) {
     const double p = loras[drawing[first]]->dropout();
     size_t last = first + 1;
     while (last < drawing.size() && last - first < 3 && loras[drawing[last]]->dropout() == p) ++last;
     std::vector<model::DroppedCopy> copies = model::lora_dropout(x, static_cast<int64_t>(last - first), p);
-    for (size_t j = first; j < last; ++j) out[drawing[j]] = {std::move(copies[j - first].x), std::move(copies[j - first].bits), p};
+    for (size_t j = first; j < last; ++j) out[drawing[j]] = {std::move(copies[j - first].x), std::move(copies[j - first].bits), p, {}};
     first = last;
   }
   return out;
@@ -162,13 +162,7 @@ LoraPass lora_pass(const Proj& p, Dropped in) {
 
 LoraPass lora_pass(const Proj& p, const at::Tensor& x) { return lora_pass(p, dropout(x, *p.lora)); }
 
-LoraPass lora_add(const Proj& p, Dropped in, at::Tensor out) {
-  LoraPass pass = lora_pass(p, std::move(in));
-  out.addmm_(pass.t, p.b.t());  // pass.t holds the scaling
-  return pass;
-}
-
-// The backward of lora_add for the gradient `go` [N, out] at its output: A and B's
+// The backward of a LoRA's forward for the gradient `go` [N, out] at its output: A and B's
 // gradients accumulated, the gradient at the dropped input returned with its dropout. The
 // scaling goes where the tensors are small ([N, r]), inside the GEMMs that make them: pass.t
 // already holds it (so B's gradient needs none) and dt is made scaled. Consumes `pass`: the

@@ -123,10 +123,6 @@ struct LoraPass {
 LoraPass lora_pass(const Proj& p, const at::Tensor& x);
 LoraPass lora_pass(const Proj& p, Dropped in);
 
-// out += (scaling · in.x · Aᵀ) · Bᵀ, in x's dtype (the scaling applied by the first GEMM, to
-// the small [N, r] product); out may be a column slice.
-LoraPass lora_add(const Proj& p, Dropped in, at::Tensor out);
-
 // A LoRA's gradient at its dropped input, and that input's dropout (as Dropped).
 struct DroppedGrad {
   at::Tensor dx;    // [N, in]
@@ -134,7 +130,8 @@ struct DroppedGrad {
   double p = 0.0;
 };
 
-// The backward of lora_add for the gradient `go` [N, out] at its output: A and B's gradients
+// The backward of a LoRA's forward (lora_pass, its product ·Bᵀ added to the output) for the
+// gradient `go` [N, out] at its output: A and B's gradients
 // accumulated and the gradient at the dropped input returned. Consumes `pass`.
 DroppedGrad lora_backward(const Proj& p, LoraPass&& pass, const at::Tensor& go);
 

@@ -1,0 +1,117 @@
+// A decoder layer's projections for the fused layer (src/train/fused_projections.h).
+#include "train/fused_projections.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <utility>
+
+#include "qlora/lora/lora.h"
+#include "qlora/model/llama.h"
+
+namespace qlora::train::fused {
+
+LayerRefs layer_refs(const model::LlamaModel& m, int64_t index, at::ScalarType compute) {
+  const BelowAutograd below;  // LoRA's casts: no graph (backward is the layer's own)
+  LayerRefs r;
+  r.model = &m;
+  r.index = index;
+  for (size_t i = 0; i < r.proj.size(); ++i) {
+    r.proj[i] = proj_of(m, index, i, compute);
+    if (r.proj[i].lora && r.proj[i].lora->training() && r.proj[i].lora->dropout() > 0) r.any_dropout = true;
+  }
+  r.norm1 = m.input_norm_weight(index);
+  r.norm2 = m.post_attention_norm_weight(index);
+  return r;
+}
+
+std::vector<Proj> pick(const LayerRefs& r, std::initializer_list<size_t> idx) {
+  std::vector<Proj> out;
+  for (size_t i : idx) out.push_back(r.proj[i]);
+  return out;
+}
+
+std::vector<std::pair<size_t, Dropped>> shared_dropout(const LayerRefs& r, std::initializer_list<size_t> idx,
+                                                       const at::Tensor& x) {
+  std::vector<size_t> which;
+  std::vector<const lora::LoraLinear*> loras;
+  for (size_t i : idx)
+    if (r.proj[i].lora) {
+      which.push_back(i);
+      loras.push_back(r.proj[i].lora);
+    }
+  std::vector<std::pair<size_t, Dropped>> out;
+  if (loras.empty()) return out;
+  std::vector<Dropped> dropped = dropout_shared(x, loras);
+  for (size_t k = 0; k < which.size(); ++k) out.emplace_back(which[k], std::move(dropped[k]));
+  return out;
+}
+
+// Note [LoRA before the base GEMM]
+// A merged projection's output is [residual +] x·Wᵀ plus each LoRA's (scaling·dropout(x)·Aᵀ)·Bᵀ
+// in its column block. Added after the base GEMM, each LoRA product reads and writes its block
+// of the output once more: a pass over [N, out] a projection, memory-bound (with all-linear LoRA
+// at 4 × 1024 on an H200 the GEMM kernel those additions ran as took 13.4 ms of three profiled
+// steps, against 2.0 with LoRA on q,k,v,o: bench/results/2026-12-02-h200-session14,
+// call4-profile-summary-*). When every projection of the block has a LoRA, the small products
+// are written first (into the fresh output, or onto the residual) and the base GEMM adds into
+// them (beta 1), so the output is read once, in the GEMM's epilogue. The sum is the same three
+// terms rounded in another order (the LoRA term rounded to 16 bits before the base product is
+// added, where before the base product was rounded first). Blocks where some projection has no
+// LoRA keep the base GEMM first (its columns would need zeroing).
+at::Tensor project(const LayerRefs& r, std::initializer_list<size_t> idx, const at::Tensor& x, const at::Tensor& w,
+                   const at::Tensor& residual, std::vector<std::pair<size_t, LoraPass>>* passes) {
+  const bool every_lora = std::all_of(idx.begin(), idx.end(), [&](size_t i) { return r.proj[i].lora != nullptr; });
+  const bool lora_first = every_lora && (!residual.defined() || idx.size() == 1);
+  at::Tensor out;
+  if (!lora_first) {
+    out = residual.defined() ? at::addmm(residual, x, w.t()) : at::mm(x, w.t());
+  } else if (!residual.defined()) {
+    out = at::empty({x.size(0), w.size(0)}, x.options());
+  }
+  std::vector<std::pair<size_t, Dropped>> dropped = shared_dropout(r, idx, x);
+  auto next = dropped.begin();
+  int64_t off = 0;
+  for (size_t i : idx) {
+    const Proj& p = r.proj[i];
+    const int64_t n = p.base->out_features();
+    if (p.lora) {
+      LoraPass pass = lora_pass(p, std::move(next->second));  // pass.t holds the scaling
+      ++next;
+      if (!lora_first) {
+        out.narrow(1, off, n).addmm_(pass.t, p.b.t());
+      } else if (residual.defined()) {
+        out = at::addmm(residual, pass.t, p.b.t());
+      } else {
+        at::Tensor block = out.narrow(1, off, n);
+        at::mm_out(block, pass.t, p.b.t());
+      }
+      if (passes) passes->emplace_back(i, std::move(pass));
+    }
+    off += n;
+  }
+  if (lora_first) out.addmm_(x, w.t());
+  return out;
+}
+
+at::Tensor lora_columns_backward(const LayerRefs& r, std::initializer_list<size_t> idx, const at::Tensor& gout,
+                                 std::vector<std::pair<size_t, LoraPass>>& passes) {
+  std::vector<DroppedGrad> terms;
+  int64_t off = 0;
+  for (size_t i : idx) {
+    const Proj& p = r.proj[i];
+    const int64_t n = p.base->out_features();
+    for (auto& [which, pass] : passes) {
+      if (which != i) continue;
+      terms.push_back(lora_backward(p, std::move(pass), gout.narrow(1, off, n)));
+    }
+    off += n;
+  }
+  return add_input_grads(at::Tensor(), std::move(terms));
+}
+
+void shed_passes(std::vector<std::pair<size_t, LoraPass>>& passes, const at::Tensor& source) {
+  for (auto& [which, pass] : passes) pass.in = shed(std::move(pass.in), source);
+}
+
+}  // namespace qlora::train::fused

@@ -1,0 +1,61 @@
+// train/fused_projections: a decoder layer's seven projections as the fused layer
+// (src/train/fused_layer.cpp) uses them, private to src/train: the layer's frozen bases, LoRAs
+// and norm weights gathered once a layer call (LayerRefs), the merged q|k|v and gate|up
+// products with their LoRAs (project), and the LoRAs' backward over a merged output.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <initializer_list>
+#include <utility>
+#include <vector>
+
+#include "train/fused_layer_parts.h"
+
+namespace qlora::model {
+class LlamaModel;
+}
+
+namespace qlora::train::fused {
+
+// Index of each projection in decoder_linear_names().
+constexpr size_t kQ = 0, kK = 1, kV = 2, kO = 3, kGate = 4, kUp = 5, kDown = 6;
+
+struct LayerRefs {
+  const model::LlamaModel* model = nullptr;
+  int64_t index = 0;
+  std::array<Proj, 7> proj;
+  at::Tensor norm1, norm2;
+  bool any_dropout = false;
+};
+
+// Layer `index` of m, LoRA's A and B cast to `compute` (once a layer call).
+LayerRefs layer_refs(const model::LlamaModel& m, int64_t index, at::ScalarType compute);
+
+std::vector<Proj> pick(const LayerRefs& r, std::initializer_list<size_t> idx);
+
+// The dropped copies of x for the LoRA projections among `idx` (which share x), drawn
+// together in idx's order (fused_layer_parts.h: dropout_shared).
+std::vector<std::pair<size_t, Dropped>> shared_dropout(const LayerRefs& r, std::initializer_list<size_t> idx,
+                                                       const at::Tensor& x);
+
+// [residual +] x·Wᵀ for projections `idx` (w: their weights stacked by rows, outputs in
+// consecutive column blocks), each LoRA's product added into its block; the LoRA passes in
+// `passes` (when not null) for the backward. Note [LoRA before the base GEMM].
+at::Tensor project(const LayerRefs& r, std::initializer_list<size_t> idx, const at::Tensor& x, const at::Tensor& w,
+                   const at::Tensor& residual, std::vector<std::pair<size_t, LoraPass>>* passes);
+
+// The gradient of LoRA projections `idx` given the gradient of their merged output.
+// The terms are summed in idx's order, one pass for those sharing a GPU bit mask's p
+// (add_input_grads).
+at::Tensor lora_columns_backward(const LayerRefs& r, std::initializer_list<size_t> idx, const at::Tensor& gout,
+                                 std::vector<std::pair<size_t, LoraPass>>& passes);
+
+// Note [shed LoRA inputs] (train/fused_layer_parts.h): the passes' dropped copies of `source`
+// go; their masks and source stay.
+void shed_passes(std::vector<std::pair<size_t, LoraPass>>& passes, const at::Tensor& source);
+
+}  // namespace qlora::train::fused
