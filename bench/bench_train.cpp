@@ -75,6 +75,14 @@ using json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
 constexpr const char* kGpuPreset = "h100";
+// The plan's time estimate is for the GPU the bench runs on, where a preset names it (Note
+// [plan time model]); the memory plan stays issue 8's H100.
+std::string time_preset(const std::string& device_name) {
+  if (device_name.find("H200") != std::string::npos) return "h200";
+  if (device_name.find("H100") != std::string::npos) return "h100";
+  if (device_name.find("A100") != std::string::npos) return "a100-80";
+  return kGpuPreset;
+}
 constexpr int64_t kWarmupSteps = 2;
 constexpr int64_t kDefaultSteps = 12;
 constexpr int64_t kExtraChars = 16;  // a line is seq + this many bytes, so truncation makes every row seq
@@ -284,7 +292,7 @@ int64_t reserved_peak() {
 }
 
 json run_one(const Shape& s, const Args& args, const fs::path& work, const fs::path& model_dir,
-             const qlora::LlamaConfig& shape, const qlora::plan::GpuSpec& gpu) {
+             const qlora::LlamaConfig& shape, const qlora::plan::GpuSpec& gpu, const qlora::plan::GpuSpec& time_gpu) {
   const std::string tag = s.name;
   const fs::path data = work / ("data_" + tag + ".jsonl");
   const fs::path out = work / ("out_" + tag);
@@ -332,6 +340,7 @@ json run_one(const Shape& s, const Args& args, const fs::path& work, const fs::p
   cfg.train.selective_layers = result.selective_layers;
   cfg.train.no_recompute_layers = result.no_recompute_layers;
   const qlora::plan::Plan plan = qlora::plan::make_plan(cfg, shape, &gpu, 1);
+  const qlora::plan::TimeEstimate time = qlora::plan::make_plan(cfg, shape, &time_gpu, 1).time;
   if (!args.profile.empty()) {
     // The trace spans the timed steps and the final save (metrics.jsonl says how long each took).
     torch::autograd::profiler::disableProfiler()->save(args.profile + "_" + tag + ".json");
@@ -374,7 +383,12 @@ json run_one(const Shape& s, const Args& args, const fs::path& work, const fs::p
                                                     static_cast<double>(peak_alloc)
                                               : 0.0},
             {"plan_gpu", kGpuPreset}};
-  if (plan.time.available) j["plan_tokens_per_second"] = plan.time.tokens_per_second;
+  if (time.available) {
+    j["plan_time_gpu"] = time_gpu.name;
+    j["plan_tokens_per_second"] = time.tokens_per_second;
+    j["plan_time_error_pct"] = 100.0 * (time.tokens_per_second / j["tokens_per_second"].get<double>() - 1.0);
+    j["plan_host_bound"] = time.host_bound;
+  }
   if (!args.keep) {
     std::error_code ec;
     fs::remove_all(out, ec);
@@ -409,6 +423,7 @@ int main(int argc, char** argv) {
   int failures = 0;
   try {
     const qlora::plan::GpuSpec gpu = qlora::plan::resolve_gpu(kGpuPreset);
+    const qlora::plan::GpuSpec time_gpu = qlora::plan::resolve_gpu(time_preset(dev[0].name));
     for (const Shape& s : args.shapes) {
       json j;
       try {
@@ -421,7 +436,7 @@ int main(int argc, char** argv) {
           // Byte-level, no merges: vocabulary 261 (< the model's; ids stay in range).
           qlora::train::write_demo_tokenizer(model_dir.string());
         }
-        j = run_one(s, args, work, model_dir, shape, gpu);
+        j = run_one(s, args, work, model_dir, shape, gpu, time_gpu);
       } catch (const std::exception& e) {
         ++failures;
         j = {{"bench", "train"}, {"system", "qlora"}, {"config", s.name}, {"model", s.model},

@@ -11,6 +11,7 @@ Per configuration (the names bench_train and bench_peer share, e.g. 2x512, 8b-2x
   speed_vs_eager    = qlora tokens/s / eager peer tokens/s
   memory_ratio      = qlora peak allocated / the smaller of the two peers' peaks (target <= 0.7)
   plan_error_pct    = bench_train's (plan allocated - measured peak) / measured peak (target +-10%)
+  plan_time_pct     = bench_train's (the plan's tokens/s for this GPU - measured) / measured (no target)
 A target whose inputs are missing (a peer run that failed or was not made) reads "not run",
 never "met". A row of ours the peer cannot run (train.recompute: selective or auto) names the peer
 run it stands beside (peer_config); its verdicts carry how it recomputed ("met (selective in 14
@@ -100,6 +101,7 @@ def compare(train_rows, peer_rows):
             # Both peers must have run: the target names the smaller of the two peaks.
             "memory_ratio": peak(q) / min(peer_peaks) if peak(q) and len(peer_peaks) == 2 else None,
             "plan_error_pct": q.get("plan_error_pct"),
+            "plan_time_pct": q.get("plan_time_error_pct"),
             "errors": {k: r["error"] for k, r in (("qlora", q), ("eager", eager), ("compile", compiled))
                        if "error" in r},
         }
@@ -136,7 +138,7 @@ def fmt(v, digits=0, scale=1.0, suffix=""):
 
 def render(rows):
     head = ["config", "qlora tok/s", "eager tok/s", "compiled tok/s", "vs compiled", "vs eager",
-            "qlora GB", "eager GB", "compiled GB", "memory ratio", "plan err", "speed", "memory", "plan"]
+            "qlora GB", "eager GB", "compiled GB", "memory ratio", "plan err", "plan time", "speed", "memory", "plan"]
     lines = [head]
     for r in rows:
         lines.append([
@@ -145,7 +147,7 @@ def render(rows):
             fmt(r["speed_vs_eager"], 2, suffix="x"), fmt(r["qlora_peak_allocated_bytes"], 2, 1e9),
             fmt(r["eager_peak_allocated_bytes"], 2, 1e9), fmt(r["compiled_peak_allocated_bytes"], 2, 1e9),
             fmt(r["memory_ratio"], 2), fmt(r["plan_error_pct"], 1, suffix="%"),
-            f"{r['speed_verdict']} (>= {r['speed_target']}x)", f"{r['memory_verdict']} (<= {MEMORY_TARGET})",
+            fmt(r["plan_time_pct"], 1, suffix="%"), f"{r['speed_verdict']} (>= {r['speed_target']}x)", f"{r['memory_verdict']} (<= {MEMORY_TARGET})",
             r["plan_verdict"],
         ])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]

@@ -71,15 +71,30 @@ inline constexpr double kFragmentationFraction = 0.25;
 inline constexpr double kTightHeadroomFraction = 0.05;
 
 // ---------------------------------------------------------------- time
-// Fraction of the dense tensor peak a QLoRA step sustains. ../shared/DESIGN.md
-// reports the torch.compile'd transformers + PEFT + bitsandbytes 8B step at
-// ~57% of the H100 bf16 peak and the eager one at about a third; small models
-// and small batches do worse, so the plan assumes 40%. An estimate, printed as one.
-inline constexpr double kAssumedMfu = 0.40;
-// NF4 -> 16-bit dequantization is bandwidth-bound; bitsandbytes reaches about
-// half the copy bandwidth on 8B-sized matrices (../shared/DESIGN.md); the plan
-// assumes 70% of the datasheet bandwidth.
-inline constexpr double kAssumedBandwidthUtilisation = 0.70;
+// Note [plan time model] (src/plan/time_estimate.cpp) adds the step's parts on the GPU: GEMMs at a
+// fraction of the dense tensor peak, attention at another, the memory-bound passes at a fraction
+// of the datasheet bandwidth, and a gap between kernels; the host, launching a kernel at a time,
+// is a floor under that. The fractions were measured on an H200 (torch 2.11, cuBLAS, cuDNN),
+// session 15's profiles of 8 × 2048 and the 8B at 2 × 2048 (bench/results/
+// 2026-12-03-h200-session15): they stand for Hopper and are assumed elsewhere.
+//
+// cuBLAS on the step's GEMM shapes: 695 and 693 TFLOP/s of the H200's 989 in those profiles
+// (660-835 per shape timed in-process, session 14).
+inline constexpr double kGemmEfficiency = 0.70;
+// cuDNN's flash attention on the FLOPs the plan counts for it (forward 2·S·H·d a token and
+// layer, backward twice that): 287 TFLOP/s at head dim 64, 341 at 128.
+inline constexpr double kAttentionEfficiency = 0.30;
+// The element-wise kernels (norms, RoPE, SwiGLU, dropout, the LoRA passes, cross-entropy) and
+// the NF4 dequantization, on the bytes Note [plan time model] counts: 3.1 TB/s of the H200's
+// 4.8 (fitted, with kKernelGapSeconds, to what the two profiles leave after GEMMs and attention).
+inline constexpr double kBandwidthEfficiency = 0.64;
+// The GPU's idle time between two kernels launched back to back: 1.07 µs (the same fit).
+inline constexpr double kKernelGapSeconds = 1.07e-6;
+// The host's time to issue one kernel through ATen (dispatch, allocator, launch): a step can
+// go no faster than its kernels × this. 9.9 µs from the host-bound 2 × 512 step (25 ms for
+// about 2,550 kernels); that machine's host read 37% faster in session 14 than in 13 at the
+// shape without checkpointing, so this part moves with the CPU.
+inline constexpr double kHostSecondsPerKernel = 9.9e-6;
 
 // ---------------------------------------------------------------- advice
 inline constexpr int64_t kSeqLengthStep = 128;  // suggested lengths are multiples of this

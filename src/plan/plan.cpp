@@ -27,6 +27,7 @@
 #include "qlora/common/text.h"
 #include "qlora/plan/finder.h"
 #include "qlora/plan/plan.h"
+#include "time_estimate.h"
 
 namespace qlora::plan {
 namespace {
@@ -255,85 +256,6 @@ std::string smallest_fitting_gpu(double total) {
     }
   }
   return best;
-}
-
-// ---------------------------------------------------------------- time
-
-TimeEstimate estimate_time(const LlamaConfig& m, const BudgetInputs& in, int64_t accumulation, int64_t world,
-                           const GpuSpec* gpu, const std::string& precision, int64_t lora_params) {
-  TimeEstimate t;
-  if (!gpu || !gpu->has_throughput()) {
-    t.why_unavailable = gpu ? "no throughput figures for " + gpu->name + "; name a preset with --gpu for a time estimate"
-                            : "no GPU given; pass --gpu for a time estimate";
-    return t;
-  }
-  // Per token, with N the decoder projection weights, V·h the lm_head, S the
-  // sequence length, P the LoRA parameters:
-  //   forward  2N + 2Vh (GEMMs) + 2·L·S·nh·d (causal attention: QKᵀ and PV, half the square)
-  //   backward grad w.r.t. inputs only for the frozen base: 2N + 2Vh, attention 2×,
-  //            LoRA weights and inputs: 4P
-  //   recompute (checkpointing): the generic checkpoint (fp32) runs the decoder forward again,
-  //            2N + attention; the GPU's fused layer (bf16/fp16, Note [fused decoder layer])
-  //            keeps each layer's input and attention residual, so it recomputes q, k, v and
-  //            gate/up but neither o_proj nor down_proj, 2·(N - L·h·(H·d + i)) + attention;
-  //            selective leaves out the gate/up GEMMs too, 2·L·h·2i
-  const double N = double(decoder_linear_params(m)), Vh = double(m.vocab_size * m.hidden_size);
-  const bool fused_layer = in.gradient_checkpointing && in.activation_bytes == 2;
-  const double not_recomputed = fused_layer ? double(m.num_hidden_layers) * double(m.hidden_size) *
-                                                  double(m.num_attention_heads * m.head_dim + m.intermediate_size)
-                                            : 0.0;
-  const double attn = 2.0 * double(m.num_hidden_layers) * double(in.seq_length) *
-                      double(m.num_attention_heads * m.head_dim);
-  const double P = double(lora_params);
-  const double fwd = 2 * N + 2 * Vh + attn + 2 * P;
-  const double bwd = 2 * N + 2 * Vh + 2 * attn + 4 * P;
-  //            (a layer at a time); the last whole_layers recompute nothing (Note [layers not recomputed])
-  const int64_t L = m.num_hidden_layers;
-  const int64_t whole = whole_layers(in, L);
-  const int64_t kept_gu = std::max<int64_t>(0, kept_gate_up_layers(in.selective_layers, L) - whole);
-  const bool selective = in.gradient_checkpointing && in.selective_recompute && in.activation_bytes == 2 && kept_gu > 0;
-  const double gate_up = 2.0 * double(kept_gu) * double(m.hidden_size) * 2.0 * double(m.intermediate_size);
-  const double recompute_all = 2 * (N - not_recomputed) + attn + 2 * P;
-  const double recompute = in.gradient_checkpointing ? recompute_all * double(L - whole) / double(L) -
-                                                           (selective ? gate_up : 0.0)
-                                                     : 0;
-  t.flops_per_token = fwd + bwd + recompute;
-  t.tokens_per_step = double(in.micro_batch_size * in.seq_length * accumulation);
-  t.flops_per_step = t.flops_per_token * t.tokens_per_step;
-  t.peak_tflops = precision == "bf16" ? gpu->bf16_tflops : precision == "fp16" ? gpu->fp16_tflops : gpu->fp32_tflops;
-  if (!(t.peak_tflops > 0)) {
-    t.why_unavailable = gpu->name + " has no " + precision + " tensor throughput on record";
-    return t;
-  }
-  t.utilisation = kAssumedMfu;
-  // Dequantization: every projection is expanded from NF4 once per forward and once per
-  // backward, for each micro batch: read the 4-bit codes + absmax, write the 16-bit weight.
-  // The generic checkpoint expands them once more in its recompute; the fused layer's
-  // backward reuses what its recompute expanded.
-  const double passes = (in.gradient_checkpointing && !fused_layer ? 3.0 : 2.0) * double(accumulation);
-  const double bytes_per_pass = N * (0.5 + double(in.dequant_bytes)) + N / double(kNf4BlockSize);
-  if (gpu->memory_bandwidth_gbs > 0)
-    t.dequant_seconds_per_step =
-        passes * bytes_per_pass / (gpu->memory_bandwidth_gbs * 1e9 * kAssumedBandwidthUtilisation);
-  t.seconds_per_step = t.flops_per_step / (t.peak_tflops * 1e12 * t.utilisation) + t.dequant_seconds_per_step;
-  t.hours_per_1000_steps = t.seconds_per_step * 1000.0 / 3600.0;
-  t.tokens_per_second = t.tokens_per_step * double(world) / t.seconds_per_step;
-  t.available = true;
-  t.formula = fixed(t.flops_per_token / 1e9, 2) + " GFLOP/token (forward + input-gradient backward" +
-              (!in.gradient_checkpointing ? ""
-               : whole == L               ? " + no recompute (every layer kept whole)"
-               : whole > 0
-                   ? " + recompute in " + std::to_string(L - whole) + " of " + std::to_string(L) + " layers" +
-                         (selective ? ", selective" : "")
-               : selective                ? " + selective recompute"
-               : fused_layer              ? " + recompute without o_proj and down_proj"
-                                          : " + recompute") +
-              ") × " + commas(int64_t(t.tokens_per_step)) +
-              " tokens/step at " + fixed(t.utilisation * 100, 0) + "% of " + fixed(t.peak_tflops, 0) + " TFLOP/s " +
-              precision + " + NF4 dequantization " + fixed(t.dequant_seconds_per_step, 2) + " s/step";
-  t.note = "an estimate from FLOPs at an assumed " + fixed(t.utilisation * 100, 0) +
-           "% of the datasheet peak, not a measurement; sequences shorter than max_seq_length run faster";
-  return t;
 }
 
 }  // namespace

@@ -62,12 +62,22 @@ struct Advice {
 struct TimeEstimate {
   bool available = false;         // false when the GPU's throughput is unknown
   std::string why_unavailable;
-  double flops_per_token = 0;     // forward + backward (+ recompute), see formula
+  double flops_per_token = 0;     // GEMMs + attention: forward + backward (+ recompute), see formula
+  double attention_flops_per_token = 0;  // the attention part of flops_per_token
   double tokens_per_step = 0;     // per GPU: micro × seq × accumulation
   double flops_per_step = 0;      // per GPU
   double peak_tflops = 0;         // the GPU's dense peak for the precision used
-  double utilisation = 0;         // assumed fraction of that peak
+  // Note [plan time model]: the step's parts on the GPU, and the host's floor under them.
+  double gemm_seconds_per_step = 0;
+  double attention_seconds_per_step = 0;
+  double memory_bytes_per_step = 0;     // the element-wise passes (the NF4 dequantization apart)
+  double memory_seconds_per_step = 0;   // 0 when the GPU's bandwidth is unknown
   double dequant_seconds_per_step = 0;  // NF4 -> 16-bit passes, bandwidth-bound
+  double kernels_per_step = 0;
+  double gap_seconds_per_step = 0;      // idle between kernels
+  double host_seconds_per_step = 0;     // the host issuing every kernel
+  bool host_bound = false;              // the host's floor decides the step
+  double utilisation = 0;         // what the estimate implies: FLOPs / (peak × seconds)
   double seconds_per_step = 0;
   double hours_per_1000_steps = 0;
   double tokens_per_second = 0;   // all GPUs together
