@@ -3,6 +3,8 @@
 // not recomputed]), and train.recompute: auto, which chooses both from the memory budget.
 #include <gtest/gtest.h>
 
+#include <cstdio>
+
 #include <cmath>
 #include <string>
 #include <vector>
@@ -262,7 +264,13 @@ TEST(PlanRecompute, RoomToRecomputeLessIsAdvised) {
             std::string::npos)
       << less->text;
   const int saved = static_cast<int>(std::lround(100.0 * (1.0 - whole.time.flops_per_token / full.time.flops_per_token)));
-  EXPECT_NE(less->text.find("(" + std::to_string(saved) + "% fewer FLOPs a step)"), std::string::npos) << less->text;
+  EXPECT_NE(less->text.find("(" + std::to_string(saved) + "% fewer FLOPs a step; ~"), std::string::npos) << less->text;
+  // The estimated step times of the two (Note [plan time model]), the one that recomputes less faster.
+  char times[96];
+  std::snprintf(times, sizeof times, "~%.2f s a step against ~%.2f)", whole.time.seconds_per_step,
+                full.time.seconds_per_step);
+  EXPECT_NE(less->text.find(times), std::string::npos) << less->text;
+  EXPECT_LT(whole.time.seconds_per_step, full.time.seconds_per_step);
   // Nothing to advise under auto itself, nor where no more fits, nor without a GPU.
   for (const Plan& p : {plan_for("llama-3.2-1b", "h100", long_run({"train.recompute=auto"})),
                         plan_for("llama-3.2-1b", "h100", long_run({"train.no_recompute_layers=16"})),

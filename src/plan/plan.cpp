@@ -459,10 +459,13 @@ Plan make_plan(const Config& cfg, const LlamaConfig& model, const GpuSpec* gpu, 
           less.no_recompute_layers = keep.no_recompute_layers;
           const TimeEstimate then = estimate_time(model, less, b.accumulation, world_size, gpu,
                                                   plan.precision.resolved, plan.lora_params);
-          const double saved = 1.0 - then.flops_per_token / plan.time.flops_per_token;
-          const std::string flops = plan.time.available && then.available
-                                        ? " (" + fixed(100.0 * saved, 0) + "% fewer FLOPs a step)"
-                                        : std::string();
+          // Note [plan time model]: the time a step would take, beside the FLOPs it leaves out.
+          const std::string flops =
+              plan.time.available && then.available
+                  ? " (" + fixed(100.0 * (1.0 - then.flops_per_token / plan.time.flops_per_token), 0) +
+                        "% fewer FLOPs a step; ~" + fixed(then.seconds_per_step, 2) + " s a step against ~" +
+                        fixed(plan.time.seconds_per_step, 2) + ")"
+                  : std::string();
           plan.advice.push_back(make_advice(
               "recompute_less",
               "room to recompute less: train.recompute: auto would have " +
