@@ -6,6 +6,9 @@
 //   {"bench":"adamw8bit", ...}    the fused 8-bit AdamW step: its bytes moved / time vs copy
 //   {"bench":"lora_dropout", ...} LoRA dropout of q, k, v's shared input (three copies, p 0.05;
 //                                 Note [LoRA dropout kernel]): bytes moved / time vs copy
+//   {"bench":"swiglu_dropout", ...} SwiGLU and down_proj's LoRA dropout in one pass (Note
+//                                 [SwiGLU with dropout]) vs swiglu then lora_dropout, with and
+//                                 without m (forward / recompute)
 // Timing: CUDA events around each repeat, the L2 flushed between repeats (a 256 MiB memset),
 // warm-up first, the median of kRepeats. Weight values are random bytes (speed does not depend
 // on them). Needs a GPU; without one it prints one line saying so and exits 0.
@@ -288,6 +291,30 @@ void bench_backward_tails(cudaStream_t stream, at::Tensor& flush) {
   }
 }
 
+// SwiGLU with down_proj's LoRA dropout (Note [SwiGLU with dropout]) at a micro batch's shape
+// (1B 4 x 1024 tokens, the all-linear row; 8B 2 x 2048), against the two kernels it replaces:
+// the forward keeps m, a recompute does not.
+void bench_swiglu_dropout(cudaStream_t stream, at::Tensor& flush) {
+  const double p = 0.05;
+  for (const auto& [model, tokens, inter] : {std::tuple{"1B", 4096, 8192}, std::tuple{"8B", 4096, 14336}}) {
+    const at::TensorOptions opt = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+    const at::Tensor gu = at::randn({tokens, 2 * int64_t{inter}}, opt);
+    for (const bool keep_m : {true, false}) {
+      const double fused =
+          time_ms(stream, flush, [&] { (void)qlora::model::swiglu_lora_dropout(gu, p, 1234, 0, keep_m); });
+      const double two = time_ms(stream, flush, [&] {
+        const at::Tensor m = qlora::model::swiglu(gu);
+        (void)qlora::model::lora_dropout(m, p, 1234, {0});
+      });
+      std::printf(
+          "{\"bench\":\"swiglu_dropout\",\"model\":\"%s\",\"tokens\":%d,\"inter\":%d,\"keep_m\":%s,"
+          "\"ms\":%.4f,\"two_kernels_ms\":%.4f,\"speedup\":%.2f}\n",
+          model, tokens, inter, keep_m ? "true" : "false", fused, two, two / fused);
+      std::fflush(stdout);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -306,6 +333,7 @@ int main() {
   bench_gemv(stream, flush);
   bench_adamw(stream, flush);
   bench_dropout(stream, flush);
+  bench_swiglu_dropout(stream, flush);
   bench_backward_tails(stream, flush);
   return 0;
 }

@@ -172,6 +172,22 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
   return c;
 }
 
+// The keep bits of a full 8-element group `idx` for the draw at `offset`, as dropout_group
+// draws them (Note [SwiGLU with dropout]): bit k set where element 8·idx + k is kept (its 16
+// bits of Philox at or above threshold).
+__device__ __forceinline__ uint32_t keep_bits(uint64_t idx, uint64_t offset, uint2 key, uint32_t threshold) {
+  const uint32_t olo = static_cast<uint32_t>(offset), ohi = static_cast<uint32_t>(offset >> 32);
+  const uint4 r = philox4x32_10(make_uint4(static_cast<uint32_t>(idx), static_cast<uint32_t>(idx >> 32), olo, ohi), key);
+  const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+  uint32_t bits = 0;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const uint32_t draw = (w[k >> 1] >> (16 * (k & 1))) & 0xFFFFu;
+    bits |= static_cast<uint32_t>(draw >= threshold) << k;
+  }
+  return bits;
+}
+
 struct DropoutOutputs {
   void* out[kMaxDropoutOutputs];
   uint8_t* mask[kMaxDropoutOutputs];
@@ -270,7 +286,75 @@ int launch_lora_dropout(const void* x, int64_t n, int count, void* const* outs, 
   return static_cast<int>(cudaGetLastError());
 }
 
+// Note [SwiGLU with dropout]
+//   With a LoRA on down_proj, m = swiglu(gu) is that LoRA's input: the forward wrote m, then
+//   lora_dropout read it and wrote the dropped copy, and a recompute (which needs no m: down_proj's
+//   base GEMM does not run again) wrote m only to read it back. This kernel makes both from gu in
+//   one pass: m as swiglu_kernel rounds it (written only when asked), then the dropped copy and
+//   mask bits from that rounded m with the draws lora_dropout takes for one copy (keep_bits: the
+//   Philox counter is the 8-element group of m's contiguous layout), so the result is the two
+//   kernels' bit for bit. 8-element groups only (a group never crosses a row when inter % 8 == 0).
+template <typename T, bool kWriteM>
+__global__ void __launch_bounds__(kThreads) swiglu_dropout_kernel(const T* __restrict__ gu, int64_t gu_stride,
+                                                                  int64_t inter, int64_t groups, T* __restrict__ m,
+                                                                  T* __restrict__ dropped, uint8_t* __restrict__ mask,
+                                                                  uint2 key, uint64_t offset, uint32_t threshold,
+                                                                  float scale) {
+  const int64_t per_row = inter / 8;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < groups; idx += step) {
+    const T* row = gu + (idx / per_row) * gu_stride + (idx % per_row) * 8;
+    float g[8], u[8], y[8];
+    load<T, 8>(row, g);
+    load<T, 8>(row + inter, u);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) y[k] = Convert<T>::to_float(Convert<T>::from_float(swiglu_value(g[k], u[k])));
+    if (kWriteM) store<T, 8>(m + idx * 8, y);
+    const uint32_t bits = keep_bits(static_cast<uint64_t>(idx), offset, key, threshold);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) y[k] = (bits >> k) & 1u ? y[k] * scale : 0.0f;
+    store<T, 8>(dropped + idx * 8, y);
+    mask[idx] = static_cast<uint8_t>(bits);
+  }
+}
+
 }  // namespace
+
+bool swiglu_dropout_fits(const void* gu, int64_t gu_row_stride, int64_t inter, const void* m, const void* dropped,
+                         FloatType type) {
+  return type != FloatType::kF32 && inter > 0 && inter % 8 == 0 && gu_row_stride % 8 == 0 && aligned16(gu) &&
+         aligned16(dropped) && (m == nullptr || aligned16(m));
+}
+
+int swiglu_dropout(const void* gu, int64_t gu_row_stride, int64_t rows, int64_t inter, FloatType type, void* m,
+                   void* dropped, uint8_t* mask, const DropoutDraws& draws, uint32_t threshold, float scale,
+                   CUstream_st* stream) {
+  if (rows < 0 || gu == nullptr || dropped == nullptr || mask == nullptr ||
+      !swiglu_dropout_fits(gu, gu_row_stride, inter, m, dropped, type))
+    return static_cast<int>(cudaErrorInvalidValue);
+  const int64_t groups = rows * (inter / 8);
+  if (groups == 0) return 0;
+  const uint2 key = make_uint2(static_cast<uint32_t>(draws.seed), static_cast<uint32_t>(draws.seed >> 32));
+  return dispatch_type(type, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (sizeof(T) != 2) {
+      return static_cast<int>(cudaErrorInvalidValue);
+    } else {
+      const T* g = static_cast<const T*>(gu);
+      T* mo = static_cast<T*>(m);
+      T* d = static_cast<T*>(dropped);
+      const unsigned grid = grid_for(groups);
+      if (m != nullptr) {
+        swiglu_dropout_kernel<T, true><<<grid, kThreads, 0, stream>>>(g, gu_row_stride, inter, groups, mo, d, mask, key,
+                                                                      draws.offset[0], threshold, scale);
+      } else {
+        swiglu_dropout_kernel<T, false><<<grid, kThreads, 0, stream>>>(g, gu_row_stride, inter, groups, mo, d, mask,
+                                                                       key, draws.offset[0], threshold, scale);
+      }
+      return static_cast<int>(cudaGetLastError());
+    }
+  });
+}
 
 int dropout_backward_add(void* out, const void* acc, const void* d, const bool* mask, int64_t n, float scale,
                          FloatType type, CUstream_st* stream) {

@@ -41,6 +41,12 @@ int dispatch_type(FloatType type, F&& f) {
 }
 
 
+// sigmoid in fp32 with the accurate expf (g = -inf..inf: expf(-g) = inf gives 0, 0 gives 1).
+__device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
+
+// SwiGLU's m = silu(g) · u in fp32, as swiglu_kernel and swiglu_dropout_kernel compute it.
+__device__ __forceinline__ float swiglu_value(float g, float u) { return g * sigmoid(g) * u; }
+
 // V elements at p (16-byte aligned when V * sizeof(T) == 16) to fp32.
 template <typename T, int V>
 __device__ __forceinline__ void load(const T* p, float (&f)[V]) {

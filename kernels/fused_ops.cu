@@ -135,9 +135,6 @@ int rope_dispatch(void* out, const RopeView& vo, const void* in, const RopeView&
 
 // ---------------------------------------------------------------- SwiGLU
 
-// sigmoid in fp32 with the accurate expf (g = -inf..inf: expf(-g) = inf gives 0, 0 gives 1).
-__device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
-
 // m[r, i] = silu(g) * u for columns i of V-groups; g = gu[r, i], u = gu[r, I + i].
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads) swiglu_kernel(const T* __restrict__ gu, int64_t gu_stride, int64_t rows,
@@ -152,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) swiglu_kernel(const T* __restrict__ 
     load<T, V>(gu + r * gu_stride + i, g);
     load<T, V>(gu + r * gu_stride + inter + i, u);
 #pragma unroll
-    for (int k = 0; k < V; ++k) y[k] = g[k] * sigmoid(g[k]) * u[k];
+    for (int k = 0; k < V; ++k) y[k] = swiglu_value(g[k], u[k]);
     store<T, V>(m + r * m_stride + i, y);
   }
 }

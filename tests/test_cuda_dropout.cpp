@@ -1,6 +1,7 @@
 // kernels/dropout.cu (label cuda), through model/fused_ops.h on CUDA tensors: LoRA dropout
 // against its CPU reference bit for bit (every dtype, one to three copies, ragged sizes,
-// unaligned operands, offsets past 2^32), its draws from the device generator, its backward
+// unaligned operands, offsets past 2^32), its draws from the device generator, SwiGLU with
+// dropout in one pass against the two calls, its backward
 // (one bool-mask term against the ATen ops it replaces, up to three bit-mask terms against one
 // call a term) and lora_dropout_autograd's gradient. Skipped where torch sees no CUDA device.
 #include <gtest/gtest.h>
@@ -125,6 +126,73 @@ TEST(CudaFusedOps, LoraDropoutDrawsFromTheDeviceGenerator) {
   const model::DroppedCopy d = model::lora_dropout(big, 1, 0.05).front();
   const double rate = 1.0 - model::unpack_bits(d.bits, {1 << 22}).to(at::kDouble).mean().item<double>();
   EXPECT_NEAR(rate, 0.05, 7e-4) << "expected a drop rate of 0.05 (six standard deviations: 6.4e-4), got " << rate;
+}
+
+// ---------------------------------------------------------------- SwiGLU with dropout
+
+// model::swiglu_lora_dropout (Note [SwiGLU with dropout]) against the two calls it stands for,
+// model::swiglu then model::lora_dropout of one copy, with the same seed and offset: m, the
+// dropped copy and the bits equal bit for bit, and the dropped copy equals lora_dropout's CPU
+// reference applied to that m. Every dtype (fp32 and shapes off the 8-element groups take the
+// two-call path), gu a slice of a wider row (stride != 2I), gu off 16-byte alignment, m kept or
+// not, offsets past 2^32.
+TEST(CudaFusedOps, SwigluLoraDropoutEqualsTheTwoCallsBitForBit) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "torch sees no CUDA device (or this is a CPU build of torch)";
+  torch::manual_seed(23);
+  const at::Device cuda(at::kCUDA, 0);
+  const uint64_t seed = 0x2545f4914f6cdd1dULL;
+  struct Shape {
+    int64_t rows, inter, pad;  // gu [rows, 2·inter] inside rows of 2·inter + pad
+    int64_t shift;             // elements gu starts into its buffer (1: off 16-byte alignment)
+  };
+  for (at::ScalarType dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    for (const Shape& sh : {Shape{1, 8, 0, 0}, Shape{3, 24, 0, 0}, Shape{5, 13, 0, 0}, Shape{64, 1024, 0, 0},
+                            Shape{33, 512, 16, 0}, Shape{17, 256, 0, 1}, Shape{2, 4096, 8, 8}}) {
+      for (const uint64_t offset : {uint64_t{4}, (uint64_t{1} << 40) + 8}) {
+        for (const double p : {0.05, 0.5}) {
+          for (const bool keep_m : {true, false}) {
+            const std::string what = std::string(c10::toString(dtype)) + " rows=" + std::to_string(sh.rows) +
+                                     " inter=" + std::to_string(sh.inter) + " pad=" + std::to_string(sh.pad) +
+                                     " shift=" + std::to_string(sh.shift) + " offset=" + std::to_string(offset) +
+                                     " p=" + std::to_string(p) + (keep_m ? " keep m" : "");
+            const int64_t width = 2 * sh.inter + sh.pad;
+            const at::Tensor buffer =
+                (at::randn({sh.rows * width + sh.shift}) * 3).to(dtype).to(cuda);
+            const at::Tensor gu = buffer.narrow(0, sh.shift, sh.rows * width).view({sh.rows, width}).narrow(1, 0, 2 * sh.inter);
+            const model::SwigluDropped got = model::swiglu_lora_dropout(gu, p, seed, offset, keep_m);
+            const at::Tensor m = model::swiglu(gu);
+            const model::DroppedCopy want = model::lora_dropout(m, p, seed, {offset}).front();
+            EXPECT_EQ(got.m.defined(), keep_m) << what;
+            if (keep_m) {
+              EXPECT_TRUE(at::equal(got.m, m)) << what << ": m differs from swiglu's";
+            }
+            EXPECT_TRUE(at::equal(got.dropped.bits, want.bits)) << what << ": the mask differs from lora_dropout's";
+            EXPECT_TRUE(at::equal(got.dropped.x, want.x)) << what << ": the dropped copy differs from lora_dropout's";
+            const model::DroppedCopy ref = model::lora_dropout_reference(m.cpu(), p, seed, {offset}).front();
+            EXPECT_TRUE(at::equal(got.dropped.x.cpu(), ref.x.view(m.sizes()))) << what << ": differs from the reference";
+          }
+        }
+      }
+    }
+  }
+}
+
+// From the device generator it draws what one lora_dropout copy draws, and a replay draws it again.
+TEST(CudaFusedOps, SwigluLoraDropoutDrawsLikeOneLoraDropout) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "torch sees no CUDA device (or this is a CPU build of torch)";
+  const at::Device cuda(at::kCUDA, 0);
+  torch::manual_seed(24);
+  const at::Tensor gu = at::randn({37, 2 * 136}, at::TensorOptions().device(cuda).dtype(at::kBFloat16));
+  at::Generator gen = at::globalContext().defaultGenerator(cuda);
+  const at::Tensor start = gen.get_state();
+  const model::SwigluDropped fused = model::swiglu_lora_dropout(gu, 0.1, /*keep_m=*/false);
+  const at::Tensor after = gen.get_state();
+  gen.set_state(start);
+  const model::DroppedCopy two = model::lora_dropout(model::swiglu(gu), 1, 0.1).front();
+  EXPECT_TRUE(at::equal(gen.get_state(), after)) << "the two calls moved the generator elsewhere";
+  EXPECT_TRUE(at::equal(fused.dropped.bits, two.bits));
+  EXPECT_TRUE(at::equal(fused.dropped.x, two.x));
+  EXPECT_FALSE(fused.m.defined());
 }
 
 // model::dropout_backward_sum (one kernel pass for up to three terms) against the terms added

@@ -232,6 +232,19 @@ struct DropoutDraws {
 int lora_dropout(const void* x, int64_t n, FloatType type, int count, void* const* outs, uint8_t* const* masks,
                  const DropoutDraws& draws, uint32_t threshold, float scale, CUstream_st* stream);
 
+// SwiGLU and down_proj's LoRA dropout of its output in one pass (Note [SwiGLU with dropout],
+// kernels/dropout.cu): for gu [rows, 2·inter] (row stride gu_row_stride, g then u), m [rows,
+// inter] contiguous = swiglu(gu) as `swiglu` writes it (only when m is not null), and `dropped`
+// and `mask` as lora_dropout(m, rows·inter, ..., count 1, draws.offset[0]) would write them, bit
+// for bit. 16-bit types only, inter and gu_row_stride multiples of 8 and 16-byte aligned
+// pointers (swiglu_dropout_fits); anything else is cudaErrorInvalidValue (the caller runs the
+// two kernels).
+bool swiglu_dropout_fits(const void* gu, int64_t gu_row_stride, int64_t inter, const void* m, const void* dropped,
+                         FloatType type);
+int swiglu_dropout(const void* gu, int64_t gu_row_stride, int64_t rows, int64_t inter, FloatType type, void* m,
+                   void* dropped, uint8_t* mask, const DropoutDraws& draws, uint32_t threshold, float scale,
+                   CUstream_st* stream);
+
 // ---------------------------------------------------------------- cross-entropy
 // One row of logits a CTA (kernels/cross_entropy.cu, Note [cross-entropy rows kernel]), all in
 // fp32: lse[r] = logsumexp(row r), loss[r] = lse[r] - row[labels[r]] (0 where labels[r] ==

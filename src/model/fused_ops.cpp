@@ -511,23 +511,32 @@ std::vector<DroppedCopy> lora_dropout(const at::Tensor& x, double p, uint64_t se
 #endif
 }
 
+#ifdef QLORA_WITH_CUDA
+namespace {
+// The draws of `count` dropout copies on `device`: the generator's seed and one
+// philox_cuda_state(4) offset a copy.
+std::pair<uint64_t, std::vector<uint64_t>> dropout_draws(c10::Device device, int64_t count) {
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+      std::nullopt, at::cuda::detail::getDefaultCUDAGenerator(device.index()));
+  uint64_t seed = 0;
+  std::vector<uint64_t> offsets;
+  const std::lock_guard<std::mutex> lock(gen->mutex_);
+  for (int64_t k = 0; k < count; ++k) {
+    const at::PhiloxCudaState st = gen->philox_cuda_state(4);
+    TORCH_CHECK(!st.captured_, "lora_dropout: CUDA graph capture is not supported");
+    seed = st.seed_.val;
+    offsets.push_back(st.offset_.val);
+  }
+  return {seed, offsets};
+}
+}  // namespace
+#endif
+
 std::vector<DroppedCopy> lora_dropout(const at::Tensor& x, int64_t count, double p) {
   TORCH_CHECK(x.defined() && x.is_cuda(), "lora_dropout: expected a tensor on a CUDA device, got ", describe(x));
   TORCH_CHECK(count >= 1 && count <= 3, "lora_dropout: expected 1 to 3 copies, got ", count);
 #ifdef QLORA_WITH_CUDA
-  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-      std::nullopt, at::cuda::detail::getDefaultCUDAGenerator(x.device().index()));
-  uint64_t seed = 0;
-  std::vector<uint64_t> offsets;
-  {
-    const std::lock_guard<std::mutex> lock(gen->mutex_);
-    for (int64_t k = 0; k < count; ++k) {
-      const at::PhiloxCudaState st = gen->philox_cuda_state(4);
-      TORCH_CHECK(!st.captured_, "lora_dropout: CUDA graph capture is not supported");
-      seed = st.seed_.val;
-      offsets.push_back(st.offset_.val);
-    }
-  }
+  const auto [seed, offsets] = dropout_draws(x.device(), count);
   return lora_dropout(x, p, seed, offsets);
 #else
   (void)p;
@@ -556,5 +565,55 @@ struct LoraDropoutFunction : public torch::autograd::Function<LoraDropoutFunctio
 }  // namespace
 
 at::Tensor lora_dropout_autograd(const at::Tensor& x, double p) { return LoraDropoutFunction::apply(x, p); }
+
+SwigluDropped swiglu_lora_dropout(const at::Tensor& gu, double p, uint64_t seed, uint64_t offset, bool keep_m) {
+  check_gu("swiglu_lora_dropout", gu);
+  TORCH_CHECK(gu.is_cuda(), "swiglu_lora_dropout: expected gu on a CUDA device, got ", describe(gu));
+  TORCH_CHECK(p > 0.0 && p < 1.0, "swiglu_lora_dropout: expected a dropout probability in (0, 1), got ", p);
+#ifdef QLORA_WITH_CUDA
+  const int64_t rows = gu.size(0), inter = gu.size(1) / 2;
+  SwigluDropped out;
+  if (use_kernel(gu)) {
+    const int64_t stride = row_stride(gu, 2 * inter);
+    if (keep_m) out.m = at::empty({rows, inter}, gu.options());
+    out.dropped.x = at::empty({rows, inter}, gu.options());
+    out.dropped.bits = at::empty({(rows * inter + 7) / 8}, gu.options().dtype(at::kByte));
+    void* m = keep_m ? out.m.data_ptr() : nullptr;
+    if (kernels::swiglu_dropout_fits(gu.const_data_ptr(), stride, inter, m, out.dropped.x.data_ptr(), float_type(gu))) {
+      kernels::DropoutDraws draws;
+      draws.seed = seed;
+      draws.offset[0] = offset;
+      const c10::cuda::CUDAGuard guard(gu.device());
+      check_launch(kernels::swiglu_dropout(gu.const_data_ptr(), stride, rows, inter, float_type(gu), m,
+                                           out.dropped.x.data_ptr(), out.dropped.bits.data_ptr<uint8_t>(), draws,
+                                           dropout_threshold(p), static_cast<float>(1.0 / (1.0 - p)), stream_of(gu)),
+                   "swiglu_lora_dropout");
+      return out;
+    }
+  }
+  // Shapes, types or alignments the one-pass kernel does not take: the two kernels it stands for.
+  at::Tensor m = swiglu(gu);
+  out.dropped = std::move(lora_dropout(m, p, seed, {offset}).front());
+  if (keep_m) out.m = std::move(m);
+  return out;
+#else
+  (void)seed;
+  (void)offset;
+  (void)keep_m;
+  TORCH_CHECK(false, "swiglu_lora_dropout: this build has no CUDA kernels (QLORA_CUDA=OFF)");
+#endif
+}
+
+SwigluDropped swiglu_lora_dropout(const at::Tensor& gu, double p, bool keep_m) {
+  TORCH_CHECK(gu.defined() && gu.is_cuda(), "swiglu_lora_dropout: expected gu on a CUDA device, got ", describe(gu));
+#ifdef QLORA_WITH_CUDA
+  const auto [seed, offsets] = dropout_draws(gu.device(), 1);
+  return swiglu_lora_dropout(gu, p, seed, offsets.front(), keep_m);
+#else
+  (void)p;
+  (void)keep_m;
+  TORCH_CHECK(false, "swiglu_lora_dropout: this build has no CUDA kernels (QLORA_CUDA=OFF)");
+#endif
+}
 
 }  // namespace qlora::model

@@ -136,20 +136,38 @@ struct MlpHalf {
   at::Tensor w_gu;  // [2I, h]
   at::Tensor gu;    // [N, 2I]
   at::Tensor m;     // [N, I]
+  Dropped down_in;  // down_proj's dropped input, drawn with m (make_m); x undefined otherwise
   std::vector<std::pair<size_t, LoraPass>> lora;
 };
 
-// The MLP half up to m = swiglu(gu). `need_m` false (a recompute where down_proj has no
-// LoRA: backward reads gu, never m) leaves m out. n2 goes once the gate/up LoRAs have their
-// inputs (a LoRA without dropout holds it; the norm's backward reads h1 and rstd).
-MlpHalf mlp_half(const LayerRefs& r, const at::Tensor& h1, bool need_m = true, bool shed_inputs = false) {
+// m = swiglu(gu) where keep_m or down_proj's LoRA needs it as its input. Where that LoRA draws
+// dropout on the GPU, its dropped input comes from the same pass over gu (Note [SwiGLU with
+// dropout], kernels/dropout.cu) and m is made only when keep_m (the forward's down_proj GEMM);
+// the draw is down_proj's, after gate's and up's, as project would have made it.
+void make_m(const LayerRefs& r, MlpHalf& s, bool keep_m) {
+  const Proj& down = r.proj[kDown];
+  if (down.lora && down.lora->training() && down.lora->dropout() > 0 && s.gu.is_cuda()) {
+    const double p = down.lora->dropout();
+    model::SwigluDropped sd = model::swiglu_lora_dropout(s.gu, p, keep_m);
+    s.m = std::move(sd.m);
+    s.down_in = {std::move(sd.dropped.x), std::move(sd.dropped.bits), p, {}};
+  } else if (keep_m || down.lora) {
+    s.m = model::swiglu(s.gu);
+  }
+}
+
+// The MLP half up to m = swiglu(gu). A recompute (`forward` false) makes m only as down_proj's
+// LoRA input (backward reads gu, never m), and with that LoRA's dropout on the GPU only its
+// dropped copy (make_m). n2 goes once the gate/up LoRAs have their inputs (a LoRA without
+// dropout holds it; the norm's backward reads h1 and rstd).
+MlpHalf mlp_half(const LayerRefs& r, const at::Tensor& h1, bool forward, bool shed_inputs = false) {
   MlpHalf s;
   s.n2 = norm_forward(h1, r.norm2, r.model->config().rms_norm_eps);
   s.w_gu = merged_weight(pick(r, {kGate, kUp}), h1.options());
   s.gu = project(r, {kGate, kUp}, s.n2.y, s.w_gu, at::Tensor(), &s.lora);
   if (shed_inputs) shed_passes(s.lora, s.n2.y);
   s.n2.y = at::Tensor();
-  if (need_m) s.m = model::swiglu(s.gu);
+  if (forward || r.proj[kDown].lora) make_m(r, s, /*keep_m=*/forward);
   return s;
 }
 
@@ -162,14 +180,17 @@ MlpHalf mlp_half_from_kept(const LayerRefs& r, const at::Tensor& h1, at::Tensor 
     s.lora.emplace_back(i, lora_pass(r.proj[i], std::move(dropped)));
   s.n2.y = at::Tensor();
   s.gu = std::move(gu);
-  if (r.proj[kDown].lora) s.m = model::swiglu(s.gu);  // down_proj's LoRA input
+  if (r.proj[kDown].lora) make_m(r, s, /*keep_m=*/false);  // down_proj's LoRA input
   return s;
 }
 
 // y = base + x·Wᵀ (+ LoRA): o_proj and down_proj with the residual in the GEMM.
+// `drawn`: the projection's dropped input when already drawn (make_m).
 at::Tensor residual_projection(const LayerRefs& r, size_t index, const at::Tensor& residual, const at::Tensor& x,
-                               std::vector<std::pair<size_t, LoraPass>>* passes) {
-  return project(r, {index}, x, merged_weight(pick(r, {index}), x.options()), residual, passes);
+                               std::vector<std::pair<size_t, LoraPass>>* passes, Dropped drawn = {}) {
+  std::vector<std::pair<size_t, Dropped>> given;
+  if (drawn.x.defined()) given.emplace_back(index, std::move(drawn));
+  return project(r, {index}, x, merged_weight(pick(r, {index}), x.options()), residual, passes, std::move(given));
 }
 
 struct KeptLayer;
@@ -229,10 +250,10 @@ at::Tensor mlp_backward(const LayerRefs& r, const at::Tensor& h1, const at::Tens
 // The MLP half recomputed from h1 (from the kept gate/up output when `kept_gu` is
 // defined), its dropout masks drawn in the forward's order: gate, up, then down.
 std::pair<MlpHalf, LoraPass> mlp_recompute(const LayerRefs& r, const at::Tensor& h1, at::Tensor kept_gu) {
-  const bool down_lora = r.proj[kDown].lora != nullptr;  // m is down_proj's LoRA input, nothing else's
-  MlpHalf mlp = kept_gu.defined() ? mlp_half_from_kept(r, h1, std::move(kept_gu)) : mlp_half(r, h1, down_lora);
-  LoraPass down;
-  if (r.proj[kDown].lora) down = lora_pass(r.proj[kDown], mlp.m);
+  MlpHalf mlp = kept_gu.defined() ? mlp_half_from_kept(r, h1, std::move(kept_gu)) : mlp_half(r, h1, /*forward=*/false);
+  LoraPass down;  // m is down_proj's LoRA input, nothing else's
+  if (r.proj[kDown].lora)
+    down = mlp.down_in.x.defined() ? lora_pass(r.proj[kDown], std::move(mlp.down_in)) : lora_pass(r.proj[kDown], mlp.m);
   return {std::move(mlp), std::move(down)};
 }
 
@@ -354,20 +375,21 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
     }
 
     if (replay) save_rng(ctx, "rng_mlp", input.device());
-    MlpHalf mlp = mlp_half(r, h1, /*need_m=*/true, /*shed_inputs=*/keep_all);
+    MlpHalf mlp = mlp_half(r, h1, /*forward=*/true, /*shed_inputs=*/keep_all);
     const at::Tensor m = std::move(mlp.m);
+    Dropped down_in = std::move(mlp.down_in);
     at::Tensor y;
     if (kept) {
       std::vector<std::pair<size_t, LoraPass>> down;
       mlp.w_gu = at::Tensor();
       kept->mlp = std::move(mlp);
-      y = residual_projection(r, kDown, h1, m, &down);
+      y = residual_projection(r, kDown, h1, m, &down, std::move(down_in));
       kept->down = take_pass(down, kDown);
       holder->kept = std::move(kept);
     } else {
       if (holder->keep == LayerHolder::Keep::kGateUp) ctx->saved_data["gu"] = mlp.gu;
       mlp = MlpHalf();  // [Wg;Wu] dequantized, n2, the LoRA passes (and gu unless kept) go before down_proj's
-      y = residual_projection(r, kDown, h1, m, nullptr);
+      y = residual_projection(r, kDown, h1, m, nullptr, std::move(down_in));
     }
     ctx->save_for_backward({input});
     ctx->saved_data["h1"] = h1;

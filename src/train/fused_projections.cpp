@@ -60,7 +60,8 @@ std::vector<std::pair<size_t, Dropped>> shared_dropout(const LayerRefs& r, std::
 // added, where before the base product was rounded first). Blocks where some projection has no
 // LoRA keep the base GEMM first (its columns would need zeroing).
 at::Tensor project(const LayerRefs& r, std::initializer_list<size_t> idx, const at::Tensor& x, const at::Tensor& w,
-                   const at::Tensor& residual, std::vector<std::pair<size_t, LoraPass>>* passes) {
+                   const at::Tensor& residual, std::vector<std::pair<size_t, LoraPass>>* passes,
+                   std::vector<std::pair<size_t, Dropped>> drawn) {
   const bool every_lora = std::all_of(idx.begin(), idx.end(), [&](size_t i) { return r.proj[i].lora != nullptr; });
   const bool lora_first = every_lora && (!residual.defined() || idx.size() == 1);
   at::Tensor out;
@@ -69,7 +70,7 @@ at::Tensor project(const LayerRefs& r, std::initializer_list<size_t> idx, const 
   } else if (!residual.defined()) {
     out = at::empty({x.size(0), w.size(0)}, x.options());
   }
-  std::vector<std::pair<size_t, Dropped>> dropped = shared_dropout(r, idx, x);
+  std::vector<std::pair<size_t, Dropped>> dropped = drawn.empty() ? shared_dropout(r, idx, x) : std::move(drawn);
   auto next = dropped.begin();
   int64_t off = 0;
   for (size_t i : idx) {

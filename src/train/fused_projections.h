@@ -44,9 +44,12 @@ std::vector<std::pair<size_t, Dropped>> shared_dropout(const LayerRefs& r, std::
 
 // [residual +] x·Wᵀ for projections `idx` (w: their weights stacked by rows, outputs in
 // consecutive column blocks), each LoRA's product added into its block; the LoRA passes in
-// `passes` (when not null) for the backward. Note [LoRA before the base GEMM].
+// `passes` (when not null) for the backward. Note [LoRA before the base GEMM]. `drawn`, when
+// not empty, holds the LoRAs' dropped inputs already drawn (shared_dropout's form), else
+// they are drawn here.
 at::Tensor project(const LayerRefs& r, std::initializer_list<size_t> idx, const at::Tensor& x, const at::Tensor& w,
-                   const at::Tensor& residual, std::vector<std::pair<size_t, LoraPass>>* passes);
+                   const at::Tensor& residual, std::vector<std::pair<size_t, LoraPass>>* passes,
+                   std::vector<std::pair<size_t, Dropped>> drawn = {});
 
 // The gradient of LoRA projections `idx` given the gradient of their merged output.
 // The terms are summed in idx's order, one pass for those sharing a GPU bit mask's p

@@ -90,6 +90,18 @@ std::vector<DroppedCopy> lora_dropout(const at::Tensor& x, int64_t count, double
 // The same from given draws: seed and one offset a copy (tests; lora_dropout passes the generator's).
 std::vector<DroppedCopy> lora_dropout(const at::Tensor& x, double p, uint64_t seed, const std::vector<uint64_t>& offsets);
 
+// m = swiglu(gu) and one copy of lora_dropout(m, 1, p), down_proj's LoRA input, from one pass
+// over gu where the shapes allow (Note [SwiGLU with dropout], kernels/dropout.cu; else the two
+// calls): the same bits and the same generator draw as the two calls. m is left undefined
+// unless keep_m (a recompute needs only the dropped copy).
+struct SwigluDropped {
+  at::Tensor m;         // [N, I], undefined unless keep_m
+  DroppedCopy dropped;  // [N, I] and its bit mask
+};
+SwigluDropped swiglu_lora_dropout(const at::Tensor& gu, double p, bool keep_m);
+// The same from a given seed and offset (tests).
+SwigluDropped swiglu_lora_dropout(const at::Tensor& gu, double p, uint64_t seed, uint64_t offset, bool keep_m);
+
 // LoRA dropout for autograd (lora::LoraLinear on a GPU): one copy of lora_dropout, whose
 // backward is dropout_backward_add with its bits.
 at::Tensor lora_dropout_autograd(const at::Tensor& x, double p);
