@@ -75,14 +75,6 @@ using json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
 constexpr const char* kGpuPreset = "h100";
-// The plan's time estimate is for the GPU the bench runs on, where a preset names it (Note
-// [plan time model]); the memory plan stays issue 8's H100.
-std::string time_preset(const std::string& device_name) {
-  if (device_name.find("H200") != std::string::npos) return "h200";
-  if (device_name.find("H100") != std::string::npos) return "h100";
-  if (device_name.find("A100") != std::string::npos) return "a100-80";
-  return kGpuPreset;
-}
 constexpr int64_t kWarmupSteps = 2;
 constexpr int64_t kDefaultSteps = 12;
 constexpr int64_t kExtraChars = 16;  // a line is seq + this many bytes, so truncation makes every row seq
@@ -423,7 +415,10 @@ int main(int argc, char** argv) {
   int failures = 0;
   try {
     const qlora::plan::GpuSpec gpu = qlora::plan::resolve_gpu(kGpuPreset);
-    const qlora::plan::GpuSpec time_gpu = qlora::plan::resolve_gpu(time_preset(dev[0].name));
+    // The plan's time estimate is for the GPU the bench runs on (its preset's throughput, Note
+    // [plan time model]); the memory plan stays issue 8's H100.
+    const qlora::plan::GpuSpec time_gpu = qlora::plan::gpu_from_device(
+        dev[0].name, static_cast<double>(dev[0].total_bytes), dev[0].cc_major, dev[0].cc_minor);
     for (const Shape& s : args.shapes) {
       json j;
       try {

@@ -35,8 +35,9 @@
 // What this was checked against: the 28 rows issue 8 measured on an H200 in sessions 13-15
 // (bench/results/; PlanMeasured.TimeWithinTenPercentOfTheH200): the estimate is within
 // -3%..+9% of the 23 GPU-bound ones and -10%..+21% of the 5 host-bound 2 × 512 ones, whose
-// host moved that much between calls (the flat 40% of the peak it replaced read -31%..+51%). The layer model is the GPU's fused layer; the generic
-// fp32 path and GPUs other than Hopper are estimated with the same fractions, unmeasured.
+// host moved that much between calls (the flat 40% of the peak it replaced read -31%..+51%).
+// The layer model is the GPU's fused layer; the generic fp32 path and GPUs other than Hopper are
+// estimated with the same fractions, unmeasured.
 #include "time_estimate.h"
 
 #include <algorithm>
@@ -57,10 +58,19 @@ bool targets(const BudgetInputs& in, const char* name) {
   return std::find(in.lora_targets.begin(), in.lora_targets.end(), name) != in.lora_targets.end();
 }
 
+// A layer's widths: hidden, q = H·d, kv = KV·d, intermediate.
+struct Widths {
+  double h, q, kv, I;
+  explicit Widths(const LlamaConfig& m)
+      : h(double(m.hidden_size)),
+        q(double(m.num_attention_heads * m.head_dim)),
+        kv(double(m.num_key_value_heads * m.head_dim)),
+        I(double(m.intermediate_size)) {}
+};
+
 // The LoRA groups of a layer: {input width, summed output width}, those with a target only.
-std::vector<std::pair<double, double>> lora_groups(const LlamaConfig& m, const BudgetInputs& in) {
-  const double h = double(m.hidden_size), q = double(m.num_attention_heads * m.head_dim),
-               kv = double(m.num_key_value_heads * m.head_dim), I = double(m.intermediate_size);
+std::vector<std::pair<double, double>> lora_groups(const Widths& wd, const BudgetInputs& in) {
+  const auto [h, q, kv, I] = wd;
   std::vector<std::pair<double, double>> g;
   const double qkv = (targets(in, "q_proj") ? q : 0) + (targets(in, "k_proj") ? kv : 0) + (targets(in, "v_proj") ? kv : 0);
   if (qkv > 0) g.emplace_back(h, qkv);
@@ -78,11 +88,11 @@ struct LayerTraffic {
 
 // Note [plan time model]: one layer's element-wise traffic and kernels.
 LayerTraffic layer_traffic(const LlamaConfig& m, const BudgetInputs& in) {
-  const double h = double(m.hidden_size), q = double(m.num_attention_heads * m.head_dim),
-               kv = double(m.num_key_value_heads * m.head_dim), I = double(m.intermediate_size);
+  const Widths wd(m);
+  const auto [h, q, kv, I] = wd;
   const double dropout = in.lora_dropout > 0 ? 1.0 : 0.0;
   double lora_forward = 0, lora_backward = 0;
-  for (const auto& [w, o] : lora_groups(m, in)) {
+  for (const auto& [w, o] : lora_groups(wd, in)) {
     lora_forward += 2 * w * dropout + w + 2 * o;
     lora_backward += 3 * w + o + w * dropout;
   }
