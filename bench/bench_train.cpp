@@ -1,7 +1,8 @@
-// Benchmark of the whole training step (issue 8, point 4): `qlora train` as users run it, through
-// the public recipe train::run_training, on the Llama-3.2-1B (and 3.1-8B) architecture with random
-// weights drawn on the GPU; r 16 / alpha 32 / dropout 0.05 on q,k,v,o, activation checkpointing,
-// bf16, paged 8-bit AdamW, unless a configuration (kShapes) says otherwise.
+// Benchmark of the whole training step (the comparison configurations, docs/performance.md):
+// `qlora train` as users run it, through the public recipe train::run_training, on the
+// Llama-3.2-1B (and 3.1-8B) architecture with random weights drawn on the GPU; r 16 / alpha 32 /
+// dropout 0.05 on q,k,v,o, activation checkpointing, bf16, paged 8-bit AdamW, unless a
+// configuration (kShapes) says otherwise.
 // One JSON object a line on stdout, per configuration (micro, seq):
 //   {"bench":"train","system":"qlora","model":"llama-3.2-1b","micro":2,"seq":512,"steps_timed":10,
 //    "tokens_per_second":...,"peak_allocated_bytes":...,"peak_reserved_bytes":...,
@@ -79,7 +80,7 @@ constexpr int64_t kWarmupSteps = 2;
 constexpr int64_t kDefaultSteps = 12;
 constexpr int64_t kExtraChars = 16;  // a line is seq + this many bytes, so truncation makes every row seq
 
-// One configuration of issue 8, point 4. The defaults are r 16 / alpha 32 / dropout 0.05 on
+// One benchmark configuration. The defaults are r 16 / alpha 32 / dropout 0.05 on
 // q,k,v,o, checkpointing, bf16, paged 8-bit AdamW; a variant changes one of them.
 struct Shape {
   const char* name;
@@ -110,10 +111,11 @@ const Shape kShapes[] = {
     {"selective-8x2048", "llama-3.2-1b", 8, 2048, false, true, false, kSel, "8x2048"},
     {"selective-8b-2x2048", "llama-3.1-8b", 2, 2048, false, true, false, kSel, "8b-2x2048"},
     // auto under a 15.45 GB --memory-cap: the plan picks how many layers keep gate/up. The cap is
-    // where the peak stays under issue 8's memory target for this shape, 0.7 × the peer's smaller
-    // peak (17.53 GB measured in sessions 8 to 10): 12.27 GB allocated. The plan's total adds the
-    // CUDA context and its fragmentation reserve, and auto leaves 5% of the cap free: 16 layers
-    // (total 14.65 GB, allocated 12.35 GB; the plan over-counted this row by 0.9% in session 10,
+    // where the peak stays under the memory target for this shape, 0.7 × the peer's smaller peak
+    // (17.53 GB, measured on 2026-12-02 in every run up to bench/results/
+    // 2026-12-02-h200-one-read-per-step): 12.27 GB allocated. The plan's total adds the CUDA
+    // context and its fragmentation reserve, and auto leaves 5% of the cap free: 16 layers (total
+    // 14.65 GB, allocated 12.35 GB; the plan over-counted this row by 0.9% in that folder's runs,
     // which measured 12.06 GB with 15 layers before the attention half shed the q|k|v GEMM output
     // and n1; 17 layers would be 14.94 GB and 12.58 GB).
     {"auto-8b-2x2048-cap", "llama-3.1-8b", 2, 2048, false, true, false, kAutoRc, "8b-2x2048", 15.45},
@@ -416,7 +418,7 @@ int main(int argc, char** argv) {
   try {
     const qlora::plan::GpuSpec gpu = qlora::plan::resolve_gpu(kGpuPreset);
     // The plan's time estimate is for the GPU the bench runs on (its preset's throughput, Note
-    // [plan time model]); the memory plan stays issue 8's H100.
+    // [plan time model]); the memory plan stays on kGpuPreset, the H100 its rows were first checked on.
     const qlora::plan::GpuSpec time_gpu = qlora::plan::gpu_from_device(
         dev[0].name, static_cast<double>(dev[0].total_bytes), dev[0].cc_major, dev[0].cc_minor);
     for (const Shape& s : args.shapes) {

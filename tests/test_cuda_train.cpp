@@ -1,5 +1,5 @@
 // `qlora train` on a GPU against the same run on the CPU (label cuda; skipped without a GPU):
-// issue 8 point 7, the first step's loss. The same small random Llama (the demo's assets at a
+// the first step's loss. The same small random Llama (the demo's assets at a
 // smaller size), the same data and the same seed: step 1's loss is the model at its initial
 // weights (LoRA B is zero), so the two runs differ only by the device's kernels and precision.
 // LoRA dropout is 0: the CPU and CUDA generators draw different masks.

@@ -192,11 +192,12 @@ TEST(Plan, ChunkedLossNeverHoldsAllLogits) {
 // Measured with bench/bench_train --configs ... (2 warm-up steps): the CUDA caching allocator's
 // max allocated bytes over the timed steps, random weights; r 16 / alpha 32 / dropout 0.05,
 // paged 8-bit AdamW, the fused layer and loss (bf16 / fp16 on the GPU). Each row changes one
-// thing of (1B, q,k,v,o, checkpointing, bf16). All on an H200 (2026-12-02, session 11, issue 8's
-// two calls: bench/results/2026-12-02-h200-session11), after the fused layer stopped keeping the
-// q|k|v GEMM output, n1 and n2 through its backward and dequantizes [Wg;Wu] after Wd where no
-// recompute made it (session 9 measured 0-4.0% more: 8 × 2048 4,410,744,832, selective 8B
-// 16,054,118,912). Session 13 (bench/results/2026-12-02-h200-session13) measured every one of
+// thing of (1B, q,k,v,o, checkpointing, bf16). All on an H200 (2026-12-02, both comparison
+// suites: bench/results/2026-12-02-h200-backward-fusions), after the fused layer stopped keeping
+// the q|k|v GEMM output, n1 and n2 through its backward and dequantizes [Wg;Wu] after Wd where no
+// recompute made it (bench/results/2026-12-02-h200-dropout-kernel measured 0-4.0% more: 8 × 2048
+// 4,410,744,832, selective 8B 16,054,118,912). A later run the same day
+// (bench/results/2026-12-02-h200-recompute-auto) measured every one of
 // them again byte for byte but the row without checkpointing, whose LoRA inputs are now shed
 // (Note [shed LoRA inputs]: 2,520,146,944 before), and added 8 × 2048 and 4 × 1024 with every
 // layer kept whole (train.recompute: auto on the H200: nothing recomputed) and the 8B without
@@ -226,7 +227,7 @@ constexpr Measurement kMeasured[] = {
     {"llama-3.2-1b", 4, 1024, "q_proj,k_proj,v_proj,o_proj", true, "bf16", 5'138'682'880, "selective", 16},
     {"llama-3.1-8b", 2, 2048, "q_proj,k_proj,v_proj,o_proj", false, "bf16", 19'941'843'968},
 };
-// Issue 8's target for the predicted peak against the measured one.
+// The plan's target: the predicted peak within 10% of the measured one.
 constexpr double kPlanTolerance = 0.10;
 // What the plan does not model (cuDNN's attention-backward workspace): the allocator-visible
 // prediction may fall this far below a measurement. The fit verdict's total
@@ -293,8 +294,8 @@ TEST(Plan, TotalIsTheSumAndDominantIsLargest) {
 
 // ---------------------------------------------------------------- verdicts
 
-// The planning issue's reference case: 8B, micro 2, 2048 tokens, T4. That
-// issue expected 10-14 GB, a figure for the transformers + PEFT stack (fp32
+// The planner's reference case: 8B, micro 2, 2048 tokens, T4. Its
+// specification expected 10-14 GB, a figure for the transformers + PEFT stack (fp32
 // norms and embeddings, unchunked logits); Note [plan memory model], derived
 // from this implementation and checked on an H100 for the 1B architecture,
 // puts it at 9.63 GB (8.70 GB allocated + context + fragmentation reserve).

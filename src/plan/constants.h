@@ -60,7 +60,7 @@ inline constexpr double kCublasBytes = 64 * kMiB;
 // variable-length batches. A share of the memory that is allocated and freed
 // every step (activations, backward temporaries, loss chunk) is set aside for
 // that. The share is measured (`qlora plan --measure`, H100, bf16 unless said,
-// 2026-11-25 session 4): max_memory_reserved - max_memory_allocated was
+// 2026-11-25): max_memory_reserved - max_memory_allocated was
 // 0.41 GiB at 1B 2×512, 0.32 at 4×1024 (bf16 and fp16), 1.29 at 8×2048, 0.42
 // at 4×1024 all-linear, 0.27 at 2×512 without checkpointing, 1.23 at 8B
 // 2×2048: 9% to 47% of the transient (median 23%). 25% puts the predicted
@@ -75,11 +75,11 @@ inline constexpr double kTightHeadroomFraction = 0.05;
 // fraction of the dense tensor peak, attention at another, the memory-bound passes at a fraction
 // of the datasheet bandwidth, and a gap between kernels; the host, launching a kernel at a time,
 // is a floor under that. The fractions were measured on an H200 (torch 2.11, cuBLAS, cuDNN),
-// session 15's profiles of 8 × 2048 and the 8B at 2 × 2048 (bench/results/
-// 2026-12-03-h200-session15): they stand for Hopper and are assumed elsewhere.
+// profiles of 8 × 2048 and the 8B at 2 × 2048 taken on 2026-12-03 (bench/results/
+// 2026-12-03-h200-time-model): they stand for Hopper and are assumed elsewhere.
 //
 // cuBLAS on the step's GEMM shapes: 695 and 693 TFLOP/s of the H200's 989 in those profiles
-// (660-835 per shape timed in-process, session 14).
+// (660-835 per shape timed in-process on 2026-12-02: bench/results/2026-12-02-h200-gemm-backends).
 inline constexpr double kGemmEfficiency = 0.70;
 // cuDNN's flash attention on the FLOPs the plan counts for it (forward 2·S·H·d a token and
 // layer, backward twice that): 287 TFLOP/s at head dim 64, 341 at 128.
@@ -92,8 +92,8 @@ inline constexpr double kBandwidthEfficiency = 0.64;
 inline constexpr double kKernelGapSeconds = 1.07e-6;
 // The host's time to issue one kernel through ATen (dispatch, allocator, launch): a step can
 // go no faster than its kernels × this. 9.9 µs from the host-bound 2 × 512 step (25 ms for
-// about 2,550 kernels); that machine's host read 37% faster in session 14 than in 13 at the
-// shape without checkpointing, so this part moves with the CPU.
+// about 2,550 kernels); that machine's host read 37% faster in one run than in an earlier one
+// the same day (2026-12-02) at the shape without checkpointing, so this part moves with the CPU.
 inline constexpr double kHostSecondsPerKernel = 9.9e-6;
 
 // ---------------------------------------------------------------- advice

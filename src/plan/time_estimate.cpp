@@ -29,13 +29,14 @@
 //   the loss   3V a token: a logits chunk written, read, and overwritten by its gradient.
 // Kernels: a layer's forward about 18 + 6 a LoRA projection, its backward 32 + 10, a recompute
 // as the forward; a micro batch adds about 30 (embedding, final norm, loss setup) and 5 a loss
-// chunk, the optimizer step about 20. Session 15's profiles counted 2,522 kernels a step at
-// 8 × 2048 and 5,180 for the 8B (this counts 2,626 and 5,062).
+// chunk, the optimizer step about 20. The H200 profiles of 2026-12-03 counted 2,522 kernels a
+// step at 8 × 2048 and 5,180 for the 8B (this counts 2,626 and 5,062).
 //
-// What this was checked against: the 28 rows issue 8 measured on an H200 in sessions 13-15
-// (bench/results/; PlanMeasured.TimeWithinTenPercentOfTheH200): the estimate is within
-// -3%..+9% of the 23 GPU-bound ones and -10%..+21% of the 5 host-bound 2 × 512 ones, whose
-// host moved that much between calls (the flat 40% of the peak it replaced read -31%..+51%).
+// What this was checked against: the 28 bench_train rows measured on an H200 on 2026-12-02
+// and 2026-12-03 (tests/data/plan/h200_rows.json; PlanMeasured.TimeWithinTenPercentOfTheH200):
+// the estimate is within -3%..+9% of the 23 GPU-bound ones and -10%..+21% of the 5 host-bound
+// 2 × 512 ones, whose host moved that much between runs (the flat 40% of the peak it replaced
+// read -31%..+51%).
 // The layer model is the GPU's fused layer; the generic fp32 path and GPUs other than Hopper are
 // estimated with the same fractions, unmeasured.
 #include "time_estimate.h"

@@ -72,7 +72,7 @@ using torch::autograd::variable_list;
 // its LoRA inputs are kept shed (Note [shed LoRA inputs] in train/fused_layer_parts.h).
 // train.recompute: auto turns to it once every layer keeps its gate/up output and memory is
 // left, so under a memory limit that gate/up does not fill, auto's choice is what it was
-// before. Gate/up first: on an H200 (bench/results/2026-12-02-h200-session13) the 8B at
+// before. Gate/up first: on an H200 (bench/results/2026-12-02-h200-recompute-auto) the 8B at
 // 2 × 2048's gate/up outputs saved 46 ms a step for 7.14 GB (6.4 ms a GB), the rest of its 32
 // layers 18 ms for 4.06 GB (4.4 ms a GB); Llama-3.2-1B at 8 × 2048 had them about even, 26.7 ms
 // for 8.08 GB (3.3 ms a GB) and 15.6 ms for 4.10 GB (3.8; 2.2 before the LoRA inputs were shed).

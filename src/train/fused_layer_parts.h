@@ -33,7 +33,7 @@ namespace qlora::train::fused {
 // passed through both, and every narrow, view and transpose built autograd's view record).
 // That is host time a kernel: under the profiler, which slows every op on the host, an H200's
 // Llama-3.2-1B 4 x 1024 step went from 88-105 ms to 78 ms; without it the host was already
-// ahead of the GPU there and tok/s did not change (bench/results/2026-12-02-h200-session12).
+// ahead of the GPU there and tok/s did not change (bench/results/2026-12-02-h200-below-autograd).
 // It is headroom for slower hosts and smaller steps. WithAutograd undoes it where the layer
 // does want a graph: SDPA's, from the q, k, v leaves to its output. A
 // tensor made below autograd carries no view record, so none of them may reach a graph as a

@@ -52,8 +52,8 @@ std::vector<std::pair<size_t, Dropped>> shared_dropout(const LayerRefs& r, std::
 // in its column block. Added after the base GEMM, each LoRA product reads and writes its block
 // of the output once more: a pass over [N, out] a projection, memory-bound (with all-linear LoRA
 // at 4 × 1024 on an H200 the GEMM kernel those additions ran as took 13.4 ms of three profiled
-// steps, against 2.0 with LoRA on q,k,v,o: bench/results/2026-12-02-h200-session14,
-// call4-profile-summary-*). When every projection of the block has a LoRA, the small products
+// steps, against 2.0 with LoRA on q,k,v,o: bench/results/2026-12-02-h200-gemm-backends,
+// run4-profile-summary-*). When every projection of the block has a LoRA, the small products
 // are written first (into the fresh output, or onto the residual) and the base GEMM adds into
 // them (beta 1), so the output is read once, in the GEMM's epilogue. The sum is the same three
 // terms rounded in another order (the LoRA term rounded to 16 bits before the base product is
