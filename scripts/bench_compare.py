@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Issue 8's side-by-side table: qlora (bench/bench_train) against transformers + PEFT +
+"""The side-by-side table: qlora (bench/bench_train) against transformers + PEFT +
 bitsandbytes eager and under torch.compile (scripts/bench_peer.py), from the JSON lines both
-print in one device call, with the ratios and the issue's targets.
+print in one run of scripts/gpu.sh, with the ratios and the targets below (docs/performance.md).
 
     python3 scripts/bench_compare.py TRAIN.json PEER.json [--json OUT.json]
 
@@ -110,7 +110,7 @@ def compare(train_rows, peer_rows):
         row["speed_verdict"] = verdict(row["speed_vs_compiled"], row["speed_target"], True)
         row["memory_verdict"] = verdict(row["memory_ratio"], MEMORY_TARGET, False)
         if peer_name != name:
-            # Checkpointing as the issue asks, but recomputing less than the peer does: the
+            # Checkpointing as the comparison asks, but recomputing less than the peer does: the
             # verdict is given and says so (the row of the same name is the like-for-like one).
             how = q.get("recompute_as_run") or q.get("recompute") or "?"
             whole = q.get("no_recompute_layers") or 0

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The peer of bench/bench_train (issue 8, point 5): the same training step with
+"""The peer of bench/bench_train (docs/performance.md): the same training step with
 transformers + PEFT + bitsandbytes on the same GPU, eager and with the PEFT model
 wrapped in torch.compile.
 
@@ -49,8 +49,8 @@ import time
 import traceback
 
 WARMUP_STEPS = 2
-CONFIGS = [(2, 512), (4, 1024), (8, 2048)]  # (micro, seq), issue 8 point 4
-# The other configurations of issue 8 point 4, by the names bench_train uses: each changes one
+CONFIGS = [(2, 512), (4, 1024), (8, 2048)]  # (micro, seq): the three 1B shapes of the comparison
+# The comparison's other configurations, by the names bench_train uses: each changes one
 # thing of the default (1B, q,k,v,o, checkpointing, bf16).
 VARIANTS = {
     "all-linear-4x1024": dict(micro=4, seq=1024, all_linear=True),

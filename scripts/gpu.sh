@@ -3,10 +3,10 @@
 # (CUDA build of LibTorch 2.11), run the `cuda`-labelled tests, the benchmarks (qlora and, with
 # --peer, transformers + PEFT + bitsandbytes side by side), and print JSON and tables.
 #
-#   bash scripts/gpu.sh                 # build, cuda tests, bench_nf4, bench_train (2x512,4x1024,8x2048)
-#   bash scripts/gpu.sh --call 1        # issue 8, the first of its two device calls (below)
-#   bash scripts/gpu.sh --call 2        # issue 8, the second
-#   options (after --call they change the preset):
+#   bash scripts/gpu.sh                    # build, cuda tests, bench_nf4, bench_train (2x512,4x1024,8x2048)
+#   bash scripts/gpu.sh --suite shapes     # the comparison with the peer, first half (below)
+#   bash scripts/gpu.sh --suite variants   # the comparison with the peer, second half
+#   options (after --suite they change the preset):
 #   --all                the whole CPU suite too (builds every test)
 #   --no-tests           no ctest
 #   --no-bench           no benchmarks at all
@@ -19,26 +19,28 @@
 #                        only the GPU demo runs here
 #   --steps N            bench_train's optimizer steps a configuration (default 22: 2 warm-up)
 #   --jobs N             the peer's warm-ups side by side (scripts/bench_peer.py --jobs; default 8)
-#   --measure            `qlora plan --measure` on issue 8's configurations, and the finder
+#   --measure            `qlora plan --measure` on the seven comparison configurations, and the finder
 #   --finder             only the 8B finder under a 15 GiB cap
 #
-# Issue 8 in two calls (every phase has its own time limit, so a call always returns what
-# finished; what did not run reads "not run" in the comparison, never "met"):
-#   call 1: the cuda tests, bench_nf4, bench_train on 2x512, 4x1024, 8x2048 and their
-#           selective / auto recompute rows, the peer (eager, compiled) on 2x512, 4x1024,
-#           8x2048; then `qlora demo` on the GPU against the CPU run committed under
-#           bench/results (point 7).
-#   call 2: bench_train and the peer on 8b-2x2048 (and its selective and auto-under-a-cap
-#           rows), all-linear-4x1024, no-ckpt-2x512, fp16-4x1024.
+# The comparison with transformers + PEFT + bitsandbytes in two runs, each under the machine's
+# 10-minute limit (every phase has its own time limit, so a run always returns what finished;
+# what did not run reads "not run" in the comparison, never "met"):
+#   shapes:   the cuda tests, bench_nf4, bench_train on 2x512, 4x1024, 8x2048 and their
+#             selective / auto recompute rows, the peer (eager, compiled) on 2x512, 4x1024,
+#             8x2048; then `qlora demo` on the GPU against the CPU run committed under
+#             bench/results (the GPU run must reach the CPU run's held-out exact match).
+#   variants: bench_train and the peer on 8b-2x2048 (and its selective and auto-under-a-cap
+#             rows), all-linear-4x1024, no-ckpt-2x512, fp16-4x1024.
 #   The peer's torch.compile warm-ups (90-220 s a configuration on an H200) run side by side
 #   (--jobs), its timed steps one at a time; what does not fit reads "not run".
 #   Phases run in this order: build, tests, bench_nf4, bench_train, peer, demo, profiles,
 #   --measure, and none runs past QLORA_GPU_DEADLINE (560 s), so the results always come back.
-#   A machine still warm from call 1 keeps build-gpu/, so call 2 rebuilds nothing.
+#   A machine still warm from the first run keeps build-gpu/, so the second rebuilds nothing.
 #
 # The same CMakeLists.txt as everywhere; only -DQLORA_CUDA=ON and the Python whose torch to link
-# differ. Every log and JSON goes to $build/out; what comes back through the device tool (at
-# most 8 files) is $OUT/summary.txt (the tables) and $OUT/results.tar.gz (everything).
+# differ. Every log and JSON goes to $build/out; with $OUT set (the folder the GPU machine hands
+# back, at most 8 files) it also writes $OUT/summary.txt (the tables) and $OUT/results.tar.gz
+# (everything).
 # bitsandbytes for the peer: a wheel in .whl/ (carried; the GPU machine reaches no registry) is
 # installed into /tmp/site when `import bitsandbytes` fails.
 set -uo pipefail
@@ -49,22 +51,22 @@ python=${QLORA_PYTHON:-$(command -v python3)}
 archs=${QLORA_CUDA_ARCHS:-90}
 out="$root/$build/out"
 
-all=0 tests=1 bench=1 demo=0 measure=0 finder=0 call="" demo_cpu="" steps=22 jobs=8
+all=0 tests=1 bench=1 demo=0 measure=0 finder=0 suite="" demo_cpu="" steps=22 jobs=8
 train_configs="2x512,4x1024,8x2048" peer_configs="" peer_modes="eager,compile" profile_configs=""
 preset() {
   case "$1" in
-    1) demo=1; demo_cpu=$(ls -d "$root"/bench/results/*/demo-cpu-metrics.jsonl 2>/dev/null | sort | tail -1)
+    shapes) demo=1; demo_cpu=$(ls -d "$root"/bench/results/*/demo-cpu-metrics.jsonl 2>/dev/null | sort | tail -1)
        train_configs="2x512,4x1024,8x2048,selective-4x1024,selective-8x2048,auto-8x2048"
        peer_configs="2x512,4x1024,8x2048" ;;
-    2) tests=0; train_configs="8b-2x2048,selective-8b-2x2048,auto-8b-2x2048-cap,all-linear-4x1024,no-ckpt-2x512,fp16-4x1024"
+    variants) tests=0; train_configs="8b-2x2048,selective-8b-2x2048,auto-8b-2x2048-cap,all-linear-4x1024,no-ckpt-2x512,fp16-4x1024"
        peer_configs="8b-2x2048,all-linear-4x1024,no-ckpt-2x512,fp16-4x1024" ;;
-    *) echo "scripts/gpu.sh: --call expects 1 or 2, got '$1'" >&2; exit 2 ;;
+    *) echo "scripts/gpu.sh: --suite expects shapes or variants, got '$1'" >&2; exit 2 ;;
   esac
 }
 need() { [[ $# -ge 2 ]] || { echo "scripts/gpu.sh: $1 needs a value" >&2; exit 2; }; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --call) need "$@"; call=$2; preset "$2"; shift ;;
+    --suite) need "$@"; suite=$2; preset "$2"; shift ;;
     --all) all=1 ;;
     --no-tests) tests=0 ;;
     --no-bench) bench=0 ;;
@@ -85,7 +87,7 @@ while [[ $# -gt 0 ]]; do
 done
 
 start=$(date +%s)
-# The device tool stops a command at 600 s and then returns only what is already in $OUT, so
+# The GPU machine stops a command at 600 s and then returns only what is already in $OUT, so
 # every phase ends by this deadline and the packing after it always runs.
 deadline=${QLORA_GPU_DEADLINE:-560}
 elapsed() { echo $(( $(date +%s) - start )); }
@@ -159,7 +161,7 @@ if [[ $bench == 1 ]]; then
           "${wheels[@]}" && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
       fi
     fi
-    # What follows the peer keeps its share of the call: the demo (two runs) and the profiles.
+    # What follows the peer keeps its share of the run: the demo (two runs) and the profiles.
     reserve=0
     [[ $demo == 1 ]] && reserve=$(( reserve + (${#demo_cpu} > 0 ? 60 : 150) ))
     [[ -n $profile_configs ]] && reserve=$(( reserve + 60 * $(tr ',' '\n' <<<"$profile_configs" | grep -c .) ))
@@ -177,7 +179,7 @@ if [[ $bench == 1 ]]; then
   fi
 fi
 
-# ---------------------------------------------------------------- point 7: the demo on GPU and CPU
+# ---------------------------------------------------------------- the demo on GPU and CPU
 if [[ $demo == 1 ]]; then
   demo_devices=(cuda cpu)
   if [[ -n $demo_cpu ]]; then
@@ -214,7 +216,7 @@ for d, r in got.items():
           f"exact match {first['exact_match']}/{first['generated']} -> {last['exact_match']}/{last['generated']}")
 if len(final) == 2:
     g, c = final["cuda"]["exact_match"], final["cpu"]["exact_match"]
-    print(f"point 7: the GPU run's final exact match {g} {'reaches' if g >= c else 'is below'} the CPU run's {c}")
+    print(f"demo gpu vs cpu: the GPU run's final exact match {g} {'reaches' if g >= c else 'is below'} the CPU run's {c}")
 PYEOF
 fi
 
@@ -236,7 +238,7 @@ if [[ $bench == 1 ]]; then
   fi
 fi
 
-# ---------------------------------------------------------------- plan --measure (issue 9)
+# ---------------------------------------------------------------- plan --measure
 if [[ $measure == 1 ]]; then
   phase "qlora plan --measure"
   one_b=(--config configs/llama-3.2-1b-t4.yaml --set train.precision=bf16)
@@ -264,9 +266,9 @@ if [[ $finder == 1 ]]; then
 fi
 
 # ---------------------------------------------------------------- what comes back
-phase "done${call:+ (call $call)}; failures: ${failures[*]:-none}"
+phase "done${suite:+ (suite $suite)}; failures: ${failures[*]:-none}"
 {
-  echo "scripts/gpu.sh ${call:+--call $call} on $(date -u +%F), $(elapsed) s; failures: ${failures[*]:-none}"
+  echo "scripts/gpu.sh ${suite:+--suite $suite} on $(date -u +%F), $(elapsed) s; failures: ${failures[*]:-none}"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   grep -E "tests passed|tests failed|\(Failed\)" "$out/ctest.log" 2>/dev/null
   cat "$out/demo-compare.txt" "$out/compare.txt" 2>/dev/null
