@@ -123,9 +123,10 @@ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQLORA_CUDA=ON \
 grep "qlora:" "$out/configure.log" || true
 targets=()
 if [[ $all == 0 ]]; then
-  # Only what this run uses: the binary, the benchmarks and the cuda test programs (a test
-  # program not built leaves "NOT_BUILT" entries without the cuda label, which -L cuda skips).
-  mapfile -t targets < <(ninja -C "$build" -t targets all | sed -n 's/^\(test_cuda_[a-z0-9_]*\|bench_[a-z0-9_]*\|qlora\): .*/\1/p' | sort -u)
+  # Only what this run uses: the binary, the benchmarks and the cuda test program
+  # (qlora_cuda_tests; test_cuda_* where each test file is a program of its own). A test
+  # program not built leaves "NOT_BUILT" entries without the cuda label, which -L cuda skips.
+  mapfile -t targets < <(ninja -C "$build" -t targets all | sed -n 's/^\(test_cuda_[a-z0-9_]*\|qlora_cuda_tests\|bench_[a-z0-9_]*\|qlora\): .*/\1/p' | sort -u)
 fi
 ninja -C "$build" -j"$(nproc)" "${targets[@]}" >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
 phase "built"
