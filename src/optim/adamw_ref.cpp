@@ -31,8 +31,11 @@
 // Tensors under min_8bit_size (4096) use kOptimizer32bit2State: same update, fp32 state.
 #include "qlora/optim/adamw_ref.h"
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
+
+#include "qlora/quant/nf4_ref.h"
 
 namespace qlora::optim {
 
@@ -41,10 +44,8 @@ namespace {
 // bitsandbytes create_dynamic_map(signed=True / False) as computed by bnb 0.50.2 with
 // torch 2.11 (its torch.linspace rounding is part of the values, so they are stored, not
 // recomputed); test_optim_adamw8bit checks them against tests/data/optim/qmaps.safetensors.
-// The signed map is the one NF4's double quantization uses too: one table for both.
-constexpr std::array<float, 256> kSignedDynamicMap = {
-#include "quant/dynamic_map.inc"
-};
+// The signed map is the one NF4's double quantization uses: quant::ref::dynamic_map(), one
+// table for both. The unsigned one is the optimizer's alone.
 constexpr std::array<float, 256> kUnsignedDynamicMap = {
     0x0.0p+0f, 0x1.5cf754p-22f, 0x1.a0133p-21f, 0x1.1d367p-19f, 0x1.2599ecp-18f, 0x1.bc98a2p-18f,
     0x1.29cbaap-17f, 0x1.0624dcp-16f, 0x1.c2e34p-16f, 0x1.3fd0dp-15f, 0x1.9e3p-15f, 0x1.fc8f34p-15f,
@@ -93,7 +94,14 @@ constexpr std::array<float, 256> kUnsignedDynamicMap = {
 
 }  // namespace
 
-const std::array<float, 256>& signed_dynamic_map() { return kSignedDynamicMap; }
+const std::array<float, 256>& signed_dynamic_map() {
+  static const std::array<float, 256> map = [] {
+    std::array<float, 256> m{};
+    std::copy_n(quant::ref::dynamic_map(), m.size(), m.begin());
+    return m;
+  }();
+  return map;
+}
 const std::array<float, 256>& unsigned_dynamic_map() { return kUnsignedDynamicMap; }
 
 uint8_t quantize_dynamic(const float* code, float x, bool signed_map) {
@@ -182,7 +190,7 @@ struct BnbStepScalars {
 void adamw8bit_block_step(float* param, const float* grad, uint8_t* exp_avg_q, uint8_t* exp_avg_sq_q,
                           float* absmax_exp_avg, float* absmax_exp_avg_sq, int64_t n, int64_t step,
                           const AdamWHyper& h) {
-  const float* code1 = kSignedDynamicMap.data();
+  const float* code1 = quant::ref::dynamic_map();
   const float* code2 = kUnsignedDynamicMap.data();
   const BnbStepScalars k(h, step);
   const float beta1 = k.beta1, beta2 = k.beta2, eps = k.eps, lr = k.lr, weight_decay = k.weight_decay;
@@ -248,7 +256,7 @@ void adamw32_bnb_step(float* param, const float* grad, float* exp_avg, float* ex
 }
 
 void dequantize_moment(const uint8_t* q, const float* absmax, int64_t n, bool signed_map, float* out) {
-  const float* code = signed_map ? kSignedDynamicMap.data() : kUnsignedDynamicMap.data();
+  const float* code = signed_map ? quant::ref::dynamic_map() : kUnsignedDynamicMap.data();
   for (int64_t i = 0; i < n; ++i) out[i] = code[q[i]] * absmax[i / kQuantBlock];
 }
 
