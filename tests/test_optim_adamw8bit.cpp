@@ -12,6 +12,7 @@
 #include <map>
 
 #include "qlora/common/errors.h"
+#include "qlora/optim/adamw8bit_cuda.h"
 #include "qlora/optim/adamw_ref.h"
 #include "qlora/optim/optimizer.h"
 #include "support/optim_golden.h"
@@ -266,6 +267,22 @@ TEST(AdamW8bit, ManagedStorageSaysWhyItCannotBeUsed) {
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what()).find("needs an indexed CUDA device, got cpu"), std::string::npos) << e.what();
   }
+}
+
+// The fused kernel's at::Tensor entry points exist in every build: an empty list is nothing to
+// do anywhere, and a build without CUDA says so. (tests/test_cuda_adamw8bit.cpp runs them on a GPU.)
+TEST(AdamW8bit, CudaEntryPointsSayWhenBuiltWithoutCuda) {
+  const AdamWHyper h;
+  adamw8bit_step_cuda_many({}, 1, h);
+#ifndef QLORA_WITH_CUDA
+  at::Tensor t = at::zeros({4});
+  try {
+    adamw8bit_step_cuda(t, t, t, t, t, t, 1, h);
+    FAIL() << "expected adamw8bit_step_cuda to throw in a build without CUDA";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("built without CUDA"), std::string::npos) << e.what();
+  }
+#endif
 }
 
 TEST(AdamW8bit, NonFiniteGradientElementsAreSkippedAsBnbDoes) {

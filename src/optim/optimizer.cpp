@@ -14,9 +14,7 @@
 
 #include "qlora/common/errors.h"
 #include "qlora/common/log.h"
-#ifdef QLORA_WITH_CUDA
 #include "qlora/optim/adamw8bit_cuda.h"
-#endif
 
 namespace qlora::optim {
 
@@ -295,28 +293,25 @@ class AdamW8bit final : public Optimizer {
     ++step_;
     storage_->prefetch_to_device();
     const AdamWHyper h{lr, opt_.beta1, opt_.beta2, opt_.eps, opt_.weight_decay};
-#ifdef QLORA_WITH_CUDA
     // The fused kernel, bit for bit the reference, for every quantized CUDA parameter in a few
     // multi-tensor launches (Note [AdamW8bit multi-tensor launch]); the handles live until then.
+    // (A CPU-only build has no CUDA parameters: check_params refuses them.)
     std::vector<at::Tensor> cuda_params, cuda_grads;
     std::vector<AdamW8bitOperands> cuda_ops;
     cuda_params.reserve(params_.size());
     cuda_grads.reserve(params_.size());
-#endif
     for (size_t i = 0; i < params_.size(); ++i) {
       at::Tensor g = grad_of(params_[i]);
       if (!g.defined()) continue;
       State& s = state_[i];
       at::Tensor p = params_[i].param;
       const int64_t n = p.numel();
-#ifdef QLORA_WITH_CUDA
       if (s.quantized && p.is_cuda()) {
         cuda_params.push_back(p);
         cuda_grads.push_back(g);
         cuda_ops.push_back({&cuda_params.back(), &cuda_grads.back(), &s.m, &s.v, &s.absmax_m, &s.absmax_v});
         continue;
       }
-#endif
       if (s.quantized) {
         on_host({&p, &g, &s.m, &s.v, &s.absmax_m, &s.absmax_v}, [&] {
           adamw8bit_block_step(p.data_ptr<float>(), g.const_data_ptr<float>(), s.m.data_ptr<uint8_t>(),
@@ -330,9 +325,7 @@ class AdamW8bit final : public Optimizer {
         });
       }
     }
-#ifdef QLORA_WITH_CUDA
     adamw8bit_step_cuda_many(cuda_ops, step_, h);
-#endif
   }
 
   std::string kind() const override { return kind_; }

@@ -3,8 +3,9 @@
 // adamw8bit_block_step (optim/adamw_ref.h) computes on the CPU; one launch serves up to 24
 // parameters (Note [AdamW8bit multi-tensor launch]).
 //
-// Defined only in builds with CUDA torch (QLORA_CUDA=ON, which defines QLORA_WITH_CUDA):
-// guard calls with #ifdef QLORA_WITH_CUDA.
+// Declared and defined in every build. In a build without CUDA torch (QLORA_WITH_CUDA
+// undefined; QLORA_CUDA=OFF) both functions throw c10::Error saying so, except
+// adamw8bit_step_cuda_many on an empty list, which does nothing there as everywhere.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -36,7 +37,7 @@ struct AdamW8bitOperands {
 
 // adamw8bit_step_cuda for many parameters on one device, in multi-tensor launches
 // (kernels::adamw8bit_step_multi: one per 24 parameters whose gradients share a dtype instead
-// of one each), with the same checks and the same bits.
+// of one each), with the same checks and the same bits. An empty list does nothing.
 void adamw8bit_step_cuda_many(const std::vector<AdamW8bitOperands>& operands, int64_t step, const AdamWHyper& h);
 
 }  // namespace qlora::optim

@@ -1,17 +1,24 @@
 // The fused 8-bit AdamW kernel on at::Tensors (include/qlora/optim/adamw8bit_cuda.h).
-// Compiled only with QLORA_CUDA=ON (CMakeLists.txt adds src/cuda/ then).
+// Compiled in every build; everything that needs CUDA torch is under QLORA_WITH_CUDA, so in a
+// CPU-only build an empty operand list is a no-op and anything else fails with "built without
+// CUDA"; callers need no #ifdef.
 #include "qlora/optim/adamw8bit_cuda.h"
 
+#include <c10/util/Exception.h>
+
+#ifdef QLORA_WITH_CUDA
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstring>
-#include <vector>
 
 #include "qlora/kernels.h"
+#endif
 
 namespace qlora::optim {
+
+#ifdef QLORA_WITH_CUDA
 namespace {
 
 void check_state(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const at::Device& device,
@@ -95,5 +102,20 @@ void adamw8bit_step_cuda_many(const std::vector<AdamW8bitOperands>& operands, in
     TORCH_CHECK(rc == 0, "the 8-bit AdamW kernel failed: ", kernels::cuda_error_string(rc));
   }
 }
+
+#else  // no CUDA torch in this build
+
+void adamw8bit_step_cuda(at::Tensor& /*param*/, const at::Tensor& /*grad*/, at::Tensor& /*exp_avg_q*/,
+                         at::Tensor& /*exp_avg_sq_q*/, at::Tensor& /*absmax_exp_avg*/,
+                         at::Tensor& /*absmax_exp_avg_sq*/, int64_t /*step*/, const AdamWHyper& /*h*/) {
+  TORCH_CHECK(false, "adamw8bit_step_cuda: this qlora was built without CUDA (QLORA_CUDA=OFF)");
+}
+
+void adamw8bit_step_cuda_many(const std::vector<AdamW8bitOperands>& operands, int64_t /*step*/,
+                              const AdamWHyper& /*h*/) {
+  TORCH_CHECK(operands.empty(), "adamw8bit_step_cuda_many: this qlora was built without CUDA (QLORA_CUDA=OFF)");
+}
+
+#endif
 
 }  // namespace qlora::optim
