@@ -7,15 +7,38 @@
 namespace qlora {
 
 // ---------------------------------------------------------------- enum names
-// One table per enum: index i is the canonical spelling of enumerator i.
+// One table per enum: index i is the canonical spelling of enumerator i. Built on first use, like
+// the schema that copies them, so a caller from another file's static initializer (a check
+// registered through set_name_check, say) never sees them before they exist.
 namespace {
-const std::vector<std::string> kPrecisionNames = {"auto", "bf16", "fp16", "fp32"};
-const std::vector<std::string> kOptimizerNames = {"adamw", "adamw_8bit", "paged_adamw_8bit"};
-const std::vector<std::string> kScheduleNames = {"constant", "linear", "cosine"};
-const std::vector<std::string> kFormatNames = {"auto", "text", "completion", "alpaca", "chat"};
-const std::vector<std::string> kTemplateNames = {"auto", "llama3", "chatml"};
-const std::vector<std::string> kBackendNames = {"auto", "nccl", "gloo"};
-const std::vector<std::string> kRecomputeNames = {"full", "selective", "auto"};
+const std::vector<std::string>& precision_names() {
+  static const std::vector<std::string> names = {"auto", "bf16", "fp16", "fp32"};
+  return names;
+}
+const std::vector<std::string>& optimizer_names() {
+  static const std::vector<std::string> names = {"adamw", "adamw_8bit", "paged_adamw_8bit"};
+  return names;
+}
+const std::vector<std::string>& schedule_names() {
+  static const std::vector<std::string> names = {"constant", "linear", "cosine"};
+  return names;
+}
+const std::vector<std::string>& format_names() {
+  static const std::vector<std::string> names = {"auto", "text", "completion", "alpaca", "chat"};
+  return names;
+}
+const std::vector<std::string>& template_names() {
+  static const std::vector<std::string> names = {"auto", "llama3", "chatml"};
+  return names;
+}
+const std::vector<std::string>& backend_names() {
+  static const std::vector<std::string> names = {"auto", "nccl", "gloo"};
+  return names;
+}
+const std::vector<std::string>& recompute_names() {
+  static const std::vector<std::string> names = {"full", "selective", "auto"};
+  return names;
+}
 
 template <typename E>
 std::string_view name_of(const std::vector<std::string>& names, E v) {
@@ -29,13 +52,13 @@ E value_of(const std::vector<std::string>& names, const std::string& s) {
 }
 }  // namespace
 
-std::string_view to_string(Precision v) { return name_of(kPrecisionNames, v); }
-std::string_view to_string(OptimizerKind v) { return name_of(kOptimizerNames, v); }
-std::string_view to_string(LrSchedule v) { return name_of(kScheduleNames, v); }
-std::string_view to_string(DataFormat v) { return name_of(kFormatNames, v); }
-std::string_view to_string(ChatTemplate v) { return name_of(kTemplateNames, v); }
-std::string_view to_string(DistBackend v) { return name_of(kBackendNames, v); }
-std::string_view to_string(Recompute v) { return name_of(kRecomputeNames, v); }
+std::string_view to_string(Precision v) { return name_of(precision_names(), v); }
+std::string_view to_string(OptimizerKind v) { return name_of(optimizer_names(), v); }
+std::string_view to_string(LrSchedule v) { return name_of(schedule_names(), v); }
+std::string_view to_string(DataFormat v) { return name_of(format_names(), v); }
+std::string_view to_string(ChatTemplate v) { return name_of(template_names(), v); }
+std::string_view to_string(DistBackend v) { return name_of(backend_names(), v); }
+std::string_view to_string(Recompute v) { return name_of(recompute_names(), v); }
 
 namespace config_detail {
 namespace {
@@ -98,7 +121,7 @@ std::vector<Field> build_schema() {
            &QuantizationConfig::double_quant,
            "quantize the absmax constants too: ~0.37 bit/weight saved, no quality cost"));
   add(bind_enum("quantization.compute_dtype", &C::quantization, &QuantizationConfig::compute_dtype,
-                kPrecisionNames, "dtype the base is dequantized to for its matmuls; auto: train.precision"));
+                precision_names(), "dtype the base is dequantized to for its matmuls; auto: train.precision"));
 
   // lora
   range(add(bind_member("lora.r", Kind::kInt, &C::lora, &LoraConfig::r,
@@ -119,7 +142,7 @@ std::vector<Field> build_schema() {
            "separate JSONL evaluation file (or use data.eval_ratio)"));
   range(add(bind_member("data.eval_ratio", Kind::kFloat, &C::data, &DataConfig::eval_ratio,
                  "hold out this fraction of data.path for evaluation")), 0, 1, false, true);
-  add(bind_enum("data.format", &C::data, &DataConfig::format, kFormatNames,
+  add(bind_enum("data.format", &C::data, &DataConfig::format, format_names(),
                 "text | completion | alpaca | chat; auto: from the first line's keys"));
   range(add(bind_member("data.max_seq_length", Kind::kInt, &C::data, &DataConfig::max_seq_length,
                  "tokens per example; longer ones are truncated: memory grows with it")),
@@ -128,7 +151,7 @@ std::vector<Field> build_schema() {
            "pack several examples per row (attention kept within each): fewer pad tokens"));
   add(bind_member("data.train_on_inputs", Kind::kBool, &C::data, &DataConfig::train_on_inputs,
            "false: loss on responses only; true: on prompts too"));
-  add(bind_enum("data.chat_template", &C::data, &DataConfig::chat_template, kTemplateNames,
+  add(bind_enum("data.chat_template", &C::data, &DataConfig::chat_template, template_names(),
                 "chat rendering for format chat: llama3 | chatml; auto: from the tokenizer"));
   add(bind_member("data.skip_bad_lines", Kind::kBool, &C::data, &DataConfig::skip_bad_lines,
                   "false: a malformed JSONL line stops the run (file:line named); true: skip and count it"));
@@ -146,7 +169,7 @@ std::vector<Field> build_schema() {
                  "optimizer steps to run; -1: use train.epochs")), -1, 1e12);
   range(add(bind_member("train.learning_rate", Kind::kFloat, &C::train, &TrainConfig::learning_rate,
                  "peak learning rate: 1e-4 to 3e-4 is usual for QLoRA")), 0, 1, true);
-  add(bind_enum("train.lr_scheduler", &C::train, &TrainConfig::lr_scheduler, kScheduleNames,
+  add(bind_enum("train.lr_scheduler", &C::train, &TrainConfig::lr_scheduler, schedule_names(),
                 "shape after warmup: constant | linear | cosine"));
   range(add(bind_member("train.warmup_steps", Kind::kInt, &C::train, &TrainConfig::warmup_steps,
                  "linear warmup length in steps (or use train.warmup_ratio)")), 0, 1e12);
@@ -162,12 +185,12 @@ std::vector<Field> build_schema() {
                  "AdamW second-moment decay")), 0, 1, false, true);
   range(add(bind_member("train.adam_epsilon", Kind::kFloat, &C::train, &TrainConfig::adam_epsilon,
                  "AdamW denominator epsilon")), 0, 1, true);
-  add(bind_enum("train.precision", &C::train, &TrainConfig::precision, kPrecisionNames,
+  add(bind_enum("train.precision", &C::train, &TrainConfig::precision, precision_names(),
                 "autocast dtype: auto picks bf16 where supported, else fp16 with loss scaling"));
   add(bind_member("train.gradient_checkpointing", Kind::kBool, &C::train,
            &TrainConfig::gradient_checkpointing,
            "recompute each decoder layer in backward: far less activation memory, ~30% more compute"));
-  add(bind_enum("train.recompute", &C::train, &TrainConfig::recompute, kRecomputeNames,
+  add(bind_enum("train.recompute", &C::train, &TrainConfig::recompute, recompute_names(),
                 "with checkpointing, on a GPU: full | selective (keeps each layer's gate/up GEMM output, "
                 "2 x intermediate_size values a token: ~10% less compute, more memory) | auto (selective in as "
                 "many layers as the GPU's memory holds, then no recompute in as many as still fit; see qlora plan)"));
@@ -179,7 +202,7 @@ std::vector<Field> build_schema() {
                  "their activations (fastest, most memory); auto sets it when every layer keeps gate/up and "
                  "memory is left")),
         0, 1e6);
-  add(bind_enum("train.optimizer", &C::train, &TrainConfig::optimizer, kOptimizerNames,
+  add(bind_enum("train.optimizer", &C::train, &TrainConfig::optimizer, optimizer_names(),
                 "adamw (8 B/param) | adamw_8bit (2 B/param) | paged_adamw_8bit (can spill to host)"));
   range(add(bind_member("train.seed", Kind::kInt, &C::train, &TrainConfig::seed,
                  "seed of shuffling, dropout and LoRA init: same seed, same run")), 0, 9.2e18);
@@ -201,7 +224,7 @@ std::vector<Field> build_schema() {
   // hardware, distributed
   add(bind_member("hardware.gpu", Kind::kString, &C::hardware, &HardwareConfig::gpu,
            "GPU `qlora plan` budgets for: this or auto (the GPU of this machine) | none | t4 | l4 | a10 | a100-40 | a100-80 | h100 | h200 | <N>GiB"));
-  add(bind_enum("distributed.backend", &C::distributed, &DistributedConfig::backend, kBackendNames,
+  add(bind_enum("distributed.backend", &C::distributed, &DistributedConfig::backend, backend_names(),
                 "process-group backend: auto = NCCL on GPUs, Gloo on CPU"));
   return s;
 }
@@ -317,7 +340,7 @@ const Alias* find_alias(const std::string& name) {
 
 std::string canonical_enum_value(const Field& f, const std::string& value) {
   const std::string v = to_lower(value);
-  if (f.choices == kPrecisionNames) {
+  if (f.choices == precision_names()) {
     if (v == "bfloat16") return "bf16";
     if (v == "float16" || v == "half") return "fp16";
     if (v == "float32" || v == "float") return "fp32";
