@@ -3,16 +3,26 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "qlora/config/config.h"
+#include "qlora/plan/gpu.h"
 #include "support/test_support.h"
 
 namespace qlora {
 namespace {
 
 using testing::run_qlora;
+
+// model.preset and hardware.gpu are checked by plan's registered checks, as in the CLI (the
+// whole test program gets them, as before the checks moved out of config).
+class NameChecks : public ::testing::Environment {
+ public:
+  void SetUp() override { plan::register_config_checks(); }
+};
+::testing::Environment* const kNameChecks = ::testing::AddGlobalTestEnvironment(new NameChecks);
 
 // Every issue's key path + message, one per line, for failure output.
 std::string dump(const std::vector<ConfigIssue>& issues) {
@@ -142,6 +152,13 @@ TEST(Config, UnknownHardwareGpuListsEachAcceptedValueOnce) {
     EXPECT_NE(first, std::string::npos) << v << " missing from: " << m;
     EXPECT_EQ(m.find(v, first + 1), std::string::npos) << v << " listed twice in: " << m;
   }
+}
+
+TEST(Config, NameChecksTakeOnlyStringKeys) {
+  EXPECT_THROW(set_name_check("train.seed", [](const std::string&) { return std::string(); }),
+               std::invalid_argument);
+  EXPECT_THROW(set_name_check("model.presets", [](const std::string&) { return std::string(); }),
+               std::invalid_argument);
 }
 
 // ---------------------------------------------------------------- defaults, aliases
@@ -298,6 +315,18 @@ TEST(ConfigCommand, BadConfigExitsTwoWithTheWholeList) {
   EXPECT_NE(r.err.find("bad.yaml:2: train.micro_batch_size"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("bad.yaml:3: train.optimizer"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("bad.yaml:5: lora.rr: unknown key; did you mean lora.r?"), std::string::npos) << r.err;
+}
+
+TEST(ConfigCommand, BadPresetAndGpuAreListedWithTheOtherProblems) {
+  const std::string dir = testing::make_temp_dir("cmd");
+  const std::string path = testing::write_file(
+      dir, "names.yaml", "model:\n  preset: llama-3.2-1bb\ntrain:\n  seed: x\nhardware:\n  gpu: h1000\n");
+  const auto r = run_qlora("config --config '" + path + "'");
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("3 problems"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("names.yaml:2: model.preset: unknown preset \"llama-3.2-1bb\""), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("names.yaml:4: train.seed"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("names.yaml:6: hardware.gpu: unknown GPU \"h1000\""), std::string::npos) << r.err;
 }
 
 TEST(ConfigCommand, PrintShowsResolvedValuesWithOverrides) {

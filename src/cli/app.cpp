@@ -7,6 +7,7 @@
 
 #include "cli/commands.h"
 #include "qlora/common/errors.h"
+#include "qlora/plan/gpu.h"
 #include "qlora/quant/nf4_cuda.h"
 
 namespace qlora::cli {
@@ -52,6 +53,7 @@ int run(int argc, char** argv) {
   }
 
   quant::register_cuda_kernels();  // no-op without CUDA
+  plan::register_config_checks();  // model.preset and hardware.gpu, listed with the config's other problems
   try {
     for (auto& [cmd, runner] : commands)
       if (cmd->parsed()) return runner();

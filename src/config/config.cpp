@@ -8,13 +8,14 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <sstream>
+#include <stdexcept>
+#include <utility>
 
 #include "config/schema.h"
 #include "config/yaml_tree.h"
 #include "qlora/common/text.h"
-#include "qlora/model/llama_config.h"
-#include "qlora/plan/gpu.h"
 
 namespace qlora {
 
@@ -52,6 +53,16 @@ std::string describe_range(const Field& f, const char* noun) {
     out += std::string(" ") + (f.min_exclusive ? "> " : ">= ") + num(f.min);
   }
   return out;
+}
+
+// The checks set_name_check registered, in the order their keys first came.
+struct NameChecks {
+  std::mutex mutex;
+  std::vector<std::pair<std::string, NameCheck>> checks;
+};
+NameChecks& name_checks() {
+  static NameChecks registry;
+  return registry;
 }
 
 bool in_range(const Field& f, double x) {
@@ -376,27 +387,7 @@ class Loader {
       issue("model.preset",
             "set either model.path (a model directory) or model.preset (shapes only, for planning), not both",
             line_for("model.preset"));
-    if (!c.model.preset.empty()) {
-      const auto& presets = model_preset_names();
-      if (std::find(presets.begin(), presets.end(), c.model.preset) == presets.end()) {
-        std::string near = closest_match(c.model.preset, presets);
-        issue("model.preset",
-              "unknown preset \"" + c.model.preset + "\"; expected one of " + join(presets, ", ") +
-                  (near.empty() ? "" : "; did you mean " + near + "?"),
-              line_for("model.preset"));
-      }
-    }
-    // "this" / "auto": the GPU of this machine, which `qlora plan` queries
-    // when it runs (not here: a config is checked on any machine).
-    if (!plan::names_this_machine(c.hardware.gpu) && c.hardware.gpu != "none") {
-      try {
-        (void)plan::resolve_gpu(c.hardware.gpu);
-      } catch (const InputError& e) {
-        // An unknown name's message already lists what is accepted (this,
-        // auto and none among them); a malformed size's says what to write.
-        issue("hardware.gpu", e.what(), line_for("hardware.gpu"));
-      }
-    }
+    check_names(c);
     if (c.output.dir.empty())
       issue("output.dir", "expected a directory path, got an empty string", line_for("output.dir"));
     if (c.train.no_recompute_layers > 0 && c.train.recompute == Recompute::kAuto)
@@ -404,6 +395,20 @@ class Loader {
             "train.recompute: auto chooses it (from the plan, on the GPU the run gets); remove it, or set "
             "train.recompute: full or selective to choose it yourself",
             line_for("train.no_recompute_layers"));
+  }
+
+  // The names other modules know (model.preset, hardware.gpu): their registered checks.
+  void check_names(const Config& c) {
+    std::vector<std::pair<std::string, NameCheck>> checks;
+    {
+      NameChecks& registry = name_checks();
+      const std::lock_guard<std::mutex> lock(registry.mutex);
+      checks = registry.checks;
+    }
+    for (const auto& [key, check] : checks) {
+      const std::string problem = check(config_detail::find_field(key)->get(c).get<std::string>());
+      if (!problem.empty()) issue(key, problem, line_for(key));
+    }
   }
 
   std::string source_;
@@ -435,6 +440,22 @@ std::string format_issues(const std::string& source, std::vector<ConfigIssue> is
 
 ConfigError::ConfigError(std::string source, std::vector<ConfigIssue> issues)
     : InputError(format_issues(source, issues)), source_(std::move(source)), issues_(std::move(issues)) {}
+
+void set_name_check(const std::string& key, NameCheck check) {
+  const Field* f = config_detail::find_field(key);
+  if (f == nullptr || f->kind != Kind::kString)
+    throw std::invalid_argument("set_name_check: \"" + key + "\" is not a string key of the config schema");
+  if (!check) throw std::invalid_argument("set_name_check: the check of " + key + " is empty");
+  NameChecks& registry = name_checks();
+  const std::lock_guard<std::mutex> lock(registry.mutex);
+  for (auto& [k, c] : registry.checks) {
+    if (k == key) {
+      c = std::move(check);
+      return;
+    }
+  }
+  registry.checks.emplace_back(key, std::move(check));
+}
 
 Config parse_config(std::string_view text, std::string_view source,
                     const std::vector<std::string>& overrides) {

@@ -1,5 +1,6 @@
 #include "qlora/plan/gpu.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <cstdio>
@@ -7,6 +8,8 @@
 
 #include "qlora/common/errors.h"
 #include "qlora/common/text.h"
+#include "qlora/config/config.h"
+#include "qlora/model/llama_config.h"
 #include "constants.h"
 
 namespace qlora::plan {
@@ -209,6 +212,28 @@ GpuSpec gpu_from_device(const std::string& device_name, double total_bytes, int 
   g.from_device = true;
   if (!g.has_throughput()) g.note = "no throughput figures known for this device";
   return g;
+}
+
+void register_config_checks() {
+  set_name_check("model.preset", [](const std::string& preset) -> std::string {
+    if (preset.empty()) return "";
+    const auto& presets = model_preset_names();
+    if (std::find(presets.begin(), presets.end(), preset) != presets.end()) return "";
+    const std::string near = closest_match(preset, presets);
+    return "unknown preset \"" + preset + "\"; expected one of " + join(presets, ", ") +
+           (near.empty() ? "" : "; did you mean " + near + "?");
+  });
+  set_name_check("hardware.gpu", [](const std::string& gpu) -> std::string {
+    if (names_this_machine(gpu) || gpu == "none") return "";
+    try {
+      (void)resolve_gpu(gpu);
+    } catch (const InputError& e) {
+      // An unknown name's message already lists what is accepted (this, auto and none among
+      // them); a malformed size's says what to write.
+      return e.what();
+    }
+    return "";
+  });
 }
 
 }  // namespace qlora::plan

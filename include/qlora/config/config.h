@@ -6,10 +6,12 @@
 // aliases, and validates everything in one pass: every problem is collected
 // with its key path (and line, for files) before anything is thrown, so the
 // user fixes them all at once. Unknown keys are errors ("did you mean ...").
-// This module knows nothing about torch.
+// Names config does not know (model presets, GPU presets) are checked by the
+// modules that do, through set_name_check. This module knows nothing about torch.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -170,6 +172,22 @@ Config parse_config(std::string_view text, std::string_view source,
 
 // The built-in defaults, with overrides applied and validated (no file).
 Config default_config(const std::vector<std::string>& overrides = {});
+
+// ---------------------------------------------------------------- names known elsewhere
+
+// model.preset and hardware.gpu name things config does not know: model's presets and plan's
+// GPU presets, in modules above this one. The module that knows them registers a check here
+// (plan::register_config_checks; the CLI calls it at start-up), and every load runs the
+// registered checks with its own cross-key checks, so a bad name is listed in the same
+// ConfigError as every other problem. A key with no registered check is taken as given, and its
+// consumer rejects a bad value when it reads it (model_preset, plan::resolve_gpu).
+// A check returns "" for a good value, else the message (the key and line are added to it).
+using NameCheck = std::function<std::string(const std::string& value)>;
+
+// Registers `check` for the string key `key` ("model.preset"), replacing an earlier check of
+// that key; checks run in the order their keys were first registered. Thread-safe. Throws
+// std::invalid_argument when `key` is not a string key of the schema.
+void set_name_check(const std::string& key, NameCheck check);
 
 // ---------------------------------------------------------------- output
 

@@ -70,4 +70,13 @@ GpuSpec resolve_gpu(const std::string& arg, const ThisMachine* here = nullptr);
 // "NVIDIA A100-SXM4-80GB"), none when nothing matches.
 GpuSpec gpu_from_device(const std::string& device_name, double total_bytes, int cc_major, int cc_minor);
 
+// ---------------------------------------------------------------- config checks
+
+// Registers with config (set_name_check) the checks of the names config cannot know:
+// hardware.gpu against the GPU presets here ("this", "auto" and "none" pass: the GPU of the
+// machine that runs `qlora plan` is not known where a config is checked), model.preset against
+// model's presets. Every load after it lists a bad name with the config's other problems. The
+// CLI calls it at start-up; idempotent.
+void register_config_checks();
+
 }  // namespace qlora::plan
