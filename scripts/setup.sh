@@ -4,13 +4,14 @@
 #   2. A project-local venv (.venv) holding the pinned PyPI `torch` wheel, whose
 #      bundled LibTorch (headers + shared libraries) the C++ build links against,
 #      plus the two small CUDA runtime wheels LibTorch's CPU library loads.
-#   3. Configure and build (build/).
+#   3. Configure and build the `qlora` binary (build/); scripts/test.sh builds the tests.
 #
 #   bash scripts/setup.sh             # everything above
-#   bash scripts/setup.sh --oracles   # also the Python reference stack (transformers,
-#                                     # PEFT, bitsandbytes, tokenizers) that regenerates
-#                                     # the golden files under tests/data; not needed to
-#                                     # build or test.
+#   bash scripts/setup.sh --tests     # also what the oracle tests import (torch with its own
+#                                     # dependencies, CPU-only use; transformers; PEFT)
+#   bash scripts/setup.sh --oracles   # also the whole Python reference stack (bitsandbytes,
+#                                     # tokenizers, ...) that regenerates the golden files
+#                                     # under tests/data
 # Re-running it only does what is missing. Nothing is installed outside the
 # Debian package manager and .venv.
 set -euo pipefail
@@ -23,20 +24,23 @@ cd "$root"
 TORCH_VERSION=2.11.0
 CUDA_RUNTIME_VERSION=13.0.96   # libcudart.so.13, as torch 2.11's cuda-toolkit pin
 CUDA_CUPTI_VERSION=13.0.85     # libcupti.so.13, likewise
-ORACLE_PACKAGES=(transformers==5.17.0 peft==0.21.0 bitsandbytes==0.50.2 tokenizers==0.23.3
-                 safetensors==0.8.0 sentencepiece==0.2.3 tiktoken==0.14.0 numpy)
+TEST_PACKAGES=(transformers==5.17.0 peft==0.21.0 safetensors==0.8.0)
+ORACLE_PACKAGES=("${TEST_PACKAGES[@]}" bitsandbytes==0.50.2 tokenizers==0.23.3
+                 sentencepiece==0.2.3 tiktoken==0.14.0 numpy)
 
+want_tests=0
 want_oracles=0
 for arg in "$@"; do
   case "$arg" in
+    --tests) want_tests=1 ;;
     --oracles) want_oracles=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
-    *) echo "setup.sh: unknown option '$arg' (known: --oracles)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option '$arg' (known: --tests, --oracles)" >&2; exit 2 ;;
   esac
 done
 
-step() { printf '\n==> %s\n' "$*"; }
 t0=$(date +%s)
+step() { printf '\n==> [%4d s] %s\n' "$(( $(date +%s) - t0 ))" "$*"; }
 
 # ---------------------------------------------------------------- 1. Debian packages
 APT_PACKAGES=(build-essential cmake ninja-build pkg-config git python3-venv
@@ -87,16 +91,31 @@ if ! "$VPY" -m pip show -q nvidia-cuda-runtime nvidia-cuda-cupti >/dev/null 2>&1
     "nvidia-cuda-runtime==$CUDA_RUNTIME_VERSION" "nvidia-cuda-cupti==$CUDA_CUPTI_VERSION"
 fi
 
-if [ $want_oracles -eq 1 ]; then
-  step "installing the Python reference stack (oracles): ${ORACLE_PACKAGES[*]}"
-  # Now torch's own dependencies too, so `import torch` works for the oracle scripts.
-  "$VPY" -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" "${ORACLE_PACKAGES[@]}"
+python_packages=()
+[ $want_tests -eq 1 ] && python_packages=("${TEST_PACKAGES[@]}")
+[ $want_oracles -eq 1 ] && python_packages=("${ORACLE_PACKAGES[@]}")
+if [ ${#python_packages[@]} -gt 0 ]; then
+  # Now torch's own dependencies too (its CUDA library wheels among them: the wheel does not
+  # import without them, even on a CPU), so `import torch` works for the oracle scripts.
+  # Present when every pin is installed at its version and torch imports.
+  if ! "$VPY" - "${python_packages[@]}" <<'PYEOF' 2>/dev/null; then
+import importlib.metadata as m, sys
+for pin in sys.argv[1:]:
+    name, _, version = pin.partition("==")
+    if version and m.version(name) != version: sys.exit(1)
+import torch, transformers, peft
+PYEOF
+    step "installing the Python reference packages: torch's dependencies ${python_packages[*]}"
+    "$VPY" -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" "${python_packages[@]}"
+  else
+    step "Python reference packages: all present"
+  fi
 fi
 
 # ---------------------------------------------------------------- 3. configure + build
-step "configuring and building (build/)"
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=${CMAKE_BUILD_TYPE:-RelWithDebInfo} \
-      -DQLORA_PYTHON="$VPY" ${QLORA_CMAKE_ARGS:-}
-cmake --build build -j "$(nproc)"
+step "configuring and building build/qlora"
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=${CMAKE_BUILD_TYPE:-Release} \
+      -DQLORA_PYTHON="$VPY" ${QLORA_CMAKE_ARGS:-} >/dev/null
+cmake --build build -j "$(nproc)" --target qlora
 
-step "done in $(( $(date +%s) - t0 )) s: build/qlora is ready"
+step "done: build/qlora is ready"

@@ -4,7 +4,10 @@
 // one GPU), their LoRA gradients staged through the host, give the losses and
 // the adapter of one process with twice the accumulation, fp32.
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <torch/cuda.h>
+#include <torch/types.h>
+#include <torch/utils.h>
 
 #include <string>
 #include <vector>

@@ -5,7 +5,10 @@
 // (one bool-mask term against the ATen ops it replaces, up to three bit-mask terms against one
 // call a term) and lora_dropout_autograd's gradient. Skipped where torch sees no CUDA device.
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <torch/cuda.h>
+#include <torch/types.h>
+#include <torch/utils.h>
 
 #include <string>
 #include <vector>

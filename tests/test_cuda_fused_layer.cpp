@@ -5,7 +5,10 @@
 // the roundings the two orders take). The dropout masks are the same in both:
 // the same generator, drawn in the same order (checked by the outputs).
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <torch/cuda.h>
+#include <torch/types.h>
+#include <torch/utils.h>
 
 #include <cstdio>
 #include <string>

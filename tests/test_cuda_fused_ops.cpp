@@ -10,7 +10,10 @@
 // torch::cuda::is_available() is false.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <torch/cuda.h>
+#include <torch/types.h>
+#include <torch/utils.h>
 
 #include <cstdio>
 #include <cstring>

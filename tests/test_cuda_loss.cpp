@@ -6,7 +6,10 @@
 // the fused part needs a QLORA_CUDA=ON build. Both skip where no GPU is visible.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <torch/cuda.h>
+#include <torch/types.h>
+#include <torch/utils.h>
 
 #include <algorithm>
 #include <cmath>

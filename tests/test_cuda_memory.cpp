@@ -4,7 +4,10 @@
 // fewer rows per micro batch and ends with the losses of the uncapped run; the
 // finder picks a micro batch under the same cap; the process stays healthy.
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <torch/cuda.h>
+#include <torch/types.h>
+#include <torch/utils.h>
 
 #include <random>
 #include <string>

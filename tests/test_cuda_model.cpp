@@ -2,7 +2,10 @@
 // gradients and the chunked loss on CUDA tensors equal the CPU golden / the CPU
 // run; skipped where torch sees no CUDA device (every CPU-only build).
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <torch/cuda.h>
+#include <torch/types.h>
+#include <torch/utils.h>
 
 #include <algorithm>
 #include <cstdio>

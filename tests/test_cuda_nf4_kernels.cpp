@@ -20,7 +20,10 @@
 #include "qlora/quant/nf4_ref.h"
 
 #ifdef QLORA_WITH_CUDA
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <torch/cuda.h>
+#include <torch/types.h>
+#include <torch/utils.h>
 
 #include "qlora/quant/nf4.h"
 #include "qlora/quant/nf4_cuda.h"

@@ -4,7 +4,10 @@
 // weights (LoRA B is zero), so the two runs differ only by the device's kernels and precision.
 // LoRA dropout is 0: the CPU and CUDA generators draw different masks.
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <torch/cuda.h>
+#include <torch/types.h>
+#include <torch/utils.h>
 
 #include <cmath>
 #include <cstdio>

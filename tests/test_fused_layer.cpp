@@ -5,7 +5,11 @@
 // only by the order of additions (the residual and the LoRA update inside one
 // GEMM, the RMSNorm backward written out).
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <torch/cuda.h>
+#include <torch/types.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/utils.h>
 
 #include <string>
 #include <vector>

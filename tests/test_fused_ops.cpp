@@ -5,7 +5,11 @@
 // strided column-slice views the fused decoder layer passes, at ragged sizes. The dispatching
 // entry points take the references on the CPU, so they are checked equal to them too.
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <torch/cuda.h>
+#include <torch/types.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/utils.h>
 
 #include <algorithm>
 #include <array>

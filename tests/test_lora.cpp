@@ -2,7 +2,10 @@
 // tests/data/model/): initialization, target matching, logits and every LoRA
 // gradient after one backward, and the adapter format both ways.
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <torch/cuda.h>
+#include <torch/types.h>
+#include <torch/utils.h>
 
 #include <cstdlib>
 #include <filesystem>

@@ -3,7 +3,10 @@
 // cross-entropy and its autograd gradient in fp32; and the LossPath selection on the CPU
 // (the fused path never applies there).
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <torch/cuda.h>
+#include <torch/types.h>
+#include <torch/utils.h>
 
 #include <cmath>
 #include <cstdio>

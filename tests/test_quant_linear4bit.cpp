@@ -3,7 +3,11 @@
 // op's memory contract: no weight gradient, nothing x-dependent saved, the weight dequantized
 // again in backward rather than kept.
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <torch/cuda.h>
+#include <torch/types.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/utils.h>
 
 #include <cstring>
 #include <fstream>

@@ -5,7 +5,10 @@
 // generic torch-op path. Quantization error itself is measured separately, against the format's
 // own bound.
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <torch/cuda.h>
+#include <torch/types.h>
+#include <torch/utils.h>
 
 #include <cmath>
 #include <cstring>

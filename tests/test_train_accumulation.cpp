@@ -2,7 +2,11 @@
 // gradient clipping, AdamW with the linear schedule, on the tiny golden Llama
 // (tests/data/model/llama3_untied) with LoRA on q, k, v, o in fp32.
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <torch/cuda.h>
+#include <torch/types.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/utils.h>
 
 #include <cmath>
 #include <limits>

@@ -3,7 +3,10 @@
 // The model is the tiny golden Llama 3 of tests/data/model/llama3_untied
 // (scripts/golden/model.py), its two layers repeated when more are wanted.
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <torch/cuda.h>
+#include <torch/types.h>
+#include <torch/utils.h>
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>

@@ -1,7 +1,8 @@
 // Linear4bit as a torch::autograd::Function (see include/qlora/quant/linear4bit.h).
 #include "qlora/quant/linear4bit.h"
 
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <string>
 

@@ -1,7 +1,8 @@
 // The at::Tensor face of the NF4 reference (include/qlora/quant/nf4_ref.h).
 #include "qlora/quant/nf4.h"
 
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <array>
