@@ -17,7 +17,7 @@ inline constexpr int kScaleBlock = 256;  // scales per second-level absmax
 
 // bitsandbytes' NF4 table (quant::ref::nf4_code()); test_cuda_nf4_kernels pins every code.
 static __constant__ float kNf4Table[16] = {
-#include "qlora/quant/nf4_code.inc"
+#include "qlora/kernels/nf4_code.inc"
 };
 
 // Copies the NF4 table into shared memory (threads 0..15); the caller syncs.

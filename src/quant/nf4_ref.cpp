@@ -13,7 +13,7 @@ namespace {
 // bitsandbytes' NF4 table (get_4bit_type("nf4")): normal-distribution quantiles scaled to
 // [-1, 1], 7 negative values, 0, 8 positive values. Pinned bit for bit by test_quant_nf4.
 constexpr float kNf4Code[16] = {
-#include "qlora/quant/nf4_code.inc"
+#include "qlora/kernels/nf4_code.inc"
 };
 
 // The values bitsandbytes 0.50.2's create_dynamic_map(signed=True, 7, 8) returns on the golden
