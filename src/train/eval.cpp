@@ -134,10 +134,15 @@ EvalResult evaluate(const model::LlamaModel& model, const data::Tokenizer& token
   // Exact match: greedy answers to the first generate_examples prompts.
   const std::vector<int32_t> stops = stop_token_ids(tokenizer);
   std::vector<const data::TokenizedExample*> chosen;
-  for (const auto& e : examples) {
+  std::vector<int64_t> chosen_index;
+  for (size_t i = 0; i < examples.size(); ++i) {
     if (static_cast<int64_t>(chosen.size()) >= options.generate_examples) break;
+    const auto& e = examples[i];
     const size_t k = first_trained(e);
-    if (!e.truncated && k > 0 && k < e.input_ids.size()) chosen.push_back(&e);
+    if (!e.truncated && k > 0 && k < e.input_ids.size()) {
+      chosen.push_back(&e);
+      chosen_index.push_back(static_cast<int64_t>(i));
+    }
   }
   for (size_t i = 0; i < chosen.size(); i += static_cast<size_t>(bs)) {
     std::vector<std::vector<int32_t>> prompts;
@@ -158,7 +163,10 @@ EvalResult evaluate(const model::LlamaModel& model, const data::Tokenizer& token
     const auto answers = greedy_generate(model, prompts, stops, std::min(budget, options.max_new_tokens));
     for (size_t j = 0; j < answers.size(); ++j) {
       ++r.generated;
-      if (std::string(trim(tokenizer.decode(answers[j]))) == refs[j]) ++r.exact;
+      std::string answer = tokenizer.decode(answers[j]);
+      if (trim(answer) == refs[j]) ++r.exact;
+      if (static_cast<int64_t>(r.samples.size()) < options.samples)
+        r.samples.push_back({chosen_index[i + j], std::move(answer), refs[j]});
     }
   }
   r.seconds = std::chrono::duration<double>(Clock::now() - start).count();

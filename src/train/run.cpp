@@ -90,6 +90,7 @@ EvalResult evaluate_sharded(const model::LlamaModel& model, const data::Tokenize
   }
   options.generate_examples = generate;
   EvalResult r = evaluate(model, tokenizer, mine, options);
+  for (EvalSample& s : r.samples) s.index = group.rank() + s.index * world;  // index in `mine` -> in examples
   const at::Tensor t = at::tensor(std::vector<double>{r.loss * static_cast<double>(r.tokens), static_cast<double>(r.tokens),
                                                       static_cast<double>(r.examples), static_cast<double>(r.generated),
                                                       static_cast<double>(r.exact)});  // [5] fp64

@@ -39,6 +39,14 @@ struct EvalOptions {
   int64_t loss_chunk = 1024;       // tokens per chunk of the cross-entropy
   int64_t generate_examples = 64;  // exact match over the first N examples (0: skip)
   int64_t max_new_tokens = 32;     // generation cap per example (also: reference length + 2)
+  int64_t samples = 1;             // generated answers kept in EvalResult::samples
+};
+
+// One generated answer beside its reference, for showing what the model says.
+struct EvalSample {
+  int64_t index = 0;      // of the example in the evaluated set
+  std::string answer;     // decoded as generated (exact match compares it trimmed)
+  std::string reference;  // decoded and trimmed
 };
 
 struct EvalResult {
@@ -48,6 +56,7 @@ struct EvalResult {
   int64_t generated = 0;     // examples generated for exact match
   int64_t exact = 0;         // of which exactly right
   double seconds = 0.0;
+  std::vector<EvalSample> samples;  // the first EvalOptions::samples generated examples
 
   double accuracy() const { return generated > 0 ? static_cast<double>(exact) / static_cast<double>(generated) : 0.0; }
 };
