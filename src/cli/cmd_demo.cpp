@@ -19,6 +19,7 @@
 #include "cli/commands.h"
 #include "qlora/common/errors.h"
 #include "qlora/common/log.h"
+#include "qlora/data/demo_tokenizer.h"
 #include "qlora/train/demo.h"
 #include "qlora/train/run.h"
 
@@ -80,8 +81,8 @@ Runner add_demo_command(CLI::App& root) {
     const fs::path model_dir = work / "model";
     if (!fs::exists(model_dir / "model.safetensors")) {
       log::info("building the tiny base model and tokenizer in " + model_dir.string());
-      const auto merges = train::learn_merges(train::rendered_texts(data_dir + "/train.alpaca.jsonl"), kDemoMerges);
-      const int64_t vocab = train::write_demo_tokenizer(model_dir.string(), merges);
+      const auto merges = data::learn_merges(data::rendered_texts(data_dir + "/train.alpaca.jsonl"), kDemoMerges);
+      const int64_t vocab = data::write_demo_tokenizer(model_dir.string(), merges);
       train::write_random_llama(model_dir.string(), train::demo_model_config(vocab), 1234);
     } else {
       log::info("using the tiny base model already in " + model_dir.string());

@@ -3,11 +3,8 @@
 // Face model directory, and the config that trains it on the shipped
 // synthetic task (data/demo).
 //
-// The tokenizer is a byte-level BPE tokenizer.json of the Qwen2 family's shape
-// (GPT-2 byte map, one digit per pre-token, so numbers stay digit by digit)
-// whose merges are learned here from the demo's training text, plus Llama 3's
-// special tokens. transformers' tokenizers library reads it as it reads any
-// BPE tokenizer.json.
+// The tokenizer is a byte-level BPE tokenizer.json whose merges are learned
+// from the demo's training text (data/demo_tokenizer.h).
 // The model is initialized as transformers initializes LlamaForCausalLM
 // (normal(0, 0.02) weights, unit norms), from a seed: it knows nothing, and
 // what the demo shows is the LoRA adapter learning the task on top of it.
@@ -19,6 +16,7 @@
 #include <vector>
 
 #include "qlora/config/config.h"
+#include "qlora/data/demo_tokenizer.h"
 #include "qlora/model/llama.h"
 #include "qlora/model/llama_config.h"
 
@@ -29,20 +27,10 @@ namespace qlora::train {
 // besides the embeddings).
 LlamaConfig demo_model_config(int64_t vocab_size = 256 + 5);
 
-// The texts of a JSONL training file as the trainer renders them (any format
-// the data module reads), for learning merges.
-std::vector<std::string> rendered_texts(const std::string& jsonl_path);
-
-// Byte-level BPE merges learned from `texts`: at most `max_merges`, each the
-// most frequent adjacent pair (ties: the smaller pair) over the pre-tokenized
-// pieces, stopping when no pair occurs twice. Pairs as byte strings.
-std::vector<std::pair<std::string, std::string>> learn_merges(const std::vector<std::string>& texts, int max_merges);
-
-// tokenizer.json (256 byte tokens, then one per merge, then the special
-// tokens), tokenizer_config.json and special_tokens_map.json in dir. Returns
-// the vocabulary size.
-int64_t write_demo_tokenizer(const std::string& dir,
-                             const std::vector<std::pair<std::string, std::string>>& merges = {});
+// The tokenizer side lives in the data module (qlora/data/demo_tokenizer.h);
+// this name stays for the tests and benchmarks that build a model directory
+// through train/demo.h.
+using data::write_demo_tokenizer;
 
 // config.json and model.safetensors (fp32) of `shape`, random as transformers
 // initializes it from `seed`.
