@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
 """Generate the shipped demo data set: data/demo/{train,eval}.{alpaca,chat}.jsonl.
 
-Synthetic tasks whose answers can be checked exactly (integer arithmetic,
-string reversal, sorting, unit conversion, letter counting, list maximum), so
-a fine-tune's effect shows as accuracy on the held-out split, not only as loss.
+One synthetic task whose answer can be checked exactly: is a number even or
+odd ("Is 4817 even or odd?" -> "odd"). `qlora demo` trains a LoRA adapter for
+a tiny random-weight Llama on it, so the task has to be one that such a model
+learns in well under a minute on a CPU: the answer comes from a set of two and is
+decided by one feature of the prompt (the last digit), so what is learned on
+the training numbers carries over to numbers never seen in training, and the
+fine-tune's effect shows as held-out exact match, not only as loss.
 Everything is generated here from a fixed seed with the standard library:
 no external text, license-clean.
 
@@ -24,7 +28,7 @@ import os
 import random
 import sys
 
-SEED = 20261124
+SEED = 20261207
 N_TRAIN = 3000
 N_EVAL = 300
 MAX_BYTES = int(1.5 * 1024 * 1024)
@@ -32,67 +36,11 @@ MAX_BYTES = int(1.5 * 1024 * 1024)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_DIR = os.path.join(ROOT, "data", "demo")
 
-CONSONANTS = "bcdfghjklmnprstvwz"
-VOWELS = "aeiou"
 
-
-def word(rng, syllables):
-    return "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(syllables))
-
-
-def task_add(rng):
-    a, b = rng.randint(10, 999), rng.randint(10, 999)
-    return f"What is {a} + {b}?", "", str(a + b)
-
-
-def task_sub(rng):
-    a, b = rng.randint(10, 999), rng.randint(10, 999)
-    return f"What is {a} - {b}?", "", str(a - b)
-
-
-def task_mul(rng):
-    a, b = rng.randint(2, 99), rng.randint(2, 99)
-    return f"What is {a} * {b}?", "", str(a * b)
-
-
-def task_reverse(rng):
-    w = word(rng, rng.randint(2, 5))
-    return "Reverse the string.", w, w[::-1]
-
-
-def task_sort(rng):
-    xs = [rng.randint(0, 99) for _ in range(rng.randint(3, 7))]
-    return ("Sort the numbers in ascending order.", ", ".join(map(str, xs)),
-            ", ".join(map(str, sorted(xs))))
-
-
-UNITS = [  # (from, to, factor)
-    ("kilometers", "meters", 1000), ("meters", "centimeters", 100),
-    ("kilograms", "grams", 1000), ("hours", "minutes", 60),
-    ("minutes", "seconds", 60), ("days", "hours", 24), ("weeks", "days", 7),
-]
-
-
-def task_convert(rng):
-    src, dst, f = rng.choice(UNITS)
-    n = rng.randint(2, 250)
-    return f"Convert {n} {src} to {dst}. Answer with the number only.", "", str(n * f)
-
-
-def task_count(rng):
-    w = word(rng, rng.randint(3, 6))
-    letter = rng.choice(sorted(set(w)) + [rng.choice(VOWELS)])
-    return (f"How many times does the letter '{letter}' appear in the word? "
-            "Answer with the number only.", w, str(w.count(letter)))
-
-
-def task_max(rng):
-    xs = rng.sample(range(0, 1000), rng.randint(3, 6))
-    return "What is the largest number in the list?", ", ".join(map(str, xs)), str(max(xs))
-
-
-TASKS = [("add", task_add), ("sub", task_sub), ("mul", task_mul), ("reverse", task_reverse),
-         ("sort", task_sort), ("convert", task_convert), ("count", task_count), ("max", task_max)]
+def parity_item(rng, odd):
+    n = 2 * rng.randint(0 if odd else 1, 4999) + odd  # 1..9999
+    return {"task": "parity", "instruction": f"Is {n} even or odd?", "input": "",
+            "output": "odd" if odd else "even"}
 
 
 def generate():
@@ -100,13 +48,12 @@ def generate():
     seen = set()
     items = []
     while len(items) < N_TRAIN + N_EVAL:
-        name, fn = TASKS[len(items) % len(TASKS)]  # balanced across tasks
-        instruction, inp, out = fn(rng)
-        key = (instruction, inp)
+        item = parity_item(rng, odd=len(items) % 2)  # even and odd in turn: half each
+        key = (item["instruction"], item["input"])
         if key in seen:
             continue  # distinct prompts only: held-out items can never recur in train
         seen.add(key)
-        items.append({"task": name, "instruction": instruction, "input": inp, "output": out})
+        items.append(item)
     rng.shuffle(items)
     return items[N_EVAL:], items[:N_EVAL]
 

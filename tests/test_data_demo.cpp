@@ -1,20 +1,22 @@
 // The shipped demo data set (data/demo, made by scripts/make_demo_data.py):
 // it loads through the data pipeline in both forms, no held-out prompt occurs
-// in train, the two forms hold the same items, and every answer is right.
+// in train, the two forms hold the same items, every answer is right, and the
+// tokenizer `qlora demo` learns from it (data/demo_tokenizer.h) reads it back.
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
 
-#include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <set>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "qlora/data/dataset.h"
+#include "qlora/data/demo_tokenizer.h"
 #include "qlora/data/tokenizer.h"
 #include "support/test_support.h"
 #include "test_data_tokenizer.h"
@@ -49,48 +51,12 @@ std::vector<Item> alpaca_items(const std::string& path) {
   return out;
 }
 
-std::vector<int64_t> numbers(const std::string& s) {
-  std::vector<int64_t> out;
-  std::istringstream in(s);
-  std::string tok;
-  while (std::getline(in, tok, ',')) out.push_back(std::stoll(tok));
-  return out;
-}
-
 // Recomputes the answer from the prompt; "" when the task is unknown.
 std::string answer(const Item& it) {
-  const std::string& q = it.instruction;
-  if (it.task == "add" || it.task == "sub" || it.task == "mul") {
-    long long a = 0, b = 0;
-    char op = 0;
-    EXPECT_EQ(std::sscanf(q.c_str(), "What is %lld %c %lld?", &a, &op, &b), 3) << q;
-    return std::to_string(op == '+' ? a + b : op == '-' ? a - b : a * b);
-  }
-  if (it.task == "reverse") return std::string(it.input.rbegin(), it.input.rend());
-  if (it.task == "sort") {
-    std::vector<int64_t> xs = numbers(it.input);
-    std::sort(xs.begin(), xs.end());
-    std::string out;
-    for (size_t i = 0; i < xs.size(); ++i) out += (i ? ", " : "") + std::to_string(xs[i]);
-    return out;
-  }
-  if (it.task == "max") {
-    const std::vector<int64_t> xs = numbers(it.input);
-    return std::to_string(*std::max_element(xs.begin(), xs.end()));
-  }
-  if (it.task == "count") {
-    const size_t quote = q.find('\'');
-    const char letter = q.at(quote + 1);
-    return std::to_string(std::count(it.input.begin(), it.input.end(), letter));
-  }
-  if (it.task == "convert") {
-    static const std::map<std::string, int64_t> kFactor = {
-        {"kilometers", 1000}, {"meters", 100}, {"kilograms", 1000}, {"hours", 60},
-        {"minutes", 60},      {"days", 24},    {"weeks", 7}};
-    long long n = 0;
-    char unit[32] = {0};
-    EXPECT_EQ(std::sscanf(q.c_str(), "Convert %lld %31s", &n, unit), 2) << q;
-    return std::to_string(n * kFactor.at(unit));
+  if (it.task == "parity") {
+    long long n = -1;
+    EXPECT_EQ(std::sscanf(it.instruction.c_str(), "Is %lld even or odd?", &n), 1) << it.instruction;
+    return n % 2 == 0 ? "even" : "odd";
   }
   return "";
 }
@@ -123,7 +89,7 @@ TEST(DataDemo, ChatAndAlpacaHoldTheSameItemsAndEveryAnswerIsRight) {
     const std::vector<Item> items = alpaca_items(demo(split + ".alpaca.jsonl"));
     const std::vector<json> chats = read_lines(demo(split + ".chat.jsonl"));
     ASSERT_EQ(items.size(), chats.size());
-    std::map<std::string, int> per_task;
+    std::map<std::string, int> per_task, per_answer;
     for (size_t i = 0; i < items.size(); ++i) {
       const Item& it = items[i];
       EXPECT_EQ(it.output, answer(it)) << split << " line " << i + 1 << ": " << it.instruction;
@@ -131,8 +97,11 @@ TEST(DataDemo, ChatAndAlpacaHoldTheSameItemsAndEveryAnswerIsRight) {
       EXPECT_EQ(chats[i]["messages"][0]["content"], user);
       EXPECT_EQ(chats[i]["messages"][1]["content"], it.output);
       ++per_task[it.task];
+      ++per_answer[it.output];
     }
-    EXPECT_EQ(per_task.size(), 8u);
+    EXPECT_EQ(per_task.size(), 1u);
+    // Even and odd drawn in turn, then shuffled: about half each in either split.
+    EXPECT_NEAR(per_answer["even"], static_cast<double>(items.size()) / 2, static_cast<double>(items.size()) / 10);
   }
 }
 
@@ -150,6 +119,38 @@ TEST(DataDemo, LoadsThroughThePipelineInBothForms) {
   EXPECT_EQ(chat.examples.size(), 300u);
   // Trained tokens are the answer plus eos (alpaca) or <|eot_id|> (chat): the same count.
   EXPECT_EQ(alpaca.summary.trained_tokens, chat.summary.trained_tokens);
+}
+
+// The tokenizer `qlora demo` builds: merges learned from the training texts,
+// then Llama 3's specials. Every held-out text encodes and decodes back
+// exactly, digits stay one token each, each answer is one token, and the
+// merges make the texts several times shorter than their bytes.
+TEST(DataDemo, LearnedDemoTokenizerReadsTheHeldOutSet) {
+  const auto merges = learn_merges(rendered_texts(demo("train.alpaca.jsonl")), 512);
+  ASSERT_FALSE(merges.empty());
+  const std::string dir = qlora::testing::make_temp_dir("demo_tokenizer");
+  const int64_t vocab = write_demo_tokenizer(dir, merges);
+  EXPECT_EQ(vocab, 256 + static_cast<int64_t>(merges.size() + demo_special_tokens().size()));
+  const std::unique_ptr<Tokenizer> t = load_tokenizer(dir);
+  EXPECT_EQ(t->vocab_size(), vocab);
+  EXPECT_EQ(t->bos_id(), *t->token_id("<|begin_of_text|>"));
+  EXPECT_EQ(t->eos_id(), *t->token_id("<|end_of_text|>"));
+  EXPECT_EQ(t->bos_id(), vocab - static_cast<int64_t>(demo_special_tokens().size()));
+  size_t bytes = 0, tokens = 0;
+  for (const std::string& text : rendered_texts(demo("eval.alpaca.jsonl"))) {
+    const std::vector<int32_t> ids = t->encode(text);
+    EXPECT_EQ(t->decode(ids), text);
+    for (int32_t id : ids) {
+      const std::string piece = t->decode({id});
+      if (piece.find_first_of("0123456789") != std::string::npos) {
+        EXPECT_EQ(piece.size(), 1u) << text;
+      }
+    }
+    bytes += text.size();
+    tokens += ids.size();
+  }
+  EXPECT_LT(tokens * 3, bytes);
+  for (const std::string answer : {"even", "odd"}) EXPECT_EQ(t->encode(answer).size(), 1u) << answer;
 }
 
 // With the tokenizers of tests/data/tokenizer (a byte-level BPE with Llama 3's
