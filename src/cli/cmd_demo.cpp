@@ -4,23 +4,28 @@
 //
 // Builds a tiny random Llama and a byte-level tokenizer in --dir/model, writes
 // the run's config to --dir/run.yaml, and trains a LoRA adapter on the shipped
-// synthetic task (data/demo), evaluating on its held-out split before, during
-// and after training. Half-way it stops on purpose and resumes from its
-// checkpoint, as after a kill. Ends by saying where the adapter is and how to
-// use it.
+// synthetic task (data/demo: is a number even or odd), evaluating on its
+// held-out split before, half-way and after training. Half-way it stops on
+// purpose and resumes from its checkpoint, as after a kill. Ends with one
+// held-out prompt answered before and after training, the held-out exact
+// match before -> after, and where the adapter is and how to use it.
 #include <unistd.h>
 
+#include <chrono>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "cli/commands.h"
 #include "qlora/common/errors.h"
 #include "qlora/common/log.h"
-#include "qlora/data/demo_tokenizer.h"
 #include "qlora/train/demo.h"
+#include "qlora/train/progress.h"
 #include "qlora/train/run.h"
 
 namespace qlora::cli {
@@ -28,15 +33,11 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// Merges of the demo tokenizer: words of the prompts become single tokens
-// (numbers stay digit by digit), about 4x fewer tokens than raw bytes.
-constexpr int kDemoMerges = 512;
-
 struct DemoOptions {
   std::string dir = "qlora-demo";
   std::string data;  // empty: data/demo beside the binary's source tree, or in the working directory
-  int64_t steps = 200;
-  int64_t eval_examples = 32;
+  int64_t steps = train::kDemoSteps;
+  int64_t eval_examples = 300;  // every held-out prompt of data/demo
   std::string device = "auto";
 };
 
@@ -60,6 +61,67 @@ std::string find_demo_data(const std::string& given) {
                    "the binary; run from the repository root or pass --data DIR");
 }
 
+// The prompt of the index-th example of a JSONL file as a user wrote it (an
+// alpaca instruction and its input, a chat's last user message, a completion's
+// prompt), for showing beside the model's answer.
+std::string prompt_of(const std::string& jsonl_path, int64_t index) {
+  std::ifstream in(jsonl_path);
+  std::string line;
+  int64_t n = 0;
+  while (std::getline(in, line)) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;  // the loader skips these too
+    if (n++ < index) continue;
+    const nlohmann::json j = nlohmann::json::parse(line);
+    if (j.contains("instruction")) {
+      const std::string input = j.value("input", "");
+      return j["instruction"].get<std::string>() + (input.empty() ? "" : "\n\n" + input);
+    }
+    if (j.contains("messages")) {
+      std::string user;
+      for (const auto& m : j["messages"])
+        if (m.value("role", "") == "user") user = m.value("content", "");
+      return user;
+    }
+    return j.value("prompt", "");
+  }
+  return "";
+}
+
+// "text" with quotes, backslashes and control characters escaped, so a
+// random model's answer (newlines, nothing at all) reads as one string.
+std::string quoted(const std::string& text) {
+  std::string out = "\"";
+  for (const char c : text) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      char hex[8];
+      std::snprintf(hex, sizeof hex, "\\x%02x", static_cast<unsigned>(static_cast<unsigned char>(c)));
+      out += hex;
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
+}
+
+// "97.5% (292/300)"
+std::string exact_match_text(const train::EvalResult& r) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.1f%% (%lld/%lld)", 100.0 * r.accuracy(), static_cast<long long>(r.exact),
+                static_cast<long long>(r.generated));
+  return buf;
+}
+
+std::string fixed3(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3f", v);
+  return buf;
+}
+
 }  // namespace
 
 Runner add_demo_command(CLI::App& root) {
@@ -76,23 +138,21 @@ Runner add_demo_command(CLI::App& root) {
       ->capture_default_str()
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   return [opts]() {
+    const auto start = std::chrono::steady_clock::now();
     const std::string data_dir = find_demo_data(opts->data);
     const fs::path work(opts->dir);
     const fs::path model_dir = work / "model";
     if (!fs::exists(model_dir / "model.safetensors")) {
       log::info("building the tiny base model and tokenizer in " + model_dir.string());
-      const auto merges = data::learn_merges(data::rendered_texts(data_dir + "/train.alpaca.jsonl"), kDemoMerges);
-      const int64_t vocab = data::write_demo_tokenizer(model_dir.string(), merges);
-      train::write_random_llama(model_dir.string(), train::demo_model_config(vocab), 1234);
+      train::write_demo_model(model_dir.string(), data_dir + "/train.alpaca.jsonl");
     } else {
       log::info("using the tiny base model already in " + model_dir.string());
     }
-    Config cfg = train::demo_config(work.string(), data_dir);
+    Config cfg = train::demo_config(work.string(), data_dir, opts->steps);
     if (fs::exists(cfg.output.dir)) {
       log::info("removing the previous demo run in " + cfg.output.dir);
       fs::remove_all(cfg.output.dir);
     }
-    cfg.train.max_steps = opts->steps;
     const fs::path yaml = work / "run.yaml";
     std::ofstream(yaml) << "# written by `qlora demo`; rerun with: qlora train --config " << yaml.string() << "\n"
                         << to_yaml(cfg);
@@ -120,12 +180,27 @@ Runner add_demo_command(CLI::App& root) {
       r.steps += first.steps;
     }
 
-    std::cout << "\nqlora demo finished: " << r.steps << " steps, train loss " << r.first_loss << " -> " << r.last_loss;
-    if (r.has_eval)
-      std::cout << ", held-out loss " << r.start_eval.loss << " -> " << r.final_eval.loss << ", exact match "
-                << r.start_eval.exact << "/" << r.start_eval.generated << " -> " << r.final_eval.exact << "/"
-                << r.final_eval.generated;
-    std::cout << "\n  adapter (PEFT format): " << r.adapter_dir << "\n  metrics: " << r.metrics_path
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::cout << "\nqlora demo finished: " << r.steps << (r.steps == 1 ? " step" : " steps") << " in "
+              << train::format_duration(seconds);
+    if (first.interrupted) std::cout << " (stopped after step " << stop_at << " and resumed from its checkpoint)";
+    std::cout << "\n";
+    if (r.has_eval) {
+      const auto& before = r.start_eval.samples;
+      const auto& after = r.final_eval.samples;
+      if (!before.empty() && !after.empty() && before.front().index == after.front().index)
+        std::cout << "  sample: " << quoted(prompt_of(cfg.data.eval_path, after.front().index))
+                  << " -> before: " << quoted(before.front().answer) << " after: " << quoted(after.front().answer)
+                  << " (expected " << quoted(after.front().reference) << ")\n";
+      if (r.final_eval.generated > 0)
+        std::cout << "  held-out exact match (prompts not in the training data): " << exact_match_text(r.start_eval)
+                  << " -> " << exact_match_text(r.final_eval) << "\n";
+      std::cout << "  loss: train " << fixed3(r.first_loss) << " -> " << fixed3(r.last_loss) << ", held-out "
+                << fixed3(r.start_eval.loss) << " -> " << fixed3(r.final_eval.loss) << "\n";
+    } else {
+      std::cout << "  train loss " << fixed3(r.first_loss) << " -> " << fixed3(r.last_loss) << "\n";
+    }
+    std::cout << "  adapter (PEFT format): " << r.adapter_dir << "\n  metrics: " << r.metrics_path
               << "\n  use it with transformers + PEFT:\n"
               << "    model = AutoModelForCausalLM.from_pretrained(\"" << model_dir.string() << "\")\n"
               << "    model = PeftModel.from_pretrained(model, \"" << r.adapter_dir << "\")\n"

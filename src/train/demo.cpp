@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -133,7 +134,33 @@ void write_llama_config(const std::string& dir, const LlamaConfig& c) {
   write_text(fs::path(dir) / "config.json", config.dump(2) + "\n");
 }
 
-Config demo_config(const std::string& work_dir, const std::string& data_dir) {
+int64_t write_demo_model(const std::string& dir, const std::string& train_jsonl) {
+  const auto merges = data::learn_merges(data::rendered_texts(train_jsonl), kDemoMerges);
+  const int64_t vocab = data::write_demo_tokenizer(dir, merges);
+  write_random_llama(dir, demo_model_config(vocab), kDemoModelSeed);
+  return vocab;
+}
+
+// Note [demo settings]
+// The base is random and frozen, so the LoRA adapter must learn the task from
+// nothing in well under a minute on two CPU cores. The shipped task (is a
+// number even or odd, data/demo) is decided by one feature of the prompt, its
+// last digit, so what is learned on the training numbers holds for unseen ones.
+// Measured on 2026-12-07 on 2 CPU cores (qlora train on the demo's run.yaml
+// with --set train.seed=1|2|3, exact match over all 300 held-out prompts):
+// with these settings every run reached 300/300 by step 150 of 200, for three
+// training seeds on each of six setups (this base, seed 5, on the shipped
+// data; seed 1234's base on the shipped data and on the data drawn with two
+// other seeds; two more random bases); at step 100, 14 of the 18 runs were at
+// 300/300 and the rest at 138-289. ~17 s of training a run when the machine
+// is otherwise idle. With max_steps 100 the three seeds on seed 1234's base
+// reached 218-273/300: too little margin. The held-out loss stays near 1 at
+// 100% accuracy: the frozen final norm and random lm_head bound how sharp the
+// logits can get.
+// kDemoModelSeed is 5 rather than any seed because the untrained answer is
+// shown: seed 5's base babbles ("elelel"), some bases end every answer at once
+// and show an empty string.
+Config demo_config(const std::string& work_dir, const std::string& data_dir, int64_t steps) {
   Config c = default_config();
   c.source = "<qlora demo>";
   c.model.path = (fs::path(work_dir) / "model").string();
@@ -143,22 +170,24 @@ Config demo_config(const std::string& work_dir, const std::string& data_dir) {
   c.lora.target_modules = {"all-linear"};
   c.data.path = (fs::path(data_dir) / "train.alpaca.jsonl").string();
   c.data.eval_path = (fs::path(data_dir) / "eval.alpaca.jsonl").string();
-  c.data.max_seq_length = 320;
+  c.data.max_seq_length = 64;  // the demo's prompts are under 40 tokens
   c.train.micro_batch_size = 8;
   c.train.gradient_accumulation_steps = 1;
-  c.train.max_steps = 200;
+  c.train.max_steps = steps;
   c.train.learning_rate = 2e-3;
   c.train.lr_scheduler = LrSchedule::kCosine;
-  c.train.warmup_steps = 10;
+  c.train.warmup_steps = std::min<int64_t>(10, steps / 10);
   c.train.max_grad_norm = 1.0;
   c.train.precision = Precision::kAuto;
   c.train.gradient_checkpointing = false;
   c.train.optimizer = OptimizerKind::kPagedAdamW8bit;
-  c.train.eval_steps = 100;
+  c.train.eval_steps = std::max<int64_t>(1, steps / 2);  // half-way, where the demo stops and resumes
   c.output.dir = (fs::path(work_dir) / "out").string();
-  c.output.save_steps = 50;
+  // Every fifth of the run: never at the half-way stop (for steps a multiple
+  // of 10), which writes its own checkpoint.
+  c.output.save_steps = std::max<int64_t>(1, steps / 5);
   c.output.keep_last = 2;
-  c.output.logging_steps = 10;
+  c.output.logging_steps = std::max<int64_t>(1, steps / 10);
   return c;
 }
 

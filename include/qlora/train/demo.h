@@ -1,7 +1,7 @@
 // train/demo: the assets `qlora demo` builds so a first run needs no file of
 // the user's: a byte-level tokenizer, a tiny random Llama written as a Hugging
 // Face model directory, and the config that trains it on the shipped
-// synthetic task (data/demo).
+// synthetic task (data/demo: is a number even or odd).
 //
 // The tokenizer is a byte-level BPE tokenizer.json whose merges are learned
 // from the demo's training text (data/demo_tokenizer.h).
@@ -49,8 +49,21 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> llama_tensor_shapes(co
 // (On a GPU the draws differ from the CPU's, same seed or not.)
 model::WeightSource random_llama_weights(const LlamaConfig& shape, uint64_t seed, c10::Device device);
 
-// The demo's run config, rooted at `work_dir` (model in work_dir/model,
-// output in work_dir/out), reading the shipped data under `data_dir`.
-Config demo_config(const std::string& work_dir, const std::string& data_dir);
+// ---------------------------------------------------------------- the demo run
+inline constexpr int64_t kDemoSteps = 200;          // optimizer steps of `qlora demo`
+inline constexpr int kDemoMerges = 512;             // at most; the demo data needs fewer
+inline constexpr uint64_t kDemoModelSeed = 5;       // the random base's weights (Note [demo settings])
+
+// The demo's base model directory: a tokenizer whose merges (at most
+// kDemoMerges) are learned from the training file `train_jsonl`, and a random
+// model of demo_model_config's shape for that vocabulary (kDemoModelSeed).
+// Returns the vocabulary size.
+int64_t write_demo_model(const std::string& dir, const std::string& train_jsonl);
+
+// The demo's run config for `steps` optimizer steps (Note [demo settings] in
+// demo.cpp): rooted at `work_dir` (model in work_dir/model, output in
+// work_dir/out), reading the shipped data under `data_dir` (alpaca form),
+// evaluated half-way and at the end.
+Config demo_config(const std::string& work_dir, const std::string& data_dir, int64_t steps = kDemoSteps);
 
 }  // namespace qlora::train
