@@ -55,7 +55,10 @@ DeviceChoice choose_device(const Config& cfg, const std::string& want, int64_t l
                       std::to_string(g.cc_major) + std::to_string(g.cc_minor) + ")";
     }
   }
-  if (d.device.is_cpu()) d.description = "CPU (" + std::to_string(at::get_num_threads()) + " threads)";
+  if (d.device.is_cpu()) {
+    const int threads = at::get_num_threads();
+    d.description = "CPU (" + std::to_string(threads) + (threads == 1 ? " thread)" : " threads)");
+  }
   d.precision = amp::resolve_precision(cfg.train.precision, d.device.is_cuda(), d.cc_major);
   return d;
 }
