@@ -11,6 +11,7 @@
 
 #include "data/bpe.h"
 #include "qlora/common/errors.h"
+#include "qlora/common/text.h"
 #include "qlora/data/format.h"
 
 namespace qlora::data {
@@ -18,13 +19,6 @@ namespace {
 
 using json = nlohmann::ordered_json;
 namespace fs = std::filesystem;
-
-void write_text(const fs::path& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out << text;
-  out.close();
-  if (!out) throw std::runtime_error("cannot write " + path.string());
-}
 
 }  // namespace
 
@@ -154,16 +148,16 @@ int64_t write_demo_tokenizer(const std::string& dir, const std::vector<std::pair
         {"ignore_merges", false},
         {"vocab", vocab},
         {"merges", merge_list}}}};
-  write_text(fs::path(dir) / "tokenizer.json", tok.dump(1) + "\n");
+  write_text_file((fs::path(dir) / "tokenizer.json").string(), tok.dump(1) + "\n");
   const json cfg = {{"bos_token", "<|begin_of_text|>"},
                     {"eos_token", "<|end_of_text|>"},
                     {"add_bos_token", true},
                     {"clean_up_tokenization_spaces", false},
                     {"model_max_length", 1024},
                     {"tokenizer_class", "PreTrainedTokenizerFast"}};
-  write_text(fs::path(dir) / "tokenizer_config.json", cfg.dump(1) + "\n");
+  write_text_file((fs::path(dir) / "tokenizer_config.json").string(), cfg.dump(1) + "\n");
   const json special = {{"bos_token", "<|begin_of_text|>"}, {"eos_token", "<|end_of_text|>"}};
-  write_text(fs::path(dir) / "special_tokens_map.json", special.dump(1) + "\n");
+  write_text_file((fs::path(dir) / "special_tokens_map.json").string(), special.dump(1) + "\n");
   return first_special + static_cast<int64_t>(demo_special_tokens().size());
 }
 

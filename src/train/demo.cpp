@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "qlora/common/text.h"
 #include "qlora/data/demo_tokenizer.h"
 #include "qlora/io/torch_io.h"
 #include "qlora/model/llama.h"
@@ -22,13 +23,6 @@ namespace {
 
 using json = nlohmann::ordered_json;
 namespace fs = std::filesystem;
-
-void write_text(const fs::path& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out << text;
-  out.close();
-  if (!out) throw std::runtime_error("cannot write " + path.string());
-}
 
 }  // namespace
 
@@ -131,7 +125,7 @@ void write_llama_config(const std::string& dir, const LlamaConfig& c) {
                        {"bos_token_id", c.vocab_size - static_cast<int64_t>(data::demo_special_tokens().size())},
                        {"eos_token_id", c.vocab_size - static_cast<int64_t>(data::demo_special_tokens().size()) + 1},
                        {"torch_dtype", "float32"}};
-  write_text(fs::path(dir) / "config.json", config.dump(2) + "\n");
+  write_text_file((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
 }
 
 int64_t write_demo_model(const std::string& dir, const std::string& train_jsonl) {

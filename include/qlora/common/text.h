@@ -26,4 +26,7 @@ std::string to_lower(std::string_view s);
 // `s` without leading and trailing ASCII whitespace (a view into s).
 std::string_view trim(std::string_view s);
 
+// Writes `text` to `path` (replacing it); std::runtime_error naming the path when it cannot.
+void write_text_file(const std::string& path, const std::string& text);
+
 }  // namespace qlora
