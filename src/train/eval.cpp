@@ -133,16 +133,12 @@ EvalResult evaluate(const model::LlamaModel& model, const data::Tokenizer& token
 
   // Exact match: greedy answers to the first generate_examples prompts.
   const std::vector<int32_t> stops = stop_token_ids(tokenizer);
-  std::vector<const data::TokenizedExample*> chosen;
-  std::vector<int64_t> chosen_index;
+  std::vector<size_t> chosen;  // indices into examples
   for (size_t i = 0; i < examples.size(); ++i) {
     if (static_cast<int64_t>(chosen.size()) >= options.generate_examples) break;
     const auto& e = examples[i];
     const size_t k = first_trained(e);
-    if (!e.truncated && k > 0 && k < e.input_ids.size()) {
-      chosen.push_back(&e);
-      chosen_index.push_back(static_cast<int64_t>(i));
-    }
+    if (!e.truncated && k > 0 && k < e.input_ids.size()) chosen.push_back(i);
   }
   for (size_t i = 0; i < chosen.size(); i += static_cast<size_t>(bs)) {
     std::vector<std::vector<int32_t>> prompts;
@@ -152,7 +148,7 @@ EvalResult evaluate(const model::LlamaModel& model, const data::Tokenizer& token
     // says its stop token, and would otherwise always run to the cap).
     int64_t budget = 0;
     for (size_t j = i; j < std::min(chosen.size(), i + static_cast<size_t>(bs)); ++j) {
-      const auto& e = *chosen[j];
+      const auto& e = examples[chosen[j]];
       const size_t k = first_trained(e);
       prompts.emplace_back(e.input_ids.begin(), e.input_ids.begin() + static_cast<std::ptrdiff_t>(k));
       const std::vector<int32_t> ref =
@@ -166,7 +162,7 @@ EvalResult evaluate(const model::LlamaModel& model, const data::Tokenizer& token
       std::string answer = tokenizer.decode(answers[j]);
       if (trim(answer) == refs[j]) ++r.exact;
       if (static_cast<int64_t>(r.samples.size()) < options.samples)
-        r.samples.push_back({chosen_index[i + j], std::move(answer), refs[j]});
+        r.samples.push_back({static_cast<int64_t>(chosen[i + j]), std::move(answer), refs[j]});
     }
   }
   r.seconds = std::chrono::duration<double>(Clock::now() - start).count();
