@@ -48,8 +48,8 @@ int interrupt_after_steps(const std::string& dir, const std::string& config, int
   const pid_t pid = fork();
   if (pid == 0) {
     if (!freopen(err.c_str(), "w", stderr)) _exit(99);
-    execl(QLORA_BIN, QLORA_BIN, "train", "--config", config.c_str(), "--device", "cpu", "--no-start-eval",
-          static_cast<char*>(nullptr));
+    execl(QLORA_BIN, QLORA_BIN, "train", "--config", config.c_str(), "--device", "cpu", "--no-start-eval", "--set",
+          "train.learning_rate=2e-4", "--set", "output.logging_steps=1", static_cast<char*>(nullptr));
     _exit(98);
   }
   const std::string metrics = dir + "/out/metrics.jsonl";
@@ -72,7 +72,15 @@ TEST(CliTrain, SigintSavesACheckpointAndResumeAutoFinishes) {
   const std::string config = write_config(dir, 2000);
   EXPECT_EQ(interrupt_after_steps(dir, config, SIGINT), 130) << read(dir + "/stderr.txt");
   const std::string err = read(dir + "/stderr.txt");
-  EXPECT_NE(err.find("--resume auto"), std::string::npos) << err;
+  EXPECT_NE(err.find("Ctrl-C: stopping at the end of this micro batch, then saving a checkpoint (Ctrl-C again to "
+                     "quit now without saving)"),
+            std::string::npos)
+      << err;
+  // The command that continues the run repeats the overrides it was started with.
+  EXPECT_NE(err.find("Continue with: qlora train --config " + config +
+                     " --set train.learning_rate=2e-4 --set output.logging_steps=1 --device cpu --resume auto"),
+            std::string::npos)
+      << err;
   const ckpt::Found found = ckpt::find_latest_valid(dir + "/out");
   ASSERT_TRUE(found) << err;
   EXPECT_GE(found.step, 3);
@@ -106,9 +114,25 @@ TEST(CliTrain, BadResumePathAndStaleOutputDirAreClearErrors) {
   EXPECT_EQ(r.exit_code, 2) << r.err;
   EXPECT_NE(r.err.find("already holds checkpoints"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("--resume auto"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("--resume none"), std::string::npos) << r.err;
+  // The run is finished: resuming it says so and does nothing.
+  r = testing::run_qlora("train --config " + config + " --device cpu --resume auto");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("is finished: " + dir + "/out/checkpoint-4 holds step 4 of 4"), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("done:"), std::string::npos) << r.err;
 
   r = testing::run_qlora("train --config " + dir + "/missing.yaml");
   EXPECT_EQ(r.exit_code, 2) << r.err;
+}
+
+TEST(CliTrain, UnknownCommandNamesTheCommands) {
+  auto r = testing::run_qlora("trian --config x.yaml");
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("unknown command 'trian' (did you mean 'train'?)"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("demo train plan config data merge env"), std::string::npos) << r.err;
+  r = testing::run_qlora("foo");
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("unknown command 'foo'; the commands are"), std::string::npos) << r.err;
 }
 
 // --micro-batch auto measures on a GPU; on a CPU it says so and keeps the

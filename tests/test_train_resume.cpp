@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "qlora/ckpt/lock.h"
 #include "qlora/ckpt/sha256.h"
 #include "qlora/ckpt/store.h"
 #include "qlora/common/errors.h"
@@ -208,11 +209,107 @@ TEST(TrainResume, ResumePathThatDoesNotVerify) {
     EXPECT_NE(m.find("optimizer.safetensors"), std::string::npos) << m;
     EXPECT_NE(m.find("--resume auto"), std::string::npos) << m;
   }
-  // auto skips it with a warning and, with nothing older, starts over.
+  // auto finds checkpoints and none that verifies: refused, naming each and
+  // the flag that starts over, and nothing moved.
   again.resume = "auto";
-  const train::RunResult fresh = train::run_training(resume_config(out), again);
+  try {
+    train::run_training(resume_config(out), again);
+    FAIL() << "expected --resume auto to refuse a directory whose checkpoints are all damaged";
+  } catch (const InputError& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("none of them verifies"), std::string::npos) << m;
+    EXPECT_NE(m.find("checkpoint-2"), std::string::npos) << m;
+    EXPECT_NE(m.find("optimizer.safetensors"), std::string::npos) << m;
+    EXPECT_NE(m.find("--resume none"), std::string::npos) << m;
+  }
+  EXPECT_TRUE(fs::exists(r.last_checkpoint));
+  // --resume none starts over and keeps the earlier run aside, not deleted.
+  again.resume = "none";
+  Config shorter = resume_config(out);
+  shorter.train.max_steps = 3;
+  const train::RunResult fresh = train::run_training(shorter, again);
   EXPECT_EQ(fresh.start_step, 0);
-  EXPECT_EQ(fresh.steps, kSteps);
+  EXPECT_EQ(fresh.steps, 3);
+  int aside = 0;
+  for (const auto& e : fs::directory_iterator(out))
+    if (e.path().filename().string().rfind("earlier-run-", 0) == 0) {
+      ++aside;
+      EXPECT_TRUE(fs::exists(e.path() / "checkpoint-2" / "optimizer.safetensors")) << e.path();
+    }
+  EXPECT_EQ(aside, 1);
+}
+
+// A stop right after a periodic save writes nothing again: the checkpoint of
+// that step is already on disk and verified.
+TEST(TrainResume, StopRightAfterASaveDoesNotSaveAgain) {
+  at::set_num_threads(1);
+  const std::string out = testing::make_temp_dir("resume_nodup");
+  Config cfg = resume_config(out);
+  cfg.output.save_steps = 2;
+  train::RunOptions o = quiet();
+  o.stop_when = [](int64_t step, int64_t micro) { return step == 3 && micro == 0; };
+  const train::RunResult r = train::run_training(cfg, o);
+  ASSERT_TRUE(r.interrupted);
+  EXPECT_EQ(ckpt::checkpoint_step(r.last_checkpoint), 2);
+  EXPECT_EQ(r.checkpoints_written, 1);
+  // Resumed from it and stopped inside the first window (its checkpoint is
+  // the one resumed from): nothing written either.
+  train::RunOptions again = quiet();
+  again.resume = "auto";
+  again.stop_when = [](int64_t step, int64_t micro) { return step == 3 && micro == 1; };
+  const train::RunResult r2 = train::run_training(cfg, again);
+  EXPECT_TRUE(r2.interrupted);
+  EXPECT_EQ(r2.checkpoints_written, 0);
+  EXPECT_EQ(r2.last_checkpoint, r.last_checkpoint);
+}
+
+// Resuming a run that has finished does nothing and says so; with its adapter
+// missing (a kill after the last save) it writes the adapter and nothing else.
+TEST(TrainResume, FinishedRunResumesToNothing) {
+  at::set_num_threads(1);
+  const std::string out = testing::make_temp_dir("resume_finished");
+  Config cfg = resume_config(out);
+  cfg.train.max_steps = 3;
+  const train::RunResult done = train::run_training(cfg, quiet());
+  ASSERT_EQ(done.steps, 3);
+  const std::string adapter = done.adapter_dir + "/adapter_model.safetensors";
+  const std::string sha = ckpt::sha256_file(adapter);
+  const auto metrics_size = fs::file_size(done.metrics_path);
+
+  train::RunOptions again = quiet();
+  again.resume = "auto";
+  const train::RunResult r = train::run_training(cfg, again);
+  EXPECT_TRUE(r.finished_before);
+  EXPECT_EQ(r.steps, 0);
+  EXPECT_EQ(r.start_step, 3);
+  EXPECT_EQ(r.checkpoints_written, 0);
+  EXPECT_EQ(fs::file_size(done.metrics_path), metrics_size);  // no evaluation, no step lines
+
+  fs::remove_all(done.adapter_dir);
+  const train::RunResult r2 = train::run_training(cfg, again);
+  EXPECT_TRUE(r2.finished_before);
+  EXPECT_EQ(r2.checkpoints_written, 0);
+  ASSERT_TRUE(fs::exists(adapter));
+  EXPECT_EQ(ckpt::sha256_file(adapter), sha);
+
+  // A longer run asked for: it trains on from the checkpoint.
+  cfg.train.max_steps = 5;
+  const train::RunResult longer = train::run_training(cfg, again);
+  EXPECT_FALSE(longer.finished_before);
+  EXPECT_EQ(longer.start_step, 3);
+  EXPECT_EQ(longer.steps, 2);
+}
+
+// Two runs in one output.dir: the second is refused while the first holds it.
+TEST(TrainResume, BusyOutputDirIsRefused) {
+  const std::string out = testing::make_temp_dir("resume_busy");
+  ckpt::OutputDirLock other(out);
+  try {
+    train::run_training(resume_config(out), quiet());
+    FAIL() << "expected a busy output.dir to be refused";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("in use by another qlora run"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace

@@ -1,6 +1,8 @@
 #include "qlora/cli/app.h"
 
+#include <algorithm>
 #include <exception>
+#include <string>
 #include <iostream>
 #include <utility>
 #include <vector>
@@ -24,6 +26,34 @@ Config load_config_options(const ConfigOptions& opts) {
   return opts.path.empty() ? default_config(opts.overrides) : load_config(opts.path, opts.overrides);
 }
 
+namespace {
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diag = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+
+// "; did you mean 'train'?" for a word within two edits of a command, else "".
+std::string closest_hint(const std::string& word, const std::vector<std::string>& names) {
+  std::string best;
+  size_t best_d = 3;
+  for (const auto& n : names)
+    if (const size_t d = edit_distance(word, n); d < best_d) best_d = d, best = n;
+  return best.empty() ? "" : " (did you mean '" + best + "'?)";
+}
+
+}  // namespace
+
 int run(int argc, char** argv) {
   CLI::App app{"qlora: QLoRA fine-tuning of Llama-family models (NF4 base, LoRA adapters)", "qlora"};
   app.require_subcommand(1);
@@ -39,6 +69,16 @@ int run(int argc, char** argv) {
   remember(add_merge_command(app));
   remember(add_env_command(app));
 
+  if (argc >= 2 && argv[1][0] != '-') {
+    std::vector<std::string> names;
+    for (const CLI::App* sub : app.get_subcommands({})) names.push_back(sub->get_name());
+    if (std::find(names.begin(), names.end(), argv[1]) == names.end()) {
+      std::cerr << "error: unknown command '" << argv[1] << "'" << closest_hint(argv[1], names) << "; the commands are";
+      for (const auto& n : names) std::cerr << " " << n;
+      std::cerr << " (qlora --help says what each does)\n";
+      return kExitBadInput;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -1,15 +1,18 @@
 #include "qlora/train/run.h"
 
 #include <ATen/ATen.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
@@ -17,6 +20,7 @@
 
 #include "qlora/amp/precision.h"
 #include "qlora/amp/scaler.h"
+#include "qlora/ckpt/lock.h"
 #include "qlora/ckpt/sha256.h"
 #include "qlora/ckpt/store.h"
 #include "qlora/common/errors.h"
@@ -118,19 +122,50 @@ std::string plan_line(const Config& cfg, const LlamaConfig& shape, int64_t world
 }
 
 // SIGINT / SIGTERM ask the run to stop at the next micro batch and save; a
-// second signal gets the default action (quit now, without saving).
+// second signal quits at once, without saving. Both say so on stderr (write(2)
+// is async-signal-safe; the texts are made before the handlers go in).
 std::atomic<bool> g_stop_signal{false};
+char g_first_text[2][256];
+char g_second_text[2][512];
+
+int signal_slot(int sig) { return sig == SIGINT ? 0 : 1; }
+
+void write_stderr(const char* text) {
+  for (size_t n = std::strlen(text); n > 0;) {
+    const ssize_t w = ::write(STDERR_FILENO, text, n);
+    if (w <= 0) return;
+    text += w;
+    n -= static_cast<size_t>(w);
+  }
+}
+
+extern "C" void on_second_signal(int sig) {
+  write_stderr(g_second_text[signal_slot(sig)]);
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);  // the shell sees the signal: exit status 128 + sig
+}
 
 extern "C" void on_stop_signal(int sig) {
   g_stop_signal.store(true);
-  std::signal(sig, SIG_DFL);
+  write_stderr(g_first_text[signal_slot(sig)]);
+  std::signal(sig, on_second_signal);
 }
 
 class SignalGuard {
  public:
-  explicit SignalGuard(bool enabled) : enabled_(enabled) {
+  SignalGuard(bool enabled, const std::string& output_dir) : enabled_(enabled) {
     if (!enabled_) return;
     g_stop_signal.store(false);
+    for (int slot = 0; slot < 2; ++slot) {
+      const char* what = slot == 0 ? "Ctrl-C" : "SIGTERM";
+      std::snprintf(g_first_text[slot], sizeof g_first_text[slot],
+                    "\n%s: stopping at the end of this micro batch, then saving a checkpoint (%s again to quit now "
+                    "without saving)\n",
+                    what, what);
+      std::snprintf(g_second_text[slot], sizeof g_second_text[slot],
+                    "\n%s again: quitting now without saving; the checkpoints already in %s are kept\n", what,
+                    output_dir.c_str());
+    }
     old_int_ = std::signal(SIGINT, on_stop_signal);
     old_term_ = std::signal(SIGTERM, on_stop_signal);
   }
@@ -148,6 +183,20 @@ class SignalGuard {
   void (*old_int_)(int) = SIG_DFL;
   void (*old_term_)(int) = SIG_DFL;
 };
+
+// "the run in out/ is finished: checkpoint-40 holds step 40 of 40; ..."
+std::string finished_line(const Config& cfg, const std::string& checkpoint, int64_t step, const std::string& adapter) {
+  return "the run in " + cfg.output.dir + " is finished: " + checkpoint + " holds step " + std::to_string(step) +
+         " of " + std::to_string(step) + ", the adapter is in " + adapter +
+         ". Nothing to do (raise train.max_steps or train.epochs to train further)";
+}
+
+// The command that continues this run: the caller's (with its --set
+// overrides), else one built from the config file.
+std::string continue_command(const Config& cfg, const RunOptions& options) {
+  return options.continue_command.empty() ? "qlora train --config " + cfg.source + " --resume auto"
+                                          : options.continue_command;
+}
 
 }  // namespace
 
@@ -231,8 +280,15 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   if (cfg.data.path.empty())
     throw InputError(cfg.source + ": data.path is not set; point it at a JSONL file (see `qlora data --help`)");
 
-  // 0. which checkpoint a resume continues from (or why a fresh start is
+  // 0. the output directory, held for this run alone (Note [output directory
+  // lock]); which checkpoint a resume continues from (or why a fresh start is
   // refused), decided before anything expensive loads
+  std::optional<ckpt::OutputDirLock> lock;
+  if (main_rank) {
+    std::string stale;
+    lock.emplace(cfg.output.dir, &stale);
+    if (!stale.empty()) log::warn(stale);
+  }
   const std::string resume_from = options.resume.empty() ? std::string() : resolve_resume(cfg.output.dir, options.resume);
   if (options.resume == "auto" && resume_from.empty())
     log::info("--resume auto: no checkpoint in " + cfg.output.dir + " yet; starting from step 0");
@@ -241,7 +297,26 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
       // Starting over here would leave the earlier run's later checkpoints for
       // a future --resume auto to pick up: refuse instead of mixing two runs.
       throw InputError(cfg.output.dir + " already holds checkpoints of an earlier run (newest: " + old.back() +
-                       "); pass --resume auto to continue it, or set output.dir to a new directory");
+                       "); pass --resume auto to continue it, --resume none to start over (the earlier run is "
+                       "moved to " + cfg.output.dir + "/earlier-run-<time>/), or set output.dir to a new directory");
+  }
+  if (options.resume == "none" && main_rank) {
+    if (const std::string aside = set_aside_earlier_run(cfg.output.dir); !aside.empty())
+      log::info("--resume none: starting over at step 0; the earlier run's checkpoints, metrics and adapter are "
+                "now in " + aside);
+  }
+  result.adapter_dir = (std::filesystem::path(cfg.output.dir) / "adapter").string();
+  if (!resume_from.empty()) {
+    const int64_t done = finished_step(resume_from, cfg);
+    if (done >= 0 && std::filesystem::exists(std::filesystem::path(result.adapter_dir) / "adapter_model.safetensors")) {
+      log::info(finished_line(cfg, resume_from, done, result.adapter_dir));
+      result.start_step = done;
+      result.total_steps = done;
+      result.last_checkpoint = resume_from;
+      result.finished_before = true;
+      result.metrics_path = MetricsLog::path_in(cfg.output.dir);
+      return result;
+    }
   }
 
   // 1. device and precision (and the CUDA kernels, once per process; a no-op without CUDA)
@@ -311,7 +386,7 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   so.enabled = amp::needs_loss_scaling(dev.precision);
   amp::LossScaler scaler(so);
   amp::BadStepPolicy bad_steps(cfg.train.max_bad_steps);
-  SignalGuard signals(options.handle_signals);
+  SignalGuard signals(options.handle_signals, cfg.output.dir);
   StepOptions step_options;
   step_options.max_grad_norm = cfg.train.max_grad_norm;
   step_options.gradient_checkpointing = cfg.train.gradient_checkpointing;
@@ -376,12 +451,28 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
     progress.message("step " + std::to_string(step) + " " + format_eval_line(r));
     return r;
   };
+  // The step whose checkpoint is on disk and verified: the one resumed from,
+  // then each save. A stop or the end right after a save saves nothing again.
+  int64_t saved_step = resume_from.empty() ? -1 : result.start_step;
+  if (!resume_from.empty()) result.last_checkpoint = resume_from;
   const auto save = [&]() {
+    if (trainer.step() == saved_step) return;
     result.last_checkpoint = save_checkpoint(cfg, objects, fingerprint, metrics_path);
+    saved_step = trainer.step();
+    ++result.checkpoints_written;
     progress.message("saved " + result.last_checkpoint);
   };
   const bool has_eval = !sets.eval.examples.empty();
   result.has_eval = has_eval;
+  if (result.start_step >= total) {
+    // Finished before, but its adapter is missing (a kill between the last
+    // save and the adapter's write): write it from the checkpoint, nothing else.
+    if (main_rank) lora::save_adapter(adapter, result.adapter_dir, cfg.model.path);
+    group.barrier();
+    result.finished_before = true;
+    log::info(finished_line(cfg, resume_from, result.start_step, result.adapter_dir) + " (the adapter was missing: written now)");
+    return result;
+  }
   if (has_eval && options.evaluate_at_start && result.start_step == 0) result.start_eval = run_eval(0);
 
   LoopSummary sum;
@@ -414,22 +505,20 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
                      " even at one sequence per micro batch (" + dev.description + "); saved " +
                      result.last_checkpoint + ". `qlora plan --config " + cfg.source +
                      "` shows what takes the memory: turn on train.gradient_checkpointing, target fewer "
-                     "lora.target_modules, or use a GPU with more memory; then qlora train --config " + cfg.source +
-                     " --resume auto");
+                     "lora.target_modules, or use a GPU with more memory; then " + continue_command(cfg, options));
   }
   if (sum.stopped) {
     save();
     result.interrupted = true;
     result.seconds = std::chrono::duration<double>(Clock::now() - start).count();
     log::warn("stopped at step " + std::to_string(trainer.step()) + " of " + std::to_string(total) + "; saved " +
-              result.last_checkpoint + ". Continue with: qlora train --config " + cfg.source + " --resume auto");
+              result.last_checkpoint + ". Continue with: " + continue_command(cfg, options));
     return result;
   }
   save();
   if (has_eval) result.final_eval = run_eval(trainer.step());
 
   // 8. the adapter, in PEFT's format
-  result.adapter_dir = (std::filesystem::path(cfg.output.dir) / "adapter").string();
   if (main_rank) lora::save_adapter(adapter, result.adapter_dir, cfg.model.path);
   group.barrier();  // no rank reports done before the adapter is on disk
   result.seconds = std::chrono::duration<double>(Clock::now() - start).count();

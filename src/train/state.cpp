@@ -4,11 +4,13 @@
 #include <ATen/Context.h>
 #include <ATen/core/Generator.h>
 
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <sstream>
 #include <utility>
+#include <vector>
 
 #include "qlora/amp/scaler.h"
 #include "qlora/ckpt/sha256.h"
@@ -154,10 +156,18 @@ std::string save_checkpoint(const Config& cfg, const TrainingObjects& o, const j
 }
 
 std::string resolve_resume(const std::string& output_dir, const std::string& resume) {
+  if (resume == "none") return {};
   if (resume == "auto") {
     const ckpt::Found f = ckpt::find_latest_valid(output_dir);
-    for (const auto& w : f.warnings) log::warn(w);
-    return f ? f.path : std::string();
+    if (f || f.warnings.empty()) {  // found one, or there is none at all
+      for (const auto& w : f.warnings) log::warn(w);
+      return f.path;
+    }
+    std::string msg = "--resume auto: " + output_dir + " holds checkpoints, but none of them verifies:\n";
+    for (const auto& w : f.warnings) msg += "  " + w + "\n";
+    msg += "Nothing was changed. Put back the damaged files (from a backup or a copy), or start over with "
+           "--resume none (the earlier run's checkpoints are then moved to " + output_dir + "/earlier-run-<time>/)";
+    throw InputError(msg);
   }
   if (!fs::is_directory(resume))
     throw InputError("--resume " + resume + ": no such checkpoint directory; use --resume auto to take the newest in " +
@@ -167,6 +177,43 @@ std::string resolve_resume(const std::string& output_dir, const std::string& res
     throw InputError("--resume " + resume + ": the checkpoint does not verify: " + v.reason +
                      "; use another checkpoint, or --resume auto to take the newest valid one");
   return resume;
+}
+
+std::string set_aside_earlier_run(const std::string& output_dir) {
+  std::vector<fs::path> move;
+  for (const auto& c : ckpt::list_checkpoints(output_dir)) move.emplace_back(c);
+  for (const char* name : {"metrics.jsonl", "adapter"})
+    if (fs::exists(fs::path(output_dir) / name)) move.push_back(fs::path(output_dir) / name);
+  if (move.empty()) return {};
+  const std::time_t t = std::time(nullptr);
+  std::tm tm{};
+  ::gmtime_r(&t, &tm);
+  char stamp[32];
+  std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", &tm);
+  fs::path aside = fs::path(output_dir) / ("earlier-run-" + std::string(stamp));
+  for (int n = 2; fs::exists(aside); ++n) aside = fs::path(output_dir) / ("earlier-run-" + std::string(stamp) + "-" + std::to_string(n));
+  std::error_code ec;
+  fs::create_directories(aside, ec);
+  for (const auto& p : move) {
+    if (!ec) fs::rename(p, aside / p.filename(), ec);
+    if (ec)
+      throw ckpt::CheckpointError("cannot move " + p.string() + " to " + aside.string() + ": " + ec.message() +
+                                  "; move the earlier run out of " + output_dir + " yourself, or use another output.dir");
+  }
+  return aside.string();
+}
+
+int64_t finished_step(const std::string& checkpoint_dir, const Config& cfg) {
+  const json run = json::parse(read_text(fs::path(checkpoint_dir) / "run.json"), nullptr, false);
+  const json other = run.is_object() ? run.value("fingerprint", json::object()).value("other", json::object()) : json();
+  if (!other.is_object() || other.value("train.max_steps", json()) != json(cfg.train.max_steps) ||
+      other.value("train.epochs", json()) != json(cfg.train.epochs))
+    return -1;
+  const json st = json::parse(read_text(fs::path(checkpoint_dir) / "trainer_state.json"), nullptr, false);
+  if (!st.is_object() || !st.contains("step") || !st.contains("total_steps")) return -1;
+  const json step = st["step"], total = st["total_steps"];
+  if (!step.is_number_integer() || !total.is_number_integer()) return -1;
+  return step.get<int64_t>() >= total.get<int64_t>() ? step.get<int64_t>() : -1;
 }
 
 int64_t load_checkpoint(const std::string& dir, const TrainingObjects& o, const json& fingerprint, bool force,

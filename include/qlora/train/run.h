@@ -26,7 +26,13 @@ struct RunOptions {
   bool progress_bar = false;        // draw a bar (stderr is a terminal)
   bool evaluate_at_start = true;    // held-out numbers before the first step (not on resume)
   EvalOptions eval;                 // batch and generation sizes of evaluation
-  std::string resume;               // "": fresh; "auto": newest valid checkpoint (fresh if none); or a path
+  // "": fresh (refused where output.dir holds checkpoints); "auto": the newest
+  // valid checkpoint (fresh where there is none; refused where none of several
+  // verifies); "none": start over, the earlier run moved aside; or a path.
+  std::string resume;
+  // What to print to continue after a stop (the CLI passes the command line
+  // with its --set overrides); "": `qlora train --config <source> --resume auto`.
+  std::string continue_command;
   bool force = false;               // resume even when the run's math changed
   bool handle_signals = true;       // SIGINT/SIGTERM: save a checkpoint, then return interrupted
   // Stop on purpose (demo, tests): asked before step `step` (1-based) starts
@@ -62,7 +68,9 @@ struct RunResult {
   std::string metrics_path;  // output_dir/metrics.jsonl
   int64_t start_step = 0;    // 0, or the step resumed from
   bool interrupted = false;  // stopped early (signal or stop_when); a checkpoint was saved
+  bool finished_before = false;  // a resume of a run that had already finished: nothing trained
   std::string last_checkpoint;
+  int64_t checkpoints_written = 0;  // by this call (a step already on disk is never written again)
   std::vector<double> losses;  // train loss of every step this call ran
   int64_t micro_batch_size = 0;             // as run (after --micro-batch auto)
   int64_t gradient_accumulation_steps = 0;  // as run
@@ -72,7 +80,8 @@ struct RunResult {
   int64_t no_recompute_layers = 0;          // as run (train.no_recompute_layers, after auto)
 };
 
-// Runs the whole recipe. Throws InputError for anything the user can fix (a
+// Runs the whole recipe, holding output.dir for this run alone (ckpt/lock.h;
+// InputError when another run holds it). Throws InputError for anything the user can fix (a
 // missing model.path, unreadable files, bad data, a resume that does not fit,
 // a step that does not fit in memory even at one sequence per micro batch:
 // after saving a checkpoint),

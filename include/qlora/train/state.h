@@ -95,9 +95,24 @@ std::string save_checkpoint(const Config& cfg, const TrainingObjects& objects, c
                             const std::string& metrics_path);
 
 // Which checkpoint `--resume` means: "auto" = the newest that verifies in
-// cfg.output.dir (warnings for newer broken ones go to the log; "" when there
-// is none), or a path (InputError when it does not verify, saying why).
+// output_dir (warnings for newer broken ones go to the log; "" when the
+// directory holds no checkpoint at all; InputError listing each and what is
+// wrong when it holds some and none verifies), "none" = "" (start over), or a
+// path (InputError when it does not verify, saying why).
 std::string resolve_resume(const std::string& output_dir, const std::string& resume);
+
+// `--resume none` in a directory that holds an earlier run: its checkpoints,
+// metrics.jsonl and adapter/ move to output_dir/earlier-run-<UTC time>/ (so a
+// later --resume auto cannot mix the two runs, and nothing is deleted).
+// Returns that directory, or "" when there was nothing to move.
+std::string set_aside_earlier_run(const std::string& output_dir);
+
+// A finished run: the checkpoint's trainer_state.json says step >= its total
+// steps, and cfg asks for the same length (train.max_steps and train.epochs
+// as the checkpoint's run.json recorded them). Returns that step, or -1 (not
+// finished, a longer run asked for, or unreadable: the resume then reads it
+// properly and says what is wrong).
+int64_t finished_step(const std::string& checkpoint_dir, const Config& cfg);
 
 // Restores every object from `dir` (verified first). Refuses (InputError
 // listing the differences) when the run's math changed, unless `force`.
