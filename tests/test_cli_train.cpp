@@ -7,11 +7,13 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <functional>
 #include <filesystem>
 #include <fstream>
 #include <string>
 #include <thread>
 
+#include "qlora/ckpt/sha256.h"
 #include "qlora/ckpt/store.h"
 #include "support/test_support.h"
 #include "support/train_fixtures.h"
@@ -133,6 +135,98 @@ TEST(CliTrain, UnknownCommandNamesTheCommands) {
   r = testing::run_qlora("foo");
   EXPECT_EQ(r.exit_code, 2) << r.err;
   EXPECT_NE(r.err.find("unknown command 'foo'; the commands are"), std::string::npos) << r.err;
+}
+
+// ---------------------------------------------------------------- kills triggered by progress
+
+// `qlora train` in a child (one thread, so the run is exact), SIGKILLed as
+// soon as `kill_now()` is true (polled every 200 us); without it, run to the
+// end. Returns the exit status (128 + signal when killed).
+int train_until(const std::string& config, const std::string& resume, const std::function<bool()>& kill_now,
+                const std::string& err_path) {
+  const pid_t pid = fork();
+  if (pid == 0) {
+    setenv("OMP_NUM_THREADS", "1", 1);
+    if (!freopen(err_path.c_str(), "w", stderr)) _exit(99);
+    if (resume.empty())
+      execl(QLORA_BIN, QLORA_BIN, "train", "--config", config.c_str(), "--device", "cpu", "--no-start-eval",
+            static_cast<char*>(nullptr));
+    else
+      execl(QLORA_BIN, QLORA_BIN, "train", "--config", config.c_str(), "--device", "cpu", "--no-start-eval",
+            "--resume", resume.c_str(), static_cast<char*>(nullptr));
+    _exit(98);
+  }
+  int status = 0;
+  while (kill_now) {
+    if (waitpid(pid, &status, WNOHANG) == pid)
+      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    if (kill_now()) {
+      kill(pid, SIGKILL);
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+bool has_temp_checkpoint(const std::string& out, int64_t step) {
+  std::error_code ec;
+  const std::string prefix = ".tmp-checkpoint-" + std::to_string(step) + "-";
+  for (const auto& e : fs::directory_iterator(out, ec))
+    if (e.path().filename().string().rfind(prefix, 0) == 0) return true;
+  return false;
+}
+
+// SIGKILL the moment checkpoint-N appears (between saves), or the moment the
+// temp directory of the save after it appears (inside a save); then
+// --resume auto must take over the dead run's lock, continue from a checkpoint
+// that verifies, and end with the adapter of a run that was never killed, bit
+// for bit.
+TEST(CliTrain, KillsTriggeredBySavesThenResumeEndsWithTheSameAdapter) {
+  const std::string dir = testing::make_temp_dir("cli_kill");
+  const auto config_in = [&](const std::string& out) {
+    const std::string data = testing::small_completion_data(dir, 64);
+    return testing::write_file(
+        dir, fs::path(out).filename().string() + ".yaml",
+        "model:\n  path: " + testing::small_model_dir() +
+            "\nlora:\n  r: 4\n  alpha: 8\n  dropout: 0.1\n  target_modules: [q_proj, v_proj]\n"
+            "data:\n  path: " + data + "\n  max_seq_length: 64\n"
+            "train:\n  micro_batch_size: 2\n  gradient_accumulation_steps: 2\n  max_steps: 12\n"
+            "  precision: fp32\n  optimizer: adamw\n  gradient_checkpointing: false\n"
+            "output:\n  dir: " + out + "\n  save_steps: 1\n  keep_last: 2\n  logging_steps: 1\n");
+  };
+  const std::string ref_out = dir + "/reference";
+  ASSERT_EQ(train_until(config_in(ref_out), "", nullptr, dir + "/reference.txt"), 0) << read(dir + "/reference.txt");
+  const std::string want = ckpt::sha256_file(ref_out + "/adapter/adapter_model.safetensors");
+
+  struct Round {
+    const char* name;
+    int64_t step;
+    bool inside_next_save;
+  };
+  for (const Round& round : {Round{"after-3", 3, false}, Round{"inside-6", 5, true}, Round{"after-9", 9, false}}) {
+    SCOPED_TRACE(round.name);
+    const std::string out = dir + "/" + round.name;
+    const std::string config = config_in(out);
+    const std::string err = dir + "/" + round.name + ".txt";
+    const std::string target = out + "/checkpoint-" + std::to_string(round.step);
+    const int killed = train_until(config, "", [&] {
+      return round.inside_next_save ? has_temp_checkpoint(out, round.step + 1) : fs::exists(target);
+    }, err);
+    ASSERT_EQ(killed, 128 + SIGKILL) << "the run ended before the kill: " << read(err);
+    EXPECT_TRUE(fs::exists(out + "/.qlora.lock"));  // kill -9: nobody removed it
+    const ckpt::Found found = ckpt::find_latest_valid(out);
+    ASSERT_TRUE(found) << read(err);
+    EXPECT_GE(found.step, round.step);
+
+    ASSERT_EQ(train_until(config, "auto", nullptr, err), 0) << read(err);
+    const std::string log = read(err);
+    EXPECT_NE(log.find("taking over " + out + "/.qlora.lock"), std::string::npos) << log;
+    EXPECT_NE(log.find("resumed from " + found.path), std::string::npos) << log;
+    EXPECT_EQ(ckpt::sha256_file(out + "/adapter/adapter_model.safetensors"), want) << log;
+    EXPECT_FALSE(fs::exists(out + "/.qlora.lock"));
+  }
 }
 
 // --micro-batch auto measures on a GPU; on a CPU it says so and keeps the

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -10,6 +11,7 @@
 #include "qlora/config/config.h"
 #include "qlora/plan/gpu.h"
 #include "support/test_support.h"
+#include "support/train_fixtures.h"
 
 namespace qlora {
 namespace {
@@ -256,6 +258,21 @@ TEST(Config, OverridesAreTypedAndWin) {
   EXPECT_TRUE(c.data.packing);
 }
 
+// `--set KEY=` with nothing after '=' puts the key back to its default: the
+// only way to drop a key the file sets (data.eval_path, to train on everything).
+TEST(Config, EmptyOverrideClearsAKey) {
+  const std::string text = "data:\n  path: a.jsonl\n  eval_path: b.jsonl\ntrain:\n  micro_batch_size: 3\n";
+  const Config c = parse_config(text, "e.yaml", {"data.eval_path=", "per_device_train_batch_size="});
+  EXPECT_EQ(c.data.eval_path, "");
+  EXPECT_EQ(c.data.path, "a.jsonl");
+  EXPECT_EQ(c.train.micro_batch_size, default_config().train.micro_batch_size);
+  EXPECT_EQ(parse_config(text, "e.yaml").data.eval_path, "b.jsonl");
+  // A cleared key that does not exist is still an unknown key.
+  EXPECT_NE(dump(issues_of(text, {"data.eval_pth="})).find("unknown key (from --set); did you mean data.eval_path?"),
+            std::string::npos)
+      << dump(issues_of(text, {"data.eval_pth="}));
+}
+
 TEST(Config, BadOverridesAreReported) {
   const auto issues = issues_of("", {"train.micro_batch_size=four", "train.nope=1", "justakey"});
   ASSERT_EQ(issues.size(), 3u) << dump(issues);
@@ -334,6 +351,33 @@ TEST(ConfigCommand, PrintShowsResolvedValuesWithOverrides) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("  micro_batch_size: 4"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("  optimizer: \"paged_adamw_8bit\""), std::string::npos) << r.out;
+}
+
+// `qlora config` reads the files the config names as `qlora train` will (no
+// weights loaded): a tokenizer train would refuse is refused here too.
+TEST(ConfigCommand, ChecksTheModelDirectoryTokenizerAndData) {
+  const std::string dir = testing::make_temp_dir("config_files");
+  const std::string data = testing::small_completion_data(dir, 4);
+  const auto config = [&](const std::string& model) {
+    return testing::write_file(dir, "run.yaml", "model:\n  path: " + model + "\ndata:\n  path: " + data + "\n");
+  };
+  auto r = run_qlora("config --config " + config(testing::small_model_dir()));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("model: llama, "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("tokenizer: "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("data.path: " + data), std::string::npos) << r.out;
+
+  const std::string broken = dir + "/model";
+  std::filesystem::copy(testing::small_model_dir(), broken);
+  testing::write_file(broken, "tokenizer.json", "{\"model\": {\"type\": \"BPE\"");
+  r = run_qlora("config --config " + config(broken));
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.err.find(broken + "/tokenizer.json"), std::string::npos) << r.err;
+  EXPECT_EQ(r.out.find("valid"), std::string::npos) << r.out;
+
+  r = run_qlora("config --config " + config(testing::small_model_dir()) + " --set data.path=" + dir);
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("data.path: " + dir + " is a directory"), std::string::npos) << r.err;
 }
 
 TEST(ConfigCommand, UnknownFlagExitsTwo) {

@@ -18,7 +18,8 @@ void add_config_options(CLI::App& cmd, ConfigOptions& opts, bool required) {
   auto* c = cmd.add_option("-c,--config", opts.path, "run config (.yaml or .json)");
   if (required) c->required();
   cmd.add_option("--set", opts.overrides,
-                 "override a config key, typed by the schema (repeatable): --set train.micro_batch_size=4")
+                 "override a config key, typed by the schema (repeatable): --set train.micro_batch_size=4; "
+                 "--set data.eval_path= (nothing after =) puts a key back to its default")
       ->allow_extra_args(false);
 }
 

@@ -167,6 +167,7 @@ struct Assignment {
   int line = 0;
   std::string spelled;   // how the user wrote the key ("per_device_train_batch_size", "--set train.seed")
   bool from_override = false;
+  bool cleared = false;  // `--set KEY=` with nothing after '=': the key keeps its default
 };
 
 class Loader {
@@ -203,6 +204,15 @@ class Loader {
       return;
     }
     const std::string key = text.substr(0, eq);
+    if (eq + 1 == text.size()) {  // --set KEY= : back to the default, whatever the file says
+      const Field* f = config_detail::find_field(key);
+      if (f == nullptr)
+        if (const Alias* a = config_detail::find_alias(key.substr(key.find('.') + 1))) f = config_detail::find_field(a->target);
+      if (f == nullptr) return unknown_key(key, 0, " (from --set)");
+      assign(*f, json(), 0, "--set " + key, true);
+      assigned_[f->key].cleared = true;
+      return;
+    }
     json value;
     try {
       value = config_detail::parse_yaml_value(text.substr(eq + 1));
@@ -224,6 +234,7 @@ class Loader {
     Config cfg;
     cfg.source = source_;
     for (auto& [key, a] : assigned_) {
+      if (a.cleared) continue;
       std::string err;
       json v = coerce(*a.field, a.value, err);
       if (!err.empty()) {

@@ -108,17 +108,26 @@ EvalResult evaluate_sharded(const model::LlamaModel& model, const data::Tokenize
   return r;
 }
 
-// The memory the plan expects, one line ("plan: 1.23 GiB: base weights 0.50, ...").
-std::string plan_line(const Config& cfg, const LlamaConfig& shape, int64_t world) {
-  const plan::Plan p = plan::make_plan(cfg, shape, nullptr, world);
-  std::string line = "memory plan (GPU, as `qlora plan` counts it): " + plan::format_gib(p.total_bytes) + " GiB =";
-  bool first = true;
+// The memory the plan expects, one line ("memory plan (GPU, ...): 1.23 GiB =
+// base weights, NF4 0.50 + ..."), in the run's resolved precision. On the CPU
+// the GPU's own parts (CUDA context, cuBLAS workspaces, the allocator's
+// fragmentation reserve) are left out: what remains is the tensors in host RAM.
+std::string plan_line(const Config& cfg, const LlamaConfig& shape, int64_t world, const DeviceChoice& dev) {
+  Config resolved = cfg;
+  resolved.train.precision = dev.precision;
+  const plan::Plan p = plan::make_plan(resolved, shape, nullptr, world);
+  const bool cpu = !dev.device.is_cuda();
+  double total = 0;
+  std::string parts;
   for (const auto& c : p.components) {
     if (c.bytes <= 0) continue;
-    line += std::string(first ? " " : " + ") + c.label + " " + plan::format_gib(c.bytes);
-    first = false;
+    if (cpu && (c.key == "cuda_context" || c.key == "cublas_workspace" || c.key == "fragmentation")) continue;
+    total += c.bytes;
+    parts += std::string(parts.empty() ? " " : " + ") + c.label + " " + plan::format_gib(c.bytes);
   }
-  return line;
+  return std::string(cpu ? "memory plan (host RAM for tensors, CPU run; LibTorch's own memory comes on top): "
+                         : "memory plan (GPU, as `qlora plan` counts it): ") +
+         plan::format_gib(total) + " GiB =" + parts;
 }
 
 // SIGINT / SIGTERM ask the run to stop at the next micro batch and save; a
@@ -430,7 +439,7 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   // 6. banner
   log::info(effective_batch_line(cfg, world));
   log::info(trainable_params_line(trainable, total_params(shape) + trainable));
-  log::info(plan_line(cfg, shape, world));
+  log::info(plan_line(cfg, shape, world, dev));
   log::info(std::to_string(total) + " optimizer steps (" + std::to_string(loader.steps_in_epoch(0)) +
             " micro batches per epoch), " + std::string(to_string(cfg.train.lr_scheduler)) + " schedule, " +
             optimizer->kind() + (cfg.train.gradient_checkpointing ? ", activation checkpointing" : "") +

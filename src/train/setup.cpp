@@ -5,10 +5,13 @@
 #include <ATen/Parallel.h>
 
 #include <filesystem>
+#include <memory>
 #include <string>
+#include <utility>
 
 #include "qlora/amp/precision.h"
 #include "qlora/common/errors.h"
+#include "qlora/data/tokenizer.h"
 #include "qlora/io/model_dir.h"
 #include "qlora/kernels.h"
 #include "qlora/model/nf4_linear.h"
@@ -90,6 +93,33 @@ BaseModel load_base_model(const Config& cfg, const DeviceChoice& dev, bool allow
   const model::WeightSource weights{dir.dir(), dir.tensor_names(), [&dir](const std::string& n) { return dir.tensor(n); }};
   model::LlamaModel m = model::LlamaModel::load(shape, weights, load);
   return BaseModel{shape, dir.config_path(), false, std::move(m)};
+}
+
+std::vector<std::string> check_run_files(const Config& cfg) {
+  std::vector<std::string> lines;
+  if (!cfg.model.path.empty()) {
+    const io::ModelDir dir = io::ModelDir::open(cfg.model.path);
+    const LlamaConfig shape = read_llama_config(dir.config_path());
+    lines.push_back("model: " + shape.model_type + ", " + std::to_string(shape.num_hidden_layers) + " layers, hidden " +
+                    std::to_string(shape.hidden_size) + ", vocab " + std::to_string(shape.vocab_size) + ", " +
+                    std::to_string(dir.tensor_names().size()) + " tensors (" + dir.dir() + ")");
+    const fs::path p(cfg.model.path);
+    if (!fs::exists(p / "tokenizer.json") && !fs::exists(p / "tokenizer.model"))
+      throw InputError(cfg.model.path + " has no tokenizer.json or tokenizer.model; copy the base model's tokenizer files there");
+    const std::unique_ptr<data::Tokenizer> tok = data::load_tokenizer(cfg.model.path);
+    lines.push_back("tokenizer: " + std::to_string(tok->vocab_size()) + " ids (" +
+                    (fs::exists(p / "tokenizer.json") ? (p / "tokenizer.json") : (p / "tokenizer.model")).string() + ")");
+  }
+  for (const auto& [key, path] : {std::pair<std::string, std::string>{"data.path", cfg.data.path},
+                                  {"data.eval_path", cfg.data.eval_path}}) {
+    if (path.empty()) continue;
+    if (fs::is_directory(path))
+      throw InputError(cfg.source + ": " + key + ": " + path + " is a directory; point it at a JSONL file");
+    if (!fs::is_regular_file(path))
+      throw InputError(cfg.source + ": " + key + ": " + path + " does not exist (or is not a file)");
+    lines.push_back(key + ": " + path + " (" + std::to_string(fs::file_size(path)) + " bytes; `qlora data` tokenizes it)");
+  }
+  return lines;
 }
 
 }  // namespace qlora::train

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "qlora/config/config.h"
 #include "qlora/model/llama.h"
@@ -46,5 +47,12 @@ struct BaseModel {
 // model.preset, gets random weights of that shape (train/demo.h:
 // random_llama_weights) instead of an error.
 BaseModel load_base_model(const Config& cfg, const DeviceChoice& dev, bool allow_random_weights = false);
+
+// What `qlora config` checks of cfg.model.path without loading any weight:
+// config.json (a supported model), every safetensors header, the tokenizer
+// files (loaded as the run loads them), and data.path / data.eval_path are
+// readable files. Throws InputError naming the file; returns one line a check
+// ("model: llama, 16 layers, hidden 2048, vocab 128256, 1 safetensors file").
+std::vector<std::string> check_run_files(const Config& cfg);
 
 }  // namespace qlora::train
