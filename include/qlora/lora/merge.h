@@ -6,11 +6,14 @@
 //
 //     W' = W + (B · A) · scaling        scaling = alpha / r, or alpha / sqrt(r) with rslora
 //
-// computed in fp32 and rounded once to the output dtype (bf16 or fp16); every other floating
-// tensor is cast to that dtype. W is the base weight as stored, or (from_nf4) the NF4 round trip
-// of it that QLoRA training computed against: see Note [merging into the NF4 base] in
-// src/lora/merge.cpp. config.json is copied with its dtype updated; tokenizer and generation
-// files are copied unchanged. The result loads with transformers' from_pretrained.
+// computed in fp32 from exact operands and rounded once to the output dtype (bf16, fp16 or
+// fp32); every other floating tensor is cast to that dtype. W is the base weight as stored, or
+// (from_nf4) the NF4 round trip of it that QLoRA training computed against, dequantized to fp32:
+// see Notes [merging into the NF4 base] and [one rounding] in src/lora/merge.cpp. With from_nf4
+// and fp32 output, the merged model computes what the QLoRA model (NF4 base + adapter) computes
+// in fp32, up to fp32 summation order; 16-bit output adds one rounding of each merged weight.
+// config.json is copied with its dtype updated; tokenizer and generation files are copied
+// unchanged. The result loads with transformers' from_pretrained.
 //
 // Everything that can be checked is checked before anything is written (every adapter module
 // present in the base with matching shapes, the adapter plain LoRA). The output is built in a
@@ -37,7 +40,7 @@ struct MergeOptions {
   // Merge into the NF4 round trip of each decoder projection (bitsandbytes' NF4, blocksize 64,
   // double quantization, as training quantizes) instead of the stored weight.
   bool from_nf4 = false;
-  // "bf16", "fp16", or "" for the base's dtype when that is 16-bit, else bf16.
+  // "bf16", "fp16", "fp32", or "" for the base's dtype when that is 16-bit, else bf16.
   std::string dtype;
   // Replace a non-empty out_dir (after the new one is complete).
   bool force = false;
@@ -48,8 +51,8 @@ struct MergeOptions {
   std::function<void(const std::string&)> progress;
 };
 
-// The output dtype for a --dtype value ("bf16" / "fp16", or "" with the base's config dtype
-// string such as "bfloat16" / "float32"). InputError for anything else.
+// The output dtype for a --dtype value ("bf16" / "fp16" / "fp32", or "" with the base's config
+// dtype string such as "bfloat16" / "float32"). InputError for anything else.
 io::DType merge_output_dtype(const std::string& requested, const std::string& base_config_dtype);
 
 // ---------------------------------------------------------------- merging
