@@ -79,7 +79,10 @@ def hard_corpus():
         "A\u030a vs \u00c5 vs \u212b", "o\u0308\u0301 stacked marks", "\u0301 leading mark",
         "x\u0301\u0302\u0303\u0304\u0305\u0306\u0307\u0308\u0309 zalgo",
         "\u1112\u1161\u11ab\u1100\u1173\u11af jamo", "\ud55c\uae00 composed",
-        "\u1100\u1161 \uac00 \u1100\u1161\u11a8 \uac01", "\u3131\u314f compatibility jamo")
+        "\u1100\u1161 \uac00 \u1100\u1161\u11a8 \uac01", "\u3131\u314f compatibility jamo",
+        # HF's NFC/NFD tables are Unicode 9.0: U+1DFA (Unicode 10, ccc 218) counts as a starter
+        # there, so no reordering and e + U+0301 across it stays uncomposed; U+A7F2 has no NFKC.
+        "e\u1dfa\u0301 a\u0308\u1dfa \ua7f2")
     add("scripts", "Привет, мир! Съешь же ещё этих мягких французских булок.",
         "ΑΒΓ αβγ Καλημέρα κόσμε ς σ Σ ΐ", "مرحبا بالعالم، كيف حالك؟", "العَرَبِيَّة مع تشكيل",
         "שלום עולם! עִבְרִית", "नमस्ते दुनिया। हिन्दी क्षत्रिय", "สวัสดีชาวโลก ภาษาไทย",
@@ -126,7 +129,9 @@ def hard_corpus():
         "Ǆ ǅ ǆ Ĳ ĳ ŉ", "\u00b5 \u03bc \u2126 \u03a9 \u212a K micro ohm kelvin", "…‥ ‼ ⁇", "x\u00ady soft hyphen")
     add("control", "nul\x00byte", "\x00", "bell\x07tab\tesc\x1b[0m", "zero\u200bwidth\u200bspace",
         "\ufeffBOM at start", "mid\ufeffBOM", "zwj\u200dzwnj\u200c", "rtl\u200f\u202eoverride\u202c",
-        "\x7f del \x80\x9f c1", "\ue000 private use \U000f0000", "\ufffd replacement", "\ufffe\uffff nonchar")
+        "\x7f del \x80\x9f c1", "mongolian\u180evowel \u180e sep",
+        # Unicode 16 digits and letters (Ol Onal, Kirat Rai): \p{N}, \p{L} and is_numeric know them.
+        "u16: 1\U0001e5f1\U0001e5f2 \U00016d70x \U00016d43\U00016d44's", "\ue000 private use \U000f0000", "\ufffd replacement", "\ufffe\uffff nonchar")
     add("long", "a" * 300, "Pneumonoultramicroscopicsilicovolcanoconiosis" * 6,
         "supercalifragilisticexpialidocious" + "x" * 100 + "ÿ" * 50,
         "".join(chr(0x4e00 + (i * 37) % 2000) for i in range(200)), "ab" * 200, "-" * 120,
