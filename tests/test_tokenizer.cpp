@@ -14,6 +14,7 @@
 #include "qlora/common/errors.h"
 #include "qlora/data/tokenizer.h"
 #include "support/test_support.h"
+#include "support/unicode_versions.h"
 
 namespace {
 
@@ -100,6 +101,10 @@ int check_against_golden(const Tokenizer& tok, const std::string& golden_file) {
     const auto want = g["ids"][i].get<std::vector<int32_t>>();
     const auto got = tok.encode(lines[i].bytes);
     hand_lines += !lines[i].random;
+    if (got != want && qlora::testing::has_unicode_version_gap(lines[i].bytes)) {
+      std::printf("known Unicode-version difference, line %zu (support/unicode_versions.h)\n", i);
+      continue;
+    }
     if (got != want) {
       ++id_mismatches;
       hand_mismatches += !lines[i].random;
@@ -199,17 +204,23 @@ TEST(LoadTokenizer, SpecialTokenPrecedence) {
   }
 }
 
-TEST(LoadTokenizer, SentencepieceStyleTokenizerJsonFallsBackToTokenizerModel) {
-  // Llama 2 / TinyLlama directories ship a Metaspace tokenizer.json beside tokenizer.model.
+TEST(LoadTokenizer, TokenizerJsonIsPreferredToTokenizerModel) {
+  // Llama 2 / TinyLlama directories ship a Metaspace tokenizer.json beside tokenizer.model:
+  // transformers loads the tokenizer.json, and so does qlora (a broken one is an error, not a
+  // reason to read the other file).
   const std::string dir = qlora::testing::make_temp_dir("tok_spm_dir");
   fs::copy_file(kDataDir + "/spm/tokenizer.model", dir + "/tokenizer.model");
   qlora::testing::write_file(dir, "tokenizer.json",
                              R"({"model": {"type": "BPE", "byte_fallback": true, "vocab": {}, "merges": []},
                                  "pre_tokenizer": {"type": "Metaspace"}})");
+  try {
+    qlora::data::load_tokenizer(dir);
+    ADD_FAILURE() << "a Metaspace pre-tokenizer without its replacement was accepted";
+  } catch (const qlora::InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("pre_tokenizer: has no \"replacement\""), std::string::npos) << e.what();
+  }
+  fs::remove(dir + "/tokenizer.json");
   EXPECT_EQ(qlora::data::load_tokenizer(dir)->kind(), "sentencepiece");
-  // Without tokenizer.model the tokenizer.json is read, and refused.
-  fs::remove(dir + "/tokenizer.model");
-  EXPECT_THROW(qlora::data::load_tokenizer(dir), qlora::InputError);
 }
 
 TEST(Sentencepiece, IdsMatchTransformersOnCorpus) {
@@ -299,18 +310,33 @@ TEST(BadTokenizerFiles, AreInputErrorsNamingTheFile) {
        "not in model.vocab"},
       {"malformed string merge", "tokenizer.json",
        bpe_json_with([](json& j) { j["model"]["merges"].push_back("a b c"); }), "one space"},
-      {"unsupported pre-tokenizer regex", "tokenizer.json",
+      {"regex that does not compile", "tokenizer.json",
        bpe_json_with([](json& j) {
-         j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "\\w+|\\s+";
+         j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "(\\p{L}+";
        }),
-       "\\w+|\\s+"},
-      {"no pre-tokenizer", "tokenizer.json",
-       bpe_json_with([](json& j) { j["pre_tokenizer"] = nullptr; }), "pre_tokenizer"},
-      {"normalizer", "tokenizer.json",
-       bpe_json_with([](json& j) { j["normalizer"] = {{"type", "NFC"}}; }), "NFC"},
-      {"vocab not byte-level", "tokenizer.json",
-       bpe_json_with([](json& j) { j["model"]["vocab"]["\xE2\x96\x81the"] = 99999; }),
-       "byte-level"},
+       "pre_tokenizer.pretokenizers[0].pattern: the regex (\\p{L}+ does not compile"},
+      {"unknown normalizer", "tokenizer.json",
+       bpe_json_with([](json& j) { j["normalizer"] = {{"type", "BertNormalizer"}}; }),
+       "normalizer: type \"BertNormalizer\" is not implemented"},
+      {"unknown pre-tokenizer in a sequence", "tokenizer.json",
+       bpe_json_with([](json& j) { j["pre_tokenizer"]["pretokenizers"][0] = {{"type", "Whitespace"}}; }),
+       "pre_tokenizer.pretokenizers[0]: type \"Whitespace\""},
+      {"bad split behavior", "tokenizer.json",
+       bpe_json_with([](json& j) { j["pre_tokenizer"]["pretokenizers"][0]["behavior"] = "Sideways"; }),
+       "pre_tokenizer.pretokenizers[0].behavior"},
+      {"eos added after the text", "tokenizer.json",
+       bpe_json_with([](json& j) {
+         j["post_processor"] = {{"type", "TemplateProcessing"},
+                                {"single", {{{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
+                                            {{"SpecialToken", {{"id", "x"}, {"type_id", 0}}}}}},
+                                {"special_tokens", {{"x", {{"id", "x"}, {"ids", {1}}, {"tokens", {"x"}}}}}}};
+       }),
+       "post_processor.single[1]: adds \"x\" after the text"},
+      {"byte fallback in a byte-level file", "tokenizer.json",
+       bpe_json_with([](json& j) { j["model"]["byte_fallback"] = true; }), "model.byte_fallback"},
+      {"subword prefix", "tokenizer.json",
+       bpe_json_with([](json& j) { j["model"]["continuing_subword_prefix"] = "##"; }),
+       "model.continuing_subword_prefix"},
       {"tiktoken bad line", "tokenizer.model", "IQ== 0\nIg== 1\nnot base64! 2\n", ":3:"},
       {"tiktoken too few bytes", "tokenizer.model", "IQ== 0\nIg== 1\n", "256"},
       {"sentencepiece garbage", "tokenizer.model", std::string("\x0a\xff\xff\xff garbage", 12),

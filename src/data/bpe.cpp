@@ -77,7 +77,7 @@ size_t cp_len_at(std::string_view s, size_t pos) {
   return e - pos;
 }
 
-bool is_space(char32_t cp) { return unicode::char_class(cp) == unicode::CharClass::kWhitespace; }
+bool is_space(char32_t cp) { return unicode::is_white_space(cp); }
 
 // One matching pass over a text segment with the tokens of one kind (normalized or not).
 void split_pass(const std::vector<const AddedToken*>& tokens, std::string_view text,
@@ -128,20 +128,20 @@ void split_pass(const std::vector<const AddedToken*>& tokens, std::string_view t
 
 }  // namespace
 
-std::vector<Segment> split_added_tokens(const std::vector<AddedToken>& tokens,
-                                        std::string_view text) {
+std::vector<Segment> split_added_tokens(const std::vector<const AddedToken*>& tokens, std::string_view text) {
+  std::vector<Segment> out;
+  split_pass(tokens, text, out);
+  return out;
+}
+
+std::vector<Segment> split_added_tokens(const std::vector<AddedToken>& tokens, std::string_view text) {
   std::vector<const AddedToken*> raw, normalized;
   for (const auto& t : tokens) (t.normalized ? normalized : raw).push_back(&t);
-  std::vector<Segment> first;
+  std::vector<Segment> first, out;
   split_pass(raw, text, first);
-  if (normalized.empty()) return first;
-  std::vector<Segment> out;
   for (const auto& s : first) {
-    if (s.id >= 0) {
-      out.push_back(s);
-    } else {
-      split_pass(normalized, s.text, out);
-    }
+    if (s.id >= 0) out.push_back(s);
+    else split_pass(normalized, s.text, out);
   }
   return out;
 }
@@ -163,13 +163,23 @@ bool BpeModel::add_token(const std::string& bytes, int32_t id) {
   return fresh;
 }
 
+void BpeModel::add_unreachable_token(const std::string& text, int32_t id) {
+  if (id < 0) return;
+  if (static_cast<size_t>(id) >= id_to_bytes_.size()) {
+    id_to_bytes_.resize(static_cast<size_t>(id) + 1);
+    has_id_.resize(static_cast<size_t>(id) + 1, false);
+  }
+  id_to_bytes_[static_cast<size_t>(id)] = text;
+  has_id_[static_cast<size_t>(id)] = true;
+}
+
 bool BpeModel::add_merge(const std::string& a, const std::string& b, int32_t rank) {
   auto ia = bytes_to_id_.find(a), ib = bytes_to_id_.find(b);
   if (ia == bytes_to_id_.end() || ib == bytes_to_id_.end()) return false;
   auto ij = bytes_to_id_.find(a + b);
   if (ij == bytes_to_id_.end()) return false;
-  // The first (lowest-rank) entry for a pair wins, as when a merges list repeats a pair.
-  merges_.emplace(key(ia->second, ib->second), Merge{rank, ij->second});
+  // A pair listed twice keeps its later rank, as the tokenizers library reads merges.
+  merges_.insert_or_assign(key(ia->second, ib->second), Merge{rank, ij->second});
   return true;
 }
 
@@ -201,7 +211,7 @@ void BpeModel::encode_piece(std::string_view piece, std::vector<int32_t>& out) c
   merge(initial, out);
 }
 
-void BpeModel::encode_chars(std::string_view piece, const int32_t* byte_fallback, int32_t unk_id,
+void BpeModel::encode_chars(std::string_view piece, const int32_t* byte_fallback, int32_t unk_id, bool fuse_unk,
                             std::vector<int32_t>& out) const {
   if (piece.empty()) return;
   if (ignore_merges_) {
@@ -230,7 +240,7 @@ void BpeModel::encode_chars(std::string_view piece, const int32_t* byte_fallback
     if (all_bytes) {
       for (char c : ch) initial.push_back(byte_fallback[static_cast<uint8_t>(c)]);
       last_unk = false;
-    } else if (unk_id >= 0 && !last_unk) {  // consecutive unknowns fuse into one
+    } else if (unk_id >= 0 && !(fuse_unk && last_unk)) {
       initial.push_back(unk_id);
       last_unk = true;
     }

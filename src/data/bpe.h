@@ -1,7 +1,6 @@
-// Byte-level BPE shared by the tokenizer.json (Llama 3 / Qwen2) and tiktoken (Llama 3
-// tokenizer.model) loaders: the merge loop over raw bytes, the GPT-2 byte-to-unicode map, the
-// pre-tokenizer regex of the Llama 3 family (a hand-written scanner, no regex library), and
-// added/special-token splitting.
+// The BPE model shared by the tokenizer.json and tiktoken (Llama 3 tokenizer.model) loaders:
+// the merge loop (over raw bytes for byte-level vocabularies, over characters otherwise), the
+// GPT-2 byte-to-unicode map, and added/special-token splitting.
 #pragma once
 
 #include <cstdint>
@@ -20,23 +19,12 @@ const std::vector<std::string>& byte_to_unicode();
 // Inverse of byte_to_unicode: code point -> byte, -1 when the code point is not in the map.
 int byte_from_unicode(char32_t cp);
 
-// ---------------------------------------------------------------- pre-tokenizer
-// The supported pre-tokenizer regexes. Note [Pre-tokenizer scanner] in bpe_split.cpp says how
-// the scanner reproduces the regex's leftmost-first alternation.
-struct SplitPattern {
-  std::string name;   // "llama3", "qwen2"
-  int max_digits;     // \p{N}{1,3} -> 3, \p{N} -> 1
-};
+// The pre-tokenizer regexes of Llama 3 (its tiktoken tokenizer.model) and of Qwen2 (the demo
+// tokenizer's), run by OnigRegex.
 inline constexpr char kLlama3Pattern[] =
     R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
 inline constexpr char kQwen2Pattern[] =
     R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
-// The pattern for a regex string, nullopt when the scanner does not implement it.
-std::optional<SplitPattern> find_split_pattern(std::string_view regex);
-
-// Byte ranges [begin, end) of the pieces of `text` (valid UTF-8), in order, covering all of it.
-std::vector<std::pair<size_t, size_t>> split_pieces(const SplitPattern& pattern,
-                                                    std::string_view text);
 
 // ---------------------------------------------------------------- added tokens
 struct AddedToken {
@@ -46,8 +34,7 @@ struct AddedToken {
   bool lstrip = false;       // absorb whitespace on its left
   bool rstrip = false;       // absorb whitespace on its right
   bool single_word = false;  // only match when not inside a word
-  bool normalized = false;   // matched after normalization (no normalizer is supported, so
-                             // this only changes the order of the two matching passes)
+  bool normalized = false;   // matched in the normalized text (by its normalized content)
 };
 
 // A piece of input text: either raw text to run through BPE or an added token's id.
@@ -56,10 +43,12 @@ struct Segment {
   int32_t id = -1;
 };
 
-// Splits `text` at occurrences of the added tokens, Hugging Face style: non-normalized tokens
-// first, then normalized ones in the remaining text; leftmost-longest matches.
-std::vector<Segment> split_added_tokens(const std::vector<AddedToken>& tokens,
-                                        std::string_view text);
+// Splits `text` at occurrences of `tokens` (one pass of Hugging Face's added vocabulary:
+// leftmost-longest, lstrip / rstrip / single_word applied). Segments point into `text`.
+std::vector<Segment> split_added_tokens(const std::vector<const AddedToken*>& tokens, std::string_view text);
+// Both passes with no normalizer between them: the non-normalized tokens, then the normalized
+// ones in the text left over (sentencepiece tokenizer.model files).
+std::vector<Segment> split_added_tokens(const std::vector<AddedToken>& tokens, std::string_view text);
 
 // ---------------------------------------------------------------- the merge loop
 // Vocabulary and merges over raw bytes. For tokenizer.json the merge rank is the line index in
@@ -70,6 +59,9 @@ class BpeModel {
   BpeModel();
   // Registers a token; returns false when `bytes` is already a token (first id wins).
   bool add_token(const std::string& bytes, int32_t id);
+  // A vocabulary entry the merges can never produce (in a byte-level file, one not written
+  // in the byte map, e.g. a special token's text): decodes as its UTF-8 text, never matched.
+  void add_unreachable_token(const std::string& text, int32_t id);
   // Registers the merge a+b at `rank`; false when a or b or a+b is not a token.
   bool add_merge(const std::string& a, const std::string& b, int32_t rank);
   void set_ignore_merges(bool v) { ignore_merges_ = v; }
@@ -86,8 +78,9 @@ class BpeModel {
   void encode_piece(std::string_view piece, std::vector<int32_t>& out) const;
   // The same over a string whose initial symbols are its UTF-8 characters (sentencepiece
   // vocabularies): a character that is no token becomes its bytes' byte_fallback ids (256
-  // entries, -1 where missing; nullptr for none) or else unk_id (runs fused into one).
-  void encode_chars(std::string_view piece, const int32_t* byte_fallback, int32_t unk_id,
+  // entries, -1 where missing; nullptr for none) or else unk_id (runs fused into one with
+  // fuse_unk), or else is dropped.
+  void encode_chars(std::string_view piece, const int32_t* byte_fallback, int32_t unk_id, bool fuse_unk,
                     std::vector<int32_t>& out) const;
 
  private:

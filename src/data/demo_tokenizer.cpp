@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "data/bpe.h"
+#include "data/onig_regex.h"
 #include "qlora/common/errors.h"
 #include "qlora/common/text.h"
 #include "qlora/data/format.h"
@@ -49,11 +50,11 @@ std::vector<std::string> rendered_texts(const std::string& jsonl_path) {
 }
 
 std::vector<std::pair<std::string, std::string>> learn_merges(const std::vector<std::string>& texts, int max_merges) {
-  const bpe::SplitPattern pattern = *bpe::find_split_pattern(bpe::kQwen2Pattern);
+  const OnigRegex pattern(bpe::kQwen2Pattern, "the demo tokenizer");
   // Each distinct piece once, as its current symbols, with its count.
   std::map<std::string, int64_t> counts;
   for (const auto& t : texts)
-    for (const auto& [b, e] : bpe::split_pieces(pattern, t)) ++counts[t.substr(b, e - b)];
+    for (const RegexPiece& p : pattern.pieces(t)) ++counts[t.substr(p.begin, p.end - p.begin)];
   std::vector<std::pair<std::vector<std::string>, int64_t>> words;
   for (const auto& [piece, n] : counts) {
     std::vector<std::string> symbols;

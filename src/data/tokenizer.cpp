@@ -70,7 +70,8 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
     const fs::path json_file = p / "tokenizer.json", model_file = p / "tokenizer.model";
     const bool has_json = fs::is_regular_file(json_file, ec);
     const bool has_model = fs::is_regular_file(model_file, ec);
-    if (has_json && !(has_model && tokenizer_json_is_sentencepiece_style(json_file.string()))) {
+    // tokenizer.json first: it is what transformers (and the servers) load when present.
+    if (has_json) {
       tok = load_tokenizer_json(json_file.string());
     } else if (has_model) {
       tok = load_model_file(model_file.string());

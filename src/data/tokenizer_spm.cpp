@@ -100,7 +100,7 @@ class SpmTokenizer : public Tokenizer {
           word += c;
         }
       }
-      model_.encode_chars(word, byte_ids_, unk_id_, ids);
+      model_.encode_chars(word, byte_ids_, unk_id_, /*fuse_unk=*/true, ids);
     }
     return ids;
   }

@@ -1,6 +1,7 @@
 // Meta's Llama 3 tokenizer.model: tiktoken BPE ranks ("<base64 bytes> <rank>" per line) plus
 // 256 special tokens that the file does not list.
 #include <fstream>
+#include <memory>
 
 #include "data/tokenizer_bpe.h"
 #include "qlora/common/errors.h"
@@ -141,9 +142,13 @@ std::unique_ptr<Tokenizer> load_tiktoken_tokenizer(const std::string& file) {
     t.special = true;
     added.push_back(t);
   }
-  auto tok = std::make_unique<BpeTokenizer>("tiktoken", file, std::move(model),
-                                            bpe::SplitPattern{"llama3", 3}, std::move(added),
-                                            /*added_byte_level=*/false);
+  BpePipeline p;
+  p.model = std::move(model);
+  p.added = std::move(added);
+  p.pre_tokenizer.add_split(std::make_shared<OnigRegex>(bpe::kLlama3Pattern, file), SplitBehavior::kIsolated, false);
+  p.pre_tokenizer.add_byte_level(/*add_prefix_space=*/false, /*use_regex=*/false);
+  p.added_byte_level = false;
+  auto tok = std::make_unique<BpeTokenizer>("tiktoken", file, std::move(p));
   tok->set_special_ids(max_rank + 1, max_rank + 2, -1, /*add_bos=*/true);
   return tok;
 }

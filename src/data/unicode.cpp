@@ -1,36 +1,37 @@
 #include "data/unicode.h"
 
+#include <utf8proc.h>
+
 #include <algorithm>
 
 namespace qlora::data::unicode {
 
-namespace {
-
-const CharRange* find_range(char32_t cp) {
-  const CharRange* end = kCharRanges + kCharRangeCount;
-  const CharRange* it = std::upper_bound(kCharRanges, end, cp,
-                                         [](char32_t c, const CharRange& r) { return c < r.first; });
-  if (it == kCharRanges) return nullptr;
-  --it;
-  return cp <= it->last ? it : nullptr;
+bool is_white_space(char32_t c) {
+  return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
 }
 
-}  // namespace
+bool is_numeric(char32_t c) {
+  const utf8proc_category_t cat = utf8proc_category(static_cast<utf8proc_int32_t>(c));
+  return cat == UTF8PROC_CATEGORY_ND || cat == UTF8PROC_CATEGORY_NL || cat == UTF8PROC_CATEGORY_NO;
+}
 
-CharClass char_class(char32_t cp) {
-  if (cp < 0x80) {  // fast path: ASCII
-    if ((cp >= 'a' && cp <= 'z') || (cp >= 'A' && cp <= 'Z')) return CharClass::kLetter;
-    if (cp >= '0' && cp <= '9') return CharClass::kNumber;
-    if (cp == ' ' || (cp >= 0x09 && cp <= 0x0D)) return CharClass::kWhitespace;
-    return CharClass::kOther;
+bool is_word_char(char32_t c) {
+  if (c < 0x80) return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_';
+  if (c == 0x200C || c == 0x200D) return true;  // Join_Control
+  // Other_Alphabetic symbols: circled and squared Latin letters.
+  if ((c >= 0x24B6 && c <= 0x24E9) || (c >= 0x1F130 && c <= 0x1F149) || (c >= 0x1F150 && c <= 0x1F169) ||
+      (c >= 0x1F170 && c <= 0x1F189))
+    return true;
+  switch (utf8proc_category(static_cast<utf8proc_int32_t>(c))) {
+    case UTF8PROC_CATEGORY_LU: case UTF8PROC_CATEGORY_LL: case UTF8PROC_CATEGORY_LT:
+    case UTF8PROC_CATEGORY_LM: case UTF8PROC_CATEGORY_LO: case UTF8PROC_CATEGORY_NL:
+    case UTF8PROC_CATEGORY_MN: case UTF8PROC_CATEGORY_MC: case UTF8PROC_CATEGORY_ME:
+    case UTF8PROC_CATEGORY_ND: case UTF8PROC_CATEGORY_PC:
+      return true;
+    default:
+      return false;
   }
-  const CharRange* r = find_range(cp);
-  return r ? r->cls : CharClass::kOther;
-}
-
-bool is_word_char(char32_t cp) {
-  const CharRange* r = find_range(cp);
-  return r && r->word;
 }
 
 namespace {

@@ -1,7 +1,5 @@
-// UTF-8 and the few Unicode character classes the byte-level BPE pre-tokenizer needs
-// (\p{L}, \p{N}, \s). The class table is generated (scripts/gen_unicode_tables.py, from the
-// oracles' own regex engines so that the Unicode versions agree) and committed, so no ICU or
-// PCRE2 is needed at build time.
+// UTF-8 decoding as Python decodes (Note [Invalid UTF-8]) and the code point properties the
+// tokenizers need, from utf8proc: White_Space, numeric (N*), and regex \w.
 #pragma once
 
 #include <cstddef>
@@ -12,22 +10,11 @@
 
 namespace qlora::data::unicode {
 
-enum class CharClass : uint8_t { kOther = 0, kLetter = 1, kNumber = 2, kWhitespace = 3 };
-
-struct CharRange {
-  char32_t first;
-  char32_t last;
-  CharClass cls;
-  bool word;  // \w: Alphabetic, marks, Nd, Pc, Join_Control
-};
-
-// Sorted, non-overlapping; code points in no range are kOther and not word
-// (unicode_tables.cpp).
-extern const CharRange kCharRanges[];
-extern const size_t kCharRangeCount;
-
-CharClass char_class(char32_t cp);
-// \w as the tokenizers library's regex engine has it (single_word added tokens).
+// The White_Space property (Rust's char::is_whitespace, \s of Oniguruma and Rust's regex).
+bool is_white_space(char32_t cp);
+// General category N* (Rust's char::is_numeric; the Digits pre-tokenizer).
+bool is_numeric(char32_t cp);
+// \w of Rust's regex crate (Alphabetic, marks, Nd, Pc, Join_Control): single_word added tokens.
 bool is_word_char(char32_t cp);
 
 inline constexpr char32_t kReplacementChar = 0xFFFD;

@@ -1,9 +1,12 @@
 // Tokenizers: text <-> token ids exactly as Hugging Face tokenizes for the model.
 //
 // Three file kinds, one interface:
-//   "sentencepiece"   a sentencepiece tokenizer.model (Llama 2, TinyLlama), encoded with the
-//                     sentencepiece library the way transformers' LlamaTokenizer does;
-//   "tokenizer.json"  a Hugging Face byte-level BPE tokenizer.json (Llama 3, Qwen2);
+//   "tokenizer.json"  a Hugging Face tokenizer.json with a BPE model, byte-level (Llama 3,
+//                     Qwen2/2.5/3, GPT-2, SmolLM, StarCoder, DeepSeek) or sentencepiece-style
+//                     (Llama 2, Mistral, Phi-3), run component by component as the tokenizers
+//                     library runs it (src/data/tokenizer_json.cpp);
+//   "sentencepiece"   a sentencepiece tokenizer.model (Llama 2, TinyLlama) where no
+//                     tokenizer.json is given, encoded the way transformers' LlamaTokenizer does;
 //   "tiktoken"        Meta's Llama 3 original/tokenizer.model (base64 token + rank lines),
 //                     with Llama 3's 256 special tokens.
 // The kind of a tokenizer.model is told by its content, not its name. encode() never adds
@@ -61,10 +64,10 @@ class Tokenizer {
   std::string path_;
 };
 
-// A model directory (tokenizer.json preferred, else tokenizer.model, either format by content;
-// bos/eos/add_bos from tokenizer_config.json / special_tokens_map.json / generation_config.json)
-// or a tokenizer file. A directory whose tokenizer.json is a sentencepiece-style (Metaspace) BPE
-// is read through its tokenizer.model when one is there. Throws InputError naming the file.
+// A model directory (tokenizer.json when there is one, as transformers loads it; else
+// tokenizer.model, either format by content; bos/eos/add_bos from tokenizer_config.json /
+// special_tokens_map.json / generation_config.json) or a tokenizer file. Throws InputError
+// naming the file (and, for tokenizer.json, the JSON path of the problem).
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path);
 
 // The single-file loaders behind load_tokenizer; specials get each kind's defaults (Llama 2:
