@@ -112,6 +112,16 @@ INSTANTIATE_TEST_SUITE_P(Golden, HardCorpus, ::testing::ValuesIn(golden_names())
                            return n;
                          });
 
+// continuing_subword_prefix / end_of_word_suffix, which no target family uses, read as the
+// tokenizers library reads them (scripts/golden/tokenizer_affixes.py).
+TEST(TokenizerParity, SubwordPrefixAndSuffixAsTokenizers) {
+  const std::string dir = testing::source_path("tests/data/tokenizer_affixes");
+  const json golden = json::parse(read_file(dir + "/golden.json"));
+  const auto tok = data::load_tokenizer_json(dir + "/tokenizer.json");
+  for (const auto& c : golden["cases"])
+    EXPECT_EQ(tok->encode(c["text"].get<std::string>()), c["ids"].get<std::vector<int32_t>>()) << c["text"];
+}
+
 // llama.cpp's 46 strings with the ids the model's own Hugging Face tokenizer gave.
 TEST(TokenizerParity, LlamaCppTestPairsOfTheRealTokenizers) {
   const fs::path shared = testing::source_path("../shared/data");

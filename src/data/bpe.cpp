@@ -176,7 +176,8 @@ void BpeModel::add_unreachable_token(const std::string& text, int32_t id) {
 bool BpeModel::add_merge(const std::string& a, const std::string& b, int32_t rank) {
   auto ia = bytes_to_id_.find(a), ib = bytes_to_id_.find(b);
   if (ia == bytes_to_id_.end() || ib == bytes_to_id_.end()) return false;
-  auto ij = bytes_to_id_.find(a + b);
+  const bool cut = !prefix_.empty() && b.compare(0, prefix_.size(), prefix_) == 0;
+  auto ij = bytes_to_id_.find(cut ? a + b.substr(prefix_.size()) : a + b);
   if (ij == bytes_to_id_.end()) return false;
   // A pair listed twice keeps its later rank, as the tokenizers library reads merges.
   merges_.insert_or_assign(key(ia->second, ib->second), Merge{rank, ij->second});
@@ -223,11 +224,17 @@ void BpeModel::encode_chars(std::string_view piece, const int32_t* byte_fallback
   std::vector<int32_t> initial;
   initial.reserve(piece.size());
   bool last_unk = false;
+  std::string affixed;
   for (size_t i = 0; i < piece.size();) {
     size_t len = 1;
     while (i + len < piece.size() && (static_cast<uint8_t>(piece[i + len]) & 0xC0) == 0x80) ++len;
-    const std::string_view ch = piece.substr(i, len);
+    std::string_view ch = piece.substr(i, len);
+    const bool first = i == 0;
     i += len;
+    if (!prefix_.empty() || !suffix_.empty()) {
+      affixed.assign(first ? "" : prefix_).append(ch).append(i == piece.size() ? suffix_ : "");
+      ch = affixed;
+    }
     if (auto id = find(ch)) {
       initial.push_back(*id);
       last_unk = false;

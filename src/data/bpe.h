@@ -65,6 +65,13 @@ class BpeModel {
   // Registers the merge a+b at `rank`; false when a or b or a+b is not a token.
   bool add_merge(const std::string& a, const std::string& b, int32_t rank);
   void set_ignore_merges(bool v) { ignore_merges_ = v; }
+  // Character-level vocabularies of the WordPiece-like kind: every symbol of a piece but the
+  // first carries `prefix` ("##"), the last one `suffix` ("</w>"); a merge of a and b makes
+  // a + b less b's prefix. Set before add_merge.
+  void set_subword_affixes(std::string prefix, std::string suffix) {
+    prefix_ = std::move(prefix);
+    suffix_ = std::move(suffix);
+  }
 
   std::optional<int32_t> find(std::string_view bytes) const;
   // Bytes of a token id, nullptr when the id has no token.
@@ -98,6 +105,7 @@ class BpeModel {
   std::unordered_map<uint64_t, Merge> merges_;
   int32_t byte_id_[256];  // id of each single-byte token, -1 when none
   bool ignore_merges_ = false;
+  std::string prefix_, suffix_;
 };
 
 }  // namespace qlora::data::bpe

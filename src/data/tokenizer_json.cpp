@@ -243,12 +243,17 @@ std::unique_ptr<Tokenizer> load_tokenizer_json(const std::string& file) {
   const json& m = j["model"];
   const std::string mtype = m.value("type", std::string("BPE"));
   if (mtype != "BPE") r.unsupported("model", m);
-  for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"})
-    if (m.contains(key) && !m[key].is_null() && m[key] != "")
-      r.fail(std::string("model.") + key, "is " + m[key].dump() + ", which qlora's BPE does not implement");
+  std::string affix[2];
+  for (int k = 0; k < 2; ++k) {
+    const char* key = k == 0 ? "continuing_subword_prefix" : "end_of_word_suffix";
+    if (m.contains(key) && !m[key].is_null()) affix[k] = r.string_field(m, "model", key);
+  }
   if (m.contains("dropout") && !m["dropout"].is_null() && m["dropout"] != 0.0)
     r.fail("model.dropout", "is " + m["dropout"].dump() + "; BPE dropout is for training a tokenizer, not a model");
   const bool byte_fallback = r.bool_field(m, "model", "byte_fallback", false);
+  if (byte_level && (!affix[0].empty() || !affix[1].empty()))
+    r.fail("model", "continuing_subword_prefix / end_of_word_suffix in a byte-level file, which qlora does not implement");
+  p.model.set_subword_affixes(affix[0], affix[1]);
   if (byte_level && byte_fallback)
     r.fail("model.byte_fallback", "is true in a byte-level (ByteLevel pre-tokenizer) file, which qlora does not implement");
 
