@@ -9,6 +9,7 @@
 
 #include "cli/commands.h"
 #include "qlora/common/errors.h"
+#include "qlora/common/text.h"
 #include "qlora/plan/gpu.h"
 #include "qlora/quant/nf4_cuda.h"
 
@@ -29,27 +30,9 @@ Config load_config_options(const ConfigOptions& opts) {
 
 namespace {
 
-size_t edit_distance(const std::string& a, const std::string& b) {
-  std::vector<size_t> row(b.size() + 1);
-  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
-  for (size_t i = 1; i <= a.size(); ++i) {
-    size_t diag = row[0];
-    row[0] = i;
-    for (size_t j = 1; j <= b.size(); ++j) {
-      const size_t up = row[j];
-      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
-      diag = up;
-    }
-  }
-  return row[b.size()];
-}
-
-// "; did you mean 'train'?" for a word within two edits of a command, else "".
+// "; did you mean 'train'?" for a plausible typo of a command, else "".
 std::string closest_hint(const std::string& word, const std::vector<std::string>& names) {
-  std::string best;
-  size_t best_d = 3;
-  for (const auto& n : names)
-    if (const size_t d = edit_distance(word, n); d < best_d) best_d = d, best = n;
+  const std::string best = closest_match(word, names);
   return best.empty() ? "" : " (did you mean '" + best + "'?)";
 }
 
