@@ -427,10 +427,41 @@ TEST(DataBadInput, FirstLineWithUnknownKeysSaysSoWithItsLine) {
   EXPECT_EQ(msg.rfind("x.jsonl:2: cannot tell the data format", 0), 0u) << msg;
 }
 
-TEST(DataBadInput, MissingFileNamesThePath) {
+TEST(DataBadInput, MissingFileOrDirectoryNamesThePath) {
   const auto t = ByteTokenizer::plain();
-  const std::string msg = error_of([&] { load_jsonl("/nonexistent/d.jsonl", opts(), t); });
-  EXPECT_NE(msg.find("/nonexistent/d.jsonl: cannot open"), std::string::npos) << msg;
+  std::string msg = error_of([&] { load_jsonl("/nonexistent/d.jsonl", opts(), t); });
+  EXPECT_NE(msg.find("/nonexistent/d.jsonl: does not exist"), std::string::npos) << msg;
+  const std::string dir = qlora::testing::make_temp_dir("data_dir");
+  const std::string inside = qlora::testing::write_file(dir, "train.jsonl", R"({"text":"a"})" "\n");
+  msg = error_of([&] { load_jsonl(dir, opts(), t); });
+  EXPECT_NE(msg.find(dir + ": is a directory, not a file (it holds " + inside + ")"), std::string::npos) << msg;
+}
+
+// data.format set to one format on lines of another: the message names the format to use;
+// a file that mixes formats (data.format: auto) says every line must use one.
+TEST(DataBadInput, LinesOfAnotherFormatNameTheFormatToUse) {
+  const auto t = ByteTokenizer::plain();
+  LoadOptions alpaca = opts();
+  alpaca.format = DataFormat::kAlpaca;
+  const std::string chat = R"({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})";
+  std::string msg = error_of([&] { load_jsonl_text(chat + "\n", "c.jsonl", alpaca, t); });
+  EXPECT_NE(msg.find("c.jsonl:1: missing field \"instruction\" for format alpaca (keys present: \"messages\"): "
+                     "this file looks like chat messages: use data.format: chat"),
+            std::string::npos)
+      << msg;
+  LoadOptions completion = opts();
+  completion.format = DataFormat::kCompletion;
+  const std::string pair = R"({"prompt": "a", "completion": "b"})";
+  msg = error_of([&] { load_jsonl_text(pair + "\n" + R"({"text": "c"})" + "\n", "p.jsonl", completion, t); });
+  EXPECT_NE(msg.find("p.jsonl:2: missing field \"prompt\" for format completion (keys present: \"text\"): this "
+                     "line looks like plain text: use data.format: text"),
+            std::string::npos)
+      << msg;
+  msg = error_of([&] { load_jsonl_text(pair + "\n" + R"({"text": "c"})" + "\n", "m.jsonl", opts(), t); });
+  EXPECT_NE(msg.find("m.jsonl:2: missing field \"prompt\" for format completion (keys present: \"text\"); every "
+                     "line of a file must use the same format"),
+            std::string::npos)
+      << msg;
 }
 
 // ---------------------------------------------------------------- eval split

@@ -154,6 +154,15 @@ TEST(LlamaConfig, ResolveFromConfigPathOrPreset) {
   EXPECT_EQ(m.num_key_value_heads, 4);  // defaults to the attention heads
   EXPECT_TRUE(m.tie_word_embeddings);
   EXPECT_EQ(resolve_model_shape(default_config({"model.preset=llama-2-7b"})).vocab_size, 32000);
+  const std::string gguf = write_file(dir, "model.Q4_0.gguf", "GGUF\3");
+  try {
+    resolve_model_shape(default_config({"model.path=" + gguf}));
+    ADD_FAILURE() << "a GGUF file was taken for a model directory";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find(gguf + ": is a GGUF file; qlora reads Hugging Face model directories"),
+              std::string::npos)
+        << e.what();
+  }
   EXPECT_THROW(resolve_model_shape(default_config()), ConfigError);
 }
 

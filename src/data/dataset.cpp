@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <utility>
 
+#include "qlora/common/input_files.h"
 #include "qlora/common/text.h"
 #include "qlora/data/shuffle.h"
 #include "qlora/data/tokenizer.h"
@@ -77,6 +79,28 @@ void truncate(TokenizedExample& ex, int64_t max_len) {
   }
 }
 
+// The format a line's keys say when data.format names another one (kAuto otherwise, and for a
+// line that is no format at all): a line that lacks a field of data.format's format then gets
+// "this file looks like chat messages: use data.format: chat".
+DataFormat other_format(std::string_view line, DataFormat format) {
+  if (format == DataFormat::kAuto) return DataFormat::kAuto;
+  try {
+    const DataFormat seen = detect_format(line);
+    return seen == format ? DataFormat::kAuto : seen;
+  } catch (const LineError&) {
+    return DataFormat::kAuto;
+  }
+}
+
+std::string looks_like(DataFormat f) {
+  switch (f) {
+    case DataFormat::kChat: return "chat messages";
+    case DataFormat::kAlpaca: return "Alpaca instructions";
+    case DataFormat::kCompletion: return "prompt/completion pairs";
+    default: return "plain text";
+  }
+}
+
 }  // namespace
 
 Dataset load_jsonl_text(std::string_view text, std::string_view source, const LoadOptions& options,
@@ -131,11 +155,18 @@ Dataset load_jsonl_text(std::string_view text, std::string_view source, const Lo
       out.examples.push_back(std::move(ex));
     } catch (const LineError& e) {
       if (!options.skip_bad_lines) {
-        throw InputError(s.source + ":" + std::to_string(line_no) + ": " + e.what() +
-                         (e.problem() == LineProblem::kTooLong
-                              ? std::string()
-                              : std::string(" (or set data.skip_bad_lines: true to skip and "
-                                            "count such lines)")));
+        const bool missing = e.problem() == LineProblem::kMissingField;
+        const DataFormat other = missing ? other_format(line, options.format) : DataFormat::kAuto;
+        std::string advice;
+        if (other != DataFormat::kAuto) {
+          advice = std::string(": this ") + (out.examples.empty() ? "file" : "line") + " looks like " +
+                   looks_like(other) + ": use data.format: " + std::string(to_string(other));
+        } else {
+          if (missing) advice = "; every line of a file must use the same format";
+          if (e.problem() != LineProblem::kTooLong)
+            advice += " (or set data.skip_bad_lines: true to skip and count such lines)";
+        }
+        throw InputError(s.source + ":" + std::to_string(line_no) + ": " + e.what() + advice);
       }
       ++s.skipped[static_cast<size_t>(e.problem())];
       if (e.problem() == LineProblem::kTooLong) ++s.dropped_too_long;
@@ -154,9 +185,23 @@ Dataset load_jsonl_text(std::string_view text, std::string_view source, const Lo
 }
 
 Dataset load_jsonl(const std::string& path, const LoadOptions& options, const Tokenizer& tokenizer) {
+  if (const std::string why = why_not_a_file(path); !why.empty()) {
+    std::string hint;
+    std::error_code ec;
+    if (std::filesystem::is_directory(path, ec)) {
+      std::vector<std::string> jsonl;
+      for (const auto& e : std::filesystem::directory_iterator(path, ec))
+        if (e.path().extension() == ".jsonl" && e.is_regular_file(ec)) jsonl.push_back(e.path().string());
+      std::sort(jsonl.begin(), jsonl.end());
+      hint = jsonl.empty() ? " (it holds no .jsonl file)" : " (it holds " + join(jsonl) + ")";
+    }
+    throw InputError(path + ": " + why + hint + "; data.path / data.eval_path must name a JSONL file, one "
+                     "example per line");
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) {
-    throw InputError(path + ": cannot open the data file; check data.path / data.eval_path");
+    throw InputError(path + ": cannot open the data file (check its permissions); data.path / data.eval_path "
+                     "must name a readable JSONL file");
   }
   std::ostringstream buf;
   buf << in.rdbuf();

@@ -102,8 +102,7 @@ std::string get_string(const json& obj, const char* key, DataFormat format, bool
     if (!required) return {};
     throw LineError(LineProblem::kMissingField,
                     std::string("missing field \"") + key + "\" for format " +
-                        std::string(to_string(format)) + " (keys present: " + keys_of(obj) +
-                        "); every line of a file must use the same format");
+                        std::string(to_string(format)) + " (keys present: " + keys_of(obj) + ")");
   }
   if (!it->is_string()) {
     throw LineError(LineProblem::kWrongType, std::string("field \"") + key +
@@ -129,8 +128,7 @@ std::vector<Message> get_messages(const json& obj) {
   auto it = obj.find("messages");
   if (it == obj.end()) {
     throw LineError(LineProblem::kMissingField,
-                    "missing field \"messages\" for format chat (keys present: " + keys_of(obj) +
-                        "); every line of a file must use the same format");
+                    "missing field \"messages\" for format chat (keys present: " + keys_of(obj) + ")");
   }
   if (!it->is_array()) {
     throw LineError(LineProblem::kWrongType,

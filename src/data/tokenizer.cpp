@@ -9,6 +9,7 @@
 
 #include "data/tokenizer_bpe.h"
 #include "qlora/common/errors.h"
+#include "qlora/common/input_files.h"
 
 namespace qlora::data {
 
@@ -21,7 +22,10 @@ using nlohmann::json;
 // tokenizer_config.json silently ignored would change bos/eos.
 json read_optional_json(const fs::path& p) {
   std::error_code ec;
-  if (!fs::is_regular_file(p, ec)) return json();
+  if (!fs::exists(p, ec)) return json();
+  if (const std::string why = why_not_a_file(p.string()); !why.empty())
+    throw InputError(p.string() + ": " + why + "; expected the model's " + p.filename().string() +
+                     " file (or none). Replace it with the file from the model's download, or remove it");
   std::ifstream in(p, std::ios::binary);
   std::stringstream ss;
   ss << in.rdbuf();
@@ -68,6 +72,11 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
   if (fs::is_directory(p, ec)) {
     dir = p;
     const fs::path json_file = p / "tokenizer.json", model_file = p / "tokenizer.model";
+    for (const fs::path& f : {json_file, model_file}) {
+      if (fs::exists(f, ec) && !fs::is_regular_file(f, ec))
+        throw InputError(f.string() + ": " + why_not_a_file(f.string()) + "; expected the model's " +
+                         f.filename().string() + " file. Replace it with the file from the model's download");
+    }
     const bool has_json = fs::is_regular_file(json_file, ec);
     const bool has_model = fs::is_regular_file(model_file, ec);
     // tokenizer.json first: it is what transformers (and the servers) load when present.

@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "qlora/common/errors.h"
+#include "qlora/common/input_files.h"
 #include "qlora/common/text.h"
 #include "qlora/io/torch_io.h"
 
@@ -41,7 +42,17 @@ std::vector<std::string> files_with_extension(const fs::path& dir, const std::st
   std::vector<std::string> out;
   std::error_code ec;
   for (const auto& e : fs::directory_iterator(dir, ec))
-    if (e.path().extension() == ext) out.push_back(e.path().filename().string());
+    if (e.path().extension() == ext && is_file(e.path())) out.push_back(e.path().filename().string());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// GGUF files in `dir` (by name or by magic), sorted: a model downloaded for llama.cpp.
+std::vector<std::string> gguf_files(const fs::path& dir) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec))
+    if (is_gguf_file(e.path().string())) out.push_back(e.path().filename().string());
   std::sort(out.begin(), out.end());
   return out;
 }
@@ -76,13 +87,28 @@ ModelDir ModelDir::open(const std::string& dir) {
   if (!fs::exists(root, ec))
     throw InputError(dir + ": model directory not found. Give the directory that holds config.json and the "
                            "*.safetensors weights (a Hugging Face model download).");
-  if (!fs::is_directory(root, ec))
+  if (!fs::is_directory(root, ec)) {
+    if (is_gguf_file(dir)) throw InputError(dir + ": is a GGUF file; " + kGgufHint + ".");
     throw InputError(dir + ": is a file, expected a model directory holding config.json and *.safetensors.");
-  if (!is_file(root / "config.json"))
+  }
+  const fs::path config = root / "config.json";
+  if (!is_file(config)) {
+    if (fs::exists(config, ec))
+      throw InputError(config.string() + ": " + why_not_a_file(config.string()) +
+                       "; expected the model's config.json file. Replace it with the config.json of the "
+                       "Hugging Face model.");
+    if (const auto ggufs = gguf_files(root); !ggufs.empty())
+      throw InputError(dir + ": holds " + join(ggufs) + " but no config.json; " + kGgufHint + ".");
     throw InputError(dir + ": no config.json. A Hugging Face model directory holds config.json next to its "
                            "*.safetensors weights; download the whole model, not only the weights.");
+  }
 
   const fs::path index = root / kIndexName;
+  const fs::path single = root / kSingleName;
+  for (const fs::path& p : {index, single})
+    if (fs::exists(p, ec) && !is_file(p))
+      throw InputError(p.string() + ": " + why_not_a_file(p.string()) + "; expected the weights file " +
+                       p.filename().string() + ". Replace it with the file from the model's download.");
   if (is_file(index)) {
     m.weights_file_ = kIndexName;
     const nlohmann::json j = read_json(index);
@@ -100,6 +126,10 @@ ModelDir ModelDir::open(const std::string& dir) {
         throw InputError(where + ": weight_map sends tensor \"" + name + "\" to \"" + file +
                          "\", which is not a file inside the model directory. Fix or re-download the index.");
       if (!m.shards_.count(file)) {
+        if (fs::exists(root / file, ec) && !is_file(root / file))
+          throw InputError((root / file).string() + ": " + why_not_a_file((root / file).string()) +
+                           "; " + where + " maps tensor \"" + name + "\" to it, a weights file. Replace "
+                           "it with the file from the model's download.");
         if (!is_file(root / file))
           throw InputError(where + ": shard \"" + file + "\" (holding tensor \"" + name +
                            "\") is missing from " + dir + ". Download the missing file again.");
@@ -116,7 +146,6 @@ ModelDir ModelDir::open(const std::string& dir) {
     return m;
   }
 
-  const fs::path single = root / kSingleName;
   if (is_file(single)) {
     m.weights_file_ = kSingleName;
     auto sf = SafetensorsFile::open(single.string());
@@ -137,6 +166,9 @@ ModelDir ModelDir::open(const std::string& dir) {
     throw InputError(dir + ": found " + join(others) + " but neither " + kSingleName + " nor " + kIndexName +
                      ". A sharded model needs its index file: download it too (or rename a single weights "
                      "file to " + kSingleName + ").");
+  if (const auto ggufs = gguf_files(root); !ggufs.empty())
+    throw InputError(dir + ": holds " + join(ggufs) + " but no " + kSingleName + " or " + kIndexName + "; " +
+                     kGgufHint + ".");
   throw InputError(dir + ": no weights: expected " + kSingleName + " or " + kIndexName +
                    " next to config.json. Download the model's *.safetensors files.");
 }

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "qlora/common/errors.h"
+#include "qlora/common/input_files.h"
 #include "qlora/common/text.h"
 #include "qlora/config/config.h"
 
@@ -251,8 +252,11 @@ LlamaConfig read_llama_config(const std::string& path) {
   if (!fs::exists(path, ec))
     throw InputError(path + ": model config not found; model.path must be a Hugging Face model "
                             "directory holding config.json and *.safetensors");
+  if (const std::string why = why_not_a_file(path); !why.empty())
+    throw InputError(path + ": " + why + "; expected the model's config.json file. Replace it with the "
+                            "config.json of the Hugging Face model");
   std::ifstream in(path, std::ios::binary);
-  if (!in || fs::is_directory(path, ec)) throw InputError(path + ": cannot read the model config file");
+  if (!in) throw InputError(path + ": cannot read the model config file; check its permissions");
   std::stringstream buf;
   buf << in.rdbuf();
 
@@ -318,6 +322,7 @@ LlamaConfig resolve_model_shape(const Config& cfg) {
     namespace fs = std::filesystem;
     std::error_code ec;
     fs::path p(cfg.model.path);
+    if (is_gguf_file(p.string())) throw InputError(p.string() + ": is a GGUF file; " + kGgufHint);
     if (!fs::is_directory(p, ec) && p.filename() == "config.json") return read_llama_config(p.string());
     return read_llama_config((p / "config.json").string());
   }

@@ -5,7 +5,8 @@
 // shard is opened and validated up front (see io/safetensors.h), so a bad or missing shard is
 // reported before any work starts. Pickle checkpoints (pytorch_model*.bin, *.pt, *.pth) are
 // never read: they can run code when loaded. A directory that holds only those gets an
-// InputError with the command that converts it. Tensors come out zero-copy (see
+// InputError with the command that converts it, and a GGUF file (llama.cpp's format) one that
+// says where to get the Hugging Face model. Tensors come out zero-copy (see
 // io/torch_io.h, Note [mapped tensors are read-only]).
 #pragma once
 
