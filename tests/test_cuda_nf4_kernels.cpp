@@ -446,7 +446,7 @@ TEST(CudaNf4Kernels, QuantizeOnTheGpuEqualsTheCpuPath) {
   try {
     (void)quant::quantize_nf4(broken, true);
     FAIL() << "expected a weight holding NaN to be refused";
-  } catch (const c10::Error& e) {
+  } catch (const quant::NonFiniteWeightError& e) {
     EXPECT_NE(std::string(e.what()).find("1 non-finite values"), std::string::npos) << e.what();
   }
 }

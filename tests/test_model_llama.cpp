@@ -6,6 +6,7 @@
 #include <torch/types.h>
 #include <torch/utils.h>
 
+#include <limits>
 #include <map>
 #include <string>
 
@@ -274,6 +275,56 @@ TEST(LlamaLoad, ListsMissingUnexpectedAndMisshapedWeights) {
     w["model.norm.weight"] = at::zeros({64}, at::kLong);
     expect_error(w, {"model.norm.weight has dtype Long"});
   }
+}
+
+// Note [non-finite base weights]: NaN / inf anywhere in the base is refused with the file, the
+// tensor and the count, whether the weight is quantized (counted by quantize_nf4) or kept dense
+// (one reduction); a value fine in the file but beyond fp16 is told apart.
+TEST(LlamaLoad, RefusesNonFiniteWeightsNamingFileTensorAndCount) {
+  const std::string dir = data_dir("llama3_untied");
+  const LlamaConfig cfg = read_llama_config(dir + "/config.json");
+  const auto weights = io::load_safetensors(dir + "/model.safetensors");
+  LoadOptions nf4;
+  nf4.make_linear = nf4_linear_factory(/*double_quant=*/true, at::kFloat);
+  LoadOptions half;
+  half.dtype = at::kHalf;
+  struct Case {
+    const char* tensor;
+    std::vector<float> values;  // written at elements 0, 1, ...
+    const LoadOptions* options;
+    std::string expect;
+  };
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  const std::vector<Case> cases = {
+      {"model.layers.1.mlp.down_proj.weight", {nan, 1, inf}, &nf4, "holds 2 non-finite values (NaN or inf)"},
+      {"model.layers.0.self_attn.q_proj.weight", {-inf}, nullptr, "holds 1 non-finite value (NaN or inf)"},
+      {"model.layers.1.post_attention_layernorm.weight", {inf}, &nf4, "holds 1 non-finite value"},
+      {"model.embed_tokens.weight", {nan, nan}, &nf4, "holds 2 non-finite values"},
+      {"lm_head.weight", {nan}, &nf4, "holds 1 non-finite value"},
+      {"model.norm.weight", {1e5f, -7e4f}, &half,
+       "has 2 value(s) beyond the range of float16 (largest magnitude 100000)"},
+      {"model.layers.0.mlp.up_proj.weight", {1e5f}, &half, "beyond the range of float16"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.tensor);
+    auto w = weights;
+    at::Tensor t = w.at(c.tensor).clone();
+    for (size_t i = 0; i < c.values.size(); ++i) t.view(-1)[static_cast<int64_t>(i)] = c.values[i];
+    w[c.tensor] = t;
+    try {
+      const LoadOptions options = c.options ? *c.options : LoadOptions{};
+      LlamaModel::load(cfg, weights_from_map(std::move(w), "x/model.safetensors"), options);
+      ADD_FAILURE() << "loaded without an error";
+    } catch (const InputError& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("x/model.safetensors: tensor \"" + std::string(c.tensor) + "\""), std::string::npos) << msg;
+      EXPECT_NE(msg.find(c.expect), std::string::npos) << "expected \"" << c.expect << "\" in: " << msg;
+    }
+  }
+  // Finite weights whose sum overflows fp32 are fine (the sum is a filter, the count decides).
+  auto w = weights;
+  w["model.norm.weight"] = at::full({64}, 3e37f);
+  EXPECT_NO_THROW(LlamaModel::load(cfg, weights_from_map(std::move(w), "x/model.safetensors")));
 }
 
 TEST(LlamaLoad, TiedModelSharesTheEmbeddingAndSlotsAreNamed) {

@@ -374,7 +374,7 @@ TEST(Nf4Tensor, RejectsWhatItCannotQuantize) {
   EXPECT_THROW(quantize_nf4(at::empty({0}, at::kFloat)), c10::Error);
   at::Tensor nan = at::randn({4, 64});
   nan[2][3] = std::nanf("");
-  EXPECT_THROW(quantize_nf4(nan), c10::Error);
+  EXPECT_THROW(quantize_nf4(nan), NonFiniteWeightError);
   // Counted across the parallel chunks (4,096 blocks each): an inf in the first, a NaN in the third.
   at::Tensor broken_weight = at::randn({600, 1000});
   broken_weight.view(-1)[0].fill_(std::numeric_limits<float>::infinity());
@@ -382,7 +382,8 @@ TEST(Nf4Tensor, RejectsWhatItCannotQuantize) {
   try {
     (void)quantize_nf4(broken_weight, true);
     FAIL() << "expected the weight to be refused";
-  } catch (const c10::Error& e) {
+  } catch (const NonFiniteWeightError& e) {
+    EXPECT_EQ(e.count(), 2);
     EXPECT_NE(std::string(e.what()).find("holds 2 non-finite values"), std::string::npos) << e.what();
   }
   const Nf4Tensor q = quantize_nf4(at::randn({8, 8}), true);

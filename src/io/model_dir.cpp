@@ -175,6 +175,8 @@ ModelDir ModelDir::open(const std::string& dir) {
 
 std::string ModelDir::config_path() const { return (fs::path(dir_) / "config.json").string(); }
 
+std::string ModelDir::weights_path() const { return (fs::path(dir_) / weights_file_).string(); }
+
 std::vector<std::string> ModelDir::tensor_names() const {
   std::vector<std::string> out;
   out.reserve(where_.size());
@@ -197,6 +199,11 @@ at::Tensor ModelDir::tensor(const std::string& name) const {
                      "). Check that the model is a Llama-family checkpoint of the expected size.");
   }
   return tensor_view(it->second.file, *it->second.info);
+}
+
+std::string ModelDir::file_of(const std::string& name) const {
+  auto it = where_.find(name);
+  return it == where_.end() ? weights_path() : it->second.file->path();
 }
 
 std::string ModelDir::tokenizer_path() const {

@@ -9,6 +9,7 @@
 #include <stdexcept>
 
 #include "qlora/common/errors.h"
+#include "qlora/quant/nf4.h"
 
 namespace qlora::model {
 namespace {
@@ -71,6 +72,42 @@ void check_source(const LlamaConfig& c, const WeightSource& src) {
   }
 }
 
+// Note [non-finite base weights]
+// A base weight holding NaN or inf is a damaged checkpoint: training on it gives NaN losses
+// that the loss scaler skips step after step, or a crash deep in a kernel. The load refuses it,
+// naming the file, the tensor and the count, without reading any weight a second time:
+//  - a projection handed to LoadOptions::make_linear is counted by the quantizing pass itself
+//    (quant::quantize_nf4 throws NonFiniteWeightError, caught here to add the names);
+//  - every other weight (embeddings, norms, lm_head, dense projections) gets one fp32-accumulated
+//    sum over the copy just made on the device: NaN and inf propagate into the sum. A finite
+//    tensor whose sum overflows is told apart by an exact count, on that rare path only.
+// The copy is in the model dtype, so a value beyond fp16's range (65504) in a run that
+// computes in fp16 is caught too, and reported as such (the file itself is fine there).
+
+// Throws the InputError for tensor `name` of `file`: `original` as the source holds it,
+// `converted` the copy in the model dtype that holds inf or NaN.
+[[noreturn]] void refuse_non_finite(const std::string& file, const std::string& name, const at::Tensor& original,
+                                    const at::Tensor& converted) {
+  const auto count_non_finite = [](const at::Tensor& t) {
+    return t.is_floating_point() ? at::logical_not(at::isfinite(t)).sum().item<int64_t>() : int64_t{0};
+  };
+  std::ostringstream os;
+  os << file << ": tensor \"" << name << "\" ";
+  const int64_t in_file = count_non_finite(original);
+  if (in_file > 0) {
+    os << "holds " << in_file << " non-finite value" << (in_file == 1 ? "" : "s") << " (NaN or inf) among its "
+       << original.numel() << "; the weights are damaged: download the model again, or save it again from a "
+       << "copy that loads";
+  } else {
+    const at::ScalarType t = converted.scalar_type();
+    os << "has " << count_non_finite(converted) << " value(s) beyond the range of "
+       << (t == at::kHalf ? "float16" : t == at::kBFloat16 ? "bfloat16" : "float32") << " (largest magnitude "
+       << original.abs().max().item<double>() << "), which the run computes in: set train.precision to bf16 "
+       << "or fp32";
+  }
+  throw InputError(os.str());
+}
+
 // Splits "model.layers.N.<group>.<proj>" into (N, index of proj); false otherwise.
 bool parse_linear_name(const std::string& name, int64_t num_layers, int64_t* layer, size_t* proj) {
   const std::string prefix = "model.layers.";
@@ -124,9 +161,14 @@ LlamaModel LlamaModel::load(const LlamaConfig& c, const WeightSource& src, const
   check_source(c, src);
   const auto expected = expected_weights(c);
   std::vector<std::string> misshaped;
-  auto fetch = [&](const std::string& name) -> at::Tensor {
+  std::set<std::string> misshaped_files;
+  const auto file_of = [&](const std::string& name) { return src.file_of ? src.file_of(name) : src.origin; };
+  // `quantized`: make_linear takes the copy and counts its non-finite values itself.
+  auto fetch = [&](const std::string& name, bool quantized = false) -> at::Tensor {
     at::Tensor t = src.get(name);
     const auto& want = expected.at(name);
+    if (!t.defined() || t.sizes() != at::IntArrayRef(want) || !t.is_floating_point())
+      misshaped_files.insert(file_of(name));
     if (!t.defined() || t.sizes() != at::IntArrayRef(want)) {
       misshaped.push_back(name + " is " + (t.defined() ? shape_text(t.sizes()) : "undefined") + ", expected " +
                           shape_text(want));
@@ -138,7 +180,12 @@ LlamaModel LlamaModel::load(const LlamaConfig& c, const WeightSource& src, const
       return at::Tensor();
     }
     // Always a copy: a source may hand out read-only file mappings.
-    return t.detach().to(opt.device, opt.dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    at::Tensor copy = t.detach().to(opt.device, opt.dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    // Note [non-finite base weights]
+    if (!quantized && !std::isfinite(copy.sum(at::kFloat).item<float>()) &&
+        at::logical_not(at::isfinite(copy)).any().item<bool>())
+      refuse_non_finite(file_of(name), name, t, copy);
+    return copy;
   };
 
   LlamaModel m;
@@ -157,13 +204,18 @@ LlamaModel LlamaModel::load(const LlamaConfig& c, const WeightSource& src, const
     layer.post_attention_norm = fetch(p + "post_attention_layernorm.weight");
     for (const auto& s : shapes) {
       const std::string module = linear_module_name(l, s.name);
-      at::Tensor w = fetch(module + ".weight");
+      const std::string name = module + ".weight";
+      at::Tensor w = fetch(name, /*quantized=*/static_cast<bool>(opt.make_linear));
       if (!w.defined()) {
         layer.proj.push_back(nullptr);
         continue;
       }
-      std::shared_ptr<FrozenLinear> lin = opt.make_linear ? opt.make_linear(module, w)
-                                                          : std::make_shared<DenseLinear>(w);
+      std::shared_ptr<FrozenLinear> lin;
+      try {
+        lin = opt.make_linear ? opt.make_linear(module, w) : std::make_shared<DenseLinear>(w);
+      } catch (const quant::NonFiniteWeightError&) {  // Note [non-finite base weights]
+        refuse_non_finite(file_of(name), name, src.get(name), w);
+      }
       layer.proj.push_back(std::move(lin));
     }
     m.layers_.push_back(std::move(layer));
@@ -172,7 +224,9 @@ LlamaModel LlamaModel::load(const LlamaConfig& c, const WeightSource& src, const
   }
   if (!misshaped.empty()) {
     std::ostringstream os;
-    os << src.origin << ": " << misshaped.size() << " weight(s) do not match config.json: ";
+    // The weights file when one holds them all (a single-file model, or one shard).
+    os << (misshaped_files.size() == 1 ? *misshaped_files.begin() : src.origin) << ": " << misshaped.size()
+       << " weight(s) do not match config.json: ";
     for (size_t i = 0; i < misshaped.size(); ++i) os << (i ? "; " : "") << misshaped[i];
     os << ". Check that config.json belongs to these weights";
     throw InputError(os.str());

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <atomic>
 #include <mutex>
+#include <sstream>
 
 #include "qlora/quant/nf4_ref.h"
 
@@ -114,8 +115,12 @@ Nf4Tensor quantize_nf4(const at::Tensor& w, bool double_quant) {
 
 void finish_nf4_quantize(Nf4Tensor& q, const at::Tensor& w, int64_t non_finite, const at::Tensor& absmax,
                          bool double_quant) {
-  TORCH_CHECK(non_finite == 0, "quantize_nf4: the weight of shape ", w.sizes(), " holds ", non_finite,
-              " non-finite values (inf or NaN), which NF4 cannot represent");
+  if (non_finite != 0) {
+    std::ostringstream os;
+    os << "quantize_nf4: the weight of shape " << w.sizes() << " holds " << non_finite
+       << " non-finite values (inf or NaN), which NF4 cannot represent";
+    throw NonFiniteWeightError(os.str(), non_finite);
+  }
   TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous() && absmax.numel() == q.blocks(),
               "finish_nf4_quantize: absmax must be a contiguous fp32 tensor of ", q.blocks(), " elements, got ",
               absmax.toString(), " of ", absmax.numel());

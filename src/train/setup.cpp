@@ -90,7 +90,9 @@ BaseModel load_base_model(const Config& cfg, const DeviceChoice& dev, bool allow
   }
   const io::ModelDir dir = io::ModelDir::open(cfg.model.path);
   const LlamaConfig shape = read_llama_config(dir.config_path());
-  const model::WeightSource weights{dir.dir(), dir.tensor_names(), [&dir](const std::string& n) { return dir.tensor(n); }};
+  const model::WeightSource weights{dir.weights_path(), dir.tensor_names(),
+                                    [&dir](const std::string& n) { return dir.tensor(n); },
+                                    [&dir](const std::string& n) { return dir.file_of(n); }};
   model::LlamaModel m = model::LlamaModel::load(shape, weights, load);
   return BaseModel{shape, dir.config_path(), false, std::move(m)};
 }

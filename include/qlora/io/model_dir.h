@@ -28,6 +28,8 @@ class ModelDir {
 
   const std::string& dir() const { return dir_; }
   std::string config_path() const;
+  // model.safetensors or model.safetensors.index.json, the file that says what the weights are.
+  std::string weights_path() const;
   // Sorted tensor names (the weight map's keys, or the single file's tensors).
   std::vector<std::string> tensor_names() const;
   bool has_tensor(const std::string& name) const { return where_.count(name) != 0; }
@@ -36,6 +38,9 @@ class ModelDir {
   // A zero-copy CPU tensor (read-only memory: clone() before writing into it); InputError
   // naming the directory and the weights file when the model has no such tensor.
   at::Tensor tensor(const std::string& name) const;
+  // The weights file that holds tensor `name` (weights_path() when the model has no such
+  // tensor): what a message about one tensor names.
+  std::string file_of(const std::string& name) const;
   // tokenizer.json when present, else tokenizer.model, else "".
   std::string tokenizer_path() const;
   // The weight files, as opened (one for a single-file model).

@@ -33,6 +33,8 @@ struct WeightSource {
   std::string origin;  // shown in errors: a file or directory
   std::vector<std::string> names;
   std::function<at::Tensor(const std::string& name)> get;
+  // The file that holds one tensor, for messages about it; empty: origin.
+  std::function<std::string(const std::string& name)> file_of = {};
 };
 
 // A source over an in-memory map (tests, small models).
@@ -40,7 +42,9 @@ WeightSource weights_from_map(std::map<std::string, at::Tensor> tensors, std::st
 
 // Builds the frozen base of one projection from its weight, already cast to the
 // model dtype and moved to the model device. `name` is the HF module name
-// ("model.layers.3.mlp.down_proj").
+// ("model.layers.3.mlp.down_proj"). A factory refuses a weight holding inf or NaN
+// by throwing quant::NonFiniteWeightError, as quantizing does (Note [non-finite
+// base weights] in llama.cpp).
 using LinearFactory =
     std::function<std::shared_ptr<FrozenLinear>(const std::string& name, const at::Tensor& weight)>;
 
@@ -108,6 +112,8 @@ class LlamaModel {
   // missing name, unexpected name and mis-shaped tensor is listed in one
   // InputError naming source.origin. lm_head.weight is optional (and ignored)
   // when the embeddings are tied; rotary_emb.inv_freq buffers are ignored.
+  // A weight holding inf or NaN (or values the model dtype turns into inf) is
+  // an InputError naming the file, the tensor and how many values.
   static LlamaModel load(const LlamaConfig& config, const WeightSource& source, const LoadOptions& options = {});
 
   const LlamaConfig& config() const { return config_; }

@@ -13,9 +13,23 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
+#include "qlora/common/errors.h"
+
 namespace qlora::quant {
+
+// A weight holding inf or NaN, which NF4 cannot represent: a damaged checkpoint, so bad input
+// (exit 2). The model loader catches it to name the weights file and the tensor.
+class NonFiniteWeightError : public InputError {
+ public:
+  NonFiniteWeightError(const std::string& what, int64_t count) : InputError(what), count_(count) {}
+  int64_t count() const { return count_; }  // how many values are inf or NaN
+
+ private:
+  int64_t count_;
+};
 
 // ------------------------------------------------------------------ the format
 struct Nf4Tensor {
@@ -41,8 +55,9 @@ struct Nf4Tensor {
 };
 
 // ------------------------------------------------------------------ quantize / dequantize
-// w: any shape, fp32 / bf16 / fp16, finite (throws c10::Error naming the count of inf / NaN
-// values otherwise), any device. double_quant: bitsandbytes' compress_statistics.
+// w: any shape, fp32 / bf16 / fp16, finite (throws NonFiniteWeightError with the count of inf /
+// NaN values otherwise, found in the quantizing pass itself), any device.
+// double_quant: bitsandbytes' compress_statistics.
 // The result lives on w's device.
 Nf4Tensor quantize_nf4(const at::Tensor& w, bool double_quant = true);
 
@@ -83,7 +98,7 @@ Nf4DeviceKernels nf4_device_kernels(c10::DeviceType type);
 
 // The end of quantize_nf4, shared by the CPU path and device quantize kernels once the codes
 // (q.packed) and the fp32 block absmax are known: refuses a weight holding `non_finite` inf /
-// NaN values (naming w's shape), then sets q's scales from `absmax` ([blocks] fp32, contiguous,
+// NaN values (NonFiniteWeightError naming w's shape), then sets q's scales from `absmax` ([blocks] fp32, contiguous,
 // on any device): plain, or double-quantized on the host (torch.mean on the CPU decides the
 // offset's last bit, as bitsandbytes takes it), the results on absmax's device.
 void finish_nf4_quantize(Nf4Tensor& q, const at::Tensor& w, int64_t non_finite, const at::Tensor& absmax,
