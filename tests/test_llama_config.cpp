@@ -118,6 +118,9 @@ const std::string kNoHidden = R"({"model_type": "llama", "vocab_size": 256, "int
   "num_hidden_layers": 2, "num_attention_heads": 4})";
 const std::string kGpt2 = R"({"model_type": "gpt2", "vocab_size": 256})";
 const std::string kLlama3Incomplete = with(R"("rope_scaling": {"rope_type": "llama3", "factor": 8.0})");
+const std::string kBosPastVocab = with(R"("bos_token_id": 256)");
+const std::string kEosListPastVocab = with(R"("eos_token_id": [1, 300])");
+const std::string kPadString = with(R"("pad_token_id": "0")");
 const std::string kNegativeVocab = R"({"model_type": "llama", "vocab_size": -5, "hidden_size": 64,
   "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4})";
 
@@ -132,8 +135,28 @@ INSTANTIATE_TEST_SUITE_P(
                       BadModelConfig{"negative_vocab", kNegativeVocab.c_str(), "\"vocab_size\""},
                       BadModelConfig{"kv_not_dividing", kKvNotDividing.c_str(), "num_key_value_heads"},
                       BadModelConfig{"yarn", kRopeYarn.c_str(), "\"yarn\" is not supported"},
-                      BadModelConfig{"llama3_incomplete", kLlama3Incomplete.c_str(), "low_freq_factor"}),
+                      BadModelConfig{"llama3_incomplete", kLlama3Incomplete.c_str(), "low_freq_factor"},
+                      BadModelConfig{"bos_past_vocab", kBosPastVocab.c_str(),
+                                     "\"bos_token_id\": 256 is not a token of the model: its embedding has "
+                                     "vocab_size 256"},
+                      BadModelConfig{"eos_list_past_vocab", kEosListPastVocab.c_str(), "\"eos_token_id\": 300"},
+                      BadModelConfig{"pad_string", kPadString.c_str(), "\"pad_token_id\": expected a token id"}),
     [](const auto& info) { return std::string(info.param.name); });
+
+// bos/eos/pad ids as transformers writes them: one id, a list for eos (Llama 3.1 Instruct),
+// null or -1 (old conversions) for none.
+TEST(LlamaConfig, SpecialTokenIds) {
+  const std::string dir = make_temp_dir("llama-config-ids");
+  LlamaConfig c = read_llama_config(
+      write_file(dir, "config.json", with(R"("bos_token_id": 0, "eos_token_id": [1, 255], "pad_token_id": -1)")));
+  EXPECT_EQ(c.bos_token_id, 0);
+  EXPECT_EQ(c.eos_token_ids, (std::vector<int64_t>{1, 255}));
+  EXPECT_EQ(c.pad_token_id, -1);
+  c = read_llama_config(write_file(dir, "config.json", with(R"("eos_token_id": 7, "pad_token_id": null)")));
+  EXPECT_EQ(c.bos_token_id, -1);
+  EXPECT_EQ(c.eos_token_ids, (std::vector<int64_t>{7}));
+  EXPECT_EQ(c.pad_token_id, -1);
+}
 
 TEST(LlamaConfig, MissingFileSaysWhatAModelDirHolds) {
   try {

@@ -147,6 +147,29 @@ class Reader {
     return v->get<std::string>();
   }
 
+  // A token id key (bos_token_id, ...): an integer naming a row of the embedding; `list_ok`:
+  // a list of them is accepted too (eos_token_id). Empty when absent or null; pad_token_id -1
+  // is "none", as old conversions wrote it.
+  std::vector<int64_t> token_ids(const std::string& key, int64_t vocab_size, bool list_ok) const {
+    const json* v = find(root_, key);
+    if (!v) return {};
+    if (key == "pad_token_id" && v->is_number_integer() && v->get<int64_t>() == -1) return {};
+    const bool list = v->is_array() && list_ok && !v->empty();
+    std::vector<int64_t> ids;
+    for (const json& e : list ? *v : json::array({*v})) {
+      if (!e.is_number_integer())
+        fail(key, std::string("expected a token id (an integer") + (list_ok ? ", or a list of them" : "") +
+                      "), got " + describe(*v));
+      const int64_t id = e.get<int64_t>();
+      if (id < 0 || id >= vocab_size)
+        fail(key, std::to_string(id) + " is not a token of the model: its embedding has vocab_size " +
+                      std::to_string(vocab_size) + " rows (ids 0.." + std::to_string(vocab_size - 1) +
+                      "). Fix " + key + ", or use the config.json that came with these weights");
+      ids.push_back(id);
+    }
+    return ids;
+  }
+
   const json& root() const { return root_; }
 
  private:
@@ -306,6 +329,9 @@ LlamaConfig read_llama_config(const std::string& path) {
   if (c.head_dim % 2 != 0) r.fail("head_dim", "must be even for RoPE, got " + std::to_string(c.head_dim));
   // transformers' LlamaConfig / MistralConfig defaults for the optional keys.
   c.max_position_embeddings = r.optional_int("max_position_embeddings", 2048);
+  if (const auto ids = r.token_ids("bos_token_id", c.vocab_size, false); !ids.empty()) c.bos_token_id = ids[0];
+  c.eos_token_ids = r.token_ids("eos_token_id", c.vocab_size, true);
+  if (const auto ids = r.token_ids("pad_token_id", c.vocab_size, false); !ids.empty()) c.pad_token_id = ids[0];
   c.tie_word_embeddings = r.optional_bool("tie_word_embeddings", false);
   c.rms_norm_eps = r.number(root, "rms_norm_eps", "rms_norm_eps", 1e-6, false);
   if (c.rms_norm_eps <= 0) r.fail("rms_norm_eps", "expected a positive number");

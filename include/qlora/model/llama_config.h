@@ -42,6 +42,12 @@ struct LlamaConfig {
   double rope_high_freq_factor = 1.0;
   int64_t rope_original_max_position_embeddings = 0;
 
+  // The token ids config.json names, each below vocab_size (-1 / empty when absent). The run
+  // checks them against the tokenizer too (train/vocab_check.h).
+  int64_t bos_token_id = -1;
+  std::vector<int64_t> eos_token_ids;  // eos_token_id: one id, or a list (Llama 3.1 Instruct)
+  int64_t pad_token_id = -1;
+
   int64_t sliding_window = 0;  // Mistral's window; 0 when the model has none
   std::string model_type;      // "llama" or "mistral"
   std::string torch_dtype;     // as written in config.json ("bfloat16", "float16"); may be empty
@@ -81,8 +87,9 @@ LlamaConfig model_preset(const std::string& name);
 // Reads a Hugging Face config.json. Throws InputError naming the file and the
 // key for: a missing or unreadable file, text that is not JSON, a missing or
 // wrongly typed required key, a model_type other than llama / mistral, an
-// inconsistent shape (heads not dividing hidden_size, ...), or a rope_scaling
-// type the trainer does not implement.
+// inconsistent shape (heads not dividing hidden_size, ...), a rope_scaling
+// type the trainer does not implement, or a bos/eos/pad token id that is not
+// a row of the embedding (0 <= id < vocab_size; pad_token_id -1 means none).
 LlamaConfig read_llama_config(const std::string& config_json_path);
 
 // model.path/config.json when model.path is set, else the model.preset.
