@@ -4,6 +4,7 @@
 // written by hand: 'H' is 72, 'i' is 105, a special is its listed id.
 #pragma once
 
+#include <algorithm>
 #include <map>
 #include <string>
 #include <utility>
@@ -94,6 +95,16 @@ class ByteTokenizer : public Tokenizer {
     auto it = ids_.find(std::string(token));
     if (it == ids_.end()) return std::nullopt;
     return it->second;
+  }
+  std::vector<Entry> tokens_from(int32_t first) const override {
+    std::vector<Entry> out;
+    for (int32_t id = std::max(first, 0); id < 256; ++id)
+      out.push_back({id, std::string(1, static_cast<char>(id)), false});
+    for (size_t i = 0; i < specials_.size(); ++i)
+      if (256 + static_cast<int32_t>(i) >= first) out.push_back({256 + static_cast<int32_t>(i), specials_[i], true});
+    if (!merge_.empty() && kMergeId >= first) out.push_back({kMergeId, merge_, false});
+    if (kPrefixId >= first) out.push_back({kPrefixId, " ", false});
+    return out;
   }
 
  private:

@@ -170,6 +170,47 @@ TEST(ByteLevelBpe, SpecialsFromTokenizerConfig) {
   EXPECT_EQ(bare->eos_id(), -1);
 }
 
+// tokens_from lists every id a tokenizer can produce (what the run checks against the model's
+// embedding rows), each under the text token_id() takes back to that id.
+TEST(LoadTokenizer, TokensFromListsEveryIdWithItsText) {
+  for (const std::string dir : {"/bpe", "/bpe_qwen2", "/spm"}) {
+    SCOPED_TRACE(dir);
+    const auto tok = qlora::data::load_tokenizer(kDataDir + dir);
+    const std::vector<Tokenizer::Entry> all = tok->tokens_from(0);
+    ASSERT_FALSE(all.empty());
+    EXPECT_EQ(all.back().id, tok->vocab_size() - 1);
+    int added = 0, mismatched = 0;
+    for (size_t i = 0; i < all.size(); ++i) {
+      if (i > 0) {
+        ASSERT_LT(all[i - 1].id, all[i].id) << "not in id order at " << i;
+      }
+      added += all[i].added;
+      if (tok->token_id(all[i].text) != all[i].id && mismatched++ < kMaxPrinted) {
+        ADD_FAILURE() << "token_id(\"" << all[i].text << "\") is not " << all[i].id;
+      }
+    }
+    EXPECT_GT(added, 0) << "the special tokens are added tokens";
+    const std::vector<Tokenizer::Entry> last = tok->tokens_from(tok->vocab_size() - 1);
+    ASSERT_EQ(last.size(), 1u);
+    EXPECT_EQ(last[0].id, all.back().id);
+    EXPECT_TRUE(tok->tokens_from(tok->vocab_size()).empty());
+  }
+}
+
+TEST(BadTokenizerFiles, TokenIdsPastAnyVocabularyAreRefusedBeforeSizingTables) {
+  const std::string dir = qlora::testing::make_temp_dir("tok_huge_id");
+  json j = read_json(kDataDir + "/bpe/tokenizer.json");
+  j["added_tokens"].push_back({{"id", 2147483647}, {"content", "<|huge|>"}});
+  const std::string path = qlora::testing::write_file(dir, "tokenizer.json", j.dump());
+  try {
+    qlora::data::load_tokenizer(dir);
+    ADD_FAILURE() << "loaded without an error";
+  } catch (const qlora::InputError& e) {
+    EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("<|huge|>"), std::string::npos) << e.what();
+  }
+}
+
 TEST(LoadTokenizer, SpecialTokenPrecedence) {
   const std::string dir = qlora::testing::make_temp_dir("tok_specials");
   fs::copy_file(kDataDir + "/bpe/tokenizer.json", dir + "/tokenizer.json");

@@ -126,4 +126,25 @@ std::optional<int32_t> BpeTokenizer::token_id(std::string_view token) const {
   return p_.model.find(raw);
 }
 
+std::vector<Tokenizer::Entry> BpeTokenizer::tokens_from(int32_t first) const {
+  std::vector<Entry> out;
+  const auto& to_unicode = bpe::byte_to_unicode();
+  const bool byte_level = p_.pre_tokenizer.byte_level();
+  for (int32_t id = std::max(first, 0); id <= p_.model.max_id(); ++id) {
+    const std::string* b = p_.model.bytes_of(id);
+    if (!b || added_by_id_.count(id)) continue;
+    Entry e{id, "", false};
+    if (byte_level) {
+      for (char c : *b) e.text += to_unicode[static_cast<uint8_t>(c)];  // as the file spells it
+    } else {
+      e.text = *b;
+    }
+    out.push_back(std::move(e));
+  }
+  for (const auto& t : p_.added)
+    if (t.id >= first) out.push_back({t.id, t.content, true});
+  std::stable_sort(out.begin(), out.end(), [](const Entry& a, const Entry& b) { return a.id < b.id; });
+  return out;
+}
+
 }  // namespace qlora::data

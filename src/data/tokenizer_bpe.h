@@ -39,6 +39,7 @@ class BpeTokenizer : public Tokenizer {
   std::string decode(const std::vector<int32_t>& ids) const override;
   int32_t vocab_size() const override;
   std::optional<int32_t> token_id(std::string_view token) const override;
+  std::vector<Entry> tokens_from(int32_t first) const override;
 
  private:
   void encode_split(const std::string& text, std::vector<int32_t>& ids) const;

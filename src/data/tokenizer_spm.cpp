@@ -150,6 +150,13 @@ class SpmTokenizer : public Tokenizer {
 
   int32_t vocab_size() const override { return sp_->GetPieceSize(); }
 
+  std::vector<Entry> tokens_from(int32_t first) const override {
+    std::vector<Entry> out;
+    for (int id = std::max(first, 0); id < sp_->GetPieceSize(); ++id)
+      out.push_back({id, sp_->IdToPiece(id), sp_->IsControl(id) || sp_->IsUnknown(id)});
+    return out;
+  }
+
   std::optional<int32_t> token_id(std::string_view token) const override {
     const int id = sp_->PieceToId(std::string(token));
     if (id < 0 || sp_->IdToPiece(id) != token) return std::nullopt;

@@ -40,6 +40,17 @@ class Tokenizer {
   // "▁the" for sentencepiece) or an added/special token's content; nullopt when none.
   virtual std::optional<int32_t> token_id(std::string_view token) const = 0;
 
+  // One token as a check of the ids reports it: its text as token_id() takes it, and whether
+  // it is an added or special token rather than a vocabulary entry.
+  struct Entry {
+    int32_t id = -1;
+    std::string text;
+    bool added = false;
+  };
+  // Every token whose id is `first` or more (vocabulary, added and special tokens), in id
+  // order: the ids a model's embedding must have rows for (train/vocab_check.h).
+  virtual std::vector<Entry> tokens_from(int32_t first) const = 0;
+
   int32_t bos_id() const { return bos_id_; }  // -1 when none
   int32_t eos_id() const { return eos_id_; }  // -1 when none
   int32_t pad_id() const { return pad_id_; }  // -1 when none
