@@ -45,6 +45,7 @@
 #include "qlora/train/schedule.h"
 #include "qlora/train/state.h"
 #include "qlora/train/trainer.h"
+#include "qlora/train/vocab_check.h"
 
 namespace qlora::train {
 namespace {
@@ -366,6 +367,7 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
       !std::filesystem::exists(std::filesystem::path(cfg.model.path) / "tokenizer.model"))
     throw InputError(cfg.model.path + " has no tokenizer.json or tokenizer.model; copy the base model's tokenizer files there");
   const std::unique_ptr<data::Tokenizer> tokenizer = data::load_tokenizer(cfg.model.path);
+  check_tokenizer_fits_model(*tokenizer, shape, base.config_path);
   const data::TrainEval sets = data::load_train_eval(cfg.data, static_cast<uint64_t>(cfg.train.seed), *tokenizer);
   log::info(sets.train.summary.describe());
   if (!sets.eval.examples.empty()) log::info("held out: " + sets.eval.summary.describe());
