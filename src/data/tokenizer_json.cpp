@@ -318,7 +318,7 @@ std::unique_ptr<Tokenizer> load_tokenizer_json(const std::string& file) {
       const std::string at = "added_tokens[" + std::to_string(i) + "]";
       bpe::AddedToken t;
       t.content = r.string_field(a, at, "content");
-      t.id = r.token_id(at + ".id", r.field(a, at, "id"));
+      t.id = r.token_id(at + ".id (token \"" + t.content + "\")", r.field(a, at, "id"));
       t.special = r.bool_field(a, at, "special", false);
       t.lstrip = r.bool_field(a, at, "lstrip", false);
       t.rstrip = r.bool_field(a, at, "rstrip", false);
