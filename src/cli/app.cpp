@@ -12,6 +12,7 @@
 #include "qlora/common/text.h"
 #include "qlora/plan/gpu.h"
 #include "qlora/quant/nf4_cuda.h"
+#include "qlora/train/threads.h"
 
 namespace qlora::cli {
 
@@ -77,6 +78,10 @@ int run(int argc, char** argv) {
   }
 
   quant::register_cuda_kernels();  // no-op without CUDA
+  // OMP_DYNAMIC / MKL_DYNAMIC off and the count pinned before any parallel work:
+  // a step's bits then depend on the count alone, not on the machine's load
+  // (Note [fixed CPU threads]).
+  train::pin_cpu_threads();
   plan::register_config_checks();  // model.preset and hardware.gpu, listed with the config's other problems
   try {
     for (auto& [cmd, runner] : commands)

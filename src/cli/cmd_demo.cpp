@@ -9,7 +9,6 @@
 // purpose and resumes from its checkpoint, as after a kill. Ends with one
 // held-out prompt answered before and after training, the held-out exact
 // match before -> after, and where the adapter is and how to use it.
-#include <ATen/Parallel.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -29,6 +28,7 @@
 #include "qlora/train/demo.h"
 #include "qlora/train/progress.h"
 #include "qlora/train/run.h"
+#include "qlora/train/threads.h"
 
 namespace qlora::cli {
 namespace {
@@ -166,7 +166,7 @@ Runner add_demo_command(CLI::App& root) {
     // whole demo against 24 s), and on a machine whose cores are busy with
     // other work the spinning OpenMP threads slow it many times over (a
     // 40-step demo: 55-92 s with 2 threads, 8-9 s with 1).
-    if (std::getenv("OMP_NUM_THREADS") == nullptr) at::set_num_threads(1);
+    if (std::getenv("OMP_NUM_THREADS") == nullptr) train::pin_cpu_threads(1);
     train::RunOptions ro;
     ro.device = opts->device;
     ro.progress_bar = isatty(STDERR_FILENO) != 0;

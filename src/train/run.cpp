@@ -44,6 +44,7 @@
 #include "qlora/train/setup.h"
 #include "qlora/train/schedule.h"
 #include "qlora/train/state.h"
+#include "qlora/train/threads.h"
 #include "qlora/train/trainer.h"
 #include "qlora/train/vocab_check.h"
 
@@ -332,6 +333,9 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   // 1. device and precision (and the CUDA kernels, once per process; a no-op without CUDA)
   quant::register_cuda_kernels();
   const DeviceChoice dev = choose_device(cfg, options.device, launch.local_rank);
+  // The count stays; only OpenMP's and oneMKL's freedom to shrink it under load
+  // goes (Note [fixed CPU threads]). The checkpoint records it.
+  const int cpu_threads = dev.device.is_cpu() ? pin_cpu_threads() : 0;
   log::info("device " + dev.description + ", precision " + std::string(to_string(dev.precision)) +
             (amp::needs_loss_scaling(dev.precision) ? " with dynamic loss scaling" : ""));
   at::manual_seed(static_cast<uint64_t>(cfg.train.seed));
@@ -429,7 +433,8 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   // 5b. resume: every piece of state from the checkpoint chosen in 0 (train/state.h)
   std::filesystem::create_directories(cfg.output.dir);
   const std::string metrics_path = main_rank ? MetricsLog::path_in(cfg.output.dir) : std::string();
-  const json fingerprint = run_fingerprint(cfg, ckpt::sha256_file(base.config_path), dev.precision, world);
+  const json fingerprint =
+      run_fingerprint(cfg, ckpt::sha256_file(base.config_path), dev.precision, world, cpu_threads);
   const TrainingObjects objects{trainer, *optimizer, scaler, bad_steps, loader, adapter, dev.device, &group};
   if (!resume_from.empty()) {
     result.start_step = load_checkpoint(resume_from, objects, fingerprint, options.force, metrics_path);

@@ -56,7 +56,7 @@ std::string rng_key(int64_t rank, const std::string& generator) {
 }
 
 json run_fingerprint(const Config& cfg, const std::string& model_config_sha256, Precision precision,
-                     int64_t world_size) {
+                     int64_t world_size, int cpu_threads) {
   json math = {
       {"model.config_sha256", model_config_sha256},
       {"lora.r", cfg.lora.r},
@@ -83,7 +83,9 @@ json run_fingerprint(const Config& cfg, const std::string& model_config_sha256, 
       {"train.seed", cfg.train.seed},
       {"data.path", cfg.data.path},
   };
-  return json{{"math", math}, {"other", other}};
+  json f = {{"math", math}, {"other", other}};
+  if (cpu_threads > 0) f["cpu_threads"] = cpu_threads;  // its own warning on resume, not a line of "other"
+  return f;
 }
 
 FingerprintDiff compare_fingerprints(const json& saved, const json& now) {
@@ -232,6 +234,12 @@ int64_t load_checkpoint(const std::string& dir, const TrainingObjects& o, const 
     log::warn(msg + " (--force given: resuming anyway)");
   }
   for (const auto& l : diff.other) log::warn("changed since the checkpoint (allowed): " + l);
+  const json saved_threads = run.value("fingerprint", json::object()).value("cpu_threads", json());
+  const json now_threads = fingerprint.value("cpu_threads", json());
+  if (saved_threads.is_number_integer() && now_threads.is_number_integer() && saved_threads != now_threads)
+    log::warn("CPU threads: the checkpoint's run had " + saved_threads.dump() + ", this one has " + now_threads.dump() +
+              "; ATen splits its work by the count, so from here the numbers may differ in the last bits from "
+              "a run never stopped (OMP_NUM_THREADS=" + saved_threads.dump() + " resumes it exactly)");
 
   const json st = parse_json_file(d / "trainer_state.json");
   if (st.value("format_version", 0) != kStateFormatVersion)

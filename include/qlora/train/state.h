@@ -74,9 +74,11 @@ struct TrainingObjects {
 std::string rng_key(int64_t rank, const std::string& generator);
 
 // The run's math (Note [what a resume may change]) plus the settings a resume
-// may change, as JSON: {"math": {...}, "other": {...}}.
+// may change, as JSON: {"math": {...}, "other": {...}}, plus "cpu_threads" for
+// a CPU run (cpu_threads > 0): another count on resume is allowed, with a
+// warning that the bits may differ (Note [fixed CPU threads], train/threads.h).
 nlohmann::json run_fingerprint(const Config& cfg, const std::string& model_config_sha256, Precision precision,
-                               int64_t world_size);
+                               int64_t world_size, int cpu_threads = 0);
 
 // Differences between a saved fingerprint and the current one, one line each
 // ("lora.r: checkpoint 16, now 8"). `math` lines refuse a resume.
