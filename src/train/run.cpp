@@ -349,8 +349,23 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
               plan::format_gib(dev.gpu_total_bytes));
   }
 
-  // 2. base model, frozen, its projections quantized to NF4 as they load
+  // 2. the tokenizer, checked against config.json's vocabulary before any weight loads (a
+  // mismatch found after quantizing an 8B model would cost minutes); then the base model,
+  // frozen, its projections quantized to NF4 as they load
+  const auto load_checked_tokenizer = [&cfg] {
+    const std::filesystem::path dir(cfg.model.path);
+    if (!std::filesystem::exists(dir / "tokenizer.json") && !std::filesystem::exists(dir / "tokenizer.model"))
+      throw InputError(cfg.model.path + " has no tokenizer.json or tokenizer.model; copy the base model's tokenizer files there");
+    std::unique_ptr<data::Tokenizer> tok = data::load_tokenizer(cfg.model.path);
+    if (std::filesystem::is_regular_file(dir / "config.json"))
+      check_tokenizer_fits_model(*tok, read_llama_config((dir / "config.json").string()), (dir / "config.json").string());
+    return tok;
+  };
+  // A model.path that is no directory (a GGUF file, say) gets the model loader's message.
+  std::unique_ptr<data::Tokenizer> tokenizer;
+  if (std::filesystem::is_directory(cfg.model.path)) tokenizer = load_checked_tokenizer();
   BaseModel base = load_base_model(cfg, dev, options.random_weights);
+  if (!tokenizer) tokenizer = load_checked_tokenizer();
   model::LlamaModel& model = base.model;
   const LlamaConfig& shape = base.shape;
 
@@ -366,12 +381,7 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
     trainable += p.numel();
   }
 
-  // 4. tokenizer and data
-  if (!std::filesystem::exists(std::filesystem::path(cfg.model.path) / "tokenizer.json") &&
-      !std::filesystem::exists(std::filesystem::path(cfg.model.path) / "tokenizer.model"))
-    throw InputError(cfg.model.path + " has no tokenizer.json or tokenizer.model; copy the base model's tokenizer files there");
-  const std::unique_ptr<data::Tokenizer> tokenizer = data::load_tokenizer(cfg.model.path);
-  check_tokenizer_fits_model(*tokenizer, shape, base.config_path);
+  // 4. data
   const data::TrainEval sets = data::load_train_eval(cfg.data, static_cast<uint64_t>(cfg.train.seed), *tokenizer);
   log::info(sets.train.summary.describe());
   if (!sets.eval.examples.empty()) log::info("held out: " + sets.eval.summary.describe());
