@@ -4,9 +4,12 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "qlora/config/config.h"
 #include "qlora/plan/gpu.h"
@@ -374,6 +377,20 @@ TEST(ConfigCommand, ChecksTheModelDirectoryTokenizerAndData) {
   EXPECT_EQ(r.exit_code, 2) << r.out;
   EXPECT_NE(r.err.find(broken + "/tokenizer.json"), std::string::npos) << r.err;
   EXPECT_EQ(r.out.find("valid"), std::string::npos) << r.out;
+
+  // A tokenizer with an id past config.json's vocab_size: train would refuse it, so does config.
+  const std::string big = dir + "/model-big-vocab";
+  std::filesystem::copy(testing::small_model_dir(), big);
+  {
+    std::ifstream in(big + "/tokenizer.json");
+    nlohmann::json tj = nlohmann::json::parse(in);
+    tj["added_tokens"].push_back({{"id", 100000}, {"content", "<|far|>"}, {"single_word", false}, {"lstrip", false},
+                                  {"rstrip", false}, {"normalized", false}, {"special", true}});
+    testing::write_file(big, "tokenizer.json", tj.dump());
+  }
+  r = run_qlora("config --config " + config(big));
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.err.find("<|far|>"), std::string::npos) << r.err;
 
   r = run_qlora("config --config " + config(testing::small_model_dir()) + " --set data.path=" + dir);
   EXPECT_EQ(r.exit_code, 2);

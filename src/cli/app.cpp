@@ -1,5 +1,7 @@
 #include "qlora/cli/app.h"
 
+#include <c10/util/Exception.h>
+
 #include <algorithm>
 #include <exception>
 #include <string>
@@ -90,6 +92,10 @@ int run(int argc, char** argv) {
   } catch (const InputError& e) {
     std::cerr << "error: " << e.what() << "\n";
     return kExitBadInput;
+  } catch (const c10::Error& e) {
+    // LibTorch's message without its C++ stack frames, which tell a user nothing.
+    std::cerr << "error: " << e.what_without_backtrace() << "\n";
+    return kExitRuntimeFailure;
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return kExitRuntimeFailure;

@@ -16,6 +16,7 @@
 #include "qlora/kernels.h"
 #include "qlora/model/nf4_linear.h"
 #include "qlora/train/demo.h"
+#include "qlora/train/vocab_check.h"
 
 namespace qlora::train {
 namespace {
@@ -109,6 +110,7 @@ std::vector<std::string> check_run_files(const Config& cfg) {
     if (!fs::exists(p / "tokenizer.json") && !fs::exists(p / "tokenizer.model"))
       throw InputError(cfg.model.path + " has no tokenizer.json or tokenizer.model; copy the base model's tokenizer files there");
     const std::unique_ptr<data::Tokenizer> tok = data::load_tokenizer(cfg.model.path);
+    check_tokenizer_fits_model(*tok, shape, dir.config_path());
     lines.push_back("tokenizer: " + std::to_string(tok->vocab_size()) + " ids (" +
                     (fs::exists(p / "tokenizer.json") ? (p / "tokenizer.json") : (p / "tokenizer.model")).string() + ")");
   }

@@ -50,7 +50,8 @@ BaseModel load_base_model(const Config& cfg, const DeviceChoice& dev, bool allow
 
 // What `qlora config` checks of cfg.model.path without loading any weight:
 // config.json (a supported model), every safetensors header, the tokenizer
-// files (loaded as the run loads them), and data.path / data.eval_path are
+// files (loaded as the run loads them, their ids checked against config.json's
+// vocabulary), and data.path / data.eval_path are
 // readable files. Throws InputError naming the file; returns one line a check
 // ("model: llama, 16 layers, hidden 2048, vocab 128256, 1 safetensors file").
 std::vector<std::string> check_run_files(const Config& cfg);
