@@ -116,9 +116,9 @@ rm -rf "$out"; mkdir -p "$out"
 # .whl/gloo (dpkg -x of libgloo-dev, made on the developer machine).
 gloo_args=()
 [[ -d "$root/.whl/gloo/usr/include/gloo" ]] && gloo_args=(-DQLORA_GLOO_ROOT="$root/.whl/gloo/usr")
-# Oniguruma and utf8proc likewise: .whl/textlibs is dpkg -x of libonig-dev, libonig5,
-# libutf8proc-dev and libutf8proc2, used when the machine has no oniguruma.h of its own.
-[[ -f /usr/include/oniguruma.h || ! -d "$root/.whl/textlibs/usr" ]] || gloo_args+=(-DQLORA_DEPS_ROOT="$root/.whl/textlibs/usr")
+# utf8proc likewise: .whl/textlibs is dpkg -x of libutf8proc-dev and libutf8proc2, used when
+# the machine has no utf8proc.h of its own (Oniguruma is vendored in third_party/).
+[[ -f /usr/include/utf8proc.h || ! -d "$root/.whl/textlibs/usr" ]] || gloo_args+=(-DQLORA_DEPS_ROOT="$root/.whl/textlibs/usr")
 phase "configure and build ($build)"
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQLORA_CUDA=ON \
   -DQLORA_PYTHON="$python" -DQLORA_CUDA_ARCHS="$archs" "${gloo_args[@]}" >"$out/configure.log" 2>&1 \

@@ -45,7 +45,7 @@ step() { printf '\n==> [%4d s] %s\n' "$(( $(date +%s) - t0 ))" "$*"; }
 # ---------------------------------------------------------------- 1. Debian packages
 APT_PACKAGES=(build-essential cmake ninja-build pkg-config git python3-venv
               libcli11-dev nlohmann-json3-dev libyaml-cpp-dev libspdlog-dev libfmt-dev
-              libsentencepiece-dev libonig-dev libutf8proc-dev libgtest-dev libgmock-dev
+              libsentencepiece-dev libutf8proc-dev libgtest-dev libgmock-dev
               libgloo-dev)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -36,11 +36,12 @@ void replace_all(std::string& s, std::string_view from, std::string_view to) {
 }
 
 // Note [Unicode versions]
-// The tokenizers library normalizes with Unicode 9.0 tables (unicode-normalization-
-// alignments) and classifies with Oniguruma's; utf8proc and Debian's Oniguruma carry newer
-// tables. Text made of code points assigned by Unicode 9.0 (everything in use before 2016)
-// gets the same ids; a code point assigned later can normalize differently (tests list the
-// cases seen).
+// The tokenizers library splits with Oniguruma 6.9.10 (Unicode 16.0 classes: the version
+// vendored in third_party/oniguruma) and normalizes with Unicode 9.0 tables
+// (unicode-normalization-alignments); utf8proc normalizes with Unicode 15.0. Text made of code
+// points assigned by Unicode 9.0 (everything in use before 2016) normalizes the same; a
+// combining mark or letter added later can compose here and not there (tests name the cases
+// seen: tests/support/unicode_versions.h).
 std::string utf8proc_form(const std::string& text, NormalForm form) {
   int options = UTF8PROC_STABLE;
   switch (form) {
