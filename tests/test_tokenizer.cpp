@@ -14,7 +14,6 @@
 #include "qlora/common/errors.h"
 #include "qlora/data/tokenizer.h"
 #include "support/test_support.h"
-#include "support/unicode_versions.h"
 
 namespace {
 
@@ -101,10 +100,6 @@ int check_against_golden(const Tokenizer& tok, const std::string& golden_file) {
     const auto want = g["ids"][i].get<std::vector<int32_t>>();
     const auto got = tok.encode(lines[i].bytes);
     hand_lines += !lines[i].random;
-    if (got != want && qlora::testing::has_unicode_version_gap(lines[i].bytes)) {
-      std::printf("known Unicode-version difference, line %zu (support/unicode_versions.h)\n", i);
-      continue;
-    }
     if (got != want) {
       ++id_mismatches;
       hand_mismatches += !lines[i].random;

@@ -2,7 +2,9 @@
 
 #include <utf8proc.h>
 
+#include <algorithm>
 #include <cctype>
+#include <iterator>
 #include <cstdlib>
 #include <string>
 #include <utility>
@@ -38,11 +40,19 @@ void replace_all(std::string& s, std::string_view from, std::string_view to) {
 // Note [Unicode versions]
 // The tokenizers library splits with Oniguruma 6.9.10 (Unicode 16.0 classes: the version
 // vendored in third_party/oniguruma) and normalizes with Unicode 9.0 tables
-// (unicode-normalization-alignments); utf8proc normalizes with Unicode 15.0. Text made of code
-// points assigned by Unicode 9.0 (everything in use before 2016) normalizes the same; a
-// combining mark or letter added later can compose here and not there (tests name the cases
-// seen: tests/support/unicode_versions.h).
-std::string utf8proc_form(const std::string& text, NormalForm form) {
+// (unicode-normalization-alignments); utf8proc normalizes with its own, newer ones. A code
+// point Unicode assigned after 9.0 is, to tokenizers, a starter without a decomposition: it
+// neither changes nor lets anything reorder or compose across it. unicode9_exceptions.inc
+// lists those utf8proc would change (generated against both libraries); the text is
+// normalized piece by piece between them and they are kept as they are, which is what the
+// Unicode 9.0 tables do.
+#include "data/unicode9_exceptions.inc"
+
+bool unicode9_exception(char32_t c) {
+  return std::binary_search(std::begin(kUnicode9Exceptions), std::end(kUnicode9Exceptions), c);
+}
+
+std::string utf8proc_piece(const std::string& text, NormalForm form) {
   int options = UTF8PROC_STABLE;
   switch (form) {
     case NormalForm::kNFC: options |= UTF8PROC_COMPOSE; break;
@@ -58,6 +68,23 @@ std::string utf8proc_form(const std::string& text, NormalForm form) {
   std::string result(reinterpret_cast<const char*>(out), static_cast<size_t>(n));
   std::free(out);
   return result;
+}
+
+std::string utf8proc_form(const std::string& text, NormalForm form) {
+  std::string out, piece;
+  for (size_t i = 0; i < text.size();) {
+    const size_t len = cp_len(static_cast<unsigned char>(text[i]));
+    if (unicode9_exception(cp_at(text, i))) {
+      if (!piece.empty()) out += utf8proc_piece(piece, form);
+      piece.clear();
+      out.append(text, i, len);
+    } else {
+      piece.append(text, i, len);
+    }
+    i += len;
+  }
+  if (!piece.empty()) out += utf8proc_piece(piece, form);
+  return out;
 }
 
 // Pieces from a code point predicate: each code point it holds is a match of its own.
