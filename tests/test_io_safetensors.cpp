@@ -28,12 +28,7 @@ namespace fs = std::filesystem;
 using testing::make_temp_dir;
 using testing::source_path;
 
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using testing::slurp;
 
 void spit(const std::string& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary);

@@ -16,14 +16,12 @@
 namespace qlora::testing {
 namespace fs = std::filesystem;
 
-namespace {
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
   std::ostringstream s;
   s << in.rdbuf();
   return s.str();
 }
-}  // namespace
 
 std::string make_temp_dir(const std::string& tag) {
   static std::atomic<int> counter{0};

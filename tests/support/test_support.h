@@ -20,6 +20,9 @@ CommandResult run_qlora(const std::string& args);
 // A fresh scratch directory under the system temp dir, unique per call.
 std::string make_temp_dir(const std::string& tag);
 
+// The bytes of a file ("" when it cannot be read).
+std::string slurp(const std::string& path);
+
 // Writes `text` to `dir/name` and returns the full path.
 std::string write_file(const std::string& dir, const std::string& name, const std::string& text);
 
