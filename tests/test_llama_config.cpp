@@ -121,6 +121,9 @@ const std::string kLlama3Incomplete = with(R"("rope_scaling": {"rope_type": "lla
 const std::string kBosPastVocab = with(R"("bos_token_id": 256)");
 const std::string kEosListPastVocab = with(R"("eos_token_id": [1, 300])");
 const std::string kPadString = with(R"("pad_token_id": "0")");
+const std::string kGelu = with(R"("hidden_act": "gelu_pytorch_tanh")");
+const std::string kAttentionBias = with(R"("attention_bias": true)");
+const std::string kMlpBias = with(R"("mlp_bias": true)");
 const std::string kNegativeVocab = R"({"model_type": "llama", "vocab_size": -5, "hidden_size": 64,
   "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4})";
 
@@ -140,7 +143,10 @@ INSTANTIATE_TEST_SUITE_P(
                                      "\"bos_token_id\": 256 is not a token of the model: its embedding has "
                                      "vocab_size 256"},
                       BadModelConfig{"eos_list_past_vocab", kEosListPastVocab.c_str(), "\"eos_token_id\": 300"},
-                      BadModelConfig{"pad_string", kPadString.c_str(), "\"pad_token_id\": expected a token id"}),
+                      BadModelConfig{"pad_string", kPadString.c_str(), "\"pad_token_id\": expected a token id"},
+                      BadModelConfig{"gelu", kGelu.c_str(), "\"hidden_act\": is \"gelu_pytorch_tanh\""},
+                      BadModelConfig{"attention_bias", kAttentionBias.c_str(), "\"attention_bias\": is true"},
+                      BadModelConfig{"mlp_bias", kMlpBias.c_str(), "\"mlp_bias\": is true"}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // bos/eos/pad ids as transformers writes them: one id, a list for eos (Llama 3.1 Instruct),

@@ -166,6 +166,41 @@ TEST(TrainRun, MissingModelPathSaysWhatToDo) {
   }
 }
 
+// A Mistral config.json with a sliding window: rows no longer than the window train (there
+// full causal attention is the model's attention), longer ones are refused, never trained
+// with the wrong attention.
+TEST(TrainRun, SlidingWindowShorterThanTheRowsIsRefused) {
+  namespace fs = std::filesystem;
+  const std::string tmp = testing::make_temp_dir("sliding");
+  const std::string model = tmp + "/model";
+  fs::copy(testing::small_model_dir(), model);
+  nlohmann::json config = nlohmann::json::parse(testing::slurp(model + "/config.json"));
+  config["model_type"] = "mistral";
+  config["sliding_window"] = 32;
+  testing::write_file(model, "config.json", config.dump(2));
+  Config cfg = default_config();
+  cfg.model.path = model;
+  cfg.data.path = testing::small_completion_data(tmp, 8);
+  cfg.data.max_seq_length = 64;
+  cfg.train.max_steps = 1;
+  cfg.train.precision = Precision::kFp32;
+  cfg.output.dir = tmp + "/out";
+  train::RunOptions ro;
+  ro.device = "cpu";
+  ro.evaluate_at_start = false;
+  ro.handle_signals = false;
+  try {
+    train::run_training(cfg, ro);
+    FAIL() << "64-token rows were trained with a 32-token sliding window";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("sliding_window is 32 and data.max_seq_length 64"), std::string::npos)
+        << e.what();
+  }
+  cfg.data.max_seq_length = 32;
+  cfg.output.dir = tmp + "/out32";
+  EXPECT_EQ(train::run_training(cfg, ro).steps, 1);
+}
+
 }  // namespace
 }  // namespace qlora
 

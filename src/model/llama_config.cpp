@@ -336,6 +336,13 @@ LlamaConfig read_llama_config(const std::string& path) {
   c.rms_norm_eps = r.number(root, "rms_norm_eps", "rms_norm_eps", 1e-6, false);
   if (c.rms_norm_eps <= 0) r.fail("rms_norm_eps", "expected a positive number");
   read_rope(r, c);
+  // Keys that change the layer's arithmetic: refused unless they ask for what the layer
+  // computes (SiLU gating, no biases), never read and ignored.
+  if (const std::string act = r.optional_string(root, "hidden_act", "hidden_act"); !act.empty() && act != "silu")
+    r.fail("hidden_act", "is \"" + act + "\"; qlora's Llama-family layer computes SiLU (SwiGLU) only");
+  for (const char* key : {"attention_bias", "mlp_bias"})
+    if (r.optional_bool(key, false))
+      r.fail(key, "is true; qlora's Llama-family layer has no bias terms in its projections");
   if (c.model_type == "mistral") c.sliding_window = r.optional_int("sliding_window", 0);
   c.torch_dtype = r.optional_string(root, "torch_dtype", "torch_dtype");
   if (c.torch_dtype.empty()) c.torch_dtype = r.optional_string(root, "dtype", "dtype");  // transformers 5

@@ -368,6 +368,14 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   if (!tokenizer) tokenizer = load_checked_tokenizer();
   model::LlamaModel& model = base.model;
   const LlamaConfig& shape = base.shape;
+  // Sliding-window attention is not implemented: within the window it equals full causal
+  // attention, so rows no longer than the window train exactly; longer ones would not.
+  if (shape.sliding_window > 0 && cfg.data.max_seq_length > shape.sliding_window)
+    throw InputError(base.config_path + ": sliding_window is " + std::to_string(shape.sliding_window) +
+                     " and data.max_seq_length " + std::to_string(cfg.data.max_seq_length) +
+                     "; qlora attends over the whole row (no sliding window yet), which equals the model's "
+                     "attention only up to the window: set data.max_seq_length to at most " +
+                     std::to_string(shape.sliding_window));
 
   // 3. LoRA adapter (A from the seeded generator, as PEFT initializes it)
   lora::LoraAdapter adapter = lora::LoraAdapter::attach(model, lora::settings_from_config(cfg.lora));
