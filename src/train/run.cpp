@@ -352,20 +352,11 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   // 2. the tokenizer, checked against config.json's vocabulary before any weight loads (a
   // mismatch found after quantizing an 8B model would cost minutes); then the base model,
   // frozen, its projections quantized to NF4 as they load
-  const auto load_checked_tokenizer = [&cfg] {
-    const std::filesystem::path dir(cfg.model.path);
-    if (!std::filesystem::exists(dir / "tokenizer.json") && !std::filesystem::exists(dir / "tokenizer.model"))
-      throw InputError(cfg.model.path + " has no tokenizer.json or tokenizer.model; copy the base model's tokenizer files there");
-    std::unique_ptr<data::Tokenizer> tok = data::load_tokenizer(cfg.model.path);
-    if (std::filesystem::is_regular_file(dir / "config.json"))
-      check_tokenizer_fits_model(*tok, read_llama_config((dir / "config.json").string()), (dir / "config.json").string());
-    return tok;
-  };
   // A model.path that is no directory (a GGUF file, say) gets the model loader's message.
   std::unique_ptr<data::Tokenizer> tokenizer;
-  if (std::filesystem::is_directory(cfg.model.path)) tokenizer = load_checked_tokenizer();
+  if (std::filesystem::is_directory(cfg.model.path)) tokenizer = load_checked_tokenizer(cfg.model.path);
   BaseModel base = load_base_model(cfg, dev, options.random_weights);
-  if (!tokenizer) tokenizer = load_checked_tokenizer();
+  if (!tokenizer) tokenizer = load_checked_tokenizer(cfg.model.path);
   model::LlamaModel& model = base.model;
   const LlamaConfig& shape = base.shape;
   // Sliding-window attention is not implemented: within the window it equals full causal

@@ -11,6 +11,7 @@
 
 #include "qlora/amp/precision.h"
 #include "qlora/common/errors.h"
+#include "qlora/common/input_files.h"
 #include "qlora/data/tokenizer.h"
 #include "qlora/io/model_dir.h"
 #include "qlora/kernels.h"
@@ -106,21 +107,14 @@ std::vector<std::string> check_run_files(const Config& cfg) {
     lines.push_back("model: " + shape.model_type + ", " + std::to_string(shape.num_hidden_layers) + " layers, hidden " +
                     std::to_string(shape.hidden_size) + ", vocab " + std::to_string(shape.vocab_size) + ", " +
                     std::to_string(dir.tensor_names().size()) + " tensors (" + dir.dir() + ")");
-    const fs::path p(cfg.model.path);
-    if (!fs::exists(p / "tokenizer.json") && !fs::exists(p / "tokenizer.model"))
-      throw InputError(cfg.model.path + " has no tokenizer.json or tokenizer.model; copy the base model's tokenizer files there");
-    const std::unique_ptr<data::Tokenizer> tok = data::load_tokenizer(cfg.model.path);
-    check_tokenizer_fits_model(*tok, shape, dir.config_path());
-    lines.push_back("tokenizer: " + std::to_string(tok->vocab_size()) + " ids (" +
-                    (fs::exists(p / "tokenizer.json") ? (p / "tokenizer.json") : (p / "tokenizer.model")).string() + ")");
+    const std::unique_ptr<data::Tokenizer> tok = load_checked_tokenizer(cfg.model.path);
+    lines.push_back("tokenizer: " + std::to_string(tok->vocab_size()) + " ids (" + tok->path() + ")");
   }
   for (const auto& [key, path] : {std::pair<std::string, std::string>{"data.path", cfg.data.path},
                                   {"data.eval_path", cfg.data.eval_path}}) {
     if (path.empty()) continue;
-    if (fs::is_directory(path))
-      throw InputError(cfg.source + ": " + key + ": " + path + " is a directory; point it at a JSONL file");
-    if (!fs::is_regular_file(path))
-      throw InputError(cfg.source + ": " + key + ": " + path + " does not exist (or is not a file)");
+    if (const std::string why = why_not_a_file(path); !why.empty())
+      throw InputError(cfg.source + ": " + key + ": " + path + " " + why + "; point it at a JSONL file");
     lines.push_back(key + ": " + path + " (" + std::to_string(fs::file_size(path)) + " bytes; `qlora data` tokenizes it)");
   }
   return lines;

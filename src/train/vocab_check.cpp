@@ -1,6 +1,7 @@
 #include "qlora/train/vocab_check.h"
 
 #include <cstdint>
+#include <filesystem>
 #include <utility>
 #include <vector>
 
@@ -57,6 +58,16 @@ void check_tokenizer_fits_model(const data::Tokenizer& tokenizer, const LlamaCon
                      "). config.json and the tokenizer come from different models: use the files that came "
                      "together");
   }
+}
+
+std::unique_ptr<data::Tokenizer> load_checked_tokenizer(const std::string& model_dir) {
+  const std::filesystem::path dir(model_dir);
+  if (!std::filesystem::exists(dir / "tokenizer.json") && !std::filesystem::exists(dir / "tokenizer.model"))
+    throw InputError(model_dir + " has no tokenizer.json or tokenizer.model; copy the base model's tokenizer files there");
+  std::unique_ptr<data::Tokenizer> tok = data::load_tokenizer(model_dir);
+  if (const auto config = dir / "config.json"; std::filesystem::is_regular_file(config))
+    check_tokenizer_fits_model(*tok, read_llama_config(config.string()), config.string());
+  return tok;
 }
 
 }  // namespace qlora::train

@@ -7,6 +7,7 @@
 // and tokens of the tokenizer (checked here).
 #pragma once
 
+#include <memory>
 #include <string>
 
 #include "qlora/data/tokenizer.h"
@@ -18,5 +19,9 @@ namespace qlora::train {
 // (from `config_path`, the model's config.json; "" for a preset) when they disagree.
 void check_tokenizer_fits_model(const data::Tokenizer& tokenizer, const LlamaConfig& model,
                                 const std::string& config_path);
+
+// The tokenizer of a model directory (data::load_tokenizer), checked against the directory's
+// config.json when it has one. InputError when there is no tokenizer file, or as above.
+std::unique_ptr<data::Tokenizer> load_checked_tokenizer(const std::string& model_dir);
 
 }  // namespace qlora::train
