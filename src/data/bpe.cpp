@@ -46,6 +46,16 @@ int byte_from_unicode(char32_t cp) {
   return it == m.end() ? -1 : it->second;
 }
 
+bool bytes_from_byte_level(std::string_view token, std::string& out) {
+  out.clear();
+  for (char32_t cp : unicode::decode_utf8(token)) {
+    const int b = byte_from_unicode(cp);
+    if (b < 0) return false;
+    out += static_cast<char>(b);
+  }
+  return true;
+}
+
 // ---------------------------------------------------------------- added tokens
 
 namespace {

@@ -18,6 +18,8 @@ namespace qlora::data::bpe {
 const std::vector<std::string>& byte_to_unicode();
 // Inverse of byte_to_unicode: code point -> byte, -1 when the code point is not in the map.
 int byte_from_unicode(char32_t cp);
+// Byte-level form ("Ġthe") -> raw bytes; false when a code point is outside the byte map.
+bool bytes_from_byte_level(std::string_view token, std::string& out);
 
 // The pre-tokenizer regexes of Llama 3 (its tiktoken tokenizer.model) and of Qwen2 (the demo
 // tokenizer's), run by OnigRegex.

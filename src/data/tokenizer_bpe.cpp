@@ -65,15 +65,6 @@ std::vector<int32_t> BpeTokenizer::encode(std::string_view text) const {
   return ids;
 }
 
-bool bytes_from_byte_level(std::string_view token, std::string& out) {
-  out.clear();
-  for (char32_t cp : unicode::decode_utf8(token)) {
-    const int b = bpe::byte_from_unicode(cp);
-    if (b < 0) return false;
-    out += static_cast<char>(b);
-  }
-  return true;
-}
 
 std::string BpeTokenizer::decode(const std::vector<int32_t>& ids) const {
   const auto unknown = [&](int32_t id) {
@@ -100,7 +91,7 @@ std::string BpeTokenizer::decode(const std::vector<int32_t>& ids) const {
       const std::string& content = p_.added[it->second].content;
       // Hugging Face's ByteLevel decoder maps each character back to its byte and falls back
       // to the token's UTF-8 when one character is outside the byte map.
-      bytes += p_.added_byte_level && bytes_from_byte_level(content, tmp) ? tmp : content;
+      bytes += p_.added_byte_level && bpe::bytes_from_byte_level(content, tmp) ? tmp : content;
       continue;
     }
     const std::string* b = p_.model.bytes_of(id);
@@ -122,7 +113,7 @@ std::optional<int32_t> BpeTokenizer::token_id(std::string_view token) const {
   }
   if (!p_.pre_tokenizer.byte_level()) return p_.model.find(token);
   std::string raw;
-  if (!bytes_from_byte_level(token, raw)) return std::nullopt;
+  if (!bpe::bytes_from_byte_level(token, raw)) return std::nullopt;
   return p_.model.find(raw);
 }
 

@@ -51,9 +51,6 @@ class BpeTokenizer : public Tokenizer {
   std::unordered_map<int32_t, size_t> added_by_id_;
 };
 
-// Byte-level form ("Ġthe") -> raw bytes; false when a code point is outside the byte map.
-bool bytes_from_byte_level(std::string_view token, std::string& out);
-
 // True when the first line of `file` looks like "<base64> <rank>" (tiktoken format).
 bool looks_like_tiktoken(const std::string& file);
 

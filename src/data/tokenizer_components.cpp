@@ -334,19 +334,7 @@ void Decoder::add_metaspace(std::string replacement, PrependScheme scheme) {
 void Decoder::add_byte_level() {
   steps_.push_back([](std::vector<std::string>& tokens) {
     std::string bytes, tmp;
-    for (const auto& t : tokens) {
-      bool all = true;
-      tmp.clear();
-      for (char32_t c : unicode::decode_utf8(t)) {
-        const int b = bpe::byte_from_unicode(c);
-        if (b < 0) {
-          all = false;
-          break;
-        }
-        tmp += static_cast<char>(b);
-      }
-      bytes += all ? tmp : t;
-    }
+    for (const auto& t : tokens) bytes += bpe::bytes_from_byte_level(t, tmp) ? tmp : t;
     tokens.assign(1, unicode::sanitize_utf8(bytes));
   });
 }

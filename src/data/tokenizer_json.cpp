@@ -72,6 +72,14 @@ class Reader {
     return static_cast<int32_t>(id.get<int64_t>());
   }
 
+  // Calls each(item, its path) for every element of a Sequence component's list `key`.
+  template <typename Fn>
+  void each_in(const json& j, const std::string& path, const char* key, Fn&& each) const {
+    const json& list = field(j, path, key);
+    if (!list.is_array()) fail(path + "." + key, "expected a list");
+    for (size_t i = 0; i < list.size(); ++i) each(list[i], path + "." + key + "[" + std::to_string(i) + "]");
+  }
+
   // {"String": "x"} (literal) or {"Regex": "..."}.
   std::shared_ptr<const OnigRegex> pattern(const json& obj, const std::string& path) const {
     const json& p = field(obj, path, "pattern");
@@ -97,9 +105,7 @@ class Reader {
     if (j.is_null()) return;
     const std::string t = type_of(j);
     if (t == "Sequence") {
-      const json& list = field(j, path, "normalizers");
-      if (!list.is_array()) fail(path + ".normalizers", "expected a list");
-      for (size_t i = 0; i < list.size(); ++i) normalizer(list[i], path + ".normalizers[" + std::to_string(i) + "]", out);
+      each_in(j, path, "normalizers", [&](const json& e, const std::string& at) { normalizer(e, at, out); });
     } else if (t == "NFC") {
       out.add_form(NormalForm::kNFC);
     } else if (t == "NFD") {
@@ -125,10 +131,7 @@ class Reader {
     if (j.is_null()) return;
     const std::string t = type_of(j);
     if (t == "Sequence") {
-      const json& list = field(j, path, "pretokenizers");
-      if (!list.is_array()) fail(path + ".pretokenizers", "expected a list");
-      for (size_t i = 0; i < list.size(); ++i)
-        pre_tokenizer(list[i], path + ".pretokenizers[" + std::to_string(i) + "]", out);
+      each_in(j, path, "pretokenizers", [&](const json& e, const std::string& at) { pre_tokenizer(e, at, out); });
     } else if (t == "Split") {
       const std::string b = string_field(j, path, "behavior");
       SplitBehavior behavior;
@@ -155,9 +158,7 @@ class Reader {
     if (j.is_null()) return;
     const std::string t = type_of(j);
     if (t == "Sequence") {
-      const json& list = field(j, path, "decoders");
-      if (!list.is_array()) fail(path + ".decoders", "expected a list");
-      for (size_t i = 0; i < list.size(); ++i) decoder(list[i], path + ".decoders[" + std::to_string(i) + "]", out);
+      each_in(j, path, "decoders", [&](const json& e, const std::string& at) { decoder(e, at, out); });
     } else if (t == "Replace") {
       const json& p = field(j, path, "pattern");
       if (!p.is_object() || !p.contains("String") || !p["String"].is_string())
@@ -187,10 +188,7 @@ class Reader {
     const std::string t = type_of(j);
     if (t == "ByteLevel") return;  // offsets only
     if (t == "Sequence") {
-      const json& list = field(j, path, "processors");
-      if (!list.is_array()) fail(path + ".processors", "expected a list");
-      for (size_t i = 0; i < list.size(); ++i)
-        post_processor(list[i], path + ".processors[" + std::to_string(i) + "]", tok, prefix);
+      each_in(j, path, "processors", [&](const json& e, const std::string& at) { post_processor(e, at, tok, prefix); });
       return;
     }
     if (t != "TemplateProcessing") unsupported(path, j);
@@ -266,7 +264,7 @@ std::unique_ptr<Tokenizer> load_tokenizer_json(const std::string& file) {
       p.model.add_token(tok, id);
       continue;
     }
-    if (bytes_from_byte_level(tok, raw)) p.model.add_token(raw, id);
+    if (bpe::bytes_from_byte_level(tok, raw)) p.model.add_token(raw, id);
     else p.model.add_unreachable_token(tok, id);  // e.g. a special token's text: BPE never makes it
   }
   const json& merges = r.field(m, "model", "merges");
@@ -289,7 +287,7 @@ std::unique_ptr<Tokenizer> load_tokenizer_json(const std::string& file) {
     } else {
       r.fail(at, "is " + mg.dump().substr(0, 80) + ", expected \"a b\" or [\"a\", \"b\"]");
     }
-    const bool ok = byte_level ? bytes_from_byte_level(a, ra) && bytes_from_byte_level(b, rb) &&
+    const bool ok = byte_level ? bpe::bytes_from_byte_level(a, ra) && bpe::bytes_from_byte_level(b, rb) &&
                                      p.model.add_merge(ra, rb, static_cast<int32_t>(rank))
                                : p.model.add_merge(a, b, static_cast<int32_t>(rank));
     if (!ok) r.fail(at, "(\"" + a + "\", \"" + b + "\") names a token, or makes one, that is not in model.vocab");
