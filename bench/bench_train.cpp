@@ -63,7 +63,7 @@
 
 #include "qlora/config/config.h"
 #include "qlora/kernels.h"
-#include "qlora/model/llama_config.h"
+#include "qlora/model/decoder_config.h"
 #include "qlora/plan/gpu.h"
 #include "qlora/plan/plan.h"
 #include "qlora/train/demo.h"
@@ -286,7 +286,7 @@ int64_t reserved_peak() {
 }
 
 json run_one(const Shape& s, const Args& args, const fs::path& work, const fs::path& model_dir,
-             const qlora::LlamaConfig& shape, const qlora::plan::GpuSpec& gpu, const qlora::plan::GpuSpec& time_gpu) {
+             const qlora::DecoderConfig& shape, const qlora::plan::GpuSpec& gpu, const qlora::plan::GpuSpec& time_gpu) {
   const std::string tag = s.name;
   const fs::path data = work / ("data_" + tag + ".jsonl");
   const fs::path out = work / ("out_" + tag);
@@ -426,7 +426,7 @@ int main(int argc, char** argv) {
       try {
         // config.json and a tokenizer only: RunOptions::random_weights draws the weights on
         // the GPU (seconds, where writing an 8B checkpoint would take minutes and 32 GB).
-        const qlora::LlamaConfig shape = qlora::model_preset(s.model);
+        const qlora::DecoderConfig shape = qlora::model_preset(s.model);
         const fs::path model_dir = work / (std::string("model-") + s.model);
         if (!fs::exists(model_dir / "config.json") || !fs::exists(model_dir / "tokenizer.json")) {
           qlora::train::write_llama_config(model_dir.string(), shape);

@@ -24,8 +24,9 @@
 #include "qlora/io/torch_io.h"
 #include "qlora/lora/adapter_io.h"
 #include "qlora/lora/merge.h"
-#include "qlora/model/llama.h"
-#include "qlora/model/llama_config.h"
+#include "qlora/model/decoder.h"
+#include "qlora/model/decoder_config.h"
+#include "qlora/model/family.h"
 #include "qlora/model/loss.h"
 #include "qlora/quant/nf4.h"
 #include "qlora/train/setup.h"
@@ -106,7 +107,7 @@ inline double golden_gap(const std::string& a, const std::string& b) { return ma
 inline at::Tensor logits_of(const std::string& dir) {
   const io::ModelDir md = io::ModelDir::open(dir);
   model::WeightSource src{md.dir(), md.tensor_names(), [&md](const std::string& n) { return md.tensor(n); }};
-  model::LlamaModel m = model::LlamaModel::load(read_llama_config(md.config_path()), src);
+  model::DecoderModel m = model::DecoderModel::load(read_decoder_config(md.config_path()), src);
   return m.forward(golden().at("input_ids"), model::padded_attention(golden().at("attention_mask")));
 }
 

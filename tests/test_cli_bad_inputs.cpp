@@ -122,7 +122,7 @@ void replace_by_directory(const std::string& path) {
 // The model directory rewritten with `extra_rows` embedding rows past the tokenizer's ids (a
 // vocab_size rounded up, as some models ship it).
 void add_padding_rows(const Scene& s, int64_t extra_rows) {
-  LlamaConfig shape = testing::small_llama_shape();
+  DecoderConfig shape = testing::small_llama_shape();
   shape.vocab_size += extra_rows;
   train::write_random_llama(s.at("model"), shape, 7);
 }

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "qlora/lora/lora.h"
-#include "qlora/model/llama.h"
+#include "qlora/model/decoder.h"
 #include "qlora/model/nf4_linear.h"
 #include "qlora/quant/nf4_cuda.h"
 #include "qlora/train/checkpoint.h"
@@ -25,7 +25,7 @@
 namespace qlora {
 namespace {
 
-using model::LlamaModel;
+using model::DecoderModel;
 
 // Relative to max|reference|. fp32: summation order over ~20 GEMMs. 16-bit: the
 // fused RoPE / SwiGLU / addmm round once where the generic ops round two or three
@@ -45,7 +45,7 @@ struct Result {
   std::vector<at::Tensor> grads;
 };
 
-Result run(const LlamaModel& m, const lora::LoraAdapter& adapter, const train::LayerForwardFn& layer,
+Result run(const DecoderModel& m, const lora::LoraAdapter& adapter, const train::LayerForwardFn& layer,
            at::ScalarType dtype) {
   for (auto& p : adapter.parameters()) p.mutable_grad() = at::Tensor();
   const c10::Device gpu(c10::kCUDA, 0);
@@ -69,7 +69,7 @@ void compare(at::ScalarType dtype, train::FusedRecompute what = train::FusedReco
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device visible to torch";
   quant::register_cuda_kernels();
   at::globalContext().setAllowTF32CuBLAS(false);
-  LlamaConfig shape = train::demo_model_config();
+  DecoderConfig shape = train::demo_model_config();
   shape.hidden_size = 256;
   shape.intermediate_size = 512;
   shape.num_hidden_layers = 2;
@@ -80,7 +80,7 @@ void compare(at::ScalarType dtype, train::FusedRecompute what = train::FusedReco
   opt.device = c10::Device(c10::kCUDA, 0);
   opt.dtype = dtype;
   opt.make_linear = model::nf4_linear_factory(true, dtype);
-  LlamaModel m = LlamaModel::load(shape, train::random_llama_weights(shape, 5, c10::kCPU), opt);
+  DecoderModel m = DecoderModel::load(shape, train::random_llama_weights(shape, 5, c10::kCPU), opt);
   lora::LoraSettings ls;
   ls.r = 8;
   ls.alpha = 16;

@@ -23,7 +23,7 @@
 #include "qlora/kernels.h"
 #include "support/cuda_launch.h"
 #include "qlora/model/fused_ops.h"
-#include "qlora/model/llama.h"
+#include "qlora/model/decoder.h"
 
 namespace qlora {
 namespace {
@@ -127,7 +127,7 @@ const RopeCase kRopeCases[] = {
 };
 
 std::pair<at::Tensor, at::Tensor> make_cos_sin(int64_t b, int64_t t, int64_t d, at::ScalarType dtype) {
-  LlamaConfig c;
+  DecoderConfig c;
   c.head_dim = d;
   c.rope_theta = 500000.0;
   const at::Tensor pos = at::randint(0, 8192, {b, t}, at::kLong);

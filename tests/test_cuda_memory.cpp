@@ -41,7 +41,7 @@ Rig make_rig() {
   r.dir = testing::make_temp_dir("cuda_memory");
   const std::string model = r.dir + "/model";
   const int64_t vocab = train::write_demo_tokenizer(model);
-  LlamaConfig shape = train::demo_model_config(vocab);
+  DecoderConfig shape = train::demo_model_config(vocab);
   shape.hidden_size = 512;
   shape.intermediate_size = 1536;
   shape.num_hidden_layers = 4;

@@ -14,8 +14,9 @@
 #include "qlora/io/torch_io.h"
 #include "qlora/lora/adapter_io.h"
 #include "qlora/lora/lora.h"
-#include "qlora/model/llama.h"
-#include "qlora/model/llama_config.h"
+#include "qlora/model/decoder.h"
+#include "qlora/model/decoder_config.h"
+#include "qlora/model/family.h"
 #include "qlora/model/loss.h"
 #include "qlora/model/nf4_linear.h"
 
@@ -43,7 +44,7 @@ TEST(LlamaCuda, ForwardLossNf4AndLoraMatchTheCpu) {
   at::globalContext().setAllowTF32CuBLAS(false);
   const c10::Device gpu(c10::kCUDA, 0);
   const std::string dir = data_dir("llama3_untied");
-  const LlamaConfig cfg = read_llama_config(dir + "/config.json");
+  const DecoderConfig cfg = read_decoder_config(dir + "/config.json");
   auto weights = io::load_safetensors(dir + "/model.safetensors");
   auto g = io::load_safetensors(dir + "/golden.safetensors");
   at::Tensor ids = g.at("input_ids").to(gpu), mask = g.at("attention_mask").to(gpu);
@@ -54,7 +55,7 @@ TEST(LlamaCuda, ForwardLossNf4AndLoraMatchTheCpu) {
     LoadOptions opt;
     opt.device = gpu;
     if (use_nf4) opt.make_linear = nf4_linear_factory(true, at::kFloat);
-    LlamaModel m = LlamaModel::load(cfg, weights_from_map(weights, dir), opt);
+    DecoderModel m = DecoderModel::load(cfg, weights_from_map(weights, dir), opt);
     at::Tensor logits = m.forward(ids, padded_attention(mask));
     ASSERT_TRUE(logits.is_cuda());
     const double err = max_abs_diff(logits.cpu(), g.at(use_nf4 ? "logits_nf4" : "logits"));
@@ -70,7 +71,7 @@ TEST(LlamaCuda, ForwardLossNf4AndLoraMatchTheCpu) {
 
     LoadOptions cpu_opt;
     if (use_nf4) cpu_opt.make_linear = nf4_linear_factory(true, at::kFloat);
-    LlamaModel mc = LlamaModel::load(cfg, weights_from_map(weights, dir), cpu_opt);
+    DecoderModel mc = DecoderModel::load(cfg, weights_from_map(weights, dir), cpu_opt);
     lora::LoraAdapter ac = lora::load_adapter(mc, adir);
     at::Tensor hc = mc.forward_hidden(g.at("input_ids"), padded_attention(g.at("attention_mask")));
     TokenLoss lc = chunked_cross_entropy(hc.reshape({-1, hc.size(-1)}), mc.lm_head_weight(), labels.cpu(), 8);
@@ -89,7 +90,7 @@ TEST(LlamaCuda, ForwardLossNf4AndLoraMatchTheCpu) {
   LoadOptions bf;
   bf.device = gpu;
   bf.dtype = at::kBFloat16;
-  LlamaModel m = LlamaModel::load(cfg, weights_from_map(weights, dir), bf);
+  DecoderModel m = DecoderModel::load(cfg, weights_from_map(weights, dir), bf);
   at::Tensor logits = m.forward(ids, padded_attention(mask)).cpu();
   const double scale = g.at("logits").abs().max().item<double>();
   const double err = max_abs_diff(logits, g.at("logits_bf16"));

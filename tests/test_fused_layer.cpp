@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "qlora/lora/lora.h"
-#include "qlora/model/llama.h"
+#include "qlora/model/decoder.h"
 #include "qlora/model/nf4_linear.h"
 #include "qlora/train/checkpoint.h"
 #include "qlora/train/demo.h"
@@ -25,7 +25,7 @@
 namespace qlora {
 namespace {
 
-using model::LlamaModel;
+using model::DecoderModel;
 
 // fp32 results that differ by summation order: a few ulps of the largest entry
 // over a chain of ~10 GEMMs; 2e-5 of max|reference| leaves room without hiding
@@ -53,7 +53,7 @@ double max_rel(const at::Tensor& got, const at::Tensor& want) {
   return (got - want).abs().max().item<double>() / scale;
 }
 
-Result run(LlamaModel& m, lora::LoraAdapter& adapter, const train::LayerForwardFn& layer, const Setup& s) {
+Result run(DecoderModel& m, lora::LoraAdapter& adapter, const train::LayerForwardFn& layer, const Setup& s) {
   for (auto& p : adapter.parameters()) p.mutable_grad() = at::Tensor();
   torch::manual_seed(99);
   const int64_t b = 2, t = 7, h = m.config().hidden_size;
@@ -79,10 +79,10 @@ Result run(LlamaModel& m, lora::LoraAdapter& adapter, const train::LayerForwardF
 }
 
 void compare(const Setup& s) {
-  const LlamaConfig shape = testing::small_llama_shape();
+  const DecoderConfig shape = testing::small_llama_shape();
   model::LoadOptions opt;
   if (s.nf4) opt.make_linear = model::nf4_linear_factory(true, at::kFloat);
-  LlamaModel m = LlamaModel::load(shape, train::random_llama_weights(shape, 3, c10::kCPU), opt);
+  DecoderModel m = DecoderModel::load(shape, train::random_llama_weights(shape, 3, c10::kCPU), opt);
   lora::LoraSettings ls;
   ls.r = 4;
   ls.alpha = 8;
@@ -186,8 +186,8 @@ TEST(FusedLayer, NoLayerRecomputedUnderCheckpointing) {
 TEST(FusedLayer, WithoutCheckpointingOrDropout) { compare({false, 0.0, false, false, train::FusedRecompute::kNothing}); }
 
 TEST(FusedLayer, GradModeOffIsThePlainForward) {
-  const LlamaConfig shape = testing::small_llama_shape();
-  LlamaModel m = LlamaModel::load(shape, train::random_llama_weights(shape, 3, c10::kCPU));
+  const DecoderConfig shape = testing::small_llama_shape();
+  DecoderModel m = DecoderModel::load(shape, train::random_llama_weights(shape, 3, c10::kCPU));
   at::NoGradGuard no_grad;
   at::Tensor x = at::randn({1, 4, shape.hidden_size});
   const auto attn = model::causal_attention(1, 4, c10::kCPU);
@@ -197,8 +197,8 @@ TEST(FusedLayer, GradModeOffIsThePlainForward) {
 
 TEST(FusedLayer, TheCpuRunKeepsTheGenericLayer) {
   // fp32 on the CPU: the path the golden tests pin stays the generic one.
-  const LlamaConfig shape = testing::small_llama_shape();
-  LlamaModel m = LlamaModel::load(shape, train::random_llama_weights(shape, 3, c10::kCPU));
+  const DecoderConfig shape = testing::small_llama_shape();
+  DecoderModel m = DecoderModel::load(shape, train::random_llama_weights(shape, 3, c10::kCPU));
   lora::LoraSettings ls;
   ls.target_modules = {"q_proj"};
   lora::LoraAdapter adapter = lora::LoraAdapter::attach(m, ls);

@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "qlora/model/fused_ops.h"
-#include "qlora/model/llama.h"
+#include "qlora/model/decoder.h"
 
 namespace qlora::model {
 namespace {
@@ -51,7 +51,7 @@ double rel_err(const at::Tensor& a, const at::Tensor& b) {
 
 // cos, sin [B, T, d] from rope_cos_sin with random positions (so every angle differs).
 std::pair<at::Tensor, at::Tensor> make_cos_sin(int64_t b, int64_t t, int64_t d) {
-  LlamaConfig c;
+  DecoderConfig c;
   c.head_dim = d;
   c.rope_theta = 10000.0;
   const at::Tensor inv_freq = rope_inv_freq(c);

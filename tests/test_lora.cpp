@@ -15,10 +15,11 @@
 #include <string>
 
 #include "qlora/common/errors.h"
+#include "qlora/model/family.h"
 #include "qlora/io/torch_io.h"
 #include "qlora/lora/adapter_io.h"
 #include "qlora/lora/lora.h"
-#include "qlora/model/llama.h"
+#include "qlora/model/decoder.h"
 #include "qlora/model/loss.h"
 #include "qlora/model/nf4_linear.h"
 #include "qlora/quant/nf4.h"
@@ -44,10 +45,10 @@ const Variant kVariants[] = {{"lora_qkvo", "llama3_untied"}, {"lora_all_rslora",
 
 std::string data_dir(const std::string& v) { return std::string(QLORA_SOURCE_DIR) + "/tests/data/model/" + v; }
 
-LlamaModel load_base(const std::string& v) {
-  const LlamaConfig cfg = read_llama_config(data_dir(v) + "/config.json");
+DecoderModel load_base(const std::string& v) {
+  const DecoderConfig cfg = read_decoder_config(data_dir(v) + "/config.json");
   const std::string path = data_dir(v) + "/model.safetensors";
-  return LlamaModel::load(cfg, weights_from_map(io::load_safetensors(path), path));
+  return DecoderModel::load(cfg, weights_from_map(io::load_safetensors(path), path));
 }
 
 double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
@@ -56,7 +57,7 @@ double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
 
 // The base model with the PEFT-written adapter of variant `v` loaded into it
 // (config and weights read separately: load_adapter is tested on its own).
-LoraAdapter attach_peft_adapter(LlamaModel& m, const Variant& v) {
+LoraAdapter attach_peft_adapter(DecoderModel& m, const Variant& v) {
   const std::string dir = data_dir(v.name) + "/adapter";
   LoraAdapter a = LoraAdapter::attach(m, read_adapter_config(dir + "/adapter_config.json"));
   a.load_state(io::load_safetensors(dir + "/adapter_model.safetensors"), dir);
@@ -143,7 +144,7 @@ TEST(LoraSettings, ScalingAndTargetMatchingFollowPeft) {
 
 TEST(LoraPeft, PeftAdapterLoadsWithEqualLogits) {
   for (const auto& v : kVariants) {
-    LlamaModel m = load_base(v.base);
+    DecoderModel m = load_base(v.base);
     LoraAdapter a = attach_peft_adapter(m, v);
     auto g = io::load_safetensors(data_dir(v.name) + "/golden.safetensors");
     at::Tensor logits = m.forward(g.at("input_ids"), padded_attention(g.at("attention_mask")));
@@ -155,7 +156,7 @@ TEST(LoraPeft, PeftAdapterLoadsWithEqualLogits) {
 
 TEST(LoraPeft, EveryLoraGradientMatchesPeft) {
   for (const auto& v : kVariants) {
-    LlamaModel m = load_base(v.base);
+    DecoderModel m = load_base(v.base);
     LoraAdapter a = attach_peft_adapter(m, v);
     auto g = io::load_safetensors(data_dir(v.name) + "/golden.safetensors");
     at::Tensor hidden = m.forward_hidden(g.at("input_ids"), padded_attention(g.at("attention_mask")));
@@ -187,7 +188,7 @@ TEST(LoraNf4, GradientsOverNf4BaseEqualThoseOverItsDequantizedWeights) {
   // NF4 weights dequantized must give the same loss and LoRA gradients
   // (linear4bit passes the input gradient through the frozen weight).
   const std::string path = data_dir("llama3_untied") + "/model.safetensors";
-  const LlamaConfig cfg = read_llama_config(data_dir("llama3_untied") + "/config.json");
+  const DecoderConfig cfg = read_decoder_config(data_dir("llama3_untied") + "/config.json");
   LoadOptions nf4;
   nf4.make_linear = nf4_linear_factory(true, at::kFloat);
   LoadOptions dequant;
@@ -198,7 +199,7 @@ TEST(LoraNf4, GradientsOverNf4BaseEqualThoseOverItsDequantizedWeights) {
   std::vector<std::vector<at::Tensor>> grads;
   std::vector<double> losses;
   for (const LoadOptions& opt : {nf4, dequant}) {
-    LlamaModel m = LlamaModel::load(cfg, weights_from_map(io::load_safetensors(path), path), opt);
+    DecoderModel m = DecoderModel::load(cfg, weights_from_map(io::load_safetensors(path), path), opt);
     LoraAdapter a = attach_peft_adapter(m, kVariants[0]);
     at::Tensor hidden = m.forward_hidden(g.at("input_ids"), padded_attention(g.at("attention_mask")));
     TokenLoss loss = chunked_cross_entropy(hidden.reshape({-1, hidden.size(-1)}), m.lm_head_weight(),
@@ -222,7 +223,7 @@ TEST(LoraAdapterConfig, WritesEveryFieldPeftWrites) {
     const std::string path = data_dir(v.name) + "/adapter/adapter_config.json";
     std::ifstream in(path);
     const auto peft = nlohmann::json::parse(in);
-    LlamaModel m = load_base(v.base);
+    DecoderModel m = load_base(v.base);
     LoraAdapter a = LoraAdapter::attach(m, read_adapter_config(path));
     const auto ours = nlohmann::json::parse(adapter_config_json(a, v.base));
     for (const auto& [key, value] : peft.items()) {
@@ -270,7 +271,7 @@ TEST(LoraAdapterConfig, RefusesWhatItCannotLoad) {
 }
 
 TEST(LoraAdapterState, LoadStateListsMissingAndMisshapedKeys) {
-  LlamaModel m = load_base("llama3_untied");
+  DecoderModel m = load_base("llama3_untied");
   LoraSettings s;
   s.target_modules = {"q_proj", "v_proj"};
   LoraAdapter a = LoraAdapter::attach(m, s);
@@ -295,7 +296,7 @@ TEST(LoraAdapterState, LoadStateListsMissingAndMisshapedKeys) {
 
 TEST(LoraAdapterIo, PeftDirectoryLoadsWithLoadAdapter) {
   for (const auto& v : kVariants) {
-    LlamaModel m = load_base(v.base);
+    DecoderModel m = load_base(v.base);
     LoraAdapter a = load_adapter(m, data_dir(v.name) + "/adapter");
     auto g = io::load_safetensors(data_dir(v.name) + "/golden.safetensors");
     at::Tensor logits = m.forward(g.at("input_ids"), padded_attention(g.at("attention_mask")));
@@ -309,7 +310,7 @@ struct WrittenAdapter {
   at::Tensor logits;
 };
 WrittenAdapter write_adapter(const Variant& v, const std::string& dir, uint64_t seed) {
-  LlamaModel m = load_base(v.base);
+  DecoderModel m = load_base(v.base);
   torch::manual_seed(seed);
   LoraAdapter a = LoraAdapter::attach(m, read_adapter_config(data_dir(v.name) + "/adapter/adapter_config.json"));
   {
@@ -327,7 +328,7 @@ TEST(LoraAdapterIo, QloraAdapterRoundTrips) {
   for (const auto& v : kVariants) {
     const std::string dir = root + "/" + v.name;
     WrittenAdapter w = write_adapter(v, dir, 42);
-    LlamaModel m = load_base(v.base);
+    DecoderModel m = load_base(v.base);
     LoraAdapter back = load_adapter(m, dir);
     auto g = io::load_safetensors(data_dir(v.name) + "/golden.safetensors");
     at::Tensor logits = m.forward(g.at("input_ids"), padded_attention(g.at("attention_mask")));
@@ -346,7 +347,7 @@ TEST(LoraAdapterIo, QloraAdapterRoundTrips) {
 TEST(LoraAdapterIo, MissingWeightsFileIsAnInputError) {
   const std::string dir = qlora::testing::make_temp_dir("lora_missing");
   std::filesystem::copy_file(data_dir("lora_qkvo") + "/adapter/adapter_config.json", dir + "/adapter_config.json");
-  LlamaModel m = load_base("llama3_untied");
+  DecoderModel m = load_base("llama3_untied");
   try {
     load_adapter(m, dir);
     ADD_FAILURE() << "no error";

@@ -79,7 +79,7 @@ struct Outputs {
   at::Tensor logits;
   double loss = 0;
 };
-Outputs outputs_of(const model::LlamaModel& m) {
+Outputs outputs_of(const model::DecoderModel& m) {
   at::NoGradGuard no_grad;
   const at::Tensor ids = golden().at("input_ids"), mask = golden().at("attention_mask");
   const at::Tensor labels = model::shift_labels(ids.masked_fill(mask.eq(0), model::kIgnoreIndex));
@@ -95,7 +95,7 @@ Outputs outputs_of(const model::LlamaModel& m) {
 Outputs trained_outputs(const std::string& adapter_dir) {
   Config cfg;
   cfg.model.path = data("base");
-  model::LlamaModel m = train::load_base_model(cfg, train::DeviceChoice{}).model;
+  model::DecoderModel m = train::load_base_model(cfg, train::DeviceChoice{}).model;
   lora::LoraAdapter adapter = lora::load_adapter(m, adapter_dir);
   adapter.set_training(false);
   const auto q = std::dynamic_pointer_cast<lora::LoraLinear>(m.linear("model.layers.0.self_attn.q_proj"));
@@ -107,7 +107,7 @@ Outputs trained_outputs(const std::string& adapter_dir) {
 Outputs merged_outputs(const std::string& dir) {
   const io::ModelDir md = io::ModelDir::open(dir);
   model::WeightSource src{md.dir(), md.tensor_names(), [&md](const std::string& n) { return md.tensor(n); }};
-  return outputs_of(model::LlamaModel::load(read_llama_config(md.config_path()), src));
+  return outputs_of(model::DecoderModel::load(read_decoder_config(md.config_path()), src));
 }
 
 // What a merge writes for each base tensor, computed here from its definition: `base_of` gives a
@@ -158,8 +158,8 @@ const Round kToBf16 = [](const at::Tensor& t) { return t.to(at::kBFloat16); };
 // A model of fp32 weights from a name -> tensor map, for the merges we do not write.
 Outputs outputs_of_weights(std::map<std::string, at::Tensor> weights) {
   for (auto& [name, t] : weights) t = t.to(at::kFloat);
-  const LlamaConfig cfg = read_llama_config(data("base/config.json"));
-  return outputs_of(model::LlamaModel::load(cfg, model::weights_from_map(std::move(weights), "expected merge")));
+  const DecoderConfig cfg = read_decoder_config(data("base/config.json"));
+  return outputs_of(model::DecoderModel::load(cfg, model::weights_from_map(std::move(weights), "expected merge")));
 }
 
 double rms_diff(const at::Tensor& a, const at::Tensor& b) {

@@ -13,8 +13,9 @@
 #include "qlora/common/errors.h"
 #include "qlora/io/model_dir.h"
 #include "qlora/io/torch_io.h"
-#include "qlora/model/llama.h"
-#include "qlora/model/llama_config.h"
+#include "qlora/model/decoder.h"
+#include "qlora/model/decoder_config.h"
+#include "qlora/model/family.h"
 #include "qlora/model/loss.h"
 #include "qlora/model/nf4_linear.h"
 #include "qlora/lora/lora.h"
@@ -54,13 +55,13 @@ const char* kVariants[] = {"llama3_tied", "llama3_untied", "llama2"};
 std::string data_dir(const std::string& v) { return std::string(QLORA_SOURCE_DIR) + "/tests/data/model/" + v; }
 
 // Through the io module's ModelDir, as the trainer loads a model directory.
-LlamaModel load_variant(const std::string& v, at::ScalarType dtype = at::kFloat) {
+DecoderModel load_variant(const std::string& v, at::ScalarType dtype = at::kFloat) {
   const io::ModelDir dir = io::ModelDir::open(data_dir(v));
-  const LlamaConfig cfg = read_llama_config(dir.config_path());
+  const DecoderConfig cfg = read_decoder_config(dir.config_path());
   WeightSource src{dir.dir(), dir.tensor_names(), [&dir](const std::string& n) { return dir.tensor(n); }};
   LoadOptions opt;
   opt.dtype = dtype;
-  return LlamaModel::load(cfg, src, opt);
+  return DecoderModel::load(cfg, src, opt);
 }
 
 double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
@@ -69,7 +70,7 @@ double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
 
 TEST(LlamaRope, InvFreqEqualsTransformersBitForBit) {
   for (const char* v : kVariants) {
-    const LlamaConfig cfg = read_llama_config(data_dir(v) + "/config.json");
+    const DecoderConfig cfg = read_decoder_config(data_dir(v) + "/config.json");
     auto golden = io::load_safetensors(data_dir(v) + "/golden.safetensors");
     at::Tensor ours = rope_inv_freq(cfg);
     ASSERT_EQ(ours.scalar_type(), at::kFloat);
@@ -79,7 +80,7 @@ TEST(LlamaRope, InvFreqEqualsTransformersBitForBit) {
 
 TEST(LlamaForward, Fp32LogitsMatchTransformersWithPadding) {
   for (const char* v : kVariants) {
-    LlamaModel m = load_variant(v);
+    DecoderModel m = load_variant(v);
     auto g = io::load_safetensors(data_dir(v) + "/golden.safetensors");
     at::Tensor logits = m.forward(g.at("input_ids"), padded_attention(g.at("attention_mask")));
     ASSERT_EQ(logits.sizes(), g.at("logits").sizes());
@@ -91,7 +92,7 @@ TEST(LlamaForward, Fp32LogitsMatchTransformersWithPadding) {
 }
 
 TEST(LlamaForward, CausalFastPathEqualsMaskPath) {
-  LlamaModel m = load_variant("llama3_untied");
+  DecoderModel m = load_variant("llama3_untied");
   at::Tensor ids = at::randint(3, 256, {2, 9}, at::TensorOptions().dtype(at::kLong));
   at::Tensor a = m.forward(ids, causal_attention(2, 9, ids.device()));
   at::Tensor b = m.forward(ids, padded_attention(at::ones({2, 9}, at::kLong)));
@@ -99,7 +100,7 @@ TEST(LlamaForward, CausalFastPathEqualsMaskPath) {
 }
 
 TEST(LlamaForward, LeftPaddingAndEmptyRowsStayFinite) {
-  LlamaModel m = load_variant("llama3_untied");
+  DecoderModel m = load_variant("llama3_untied");
   at::Tensor ids = at::randint(3, 256, {3, 6}, at::TensorOptions().dtype(at::kLong));
   at::Tensor mask = torch::tensor({1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0}, at::kLong).view({3, 6});
   const AttentionInputs attn = padded_attention(mask);
@@ -118,7 +119,7 @@ TEST(LlamaForward, PackedRowEqualsSeparateExamples) {
   // The golden batch's rows, unpadded and packed into one row: each example
   // must see only itself, and positions restart at 0.
   for (const char* v : {"llama3_untied", "llama2"}) {
-    LlamaModel m = load_variant(v);
+    DecoderModel m = load_variant(v);
     auto g = io::load_safetensors(data_dir(v) + "/golden.safetensors");
     at::Tensor mask = g.at("attention_mask");
     std::vector<at::Tensor> ids, seg, pos;
@@ -161,7 +162,7 @@ TEST(LlamaForward, HalfPrecisionForwardMatchesTransformers) {
     };
     for (const Case& c : {Case{at::kBFloat16, "logits_bf16", kBf16Rtol, kBf16SameRtol},
                           Case{at::kHalf, "logits_fp16", kFp16Rtol, kFp16SameRtol}}) {
-      LlamaModel m = load_variant(v, c.dtype);
+      DecoderModel m = load_variant(v, c.dtype);
       at::Tensor logits = m.forward(g.at("input_ids"), padded_attention(g.at("attention_mask")));
       ASSERT_EQ(logits.scalar_type(), c.dtype);
       const double err32 = max_abs_diff(logits, ref32);
@@ -179,7 +180,7 @@ TEST(LlamaForward, Nf4BaseMatchesBitsandbytesDequantizedModel) {
   WeightSource src{dir.dir(), dir.tensor_names(), [&dir](const std::string& n) { return dir.tensor(n); }};
   LoadOptions opt;
   opt.make_linear = nf4_linear_factory(/*double_quant=*/true, at::kFloat);
-  LlamaModel m = LlamaModel::load(read_llama_config(dir.config_path()), src, opt);
+  DecoderModel m = DecoderModel::load(read_decoder_config(dir.config_path()), src, opt);
   ASSERT_EQ(std::dynamic_pointer_cast<FrozenLinear>(m.linear("model.layers.0.mlp.down_proj"))->kind(), "nf4");
   auto g = io::load_safetensors(data_dir("llama3_untied") + "/golden.safetensors");
   at::Tensor logits = m.forward(g.at("input_ids"), padded_attention(g.at("attention_mask")));
@@ -191,7 +192,7 @@ TEST(LlamaForward, Nf4BaseMatchesBitsandbytesDequantizedModel) {
 
 TEST(LlamaLoss, ChunkedLossEqualsTransformers) {
   for (const char* v : kVariants) {
-    LlamaModel m = load_variant(v);
+    DecoderModel m = load_variant(v);
     auto g = io::load_safetensors(data_dir(v) + "/golden.safetensors");
     at::Tensor hidden = m.forward_hidden(g.at("input_ids"), padded_attention(g.at("attention_mask")));
     at::Tensor labels = shift_labels(g.at("labels")).reshape({-1});
@@ -244,12 +245,12 @@ TEST(LlamaLoss, RejectsLabelsOutsideTheVocabulary) {
 
 TEST(LlamaLoad, ListsMissingUnexpectedAndMisshapedWeights) {
   const std::string dir = data_dir("llama3_untied");
-  const LlamaConfig cfg = read_llama_config(dir + "/config.json");
+  const DecoderConfig cfg = read_decoder_config(dir + "/config.json");
   auto weights = io::load_safetensors(dir + "/model.safetensors");
 
   auto expect_error = [&](std::map<std::string, at::Tensor> w, std::vector<std::string> needles) {
     try {
-      LlamaModel::load(cfg, weights_from_map(std::move(w), "x/model.safetensors"));
+      DecoderModel::load(cfg, weights_from_map(std::move(w), "x/model.safetensors"));
       ADD_FAILURE() << "no error";
     } catch (const InputError& e) {
       const std::string msg = e.what();
@@ -282,7 +283,7 @@ TEST(LlamaLoad, ListsMissingUnexpectedAndMisshapedWeights) {
 // (one reduction); a value fine in the file but beyond fp16 is told apart.
 TEST(LlamaLoad, RefusesNonFiniteWeightsNamingFileTensorAndCount) {
   const std::string dir = data_dir("llama3_untied");
-  const LlamaConfig cfg = read_llama_config(dir + "/config.json");
+  const DecoderConfig cfg = read_decoder_config(dir + "/config.json");
   const auto weights = io::load_safetensors(dir + "/model.safetensors");
   LoadOptions nf4;
   nf4.make_linear = nf4_linear_factory(/*double_quant=*/true, at::kFloat);
@@ -313,7 +314,7 @@ TEST(LlamaLoad, RefusesNonFiniteWeightsNamingFileTensorAndCount) {
     w[c.tensor] = t;
     try {
       const LoadOptions options = c.options ? *c.options : LoadOptions{};
-      LlamaModel::load(cfg, weights_from_map(std::move(w), "x/model.safetensors"), options);
+      DecoderModel::load(cfg, weights_from_map(std::move(w), "x/model.safetensors"), options);
       ADD_FAILURE() << "loaded without an error";
     } catch (const InputError& e) {
       const std::string msg = e.what();
@@ -324,11 +325,11 @@ TEST(LlamaLoad, RefusesNonFiniteWeightsNamingFileTensorAndCount) {
   // Finite weights whose sum overflows fp32 are fine (the sum is a filter, the count decides).
   auto w = weights;
   w["model.norm.weight"] = at::full({64}, 3e37f);
-  EXPECT_NO_THROW(LlamaModel::load(cfg, weights_from_map(std::move(w), "x/model.safetensors")));
+  EXPECT_NO_THROW(DecoderModel::load(cfg, weights_from_map(std::move(w), "x/model.safetensors")));
 }
 
 TEST(LlamaLoad, TiedModelSharesTheEmbeddingAndSlotsAreNamed) {
-  LlamaModel m = load_variant("llama3_tied");
+  DecoderModel m = load_variant("llama3_tied");
   EXPECT_TRUE(m.lm_head_weight().is_same(m.embedding_weight()));
   const auto names = m.linear_names();
   ASSERT_EQ(names.size(), 14u);

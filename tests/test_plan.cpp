@@ -11,7 +11,7 @@
 
 #include "qlora/common/errors.h"
 #include "qlora/config/config.h"
-#include "qlora/model/llama_config.h"
+#include "qlora/model/decoder_config.h"
 #include "qlora/plan/plan.h"
 #include "support/plan_fixtures.h"
 #include "support/test_support.h"

@@ -9,7 +9,7 @@
 #include <string>
 
 #include "qlora/config/config.h"
-#include "qlora/model/llama_config.h"
+#include "qlora/model/decoder_config.h"
 #include "qlora/plan/plan.h"
 #include "support/plan_fixtures.h"
 

@@ -22,8 +22,9 @@
 #include "qlora/data/loader.h"
 #include "qlora/io/model_dir.h"
 #include "qlora/lora/lora.h"
-#include "qlora/model/llama.h"
-#include "qlora/model/llama_config.h"
+#include "qlora/model/decoder.h"
+#include "qlora/model/decoder_config.h"
+#include "qlora/model/family.h"
 #include "qlora/model/loss.h"
 #include "qlora/optim/optimizer.h"
 #include "qlora/train/schedule.h"
@@ -59,16 +60,16 @@ constexpr int64_t kVocab = 256;
 
 std::string model_dir() { return std::string(QLORA_SOURCE_DIR) + "/tests/data/model/llama3_untied"; }
 
-model::LlamaModel load_model() {
+model::DecoderModel load_model() {
   const io::ModelDir dir = io::ModelDir::open(model_dir());
-  const LlamaConfig cfg = read_llama_config(dir.config_path());
+  const DecoderConfig cfg = read_decoder_config(dir.config_path());
   model::WeightSource src{dir.dir(), dir.tensor_names(), [&dir](const std::string& n) { return dir.tensor(n); }};
-  return model::LlamaModel::load(cfg, src, {});
+  return model::DecoderModel::load(cfg, src, {});
 }
 
 // LoRA on the attention projections, dropout 0, A from a fixed seed and B
 // non-zero (PEFT starts B at zero, which would leave A without a gradient).
-lora::LoraAdapter attach_lora(model::LlamaModel& m) {
+lora::LoraAdapter attach_lora(model::DecoderModel& m) {
   lora::LoraSettings s;
   s.r = 4;
   s.alpha = 8.0;
@@ -132,7 +133,7 @@ double rel_diff(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>&
 
 // Everything one trainer needs, kept alive together.
 struct Rig {
-  model::LlamaModel model = load_model();
+  model::DecoderModel model = load_model();
   lora::LoraAdapter adapter = attach_lora(model);
   std::unique_ptr<optim::Optimizer> optimizer;
   amp::LossScaler scaler{amp::LossScalerOptions{/*enabled=*/false}};
@@ -436,7 +437,7 @@ TEST(TrainLoop, StepLine) {
 // A layer that "runs out of memory" above `max_rows` rows, as CUDA's caching
 // allocator reports it (c10::OutOfMemoryError); `model` is set once the rig exists.
 struct TightMemory {
-  const model::LlamaModel* model = nullptr;
+  const model::DecoderModel* model = nullptr;
   int64_t max_rows = 0;
   int64_t failures = 0;
   train::LayerForwardFn layer_forward() {

@@ -19,8 +19,9 @@
 
 #include "qlora/io/model_dir.h"
 #include "qlora/lora/lora.h"
-#include "qlora/model/llama.h"
-#include "qlora/model/llama_config.h"
+#include "qlora/model/decoder.h"
+#include "qlora/model/decoder_config.h"
+#include "qlora/model/family.h"
 #include "qlora/model/loss.h"
 #include "qlora/train/checkpoint.h"
 
@@ -42,12 +43,12 @@ std::string data_dir() { return std::string(QLORA_SOURCE_DIR) + "/tests/data/mod
 
 // The golden model with `layers` decoder layers: layer l is a copy of golden
 // layer l % 2.
-LlamaModel load_model(int64_t layers) {
+DecoderModel load_model(int64_t layers) {
   // Tiny tensors: extra intra-op threads only contend on a shared CI machine
   // (measured 60x slower under load). Results do not depend on the count.
   at::set_num_threads(1);
   const io::ModelDir dir = io::ModelDir::open(data_dir());
-  LlamaConfig cfg = read_llama_config(dir.config_path());
+  DecoderConfig cfg = read_decoder_config(dir.config_path());
   const int64_t golden_layers = cfg.num_hidden_layers;
   const std::string prefix = "model.layers.";
   std::map<std::string, at::Tensor> w;
@@ -63,12 +64,12 @@ LlamaModel load_model(int64_t layers) {
       w[prefix + std::to_string(l) + name.substr(dot)] = t.clone();
   }
   cfg.num_hidden_layers = layers;
-  return LlamaModel::load(cfg, weights_from_map(w, data_dir()));
+  return DecoderModel::load(cfg, weights_from_map(w, data_dir()));
 }
 
 // LoRA r 8 on every projection, dropout 0.1, B non-zero (PEFT starts it at
 // zero, which would hide any error in the gradients of A).
-lora::LoraAdapter attach_lora(LlamaModel& m) {
+lora::LoraAdapter attach_lora(DecoderModel& m) {
   lora::LoraSettings s;
   s.r = 8;
   s.alpha = 16;
@@ -108,7 +109,7 @@ struct Step {
 
 // Seeded forward (chunked loss over shifted labels) and backward; `between`
 // runs between the two.
-Step run_step(const LlamaModel& m, const lora::LoraAdapter& a, const Batch& batch, bool checkpointing,
+Step run_step(const DecoderModel& m, const lora::LoraAdapter& a, const Batch& batch, bool checkpointing,
               const train::CheckpointOptions& options = {}, const std::function<void()>& between = {}) {
   for (at::Tensor p : a.parameters()) p.mutable_grad() = at::Tensor();
   torch::manual_seed(kDropoutSeed);
@@ -138,7 +139,7 @@ std::string first_grad_mismatch(const lora::LoraAdapter& a, const Step& x, const
 }
 
 TEST(Checkpoint, LossAndEveryLoraGradientBitIdenticalWithDropout) {
-  LlamaModel m = load_model(2);
+  DecoderModel m = load_model(2);
   lora::LoraAdapter a = attach_lora(m);
   const Batch batch = make_batch(2, 16, m.config().vocab_size);
 
@@ -159,7 +160,7 @@ TEST(Checkpoint, LossAndEveryLoraGradientBitIdenticalWithDropout) {
 
 TEST(Checkpoint, DropoutIsActiveInTheseRuns) {
   // Without this the equality above could hold for a model without dropout.
-  LlamaModel m = load_model(2);
+  DecoderModel m = load_model(2);
   lora::LoraAdapter a = attach_lora(m);
   const Batch batch = make_batch(2, 16, m.config().vocab_size);
   const Step with_dropout = run_step(m, a, batch, true);
@@ -169,7 +170,7 @@ TEST(Checkpoint, DropoutIsActiveInTheseRuns) {
 }
 
 TEST(Checkpoint, WithoutRngRestorationGradientsDiffer) {
-  LlamaModel m = load_model(2);
+  DecoderModel m = load_model(2);
   lora::LoraAdapter a = attach_lora(m);
   const Batch batch = make_batch(2, 16, m.config().vocab_size);
   const Step plain = run_step(m, a, batch, false);
@@ -184,7 +185,7 @@ TEST(Checkpoint, WithoutRngRestorationGradientsDiffer) {
 TEST(Checkpoint, GeneratorUsedBetweenForwardAndBackwardChangesNothing) {
   // The trainer may draw random numbers between forward and backward (or
   // another layer's backward does); the recorded state is what counts.
-  LlamaModel m = load_model(2);
+  DecoderModel m = load_model(2);
   lora::LoraAdapter a = attach_lora(m);
   const Batch batch = make_batch(2, 16, m.config().vocab_size);
   const Step plain = run_step(m, a, batch, false);
@@ -200,7 +201,7 @@ TEST(Checkpoint, GeneratorUsedBetweenForwardAndBackwardChangesNothing) {
 TEST(Checkpoint, RecomputesUnderTheForwardsAutocast) {
   // bf16 autocast on the CPU during forward only, as a trainer scopes it:
   // backward's recomputation must run in bf16 again to give the same gradients.
-  LlamaModel m = load_model(2);
+  DecoderModel m = load_model(2);
   lora::LoraAdapter a = attach_lora(m);
   const Batch batch = make_batch(2, 16, m.config().vocab_size);
   auto with_autocast = [&](bool checkpointing) {
@@ -281,7 +282,7 @@ TEST(SavedBytesCounter, StorageMayOutliveTheCounter) {
 
 // Activation bytes alive between forward and backward of one step (the loss
 // included), 4 layers at sequence length 64.
-int64_t activation_bytes(const LlamaModel& m, const lora::LoraAdapter& a, const Batch& batch, bool checkpointing) {
+int64_t activation_bytes(const DecoderModel& m, const lora::LoraAdapter& a, const Batch& batch, bool checkpointing) {
   for (at::Tensor p : a.parameters()) p.mutable_grad() = at::Tensor();
   torch::manual_seed(kDropoutSeed);
   int64_t bytes = 0;
@@ -299,7 +300,7 @@ int64_t activation_bytes(const LlamaModel& m, const lora::LoraAdapter& a, const 
 }
 
 TEST(CheckpointMemory, KeepsUnderAThirdOfTheActivations) {
-  LlamaModel m = load_model(4);
+  DecoderModel m = load_model(4);
   lora::LoraAdapter a = attach_lora(m);
   const Batch batch = make_batch(2, 64, m.config().vocab_size);
   const int64_t plain = activation_bytes(m, a, batch, false);

@@ -107,7 +107,7 @@ const std::string& wide_model_dir() {
   static const std::string dir = [] {
     const std::string d = testing::make_temp_dir("threads_model");
     train::write_demo_tokenizer(d);
-    LlamaConfig c = testing::small_llama_shape();
+    DecoderConfig c = testing::small_llama_shape();
     c.hidden_size = 512;
     c.intermediate_size = 4160;
     c.num_hidden_layers = 1;

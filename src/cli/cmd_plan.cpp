@@ -18,7 +18,7 @@
 #include "cli/commands.h"
 #include "qlora/common/errors.h"
 #include "qlora/kernels.h"
-#include "qlora/model/llama_config.h"
+#include "qlora/model/decoder_config.h"
 #include "qlora/plan/finder.h"
 #include "qlora/plan/plan.h"
 #include "qlora/train/measure.h"
@@ -134,7 +134,7 @@ Runner add_plan_command(CLI::App& root) {
       ->check(CLI::PositiveNumber);
   return [opts]() {
     const Config cfg = load_config_options(opts->config);
-    const LlamaConfig model = resolve_model_shape(cfg);
+    const DecoderConfig model = resolve_model_shape(cfg);
 
     std::vector<std::string> notes;
     int64_t world = opts->gpus;

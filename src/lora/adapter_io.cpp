@@ -7,7 +7,7 @@
 
 #include "qlora/common/errors.h"
 #include "qlora/io/torch_io.h"
-#include "qlora/model/llama.h"
+#include "qlora/model/decoder.h"
 
 namespace qlora::lora {
 namespace {
@@ -38,7 +38,7 @@ void save_adapter(const LoraAdapter& adapter, const std::string& dir, const std:
   write_text_atomically(fs::path(dir) / "adapter_config.json", adapter_config_json(adapter, base_model));
 }
 
-LoraAdapter load_adapter(model::LlamaModel& model, const std::string& dir) {
+LoraAdapter load_adapter(model::DecoderModel& model, const std::string& dir) {
   const std::string config_path = (fs::path(dir) / "adapter_config.json").string();
   const std::string weights_path = (fs::path(dir) / "adapter_model.safetensors").string();
   LoraSettings settings = read_adapter_config(config_path);

@@ -11,7 +11,7 @@
 #include "qlora/common/errors.h"
 #include "qlora/config/config.h"
 #include "qlora/model/fused_ops.h"
-#include "qlora/model/llama.h"
+#include "qlora/model/decoder.h"
 
 namespace qlora::lora {
 namespace {
@@ -135,7 +135,7 @@ std::string peft_key(const std::string& module_name, char which) {
   return "base_model.model." + module_name + (which == 'A' ? ".lora_A.weight" : ".lora_B.weight");
 }
 
-LoraAdapter LoraAdapter::attach(model::LlamaModel& model, const LoraSettings& settings) {
+LoraAdapter LoraAdapter::attach(model::DecoderModel& model, const LoraSettings& settings) {
   if (settings.r <= 0) throw InputError("LoRA r must be a positive integer, got " + std::to_string(settings.r));
   if (settings.dropout < 0 || settings.dropout >= 1)
     throw InputError("LoRA dropout must be in [0, 1), got " + std::to_string(settings.dropout));

@@ -19,7 +19,7 @@
 #include "qlora/io/model_dir.h"
 #include "qlora/io/torch_io.h"
 #include "qlora/lora/adapter_io.h"
-#include "qlora/model/llama_config.h"
+#include "qlora/model/decoder_config.h"
 #include "qlora/quant/nf4.h"
 
 namespace qlora::lora {

@@ -11,7 +11,13 @@ DenseLinear::DenseLinear(at::Tensor weight) : weight_(weight.detach()) {
 at::Tensor DenseLinear::forward(const at::Tensor& x) const {
   TORCH_CHECK(x.size(-1) == weight_.size(1), "DenseLinear: input has ", x.size(-1), " features, the weight expects ",
               weight_.size(1));
-  return at::linear(x, weight_);
+  return at::linear(x, weight_, bias());
+}
+
+void FrozenLinear::set_bias(at::Tensor bias) {
+  TORCH_CHECK(!bias.defined() || (bias.dim() == 1 && bias.size(0) == out_features()), "FrozenLinear: the bias must be [",
+              out_features(), "]");
+  bias_ = bias.defined() ? bias.detach() : bias;
 }
 
 int64_t DenseLinear::in_features() const { return weight_.size(1); }

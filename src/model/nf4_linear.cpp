@@ -13,7 +13,7 @@ Nf4Linear::Nf4Linear(quant::Nf4Tensor weight, at::ScalarType compute) : weight_(
               "Nf4Linear: compute dtype must be float32, bfloat16 or float16, got ", compute);
 }
 
-at::Tensor Nf4Linear::forward(const at::Tensor& x) const { return quant::linear4bit(x, weight_, compute_); }
+at::Tensor Nf4Linear::forward(const at::Tensor& x) const { return add_bias(quant::linear4bit(x, weight_, compute_)); }
 
 at::Tensor Nf4Linear::dense_weight(at::ScalarType dtype) const { return quant::dequantize_nf4(weight_, dtype); }
 

@@ -16,7 +16,7 @@
 // B micro batch, S sequence, T = B·S tokens, p bytes per activation element
 // (2 for bf16/fp16, 4 for fp32), c = min(1024, T) tokens per loss chunk.
 //
-// What autograd keeps for one decoder layer with grad on (src/model/llama.cpp
+// What autograd keeps for one decoder layer with grad on (src/model/decoder.cpp
 // layer_forward, ops as they save tensors), per token:
 //   two RMSNorms: x.float() (kept by pow and mul) + rstd       2·(4h + 4)
 //   LoRA on a projection, dropout > 0: the dropped input (kept by
@@ -94,7 +94,7 @@ struct Nf4Bytes {
   int64_t absmax_plain = 0;         // fp32 per block
 };
 
-Nf4Bytes nf4_bytes(const LlamaConfig& m) {
+Nf4Bytes nf4_bytes(const DecoderConfig& m) {
   Nf4Bytes b;
   for (const auto& s : decoder_linear_shapes(m)) {
     const int64_t n = s.in_features * s.out_features;
@@ -115,7 +115,7 @@ Nf4Bytes nf4_bytes(const LlamaConfig& m) {
 }
 
 // The LoRA tensors of one layer: A [r, in] and B [out, r] per targeted module.
-std::vector<int64_t> lora_tensor_sizes(const LlamaConfig& m, const BudgetInputs& in) {
+std::vector<int64_t> lora_tensor_sizes(const DecoderConfig& m, const BudgetInputs& in) {
   std::vector<int64_t> sizes;
   for (const auto& s : decoder_linear_shapes(m)) {
     if (std::find(in.lora_targets.begin(), in.lora_targets.end(), s.name) == in.lora_targets.end()) continue;
@@ -160,7 +160,7 @@ struct FusedHalves {
   double mlp_weights = 0, attention_weights = 0;  // dequantized weights
 };
 
-FusedHalves fused_halves(const LlamaConfig& m, const BudgetInputs& in, bool kept_gate_up) {
+FusedHalves fused_halves(const DecoderConfig& m, const BudgetInputs& in, bool kept_gate_up) {
   const int64_t h = m.hidden_size, i = m.intermediate_size, p = in.activation_bytes, r = in.lora_r;
   const int64_t hd = m.num_attention_heads * m.head_dim;
   const int64_t qkv = hd + 2 * m.num_key_value_heads * m.head_dim;
@@ -182,7 +182,7 @@ FusedHalves fused_halves(const LlamaConfig& m, const BudgetInputs& in, bool kept
   return f;
 }
 
-std::vector<Component> memory_components(const LlamaConfig& m, const BudgetInputs& in) {
+std::vector<Component> memory_components(const DecoderConfig& m, const BudgetInputs& in) {
   using fmt::commas;
   using fmt::gib;
   std::vector<Component> out;

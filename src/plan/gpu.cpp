@@ -9,7 +9,7 @@
 #include "qlora/common/errors.h"
 #include "qlora/common/text.h"
 #include "qlora/config/config.h"
-#include "qlora/model/llama_config.h"
+#include "qlora/model/decoder_config.h"
 #include "constants.h"
 
 namespace qlora::plan {

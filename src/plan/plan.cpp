@@ -115,7 +115,7 @@ struct Budget {
   double total = 0;
 };
 
-Budget budget(const LlamaConfig& model, const BudgetInputs& in) {
+Budget budget(const DecoderConfig& model, const BudgetInputs& in) {
   Budget b;
   b.components = memory_components(model, in);
   b.total = total_bytes(b.components);
@@ -127,7 +127,7 @@ bool fits(double total, const GpuSpec& gpu) { return total <= gpu.memory_bytes; 
 // ---------------------------------------------------------------- advice
 
 // Largest micro batch (<= cap) that fits with everything else as in `in`; 0 if none.
-int64_t largest_fitting_micro(const LlamaConfig& model, BudgetInputs in, const GpuSpec& gpu, int64_t cap) {
+int64_t largest_fitting_micro(const DecoderConfig& model, BudgetInputs in, const GpuSpec& gpu, int64_t cap) {
   // Memory grows monotonically with the micro batch: binary search.
   int64_t lo = 0, hi = cap;
   while (lo < hi) {
@@ -157,7 +157,7 @@ Advice make_advice(const std::string& kind, const std::string& text, const Budge
 }
 
 // Note [plan advice order] above.
-std::vector<Advice> advise_over(const LlamaConfig& model, BudgetInputs in, int64_t accumulation,
+std::vector<Advice> advise_over(const DecoderConfig& model, BudgetInputs in, int64_t accumulation,
                                 const GpuSpec& gpu, int64_t world) {
   std::vector<Advice> out;
   const int64_t per_gpu_batch = in.micro_batch_size * accumulation;  // sequences per GPU per step
@@ -278,7 +278,7 @@ std::vector<std::string> resolve_lora_targets(const std::vector<std::string>& ta
   return out;
 }
 
-int64_t lora_trainable_params(const LlamaConfig& model, const LoraConfig& lora) {
+int64_t lora_trainable_params(const DecoderConfig& model, const LoraConfig& lora) {
   const auto targets = resolve_lora_targets(lora.target_modules);
   int64_t per_layer = 0;
   for (const auto& s : decoder_linear_shapes(model))
@@ -309,7 +309,7 @@ int64_t largest_fitting(int64_t hi, const Fits& fits) {
 
 }  // namespace
 
-AutoRecompute auto_recompute(const LlamaConfig& model, BudgetInputs in, const GpuSpec& gpu) {
+AutoRecompute auto_recompute(const DecoderConfig& model, BudgetInputs in, const GpuSpec& gpu) {
   AutoRecompute out;
   // Only the GPU's 16-bit fused layer keeps more than its inputs.
   if (!in.gradient_checkpointing || in.activation_bytes != 2) return out;
@@ -336,7 +336,7 @@ namespace {
 
 // train.recompute as the run will have it: auto resolved against `gpu` (full without one), the
 // selective count clamped to the model's layers; written into `in` and the plan.
-void resolve_recompute(Plan& plan, const Config& cfg, const LlamaConfig& model, BudgetInputs& in, const GpuSpec* gpu) {
+void resolve_recompute(Plan& plan, const Config& cfg, const DecoderConfig& model, BudgetInputs& in, const GpuSpec* gpu) {
   const int64_t L = model.num_hidden_layers;
   if (cfg.train.recompute == Recompute::kAuto) {
     const AutoRecompute a = gpu ? auto_recompute(model, in, *gpu) : AutoRecompute{};
@@ -366,7 +366,7 @@ void resolve_recompute(Plan& plan, const Config& cfg, const LlamaConfig& model, 
 
 }  // namespace
 
-Plan make_plan(const Config& cfg, const LlamaConfig& model, const GpuSpec* gpu, int64_t world_size) {
+Plan make_plan(const Config& cfg, const DecoderConfig& model, const GpuSpec* gpu, int64_t world_size) {
   if (world_size < 1) throw InputError("the number of GPUs must be at least 1, got " + std::to_string(world_size));
   Plan plan;
   plan.model_name = model.name;
@@ -487,10 +487,14 @@ Plan make_plan(const Config& cfg, const LlamaConfig& model, const GpuSpec* gpu, 
     plan.notes.push_back("paged_adamw_8bit: " + gib(plan.pageable_bytes) +
                          " of optimizer state is in managed memory, which can move to host memory under "
                          "pressure; counted on the GPU here");
-  if (model.sliding_window > 0 && in.seq_length > model.sliding_window)
+  if (const std::string gap = fused_layer_gap(model); !gap.empty() && in.activation_bytes == 2)
+    plan.notes.push_back("generic layer: " + gap + ", so on a GPU this model trains through the generic "
+                         "checkpointed layer (slower than the fused one; this estimate assumes the fused layer)");
+  if (const int64_t window = model.min_window(); window > 0 && in.seq_length > window)
     plan.notes.push_back("max_seq_length " + std::to_string(in.seq_length) + " exceeds the model's sliding window " +
-                         std::to_string(model.sliding_window) +
-                         "; qlora attends over the whole sequence (full causal attention)");
+                         std::to_string(window) +
+                         ": its windowed layers attend through a [T, T] mask on ATen's math kernel (slower, "
+                         "not counted in this memory estimate); rows up to the window take the fast path");
   if (in.seq_length > model.max_position_embeddings)
     plan.notes.push_back("max_seq_length " + std::to_string(in.seq_length) + " exceeds the model's " +
                          "max_position_embeddings " + std::to_string(model.max_position_embeddings));

@@ -62,7 +62,7 @@ bool targets(const BudgetInputs& in, const char* name) {
 // A layer's widths: hidden, q = H·d, kv = KV·d, intermediate.
 struct Widths {
   double h, q, kv, I;
-  explicit Widths(const LlamaConfig& m)
+  explicit Widths(const DecoderConfig& m)
       : h(double(m.hidden_size)),
         q(double(m.num_attention_heads * m.head_dim)),
         kv(double(m.num_key_value_heads * m.head_dim)),
@@ -88,7 +88,7 @@ struct LayerTraffic {
 };
 
 // Note [plan time model]: one layer's element-wise traffic and kernels.
-LayerTraffic layer_traffic(const LlamaConfig& m, const BudgetInputs& in) {
+LayerTraffic layer_traffic(const DecoderConfig& m, const BudgetInputs& in) {
   const Widths wd(m);
   const auto [h, q, kv, I] = wd;
   const double dropout = in.lora_dropout > 0 ? 1.0 : 0.0;
@@ -110,7 +110,7 @@ LayerTraffic layer_traffic(const LlamaConfig& m, const BudgetInputs& in) {
 
 }  // namespace
 
-TimeEstimate estimate_time(const LlamaConfig& m, const BudgetInputs& in, int64_t accumulation, int64_t world,
+TimeEstimate estimate_time(const DecoderConfig& m, const BudgetInputs& in, int64_t accumulation, int64_t world,
                            const GpuSpec* gpu, const std::string& precision, int64_t lora_params) {
   TimeEstimate t;
   if (!gpu || !gpu->has_throughput()) {

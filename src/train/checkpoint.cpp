@@ -14,7 +14,7 @@
 #include <mutex>
 #include <utility>
 
-#include "qlora/model/llama.h"
+#include "qlora/model/decoder.h"
 #include "train/rng_state.h"
 
 namespace qlora::train {
@@ -214,8 +214,8 @@ at::Tensor checkpoint(const TensorFn& fn, const at::Tensor& input, const Checkpo
   return CheckpointFunction::apply(input, anchor, c10::make_intrusive<FnHolder>(fn), options.preserve_rng_state);
 }
 
-LayerForwardFn checkpointed_layer_forward(const model::LlamaModel& model, const CheckpointOptions& options) {
-  const model::LlamaModel* m = &model;  // must outlive every backward
+LayerForwardFn checkpointed_layer_forward(const model::DecoderModel& model, const CheckpointOptions& options) {
+  const model::DecoderModel* m = &model;  // must outlive every backward
   return [m, options](int64_t layer, const at::Tensor& hidden, const std::pair<at::Tensor, at::Tensor>& cos_sin,
                       const model::AttentionInputs& attention) {
     // By value: backward runs after this call has returned.
@@ -225,7 +225,7 @@ LayerForwardFn checkpointed_layer_forward(const model::LlamaModel& model, const 
   };
 }
 
-at::Tensor checkpointed_forward_hidden(const model::LlamaModel& model, const at::Tensor& input_ids,
+at::Tensor checkpointed_forward_hidden(const model::DecoderModel& model, const at::Tensor& input_ids,
                                        const model::AttentionInputs& attention, bool checkpointing,
                                        const CheckpointOptions& options) {
   if (!checkpointing) return model.forward_hidden(input_ids, attention);

@@ -16,7 +16,7 @@
 #include "qlora/common/text.h"
 #include "qlora/data/demo_tokenizer.h"
 #include "qlora/io/torch_io.h"
-#include "qlora/model/llama.h"
+#include "qlora/model/decoder.h"
 
 namespace qlora::train {
 namespace {
@@ -26,8 +26,8 @@ namespace fs = std::filesystem;
 
 }  // namespace
 
-LlamaConfig demo_model_config(int64_t vocab_size) {
-  LlamaConfig c;
+DecoderConfig demo_model_config(int64_t vocab_size) {
+  DecoderConfig c;
   c.name = "qlora-demo-tiny";
   c.model_type = "llama";
   c.vocab_size = vocab_size;
@@ -45,7 +45,7 @@ LlamaConfig demo_model_config(int64_t vocab_size) {
   return c;
 }
 
-std::vector<std::pair<std::string, std::vector<int64_t>>> llama_tensor_shapes(const LlamaConfig& c) {
+std::vector<std::pair<std::string, std::vector<int64_t>>> llama_tensor_shapes(const DecoderConfig& c) {
   std::vector<std::pair<std::string, std::vector<int64_t>>> t;
   const int64_t h = c.hidden_size, q = c.num_attention_heads * c.head_dim, kv = c.num_key_value_heads * c.head_dim;
   t.push_back({"model.embed_tokens.weight", {c.vocab_size, h}});
@@ -78,7 +78,7 @@ at::Tensor random_tensor(const std::string& name, const std::vector<int64_t>& sh
 }
 }  // namespace
 
-model::WeightSource random_llama_weights(const LlamaConfig& shape, uint64_t seed, c10::Device device) {
+model::WeightSource random_llama_weights(const DecoderConfig& shape, uint64_t seed, c10::Device device) {
   auto shapes = std::make_shared<std::map<std::string, std::vector<int64_t>>>();
   std::vector<std::string> names;
   for (auto& [name, dims] : llama_tensor_shapes(shape)) {
@@ -94,7 +94,7 @@ model::WeightSource random_llama_weights(const LlamaConfig& shape, uint64_t seed
                              }};
 }
 
-void write_random_llama(const std::string& dir, const LlamaConfig& c, uint64_t seed) {
+void write_random_llama(const std::string& dir, const DecoderConfig& c, uint64_t seed) {
   fs::create_directories(dir);
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   std::vector<std::pair<std::string, at::Tensor>> tensors;
@@ -103,7 +103,7 @@ void write_random_llama(const std::string& dir, const LlamaConfig& c, uint64_t s
   write_llama_config(dir, c);
 }
 
-void write_llama_config(const std::string& dir, const LlamaConfig& c) {
+void write_llama_config(const std::string& dir, const DecoderConfig& c) {
   fs::create_directories(dir);
   const json config = {{"architectures", {"LlamaForCausalLM"}},
                        {"model_type", "llama"},

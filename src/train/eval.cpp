@@ -11,7 +11,7 @@
 #include "qlora/common/text.h"
 #include "qlora/data/batch.h"
 #include "qlora/data/tokenizer.h"
-#include "qlora/model/llama.h"
+#include "qlora/model/decoder.h"
 #include "qlora/model/loss.h"
 #include "qlora/train/trainer.h"
 
@@ -59,7 +59,7 @@ std::vector<int32_t> stop_token_ids(const data::Tokenizer& tokenizer) {
   return ids;
 }
 
-std::vector<std::vector<int32_t>> greedy_generate(const model::LlamaModel& model,
+std::vector<std::vector<int32_t>> greedy_generate(const model::DecoderModel& model,
                                                   const std::vector<std::vector<int32_t>>& prompts,
                                                   const std::vector<int32_t>& stop_ids, int64_t max_new_tokens) {
   at::NoGradGuard no_grad;
@@ -108,7 +108,7 @@ std::vector<std::vector<int32_t>> greedy_generate(const model::LlamaModel& model
   return out;
 }
 
-EvalResult evaluate(const model::LlamaModel& model, const data::Tokenizer& tokenizer,
+EvalResult evaluate(const model::DecoderModel& model, const data::Tokenizer& tokenizer,
                     const std::vector<data::TokenizedExample>& examples, const EvalOptions& options) {
   using Clock = std::chrono::steady_clock;
   const Clock::time_point start = Clock::now();

@@ -16,7 +16,7 @@
 
 #include "qlora/lora/lora.h"
 #include "qlora/model/fused_ops.h"
-#include "qlora/model/llama.h"
+#include "qlora/model/decoder.h"
 #include "qlora/plan/plan.h"
 #include "qlora/train/checkpoint.h"
 #include "train/fused_layer_parts.h"
@@ -97,7 +97,7 @@ struct AttentionHalf {
 AttentionHalf attention_half(const LayerRefs& r, const at::Tensor& x2, int64_t b, int64_t t,
                              const std::pair<at::Tensor, at::Tensor>& cos_sin, const model::AttentionInputs& attention,
                              std::array<at::Tensor, 3>* grad_leaves, at::Tensor* attn_out, bool shed_inputs = false) {
-  const LlamaConfig& c = r.model->config();
+  const DecoderConfig& c = r.model->config();
   const int64_t d = c.head_dim, heads = c.num_attention_heads, kv = c.num_key_value_heads;
   AttentionHalf s;
   s.n1 = norm_forward(x2, r.norm1, c.rms_norm_eps);
@@ -272,7 +272,7 @@ at::Tensor attention_backward(const LayerHolder& holder, const at::Tensor& x2, i
   att.a = at::Tensor();
   at::Tensor da = at::mm(dh1, merged_weight(pick(r, {kO}), dh1.options()));  // [N, H·d]
   if (r.proj[kO].lora) da = lora_backward(r.proj[kO], std::move(o), dh1, da);
-  const LlamaConfig& c = r.model->config();
+  const DecoderConfig& c = r.model->config();
   const int64_t d = c.head_dim, heads = c.num_attention_heads, kv = c.num_key_value_heads;
   variable_list dqkv;
   {
@@ -445,7 +445,8 @@ bool env_is(const char* name, const char* value) {
 
 }  // namespace
 
-std::string fused_layer_unsupported(const model::LlamaModel& model) {
+std::string fused_layer_unsupported(const model::DecoderModel& model) {
+  if (std::string gap = fused_layer_gap(model.config()); !gap.empty()) return gap;
   for (int64_t l = 0; l < model.num_layers(); ++l) {
     for (size_t i = 0; i < decoder_linear_names().size(); ++i) {
       if (proj_of(model, l, i).base == nullptr)
@@ -456,11 +457,11 @@ std::string fused_layer_unsupported(const model::LlamaModel& model) {
   return {};
 }
 
-LayerForwardFn fused_layer_forward(const model::LlamaModel& model, FusedRecompute what, int64_t selective_layers,
+LayerForwardFn fused_layer_forward(const model::DecoderModel& model, FusedRecompute what, int64_t selective_layers,
                                    int64_t no_recompute_layers) {
   const std::string why = fused_layer_unsupported(model);
   if (!why.empty()) throw std::invalid_argument("fused_layer_forward: " + why);
-  const model::LlamaModel* m = &model;
+  const model::DecoderModel* m = &model;
   const LayerHolder::Keep keep = what == FusedRecompute::kFull        ? LayerHolder::Keep::kInputs
                                  : what == FusedRecompute::kSelective ? LayerHolder::Keep::kGateUp
                                                                       : LayerHolder::Keep::kAll;
@@ -492,7 +493,7 @@ LayerForwardFn fused_layer_forward(const model::LlamaModel& model, FusedRecomput
   };
 }
 
-LayerForwardFn training_layer_forward(const model::LlamaModel& model, bool gradient_checkpointing,
+LayerForwardFn training_layer_forward(const model::DecoderModel& model, bool gradient_checkpointing,
                                       Recompute recompute, int64_t selective_layers, int64_t no_recompute_layers) {
   const FusedRecompute what = !gradient_checkpointing            ? FusedRecompute::kNothing
                               : recompute == Recompute::kSelective ? FusedRecompute::kSelective
@@ -501,13 +502,13 @@ LayerForwardFn training_layer_forward(const model::LlamaModel& model, bool gradi
   return fused_layer_forward(model, what, selective_layers, no_recompute_layers);
 }
 
-bool trains_with_fused_layer(const model::LlamaModel& model) {
+bool trains_with_fused_layer(const model::DecoderModel& model) {
   if (env_is("QLORA_LAYER", "fused")) return true;
   const bool gpu_16bit = model.device().is_cuda() && model.dtype() != at::kFloat;
   return !env_is("QLORA_LAYER", "reference") && gpu_16bit && fused_layer_unsupported(model).empty();
 }
 
-LayerForwardFn training_layer_forward(const model::LlamaModel& model, const TrainConfig& train) {
+LayerForwardFn training_layer_forward(const model::DecoderModel& model, const TrainConfig& train) {
   return training_layer_forward(model, train.gradient_checkpointing, train.recompute, train.selective_layers,
                                 train.no_recompute_layers);
 }

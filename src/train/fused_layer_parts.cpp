@@ -7,7 +7,7 @@
 
 #include "qlora/lora/lora.h"
 #include "qlora/model/fused_ops.h"
-#include "qlora/model/llama.h"
+#include "qlora/model/decoder.h"
 #include "qlora/model/nf4_linear.h"
 #include "qlora/quant/nf4_cuda.h"
 
@@ -73,7 +73,7 @@ bool bit_masked(const DroppedGrad& g) { return g.mask.defined() && g.mask.scalar
 }  // namespace
 
 // compute: the dtype of the layer's activations; undefined: no LoRA casts (checks only).
-Proj proj_of(const model::LlamaModel& m, int64_t layer, size_t index, std::optional<at::ScalarType> compute) {
+Proj proj_of(const model::DecoderModel& m, int64_t layer, size_t index, std::optional<at::ScalarType> compute) {
   const model::Linear* lin = m.projection(layer, index).get();
   Proj p;
   if (const auto* l = dynamic_cast<const lora::LoraLinear*>(lin)) {

@@ -16,7 +16,7 @@
 
 namespace qlora::model {
 class FrozenLinear;
-class LlamaModel;
+class DecoderModel;
 }  // namespace qlora::model
 namespace qlora::lora {
 class LoraLinear;
@@ -74,7 +74,7 @@ struct Proj {
 // Projection `index` (decoder_linear_names() order) of `layer`. compute: the dtype of the
 // layer's activations; undefined: no LoRA casts (checks only). base is null when the
 // projection is neither a frozen base nor LoRA over one.
-Proj proj_of(const model::LlamaModel& m, int64_t layer, size_t index, std::optional<at::ScalarType> compute = {});
+Proj proj_of(const model::DecoderModel& m, int64_t layer, size_t index, std::optional<at::ScalarType> compute = {});
 
 // The projections' weights stacked by rows: [sum of out, in], one GEMM for all of them.
 at::Tensor merged_weight(const std::vector<Proj>& projs, const at::TensorOptions& opts);

@@ -7,11 +7,11 @@
 #include <utility>
 
 #include "qlora/lora/lora.h"
-#include "qlora/model/llama.h"
+#include "qlora/model/decoder.h"
 
 namespace qlora::train::fused {
 
-LayerRefs layer_refs(const model::LlamaModel& m, int64_t index, at::ScalarType compute) {
+LayerRefs layer_refs(const model::DecoderModel& m, int64_t index, at::ScalarType compute) {
   const BelowAutograd below;  // LoRA's casts: no graph (backward is the layer's own)
   LayerRefs r;
   r.model = &m;

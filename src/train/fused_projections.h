@@ -16,7 +16,7 @@
 #include "train/fused_layer_parts.h"
 
 namespace qlora::model {
-class LlamaModel;
+class DecoderModel;
 }
 
 namespace qlora::train::fused {
@@ -25,7 +25,7 @@ namespace qlora::train::fused {
 constexpr size_t kQ = 0, kK = 1, kV = 2, kO = 3, kGate = 4, kUp = 5, kDown = 6;
 
 struct LayerRefs {
-  const model::LlamaModel* model = nullptr;
+  const model::DecoderModel* model = nullptr;
   int64_t index = 0;
   std::array<Proj, 7> proj;
   at::Tensor norm1, norm2;
@@ -33,7 +33,7 @@ struct LayerRefs {
 };
 
 // Layer `index` of m, LoRA's A and B cast to `compute` (once a layer call).
-LayerRefs layer_refs(const model::LlamaModel& m, int64_t index, at::ScalarType compute);
+LayerRefs layer_refs(const model::DecoderModel& m, int64_t index, at::ScalarType compute);
 
 std::vector<Proj> pick(const LayerRefs& r, std::initializer_list<size_t> idx);
 

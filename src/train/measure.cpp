@@ -20,7 +20,7 @@
 #include "qlora/data/dataset.h"
 #include "qlora/data/tokenizer.h"
 #include "qlora/lora/lora.h"
-#include "qlora/model/llama.h"
+#include "qlora/model/decoder.h"
 #include "qlora/optim/optimizer.h"
 #include "qlora/plan/plan.h"
 #include "qlora/quant/nf4_cuda.h"
@@ -71,7 +71,7 @@ plan::GpuSpec gpu_spec_of(const DeviceChoice& dev, double memory_cap_bytes) {
   return g;
 }
 
-std::string resolve_auto_recompute(Config& cfg, const LlamaConfig& shape, const DeviceChoice& dev,
+std::string resolve_auto_recompute(Config& cfg, const DecoderConfig& shape, const DeviceChoice& dev,
                                    double memory_cap_bytes, int64_t world) {
   if (cfg.train.recompute != Recompute::kAuto) return {};
   Config c = cfg;
@@ -118,7 +118,7 @@ int64_t worst_case_seq(const Config& cfg, std::string* source) {
   }
 }
 
-plan::ProbeResult probe_micro_batch(const model::LlamaModel& model, const std::vector<at::Tensor>& params,
+plan::ProbeResult probe_micro_batch(const model::DecoderModel& model, const std::vector<at::Tensor>& params,
                                     const StepOptions& opts, int64_t micro, int64_t seq, double capacity_bytes) {
   const c10::Device device = model.device();
   std::vector<std::pair<at::Generator, at::Tensor>> rng;
@@ -149,8 +149,8 @@ plan::ProbeResult probe_micro_batch(const model::LlamaModel& model, const std::v
   return r;
 }
 
-plan::FinderResult find_micro_batch_on_device(const Config& cfg, const LlamaConfig& shape,
-                                              const model::LlamaModel& model, const std::vector<at::Tensor>& params,
+plan::FinderResult find_micro_batch_on_device(const Config& cfg, const DecoderConfig& shape,
+                                              const model::DecoderModel& model, const std::vector<at::Tensor>& params,
                                               const StepOptions& opts, const plan::GpuSpec& gpu, int64_t seq,
                                               int64_t world) {
   Config c = cfg;

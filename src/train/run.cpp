@@ -32,7 +32,7 @@
 #include "qlora/dist/launch.h"
 #include "qlora/lora/adapter_io.h"
 #include "qlora/lora/lora.h"
-#include "qlora/model/llama.h"
+#include "qlora/model/decoder.h"
 #include "qlora/optim/optimizer.h"
 #include "qlora/quant/nf4_cuda.h"
 #include "qlora/plan/plan.h"
@@ -83,7 +83,7 @@ json eval_json(int64_t step, const EvalResult& r) {
 // Held-out evaluation split over the ranks (rank r takes examples r, r + W,
 // ...; exact match still covers the first generate_examples of the whole
 // set) and summed, so every rank returns the whole set's numbers.
-EvalResult evaluate_sharded(const model::LlamaModel& model, const data::Tokenizer& tokenizer,
+EvalResult evaluate_sharded(const model::DecoderModel& model, const data::Tokenizer& tokenizer,
                             const std::vector<data::TokenizedExample>& examples, EvalOptions options,
                             const dist::Group& group) {
   if (!group.distributed()) return evaluate(model, tokenizer, examples, options);
@@ -114,7 +114,7 @@ EvalResult evaluate_sharded(const model::LlamaModel& model, const data::Tokenize
 // base weights, NF4 0.50 + ..."), in the run's resolved precision. On the CPU
 // the GPU's own parts (CUDA context, cuBLAS workspaces, the allocator's
 // fragmentation reserve) are left out: what remains is the tensors in host RAM.
-std::string plan_line(const Config& cfg, const LlamaConfig& shape, int64_t world, const DeviceChoice& dev) {
+std::string plan_line(const Config& cfg, const DecoderConfig& shape, int64_t world, const DeviceChoice& dev) {
   Config resolved = cfg;
   resolved.train.precision = dev.precision;
   const plan::Plan p = plan::make_plan(resolved, shape, nullptr, world);
@@ -357,16 +357,8 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   if (std::filesystem::is_directory(cfg.model.path)) tokenizer = load_checked_tokenizer(cfg.model.path);
   BaseModel base = load_base_model(cfg, dev, options.random_weights);
   if (!tokenizer) tokenizer = load_checked_tokenizer(cfg.model.path);
-  model::LlamaModel& model = base.model;
-  const LlamaConfig& shape = base.shape;
-  // Sliding-window attention is not implemented: within the window it equals full causal
-  // attention, so rows no longer than the window train exactly; longer ones would not.
-  if (shape.sliding_window > 0 && cfg.data.max_seq_length > shape.sliding_window)
-    throw InputError(base.config_path + ": sliding_window is " + std::to_string(shape.sliding_window) +
-                     " and data.max_seq_length " + std::to_string(cfg.data.max_seq_length) +
-                     "; qlora attends over the whole row (no sliding window yet), which equals the model's "
-                     "attention only up to the window: set data.max_seq_length to at most " +
-                     std::to_string(shape.sliding_window));
+  model::DecoderModel& model = base.model;
+  const DecoderConfig& shape = base.shape;
 
   // 3. LoRA adapter (A from the seeded generator, as PEFT initializes it)
   lora::LoraAdapter adapter = lora::LoraAdapter::attach(model, lora::settings_from_config(cfg.lora));

@@ -11,6 +11,7 @@
 
 #include "qlora/amp/precision.h"
 #include "qlora/common/errors.h"
+#include "qlora/model/family.h"
 #include "qlora/common/input_files.h"
 #include "qlora/data/tokenizer.h"
 #include "qlora/io/model_dir.h"
@@ -86,16 +87,16 @@ BaseModel load_base_model(const Config& cfg, const DeviceChoice& dev, bool allow
   const fs::path config_json = fs::path(cfg.model.path) / "config.json";
   const bool preset_only = cfg.model.path.empty() && !cfg.model.preset.empty();
   if (allow_random_weights && (preset_only || (fs::exists(config_json) && !has_safetensors(cfg.model.path)))) {
-    const LlamaConfig shape = preset_only ? model_preset(cfg.model.preset) : read_llama_config(config_json.string());
-    model::LlamaModel m = model::LlamaModel::load(shape, random_llama_weights(shape, kRandomWeightsSeed, dev.device), load);
+    const DecoderConfig shape = preset_only ? model_preset(cfg.model.preset) : read_decoder_config(config_json.string());
+    model::DecoderModel m = model::DecoderModel::load(shape, random_llama_weights(shape, kRandomWeightsSeed, dev.device), load);
     return BaseModel{shape, preset_only ? std::string() : config_json.string(), true, std::move(m)};
   }
   const io::ModelDir dir = io::ModelDir::open(cfg.model.path);
-  const LlamaConfig shape = read_llama_config(dir.config_path());
+  const DecoderConfig shape = read_decoder_config(dir.config_path());
   const model::WeightSource weights{dir.weights_path(), dir.tensor_names(),
                                     [&dir](const std::string& n) { return dir.tensor(n); },
                                     [&dir](const std::string& n) { return dir.file_of(n); }};
-  model::LlamaModel m = model::LlamaModel::load(shape, weights, load);
+  model::DecoderModel m = model::DecoderModel::load(shape, weights, load);
   return BaseModel{shape, dir.config_path(), false, std::move(m)};
 }
 
@@ -103,7 +104,7 @@ std::vector<std::string> check_run_files(const Config& cfg) {
   std::vector<std::string> lines;
   if (!cfg.model.path.empty()) {
     const io::ModelDir dir = io::ModelDir::open(cfg.model.path);
-    const LlamaConfig shape = read_llama_config(dir.config_path());
+    const DecoderConfig shape = read_decoder_config(dir.config_path());
     lines.push_back("model: " + shape.model_type + ", " + std::to_string(shape.num_hidden_layers) + " layers, hidden " +
                     std::to_string(shape.hidden_size) + ", vocab " + std::to_string(shape.vocab_size) + ", " +
                     std::to_string(dir.tensor_names().size()) + " tensors (" + dir.dir() + ")");

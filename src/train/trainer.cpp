@@ -21,7 +21,7 @@
 #include "qlora/data/loader.h"
 #include "qlora/data/batch_tensors.h"
 #include "qlora/dist/group.h"
-#include "qlora/model/llama.h"
+#include "qlora/model/decoder.h"
 #include "qlora/model/loss.h"
 #include "qlora/optim/optimizer.h"
 #include "qlora/plan/finder.h"
@@ -124,7 +124,7 @@ int64_t total_optimizer_steps(const TrainConfig& train, int64_t micro_batches_pe
   return steps;
 }
 
-std::pair<at::Tensor, int64_t> batch_loss(const model::LlamaModel& model, const data::Batch& batch,
+std::pair<at::Tensor, int64_t> batch_loss(const model::DecoderModel& model, const data::Batch& batch,
                                           int64_t loss_chunk, const LayerForwardFn& layer_forward) {
   const c10::Device device = model.device();
   const data::BatchTensors t = data::to_tensors(batch);
@@ -166,7 +166,7 @@ std::pair<at::Tensor, int64_t> batch_loss(const model::LlamaModel& model, const 
 
 // ---------------------------------------------------------------- the trainer
 
-Trainer::Trainer(model::LlamaModel& model, std::vector<at::Tensor> params, optim::Optimizer& optimizer,
+Trainer::Trainer(model::DecoderModel& model, std::vector<at::Tensor> params, optim::Optimizer& optimizer,
                  LrScheduler scheduler, amp::LossScaler& scaler, amp::BadStepPolicy& bad_steps,
                  StepOptions options)
     : model_(model),

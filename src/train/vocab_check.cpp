@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "qlora/common/errors.h"
+#include "qlora/model/family.h"
 
 namespace qlora::train {
 namespace {
@@ -17,7 +18,7 @@ std::string describe(const data::Tokenizer::Entry& e) {
 
 }  // namespace
 
-void check_tokenizer_fits_model(const data::Tokenizer& tokenizer, const LlamaConfig& model,
+void check_tokenizer_fits_model(const data::Tokenizer& tokenizer, const DecoderConfig& model,
                                 const std::string& config_path) {
   const std::string model_side =
       "vocab_size " + std::to_string(model.vocab_size) + " in " +
@@ -42,7 +43,7 @@ void check_tokenizer_fits_model(const data::Tokenizer& tokenizer, const LlamaCon
     }
   }
 
-  // The ids config.json names are tokens of the tokenizer too (read_llama_config checked them
+  // The ids config.json names are tokens of the tokenizer too (read_decoder_config checked them
   // against vocab_size). A padding row is no token.
   std::vector<std::pair<std::string, int64_t>> named;
   if (model.bos_token_id >= 0) named.emplace_back("bos_token_id", model.bos_token_id);
@@ -66,7 +67,7 @@ std::unique_ptr<data::Tokenizer> load_checked_tokenizer(const std::string& model
     throw InputError(model_dir + " has no tokenizer.json or tokenizer.model; copy the base model's tokenizer files there");
   std::unique_ptr<data::Tokenizer> tok = data::load_tokenizer(model_dir);
   if (const auto config = dir / "config.json"; std::filesystem::is_regular_file(config))
-    check_tokenizer_fits_model(*tok, read_llama_config(config.string()), config.string());
+    check_tokenizer_fits_model(*tok, read_decoder_config(config.string()), config.string());
   return tok;
 }
 

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "qlora/config/config.h"
-#include "qlora/model/llama_config.h"
+#include "qlora/model/decoder_config.h"
 #include "qlora/plan/plan.h"
 
 namespace qlora::testing {

@@ -6,14 +6,14 @@
 #include <string>
 
 #include "qlora/config/config.h"
-#include "qlora/model/llama_config.h"
+#include "qlora/model/decoder_config.h"
 #include "qlora/train/demo.h"
 #include "support/test_support.h"
 
 namespace qlora::testing {
 
-inline LlamaConfig small_llama_shape() {
-  LlamaConfig c = train::demo_model_config();
+inline DecoderConfig small_llama_shape() {
+  DecoderConfig c = train::demo_model_config();
   c.hidden_size = 64;
   c.intermediate_size = 128;
   c.num_hidden_layers = 2;

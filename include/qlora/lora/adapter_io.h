@@ -32,6 +32,6 @@ void save_adapter(const LoraAdapter& adapter, const std::string& dir, const std:
 // Reads dir/adapter_config.json, attaches an adapter with those settings to
 // `model` and fills it from dir/adapter_model.safetensors. Throws InputError
 // naming the file for anything that does not fit the model.
-LoraAdapter load_adapter(model::LlamaModel& model, const std::string& dir);
+LoraAdapter load_adapter(model::DecoderModel& model, const std::string& dir);
 
 }  // namespace qlora::lora

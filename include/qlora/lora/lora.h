@@ -24,7 +24,7 @@
 namespace qlora {
 struct LoraConfig;
 namespace model {
-class LlamaModel;
+class DecoderModel;
 }
 }  // namespace qlora
 
@@ -101,7 +101,7 @@ class LoraAdapter {
   // use; the model keeps the layers alive) in a LoraLinear on the model's
   // device. Throws InputError when no projection matches, or when a target is
   // already wrapped.
-  static LoraAdapter attach(model::LlamaModel& model, const LoraSettings& settings);
+  static LoraAdapter attach(model::DecoderModel& model, const LoraSettings& settings);
 
   const LoraSettings& settings() const { return settings_; }
   const std::vector<std::string>& module_names() const { return names_; }  // HF module names, model order

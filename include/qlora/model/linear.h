@@ -1,7 +1,7 @@
 // model/linear: the projection layers of a decoder, behind one interface.
 //
 // Every projection of the model (q, k, v, o, gate, up, down) is a `Linear`:
-// y = x · Wᵀ, no bias (Llama has none). The frozen base weight is a
+// y = x · Wᵀ (+ b where the family has a bias there: Qwen2's q, k, v). The frozen base weight is a
 // `FrozenLinear`: dense here (`DenseLinear`), NF4 in the quant module. LoRA
 // wraps a FrozenLinear in another Linear (lora/lora.h), so the model never
 // knows which kind it runs. Nothing here assumes the CPU: tensors stay on the
@@ -16,7 +16,7 @@
 
 namespace qlora::model {
 
-// y = x · Wᵀ for x [..., in_features] -> [..., out_features], in x's dtype.
+// y = x · Wᵀ (+ b) for x [..., in_features] -> [..., out_features], in x's dtype.
 class Linear {
  public:
   virtual ~Linear() = default;
@@ -34,6 +34,18 @@ class FrozenLinear : public Linear {
   virtual at::Tensor dense_weight(at::ScalarType dtype) const = 0;
   // "dense", "nf4", ... for logs and errors.
   virtual std::string kind() const = 0;
+
+  // The frozen bias [out] in the compute dtype, added after the product; undefined when the
+  // projection has none. Never trained (PEFT's bias="none"), kept as is by a merge.
+  const at::Tensor& bias() const { return bias_; }
+  void set_bias(at::Tensor bias);
+
+ protected:
+  // y + bias where there is one.
+  at::Tensor add_bias(at::Tensor y) const { return bias_.defined() ? y + bias_ : y; }
+
+ private:
+  at::Tensor bias_;
 };
 
 // A plain weight [out, in]; the input is cast to nothing: x and the weight must

@@ -8,7 +8,7 @@
 #pragma once
 
 #include "qlora/model/linear.h"
-#include "qlora/model/llama.h"
+#include "qlora/model/decoder.h"
 #include "qlora/quant/nf4.h"
 
 namespace qlora::model {

@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "qlora/config/config.h"
-#include "qlora/model/llama_config.h"
+#include "qlora/model/decoder_config.h"
 #include "qlora/plan/gpu.h"
 
 namespace qlora::plan {
@@ -101,7 +101,7 @@ struct PrecisionAdvice {
 
 struct Plan {
   std::string model_name;
-  LlamaConfig model;
+  DecoderConfig model;
   std::string config_source;
   EffectiveBatch batch;
   int64_t seq_length = 0;
@@ -139,7 +139,7 @@ struct Plan {
 
 // `gpu` may be null (no GPU known: no fit verdict, no time estimate).
 // world_size >= 1 is the number of data-parallel processes.
-Plan make_plan(const Config& cfg, const LlamaConfig& model, const GpuSpec* gpu, int64_t world_size);
+Plan make_plan(const Config& cfg, const DecoderConfig& model, const GpuSpec* gpu, int64_t world_size);
 
 // Adds the per-epoch and whole-run estimate once the number of training
 // examples is known (the CLI counts the lines of data.path). Each example is
@@ -163,7 +163,7 @@ std::string render_json(const Plan& plan);
 
 // Trainable LoRA parameters: Σ over layers and targeted modules of r·(in + out),
 // as PEFT counts them. Throws InputError for an unknown module name.
-int64_t lora_trainable_params(const LlamaConfig& model, const LoraConfig& lora);
+int64_t lora_trainable_params(const DecoderConfig& model, const LoraConfig& lora);
 
 // The targeted module names, "all-linear" expanded (PEFT: every decoder
 // projection, never lm_head). Throws InputError for an unknown name.
@@ -206,7 +206,7 @@ inline int64_t whole_layers(const BudgetInputs& in, int64_t num_layers) {
 
 // Memory per component at the peak of a step, in the order render_text prints
 // them (Note [plan memory model]).
-std::vector<Component> memory_components(const LlamaConfig& model, const BudgetInputs& in);
+std::vector<Component> memory_components(const DecoderConfig& model, const BudgetInputs& in);
 
 // train.recompute: auto: selective_layers, the most decoder layers (0 .. num_hidden_layers) that
 // can keep their gate/up output while the plan's total still leaves the headroom a plan needs
@@ -218,7 +218,7 @@ struct AutoRecompute {
   int64_t selective_layers = 0;
   int64_t no_recompute_layers = 0;
 };
-AutoRecompute auto_recompute(const LlamaConfig& model, BudgetInputs in, const GpuSpec& gpu);
+AutoRecompute auto_recompute(const DecoderConfig& model, BudgetInputs in, const GpuSpec& gpu);
 
 // Sum of the components.
 double total_bytes(const std::vector<Component>& components);

@@ -23,7 +23,7 @@
 #include "qlora/train/trainer.h"
 
 namespace qlora::model {
-class LlamaModel;
+class DecoderModel;
 struct AttentionInputs;
 }  // namespace qlora::model
 
@@ -54,13 +54,13 @@ at::Tensor checkpoint(const TensorFn& fn, const at::Tensor& input, const Checkpo
 // One decoder layer of `model` through checkpoint(): the layer_forward the
 // trainer runs with train.gradient_checkpointing (StepOptions::layer_forward).
 // `model` must outlive every backward.
-LayerForwardFn checkpointed_layer_forward(const model::LlamaModel& model, const CheckpointOptions& options = {});
+LayerForwardFn checkpointed_layer_forward(const model::DecoderModel& model, const CheckpointOptions& options = {});
 
 // embed -> every decoder layer (each through checkpoint() when `checkpointing`)
 // -> final norm: input_ids [B, T] int64 -> hidden [B, T, h]. Without
 // checkpointing this is model.forward_hidden. `model` must outlive the
 // backward (the closures point at it; cos/sin and `attention` are copied).
-at::Tensor checkpointed_forward_hidden(const model::LlamaModel& model, const at::Tensor& input_ids,
+at::Tensor checkpointed_forward_hidden(const model::DecoderModel& model, const at::Tensor& input_ids,
                                        const model::AttentionInputs& attention, bool checkpointing,
                                        const CheckpointOptions& options = {});
 

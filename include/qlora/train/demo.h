@@ -17,15 +17,15 @@
 
 #include "qlora/config/config.h"
 #include "qlora/data/demo_tokenizer.h"
-#include "qlora/model/llama.h"
-#include "qlora/model/llama_config.h"
+#include "qlora/model/decoder.h"
+#include "qlora/model/decoder_config.h"
 
 namespace qlora::train {
 
 // The tiny model's shape for a vocabulary of `vocab_size`: hidden 256, 4
 // layers, 8 heads over 4 key/value heads, SwiGLU 688 (~2.9 M parameters
 // besides the embeddings).
-LlamaConfig demo_model_config(int64_t vocab_size = 256 + 5);
+DecoderConfig demo_model_config(int64_t vocab_size = 256 + 5);
 
 // The tokenizer side lives in the data module (qlora/data/demo_tokenizer.h);
 // this name stays for the tests and benchmarks that build a model directory
@@ -34,20 +34,20 @@ using data::write_demo_tokenizer;
 
 // config.json and model.safetensors (fp32) of `shape`, random as transformers
 // initializes it from `seed`.
-void write_random_llama(const std::string& dir, const LlamaConfig& shape, uint64_t seed);
+void write_random_llama(const std::string& dir, const DecoderConfig& shape, uint64_t seed);
 // Only the config.json of write_random_llama: a model directory that `plan --measure` and
 // benchmarks (RunOptions::random_weights) fill with random weights of that shape on the device.
-void write_llama_config(const std::string& dir, const LlamaConfig& shape);
+void write_llama_config(const std::string& dir, const DecoderConfig& shape);
 
 // The Hugging Face tensor names and shapes of a Llama of `shape`, in the
 // order write_random_llama draws them.
-std::vector<std::pair<std::string, std::vector<int64_t>>> llama_tensor_shapes(const LlamaConfig& shape);
+std::vector<std::pair<std::string, std::vector<int64_t>>> llama_tensor_shapes(const DecoderConfig& shape);
 
 // The same random weights without a file: each tensor drawn on `device` when
 // the loader asks for it (fp32). `qlora plan --measure` uses it for a model
 // directory that holds only config.json: memory does not depend on the values.
 // (On a GPU the draws differ from the CPU's, same seed or not.)
-model::WeightSource random_llama_weights(const LlamaConfig& shape, uint64_t seed, c10::Device device);
+model::WeightSource random_llama_weights(const DecoderConfig& shape, uint64_t seed, c10::Device device);
 
 // ---------------------------------------------------------------- the demo run
 inline constexpr int64_t kDemoSteps = 200;          // optimizer steps of `qlora demo`

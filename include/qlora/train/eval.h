@@ -25,7 +25,7 @@
 
 namespace qlora {
 namespace model {
-class LlamaModel;
+class DecoderModel;
 }
 namespace data {
 class Tokenizer;
@@ -63,7 +63,7 @@ struct EvalResult {
 
 // Greedy continuation of each prompt (token ids), stopping a row at any of
 // `stop_ids` (the stop token is not returned) or after max_new_tokens.
-std::vector<std::vector<int32_t>> greedy_generate(const model::LlamaModel& model,
+std::vector<std::vector<int32_t>> greedy_generate(const model::DecoderModel& model,
                                                   const std::vector<std::vector<int32_t>>& prompts,
                                                   const std::vector<int32_t>& stop_ids, int64_t max_new_tokens);
 
@@ -73,7 +73,7 @@ std::vector<int32_t> stop_token_ids(const data::Tokenizer& tokenizer);
 
 // Loss and exact match of `model` on `examples` (no gradients; LoRA dropout is
 // the caller's business: set the adapter to eval mode first).
-EvalResult evaluate(const model::LlamaModel& model, const data::Tokenizer& tokenizer,
+EvalResult evaluate(const model::DecoderModel& model, const data::Tokenizer& tokenizer,
                     const std::vector<data::TokenizedExample>& examples, const EvalOptions& options = {});
 
 // "eval loss 1.2345 | exact match 12/64 (18.8%) | 3.1 s"

@@ -25,14 +25,14 @@
 #include "qlora/train/trainer.h"
 
 namespace qlora::model {
-class LlamaModel;
+class DecoderModel;
 }
 
 namespace qlora::train {
 
 // Empty when `model` can run through the fused layer; otherwise why not
 // (a projection that is neither a frozen base nor LoRA over one).
-std::string fused_layer_unsupported(const model::LlamaModel& model);
+std::string fused_layer_unsupported(const model::DecoderModel& model);
 
 // What the fused layer recomputes in backward: all but its input and the attention
 // residual (kFull: checkpointing), all but the gate/up GEMM too (kSelective: Note
@@ -45,7 +45,7 @@ enum class FusedRecompute { kFull, kSelective, kNothing };
 // gate/up output and the others recompute in full (-1: every layer keeps it). With kFull or
 // kSelective, the last `no_recompute_layers` layers (clamped to the model's) recompute nothing,
 // as under kNothing (Note [layers not recomputed] in src/train/fused_layer.cpp).
-LayerForwardFn fused_layer_forward(const model::LlamaModel& model, FusedRecompute what = FusedRecompute::kFull,
+LayerForwardFn fused_layer_forward(const model::DecoderModel& model, FusedRecompute what = FusedRecompute::kFull,
                                    int64_t selective_layers = -1, int64_t no_recompute_layers = 0);
 
 // What a training run uses for its decoder layers: the fused layer for bf16 / fp16
@@ -57,16 +57,16 @@ LayerForwardFn fused_layer_forward(const model::LlamaModel& model, FusedRecomput
 // only, and so does `no_recompute_layers` (train.no_recompute_layers): the generic checkpoint
 // always recomputes the whole layer. Recompute::kAuto must have been resolved by then
 // (train::resolve_auto_recompute); here it reads as full.
-LayerForwardFn training_layer_forward(const model::LlamaModel& model, bool gradient_checkpointing,
+LayerForwardFn training_layer_forward(const model::DecoderModel& model, bool gradient_checkpointing,
                                       Recompute recompute = Recompute::kFull, int64_t selective_layers = -1,
                                       int64_t no_recompute_layers = 0);
 
 // The same for a run's train section: gradient_checkpointing, recompute, selective_layers,
 // no_recompute_layers.
-LayerForwardFn training_layer_forward(const model::LlamaModel& model, const TrainConfig& train);
+LayerForwardFn training_layer_forward(const model::DecoderModel& model, const TrainConfig& train);
 
 // Whether training_layer_forward gives `model` the fused layer (where train.recompute: selective
 // and train.no_recompute_layers take effect) rather than the generic checkpoint.
-bool trains_with_fused_layer(const model::LlamaModel& model);
+bool trains_with_fused_layer(const model::DecoderModel& model);
 
 }  // namespace qlora::train

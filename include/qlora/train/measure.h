@@ -29,7 +29,7 @@
 #include "qlora/train/trainer.h"
 
 namespace qlora::model {
-class LlamaModel;
+class DecoderModel;
 }
 
 namespace qlora::train {
@@ -71,14 +71,14 @@ nlohmann::json measurement_json(const Measurement& m);
 // generators put back, so a run can probe and then train. An out-of-memory is
 // caught (fits = false) and the allocator's cache released. fits also needs
 // the reserved peak within `capacity_bytes` (when > 0).
-plan::ProbeResult probe_micro_batch(const model::LlamaModel& model, const std::vector<at::Tensor>& params,
+plan::ProbeResult probe_micro_batch(const model::DecoderModel& model, const std::vector<at::Tensor>& params,
                                     const StepOptions& opts, int64_t micro, int64_t seq, double capacity_bytes);
 
 // plan::find_micro_batch over probe_micro_batch at `seq` tokens, started from
 // the plan's prediction for `gpu` (its memory_bytes is the capacity: the
 // GPU's, or a cap).
-plan::FinderResult find_micro_batch_on_device(const Config& cfg, const LlamaConfig& shape,
-                                              const model::LlamaModel& model, const std::vector<at::Tensor>& params,
+plan::FinderResult find_micro_batch_on_device(const Config& cfg, const DecoderConfig& shape,
+                                              const model::DecoderModel& model, const std::vector<at::Tensor>& params,
                                               const StepOptions& opts, const plan::GpuSpec& gpu, int64_t seq,
                                               int64_t world);
 
@@ -94,7 +94,7 @@ plan::GpuSpec gpu_spec_of(const DeviceChoice& dev, double memory_cap_bytes);
 // layers the plan fits into the GPU's memory (or the cap, when > 0), with headroom left
 // (plan::auto_recompute), else full; full on a CPU or in fp32. Returns the line to log ("" when
 // cfg did not ask for auto). After the micro batch is settled: the choice depends on it.
-std::string resolve_auto_recompute(Config& cfg, const LlamaConfig& shape, const DeviceChoice& dev,
+std::string resolve_auto_recompute(Config& cfg, const DecoderConfig& shape, const DeviceChoice& dev,
                                    double memory_cap_bytes, int64_t world);
 
 // The worst-case sequence length of cfg's data: max_seq_length with packing;

@@ -11,8 +11,8 @@
 #include <vector>
 
 #include "qlora/config/config.h"
-#include "qlora/model/llama.h"
-#include "qlora/model/llama_config.h"
+#include "qlora/model/decoder.h"
+#include "qlora/model/decoder_config.h"
 
 namespace qlora::train {
 
@@ -35,10 +35,10 @@ DeviceChoice choose_device(const Config& cfg, const std::string& want, int64_t l
 at::ScalarType scalar_type(Precision p);
 
 struct BaseModel {
-  LlamaConfig shape;
+  DecoderConfig shape;
   std::string config_path;      // the model's config.json ("" for a preset)
   bool random_weights = false;  // the directory had no weights (allow_random_weights)
-  model::LlamaModel model;
+  model::DecoderModel model;
 };
 
 // cfg.model.path loaded on the device in the run's precision, its projections

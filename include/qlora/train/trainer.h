@@ -48,7 +48,7 @@
 
 namespace qlora {
 namespace model {
-class LlamaModel;
+class DecoderModel;
 struct AttentionInputs;
 }  // namespace model
 namespace optim {
@@ -105,7 +105,7 @@ int64_t total_optimizer_steps(const TrainConfig& train, int64_t micro_batches_pe
 // ---------------------------------------------------------------- one step
 
 // One decoder layer's forward; the activation-checkpointing module supplies one
-// that recomputes in backward. Arguments as model::LlamaModel::layer_forward.
+// that recomputes in backward. Arguments as model::DecoderModel::layer_forward.
 using LayerForwardFn = std::function<at::Tensor(int64_t layer, const at::Tensor& hidden,
                                                 const std::pair<at::Tensor, at::Tensor>& cos_sin,
                                                 const model::AttentionInputs& attention)>;
@@ -113,7 +113,7 @@ using LayerForwardFn = std::function<at::Tensor(int64_t layer, const at::Tensor&
 // The summed cross-entropy of one micro batch (differentiable when grad mode is
 // on) and its target-token count; layers run through `layer_forward` when given.
 // Packed rows get the packed attention mask, padded rows the padding mask.
-std::pair<at::Tensor, int64_t> batch_loss(const model::LlamaModel& model, const data::Batch& batch,
+std::pair<at::Tensor, int64_t> batch_loss(const model::DecoderModel& model, const data::Batch& batch,
                                           int64_t loss_chunk, const LayerForwardFn& layer_forward = {});
 
 struct StepOptions {
@@ -162,7 +162,7 @@ class Trainer {
  public:
   // Every reference must outlive the trainer. `params` are the trainable tensors
   // (the LoRA A and B of every adapted module), the ones `optimizer` updates.
-  Trainer(model::LlamaModel& model, std::vector<at::Tensor> params, optim::Optimizer& optimizer,
+  Trainer(model::DecoderModel& model, std::vector<at::Tensor> params, optim::Optimizer& optimizer,
           LrScheduler scheduler, amp::LossScaler& scaler, amp::BadStepPolicy& bad_steps,
           StepOptions options = {});
 
@@ -192,7 +192,7 @@ class Trainer {
   const StepOptions& options() const { return options_; }
 
  private:
-  model::LlamaModel& model_;
+  model::DecoderModel& model_;
   std::vector<at::Tensor> params_;
   optim::Optimizer& optimizer_;
   LrScheduler scheduler_;

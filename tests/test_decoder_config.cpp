@@ -1,10 +1,11 @@
-// model/llama_config: config.json as transformers writes it (both layouts),
+// model/decoder_config: config.json as transformers writes it (both layouts),
 // the presets, parameter counts against the published figures, bad files.
 #include <gtest/gtest.h>
 
 #include "qlora/common/errors.h"
 #include "qlora/config/config.h"
-#include "qlora/model/llama_config.h"
+#include "qlora/model/decoder_config.h"
+#include "qlora/model/family.h"
 #include "support/test_support.h"
 
 namespace qlora {
@@ -16,7 +17,7 @@ using testing::write_file;
 
 std::string model_config(const std::string& name) { return source_path("tests/data/model_configs/" + name + ".json"); }
 
-void expect_same_shape(const LlamaConfig& a, const LlamaConfig& b) {
+void expect_same_shape(const DecoderConfig& a, const DecoderConfig& b) {
   EXPECT_EQ(a.model_type, b.model_type);
   EXPECT_EQ(a.vocab_size, b.vocab_size);
   EXPECT_EQ(a.hidden_size, b.hidden_size);
@@ -29,31 +30,34 @@ void expect_same_shape(const LlamaConfig& a, const LlamaConfig& b) {
   EXPECT_EQ(a.tie_word_embeddings, b.tie_word_embeddings);
   EXPECT_DOUBLE_EQ(a.rope_theta, b.rope_theta);
   EXPECT_DOUBLE_EQ(a.rms_norm_eps, b.rms_norm_eps);
-  EXPECT_EQ(a.has_llama3_rope_scaling, b.has_llama3_rope_scaling);
-  if (a.has_llama3_rope_scaling && b.has_llama3_rope_scaling) {
-    EXPECT_DOUBLE_EQ(a.rope_scaling_factor, b.rope_scaling_factor);
-    EXPECT_DOUBLE_EQ(a.rope_low_freq_factor, b.rope_low_freq_factor);
-    EXPECT_DOUBLE_EQ(a.rope_high_freq_factor, b.rope_high_freq_factor);
-    EXPECT_EQ(a.rope_original_max_position_embeddings, b.rope_original_max_position_embeddings);
-  }
-  EXPECT_EQ(a.sliding_window, b.sliding_window);
+  EXPECT_EQ(a.rope.type, b.rope.type);
+  EXPECT_DOUBLE_EQ(a.rope.factor, b.rope.factor);
+  EXPECT_DOUBLE_EQ(a.rope.low_freq_factor, b.rope.low_freq_factor);
+  EXPECT_DOUBLE_EQ(a.rope.high_freq_factor, b.rope.high_freq_factor);
+  EXPECT_EQ(a.rope.original_max_position_embeddings, b.rope.original_max_position_embeddings);
+  EXPECT_DOUBLE_EQ(a.rope.attention_factor, b.rope.attention_factor);
+  EXPECT_EQ(a.pieces.qkv_bias, b.pieces.qkv_bias);
+  EXPECT_EQ(a.pieces.o_bias, b.pieces.o_bias);
+  EXPECT_EQ(a.pieces.mlp_bias, b.pieces.mlp_bias);
+  EXPECT_EQ(a.pieces.qk_norm, b.pieces.qk_norm);
+  EXPECT_EQ(a.layer_window, b.layer_window);
 }
 
 // The files transformers 5.17 wrote (scripts/golden/model_configs.py), in its
 // own layout (rope_parameters) and in the transformers 4 layout, read to the
 // same shapes as the presets.
-TEST(LlamaConfig, TransformersFilesEqualPresets) {
+TEST(DecoderConfig, TransformersFilesEqualPresets) {
   for (const char* name : {"llama-3.2-1b", "llama-3.1-8b", "llama-2-7b", "mistral-7b"}) {
     SCOPED_TRACE(name);
-    const LlamaConfig preset = model_preset(name);
-    expect_same_shape(read_llama_config(model_config(name)), preset);
-    expect_same_shape(read_llama_config(model_config(std::string("hf4_") + name)), preset);
+    const DecoderConfig preset = model_preset(name);
+    expect_same_shape(read_decoder_config(model_config(name)), preset);
+    expect_same_shape(read_decoder_config(model_config(std::string("hf4_") + name)), preset);
   }
 }
 
 // Parameter counts as the model cards and PEFT's print_trainable_parameters
 // publish them (all params of the base model).
-TEST(LlamaConfig, TotalParamsMatchPublishedCounts) {
+TEST(DecoderConfig, TotalParamsMatchPublishedCounts) {
   EXPECT_EQ(total_params(model_preset("llama-3.2-1b")), 1'235'814'400);
   EXPECT_EQ(total_params(model_preset("llama-3.2-3b")), 3'212'749'824);
   EXPECT_EQ(total_params(model_preset("llama-3.1-8b")), 8'030'261'248);
@@ -62,7 +66,7 @@ TEST(LlamaConfig, TotalParamsMatchPublishedCounts) {
   EXPECT_EQ(total_params(model_preset("llama-3.1-70b")), 70'553'706'496);
 }
 
-TEST(LlamaConfig, LinearShapesOf8B) {
+TEST(DecoderConfig, LinearShapesOf8B) {
   const auto shapes = decoder_linear_shapes(model_preset("llama-3.1-8b"));
   ASSERT_EQ(shapes.size(), 7u);
   EXPECT_EQ(shapes[1].name, "k_proj");
@@ -74,7 +78,7 @@ TEST(LlamaConfig, LinearShapesOf8B) {
   EXPECT_EQ(decoder_linear_params(model_preset("llama-3.1-8b")), 6'979'321'856);
 }
 
-TEST(LlamaConfig, UnknownPresetSuggests) {
+TEST(DecoderConfig, UnknownPresetSuggests) {
   try {
     model_preset("llama-3.2-1");
     FAIL() << "expected ConfigError";
@@ -95,7 +99,7 @@ TEST_P(BadModelConfigTest, NamesFileAndKey) {
   const auto& c = GetParam();
   const std::string path = write_file(make_temp_dir("llama-config"), "config.json", c.text);
   try {
-    read_llama_config(path);
+    read_decoder_config(path);
     FAIL() << "expected InputError for " << c.name;
   } catch (const InputError& e) {
     const std::string msg = e.what();
@@ -110,7 +114,17 @@ constexpr const char* kGood =
 
 std::string with(const std::string& extra) { return "{" + std::string(kGood) + ", " + extra + "}"; }
 
-const std::string kRopeYarn = with(R"("rope_scaling": {"rope_type": "yarn", "factor": 4.0})");
+const std::string kRopeLongrope = with(R"("rope_scaling": {"rope_type": "longrope", "factor": 4.0})");
+const std::string kRopeMrope = with(R"("rope_scaling": {"type": "mrope", "factor": 4.0})");
+const std::string kAttentionDropout = with(R"("attention_dropout": 0.1)");
+const std::string kQuantized = with(R"("quantization_config": {"quant_method": "gptq", "bits": 4})");
+const std::string kPartialRotary = with(R"("partial_rotary_factor": 0.5)");
+const std::string kClassifier = with(R"("architectures": ["LlamaForSequenceClassification"])");
+const std::string kMrope = R"({"model_type": "qwen2", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "use_mrope": true})";
+const std::string kLayerTypes = R"({"model_type": "qwen3", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "layer_types": ["full_attention"]})";
+const std::string kQwen = R"({"model_type": "qwen", "vocab_size": 256})";
 const std::string kKvNotDividing = with(R"("num_key_value_heads": 3)");
 const std::string kLayersString = R"({"model_type": "llama", "vocab_size": 256, "hidden_size": 64,
   "intermediate_size": 128, "num_hidden_layers": "2", "num_attention_heads": 4})";
@@ -122,8 +136,6 @@ const std::string kBosPastVocab = with(R"("bos_token_id": 256)");
 const std::string kEosListPastVocab = with(R"("eos_token_id": [1, 300])");
 const std::string kPadString = with(R"("pad_token_id": "0")");
 const std::string kGelu = with(R"("hidden_act": "gelu_pytorch_tanh")");
-const std::string kAttentionBias = with(R"("attention_bias": true)");
-const std::string kMlpBias = with(R"("mlp_bias": true)");
 const std::string kNegativeVocab = R"({"model_type": "llama", "vocab_size": -5, "hidden_size": 64,
   "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4})";
 
@@ -137,47 +149,53 @@ INSTANTIATE_TEST_SUITE_P(
                       BadModelConfig{"string_layers", kLayersString.c_str(), "\"num_hidden_layers\": expected a positive integer"},
                       BadModelConfig{"negative_vocab", kNegativeVocab.c_str(), "\"vocab_size\""},
                       BadModelConfig{"kv_not_dividing", kKvNotDividing.c_str(), "num_key_value_heads"},
-                      BadModelConfig{"yarn", kRopeYarn.c_str(), "\"yarn\" is not supported"},
+                      BadModelConfig{"qwen_v1", kQwen.c_str(), "did you mean \"qwen2\"?); supported: llama ("},
+                      BadModelConfig{"longrope", kRopeLongrope.c_str(), "\"longrope\" (Phi-3 / Phi-4's LongRoPE)"},
+                      BadModelConfig{"mrope", kRopeMrope.c_str(), "\"mrope\" is not supported"},
+                      BadModelConfig{"attention_dropout", kAttentionDropout.c_str(), "\"attention_dropout\": is 0.1"},
+                      BadModelConfig{"quantized", kQuantized.c_str(), "\"quantization_config\": this checkpoint is already quantized"},
+                      BadModelConfig{"partial_rotary", kPartialRotary.c_str(), "\"partial_rotary_factor\": is 0.5"},
+                      BadModelConfig{"classifier", kClassifier.c_str(), "\"architectures\": lists \"LlamaForSequenceClassification\""},
+                      BadModelConfig{"use_mrope", kMrope.c_str(), "\"use_mrope\": is true"},
+                      BadModelConfig{"layer_types", kLayerTypes.c_str(), "\"layer_types\": expected a list of 2 entries"},
                       BadModelConfig{"llama3_incomplete", kLlama3Incomplete.c_str(), "low_freq_factor"},
                       BadModelConfig{"bos_past_vocab", kBosPastVocab.c_str(),
                                      "\"bos_token_id\": 256 is not a token of the model: its embedding has "
                                      "vocab_size 256"},
                       BadModelConfig{"eos_list_past_vocab", kEosListPastVocab.c_str(), "\"eos_token_id\": 300"},
                       BadModelConfig{"pad_string", kPadString.c_str(), "\"pad_token_id\": expected a token id"},
-                      BadModelConfig{"gelu", kGelu.c_str(), "\"hidden_act\": is \"gelu_pytorch_tanh\""},
-                      BadModelConfig{"attention_bias", kAttentionBias.c_str(), "\"attention_bias\": is true"},
-                      BadModelConfig{"mlp_bias", kMlpBias.c_str(), "\"mlp_bias\": is true"}),
+                      BadModelConfig{"gelu", kGelu.c_str(), "\"hidden_act\": is \"gelu_pytorch_tanh\""}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // bos/eos/pad ids as transformers writes them: one id, a list for eos (Llama 3.1 Instruct),
 // null or -1 (old conversions) for none.
-TEST(LlamaConfig, SpecialTokenIds) {
+TEST(DecoderConfig, SpecialTokenIds) {
   const std::string dir = make_temp_dir("llama-config-ids");
-  LlamaConfig c = read_llama_config(
+  DecoderConfig c = read_decoder_config(
       write_file(dir, "config.json", with(R"("bos_token_id": 0, "eos_token_id": [1, 255], "pad_token_id": -1)")));
   EXPECT_EQ(c.bos_token_id, 0);
   EXPECT_EQ(c.eos_token_ids, (std::vector<int64_t>{1, 255}));
   EXPECT_EQ(c.pad_token_id, -1);
-  c = read_llama_config(write_file(dir, "config.json", with(R"("eos_token_id": 7, "pad_token_id": null)")));
+  c = read_decoder_config(write_file(dir, "config.json", with(R"("eos_token_id": 7, "pad_token_id": null)")));
   EXPECT_EQ(c.bos_token_id, -1);
   EXPECT_EQ(c.eos_token_ids, (std::vector<int64_t>{7}));
   EXPECT_EQ(c.pad_token_id, -1);
 }
 
-TEST(LlamaConfig, MissingFileSaysWhatAModelDirHolds) {
+TEST(DecoderConfig, MissingFileSaysWhatAModelDirHolds) {
   try {
-    read_llama_config("/nonexistent/dir/config.json");
+    read_decoder_config("/nonexistent/dir/config.json");
     FAIL();
   } catch (const InputError& e) {
     EXPECT_NE(std::string(e.what()).find("config.json and *.safetensors"), std::string::npos) << e.what();
   }
 }
 
-TEST(LlamaConfig, ResolveFromConfigPathOrPreset) {
+TEST(DecoderConfig, ResolveFromConfigPathOrPreset) {
   const std::string dir = make_temp_dir("model-dir");
   write_file(dir, "config.json", with(R"("tie_word_embeddings": true)"));
   Config cfg = default_config({"model.path=" + dir});
-  const LlamaConfig m = resolve_model_shape(cfg);
+  const DecoderConfig m = resolve_model_shape(cfg);
   EXPECT_EQ(m.hidden_size, 64);
   EXPECT_EQ(m.head_dim, 16);
   EXPECT_EQ(m.num_key_value_heads, 4);  // defaults to the attention heads

@@ -1,7 +1,8 @@
-#include "qlora/model/llama.h"
+#include "qlora/model/decoder.h"
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <set>
@@ -23,7 +24,7 @@ std::string shape_text(at::IntArrayRef shape) {
 }
 
 // Every weight the config implies, with its shape.
-std::map<std::string, std::vector<int64_t>> expected_weights(const LlamaConfig& c) {
+std::map<std::string, std::vector<int64_t>> expected_weights(const DecoderConfig& c) {
   std::map<std::string, std::vector<int64_t>> out;
   out["model.embed_tokens.weight"] = {c.vocab_size, c.hidden_size};
   out["model.norm.weight"] = {c.hidden_size};
@@ -32,20 +33,26 @@ std::map<std::string, std::vector<int64_t>> expected_weights(const LlamaConfig& 
     const std::string p = "model.layers." + std::to_string(l) + ".";
     out[p + "input_layernorm.weight"] = {c.hidden_size};
     out[p + "post_attention_layernorm.weight"] = {c.hidden_size};
-    for (const auto& s : decoder_linear_shapes(c))
+    if (c.pieces.qk_norm) {
+      out[p + "self_attn.q_norm.weight"] = {c.head_dim};
+      out[p + "self_attn.k_norm.weight"] = {c.head_dim};
+    }
+    for (const auto& s : decoder_linear_shapes(c)) {
       out[linear_module_name(l, s.name) + ".weight"] = {s.out_features, s.in_features};
+      if (projection_has_bias(c, s.name)) out[linear_module_name(l, s.name) + ".bias"] = {s.out_features};
+    }
   }
   return out;
 }
 
-bool ignorable_weight(const LlamaConfig& c, const std::string& name) {
+bool ignorable_weight(const DecoderConfig& c, const std::string& name) {
   const std::string buffer = "rotary_emb.inv_freq";  // saved by old transformers versions
   if (name.size() >= buffer.size() && name.compare(name.size() - buffer.size(), buffer.size(), buffer) == 0)
     return true;
   return c.tie_word_embeddings && name == "lm_head.weight";  // some tied checkpoints carry a copy
 }
 
-void check_source(const LlamaConfig& c, const WeightSource& src) {
+void check_source(const DecoderConfig& c, const WeightSource& src) {
   const auto expected = expected_weights(c);
   std::set<std::string> present(src.names.begin(), src.names.end());
   std::vector<std::string> missing, unexpected;
@@ -62,12 +69,13 @@ void check_source(const LlamaConfig& c, const WeightSource& src) {
     auto list = [&](const char* what, const std::vector<std::string>& v) {
       if (v.empty()) return;
       os << "; " << v.size() << " " << what << ": ";
-      for (size_t i = 0; i < v.size() && i < 12; ++i) os << (i ? ", " : "") << v[i];
-      if (v.size() > 12) os << ", ... (" << v.size() - 12 << " more)";
+      for (size_t i = 0; i < v.size() && i < 10; ++i) os << (i ? ", " : "") << v[i];
+      if (v.size() > 10) os << ", ... (" << v.size() - 10 << " more)";
     };
     list("missing", missing);
     list("unexpected", unexpected);
-    os << ". Check that config.json belongs to these weights (a Llama-family model saved by transformers)";
+    os << ". Check that config.json belongs to these weights (a " << c.model_type
+       << " model saved by transformers)";
     throw InputError(os.str());
   }
 }
@@ -155,9 +163,9 @@ std::string linear_module_name(int64_t layer, const std::string& proj) {
   return "model.layers." + std::to_string(layer) + (attn ? ".self_attn." : ".mlp.") + proj;
 }
 
-LlamaModel LlamaModel::load(const LlamaConfig& c, const WeightSource& src, const LoadOptions& opt) {
+DecoderModel DecoderModel::load(const DecoderConfig& c, const WeightSource& src, const LoadOptions& opt) {
   if (opt.dtype != at::kFloat && opt.dtype != at::kBFloat16 && opt.dtype != at::kHalf)
-    throw std::invalid_argument("LlamaModel::load: dtype must be float32, bfloat16 or float16");
+    throw std::invalid_argument("DecoderModel::load: dtype must be float32, bfloat16 or float16");
   check_source(c, src);
   const auto expected = expected_weights(c);
   std::vector<std::string> misshaped;
@@ -188,7 +196,7 @@ LlamaModel LlamaModel::load(const LlamaConfig& c, const WeightSource& src, const
     return copy;
   };
 
-  LlamaModel m;
+  DecoderModel m;
   m.config_ = c;
   m.dtype_ = opt.dtype;
   m.device_ = opt.device;
@@ -202,6 +210,10 @@ LlamaModel LlamaModel::load(const LlamaConfig& c, const WeightSource& src, const
     Layer layer;
     layer.input_norm = fetch(p + "input_layernorm.weight");
     layer.post_attention_norm = fetch(p + "post_attention_layernorm.weight");
+    if (c.pieces.qk_norm) {
+      layer.q_norm = fetch(p + "self_attn.q_norm.weight");
+      layer.k_norm = fetch(p + "self_attn.k_norm.weight");
+    }
     for (const auto& s : shapes) {
       const std::string module = linear_module_name(l, s.name);
       const std::string name = module + ".weight";
@@ -216,6 +228,7 @@ LlamaModel LlamaModel::load(const LlamaConfig& c, const WeightSource& src, const
       } catch (const quant::NonFiniteWeightError&) {  // Note [non-finite base weights]
         refuse_non_finite(file_of(name), name, src.get(name), w);
       }
+      if (projection_has_bias(c, s.name)) lin->set_bias(fetch(module + ".bias"));
       layer.proj.push_back(std::move(lin));
     }
     m.layers_.push_back(std::move(layer));
@@ -312,17 +325,21 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 // transformers computes inv_freq in fp32 with a particular sequence of ops
 // (`1.0 / base ** (arange / dim)`, Python's `a / t` being `reciprocal(t) * a`);
 // the llama3 scaling then compares wavelengths against thresholds computed in
-// double and cast to fp32 by the comparison. The same ATen ops in the same
-// order give the same bits, which the golden test checks exactly.
-at::Tensor rope_inv_freq(const LlamaConfig& c) {
-  const int64_t dim = c.head_dim;
-  at::Tensor exponent = at::arange(0, dim, 2, at::TensorOptions().dtype(at::kLong)).to(at::kFloat) / dim;
-  at::Tensor inv_freq = at::reciprocal(at::pow(c.rope_theta, exponent)) * 1.0;
-  if (!c.has_llama3_rope_scaling) return inv_freq;
+// double and cast to fp32 by the comparison; yarn blends interpolated and
+// extrapolated frequencies with a ramp computed in fp32 from bounds computed in
+// double; dynamic grows the base in fp32 (seq_len is a tensor there). The same
+// ATen ops in the same order give the same bits, which the golden tests check.
+namespace {
 
-  const double factor = c.rope_scaling_factor;
-  const double low = c.rope_low_freq_factor, high = c.rope_high_freq_factor;
-  const double old_context = static_cast<double>(c.rope_original_max_position_embeddings);
+at::Tensor default_inv_freq(double base, int64_t dim) {
+  at::Tensor exponent = at::arange(0, dim, 2, at::TensorOptions().dtype(at::kLong)).to(at::kFloat) / dim;
+  return at::reciprocal(at::pow(base, exponent)) * 1.0;
+}
+
+at::Tensor llama3_inv_freq(const RopeScaling& r, at::Tensor inv_freq) {
+  const double factor = r.factor;
+  const double low = r.low_freq_factor, high = r.high_freq_factor;
+  const double old_context = static_cast<double>(r.original_max_position_embeddings);
   const double low_freq_wavelen = old_context / low;
   const double high_freq_wavelen = old_context / high;
 
@@ -334,14 +351,66 @@ at::Tensor rope_inv_freq(const LlamaConfig& c) {
   return at::where(medium, smoothed, scaled);
 }
 
+at::Tensor yarn_inv_freq(const RopeScaling& r, double base, int64_t dim) {
+  const auto correction_dim = [&](double rotations) {
+    return (static_cast<double>(dim) *
+            std::log(static_cast<double>(r.original_max_position_embeddings) / (rotations * 2 * M_PI))) /
+           (2 * std::log(base));
+  };
+  double low = correction_dim(r.beta_fast), high = correction_dim(r.beta_slow);
+  if (r.truncate) {
+    low = std::floor(low);
+    high = std::ceil(high);
+  }
+  low = std::max(low, 0.0);
+  high = std::min(high, static_cast<double>(dim - 1));
+  if (low == high) high += 0.001;  // transformers: prevent a singular ramp
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor pos_freqs = at::pow(base, at::arange(0, dim, 2, at::TensorOptions().dtype(at::kLong)).to(at::kFloat) / dim);
+  at::Tensor extrapolation = at::reciprocal(pos_freqs) * 1.0;
+  at::Tensor interpolation = at::reciprocal(pos_freqs * r.factor) * 1.0;
+  at::Tensor ramp = at::clamp((at::arange(dim / 2, f32) - low) / (high - low), 0, 1);
+  at::Tensor extrapolation_factor = 1 - ramp;
+  return interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor;
+}
+
+}  // namespace
+
+at::Tensor rope_inv_freq(const DecoderConfig& c, int64_t seq_len) {
+  const int64_t dim = c.head_dim;
+  const RopeScaling& r = c.rope;
+  switch (r.type) {
+    case RopeType::kDefault:
+      return default_inv_freq(c.rope_theta, dim);
+    case RopeType::kLinear:
+      return default_inv_freq(c.rope_theta, dim) / r.factor;
+    case RopeType::kLlama3:
+      return llama3_inv_freq(r, default_inv_freq(c.rope_theta, dim));
+    case RopeType::kYarn:
+      return yarn_inv_freq(r, c.rope_theta, dim);
+    case RopeType::kDynamic: {
+      const int64_t max_pos = c.max_position_embeddings;
+      const int64_t len = std::max(seq_len, max_pos);
+      // base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2)), in fp32.
+      at::Tensor n = at::scalar_tensor(len, at::TensorOptions().dtype(at::kLong));
+      at::Tensor base = c.rope_theta * at::pow(r.factor * n / max_pos - (r.factor - 1),
+                                               static_cast<double>(dim) / static_cast<double>(dim - 2));
+      at::Tensor exponent = at::arange(0, dim, 2, at::TensorOptions().dtype(at::kLong)).to(at::kFloat) / dim;
+      return at::reciprocal(at::pow(base, exponent)) * 1.0;
+    }
+  }
+  return default_inv_freq(c.rope_theta, dim);
+}
+
 std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, const at::Tensor& position_ids,
-                                               at::ScalarType dtype) {
+                                               at::ScalarType dtype, double attention_scaling) {
   const auto b = position_ids.size(0);
   at::Tensor f = inv_freq.to(position_ids.device(), at::kFloat).view({1, -1, 1}).expand({b, -1, 1});  // [B, d/2, 1]
   at::Tensor p = position_ids.unsqueeze(1).to(at::kFloat);                                           // [B, 1, T]
   at::Tensor freqs = at::matmul(f, p).transpose(1, 2);                                               // [B, T, d/2]
   at::Tensor emb = at::cat({freqs, freqs}, -1);                                                      // [B, T, d]
-  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+  if (attention_scaling == 1.0) return {emb.cos().to(dtype), emb.sin().to(dtype)};
+  return {(emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)};
 }
 
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
@@ -351,9 +420,19 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
   return x * c + rotated * s;
 }
 
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionInputs& attention) {
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionInputs& attention,
+                     int64_t window) {
   const int64_t heads = q.size(1), kv_heads = k.size(1), t = q.size(2);
   const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(3)));
+  if (window > 0 && window < t) {
+    // transformers' sliding window: key j is visible from query i when j > i - window, on top
+    // of the causal, padding or packing mask.
+    const auto opts = at::TensorOptions().dtype(at::kBool).device(q.device());
+    at::Tensor band = at::ones({t, t}, opts).tril().triu(-(window - 1)).view({1, 1, t, t});
+    AttentionInputs windowed = attention;
+    windowed.mask = attention.mask.defined() ? at::logical_and(attention.mask, band) : band;
+    return model::attention(q, k, v, windowed, 0);
+  }
   if (attention.mask.defined()) {
     // A mask rules out the flash kernels, and SDPA's GQA support with a mask
     // falls back to the math kernel; repeat the kv heads as transformers does.
@@ -367,13 +446,21 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
 // ---------------------------------------------------------------- forward
 
-at::Tensor LlamaModel::embed(const at::Tensor& input_ids) const { return at::embedding(embed_, input_ids); }
+at::Tensor DecoderModel::embed(const at::Tensor& input_ids) const { return at::embedding(embed_, input_ids); }
 
-std::pair<at::Tensor, at::Tensor> LlamaModel::rope(const at::Tensor& position_ids) const {
-  return rope_cos_sin(inv_freq_, position_ids, dtype_);
+std::pair<at::Tensor, at::Tensor> DecoderModel::rope(const at::Tensor& position_ids) const {
+  const double scaling = config_.rope.attention_factor;
+  if (config_.rope.type == RopeType::kDynamic && position_ids.numel() > 0) {
+    // transformers' dynamic RoPE: past max_position_embeddings the base grows with the batch's
+    // longest position (as a freshly loaded model computes it for this batch).
+    const int64_t seq_len = position_ids.max().item<int64_t>() + 1;
+    if (seq_len > config_.max_position_embeddings)
+      return rope_cos_sin(rope_inv_freq(config_, seq_len).to(device_), position_ids, dtype_, scaling);
+  }
+  return rope_cos_sin(inv_freq_, position_ids, dtype_, scaling);
 }
 
-at::Tensor LlamaModel::layer_forward(int64_t index, const at::Tensor& hidden,
+at::Tensor DecoderModel::layer_forward(int64_t index, const at::Tensor& hidden,
                                      const std::pair<at::Tensor, at::Tensor>& cos_sin,
                                      const AttentionInputs& attention) const {
   const Layer& layer = layers_.at(static_cast<size_t>(index));
@@ -381,13 +468,17 @@ at::Tensor LlamaModel::layer_forward(int64_t index, const at::Tensor& hidden,
   const int64_t d = config_.head_dim, heads = config_.num_attention_heads, kv_heads = config_.num_key_value_heads;
 
   at::Tensor h = rms_norm(hidden, layer.input_norm, config_.rms_norm_eps);
-  at::Tensor q = layer.proj[0]->forward(h).view({b, t, heads, d}).transpose(1, 2);     // [B, H, T, d]
-  at::Tensor k = layer.proj[1]->forward(h).view({b, t, kv_heads, d}).transpose(1, 2);  // [B, Hkv, T, d]
-  at::Tensor v = layer.proj[2]->forward(h).view({b, t, kv_heads, d}).transpose(1, 2);
-  q = apply_rope(q, cos_sin.first, cos_sin.second);
-  k = apply_rope(k, cos_sin.first, cos_sin.second);
+  at::Tensor q = layer.proj[0]->forward(h).view({b, t, heads, d});  // [B, T, H, d]
+  at::Tensor k = layer.proj[1]->forward(h).view({b, t, kv_heads, d});
+  at::Tensor v = layer.proj[2]->forward(h).view({b, t, kv_heads, d}).transpose(1, 2);  // [B, Hkv, T, d]
+  if (config_.pieces.qk_norm) {  // Qwen3: RMSNorm over each head before RoPE
+    q = rms_norm(q, layer.q_norm, config_.rms_norm_eps);
+    k = rms_norm(k, layer.k_norm, config_.rms_norm_eps);
+  }
+  q = apply_rope(q.transpose(1, 2), cos_sin.first, cos_sin.second);  // [B, H, T, d]
+  k = apply_rope(k.transpose(1, 2), cos_sin.first, cos_sin.second);
 
-  at::Tensor attn = model::attention(q, k, v, attention);
+  at::Tensor attn = model::attention(q, k, v, attention, config_.window_of(index));
   attn = attn.transpose(1, 2).reshape({b, t, heads * d});
   at::Tensor x = hidden + layer.proj[3]->forward(attn);
 
@@ -400,11 +491,11 @@ at::Tensor LlamaModel::layer_forward(int64_t index, const at::Tensor& hidden,
   return x + mlp;
 }
 
-at::Tensor LlamaModel::final_norm(const at::Tensor& hidden) const {
+at::Tensor DecoderModel::final_norm(const at::Tensor& hidden) const {
   return rms_norm(hidden, norm_, config_.rms_norm_eps);
 }
 
-at::Tensor LlamaModel::forward_hidden(const at::Tensor& input_ids, const AttentionInputs& attention) const {
+at::Tensor DecoderModel::forward_hidden(const at::Tensor& input_ids, const AttentionInputs& attention) const {
   TORCH_CHECK(input_ids.dim() == 2, "input_ids must be [B, T], got ", input_ids.dim(), "-D");
   at::Tensor x = embed(input_ids);
   const auto cos_sin = rope(attention.position_ids);
@@ -412,28 +503,28 @@ at::Tensor LlamaModel::forward_hidden(const at::Tensor& input_ids, const Attenti
   return final_norm(x);
 }
 
-at::Tensor LlamaModel::logits(const at::Tensor& hidden) const { return at::matmul(hidden, lm_head_.t()); }
+at::Tensor DecoderModel::logits(const at::Tensor& hidden) const { return at::matmul(hidden, lm_head_.t()); }
 
-at::Tensor LlamaModel::forward(const at::Tensor& input_ids, const AttentionInputs& attention) const {
+at::Tensor DecoderModel::forward(const at::Tensor& input_ids, const AttentionInputs& attention) const {
   return logits(forward_hidden(input_ids, attention));
 }
 
 // ---------------------------------------------------------------- slots
 
-std::vector<std::string> LlamaModel::linear_names() const {
+std::vector<std::string> DecoderModel::linear_names() const {
   std::vector<std::string> out;
   for (int64_t l = 0; l < num_layers(); ++l)
     for (const auto& p : decoder_linear_names()) out.push_back(linear_module_name(l, p));
   return out;
 }
 
-bool LlamaModel::has_linear(const std::string& name) const {
+bool DecoderModel::has_linear(const std::string& name) const {
   int64_t l = 0;
   size_t p = 0;
   return parse_linear_name(name, num_layers(), &l, &p);
 }
 
-std::shared_ptr<Linear>& LlamaModel::slot(const std::string& name) {
+std::shared_ptr<Linear>& DecoderModel::slot(const std::string& name) {
   int64_t l = 0;
   size_t p = 0;
   if (!parse_linear_name(name, num_layers(), &l, &p))
@@ -442,11 +533,11 @@ std::shared_ptr<Linear>& LlamaModel::slot(const std::string& name) {
   return layers_[static_cast<size_t>(l)].proj[p];
 }
 
-const std::shared_ptr<Linear>& LlamaModel::linear(const std::string& name) const {
-  return const_cast<LlamaModel*>(this)->slot(name);
+const std::shared_ptr<Linear>& DecoderModel::linear(const std::string& name) const {
+  return const_cast<DecoderModel*>(this)->slot(name);
 }
 
-void LlamaModel::set_linear(const std::string& name, std::shared_ptr<Linear> layer) {
+void DecoderModel::set_linear(const std::string& name, std::shared_ptr<Linear> layer) {
   std::shared_ptr<Linear>& s = slot(name);
   TORCH_CHECK(layer && layer->in_features() == s->in_features() && layer->out_features() == s->out_features(),
               "set_linear(", name, "): the replacement must be ", s->out_features(), " x ", s->in_features());

@@ -1,6 +1,9 @@
-// model/llama: the Llama-family decoder (Llama 2, 3.x, TinyLlama, Mistral-style)
-// as transformers' LlamaForCausalLM computes it, built from a LlamaConfig and a
-// name -> tensor source with Hugging Face's weight names.
+// model/decoder: the reference decoder of every family qlora trains (model/family.h:
+// Llama 2 / 3.x, SmolLM2, Mistral, Qwen2 / 2.5, Qwen3) as transformers' *ForCausalLM
+// computes it, op for op, built from a DecoderConfig and a name -> tensor source with
+// Hugging Face's weight names. The family's pieces (DecoderConfig::pieces: biases, q/k
+// norms; the RoPE scaling; each layer's attention window) are applied where transformers
+// applies them.
 //
 // The model owns embeddings, RMSNorm weights, RoPE frequencies, the lm_head
 // weight and one `Linear` slot per projection (model/linear.h). It does not
@@ -21,7 +24,7 @@
 #include <vector>
 
 #include "qlora/model/linear.h"
-#include "qlora/model/llama_config.h"
+#include "qlora/model/decoder_config.h"
 
 namespace qlora::model {
 
@@ -44,7 +47,7 @@ WeightSource weights_from_map(std::map<std::string, at::Tensor> tensors, std::st
 // model dtype and moved to the model device. `name` is the HF module name
 // ("model.layers.3.mlp.down_proj"). A factory refuses a weight holding inf or NaN
 // by throwing quant::NonFiniteWeightError, as quantizing does (Note [non-finite
-// base weights] in llama.cpp).
+// base weights] in decoder.cpp).
 using LinearFactory =
     std::function<std::shared_ptr<FrozenLinear>(const std::string& name, const at::Tensor& weight)>;
 
@@ -87,26 +90,31 @@ at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& weight, dou
 bool fused_rms_norm_applies(const at::Tensor& x, const at::Tensor& weight);
 
 // Inverse RoPE frequencies [head_dim / 2] fp32 on the CPU, computed with the
-// same ops in the same dtype order as transformers' rope init functions
-// (default, and llama3 when the config has llama3 rope scaling).
-at::Tensor rope_inv_freq(const LlamaConfig& config);
+// same ops in the same dtype order as transformers' rope init functions (default,
+// linear, dynamic, yarn, llama3). `seq_len` matters for dynamic scaling only: above
+// max_position_embeddings the base grows with it (0: max_position_embeddings).
+at::Tensor rope_inv_freq(const DecoderConfig& config, int64_t seq_len = 0);
 
 // cos and sin [B, T, head_dim] in `dtype`, computed in fp32 from inv_freq
-// [head_dim / 2] (any device) and position_ids [B, T].
+// [head_dim / 2] (any device) and position_ids [B, T], times `attention_scaling`
+// (yarn's attention factor; 1 for the other RoPE types).
 std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, const at::Tensor& position_ids,
-                                               at::ScalarType dtype);
+                                               at::ScalarType dtype, double attention_scaling = 1.0);
 
 // Rotates x [B, heads, T, head_dim] by cos/sin [B, T, head_dim] (rotate-half layout).
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
 // Scaled dot-product attention of q [B, H, T, d] over k, v [B, Hkv, T, d] (H a multiple of
 // Hkv): causal when `attention` has no mask, else the mask (k, v repeated per query head
-// then, as transformers does). Returns [B, H, T, d].
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionInputs& attention);
+// then, as transformers does). `window` > 0 (a sliding-window layer) also hides keys
+// window or more tokens back (i - j >= window), through a mask once T exceeds it.
+// Returns [B, H, T, d].
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionInputs& attention,
+                     int64_t window = 0);
 
 // ---------------------------------------------------------------- the model
 
-class LlamaModel {
+class DecoderModel {
  public:
   // Checks the source against the config before allocating anything: every
   // missing name, unexpected name and mis-shaped tensor is listed in one
@@ -114,9 +122,9 @@ class LlamaModel {
   // when the embeddings are tied; rotary_emb.inv_freq buffers are ignored.
   // A weight holding inf or NaN (or values the model dtype turns into inf) is
   // an InputError naming the file, the tensor and how many values.
-  static LlamaModel load(const LlamaConfig& config, const WeightSource& source, const LoadOptions& options = {});
+  static DecoderModel load(const DecoderConfig& config, const WeightSource& source, const LoadOptions& options = {});
 
-  const LlamaConfig& config() const { return config_; }
+  const DecoderConfig& config() const { return config_; }
   at::ScalarType dtype() const { return dtype_; }
   c10::Device device() const { return device_; }
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
@@ -143,11 +151,14 @@ class LlamaModel {
   const at::Tensor& lm_head_weight() const { return lm_head_; }
   const at::Tensor& embedding_weight() const { return embed_; }
   const at::Tensor& inv_freq() const { return inv_freq_; }
-  // A decoder layer's two RMSNorm weights [h] (for hand-written layers: train/fused_layer.h).
+  // A decoder layer's two RMSNorm weights [h] (for hand-written layers: layer/fused_layer.h).
   const at::Tensor& input_norm_weight(int64_t layer) const { return layers_.at(static_cast<size_t>(layer)).input_norm; }
   const at::Tensor& post_attention_norm_weight(int64_t layer) const {
     return layers_.at(static_cast<size_t>(layer)).post_attention_norm;
   }
+  // Qwen3's per-head q / k RMSNorm weights [head_dim]; undefined without pieces.qk_norm.
+  const at::Tensor& q_norm_weight(int64_t layer) const { return layers_.at(static_cast<size_t>(layer)).q_norm; }
+  const at::Tensor& k_norm_weight(int64_t layer) const { return layers_.at(static_cast<size_t>(layer)).k_norm; }
   // A decoder layer's projection, by its index in decoder_linear_names() (0 q ... 6 down).
   const std::shared_ptr<Linear>& projection(int64_t layer, size_t index) const {
     return layers_.at(static_cast<size_t>(layer)).proj.at(index);
@@ -167,12 +178,13 @@ class LlamaModel {
   struct Layer {
     at::Tensor input_norm;           // [h]
     at::Tensor post_attention_norm;  // [h]
+    at::Tensor q_norm, k_norm;       // [head_dim] (pieces.qk_norm)
     std::vector<std::shared_ptr<Linear>> proj;  // decoder_linear_names() order
   };
-  LlamaModel() = default;
+  DecoderModel() = default;
   std::shared_ptr<Linear>& slot(const std::string& name);
 
-  LlamaConfig config_;
+  DecoderConfig config_;
   at::ScalarType dtype_ = at::kFloat;
   c10::Device device_ = c10::Device(c10::kCPU);
   at::Tensor embed_;     // [V, h]

@@ -1,0 +1,700 @@
+"""Golden data for other decoder families: tiny random Qwen2, Qwen3, Mistral, SmolLM2 and
+Llama-with-RoPE-scaling models run by transformers + PEFT + bitsandbytes.
+
+Run from the repository root with the project's venv (CPU, deterministic, ~30 s):
+
+    .venv/bin/python scripts/golden/families.py         # writes tests/data/families/
+
+bitsandbytes comes from the venv or, where the venv lacks it, from $BNB_SITE (default
+/tmp/bnbsite: `pip install --no-deps --target /tmp/bnbsite bitsandbytes-0.50.2-*.whl`).
+
+Each model is built with its family's own config class and *ForCausalLM (transformers 5.17),
+randomized as scripts/golden/model.py does (norm weights 1 + 0.3 N(0,1), q_norm / k_norm
+included; embeddings 0.25 N(0,1); other matrices N(0,1)/sqrt(fan_in)) plus biases 0.5 N(0,1),
+and saved in fp32. vocab 256, intermediate 128, pad id 0, bos 1, eos 2, hidden_act silu.
+
+Variants (tests/data/families/<variant>/):
+
+    qwen2          Qwen2ForCausalLM, model_type "qwen2". hidden 64, 2 layers, 4 heads, 2 kv heads,
+                   head_dim 16 (not in config.json: hidden / heads), tied lm_head (no
+                   lm_head.weight in model.safetensors). q_proj/k_proj/v_proj carry biases
+                   (random, non-zero), o_proj and the MLP none. rms_norm_eps 1e-6; RoPE theta 1e6,
+                   no scaling. use_sliding_window false, sliding_window 4096, max_window_layers 28:
+                   transformers ignores sliding_window when use_sliding_window is false, so every
+                   layer is full causal attention (layer_types [full, full]).
+    qwen2_window   Qwen2 as above but 3 layers, untied lm_head, use_sliding_window true,
+                   sliding_window 5, max_window_layers 1. Qwen2's rule (configuration_qwen2.py):
+                   layer i slides iff use_sliding_window and sliding_window is set and
+                   i >= max_window_layers, so layer_types = [full_attention, sliding_attention,
+                   sliding_attention]. RoPE theta 1e6 with YaRN, spelled as Qwen2.5's model cards
+                   do: rope_scaling {"type": "yarn", "factor": 4.0,
+                   "original_max_position_embeddings": 4096} (legacy key "type", no "rope_type";
+                   beta_fast 32, beta_slow 1, truncate true by default). YaRN in transformers is
+                   static (it does not depend on the sequence length): with dim = head_dim 16 and
+                   d(r) = dim * ln(omax / (2 pi r)) / (2 ln theta), low = max(floor(d(32)), 0) = 1,
+                   high = min(ceil(d(1)), dim - 1) = 4, ramp_i = clamp((i - low) / (high - low), 0, 1)
+                   for i = 0..7, inv_freq_i = theta^(-2i/dim) * (1 - ramp_i + ramp_i / factor):
+                   frequencies 0-1 kept, 2-3 blended (ramp 1/3, 2/3), 4-7 divided by 4. cos and sin
+                   are both multiplied by attention_scaling = 0.1 ln(factor) + 1 = 1.1386294
+                   (so every q.k score by its square).
+    qwen3          Qwen3ForCausalLM, model_type "qwen3". hidden 64, 2 layers, 4 heads, head_dim 32
+                   (in config.json; heads * head_dim = 128 != hidden: q_proj [128, 64], o_proj
+                   [64, 128]), 2 kv heads (k/v_proj [64, 64]), attention_bias false, tied.
+                   self_attn.q_norm / k_norm: RMSNorm weights [32] (random around 1) applied to each
+                   head's q and k after the projection, before RoPE, eps = rms_norm_eps 1e-6. RoPE
+                   theta 1e6, rope_scaling null. use_sliding_window false, sliding_window null,
+                   max_window_layers 28: layer_types [full, full].
+    mistral        MistralForCausalLM, model_type "mistral". hidden 64, 2 layers, 8 heads, 2 kv heads
+                   (4 query heads per kv head, as Mistral 7B), head_dim 8 given explicitly, untied,
+                   rms_norm_eps 1e-5, RoPE theta 1e6 (no rope_scaling key). sliding_window 5 on
+                   every layer (MistralConfig has no layer_types). Window rule (masking_utils.py,
+                   sliding_window_overlay): query q sees key kv iff kv <= q and kv > q - window,
+                   i.e. itself and the 4 tokens before it.
+    smollm2        LlamaForCausalLM shaped like SmolLM2: model_type "llama", tied, RoPE theta 1e5,
+                   rope_scaling null, rms_norm_eps 1e-5, and SmolLM2's extra keys is_llama_config
+                   true / rope_interleaved false. SmolLM2-135M/360M put 3 query heads on each kv
+                   head (9/3, 15/5); LlamaConfig refuses hidden % heads != 0, so this one is 48 wide:
+                   hidden 48, 6 heads, 2 kv heads, head_dim 8 (not in config.json, as in SmolLM2's:
+                   hidden / heads), 2 layers.
+    llama_linear   LlamaForCausalLM, hidden 64, 2 layers, 4 heads, 2 kv heads, head_dim 16, untied,
+                   rms_norm_eps 1e-5, theta 1e4, rope_scaling {"rope_type": "linear", "factor": 2.0}:
+                   inv_freq = theta^(-2i/dim) / factor.
+    llama_dynamic  As llama_linear but 4 kv heads (multi-head attention), max_position_embeddings 8,
+                   rope_scaling {"rope_type": "dynamic", "factor": 2.0}. For a forward whose
+                   L = max(position_ids) + 1 exceeds max_position_embeddings (M):
+                   theta' = theta * (factor * L / M - (factor - 1)) ^ (dim / (dim - 2)),
+                   inv_freq = theta'^(-2i/dim), computed in fp32 tensor arithmetic (L is a tensor);
+                   L <= M: the plain frequencies. The padded batch has position_ids 0..11 in every
+                   row (transformers does not derive positions from attention_mask), so L = 12 for
+                   all rows: theta' = 1e4 * 2^(8/7). The packed row has L = 9: theta' = 1e4 * 1.25^(8/7).
+                   transformers keeps the recomputed buffer between calls (it grows; it goes back to
+                   the plain one only on a call with L < M), so every golden number here comes
+                   from a freshly loaded model.
+
+config.json: transformers 5.17's save_pretrained writes rope_parameters {rope_theta, rope_type,
+...}, "dtype", layer_types (Qwen2/Qwen3) and, for Qwen2/Qwen3 without use_sliding_window,
+sliding_window null. The script rewrites it as the families' published checkpoints spell it:
+rope_theta at the top level; rope_scaling an object (qwen2_window: key "type"; llama_linear,
+llama_dynamic: key "rope_type"), null (qwen3, smollm2) or absent (qwen2, mistral); torch_dtype
+"float32"; no layer_types (readers derive them by the rule above); qwen2's sliding_window 4096;
+no head_dim for smollm2. No file here holds rope_parameters. The directory is then reloaded, the
+config transformers reads back must equal the one built (asserted), and every number below comes
+from the model loaded from the directory as written.
+
+Batches: the padded batch of scripts/golden/model.py (make_batch: B 3, T 12, lengths [12, 7, 10],
+right padding with id 0, ids >= 3). Losses as model.py's: labels unshifted, -100 where not
+scored; the model shifts (logits at t predict labels at t + 1); "loss" is the mean over scored
+targets, loss_sum / loss_count their sum and count. The packed batch: one row of 24 tokens,
+three examples of lengths 9, 8, 7 back to back (ids >= 3, seeded), positions restarting at 0.
+
+Files of each <variant>/:
+
+    config.json, model.safetensors   the model (fp32; no generation_config.json)
+    golden.safetensors
+        input_ids [3,12] i64, attention_mask [3,12] i64, labels [3,12] i64 (-100 on padding)
+        logits [3,12,256] f32          transformers on the padded batch
+        loss [] f32, loss_sum [] f32, loss_count [] i64
+        inv_freq [head_dim/2] f32      the rotary buffer the padded forward used (read after it)
+        inv_freq_init [head_dim/2] f32 the buffer at load time (differs only for llama_dynamic)
+        attention_scaling [] f32       the factor on cos and sin (1 except qwen2_window's YaRN)
+        layer_window [layers] i64      per layer: the sliding window transformers applied, 0 for
+                                       full causal attention (qwen2 [0,0], qwen2_window [0,5,5],
+                                       mistral [5,5], the others 0)
+        logits_nf4 [3,12,256] f32      fp32, every decoder projection (q,k,v,o,gate,up,down; not
+                                       lm_head) replaced by its bitsandbytes NF4 round trip
+                                       (quantize_4bit blocksize 64, compress_statistics True;
+                                       dequantize_4bit), biases kept
+        packed_input_ids [1,24] i64
+        packed_position_ids [1,24] i64 0..8, 0..7, 0..6
+        packed_segment_ids [1,24] i64  0 x9, 1 x8, 2 x7
+        packed_labels [1,24] i64       the ids, -100 at the first token of each segment (as
+                                       DataCollatorWithFlattening: nothing predicts across a
+                                       boundary); 21 scored targets
+        packed_logits [1,24,256] f32   each segment run ALONE through the model, concatenated
+        packed_logits_hf [1,24,256] f32  transformers on the whole row given position_ids, no
+                                       attention_mask and use_cache=False; equal to packed_logits
+                                       within 1e-5 (asserted; measured <= 4.5e-6)
+        packed_loss_sum [] f32, packed_loss_count [] i64 (21)   over packed_logits, packed_labels
+        packed_inv_freq [head_dim/2] f32  the rotary buffer of the packed call (= inv_freq except
+                                       llama_dynamic, L = 9); packed_logits' segments use it too
+    nf4.safetensors   for C in model.layers.0.self_attn.q_proj.weight and
+                      model.layers.0.mlp.down_proj.weight, in tests/data/quant's names and layout
+                      (scripts/golden/quant.py, read by tests/test_quant_nf4.cpp), blocksize 64:
+        C.packed [numel/2] u8          two codes a byte, first element in the high nibble
+        C.absmax [numel/64] f32        plain per-block absmax (compress_statistics=False)
+        C.absmax_q [numel/64] u8       double quantization: absmax - offset, blockwise (256) codes
+        C.absmax2 [ceil(blocks/256)] f32   second-level absmax
+        C.offset [1] f32               mean of the absmax values
+        C.absmax_deq [numel/64] f32    the absmax recovered from absmax_q, absmax2, offset
+      The input is model.safetensors[C] (not repeated here); the dequantized weights are not
+      stored (tests/data/quant covers dequantization bit for bit, logits_nf4 end to end).
+    lora/adapter/     PEFT 0.21 LoraConfig r 8, alpha 16, dropout 0: adapter_config.json +
+                      adapter_model.safetensors as save_pretrained wrote them (no README.md),
+                      base_model_name_or_path "tests/data/families/<variant>".
+                      q,k,v,o (scale alpha/r = 2) for qwen2, qwen2_window, mistral, llama_linear,
+                      llama_dynamic; "all-linear" with use_rslora (all 7 projections, not lm_head;
+                      scale alpha/sqrt(r) = 5.657; target_modules saved as the full module names)
+                      for qwen3 and smollm2. lora_A as PEFT initializes it after
+                      torch.manual_seed(seed), lora_B 0.1 N(0,1) (seeded) so gradients of A are
+                      non-trivial.
+    lora/golden.safetensors   the padded batch of ../golden.safetensors:
+        lora_logits [3,12,256] f32, lora_loss [] f32
+        grad.<key> for every LoRA weight after one backward of lora_loss, <key> as in
+            adapter_model.safetensors ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+    lora/merged.safetensors   PEFT merge_and_unload() of lora/adapter on the fp32 base:
+        merged.<name> [out,in] f32 for every weight the merge changed (W + scale * B @ A), <name>
+            as in model.safetensors ("model.layers.0.self_attn.q_proj.weight")
+        merged.<name> for every bias (qwen2, qwen2_window: q/k/v_proj.bias), equal to the base's:
+            a merge keeps biases
+
+Padded positions under a window: a padded query q of a row of length n sees no key in a sliding
+layer when q >= n + window - 1 (row 1, position 11 for qwen2_window and mistral); transformers'
+SDPA returns a zero attention output there. Compare logits at those positions only if the layer
+does the same (or where attention_mask is 1). Losses and gradients do not see them.
+
+Reverse checks (files written by qlora, checked against PEFT on the variant's base):
+
+    --check-adapter DIR   for each DIR/<variant>/ holding adapter_config.json,
+                          adapter_model.safetensors and qlora_logits.safetensors ("logits" for the
+                          padded batch): loads the adapter into PEFT and prints the max absolute
+                          logit difference; exits 1 if any exceeds 1e-4 or none is found.
+    --check-merged DIR    for each DIR/<variant>/model.safetensors (a merged model written by qlora
+                          from lora/adapter): compares every tensor with PEFT's merge_and_unload()
+                          state (tied lm_head left out); exits 1 on missing or extra keys, or a max
+                          absolute difference over 1e-5 (fp32).
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (AutoConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from peft import LoraConfig, PeftModel, get_peft_model
+
+try:
+    import bitsandbytes  # noqa: F401
+except ImportError:
+    # The wheel unpacked beside the venv (pip install --no-deps --target DIR bitsandbytes-*.whl).
+    sys.path.insert(0, os.environ.get("BNB_SITE", "/tmp/bnbsite"))
+    import bitsandbytes  # noqa: F401
+import bitsandbytes.functional as bnbf  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import model as golden_model  # noqa: E402  (make_batch, loss_sum_count, peft_key: the same conventions)
+import quant as golden_quant  # noqa: E402  (nested_absmax, dequant: the names tests/test_quant_nf4.cpp reads)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OUT = os.path.join(ROOT, "tests", "data", "families")
+VOCAB = golden_model.VOCAB
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+SEGMENTS = [9, 8, 7]  # the packed row: three examples back to back, 24 tokens
+LOGIT_TOL = 1e-4  # --check-adapter
+MERGE_TOL = 1e-5  # --check-merged (fp32)
+PACKED_TOL = 1e-5  # transformers' packed forward vs the segments run one by one
+NF4_WEIGHTS = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight")
+
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def lora_qkvo():
+    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=QKVO, task_type="CAUSAL_LM")
+
+
+def lora_all_rslora():
+    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", use_rslora=True,
+                      task_type="CAUSAL_LM")
+
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, pad_token_id=PAD_ID,
+              bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+
+# config: the family's own config class, built with transformers 5's rope_parameters.
+# hub: how config.json is rewritten after save_pretrained so that it reads like the family's
+# published checkpoints (rope_theta at the top level, rope_scaling as those files spell it).
+VARIANTS = {
+    "qwen2": dict(
+        seed=31, model=Qwen2ForCausalLM, lora=lora_qkvo,
+        config=lambda: Qwen2Config(
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
+            tie_word_embeddings=True, use_sliding_window=False, sliding_window=4096, max_window_layers=28,
+            rms_norm_eps=1e-6, rope_parameters=dict(rope_type="default", rope_theta=1000000.0), **COMMON),
+        hub=dict(drop=["layer_types"], set={"sliding_window": 4096}, rope_scaling=None)),
+    "qwen2_window": dict(
+        seed=32, model=Qwen2ForCausalLM, lora=lora_qkvo,
+        config=lambda: Qwen2Config(
+            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+            tie_word_embeddings=False, use_sliding_window=True, sliding_window=5, max_window_layers=1,
+            rms_norm_eps=1e-6,
+            rope_parameters=dict(rope_type="yarn", rope_theta=1000000.0, factor=4.0,
+                                 original_max_position_embeddings=4096),
+            **COMMON),
+        hub=dict(drop=["layer_types"], set={},
+                 rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096})),
+    "qwen3": dict(
+        seed=33, model=Qwen3ForCausalLM, lora=lora_all_rslora,
+        config=lambda: Qwen3Config(
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            max_position_embeddings=40960, tie_word_embeddings=True, attention_bias=False,
+            use_sliding_window=False, sliding_window=None, max_window_layers=28, rms_norm_eps=1e-6,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0), **COMMON),
+        hub=dict(drop=["layer_types"], set={}, rope_scaling="null")),
+    "mistral": dict(
+        seed=34, model=MistralForCausalLM, lora=lora_qkvo,
+        config=lambda: MistralConfig(
+            num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+            max_position_embeddings=32768, tie_word_embeddings=False, sliding_window=5, rms_norm_eps=1e-5,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0), **COMMON),
+        hub=dict(drop=[], set={}, rope_scaling=None)),
+    "smollm2": dict(
+        seed=35, model=LlamaForCausalLM, lora=lora_all_rslora,
+        # SmolLM2-135M / 360M group 3 query heads per kv head (9/3, 15/5); LlamaConfig wants
+        # hidden_size % heads == 0, so this one is 48 wide: 6 heads of 8, 2 kv heads.
+        config=lambda: LlamaConfig(
+            num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+            max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
+            rope_parameters=dict(rope_type="default", rope_theta=100000.0),
+            is_llama_config=True, rope_interleaved=False, **{**COMMON, "hidden_size": 48}),
+        hub=dict(drop=["head_dim"], set={}, rope_scaling="null")),
+    "llama_linear": dict(
+        seed=36, model=LlamaForCausalLM, lora=lora_qkvo,
+        config=lambda: LlamaConfig(
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+            tie_word_embeddings=False, rms_norm_eps=1e-5,
+            rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0), **COMMON),
+        hub=dict(drop=[], set={}, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "llama_dynamic": dict(
+        seed=37, model=LlamaForCausalLM, lora=lora_qkvo,
+        config=lambda: LlamaConfig(
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8,
+            tie_word_embeddings=False, rms_norm_eps=1e-5,
+            rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0), **COMMON),
+        hub=dict(drop=[], set={}, rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+}
+
+
+# ---------------------------------------------------------------- weights and config.json
+
+def randomize(model, seed):
+    # golden/model.py's scheme (O(1) activations, norm weights around 1, q_norm / k_norm
+    # included), plus non-zero biases for Qwen2's q/k/v projections.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(0.25 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+
+
+def write_hub_config(d, hub):
+    """Rewrites the config.json save_pretrained wrote (transformers 5: rope_parameters, dtype,
+    layer_types) in the spelling of the family's published checkpoints."""
+    path = os.path.join(d, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope["rope_theta"]
+    if hub["rope_scaling"] == "null":
+        cfg["rope_scaling"] = None
+    elif hub["rope_scaling"] is not None:
+        cfg["rope_scaling"] = hub["rope_scaling"]
+        want = {k: v for k, v in rope.items() if k != "rope_theta"}
+        got = dict(hub["rope_scaling"])
+        got["rope_type"] = got.pop("type", got.get("rope_type"))
+        assert got == want, (got, want)
+    else:
+        assert rope["rope_type"] == "default", rope
+    cfg["torch_dtype"] = cfg.pop("dtype")
+    for key in hub["drop"]:
+        cfg.pop(key)
+    cfg.update(hub["set"])
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def comparable(config):
+    d = config.to_dict()
+    for key in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures"):
+        d.pop(key, None)
+    if isinstance(d.get("rope_parameters"), dict):
+        d["rope_parameters"] = {k: v for k, v in d["rope_parameters"].items() if k != "type"}
+    return d
+
+
+def load_base(name):
+    spec = VARIANTS[name]
+    return spec["model"].from_pretrained(os.path.join(OUT, name), dtype=torch.float32).eval()
+
+
+def layer_windows(config):
+    """Per layer: the sliding window transformers applies (0 = full causal attention)."""
+    types = getattr(config, "layer_types", None)
+    if types is None:  # Mistral: every layer slides when sliding_window is set; Llama: none
+        return [getattr(config, "sliding_window", None) or 0] * config.num_hidden_layers
+    return [config.sliding_window if t == "sliding_attention" else 0 for t in types]
+
+
+# ---------------------------------------------------------------- batches
+
+def make_packed():
+    g = torch.Generator().manual_seed(8)
+    n = sum(SEGMENTS)
+    ids = torch.randint(3, VOCAB, (1, n), generator=g)
+    pos = torch.cat([torch.arange(s) for s in SEGMENTS]).unsqueeze(0)
+    seg = torch.cat([torch.full((s,), i, dtype=torch.int64) for i, s in enumerate(SEGMENTS)]).unsqueeze(0)
+    labels = ids.clone()
+    labels[pos == 0] = -100  # a segment's first token is no target: nothing predicts across a boundary
+    return ids, pos, seg, labels
+
+
+def segment_bounds():
+    out, start = [], 0
+    for s in SEGMENTS:
+        out.append((start, start + s))
+        start += s
+    return out
+
+
+# ---------------------------------------------------------------- base model and golden.safetensors
+
+def make_base(name):
+    spec = VARIANTS[name]
+    seed = spec["seed"]
+    torch.manual_seed(seed)
+    built = spec["model"](spec["config"]()).float().eval()
+    randomize(built, seed)
+    d = os.path.join(OUT, name)
+    shutil.rmtree(d, ignore_errors=True)
+    built.save_pretrained(d, safe_serialization=True)
+    for extra in ("generation_config.json",):
+        p = os.path.join(d, extra)
+        if os.path.exists(p):
+            os.remove(p)
+    write_hub_config(d, spec["hub"])
+
+    # Everything below comes from the directory as written: transformers' reading of that config.json.
+    loaded = AutoConfig.from_pretrained(d)
+    assert type(loaded) is type(built.config), type(loaded)
+    assert comparable(loaded) == comparable(built.config), (comparable(loaded), comparable(built.config))
+    model = load_base(name)
+    saved = built.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    windows = layer_windows(model.config)
+    rotary = model.model.rotary_emb
+    inv_freq_init = rotary.inv_freq.detach().clone()
+
+    ids, mask, labels = golden_model.make_batch()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    s, n = golden_model.loss_sum_count(out.logits, labels)
+    # After the forward: dynamic RoPE recomputes inv_freq when max(position_ids) + 1 exceeds
+    # max_position_embeddings, and keeps the new buffer.
+    inv_freq = rotary.inv_freq.detach().float().clone()
+    attention_scaling = float(rotary.attention_scaling)
+
+    if any(windows):
+        check_window_rule(name, out.logits, mask)
+    packed = make_packed_golden(name)
+    tensors = {
+        "input_ids": ids.contiguous(),
+        "attention_mask": mask.contiguous(),
+        "labels": labels.contiguous(),
+        "logits": out.logits.float().contiguous(),
+        "loss": out.loss.detach().float().reshape(()),
+        "loss_sum": s.detach().float().reshape(()),
+        "loss_count": n.reshape(()).to(torch.int64),
+        "inv_freq": inv_freq.contiguous(),
+        "inv_freq_init": inv_freq_init.float().contiguous(),
+        "attention_scaling": torch.tensor(attention_scaling, dtype=torch.float32),
+        "layer_window": torch.tensor(windows, dtype=torch.int64),
+        "logits_nf4": nf4_logits(name, ids, mask),
+        **packed,
+    }
+    save_file(tensors, os.path.join(d, "golden.safetensors"))
+    print(f"wrote {d}: loss {out.loss.item():.6f}, |logits| max {out.logits.abs().max().item():.3f}, "
+          f"windows {windows}, attention_scaling {attention_scaling:.6f}")
+
+
+def check_window_rule(name, logits, mask):
+    """The window is "a query sees itself and the window - 1 tokens before it" (masking_utils:
+    kv_idx > q_idx - sliding_window): on the full row 0 the logits equal those of an unbounded
+    window up to position window - 1 and differ from position window on."""
+    d = os.path.join(OUT, name)
+    cfg = AutoConfig.from_pretrained(d)
+    w = cfg.sliding_window
+    cfg.sliding_window = 10**6  # layer_types already fixed: the same layers slide, unboundedly
+    wide = VARIANTS[name]["model"].from_pretrained(d, config=cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = wide(input_ids=golden_model.make_batch()[0], attention_mask=mask).logits
+    assert int(mask[0].sum()) == golden_model.T
+    same = (logits[0, :w] - ref[0, :w]).abs().max().item()
+    moved = (logits[0, w] - ref[0, w]).abs().max().item()
+    assert same < 1e-5 and moved > 1e-3, (name, same, moved)
+
+
+def make_packed_golden(name):
+    ids, pos, seg, labels = make_packed()
+    model = load_base(name)  # fresh: dynamic RoPE keeps state between calls
+    rotary = model.model.rotary_emb
+    with torch.no_grad():
+        # use_cache=False: with a cache (the config's default, in train mode too) transformers
+        # skips its packed-sequence detection and the row is one causal sequence.
+        hf = model(input_ids=ids, position_ids=pos, labels=labels, use_cache=False)
+        packed_inv_freq = rotary.inv_freq.detach().float().clone()
+        # The oracle: each segment alone, with the frequencies of the packed call (for dynamic
+        # RoPE, whose update is turned off here: a segment of <= 8 tokens alone would reset them).
+        rotary.rope_type = "default"
+        parts = [model(input_ids=ids[:, a:b], use_cache=False).logits for a, b in segment_bounds()]
+    oracle = torch.cat(parts, dim=1).float()
+    assert torch.equal(rotary.inv_freq, packed_inv_freq)
+    err = (hf.logits.float() - oracle).abs().max().item()
+    assert err <= PACKED_TOL, f"{name}: transformers' packed forward differs from the segments by {err}"
+    s, n = golden_model.loss_sum_count(oracle, labels)
+    assert abs(hf.loss.item() - (s / n).item()) < 1e-5
+    return {
+        "packed_input_ids": ids.contiguous(),
+        "packed_position_ids": pos.contiguous(),
+        "packed_segment_ids": seg.contiguous(),
+        "packed_labels": labels.contiguous(),
+        "packed_logits": oracle.contiguous(),
+        "packed_logits_hf": hf.logits.float().contiguous(),
+        "packed_loss_sum": s.float().reshape(()),
+        "packed_loss_count": n.reshape(()).to(torch.int64),
+        "packed_inv_freq": packed_inv_freq.contiguous(),
+    }
+
+
+# ---------------------------------------------------------------- NF4
+
+def nf4_logits(name, ids, mask):
+    """fp32 logits with every decoder projection (not lm_head) replaced by bitsandbytes' NF4
+    round trip (blocksize 64, double quantization); biases kept."""
+    model = load_base(name)
+    with torch.no_grad():
+        for mname, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and mname != "lm_head":
+                q, state = bnbf.quantize_4bit(mod.weight.data, blocksize=64, compress_statistics=True,
+                                              quant_type="nf4")
+                mod.weight.data = bnbf.dequantize_4bit(q, state).to(torch.float32)
+        return model(input_ids=ids, attention_mask=mask).logits.float().contiguous()
+
+
+def make_nf4(name):
+    """Layer 0's q_proj and down_proj in tests/data/quant's layout (golden/quant.py add_case)."""
+    sd = load_base(name).state_dict()
+    out = {}
+    for key in NF4_WEIGHTS:
+        x = sd[key].float().contiguous()
+        packed, st = bnbf.quantize_4bit(x, blocksize=64, compress_statistics=False, quant_type="nf4")
+        packed_n, st_n = bnbf.quantize_4bit(x, blocksize=64, compress_statistics=True, quant_type="nf4")
+        assert torch.equal(packed, packed_n)
+        nested = golden_quant.nested_absmax(st_n)
+        deq_nested = golden_quant.dequant(packed, nested, x.shape, torch.float32)
+        assert torch.equal(deq_nested, bnbf.dequantize_4bit(packed, st_n))  # what logits_nf4 used
+        # Not stored, to keep the directory small: <key>.input (model.safetensors holds it under
+        # the same name) and the dequantized weights (tests/data/quant checks dequantization bit
+        # for bit; logits_nf4 checks it end to end).
+        out.update({
+            f"{key}.packed": packed.view(-1).contiguous(),
+            f"{key}.absmax": st.absmax.contiguous(),
+            f"{key}.absmax_q": st_n.absmax.contiguous(),
+            f"{key}.absmax2": st_n.state2.absmax.contiguous(),
+            f"{key}.offset": st_n.offset.reshape(1).float().contiguous(),
+            f"{key}.absmax_deq": nested.contiguous(),
+        })
+    save_file(out, os.path.join(OUT, name, "nf4.safetensors"))
+
+
+# ---------------------------------------------------------------- LoRA and merge
+
+def base_for_peft(name):
+    base = load_base(name)
+    # Recorded in adapter_config.json: a path relative to the repository root, not this checkout's.
+    base.name_or_path = base.config._name_or_path = os.path.relpath(os.path.join(OUT, name), ROOT)
+    return base
+
+
+def make_lora(name):
+    spec = VARIANTS[name]
+    seed = spec["seed"] + 100
+    base = base_for_peft(name)
+    torch.manual_seed(seed)
+    model = get_peft_model(base, spec["lora"]())
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_B" in pname:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    ids, mask, labels = golden_model.make_batch()
+    model.train()  # dropout is 0, so train/eval give the same numbers
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    tensors = {
+        "lora_logits": out.logits.detach().float().contiguous(),
+        "lora_loss": out.loss.detach().float().reshape(()),
+    }
+    n_grads = 0
+    for pname, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, pname
+            tensors["grad." + golden_model.peft_key(pname)] = p.grad.detach().float().contiguous()
+            n_grads += 1
+    d = os.path.join(OUT, name, "lora")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    model.save_pretrained(os.path.join(d, "adapter"))
+    os.remove(os.path.join(d, "adapter", "README.md"))  # a model card template, not data
+    save_file(tensors, os.path.join(d, "golden.safetensors"))
+    merged = peft_merged(name, os.path.join(d, "adapter"))
+    base_sd = load_base(name).state_dict()
+    changed = {k: v for k, v in merged.items() if not torch.equal(v, base_sd[k])}
+    biases = {k: v for k, v in merged.items() if k.endswith(".bias")}
+    assert all(torch.equal(v, base_sd[k]) for k, v in biases.items()), "merge changed a bias"
+    assert all(k.endswith(".weight") and "_proj." in k for k in changed), sorted(changed)
+    save_file({"merged." + k: v.float().contiguous() for k, v in sorted({**changed, **biases}.items())},
+              os.path.join(d, "merged.safetensors"))
+    print(f"wrote {d}: {n_grads} LoRA gradients, loss {out.loss.item():.6f}, "
+          f"{len(changed)} merged weights, {len(biases)} biases")
+
+
+def peft_merged(name, adapter_dir):
+    """PEFT's merge_and_unload() of the adapter in adapter_dir on the variant's fp32 base:
+    the merged model's state_dict (tied lm_head left out, as save_pretrained leaves it out)."""
+    base = load_base(name)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    merged = model.merge_and_unload()
+    sd = {k: v.detach().clone() for k, v in merged.state_dict().items()}
+    if merged.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+# ---------------------------------------------------------------- reverse checks
+
+def check_adapter(root):
+    worst, found = 0.0, 0
+    for name in VARIANTS:
+        d = os.path.join(root, name)
+        if not os.path.isdir(d):
+            print(f"{d}: missing")
+            continue
+        found += 1
+        base = load_base(name)
+        ids, mask, _ = golden_model.make_batch()
+        with torch.no_grad():
+            base_logits = base(input_ids=ids, attention_mask=mask).logits.float()
+        base = load_base(name)  # fresh (dynamic RoPE state)
+        model = PeftModel.from_pretrained(base, d).eval()
+        saved = load_file(os.path.join(d, "adapter_model.safetensors"))
+        loaded = {golden_model.peft_key(n): p for n, p in model.named_parameters() if "lora_" in n}
+        assert sorted(loaded) == sorted(saved), "PEFT's LoRA modules differ from the saved keys"
+        assert all(torch.equal(loaded[k], saved[k]) for k in saved), "PEFT did not load the saved values"
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        effect = (logits - base_logits).abs().max().item()
+        theirs = load_file(os.path.join(d, "qlora_logits.safetensors"))["logits"].float()
+        err = (logits - theirs).abs().max().item()
+        with open(os.path.join(d, "adapter_config.json")) as f:
+            cfg = json.load(f)
+        print(f"{name}: PEFT loaded qlora's adapter (r {cfg['r']}, targets {cfg['target_modules']}); "
+              f"max |logits_peft - logits_qlora| = {err:.3e} (the adapter moves logits by up to {effect:.3f})")
+        worst = max(worst, err)
+        if effect < 1e-3:
+            print("  the adapter has no effect: B is zero?")
+            worst = float("inf")
+    if found == 0 or worst > LOGIT_TOL:
+        print("FAILED")
+        return 1
+    print("OK")
+    return 0
+
+
+def check_merged(root):
+    worst, found, bad = 0.0, 0, False
+    for name in VARIANTS:
+        path = os.path.join(root, name, "model.safetensors")
+        if not os.path.isfile(path):
+            print(f"{path}: missing")
+            continue
+        found += 1
+        want = peft_merged(name, os.path.join(OUT, name, "lora", "adapter"))
+        base_sd = load_base(name).state_dict()
+        got = load_file(path)
+        missing = sorted(set(want) - set(got))
+        extra = sorted(set(got) - set(want))
+        if missing or extra:
+            print(f"{name}: keys differ from PEFT's merged model: missing {missing}, unexpected {extra}")
+            bad = True
+        err, err_changed, n_changed = 0.0, 0.0, 0
+        for k in sorted(set(want) & set(got)):
+            if got[k].shape != want[k].shape:
+                print(f"{name}: {k} has shape {list(got[k].shape)}, PEFT's {list(want[k].shape)}")
+                bad = True
+                continue
+            e = (got[k].float() - want[k]).abs().max().item()
+            err = max(err, e)
+            if not torch.equal(want[k], base_sd[k]):
+                err_changed = max(err_changed, e)
+                n_changed += 1
+        dtypes = sorted({str(t.dtype).replace("torch.", "") for t in got.values()})
+        print(f"{name}: max |qlora merged - PEFT merge_and_unload| = {err:.3e} over {len(got)} tensors "
+              f"({dtypes}); over the {n_changed} merged projections {err_changed:.3e}")
+        if n_changed == 0:
+            print("  the adapter changed no weight?")
+            bad = True
+        worst = max(worst, err)
+    if found == 0 or bad or worst > MERGE_TOL:
+        print("FAILED")
+        return 1
+    print("OK")
+    return 0
+
+
+# ---------------------------------------------------------------- main
+
+def dir_size(path):
+    return sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(path) for f in fs)
+
+
+def main():
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        # PEFT writes target_modules from a set: fix string hashing so reruns give equal files.
+        os.environ["PYTHONHASHSEED"] = "0"
+        os.execv(sys.executable, [sys.executable] + sys.argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check-adapter", metavar="DIR", help="load qlora-written adapters from DIR/<variant>/ into PEFT")
+    ap.add_argument("--check-merged", metavar="DIR",
+                    help="compare DIR/<variant>/model.safetensors with PEFT's merge_and_unload")
+    ap.add_argument("--only", nargs="+", choices=list(VARIANTS), help="write these variants only")
+    args = ap.parse_args()
+    torch.use_deterministic_algorithms(True)
+    if args.check_adapter:
+        sys.exit(check_adapter(args.check_adapter))
+    if args.check_merged:
+        sys.exit(check_merged(args.check_merged))
+    os.makedirs(OUT, exist_ok=True)
+    for name in args.only or VARIANTS:
+        make_base(name)
+        make_nf4(name)
+        make_lora(name)
+    for name in VARIANTS:
+        if os.path.isdir(os.path.join(OUT, name)):
+            print(f"  {name}: {dir_size(os.path.join(OUT, name)) / 1024:.0f} KiB")
+    total = dir_size(OUT)
+    print(f"tests/data/families: {total / 1024:.0f} KiB ({total} bytes)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,458 @@
+#include "qlora/model/family.h"
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "qlora/common/errors.h"
+#include "qlora/common/input_files.h"
+#include "qlora/common/log.h"
+#include "qlora/common/text.h"
+
+namespace qlora {
+namespace {
+
+using json = nlohmann::json;
+
+// ---------------------------------------------------------------- the families
+
+// Each row: model_type, the causal-LM class, what users call it. The keys each reads and the
+// defaults its config class applies are in read_family_keys below.
+const std::vector<Family> kFamilies = {
+    {"llama", "LlamaForCausalLM", "Llama 2, Llama 3.x, SmolLM2, TinyLlama"},
+    {"mistral", "MistralForCausalLM", "Mistral 7B"},
+    {"qwen2", "Qwen2ForCausalLM", "Qwen2, Qwen2.5"},
+    {"qwen3", "Qwen3ForCausalLM", "Qwen3 dense"},
+};
+
+// Keys that do not change what training computes: bookkeeping, initialization of weights the
+// checkpoint already holds, generation settings older transformers versions saved in config.json.
+const std::set<std::string> kHarmlessKeys = {
+    "_name_or_path", "architectures", "model_type", "transformers_version", "use_cache", "initializer_range",
+    "torch_dtype", "dtype", "pretraining_tp", "is_llama_config", "transformers.js_config", "tokenizer_class",
+    "auto_map", "output_attentions", "output_hidden_states", "return_dict", "torchscript", "id2label",
+    "label2id", "problem_type", "is_decoder", "is_encoder_decoder", "add_cross_attention", "tie_encoder_decoder",
+    "chunk_size_feed_forward", "pruned_heads", "finetuning_task", "prefix", "task_specific_params",
+    "sep_token_id", "decoder_start_token_id", "cross_attention_hidden_size", "tf_legacy_loss", "use_bfloat16",
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
+    "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+    "_attn_implementation_autoset", "_attn_implementation", "num_labels", "embd_pdrop", "resid_pdrop",
+    "bos_token", "eos_token", "unk_token", "pad_token", "use_return_dict", "model_name"};
+
+// ---------------------------------------------------------------- typed reading
+
+// Reads typed keys of one config.json object; every failure names the file and key. Every key
+// looked at is remembered, so what is left over can be reported.
+class Reader {
+ public:
+  Reader(std::string path, const json& root) : path_(std::move(path)), root_(root) {}
+
+  [[noreturn]] void fail(const std::string& key, const std::string& what) const {
+    throw InputError(path_ + ": key \"" + key + "\": " + what);
+  }
+
+  static std::string describe(const json& v) {
+    std::string text = v.dump();
+    if (text.size() > 40) text = text.substr(0, 37) + "...";
+    return std::string(v.type_name()) + " " + text;
+  }
+
+  // nullptr when absent or null. Top-level keys count as read.
+  const json* find(const json& obj, const std::string& key) const {
+    if (&obj == &root_) read_.insert(key);
+    auto it = obj.find(key);
+    if (it == obj.end() || it->is_null()) return nullptr;
+    return &*it;
+  }
+  bool present(const std::string& key) const {
+    read_.insert(key);
+    return root_.contains(key);
+  }
+
+  int64_t positive_int(const json& v, const std::string& key) const {
+    if (!v.is_number_integer()) fail(key, "expected a positive integer, got " + describe(v));
+    int64_t n = v.get<int64_t>();
+    if (n <= 0) fail(key, "expected a positive integer, got " + std::to_string(n));
+    return n;
+  }
+  int64_t required_int(const std::string& key) const {
+    const json* v = find(root_, key);
+    if (!v) fail(key, "missing; it is required (a positive integer)");
+    return positive_int(*v, key);
+  }
+  int64_t optional_int(const std::string& key, int64_t fallback) const {
+    const json* v = find(root_, key);
+    return v ? positive_int(*v, key) : fallback;
+  }
+  double number(const json& obj, const std::string& key, const std::string& shown_key, double fallback,
+                bool required) const {
+    const json* v = find(obj, key);
+    if (!v) {
+      if (required) fail(shown_key, "missing; it is required (a number)");
+      return fallback;
+    }
+    if (!v->is_number()) fail(shown_key, "expected a number, got " + describe(*v));
+    return v->get<double>();
+  }
+  bool boolean(const json& obj, const std::string& key, const std::string& shown_key, bool fallback) const {
+    const json* v = find(obj, key);
+    if (!v) return fallback;
+    if (!v->is_boolean()) fail(shown_key, "expected true or false, got " + describe(*v));
+    return v->get<bool>();
+  }
+  bool optional_bool(const std::string& key, bool fallback) const { return boolean(root_, key, key, fallback); }
+  std::string string(const json& obj, const std::string& key, const std::string& shown_key) const {
+    const json* v = find(obj, key);
+    if (!v) return "";
+    if (!v->is_string()) fail(shown_key, "expected a string, got " + describe(*v));
+    return v->get<std::string>();
+  }
+
+  // A token id key (bos_token_id, ...): an integer naming a row of the embedding; `list_ok`:
+  // a list of them is accepted too (eos_token_id). Empty when absent or null; pad_token_id -1
+  // is "none", as old conversions wrote it.
+  std::vector<int64_t> token_ids(const std::string& key, int64_t vocab_size, bool list_ok) const {
+    const json* v = find(root_, key);
+    if (!v) return {};
+    if (key == "pad_token_id" && v->is_number_integer() && v->get<int64_t>() == -1) return {};
+    const bool list = v->is_array() && list_ok && !v->empty();
+    std::vector<int64_t> ids;
+    for (const json& e : list ? *v : json::array({*v})) {
+      if (!e.is_number_integer())
+        fail(key, std::string("expected a token id (an integer") + (list_ok ? ", or a list of them" : "") +
+                      "), got " + describe(*v));
+      const int64_t id = e.get<int64_t>();
+      if (id < 0 || id >= vocab_size)
+        fail(key, std::to_string(id) + " is not a token of the model: its embedding has vocab_size " +
+                      std::to_string(vocab_size) + " rows (ids 0.." + std::to_string(vocab_size - 1) +
+                      "). Fix " + key + ", or use the config.json that came with these weights");
+      ids.push_back(id);
+    }
+    return ids;
+  }
+
+  const json& root() const { return root_; }
+
+  // Top-level keys neither read nor known to be harmless, in file order.
+  std::vector<std::string> unread() const {
+    std::vector<std::string> out;
+    for (const auto& [key, value] : root_.items())
+      if (!read_.count(key) && !kHarmlessKeys.count(key)) out.push_back(key);
+    return out;
+  }
+
+ private:
+  std::string path_;
+  const json& root_;
+  mutable std::set<std::string> read_;
+};
+
+// ---------------------------------------------------------------- RoPE
+
+// yarn's attention factor when config.json gives none (transformers' get_mscale).
+double yarn_mscale(double scale, double mscale = 1.0) {
+  return scale <= 1 ? 1.0 : 0.1 * mscale * std::log(scale) + 1.0;
+}
+
+void read_rope(const Reader& r, DecoderConfig& c) {
+  // transformers < 5 writes rope_theta and rope_scaling; transformers 5 folds both into
+  // rope_parameters. Accept either.
+  const json* params = r.find(r.root(), "rope_parameters");
+  if (params && !params->is_object()) r.fail("rope_parameters", "expected an object, got " + Reader::describe(*params));
+  if (r.find(r.root(), "rope_theta")) {
+    c.rope_theta = r.number(r.root(), "rope_theta", "rope_theta", 0, true);
+  } else if (params && r.find(*params, "rope_theta")) {
+    c.rope_theta = r.number(*params, "rope_theta", "rope_parameters.rope_theta", 0, true);
+  }  // else transformers' default, 10000
+  if (c.rope_theta <= 0) r.fail("rope_theta", "expected a positive number");
+  for (const json* where : {&r.root(), params}) {
+    if (where == nullptr) continue;
+    const std::string key = where == params ? "rope_parameters.partial_rotary_factor" : "partial_rotary_factor";
+    const double partial = r.number(*where, "partial_rotary_factor", key, 1.0, false);
+    if (partial != 1.0)
+      r.fail(key, "is " + format_double(partial) + "; qlora rotates the whole head (partial_rotary_factor 1)");
+  }
+
+  std::string where = "rope_scaling";
+  const json* scaling = r.find(r.root(), "rope_scaling");
+  if (!scaling && params) {
+    scaling = params;
+    where = "rope_parameters";
+  }
+  if (!scaling) return;
+  if (!scaling->is_object()) r.fail(where, "expected an object or null, got " + Reader::describe(*scaling));
+  std::string type = r.string(*scaling, "rope_type", where + ".rope_type");
+  if (type.empty()) type = r.string(*scaling, "type", where + ".type");  // pre-4.43 spelling
+  RopeScaling& rope = c.rope;
+  const auto factor = [&](bool required) {
+    const double f = r.number(*scaling, "factor", where + ".factor", 1.0, required);
+    if (f < 1) r.fail(where + ".factor", "expected a number >= 1, got " + format_double(f));
+    return f;
+  };
+  const auto original_max = [&](bool required, int64_t fallback) -> int64_t {
+    const std::string key = "original_max_position_embeddings";
+    const json* v = r.find(*scaling, key);
+    if (!v) {
+      if (required) r.fail(where + "." + key, "missing; it is required (a positive integer)");
+      return fallback;
+    }
+    return r.positive_int(*v, where + "." + key);
+  };
+  if (type.empty() || type == "default") return;
+  if (type == "linear") {
+    rope.type = RopeType::kLinear;
+    rope.factor = factor(true);
+  } else if (type == "dynamic") {
+    rope.type = RopeType::kDynamic;
+    rope.factor = factor(true);
+  } else if (type == "llama3") {
+    rope.type = RopeType::kLlama3;
+    rope.factor = factor(true);
+    rope.low_freq_factor = r.number(*scaling, "low_freq_factor", where + ".low_freq_factor", 0, true);
+    rope.high_freq_factor = r.number(*scaling, "high_freq_factor", where + ".high_freq_factor", 0, true);
+    rope.original_max_position_embeddings = original_max(true, 0);
+    if (rope.low_freq_factor <= 0 || rope.high_freq_factor <= rope.low_freq_factor)
+      r.fail(where, "expected factor > 0 and high_freq_factor > low_freq_factor > 0");
+  } else if (type == "yarn") {
+    rope.type = RopeType::kYarn;
+    rope.original_max_position_embeddings = original_max(false, c.max_position_embeddings);
+    rope.factor = r.find(*scaling, "factor") ? factor(true)
+                                             : static_cast<double>(c.max_position_embeddings) /
+                                                   static_cast<double>(rope.original_max_position_embeddings);
+    rope.beta_fast = r.number(*scaling, "beta_fast", where + ".beta_fast", 32.0, false);
+    rope.beta_slow = r.number(*scaling, "beta_slow", where + ".beta_slow", 1.0, false);
+    if (rope.beta_fast == 0) rope.beta_fast = 32.0;  // transformers: `get("beta_fast") or 32`
+    if (rope.beta_slow == 0) rope.beta_slow = 1.0;
+    rope.truncate = r.boolean(*scaling, "truncate", where + ".truncate", true);
+    const double mscale = r.number(*scaling, "mscale", where + ".mscale", 0, false);
+    const double mscale_all_dim = r.number(*scaling, "mscale_all_dim", where + ".mscale_all_dim", 0, false);
+    if (r.find(*scaling, "attention_factor")) {
+      rope.attention_factor = r.number(*scaling, "attention_factor", where + ".attention_factor", 1.0, true);
+    } else if (mscale != 0 && mscale_all_dim != 0) {
+      rope.attention_factor = yarn_mscale(rope.factor, mscale) / yarn_mscale(rope.factor, mscale_all_dim);
+    } else {
+      rope.attention_factor = yarn_mscale(rope.factor);
+    }
+  } else if (type == "longrope" || type == "su") {
+    r.fail(where + ".rope_type", "\"" + type + "\" (Phi-3 / Phi-4's LongRoPE) is not supported yet; qlora implements "
+                                 "default, linear, dynamic, yarn and llama3");
+  } else {
+    r.fail(where + ".rope_type", "\"" + type + "\" is not supported; qlora implements default, linear, dynamic, "
+                                 "yarn and llama3");
+  }
+}
+
+// ---------------------------------------------------------------- attention windows
+
+// Qwen2 / Qwen3: the window applies only with use_sliding_window, to the layers layer_types
+// names "sliding_attention" or, without layer_types, to layers >= max_window_layers
+// (transformers' config classes).
+void read_qwen_windows(const Reader& r, DecoderConfig& c) {
+  const bool use = r.optional_bool("use_sliding_window", false);
+  const int64_t window = r.optional_int("sliding_window", 4096);
+  const int64_t max_window_layers = [&] {
+    const json* v = r.find(r.root(), "max_window_layers");
+    if (!v) return int64_t{28};
+    if (!v->is_number_integer() || v->get<int64_t>() < 0)
+      r.fail("max_window_layers", "expected an integer >= 0, got " + Reader::describe(*v));
+    return v->get<int64_t>();
+  }();
+  const json* types = r.find(r.root(), "layer_types");
+  std::vector<bool> sliding(static_cast<size_t>(c.num_hidden_layers), false);
+  if (types) {
+    if (!types->is_array() || static_cast<int64_t>(types->size()) != c.num_hidden_layers)
+      r.fail("layer_types", "expected a list of " + std::to_string(c.num_hidden_layers) +
+                                " entries (one per layer), got " + Reader::describe(*types));
+    for (size_t i = 0; i < types->size(); ++i) {
+      const json& t = (*types)[i];
+      if (!t.is_string() || (t != "full_attention" && t != "sliding_attention"))
+        r.fail("layer_types", "entry " + std::to_string(i) + " is " + Reader::describe(t) +
+                                  "; expected \"full_attention\" or \"sliding_attention\"");
+      sliding[i] = t == "sliding_attention";
+    }
+  } else {
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i) sliding[static_cast<size_t>(i)] = i >= max_window_layers;
+  }
+  if (!use) return;
+  c.layer_window.assign(static_cast<size_t>(c.num_hidden_layers), 0);
+  for (size_t i = 0; i < sliding.size(); ++i) c.layer_window[i] = sliding[i] ? window : 0;
+}
+
+// ---------------------------------------------------------------- per family
+
+// The keys each family reads beyond the common ones, with its config class's defaults.
+void read_family_keys(const Reader& r, DecoderConfig& c) {
+  LayerPieces& p = c.pieces;
+  if (c.model_type == "llama") {
+    p.qkv_bias = p.o_bias = r.optional_bool("attention_bias", false);
+    p.mlp_bias = r.optional_bool("mlp_bias", false);
+  } else if (c.model_type == "mistral") {
+    // MistralConfig: sliding_window defaults to 4096 when the key is absent; null is no window.
+    const bool given = r.present("sliding_window");
+    const int64_t window = given ? r.optional_int("sliding_window", 0) : 4096;
+    if (window > 0) c.layer_window.assign(static_cast<size_t>(c.num_hidden_layers), window);
+  } else if (c.model_type == "qwen2") {
+    p.qkv_bias = true;  // Qwen2Attention: q, k, v with bias, o without; attention_bias is not read
+    if (r.optional_bool("use_mrope", false))
+      r.fail("use_mrope", "is true: this is a Qwen2-VL style multimodal config; qlora trains text decoders");
+    read_qwen_windows(r, c);
+  } else if (c.model_type == "qwen3") {
+    p.qkv_bias = p.o_bias = r.optional_bool("attention_bias", false);
+    p.qk_norm = true;
+    read_qwen_windows(r, c);
+  }
+}
+
+// transformers' config-class defaults where they differ by family.
+struct Defaults {
+  int64_t kv_heads;  // 0: num_attention_heads
+  int64_t head_dim;  // 0: hidden_size / num_attention_heads
+  int64_t max_positions;
+};
+
+Defaults defaults_of(const std::string& model_type) {
+  if (model_type == "mistral") return {8, 0, 4096 * 32};
+  if (model_type == "qwen2") return {32, 0, 32768};
+  if (model_type == "qwen3") return {32, 128, 32768};
+  return {0, 0, 2048};  // llama
+}
+
+json parse_file(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (!fs::exists(path, ec))
+    throw InputError(path + ": model config not found; model.path must be a Hugging Face model "
+                            "directory holding config.json and *.safetensors");
+  if (const std::string why = why_not_a_file(path); !why.empty())
+    throw InputError(path + ": " + why + "; expected the model's config.json file. Replace it with the "
+                            "config.json of the Hugging Face model");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw InputError(path + ": cannot read the model config file; check its permissions");
+  std::stringstream buf;
+  buf << in.rdbuf();
+  json root;
+  try {
+    root = json::parse(buf.str());
+  } catch (const json::parse_error& e) {
+    throw InputError(path + ": not valid JSON (" + std::string(e.what()) + "); expected a Hugging Face config.json");
+  }
+  if (!root.is_object())
+    throw InputError(path + ": expected a JSON object (a Hugging Face config.json), got " +
+                     std::string(root.type_name()));
+  return root;
+}
+
+}  // namespace
+
+const std::vector<Family>& families() { return kFamilies; }
+
+const Family* find_family(const std::string& model_type) {
+  for (const Family& f : kFamilies)
+    if (f.model_type == model_type) return &f;
+  return nullptr;
+}
+
+std::string supported_families_text() {
+  std::string out;
+  for (const Family& f : kFamilies) out += (out.empty() ? "" : ", ") + f.model_type + " (" + f.models + ")";
+  return out;
+}
+
+int64_t DecoderConfig::min_window() const {
+  int64_t w = 0;
+  for (int64_t x : layer_window)
+    if (x > 0 && (w == 0 || x < w)) w = x;
+  return w;
+}
+
+DecoderConfig read_decoder_config(const std::string& path) {
+  namespace fs = std::filesystem;
+  const json root = parse_file(path);
+  Reader r(path, root);
+
+  DecoderConfig c;
+  c.name = fs::path(path).parent_path().string();
+  if (c.name.empty()) c.name = path;
+
+  std::vector<std::string> types;
+  for (const Family& f : kFamilies) types.push_back(f.model_type);
+  const json* type = r.find(root, "model_type");
+  if (!type) r.fail("model_type", "missing; qlora trains " + supported_families_text());
+  if (!type->is_string()) r.fail("model_type", "expected a string, got " + Reader::describe(*type));
+  c.model_type = type->get<std::string>();
+  const Family* family = find_family(c.model_type);
+  if (family == nullptr) {
+    std::string msg = "is \"" + c.model_type + "\", which qlora does not train";
+    if (const std::string near = closest_match(c.model_type, types); !near.empty())
+      msg += " (did you mean \"" + near + "\"?)";
+    r.fail("model_type", msg + "; supported: " + supported_families_text());
+  }
+  if (const json* arch = r.find(root, "architectures"); arch && arch->is_array()) {
+    for (const json& a : *arch) {
+      const std::string name = a.is_string() ? a.get<std::string>() : a.dump();
+      const std::string suffix = "ForCausalLM";
+      if (name.size() < suffix.size() || name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0)
+        r.fail("architectures", "lists \"" + name + "\"; qlora trains causal language models (" +
+                                    family->architecture + "): a checkpoint with another head cannot be trained here");
+    }
+  }
+  if (r.find(root, "quantization_config"))
+    r.fail("quantization_config", "this checkpoint is already quantized (GPTQ, AWQ, FP8 or bitsandbytes); qlora "
+                                  "quantizes the base itself: point model.path at the original bf16/fp16 model");
+
+  const Defaults def = defaults_of(c.model_type);
+  c.vocab_size = r.required_int("vocab_size");
+  c.hidden_size = r.required_int("hidden_size");
+  c.intermediate_size = r.required_int("intermediate_size");
+  c.num_hidden_layers = r.required_int("num_hidden_layers");
+  c.num_attention_heads = r.required_int("num_attention_heads");
+  c.num_key_value_heads = r.optional_int("num_key_value_heads", def.kv_heads > 0 ? def.kv_heads : c.num_attention_heads);
+  if (c.num_attention_heads % c.num_key_value_heads != 0)
+    r.fail("num_key_value_heads", std::to_string(c.num_key_value_heads) + " does not divide num_attention_heads " +
+                                      std::to_string(c.num_attention_heads));
+  if (r.find(root, "head_dim")) {
+    c.head_dim = r.required_int("head_dim");
+  } else if (def.head_dim > 0) {
+    c.head_dim = def.head_dim;
+  } else {
+    if (c.hidden_size % c.num_attention_heads != 0)
+      r.fail("num_attention_heads", std::to_string(c.num_attention_heads) + " does not divide hidden_size " +
+                                        std::to_string(c.hidden_size) + " and head_dim is not given");
+    c.head_dim = c.hidden_size / c.num_attention_heads;
+  }
+  if (c.head_dim % 2 != 0) r.fail("head_dim", "must be even for RoPE, got " + std::to_string(c.head_dim));
+  c.max_position_embeddings = r.optional_int("max_position_embeddings", def.max_positions);
+  if (const auto ids = r.token_ids("bos_token_id", c.vocab_size, false); !ids.empty()) c.bos_token_id = ids[0];
+  c.eos_token_ids = r.token_ids("eos_token_id", c.vocab_size, true);
+  if (const auto ids = r.token_ids("pad_token_id", c.vocab_size, false); !ids.empty()) c.pad_token_id = ids[0];
+  c.tie_word_embeddings = r.optional_bool("tie_word_embeddings", false);
+  c.rms_norm_eps = r.number(root, "rms_norm_eps", "rms_norm_eps", 1e-6, false);
+  if (c.rms_norm_eps <= 0) r.fail("rms_norm_eps", "expected a positive number");
+  read_rope(r, c);
+
+  // Keys that change the layer's arithmetic: refused unless they ask for what the layer computes.
+  if (const std::string act = r.string(root, "hidden_act", "hidden_act"); !act.empty() && act != "silu")
+    r.fail("hidden_act", "is \"" + act + "\"; the " + c.model_type + " layer qlora builds computes SiLU (SwiGLU)");
+  if (const double p = r.number(root, "attention_dropout", "attention_dropout", 0, false); p != 0)
+    r.fail("attention_dropout", "is " + format_double(p) + "; qlora trains without attention dropout (set it to 0.0; "
+                                "LoRA's own dropout is lora.dropout)");
+  if (r.optional_bool("rope_interleaved", false))
+    r.fail("rope_interleaved", "is true; Hugging Face checkpoints rotate halves (false), and so does qlora");
+  read_family_keys(r, c);
+
+  c.torch_dtype = r.string(root, "torch_dtype", "torch_dtype");
+  if (c.torch_dtype.empty()) c.torch_dtype = r.string(root, "dtype", "dtype");  // transformers 5
+  c.unread_keys = r.unread();
+  if (!c.unread_keys.empty())
+    log::warn(path + ": keys qlora does not read (they are ignored; check that none changes the model's "
+                     "arithmetic): " + join(c.unread_keys));
+  return c;
+}
+
+}  // namespace qlora
