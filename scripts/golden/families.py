@@ -152,7 +152,8 @@ layer when q >= n + window - 1 (row 1, position 11 for qwen2_window and mistral)
 SDPA returns a zero attention output there. Compare logits at those positions only if the layer
 does the same (or where attention_mask is 1). Losses and gradients do not see them.
 
-Reverse checks (files written by qlora, checked against PEFT on the variant's base):
+Reverse checks (files written by qlora, checked against PEFT on the variant's base; --base ROOT
+takes the bases from ROOT/<variant>/ instead, for models made with --make-model):
 
     --check-adapter DIR   for each DIR/<variant>/ holding adapter_config.json,
                           adapter_model.safetensors and qlora_logits.safetensors ("logits" for the
@@ -161,7 +162,11 @@ Reverse checks (files written by qlora, checked against PEFT on the variant's ba
     --check-merged DIR    for each DIR/<variant>/model.safetensors (a merged model written by qlora
                           from lora/adapter): compares every tensor with PEFT's merge_and_unload()
                           state (tied lm_head left out); exits 1 on missing or extra keys, or a max
-                          absolute difference over 1e-5 (fp32).
+                          absolute difference over 1e-5 (fp32). The adapter merged is
+                          DIR/<variant>/adapter/ when present, else the variant's lora/adapter.
+    --make-model VARIANT DIR VOCAB   a random model of VARIANT with VOCAB embedding rows and no
+                          special token ids in config.json, for qlora train to train end to end
+                          (tests/test_train_families.cpp puts a tokenizer beside it).
 """
 
 import argparse
@@ -332,9 +337,33 @@ def comparable(config):
     return d
 
 
+BASES = OUT  # where load_base finds <variant>/ (--base changes it for the reverse checks)
+
+
 def load_base(name):
     spec = VARIANTS[name]
-    return spec["model"].from_pretrained(os.path.join(OUT, name), dtype=torch.float32).eval()
+    return spec["model"].from_pretrained(os.path.join(BASES, name), dtype=torch.float32).eval()
+
+
+def make_model(name, d, vocab):
+    """A model directory of variant `name` with `vocab` rows, transformers' own random init
+    scaled as randomize() does, config.json spelled as the family's checkpoints spell it, and no
+    special token ids (the tokenizer put beside it brings its own): what the end-to-end training
+    tests train on."""
+    spec = VARIANTS[name]
+    torch.manual_seed(spec["seed"])
+    cfg = spec["config"]()
+    cfg.vocab_size = vocab
+    cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = None
+    built = spec["model"](cfg).float().eval()
+    randomize(built, spec["seed"])
+    built.save_pretrained(d, safe_serialization=True)
+    p = os.path.join(d, "generation_config.json")
+    if os.path.exists(p):
+        os.remove(p)
+    write_hub_config(d, spec["hub"])
+    print(f"wrote {d}: {name}, vocab {vocab}")
+    return 0
 
 
 def layer_windows(config):
@@ -641,7 +670,8 @@ def check_merged(root):
             print(f"{path}: missing")
             continue
         found += 1
-        want = peft_merged(name, os.path.join(OUT, name, "lora", "adapter"))
+        own = os.path.join(root, name, "adapter")  # the adapter qlora merged, when given beside it
+        want = peft_merged(name, own if os.path.isdir(own) else os.path.join(OUT, name, "lora", "adapter"))
         base_sd = load_base(name).state_dict()
         got = load_file(path)
         missing = sorted(set(want) - set(got))
@@ -690,7 +720,16 @@ def main():
     ap.add_argument("--check-merged", metavar="DIR",
                     help="compare DIR/<variant>/model.safetensors with PEFT's merge_and_unload")
     ap.add_argument("--only", nargs="+", choices=list(VARIANTS), help="write these variants only")
+    ap.add_argument("--base", metavar="ROOT",
+                    help="the checks' base models are ROOT/<variant>/ instead of tests/data/families/<variant>/")
+    ap.add_argument("--make-model", nargs=3, metavar=("VARIANT", "DIR", "VOCAB"),
+                    help="write a random model of VARIANT with VOCAB rows into DIR (end-to-end tests)")
     args = ap.parse_args()
+    global BASES
+    if args.base:
+        BASES = args.base
+    if args.make_model:
+        sys.exit(make_model(args.make_model[0], args.make_model[1], int(args.make_model[2])))
     torch.use_deterministic_algorithms(True)
     if args.check_adapter:
         sys.exit(check_adapter(args.check_adapter))

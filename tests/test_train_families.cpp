@@ -1,0 +1,114 @@
+// Each family trains end to end on the CPU from a random model directory made by transformers
+// (scripts/golden/families.py --make-model) with the demo's tokenizer beside it: the loss falls,
+// PEFT loads the adapter qlora wrote and computes qlora's logits, and `qlora merge` equals PEFT's
+// merge_and_unload. Needs QLORA_PYTHON with transformers and PEFT (set-up installs them for
+// the tests); skipped, saying so, without them.
+#include <gtest/gtest.h>
+#include <ATen/ATen.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <string>
+
+#include "qlora/io/model_dir.h"
+#include "qlora/io/torch_io.h"
+#include "qlora/lora/adapter_io.h"
+#include "qlora/lora/lora.h"
+#include "qlora/lora/merge.h"
+#include "qlora/model/decoder.h"
+#include "qlora/model/family.h"
+#include "qlora/train/demo.h"
+#include "qlora/train/run.h"
+#include "support/test_support.h"
+#include "support/train_fixtures.h"
+
+namespace qlora {
+namespace {
+
+namespace fs = std::filesystem;
+
+// One variant a family (scripts/golden/families.py): Qwen2's biases, Qwen3's q/k norms and
+// head_dim, Mistral's window (5, shorter than the rows), SmolLM2's 3:1 grouped heads.
+const char* kFamilies[] = {"qwen2", "qwen3", "mistral", "smollm2"};
+
+std::string script() { return testing::source_path("scripts/golden/families.py"); }
+
+std::string run_python(const std::string& py, const std::string& args, int* status) {
+  return testing::run_capture("'" + py + "' '" + script() + "' " + args + " 2>&1", status);
+}
+
+TEST(TrainFamilies, EachFamilyTrainsAndPeftLoadsAndMergesTheAdapter) {
+  std::string why;
+  const std::string py = testing::python_with("transformers, peft, torch", &why);
+  if (py.empty()) GTEST_SKIP() << why;
+  const std::string tmp = testing::make_temp_dir("train_families");
+  const int64_t vocab = train::write_demo_tokenizer(tmp + "/tokenizer_probe");
+  const auto batch = io::load_safetensors(testing::source_path("tests/data/families/qwen2/golden.safetensors"));
+  for (const char* v : kFamilies) {
+    SCOPED_TRACE(v);
+    const std::string base = tmp + "/bases/" + v;
+    int status = -1;
+    std::string out = run_python(py, "--make-model " + std::string(v) + " '" + base + "' " + std::to_string(vocab),
+                                 &status);
+    ASSERT_EQ(status, 0) << out;
+    train::write_demo_tokenizer(base);
+
+    Config cfg = default_config();
+    cfg.model.path = base;
+    cfg.data.path = testing::small_completion_data(tmp, 16);
+    cfg.data.max_seq_length = 64;
+    cfg.train.max_steps = 30;
+    cfg.train.learning_rate = 3e-3;
+    cfg.train.precision = Precision::kFp32;
+    cfg.lora.dropout = 0.0;
+    cfg.output.dir = tmp + "/out/" + v;
+    train::RunOptions ro;
+    ro.device = "cpu";
+    ro.evaluate_at_start = false;
+    ro.handle_signals = false;
+    const train::RunResult r = train::run_training(cfg, ro);
+    ASSERT_EQ(r.steps, 30);
+    double first = 0, last = 0;
+    for (int i = 0; i < 5; ++i) {
+      first += r.losses[static_cast<size_t>(i)] / 5;
+      last += r.losses[r.losses.size() - 1 - static_cast<size_t>(i)] / 5;
+    }
+    std::printf("  %-8s loss %.3f -> %.3f over 30 steps\n", v, first, last);
+    EXPECT_LT(last, 0.8 * first) << "the loss did not fall";
+
+    // qlora's logits with its adapter, on the golden batch, for PEFT to compare with.
+    const std::string check = tmp + "/check/" + v;
+    fs::create_directories(check);
+    for (const char* f : {"adapter_config.json", "adapter_model.safetensors"})
+      fs::copy_file(r.adapter_dir + "/" + f, check + "/" + f);
+    {
+      const io::ModelDir dir = io::ModelDir::open(base);
+      model::WeightSource src{dir.dir(), dir.tensor_names(), [&dir](const std::string& n) { return dir.tensor(n); }};
+      model::DecoderModel m = model::DecoderModel::load(read_decoder_config(dir.config_path()), src);
+      lora::LoraAdapter a = lora::load_adapter(m, r.adapter_dir);
+      at::Tensor logits = m.forward(batch.at("input_ids"), model::padded_attention(batch.at("attention_mask")));
+      io::save_safetensors(check + "/qlora_logits.safetensors", {{"logits", logits.contiguous()}});
+    }
+    // qlora merge in fp32, the adapter beside it for the check.
+    lora::MergeOptions mo;
+    mo.base_dir = base;
+    mo.adapter_dir = r.adapter_dir;
+    mo.out_dir = tmp + "/merged/" + v;
+    mo.dtype = "fp32";
+    lora::merge_adapter(mo);
+    fs::create_directories(mo.out_dir + "/adapter");
+    for (const char* f : {"adapter_config.json", "adapter_model.safetensors"})
+      fs::copy_file(r.adapter_dir + "/" + f, mo.out_dir + "/adapter/" + f);
+  }
+  int status = -1;
+  std::string out = run_python(py, "--base '" + tmp + "/bases' --check-adapter '" + tmp + "/check'", &status);
+  std::printf("%s", out.c_str());
+  EXPECT_EQ(status, 0) << out;
+  EXPECT_NE(out.find("PEFT loaded qlora's adapter"), std::string::npos) << out;
+  out = run_python(py, "--base '" + tmp + "/bases' --check-merged '" + tmp + "/merged'", &status);
+  std::printf("%s", out.c_str());
+  EXPECT_EQ(status, 0) << out;
+}
+
+}  // namespace
+}  // namespace qlora
