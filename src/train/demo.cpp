@@ -17,6 +17,7 @@
 #include "qlora/data/demo_tokenizer.h"
 #include "qlora/io/torch_io.h"
 #include "qlora/model/decoder.h"
+#include "qlora/model/family.h"
 
 namespace qlora::train {
 namespace {
@@ -47,19 +48,21 @@ DecoderConfig demo_model_config(int64_t vocab_size) {
 
 std::vector<std::pair<std::string, std::vector<int64_t>>> llama_tensor_shapes(const DecoderConfig& c) {
   std::vector<std::pair<std::string, std::vector<int64_t>>> t;
-  const int64_t h = c.hidden_size, q = c.num_attention_heads * c.head_dim, kv = c.num_key_value_heads * c.head_dim;
+  const int64_t h = c.hidden_size;
   t.push_back({"model.embed_tokens.weight", {c.vocab_size, h}});
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
     t.push_back({p + "input_layernorm.weight", {h}});
     t.push_back({p + "post_attention_layernorm.weight", {h}});
-    t.push_back({model::linear_module_name(l, "q_proj") + ".weight", {q, h}});
-    t.push_back({model::linear_module_name(l, "k_proj") + ".weight", {kv, h}});
-    t.push_back({model::linear_module_name(l, "v_proj") + ".weight", {kv, h}});
-    t.push_back({model::linear_module_name(l, "o_proj") + ".weight", {h, q}});
-    t.push_back({model::linear_module_name(l, "gate_proj") + ".weight", {c.intermediate_size, h}});
-    t.push_back({model::linear_module_name(l, "up_proj") + ".weight", {c.intermediate_size, h}});
-    t.push_back({model::linear_module_name(l, "down_proj") + ".weight", {h, c.intermediate_size}});
+    if (c.pieces.qk_norm) {  // Qwen3
+      t.push_back({p + "self_attn.q_norm.weight", {c.head_dim}});
+      t.push_back({p + "self_attn.k_norm.weight", {c.head_dim}});
+    }
+    for (const LinearShape& s : decoder_linear_shapes(c)) {
+      const std::string module = model::linear_module_name(l, s.name);
+      t.push_back({module + ".weight", {s.out_features, s.in_features}});
+      if (projection_has_bias(c, s.name)) t.push_back({module + ".bias", {s.out_features}});  // Qwen2's q, k, v
+    }
   }
   t.push_back({"model.norm.weight", {h}});
   if (!c.tie_word_embeddings) t.push_back({"lm_head.weight", {c.vocab_size, h}});
@@ -69,11 +72,19 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> llama_tensor_shapes(co
 namespace {
 constexpr double kInitStd = 0.02;  // transformers' initializer_range default
 
-// Norm weights are ones (as transformers initializes them), the rest N(0, kInitStd).
+bool ends_with(const std::string& s, const std::string& tail) {
+  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+// As transformers initializes them: norm weights (the layer norms, Qwen3's q/k norms, the final
+// norm) are ones, biases zeros, the rest N(0, kInitStd). Ones and zeros draw nothing from `gen`,
+// so a family's extra tensors leave the draws of the weights they share with Llama unchanged.
 at::Tensor random_tensor(const std::string& name, const std::vector<int64_t>& shape, at::Generator& gen,
                          c10::Device device) {
-  const bool norm = name.find("layernorm") != std::string::npos || name == "model.norm.weight";
+  const bool norm = name.find("layernorm") != std::string::npos || ends_with(name, "_norm.weight") ||
+                    name == "model.norm.weight";
   if (norm) return at::ones(shape, at::TensorOptions().device(device));
+  if (ends_with(name, ".bias")) return at::zeros(shape, at::TensorOptions().device(device));
   return at::normal(0.0, kInitStd, shape, gen, at::TensorOptions().device(device));
 }
 }  // namespace
@@ -103,28 +114,117 @@ void write_random_llama(const std::string& dir, const DecoderConfig& c, uint64_t
   write_llama_config(dir, c);
 }
 
-void write_llama_config(const std::string& dir, const DecoderConfig& c) {
+namespace {
+
+// A DecoderConfig whose pieces its family's config class has no key for.
+[[noreturn]] void cannot_write(const DecoderConfig& c, const std::string& what) {
+  throw std::invalid_argument("write_llama_config: " + (c.name.empty() ? std::string("the model") : c.name) + " (" +
+                              c.model_type + ") " + what + ", which a " + c.model_type + " config.json cannot say");
+}
+
+// The one window every sliding layer has (0: none slides); throws when the layers differ.
+int64_t uniform_window(const DecoderConfig& c) {
+  const int64_t w = c.min_window();
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+    if (c.window_of(l) != 0 && c.window_of(l) != w) cannot_write(c, "has sliding windows of different sizes");
+  return w;
+}
+
+// config.json's rope_scaling for c.rope (null for the default RoPE).
+json rope_scaling(const DecoderConfig& c) {
+  const RopeScaling& r = c.rope;
+  switch (r.type) {
+    case RopeType::kDefault: return nullptr;
+    case RopeType::kLinear: return {{"rope_type", "linear"}, {"factor", r.factor}};
+    case RopeType::kDynamic: return {{"rope_type", "dynamic"}, {"factor", r.factor}};
+    case RopeType::kLlama3:
+      return {{"rope_type", "llama3"},
+              {"factor", r.factor},
+              {"low_freq_factor", r.low_freq_factor},
+              {"high_freq_factor", r.high_freq_factor},
+              {"original_max_position_embeddings", r.original_max_position_embeddings}};
+    case RopeType::kYarn:
+      return {{"rope_type", "yarn"},
+              {"factor", r.factor},
+              {"original_max_position_embeddings", r.original_max_position_embeddings},
+              {"beta_fast", r.beta_fast},
+              {"beta_slow", r.beta_slow},
+              {"truncate", r.truncate},
+              {"attention_factor", r.attention_factor}};
+  }
+  return nullptr;
+}
+
+// The keys through which the family's config class says what c.pieces and c.layer_window say
+// (read back by read_family_keys in src/model/family.cpp).
+void write_family_keys(const DecoderConfig& c, const std::string& type, json& j) {
+  const LayerPieces& p = c.pieces;
+  if (p.qk_norm != (type == "qwen3")) cannot_write(c, p.qk_norm ? "has q/k norms" : "has no q/k norms");
+  const int64_t window = uniform_window(c);
+  const auto qwen_windows = [&] {
+    j["use_sliding_window"] = window > 0;
+    if (window == 0) return;
+    j["sliding_window"] = window;
+    json types = json::array();
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+      types.push_back(c.window_of(l) > 0 ? "sliding_attention" : "full_attention");
+    j["layer_types"] = types;
+  };
+  if (type == "llama" || type == "qwen3") {
+    // attention_bias: q, k, v and o together.
+    if (p.qkv_bias != p.o_bias) cannot_write(c, "has biases on q, k, v but not on o (or the reverse)");
+    j["attention_bias"] = p.qkv_bias;
+  }
+  if (type == "llama") {
+    j["mlp_bias"] = p.mlp_bias;
+    if (window > 0) cannot_write(c, "has sliding windows");
+  } else if (type == "qwen3") {
+    if (p.mlp_bias) cannot_write(c, "has MLP biases");
+    qwen_windows();
+  } else if (type == "qwen2") {
+    // Qwen2Attention: q, k, v always with bias, o and the MLP without.
+    if (!p.qkv_bias || p.o_bias || p.mlp_bias) cannot_write(c, "has biases other than on q, k, v");
+    qwen_windows();
+  } else if (type == "mistral") {
+    if (p.qkv_bias || p.o_bias || p.mlp_bias) cannot_write(c, "has projection biases");
+    // MistralConfig reads an absent sliding_window as 4096: no window is an explicit null.
+    j["sliding_window"] = window > 0 ? json(window) : json(nullptr);
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+      if (c.window_of(l) == 0 && window > 0) cannot_write(c, "has sliding windows in some layers only");
+  }
+}
+
+}  // namespace
+
+void write_llama_config(const std::string& dir, const DecoderConfig& shape) {
+  DecoderConfig c = shape;
+  if (c.model_type.empty()) c.model_type = "llama";
+  const std::string& type = c.model_type;
+  const Family* family = find_family(type);
+  if (family == nullptr)
+    throw std::invalid_argument("write_llama_config: model_type \"" + type + "\" is not a family qlora trains (" +
+                                supported_families_text() + ")");
   fs::create_directories(dir);
-  const json config = {{"architectures", {"LlamaForCausalLM"}},
-                       {"model_type", "llama"},
-                       {"vocab_size", c.vocab_size},
-                       {"hidden_size", c.hidden_size},
-                       {"intermediate_size", c.intermediate_size},
-                       {"num_hidden_layers", c.num_hidden_layers},
-                       {"num_attention_heads", c.num_attention_heads},
-                       {"num_key_value_heads", c.num_key_value_heads},
-                       {"head_dim", c.head_dim},
-                       {"hidden_act", "silu"},
-                       {"max_position_embeddings", c.max_position_embeddings},
-                       {"initializer_range", kInitStd},
-                       {"rms_norm_eps", c.rms_norm_eps},
-                       {"rope_theta", c.rope_theta},
-                       {"attention_bias", false},
-                       {"mlp_bias", false},
-                       {"tie_word_embeddings", c.tie_word_embeddings},
-                       {"bos_token_id", c.vocab_size - static_cast<int64_t>(data::demo_special_tokens().size())},
-                       {"eos_token_id", c.vocab_size - static_cast<int64_t>(data::demo_special_tokens().size()) + 1},
-                       {"torch_dtype", "float32"}};
+  json config = {{"architectures", {family->architecture}},
+                 {"model_type", type},
+                 {"vocab_size", c.vocab_size},
+                 {"hidden_size", c.hidden_size},
+                 {"intermediate_size", c.intermediate_size},
+                 {"num_hidden_layers", c.num_hidden_layers},
+                 {"num_attention_heads", c.num_attention_heads},
+                 {"num_key_value_heads", c.num_key_value_heads},
+                 {"head_dim", c.head_dim},
+                 {"hidden_act", "silu"},
+                 {"max_position_embeddings", c.max_position_embeddings},
+                 {"initializer_range", kInitStd},
+                 {"rms_norm_eps", c.rms_norm_eps},
+                 {"rope_theta", c.rope_theta}};
+  if (const json scaling = rope_scaling(c); !scaling.is_null()) config["rope_scaling"] = scaling;
+  write_family_keys(c, type, config);
+  config["tie_word_embeddings"] = c.tie_word_embeddings;
+  config["bos_token_id"] = c.vocab_size - static_cast<int64_t>(data::demo_special_tokens().size());
+  config["eos_token_id"] = c.vocab_size - static_cast<int64_t>(data::demo_special_tokens().size()) + 1;
+  config["torch_dtype"] = "float32";
   write_text_file((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
 }
 

@@ -33,14 +33,20 @@ DecoderConfig demo_model_config(int64_t vocab_size = 256 + 5);
 using data::write_demo_tokenizer;
 
 // config.json and model.safetensors (fp32) of `shape`, random as transformers
-// initializes it from `seed`.
+// initializes it from `seed`. Despite the names, these three serve every family
+// of model/family.h: shape.model_type (empty: llama) picks the architecture.
 void write_random_llama(const std::string& dir, const DecoderConfig& shape, uint64_t seed);
 // Only the config.json of write_random_llama: a model directory that `plan --measure` and
 // benchmarks (RunOptions::random_weights) fill with random weights of that shape on the device.
+// Written with the family's model_type, architecture and keys (attention_bias, mlp_bias,
+// sliding_window, use_sliding_window, layer_types; rope_scaling when the RoPE is scaled), so
+// read_decoder_config reads `shape` back. Throws std::invalid_argument for pieces the family's
+// config.json cannot express (a Qwen2 without q/k/v biases, a Llama with q/k norms, ...).
 void write_llama_config(const std::string& dir, const DecoderConfig& shape);
 
-// The Hugging Face tensor names and shapes of a Llama of `shape`, in the
-// order write_random_llama draws them.
+// The Hugging Face tensor names and shapes of a model of `shape`, in the order write_random_llama
+// draws them: what model::DecoderModel::load expects, q/k/v biases (Qwen2) and q/k norm weights
+// (Qwen3) included. Norms are drawn as ones and biases as zeros, as transformers initializes them.
 std::vector<std::pair<std::string, std::vector<int64_t>>> llama_tensor_shapes(const DecoderConfig& shape);
 
 // The same random weights without a file: each tensor drawn on `device` when
