@@ -1,6 +1,7 @@
 // Benchmark of the whole training step (the comparison configurations, docs/performance.md):
 // `qlora train` as users run it, through the public recipe train::run_training, on the
-// Llama-3.2-1B (and 3.1-8B) architecture with random weights drawn on the GPU; r 16 / alpha 32 /
+// Llama-3.2-1B (and 3.1-8B, Qwen3-8B, Qwen2.5-1.5B) architecture with random weights drawn on the
+// GPU; r 16 / alpha 32 /
 // dropout 0.05 on q,k,v,o, activation checkpointing, bf16, paged 8-bit AdamW, unless a
 // configuration (kShapes) says otherwise.
 // One JSON object a line on stdout, per configuration (micro, seq):
@@ -17,7 +18,9 @@
 //                 selective), auto-2x512, auto-4x1024, auto-8x2048, auto-8b-2x2048 and
 //                 auto-8b-2x2048-cap (train.recompute: auto, the last under a 15.45 GB
 //                 --memory-cap), no-ckpt-8x2048 and no-ckpt-8b-2x2048; all compared with the
-//                 peer's full-checkpointing run of the same shape
+//                 peer's full-checkpointing run of the same shape; qwen3-8b-2x2048 and
+//                 qwen2.5-1.5b-4x1024 (the other families: Qwen3's q/k norms, Qwen2's q/k/v
+//                 biases; `scripts/gpu.sh --suite families`)
 //     --steps N   optimizer steps per configuration (default 12); the first kWarmupSteps are
 //                 warm-up, excluded from the timing and from the peak
 //     --work DIR  where the model directories (config.json + tokenizer), data and outputs go;
@@ -128,6 +131,12 @@ const Shape kShapes[] = {
     // recompute lever (what train.recompute can gain at most, and at what memory).
     {"no-ckpt-8x2048", "llama-3.2-1b", 8, 2048, false, false, false, qlora::Recompute::kFull, "8x2048"},
     {"no-ckpt-8b-2x2048", "llama-3.1-8b", 2, 2048, false, false, false, qlora::Recompute::kFull, "8b-2x2048"},
+    // The other families at the default settings: the model directory's config.json says the
+    // family (write_llama_config), and the random weights include Qwen2's q/k/v biases and
+    // Qwen3's q/k norms (llama_tensor_shapes). Their layers run the generic checkpointed path
+    // where the fused one lacks a piece (fused_layer_gap).
+    {"qwen3-8b-2x2048", "qwen3-8b", 2, 2048},
+    {"qwen2.5-1.5b-4x1024", "qwen2.5-1.5b", 4, 1024},
 };
 constexpr int kDefaultShapes = 3;  // without --configs: the three micro × seq points
 
@@ -424,8 +433,9 @@ int main(int argc, char** argv) {
     for (const Shape& s : args.shapes) {
       json j;
       try {
-        // config.json and a tokenizer only: RunOptions::random_weights draws the weights on
-        // the GPU (seconds, where writing an 8B checkpoint would take minutes and 32 GB).
+        // config.json (the preset's family: model_type, biases, q/k norms) and a tokenizer
+        // only: RunOptions::random_weights draws the weights on the GPU (seconds, where
+        // writing an 8B checkpoint would take minutes and 32 GB).
         const qlora::DecoderConfig shape = qlora::model_preset(s.model);
         const fs::path model_dir = work / (std::string("model-") + s.model);
         if (!fs::exists(model_dir / "config.json") || !fs::exists(model_dir / "tokenizer.json")) {

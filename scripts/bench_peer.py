@@ -3,9 +3,11 @@
 transformers + PEFT + bitsandbytes on the same GPU, eager and with the PEFT model
 wrapped in torch.compile.
 
-Llama-3.2-1B architecture (its config.json values), random weights: the model is
-built in bf16, saved with save_pretrained to a temporary folder (the GPU machine
-reaches no hub) and loaded back the QLoRA way (NF4, double quant, bf16 compute),
+Llama-3.2-1B architecture (its config.json values; Llama-3.1-8B, Qwen3-8B and
+Qwen2.5-1.5B for the configurations that name them, MODELS below), random weights:
+the model is built in bf16 by the family's transformers class, saved with
+save_pretrained to a temporary folder (the GPU machine reaches no hub) and loaded
+back with AutoModelForCausalLM the QLoRA way (NF4, double quant, bf16 compute),
 then prepare_model_for_kbit_training (checkpointing, use_reentrant False), LoRA
 r 16 / alpha 32 / dropout 0.05 on q,k,v,o, bitsandbytes' PagedAdamW8bit (lr 2e-4,
 no weight decay), gradient clipping at 1.0 and bf16 autocast around the forward
@@ -25,16 +27,22 @@ bench_train measures; *_with_warmup_bytes keep the warm-up (and compilation).
 Managed memory of the paged optimizer is outside the allocator, as for qlora.
 
   PYTHONPATH=$PWD/.whl/site python3 scripts/bench_peer.py [--quick] [--steps N]
-      [--modes eager,compile] [--configs 2x512,4x1024,8x2048,all-linear-4x1024,no-ckpt-2x512,fp16-4x1024,8b-2x2048]
+      [--modes eager,compile] [--configs 2x512,4x1024,8x2048,all-linear-4x1024,no-ckpt-2x512,fp16-4x1024,8b-2x2048,
+                               qwen3-8b-2x2048,qwen2.5-1.5b-4x1024]
       [--work DIR] [--jobs N] [--deadline SECONDS]
+
+--tiny (a smoke test of the script, CPU or GPU): every model shrunk to 2 layers of hidden 128
+in its own family (Qwen2's q/k/v biases and Qwen3's q/k norms stay), torch.optim.AdamW without
+a GPU; e.g. --tiny --configs qwen3-8b-2x2048,qwen2.5-1.5b-4x1024 --modes eager --steps 3.
 
 --jobs N (Note [warm-ups side by side]): every (configuration, mode) runs in its own process;
 up to N of them warm up (load, compile, the warm-up steps) at the same time, and only when no
 warm-up is left does each time its steps, one at a time, with the others idle. torch.compile's
 warm-up (90-220 s a configuration on an H200) is mostly CPU work on one GPU that sits idle, so
 side by side they take about as long as the slowest few, not their sum; the timed steps run
-as they do one by one. --deadline (seconds from the start) stops waiting for warm-ups then:
-what is ready is timed, the rest reads as an error row.
+as they do one by one. --deadline (seconds from the start of the process, writing the random
+models included) stops waiting for warm-ups then: what is ready is timed, the rest reads as an
+error row.
 """
 
 import argparse
@@ -57,6 +65,9 @@ VARIANTS = {
     "no-ckpt-2x512": dict(micro=2, seq=512, checkpointing=False),
     "fp16-4x1024": dict(micro=4, seq=1024, fp16=True),
     "8b-2x2048": dict(micro=2, seq=2048, model="llama-3.1-8b"),
+    # The other families (scripts/gpu.sh --suite families), at the default settings.
+    "qwen3-8b-2x2048": dict(micro=2, seq=2048, model="qwen3-8b"),
+    "qwen2.5-1.5b-4x1024": dict(micro=4, seq=1024, model="qwen2.5-1.5b"),
 }
 LR = 2e-4
 MAX_GRAD_NORM = 1.0
@@ -93,6 +104,58 @@ ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,
 }
+# Qwen/Qwen3-8B's published config.json (q/k RMSNorm per head, no biases, untied).
+QWEN3_8B = dict(
+    vocab_size=151936,
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    rms_norm_eps=1e-6,
+    hidden_act="silu",
+    tie_word_embeddings=False,
+    attention_bias=False,
+    attention_dropout=0.0,
+    use_sliding_window=False,
+    max_window_layers=36,
+    initializer_range=0.02,
+    bos_token_id=151643,
+    eos_token_id=151645,
+    use_cache=False,
+)
+# Qwen/Qwen2.5-1.5B's published config.json (q, k, v with biases; head_dim = hidden / heads = 128;
+# Qwen2Config has no head_dim key).
+QWEN25_15B = dict(
+    vocab_size=151936,
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-6,
+    hidden_act="silu",
+    tie_word_embeddings=True,
+    attention_dropout=0.0,
+    use_sliding_window=False,
+    max_window_layers=28,
+    initializer_range=0.02,
+    bos_token_id=151643,
+    eos_token_id=151643,
+    use_cache=False,
+)
+QWEN_ROPE = {"rope_type": "default", "rope_theta": 1000000.0}
+# model name (bench_train's preset) -> (transformers config class, causal LM class, values, RoPE)
+MODELS = {
+    "llama-3.2-1b": ("LlamaConfig", "LlamaForCausalLM", LLAMA_32_1B, ROPE),
+    "llama-3.1-8b": ("LlamaConfig", "LlamaForCausalLM", LLAMA_31_8B, dict(ROPE, factor=8.0)),
+    "qwen3-8b": ("Qwen3Config", "Qwen3ForCausalLM", QWEN3_8B, QWEN_ROPE),
+    "qwen2.5-1.5b": ("Qwen2Config", "Qwen2ForCausalLM", QWEN25_15B, QWEN_ROPE),
+}
+STARTED = time.monotonic()  # --deadline counts from here
 
 
 def log(msg):
@@ -108,7 +171,8 @@ def parse_args():
     p.add_argument("--quick", action="store_true", help="only the first configuration (micro 2, seq 512)")
     p.add_argument("--steps", type=int, default=12, help=f"steps per run, the first {WARMUP_STEPS} warm-up")
     p.add_argument("--modes", default="eager,compile", help="comma-separated: eager, compile")
-    p.add_argument("--configs", default="", help="comma-separated MICROxSEQ subset, e.g. 2x512,8x2048")
+    p.add_argument("--configs", default="", help="comma-separated MICROxSEQ or names of VARIANTS, e.g. "
+                   "2x512,8b-2x2048,qwen3-8b-2x2048")
     p.add_argument("--work", default="", help="folder for the saved random model (default: a temp dir)")
     p.add_argument("--jobs", type=int, default=1, help="warm-ups side by side in worker processes (1: in turn)")
     p.add_argument("--deadline", type=float, default=0, help="with --jobs: seconds until the timing starts anyway")
@@ -148,24 +212,28 @@ def variant(name, micro, seq, model="llama-3.2-1b", all_linear=False, checkpoint
 
 
 def model_config(tiny, model="llama-3.2-1b"):
-    from transformers import LlamaConfig
+    import transformers
 
-    values = dict(LLAMA_31_8B if model == "llama-3.1-8b" else LLAMA_32_1B)
-    rope = dict(ROPE, factor=8.0) if model == "llama-3.1-8b" else dict(ROPE)
+    config_class, _, published, rope = MODELS[model]
+    values = dict(published)
     if tiny:
         values.update(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, bos_token_id=1, eos_token_id=2)
-    return LlamaConfig(rope_parameters=rope, **values)
+                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+        if "head_dim" in values:
+            values.update(head_dim=32)
+        if "max_window_layers" in values:
+            values.update(max_window_layers=2)
+    return getattr(transformers, config_class)(rope_parameters=dict(rope), **values)
 
 
 def write_random_model(path, tiny, device, model_name):
     import torch
-    from transformers import LlamaForCausalLM
+    import transformers
 
     torch.manual_seed(SEED)
     cfg = model_config(tiny, model_name)
     with torch.device(device):
-        model = LlamaForCausalLM(cfg)  # transformers' own random init
+        model = getattr(transformers, MODELS[model_name][1])(cfg)  # transformers' own random init
     model.to(torch.bfloat16)
     model.save_pretrained(path)
     n = sum(p.numel() for p in model.parameters())
@@ -179,7 +247,7 @@ def write_random_model(path, tiny, device, model_name):
 def load_qlora_model(path, device, v):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = torch.float16 if v["fp16"] else torch.bfloat16
     bnb_config = BitsAndBytesConfig(
@@ -188,7 +256,7 @@ def load_qlora_model(path, device, v):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
     )
-    model = LlamaForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(  # the class config.json names
         path,
         quantization_config=bnb_config,
         dtype=dtype,
@@ -383,7 +451,7 @@ def coordinate(args, work):
     import signal
     import subprocess
 
-    start = time.monotonic()
+    start = STARTED  # --deadline counts the random models' writing too
     turns = tempfile.mkdtemp(prefix="qlora-bench-peer-turns-")
     runs = [(v, mode) for v in args.config_list for mode in args.modes]
     procs = {}  # index -> Popen
