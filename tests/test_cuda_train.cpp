@@ -14,6 +14,8 @@
 #include <string>
 
 #include "qlora/config/config.h"
+#include "qlora/model/decoder_config.h"
+#include "qlora/train/demo.h"
 #include "qlora/train/run.h"
 #include "support/test_support.h"
 #include "support/train_fixtures.h"
@@ -66,6 +68,40 @@ TEST(CudaTrain, FirstStepLossEqualsTheCpuRun) {
               std::fabs(gpu32 - cpu) / cpu, gpu16, std::fabs(gpu16 - cpu) / cpu);
   EXPECT_NEAR(gpu32, cpu, kFp32LossRtol * cpu);
   EXPECT_NEAR(gpu16, cpu, kBf16LossRtol * cpu);
+}
+
+// The same check on a small random model of each other family, so its pieces run on the GPU
+// before the benchmarks train one (scripts/gpu.sh --suite families): Qwen2's q/k/v biases,
+// Qwen3's q/k norms, Mistral's sliding window (16 tokens, shorter than the rows). The weights
+// are write_random_llama's in the family's layout (biases zero, norms one, as transformers
+// draws them).
+TEST(CudaTrain, EachFamilyFirstStepLossEqualsTheCpuRun) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device visible to torch";
+  for (const std::string type : {"qwen2", "qwen3", "mistral"}) {
+    SCOPED_TRACE(type);
+    const std::string tmp = testing::make_temp_dir("cuda_train_" + type);
+    const std::string model = tmp + "/model";
+    train::write_demo_tokenizer(model);
+    DecoderConfig shape = testing::small_llama_shape();
+    shape.model_type = type;
+    shape.pieces.qkv_bias = type == "qwen2";
+    shape.pieces.qk_norm = type == "qwen3";
+    if (type == "mistral") shape.layer_window.assign(static_cast<size_t>(shape.num_hidden_layers), 16);
+    train::write_random_llama(model, shape, 7);
+    const auto run = [&](const std::string& out, Precision precision, const std::string& device) {
+      Config cfg = small_run(tmp, out, precision);
+      cfg.model.path = model;
+      return run_on(cfg, device).first_loss;
+    };
+    const double cpu = run("cpu", Precision::kFp32, "cpu");
+    ASSERT_TRUE(std::isfinite(cpu));
+    const double gpu32 = run("gpu-fp32", Precision::kFp32, "cuda");
+    const double gpu16 = run("gpu-bf16", Precision::kBf16, "cuda");
+    std::printf("  %-7s step 1 loss: cpu fp32 %.6f, cuda fp32 %.6f (%.2e), cuda bf16 %.6f (%.2e)\n", type.c_str(), cpu,
+                gpu32, std::fabs(gpu32 - cpu) / cpu, gpu16, std::fabs(gpu16 - cpu) / cpu);
+    EXPECT_NEAR(gpu32, cpu, kFp32LossRtol * cpu);
+    EXPECT_NEAR(gpu16, cpu, kBf16LossRtol * cpu);
+  }
 }
 
 }  // namespace
