@@ -6,6 +6,7 @@
 #   bash scripts/gpu.sh                    # build, cuda tests, bench_nf4, bench_train (2x512,4x1024,8x2048)
 #   bash scripts/gpu.sh --suite shapes     # the comparison with the peer, first half (below)
 #   bash scripts/gpu.sh --suite variants   # the comparison with the peer, second half
+#   bash scripts/gpu.sh --suite families   # Qwen3-8B and Qwen2.5-1.5B beside the peer, a plan per family
 #   options (after --suite they change the preset):
 #   --all                the whole CPU suite too (builds every test)
 #   --no-tests           no ctest
@@ -21,8 +22,11 @@
 #   --jobs N             the peer's warm-ups side by side (scripts/bench_peer.py --jobs; default 8)
 #   --measure            `qlora plan --measure` on the seven comparison configurations, and the finder
 #   --finder             only the 8B finder under a 15 GiB cap
+#   --measure-families   `qlora plan --measure` on one preset of each family (qwen2.5-0.5b, qwen3-0.6b,
+#                        smollm2-360m, mistral-7b-v0.3), the plan's bytes beside the measured peaks
+#   --no-nf4             no bench_nf4
 #
-# The comparison with transformers + PEFT + bitsandbytes in two runs, each under the machine's
+# The comparison with transformers + PEFT + bitsandbytes in three runs, each under the machine's
 # 10-minute limit (every phase has its own time limit, so a run always returns what finished;
 # what did not run reads "not run" in the comparison, never "met"):
 #   shapes:   the cuda tests, bench_nf4, bench_train on 2x512, 4x1024, 8x2048 and their
@@ -31,10 +35,20 @@
 #             bench/results (the GPU run must reach the CPU run's held-out exact match).
 #   variants: bench_train and the peer on 8b-2x2048 (and its selective and auto-under-a-cap
 #             rows), all-linear-4x1024, no-ckpt-2x512, fp16-4x1024.
+#   families: the cuda tests, bench_train and the peer (eager, compiled) on qwen3-8b-2x2048 and
+#             qwen2.5-1.5b-4x1024 (r 16 on q,k,v,o, checkpointing, bf16: the other families at
+#             the default settings; no bench_nf4), then --measure-families. Expected (from the
+#             suites above on an H100): build ~110 s on a fresh machine (0 warm), tests ~20 s,
+#             bench_train ~60-90 s, the peer ~250-280 s (writing the random 8B, 16 GB, and the
+#             1.5B; four warm-ups side by side, the compiled 8B's the longest: 165 s for
+#             Llama-3.1-8B), the four plans ~40 s (the peer's limit leaves them 50 s): about
+#             520 s fresh, 410 s warm. On a fresh machine the compiled Qwen3-8B warm-up is the
+#             run nearest its limit; if it reads "not timed", run the suite again while warm.
 #   The peer's torch.compile warm-ups (90-220 s a configuration on an H200) run side by side
 #   (--jobs), its timed steps one at a time; what does not fit reads "not run".
 #   Phases run in this order: build, tests, bench_nf4, bench_train, peer, demo, profiles,
-#   --measure, and none runs past QLORA_GPU_DEADLINE (560 s), so the results always come back.
+#   --measure, --measure-families, and none runs past QLORA_GPU_DEADLINE (560 s), so the results
+#   always come back.
 #   A machine still warm from the first run keeps build-gpu/, so the second rebuilds nothing.
 #
 # The same CMakeLists.txt as everywhere; only -DQLORA_CUDA=ON and the Python whose torch to link
@@ -51,7 +65,7 @@ python=${QLORA_PYTHON:-$(command -v python3)}
 archs=${QLORA_CUDA_ARCHS:-90}
 out="$root/$build/out"
 
-all=0 tests=1 bench=1 demo=0 measure=0 finder=0 suite="" demo_cpu="" steps=22 jobs=8
+all=0 tests=1 bench=1 nf4=1 demo=0 measure=0 measure_families=0 finder=0 suite="" demo_cpu="" steps=22 jobs=8
 train_configs="2x512,4x1024,8x2048" peer_configs="" peer_modes="eager,compile" profile_configs=""
 preset() {
   case "$1" in
@@ -60,7 +74,9 @@ preset() {
        peer_configs="2x512,4x1024,8x2048" ;;
     variants) tests=0; train_configs="8b-2x2048,selective-8b-2x2048,auto-8b-2x2048-cap,all-linear-4x1024,no-ckpt-2x512,fp16-4x1024"
        peer_configs="8b-2x2048,all-linear-4x1024,no-ckpt-2x512,fp16-4x1024" ;;
-    *) echo "scripts/gpu.sh: --suite expects shapes or variants, got '$1'" >&2; exit 2 ;;
+    families) nf4=0; measure_families=1; train_configs="qwen3-8b-2x2048,qwen2.5-1.5b-4x1024"
+       peer_configs="qwen3-8b-2x2048,qwen2.5-1.5b-4x1024" ;;
+    *) echo "scripts/gpu.sh: --suite expects shapes, variants or families, got '$1'" >&2; exit 2 ;;
   esac
 }
 need() { [[ $# -ge 2 ]] || { echo "scripts/gpu.sh: $1 needs a value" >&2; exit 2; }; }
@@ -80,6 +96,8 @@ while [[ $# -gt 0 ]]; do
     --jobs) need "$@"; jobs=$2; shift ;;
     --measure) measure=1; finder=1 ;;
     --finder) finder=1 ;;
+    --measure-families) measure_families=1 ;;
+    --no-nf4) nf4=0 ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "scripts/gpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -147,8 +165,10 @@ fi
 
 # ---------------------------------------------------------------- benchmarks
 if [[ $bench == 1 ]]; then
-  phase "bench_nf4"
-  limited 120 "$build/bench/bench_nf4" >"$out/bench_nf4.json" 2>"$out/bench_nf4.log" || failed "bench_nf4"
+  if [[ $nf4 == 1 ]]; then
+    phase "bench_nf4"
+    limited 120 "$build/bench/bench_nf4" >"$out/bench_nf4.json" 2>"$out/bench_nf4.log" || failed "bench_nf4"
+  fi
   if [[ -n $train_configs ]]; then
     phase "bench_train --configs $train_configs"
     limited 300 "$build/bench/bench_train" --configs "$train_configs" --steps "$steps" >"$out/bench_train.json" 2>"$out/bench_train.log" \
@@ -165,10 +185,12 @@ if [[ $bench == 1 ]]; then
           "${wheels[@]}" && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
       fi
     fi
-    # What follows the peer keeps its share of the run: the demo (two runs) and the profiles.
+    # What follows the peer keeps its share of the run: the demo (two runs), the profiles and the
+    # four family plans (5-15 s each; what the peer leaves unused comes on top).
     reserve=0
     [[ $demo == 1 ]] && reserve=$(( reserve + (${#demo_cpu} > 0 ? 60 : 150) ))
     [[ -n $profile_configs ]] && reserve=$(( reserve + 60 * $(tr ',' '\n' <<<"$profile_configs" | grep -c .) ))
+    [[ $measure_families == 1 ]] && reserve=$(( reserve + 50 ))
     peer_limit=$(( deadline - $(elapsed) - reserve ))
     phase "bench_peer --configs $peer_configs --modes $peer_modes"
     # Its warm-ups stop being waited for 60 s before its limit, so what is ready still gets timed.
@@ -262,6 +284,52 @@ if [[ $measure == 1 ]]; then
   measure_one 1b-fp16-4x1024 --config configs/llama-3.2-1b-t4.yaml --set train.micro_batch_size=4 --seq 1024
   measure_one 8b-2x2048 "${eight_b[@]}" --set train.micro_batch_size=2 --seq 2048
 fi
+# ---------------------------------------------------------------- plan --measure, a model a family
+if [[ $measure_families == 1 ]]; then
+  phase "qlora plan --measure: one model of each family"
+  # The 1B T4 config's settings (r 16 on q,k,v,o, checkpointing, paged 8-bit AdamW) in bf16, on
+  # the family's preset: random weights drawn on the GPU, nothing to download. Small presets (and
+  # the 7B at 2 x 1024) so that the four fit in what the peer leaves. family:preset:micro:seq
+  family_runs=(qwen2:qwen2.5-0.5b:4:1024 qwen3:qwen3-0.6b:4:1024 llama:smollm2-360m:4:1024
+               mistral:mistral-7b-v0.3:2:1024)
+  for run in "${family_runs[@]}"; do
+    IFS=: read -r family preset micro seq <<<"$run"
+    name="$preset-${micro}x$seq"
+    echo "-- $family: $name"
+    limited 90 "$build/qlora" plan --config configs/llama-3.2-1b-t4.yaml --set model.preset="$preset" \
+      --set train.precision=bf16 --set train.micro_batch_size="$micro" --seq "$seq" --measure --json \
+      2>"$out/measure-$name.log" >"$out/measure-$name.json" || failed "measure $name"
+  done
+  # The plan's estimate and the measured peak side by side (the tables are in measure-*.log).
+  "$python" - "$out" "${family_runs[@]}" <<'PYEOF' | tee "$out/measure-families.txt"
+import json, os, sys
+out, runs = sys.argv[1], sys.argv[2:]
+gib = lambda b: f"{b / 2**30:.2f}"
+head = ["family", "preset", "micro x seq", "plan allocated GiB", "measured peak GiB", "error",
+        "plan reserved GiB", "measured reserved GiB", "error", "plan total GiB", "s/step"]
+lines = [head]
+for run in runs:
+    family, preset, micro, seq = run.split(":")
+    path = os.path.join(out, f"measure-{preset}-{micro}x{seq}.json")
+    rows = [json.loads(l) for l in open(path) if l.startswith("{")] if os.path.exists(path) else []
+    m = rows[-1] if rows else None
+    if m is None:
+        lines.append([family, preset, f"{micro} x {seq}", "not run (see the log)"] + [""] * (len(head) - 4))
+        continue
+    pct = lambda p, q: f"{100 * (p - q) / q:+.1f}%" if q else "-"
+    oom = " (out of memory)" if m.get("out_of_memory") else ""
+    lines.append([family, preset, f"{m['micro']} x {m['seq']}{oom}", gib(m["predicted_allocated_bytes"]),
+                  gib(m["peak_allocated_bytes"]), pct(m["predicted_allocated_bytes"], m["peak_allocated_bytes"]),
+                  gib(m["predicted_reserved_bytes"]), gib(m["peak_reserved_bytes"]),
+                  pct(m["predicted_reserved_bytes"], m["peak_reserved_bytes"]), gib(m["predicted_total_bytes"]),
+                  f"{m['seconds_per_step']:.3f}"])
+widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
+for k, l in enumerate(lines):
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(l, widths)) + " |")
+    if k == 0:
+        print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+PYEOF
+fi
 if [[ $finder == 1 ]]; then
   phase "qlora plan --find-micro-batch: 8B, fp16 as on a T4, under a 15 GiB cap at seq 2048"
   limited 200 "$build/qlora" plan --config configs/llama-3.1-8b-t4.yaml --find-micro-batch --memory-cap 15GiB --seq 2048 \
@@ -275,7 +343,7 @@ phase "done${suite:+ (suite $suite)}; failures: ${failures[*]:-none}"
   echo "scripts/gpu.sh ${suite:+--suite $suite} on $(date -u +%F), $(elapsed) s; failures: ${failures[*]:-none}"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   grep -E "tests passed|tests failed|\(Failed\)" "$out/ctest.log" 2>/dev/null
-  cat "$out/demo-compare.txt" "$out/compare.txt" 2>/dev/null
+  cat "$out/demo-compare.txt" "$out/compare.txt" "$out/measure-families.txt" 2>/dev/null
   for f in "$out"/profile-summary-*.json; do
     [[ -f $f ]] && "$python" -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1].rsplit('/',1)[-1], {k: v for k, v in d.items() if not isinstance(v, (list, dict))})" "$f"
   done
