@@ -20,7 +20,7 @@
 #include "qlora/quant/nf4_cuda.h"
 #include "qlora/train/checkpoint.h"
 #include "qlora/train/demo.h"
-#include "qlora/train/fused_layer.h"
+#include "qlora/layer/fused_layer.h"
 
 namespace qlora {
 namespace {
@@ -64,7 +64,7 @@ Result run(const DecoderModel& m, const lora::LoraAdapter& adapter, const train:
   return r;
 }
 
-void compare(at::ScalarType dtype, train::FusedRecompute what = train::FusedRecompute::kFull,
+void compare(at::ScalarType dtype, layer::FusedRecompute what = layer::FusedRecompute::kFull,
              int64_t no_recompute_layers = 0) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device visible to torch";
   quant::register_cuda_kernels();
@@ -94,12 +94,12 @@ void compare(at::ScalarType dtype, train::FusedRecompute what = train::FusedReco
   }
   // Without checkpointing the reference is the model's own layer under autograd.
   const train::LayerForwardFn generic =
-      what == train::FusedRecompute::kNothing
+      what == layer::FusedRecompute::kNothing
           ? train::LayerForwardFn([&m](int64_t l, const at::Tensor& h, const std::pair<at::Tensor, at::Tensor>& cs,
                                        const model::AttentionInputs& a) { return m.layer_forward(l, h, cs, a); })
           : train::checkpointed_layer_forward(m);
   const Result want = run(m, adapter, generic, dtype);
-  const Result got = run(m, adapter, train::fused_layer_forward(m, what, -1, no_recompute_layers), dtype);
+  const Result got = run(m, adapter, layer::fused_layer_forward(m, what, -1, no_recompute_layers), dtype);
   const bool fp32 = dtype == at::kFloat;
   const double out_tol = fp32 ? kFp32Tol : kHalfOutTol, grad_tol = fp32 ? kFp32Tol : kHalfGradTol;
   const double ey = max_rel(got.y, want.y), ex = max_rel(got.dx, want.dx);
@@ -113,8 +113,8 @@ void compare(at::ScalarType dtype, train::FusedRecompute what = train::FusedReco
   std::printf("  %s%s: output %.2e, input grad %.2e, worst LoRA grad %.2e (relative to max |generic|)\n",
               std::string(c10::toString(dtype)).c_str(),
               no_recompute_layers > 0                  ? " last layer not recomputed"
-              : what == train::FusedRecompute::kSelective ? " selective"
-              : what == train::FusedRecompute::kNothing   ? " no checkpointing"
+              : what == layer::FusedRecompute::kSelective ? " selective"
+              : what == layer::FusedRecompute::kNothing   ? " no checkpointing"
                                                           : "",
               ey, ex, eg);
   EXPECT_LT(ey, out_tol);
@@ -125,16 +125,16 @@ TEST(CudaFusedLayer, Fp32MatchesTheGenericLayer) { compare(at::kFloat); }
 TEST(CudaFusedLayer, Bf16MatchesTheGenericLayer) { compare(at::kBFloat16); }
 TEST(CudaFusedLayer, Fp16MatchesTheGenericLayer) { compare(at::kHalf); }
 // Note [selective recompute]: gate/up kept, the rest recomputed with the forward's masks.
-TEST(CudaFusedLayer, SelectiveRecomputeMatchesTheGenericLayer) { compare(at::kBFloat16, train::FusedRecompute::kSelective); }
+TEST(CudaFusedLayer, SelectiveRecomputeMatchesTheGenericLayer) { compare(at::kBFloat16, layer::FusedRecompute::kSelective); }
 // Note [fused layer without checkpointing]: against the generic layer without checkpointing.
-TEST(CudaFusedLayer, WithoutCheckpointingMatchesTheGenericLayer) { compare(at::kBFloat16, train::FusedRecompute::kNothing); }
-TEST(CudaFusedLayer, Fp32WithoutCheckpointing) { compare(at::kFloat, train::FusedRecompute::kNothing); }
+TEST(CudaFusedLayer, WithoutCheckpointingMatchesTheGenericLayer) { compare(at::kBFloat16, layer::FusedRecompute::kNothing); }
+TEST(CudaFusedLayer, Fp32WithoutCheckpointing) { compare(at::kFloat, layer::FusedRecompute::kNothing); }
 // Note [layers not recomputed]: the last of the two layers keeps everything (its LoRA inputs
 // shed, Note [shed LoRA inputs]), the first recomputes; against the generic checkpoint.
 TEST(CudaFusedLayer, LastLayerNotRecomputedMatchesTheGenericLayer) {
-  compare(at::kBFloat16, train::FusedRecompute::kFull, 1);
+  compare(at::kBFloat16, layer::FusedRecompute::kFull, 1);
 }
-TEST(CudaFusedLayer, Fp32LastLayerNotRecomputed) { compare(at::kFloat, train::FusedRecompute::kFull, 1); }
+TEST(CudaFusedLayer, Fp32LastLayerNotRecomputed) { compare(at::kFloat, layer::FusedRecompute::kFull, 1); }
 
 }  // namespace
 }  // namespace qlora

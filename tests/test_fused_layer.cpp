@@ -1,4 +1,4 @@
-// The fused decoder layer (train/fused_layer.h) against the generic checkpointed
+// The fused decoder layer (layer/fused_layer.h) against the generic checkpointed
 // layer, which runs the model's own forward under autograd: same outputs, same
 // input gradient, same LoRA gradients, the same dropout masks, and the generators
 // left where the generic layer leaves them. fp32 on the CPU, where the two differ
@@ -19,7 +19,8 @@
 #include "qlora/model/nf4_linear.h"
 #include "qlora/train/checkpoint.h"
 #include "qlora/train/demo.h"
-#include "qlora/train/fused_layer.h"
+#include "qlora/layer/fused_layer.h"
+#include "qlora/train/layer_choice.h"
 #include "support/train_fixtures.h"
 
 namespace qlora {
@@ -37,7 +38,7 @@ struct Setup {
   double dropout = 0.0;
   bool padded = false;       // a padding mask (one row shorter) instead of causal only
   bool input_grad = true;    // false: the input is a frozen embedding's output
-  train::FusedRecompute recompute = train::FusedRecompute::kFull;
+  layer::FusedRecompute recompute = layer::FusedRecompute::kFull;
   int64_t selective_layers = -1;  // with kSelective: how many (the last) layers keep gate/up
   int64_t no_recompute_layers = 0;  // how many (the last) layers recompute nothing
   std::vector<std::string> targets = {"all-linear"};
@@ -94,21 +95,21 @@ void compare(const Setup& s) {
     at::NoGradGuard no_grad;  // B is zero at init: give it values so A's gradient is not zero
     for (const auto& l : adapter.layers()) l->lora_b().normal_(0.0, 0.05);
   }
-  ASSERT_EQ(train::fused_layer_unsupported(m), "");
+  ASSERT_EQ(layer::fused_layer_unsupported(m), "");
   // Without checkpointing the reference is the model's own layer under autograd.
   const train::LayerForwardFn generic =
-      s.recompute == train::FusedRecompute::kNothing
+      s.recompute == layer::FusedRecompute::kNothing
           ? train::LayerForwardFn([&m](int64_t l, const at::Tensor& h, const std::pair<at::Tensor, at::Tensor>& cs,
                                        const model::AttentionInputs& a) { return m.layer_forward(l, h, cs, a); })
           : train::checkpointed_layer_forward(m);
   const Result want = run(m, adapter, generic, s);
   const Result got =
-      run(m, adapter, train::fused_layer_forward(m, s.recompute, s.selective_layers, s.no_recompute_layers), s);
-  if (s.recompute != train::FusedRecompute::kFull || s.no_recompute_layers > 0) {
+      run(m, adapter, layer::fused_layer_forward(m, s.recompute, s.selective_layers, s.no_recompute_layers), s);
+  if (s.recompute != layer::FusedRecompute::kFull || s.no_recompute_layers > 0) {
     // What is kept is what the full recompute would make again (Note [selective recompute],
     // Note [fused layer without checkpointing], Note [layers not recomputed]), so the fused runs
     // agree bit for bit.
-    const Result full = run(m, adapter, train::fused_layer_forward(m, train::FusedRecompute::kFull), s);
+    const Result full = run(m, adapter, layer::fused_layer_forward(m, layer::FusedRecompute::kFull), s);
     EXPECT_TRUE(at::equal(got.y, full.y)) << "kept vs full recompute: layer outputs";
     if (s.input_grad) {
       EXPECT_TRUE(at::equal(got.dx, full.dx)) << "kept vs full recompute: input gradient";
@@ -148,42 +149,42 @@ TEST(FusedLayer, InputWithoutGradStillTrainsTheAdapter) { compare({false, 0.0, f
 // gate/up kept from forward; LoRA (with dropout) on gate, up and down, whose masks must be
 // drawn again in the forward's order.
 TEST(FusedLayer, SelectiveRecomputeDrawsTheSameMasks) {
-  compare({true, 0.2, true, true, train::FusedRecompute::kSelective});
+  compare({true, 0.2, true, true, layer::FusedRecompute::kSelective});
 }
 
 // train.selective_layers: the last layer keeps gate/up, the ones below recompute it; the
 // masks of both kinds of layer must be the forward's.
 TEST(FusedLayer, SelectiveInTheLastLayerOnly) {
   ASSERT_GE(testing::small_llama_shape().num_hidden_layers, 2);
-  compare({true, 0.2, false, true, train::FusedRecompute::kSelective, 1});
+  compare({true, 0.2, false, true, layer::FusedRecompute::kSelective, 1});
 }
 
 TEST(FusedLayer, SelectiveRecomputeWithoutDropout) {
-  compare({false, 0.0, false, true, train::FusedRecompute::kSelective});
+  compare({false, 0.0, false, true, layer::FusedRecompute::kSelective});
 }
 
 // No checkpointing: both halves kept from forward, every mask drawn once, in the generic
 // layer's order.
 TEST(FusedLayer, WithoutCheckpointingMatchesTheGenericLayer) {
-  compare({true, 0.2, true, true, train::FusedRecompute::kNothing});
+  compare({true, 0.2, true, true, layer::FusedRecompute::kNothing});
 }
 
 // Note [layers not recomputed]: the last layer keeps everything, the one below recomputes (in
 // full, or all but gate/up); the masks of both kinds of layer must be the forward's.
 TEST(FusedLayer, LastLayerNotRecomputed) {
   ASSERT_GE(testing::small_llama_shape().num_hidden_layers, 2);
-  compare({true, 0.2, true, true, train::FusedRecompute::kFull, -1, 1});
+  compare({true, 0.2, true, true, layer::FusedRecompute::kFull, -1, 1});
 }
 
 TEST(FusedLayer, LastLayerNotRecomputedTheRestSelective) {
-  compare({false, 0.2, false, true, train::FusedRecompute::kSelective, -1, 1});
+  compare({false, 0.2, false, true, layer::FusedRecompute::kSelective, -1, 1});
 }
 
 TEST(FusedLayer, NoLayerRecomputedUnderCheckpointing) {
-  compare({true, 0.2, false, true, train::FusedRecompute::kSelective, -1, 99});
+  compare({true, 0.2, false, true, layer::FusedRecompute::kSelective, -1, 99});
 }
 
-TEST(FusedLayer, WithoutCheckpointingOrDropout) { compare({false, 0.0, false, false, train::FusedRecompute::kNothing}); }
+TEST(FusedLayer, WithoutCheckpointingOrDropout) { compare({false, 0.0, false, false, layer::FusedRecompute::kNothing}); }
 
 TEST(FusedLayer, GradModeOffIsThePlainForward) {
   const DecoderConfig shape = testing::small_llama_shape();
@@ -192,7 +193,7 @@ TEST(FusedLayer, GradModeOffIsThePlainForward) {
   at::Tensor x = at::randn({1, 4, shape.hidden_size});
   const auto attn = model::causal_attention(1, 4, c10::kCPU);
   const auto cos_sin = m.rope(attn.position_ids);
-  EXPECT_TRUE(at::equal(train::fused_layer_forward(m)(0, x, cos_sin, attn), m.layer_forward(0, x, cos_sin, attn)));
+  EXPECT_TRUE(at::equal(layer::fused_layer_forward(m)(0, x, cos_sin, attn), m.layer_forward(0, x, cos_sin, attn)));
 }
 
 TEST(FusedLayer, TheCpuRunKeepsTheGenericLayer) {

@@ -140,7 +140,7 @@ double total_bytes(const std::vector<Component>& components) {
 std::string format_gib(double bytes) { return fmt::fixed(bytes / kGiB, 2); }
 
 // Note [plan: fused layer halves]: what is alive, per token, at the peak of each half of
-// the fused layer's backward (src/train/fused_layer.cpp), besides the kept x and h1.
+// the fused layer's backward (src/layer/fused_layer.cpp), besides the kept x and h1.
 //   MLP half, at down_proj's LoRA input gradient: the incoming gradient (p·h, + fp32 rstd), n2
 //     only where a gate/up LoRA without dropout takes it as its input, gate|up (2·p·i), the
 //     gradient at the MLP product (p·i), the LoRA temporary (p·i) and dropout bit mask (i/8),
@@ -272,7 +272,7 @@ std::vector<Component> memory_components(const DecoderConfig& m, const BudgetInp
   const int64_t B = in.micro_batch_size, S = in.seq_length;
   // Note [plan: the GPU paths]: bf16/fp16 run on a GPU, where the norm is ATen's fused
   // kernel (it keeps the 16-bit input and rstd, no fp32 copy), the checkpointed layer is the
-  // fused one (train/fused_layer.h) and the cross-entropy computes its gradient in forward.
+  // fused one (layer/fused_layer.h) and the cross-entropy computes its gradient in forward.
   // Only packed rows carry an attention mask (right-padded rows attend causally).
   const bool gpu16 = p == 2;
   const bool fused_layer = gpu16 && in.gradient_checkpointing;
@@ -285,7 +285,7 @@ std::vector<Component> memory_components(const DecoderConfig& m, const BudgetInp
   // output, counted with attention). With dropout the generic layer keeps each dropped copy and
   // its mask (bool on the CPU); the GPU's fused layer keeps the dropped copies only where it
   // cannot shed them (down_proj's), elsewhere the shared input once and a bit mask a LoRA
-  // (Note [shed LoRA inputs] in src/train/fused_layer_parts.h).
+  // (Note [shed LoRA inputs] in src/layer/fused_layer_parts.h).
   const bool drop = in.lora_dropout > 0;
   const bool qkv_lora = targets(in, "q_proj") || targets(in, "k_proj") || targets(in, "v_proj");
   const bool gu_lora = targets(in, "gate_proj") || targets(in, "up_proj");

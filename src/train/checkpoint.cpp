@@ -14,12 +14,15 @@
 #include <mutex>
 #include <utility>
 
+#include "qlora/layer/rng_state.h"
 #include "qlora/model/decoder.h"
-#include "train/rng_state.h"
 
 namespace qlora::train {
 namespace {
 
+using layer::capture_rng;
+using layer::restore_rng;
+using layer::RngState;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 

@@ -25,7 +25,7 @@
 #include "qlora/plan/plan.h"
 #include "qlora/quant/nf4_cuda.h"
 #include "qlora/train/checkpoint.h"
-#include "qlora/train/fused_layer.h"
+#include "qlora/train/layer_choice.h"
 #include "qlora/train/memory.h"
 #include "qlora/train/schedule.h"
 #include "qlora/train/setup.h"

@@ -37,7 +37,7 @@
 #include "qlora/quant/nf4_cuda.h"
 #include "qlora/plan/plan.h"
 #include "qlora/train/checkpoint.h"
-#include "qlora/train/fused_layer.h"
+#include "qlora/train/layer_choice.h"
 #include "qlora/train/measure.h"
 #include "qlora/train/memory.h"
 #include "qlora/train/progress.h"

@@ -197,4 +197,10 @@ class DecoderModel {
 // Module name of projection `proj` (decoder_linear_names()) of layer `layer`.
 std::string linear_module_name(int64_t layer, const std::string& proj);
 
+// One decoder layer's forward in place of DecoderModel::layer_forward, with its arguments: what
+// a training run swaps in (train's generic checkpoint, layer/fused_layer.h's fused layer).
+using LayerForwardFn = std::function<at::Tensor(int64_t layer, const at::Tensor& hidden,
+                                                const std::pair<at::Tensor, at::Tensor>& cos_sin,
+                                                const AttentionInputs& attention)>;
+
 }  // namespace qlora::model

@@ -65,7 +65,7 @@ at::Tensor dropout_backward_add(at::Tensor acc, at::Tensor d, const at::Tensor& 
 // x with a LoRA dropout bit mask applied again, out of place: (x ⊙ mask) · scale, element i
 // rounded once as lora_dropout rounded it, so x and the bits of one lora_dropout copy (with
 // scale = 1 / (1 - p)) give that copy back bit for bit (Note [shed LoRA inputs] in
-// src/train/fused_layer_parts.h). On a GPU one kernel pass (dropout_backward_add_bits without
+// src/layer/fused_layer_parts.h). On a GPU one kernel pass (dropout_backward_add_bits without
 // an accumulator); elsewhere lora_dropout_reference's arithmetic with the given bits.
 at::Tensor apply_dropout_bits(const at::Tensor& x, const at::Tensor& bits, double scale);
 

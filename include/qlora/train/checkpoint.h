@@ -10,7 +10,7 @@
 // gradients are those of the run without checkpointing, bit for bit on CPU.
 // Afterwards the RNG state is put back to where backward found it, so a
 // checkpointed step consumes the generator exactly as a plain step does.
-// See Note [Checkpoint RNG] in src/train/checkpoint.cpp.
+// See Note [Checkpoint RNG] in include/qlora/layer/rng_state.h.
 //
 // Not to be confused with the ckpt module, which saves training state to disk.
 #pragma once

@@ -44,13 +44,10 @@
 
 #include "qlora/config/config.h"
 #include "qlora/data/batch.h"
+#include "qlora/model/decoder.h"
 #include "qlora/train/schedule.h"
 
 namespace qlora {
-namespace model {
-class DecoderModel;
-struct AttentionInputs;
-}  // namespace model
 namespace optim {
 class Optimizer;
 }
@@ -104,11 +101,10 @@ int64_t total_optimizer_steps(const TrainConfig& train, int64_t micro_batches_pe
 
 // ---------------------------------------------------------------- one step
 
-// One decoder layer's forward; the activation-checkpointing module supplies one
-// that recomputes in backward. Arguments as model::DecoderModel::layer_forward.
-using LayerForwardFn = std::function<at::Tensor(int64_t layer, const at::Tensor& hidden,
-                                                const std::pair<at::Tensor, at::Tensor>& cos_sin,
-                                                const model::AttentionInputs& attention)>;
+// One decoder layer's forward (model/decoder.h); checkpointing (train/checkpoint.h) and the
+// fused layer (layer/fused_layer.h, chosen by train/layer_choice.h) supply ones that recompute
+// in backward.
+using LayerForwardFn = model::LayerForwardFn;
 
 // The summed cross-entropy of one micro batch (differentiable when grad mode is
 // on) and its target-token count; layers run through `layer_forward` when given.

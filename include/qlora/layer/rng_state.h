@@ -1,6 +1,7 @@
-// train/rng_state: the default generators' states, captured and put back, so a layer
+// layer/rng_state: the default generators' states, captured and put back, so a layer
 // recomputed in backward draws the dropout masks its forward drew (Note [Checkpoint RNG]).
-// Private to the train module: train/checkpoint.cpp and train/fused_layer.cpp.
+// Used by both layers that recompute: the fused layer (src/layer/fused_layer.cpp) and train's
+// generic checkpoint (src/train/checkpoint.cpp).
 #pragma once
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -11,7 +12,7 @@
 
 #include <mutex>
 
-namespace qlora::train {
+namespace qlora::layer {
 
 // Note [Checkpoint RNG]
 // LoRA dropout draws its masks from the default generator of the input's
@@ -51,4 +52,4 @@ inline void restore_rng(const RngState& s, const c10::Device& device) {
   if (s.cuda.defined()) set_generator_state(at::globalContext().defaultGenerator(device), s.cuda);
 }
 
-}  // namespace qlora::train
+}  // namespace qlora::layer

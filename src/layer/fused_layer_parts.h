@@ -1,5 +1,5 @@
-// train/fused_layer_parts: the pieces the fused decoder layer (src/train/fused_layer.cpp) is
-// made of, private to src/train: a projection's frozen base and LoRA, the merged dequantized
+// layer/fused_layer_parts: the pieces the fused decoder layer (src/layer/fused_layer.cpp) is
+// made of, private to src/layer: a projection's frozen base and LoRA, the merged dequantized
 // weights, LoRA's dropout, forward and backward as the layer's hand-written backward needs
 // them, and RMSNorm forward / backward keeping 1/rms.
 #pragma once
@@ -22,7 +22,7 @@ namespace qlora::lora {
 class LoraLinear;
 }
 
-namespace qlora::train::fused {
+namespace qlora::layer {
 
 // ---------------------------------------------------------------- dispatch
 
@@ -157,4 +157,4 @@ at::Tensor norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Te
 at::Tensor norm_backward_add(at::Tensor dy, const at::Tensor& x, const at::Tensor& w, const Normed& n,
                              const at::Tensor& residual);
 
-}  // namespace qlora::train::fused
+}  // namespace qlora::layer

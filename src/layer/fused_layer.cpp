@@ -1,4 +1,4 @@
-#include "qlora/train/fused_layer.h"
+#include "qlora/layer/fused_layer.h"
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cstdlib>
 #include <memory>
 #include <optional>
 #include <tuple>
@@ -14,16 +13,15 @@
 #include <utility>
 #include <vector>
 
+#include "layer/fused_layer_parts.h"
+#include "layer/fused_projections.h"
+#include "qlora/layer/rng_state.h"
 #include "qlora/lora/lora.h"
-#include "qlora/model/fused_ops.h"
 #include "qlora/model/decoder.h"
+#include "qlora/model/fused_ops.h"
 #include "qlora/plan/plan.h"
-#include "qlora/train/checkpoint.h"
-#include "train/fused_layer_parts.h"
-#include "train/fused_projections.h"
-#include "train/rng_state.h"
 
-namespace qlora::train {
+namespace qlora::layer {
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -31,7 +29,7 @@ using torch::autograd::variable_list;
 
 // Note [fused decoder layer]
 // Forward (grad off): n1 = norm(x); qkv = n1·[Wq;Wk;Wv]ᵀ (+ each LoRA in its columns: Note
-// [LoRA before the base GEMM] in train/fused_projections.cpp); q and k rotated out of their
+// [LoRA before the base GEMM] in layer/fused_projections.cpp); q and k rotated out of their
 // columns into packed tensors, v copied; a = attention(q, k, v);
 // h1 = x + a·Woᵀ (+ LoRA); n2 = norm(h1); gu = n2·[Wg;Wu]ᵀ (+ LoRA); m = swiglu(gu);
 // y = h1 + m·Wdᵀ (+ LoRA).
@@ -69,16 +67,13 @@ using torch::autograd::variable_list;
 // layer's kept state alive as backward starts, plus the top layer's backward temporaries) is
 // what the plan counts (src/plan/budget.cpp). A layer kept whole saves its whole recompute:
 // the norms, the q|k|v and gate|up GEMMs with their LoRAs, RoPE and attention's forward;
-// its LoRA inputs are kept shed (Note [shed LoRA inputs] in train/fused_layer_parts.h).
+// its LoRA inputs are kept shed (Note [shed LoRA inputs] in layer/fused_layer_parts.h).
 // train.recompute: auto turns to it once every layer keeps its gate/up output and memory is
 // left, so under a memory limit that gate/up does not fill, auto's choice is what it was
 // before. Gate/up first: on an H200 (bench/results/2026-12-02-h200-recompute-auto) the 8B at
 // 2 × 2048's gate/up outputs saved 46 ms a step for 7.14 GB (6.4 ms a GB), the rest of its 32
 // layers 18 ms for 4.06 GB (4.4 ms a GB); Llama-3.2-1B at 8 × 2048 had them about even, 26.7 ms
 // for 8.08 GB (3.3 ms a GB) and 15.6 ms for 4.10 GB (3.8; 2.2 before the LoRA inputs were shed).
-
-using namespace fused;  // Proj, LoraPass, Normed, LayerRefs, project and the rest
-                        // (train/fused_layer_parts.h, train/fused_projections.h)
 
 // ---------------------------------------------------------------- the layer
 
@@ -438,11 +433,6 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
   }
 };
 
-bool env_is(const char* name, const char* value) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::string(v) == value;
-}
-
 }  // namespace
 
 std::string fused_layer_unsupported(const model::DecoderModel& model) {
@@ -457,8 +447,8 @@ std::string fused_layer_unsupported(const model::DecoderModel& model) {
   return {};
 }
 
-LayerForwardFn fused_layer_forward(const model::DecoderModel& model, FusedRecompute what, int64_t selective_layers,
-                                   int64_t no_recompute_layers) {
+model::LayerForwardFn fused_layer_forward(const model::DecoderModel& model, FusedRecompute what,
+                                          int64_t selective_layers, int64_t no_recompute_layers) {
   const std::string why = fused_layer_unsupported(model);
   if (!why.empty()) throw std::invalid_argument("fused_layer_forward: " + why);
   const model::DecoderModel* m = &model;
@@ -493,24 +483,4 @@ LayerForwardFn fused_layer_forward(const model::DecoderModel& model, FusedRecomp
   };
 }
 
-LayerForwardFn training_layer_forward(const model::DecoderModel& model, bool gradient_checkpointing,
-                                      Recompute recompute, int64_t selective_layers, int64_t no_recompute_layers) {
-  const FusedRecompute what = !gradient_checkpointing            ? FusedRecompute::kNothing
-                              : recompute == Recompute::kSelective ? FusedRecompute::kSelective
-                                                                   : FusedRecompute::kFull;
-  if (!trains_with_fused_layer(model)) return gradient_checkpointing ? checkpointed_layer_forward(model) : LayerForwardFn();
-  return fused_layer_forward(model, what, selective_layers, no_recompute_layers);
-}
-
-bool trains_with_fused_layer(const model::DecoderModel& model) {
-  if (env_is("QLORA_LAYER", "fused")) return true;
-  const bool gpu_16bit = model.device().is_cuda() && model.dtype() != at::kFloat;
-  return !env_is("QLORA_LAYER", "reference") && gpu_16bit && fused_layer_unsupported(model).empty();
-}
-
-LayerForwardFn training_layer_forward(const model::DecoderModel& model, const TrainConfig& train) {
-  return training_layer_forward(model, train.gradient_checkpointing, train.recompute, train.selective_layers,
-                                train.no_recompute_layers);
-}
-
-}  // namespace qlora::train
+}  // namespace qlora::layer

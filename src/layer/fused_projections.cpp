@@ -1,5 +1,5 @@
-// A decoder layer's projections for the fused layer (src/train/fused_projections.h).
-#include "train/fused_projections.h"
+// A decoder layer's projections for the fused layer (src/layer/fused_projections.h).
+#include "layer/fused_projections.h"
 
 #include <ATen/ATen.h>
 
@@ -9,7 +9,7 @@
 #include "qlora/lora/lora.h"
 #include "qlora/model/decoder.h"
 
-namespace qlora::train::fused {
+namespace qlora::layer {
 
 LayerRefs layer_refs(const model::DecoderModel& m, int64_t index, at::ScalarType compute) {
   const BelowAutograd below;  // LoRA's casts: no graph (backward is the layer's own)
@@ -115,4 +115,4 @@ void shed_passes(std::vector<std::pair<size_t, LoraPass>>& passes, const at::Ten
   for (auto& [which, pass] : passes) pass.in = shed(std::move(pass.in), source);
 }
 
-}  // namespace qlora::train::fused
+}  // namespace qlora::layer

@@ -1,5 +1,5 @@
-// The fused decoder layer's pieces (src/train/fused_layer_parts.h).
-#include "train/fused_layer_parts.h"
+// The fused decoder layer's pieces (src/layer/fused_layer_parts.h).
+#include "layer/fused_layer_parts.h"
 
 #include <ATen/ATen.h>
 
@@ -11,7 +11,7 @@
 #include "qlora/model/nf4_linear.h"
 #include "qlora/quant/nf4_cuda.h"
 
-namespace qlora::train::fused {
+namespace qlora::layer {
 namespace {
 
 // Writes base's weight [out, in] (in out's dtype) into `out`, a contiguous block of rows.
@@ -233,4 +233,4 @@ at::Tensor norm_backward_add(at::Tensor dy, const at::Tensor& x, const at::Tenso
   return norm_backward(dy, x, w, n).add_(residual);
 }
 
-}  // namespace qlora::train::fused
+}  // namespace qlora::layer

@@ -1,5 +1,5 @@
-// train/fused_projections: a decoder layer's seven projections as the fused layer
-// (src/train/fused_layer.cpp) uses them, private to src/train: the layer's frozen bases, LoRAs
+// layer/fused_projections: a decoder layer's seven projections as the fused layer
+// (src/layer/fused_layer.cpp) uses them, private to src/layer: the layer's frozen bases, LoRAs
 // and norm weights gathered once a layer call (LayerRefs), the merged q|k|v and gate|up
 // products with their LoRAs (project), and the LoRAs' backward over a merged output.
 #pragma once
@@ -13,13 +13,13 @@
 #include <utility>
 #include <vector>
 
-#include "train/fused_layer_parts.h"
+#include "layer/fused_layer_parts.h"
 
 namespace qlora::model {
 class DecoderModel;
 }
 
-namespace qlora::train::fused {
+namespace qlora::layer {
 
 // Index of each projection in decoder_linear_names().
 constexpr size_t kQ = 0, kK = 1, kV = 2, kO = 3, kGate = 4, kUp = 5, kDown = 6;
@@ -57,8 +57,8 @@ at::Tensor project(const LayerRefs& r, std::initializer_list<size_t> idx, const 
 at::Tensor lora_columns_backward(const LayerRefs& r, std::initializer_list<size_t> idx, const at::Tensor& gout,
                                  std::vector<std::pair<size_t, LoraPass>>& passes);
 
-// Note [shed LoRA inputs] (train/fused_layer_parts.h): the passes' dropped copies of `source`
+// Note [shed LoRA inputs] (layer/fused_layer_parts.h): the passes' dropped copies of `source`
 // go; their masks and source stay.
 void shed_passes(std::vector<std::pair<size_t, LoraPass>>& passes, const at::Tensor& source);
 
-}  // namespace qlora::train::fused
+}  // namespace qlora::layer
