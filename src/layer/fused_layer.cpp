@@ -28,11 +28,13 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // Note [fused decoder layer]
-// Forward (grad off): n1 = norm(x); qkv = n1·[Wq;Wk;Wv]ᵀ (+ each LoRA in its columns: Note
-// [LoRA before the base GEMM] in layer/fused_projections.cpp); q and k rotated out of their
-// columns into packed tensors, v copied; a = attention(q, k, v);
-// h1 = x + a·Woᵀ (+ LoRA); n2 = norm(h1); gu = n2·[Wg;Wu]ᵀ (+ LoRA); m = swiglu(gu);
-// y = h1 + m·Wdᵀ (+ LoRA).
+// Forward (grad off): n1 = norm(x); qkv = n1·[Wq;Wk;Wv]ᵀ (+ biases, + each LoRA in its columns:
+// Note [LoRA before the base GEMM] in layer/fused_projections.cpp); q and k (each head normed
+// first where the family has q/k norms) rotated out of their columns into packed tensors, v
+// copied; a = attention(q, k, v) (within the layer's window, if any);
+// h1 = x + a·Woᵀ (+ bias, + LoRA); n2 = norm(h1); gu = n2·[Wg;Wu]ᵀ (+ biases, + LoRA);
+// m = swiglu(gu); y = h1 + m·Wdᵀ (+ bias, + LoRA). The family's pieces: Note [the family's
+// pieces].
 // Kept for backward: x, h1, and the generator states before each half (Note [selective
 // recompute] and Note [fused layer without checkpointing] keep more).
 // Backward, one half at a time: the MLP half is recomputed from h1 up to m (no
@@ -43,6 +45,32 @@ using torch::autograd::variable_list;
 // The merged weights of the recomputation are reused by the backward, so each
 // projection is dequantized once forward and once backward. Attention's own
 // backward is ATen's (a small autograd graph around SDPA alone).
+
+// Note [the family's pieces]
+// A family's layer is Llama's plus the pieces its description names (model/decoder_config.h:
+// LayerPieces, DecoderConfig::layer_window); each has its counterpart here beside the
+// reference's in model::DecoderModel::layer_forward, and model::fused_layer_gap names any the
+// fused layer lacks (a model with one takes train's generic checkpoint).
+//  - Projection biases (Qwen2's q, k, v; Llama's attention_bias and mlp_bias): frozen, added
+//    where the GEMMs already add (Note [biases in the GEMM] in layer/fused_projections.cpp).
+//    Backward: nothing of their own (no gradient); a recompute adds them again to q|k|v and
+//    gate|up, and o_proj and down_proj, whose outputs are not recomputed, need them once.
+//  - Per-head q / k RMSNorm (Qwen3, weights q_norm / k_norm [head_dim], frozen): after the
+//    q|k|v GEMM and before RoPE, the q (and k) columns are copied out packed, viewed as
+//    [N·heads, d] and normed by norm_forward (ATen's fused kernel on GPUs in 16 bits, the
+//    reference's ops elsewhere: bit for bit the generic layer's there). rope_into takes the
+//    normed heads as its source directly (it wants only a contiguous last dim), so RoPE still
+//    writes the packed q and k attention reads, and the normed copy goes. Kept for backward:
+//    the packed heads and their 1/rms (q + k values a token, with the attention half: recomputed
+//    with it, or kept by a layer that is not recomputed). Backward: RoPE's backward into a
+//    packed [B, T, heads, d] buffer, norm_backward over [N·heads, d], copied into the q (k)
+//    columns of the q|k|v gradient.
+//  - Sliding windows (Mistral; Qwen2 / Qwen3 with use_sliding_window): the layer's window goes
+//    to model::attention, which hides the keys window or more tokens back through a band mask
+//    once T exceeds the window, and attention's backward is autograd's through the same graph.
+//    Correct, but that is the masked path: a [T, T] mask, the kv heads repeated, no flash kernel
+//    (as for packed rows), slower and larger than the causal path rows up to the window take.
+//    Flash attention's own window (its window_size_left) needs no mask: a later change.
 
 // Note [selective recompute]
 // With train.recompute: selective, forward also keeps gu = n2·[Wg;Wu]ᵀ (+ LoRA), the
@@ -77,18 +105,48 @@ using torch::autograd::variable_list;
 
 // ---------------------------------------------------------------- the layer
 
+// Note [the family's pieces]: a q or k head norm's input and 1/rms, what its backward reads.
+struct HeadNorm {
+  at::Tensor x;  // [N·heads, d] packed, the heads before the norm
+  Normed n;      // n.y, the normed heads, only until RoPE has read them; n.rstd [N·heads, 1]
+};
+
+// The heads in `cols` ([N, heads·d], any row stride) normed over d with weight w.
+HeadNorm head_norm(const at::Tensor& cols, const at::Tensor& w, int64_t d, double eps) {
+  HeadNorm s;
+  s.x = cols.contiguous().view({-1, d});
+  s.n = norm_forward(s.x, w, eps);
+  return s;
+}
+
+// dst [B, T, heads, d] (columns of the q|k|v gradient) <- the gradient at the q|k|v GEMM's
+// output of those heads, from g, the gradient at their rotated copy: RoPE's backward, then the
+// head norm's when there is one (`norm.x` defined; w its weight).
+void head_backward_into(at::Tensor dst, const at::Tensor& g, const HeadNorm& norm, const at::Tensor& w,
+                        const std::pair<at::Tensor, at::Tensor>& cos_sin) {
+  if (!norm.x.defined()) {
+    model::rope_backward_into(dst, g, cos_sin.first, cos_sin.second);
+    return;
+  }
+  at::Tensor normed = at::empty(dst.sizes(), dst.options());  // [B, T, heads, d] packed
+  model::rope_backward_into(normed, g, cos_sin.first, cos_sin.second);
+  dst.copy_(norm_backward(normed.view({-1, dst.size(3)}), norm.x, w, norm.n).view(dst.sizes()));
+}
+
 struct AttentionHalf {
   Normed n1;
   at::Tensor w_qkv;  // [q + k + v, h]
   at::Tensor a;      // [N, H·d] attention output
   std::vector<std::pair<size_t, LoraPass>> lora;
+  HeadNorm q_norm, k_norm;  // Qwen3's (Note [the family's pieces]); empty without pieces.qk_norm
 };
 
 // The attention half up to a. With `grad_leaves`, q, k, v enter attention as
 // autograd leaves (filled in) and `attn_out` holds attention's differentiable output.
 // What backward does not read goes before attention runs: the q|k|v GEMM output (q, k, v
-// live on in their packed copies) and n1 (the norm's backward reads x and rstd; a LoRA
-// input without dropout is n1 itself and holds it).
+// live on in their packed copies, and the q / k heads before their norms in theirs) and n1
+// (the norm's backward reads x and rstd; a LoRA input without dropout is n1 itself and holds
+// it).
 AttentionHalf attention_half(const LayerRefs& r, const at::Tensor& x2, int64_t b, int64_t t,
                              const std::pair<at::Tensor, at::Tensor>& cos_sin, const model::AttentionInputs& attention,
                              std::array<at::Tensor, 3>* grad_leaves, at::Tensor* attn_out, bool shed_inputs = false) {
@@ -102,12 +160,22 @@ AttentionHalf attention_half(const LayerRefs& r, const at::Tensor& x2, int64_t b
   s.n1.y = at::Tensor();
   // Dense [B, T, H, d] tensors: SDPA's fast kernels want each of q, k, v packed (the column
   // slices of qkv have a row stride of q + k + v). RoPE writes q and k there as it rotates them.
+  // With q/k norms (Note [the family's pieces]) RoPE reads the normed heads instead.
   at::Tensor q = at::empty({b, t, heads, d}, qkv.options());
   at::Tensor k = at::empty({b, t, kv, d}, qkv.options());
   at::Tensor v = at::empty({b, t, kv, d}, qkv.options());
-  model::rope_into(q, qkv.narrow(1, 0, heads * d).view({b, t, heads, d}), cos_sin.first, cos_sin.second);
-  model::rope_into(k, qkv.narrow(1, heads * d, kv * d).view({b, t, kv, d}), cos_sin.first, cos_sin.second);
+  at::Tensor q_in = qkv.narrow(1, 0, heads * d), k_in = qkv.narrow(1, heads * d, kv * d);
+  if (r.q_norm.defined()) {
+    s.q_norm = head_norm(q_in, r.q_norm, d, c.rms_norm_eps);
+    s.k_norm = head_norm(k_in, r.k_norm, d, c.rms_norm_eps);
+    q_in = std::move(s.q_norm.n.y);
+    k_in = std::move(s.k_norm.n.y);
+  }
+  model::rope_into(q, q_in.view({b, t, heads, d}), cos_sin.first, cos_sin.second);
+  model::rope_into(k, k_in.view({b, t, kv, d}), cos_sin.first, cos_sin.second);
   model::copy_heads(v, qkv.narrow(1, (heads + kv) * d, kv * d).view({b, t, kv, d}));
+  q_in = at::Tensor();
+  k_in = at::Tensor();
   qkv = at::Tensor();
   at::Tensor out;
   if (grad_leaves != nullptr) {
@@ -116,11 +184,11 @@ AttentionHalf attention_half(const LayerRefs& r, const at::Tensor& x2, int64_t b
                     v.detach().requires_grad_(true)};
     at::AutoGradMode on(true);
     out = model::attention((*grad_leaves)[0].transpose(1, 2), (*grad_leaves)[1].transpose(1, 2),
-                           (*grad_leaves)[2].transpose(1, 2), attention);  // [B, H, T, d]
+                           (*grad_leaves)[2].transpose(1, 2), attention, r.window);  // [B, H, T, d]
     *attn_out = out;
     out = out.detach();
   } else {
-    out = model::attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention);
+    out = model::attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention, r.window);
   }
   s.a = out.transpose(1, 2).reshape({b * t, heads * d});
   return s;
@@ -282,10 +350,12 @@ at::Tensor attention_backward(const LayerHolder& holder, const at::Tensor& x2, i
   at::Tensor gq = g_qkv.narrow(1, 0, heads * d).view({b, t, heads, d});
   at::Tensor gk = g_qkv.narrow(1, heads * d, kv * d).view({b, t, kv, d});
   at::Tensor gv = g_qkv.narrow(1, (heads + kv) * d, kv * d).view({b, t, kv, d});
-  model::rope_backward_into(gq, dqkv[0], holder.cos_sin.first, holder.cos_sin.second);
-  model::rope_backward_into(gk, dqkv[1], holder.cos_sin.first, holder.cos_sin.second);
+  head_backward_into(gq, dqkv[0], att.q_norm, r.q_norm, holder.cos_sin);
+  head_backward_into(gk, dqkv[1], att.k_norm, r.k_norm, holder.cos_sin);
   model::copy_heads(gv, dqkv[2]);
   dqkv.clear();
+  att.q_norm = HeadNorm();
+  att.k_norm = HeadNorm();
   at::Tensor dn1 = input_grad(lora_columns_backward(r, {kQ, kK, kV}, g_qkv, att.lora), g_qkv, att.w_qkv);  // [N, h]
   return norm_backward_add(std::move(dn1), x2, r.norm1, att.n1, dh1);
 }

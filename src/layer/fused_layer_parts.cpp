@@ -72,7 +72,7 @@ bool bit_masked(const DroppedGrad& g) { return g.mask.defined() && g.mask.scalar
 
 }  // namespace
 
-// compute: the dtype of the layer's activations; undefined: no LoRA casts (checks only).
+// compute: the dtype of the layer's activations; undefined: no LoRA or bias casts (checks only).
 Proj proj_of(const model::DecoderModel& m, int64_t layer, size_t index, std::optional<at::ScalarType> compute) {
   const model::Linear* lin = m.projection(layer, index).get();
   Proj p;
@@ -86,6 +86,7 @@ Proj proj_of(const model::DecoderModel& m, int64_t layer, size_t index, std::opt
   } else {
     p.base = dynamic_cast<const model::FrozenLinear*>(lin);
   }
+  if (compute && p.base != nullptr && p.base->bias().defined()) p.bias = p.base->bias().to(*compute);
   return p;
 }
 
@@ -106,6 +107,17 @@ at::Tensor merged_weight(const std::vector<Proj>& projs, const at::TensorOptions
     off += p.base->out_features();
   }
   return w;
+}
+
+at::Tensor merged_bias(const std::vector<Proj>& projs, const at::TensorOptions& opts) {
+  if (projs.size() == 1) return projs[0].bias;
+  bool any = false;
+  for (const auto& p : projs) any = any || p.bias.defined();
+  if (!any) return at::Tensor();
+  std::vector<at::Tensor> parts;
+  for (const auto& p : projs)
+    parts.push_back(p.bias.defined() ? p.bias : at::zeros({p.base->out_features()}, opts));
+  return at::cat(parts);
 }
 
 // ---------------------------------------------------------------- dropout and LoRA

@@ -1,7 +1,8 @@
 // layer/fused_layer_parts: the pieces the fused decoder layer (src/layer/fused_layer.cpp) is
-// made of, private to src/layer: a projection's frozen base and LoRA, the merged dequantized
-// weights, LoRA's dropout, forward and backward as the layer's hand-written backward needs
-// them, and RMSNorm forward / backward keeping 1/rms.
+// made of, private to src/layer: a projection's frozen base, bias and LoRA, the merged
+// dequantized weights and biases, LoRA's dropout, forward and backward as the layer's
+// hand-written backward needs them, and RMSNorm forward / backward keeping 1/rms (the layer's
+// two norms, and Qwen3's per-head q / k norms).
 #pragma once
 
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -69,15 +70,22 @@ struct Proj {
   // LoRA's A [r, in] and B [out, r] in the compute dtype, cast once a layer call (forward,
   // recompute and backward share them; the fp32 masters change only at the optimizer step).
   at::Tensor a, b;
+  // The base's frozen bias [out] in the compute dtype (FrozenLinear::bias); undefined: none.
+  at::Tensor bias;
 };
 
 // Projection `index` (decoder_linear_names() order) of `layer`. compute: the dtype of the
-// layer's activations; undefined: no LoRA casts (checks only). base is null when the
+// layer's activations; undefined: no LoRA or bias casts (checks only). base is null when the
 // projection is neither a frozen base nor LoRA over one.
 Proj proj_of(const model::DecoderModel& m, int64_t layer, size_t index, std::optional<at::ScalarType> compute = {});
 
 // The projections' weights stacked by rows: [sum of out, in], one GEMM for all of them.
 at::Tensor merged_weight(const std::vector<Proj>& projs, const at::TensorOptions& opts);
+
+// Their biases end to end, [sum of out], in the columns of the merged GEMM's output (zeros for
+// one without, beside others with); undefined when none has a bias. A single projection's is
+// its own tensor (no copy).
+at::Tensor merged_bias(const std::vector<Proj>& projs, const at::TensorOptions& opts);
 
 // ---------------------------------------------------------------- dropout and LoRA
 

@@ -22,6 +22,9 @@ LayerRefs layer_refs(const model::DecoderModel& m, int64_t index, at::ScalarType
   }
   r.norm1 = m.input_norm_weight(index);
   r.norm2 = m.post_attention_norm_weight(index);
+  r.q_norm = m.q_norm_weight(index);  // undefined without pieces.qk_norm
+  r.k_norm = m.k_norm_weight(index);
+  r.window = m.config().window_of(index);
   return r;
 }
 
@@ -59,14 +62,29 @@ std::vector<std::pair<size_t, Dropped>> shared_dropout(const LayerRefs& r, std::
 // terms rounded in another order (the LoRA term rounded to 16 bits before the base product is
 // added, where before the base product was rounded first). Blocks where some projection has no
 // LoRA keep the base GEMM first (its columns would need zeroing).
+
+// Note [biases in the GEMM]
+// A family's projection biases (Qwen2's q, k, v; Llama's attention_bias on q, k, v, o and
+// mlp_bias on gate, up, down) are frozen (PEFT's bias="none"): they change the forward only, and
+// backward has nothing to give them. They go where the GEMM already adds: the merged q|k|v's
+// (and gate|up's) biases, end to end, are addmm's input, broadcast over the rows, so the
+// epilogue adds them (with LoRA first, each LoRA block is written as bias + its product); o_proj's
+// and down_proj's are added to the residual once (residual + bias, a fresh tensor the GEMMs then
+// accumulate into in place: one pass over [N, h] more than without a bias). The terms are the
+// generic layer's (x·Wᵀ + b, then the LoRA update, then the residual) summed in another order.
 at::Tensor project(const LayerRefs& r, std::initializer_list<size_t> idx, const at::Tensor& x, const at::Tensor& w,
                    const at::Tensor& residual, std::vector<std::pair<size_t, LoraPass>>* passes,
                    std::vector<std::pair<size_t, Dropped>> drawn) {
   const bool every_lora = std::all_of(idx.begin(), idx.end(), [&](size_t i) { return r.proj[i].lora != nullptr; });
   const bool lora_first = every_lora && (!residual.defined() || idx.size() == 1);
+  // What the products are added to: the residual [N, out], the bias [out] (broadcast), their
+  // sum (fresh, so accumulated into in place), or nothing.
+  const at::Tensor bias = merged_bias(pick(r, idx), x.options());
+  const bool fresh = residual.defined() && bias.defined();
+  const at::Tensor start = fresh ? residual + bias : residual.defined() ? residual : bias;
   at::Tensor out;
   if (!lora_first) {
-    out = residual.defined() ? at::addmm(residual, x, w.t()) : at::mm(x, w.t());
+    out = fresh ? start.addmm_(x, w.t()) : start.defined() ? at::addmm(start, x, w.t()) : at::mm(x, w.t());
   } else if (!residual.defined()) {
     out = at::empty({x.size(0), w.size(0)}, x.options());
   }
@@ -81,11 +99,15 @@ at::Tensor project(const LayerRefs& r, std::initializer_list<size_t> idx, const 
       ++next;
       if (!lora_first) {
         out.narrow(1, off, n).addmm_(pass.t, p.b.t());
-      } else if (residual.defined()) {
-        out = at::addmm(residual, pass.t, p.b.t());
+      } else if (residual.defined()) {  // one projection: start is [N, out]
+        out = fresh ? start.addmm_(pass.t, p.b.t()) : at::addmm(start, pass.t, p.b.t());
       } else {
         at::Tensor block = out.narrow(1, off, n);
-        at::mm_out(block, pass.t, p.b.t());
+        if (bias.defined()) {
+          at::addmm_out(block, bias.narrow(0, off, n), pass.t, p.b.t());
+        } else {
+          at::mm_out(block, pass.t, p.b.t());
+        }
       }
       if (passes) passes->emplace_back(i, std::move(pass));
     }

@@ -1,7 +1,8 @@
 // layer/fused_projections: a decoder layer's seven projections as the fused layer
-// (src/layer/fused_layer.cpp) uses them, private to src/layer: the layer's frozen bases, LoRAs
-// and norm weights gathered once a layer call (LayerRefs), the merged q|k|v and gate|up
-// products with their LoRAs (project), and the LoRAs' backward over a merged output.
+// (src/layer/fused_layer.cpp) uses them, private to src/layer: the layer's frozen bases, biases,
+// LoRAs, norm weights and window gathered once a layer call (LayerRefs), the merged q|k|v and
+// gate|up products with their biases and LoRAs (project), and the LoRAs' backward over a merged
+// output.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -29,6 +30,8 @@ struct LayerRefs {
   int64_t index = 0;
   std::array<Proj, 7> proj;
   at::Tensor norm1, norm2;
+  at::Tensor q_norm, k_norm;  // [head_dim], Qwen3's per-head norms (pieces.qk_norm); undefined otherwise
+  int64_t window = 0;         // the layer's attention window (DecoderConfig::window_of); 0: causal only
   bool any_dropout = false;
 };
 
@@ -42,11 +45,11 @@ std::vector<Proj> pick(const LayerRefs& r, std::initializer_list<size_t> idx);
 std::vector<std::pair<size_t, Dropped>> shared_dropout(const LayerRefs& r, std::initializer_list<size_t> idx,
                                                        const at::Tensor& x);
 
-// [residual +] x·Wᵀ for projections `idx` (w: their weights stacked by rows, outputs in
-// consecutive column blocks), each LoRA's product added into its block; the LoRA passes in
-// `passes` (when not null) for the backward. Note [LoRA before the base GEMM]. `drawn`, when
-// not empty, holds the LoRAs' dropped inputs already drawn (shared_dropout's form), else
-// they are drawn here.
+// [residual +] x·Wᵀ [+ bias] for projections `idx` (w: their weights stacked by rows, outputs
+// in consecutive column blocks; their biases merged_bias's), each LoRA's product added into its
+// block; the LoRA passes in `passes` (when not null) for the backward. Note [LoRA before the base
+// GEMM], Note [biases in the GEMM]. `drawn`, when not empty, holds the LoRAs' dropped inputs
+// already drawn (shared_dropout's form), else they are drawn here.
 at::Tensor project(const LayerRefs& r, std::initializer_list<size_t> idx, const at::Tensor& x, const at::Tensor& w,
                    const at::Tensor& residual, std::vector<std::pair<size_t, LoraPass>>* passes,
                    std::vector<std::pair<size_t, Dropped>> drawn = {});

@@ -3,10 +3,13 @@
 //
 // A family is a description (model/decoder_config.h: DecoderConfig, its LayerPieces and
 // per-layer windows) plus, where it differs from Llama, a piece in the layer. This module owns
-// the fused layer and those pieces; model::fused_layer_gap says which it lacks (a model that
-// needs one takes train's generic checkpoint). It also owns the generator capture both
-// recomputing layers replay (layer/rng_state.h, Note [Checkpoint RNG]). Which layer a run uses
-// is train's choice (train/layer_choice.h).
+// the fused layer and those pieces (Note [the family's pieces] in src/layer/fused_layer.cpp):
+// projection biases in the GEMMs' epilogues (Qwen2's q, k, v; Llama's attention_bias and
+// mlp_bias), Qwen3's per-head q / k RMSNorm before RoPE, and sliding-window attention.
+// model::fused_layer_gap says what it still lacks (a model that needs one takes train's generic
+// checkpoint). It also owns the generator capture both recomputing layers replay
+// (layer/rng_state.h, Note [Checkpoint RNG]). Which layer a run uses is train's choice
+// (train/layer_choice.h).
 //
 // The generic checkpoint (train/checkpoint.h) recomputes the layer under
 // autograd: ~60 small ATen ops forward, more backward, every projection
@@ -23,7 +26,7 @@
 //   - LoRA gradients are accumulated into A.grad / B.grad directly.
 // Dropout masks are drawn in the generic layer's order from the same
 // generators, so on the CPU the masks are the generic layer's, and the
-// gradients agree to rounding (tests/test_fused_layer.cpp).
+// gradients agree to rounding (tests/test_fused_layer.cpp, every family).
 #pragma once
 
 #include <cstdint>
