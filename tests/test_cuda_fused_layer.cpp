@@ -4,6 +4,11 @@
 // in fp32 (TF32 off: agreement to summation order), bf16 and fp16 (agreement to
 // the roundings the two orders take). The dropout masks are the same in both:
 // the same generator, drawn in the same order (checked by the outputs).
+// Each family's tiny model (tests/data/families/: Qwen2's q, k, v biases, Qwen3's q/k norms,
+// Mistral's and Qwen2's sliding windows, SmolLM2) and a Llama with attention_bias and mlp_bias:
+// the fused layer in bf16, in every recompute mode, against the generic layer in fp32 on the CPU
+// over the same bf16-rounded weights, inputs and LoRA matrices; and with dropout against the
+// generic layer in bf16 on the GPU.
 #include <gtest/gtest.h>
 #include <ATen/ATen.h>
 #include <torch/cuda.h>
@@ -11,11 +16,15 @@
 #include <torch/utils.h>
 
 #include <cstdio>
+#include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
+#include "qlora/io/model_dir.h"
 #include "qlora/lora/lora.h"
 #include "qlora/model/decoder.h"
+#include "qlora/model/family.h"
 #include "qlora/model/nf4_linear.h"
 #include "qlora/quant/nf4_cuda.h"
 #include "qlora/train/checkpoint.h"
@@ -34,6 +43,14 @@ using model::DecoderModel;
 constexpr double kFp32Tol = 1e-4;
 constexpr double kHalfOutTol = 2e-2;
 constexpr double kHalfGradTol = 4e-2;
+// The families' models in bf16 against fp32 (and against the generic layer in bf16 with dropout
+// and NF4), relative to max|reference|. Chosen from the same comparisons run on the CPU in bf16
+// (reference ops, more roundings than the GPU's fused kernels): outputs within 1.4e-2, input
+// gradients 2.3e-2, LoRA gradients 4.7e-2 (the biased Llama's layer-1 q_proj A: its biases,
+// N(0, 0.5), are 25 times its weights, and its gradient sums terms that cancel). A missing
+// piece (a bias, a q/k norm, a window) moves them by more than 0.2.
+constexpr double kFamilyOutTol = 3e-2;
+constexpr double kFamilyGradTol = 8e-2;
 
 double max_rel(const at::Tensor& got, const at::Tensor& want) {
   const at::Tensor g = got.to(at::kDouble), w = want.to(at::kDouble);
@@ -135,6 +152,202 @@ TEST(CudaFusedLayer, LastLayerNotRecomputedMatchesTheGenericLayer) {
   compare(at::kBFloat16, layer::FusedRecompute::kFull, 1);
 }
 TEST(CudaFusedLayer, Fp32LastLayerNotRecomputed) { compare(at::kFloat, layer::FusedRecompute::kFull, 1); }
+
+// ---------------------------------------------------------------- the families' pieces
+
+// The weights a family's model is built from, each rounded to bf16 once, so the fp32 CPU
+// reference and the bf16 GPU model hold the same values.
+using WeightsFn = std::function<model::WeightSource()>;
+
+model::WeightSource rounded(model::WeightSource src) {
+  const auto get = src.get;
+  src.get = [get](const std::string& name) { return get(name).to(at::kBFloat16).to(at::kFloat); };
+  return src;
+}
+
+// tests/data/families/<variant>/ through the io module's ModelDir, as the trainer reads it.
+struct FamilyDir {
+  std::shared_ptr<io::ModelDir> dir;
+  DecoderConfig config;
+};
+
+FamilyDir open_family(const std::string& variant) {
+  auto dir = std::make_shared<io::ModelDir>(
+      io::ModelDir::open(std::string(QLORA_SOURCE_DIR) + "/tests/data/families/" + variant));
+  const DecoderConfig config = read_decoder_config(dir->config_path());
+  return {dir, config};
+}
+
+model::WeightSource family_weights(const FamilyDir& f) {
+  const std::shared_ptr<io::ModelDir> dir = f.dir;
+  return rounded({dir->dir(), dir->tensor_names(), [dir](const std::string& n) { return dir->tensor(n); }});
+}
+
+// The small Llama with attention_bias and mlp_bias (a bias on every projection, N(0, 0.5)).
+DecoderConfig biased_llama_shape() {
+  DecoderConfig c = train::demo_model_config();
+  c.hidden_size = 64;
+  c.intermediate_size = 128;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 16;
+  c.pieces.qkv_bias = c.pieces.o_bias = c.pieces.mlp_bias = true;
+  return c;
+}
+
+model::WeightSource biased_llama_weights() {
+  const DecoderConfig shape = biased_llama_shape();
+  const model::WeightSource random = train::random_llama_weights(shape, 3, c10::kCPU);
+  std::map<std::string, at::Tensor> w;
+  for (const auto& name : random.names) w[name] = random.get(name);
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(17);
+  for (int64_t l = 0; l < shape.num_hidden_layers; ++l)
+    for (const auto& s : decoder_linear_shapes(shape))
+      w[model::linear_module_name(l, s.name) + ".bias"] = at::normal(0.0, 0.5, {s.out_features}, gen);
+  return rounded(model::weights_from_map(std::move(w), "<biased llama>"));
+}
+
+lora::LoraSettings family_lora(double dropout) {
+  lora::LoraSettings ls;
+  ls.r = 8;
+  ls.alpha = 16;
+  ls.dropout = dropout;
+  ls.target_modules = {"all-linear"};
+  return ls;
+}
+
+// x [B, T, h] and the loss weights, bf16 values (exact in fp32 too), on the CPU in fp32.
+std::pair<at::Tensor, at::Tensor> family_inputs(int64_t hidden) {
+  torch::manual_seed(11);
+  const int64_t b = 2, t = 128;  // above the windowed families' 5: the band mask
+  return {at::randn({b, t, hidden}).to(at::kBFloat16).to(at::kFloat),
+          at::randn({b, t, hidden}).to(at::kBFloat16).to(at::kFloat)};
+}
+
+// Every layer of m through `layer` (empty: m.layer_forward) from x, the loss sum(y · w), its
+// backward; results on the CPU in fp32.
+Result run_family(const DecoderModel& m, const lora::LoraAdapter& adapter, const train::LayerForwardFn& layer,
+                  const at::Tensor& x0, const at::Tensor& w0) {
+  for (auto& p : adapter.parameters()) p.mutable_grad() = at::Tensor();
+  at::Tensor x = x0.to(m.device(), m.dtype(), /*non_blocking=*/false, /*copy=*/true).requires_grad_(true);
+  const auto attn = model::causal_attention(x.size(0), x.size(1), m.device());
+  const auto cos_sin = m.rope(attn.position_ids);
+  at::Tensor y = x;
+  for (int64_t l = 0; l < m.num_layers(); ++l) y = layer ? layer(l, y, cos_sin, attn) : m.layer_forward(l, y, cos_sin, attn);
+  (y.to(at::kFloat) * w0.to(m.device())).sum().backward();
+  Result r{y.detach().to(at::kCPU, at::kFloat), x.grad().to(at::kCPU, at::kFloat), {}};
+  for (const auto& p : adapter.parameters()) r.grads.push_back(p.grad().to(at::kCPU, at::kFloat));
+  return r;
+}
+
+// got against want within the families' tolerances; prints the largest differences.
+void expect_close(const Result& got, const Result& want, const lora::LoraAdapter& adapter, const std::string& what) {
+  const double ey = max_rel(got.y, want.y), ex = max_rel(got.dx, want.dx);
+  double eg = 0;
+  const auto names = adapter.named_parameters();
+  ASSERT_EQ(got.grads.size(), want.grads.size());
+  for (size_t i = 0; i < got.grads.size(); ++i) {
+    const double e = max_rel(got.grads[i], want.grads[i]);
+    eg = std::max(eg, e);
+    EXPECT_LT(e, kFamilyGradTol) << what << ": " << names[i].first;
+  }
+  std::printf("  %s: output %.2e, input grad %.2e, worst LoRA grad %.2e (relative to max |reference|)\n",
+              what.c_str(), ey, ex, eg);
+  EXPECT_LT(ey, kFamilyOutTol) << what;
+  EXPECT_LT(ex, kFamilyGradTol) << what;
+}
+
+// The fused layer on the GPU in bf16 (dense weights), in every recompute mode, against the
+// generic layer in fp32 on the CPU, without dropout (the GPU draws other masks than the CPU):
+// same weights, inputs and LoRA matrices (B given values so A's gradient is not zero).
+void compare_family_with_cpu(const std::string& name, const DecoderConfig& config, const WeightsFn& weights) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device visible to torch";
+  quant::register_cuda_kernels();
+  at::globalContext().setAllowTF32CuBLAS(false);
+  EXPECT_EQ(fused_layer_gap(config), "") << name;
+  DecoderModel cpu = DecoderModel::load(config, weights());
+  torch::manual_seed(2);
+  lora::LoraAdapter cpu_adapter = lora::LoraAdapter::attach(cpu, family_lora(0.0));
+  {
+    at::NoGradGuard no_grad;
+    for (const auto& l : cpu_adapter.layers()) l->lora_b().normal_(0.0, 0.05);
+    for (auto& p : cpu_adapter.parameters()) p.copy_(p.to(at::kBFloat16).to(at::kFloat));
+  }
+  const auto [x, w] = family_inputs(config.hidden_size);
+  const Result want = run_family(cpu, cpu_adapter, {}, x, w);
+
+  struct Mode {
+    const char* name;
+    layer::FusedRecompute what;
+    int64_t no_recompute_layers;
+  };
+  const Mode modes[] = {{"full", layer::FusedRecompute::kFull, 0},
+                        {"selective", layer::FusedRecompute::kSelective, 0},
+                        {"nothing", layer::FusedRecompute::kNothing, 0},
+                        {"last layer whole", layer::FusedRecompute::kFull, 1}};
+  for (const Mode& mode : modes) {
+    model::LoadOptions opt;
+    opt.device = c10::Device(c10::kCUDA, 0);
+    opt.dtype = at::kBFloat16;
+    DecoderModel gpu = DecoderModel::load(config, weights(), opt);
+    lora::LoraAdapter adapter = lora::LoraAdapter::attach(gpu, family_lora(0.0));
+    {
+      at::NoGradGuard no_grad;
+      const auto from = cpu_adapter.parameters();
+      const auto to = adapter.parameters();
+      ASSERT_EQ(from.size(), to.size());
+      for (size_t i = 0; i < to.size(); ++i) to[i].copy_(from[i]);
+    }
+    ASSERT_EQ(layer::fused_layer_unsupported(gpu), "");
+    const Result got =
+        run_family(gpu, adapter, layer::fused_layer_forward(gpu, mode.what, -1, mode.no_recompute_layers), x, w);
+    expect_close(got, want, adapter, name + " bf16 vs CPU fp32, " + mode.name);
+  }
+}
+
+// With LoRA dropout (0.1) and an NF4 base: the fused layer against the generic checkpoint, both
+// in bf16 on the GPU, the masks drawn from the same generator in the same order.
+void compare_family_on_gpu(const std::string& name, const DecoderConfig& config, const WeightsFn& weights) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device visible to torch";
+  quant::register_cuda_kernels();
+  model::LoadOptions opt;
+  opt.device = c10::Device(c10::kCUDA, 0);
+  opt.dtype = at::kBFloat16;
+  opt.make_linear = model::nf4_linear_factory(true, at::kBFloat16);
+  DecoderModel m = DecoderModel::load(config, weights(), opt);
+  torch::manual_seed(2);
+  lora::LoraAdapter adapter = lora::LoraAdapter::attach(m, family_lora(0.1));
+  {
+    at::NoGradGuard no_grad;
+    for (const auto& l : adapter.layers()) l->lora_b().normal_(0.0, 0.05);
+  }
+  const auto [x, w] = family_inputs(config.hidden_size);
+  torch::manual_seed(5);
+  const Result want = run_family(m, adapter, train::checkpointed_layer_forward(m), x, w);
+  torch::manual_seed(5);
+  const Result got = run_family(m, adapter, layer::fused_layer_forward(m), x, w);
+  expect_close(got, want, adapter, name + " nf4 bf16 with dropout vs the generic layer");
+}
+
+void compare_family(const std::string& variant) {
+  const FamilyDir f = open_family(variant);
+  const WeightsFn weights = [f] { return family_weights(f); };
+  compare_family_with_cpu(variant, f.config, weights);
+  compare_family_on_gpu(variant, f.config, weights);
+}
+
+TEST(CudaFusedLayerFamilies, Qwen2QkvBiases) { compare_family("qwen2"); }
+// head_dim · heads (128) != hidden (64).
+TEST(CudaFusedLayerFamilies, Qwen3QkNorms) { compare_family("qwen3"); }
+TEST(CudaFusedLayerFamilies, MistralSlidingWindow) { compare_family("mistral"); }
+// Layer 0 full, 1 and 2 windowed; q, k, v biases; yarn's attention factor.
+TEST(CudaFusedLayerFamilies, Qwen2WindowOnSomeLayers) { compare_family("qwen2_window"); }
+TEST(CudaFusedLayerFamilies, SmolLm2) { compare_family("smollm2"); }
+TEST(CudaFusedLayerFamilies, LlamaWithAttentionAndMlpBiases) {
+  compare_family_with_cpu("llama attention_bias mlp_bias", biased_llama_shape(), biased_llama_weights);
+  compare_family_on_gpu("llama attention_bias mlp_bias", biased_llama_shape(), biased_llama_weights);
+}
 
 }  // namespace
 }  // namespace qlora

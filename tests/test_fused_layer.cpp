@@ -2,8 +2,11 @@
 // layer, which runs the model's own forward under autograd: same outputs, same
 // input gradient, same LoRA gradients, the same dropout masks, and the generators
 // left where the generic layer leaves them. fp32 on the CPU, where the two differ
-// only by the order of additions (the residual and the LoRA update inside one
-// GEMM, the RMSNorm backward written out).
+// only by the order of additions (the residual, the bias and the LoRA update inside one
+// GEMM, the RMSNorm backward written out). A Llama built here, and each family's tiny
+// model (tests/data/families/, scripts/golden/families.py) with its pieces: Qwen2's q, k, v
+// biases, Qwen3's q/k norms, Mistral's and Qwen2's sliding windows, SmolLM2, and a Llama with
+// attention_bias and mlp_bias, in every recompute mode.
 #include <gtest/gtest.h>
 #include <ATen/ATen.h>
 #include <torch/cuda.h>
@@ -11,11 +14,16 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/utils.h>
 
+#include <cstdio>
+#include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
+#include "qlora/io/model_dir.h"
 #include "qlora/lora/lora.h"
 #include "qlora/model/decoder.h"
+#include "qlora/model/family.h"
 #include "qlora/model/nf4_linear.h"
 #include "qlora/train/checkpoint.h"
 #include "qlora/train/demo.h"
@@ -42,6 +50,12 @@ struct Setup {
   int64_t selective_layers = -1;  // with kSelective: how many (the last) layers keep gate/up
   int64_t no_recompute_layers = 0;  // how many (the last) layers recompute nothing
   std::vector<std::string> targets = {"all-linear"};
+  int64_t t = 7;  // sequence length (above a sliding window to reach its mask)
+};
+
+// The largest differences of one comparison, relative to max |generic|.
+struct Measured {
+  double y = 0, dx = 0, grad = 0;  // outputs, input gradient, worst LoRA gradient
 };
 
 struct Result {
@@ -57,7 +71,7 @@ double max_rel(const at::Tensor& got, const at::Tensor& want) {
 Result run(DecoderModel& m, lora::LoraAdapter& adapter, const train::LayerForwardFn& layer, const Setup& s) {
   for (auto& p : adapter.parameters()) p.mutable_grad() = at::Tensor();
   torch::manual_seed(99);
-  const int64_t b = 2, t = 7, h = m.config().hidden_size;
+  const int64_t b = 2, t = s.t, h = m.config().hidden_size;
   at::Tensor x = at::randn({b, t, h});
   at::Tensor w = at::randn({b, t, h});
   if (s.input_grad) x.requires_grad_(true);
@@ -79,11 +93,8 @@ Result run(DecoderModel& m, lora::LoraAdapter& adapter, const train::LayerForwar
   return r;
 }
 
-void compare(const Setup& s) {
-  const DecoderConfig shape = testing::small_llama_shape();
-  model::LoadOptions opt;
-  if (s.nf4) opt.make_linear = model::nf4_linear_factory(true, at::kFloat);
-  DecoderModel m = DecoderModel::load(shape, train::random_llama_weights(shape, 3, c10::kCPU), opt);
+// The fused layer against the generic one on `m` (LoRA attached here, as `s` says).
+Measured compare(DecoderModel& m, const Setup& s) {
   lora::LoraSettings ls;
   ls.r = 4;
   ls.alpha = 8;
@@ -95,7 +106,7 @@ void compare(const Setup& s) {
     at::NoGradGuard no_grad;  // B is zero at init: give it values so A's gradient is not zero
     for (const auto& l : adapter.layers()) l->lora_b().normal_(0.0, 0.05);
   }
-  ASSERT_EQ(layer::fused_layer_unsupported(m), "");
+  EXPECT_EQ(layer::fused_layer_unsupported(m), "");
   // Without checkpointing the reference is the model's own layer under autograd.
   const train::LayerForwardFn generic =
       s.recompute == layer::FusedRecompute::kNothing
@@ -117,17 +128,34 @@ void compare(const Setup& s) {
     for (size_t i = 0; i < got.grads.size(); ++i)
       EXPECT_TRUE(at::equal(got.grads[i], full.grads[i])) << "kept vs full recompute: gradient " << i;
   }
-  EXPECT_LT(max_rel(got.y, want.y), kRelTol) << "layer outputs";
+  Measured e;
+  e.y = max_rel(got.y, want.y);
+  EXPECT_LT(e.y, kRelTol) << "layer outputs";
   if (s.input_grad) {
-    EXPECT_LT(max_rel(got.dx, want.dx), kRelTol) << "input gradient";
+    e.dx = max_rel(got.dx, want.dx);
+    EXPECT_LT(e.dx, kRelTol) << "input gradient";
   }
   EXPECT_TRUE(at::equal(got.after, want.after)) << "the generator must be left where the generic layer leaves it";
   const auto names = adapter.named_parameters();
-  ASSERT_EQ(got.grads.size(), want.grads.size());
-  for (size_t i = 0; i < got.grads.size(); ++i) {
-    ASSERT_TRUE(want.grads[i].defined() && got.grads[i].defined()) << names[i].first;
-    EXPECT_LT(max_rel(got.grads[i], want.grads[i]), kRelTol) << names[i].first;
+  EXPECT_EQ(got.grads.size(), want.grads.size());
+  for (size_t i = 0; i < got.grads.size() && i < want.grads.size(); ++i) {
+    if (!want.grads[i].defined() || !got.grads[i].defined()) {
+      ADD_FAILURE() << names[i].first << ": no gradient";
+      continue;
+    }
+    const double g = max_rel(got.grads[i], want.grads[i]);
+    e.grad = std::max(e.grad, g);
+    EXPECT_LT(g, kRelTol) << names[i].first;
   }
+  return e;
+}
+
+void compare(const Setup& s) {
+  const DecoderConfig shape = testing::small_llama_shape();
+  model::LoadOptions opt;
+  if (s.nf4) opt.make_linear = model::nf4_linear_factory(true, at::kFloat);
+  DecoderModel m = DecoderModel::load(shape, train::random_llama_weights(shape, 3, c10::kCPU), opt);
+  compare(m, s);
 }
 
 TEST(FusedLayer, MatchesTheGenericLayerWithoutDropout) { compare({}); }
@@ -212,6 +240,116 @@ TEST(FusedLayer, TheCpuRunKeepsTheGenericLayer) {
   EXPECT_NE(y.grad_fn()->name().find("CheckpointFunction"), std::string::npos) << y.grad_fn()->name();
   // Without checkpointing: no layer function, the model's own forward.
   EXPECT_FALSE(train::training_layer_forward(m, false, Recompute::kSelective));
+}
+
+// ---------------------------------------------------------------- the families' pieces
+
+// A family's tiny model from tests/data/families/<variant>, through the io module's ModelDir as
+// the trainer loads a model directory.
+DecoderModel load_family(const std::string& variant, bool nf4) {
+  const io::ModelDir dir = io::ModelDir::open(std::string(QLORA_SOURCE_DIR) + "/tests/data/families/" + variant);
+  const DecoderConfig cfg = read_decoder_config(dir.config_path());
+  model::WeightSource src{dir.dir(), dir.tensor_names(), [&dir](const std::string& n) { return dir.tensor(n); }};
+  model::LoadOptions opt;
+  if (nf4) opt.make_linear = model::nf4_linear_factory(true, at::kFloat);
+  return DecoderModel::load(cfg, src, opt);
+}
+
+// The small Llama with attention_bias and mlp_bias: a bias on every projection, N(0, 0.5)
+// (the golden families' scale; the random weights are N(0, 0.02), so the biases weigh).
+DecoderModel load_biased_llama() {
+  DecoderConfig shape = testing::small_llama_shape();
+  shape.pieces.qkv_bias = shape.pieces.o_bias = shape.pieces.mlp_bias = true;
+  const model::WeightSource random = train::random_llama_weights(shape, 3, c10::kCPU);
+  std::map<std::string, at::Tensor> w;
+  for (const auto& name : random.names) w[name] = random.get(name);
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(17);
+  for (int64_t l = 0; l < shape.num_hidden_layers; ++l)
+    for (const auto& s : decoder_linear_shapes(shape))
+      w[model::linear_module_name(l, s.name) + ".bias"] = at::normal(0.0, 0.5, {s.out_features}, gen);
+  return DecoderModel::load(shape, model::weights_from_map(std::move(w), "<biased llama>"));
+}
+
+// Every recompute mode (full, selective, none, the last layer kept whole), LoRA with dropout
+// on every projection, against the generic layer, a model from `load` each (an adapter
+// attaches once); prints the largest differences.
+void compare_family(const std::string& name, const std::function<DecoderModel()>& load, Setup s) {
+  struct Mode {
+    const char* name;
+    layer::FusedRecompute what;
+    int64_t no_recompute_layers;
+  };
+  const Mode modes[] = {{"full", layer::FusedRecompute::kFull, 0},
+                        {"selective", layer::FusedRecompute::kSelective, 0},
+                        {"nothing", layer::FusedRecompute::kNothing, 0},
+                        {"last layer whole", layer::FusedRecompute::kFull, 1}};
+  for (const Mode& mode : modes) {
+    SCOPED_TRACE(name + ", " + mode.name);
+    s.recompute = mode.what;
+    s.no_recompute_layers = mode.no_recompute_layers;
+    DecoderModel m = load();
+    EXPECT_EQ(fused_layer_gap(m.config()), "");
+    const Measured e = compare(m, s);
+    std::printf("  %s, %s: output %.2e, input grad %.2e, worst LoRA grad %.2e (relative to max |generic|)\n",
+                name.c_str(), mode.name, e.y, e.dx, e.grad);
+  }
+}
+
+Setup family_setup() {
+  Setup s;
+  s.dropout = 0.1;
+  s.t = 12;  // above the windowed families' 5
+  return s;
+}
+
+TEST(FusedLayerFamilies, Qwen2QkvBiases) {
+  ASSERT_TRUE(load_family("qwen2", false).config().pieces.qkv_bias);
+  compare_family("qwen2", [] { return load_family("qwen2", false); }, family_setup());
+}
+
+TEST(FusedLayerFamilies, Qwen2QkvBiasesOverNf4WithPadding) {
+  auto s = family_setup();
+  s.padded = true;
+  compare_family("qwen2 nf4 padded", [] { return load_family("qwen2", true); }, s);
+}
+
+// head_dim · heads (128) != hidden (64): q_proj [128, 64], o_proj [64, 128].
+TEST(FusedLayerFamilies, Qwen3QkNorms) {
+  const DecoderConfig c = load_family("qwen3", false).config();
+  ASSERT_TRUE(c.pieces.qk_norm);
+  ASSERT_NE(c.num_attention_heads * c.head_dim, c.hidden_size);
+  compare_family("qwen3", [] { return load_family("qwen3", false); }, family_setup());
+}
+
+// Windows of 5 over 12 tokens: the band mask.
+TEST(FusedLayerFamilies, MistralSlidingWindow) {
+  ASSERT_EQ(load_family("mistral", false).config().min_window(), 5);
+  compare_family("mistral", [] { return load_family("mistral", false); }, family_setup());
+}
+
+// Layer 0 full, layers 1 and 2 windowed (max_window_layers 1), with q, k, v biases and yarn's
+// attention factor in cos / sin; once causal only, once with a padding mask beside the band.
+TEST(FusedLayerFamilies, Qwen2WindowOnSomeLayers) {
+  const DecoderConfig c = load_family("qwen2_window", false).config();
+  ASSERT_EQ(c.window_of(0), 0);
+  ASSERT_EQ(c.window_of(1), 5);
+  const auto load = [] { return load_family("qwen2_window", false); };
+  compare_family("qwen2_window", load, family_setup());
+  auto s = family_setup();
+  s.padded = true;
+  compare_family("qwen2_window padded", load, s);
+}
+
+TEST(FusedLayerFamilies, SmolLm2) {
+  compare_family("smollm2", [] { return load_family("smollm2", false); }, family_setup());
+}
+
+TEST(FusedLayerFamilies, LlamaWithAttentionAndMlpBiases) {
+  compare_family("llama attention_bias mlp_bias", load_biased_llama, family_setup());
+  // LoRA on some projections of each merged GEMM: the bias with the base GEMM first.
+  auto s = family_setup();
+  s.targets = {"q_proj", "v_proj", "o_proj", "up_proj"};
+  compare_family("llama biases, LoRA on q v o up", load_biased_llama, s);
 }
 
 }  // namespace
