@@ -46,6 +46,7 @@
 
 #include "io/safetensors_format.h"
 #include "qlora/common/errors.h"
+#include "qlora/common/text.h"
 
 namespace qlora::io {
 
@@ -161,12 +162,6 @@ size_t invalid_utf8_at(const uint8_t* s, size_t n) {
     i += len;
   }
   return std::string::npos;
-}
-
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::string out = "[";
-  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
-  return out + "]";
 }
 
 // One header entry as the SAX handler collects it.

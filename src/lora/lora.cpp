@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "qlora/common/errors.h"
+#include "qlora/common/text.h"
 #include "qlora/config/config.h"
 #include "qlora/model/fused_ops.h"
 #include "qlora/model/decoder.h"
@@ -18,14 +19,6 @@ namespace {
 
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-std::string shape_text(at::IntArrayRef shape) {
-  std::ostringstream os;
-  os << "[";
-  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
-  os << "]";
-  return os.str();
 }
 
 }  // namespace

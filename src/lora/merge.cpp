@@ -16,6 +16,7 @@
 #include <stdexcept>
 
 #include "qlora/common/errors.h"
+#include "qlora/common/text.h"
 #include "qlora/io/model_dir.h"
 #include "qlora/io/torch_io.h"
 #include "qlora/lora/adapter_io.h"
@@ -66,14 +67,6 @@ bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 bool starts_with(const std::string& s, const std::string& prefix) { return s.rfind(prefix, 0) == 0; }
-
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::ostringstream os;
-  os << "[";
-  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
-  os << "]";
-  return os.str();
-}
 
 std::string mib_text(uint64_t bytes) {
   std::ostringstream os;

@@ -10,18 +10,11 @@
 #include <stdexcept>
 
 #include "qlora/common/errors.h"
+#include "qlora/common/text.h"
 #include "qlora/quant/nf4.h"
 
 namespace qlora::model {
 namespace {
-
-std::string shape_text(at::IntArrayRef shape) {
-  std::ostringstream os;
-  os << "[";
-  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
-  os << "]";
-  return os.str();
-}
 
 // Every weight the config implies, with its shape.
 std::map<std::string, std::vector<int64_t>> expected_weights(const DecoderConfig& c) {

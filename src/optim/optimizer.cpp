@@ -8,12 +8,12 @@
 #include <cstdlib>
 #include <map>
 #include <set>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "qlora/common/errors.h"
 #include "qlora/common/log.h"
+#include "qlora/common/text.h"
 #include "qlora/optim/adamw8bit_cuda.h"
 
 namespace qlora::optim {
@@ -46,14 +46,6 @@ std::shared_ptr<StateStorage> make_paged_gpu_storage(c10::Device device) {
   return make_device_storage(device);
 }
 constexpr const char* kFormatName = "qlora.optimizer";
-
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << "[";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << "]";
-  return o.str();
-}
 
 void check_params(const std::vector<NamedParam>& params) {
   std::set<std::string> seen;
@@ -104,7 +96,7 @@ at::Tensor grad_of(const NamedParam& p) {
   TORCH_CHECK(g.scalar_type() == at::kFloat, "optimizer: gradient of '", p.name, "' must be fp32, got ",
               g.scalar_type());
   TORCH_CHECK(g.sizes() == p.param.sizes(), "optimizer: gradient of '", p.name, "' has shape ",
-              shape_str(g.sizes()), ", parameter ", shape_str(p.param.sizes()));
+              shape_text(g.sizes()), ", parameter ", shape_text(p.param.sizes()));
   return g.contiguous();
 }
 
@@ -119,8 +111,8 @@ void load_into(const std::map<std::string, at::Tensor>& saved, std::set<std::str
   const at::Tensor& src = it->second;
   if (src.scalar_type() != dst.scalar_type() || src.sizes() != dst.sizes())
     throw InputError("optimizer state: tensor '" + name + "' is " + std::string(c10::toString(src.scalar_type())) +
-                     " " + shape_str(src.sizes()) + ", expected " + c10::toString(dst.scalar_type()) + " " +
-                     shape_str(dst.sizes()) + "; the checkpoint does not match these trainable parameters");
+                     " " + shape_text(src.sizes()) + ", expected " + c10::toString(dst.scalar_type()) + " " +
+                     shape_text(dst.sizes()) + "; the checkpoint does not match these trainable parameters");
   dst.copy_(src);
   used.insert(name);
 }

@@ -17,6 +17,14 @@ std::string closest_match(std::string_view got, const std::vector<std::string>& 
 // "a, b, c" (each quoted when quote is true).
 std::string join(const std::vector<std::string>& items, std::string_view sep = ", ");
 
+// "[2, 3]": a tensor's shape in a message (a std::vector<int64_t>, torch's IntArrayRef).
+template <class Dims>
+std::string shape_text(const Dims& dims) {
+  std::string out = "[";
+  for (size_t i = 0; i < dims.size(); ++i) out += (i ? ", " : "") + std::to_string(dims[i]);
+  return out + "]";
+}
+
 // Shortest decimal text that parses back to exactly `v` ("0.0002", "1e-08", "3").
 std::string format_double(double v);
 
