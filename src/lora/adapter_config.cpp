@@ -1,11 +1,10 @@
 #include "qlora/lora/adapter_io.h"
 
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
-#include <sstream>
 
 #include "qlora/common/errors.h"
+#include "qlora/common/json_file.h"
 
 namespace qlora::lora {
 namespace {
@@ -45,19 +44,9 @@ void refuse_if_set(const std::string& path, const json& root, const std::string&
 }  // namespace
 
 LoraSettings read_adapter_config(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in)
-    throw InputError(path + ": cannot read the adapter config; a PEFT adapter directory holds adapter_config.json "
-                            "and adapter_model.safetensors");
-  std::stringstream buf;
-  buf << in.rdbuf();
-  json root;
-  try {
-    root = json::parse(buf.str());
-  } catch (const json::parse_error& e) {
-    throw InputError(path + ": not valid JSON (" + std::string(e.what()) + ")");
-  }
-  if (!root.is_object()) throw InputError(path + ": expected a JSON object, got " + std::string(root.type_name()));
+  json root = read_json_object(path,
+                               "cannot read the adapter config; a PEFT adapter directory holds adapter_config.json "
+                               "and adapter_model.safetensors");
 
   const json* type = root.contains("peft_type") ? &root["peft_type"] : nullptr;
   if (!type || !type->is_string() || type->get<std::string>() != "LORA")

@@ -2,13 +2,12 @@
 
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
-#include <sstream>
 
 #include "qlora/common/errors.h"
 #include "qlora/common/input_files.h"
+#include "qlora/common/json_file.h"
 #include "qlora/common/log.h"
 #include "qlora/common/text.h"
 
@@ -332,20 +331,8 @@ json parse_file(const std::string& path) {
   if (const std::string why = why_not_a_file(path); !why.empty())
     throw InputError(path + ": " + why + "; expected the model's config.json file. Replace it with the "
                             "config.json of the Hugging Face model");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw InputError(path + ": cannot read the model config file; check its permissions");
-  std::stringstream buf;
-  buf << in.rdbuf();
-  json root;
-  try {
-    root = json::parse(buf.str());
-  } catch (const json::parse_error& e) {
-    throw InputError(path + ": not valid JSON (" + std::string(e.what()) + "); expected a Hugging Face config.json");
-  }
-  if (!root.is_object())
-    throw InputError(path + ": expected a JSON object (a Hugging Face config.json), got " +
-                     std::string(root.type_name()));
-  return root;
+  return read_json_object(path, "cannot read the model config file; check its permissions",
+                          "a Hugging Face config.json");
 }
 
 }  // namespace
