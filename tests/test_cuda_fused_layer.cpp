@@ -17,11 +17,10 @@
 
 #include <cstdio>
 #include <functional>
-#include <map>
 #include <string>
 #include <vector>
 
-#include "qlora/io/model_dir.h"
+#include "qlora/layer/fused_layer.h"
 #include "qlora/lora/lora.h"
 #include "qlora/model/decoder.h"
 #include "qlora/model/family.h"
@@ -29,7 +28,8 @@
 #include "qlora/quant/nf4_cuda.h"
 #include "qlora/train/checkpoint.h"
 #include "qlora/train/demo.h"
-#include "qlora/layer/fused_layer.h"
+#include "support/fused_layer_fixtures.h"
+#include "support/train_fixtures.h"
 
 namespace qlora {
 namespace {
@@ -86,13 +86,7 @@ void compare(at::ScalarType dtype, layer::FusedRecompute what = layer::FusedReco
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device visible to torch";
   quant::register_cuda_kernels();
   at::globalContext().setAllowTF32CuBLAS(false);
-  DecoderConfig shape = train::demo_model_config();
-  shape.hidden_size = 256;
-  shape.intermediate_size = 512;
-  shape.num_hidden_layers = 2;
-  shape.num_attention_heads = 4;
-  shape.num_key_value_heads = 2;
-  shape.head_dim = 64;
+  const DecoderConfig shape = testing::small_shape(train::demo_model_config(), 256);
   model::LoadOptions opt;
   opt.device = c10::Device(c10::kCUDA, 0);
   opt.dtype = dtype;
@@ -105,17 +99,8 @@ void compare(at::ScalarType dtype, layer::FusedRecompute what = layer::FusedReco
   ls.target_modules = {"all-linear"};
   torch::manual_seed(2);
   lora::LoraAdapter adapter = lora::LoraAdapter::attach(m, ls);
-  {
-    at::NoGradGuard no_grad;
-    for (const auto& l : adapter.layers()) l->lora_b().normal_(0.0, 0.05);
-  }
-  // Without checkpointing the reference is the model's own layer under autograd.
-  const train::LayerForwardFn generic =
-      what == layer::FusedRecompute::kNothing
-          ? train::LayerForwardFn([&m](int64_t l, const at::Tensor& h, const std::pair<at::Tensor, at::Tensor>& cs,
-                                       const model::AttentionInputs& a) { return m.layer_forward(l, h, cs, a); })
-          : train::checkpointed_layer_forward(m);
-  const Result want = run(m, adapter, generic, dtype);
+  testing::give_lora_b_values(adapter);
+  const Result want = run(m, adapter, testing::generic_layer_forward(m, what), dtype);
   const Result got = run(m, adapter, layer::fused_layer_forward(m, what, -1, no_recompute_layers), dtype);
   const bool fp32 = dtype == at::kFloat;
   const double out_tol = fp32 ? kFp32Tol : kHalfOutTol, grad_tol = fp32 ? kFp32Tol : kHalfGradTol;
@@ -163,49 +148,6 @@ model::WeightSource rounded(model::WeightSource src) {
   const auto get = src.get;
   src.get = [get](const std::string& name) { return get(name).to(at::kBFloat16).to(at::kFloat); };
   return src;
-}
-
-// tests/data/families/<variant>/ through the io module's ModelDir, as the trainer reads it.
-struct FamilyDir {
-  std::shared_ptr<io::ModelDir> dir;
-  DecoderConfig config;
-};
-
-FamilyDir open_family(const std::string& variant) {
-  auto dir = std::make_shared<io::ModelDir>(
-      io::ModelDir::open(std::string(QLORA_SOURCE_DIR) + "/tests/data/families/" + variant));
-  const DecoderConfig config = read_decoder_config(dir->config_path());
-  return {dir, config};
-}
-
-model::WeightSource family_weights(const FamilyDir& f) {
-  const std::shared_ptr<io::ModelDir> dir = f.dir;
-  return rounded({dir->dir(), dir->tensor_names(), [dir](const std::string& n) { return dir->tensor(n); }});
-}
-
-// The small Llama with attention_bias and mlp_bias (a bias on every projection, N(0, 0.5)).
-DecoderConfig biased_llama_shape() {
-  DecoderConfig c = train::demo_model_config();
-  c.hidden_size = 64;
-  c.intermediate_size = 128;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 16;
-  c.pieces.qkv_bias = c.pieces.o_bias = c.pieces.mlp_bias = true;
-  return c;
-}
-
-model::WeightSource biased_llama_weights() {
-  const DecoderConfig shape = biased_llama_shape();
-  const model::WeightSource random = train::random_llama_weights(shape, 3, c10::kCPU);
-  std::map<std::string, at::Tensor> w;
-  for (const auto& name : random.names) w[name] = random.get(name);
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(17);
-  for (int64_t l = 0; l < shape.num_hidden_layers; ++l)
-    for (const auto& s : decoder_linear_shapes(shape))
-      w[model::linear_module_name(l, s.name) + ".bias"] = at::normal(0.0, 0.5, {s.out_features}, gen);
-  return rounded(model::weights_from_map(std::move(w), "<biased llama>"));
 }
 
 lora::LoraSettings family_lora(double dropout) {
@@ -269,24 +211,14 @@ void compare_family_with_cpu(const std::string& name, const DecoderConfig& confi
   DecoderModel cpu = DecoderModel::load(config, weights());
   torch::manual_seed(2);
   lora::LoraAdapter cpu_adapter = lora::LoraAdapter::attach(cpu, family_lora(0.0));
+  testing::give_lora_b_values(cpu_adapter);
   {
     at::NoGradGuard no_grad;
-    for (const auto& l : cpu_adapter.layers()) l->lora_b().normal_(0.0, 0.05);
     for (auto& p : cpu_adapter.parameters()) p.copy_(p.to(at::kBFloat16).to(at::kFloat));
   }
   const auto [x, w] = family_inputs(config.hidden_size);
   const Result want = run_family(cpu, cpu_adapter, {}, x, w);
-
-  struct Mode {
-    const char* name;
-    layer::FusedRecompute what;
-    int64_t no_recompute_layers;
-  };
-  const Mode modes[] = {{"full", layer::FusedRecompute::kFull, 0},
-                        {"selective", layer::FusedRecompute::kSelective, 0},
-                        {"nothing", layer::FusedRecompute::kNothing, 0},
-                        {"last layer whole", layer::FusedRecompute::kFull, 1}};
-  for (const Mode& mode : modes) {
+  for (const testing::RecomputeMode& mode : testing::kRecomputeModes) {
     model::LoadOptions opt;
     opt.device = c10::Device(c10::kCUDA, 0);
     opt.dtype = at::kBFloat16;
@@ -318,10 +250,7 @@ void compare_family_on_gpu(const std::string& name, const DecoderConfig& config,
   DecoderModel m = DecoderModel::load(config, weights(), opt);
   torch::manual_seed(2);
   lora::LoraAdapter adapter = lora::LoraAdapter::attach(m, family_lora(0.1));
-  {
-    at::NoGradGuard no_grad;
-    for (const auto& l : adapter.layers()) l->lora_b().normal_(0.0, 0.05);
-  }
+  testing::give_lora_b_values(adapter);
   const auto [x, w] = family_inputs(config.hidden_size);
   torch::manual_seed(5);
   const Result want = run_family(m, adapter, train::checkpointed_layer_forward(m), x, w);
@@ -331,8 +260,8 @@ void compare_family_on_gpu(const std::string& name, const DecoderConfig& config,
 }
 
 void compare_family(const std::string& variant) {
-  const FamilyDir f = open_family(variant);
-  const WeightsFn weights = [f] { return family_weights(f); };
+  const testing::FamilyDir f = testing::open_family(variant);
+  const WeightsFn weights = [f] { return rounded(testing::family_weights(f)); };
   compare_family_with_cpu(variant, f.config, weights);
   compare_family_on_gpu(variant, f.config, weights);
 }
@@ -344,9 +273,11 @@ TEST(CudaFusedLayerFamilies, MistralSlidingWindow) { compare_family("mistral"); 
 // Layer 0 full, 1 and 2 windowed; q, k, v biases; yarn's attention factor.
 TEST(CudaFusedLayerFamilies, Qwen2WindowOnSomeLayers) { compare_family("qwen2_window"); }
 TEST(CudaFusedLayerFamilies, SmolLm2) { compare_family("smollm2"); }
+// A bias on every projection, N(0, 0.5).
 TEST(CudaFusedLayerFamilies, LlamaWithAttentionAndMlpBiases) {
-  compare_family_with_cpu("llama attention_bias mlp_bias", biased_llama_shape(), biased_llama_weights);
-  compare_family_on_gpu("llama attention_bias mlp_bias", biased_llama_shape(), biased_llama_weights);
+  const WeightsFn weights = [] { return rounded(testing::biased_llama_weights()); };
+  compare_family_with_cpu("llama attention_bias mlp_bias", testing::biased_llama_shape(), weights);
+  compare_family_on_gpu("llama attention_bias mlp_bias", testing::biased_llama_shape(), weights);
 }
 
 }  // namespace

@@ -16,19 +16,17 @@
 
 #include <cstdio>
 #include <functional>
-#include <map>
 #include <string>
 #include <vector>
 
-#include "qlora/io/model_dir.h"
+#include "qlora/layer/fused_layer.h"
 #include "qlora/lora/lora.h"
 #include "qlora/model/decoder.h"
 #include "qlora/model/family.h"
 #include "qlora/model/nf4_linear.h"
-#include "qlora/train/checkpoint.h"
 #include "qlora/train/demo.h"
-#include "qlora/layer/fused_layer.h"
 #include "qlora/train/layer_choice.h"
+#include "support/fused_layer_fixtures.h"
 #include "support/train_fixtures.h"
 
 namespace qlora {
@@ -102,18 +100,9 @@ Measured compare(DecoderModel& m, const Setup& s) {
   ls.target_modules = s.targets;
   torch::manual_seed(1);
   lora::LoraAdapter adapter = lora::LoraAdapter::attach(m, ls);
-  {
-    at::NoGradGuard no_grad;  // B is zero at init: give it values so A's gradient is not zero
-    for (const auto& l : adapter.layers()) l->lora_b().normal_(0.0, 0.05);
-  }
+  testing::give_lora_b_values(adapter);
   EXPECT_EQ(layer::fused_layer_unsupported(m), "");
-  // Without checkpointing the reference is the model's own layer under autograd.
-  const train::LayerForwardFn generic =
-      s.recompute == layer::FusedRecompute::kNothing
-          ? train::LayerForwardFn([&m](int64_t l, const at::Tensor& h, const std::pair<at::Tensor, at::Tensor>& cs,
-                                       const model::AttentionInputs& a) { return m.layer_forward(l, h, cs, a); })
-          : train::checkpointed_layer_forward(m);
-  const Result want = run(m, adapter, generic, s);
+  const Result want = run(m, adapter, testing::generic_layer_forward(m, s.recompute), s);
   const Result got =
       run(m, adapter, layer::fused_layer_forward(m, s.recompute, s.selective_layers, s.no_recompute_layers), s);
   if (s.recompute != layer::FusedRecompute::kFull || s.no_recompute_layers > 0) {
@@ -244,46 +233,23 @@ TEST(FusedLayer, TheCpuRunKeepsTheGenericLayer) {
 
 // ---------------------------------------------------------------- the families' pieces
 
-// A family's tiny model from tests/data/families/<variant>, through the io module's ModelDir as
-// the trainer loads a model directory.
+// A family's tiny model from tests/data/families/<variant>.
 DecoderModel load_family(const std::string& variant, bool nf4) {
-  const io::ModelDir dir = io::ModelDir::open(std::string(QLORA_SOURCE_DIR) + "/tests/data/families/" + variant);
-  const DecoderConfig cfg = read_decoder_config(dir.config_path());
-  model::WeightSource src{dir.dir(), dir.tensor_names(), [&dir](const std::string& n) { return dir.tensor(n); }};
+  const testing::FamilyDir f = testing::open_family(variant);
   model::LoadOptions opt;
   if (nf4) opt.make_linear = model::nf4_linear_factory(true, at::kFloat);
-  return DecoderModel::load(cfg, src, opt);
+  return DecoderModel::load(f.config, testing::family_weights(f), opt);
 }
 
-// The small Llama with attention_bias and mlp_bias: a bias on every projection, N(0, 0.5)
-// (the golden families' scale; the random weights are N(0, 0.02), so the biases weigh).
 DecoderModel load_biased_llama() {
-  DecoderConfig shape = testing::small_llama_shape();
-  shape.pieces.qkv_bias = shape.pieces.o_bias = shape.pieces.mlp_bias = true;
-  const model::WeightSource random = train::random_llama_weights(shape, 3, c10::kCPU);
-  std::map<std::string, at::Tensor> w;
-  for (const auto& name : random.names) w[name] = random.get(name);
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(17);
-  for (int64_t l = 0; l < shape.num_hidden_layers; ++l)
-    for (const auto& s : decoder_linear_shapes(shape))
-      w[model::linear_module_name(l, s.name) + ".bias"] = at::normal(0.0, 0.5, {s.out_features}, gen);
-  return DecoderModel::load(shape, model::weights_from_map(std::move(w), "<biased llama>"));
+  return DecoderModel::load(testing::biased_llama_shape(), testing::biased_llama_weights());
 }
 
 // Every recompute mode (full, selective, none, the last layer kept whole), LoRA with dropout
 // on every projection, against the generic layer, a model from `load` each (an adapter
 // attaches once); prints the largest differences.
 void compare_family(const std::string& name, const std::function<DecoderModel()>& load, Setup s) {
-  struct Mode {
-    const char* name;
-    layer::FusedRecompute what;
-    int64_t no_recompute_layers;
-  };
-  const Mode modes[] = {{"full", layer::FusedRecompute::kFull, 0},
-                        {"selective", layer::FusedRecompute::kSelective, 0},
-                        {"nothing", layer::FusedRecompute::kNothing, 0},
-                        {"last layer whole", layer::FusedRecompute::kFull, 1}};
-  for (const Mode& mode : modes) {
+  for (const testing::RecomputeMode& mode : testing::kRecomputeModes) {
     SCOPED_TRACE(name + ", " + mode.name);
     s.recompute = mode.what;
     s.no_recompute_layers = mode.no_recompute_layers;

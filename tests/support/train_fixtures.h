@@ -3,6 +3,7 @@
 // recipe runs end to end in a second or two on one core.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 #include "qlora/config/config.h"
@@ -12,16 +13,20 @@
 
 namespace qlora::testing {
 
-inline DecoderConfig small_llama_shape() {
-  DecoderConfig c = train::demo_model_config();
-  c.hidden_size = 64;
-  c.intermediate_size = 128;
+// `c` (its family, pieces, RoPE) at a small size: 2 layers of `hidden`, 4 heads of hidden / 4
+// over 2 kv heads, intermediate 2 · hidden.
+inline DecoderConfig small_shape(DecoderConfig c, int64_t hidden = 64) {
+  c.hidden_size = hidden;
+  c.intermediate_size = 2 * hidden;
   c.num_hidden_layers = 2;
   c.num_attention_heads = 4;
   c.num_key_value_heads = 2;
-  c.head_dim = 16;
+  c.head_dim = hidden / 4;
   return c;
 }
+
+// The demo's Llama at hidden 64.
+inline DecoderConfig small_llama_shape() { return small_shape(train::demo_model_config()); }
 
 // A model directory (tokenizer + random weights), made once per process.
 inline const std::string& small_model_dir() {
