@@ -6,6 +6,7 @@
 #include "qlora/config/config.h"
 #include "qlora/model/decoder_config.h"
 #include "qlora/model/family.h"
+#include "support/decoder_config_checks.h"
 #include "support/test_support.h"
 
 namespace qlora {
@@ -17,29 +18,9 @@ using testing::write_file;
 
 std::string model_config(const std::string& name) { return source_path("tests/data/model_configs/" + name + ".json"); }
 
-void expect_same_shape(const DecoderConfig& a, const DecoderConfig& b) {
-  EXPECT_EQ(a.model_type, b.model_type);
-  EXPECT_EQ(a.vocab_size, b.vocab_size);
-  EXPECT_EQ(a.hidden_size, b.hidden_size);
-  EXPECT_EQ(a.intermediate_size, b.intermediate_size);
-  EXPECT_EQ(a.num_hidden_layers, b.num_hidden_layers);
-  EXPECT_EQ(a.num_attention_heads, b.num_attention_heads);
-  EXPECT_EQ(a.num_key_value_heads, b.num_key_value_heads);
-  EXPECT_EQ(a.head_dim, b.head_dim);
-  EXPECT_EQ(a.max_position_embeddings, b.max_position_embeddings);
-  EXPECT_EQ(a.tie_word_embeddings, b.tie_word_embeddings);
-  EXPECT_DOUBLE_EQ(a.rope_theta, b.rope_theta);
-  EXPECT_DOUBLE_EQ(a.rms_norm_eps, b.rms_norm_eps);
-  EXPECT_EQ(a.rope.type, b.rope.type);
-  EXPECT_DOUBLE_EQ(a.rope.factor, b.rope.factor);
-  EXPECT_DOUBLE_EQ(a.rope.low_freq_factor, b.rope.low_freq_factor);
-  EXPECT_DOUBLE_EQ(a.rope.high_freq_factor, b.rope.high_freq_factor);
-  EXPECT_EQ(a.rope.original_max_position_embeddings, b.rope.original_max_position_embeddings);
-  EXPECT_DOUBLE_EQ(a.rope.attention_factor, b.rope.attention_factor);
-  EXPECT_EQ(a.pieces.qkv_bias, b.pieces.qkv_bias);
-  EXPECT_EQ(a.pieces.o_bias, b.pieces.o_bias);
-  EXPECT_EQ(a.pieces.mlp_bias, b.pieces.mlp_bias);
-  EXPECT_EQ(a.pieces.qk_norm, b.pieces.qk_norm);
+// The same model, windows spelled the same way.
+void expect_same_model(const DecoderConfig& a, const DecoderConfig& b) {
+  testing::expect_same_shape(a, b);
   EXPECT_EQ(a.layer_window, b.layer_window);
 }
 
@@ -50,8 +31,8 @@ TEST(DecoderConfig, TransformersFilesEqualPresets) {
   for (const char* name : {"llama-3.2-1b", "llama-3.1-8b", "llama-2-7b", "mistral-7b"}) {
     SCOPED_TRACE(name);
     const DecoderConfig preset = model_preset(name);
-    expect_same_shape(read_decoder_config(model_config(name)), preset);
-    expect_same_shape(read_decoder_config(model_config(std::string("hf4_") + name)), preset);
+    expect_same_model(read_decoder_config(model_config(name)), preset);
+    expect_same_model(read_decoder_config(model_config(std::string("hf4_") + name)), preset);
   }
 }
 

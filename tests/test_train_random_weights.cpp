@@ -18,7 +18,9 @@
 #include "qlora/model/linear.h"
 #include "qlora/train/demo.h"
 #include "qlora/train/setup.h"
+#include "support/decoder_config_checks.h"
 #include "support/test_support.h"
+#include "support/train_fixtures.h"
 
 namespace qlora {
 namespace {
@@ -31,14 +33,8 @@ const char* const kPresets[] = {"llama-3.2-1b", "mistral-7b", "qwen2.5-1.5b", "q
 
 // The preset's family, pieces, RoPE and windows at a tiny size.
 DecoderConfig tiny(const std::string& preset) {
-  DecoderConfig c = model_preset(preset);
+  DecoderConfig c = testing::small_shape(model_preset(preset));
   c.vocab_size = 320;
-  c.hidden_size = 64;
-  c.intermediate_size = 128;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 16;
   if (!c.layer_window.empty()) c.layer_window.assign(2, c.layer_window.front());
   return c;
 }
@@ -87,25 +83,7 @@ TEST(RandomWeights, ConfigJsonReadsBackAsTheSameModel) {
     train::write_llama_config(dir, want);
     const DecoderConfig got = read_decoder_config(dir + "/config.json");
     SCOPED_TRACE(preset);
-    EXPECT_EQ(got.model_type, want.model_type);
-    EXPECT_EQ(got.vocab_size, want.vocab_size);
-    EXPECT_EQ(got.hidden_size, want.hidden_size);
-    EXPECT_EQ(got.intermediate_size, want.intermediate_size);
-    EXPECT_EQ(got.num_hidden_layers, want.num_hidden_layers);
-    EXPECT_EQ(got.num_attention_heads, want.num_attention_heads);
-    EXPECT_EQ(got.num_key_value_heads, want.num_key_value_heads);
-    EXPECT_EQ(got.head_dim, want.head_dim);
-    EXPECT_EQ(got.max_position_embeddings, want.max_position_embeddings);
-    EXPECT_EQ(got.tie_word_embeddings, want.tie_word_embeddings);
-    EXPECT_EQ(got.rope_theta, want.rope_theta);
-    EXPECT_EQ(got.rms_norm_eps, want.rms_norm_eps);
-    EXPECT_EQ(got.rope.type, want.rope.type);
-    EXPECT_EQ(got.rope.factor, want.rope.factor);
-    EXPECT_EQ(got.rope.original_max_position_embeddings, want.rope.original_max_position_embeddings);
-    EXPECT_EQ(got.pieces.qkv_bias, want.pieces.qkv_bias);
-    EXPECT_EQ(got.pieces.o_bias, want.pieces.o_bias);
-    EXPECT_EQ(got.pieces.mlp_bias, want.pieces.mlp_bias);
-    EXPECT_EQ(got.pieces.qk_norm, want.pieces.qk_norm);
+    testing::expect_same_shape(got, want);
     EXPECT_EQ(got.min_window(), want.min_window());
     for (int64_t l = 0; l < want.num_hidden_layers; ++l) EXPECT_EQ(got.window_of(l), want.window_of(l)) << l;
     EXPECT_TRUE(got.unread_keys.empty()) << join(got.unread_keys);
