@@ -171,7 +171,6 @@ takes the bases from ROOT/<variant>/ instead, for models made with --make-model)
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -180,7 +179,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import (AutoConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel
 
 try:
     import bitsandbytes  # noqa: F401
@@ -191,7 +190,7 @@ except ImportError:
 import bitsandbytes.functional as bnbf  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import model as golden_model  # noqa: E402  (make_batch, loss_sum_count, peft_key: the same conventions)
+import model as golden_model  # noqa: E402  (randomize, make_batch, lora_step, check_adapters: the same conventions)
 import quant as golden_quant  # noqa: E402  (nested_absmax, dequant: the names tests/test_quant_nf4.cpp reads)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -199,7 +198,6 @@ OUT = os.path.join(ROOT, "tests", "data", "families")
 VOCAB = golden_model.VOCAB
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 SEGMENTS = [9, 8, 7]  # the packed row: three examples back to back, 24 tokens
-LOGIT_TOL = 1e-4  # --check-adapter
 MERGE_TOL = 1e-5  # --check-merged (fp32)
 PACKED_TOL = 1e-5  # transformers' packed forward vs the segments run one by one
 NF4_WEIGHTS = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight")
@@ -285,22 +283,6 @@ VARIANTS = {
 
 # ---------------------------------------------------------------- weights and config.json
 
-def randomize(model, seed):
-    # golden/model.py's scheme (O(1) activations, norm weights around 1, q_norm / k_norm
-    # included), plus non-zero biases for Qwen2's q/k/v projections.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            elif "embed_tokens" in name:
-                p.copy_(0.25 * torch.randn(p.shape, generator=g))
-            elif name.endswith(".bias"):
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
-
-
 def write_hub_config(d, hub):
     """Rewrites the config.json save_pretrained wrote (transformers 5: rope_parameters, dtype,
     layer_types) in the spelling of the family's published checkpoints."""
@@ -347,20 +329,17 @@ def load_base(name):
 
 def make_model(name, d, vocab):
     """A model directory of variant `name` with `vocab` rows, transformers' own random init
-    scaled as randomize() does, config.json spelled as the family's checkpoints spell it, and no
-    special token ids (the tokenizer put beside it brings its own): what the end-to-end training
-    tests train on."""
+    scaled as golden/model.py's randomize() does, config.json spelled as the family's
+    checkpoints spell it, and no special token ids (the tokenizer put beside it brings its own):
+    what the end-to-end training tests train on."""
     spec = VARIANTS[name]
     torch.manual_seed(spec["seed"])
     cfg = spec["config"]()
     cfg.vocab_size = vocab
     cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = None
     built = spec["model"](cfg).float().eval()
-    randomize(built, spec["seed"])
-    built.save_pretrained(d, safe_serialization=True)
-    p = os.path.join(d, "generation_config.json")
-    if os.path.exists(p):
-        os.remove(p)
+    golden_model.randomize(built, spec["seed"])
+    golden_model.save_model(built, d)
     write_hub_config(d, spec["hub"])
     print(f"wrote {d}: {name}, vocab {vocab}")
     return 0
@@ -402,14 +381,10 @@ def make_base(name):
     seed = spec["seed"]
     torch.manual_seed(seed)
     built = spec["model"](spec["config"]()).float().eval()
-    randomize(built, seed)
+    golden_model.randomize(built, seed)
     d = os.path.join(OUT, name)
     shutil.rmtree(d, ignore_errors=True)
-    built.save_pretrained(d, safe_serialization=True)
-    for extra in ("generation_config.json",):
-        p = os.path.join(d, extra)
-        if os.path.exists(p):
-            os.remove(p)
+    golden_model.save_model(built, d)
     write_hub_config(d, spec["hub"])
 
     # Everything below comes from the directory as written: transformers' reading of that config.json.
@@ -424,10 +399,7 @@ def make_base(name):
     rotary = model.model.rotary_emb
     inv_freq_init = rotary.inv_freq.detach().clone()
 
-    ids, mask, labels = golden_model.make_batch()
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    s, n = golden_model.loss_sum_count(out.logits, labels)
+    ids, mask, out, batch = golden_model.golden_forward(model)
     # After the forward: dynamic RoPE recomputes inv_freq when max(position_ids) + 1 exceeds
     # max_position_embeddings, and keeps the new buffer.
     inv_freq = rotary.inv_freq.detach().float().clone()
@@ -437,13 +409,7 @@ def make_base(name):
         check_window_rule(name, out.logits, mask)
     packed = make_packed_golden(name)
     tensors = {
-        "input_ids": ids.contiguous(),
-        "attention_mask": mask.contiguous(),
-        "labels": labels.contiguous(),
-        "logits": out.logits.float().contiguous(),
-        "loss": out.loss.detach().float().reshape(()),
-        "loss_sum": s.detach().float().reshape(()),
-        "loss_count": n.reshape(()).to(torch.int64),
+        **batch,
         "inv_freq": inv_freq.contiguous(),
         "inv_freq_init": inv_freq_init.float().contiguous(),
         "attention_scaling": torch.tensor(attention_scaling, dtype=torch.float32),
@@ -569,35 +535,14 @@ def base_for_peft(name):
 
 def make_lora(name):
     spec = VARIANTS[name]
-    seed = spec["seed"] + 100
-    base = base_for_peft(name)
-    torch.manual_seed(seed)
-    model = get_peft_model(base, spec["lora"]())
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "lora_B" in pname:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    ids, mask, labels = golden_model.make_batch()
-    model.train()  # dropout is 0, so train/eval give the same numbers
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    out.loss.backward()
+    model, out, grads = golden_model.lora_step(base_for_peft(name), spec["lora"](), spec["seed"] + 100)
     tensors = {
         "lora_logits": out.logits.detach().float().contiguous(),
         "lora_loss": out.loss.detach().float().reshape(()),
+        **grads,
     }
-    n_grads = 0
-    for pname, p in model.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None, pname
-            tensors["grad." + golden_model.peft_key(pname)] = p.grad.detach().float().contiguous()
-            n_grads += 1
     d = os.path.join(OUT, name, "lora")
-    shutil.rmtree(d, ignore_errors=True)
-    os.makedirs(d)
-    model.save_pretrained(os.path.join(d, "adapter"))
-    os.remove(os.path.join(d, "adapter", "README.md"))  # a model card template, not data
-    save_file(tensors, os.path.join(d, "golden.safetensors"))
+    golden_model.save_lora(model, d, tensors)
     merged = peft_merged(name, os.path.join(d, "adapter"))
     base_sd = load_base(name).state_dict()
     changed = {k: v for k, v in merged.items() if not torch.equal(v, base_sd[k])}
@@ -606,7 +551,7 @@ def make_lora(name):
     assert all(k.endswith(".weight") and "_proj." in k for k in changed), sorted(changed)
     save_file({"merged." + k: v.float().contiguous() for k, v in sorted({**changed, **biases}.items())},
               os.path.join(d, "merged.safetensors"))
-    print(f"wrote {d}: {n_grads} LoRA gradients, loss {out.loss.item():.6f}, "
+    print(f"wrote {d}: {len(grads)} LoRA gradients, loss {out.loss.item():.6f}, "
           f"{len(changed)} merged weights, {len(biases)} biases")
 
 
@@ -625,41 +570,7 @@ def peft_merged(name, adapter_dir):
 # ---------------------------------------------------------------- reverse checks
 
 def check_adapter(root):
-    worst, found = 0.0, 0
-    for name in VARIANTS:
-        d = os.path.join(root, name)
-        if not os.path.isdir(d):
-            print(f"{d}: missing")
-            continue
-        found += 1
-        base = load_base(name)
-        ids, mask, _ = golden_model.make_batch()
-        with torch.no_grad():
-            base_logits = base(input_ids=ids, attention_mask=mask).logits.float()
-        base = load_base(name)  # fresh (dynamic RoPE state)
-        model = PeftModel.from_pretrained(base, d).eval()
-        saved = load_file(os.path.join(d, "adapter_model.safetensors"))
-        loaded = {golden_model.peft_key(n): p for n, p in model.named_parameters() if "lora_" in n}
-        assert sorted(loaded) == sorted(saved), "PEFT's LoRA modules differ from the saved keys"
-        assert all(torch.equal(loaded[k], saved[k]) for k in saved), "PEFT did not load the saved values"
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        effect = (logits - base_logits).abs().max().item()
-        theirs = load_file(os.path.join(d, "qlora_logits.safetensors"))["logits"].float()
-        err = (logits - theirs).abs().max().item()
-        with open(os.path.join(d, "adapter_config.json")) as f:
-            cfg = json.load(f)
-        print(f"{name}: PEFT loaded qlora's adapter (r {cfg['r']}, targets {cfg['target_modules']}); "
-              f"max |logits_peft - logits_qlora| = {err:.3e} (the adapter moves logits by up to {effect:.3f})")
-        worst = max(worst, err)
-        if effect < 1e-3:
-            print("  the adapter has no effect: B is zero?")
-            worst = float("inf")
-    if found == 0 or worst > LOGIT_TOL:
-        print("FAILED")
-        return 1
-    print("OK")
-    return 0
+    return golden_model.check_adapters(root, {name: (lambda name=name: load_base(name)) for name in VARIANTS})
 
 
 def check_merged(root):
@@ -697,11 +608,7 @@ def check_merged(root):
             print("  the adapter changed no weight?")
             bad = True
         worst = max(worst, err)
-    if found == 0 or bad or worst > MERGE_TOL:
-        print("FAILED")
-        return 1
-    print("OK")
-    return 0
+    return golden_model.verdict(found == 0 or bad or worst > MERGE_TOL)
 
 
 # ---------------------------------------------------------------- main
@@ -711,10 +618,7 @@ def dir_size(path):
 
 
 def main():
-    if os.environ.get("PYTHONHASHSEED") != "0":
-        # PEFT writes target_modules from a set: fix string hashing so reruns give equal files.
-        os.environ["PYTHONHASHSEED"] = "0"
-        os.execv(sys.executable, [sys.executable] + sys.argv)
+    golden_model.fix_string_hashing()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check-adapter", metavar="DIR", help="load qlora-written adapters from DIR/<variant>/ into PEFT")
     ap.add_argument("--check-merged", metavar="DIR",

@@ -97,7 +97,8 @@ def base_config(tied, llama3):
 
 def randomize(model, seed):
     # transformers' init (std 0.02, unit norms) gives logits near 0, which would make a
-    # 1e-4 absolute comparison blind; use O(1) activations and non-trivial norm weights.
+    # 1e-4 absolute comparison blind; use O(1) activations and non-trivial norm weights
+    # (q_norm / k_norm included), and non-zero biases where a family has them (golden/families.py).
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -105,6 +106,8 @@ def randomize(model, seed):
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name:
                 p.copy_(0.25 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
 
@@ -134,15 +137,8 @@ def make_base(name, tied, llama3, seed):
     randomize(model, seed)
     d = os.path.join(OUT, name)
     shutil.rmtree(d, ignore_errors=True)
-    model.save_pretrained(d, safe_serialization=True)
-    for extra in ("generation_config.json",):
-        p = os.path.join(d, extra)
-        if os.path.exists(p):
-            os.remove(p)
-    ids, mask, labels = make_batch()
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    s, n = loss_sum_count(out.logits, labels)
+    save_model(model, d)
+    ids, mask, out, tensors = golden_forward(model)
     half = {}
     for key, dtype in (("logits_bf16", torch.bfloat16), ("logits_fp16", torch.float16)):
         m16 = LlamaForCausalLM.from_pretrained(d, dtype=dtype).eval()
@@ -151,22 +147,36 @@ def make_base(name, tied, llama3, seed):
     if name == "llama3_untied":
         half["logits_nf4"] = nf4_logits(d, ids, mask)
     inv_freq = model.model.rotary_emb.inv_freq.detach().float().contiguous()
-    save_file(
-        {
-            "input_ids": ids.contiguous(),
-            "attention_mask": mask.contiguous(),
-            "labels": labels.contiguous(),
-            "logits": out.logits.float().contiguous(),
-            "loss": out.loss.detach().float().reshape(()),
-            "loss_sum": s.detach().float().reshape(()),
-            "loss_count": n.reshape(()).to(torch.int64),
-            "inv_freq": inv_freq,
-            **half,
-        },
-        os.path.join(d, "golden.safetensors"),
-    )
+    save_file({**tensors, "inv_freq": inv_freq, **half}, os.path.join(d, "golden.safetensors"))
     print(f"wrote {d}: loss {out.loss.item():.6f}, |logits| max {out.logits.abs().max().item():.3f}")
     return d
+
+
+def save_model(model, d):
+    """save_pretrained into d (safetensors), less generation_config.json."""
+    model.save_pretrained(d, safe_serialization=True)
+    p = os.path.join(d, "generation_config.json")
+    if os.path.exists(p):
+        os.remove(p)
+
+
+def golden_forward(model):
+    """`model` on make_batch() without gradients: (ids, mask, its output, what every base's
+    golden.safetensors holds: the batch, logits, loss, and loss_sum / loss_count as
+    loss_sum_count sums them)."""
+    ids, mask, labels = make_batch()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    s, n = loss_sum_count(out.logits, labels)
+    return ids, mask, out, {
+        "input_ids": ids.contiguous(),
+        "attention_mask": mask.contiguous(),
+        "labels": labels.contiguous(),
+        "logits": out.logits.float().contiguous(),
+        "loss": out.loss.detach().float().reshape(()),
+        "loss_sum": s.detach().float().reshape(()),
+        "loss_count": n.reshape(()).to(torch.int64),
+    }
 
 
 def nf4_logits(model_dir, ids, mask):
@@ -213,8 +223,27 @@ def make_lora(name, spec, seed):
     base = load_base(spec["base"])
     # Recorded in adapter_config.json: a path relative to the repository root, not this checkout's.
     base.name_or_path = base.config._name_or_path = os.path.relpath(os.path.join(OUT, spec["base"]), ROOT)
+    model, out, grads = lora_step(base, spec["config"], seed)
+    ids, mask, labels = make_batch()
+    tensors = {
+        "input_ids": ids.contiguous(),
+        "attention_mask": mask.contiguous(),
+        "labels": labels.contiguous(),
+        "logits": out.logits.detach().float().contiguous(),
+        "loss": out.loss.detach().float().reshape(()),
+        **grads,
+    }
+    d = os.path.join(OUT, name)
+    save_lora(model, d, tensors)
+    print(f"wrote {d}: {len(grads)} LoRA gradients, loss {out.loss.item():.6f}")
+
+
+def lora_step(base, config, seed):
+    """PEFT's LoRA `config` on `base` (torch seeded with `seed`), B set to a seeded normal (seed + 1)
+    so that A's gradients are not zero, and one forward and backward of make_batch() in train mode:
+    (the PEFT model, its output, {"grad.<peft key>": gradient of every LoRA weight})."""
     torch.manual_seed(seed)
-    model = get_peft_model(base, spec["config"])
+    model = get_peft_model(base, config)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -224,26 +253,21 @@ def make_lora(name, spec, seed):
     model.train()  # dropout is 0, so train/eval give the same numbers
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     out.loss.backward()
-    tensors = {
-        "input_ids": ids.contiguous(),
-        "attention_mask": mask.contiguous(),
-        "labels": labels.contiguous(),
-        "logits": out.logits.detach().float().contiguous(),
-        "loss": out.loss.detach().float().reshape(()),
-    }
-    n_grads = 0
+    grads = {}
     for pname, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None, pname
-            tensors["grad." + peft_key(pname)] = p.grad.detach().float().contiguous()
-            n_grads += 1
-    d = os.path.join(OUT, name)
+            grads["grad." + peft_key(pname)] = p.grad.detach().float().contiguous()
+    return model, out, grads
+
+
+def save_lora(model, d, tensors):
+    """d/adapter/ as PEFT's save_pretrained writes it (less its model card) and d/golden.safetensors."""
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
     model.save_pretrained(os.path.join(d, "adapter"))
     os.remove(os.path.join(d, "adapter", "README.md"))  # a model card template, not data
     save_file(tensors, os.path.join(d, "golden.safetensors"))
-    print(f"wrote {d}: {n_grads} LoRA gradients, loss {out.loss.item():.6f}")
 
 
 def make_init_golden():
@@ -254,19 +278,27 @@ def make_init_golden():
 
 
 def check_adapter(root):
+    return check_adapters(root, {name: (lambda base=spec["base"]: load_base(base))
+                                 for name, spec in lora_variants().items()})
+
+
+def check_adapters(root, bases):
+    """--check-adapter: for each name -> a function that loads its fp32 base model, the adapter qlora
+    wrote to root/<name>/ loaded into PEFT on that base gives, on make_batch(), the logits qlora
+    saved beside it (qlora_logits.safetensors) within LOGIT_TOL. Prints a line a variant and the
+    verdict; returns the exit code."""
     worst = 0.0
     found = 0
-    for name, spec in lora_variants().items():
+    for name, load in bases.items():
         d = os.path.join(root, name)
         if not os.path.isdir(d):
             print(f"{d}: missing")
             continue
         found += 1
-        base = load_base(spec["base"])
         ids, mask, _ = make_batch()
         with torch.no_grad():
-            base_logits = base(input_ids=ids, attention_mask=mask).logits.float()
-        model = PeftModel.from_pretrained(base, d).eval()
+            base_logits = load()(input_ids=ids, attention_mask=mask).logits.float()
+        model = PeftModel.from_pretrained(load(), d).eval()  # a fresh base: dynamic RoPE keeps state
         saved = load_file(os.path.join(d, "adapter_model.safetensors"))
         loaded = {peft_key(n): p for n, p in model.named_parameters() if "lora_" in n}
         assert sorted(loaded) == sorted(saved), "PEFT's LoRA modules differ from the saved keys"
@@ -274,7 +306,7 @@ def check_adapter(root):
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
         effect = (logits - base_logits).abs().max().item()
-        theirs = load_file(os.path.join(d, "qlora_logits.safetensors"))["logits"]
+        theirs = load_file(os.path.join(d, "qlora_logits.safetensors"))["logits"].float()
         err = (logits - theirs).abs().max().item()
         with open(os.path.join(d, "adapter_config.json")) as f:
             cfg = json.load(f)
@@ -284,18 +316,25 @@ def check_adapter(root):
         if effect < 1e-3:
             print("  the adapter has no effect: B is zero?")
             worst = float("inf")
-    if found == 0 or worst > LOGIT_TOL:
-        print("FAILED")
-        return 1
-    print("OK")
-    return 0
+    return verdict(found == 0 or worst > LOGIT_TOL)
+
+
+def verdict(failed):
+    """Prints FAILED or OK; the exit code (1, 0)."""
+    print("FAILED" if failed else "OK")
+    return 1 if failed else 0
+
+
+def fix_string_hashing():
+    """PEFT writes target_modules from a set: the running script starts again with string hashing
+    fixed (PYTHONHASHSEED=0) unless it already is, so that reruns give equal files."""
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.environ["PYTHONHASHSEED"] = "0"
+        os.execv(sys.executable, [sys.executable] + sys.argv)
 
 
 def main():
-    if os.environ.get("PYTHONHASHSEED") != "0":
-        # PEFT writes target_modules from a set: fix string hashing so reruns give equal files.
-        os.environ["PYTHONHASHSEED"] = "0"
-        os.execv(sys.executable, [sys.executable] + sys.argv)
+    fix_string_hashing()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check-adapter", metavar="DIR", help="load qlora-written adapters from DIR into PEFT")
     args = ap.parse_args()
