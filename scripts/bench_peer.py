@@ -104,49 +104,26 @@ ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,
 }
-# Qwen/Qwen3-8B's published config.json (q/k RMSNorm per head, no biases, untied).
-QWEN3_8B = dict(
+# What Qwen/Qwen3-8B's and Qwen/Qwen2.5-1.5B's published config.json files share.
+QWEN = dict(
     vocab_size=151936,
-    hidden_size=4096,
-    intermediate_size=12288,
-    num_hidden_layers=36,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=40960,
     rms_norm_eps=1e-6,
     hidden_act="silu",
-    tie_word_embeddings=False,
-    attention_bias=False,
     attention_dropout=0.0,
     use_sliding_window=False,
-    max_window_layers=36,
     initializer_range=0.02,
     bos_token_id=151643,
-    eos_token_id=151645,
     use_cache=False,
 )
-# Qwen/Qwen2.5-1.5B's published config.json (q, k, v with biases; head_dim = hidden / heads = 128;
-# Qwen2Config has no head_dim key).
-QWEN25_15B = dict(
-    vocab_size=151936,
-    hidden_size=1536,
-    intermediate_size=8960,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-6,
-    hidden_act="silu",
-    tie_word_embeddings=True,
-    attention_dropout=0.0,
-    use_sliding_window=False,
-    max_window_layers=28,
-    initializer_range=0.02,
-    bos_token_id=151643,
-    eos_token_id=151643,
-    use_cache=False,
-)
+# Qwen/Qwen3-8B's (q/k RMSNorm per head, no biases, untied).
+QWEN3_8B = dict(QWEN, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, tie_word_embeddings=False,
+                attention_bias=False, max_window_layers=36, eos_token_id=151645)
+# Qwen/Qwen2.5-1.5B's (q, k, v with biases; head_dim = hidden / heads = 128; Qwen2Config has no
+# head_dim key).
+QWEN25_15B = dict(QWEN, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, max_position_embeddings=131072, tie_word_embeddings=True,
+                  max_window_layers=28, eos_token_id=151643)
 QWEN_ROPE = {"rope_type": "default", "rope_theta": 1000000.0}
 # model name (bench_train's preset) -> (transformers config class, causal LM class, values, RoPE)
 MODELS = {
