@@ -1,0 +1,62 @@
+// data/chat_template: a model's own chat template (tokenizer_config.json's `chat_template`,
+// a Jinja program) rendered exactly as transformers' apply_chat_template renders it.
+//
+// The engine is minja (third_party/minja, Note [chat template engine] in
+// src/data/chat_template.cpp), run with transformers' settings: trim_blocks and lstrip_blocks
+// on, the template's trailing newline dropped, `tojson` without ASCII escaping,
+// `raise_exception`, `strftime_now` on an injectable clock, `namespace`; `tools` and
+// `documents` are None. A construct whose meaning the engine might get wrong is refused at
+// parse time with an InputError naming it and its line: a template renders exactly or not at
+// all. The template's own raise_exception is an InputError carrying its message.
+//
+// Not yet used by format.cpp, whose built-in chat formats stay as they are.
+#pragma once
+
+#include <ctime>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "qlora/common/errors.h"
+
+namespace qlora::data {
+
+// ---------------------------------------------------------------- the clock
+
+// The local time `strftime_now` formats. The default reads the system clock; tests fix it.
+using ChatClock = std::function<std::tm()>;
+ChatClock system_chat_clock();
+
+// ---------------------------------------------------------------- one template
+
+// Named for what it renders: format.h's `ChatTemplate` is the built-in format choice.
+class ModelChatTemplate {
+ public:
+  // Parses `text`; `origin` (a file name, "tokenizer_config.json's chat_template") opens
+  // every error message. Throws InputError on a syntax error or a refused construct.
+  static ModelChatTemplate parse(const std::string& text, const std::string& origin);
+
+  // `messages`: an array of {"role", "content", ...}; `extra`: an object of further variables
+  // (bos_token, eos_token, date_string, enable_thinking, ...), which may not redefine
+  // messages or add_generation_prompt. Ordered JSON because key order is visible: Python
+  // dicts keep it, and `tojson` or `.items()` show it. Throws InputError when the template
+  // raises or fails.
+  std::string render(const nlohmann::ordered_json& messages, bool add_generation_prompt,
+                     const nlohmann::ordered_json& extra = nlohmann::ordered_json::object()) const;
+
+  void set_clock(ChatClock clock);
+  const std::string& origin() const;
+
+  ModelChatTemplate(ModelChatTemplate&&) noexcept;
+  ModelChatTemplate& operator=(ModelChatTemplate&&) noexcept;
+  ~ModelChatTemplate();
+
+ private:
+  struct Impl;
+  explicit ModelChatTemplate(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace qlora::data

@@ -1,0 +1,287 @@
+// A model's chat template on minja, with transformers' renderer settings and a parse-time
+// check that refuses what minja might render differently from jinja2.
+#include "qlora/data/chat_template.h"
+
+#include <minja.hpp>
+
+#include <cctype>
+#include <chrono>
+#include <cstdint>
+#include <set>
+#include <utility>
+#include <vector>
+
+namespace qlora::data {
+
+// Note [chat template engine]
+// transformers renders a chat template with jinja2's ImmutableSandboxedEnvironment
+// (trim_blocks, lstrip_blocks, loopcontrols), `tojson` = json.dumps(ensure_ascii=False),
+// `raise_exception`, `strftime_now`. We render it with minja (third_party/minja, unmodified),
+// the Jinja subset written for LLM chat templates: it renders the 240 cases of the shared
+// chat-templates oracle (9 real templates x 12 conversations x add_generation_prompt) byte for
+// byte (tests/test_chat_template.cpp).
+//
+// minja is not jinja2, and some of its differences are silent: `/` divides integers as C++
+// does (1/2 is 0, jinja2 says 0.5); `length`, `trim` and string subscripts count bytes, not
+// code points; `upper`/`lower` leave non-ASCII letters alone. We close what we can without
+// editing the library:
+//   - `length`/`count` and `trim` are replaced in the root context (minja looks filters up as
+//     variables) by versions that count code points and strip Python's whitespace;
+//   - a scan of the template's tags refuses, with its line, the `/` and `//` operators and every
+//     filter or test outside kFilters / kTests, the ones whose output was compared with jinja2.
+// Left open, because only a value's type at render time shows them: string subscripts and
+// slices on non-ASCII text, the str methods .upper()/.lower()/.strip() on non-ASCII text, `%`
+// on negative numbers, `{{ none }}` (jinja2 prints None, minja nothing). None of the templates
+// we test reaches them.
+
+namespace {
+
+// Compared with jinja2 3.1.6 on small probes; the rest are refused by name.
+const std::set<std::string> kFilters = {"count",  "d",         "default", "first",      "items", "join",
+                                        "last",   "length",    "list",    "map",        "reject",
+                                        "rejectattr", "select", "selectattr", "string", "tojson", "trim"};
+const std::set<std::string> kTests = {"defined", "undefined", "none",    "string", "number", "mapping",
+                                      "iterable", "true",     "false",   "equalto", "eq"};
+
+int line_at(const std::string& text, size_t pos) {
+  int line = 1;
+  for (size_t i = 0; i < pos && i < text.size(); ++i) line += text[i] == '\n';
+  return line;
+}
+
+bool ident_char(char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; }
+
+[[noreturn]] void refuse(const std::string& origin, const std::string& text, size_t pos,
+                         const std::string& what) {
+  throw InputError(origin + ":" + std::to_string(line_at(text, pos)) + ": " + what +
+                   " is not supported by the chat template engine (it could render differently from "
+                   "transformers' jinja2); see Note [chat template engine]");
+}
+
+// Walks the expressions inside {{ }} and {% %} (strings skipped, comments ignored) and
+// refuses unlisted filters and tests and the division operators.
+void check_constructs(const std::string& text, const std::string& origin) {
+  size_t i = 0;
+  const size_t n = text.size();
+  while (i < n) {
+    const size_t open = text.find('{', i);
+    if (open == std::string::npos || open + 1 >= n) return;
+    const char kind = text[open + 1];
+    if (kind == '#') {
+      const size_t close = text.find("#}", open + 2);
+      if (close == std::string::npos) return;  // minja's parser reports it
+      i = close + 2;
+      continue;
+    }
+    if (kind != '{' && kind != '%') {
+      i = open + 1;
+      continue;
+    }
+    const char closer = kind == '{' ? '}' : '%';
+    std::string prev;  // the previous word inside this tag
+    bool want_filter = false, want_test = false;
+    size_t j = open + 2;
+    // `{% filter name %}` names a filter like `| name`.
+    while (j < n && (text[j] == '-' || text[j] == '+' || std::isspace(static_cast<unsigned char>(text[j])))) ++j;
+    if (kind == '%' && text.compare(j, 6, "filter") == 0 && j + 6 < n && !ident_char(text[j + 6])) {
+      want_filter = true;
+      j += 6;
+    }
+    for (; j < n; ++j) {
+      const char c = text[j];
+      if (c == closer && j + 1 < n && text[j + 1] == '}') break;
+      if (c == '\'' || c == '"') {
+        for (++j; j < n && text[j] != c; ++j) j += text[j] == '\\';
+        prev.clear();
+        want_filter = want_test = false;
+        continue;
+      }
+      if (std::isspace(static_cast<unsigned char>(c))) continue;
+      if (c == '|') {
+        want_filter = true;
+        continue;
+      }
+      if (c == '/') refuse(origin, text, j, text.compare(j, 2, "//") == 0 ? "the operator '//'" : "the operator '/'");
+      if (ident_char(c) && !std::isdigit(static_cast<unsigned char>(c))) {
+        size_t k = j;
+        while (k < n && ident_char(text[k])) ++k;
+        const std::string word = text.substr(j, k - j);
+        if (want_filter) {
+          if (!kFilters.count(word)) refuse(origin, text, j, "the filter '" + word + "'");
+          want_filter = false;
+        } else if (want_test && word != "not") {
+          if (!kTests.count(word)) refuse(origin, text, j, "the test '" + word + "'");
+          want_test = false;
+        } else if (word == "is" && prev != ".") {
+          want_test = true;
+        }
+        prev = word;
+        j = k - 1;
+        continue;
+      }
+      prev = std::string(1, c);
+      want_filter = want_test = false;
+    }
+    i = j + 2;
+  }
+}
+
+// minja's messages end in " at row R, column C:" and a picture of the source; keep the first
+// sentence and turn the row into `origin:R:`.
+std::string locate(const std::string& origin, const std::string& what) {
+  const size_t at = what.find(" at row ");
+  if (at == std::string::npos) return origin + ": " + what;
+  const size_t comma = what.find(',', at);
+  const std::string row = what.substr(at + 8, comma == std::string::npos ? std::string::npos : comma - at - 8);
+  return origin + ":" + row + ": " + what.substr(0, at);
+}
+
+// UTF-8 decoding for the code point versions of `length` and `trim`; invalid bytes count as
+// one code point each, as Python's surrogateescape would.
+std::vector<std::pair<size_t, char32_t>> code_points(const std::string& s) {
+  std::vector<std::pair<size_t, char32_t>> out;
+  for (size_t i = 0; i < s.size();) {
+    const auto b = static_cast<unsigned char>(s[i]);
+    const size_t len = b < 0x80 ? 1 : (b >> 5) == 6 ? 2 : (b >> 4) == 14 ? 3 : (b >> 3) == 30 ? 4 : 1;
+    char32_t cp = len == 1 ? b : len == 2 ? (b & 0x1F) : len == 3 ? (b & 0x0F) : (b & 0x07);
+    size_t k = 1;
+    for (; k < len && i + k < s.size() && (static_cast<unsigned char>(s[i + k]) & 0xC0) == 0x80; ++k)
+      cp = (cp << 6) | (static_cast<unsigned char>(s[i + k]) & 0x3F);
+    if (k < len) cp = b, k = 1;
+    out.emplace_back(i, cp);
+    i += k;
+  }
+  return out;
+}
+
+// str.isspace() of Python 3.
+bool py_space(char32_t c) {
+  return (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20) || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+}
+
+minja::Value length_filter(const std::shared_ptr<minja::Context>&, minja::ArgumentsValue& args) {
+  if (args.args.size() != 1 || !args.kwargs.empty()) throw std::runtime_error("length takes one argument");
+  const minja::Value& v = args.args[0];
+  if (v.is_string()) return minja::Value(static_cast<int64_t>(code_points(v.get<std::string>()).size()));
+  if (v.is_array() || v.is_object()) return minja::Value(static_cast<int64_t>(v.size()));
+  throw std::runtime_error("object of type " + v.dump() + " has no len()");
+}
+
+// jinja2's trim(value, chars=None): str.strip(chars).
+minja::Value trim_filter(const std::shared_ptr<minja::Context>&, minja::ArgumentsValue& args) {
+  if (args.args.empty() || args.args.size() > 2 || !args.kwargs.empty())
+    throw std::runtime_error("trim takes a value and optional chars");
+  const minja::Value& v = args.args[0];
+  const std::string s = v.is_string() ? v.get<std::string>() : v.to_str();
+  std::vector<char32_t> chars;
+  if (args.args.size() == 2 && !args.args[1].is_null()) {
+    for (const auto& [pos, cp] : code_points(args.args[1].get<std::string>())) chars.push_back(cp);
+  }
+  const auto strip = [&](char32_t c) {
+    if (args.args.size() < 2 || args.args[1].is_null()) return py_space(c);
+    for (char32_t x : chars)
+      if (x == c) return true;
+    return false;
+  };
+  const auto cps = code_points(s);
+  size_t b = 0, e = cps.size();
+  while (b < e && strip(cps[b].second)) ++b;
+  while (e > b && strip(cps[e - 1].second)) --e;
+  const size_t from = b < cps.size() ? cps[b].first : s.size();
+  const size_t to = e < cps.size() ? cps[e].first : s.size();
+  return minja::Value(s.substr(from, to - from));
+}
+
+}  // namespace
+
+ChatClock system_chat_clock() {
+  return [] {
+    const std::time_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
+    std::tm local{};
+    localtime_r(&now, &local);
+    return local;
+  };
+}
+
+struct ModelChatTemplate::Impl {
+  std::string origin;
+  std::shared_ptr<minja::TemplateNode> root;
+  ChatClock clock = system_chat_clock();
+};
+
+ModelChatTemplate::ModelChatTemplate(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+ModelChatTemplate::ModelChatTemplate(ModelChatTemplate&&) noexcept = default;
+ModelChatTemplate& ModelChatTemplate::operator=(ModelChatTemplate&&) noexcept = default;
+ModelChatTemplate::~ModelChatTemplate() = default;
+
+void ModelChatTemplate::set_clock(ChatClock clock) { impl_->clock = std::move(clock); }
+const std::string& ModelChatTemplate::origin() const { return impl_->origin; }
+
+ModelChatTemplate ModelChatTemplate::parse(const std::string& text, const std::string& origin) {
+  check_constructs(text, origin);
+  auto impl = std::make_unique<Impl>();
+  impl->origin = origin;
+  minja::Options options{};
+  options.trim_blocks = true;
+  options.lstrip_blocks = true;
+  options.keep_trailing_newline = false;
+  try {
+    impl->root = minja::Parser::parse(text, options);
+  } catch (const std::exception& e) {
+    throw InputError(locate(origin, e.what()) + " (a syntax error in the chat template)");
+  }
+  return ModelChatTemplate(std::move(impl));
+}
+
+std::string ModelChatTemplate::render(const nlohmann::ordered_json& messages, bool add_generation_prompt,
+                                      const nlohmann::ordered_json& extra) const {
+  if (!messages.is_array()) {
+    throw InputError(impl_->origin + ": messages must be an array, got " + messages.type_name());
+  }
+  if (!extra.is_object()) throw InputError(impl_->origin + ": extra variables must be an object");
+  nlohmann::ordered_json vars = nlohmann::ordered_json::object();
+  for (const auto& [key, value] : extra.items()) {
+    if (key == "messages" || key == "add_generation_prompt")
+      throw InputError(impl_->origin + ": the variable '" + key +
+                       "' is set by the renderer, not by extra variables");
+    vars[key] = value;
+  }
+  vars["messages"] = messages;
+  if (!vars.contains("tools")) vars["tools"] = nullptr;
+  if (!vars.contains("documents")) vars["documents"] = nullptr;
+  vars["add_generation_prompt"] = add_generation_prompt;
+
+  auto context = minja::Context::make(minja::Value(vars));
+  auto raised = std::make_shared<std::string>();
+  bool did_raise = false;
+  context->set("raise_exception", minja::Value::callable([raised, &did_raise](
+                                                           const std::shared_ptr<minja::Context>&,
+                                                           minja::ArgumentsValue& args) -> minja::Value {
+    did_raise = true;
+    *raised = args.args.empty() ? std::string() : args.args[0].to_str();
+    throw std::runtime_error(*raised);
+  }));
+  const ChatClock clock = impl_->clock;
+  context->set("strftime_now", minja::Value::callable([clock](const std::shared_ptr<minja::Context>&,
+                                                              minja::ArgumentsValue& args) -> minja::Value {
+    if (args.args.size() != 1 || !args.args[0].is_string()) {
+      throw std::runtime_error("strftime_now takes one format string");
+    }
+    const std::tm now = clock();
+    char buf[512];
+    const size_t len = std::strftime(buf, sizeof buf, args.args[0].get<std::string>().c_str(), &now);
+    return minja::Value(std::string(buf, len));
+  }));
+  context->set("length", minja::Value::callable(length_filter));
+  context->set("count", minja::Value::callable(length_filter));
+  context->set("trim", minja::Value::callable(trim_filter));
+  try {
+    return impl_->root->render(context);
+  } catch (const std::exception& e) {
+    if (did_raise) throw InputError(impl_->origin + ": the chat template raised an error: " + *raised);
+    throw InputError(locate(impl_->origin, e.what()) + " (while rendering the chat template)");
+  }
+}
+
+}  // namespace qlora::data

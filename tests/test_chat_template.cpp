@@ -1,0 +1,148 @@
+// The chat template engine against transformers: every case of the shared chat-templates
+// oracle (../shared/data/chat-templates/expected.json, written by transformers 5.25.0 with
+// jinja2 3.1.6: 9 real templates, 240 cases) byte for byte, and the constructs it refuses.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <string>
+
+#include "qlora/data/chat_template.h"
+#include "support/test_support.h"
+
+namespace qlora::data {
+namespace {
+
+using ojson = nlohmann::ordered_json;
+
+std::string slurp(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+// The oracle's clock: strftime_now saw 2024-07-26 12:00 local time.
+std::tm oracle_clock() {
+  std::tm t{};
+  t.tm_year = 2024 - 1900;
+  t.tm_mon = 6;
+  t.tm_mday = 26;
+  t.tm_hour = 12;
+  t.tm_isdst = -1;
+  std::mktime(&t);  // fills the weekday and day of the year for %a, %j
+  return t;
+}
+
+std::string error_of(const std::string& text, const ojson& messages = ojson::array()) {
+  try {
+    ModelChatTemplate::parse(text, "t.jinja").render(messages, false);
+  } catch (const InputError& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+// The templates are the model vendors' (see the data README), kept outside the repository.
+TEST(ChatTemplate, EveryOracleCaseByteForByte) {
+  const std::string dir = qlora::testing::source_path("../shared/data/chat-templates");
+  if (!std::filesystem::exists(dir + "/expected.json")) {
+    GTEST_SKIP() << "no " << dir << " (the real chat templates are not part of the repository)";
+  }
+  const ojson oracle = ojson::parse(slurp(dir + "/expected.json"));
+  std::map<std::string, ModelChatTemplate> parsed;
+  std::map<std::string, std::pair<int, int>> matched;  // template -> (matched, cases)
+  int total = 0, good = 0;
+  for (const ojson& c : oracle.at("cases")) {
+    const std::string name = c.at("template");
+    if (!parsed.count(name)) {
+      auto t = ModelChatTemplate::parse(slurp(dir + "/" + name), name);
+      t.set_clock(oracle_clock);
+      parsed.emplace(name, std::move(t));
+    }
+    const ojson& messages = oracle.at("conversations").at(c.at("conversation").get<size_t>());
+    const ojson& variant = oracle.at("templates").at(name).at("variants").at(c.at("variant").get<size_t>());
+    const bool agp = c.at("add_generation_prompt");
+    const std::string what = name + " variant " + c.at("variant").dump() + " conversation " +
+                             c.at("conversation").dump() + " add_generation_prompt " + (agp ? "true" : "false");
+    bool ok = false;
+    if (c.contains("error")) {
+      // The oracle's "TemplateError: <message>": ours names the same message.
+      std::string message = c.at("error");
+      message = message.substr(message.find(": ") + 2);
+      try {
+        parsed.at(name).render(messages, agp, variant);
+        ADD_FAILURE() << what << ": rendered, transformers raised " << c.at("error");
+      } catch (const InputError& e) {
+        ok = std::string(e.what()).find("raised an error: " + message) != std::string::npos;
+        EXPECT_TRUE(ok) << what << ": " << e.what();
+      }
+    } else {
+      const std::string got = parsed.at(name).render(messages, agp, variant);
+      const std::string want = c.at("rendered");
+      ok = got == want;
+      EXPECT_EQ(got, want) << what;
+    }
+    ++total;
+    good += ok;
+    ++matched[name].second;
+    matched[name].first += ok;
+  }
+  for (const auto& [name, counts] : matched) {
+    std::printf("  %2d of %2d  %s\n", counts.first, counts.second, name.c_str());
+  }
+  std::printf("  %d of %d cases match transformers\n", good, total);
+  EXPECT_EQ(total, 240);
+}
+
+TEST(ChatTemplate, TransformersSettings) {
+  const ojson messages = ojson::parse(R"([{"role": "user", "content": "é \"x\" <b>"}])");
+  // trim_blocks, lstrip_blocks, trailing newline dropped
+  auto t = ModelChatTemplate::parse(
+      "{% for m in messages %}\n  {% if true %}\n[{{ m.role }}]\n  {% endif %}\n{% endfor %}\n", "t.jinja");
+  EXPECT_EQ(t.render(messages, false), "[user]\n");
+  // tojson is json.dumps(ensure_ascii=False): Python's separators, no HTML escaping
+  EXPECT_EQ(ModelChatTemplate::parse("{{ messages[0] | tojson }}", "t.jinja").render(messages, false),
+            R"({"role": "user", "content": "é \"x\" <b>"})");
+  // length and trim count code points and strip Python's whitespace, as jinja2's do
+  EXPECT_EQ(ModelChatTemplate::parse("{{ 'é' | length }}|{{ ' \u3000x\u00a0' | trim }}|", "t.jinja")
+                .render(messages, false),
+            "1|x|");
+  // tools and documents are None; add_generation_prompt and extra variables arrive
+  const std::string vars = "{{ tools is none }}{{ documents is none }}{{ add_generation_prompt }}{{ bos_token }}";
+  EXPECT_EQ(ModelChatTemplate::parse(vars, "t.jinja").render(messages, true, ojson{{"bos_token", "<s>"}}),
+            "TrueTrueTrue<s>");
+  auto clock = ModelChatTemplate::parse("{{ strftime_now('%d %b %Y') }}", "t.jinja");
+  clock.set_clock(oracle_clock);
+  EXPECT_EQ(clock.render(messages, false), "26 Jul 2024");
+}
+
+// One row per construct refused or error reported: the message names it and its line.
+TEST(ChatTemplate, RefusalsNameTheConstructAndLine) {
+  struct Row {
+    const char* text;
+    const char* expected;
+  };
+  const Row rows[] = {
+      {"a\n{{ x | frobnicate }}", "t.jinja:2: the filter 'frobnicate' is not supported"},
+      {"{% filter upper %}x{% endfilter %}", "t.jinja:1: the filter 'upper' is not supported"},
+      {"\n\n{{ 1 is divisibleby(2) }}", "t.jinja:3: the test 'divisibleby' is not supported"},
+      {"{% if x is not frob %}{% endif %}", "t.jinja:1: the test 'frob' is not supported"},
+      {"x\n{{ 1 / 2 }}", "t.jinja:2: the operator '/' is not supported"},
+      {"{{ 7 // 2 }}", "t.jinja:1: the operator '//' is not supported"},
+      {"\n{{ foo( }}", "t.jinja:2: Expected value expression (a syntax error in the chat template)"},
+      {"{{ raise_exception('Conversation roles must alternate') }}",
+       "t.jinja: the chat template raised an error: Conversation roles must alternate"},
+  };
+  for (const Row& row : rows) {
+    const std::string what = error_of(row.text);
+    EXPECT_NE(what.find(row.expected), std::string::npos) << row.text << "\n  got: " << what;
+  }
+  // Text outside tags, strings and comments may hold anything.
+  const auto plain = ModelChatTemplate::parse("a | b / c {# x | y / z #}{{ 'p | q / r' }}", "t.jinja");
+  EXPECT_EQ(plain.render(ojson::array(), false), "a | b / c p | q / r");
+  EXPECT_NE(error_of("{{ x }}", ojson::object()).find("messages must be an array"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace qlora::data
