@@ -144,5 +144,48 @@ TEST(ChatTemplate, RefusalsNameTheConstructAndLine) {
   EXPECT_NE(error_of("{{ x }}", ojson::object()).find("messages must be an array"), std::string::npos);
 }
 
+// A model directory's template as transformers finds it: chat_template.jinja first, else
+// tokenizer_config.json's string or the list's "default"; special tokens as variables.
+TEST(ChatTemplate, FoundInTheModelDirectoryAsTransformersFindsIt) {
+  using qlora::testing::make_temp_dir;
+  using qlora::testing::write_file;
+  const std::string dir = make_temp_dir("chat_dir");
+  EXPECT_FALSE(find_model_chat_template(dir).has_value());  // nothing there: no template
+  write_file(dir, "tokenizer_config.json",
+             R"({"bos_token": {"__type": "AddedToken", "content": "<s>"}, "eos_token": "</s>", "unk_token": null,
+                 "chat_template": "{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"})");
+  auto found = find_model_chat_template(dir);
+  ASSERT_TRUE(found.has_value());
+  EXPECT_EQ(found->origin, dir + "/tokenizer_config.json");
+  EXPECT_EQ(found->variables.dump(), R"({"bos_token":"<s>","eos_token":"</s>"})");
+  const nlohmann::ordered_json messages = nlohmann::ordered_json::parse(R"([{"role": "user", "content": "hi"}])");
+  EXPECT_EQ(ModelChatTemplate::parse(found->text, found->origin).render(messages, false, found->variables),
+            "<s>hi</s>");
+
+  write_file(dir, "tokenizer_config.json",
+             R"({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]})");
+  EXPECT_EQ(find_model_chat_template(dir)->text, "D");
+  write_file(dir, "chat_template.jinja", "J");  // the file wins, as in transformers
+  EXPECT_EQ(find_model_chat_template(dir)->text, "J");
+  std::filesystem::remove(dir + "/chat_template.jinja");
+
+  const std::pair<const char*, const char*> bad[] = {
+      {R"({"chat_template": [{"name": "tool_use", "template": "T"}]})", "(tool_use) include none named \"default\""},
+      {R"({"chat_template": 7})", "key \"chat_template\": expected a string or a list"},
+      {R"({"chat_template": [{"name": "default"}]})", "key \"chat_template[0]\": expected {\"name\""},
+      {R"({"eos_token": 2})", "key \"eos_token\": expected a token string"},
+  };
+  for (const auto& [text, expect] : bad) {
+    write_file(dir, "tokenizer_config.json", text);
+    try {
+      find_model_chat_template(dir);
+      ADD_FAILURE() << "accepted " << text;
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find(dir + "/tokenizer_config.json: "), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(expect), std::string::npos) << e.what();
+    }
+  }
+}
+
 }  // namespace
 }  // namespace qlora::data

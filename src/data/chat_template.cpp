@@ -5,11 +5,16 @@
 #include <minja.hpp>
 
 #include <cctype>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <chrono>
 #include <cstdint>
 #include <set>
 #include <utility>
 #include <vector>
+
+#include "qlora/common/json_file.h"
 
 namespace qlora::data {
 
@@ -282,6 +287,72 @@ std::string ModelChatTemplate::render(const nlohmann::ordered_json& messages, bo
     if (did_raise) throw InputError(impl_->origin + ": the chat template raised an error: " + *raised);
     throw InputError(locate(impl_->origin, e.what()) + " (while rendering the chat template)");
   }
+}
+
+// ---------------------------------------------------------------- a model directory's template
+
+std::optional<ModelChatTemplateSource> find_model_chat_template(const std::string& model_dir) {
+  namespace fs = std::filesystem;
+  const fs::path dir(model_dir);
+  const std::string config_path = (dir / "tokenizer_config.json").string();
+  std::error_code ec;
+  nlohmann::json config = nlohmann::json::object();
+  if (fs::exists(config_path, ec))
+    config = read_json_object(config_path, "cannot read the tokenizer config; check its permissions",
+                              "a Hugging Face tokenizer_config.json");
+
+  ModelChatTemplateSource found;
+  found.variables = nlohmann::ordered_json::object();
+  for (const char* key : {"bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"}) {
+    auto it = config.find(key);
+    if (it == config.end() || it->is_null()) continue;
+    if (it->is_string()) {
+      found.variables[key] = it->get<std::string>();
+    } else if (it->is_object() && it->contains("content") && (*it)["content"].is_string()) {
+      found.variables[key] = (*it)["content"].get<std::string>();  // an AddedToken, as older files save it
+    } else {
+      throw InputError(config_path + ": key \"" + std::string(key) + "\": expected a token string or an object " +
+                       "with \"content\", got " + it->dump());
+    }
+  }
+
+  const fs::path jinja = dir / "chat_template.jinja";
+  if (fs::exists(jinja, ec)) {
+    std::ifstream in(jinja, std::ios::binary);
+    if (!in) throw InputError(jinja.string() + ": cannot read the chat template; check its permissions");
+    std::stringstream buf;
+    buf << in.rdbuf();
+    found.text = buf.str();
+    found.origin = jinja.string();
+    return found;
+  }
+  auto it = config.find("chat_template");
+  if (it == config.end() || it->is_null()) return std::nullopt;
+  found.origin = config_path;
+  if (it->is_string()) {
+    found.text = it->get<std::string>();
+    return found;
+  }
+  if (!it->is_array())
+    throw InputError(config_path + ": key \"chat_template\": expected a string or a list of {\"name\", \"template\"}, "
+                                   "got " + std::string(it->type_name()));
+  std::vector<std::string> names;
+  for (size_t i = 0; i < it->size(); ++i) {
+    const nlohmann::json& e = (*it)[i];
+    if (!e.is_object() || !e.contains("name") || !e["name"].is_string() || !e.contains("template") ||
+        !e["template"].is_string())
+      throw InputError(config_path + ": key \"chat_template[" + std::to_string(i) +
+                       "]\": expected {\"name\": string, \"template\": string}");
+    names.push_back(e["name"].get<std::string>());
+    if (names.back() == "default") found.text = e["template"].get<std::string>();
+  }
+  if (found.text.empty()) {
+    std::string list;
+    for (const auto& n : names) list += (list.empty() ? "" : ", ") + n;
+    throw InputError(config_path + ": key \"chat_template\": the named templates (" + list +
+                     ") include none named \"default\", the one transformers renders for chat");
+  }
+  return found;
 }
 
 }  // namespace qlora::data

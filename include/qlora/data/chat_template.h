@@ -9,12 +9,15 @@
 // parse time with an InputError naming it and its line: a template renders exactly or not at
 // all. The template's own raise_exception is an InputError carrying its message.
 //
-// Not yet used by format.cpp, whose built-in chat formats stay as they are.
+// find_model_chat_template finds a model directory's template and the special-token variables
+// transformers passes with it. Not yet used by format.cpp, whose built-in chat formats stay as
+// they are.
 #pragma once
 
 #include <ctime>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -58,5 +61,23 @@ class ModelChatTemplate {
   explicit ModelChatTemplate(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// ---------------------------------------------------------------- a model directory's template
+
+// A model's template as transformers' tokenizer loads it, with the variables it passes beside
+// `messages`: each special token tokenizer_config.json names (bos_token, eos_token, unk_token,
+// pad_token, sep_token, cls_token, mask_token; a string or an AddedToken object's content).
+struct ModelChatTemplateSource {
+  std::string text;                   // the Jinja source
+  std::string origin;                 // "<dir>/chat_template.jinja" or "<dir>/tokenizer_config.json"
+  nlohmann::ordered_json variables;   // {"bos_token": "<s>", ...}
+};
+
+// chat_template.jinja in `model_dir` when present (what transformers 4.43+ saves, and what it
+// prefers), else tokenizer_config.json's "chat_template": a string, or a list of {"name",
+// "template"} from which the one named "default" is taken. nullopt when the model has neither.
+// InputError naming the file and key for a malformed value (a list without "default" names the
+// templates it has).
+std::optional<ModelChatTemplateSource> find_model_chat_template(const std::string& model_dir);
 
 }  // namespace qlora::data
