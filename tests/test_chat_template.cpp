@@ -10,6 +10,7 @@
 #include <string>
 
 #include "qlora/data/chat_template.h"
+#include "qlora/data/tokenizer.h"
 #include "support/test_support.h"
 
 namespace qlora::data {
@@ -142,6 +143,57 @@ TEST(ChatTemplate, RefusalsNameTheConstructAndLine) {
   const auto plain = ModelChatTemplate::parse("a | b / c {# x | y / z #}{{ 'p | q / r' }}", "t.jinja");
   EXPECT_EQ(plain.render(ojson::array(), false), "a | b / c p | q / r");
   EXPECT_NE(error_of("{{ x }}", ojson::object()).find("messages must be an array"), std::string::npos);
+}
+
+// Our own conversations (scripts/golden/chat_templates.py: multi-turn, blank lines, padded
+// contents, CJK / Arabic / emoji / combining marks, template-looking text, two user turns in a
+// row) rendered by transformers with every shared template, and for Qwen2.5, Qwen3 and
+// Phi-3.5 the ids the tokenizers library gives the rendered text: ours must equal both.
+TEST(ChatTemplate, OwnConversationsAndTheirTokenIds) {
+  const std::string shared = qlora::testing::source_path("../shared/data");
+  if (!std::filesystem::exists(shared + "/chat-templates/expected.json")) {
+    GTEST_SKIP() << "no " << shared << " (the real chat templates are not part of the repository)";
+  }
+  const ojson own = ojson::parse(slurp(qlora::testing::source_path("tests/data/chat_templates/own_cases.json")));
+  const ojson oracle = ojson::parse(slurp(shared + "/chat-templates/expected.json"));
+  std::map<std::string, ModelChatTemplate> parsed;
+  std::map<std::string, std::unique_ptr<Tokenizer>> tokenizers;
+  int rendered = 0, errors = 0, ids = 0;
+  for (const ojson& c : own.at("cases")) {
+    const std::string name = c.at("template");
+    if (!parsed.count(name)) {
+      auto t = ModelChatTemplate::parse(slurp(shared + "/chat-templates/" + name), name);
+      t.set_clock(oracle_clock);
+      parsed.emplace(name, std::move(t));
+    }
+    const ojson& messages = own.at("conversations").at(c.at("conversation").get<size_t>());
+    const ojson& variant = oracle.at("templates").at(name).at("variants").at(c.at("variant").get<size_t>());
+    const bool agp = c.at("add_generation_prompt");
+    const std::string what = name + " conversation " + c.at("conversation").dump() + (agp ? " +prompt" : "");
+    if (c.contains("error")) {
+      std::string message = c.at("error");
+      message = message.substr(message.find(": ") + 2);
+      try {
+        parsed.at(name).render(messages, agp, variant);
+        ADD_FAILURE() << what << ": rendered, transformers raised " << c.at("error");
+      } catch (const InputError& e) {
+        EXPECT_NE(std::string(e.what()).find("raised an error: " + message), std::string::npos) << what << e.what();
+        ++errors;
+      }
+      continue;
+    }
+    const std::string text = parsed.at(name).render(messages, agp, variant);
+    EXPECT_EQ(text, c.at("rendered").get<std::string>()) << what;
+    ++rendered;
+    if (!c.contains("ids")) continue;
+    const std::string tok = c.at("tokenizer");
+    if (!tokenizers.count(tok)) tokenizers[tok] = load_tokenizer(shared + "/" + tok);
+    EXPECT_EQ(tokenizers.at(tok)->encode(text), c.at("ids").get<std::vector<int32_t>>()) << what;
+    ++ids;
+  }
+  std::printf("  %d rendered, %d refused by their template, %d token-id checks (of %zu cases)\n", rendered, errors,
+              ids, own.at("cases").size());
+  EXPECT_EQ(rendered + errors, static_cast<int>(own.at("cases").size()));
 }
 
 // A model directory's template as transformers finds it: chat_template.jinja first, else
