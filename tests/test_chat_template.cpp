@@ -24,6 +24,12 @@ std::string slurp(const std::string& path) {
 }
 
 // The oracle's clock: strftime_now saw 2024-07-26 12:00 local time.
+std::string_view trim_view(std::string_view s) {
+  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.front()))) s.remove_prefix(1);
+  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.remove_suffix(1);
+  return s;
+}
+
 std::tm oracle_clock() {
   std::tm t{};
   t.tm_year = 2024 - 1900;
@@ -194,6 +200,77 @@ TEST(ChatTemplate, OwnConversationsAndTheirTokenIds) {
   std::printf("  %d rendered, %d refused by their template, %d token-id checks (of %zu cases)\n", rendered, errors,
               ids, own.at("cases").size());
   EXPECT_EQ(rendered + errors, static_cast<int>(own.at("cases").size()));
+}
+
+// Trained spans found by rendering prefixes: they concatenate to the whole rendering; with
+// all_assistant each assistant turn's content lies in one trained run (and nothing of a user
+// turn does), or the template cannot be split that way and says which option avoids it;
+// last_assistant and all always split.
+TEST(ChatTemplate, TrainedSpansByRenderingPrefixes) {
+  const std::string shared = qlora::testing::source_path("../shared/data");
+  if (!std::filesystem::exists(shared + "/chat-templates/expected.json")) {
+    GTEST_SKIP() << "no " << shared << " (the real chat templates are not part of the repository)";
+  }
+  const ojson own = ojson::parse(slurp(qlora::testing::source_path("tests/data/chat_templates/own_cases.json")));
+  const ojson oracle = ojson::parse(slurp(shared + "/chat-templates/expected.json"));
+  for (const auto& [name, info] : oracle.at("templates").items()) {
+    ModelChatTemplate t = ModelChatTemplate::parse(slurp(shared + "/chat-templates/" + name), name);
+    t.set_clock(oracle_clock);
+    int split = 0, split_last = 0, refused = 0, skipped = 0;
+    for (const ojson& variant : info.at("variants")) {
+      for (const ojson& messages : own.at("conversations")) {
+        std::string full;
+        try {
+          full = t.render(messages, false, variant);
+        } catch (const InputError&) {
+          ++skipped;  // the template refuses this conversation (roles not alternating, system)
+          continue;
+        }
+        for (TrainOn mode : {TrainOn::kAllAssistant, TrainOn::kLastAssistant, TrainOn::kAll}) {
+          std::vector<ChatSpan> spans;
+          try {
+            spans = render_chat_spans(t, messages, variant, mode);
+          } catch (const InputError& e) {
+            // The option the message names must split this conversation.
+            const std::string msg = e.what();
+            EXPECT_NE(mode, TrainOn::kAll) << name << ": " << msg;
+            const bool names_last = msg.find("data.train_on: last_assistant") != std::string::npos;
+            EXPECT_TRUE(names_last || msg.find("data.train_on: all") != std::string::npos) << msg;
+            EXPECT_FALSE(names_last && mode == TrainOn::kLastAssistant) << msg;
+            if (names_last) EXPECT_NO_THROW(render_chat_spans(t, messages, variant, TrainOn::kLastAssistant)) << msg;
+            ++refused;
+            continue;
+          }
+          std::string joined, trained;
+          int runs = 0;
+          for (const ChatSpan& sp : spans) {
+            joined += sp.text;
+            if (sp.trained) {
+              trained += sp.text + "\x1f";
+              ++runs;
+            }
+          }
+          EXPECT_EQ(joined, full) << name;
+          int assistants = 0;
+          for (const ojson& m : messages) {
+            const std::string content = m.at("content");
+            const bool assistant = m.at("role") == "assistant";
+            assistants += assistant;
+            if (mode == TrainOn::kAllAssistant && assistant)
+              EXPECT_NE(trained.find(std::string(trim_view(content))), std::string::npos) << name << ": " << content;
+            if (mode != TrainOn::kAll && !assistant && content.size() > 3)
+              EXPECT_EQ(trained.find(content), std::string::npos) << name << ": a user/system turn is trained";
+          }
+          if (mode == TrainOn::kAllAssistant) EXPECT_EQ(runs, assistants) << name;
+          if (mode == TrainOn::kLastAssistant) EXPECT_EQ(runs, 1) << name;
+          if (mode == TrainOn::kAllAssistant) ++split;
+          if (mode == TrainOn::kLastAssistant) ++split_last;
+        }
+      }
+    }
+    std::printf("  %-46s split: all_assistant %d, last_assistant %d; refused %d; template refuses %d\n",
+                name.c_str(), split, split_last, refused, skipped);
+  }
 }
 
 // A model directory's template as transformers finds it: chat_template.jinja first, else

@@ -355,4 +355,58 @@ std::optional<ModelChatTemplateSource> find_model_chat_template(const std::strin
   return found;
 }
 
+// ---------------------------------------------------------------- what is trained
+
+namespace {
+
+// The trained run of the assistant message at index `turn`: [begin, end) of `full`, or nullopt
+// when a rendering of the turns up to it is not a prefix of the whole one.
+std::optional<std::pair<size_t, size_t>> turn_span(const ModelChatTemplate& tmpl, const nlohmann::ordered_json& messages,
+                                                   const nlohmann::ordered_json& variables, const std::string& full,
+                                                   size_t turn) {
+  const auto prefix = [&](size_t count, bool prompt) {
+    nlohmann::ordered_json head = nlohmann::ordered_json::array();
+    for (size_t i = 0; i < count; ++i) head.push_back(messages[i]);
+    return tmpl.render(head, prompt, variables);
+  };
+  const auto starts = [&](const std::string& p) { return full.compare(0, p.size(), p) == 0; };
+  const std::string before = prefix(turn, true);
+  const std::string through = prefix(turn + 1, false);
+  if (!starts(before) || !starts(through) || through.size() < before.size()) return std::nullopt;
+  size_t end = through.size();
+  while (end > before.size() && std::isspace(static_cast<unsigned char>(through[end - 1]))) --end;
+  return std::make_pair(before.size(), end);
+}
+
+}  // namespace
+
+std::vector<ChatSpan> render_chat_spans(const ModelChatTemplate& tmpl, const nlohmann::ordered_json& messages,
+                                        const nlohmann::ordered_json& variables, TrainOn train_on) {
+  const std::string full = tmpl.render(messages, false, variables);
+  if (train_on == TrainOn::kAll) return {{full, true}};
+  std::vector<size_t> turns;
+  for (size_t i = 0; i < messages.size(); ++i)
+    if (messages[i].is_object() && messages[i].value("role", "") == "assistant") turns.push_back(i);
+  const size_t first = train_on == TrainOn::kLastAssistant && !turns.empty() ? turns.size() - 1 : 0;
+  std::vector<ChatSpan> spans;
+  size_t at = 0;
+  for (size_t k = first; k < turns.size(); ++k) {
+    const auto span = turn_span(tmpl, messages, variables, full, turns[k]);
+    if (!span || span->first < at) {
+      const bool last_splits =
+          train_on == TrainOn::kAllAssistant && turn_span(tmpl, messages, variables, full, turns.back()).has_value();
+      throw InputError(tmpl.origin() + ": the chat template renders the conversation up to assistant turn " +
+                       std::to_string(k + 1) + " (message " + std::to_string(turns[k] + 1) +
+                       ") differently once later turns follow, so that turn's trained span cannot be found by "
+                       "rendering prefixes; set data.train_on: " +
+                       (last_splits ? "last_assistant (trains only the final turn) or all" : "all"));
+    }
+    if (span->first > at) spans.push_back({full.substr(at, span->first - at), false});
+    if (span->second > span->first) spans.push_back({full.substr(span->first, span->second - span->first), true});
+    at = span->second;
+  }
+  if (at < full.size()) spans.push_back({full.substr(at), false});
+  return spans;
+}
+
 }  // namespace qlora::data

@@ -19,6 +19,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -61,6 +62,32 @@ class ModelChatTemplate {
   explicit ModelChatTemplate(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// ---------------------------------------------------------------- what is trained
+
+// Which parts of a chat carry labels (data.train_on).
+enum class TrainOn {
+  kAllAssistant,   // every assistant turn's content and its end-of-turn token(s)
+  kLastAssistant,  // the final assistant turn only
+  kAll,            // the whole rendering (continued pretraining on chats)
+};
+
+struct ChatSpan {
+  std::string text;
+  bool trained = false;
+};
+
+// The conversation as `tmpl` renders it (no generation prompt), cut into runs that are trained
+// or not. An assistant turn's trained run starts where the template's generation prompt for it
+// ends (the rendering of the turns before it with add_generation_prompt) and ends where the
+// rendering of the conversation up to that turn ends, less trailing whitespace (the newline a
+// template writes after an end-of-turn token is never generated). Both renderings must be
+// prefixes of the whole one; a template that renders earlier turns differently once later ones
+// follow (Qwen3 drops past reasoning) cannot be split that way for those turns: InputError
+// naming the turn and data.train_on: last_assistant, which only needs the final turn's prefix.
+// The runs concatenate to the whole rendering.
+std::vector<ChatSpan> render_chat_spans(const ModelChatTemplate& tmpl, const nlohmann::ordered_json& messages,
+                                        const nlohmann::ordered_json& variables, TrainOn train_on);
 
 // ---------------------------------------------------------------- a model directory's template
 
