@@ -360,7 +360,8 @@ std::optional<ModelChatTemplateSource> find_model_chat_template(const std::strin
 namespace {
 
 // The trained run of the assistant message at index `turn`: [begin, end) of `full`, or nullopt
-// when a rendering of the turns up to it is not a prefix of the whole one.
+// when the rendering of the turns up to it is not a prefix of the whole one, or the rendering
+// with the generation prompt parts from it before that prompt begins.
 std::optional<std::pair<size_t, size_t>> turn_span(const ModelChatTemplate& tmpl, const nlohmann::ordered_json& messages,
                                                    const nlohmann::ordered_json& variables, const std::string& full,
                                                    size_t turn) {
@@ -372,10 +373,15 @@ std::optional<std::pair<size_t, size_t>> turn_span(const ModelChatTemplate& tmpl
   const auto starts = [&](const std::string& p) { return full.compare(0, p.size(), p) == 0; };
   const std::string before = prefix(turn, true);
   const std::string through = prefix(turn + 1, false);
-  if (!starts(before) || !starts(through) || through.size() < before.size()) return std::nullopt;
+  if (!starts(through)) return std::nullopt;
+  // The generation prompt may add what the rendered turn lacks (DeepSeek-R1's "<think>\n",
+  // which its template strips from past turns): the turn starts where the two part.
+  size_t begin = 0;
+  while (begin < before.size() && begin < through.size() && before[begin] == through[begin]) ++begin;
+  if (begin < before.size() && begin < prefix(turn, false).size()) return std::nullopt;  // parted before the prompt
   size_t end = through.size();
-  while (end > before.size() && std::isspace(static_cast<unsigned char>(through[end - 1]))) --end;
-  return std::make_pair(before.size(), end);
+  while (end > begin && std::isspace(static_cast<unsigned char>(through[end - 1]))) --end;
+  return std::make_pair(begin, end);
 }
 
 }  // namespace

@@ -79,10 +79,11 @@ struct ChatSpan {
 
 // The conversation as `tmpl` renders it (no generation prompt), cut into runs that are trained
 // or not. An assistant turn's trained run starts where the template's generation prompt for it
-// ends (the rendering of the turns before it with add_generation_prompt) and ends where the
-// rendering of the conversation up to that turn ends, less trailing whitespace (the newline a
-// template writes after an end-of-turn token is never generated). Both renderings must be
-// prefixes of the whole one; a template that renders earlier turns differently once later ones
+// ends (the rendering of the turns before it with add_generation_prompt; where that prompt adds
+// text the rendered turn lacks, such as DeepSeek-R1's "<think>\n", where the two part) and ends
+// where the rendering of the conversation up to that turn ends, less trailing whitespace (the
+// newline a template writes after an end-of-turn token is never generated). That rendering must
+// be a prefix of the whole one; a template that renders earlier turns differently once later ones
 // follow (Qwen3 drops past reasoning) cannot be split that way for those turns: InputError
 // naming the turn and data.train_on: last_assistant, which only needs the final turn's prefix.
 // The runs concatenate to the whole rendering.
