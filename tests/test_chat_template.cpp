@@ -273,6 +273,31 @@ TEST(ChatTemplate, TrainedSpansByRenderingPrefixes) {
   }
 }
 
+// Reasoning left untrained (Qwen3): the <think> block of the shared conversation with one is an
+// untrained run; the answer after it, and the end-of-turn token, stay trained.
+TEST(ChatTemplate, ReasoningCanBeLeftUntrained) {
+  const std::string shared = qlora::testing::source_path("../shared/data/chat-templates");
+  if (!std::filesystem::exists(shared + "/expected.json")) GTEST_SKIP() << "no " << shared;
+  const ojson oracle = ojson::parse(slurp(shared + "/expected.json"));
+  const ojson& messages = oracle.at("conversations").at(9);
+  ASSERT_NE(messages.dump().find("<think>"), std::string::npos);
+  const std::string name = "Qwen-Qwen3-0.6B.jinja";
+  const ModelChatTemplate t = ModelChatTemplate::parse(slurp(shared + "/" + name), name);
+  const ojson& variant = oracle.at("templates").at(name).at("variants").at(0);
+  std::string trained, untrained, joined;
+  for (const ChatSpan& sp : render_chat_spans(t, messages, variant, TrainOn::kAllAssistant, false)) {
+    (sp.trained ? trained : untrained) += sp.text;
+    joined += sp.text;
+  }
+  EXPECT_EQ(joined, t.render(messages, false, variant));
+  EXPECT_NE(untrained.find("<think>\n17 has no divisors"), std::string::npos) << untrained;
+  EXPECT_EQ(trained, "Yes, 17 is prime.<|im_end|>");
+  std::string with_reasoning;
+  for (const ChatSpan& sp : render_chat_spans(t, messages, variant, TrainOn::kAllAssistant))
+    if (sp.trained) with_reasoning += sp.text;
+  EXPECT_EQ(with_reasoning.rfind("<think>", 0), 0u) << with_reasoning;
+}
+
 // A model directory's template as transformers finds it: chat_template.jinja first, else
 // tokenizer_config.json's string or the list's "default"; special tokens as variables.
 TEST(ChatTemplate, FoundInTheModelDirectoryAsTransformersFindsIt) {

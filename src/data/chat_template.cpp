@@ -384,10 +384,27 @@ std::optional<std::pair<size_t, size_t>> turn_span(const ModelChatTemplate& tmpl
   return std::make_pair(begin, end);
 }
 
+// A trained run split around its "<think>...</think>" block (and the whitespace after it),
+// which stays untrained.
+void push_trained(std::vector<ChatSpan>& spans, std::string text, bool train_reasoning) {
+  const size_t open = train_reasoning ? std::string::npos : text.find("<think>");
+  const size_t close = open == std::string::npos ? std::string::npos : text.find("</think>", open);
+  if (close == std::string::npos) {
+    spans.push_back({std::move(text), true});
+    return;
+  }
+  size_t after = close + std::string("</think>").size();
+  while (after < text.size() && std::isspace(static_cast<unsigned char>(text[after]))) ++after;
+  if (open > 0) spans.push_back({text.substr(0, open), true});
+  spans.push_back({text.substr(open, after - open), false});
+  if (after < text.size()) spans.push_back({text.substr(after), true});
+}
+
 }  // namespace
 
 std::vector<ChatSpan> render_chat_spans(const ModelChatTemplate& tmpl, const nlohmann::ordered_json& messages,
-                                        const nlohmann::ordered_json& variables, TrainOn train_on) {
+                                        const nlohmann::ordered_json& variables, TrainOn train_on,
+                                        bool train_reasoning) {
   const std::string full = tmpl.render(messages, false, variables);
   if (train_on == TrainOn::kAll) return {{full, true}};
   std::vector<size_t> turns;
@@ -408,7 +425,8 @@ std::vector<ChatSpan> render_chat_spans(const ModelChatTemplate& tmpl, const nlo
                        (last_splits ? "last_assistant (trains only the final turn) or all" : "all"));
     }
     if (span->first > at) spans.push_back({full.substr(at, span->first - at), false});
-    if (span->second > span->first) spans.push_back({full.substr(span->first, span->second - span->first), true});
+    if (span->second > span->first)
+      push_trained(spans, full.substr(span->first, span->second - span->first), train_reasoning);
     at = span->second;
   }
   if (at < full.size()) spans.push_back({full.substr(at), false});

@@ -87,8 +87,12 @@ struct ChatSpan {
 // follow (Qwen3 drops past reasoning) cannot be split that way for those turns: InputError
 // naming the turn and data.train_on: last_assistant, which only needs the final turn's prefix.
 // The runs concatenate to the whole rendering.
+// With `train_reasoning` false, a "<think>...</think>" block inside a trained run (Qwen3,
+// DeepSeek-R1; with the whitespace after it) is left untrained: the answer is learned, the
+// reasoning the template shows is not.
 std::vector<ChatSpan> render_chat_spans(const ModelChatTemplate& tmpl, const nlohmann::ordered_json& messages,
-                                        const nlohmann::ordered_json& variables, TrainOn train_on);
+                                        const nlohmann::ordered_json& variables, TrainOn train_on,
+                                        bool train_reasoning = true);
 
 // ---------------------------------------------------------------- a model directory's template
 
