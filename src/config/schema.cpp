@@ -143,7 +143,8 @@ std::vector<Field> build_schema() {
   range(add(bind_member("data.eval_ratio", Kind::kFloat, &C::data, &DataConfig::eval_ratio,
                  "hold out this fraction of data.path for evaluation")), 0, 1, false, true);
   add(bind_enum("data.format", &C::data, &DataConfig::format, format_names(),
-                "text | completion | alpaca | chat; auto: from the first line's keys"));
+                "text | completion | alpaca | chat (OpenAI messages or ShareGPT conversations); "
+                "auto: from the first line's keys"));
   range(add(bind_member("data.max_seq_length", Kind::kInt, &C::data, &DataConfig::max_seq_length,
                  "tokens per example; longer ones are truncated: memory grows with it")),
         8, 1 << 20);

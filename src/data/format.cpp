@@ -55,7 +55,8 @@ constexpr const char* kChatmlEnd = "<|im_end|>";
 
 const char* kFormatHint =
     "each line must be one JSON object: {\"text\"} | {\"prompt\",\"completion\"} | "
-    "{\"instruction\",\"input\",\"output\"} | {\"messages\":[{\"role\",\"content\"}]}";
+    "{\"instruction\",\"input\",\"output\"} | {\"messages\":[{\"role\",\"content\"}]} | "
+    "{\"conversations\":[{\"from\",\"value\"}]}";
 
 json parse_object(std::string_view line) {
   json doc;
@@ -86,7 +87,7 @@ std::string keys_of(const json& obj) {
 }
 
 DataFormat detect_from_object(const json& obj) {
-  if (obj.contains("messages")) return DataFormat::kChat;
+  if (obj.contains("messages") || obj.contains("conversations")) return DataFormat::kChat;
   if (obj.contains("instruction") && obj.contains("output")) return DataFormat::kAlpaca;
   if (obj.contains("prompt") && obj.contains("completion")) return DataFormat::kCompletion;
   if (obj.contains("text")) return DataFormat::kText;
@@ -124,31 +125,74 @@ struct Message {
   std::string content;
 };
 
+// The two spellings of a conversation: OpenAI's `messages` of {role, content} and
+// ShareGPT's `conversations` of {from, value}. Both become the same messages.
+struct Shape {
+  const char* list;     // "messages" | "conversations"
+  const char* role;     // "role" | "from"
+  const char* content;  // "content" | "value"
+};
+constexpr Shape kOpenAi{"messages", "role", "content"};
+constexpr Shape kShareGpt{"conversations", "from", "value"};
+
+// The chat role of a message's role (OpenAI) or from (ShareGPT) value; "" when unknown.
+std::string chat_role(const std::string& value, bool sharegpt) {
+  if (value == "system" || value == "user" || value == "assistant") return value;
+  if (sharegpt) {
+    if (value == "human") return "user";
+    if (value == "gpt") return "assistant";
+  }
+  return "";
+}
+
+// Note [chat shapes]: a chat line holds its conversation under "messages"
+// ({"role": system | user | assistant, "content"}) or, ShareGPT's spelling,
+// under "conversations" ({"from": system | human | gpt, "value"}; "user" and
+// "assistant" are accepted there too); not both. A "system" column beside either,
+// a string, is prepended as a system message; null or "" means none, and a
+// conversation that has its own system message as well is refused (which one
+// is meant?). Both shapes then render identically (Note [chat rendering]).
 std::vector<Message> get_messages(const json& obj) {
-  auto it = obj.find("messages");
+  const bool sharegpt = obj.contains("conversations") && !obj.contains("messages");
+  const Shape& shape = sharegpt ? kShareGpt : kOpenAi;
+  if (obj.contains("conversations") && obj.contains("messages")) {
+    throw LineError(LineProblem::kUnknownFormat,
+                    "both \"messages\" and \"conversations\" are given; keep one conversation per line");
+  }
+  const std::string list = shape.list;
+  const std::string pair = std::string("{\"") + shape.role + "\",\"" + shape.content + "\"}";
+  auto it = obj.find(list);
   if (it == obj.end()) {
     throw LineError(LineProblem::kMissingField,
-                    "missing field \"messages\" for format chat (keys present: " + keys_of(obj) + ")");
+                    "missing field \"messages\" (or ShareGPT's \"conversations\") for format chat (keys present: " +
+                        keys_of(obj) + ")");
   }
   if (!it->is_array()) {
-    throw LineError(LineProblem::kWrongType,
-                    std::string("field \"messages\" must be an array of {\"role\",\"content\"}, "
-                                "got a JSON ") + it->type_name());
+    throw LineError(LineProblem::kWrongType, "field \"" + list + "\" must be an array of " + pair +
+                                                 ", got a JSON " + it->type_name());
   }
   if (it->empty()) {
-    throw LineError(LineProblem::kEmpty, "\"messages\" is empty: nothing to train on");
+    throw LineError(LineProblem::kEmpty, "\"" + list + "\" is empty: nothing to train on");
+  }
+  std::string system;  // the "system" column, "" when absent, null or empty
+  if (auto s = obj.find("system"); s != obj.end() && !s->is_null()) {
+    if (!s->is_string()) {
+      throw LineError(LineProblem::kWrongType,
+                      std::string("field \"system\" must be a string, got a JSON ") + s->type_name());
+    }
+    system = s->get<std::string>();
   }
   std::vector<Message> out;
+  if (!system.empty()) out.push_back({"system", system});
   bool has_assistant = false;
   for (size_t i = 0; i < it->size(); ++i) {
     const json& m = (*it)[i];
-    const std::string where = "messages[" + std::to_string(i) + "]";
+    const std::string where = list + "[" + std::to_string(i) + "]";
     if (!m.is_object()) {
-      throw LineError(LineProblem::kWrongType, where + " must be an object {\"role\",\"content\"}, got a JSON " +
+      throw LineError(LineProblem::kWrongType, where + " must be an object " + pair + ", got a JSON " +
                                                    m.type_name());
     }
-    Message msg;
-    for (const char* key : {"role", "content"}) {
+    for (const char* key : {shape.role, shape.content}) {
       auto f = m.find(key);
       if (f == m.end()) {
         throw LineError(LineProblem::kMissingField,
@@ -160,12 +204,18 @@ std::vector<Message> get_messages(const json& obj) {
                                                      f->type_name());
       }
     }
-    msg.role = m["role"].get<std::string>();
-    msg.content = m["content"].get<std::string>();
-    if (msg.role != "system" && msg.role != "user" && msg.role != "assistant") {
+    const std::string value = m[shape.role].get<std::string>();
+    Message msg{chat_role(value, sharegpt), m[shape.content].get<std::string>()};
+    if (msg.role.empty()) {
       throw LineError(LineProblem::kBadRole,
-                      where + ".role is \"" + msg.role +
-                          "\"; expected \"system\", \"user\" or \"assistant\"");
+                      where + "." + shape.role + " is \"" + value + "\"; expected " +
+                          (sharegpt ? "\"system\", \"human\" (or \"user\") or \"gpt\" (or \"assistant\")"
+                                    : "\"system\", \"user\" or \"assistant\""));
+    }
+    if (msg.role == "system" && !system.empty()) {
+      throw LineError(LineProblem::kBadRole,
+                      "both a \"system\" field and a system message (" + where +
+                          ") are given; keep one of them");
     }
     if (msg.role == "assistant") {
       has_assistant = true;

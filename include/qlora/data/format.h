@@ -7,7 +7,11 @@
 //   alpaca      {"instruction": "...", "input": "..." (optional, may be empty), "output": "..."}
 //               rendered with the Stanford Alpaca prompt (Note [Alpaca prompt])
 //   chat        {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
-//               rendered with the Llama 3 header format or ChatML (Note [chat rendering])
+//               or ShareGPT's spelling of the same conversation:
+//               {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}
+//               ("user" / "assistant" accepted as `from` too); either may carry a
+//               "system": "..." column, prepended as the system message (Note [chat shapes]).
+//               Rendered with the Llama 3 header format or ChatML (Note [chat rendering])
 // `auto` detects the format from the first valid line's keys; every later line
 // must then carry that format's fields.
 //
