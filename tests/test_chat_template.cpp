@@ -50,46 +50,68 @@ std::string error_of(const std::string& text, const ojson& messages = ojson::arr
   return "(no error)";
 }
 
-// The templates are the model vendors' (see the data README), kept outside the repository.
+// The shared templates by file name, each parsed once with the oracle's clock.
+class SharedTemplates {
+ public:
+  explicit SharedTemplates(std::string dir) : dir_(std::move(dir)) {}
+  const ModelChatTemplate& operator[](const std::string& name) {
+    auto it = parsed_.find(name);
+    if (it == parsed_.end()) {
+      auto t = ModelChatTemplate::parse(slurp(dir_ + "/" + name), name);
+      t.set_clock(oracle_clock);
+      it = parsed_.emplace(name, std::move(t)).first;
+    }
+    return it->second;
+  }
+
+ private:
+  std::string dir_;
+  std::map<std::string, ModelChatTemplate> parsed_;
+};
+
+// One case of an oracle file: the rendering equals `c["rendered"]`, or the template raises the
+// message of `c["error"]` ("TemplateError: <message>"). Returns the rendering ("" on an error)
+// and sets *ok.
+std::string check_case(const ModelChatTemplate& t, const ojson& messages, bool agp, const ojson& variant,
+                       const ojson& c, const std::string& what, bool* ok) {
+  *ok = false;
+  if (c.contains("error")) {
+    std::string message = c.at("error");
+    message = message.substr(message.find(": ") + 2);
+    try {
+      t.render(messages, agp, variant);
+      ADD_FAILURE() << what << ": rendered, transformers raised " << c.at("error");
+    } catch (const InputError& e) {
+      *ok = std::string(e.what()).find("raised an error: " + message) != std::string::npos;
+      EXPECT_TRUE(*ok) << what << ": " << e.what();
+    }
+    return "";
+  }
+  std::string got = t.render(messages, agp, variant);
+  *ok = got == c.at("rendered").get<std::string>();
+  EXPECT_EQ(got, c.at("rendered").get<std::string>()) << what;
+  return got;
+}
+
+// The templates are the model vendors (see the data README), kept outside the repository.
 TEST(ChatTemplate, EveryOracleCaseByteForByte) {
   const std::string dir = qlora::testing::source_path("../shared/data/chat-templates");
   if (!std::filesystem::exists(dir + "/expected.json")) {
     GTEST_SKIP() << "no " << dir << " (the real chat templates are not part of the repository)";
   }
   const ojson oracle = ojson::parse(slurp(dir + "/expected.json"));
-  std::map<std::string, ModelChatTemplate> parsed;
+  SharedTemplates parsed(dir);
   std::map<std::string, std::pair<int, int>> matched;  // template -> (matched, cases)
   int total = 0, good = 0;
   for (const ojson& c : oracle.at("cases")) {
     const std::string name = c.at("template");
-    if (!parsed.count(name)) {
-      auto t = ModelChatTemplate::parse(slurp(dir + "/" + name), name);
-      t.set_clock(oracle_clock);
-      parsed.emplace(name, std::move(t));
-    }
     const ojson& messages = oracle.at("conversations").at(c.at("conversation").get<size_t>());
     const ojson& variant = oracle.at("templates").at(name).at("variants").at(c.at("variant").get<size_t>());
     const bool agp = c.at("add_generation_prompt");
     const std::string what = name + " variant " + c.at("variant").dump() + " conversation " +
                              c.at("conversation").dump() + " add_generation_prompt " + (agp ? "true" : "false");
     bool ok = false;
-    if (c.contains("error")) {
-      // The oracle's "TemplateError: <message>": ours names the same message.
-      std::string message = c.at("error");
-      message = message.substr(message.find(": ") + 2);
-      try {
-        parsed.at(name).render(messages, agp, variant);
-        ADD_FAILURE() << what << ": rendered, transformers raised " << c.at("error");
-      } catch (const InputError& e) {
-        ok = std::string(e.what()).find("raised an error: " + message) != std::string::npos;
-        EXPECT_TRUE(ok) << what << ": " << e.what();
-      }
-    } else {
-      const std::string got = parsed.at(name).render(messages, agp, variant);
-      const std::string want = c.at("rendered");
-      ok = got == want;
-      EXPECT_EQ(got, want) << what;
-    }
+    check_case(parsed[name], messages, agp, variant, c, what, &ok);
     ++total;
     good += ok;
     ++matched[name].second;
@@ -162,36 +184,19 @@ TEST(ChatTemplate, OwnConversationsAndTheirTokenIds) {
   }
   const ojson own = ojson::parse(slurp(qlora::testing::source_path("tests/data/chat_templates/own_cases.json")));
   const ojson oracle = ojson::parse(slurp(shared + "/chat-templates/expected.json"));
-  std::map<std::string, ModelChatTemplate> parsed;
+  SharedTemplates parsed(shared + "/chat-templates");
   std::map<std::string, std::unique_ptr<Tokenizer>> tokenizers;
   int rendered = 0, errors = 0, ids = 0;
   for (const ojson& c : own.at("cases")) {
     const std::string name = c.at("template");
-    if (!parsed.count(name)) {
-      auto t = ModelChatTemplate::parse(slurp(shared + "/chat-templates/" + name), name);
-      t.set_clock(oracle_clock);
-      parsed.emplace(name, std::move(t));
-    }
     const ojson& messages = own.at("conversations").at(c.at("conversation").get<size_t>());
     const ojson& variant = oracle.at("templates").at(name).at("variants").at(c.at("variant").get<size_t>());
     const bool agp = c.at("add_generation_prompt");
     const std::string what = name + " conversation " + c.at("conversation").dump() + (agp ? " +prompt" : "");
-    if (c.contains("error")) {
-      std::string message = c.at("error");
-      message = message.substr(message.find(": ") + 2);
-      try {
-        parsed.at(name).render(messages, agp, variant);
-        ADD_FAILURE() << what << ": rendered, transformers raised " << c.at("error");
-      } catch (const InputError& e) {
-        EXPECT_NE(std::string(e.what()).find("raised an error: " + message), std::string::npos) << what << e.what();
-        ++errors;
-      }
-      continue;
-    }
-    const std::string text = parsed.at(name).render(messages, agp, variant);
-    EXPECT_EQ(text, c.at("rendered").get<std::string>()) << what;
-    ++rendered;
-    if (!c.contains("ids")) continue;
+    bool ok = false;
+    const std::string text = check_case(parsed[name], messages, agp, variant, c, what, &ok);
+    (c.contains("error") ? errors : rendered) += ok;
+    if (!ok || !c.contains("ids")) continue;
     const std::string tok = c.at("tokenizer");
     if (!tokenizers.count(tok)) tokenizers[tok] = load_tokenizer(shared + "/" + tok);
     EXPECT_EQ(tokenizers.at(tok)->encode(text), c.at("ids").get<std::vector<int32_t>>()) << what;

@@ -37,16 +37,7 @@ LoadOptions opts(int64_t max_len = 2048, bool skip = false) {
   return o;
 }
 
-// The message of the InputError `fn` throws ("" when it throws none).
-template <class Fn>
-std::string error_of(Fn fn) {
-  try {
-    fn();
-  } catch (const InputError& e) {
-    return e.what();
-  }
-  return "";
-}
+using qlora::testing::error_of;
 
 // ---------------------------------------------------------------- detection
 

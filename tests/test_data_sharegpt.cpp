@@ -8,6 +8,7 @@
 
 #include "qlora/data/dataset.h"
 #include "qlora/data/format.h"
+#include "support/test_support.h"
 #include "test_data_tokenizer.h"
 
 namespace qlora::data {
@@ -22,15 +23,7 @@ LoadOptions opts(DataFormat format = DataFormat::kAuto, bool skip = false) {
   return o;
 }
 
-template <class Fn>
-std::string error_of(Fn fn) {
-  try {
-    fn();
-  } catch (const InputError& e) {
-    return e.what();
-  }
-  return "";
-}
+using qlora::testing::error_of;
 
 void expect_same_segments(const RenderedExample& a, const RenderedExample& b, const std::string& what) {
   EXPECT_EQ(a.format, b.format) << what;

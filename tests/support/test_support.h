@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "qlora/common/errors.h"
+
 namespace qlora::testing {
 
 struct CommandResult {
@@ -36,5 +38,16 @@ std::string run_capture(const std::string& cmd, int* exit_code);
 // can import every module of `modules` ("transformers, peft"); otherwise "" and
 // *why says what is missing (for GTEST_SKIP).
 std::string python_with(const std::string& modules, std::string* why);
+
+// The message of the InputError `fn` throws ("" when it throws none).
+template <class Fn>
+std::string error_of(Fn fn) {
+  try {
+    fn();
+  } catch (const InputError& e) {
+    return e.what();
+  }
+  return "";
+}
 
 }  // namespace qlora::testing
