@@ -242,7 +242,9 @@ TEST(ChatTemplate, TrainedSpansByRenderingPrefixes) {
             const bool names_last = msg.find("data.train_on: last_assistant") != std::string::npos;
             EXPECT_TRUE(names_last || msg.find("data.train_on: all") != std::string::npos) << msg;
             EXPECT_FALSE(names_last && mode == TrainOn::kLastAssistant) << msg;
-            if (names_last) EXPECT_NO_THROW(render_chat_spans(t, messages, variant, TrainOn::kLastAssistant)) << msg;
+            if (names_last) {
+              EXPECT_NO_THROW(render_chat_spans(t, messages, variant, TrainOn::kLastAssistant)) << msg;
+            }
             ++refused;
             continue;
           }
@@ -261,13 +263,19 @@ TEST(ChatTemplate, TrainedSpansByRenderingPrefixes) {
             const std::string content = m.at("content");
             const bool assistant = m.at("role") == "assistant";
             assistants += assistant;
-            if (mode == TrainOn::kAllAssistant && assistant)
+            if (mode == TrainOn::kAllAssistant && assistant) {
               EXPECT_NE(trained.find(std::string(trim_view(content))), std::string::npos) << name << ": " << content;
-            if (mode != TrainOn::kAll && !assistant && content.size() > 3)
+            }
+            if (mode != TrainOn::kAll && !assistant && content.size() > 3) {
               EXPECT_EQ(trained.find(content), std::string::npos) << name << ": a user/system turn is trained";
+            }
           }
-          if (mode == TrainOn::kAllAssistant) EXPECT_EQ(runs, assistants) << name;
-          if (mode == TrainOn::kLastAssistant) EXPECT_EQ(runs, 1) << name;
+          if (mode == TrainOn::kAllAssistant) {
+            EXPECT_EQ(runs, assistants) << name;
+          }
+          if (mode == TrainOn::kLastAssistant) {
+            EXPECT_EQ(runs, 1) << name;
+          }
           if (mode == TrainOn::kAllAssistant) ++split;
           if (mode == TrainOn::kLastAssistant) ++split_last;
         }
