@@ -133,8 +133,7 @@ const Shape kShapes[] = {
     {"no-ckpt-8b-2x2048", "llama-3.1-8b", 2, 2048, false, false, false, qlora::Recompute::kFull, "8b-2x2048"},
     // The other families at the default settings: the model directory's config.json says the
     // family (write_llama_config), and the random weights include Qwen2's q/k/v biases and
-    // Qwen3's q/k norms (llama_tensor_shapes). Their layers run the generic checkpointed path
-    // where the fused one lacks a piece (fused_layer_gap).
+    // Qwen3's q/k norms (model::decoder_weight_shapes); both run through the fused layer.
     {"qwen3-8b-2x2048", "qwen3-8b", 2, 2048},
     {"qwen2.5-1.5b-4x1024", "qwen2.5-1.5b", 4, 1024},
 };

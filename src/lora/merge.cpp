@@ -63,9 +63,6 @@ const char* const kCopiedFiles[] = {"tokenizer.json",          "tokenizer.model"
                                     "special_tokens_map.json", "added_tokens.json", "vocab.json",
                                     "merges.txt",              "chat_template.jinja", "generation_config.json"};
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
 bool starts_with(const std::string& s, const std::string& prefix) { return s.rfind(prefix, 0) == 0; }
 
 std::string mib_text(uint64_t bytes) {

@@ -19,29 +19,12 @@ namespace {
 // Every weight the config implies, with its shape.
 std::map<std::string, std::vector<int64_t>> expected_weights(const DecoderConfig& c) {
   std::map<std::string, std::vector<int64_t>> out;
-  out["model.embed_tokens.weight"] = {c.vocab_size, c.hidden_size};
-  out["model.norm.weight"] = {c.hidden_size};
-  if (!c.tie_word_embeddings) out["lm_head.weight"] = {c.vocab_size, c.hidden_size};
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    out[p + "input_layernorm.weight"] = {c.hidden_size};
-    out[p + "post_attention_layernorm.weight"] = {c.hidden_size};
-    if (c.pieces.qk_norm) {
-      out[p + "self_attn.q_norm.weight"] = {c.head_dim};
-      out[p + "self_attn.k_norm.weight"] = {c.head_dim};
-    }
-    for (const auto& s : decoder_linear_shapes(c)) {
-      out[linear_module_name(l, s.name) + ".weight"] = {s.out_features, s.in_features};
-      if (projection_has_bias(c, s.name)) out[linear_module_name(l, s.name) + ".bias"] = {s.out_features};
-    }
-  }
+  for (auto& [name, shape] : decoder_weight_shapes(c)) out[name] = std::move(shape);
   return out;
 }
 
 bool ignorable_weight(const DecoderConfig& c, const std::string& name) {
-  const std::string buffer = "rotary_emb.inv_freq";  // saved by old transformers versions
-  if (name.size() >= buffer.size() && name.compare(name.size() - buffer.size(), buffer.size(), buffer) == 0)
-    return true;
+  if (ends_with(name, "rotary_emb.inv_freq")) return true;  // saved by old transformers versions
   return c.tie_word_embeddings && name == "lm_head.weight";  // some tied checkpoints carry a copy
 }
 
@@ -149,6 +132,29 @@ WeightSource weights_from_map(std::map<std::string, at::Tensor> tensors, std::st
   for (const auto& kv : *shared) src.names.push_back(kv.first);
   src.get = [shared](const std::string& name) { return shared->at(name); };
   return src;
+}
+
+std::vector<std::pair<std::string, std::vector<int64_t>>> decoder_weight_shapes(const DecoderConfig& c) {
+  std::vector<std::pair<std::string, std::vector<int64_t>>> t;
+  const int64_t h = c.hidden_size;
+  t.push_back({"model.embed_tokens.weight", {c.vocab_size, h}});
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    t.push_back({p + "input_layernorm.weight", {h}});
+    t.push_back({p + "post_attention_layernorm.weight", {h}});
+    if (c.pieces.qk_norm) {  // Qwen3
+      t.push_back({p + "self_attn.q_norm.weight", {c.head_dim}});
+      t.push_back({p + "self_attn.k_norm.weight", {c.head_dim}});
+    }
+    for (const LinearShape& s : decoder_linear_shapes(c)) {
+      const std::string module = linear_module_name(l, s.name);
+      t.push_back({module + ".weight", {s.out_features, s.in_features}});
+      if (projection_has_bias(c, s.name)) t.push_back({module + ".bias", {s.out_features}});
+    }
+  }
+  t.push_back({"model.norm.weight", {h}});
+  if (!c.tie_word_embeddings) t.push_back({"lm_head.weight", {c.vocab_size, h}});
+  return t;
 }
 
 std::string linear_module_name(int64_t layer, const std::string& proj) {

@@ -383,8 +383,7 @@ DecoderConfig read_decoder_config(const std::string& path) {
   if (const json* arch = r.find(root, "architectures"); arch && arch->is_array()) {
     for (const json& a : *arch) {
       const std::string name = a.is_string() ? a.get<std::string>() : a.dump();
-      const std::string suffix = "ForCausalLM";
-      if (name.size() < suffix.size() || name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0)
+      if (!ends_with(name, "ForCausalLM"))
         r.fail("architectures", "lists \"" + name + "\"; qlora trains causal language models (" +
                                     family->architecture + "): a checkpoint with another head cannot be trained here");
     }

@@ -46,35 +46,8 @@ DecoderConfig demo_model_config(int64_t vocab_size) {
   return c;
 }
 
-std::vector<std::pair<std::string, std::vector<int64_t>>> llama_tensor_shapes(const DecoderConfig& c) {
-  std::vector<std::pair<std::string, std::vector<int64_t>>> t;
-  const int64_t h = c.hidden_size;
-  t.push_back({"model.embed_tokens.weight", {c.vocab_size, h}});
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    t.push_back({p + "input_layernorm.weight", {h}});
-    t.push_back({p + "post_attention_layernorm.weight", {h}});
-    if (c.pieces.qk_norm) {  // Qwen3
-      t.push_back({p + "self_attn.q_norm.weight", {c.head_dim}});
-      t.push_back({p + "self_attn.k_norm.weight", {c.head_dim}});
-    }
-    for (const LinearShape& s : decoder_linear_shapes(c)) {
-      const std::string module = model::linear_module_name(l, s.name);
-      t.push_back({module + ".weight", {s.out_features, s.in_features}});
-      if (projection_has_bias(c, s.name)) t.push_back({module + ".bias", {s.out_features}});  // Qwen2's q, k, v
-    }
-  }
-  t.push_back({"model.norm.weight", {h}});
-  if (!c.tie_word_embeddings) t.push_back({"lm_head.weight", {c.vocab_size, h}});
-  return t;
-}
-
 namespace {
 constexpr double kInitStd = 0.02;  // transformers' initializer_range default
-
-bool ends_with(const std::string& s, const std::string& tail) {
-  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
-}
 
 // As transformers initializes them: norm weights (the layer norms, Qwen3's q/k norms, the final
 // norm) are ones, biases zeros, the rest N(0, kInitStd). Ones and zeros draw nothing from `gen`,
@@ -92,7 +65,7 @@ at::Tensor random_tensor(const std::string& name, const std::vector<int64_t>& sh
 model::WeightSource random_llama_weights(const DecoderConfig& shape, uint64_t seed, c10::Device device) {
   auto shapes = std::make_shared<std::map<std::string, std::vector<int64_t>>>();
   std::vector<std::string> names;
-  for (auto& [name, dims] : llama_tensor_shapes(shape)) {
+  for (auto& [name, dims] : model::decoder_weight_shapes(shape)) {
     names.push_back(name);
     (*shapes)[name] = dims;
   }
@@ -109,7 +82,7 @@ void write_random_llama(const std::string& dir, const DecoderConfig& c, uint64_t
   fs::create_directories(dir);
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   std::vector<std::pair<std::string, at::Tensor>> tensors;
-  for (auto& [name, dims] : llama_tensor_shapes(c)) tensors.emplace_back(name, random_tensor(name, dims, gen, c10::kCPU));
+  for (auto& [name, dims] : model::decoder_weight_shapes(c)) tensors.emplace_back(name, random_tensor(name, dims, gen, c10::kCPU));
   io::save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
   write_llama_config(dir, c);
 }

@@ -14,6 +14,11 @@ size_t edit_distance(std::string_view a, std::string_view b);
 // typo (distance <= max(2, |got| / 3)), or "" when none is.
 std::string closest_match(std::string_view got, const std::vector<std::string>& candidates);
 
+// Whether `s` ends with `suffix`.
+inline bool ends_with(std::string_view s, std::string_view suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
 // "a, b, c" (each quoted when quote is true).
 std::string join(const std::vector<std::string>& items, std::string_view sep = ", ");
 

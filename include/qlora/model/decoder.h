@@ -194,6 +194,11 @@ class DecoderModel {
   std::vector<Layer> layers_;
 };
 
+// Every tensor a checkpoint of `config` holds, with its shape, in file order: embeddings, each
+// layer (its norms, Qwen3's q/k norms, each projection's weight and, where the family has one,
+// its bias), the final norm, lm_head unless tied. What DecoderModel::load expects.
+std::vector<std::pair<std::string, std::vector<int64_t>>> decoder_weight_shapes(const DecoderConfig& config);
+
 // Module name of projection `proj` (decoder_linear_names()) of layer `layer`.
 std::string linear_module_name(int64_t layer, const std::string& proj);
 

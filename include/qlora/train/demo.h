@@ -44,11 +44,6 @@ void write_random_llama(const std::string& dir, const DecoderConfig& shape, uint
 // config.json cannot express (a Qwen2 without q/k/v biases, a Llama with q/k norms, ...).
 void write_llama_config(const std::string& dir, const DecoderConfig& shape);
 
-// The Hugging Face tensor names and shapes of a model of `shape`, in the order write_random_llama
-// draws them: what model::DecoderModel::load expects, q/k/v biases (Qwen2) and q/k norm weights
-// (Qwen3) included. Norms are drawn as ones and biases as zeros, as transformers initializes them.
-std::vector<std::pair<std::string, std::vector<int64_t>>> llama_tensor_shapes(const DecoderConfig& shape);
-
 // The same random weights without a file: each tensor drawn on `device` when
 // the loader asks for it (fp32). `qlora plan --measure` uses it for a model
 // directory that holds only config.json: memory does not depend on the values.
