@@ -394,6 +394,11 @@ class Loader {
     if (!c.data.eval_path.empty() && c.data.eval_ratio > 0)
       issue("data.eval_ratio", "set either data.eval_path or data.eval_ratio, not both",
             line_for("data.eval_ratio"));
+    if (c.data.train_on_inputs && c.data.train_on == TrainOn::kLastAssistant)
+      issue("data.train_on",
+            "data.train_on_inputs: true trains every token, which contradicts last_assistant; keep one of them "
+            "(data.train_on: all is the chat spelling of train_on_inputs)",
+            line_for("data.train_on"));
     if (!c.model.path.empty() && !c.model.preset.empty())
       issue("model.preset",
             "set either model.path (a model directory) or model.preset (shapes only, for planning), not both",

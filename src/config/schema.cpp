@@ -28,7 +28,11 @@ const std::vector<std::string>& format_names() {
   return names;
 }
 const std::vector<std::string>& template_names() {
-  static const std::vector<std::string> names = {"auto", "llama3", "chatml"};
+  static const std::vector<std::string> names = {"auto", "llama3", "chatml", "model"};
+  return names;
+}
+const std::vector<std::string>& train_on_names() {
+  static const std::vector<std::string> names = {"all_assistant", "last_assistant", "all"};
   return names;
 }
 const std::vector<std::string>& backend_names() {
@@ -57,6 +61,7 @@ std::string_view to_string(OptimizerKind v) { return name_of(optimizer_names(), 
 std::string_view to_string(LrSchedule v) { return name_of(schedule_names(), v); }
 std::string_view to_string(DataFormat v) { return name_of(format_names(), v); }
 std::string_view to_string(ChatTemplate v) { return name_of(template_names(), v); }
+std::string_view to_string(TrainOn v) { return name_of(train_on_names(), v); }
 std::string_view to_string(DistBackend v) { return name_of(backend_names(), v); }
 std::string_view to_string(Recompute v) { return name_of(recompute_names(), v); }
 
@@ -153,7 +158,13 @@ std::vector<Field> build_schema() {
   add(bind_member("data.train_on_inputs", Kind::kBool, &C::data, &DataConfig::train_on_inputs,
            "false: loss on responses only; true: on prompts too"));
   add(bind_enum("data.chat_template", &C::data, &DataConfig::chat_template, template_names(),
-                "chat rendering for format chat: llama3 | chatml; auto: from the tokenizer"));
+                "chat rendering: model (the model's own chat template) | llama3 | chatml; auto: the "
+                "model's template when it has one, else the built-in its tokenizer's tokens match"));
+  add(bind_enum("data.train_on", &C::data, &DataConfig::train_on, train_on_names(),
+                "chat: what is trained: all_assistant (every reply and its end-of-turn) | "
+                "last_assistant | all (the whole chat, for continued pretraining)"));
+  add(bind_member("data.train_reasoning", Kind::kBool, &C::data, &DataConfig::train_reasoning,
+                  "chat: false leaves a reply's <think>...</think> block untrained (Qwen3, DeepSeek-R1)"));
   add(bind_member("data.skip_bad_lines", Kind::kBool, &C::data, &DataConfig::skip_bad_lines,
                   "false: a malformed JSONL line stops the run (file:line named); true: skip and count it"));
 

@@ -434,3 +434,38 @@ std::vector<ChatSpan> render_chat_spans(const ModelChatTemplate& tmpl, const nlo
 }
 
 }  // namespace qlora::data
+
+// ---------------------------------------------------------------- a template ready for training data
+
+namespace qlora::data {
+
+std::string find_end_of_turn(const ModelChatTemplate& tmpl, const nlohmann::ordered_json& variables) {
+  const std::string reply = "Hello";
+  const nlohmann::ordered_json probe = nlohmann::ordered_json::array(
+      {{{"role", "user"}, {"content", "Hi"}}, {{"role", "assistant"}, {"content", reply}}});
+  std::string trained;
+  try {
+    for (const ChatSpan& s : render_chat_spans(tmpl, probe, variables, TrainOn::kLastAssistant))
+      if (s.trained) trained += s.text;
+  } catch (const InputError&) {
+    return "";  // a template that wants another shape of conversation (a system turn first, say)
+  }
+  const size_t at = trained.rfind(reply);
+  return at == std::string::npos ? "" : trained.substr(at + reply.size());
+}
+
+std::shared_ptr<const ModelChat> make_model_chat(const std::string& text, const std::string& origin,
+                                                 nlohmann::ordered_json variables) {
+  auto chat = std::make_shared<ModelChat>(ModelChat{ModelChatTemplate::parse(text, origin), std::move(variables),
+                                                    text, origin, ""});
+  chat->end_of_turn = find_end_of_turn(chat->tmpl, chat->variables);
+  return chat;
+}
+
+std::shared_ptr<const ModelChat> load_model_chat(const std::string& model_dir) {
+  std::optional<ModelChatTemplateSource> source = find_model_chat_template(model_dir);
+  if (!source) return nullptr;
+  return make_model_chat(source->text, source->origin, std::move(source->variables));
+}
+
+}  // namespace qlora::data

@@ -9,6 +9,7 @@
 
 #include "qlora/common/input_files.h"
 #include "qlora/common/text.h"
+#include "qlora/data/chat_template.h"
 #include "qlora/data/shuffle.h"
 #include "qlora/data/tokenizer.h"
 
@@ -23,7 +24,10 @@ int64_t DataSummary::skipped_total() const {
 std::string DataSummary::describe() const {
   std::ostringstream os;
   os << source << ": " << examples << " examples (" << to_string(format);
-  if (format == DataFormat::kChat) os << ", " << to_string(chat_template);
+  if (format == DataFormat::kChat) {
+    os << ", " << (chat_template == ChatTemplate::kModel ? "the model's chat template, " + chat_template_origin
+                                                          : chat_template_origin);
+  }
   os << "), " << tokens << " tokens, " << trained_tokens << " trained, longest " << longest;
   if (truncated > 0) os << "; " << truncated << " truncated to max_seq_length";
   if (segment_wise > 0) {
@@ -49,6 +53,8 @@ LoadOptions LoadOptions::from(const DataConfig& cfg) {
   LoadOptions o;
   o.format = cfg.format;
   o.chat_template = cfg.chat_template;
+  o.train_on = cfg.train_on;
+  o.train_reasoning = cfg.train_reasoning;
   o.max_seq_length = cfg.max_seq_length;
   o.train_on_inputs = cfg.train_on_inputs;
   o.skip_bad_lines = cfg.skip_bad_lines;
@@ -101,6 +107,27 @@ std::string looks_like(DataFormat f) {
   }
 }
 
+// The directory whose chat template a chat file is rendered with: the option, else the
+// tokenizer's own directory (transformers keeps the template with the tokenizer).
+std::string chat_template_dir(const LoadOptions& options, const Tokenizer& tokenizer) {
+  if (!options.chat_template_dir.empty()) return options.chat_template_dir;
+  if (tokenizer.path().empty()) return "";
+  std::error_code ec;
+  const std::filesystem::path p(tokenizer.path());
+  return std::filesystem::is_directory(p, ec) ? p.string() : p.parent_path().string();
+}
+
+// data.train_on and data.train_reasoning say what of a chat is trained; set for another format
+// they would be ignored, so they are refused.
+void require_not_chat_options(const LoadOptions& options, DataFormat format, std::string_view source) {
+  const std::string what = options.train_on != TrainOn::kAllAssistant ? "data.train_on"
+                           : !options.train_reasoning                  ? "data.train_reasoning"
+                                                                        : "";
+  if (what.empty()) return;
+  throw InputError(std::string(source) + " holds " + std::string(to_string(format)) + " data, but " + what +
+                   " applies to chat data only; remove it (data.train_on_inputs says what of a prompt is trained)");
+}
+
 }  // namespace
 
 Dataset load_jsonl_text(std::string_view text, std::string_view source, const LoadOptions& options,
@@ -113,8 +140,15 @@ Dataset load_jsonl_text(std::string_view text, std::string_view source, const Lo
   DataSummary& s = out.summary;
   s.source = std::string(source);
   DataFormat format = options.format;  // kAuto until the first valid line decides
-  ChatTemplate tmpl = ChatTemplate::kAuto;
-  if (format == DataFormat::kChat) tmpl = resolve_chat_template(options.chat_template, tokenizer);
+  ChatRendering chat;                  // resolved once the format is chat
+  const auto resolve = [&]() {
+    const std::string dir = chat_template_dir(options, tokenizer);
+    const bool wants_model = options.chat_template == ChatTemplate::kAuto || options.chat_template == ChatTemplate::kModel;
+    chat = resolve_chat(options.chat_template, options.train_on, options.train_reasoning, tokenizer,
+                        wants_model && !dir.empty() ? load_model_chat(dir) : nullptr, dir);
+  };
+  if (format == DataFormat::kChat) resolve();
+  if (format != DataFormat::kChat && format != DataFormat::kAuto) require_not_chat_options(options, format, source);
 
   size_t pos = 0;
   int64_t line_no = 0;
@@ -134,12 +168,11 @@ Dataset load_jsonl_text(std::string_view text, std::string_view source, const Lo
     try {
       if (format == DataFormat::kAuto) {
         const DataFormat detected = detect_format(line);
-        if (detected == DataFormat::kChat) {
-          tmpl = resolve_chat_template(options.chat_template, tokenizer);
-        }
+        if (detected == DataFormat::kChat) resolve();
+        if (detected != DataFormat::kChat) require_not_chat_options(options, detected, source);
         format = detected;  // only once a line parsed: a bad first line decides nothing
       }
-      RenderedExample rendered = render_line(line, format, tmpl);
+      RenderedExample rendered = render_line(line, format, chat);
       TokenizedExample ex = tokenize_example(rendered, tokenizer, options.train_on_inputs);
       ex.line = line_no;
       if (count_trained(ex) == 0) {
@@ -174,7 +207,12 @@ Dataset load_jsonl_text(std::string_view text, std::string_view source, const Lo
   }
   s.examples = static_cast<int64_t>(out.examples.size());
   s.format = format;
-  s.chat_template = tmpl;
+  s.chat_template = chat.kind;
+  if (chat.chat) {
+    s.chat_template_text = chat.chat->text;
+    s.chat_template_origin = chat.chat->origin;
+    s.end_of_turn = chat.chat->end_of_turn;
+  }
   if (out.examples.empty()) {
     throw InputError(s.source + ": no usable example in " + std::to_string(s.lines) +
                      " lines (" + std::to_string(s.blank_lines) + " blank, " +

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "qlora/data/chat_template.h"
 #include "qlora/data/tokenizer.h"
 
 namespace qlora::data {
@@ -120,11 +121,6 @@ void require_nonempty(const std::string& value, const char* key) {
   }
 }
 
-struct Message {
-  std::string role;
-  std::string content;
-};
-
 // The two spellings of a conversation: OpenAI's `messages` of {role, content} and
 // ShareGPT's `conversations` of {from, value}. Both become the same messages.
 struct Shape {
@@ -152,7 +148,7 @@ std::string chat_role(const std::string& value, bool sharegpt) {
 // a string, is prepended as a system message; null or "" means none, and a
 // conversation that has its own system message as well is refused (which one
 // is meant?). Both shapes then render identically (Note [chat rendering]).
-std::vector<Message> get_messages(const json& obj) {
+nlohmann::ordered_json get_messages(const json& obj) {
   const bool sharegpt = obj.contains("conversations") && !obj.contains("messages");
   const Shape& shape = sharegpt ? kShareGpt : kOpenAi;
   if (obj.contains("conversations") && obj.contains("messages")) {
@@ -182,8 +178,8 @@ std::vector<Message> get_messages(const json& obj) {
     }
     system = s->get<std::string>();
   }
-  std::vector<Message> out;
-  if (!system.empty()) out.push_back({"system", system});
+  nlohmann::ordered_json out = nlohmann::ordered_json::array();
+  if (!system.empty()) out.push_back({{"role", "system"}, {"content", system}});
   bool has_assistant = false;
   for (size_t i = 0; i < it->size(); ++i) {
     const json& m = (*it)[i];
@@ -205,24 +201,31 @@ std::vector<Message> get_messages(const json& obj) {
       }
     }
     const std::string value = m[shape.role].get<std::string>();
-    Message msg{chat_role(value, sharegpt), m[shape.content].get<std::string>()};
-    if (msg.role.empty()) {
+    const std::string role = chat_role(value, sharegpt);
+    const std::string content = m[shape.content].get<std::string>();
+    if (role.empty()) {
       throw LineError(LineProblem::kBadRole,
                       where + "." + shape.role + " is \"" + value + "\"; expected " +
                           (sharegpt ? "\"system\", \"human\" (or \"user\") or \"gpt\" (or \"assistant\")"
                                     : "\"system\", \"user\" or \"assistant\""));
     }
-    if (msg.role == "system" && !system.empty()) {
+    if (role == "system" && !system.empty()) {
       throw LineError(LineProblem::kBadRole,
                       "both a \"system\" field and a system message (" + where +
                           ") are given; keep one of them");
     }
-    if (msg.role == "assistant") {
+    if (role == "assistant") {
       has_assistant = true;
-      if (msg.content.empty()) {
+      if (content.empty()) {
         throw LineError(LineProblem::kEmpty, where + " is an assistant message with empty content");
       }
     }
+    // role and content first, then what else an OpenAI message carries (name, reasoning_content,
+    // tool_calls: some templates render them) as the template would see it from transformers.
+    nlohmann::ordered_json msg = {{"role", role}, {"content", content}};
+    if (!sharegpt)
+      for (auto f = m.begin(); f != m.end(); ++f)
+        if (f.key() != "role" && f.key() != "content") msg[f.key()] = f.value();
     out.push_back(std::move(msg));
   }
   if (!has_assistant) {
@@ -243,44 +246,72 @@ void push(std::vector<Segment>& segs, std::string text, bool trained) {
   }
 }
 
+// The built-in formats as Jinja (Note [chat rendering]), parsed once.
+std::shared_ptr<const ModelChat> builtin_chat(ChatTemplate kind) {
+  static const std::shared_ptr<const ModelChat> llama3 = make_model_chat(
+      builtin_chat_template(ChatTemplate::kLlama3), "the built-in llama3 format", nlohmann::ordered_json::object());
+  static const std::shared_ptr<const ModelChat> chatml = make_model_chat(
+      builtin_chat_template(ChatTemplate::kChatml), "the built-in chatml format", nlohmann::ordered_json::object());
+  return kind == ChatTemplate::kLlama3 ? llama3 : chatml;
+}
+
 // Note [chat rendering]
+// A conversation is rendered by a Jinja chat template (chat_template.h): the model's own, as
+// transformers' apply_chat_template renders it, or a built-in format's Jinja spelling:
 //   llama3: <|begin_of_text|> then per message
 //           <|start_header_id|>ROLE<|end_header_id|>\n\nCONTENT<|eot_id|>
 //   chatml: per message <|im_start|>ROLE\nCONTENT<|im_end|>\n
-// Content is used as written (not trimmed). For an assistant message the
-// content and its end-of-turn token (<|eot_id|> / <|im_end|>) are the trained
-// segment; its header, ChatML's trailing newline and every system/user message
-// are not. No generation prompt is added: the example ends after the last turn.
-std::vector<Segment> render_chat(const std::vector<Message>& messages, ChatTemplate tmpl) {
+// Content is used as written (not trimmed), and no generation prompt is added: the example ends
+// after the last turn. The trained runs come from rendering prefixes of the conversation
+// (render_chat_spans): an assistant turn is trained from where the generation prompt for it ends
+// to its end-of-turn token(s), so the prompt is exactly what an inference server sends and the
+// labels end with what generation must stop at. data.train_on picks the turns, and
+// data.train_reasoning: false leaves a reply's <think> block untrained.
+std::vector<Segment> render_chat(const nlohmann::ordered_json& messages, const ChatRendering& chat) {
+  if (!chat.chat) throw InputError("internal: chat template must be resolved before rendering");
   std::vector<Segment> segs;
-  if (tmpl == ChatTemplate::kLlama3) {
-    push(segs, kLlama3Begin, false);
-    for (const Message& m : messages) {
-      const bool trained = m.role == "assistant";
-      push(segs, std::string(kLlama3HeaderStart) + m.role + kLlama3HeaderEnd + "\n\n", false);
-      push(segs, m.content + kLlama3Eot, trained);
-    }
-  } else if (tmpl == ChatTemplate::kChatml) {
-    for (const Message& m : messages) {
-      const bool trained = m.role == "assistant";
-      push(segs, std::string(kChatmlStart) + m.role + "\n", false);
-      push(segs, m.content + kChatmlEnd, trained);
-      push(segs, "\n", false);
-    }
-  } else {
-    throw InputError("internal: chat template must be resolved before rendering");
+  try {
+    for (ChatSpan& s : render_chat_spans(chat.chat->tmpl, messages, chat.chat->variables, chat.train_on,
+                                         chat.train_reasoning))
+      push(segs, std::move(s.text), s.trained);
+  } catch (const InputError& e) {
+    // The template's own raise_exception (roles out of order, a system turn it has no place
+    // for) or a conversation it cannot split: one line's problem, so skip_bad_lines may skip it.
+    throw LineError(LineProblem::kBadRole, e.what());
   }
   return segs;
 }
 
 }  // namespace
 
+std::string builtin_chat_template(ChatTemplate kind) {
+  switch (kind) {
+    case ChatTemplate::kLlama3:
+      return "{{ '<|begin_of_text|>' }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+             "'<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+             "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}";
+    case ChatTemplate::kChatml:
+      return "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+             "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+             "{% endif %}";
+    default: throw InputError("internal: builtin_chat_template takes llama3 or chatml");
+  }
+}
+
 DataFormat detect_format(std::string_view json_line) {
   return detect_from_object(parse_object(json_line));
 }
 
-RenderedExample render_line(std::string_view json_line, DataFormat format,
-                            ChatTemplate chat_template) {
+RenderedExample render_line(std::string_view json_line, DataFormat format, ChatTemplate builtin) {
+  ChatRendering chat;
+  if (builtin == ChatTemplate::kLlama3 || builtin == ChatTemplate::kChatml) {
+    chat.kind = builtin;
+    chat.chat = builtin_chat(builtin);
+  }
+  return render_line(json_line, format, chat);
+}
+
+RenderedExample render_line(std::string_view json_line, DataFormat format, const ChatRendering& chat) {
   const json obj = parse_object(json_line);
   RenderedExample out;
   out.format = format == DataFormat::kAuto ? detect_from_object(obj) : format;
@@ -313,8 +344,9 @@ RenderedExample render_line(std::string_view json_line, DataFormat format,
       break;
     }
     case DataFormat::kChat: {
-      out.segments = render_chat(get_messages(obj), chat_template);
+      out.segments = render_chat(get_messages(obj), chat);
       out.append_eos = false;
+      out.add_bos = chat.kind != ChatTemplate::kModel;
       break;
     }
     case DataFormat::kAuto: break;  // unreachable: resolved above
@@ -329,8 +361,10 @@ ChatTemplate resolve_chat_template(ChatTemplate requested, const Tokenizer& toke
     if (has_llama3) return ChatTemplate::kLlama3;
     if (has_chatml) return ChatTemplate::kChatml;
     throw InputError(
-        "data.chat_template: auto found neither <|start_header_id|> (Llama 3) nor <|im_start|> "
-        "(ChatML) among the tokenizer's tokens; set data.chat_template to llama3 or chatml");
+        "data.chat_template: auto: the model has no chat template of its own (chat_template.jinja or "
+        "tokenizer_config.json's \"chat_template\") and its tokenizer has neither <|start_header_id|> (Llama 3) "
+        "nor <|im_start|> (ChatML); add the template you will serve with, or set data.chat_template to llama3 "
+        "or chatml");
   }
   // Without its special tokens a template would be tokenized as plain text:
   // the model would learn to spell the markers instead of using them.
@@ -347,6 +381,29 @@ ChatTemplate resolve_chat_template(ChatTemplate requested, const Tokenizer& toke
     }
   }
   return requested;
+}
+
+ChatRendering resolve_chat(ChatTemplate requested, TrainOn train_on, bool train_reasoning, const Tokenizer& tokenizer,
+                           std::shared_ptr<const ModelChat> model_chat, const std::string& model_dir) {
+  ChatRendering out;
+  out.train_on = train_on;
+  out.train_reasoning = train_reasoning;
+  if (requested == ChatTemplate::kModel || (requested == ChatTemplate::kAuto && model_chat)) {
+    if (!model_chat) {
+      throw InputError("data.chat_template: model, but " +
+                       (model_dir.empty() ? std::string("the tokenizer was not read from a model directory")
+                                          : model_dir + " has neither chat_template.jinja nor a \"chat_template\" in "
+                                                        "tokenizer_config.json") +
+                       "; add the template the model will be served with, or set data.chat_template to llama3 or "
+                       "chatml");
+    }
+    out.kind = ChatTemplate::kModel;
+    out.chat = std::move(model_chat);
+    return out;
+  }
+  out.kind = resolve_chat_template(requested, tokenizer);
+  out.chat = builtin_chat(out.kind);
+  return out;
 }
 
 namespace {
@@ -402,7 +459,7 @@ TokenizedExample tokenize_example(const RenderedExample& example, const Tokenize
     }
   }
   const int32_t bos = tokenizer.bos_id();
-  if (tokenizer.add_bos() && bos >= 0 && (out.input_ids.empty() || out.input_ids[0] != bos)) {
+  if (example.add_bos && tokenizer.add_bos() && bos >= 0 && (out.input_ids.empty() || out.input_ids[0] != bos)) {
     out.input_ids.insert(out.input_ids.begin(), bos);
     out.labels.insert(out.labels.begin(), kIgnoreIndex);
   }

@@ -26,7 +26,16 @@ enum class Precision { kAuto, kBf16, kFp16, kFp32 };
 enum class OptimizerKind { kAdamW, kAdamW8bit, kPagedAdamW8bit };
 enum class LrSchedule { kConstant, kLinear, kCosine };
 enum class DataFormat { kAuto, kText, kCompletion, kAlpaca, kChat };
-enum class ChatTemplate { kAuto, kLlama3, kChatml };
+// How chat data is rendered (data.chat_template): the model's own template (tokenizer_config.json's
+// chat_template or chat_template.jinja) or one of two built-in formats; auto: the model's when it
+// has one, else the built-in whose special tokens the tokenizer knows.
+enum class ChatTemplate { kAuto, kLlama3, kChatml, kModel };
+// Which parts of a chat carry labels (data.train_on).
+enum class TrainOn {
+  kAllAssistant,   // every assistant turn's content and its end-of-turn token(s)
+  kLastAssistant,  // the final assistant turn only
+  kAll,            // the whole rendering (continued pretraining on chats)
+};
 enum class DistBackend { kAuto, kNccl, kGloo };
 // What a checkpointed layer recomputes in backward (train.recompute): everything, all but
 // the gate/up GEMM output (in train.selective_layers of the layers), or that with the number of
@@ -38,6 +47,7 @@ std::string_view to_string(OptimizerKind v);
 std::string_view to_string(LrSchedule v);
 std::string_view to_string(DataFormat v);
 std::string_view to_string(ChatTemplate v);
+std::string_view to_string(TrainOn v);
 std::string_view to_string(DistBackend v);
 std::string_view to_string(Recompute v);
 
@@ -73,6 +83,8 @@ struct DataConfig {
   bool packing = false;
   bool train_on_inputs = false;  // false: loss on responses only
   ChatTemplate chat_template = ChatTemplate::kAuto;
+  TrainOn train_on = TrainOn::kAllAssistant;  // chat only
+  bool train_reasoning = true;   // chat only: false leaves <think>...</think> in responses untrained
   bool skip_bad_lines = false;   // true: skip and count malformed lines instead of stopping
 };
 

@@ -10,8 +10,8 @@
 // all. The template's own raise_exception is an InputError carrying its message.
 //
 // find_model_chat_template finds a model directory's template and the special-token variables
-// transformers passes with it. Not yet used by format.cpp, whose built-in chat formats stay as
-// they are.
+// transformers passes with it; load_model_chat parses it for the data pipeline (format.h), which
+// renders the built-in formats (llama3, chatml) through their Jinja spelling here too.
 #pragma once
 
 #include <ctime>
@@ -24,6 +24,7 @@
 #include <nlohmann/json.hpp>
 
 #include "qlora/common/errors.h"
+#include "qlora/config/config.h"
 
 namespace qlora::data {
 
@@ -65,12 +66,8 @@ class ModelChatTemplate {
 
 // ---------------------------------------------------------------- what is trained
 
-// Which parts of a chat carry labels (data.train_on).
-enum class TrainOn {
-  kAllAssistant,   // every assistant turn's content and its end-of-turn token(s)
-  kLastAssistant,  // the final assistant turn only
-  kAll,            // the whole rendering (continued pretraining on chats)
-};
+// Which parts carry labels: config.h's TrainOn (data.train_on).
+
 
 struct ChatSpan {
   std::string text;
@@ -111,5 +108,29 @@ struct ModelChatTemplateSource {
 // InputError naming the file and key for a malformed value (a list without "default" names the
 // templates it has).
 std::optional<ModelChatTemplateSource> find_model_chat_template(const std::string& model_dir);
+
+// ---------------------------------------------------------------- a template ready for training data
+
+// A parsed template with the variables it renders with, where it came from, and the text that
+// ends an assistant turn (what generation must stop at).
+struct ModelChat {
+  ModelChatTemplate tmpl;
+  nlohmann::ordered_json variables;  // bos_token, eos_token, ...
+  std::string text;                  // the Jinja source (written beside adapters and merged models)
+  std::string origin;                // a file, or "the built-in llama3 format"
+  std::string end_of_turn;           // "<|im_end|>", "<|eot_id|>", "</s>"; "" when none is found
+};
+
+// The model directory's template (find_model_chat_template), parsed; nullptr when it has none.
+std::shared_ptr<const ModelChat> load_model_chat(const std::string& model_dir);
+
+// A ModelChat from Jinja text (the built-in formats, tests). `variables` as ModelChat's.
+std::shared_ptr<const ModelChat> make_model_chat(const std::string& text, const std::string& origin,
+                                                 nlohmann::ordered_json variables);
+
+// The text after an assistant reply that its turn trains with: what a template writes between the
+// reply and the end of the turn, found by rendering a two-message probe ("" when the template
+// refuses the probe or writes nothing there).
+std::string find_end_of_turn(const ModelChatTemplate& tmpl, const nlohmann::ordered_json& variables);
 
 }  // namespace qlora::data

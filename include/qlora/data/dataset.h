@@ -34,6 +34,11 @@ struct DataSummary {
   std::string source;            // file name (or a label for in-memory text)
   DataFormat format = DataFormat::kAuto;          // the format used (detected or configured)
   ChatTemplate chat_template = ChatTemplate::kAuto;  // resolved, for chat only
+  // For chat: the template rendered (its Jinja source and where it came from, "the built-in
+  // chatml format" for a built-in) and the text that ends an assistant turn ("" when unknown).
+  std::string chat_template_text;
+  std::string chat_template_origin;
+  std::string end_of_turn;
   int64_t lines = 0;             // physical lines read
   int64_t blank_lines = 0;       // ignored
   int64_t examples = 0;          // kept
@@ -62,6 +67,11 @@ struct Dataset {
 struct LoadOptions {
   DataFormat format = DataFormat::kAuto;
   ChatTemplate chat_template = ChatTemplate::kAuto;
+  TrainOn train_on = TrainOn::kAllAssistant;
+  bool train_reasoning = true;
+  // Where the model's chat template is looked for (chat_template.jinja, tokenizer_config.json);
+  // "" : the directory of the tokenizer's file.
+  std::string chat_template_dir;
   int64_t max_seq_length = 2048;
   bool train_on_inputs = false;
   bool skip_bad_lines = false;

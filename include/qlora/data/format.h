@@ -11,19 +11,21 @@
 //               {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}
 //               ("user" / "assistant" accepted as `from` too); either may carry a
 //               "system": "..." column, prepended as the system message (Note [chat shapes]).
-//               Rendered with the Llama 3 header format or ChatML (Note [chat rendering])
+//               Rendered with the model's own chat template or a built-in format, the
+//               trained runs found by rendering prefixes (Note [chat rendering])
 // `auto` detects the format from the first valid line's keys; every later line
 // must then carry that format's fields.
 //
 // Masking: with train_on_inputs false only the response (completion, alpaca
-// output, assistant content and its end-of-turn token) carries labels; the rest
-// is kIgnoreIndex. The mask boundary is exact: every token is wholly prompt or
+// output, assistant content and its end-of-turn token, as data.train_on says)
+// carries labels; the rest is kIgnoreIndex. The mask boundary is exact: every token is wholly prompt or
 // wholly response (Note [tokenizing with an exact mask]).
 //
-// This header is torch-free and JSON-library-free.
+// This header is torch-free and JSON-library-free (chat templates: chat_template.h).
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -34,6 +36,7 @@
 namespace qlora::data {
 
 class Tokenizer;
+struct ModelChat;  // chat_template.h
 
 // Label value the loss ignores (the PyTorch / Hugging Face convention).
 inline constexpr int32_t kIgnoreIndex = -100;
@@ -74,12 +77,26 @@ struct Segment {
 
 // A parsed and rendered line: its format and segments, plus whether the
 // tokenized sequence ends with eos (text, completion, alpaca; chat ends with
-// its own end-of-turn token instead).
+// its own end-of-turn token instead) and whether bos may be prepended (not for a
+// model's chat template, which writes bos itself where the model wants it).
 struct RenderedExample {
   DataFormat format = DataFormat::kAuto;
   std::vector<Segment> segments;
   bool append_eos = false;
+  bool add_bos = true;
 };
+
+// How chat lines are rendered and what of them is trained.
+struct ChatRendering {
+  ChatTemplate kind = ChatTemplate::kAuto;  // resolved: llama3, chatml or model
+  std::shared_ptr<const ModelChat> chat;    // the template (the built-ins' Jinja spelling too)
+  TrainOn train_on = TrainOn::kAllAssistant;
+  bool train_reasoning = true;
+};
+
+// The Jinja spelling of a built-in format (kLlama3, kChatml): rendered by the same engine as a
+// model's template, and written beside adapters so the tuned model is served with it.
+std::string builtin_chat_template(ChatTemplate kind);
 
 // Note [Alpaca prompt]: the wording of Stanford Alpaca's two prompts (with and
 // without input), with one newline after "### Response:" so the response
@@ -92,17 +109,25 @@ std::string alpaca_prompt(std::string_view instruction, std::string_view input);
 // kBadJson / kUnknownFormat.
 DataFormat detect_format(std::string_view json_line);
 
-// Parses one JSON line as `format` (kAuto: detect) and renders it with
-// `chat_template` (must be resolved: kLlama3 or kChatml; used by chat only).
-// Throws LineError describing the problem and what to do (no file:line).
-RenderedExample render_line(std::string_view json_line, DataFormat format,
-                            ChatTemplate chat_template);
+// Parses one JSON line as `format` (kAuto: detect) and renders it with `chat`
+// (resolved; used by chat only). Throws LineError describing the problem and
+// what to do (no file:line).
+RenderedExample render_line(std::string_view json_line, DataFormat format, const ChatRendering& chat);
+// The same with a built-in format (kLlama3 or kChatml) and the default spans.
+RenderedExample render_line(std::string_view json_line, DataFormat format, ChatTemplate builtin);
 
-// Picks the chat rendering: `requested` when set; for kAuto, llama3 when the
+// Picks the built-in chat format: `requested` when set; for kAuto, llama3 when the
 // tokenizer knows <|start_header_id|>, chatml when it knows <|im_start|>,
 // otherwise InputError asking to set data.chat_template. Also checks that the
-// tokenizer has the template's special tokens.
+// tokenizer has the format's special tokens.
 ChatTemplate resolve_chat_template(ChatTemplate requested, const Tokenizer& tokenizer);
+
+// The whole choice: kModel, and kAuto when `model_chat` is given (the model's own template,
+// load_model_chat of the tokenizer's directory), render with the model's template; otherwise
+// a built-in as resolve_chat_template picks it. kModel without a template is an InputError
+// naming `model_dir` and the alternatives.
+ChatRendering resolve_chat(ChatTemplate requested, TrainOn train_on, bool train_reasoning, const Tokenizer& tokenizer,
+                           std::shared_ptr<const ModelChat> model_chat, const std::string& model_dir);
 
 // ---------------------------------------------------------------- tokenizing
 
