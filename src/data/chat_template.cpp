@@ -359,28 +359,81 @@ std::optional<ModelChatTemplateSource> find_model_chat_template(const std::strin
 
 namespace {
 
-// The trained run of the assistant message at index `turn`: [begin, end) of `full`, or nullopt
-// when the rendering of the turns up to it is not a prefix of the whole one, or the rendering
-// with the generation prompt parts from it before that prompt begins.
+// What the template writes after the last message only, never between turns: Phi-3's eos_token
+// after a conversation without a generation prompt. Found with two probes: the conversation
+// [user, assistant] ends with eos_token, and without it is a prefix of [user, assistant, user].
+// "" for templates that end each turn the same way wherever it stands.
+std::string conversation_end(const ModelChatTemplate& tmpl, const nlohmann::ordered_json& variables) {
+  const std::string eos = variables.value("eos_token", "");
+  if (eos.empty()) return "";
+  nlohmann::ordered_json probe = nlohmann::ordered_json::array(
+      {{{"role", "user"}, {"content", "Hi"}}, {{"role", "assistant"}, {"content", "Hello"}}});
+  try {
+    const std::string two = tmpl.render(probe, false, variables);
+    probe.push_back({{"role", "user"}, {"content", "Again"}});
+    const std::string three = tmpl.render(probe, false, variables);
+    const size_t cut = two.size() - std::min(two.size(), eos.size());
+    if (two.compare(cut, std::string::npos, eos) == 0 && three.compare(0, two.size(), two) != 0 &&
+        three.compare(0, cut, two, 0, cut) == 0)
+      return eos;
+  } catch (const InputError&) {
+  }
+  return "";
+}
+
+// The end of the reply that starts at `begin` of `full`: the first `end_of_turn` after it, checked
+// by the reply's own text standing right before that token (its last characters; after its
+// "</think>" where it has one, as templates that drop past reasoning keep only that). npos when
+// the check fails: a reply that writes the end-of-turn text itself, a template that rewrites it.
+size_t reply_end(const std::string& full, size_t begin, const std::string& end_of_turn, const nlohmann::ordered_json& message) {
+  if (end_of_turn.empty() || !message.contains("content") || !message["content"].is_string()) return std::string::npos;
+  std::string tail = message["content"].get<std::string>();
+  if (const size_t think = tail.rfind("</think>"); think != std::string::npos) tail = tail.substr(think + 8);
+  while (!tail.empty() && std::isspace(static_cast<unsigned char>(tail.back()))) tail.pop_back();
+  if (tail.empty()) return std::string::npos;
+  tail = tail.substr(tail.size() - std::min<size_t>(tail.size(), 16));
+  const size_t at = full.find(end_of_turn, begin);
+  if (at == std::string::npos) return std::string::npos;
+  size_t text_end = at;
+  while (text_end > begin && std::isspace(static_cast<unsigned char>(full[text_end - 1]))) --text_end;
+  if (text_end - begin < tail.size() || full.compare(text_end - tail.size(), tail.size(), tail) != 0)
+    return std::string::npos;
+  return at + end_of_turn.size();
+}
+
+// The trained run of the assistant message at index `turn`: [begin, end) of `full`, or nullopt.
+// It begins where the rendering of the turns before it with the generation prompt stops matching
+// `full` (which must be past the turns themselves: a template may add to the prompt what it
+// strips from rendered turns, DeepSeek-R1's "<think>\n"). It ends where the rendering of the
+// turns up to it ends (less `end_text`, conversation_end's) when that is a prefix of `full`;
+// otherwise (the template renders a last turn differently: Qwen3 gives it an empty <think>
+// block, which past turns lose) at the turn's end-of-turn token in `full` (`end_of_turn()`,
+// reply_end's check).
 std::optional<std::pair<size_t, size_t>> turn_span(const ModelChatTemplate& tmpl, const nlohmann::ordered_json& messages,
                                                    const nlohmann::ordered_json& variables, const std::string& full,
-                                                   size_t turn) {
+                                                   size_t turn, const std::string& end_text,
+                                                   const std::function<const std::string&()>& end_of_turn) {
   const auto prefix = [&](size_t count, bool prompt) {
     nlohmann::ordered_json head = nlohmann::ordered_json::array();
     for (size_t i = 0; i < count; ++i) head.push_back(messages[i]);
     return tmpl.render(head, prompt, variables);
   };
-  const auto starts = [&](const std::string& p) { return full.compare(0, p.size(), p) == 0; };
   const std::string before = prefix(turn, true);
-  const std::string through = prefix(turn + 1, false);
-  if (!starts(through)) return std::nullopt;
-  // The generation prompt may add what the rendered turn lacks (DeepSeek-R1's "<think>\n",
-  // which its template strips from past turns): the turn starts where the two part.
   size_t begin = 0;
-  while (begin < before.size() && begin < through.size() && before[begin] == through[begin]) ++begin;
+  while (begin < before.size() && begin < full.size() && before[begin] == full[begin]) ++begin;
   if (begin < before.size() && begin < prefix(turn, false).size()) return std::nullopt;  // parted before the prompt
-  size_t end = through.size();
-  while (end > begin && std::isspace(static_cast<unsigned char>(through[end - 1]))) --end;
+  std::string through = prefix(turn + 1, false);
+  if (!end_text.empty() && through.size() >= end_text.size() &&
+      through.compare(through.size() - end_text.size(), end_text.size(), end_text) == 0)
+    through.resize(through.size() - end_text.size());
+  size_t end = std::string::npos;
+  if (through.size() >= begin && full.compare(0, through.size(), through) == 0) {
+    end = through.size();
+  } else {
+    end = reply_end(full, begin, end_of_turn(), messages[turn]);
+    if (end == std::string::npos) return std::nullopt;
+  }
+  while (end > begin && std::isspace(static_cast<unsigned char>(full[end - 1]))) --end;
   return std::make_pair(begin, end);
 }
 
@@ -402,9 +455,11 @@ void push_trained(std::vector<ChatSpan>& spans, std::string text, bool train_rea
 
 }  // namespace
 
-std::vector<ChatSpan> render_chat_spans(const ModelChatTemplate& tmpl, const nlohmann::ordered_json& messages,
-                                        const nlohmann::ordered_json& variables, TrainOn train_on,
-                                        bool train_reasoning) {
+namespace {
+
+std::vector<ChatSpan> spans_of(const ModelChatTemplate& tmpl, const nlohmann::ordered_json& messages,
+                               const nlohmann::ordered_json& variables, TrainOn train_on, bool train_reasoning,
+                               bool probing) {
   const std::string full = tmpl.render(messages, false, variables);
   if (train_on == TrainOn::kAll) return {{full, true}};
   std::vector<size_t> turns;
@@ -413,15 +468,21 @@ std::vector<ChatSpan> render_chat_spans(const ModelChatTemplate& tmpl, const nlo
   const size_t first = train_on == TrainOn::kLastAssistant && !turns.empty() ? turns.size() - 1 : 0;
   std::vector<ChatSpan> spans;
   size_t at = 0;
+  const std::string end_text = turns.empty() ? "" : conversation_end(tmpl, variables);
+  std::optional<std::string> eot;  // found when first needed
+  const std::function<const std::string&()> end_of_turn = [&]() -> const std::string& {
+    if (!eot) eot = probing ? "" : find_end_of_turn(tmpl, variables);
+    return *eot;
+  };
   for (size_t k = first; k < turns.size(); ++k) {
-    const auto span = turn_span(tmpl, messages, variables, full, turns[k]);
+    const auto span = turn_span(tmpl, messages, variables, full, turns[k], end_text, end_of_turn);
     if (!span || span->first < at) {
-      const bool last_splits =
-          train_on == TrainOn::kAllAssistant && turn_span(tmpl, messages, variables, full, turns.back()).has_value();
-      throw InputError(tmpl.origin() + ": the chat template renders the conversation up to assistant turn " +
-                       std::to_string(k + 1) + " (message " + std::to_string(turns[k] + 1) +
-                       ") differently once later turns follow, so that turn's trained span cannot be found by "
-                       "rendering prefixes; set data.train_on: " +
+      const bool last_splits = train_on == TrainOn::kAllAssistant &&
+                               turn_span(tmpl, messages, variables, full, turns.back(), end_text, end_of_turn).has_value();
+      throw InputError(tmpl.origin() + ": the chat template renders assistant turn " + std::to_string(k + 1) +
+                       " (message " + std::to_string(turns[k] + 1) +
+                       ") in a way its trained span cannot be found in: the rendering up to it differs once later "
+                       "turns follow, and its end-of-turn token does not follow its text; set data.train_on: " +
                        (last_splits ? "last_assistant (trains only the final turn) or all" : "all"));
     }
     if (span->first > at) spans.push_back({full.substr(at, span->first - at), false});
@@ -431,6 +492,14 @@ std::vector<ChatSpan> render_chat_spans(const ModelChatTemplate& tmpl, const nlo
   }
   if (at < full.size()) spans.push_back({full.substr(at), false});
   return spans;
+}
+
+}  // namespace
+
+std::vector<ChatSpan> render_chat_spans(const ModelChatTemplate& tmpl, const nlohmann::ordered_json& messages,
+                                        const nlohmann::ordered_json& variables, TrainOn train_on,
+                                        bool train_reasoning) {
+  return spans_of(tmpl, messages, variables, train_on, train_reasoning, false);
 }
 
 }  // namespace qlora::data
@@ -445,7 +514,7 @@ std::string find_end_of_turn(const ModelChatTemplate& tmpl, const nlohmann::orde
       {{{"role", "user"}, {"content", "Hi"}}, {{"role", "assistant"}, {"content", reply}}});
   std::string trained;
   try {
-    for (const ChatSpan& s : render_chat_spans(tmpl, probe, variables, TrainOn::kLastAssistant))
+    for (const ChatSpan& s : spans_of(tmpl, probe, variables, TrainOn::kLastAssistant, true, true))
       if (s.trained) trained += s.text;
   } catch (const InputError&) {
     return "";  // a template that wants another shape of conversation (a system turn first, say)

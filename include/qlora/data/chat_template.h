@@ -79,11 +79,14 @@ struct ChatSpan {
 // ends (the rendering of the turns before it with add_generation_prompt; where that prompt adds
 // text the rendered turn lacks, such as DeepSeek-R1's "<think>\n", where the two part) and ends
 // where the rendering of the conversation up to that turn ends, less trailing whitespace (the
-// newline a template writes after an end-of-turn token is never generated). That rendering must
-// be a prefix of the whole one; a template that renders earlier turns differently once later ones
-// follow (Qwen3 drops past reasoning) cannot be split that way for those turns: InputError
-// naming the turn and data.train_on: last_assistant, which only needs the final turn's prefix.
-// The runs concatenate to the whole rendering.
+// newline a template writes after an end-of-turn token is never generated) and less what the
+// template writes only after the last message (Phi-3's eos_token after "<|end|>", found by a
+// probe: it stays untrained, so every turn is learned to stop at its own end-of-turn token).
+// Where a template renders a turn differently once later turns follow (Qwen3 gives only the
+// last turn an empty <think> block and drops past reasoning), the turn is trained as the whole
+// rendering shows it: up to its end-of-turn token (find_end_of_turn), which must follow the
+// reply's own text. A turn found neither way is an InputError naming the turn and the
+// data.train_on that avoids it. The runs concatenate to the whole rendering.
 // With `train_reasoning` false, a "<think>...</think>" block inside a trained run (Qwen3,
 // DeepSeek-R1; with the whitespace after it) is left untrained: the answer is learned, the
 // reasoning the template shows is not.
