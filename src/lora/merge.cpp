@@ -58,7 +58,9 @@ constexpr const char* kPeftPrefix = "base_model.model.";
 constexpr const char* kSuffixA = ".lora_A.weight";
 constexpr const char* kSuffixB = ".lora_B.weight";
 
-// Files copied unchanged from the base directory when present.
+// Files copied unchanged when present: from the adapter directory, where training wrote the
+// tokenizer, chat template and stop tokens the model was tuned with (train/serving_files.h),
+// else from the base directory.
 const char* const kCopiedFiles[] = {"tokenizer.json",          "tokenizer.model",   "tokenizer_config.json",
                                     "special_tokens_map.json", "added_tokens.json", "vocab.json",
                                     "merges.txt",              "chat_template.jinja", "generation_config.json"};
@@ -453,10 +455,12 @@ MergeResult merge_adapter(const MergeOptions& opt) {
   write_file_synced(tmp / "config.json", config.dump(2) + "\n");
   result.copied_files.push_back("config.json");
   for (const char* f : kCopiedFiles) {
-    const fs::path src = fs::path(base.dir()) / f;
+    fs::path src = fs::path(opt.adapter_dir) / f;
+    const bool from_adapter = fs::is_regular_file(src, ec);
+    if (!from_adapter) src = fs::path(base.dir()) / f;
     if (!fs::is_regular_file(src, ec)) continue;
     write_file_synced(tmp / f, read_file_bytes(src));
-    result.copied_files.push_back(f);
+    result.copied_files.push_back(std::string(f) + (from_adapter ? " (adapter's)" : ""));
   }
   std::string copied;
   for (const auto& f : result.copied_files) copied += (copied.empty() ? "" : ", ") + f;

@@ -43,6 +43,7 @@
 #include "qlora/train/progress.h"
 #include "qlora/train/setup.h"
 #include "qlora/train/schedule.h"
+#include "qlora/train/serving_files.h"
 #include "qlora/train/state.h"
 #include "qlora/train/threads.h"
 #include "qlora/train/trainer.h"
@@ -484,7 +485,10 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   if (result.start_step >= total) {
     // Finished before, but its adapter is missing (a kill between the last
     // save and the adapter's write): write it from the checkpoint, nothing else.
-    if (main_rank) lora::save_adapter(adapter, result.adapter_dir, cfg.model.path);
+    if (main_rank) {
+      lora::save_adapter(adapter, result.adapter_dir, cfg.model.path);
+      write_serving_files(result.adapter_dir, sets.train.summary, *tokenizer);
+    }
     group.barrier();
     result.finished_before = true;
     log::info(finished_line(cfg, resume_from, result.start_step, result.adapter_dir) + " (the adapter was missing: written now)");
@@ -536,7 +540,11 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   if (has_eval) result.final_eval = run_eval(trainer.step());
 
   // 8. the adapter, in PEFT's format
-  if (main_rank) lora::save_adapter(adapter, result.adapter_dir, cfg.model.path);
+  if (main_rank) {
+    lora::save_adapter(adapter, result.adapter_dir, cfg.model.path);
+    if (const std::string line = write_serving_files(result.adapter_dir, sets.train.summary, *tokenizer); !line.empty())
+      log::info("adapter: " + line);
+  }
   group.barrier();  // no rank reports done before the adapter is on disk
   result.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   char losses[64];
