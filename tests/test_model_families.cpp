@@ -35,7 +35,8 @@ constexpr double kGradRtol = 1e-4;
 // A merged fp32 weight vs PEFT's merge_and_unload (W + s·B·A in fp32, other summation order).
 constexpr double kMergeAtol = 1e-5;
 
-const char* kVariants[] = {"qwen2", "qwen2_window", "qwen3", "mistral", "smollm2", "llama_linear", "llama_dynamic"};
+const char* kVariants[] = {"qwen2",        "qwen2_window",  "qwen3",  "mistral", "smollm2",
+                           "llama_linear", "llama_dynamic", "gemma2", "gemma3"};
 
 std::string dir_of(const std::string& v) { return qlora::testing::source_path("tests/data/families/" + v); }
 
@@ -64,7 +65,8 @@ double rel_err(const at::Tensor& a, const at::Tensor& b, const at::Tensor& keep 
 
 at::Tensor mean_loss(const DecoderModel& m, const at::Tensor& hidden, const at::Tensor& labels) {
   TokenLoss loss = chunked_cross_entropy(hidden.reshape({-1, hidden.size(-1)}), m.lm_head_weight(),
-                                         shift_labels(labels).reshape({-1}), 16);
+                                         shift_labels(labels).reshape({-1}), 16,
+                                         m.config().final_logit_softcapping);
   return loss.sum / loss.count.to(at::kFloat);
 }
 
@@ -85,6 +87,12 @@ TEST(ModelFamilies, ConfigRopeAndWindowsEqualTransformers) {
                        g.at("inv_freq").abs().max().item<double>();
     EXPECT_LT(err, 1e-6) << rope_inv_freq(c, len) << g.at("inv_freq");
     EXPECT_NEAR(c.rope.attention_factor, g.at("attention_scaling").item<double>(), 1e-6);
+    if (c.rope_local_theta > 0) {  // Gemma 3's local layers: their own base, unscaled
+      DecoderConfig local = c;
+      local.rope_theta = c.rope_local_theta;
+      local.rope = RopeScaling{};
+      EXPECT_TRUE(at::equal(rope_inv_freq(local), g.at("inv_freq_sliding"))) << rope_inv_freq(local);
+    }
   }
 }
 
@@ -100,7 +108,8 @@ TEST(ModelFamilies, LogitsAndLossEqualTransformersOnPaddedAndPackedRows) {
     const double padded = rel_err(m.logits(hidden), g.at("logits"), mask);
     EXPECT_LT(padded, kLogitRtol);
     TokenLoss loss = chunked_cross_entropy(hidden.reshape({-1, hidden.size(-1)}), m.lm_head_weight(),
-                                           shift_labels(g.at("labels")).reshape({-1}), 16);
+                                           shift_labels(g.at("labels")).reshape({-1}), 16,
+                                         m.config().final_logit_softcapping);
     EXPECT_NEAR(loss.sum.item<double>(), g.at("loss_sum").item<double>(), kLossRtol * g.at("loss_sum").item<double>());
     EXPECT_EQ(loss.count.item<int64_t>(), g.at("loss_count").item<int64_t>());
 
@@ -109,7 +118,8 @@ TEST(ModelFamilies, LogitsAndLossEqualTransformersOnPaddedAndPackedRows) {
     const double packed_err = rel_err(m.logits(ph), g.at("packed_logits"));
     EXPECT_LT(packed_err, kLogitRtol);
     TokenLoss pl = chunked_cross_entropy(ph.reshape({-1, ph.size(-1)}), m.lm_head_weight(),
-                                         shift_labels(g.at("packed_labels")).reshape({-1}), 16);
+                                         shift_labels(g.at("packed_labels")).reshape({-1}), 16,
+                                         m.config().final_logit_softcapping);
     EXPECT_NEAR(pl.sum.item<double>(), g.at("packed_loss_sum").item<double>(),
                 kLossRtol * g.at("packed_loss_sum").item<double>());
     std::printf("  %-14s logits rel err: padded %.2e, packed %.2e; loss %.6f\n", v, padded, packed_err,

@@ -5,8 +5,11 @@
 
 #include <nlohmann/json.hpp>
 
+#include <set>
+
 #include "qlora/config/config.h"
 #include "qlora/model/decoder_config.h"
+#include "qlora/model/decoder.h"
 #include "qlora/model/family.h"
 #include "qlora/plan/plan.h"
 #include "support/test_support.h"
@@ -56,6 +59,66 @@ TEST(ModelFamily, DefaultsFollowEachConfigClass) {
             3 * (64 + 32 + 32 + 64 + 128 + 128 + 64));  // q [64], k v [32] (2 kv heads), o, gate, up, down
 }
 
+// Gemma2Config / Gemma3TextConfig defaults: GeGLU, (1 + w) sandwich norms, the embedding scale,
+// query_pre_attn_scalar 256, Gemma 2's soft caps 50 / 30 and alternating windows, Gemma 3's q/k
+// norms, five local layers to a global one and the local RoPE base 10000 (global 1e6).
+TEST(ModelFamily, GemmaDefaultsFollowEachConfigClass) {
+  nlohmann::json g2 = small("gemma2");
+  g2["num_hidden_layers"] = 4;
+  const DecoderConfig a = read_json(g2);
+  EXPECT_EQ(a.head_dim, 256);
+  EXPECT_EQ(a.pieces.act, Activation::kGeluTanh);
+  EXPECT_TRUE(a.pieces.norm_plus_one && a.pieces.sandwich_norms && a.scale_embeddings);
+  EXPECT_FALSE(a.pieces.qk_norm);
+  EXPECT_EQ(a.query_pre_attn_scalar, 256);
+  EXPECT_EQ(a.attn_logit_softcapping, 50);
+  EXPECT_EQ(a.final_logit_softcapping, 30);
+  EXPECT_EQ(a.layer_window, (std::vector<int64_t>{4096, 0, 4096, 0}));
+  EXPECT_EQ(a.rope_theta, 10000);
+  EXPECT_EQ(a.rope_local_theta, 0);
+  EXPECT_FALSE(fused_layer_gap(a).empty());
+  g2["attn_logit_softcapping"] = nullptr;  // null: no cap
+  EXPECT_EQ(read_json(g2).attn_logit_softcapping, 0);
+
+  nlohmann::json g3 = small("gemma3_text");
+  g3["num_hidden_layers"] = 7;
+  const DecoderConfig b = read_json(g3);
+  EXPECT_TRUE(b.pieces.qk_norm);
+  EXPECT_EQ(b.attn_logit_softcapping, 0);
+  EXPECT_EQ(b.final_logit_softcapping, 0);
+  EXPECT_EQ(b.layer_window, (std::vector<int64_t>{4096, 4096, 4096, 4096, 4096, 0, 4096}));
+  EXPECT_EQ(b.rope_theta, 1000000);
+  EXPECT_EQ(b.rope_local_theta, 10000);
+  // transformers 5 spells the two RoPEs per layer type.
+  g3["rope_parameters"] = {{"full_attention", {{"rope_type", "linear"}, {"factor", 8.0}, {"rope_theta", 1e6}}},
+                           {"sliding_attention", {{"rope_type", "default"}, {"rope_theta", 10000.0}}}};
+  const DecoderConfig c = read_json(g3);
+  EXPECT_EQ(c.rope.type, RopeType::kLinear);
+  EXPECT_EQ(c.rope.factor, 8.0);
+  EXPECT_EQ(c.rope_local_theta, 10000);
+  // Four norms a layer, and Gemma 3's q/k norms over head_dim.
+  std::set<std::string> names;
+  for (const auto& [name, shape] : model::decoder_weight_shapes(b)) names.insert(name);
+  for (const char* n : {"model.layers.0.pre_feedforward_layernorm.weight", "model.layers.0.post_feedforward_layernorm.weight",
+                        "model.layers.0.self_attn.q_norm.weight"})
+    EXPECT_TRUE(names.count(n)) << n;
+}
+
+TEST(ModelFamily, GemmaRefusesWhatItDoesNotCompute) {
+  nlohmann::json g = small("gemma2");
+  g["hidden_activation"] = "gelu";
+  EXPECT_NE(testing::error_of([&] { read_json(g); }).find("\"hidden_activation\""), std::string::npos);
+  g = small("gemma3_text");
+  g["use_bidirectional_attention"] = true;
+  EXPECT_NE(testing::error_of([&] { read_json(g); }).find("use_bidirectional_attention"), std::string::npos);
+  g = small("gemma3_text");
+  g["rope_parameters"] = {{"full_attention", {{"rope_type", "default"}, {"rope_theta", 1e6}}},
+                          {"sliding_attention", {{"rope_type", "linear"}, {"factor", 2.0}, {"rope_theta", 1e4}}}};
+  EXPECT_NE(testing::error_of([&] { read_json(g); }).find("sliding_attention"), std::string::npos);
+  g = small("gemma3");  // the multimodal checkpoint: not a family of its own
+  EXPECT_NE(testing::error_of([&] { read_json(g); }).find("gemma3_text"), std::string::npos);
+}
+
 // Qwen2/Qwen3: the window applies only with use_sliding_window, to layers >= max_window_layers
 // or to those layer_types calls sliding (transformers' config classes).
 TEST(ModelFamily, QwenWindowsFollowMaxWindowLayersAndLayerTypes) {
@@ -100,10 +163,10 @@ TEST(ModelFamily, UnreadKeysAreReported) {
 }
 
 TEST(ModelFamily, UnknownModelTypeNamesTheSupportedOnes) {
-  nlohmann::json g = small("gemma3_text");
+  nlohmann::json g = small("phi3");
   try {
     read_json(g);
-    FAIL() << "gemma3_text was accepted";
+    FAIL() << "phi3 was accepted";
   } catch (const InputError& e) {
     const std::string msg = e.what();
     for (const Family& f : families()) EXPECT_NE(msg.find(f.model_type + " ("), std::string::npos) << msg;

@@ -28,8 +28,9 @@ namespace {
 namespace fs = std::filesystem;
 
 // One variant a family (scripts/golden/families.py): Qwen2's biases, Qwen3's q/k norms and
-// head_dim, Mistral's window (5, shorter than the rows), SmolLM2's 3:1 grouped heads.
-const char* kFamilies[] = {"qwen2", "qwen3", "mistral", "smollm2"};
+// head_dim, Mistral's window (5, shorter than the rows), SmolLM2's 3:1 grouped heads, Gemma 2's
+// soft caps and alternating windows, Gemma 3's local RoPE base.
+const char* kFamilies[] = {"qwen2", "qwen3", "mistral", "smollm2", "gemma2", "gemma3"};
 
 std::string script() { return testing::source_path("scripts/golden/families.py"); }
 

@@ -1,9 +1,10 @@
-"""Golden data for other decoder families: tiny random Qwen2, Qwen3, Mistral, SmolLM2 and
-Llama-with-RoPE-scaling models run by transformers + PEFT + bitsandbytes.
+"""Golden data for other decoder families: tiny random Qwen2, Qwen3, Mistral, SmolLM2,
+Llama-with-RoPE-scaling, Gemma 2 and Gemma 3 models run by transformers + PEFT + bitsandbytes.
 
 Run from the repository root with the project's venv (CPU, deterministic, ~30 s):
 
     .venv/bin/python scripts/golden/families.py         # writes tests/data/families/
+    .venv/bin/python scripts/golden/families.py --only gemma2,gemma3   # those variants only
 
 bitsandbytes comes from the venv or, where the venv lacks it, from $BNB_SITE (default
 /tmp/bnbsite: `pip install --no-deps --target /tmp/bnbsite bitsandbytes-0.50.2-*.whl`).
@@ -12,6 +13,9 @@ Each model is built with its family's own config class and *ForCausalLM (transfo
 randomized as scripts/golden/model.py does (norm weights 1 + 0.3 N(0,1), q_norm / k_norm
 included; embeddings 0.25 N(0,1); other matrices N(0,1)/sqrt(fan_in)) plus biases 0.5 N(0,1),
 and saved in fp32. vocab 256, intermediate 128, pad id 0, bos 1, eos 2, hidden_act silu.
+Gemma's RMSNorm scales by (1 + w): its norm weights are the same draws minus 1 (w ~ 0.3 N(0,1),
+so that 1 + w is distributed as the other families' w), and its activation is gelu_pytorch_tanh.
+Gemma runs with attn_implementation "eager" (SDPA drops attn_logit_softcapping).
 
 Variants, files and every key they hold: tests/data/families/README.md.
 """
@@ -24,8 +28,9 @@ import sys
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (AutoConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (AutoConfig, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
+                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 from peft import LoraConfig, PeftModel
 
 try:
@@ -48,6 +53,7 @@ SEGMENTS = [9, 8, 7]  # the packed row: three examples back to back, 24 tokens
 MERGE_TOL = 1e-5  # --check-merged (fp32)
 PACKED_TOL = 1e-5  # transformers' packed forward vs the segments run one by one
 NF4_WEIGHTS = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight")
+SOFTCAP_MIN_FRACTION = 0.05  # of pre-cap values beyond cap / 2: the cap must bend a fair share of them
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -66,7 +72,11 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, pad_token
 
 # config: the family's own config class, built with transformers 5's rope_parameters.
 # hub: how config.json is rewritten after save_pretrained so that it reads like the family's
-# published checkpoints (rope_theta at the top level, rope_scaling as those files spell it).
+# published checkpoints (rope_theta at the top level, rope_scaling as those files spell it;
+# rope_local: Gemma 3's per-layer-type rope_parameters as rope_theta + rope_scaling for the
+# full-attention layers and rope_local_base_freq for the sliding ones).
+# load: from_pretrained's extra arguments. gemma_norms: RMSNorm weights stored as w of (1 + w).
+EAGER = dict(attn_implementation="eager")  # the only implementation that applies attn_logit_softcapping
 VARIANTS = {
     "qwen2": dict(
         seed=31, model=Qwen2ForCausalLM, lora=lora_qkvo,
@@ -125,6 +135,37 @@ VARIANTS = {
             tie_word_embeddings=False, rms_norm_eps=1e-5,
             rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0), **COMMON),
         hub=dict(drop=[], set={}, rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+    "gemma2": dict(
+        seed=38, model=Gemma2ForCausalLM, lora=lora_qkvo, load=EAGER, gemma_norms=True,
+        # Gemma2Config's layer_types: layer i slides iff (i + 1) % 2, i.e. [sliding, full] * 2.
+        # query_pre_attn_scalar 24 != head_dim 16; soft caps small enough to bend random logits.
+        # hidden_act and cache_implementation: keys Gemma 2's config.json files carry beside
+        # hidden_activation (transformers keeps them as plain attributes).
+        config=lambda: Gemma2Config(
+            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            query_pre_attn_scalar=24, max_position_embeddings=8192, tie_word_embeddings=True,
+            hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh", sliding_window=5,
+            attn_logit_softcapping=2.0, final_logit_softcapping=3.0, rms_norm_eps=1e-6,
+            cache_implementation="hybrid", rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+            **EAGER, **COMMON),
+        hub=dict(drop=["layer_types", "tie_word_embeddings", "use_bidirectional_attention"], set={},
+                 rope_scaling=None)),
+    "gemma3": dict(
+        seed=39, model=Gemma3ForCausalLM, lora=lora_all_rslora, load=EAGER, gemma_norms=True,
+        # sliding_window_pattern 3: layer i slides iff (i + 1) % 3 -> [sliding, sliding, full].
+        # One kv head (multi-query attention, as Gemma 3 270M / 1B). Linear RoPE scaling on the
+        # full-attention layers only, as Gemma 3 4B / 12B / 27B.
+        config=lambda: Gemma3TextConfig(
+            num_hidden_layers=3, sliding_window_pattern=3, num_attention_heads=4, num_key_value_heads=1,
+            head_dim=16, query_pre_attn_scalar=24, max_position_embeddings=131072, tie_word_embeddings=True,
+            hidden_activation="gelu_pytorch_tanh", sliding_window=5, attn_logit_softcapping=None,
+            final_logit_softcapping=None, rms_norm_eps=1e-6, cache_implementation="hybrid",
+            rope_parameters={"full_attention": dict(rope_type="linear", rope_theta=1000000.0, factor=8.0),
+                             "sliding_attention": dict(rope_type="default", rope_theta=10000.0)},
+            **EAGER, **COMMON),
+        hub=dict(drop=["layer_types", "_sliding_window_pattern", "tie_word_embeddings",
+                       "use_bidirectional_attention"], set={},
+                 rope_local=True, rope_scaling={"factor": 8.0, "rope_type": "linear"})),
 }
 
 
@@ -137,6 +178,11 @@ def write_hub_config(d, hub):
     with open(path) as f:
         cfg = json.load(f)
     rope = cfg.pop("rope_parameters")
+    if hub.get("rope_local"):  # Gemma 3: {"full_attention": {...}, "sliding_attention": {...}}
+        local = rope["sliding_attention"]
+        assert set(local) == {"rope_type", "rope_theta"} and local["rope_type"] == "default", local
+        cfg["rope_local_base_freq"] = local["rope_theta"]
+        rope = rope["full_attention"]
     cfg["rope_theta"] = rope["rope_theta"]
     if hub["rope_scaling"] == "null":
         cfg["rope_scaling"] = None
@@ -171,7 +217,31 @@ BASES = OUT  # where load_base finds <variant>/ (--base changes it for the rever
 
 def load_base(name):
     spec = VARIANTS[name]
-    return spec["model"].from_pretrained(os.path.join(BASES, name), dtype=torch.float32).eval()
+    model = spec["model"].from_pretrained(os.path.join(BASES, name), dtype=torch.float32,
+                                          **spec.get("load", {})).eval()
+    if "load" in spec:
+        assert model.config._attn_implementation == spec["load"]["attn_implementation"], name
+    return model
+
+
+def randomize(name, model, seed):
+    """golden/model.py's randomize(); for Gemma, whose RMSNorm multiplies by (1 + w), the norm
+    weights drawn around 1 are moved to around 0 (w = draw - 1), so that the scale 1 + w is
+    random around 1 and a norm computed as w instead of (1 + w) is far off."""
+    golden_model.randomize(model, seed)
+    if VARIANTS[name].get("gemma_norms"):
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if pname.endswith("norm.weight"):
+                    p.sub_(1.0)
+
+
+def rope_state(rotary):
+    """(inv_freq, attention_scaling) of the rotary embedding that rope_theta / rope_scaling of
+    config.json describe: the model's only one, or Gemma 3's full-attention one."""
+    if hasattr(rotary, "inv_freq"):
+        return rotary.inv_freq, rotary.attention_scaling
+    return rotary.full_attention_inv_freq, rotary.full_attention_attention_scaling
 
 
 def make_model(name, d, vocab):
@@ -185,7 +255,7 @@ def make_model(name, d, vocab):
     cfg.vocab_size = vocab
     cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = None
     built = spec["model"](cfg).float().eval()
-    golden_model.randomize(built, spec["seed"])
+    randomize(name, built, spec["seed"])
     golden_model.save_model(built, d)
     write_hub_config(d, spec["hub"])
     print(f"wrote {d}: {name}, vocab {vocab}")
@@ -228,7 +298,7 @@ def make_base(name):
     seed = spec["seed"]
     torch.manual_seed(seed)
     built = spec["model"](spec["config"]()).float().eval()
-    golden_model.randomize(built, seed)
+    randomize(name, built, seed)
     d = os.path.join(OUT, name)
     shutil.rmtree(d, ignore_errors=True)
     golden_model.save_model(built, d)
@@ -244,13 +314,21 @@ def make_base(name):
         assert torch.equal(v, saved[k]), k
     windows = layer_windows(model.config)
     rotary = model.model.rotary_emb
-    inv_freq_init = rotary.inv_freq.detach().clone()
+    inv_freq_init = rope_state(rotary)[0].detach().clone()
 
     ids, mask, out, batch = golden_model.golden_forward(model)
     # After the forward: dynamic RoPE recomputes inv_freq when max(position_ids) + 1 exceeds
     # max_position_embeddings, and keeps the new buffer.
-    inv_freq = rotary.inv_freq.detach().float().clone()
-    attention_scaling = float(rotary.attention_scaling)
+    inv_freq = rope_state(rotary)[0].detach().float().clone()
+    attention_scaling = float(rope_state(rotary)[1])
+    extra = {}
+    if hasattr(rotary, "sliding_attention_inv_freq"):  # Gemma 3: the sliding layers' own RoPE
+        extra["inv_freq_sliding"] = rotary.sliding_attention_inv_freq.detach().float().clone().contiguous()
+        extra["attention_scaling_sliding"] = torch.tensor(float(rotary.sliding_attention_attention_scaling),
+                                                          dtype=torch.float32)
+        assert torch.equal(rotary.sliding_attention_original_inv_freq, rotary.sliding_attention_inv_freq)
+    if getattr(model.config, "attn_logit_softcapping", None) or getattr(model.config, "final_logit_softcapping", None):
+        check_softcapping(name, model, ids, mask, out.logits)
 
     if any(windows):
         check_window_rule(name, out.logits, mask)
@@ -263,6 +341,7 @@ def make_base(name):
         "layer_window": torch.tensor(windows, dtype=torch.int64),
         "logits_nf4": nf4_logits(name, ids, mask),
         **packed,
+        **extra,
     }
     save_file(tensors, os.path.join(d, "golden.safetensors"))
     print(f"wrote {d}: loss {out.loss.item():.6f}, |logits| max {out.logits.abs().max().item():.3f}, "
@@ -277,13 +356,79 @@ def check_window_rule(name, logits, mask):
     cfg = AutoConfig.from_pretrained(d)
     w = cfg.sliding_window
     cfg.sliding_window = 10**6  # layer_types already fixed: the same layers slide, unboundedly
-    wide = VARIANTS[name]["model"].from_pretrained(d, config=cfg, dtype=torch.float32).eval()
+    wide = VARIANTS[name]["model"].from_pretrained(d, config=cfg, dtype=torch.float32,
+                                                   **VARIANTS[name].get("load", {})).eval()
     with torch.no_grad():
         ref = wide(input_ids=golden_model.make_batch()[0], attention_mask=mask).logits
     assert int(mask[0].sum()) == golden_model.T
     same = (logits[0, :w] - ref[0, :w]).abs().max().item()
     moved = (logits[0, w] - ref[0, w]).abs().max().item()
     assert same < 1e-5 and moved > 1e-3, (name, same, moved)
+
+
+def check_softcapping(name, model, ids, mask, logits):
+    """Gemma 2's soft caps, cap * tanh(x / cap), on the attention scores (eager_attention_forward:
+    after the scaling, before the mask and the softmax) and on the final logits (after lm_head):
+    prints the fraction of pre-cap values with |x| > cap / 2 (where tanh bends by > 7.5 %),
+    asserts it is at least SOFTCAP_MIN_FRACTION, that the final cap is exactly where the
+    logits come from, and that removing either cap moves the logits."""
+    cfg = model.config
+    valid = mask.bool()
+    modeling = sys.modules[type(model).__module__]
+    eager = modeling.eager_attention_forward
+    scores = []
+
+    def spy(module, query, key, value, attention_mask, scaling=None, softcap=None, **kwargs):
+        k = modeling.repeat_kv(key, module.num_key_value_groups)
+        s = torch.matmul(query, k.transpose(2, 3)) * scaling
+        keep = (attention_mask == 0).expand_as(s) & valid[:, None, :, None].expand_as(s)
+        scores.append(s[keep])
+        return eager(module, query, key, value, attention_mask, scaling=scaling, softcap=softcap, **kwargs)
+
+    modeling.eager_attention_forward = spy
+    try:
+        with torch.no_grad():
+            hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        modeling.eager_attention_forward = eager
+    with torch.no_grad():
+        z = model.lm_head(hidden)
+    parts = []
+    if cfg.attn_logit_softcapping:
+        cap = cfg.attn_logit_softcapping
+        s = torch.cat(scores)
+        assert len(scores) == cfg.num_hidden_layers, len(scores)
+        frac = (s.abs() > cap / 2).float().mean().item()
+        parts.append(f"attention scores |s| > {cap / 2:g}: {frac:.1%} of {s.numel()} (max |s| {s.abs().max():.2f})")
+        assert frac >= SOFTCAP_MIN_FRACTION, (name, "attention", frac)
+    if cfg.final_logit_softcapping:
+        cap = cfg.final_logit_softcapping
+        zv = z[valid]
+        frac = (zv.abs() > cap / 2).float().mean().item()
+        parts.append(f"final logits |z| > {cap / 2:g}: {frac:.1%} of {zv.numel()} (max |z| {zv.abs().max():.2f})")
+        assert frac >= SOFTCAP_MIN_FRACTION, (name, "final", frac)
+        capped = cap * torch.tanh(z / cap)
+        assert (capped - logits).abs().max().item() < 1e-6, "the final cap is not cap * tanh(lm_head / cap)"
+    moved = []
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        cap = getattr(cfg, key)
+        if not cap:
+            continue
+        # The attention modules copy attn_logit_softcapping at construction; the final cap is read
+        # from the config at each forward.
+        owners = [m for m in model.modules() if hasattr(m, key) and m is not cfg] + [cfg]
+        for m in owners:
+            setattr(m, key, None)
+        try:
+            with torch.no_grad():
+                uncapped = model(input_ids=ids, attention_mask=mask).logits
+        finally:
+            for m in owners:
+                setattr(m, key, cap)
+        diff = (uncapped - logits)[valid].abs().max().item()
+        moved.append(f"without {key} logits move by {diff:.3f}")
+        assert diff > 1e-2, (name, key, diff)
+    print(f"{name}: soft-capping: " + "; ".join(parts + moved))
 
 
 def make_packed_golden(name):
@@ -294,13 +439,14 @@ def make_packed_golden(name):
         # use_cache=False: with a cache (the config's default, in train mode too) transformers
         # skips its packed-sequence detection and the row is one causal sequence.
         hf = model(input_ids=ids, position_ids=pos, labels=labels, use_cache=False)
-        packed_inv_freq = rotary.inv_freq.detach().float().clone()
+        packed_inv_freq = rope_state(rotary)[0].detach().float().clone()
         # The oracle: each segment alone, with the frequencies of the packed call (for dynamic
         # RoPE, whose update is turned off here: a segment of <= 8 tokens alone would reset them).
-        rotary.rope_type = "default"
+        if isinstance(rotary.rope_type, str):  # Gemma 3: a dict a layer type, none of them dynamic
+            rotary.rope_type = "default"
         parts = [model(input_ids=ids[:, a:b], use_cache=False).logits for a, b in segment_bounds()]
     oracle = torch.cat(parts, dim=1).float()
-    assert torch.equal(rotary.inv_freq, packed_inv_freq)
+    assert torch.equal(rope_state(rotary)[0], packed_inv_freq)
     err = (hf.logits.float() - oracle).abs().max().item()
     assert err <= PACKED_TOL, f"{name}: transformers' packed forward differs from the segments by {err}"
     s, n = golden_model.loss_sum_count(oracle, labels)
@@ -470,12 +616,18 @@ def main():
     ap.add_argument("--check-adapter", metavar="DIR", help="load qlora-written adapters from DIR/<variant>/ into PEFT")
     ap.add_argument("--check-merged", metavar="DIR",
                     help="compare DIR/<variant>/model.safetensors with PEFT's merge_and_unload")
-    ap.add_argument("--only", nargs="+", choices=list(VARIANTS), help="write these variants only")
+    ap.add_argument("--only", nargs="+", metavar="VARIANT",
+                    help="write these variants only (space or comma separated: " + ",".join(VARIANTS) + ")")
     ap.add_argument("--base", metavar="ROOT",
                     help="the checks' base models are ROOT/<variant>/ instead of tests/data/families/<variant>/")
     ap.add_argument("--make-model", nargs=3, metavar=("VARIANT", "DIR", "VOCAB"),
                     help="write a random model of VARIANT with VOCAB rows into DIR (end-to-end tests)")
     args = ap.parse_args()
+    if args.only:
+        args.only = [v for arg in args.only for v in arg.split(",") if v]
+        unknown = [v for v in args.only if v not in VARIANTS]
+        if unknown:
+            ap.error(f"--only: unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     global BASES
     if args.base:
         BASES = args.base

@@ -14,7 +14,8 @@ import pathlib
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig,
+                          Qwen2Config, Qwen3Config)
 
 OUT = pathlib.Path(__file__).resolve().parents[2] / "tests" / "data" / "model_configs" / "preset_params.json"
 
@@ -35,6 +36,12 @@ PRESETS = {
     "smollm2-135m": (LlamaConfig, 49152, 576, 1536, 30, 9, 3, 64, True, {}),
     "smollm2-360m": (LlamaConfig, 49152, 960, 2560, 32, 15, 5, 64, True, {}),
     "smollm2-1.7b": (LlamaConfig, 49152, 2048, 8192, 24, 32, 32, 64, True, {}),
+    "gemma-2-2b": (Gemma2Config, 256000, 2304, 9216, 26, 8, 4, 256, True, {}),
+    "gemma-2-9b": (Gemma2Config, 256000, 3584, 14336, 42, 16, 8, 256, True, {}),
+    "gemma-3-270m": (Gemma3TextConfig, 262144, 640, 2048, 18, 4, 1, 256, True, {}),
+    "gemma-3-1b": (Gemma3TextConfig, 262144, 1152, 6912, 26, 4, 1, 256, True, {}),
+    "gemma-3-4b": (Gemma3TextConfig, 262208, 2560, 10240, 34, 8, 4, 256, True, {}),
+    "gemma-3-12b": (Gemma3TextConfig, 262208, 3840, 15360, 48, 16, 8, 256, True, {}),
 }
 
 

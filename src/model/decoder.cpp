@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -142,7 +143,11 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> decoder_weight_shapes(
     const std::string p = "model.layers." + std::to_string(l) + ".";
     t.push_back({p + "input_layernorm.weight", {h}});
     t.push_back({p + "post_attention_layernorm.weight", {h}});
-    if (c.pieces.qk_norm) {  // Qwen3
+    if (c.pieces.sandwich_norms) {  // Gemma 2 / 3
+      t.push_back({p + "pre_feedforward_layernorm.weight", {h}});
+      t.push_back({p + "post_feedforward_layernorm.weight", {h}});
+    }
+    if (c.pieces.qk_norm) {  // Qwen3, Gemma 3
       t.push_back({p + "self_attn.q_norm.weight", {c.head_dim}});
       t.push_back({p + "self_attn.k_norm.weight", {c.head_dim}});
     }
@@ -203,12 +208,22 @@ DecoderModel DecoderModel::load(const DecoderConfig& c, const WeightSource& src,
   m.norm_ = fetch("model.norm.weight");
   m.lm_head_ = c.tie_word_embeddings ? m.embed_ : fetch("lm_head.weight");
   m.inv_freq_ = rope_inv_freq(c).to(opt.device);
+  if (c.rope_local_theta > 0) {  // Gemma 3's local layers: their own base, no scaling
+    DecoderConfig local = c;
+    local.rope_theta = c.rope_local_theta;
+    local.rope = RopeScaling{};
+    m.local_inv_freq_ = rope_inv_freq(local).to(opt.device);
+  }
   const auto shapes = decoder_linear_shapes(c);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
     Layer layer;
     layer.input_norm = fetch(p + "input_layernorm.weight");
     layer.post_attention_norm = fetch(p + "post_attention_layernorm.weight");
+    if (c.pieces.sandwich_norms) {
+      layer.pre_feedforward_norm = fetch(p + "pre_feedforward_layernorm.weight");
+      layer.post_feedforward_norm = fetch(p + "post_feedforward_layernorm.weight");
+    }
     if (c.pieces.qk_norm) {
       layer.q_norm = fetch(p + "self_attn.q_norm.weight");
       layer.k_norm = fetch(p + "self_attn.k_norm.weight");
@@ -298,6 +313,12 @@ at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& weight, dou
   return weight * h.to(in_dtype);
 }
 
+at::Tensor rms_norm_plus_one(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  at::Tensor h = x.to(at::kFloat);
+  h = h * at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  return (h * (weight.to(at::kFloat) + 1.0)).to(x.scalar_type());
+}
+
 // Note [fused RMSNorm on GPUs]: op by op, the norm is 8 kernels forward and
 // about 10 backward, per norm, per layer, twice with checkpointing: at small
 // batches the step is bound by those launches. On a GPU in bf16/fp16, ATen's
@@ -320,109 +341,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return std::get<0>(at::_fused_rms_norm(x, {x.size(-1)}, weight, eps));
 }
 
-// Note [RoPE frequencies bit for bit]
-// transformers computes inv_freq in fp32 with a particular sequence of ops
-// (`1.0 / base ** (arange / dim)`, Python's `a / t` being `reciprocal(t) * a`);
-// the llama3 scaling then compares wavelengths against thresholds computed in
-// double and cast to fp32 by the comparison; yarn blends interpolated and
-// extrapolated frequencies with a ramp computed in fp32 from bounds computed in
-// double; dynamic grows the base in fp32 (seq_len is a tensor there). The same
-// ATen ops in the same order give the same bits, which the golden tests check.
-namespace {
-
-at::Tensor default_inv_freq(double base, int64_t dim) {
-  at::Tensor exponent = at::arange(0, dim, 2, at::TensorOptions().dtype(at::kLong)).to(at::kFloat) / dim;
-  return at::reciprocal(at::pow(base, exponent)) * 1.0;
-}
-
-at::Tensor llama3_inv_freq(const RopeScaling& r, at::Tensor inv_freq) {
-  const double factor = r.factor;
-  const double low = r.low_freq_factor, high = r.high_freq_factor;
-  const double old_context = static_cast<double>(r.original_max_position_embeddings);
-  const double low_freq_wavelen = old_context / low;
-  const double high_freq_wavelen = old_context / high;
-
-  at::Tensor wavelen = at::reciprocal(inv_freq) * (2 * M_PI);
-  at::Tensor scaled = at::where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq);
-  at::Tensor smooth = (at::reciprocal(wavelen) * old_context - low) / (high - low);
-  at::Tensor smoothed = (1 - smooth) * scaled / factor + smooth * scaled;
-  at::Tensor medium = at::logical_not(wavelen < high_freq_wavelen) * at::logical_not(wavelen > low_freq_wavelen);
-  return at::where(medium, smoothed, scaled);
-}
-
-at::Tensor yarn_inv_freq(const RopeScaling& r, double base, int64_t dim) {
-  const auto correction_dim = [&](double rotations) {
-    return (static_cast<double>(dim) *
-            std::log(static_cast<double>(r.original_max_position_embeddings) / (rotations * 2 * M_PI))) /
-           (2 * std::log(base));
-  };
-  double low = correction_dim(r.beta_fast), high = correction_dim(r.beta_slow);
-  if (r.truncate) {
-    low = std::floor(low);
-    high = std::ceil(high);
-  }
-  low = std::max(low, 0.0);
-  high = std::min(high, static_cast<double>(dim - 1));
-  if (low == high) high += 0.001;  // transformers: prevent a singular ramp
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor pos_freqs = at::pow(base, at::arange(0, dim, 2, at::TensorOptions().dtype(at::kLong)).to(at::kFloat) / dim);
-  at::Tensor extrapolation = at::reciprocal(pos_freqs) * 1.0;
-  at::Tensor interpolation = at::reciprocal(pos_freqs * r.factor) * 1.0;
-  at::Tensor ramp = at::clamp((at::arange(dim / 2, f32) - low) / (high - low), 0, 1);
-  at::Tensor extrapolation_factor = 1 - ramp;
-  return interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor;
-}
-
-}  // namespace
-
-at::Tensor rope_inv_freq(const DecoderConfig& c, int64_t seq_len) {
-  const int64_t dim = c.head_dim;
-  const RopeScaling& r = c.rope;
-  switch (r.type) {
-    case RopeType::kDefault:
-      return default_inv_freq(c.rope_theta, dim);
-    case RopeType::kLinear:
-      return default_inv_freq(c.rope_theta, dim) / r.factor;
-    case RopeType::kLlama3:
-      return llama3_inv_freq(r, default_inv_freq(c.rope_theta, dim));
-    case RopeType::kYarn:
-      return yarn_inv_freq(r, c.rope_theta, dim);
-    case RopeType::kDynamic: {
-      const int64_t max_pos = c.max_position_embeddings;
-      const int64_t len = std::max(seq_len, max_pos);
-      // base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2)), in fp32.
-      at::Tensor n = at::scalar_tensor(len, at::TensorOptions().dtype(at::kLong));
-      at::Tensor base = c.rope_theta * at::pow(r.factor * n / max_pos - (r.factor - 1),
-                                               static_cast<double>(dim) / static_cast<double>(dim - 2));
-      at::Tensor exponent = at::arange(0, dim, 2, at::TensorOptions().dtype(at::kLong)).to(at::kFloat) / dim;
-      return at::reciprocal(at::pow(base, exponent)) * 1.0;
-    }
-  }
-  return default_inv_freq(c.rope_theta, dim);
-}
-
-std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, const at::Tensor& position_ids,
-                                               at::ScalarType dtype, double attention_scaling) {
-  const auto b = position_ids.size(0);
-  at::Tensor f = inv_freq.to(position_ids.device(), at::kFloat).view({1, -1, 1}).expand({b, -1, 1});  // [B, d/2, 1]
-  at::Tensor p = position_ids.unsqueeze(1).to(at::kFloat);                                           // [B, 1, T]
-  at::Tensor freqs = at::matmul(f, p).transpose(1, 2);                                               // [B, T, d/2]
-  at::Tensor emb = at::cat({freqs, freqs}, -1);                                                      // [B, T, d]
-  if (attention_scaling == 1.0) return {emb.cos().to(dtype), emb.sin().to(dtype)};
-  return {(emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)};
-}
-
-at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  const int64_t half = x.size(-1) / 2;
-  at::Tensor c = cos.unsqueeze(1), s = sin.unsqueeze(1);  // [B, 1, T, d]
-  at::Tensor rotated = at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
-  return x * c + rotated * s;
-}
-
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionInputs& attention,
-                     int64_t window) {
+                     int64_t window, double scale, double softcap) {
   const int64_t heads = q.size(1), kv_heads = k.size(1), t = q.size(2);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(3)));
+  if (scale <= 0) scale = 1.0 / std::sqrt(static_cast<double>(q.size(3)));
   if (window > 0 && window < t) {
     // transformers' sliding window: key j is visible from query i when j > i - window, on top
     // of the causal, padding or packing mask.
@@ -430,12 +352,28 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     at::Tensor band = at::ones({t, t}, opts).tril().triu(-(window - 1)).view({1, 1, t, t});
     AttentionInputs windowed = attention;
     windowed.mask = attention.mask.defined() ? at::logical_and(attention.mask, band) : band;
-    return model::attention(q, k, v, windowed, 0);
+    return model::attention(q, k, v, windowed, 0, scale, softcap);
+  }
+  const int64_t groups = heads / kv_heads;
+  if (softcap > 0) {
+    // Gemma 2's eager attention: scores scaled, capped, then masked; softmax in fp32, back to the
+    // input dtype before the product with v.
+    at::Tensor scores = at::matmul(q, repeat_kv(k, groups).transpose(2, 3)) * scale;  // [B, H, T, T]
+    scores = at::tanh(scores / softcap) * softcap;
+    const at::Tensor visible = attention.mask.defined()
+                                   ? attention.mask
+                                   : at::ones({t, t}, q.options().dtype(at::kBool)).tril().view({1, 1, t, t});
+    // The dtype's lowest value, not -inf, as transformers' additive mask: a query that sees no
+    // key (padding beyond a window) gets a uniform row, never NaN.
+    const double lowest = q.scalar_type() == at::kHalf     ? -65504.0
+                          : q.scalar_type() == at::kBFloat16 ? -3.3895313892515355e38
+                                                             : static_cast<double>(std::numeric_limits<float>::lowest());
+    scores = scores.masked_fill(at::logical_not(visible), lowest);
+    return at::matmul(at::softmax(scores, -1, at::kFloat).to(q.scalar_type()), repeat_kv(v, groups));
   }
   if (attention.mask.defined()) {
     // A mask rules out the flash kernels, and SDPA's GQA support with a mask
     // falls back to the math kernel; repeat the kv heads as transformers does.
-    const int64_t groups = heads / kv_heads;
     return at::scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attention.mask, 0.0,
                                             /*is_causal=*/false, scale);
   }
@@ -445,7 +383,17 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
 // ---------------------------------------------------------------- forward
 
-at::Tensor DecoderModel::embed(const at::Tensor& input_ids) const { return at::embedding(embed_, input_ids); }
+at::Tensor DecoderModel::embed(const at::Tensor& input_ids) const {
+  at::Tensor x = at::embedding(embed_, input_ids);
+  if (!config_.scale_embeddings) return x;
+  // Gemma: times sqrt(hidden_size) rounded to the model dtype first, as its normalizer tensor is.
+  return x * at::scalar_tensor(std::sqrt(static_cast<double>(config_.hidden_size)), x.options()).to(x.device());
+}
+
+at::Tensor DecoderModel::norm(const at::Tensor& x, const at::Tensor& weight) const {
+  return config_.pieces.norm_plus_one ? rms_norm_plus_one(x, weight, config_.rms_norm_eps)
+                                      : rms_norm(x, weight, config_.rms_norm_eps);
+}
 
 std::pair<at::Tensor, at::Tensor> DecoderModel::rope(const at::Tensor& position_ids) const {
   const double scaling = config_.rope.attention_factor;
@@ -466,33 +414,40 @@ at::Tensor DecoderModel::layer_forward(int64_t index, const at::Tensor& hidden,
   const auto b = hidden.size(0), t = hidden.size(1);
   const int64_t d = config_.head_dim, heads = config_.num_attention_heads, kv_heads = config_.num_key_value_heads;
 
-  at::Tensor h = rms_norm(hidden, layer.input_norm, config_.rms_norm_eps);
+  at::Tensor h = norm(hidden, layer.input_norm);
   at::Tensor q = layer.proj[0]->forward(h).view({b, t, heads, d});  // [B, T, H, d]
   at::Tensor k = layer.proj[1]->forward(h).view({b, t, kv_heads, d});
   at::Tensor v = layer.proj[2]->forward(h).view({b, t, kv_heads, d}).transpose(1, 2);  // [B, Hkv, T, d]
-  if (config_.pieces.qk_norm) {  // Qwen3: RMSNorm over each head before RoPE
-    q = rms_norm(q, layer.q_norm, config_.rms_norm_eps);
-    k = rms_norm(k, layer.k_norm, config_.rms_norm_eps);
+  if (config_.pieces.qk_norm) {  // Qwen3, Gemma 3: RMSNorm over each head before RoPE
+    q = norm(q, layer.q_norm);
+    k = norm(k, layer.k_norm);
   }
-  q = apply_rope(q.transpose(1, 2), cos_sin.first, cos_sin.second);  // [B, H, T, d]
-  k = apply_rope(k.transpose(1, 2), cos_sin.first, cos_sin.second);
+  const int64_t window = config_.window_of(index);
+  std::pair<at::Tensor, at::Tensor> local;
+  if (window > 0 && local_inv_freq_.defined())  // Gemma 3: local layers rotate with their own base
+    local = rope_cos_sin(local_inv_freq_, attention.position_ids, dtype_);
+  const auto& [cos, sin] = local.first.defined() ? local : cos_sin;
+  q = apply_rope(q.transpose(1, 2), cos, sin);  // [B, H, T, d]
+  k = apply_rope(k.transpose(1, 2), cos, sin);
 
-  at::Tensor attn = model::attention(q, k, v, attention, config_.window_of(index));
-  attn = attn.transpose(1, 2).reshape({b, t, heads * d});
-  at::Tensor x = hidden + layer.proj[3]->forward(attn);
+  const double scale = config_.query_pre_attn_scalar > 0 ? 1.0 / std::sqrt(config_.query_pre_attn_scalar) : 0.0;
+  at::Tensor attn = model::attention(q, k, v, attention, window, scale, config_.attn_logit_softcapping);
+  attn = layer.proj[3]->forward(attn.transpose(1, 2).reshape({b, t, heads * d}));
+  if (config_.pieces.sandwich_norms) attn = norm(attn, layer.post_attention_norm);
+  at::Tensor x = hidden + attn;
 
-  h = rms_norm(x, layer.post_attention_norm, config_.rms_norm_eps);
+  h = norm(x, config_.pieces.sandwich_norms ? layer.pre_feedforward_norm : layer.post_attention_norm);
   // gate before up, as Python evaluates them: with LoRA dropout the order decides
   // which mask each draws (C++ leaves the order of a * b's operands unspecified).
   at::Tensor gate = layer.proj[4]->forward(h);
   at::Tensor up = layer.proj[5]->forward(h);
-  at::Tensor mlp = layer.proj[6]->forward(at::silu(gate) * up);
+  gate = config_.pieces.act == Activation::kGeluTanh ? at::gelu(gate, "tanh") : at::silu(gate);
+  at::Tensor mlp = layer.proj[6]->forward(gate * up);
+  if (config_.pieces.sandwich_norms) mlp = norm(mlp, layer.post_feedforward_norm);
   return x + mlp;
 }
 
-at::Tensor DecoderModel::final_norm(const at::Tensor& hidden) const {
-  return rms_norm(hidden, norm_, config_.rms_norm_eps);
-}
+at::Tensor DecoderModel::final_norm(const at::Tensor& hidden) const { return norm(hidden, norm_); }
 
 at::Tensor DecoderModel::forward_hidden(const at::Tensor& input_ids, const AttentionInputs& attention) const {
   TORCH_CHECK(input_ids.dim() == 2, "input_ids must be [B, T], got ", input_ids.dim(), "-D");
@@ -502,7 +457,11 @@ at::Tensor DecoderModel::forward_hidden(const at::Tensor& input_ids, const Atten
   return final_norm(x);
 }
 
-at::Tensor DecoderModel::logits(const at::Tensor& hidden) const { return at::matmul(hidden, lm_head_.t()); }
+at::Tensor DecoderModel::logits(const at::Tensor& hidden) const {
+  at::Tensor logits = at::matmul(hidden, lm_head_.t());
+  const double cap = config_.final_logit_softcapping;
+  return cap > 0 ? at::tanh(logits / cap) * cap : logits;
+}
 
 at::Tensor DecoderModel::forward(const at::Tensor& input_ids, const AttentionInputs& attention) const {
   return logits(forward_hidden(input_ids, attention));

@@ -48,6 +48,15 @@ constexpr PresetRow kPresetRows[] = {
   {"smollm2-135m",   "llama",   49152,  576,   1536,  30,    9,    3, 64,  8192,   true,  100000.0,  0,    1e-5, 0,     "bfloat16"},  // HuggingFaceTB/SmolLM2-135M
   {"smollm2-360m",   "llama",   49152,  960,   2560,  32,    15,   5, 64,  8192,   true,  100000.0,  0,    1e-5, 0,     "bfloat16"},  // HuggingFaceTB/SmolLM2-360M
   {"smollm2-1.7b",   "llama",   49152,  2048,  8192,  24,    32,  32, 64,  8192,   true,  130000.0,  0,    1e-5, 0,     "bfloat16"},  // HuggingFaceTB/SmolLM2-1.7B
+  // Gemma: window is sliding_window (Gemma 2's every other layer, Gemma 3's five of six); factor
+  // is Gemma 3's linear rope_scaling of the global layers. The 4B and 12B are the text part of
+  // the multimodal checkpoints (their vision tower is not counted).
+  {"gemma-2-2b",     "gemma2",  256000, 2304,  9216,  26,    8,    4, 256, 8192,   true,  10000.0,   0,    1e-6, 4096,  "float32"},   // google/gemma-2-2b
+  {"gemma-2-9b",     "gemma2",  256000, 3584,  14336, 42,    16,   8, 256, 8192,   true,  10000.0,   0,    1e-6, 4096,  "float32"},   // google/gemma-2-9b
+  {"gemma-3-270m",   "gemma3_text", 262144, 640, 2048, 18,   4,    1, 256, 32768,  true,  1000000.0, 0,    1e-6, 512,   "bfloat16"},  // google/gemma-3-270m
+  {"gemma-3-1b",     "gemma3_text", 262144, 1152, 6912, 26,  4,    1, 256, 32768,  true,  1000000.0, 0,    1e-6, 512,   "bfloat16"},  // google/gemma-3-1b-pt
+  {"gemma-3-4b",     "gemma3_text", 262208, 2560, 10240, 34, 8,    4, 256, 131072, true,  1000000.0, 8.0,  1e-6, 1024,  "bfloat16"},  // google/gemma-3-4b-pt text_config
+  {"gemma-3-12b",    "gemma3_text", 262208, 3840, 15360, 48, 16,   8, 256, 131072, true,  1000000.0, 8.0,  1e-6, 1024,  "bfloat16"},  // google/gemma-3-12b-pt text_config
 };
 // clang-format on
 
@@ -70,6 +79,25 @@ std::vector<DecoderConfig> make_presets() {
     c.rms_norm_eps = r.rms_eps;
     if (r.sliding_window > 0) c.layer_window.assign(static_cast<size_t>(r.layers), r.sliding_window);
     c.torch_dtype = r.dtype;
+    if (c.model_type == "gemma2" || c.model_type == "gemma3_text") {  // model/family.cpp's read_gemma_keys
+      const bool g3 = c.model_type == "gemma3_text";
+      c.pieces.norm_plus_one = c.pieces.sandwich_norms = c.scale_embeddings = true;
+      c.pieces.qk_norm = g3;
+      c.pieces.act = Activation::kGeluTanh;
+      c.query_pre_attn_scalar = 256;
+      c.attn_logit_softcapping = g3 ? 0 : 50.0;
+      c.final_logit_softcapping = g3 ? 0 : 30.0;
+      const int64_t pattern = g3 ? 6 : 2;
+      for (int64_t i = 0; i < r.layers; ++i)
+        if ((i + 1) % pattern == 0) c.layer_window[static_cast<size_t>(i)] = 0;
+      if (g3) c.rope_local_theta = 10000.0;
+      if (r.rope_factor > 0) {
+        c.rope.type = RopeType::kLinear;
+        c.rope.factor = r.rope_factor;
+      }
+      out.push_back(c);
+      continue;
+    }
     // Qwen2: q, k, v biases always; Qwen3: q/k norms (model/family.h).
     c.pieces.qkv_bias = c.model_type == "qwen2";
     c.pieces.qk_norm = c.model_type == "qwen3";
@@ -117,11 +145,21 @@ bool projection_has_bias(const DecoderConfig& m, const std::string& proj) {
 // pieces] in src/layer/fused_layer.cpp). A new piece says here what the fused layer lacks until it
 // has it: the switch has no default, so a new activation is a -Wswitch warning without a line.
 std::string fused_layer_gap(const DecoderConfig& m) {
+  std::vector<std::string> gaps;
   switch (m.pieces.act) {
     case Activation::kSilu:
       break;
+    case Activation::kGeluTanh:
+      gaps.push_back("GeGLU (gelu_pytorch_tanh)");
+      break;
   }
-  return {};
+  if (m.pieces.norm_plus_one) gaps.push_back("(1 + w) RMSNorms");
+  if (m.pieces.sandwich_norms) gaps.push_back("post-attention and feed-forward norms");
+  if (m.query_pre_attn_scalar > 0 && m.query_pre_attn_scalar != static_cast<double>(m.head_dim))
+    gaps.push_back("query_pre_attn_scalar");
+  if (m.attn_logit_softcapping > 0) gaps.push_back("attention soft-capping");
+  if (m.rope_local_theta > 0) gaps.push_back("a second RoPE base for local layers");
+  return join(gaps);
 }
 
 int64_t decoder_linear_params(const DecoderConfig& m) {
@@ -132,7 +170,7 @@ int64_t decoder_linear_params(const DecoderConfig& m) {
 
 int64_t total_params(const DecoderConfig& m) {
   const int64_t embed = m.vocab_size * m.hidden_size;
-  int64_t per_layer = 2 * m.hidden_size;  // the two RMSNorms
+  int64_t per_layer = (m.pieces.sandwich_norms ? 4 : 2) * m.hidden_size;  // the layer's RMSNorms
   if (m.pieces.qk_norm) per_layer += 2 * m.head_dim;
   for (const auto& s : decoder_linear_shapes(m))
     if (projection_has_bias(m, s.name)) per_layer += s.out_features;

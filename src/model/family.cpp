@@ -25,6 +25,8 @@ const std::vector<Family> kFamilies = {
     {"mistral", "MistralForCausalLM", "Mistral 7B"},
     {"qwen2", "Qwen2ForCausalLM", "Qwen2, Qwen2.5"},
     {"qwen3", "Qwen3ForCausalLM", "Qwen3 dense"},
+    {"gemma2", "Gemma2ForCausalLM", "Gemma 2"},
+    {"gemma3_text", "Gemma3ForCausalLM", "Gemma 3 text-only (270M, 1B)"},
 };
 
 // Keys that do not change what training computes: bookkeeping, initialization of weights the
@@ -51,6 +53,7 @@ const std::set<std::string> kHarmlessKeys = {
 class Reader {
  public:
   Reader(std::string path, const json& root) : path_(std::move(path)), root_(root) {}
+  const std::string& path() const { return path_; }
 
   [[noreturn]] void fail(const std::string& key, const std::string& what) const {
     throw InputError(path_ + ": key \"" + key + "\": " + what);
@@ -164,6 +167,22 @@ void read_rope(const Reader& r, DecoderConfig& c) {
   // rope_parameters. Accept either.
   const json* params = r.find(r.root(), "rope_parameters");
   if (params && !params->is_object()) r.fail("rope_parameters", "expected an object, got " + Reader::describe(*params));
+  if (params && params->contains("full_attention")) {
+    // transformers 5's spelling for a model with local and global layers (Gemma 3): one entry
+    // per layer type. The global layers' is the model's RoPE; the local layers' must be unscaled.
+    const json& full = (*params)["full_attention"];
+    const json global = {{"rope_parameters", full}};
+    read_rope(Reader(r.path(), global), c);
+    if (const json* local = r.find(*params, "sliding_attention")) {
+      const json local_root = {{"rope_parameters", *local}};
+      DecoderConfig l;
+      read_rope(Reader(r.path(), local_root), l);
+      if (l.rope.type != RopeType::kDefault)
+        r.fail("rope_parameters.sliding_attention", "scales RoPE; qlora rotates local layers unscaled, as Gemma 3 does");
+      c.rope_local_theta = l.rope_theta;
+    }
+    return;
+  }
   if (r.find(r.root(), "rope_theta")) {
     c.rope_theta = r.number(r.root(), "rope_theta", "rope_theta", 0, true);
   } else if (params && r.find(*params, "rope_theta")) {
@@ -249,6 +268,30 @@ void read_rope(const Reader& r, DecoderConfig& c) {
 
 // ---------------------------------------------------------------- attention windows
 
+// config.json's layer_types (one "full_attention" / "sliding_attention" a layer): which layers
+// slide; empty when the key is absent.
+std::vector<bool> read_layer_types(const Reader& r, const DecoderConfig& c) {
+  const json* types = r.find(r.root(), "layer_types");
+  if (!types) return {};
+  if (!types->is_array() || static_cast<int64_t>(types->size()) != c.num_hidden_layers)
+    r.fail("layer_types", "expected a list of " + std::to_string(c.num_hidden_layers) +
+                              " entries (one per layer), got " + Reader::describe(*types));
+  std::vector<bool> sliding(types->size(), false);
+  for (size_t i = 0; i < types->size(); ++i) {
+    const json& t = (*types)[i];
+    if (!t.is_string() || (t != "full_attention" && t != "sliding_attention"))
+      r.fail("layer_types", "entry " + std::to_string(i) + " is " + Reader::describe(t) +
+                                "; expected \"full_attention\" or \"sliding_attention\"");
+    sliding[i] = t == "sliding_attention";
+  }
+  return sliding;
+}
+
+void set_windows(DecoderConfig& c, const std::vector<bool>& sliding, int64_t window) {
+  c.layer_window.assign(static_cast<size_t>(c.num_hidden_layers), 0);
+  for (size_t i = 0; i < sliding.size(); ++i) c.layer_window[i] = sliding[i] ? window : 0;
+}
+
 // Qwen2 / Qwen3: the window applies only with use_sliding_window, to the layers layer_types
 // names "sliding_attention" or, without layer_types, to layers >= max_window_layers
 // (transformers' config classes).
@@ -262,25 +305,57 @@ void read_qwen_windows(const Reader& r, DecoderConfig& c) {
       r.fail("max_window_layers", "expected an integer >= 0, got " + Reader::describe(*v));
     return v->get<int64_t>();
   }();
-  const json* types = r.find(r.root(), "layer_types");
-  std::vector<bool> sliding(static_cast<size_t>(c.num_hidden_layers), false);
-  if (types) {
-    if (!types->is_array() || static_cast<int64_t>(types->size()) != c.num_hidden_layers)
-      r.fail("layer_types", "expected a list of " + std::to_string(c.num_hidden_layers) +
-                                " entries (one per layer), got " + Reader::describe(*types));
-    for (size_t i = 0; i < types->size(); ++i) {
-      const json& t = (*types)[i];
-      if (!t.is_string() || (t != "full_attention" && t != "sliding_attention"))
-        r.fail("layer_types", "entry " + std::to_string(i) + " is " + Reader::describe(t) +
-                                  "; expected \"full_attention\" or \"sliding_attention\"");
-      sliding[i] = t == "sliding_attention";
-    }
-  } else {
-    for (int64_t i = 0; i < c.num_hidden_layers; ++i) sliding[static_cast<size_t>(i)] = i >= max_window_layers;
+  std::vector<bool> sliding = read_layer_types(r, c);
+  if (sliding.empty())
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i) sliding.push_back(i >= max_window_layers);
+  if (use) set_windows(c, sliding, window);
+}
+
+// A soft cap: the number, 0 for null (none), `fallback` when absent (the config class's default).
+double read_softcap(const Reader& r, const std::string& key, double fallback) {
+  if (!r.present(key)) return fallback;
+  const double cap = r.number(r.root(), key, key, 0, false);
+  if (cap < 0) r.fail(key, "expected a positive number or null, got " + format_double(cap));
+  return cap;
+}
+
+// Gemma 2 and Gemma 3 (text): (1 + w) RMSNorms before and after attention and the MLP, GeGLU,
+// embeddings times sqrt(hidden), scores scaled by query_pre_attn_scalar^-1/2, local (sliding)
+// and global layers: Gemma 2 alternates them and soft-caps scores and logits; Gemma 3 has q/k
+// norms, five local layers to a global one by default, and the local layers' own RoPE base.
+void read_gemma_keys(const Reader& r, DecoderConfig& c) {
+  const bool g3 = c.model_type == "gemma3_text";
+  LayerPieces& p = c.pieces;
+  p.norm_plus_one = p.sandwich_norms = true;
+  p.qk_norm = g3;
+  p.act = Activation::kGeluTanh;
+  p.qkv_bias = p.o_bias = r.optional_bool("attention_bias", false);
+  c.scale_embeddings = true;
+  // transformers' Gemma MLP reads hidden_activation; hidden_act, which some files also carry, is
+  // not read by the model, and neither are the spellings of the window pattern that layer_types
+  // or sliding_window_pattern already give (Gemma 2-9B's sliding_window_size, Gemma 3-270M's
+  // _sliding_window_pattern) nor the cache class generation picks.
+  for (const char* key : {"hidden_act", "sliding_window_size", "_sliding_window_pattern", "cache_implementation"})
+    r.present(key);
+  if (const std::string act = r.string(r.root(), "hidden_activation", "hidden_activation");
+      !act.empty() && act != "gelu_pytorch_tanh")
+    r.fail("hidden_activation", "is \"" + act + "\"; the Gemma layer qlora builds computes gelu_pytorch_tanh (GeGLU)");
+  c.query_pre_attn_scalar = r.number(r.root(), "query_pre_attn_scalar", "query_pre_attn_scalar", 256, false);
+  if (c.query_pre_attn_scalar <= 0) r.fail("query_pre_attn_scalar", "expected a positive number");
+  c.attn_logit_softcapping = read_softcap(r, "attn_logit_softcapping", g3 ? 0 : 50.0);
+  c.final_logit_softcapping = read_softcap(r, "final_logit_softcapping", g3 ? 0 : 30.0);
+  if (r.optional_bool("use_bidirectional_attention", false))
+    r.fail("use_bidirectional_attention", "is true: an embedding model's encoder; qlora trains causal decoders");
+  const int64_t window = r.optional_int("sliding_window", 4096);
+  std::vector<bool> sliding = read_layer_types(r, c);
+  const int64_t pattern = g3 ? r.optional_int("sliding_window_pattern", 6) : 2;
+  if (sliding.empty())
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i) sliding.push_back((i + 1) % pattern != 0);
+  set_windows(c, sliding, window);
+  if (g3 && (r.present("rope_local_base_freq") || c.rope_local_theta == 0)) {
+    c.rope_local_theta = r.number(r.root(), "rope_local_base_freq", "rope_local_base_freq", 10000.0, false);
+    if (c.rope_local_theta <= 0) r.fail("rope_local_base_freq", "expected a positive number");
   }
-  if (!use) return;
-  c.layer_window.assign(static_cast<size_t>(c.num_hidden_layers), 0);
-  for (size_t i = 0; i < sliding.size(); ++i) c.layer_window[i] = sliding[i] ? window : 0;
 }
 
 // ---------------------------------------------------------------- per family
@@ -305,6 +380,8 @@ void read_family_keys(const Reader& r, DecoderConfig& c) {
     p.qkv_bias = p.o_bias = r.optional_bool("attention_bias", false);
     p.qk_norm = true;
     read_qwen_windows(r, c);
+  } else if (c.model_type == "gemma2" || c.model_type == "gemma3_text") {
+    read_gemma_keys(r, c);
   }
 }
 
@@ -313,12 +390,16 @@ struct Defaults {
   int64_t kv_heads;  // 0: num_attention_heads
   int64_t head_dim;  // 0: hidden_size / num_attention_heads
   int64_t max_positions;
+  double rope_theta = 10000.0;
+  bool tie_word_embeddings = false;
 };
 
 Defaults defaults_of(const std::string& model_type) {
   if (model_type == "mistral") return {8, 0, 4096 * 32};
   if (model_type == "qwen2") return {32, 0, 32768};
   if (model_type == "qwen3") return {32, 128, 32768};
+  if (model_type == "gemma2") return {4, 256, 8192, 10000.0, true};
+  if (model_type == "gemma3_text") return {4, 256, 131072, 1000000.0, true};
   return {0, 0, 2048};  // llama
 }
 
@@ -374,6 +455,9 @@ DecoderConfig read_decoder_config(const std::string& path) {
   if (!type->is_string()) r.fail("model_type", "expected a string, got " + Reader::describe(*type));
   c.model_type = type->get<std::string>();
   const Family* family = find_family(c.model_type);
+  if (c.model_type == "gemma3")
+    r.fail("model_type", "is \"gemma3\", the multimodal Gemma 3 (Gemma3ForConditionalGeneration: 4B, 12B, 27B), "
+                         "which qlora does not train yet; the text-only checkpoints (gemma3_text: 270M, 1B) it does");
   if (family == nullptr) {
     std::string msg = "is \"" + c.model_type + "\", which qlora does not train";
     if (const std::string near = closest_match(c.model_type, types); !near.empty())
@@ -417,13 +501,15 @@ DecoderConfig read_decoder_config(const std::string& path) {
   if (const auto ids = r.token_ids("bos_token_id", c.vocab_size, false); !ids.empty()) c.bos_token_id = ids[0];
   c.eos_token_ids = r.token_ids("eos_token_id", c.vocab_size, true);
   if (const auto ids = r.token_ids("pad_token_id", c.vocab_size, false); !ids.empty()) c.pad_token_id = ids[0];
-  c.tie_word_embeddings = r.optional_bool("tie_word_embeddings", false);
+  c.tie_word_embeddings = r.optional_bool("tie_word_embeddings", def.tie_word_embeddings);
   c.rms_norm_eps = r.number(root, "rms_norm_eps", "rms_norm_eps", 1e-6, false);
   if (c.rms_norm_eps <= 0) r.fail("rms_norm_eps", "expected a positive number");
+  c.rope_theta = def.rope_theta;
   read_rope(r, c);
 
   // Keys that change the layer's arithmetic: refused unless they ask for what the layer computes.
-  if (const std::string act = r.string(root, "hidden_act", "hidden_act"); !act.empty() && act != "silu")
+  const bool gemma = c.model_type == "gemma2" || c.model_type == "gemma3_text";
+  if (const std::string act = gemma ? "" : r.string(root, "hidden_act", "hidden_act"); !act.empty() && act != "silu")
     r.fail("hidden_act", "is \"" + act + "\"; the " + c.model_type + " layer qlora builds computes SiLU (SwiGLU)");
   if (const double p = r.number(root, "attention_dropout", "attention_dropout", 0, false); p != 0)
     r.fail("attention_dropout", "is " + format_double(p) + "; qlora trains without attention dropout (set it to 0.0; "

@@ -21,8 +21,12 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// One chunk's logits [n, V] in fp32: the product in the input dtype, then upcast.
-at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& w) { return at::matmul(h, w.t()).to(at::kFloat); }
+// One chunk's logits [n, V] in fp32: the product in the input dtype, then upcast; with
+// `softcap` > 0 (Gemma 2's final_logit_softcapping) then cap · tanh(logits / cap).
+at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& w, double softcap) {
+  at::Tensor logits = at::matmul(h, w.t()).to(at::kFloat);
+  return softcap > 0 ? at::tanh(logits / softcap) * softcap : logits;
+}
 
 // Note [chunked cross-entropy]
 // Forward, per chunk of tokens: logits (fp32), lse = logsumexp(logits), loss =
@@ -31,10 +35,11 @@ at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& w) { return at::m
 // zero for ignored tokens, times the incoming scalar gradient; that is
 // d loss / d logits. It is cast to the input dtype (as autograd through
 // `.float()` would) and multiplied back: grad_hidden = dlogits · W, and
-// grad_W += dlogitsᵀ · hidden, accumulated in fp32 across chunks.
+// grad_W += dlogitsᵀ · hidden, accumulated in fp32 across chunks. With a soft cap
+// z = c · tanh(x / c) the gradient passes through dz/dx = 1 - (z / c)² first.
 struct ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntropy> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
-                            const at::Tensor& labels, int64_t chunk) {
+                            const at::Tensor& labels, int64_t chunk, double softcap) {
     const int64_t n = hidden.size(0);
     at::Tensor valid = labels.ne(kIgnoreIndex);                     // [N] bool
     at::Tensor safe = at::where(valid, labels, at::zeros_like(labels));  // [N] int64, ignored -> 0
@@ -42,7 +47,7 @@ struct ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntrop
     at::Tensor total = at::zeros({}, hidden.options().dtype(at::kFloat));
     for (int64_t s = 0; s < n; s += chunk) {
       const int64_t len = std::min(chunk, n - s);
-      at::Tensor logits = chunk_logits(hidden.narrow(0, s, len), weight);  // [len, V]
+      at::Tensor logits = chunk_logits(hidden.narrow(0, s, len), weight, softcap);  // [len, V]
       at::Tensor l = at::logsumexp(logits, {1});                          // [len]
       lse.narrow(0, s, len).copy_(l);
       at::Tensor target = logits.gather(1, safe.narrow(0, s, len).unsqueeze(1)).squeeze(1);
@@ -50,6 +55,7 @@ struct ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntrop
     }
     ctx->save_for_backward({hidden, weight, safe, valid, lse});
     ctx->saved_data["chunk"] = chunk;
+    ctx->saved_data["softcap"] = softcap;
     return total;
   }
 
@@ -61,6 +67,7 @@ struct ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntrop
     const at::Tensor& valid = saved[3];
     const at::Tensor& lse = saved[4];
     const int64_t chunk = ctx->saved_data["chunk"].toInt();
+    const double softcap = ctx->saved_data["softcap"].toDouble();
     const at::Tensor g = grad_outputs[0].to(at::kFloat);  // []
     const bool need_hidden = ctx->needs_input_grad(0);
     const bool need_weight = ctx->needs_input_grad(1);
@@ -71,17 +78,18 @@ struct ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntrop
     for (int64_t s = 0; s < n && (need_hidden || need_weight); s += chunk) {
       const int64_t len = std::min(chunk, n - s);
       at::Tensor h = hidden.narrow(0, s, len);
-      at::Tensor logits = chunk_logits(h, weight);                             // [len, V]
+      at::Tensor logits = chunk_logits(h, weight, softcap);                    // [len, V]
       at::Tensor d = at::exp(logits - lse.narrow(0, s, len).unsqueeze(1));    // softmax
       at::Tensor idx = safe.narrow(0, s, len).unsqueeze(1);
       d.scatter_add_(1, idx, at::full({len, 1}, -1.0f, d.options()));
       d.mul_((valid.narrow(0, s, len).to(at::kFloat) * g).unsqueeze(1));
+      if (softcap > 0) d.mul_(1 - (logits / softcap).square());
       at::Tensor dl = d.to(hidden.scalar_type());
       if (need_hidden) grad_hidden.narrow(0, s, len).copy_(at::matmul(dl, weight));
       if (need_weight) grad_weight.add_(at::matmul(dl.t(), h).to(at::kFloat));
     }
     if (need_weight) grad_weight = grad_weight.to(weight.scalar_type());
-    return {grad_hidden, grad_weight, at::Tensor(), at::Tensor()};
+    return {grad_hidden, grad_weight, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -208,8 +216,8 @@ CrossEntropyRows cross_entropy_rows_reference(const at::Tensor& logits, const at
 }
 
 TokenLoss chunked_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
-                                int64_t chunk) {
-  return chunked_cross_entropy(hidden, weight, labels, chunk, LossPath::kAuto);
+                                int64_t chunk, double softcap) {
+  return chunked_cross_entropy(hidden, weight, labels, chunk, LossPath::kAuto, softcap);
 }
 
 at::Tensor upload(const at::Tensor& host, c10::Device device) {
@@ -218,7 +226,7 @@ at::Tensor upload(const at::Tensor& host, c10::Device device) {
 }
 
 TokenLoss chunked_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& host_or_device_labels,
-                                int64_t chunk, LossPath path) {
+                                int64_t chunk, LossPath path, double softcap) {
   check_inputs(hidden, weight, host_or_device_labels);
   TORCH_CHECK(chunk > 0, "cross_entropy: chunk must be positive, got ", chunk);
   const int64_t vocab = weight.size(0);
@@ -233,7 +241,7 @@ TokenLoss chunked_cross_entropy(const at::Tensor& hidden, const at::Tensor& weig
   const at::Tensor labels = host_or_device_labels.device() == hidden.device()
                                 ? host_or_device_labels
                                 : upload(host_or_device_labels, hidden.device());
-  const bool fused_applies = fused_cross_entropy_applies(hidden, weight);
+  const bool fused_applies = fused_cross_entropy_applies(hidden, weight) && softcap <= 0;  // the kernel has no cap
   TORCH_CHECK(path != LossPath::kFused || fused_applies,
               "cross_entropy: the fused path needs bf16 / fp16 hidden states on a CUDA device (in a CUDA build) "
               "that require grad, with grad mode on and an lm_head weight that does not; got ",
@@ -243,18 +251,19 @@ TokenLoss chunked_cross_entropy(const at::Tensor& hidden, const at::Tensor& weig
   TokenLoss out;
 #ifdef QLORA_WITH_CUDA
   out.sum = fused ? FusedCrossEntropy::apply(hidden, weight, labels, chunk)
-                  : ChunkedCrossEntropy::apply(hidden, weight, labels, chunk);
+                  : ChunkedCrossEntropy::apply(hidden, weight, labels, chunk, softcap);
 #else
   (void)fused;  // never true without CUDA
-  out.sum = ChunkedCrossEntropy::apply(hidden, weight, labels, chunk);
+  out.sum = ChunkedCrossEntropy::apply(hidden, weight, labels, chunk, softcap);
 #endif
   out.count = labels.ne(kIgnoreIndex).sum();
   return out;
 }
 
-TokenLoss dense_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels) {
+TokenLoss dense_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+                              double softcap) {
   check_inputs(hidden, weight, labels);
-  at::Tensor logits = at::matmul(hidden, weight.t()).to(at::kFloat);
+  at::Tensor logits = chunk_logits(hidden, weight, softcap);
   TokenLoss out;
   out.sum = at::cross_entropy_loss(logits, labels, {}, at::Reduction::Sum, kIgnoreIndex);
   out.count = labels.ne(kIgnoreIndex).sum();

@@ -158,7 +158,8 @@ std::pair<at::Tensor, int64_t> batch_loss(const model::DecoderModel& model, cons
     hidden = model.final_norm(hidden);
   }
   const model::TokenLoss loss =
-      model::chunked_cross_entropy(hidden.reshape({-1, hidden.size(-1)}), model.lm_head_weight(), labels, loss_chunk);
+      model::chunked_cross_entropy(hidden.reshape({-1, hidden.size(-1)}), model.lm_head_weight(), labels, loss_chunk,
+                                   model.config().final_logit_softcapping);
   // The count on the host (the same labels, counted before they went to the
   // device): no device sync per micro batch.
   return {loss.sum, target_tokens(batch)};

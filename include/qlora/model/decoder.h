@@ -1,9 +1,10 @@
 // model/decoder: the reference decoder of every family qlora trains (model/family.h:
-// Llama 2 / 3.x, SmolLM2, Mistral, Qwen2 / 2.5, Qwen3) as transformers' *ForCausalLM
+// Llama 2 / 3.x, SmolLM2, Mistral, Qwen2 / 2.5, Qwen3, Gemma 2 / 3) as transformers' *ForCausalLM
 // computes it, op for op, built from a DecoderConfig and a name -> tensor source with
 // Hugging Face's weight names. The family's pieces (DecoderConfig::pieces: biases, q/k
-// norms; the RoPE scaling; each layer's attention window) are applied where transformers
-// applies them.
+// norms, Gemma's (1 + w) and sandwich norms, GeGLU, soft-capping, the attention scale, the
+// embedding scale, a local RoPE base; the RoPE scaling; each layer's attention window) are
+// applied where transformers applies them. RoPE lives in src/model/rope.cpp.
 //
 // The model owns embeddings, RMSNorm weights, RoPE frequencies, the lm_head
 // weight and one `Linear` slot per projection (model/linear.h). It does not
@@ -88,6 +89,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& weight, double eps);
 // Whether rms_norm takes ATen's fused kernel for these operands (Note [fused RMSNorm on GPUs]).
 bool fused_rms_norm_applies(const at::Tensor& x, const at::Tensor& weight);
+// Gemma's RMSNorm: normalized and scaled by (1 + w) in fp32, rounded once to x's dtype.
+at::Tensor rms_norm_plus_one(const at::Tensor& x, const at::Tensor& weight, double eps);
 
 // Inverse RoPE frequencies [head_dim / 2] fp32 on the CPU, computed with the
 // same ops in the same dtype order as transformers' rope init functions (default,
@@ -108,9 +111,10 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 // Hkv): causal when `attention` has no mask, else the mask (k, v repeated per query head
 // then, as transformers does). `window` > 0 (a sliding-window layer) also hides keys
 // window or more tokens back (i - j >= window), through a mask once T exceeds it.
-// Returns [B, H, T, d].
+// `scale` multiplies q·k (0: 1/sqrt(head_dim)); `softcap` > 0 caps the scaled scores at
+// cap · tanh(s / cap) before the mask, in Gemma 2's eager op order. Returns [B, H, T, d].
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionInputs& attention,
-                     int64_t window = 0);
+                     int64_t window = 0, double scale = 0.0, double softcap = 0.0);
 
 // ---------------------------------------------------------------- the model
 
@@ -139,10 +143,12 @@ class DecoderModel {
   at::Tensor layer_forward(int64_t layer, const at::Tensor& hidden, const std::pair<at::Tensor, at::Tensor>& cos_sin,
                            const AttentionInputs& attention) const;
   at::Tensor final_norm(const at::Tensor& hidden) const;  // [.., h]
+  // The family's RMSNorm (pieces.norm_plus_one: Gemma's (1 + w)) of x with `weight`.
+  at::Tensor norm(const at::Tensor& x, const at::Tensor& weight) const;
 
   // embed -> every layer -> final norm: [B, T] -> [B, T, h].
   at::Tensor forward_hidden(const at::Tensor& input_ids, const AttentionInputs& attention) const;
-  // hidden [.., h] -> logits [.., V] in the model dtype.
+  // hidden [.., h] -> logits [.., V] in the model dtype (soft-capped: final_logit_softcapping).
   at::Tensor logits(const at::Tensor& hidden) const;
   // forward_hidden then logits.
   at::Tensor forward(const at::Tensor& input_ids, const AttentionInputs& attention) const;
@@ -178,6 +184,7 @@ class DecoderModel {
   struct Layer {
     at::Tensor input_norm;           // [h]
     at::Tensor post_attention_norm;  // [h]
+    at::Tensor pre_feedforward_norm, post_feedforward_norm;  // [h] (pieces.sandwich_norms)
     at::Tensor q_norm, k_norm;       // [head_dim] (pieces.qk_norm)
     std::vector<std::shared_ptr<Linear>> proj;  // decoder_linear_names() order
   };
@@ -191,6 +198,7 @@ class DecoderModel {
   at::Tensor lm_head_;   // [V, h]
   at::Tensor norm_;      // [h]
   at::Tensor inv_freq_;  // [head_dim / 2] fp32, on the model device
+  at::Tensor local_inv_freq_;  // the same for sliding-window layers with their own base (Gemma 3)
   std::vector<Layer> layers_;
 };
 

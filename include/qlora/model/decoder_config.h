@@ -35,8 +35,9 @@ struct RopeScaling {
   double attention_factor = 1.0;              // yarn: cos and sin are multiplied by it (1 otherwise)
 };
 
-// The gate activation of the GLU MLP (hidden_act).
-enum class Activation { kSilu };
+// The gate activation of the GLU MLP (hidden_act / hidden_activation): SiLU (SwiGLU), or GELU
+// with the tanh approximation (GeGLU, Gemma's gelu_pytorch_tanh).
+enum class Activation { kSilu, kGeluTanh };
 
 // The pieces a decoder layer is built from, where families differ (model/family.h says which
 // family has which). Everything not listed is Llama's: pre-norm RMSNorm (w · x̂), rotate-half
@@ -45,8 +46,13 @@ struct LayerPieces {
   bool qkv_bias = false;  // q, k, v projections add a bias (Qwen2; Llama/Qwen3 attention_bias)
   bool o_bias = false;    // o_proj adds a bias (Llama/Qwen3 attention_bias)
   bool mlp_bias = false;  // gate, up and down add a bias (Llama's mlp_bias)
-  bool qk_norm = false;   // per-head RMSNorm over head_dim on q and k before RoPE (Qwen3)
+  bool qk_norm = false;   // per-head RMSNorm over head_dim on q and k before RoPE (Qwen3, Gemma 3)
   Activation act = Activation::kSilu;
+  // Every RMSNorm scales by (1 + w), in fp32, rounding once at the end (Gemma's RMSNorm).
+  bool norm_plus_one = false;
+  // Gemma 2 / 3's four norms a layer: post_attention_layernorm normalizes the attention output
+  // before the residual add, pre_ and post_feedforward_layernorm wrap the MLP the same way.
+  bool sandwich_norms = false;
 };
 
 struct DecoderConfig {
@@ -66,6 +72,13 @@ struct DecoderConfig {
   double rms_norm_eps = 1e-6;
   RopeScaling rope;
   LayerPieces pieces;
+
+  // Gemma's model-level pieces (0 / false: absent).
+  double query_pre_attn_scalar = 0;    // scores scaled by its -1/2 power instead of head_dim's
+  double attn_logit_softcapping = 0;   // scores = cap · tanh(scores / cap) before the mask (Gemma 2)
+  double final_logit_softcapping = 0;  // logits = cap · tanh(logits / cap) (Gemma 2)
+  bool scale_embeddings = false;       // embeddings times sqrt(hidden_size), rounded to the model dtype
+  double rope_local_theta = 0;         // sliding-window layers' RoPE base, unscaled (Gemma 3's rope_local_base_freq)
 
   // Sliding-window attention, per layer: a query at index i sees keys j with i - window < j <= i;
   // 0 = full causal attention. Empty (or all 0) when the model has no window (Mistral's

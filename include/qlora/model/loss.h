@@ -32,19 +32,21 @@ struct TokenLoss {
 // (as transformers upcasts before its loss). Labels outside [0, V) other than
 // kIgnoreIndex throw. Labels may be on the CPU while hidden is on a GPU: they are checked
 // there and uploaded without a device sync (checking labels on the GPU costs one).
+// `softcap` > 0: the logits are cap · tanh(logits / cap) (Gemma 2's final_logit_softcapping),
+// on the recomputing path only.
 TokenLoss chunked_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
-                                int64_t chunk = 1024);
+                                int64_t chunk = 1024, double softcap = 0.0);
 
 // Which implementation chunked_cross_entropy runs (Note [fused cross-entropy] in loss.cpp).
 // kAuto: kFused where it applies (hidden on a CUDA device in bf16 / fp16, grad mode on, hidden
 // requires grad, the weight does not) unless the environment variable QLORA_REFERENCE_LOSS=1
 // (read once) asks for kReference; kReference everywhere else. kReference: the recomputing
 // path above, on any device. kFused: the gradient formed in the forward pass; throws where it
-// does not apply (or in a build without CUDA).
+// does not apply (or in a build without CUDA) or with a soft cap.
 enum class LossPath { kAuto, kReference, kFused };
 
 TokenLoss chunked_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
-                                int64_t chunk, LossPath path);
+                                int64_t chunk, LossPath path, double softcap = 0.0);
 
 // Whether LossPath::kFused applies to these inputs now (see LossPath; ignores the env var).
 bool fused_cross_entropy_applies(const at::Tensor& hidden, const at::Tensor& weight);
@@ -64,7 +66,8 @@ CrossEntropyRows cross_entropy_rows_reference(const at::Tensor& logits, const at
 
 // The plain reference: full fp32 logits, at::cross_entropy with reduction sum.
 // For tests and small vocabularies.
-TokenLoss dense_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels);
+TokenLoss dense_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+                              double softcap = 0.0);
 
 // A CPU tensor on `device`. On a GPU without blocking the host: through pinned memory and an
 // asynchronous copy (a copy from pageable memory waits for all the work queued on the stream,
