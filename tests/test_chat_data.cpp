@@ -117,6 +117,61 @@ TEST(ChatData, ModelTemplateIdsEqualTransformersAndRunsEndWithTheTurn) {
   EXPECT_EQ(segment_wise, 1);  // Qwen2.5's "<|im_start|>assistant\n" + "\n  answer with spaces  "
 }
 
+// Llama 3.1 and 3.2's templates on Meta's tiktoken tokenizer (bos_token from a tokenizer_config
+// as the models ship it): every reply of the shared conversations is one trained run, the reply
+// and <|eot_id|>, tokenized whole (no boundary inside a token).
+TEST(ChatData, LlamaTemplatesTrainEachReplyAndItsEndOfTurn) {
+  const std::string tiktoken = shared("llama3-tokenizer/tokenizer.model");
+  if (!std::filesystem::exists(shared("chat-templates/expected.json")) || !std::filesystem::exists(tiktoken))
+    GTEST_SKIP() << "no ../shared/data (the real templates and tokenizers are not part of the repository)";
+  const ojson oracle = ojson::parse(slurp(shared("chat-templates/expected.json")));
+  for (const char* name : {"meta-llama-Llama-3.1-8B-Instruct.jinja", "meta-llama-Llama-3.2-3B-Instruct.jinja"}) {
+    const std::string dir = qlora::testing::make_temp_dir("chat-llama");
+    std::filesystem::copy_file(tiktoken, dir + "/tokenizer.model");
+    qlora::testing::write_file(dir, "tokenizer_config.json",
+                               R"({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"})");
+    qlora::testing::write_file(dir, "chat_template.jinja", slurp(shared(std::string("chat-templates/") + name)));
+    const std::unique_ptr<Tokenizer> tok = load_tokenizer(dir);
+    int lines = 0, replies = 0;
+    std::string jsonl;  // the shared conversations that end with a reply
+    std::vector<ojson> kept;
+    for (const ojson& messages : oracle.at("conversations")) {
+      bool assistant = false;
+      for (const ojson& m : messages) assistant = assistant || m.at("role") == "assistant";
+      if (!assistant || messages.back().at("role") != "assistant") continue;
+      jsonl += ojson{{"messages", messages}}.dump() + "\n";
+      kept.push_back(messages);
+    }
+    LoadOptions options = model_options();
+    options.skip_bad_lines = true;  // a conversation the template itself refuses
+    const Dataset d = load_jsonl_text(jsonl, "chat.jsonl", options, *tok);
+    EXPECT_EQ(d.summary.end_of_turn, "<|eot_id|>") << name;
+    for (const TokenizedExample& ex : d.examples) {
+      const ojson& messages = kept.at(static_cast<size_t>(ex.line - 1));
+      std::vector<std::string> want;
+      for (const ojson& m : messages)
+        if (m.at("role") == "assistant") {
+          std::string c = m.at("content");
+          c.erase(0, c.find_first_not_of(" \n"));
+          c.erase(c.find_last_not_of(" \n") + 1);  // the template trims the content
+          want.push_back(c + "<|eot_id|>");
+        }
+      const std::vector<std::string> runs = trained_runs(ex, *tok);
+      ASSERT_EQ(runs.size(), want.size()) << name << " line " << ex.line;
+      for (size_t i = 0; i < runs.size(); ++i) {
+        // A reply's reasoning may be rewritten; its answer and end-of-turn close the run.
+        EXPECT_TRUE(ends_with(runs[i], want[i].substr(want[i].size() - std::min<size_t>(want[i].size(), 24))))
+            << name << " line " << ex.line << ": " << runs[i] << " vs " << want[i];
+      }
+      EXPECT_FALSE(ex.segment_wise) << name << " line " << ex.line;
+      ++lines;
+      replies += static_cast<int>(runs.size());
+    }
+    std::printf("  %-40s %d conversations, %d replies trained with <|eot_id|>\n", name, lines, replies);
+    EXPECT_GE(lines, 6) << name;
+  }
+}
+
 TEST(ChatData, EveryAssistantTurnTrainedWithItsEndOfTurn) {
   if (!std::filesystem::exists(shared("qwen2-tokenizer/tokenizer.json")))
     GTEST_SKIP() << "no ../shared/data (the real templates and tokenizers are not part of the repository)";
