@@ -131,7 +131,7 @@ INSTANTIATE_TEST_SUITE_P(
                       BadModelConfig{"negative_vocab", kNegativeVocab.c_str(), "\"vocab_size\""},
                       BadModelConfig{"kv_not_dividing", kKvNotDividing.c_str(), "num_key_value_heads"},
                       BadModelConfig{"qwen_v1", kQwen.c_str(), "did you mean \"qwen2\"?); supported: llama ("},
-                      BadModelConfig{"longrope", kRopeLongrope.c_str(), "\"longrope\" (Phi-3 / Phi-4's LongRoPE)"},
+                      BadModelConfig{"longrope", kRopeLongrope.c_str(), "\"rope_scaling.short_factor\": expected a list of 8 numbers"},
                       BadModelConfig{"mrope", kRopeMrope.c_str(), "\"mrope\" is not supported"},
                       BadModelConfig{"attention_dropout", kAttentionDropout.c_str(), "\"attention_dropout\": is 0.1"},
                       BadModelConfig{"quantized", kQuantized.c_str(), "\"quantization_config\": this checkpoint is already quantized"},

@@ -5,6 +5,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <set>
 
 #include "qlora/config/config.h"
@@ -119,6 +120,40 @@ TEST(ModelFamily, GemmaRefusesWhatItDoesNotCompute) {
   EXPECT_NE(testing::error_of([&] { read_json(g); }).find("gemma3_text"), std::string::npos);
 }
 
+// Phi3Config: q|k|v and gate|up fused (what PEFT targets), partial rotary, LongRoPE with the
+// top-level original_max_position_embeddings, dropout refused; q_proj is not a module there.
+TEST(ModelFamily, Phi3FusesProjectionsAndReadsLongRope) {
+  nlohmann::json p = small("phi3");
+  p["partial_rotary_factor"] = 0.75;
+  p["max_position_embeddings"] = 131072;
+  p["original_max_position_embeddings"] = 4096;
+  p["rope_scaling"] = {{"type", "longrope"},
+                       {"short_factor", std::vector<double>(6, 1.0)},
+                       {"long_factor", std::vector<double>(6, 2.0)}};
+  const DecoderConfig c = read_json(p);
+  EXPECT_TRUE(c.pieces.fused_projections);
+  EXPECT_EQ(c.rotary_dim(), 12);
+  EXPECT_EQ(c.rope.type, RopeType::kLongrope);
+  EXPECT_EQ(c.rope.original_max_position_embeddings, 4096);
+  EXPECT_NEAR(c.rope.attention_factor, std::sqrt(1 + std::log(32.0) / std::log(4096.0)), 1e-12);
+  EXPECT_EQ(projection_names(c), (std::vector<std::string>{"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}));
+  EXPECT_EQ(decoder_linear_shapes(c)[0].out_features, 64 + 2 * 32);
+  EXPECT_EQ(decoder_linear_shapes(c)[2].out_features, 2 * 128);
+  EXPECT_EQ(plan::resolve_lora_targets({"all-linear"}, c), projection_names(c));
+  const std::string msg = testing::error_of([&] { plan::resolve_lora_targets({"q_proj", "o_proj"}, c); });
+  EXPECT_NE(msg.find("qkv_proj"), std::string::npos) << msg;
+  // The factor lists must cover half the rotary dims; dropout must be off.
+  p["rope_scaling"]["long_factor"] = std::vector<double>(8, 2.0);
+  EXPECT_NE(testing::error_of([&] { read_json(p); }).find("long_factor"), std::string::npos);
+  nlohmann::json d = small("phi3");
+  d["resid_pdrop"] = 0.1;
+  EXPECT_NE(testing::error_of([&] { read_json(d); }).find("resid_pdrop"), std::string::npos);
+  // Other families still rotate the whole head.
+  nlohmann::json l = small("llama");
+  l["partial_rotary_factor"] = 0.5;
+  EXPECT_NE(testing::error_of([&] { read_json(l); }).find("partial_rotary_factor"), std::string::npos);
+}
+
 // Qwen2/Qwen3: the window applies only with use_sliding_window, to layers >= max_window_layers
 // or to those layer_types calls sliding (transformers' config classes).
 TEST(ModelFamily, QwenWindowsFollowMaxWindowLayersAndLayerTypes) {
@@ -163,10 +198,10 @@ TEST(ModelFamily, UnreadKeysAreReported) {
 }
 
 TEST(ModelFamily, UnknownModelTypeNamesTheSupportedOnes) {
-  nlohmann::json g = small("phi3");
+  nlohmann::json g = small("phimoe");
   try {
     read_json(g);
-    FAIL() << "phi3 was accepted";
+    FAIL() << "phimoe was accepted";
   } catch (const InputError& e) {
     const std::string msg = e.what();
     for (const Family& f : families()) EXPECT_NE(msg.find(f.model_type + " ("), std::string::npos) << msg;
@@ -185,7 +220,8 @@ TEST(ModelFamily, PresetsCountLikeTransformersAndPeft) {
     EXPECT_EQ(total_params(m), want.at("total").get<int64_t>());
     LoraConfig lora;
     lora.r = 16;
-    lora.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};
+    lora.target_modules = m.pieces.fused_projections ? std::vector<std::string>{"qkv_proj", "o_proj"}
+                                                     : std::vector<std::string>{"q_proj", "k_proj", "v_proj", "o_proj"};
     EXPECT_EQ(plan::lora_trainable_params(m, lora), want.at("lora_qkvo_r16").get<int64_t>());
     lora.target_modules = {"all-linear"};
     EXPECT_EQ(plan::lora_trainable_params(m, lora), want.at("lora_all_r16").get<int64_t>());

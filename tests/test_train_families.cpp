@@ -29,8 +29,9 @@ namespace fs = std::filesystem;
 
 // One variant a family (scripts/golden/families.py): Qwen2's biases, Qwen3's q/k norms and
 // head_dim, Mistral's window (5, shorter than the rows), SmolLM2's 3:1 grouped heads, Gemma 2's
-// soft caps and alternating windows, Gemma 3's local RoPE base.
-const char* kFamilies[] = {"qwen2", "qwen3", "mistral", "smollm2", "gemma2", "gemma3"};
+// soft caps and alternating windows, Gemma 3's local RoPE base, Phi-3's fused projections (the
+// LoRA on qkv_proj and o_proj), partial rotary and LongRoPE.
+const char* kFamilies[] = {"qwen2", "qwen3", "mistral", "smollm2", "gemma2", "gemma3", "phi3_longrope"};
 
 std::string script() { return testing::source_path("scripts/golden/families.py"); }
 
@@ -62,6 +63,7 @@ TEST(TrainFamilies, EachFamilyTrainsAndPeftLoadsAndMergesTheAdapter) {
     cfg.train.learning_rate = 3e-3;
     cfg.train.precision = Precision::kFp32;
     cfg.lora.dropout = 0.0;
+    if (std::string(v).rfind("phi3", 0) == 0) cfg.lora.target_modules = {"qkv_proj", "o_proj"};
     cfg.output.dir = tmp + "/out/" + v;
     train::RunOptions ro;
     ro.device = "cpu";

@@ -1,5 +1,6 @@
 """Golden data for other decoder families: tiny random Qwen2, Qwen3, Mistral, SmolLM2,
-Llama-with-RoPE-scaling, Gemma 2 and Gemma 3 models run by transformers + PEFT + bitsandbytes.
+Llama-with-RoPE-scaling, Gemma 2, Gemma 3 and Phi-3 (fused qkv_proj / gate_up_proj, partial
+rotary, LongRoPE) models run by transformers + PEFT + bitsandbytes.
 
 Run from the repository root with the project's venv (CPU, deterministic, ~30 s):
 
@@ -22,6 +23,7 @@ Variants, files and every key they hold: tests/data/families/README.md.
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -29,8 +31,9 @@ import sys
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (AutoConfig, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
-                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
+                          Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from peft import LoraConfig, PeftModel
 
 try:
@@ -53,6 +56,12 @@ SEGMENTS = [9, 8, 7]  # the packed row: three examples back to back, 24 tokens
 MERGE_TOL = 1e-5  # --check-merged (fp32)
 PACKED_TOL = 1e-5  # transformers' packed forward vs the segments run one by one
 NF4_WEIGHTS = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight")
+# Phi-3 stores q, k, v as one qkv_proj and gate, up as one gate_up_proj, and bitsandbytes quantizes each
+# fused matrix as one tensor: with in_features a multiple of 64 every 64-element block stays inside one row
+# (so inside q, k or v; gate or up), but double quantization's offset (the mean of all block absmax) and
+# its groups of 256 blocks span the whole fused matrix.
+NF4_WEIGHTS_PHI3 = ("model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight",
+                    "model.layers.0.mlp.down_proj.weight")
 SOFTCAP_MIN_FRACTION = 0.05  # of pre-cap values beyond cap / 2: the cap must bend a fair share of them
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -60,6 +69,12 @@ QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 def lora_qkvo():
     return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=QKVO, task_type="CAUSAL_LM")
+
+
+def lora_phi3_qkvo():
+    # Phi-3's attention projections: the fused q|k|v matrix and o_proj.
+    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["qkv_proj", "o_proj"],
+                      task_type="CAUSAL_LM")
 
 
 def lora_all_rslora():
@@ -70,12 +85,24 @@ def lora_all_rslora():
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, pad_token_id=PAD_ID,
               bos_token_id=BOS_ID, eos_token_id=EOS_ID)
 
+# phi3_longrope: original_max_position_embeddings below the padded batch's length (T = 12) and at or
+# above the packed row's (max position 8 -> 9), so that transformers' LongRoPE, which picks its factor
+# set by max(position_ids) + 1 at every forward, runs the padded batch on long_factor and the packed
+# row on short_factor. max_position_embeddings / original = 32, the ratio of Phi-3.5-mini and
+# Phi-4-mini (131072 / 4096). One factor per rotary frequency: head_dim 16 * 0.75 / 2 = 6.
+PHI3_LONGROPE_OMAX = 10
+PHI3_SHORT_FACTOR = [1.0, 1.02, 1.05, 1.1, 1.25, 1.5]
+PHI3_LONG_FACTOR = [1.0, 1.5, 3.0, 7.5, 16.0, 40.0]
+
 # config: the family's own config class, built with transformers 5's rope_parameters.
 # hub: how config.json is rewritten after save_pretrained so that it reads like the family's
 # published checkpoints (rope_theta at the top level, rope_scaling as those files spell it;
 # rope_local: Gemma 3's per-layer-type rope_parameters as rope_theta + rope_scaling for the
 # full-attention layers and rope_local_base_freq for the sliding ones).
+# rope_top: keys of rope_parameters that the published files keep at the top level beside rope_scaling
+# (Phi-3: partial_rotary_factor, original_max_position_embeddings).
 # load: from_pretrained's extra arguments. gemma_norms: RMSNorm weights stored as w of (1 + w).
+# nf4: the weights nf4.safetensors holds (NF4_WEIGHTS unless given).
 EAGER = dict(attn_implementation="eager")  # the only implementation that applies attn_logit_softcapping
 VARIANTS = {
     "qwen2": dict(
@@ -166,6 +193,37 @@ VARIANTS = {
         hub=dict(drop=["layer_types", "_sliding_window_pattern", "tie_word_embeddings",
                        "use_bidirectional_attention"], set={},
                  rope_local=True, rope_scaling={"factor": 8.0, "rope_type": "linear"})),
+    "phi3": dict(
+        seed=40, model=Phi3ForCausalLM, lora=lora_phi3_qkvo, nf4=NF4_WEIGHTS_PHI3,
+        # Phi-4-mini's attention shape scaled down: GQA (2 kv heads), head_dim 16 = hidden / heads (Phi3Config
+        # has no head_dim), rotary on the first 0.75 * 16 = 12 dims of each head. Fused qkv_proj
+        # [(4 + 2 + 2) * 16, 64] and gate_up_proj [2 * 128, 64], no biases. sliding_window 5 on every layer
+        # (Phi3Model masks with it whenever it is not null, as Phi-3-mini-4k's 2047 binds inside 4096).
+        config=lambda: Phi3Config(
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+            original_max_position_embeddings=4096, tie_word_embeddings=False, rms_norm_eps=1e-5,
+            hidden_act="silu", sliding_window=5, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+            partial_rotary_factor=0.75,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.75),
+            **COMMON),
+        hub=dict(drop=[], set={}, rope_scaling="null", rope_top=["partial_rotary_factor"])),
+    "phi3_longrope": dict(
+        seed=41, model=Phi3ForCausalLM, lora=lora_all_rslora, nf4=NF4_WEIGHTS_PHI3,
+        # Phi-4-mini-instruct's layout: LongRoPE spelled {"long_factor", "short_factor", "type": "longrope"}
+        # with original_max_position_embeddings and partial_rotary_factor at the top level, tied lm_head,
+        # GQA, sliding_window 262144 (set, never binding).
+        config=lambda: Phi3Config(
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=32 * PHI3_LONGROPE_OMAX, original_max_position_embeddings=PHI3_LONGROPE_OMAX,
+            tie_word_embeddings=True, rms_norm_eps=1e-5, hidden_act="silu", sliding_window=262144,
+            resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, partial_rotary_factor=0.75,
+            rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
+                                 short_factor=list(PHI3_SHORT_FACTOR), long_factor=list(PHI3_LONG_FACTOR),
+                                 original_max_position_embeddings=PHI3_LONGROPE_OMAX),
+            **COMMON),
+        hub=dict(drop=[], set={}, rope_top=["partial_rotary_factor", "original_max_position_embeddings"],
+                 rope_scaling={"long_factor": list(PHI3_LONG_FACTOR), "short_factor": list(PHI3_SHORT_FACTOR),
+                               "type": "longrope"})),
 }
 
 
@@ -184,6 +242,8 @@ def write_hub_config(d, hub):
         cfg["rope_local_base_freq"] = local["rope_theta"]
         rope = rope["full_attention"]
     cfg["rope_theta"] = rope["rope_theta"]
+    for key in hub.get("rope_top", []):  # Phi-3: already at the top level, where its files keep them
+        assert cfg[key] == rope.pop(key), (key, cfg[key])
     if hub["rope_scaling"] == "null":
         cfg["rope_scaling"] = None
     elif hub["rope_scaling"] is not None:
@@ -329,10 +389,14 @@ def make_base(name):
         assert torch.equal(rotary.sliding_attention_original_inv_freq, rotary.sliding_attention_inv_freq)
     if getattr(model.config, "attn_logit_softcapping", None) or getattr(model.config, "final_logit_softcapping", None):
         check_softcapping(name, model, ids, mask, out.logits)
+    if rotary.rope_type == "longrope":
+        extra.update(longrope_state(name, model, inv_freq_init, inv_freq))
 
     if any(windows):
         check_window_rule(name, out.logits, mask)
     packed = make_packed_golden(name)
+    if rotary.rope_type == "longrope":  # the packed row's L = 9 <= original_max_position_embeddings
+        assert torch.equal(packed["packed_inv_freq"], extra["inv_freq_short"]), name
     tensors = {
         **batch,
         "inv_freq": inv_freq.contiguous(),
@@ -348,10 +412,33 @@ def make_base(name):
           f"windows {windows}, attention_scaling {attention_scaling:.6f}")
 
 
+def longrope_state(name, model, inv_freq_init, inv_freq):
+    """LongRoPE (modeling_rope_utils.py, _compute_longrope_parameters and dynamic_rope_update's
+    longrope_frequency_update): both factor sets' frequencies as transformers computes them, checked
+    against the buffers it used: at load time (short), after the padded forward (L = T = 12 >
+    original_max_position_embeddings: long)."""
+    cfg = model.config
+    omax = cfg.rope_parameters["original_max_position_embeddings"]
+    init = ROPE_INIT_FUNCTIONS["longrope"]
+    short, scale_short = init(cfg, None)
+    long, scale_long = init(cfg, None, seq_len=omax + 1)
+    assert golden_model.T > omax >= max(SEGMENTS), (golden_model.T, omax)
+    assert torch.equal(inv_freq_init, short) and torch.equal(inv_freq, long), name
+    assert not torch.equal(short, long), name
+    factor = cfg.max_position_embeddings / omax
+    want = math.sqrt(1 + math.log(factor) / math.log(omax))
+    assert scale_short == scale_long == model.model.rotary_emb.attention_scaling == want, (scale_short, want)
+    print(f"{name}: longrope: padded batch L {golden_model.T} > {omax}: long factors; packed row L "
+          f"{max(SEGMENTS)} <= {omax}: short factors; attention_scaling {want:.7f}")
+    return {"inv_freq_short": short.float().contiguous(), "inv_freq_long": long.float().contiguous()}
+
+
 def check_window_rule(name, logits, mask):
     """The window is "a query sees itself and the window - 1 tokens before it" (masking_utils:
     kv_idx > q_idx - sliding_window): on the full row 0 the logits equal those of an unbounded
-    window up to position window - 1 and differ from position window on."""
+    window up to position window - 1 and differ from position window on. A window of T or more
+    (phi3_longrope's 262144, as Phi-3.5-mini's and Phi-4-mini's) cannot bind: the logits equal
+    the unbounded window's everywhere."""
     d = os.path.join(OUT, name)
     cfg = AutoConfig.from_pretrained(d)
     w = cfg.sliding_window
@@ -361,6 +448,10 @@ def check_window_rule(name, logits, mask):
     with torch.no_grad():
         ref = wide(input_ids=golden_model.make_batch()[0], attention_mask=mask).logits
     assert int(mask[0].sum()) == golden_model.T
+    if w >= golden_model.T:
+        same = (logits - ref)[mask.bool()].abs().max().item()
+        assert same < 1e-5, (name, same)
+        return
     same = (logits[0, :w] - ref[0, :w]).abs().max().item()
     moved = (logits[0, w] - ref[0, w]).abs().max().item()
     assert same < 1e-5 and moved > 1e-3, (name, same, moved)
@@ -491,10 +582,11 @@ def nf4_logits(name, ids, mask):
 
 
 def make_nf4(name):
-    """Layer 0's q_proj and down_proj in tests/data/quant's layout (golden/quant.py add_case)."""
+    """Layer 0's q_proj and down_proj (Phi-3: qkv_proj, gate_up_proj and down_proj) in
+    tests/data/quant's layout (golden/quant.py add_case)."""
     sd = load_base(name).state_dict()
     out = {}
-    for key in NF4_WEIGHTS:
+    for key in VARIANTS[name].get("nf4", NF4_WEIGHTS):
         x = sd[key].float().contiguous()
         packed, st = bnbf.quantize_4bit(x, blocksize=64, compress_statistics=False, quant_type="nf4")
         packed_n, st_n = bnbf.quantize_4bit(x, blocksize=64, compress_statistics=True, quant_type="nf4")

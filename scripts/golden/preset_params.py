@@ -15,7 +15,7 @@ import pathlib
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig,
-                          Qwen2Config, Qwen3Config)
+                          Phi3Config, Qwen2Config, Qwen3Config)
 
 OUT = pathlib.Path(__file__).resolve().parents[2] / "tests" / "data" / "model_configs" / "preset_params.json"
 
@@ -42,6 +42,9 @@ PRESETS = {
     "gemma-3-1b": (Gemma3TextConfig, 262144, 1152, 6912, 26, 4, 1, 256, True, {}),
     "gemma-3-4b": (Gemma3TextConfig, 262208, 2560, 10240, 34, 8, 4, 256, True, {}),
     "gemma-3-12b": (Gemma3TextConfig, 262208, 3840, 15360, 48, 16, 8, 256, True, {}),
+    "phi-3.5-mini": (Phi3Config, 32064, 3072, 8192, 32, 32, 32, 96, False, {}),
+    "phi-4-mini": (Phi3Config, 200064, 3072, 8192, 32, 24, 8, 128, True, {"partial_rotary_factor": 0.75}),
+    "phi-4": (Phi3Config, 100352, 5120, 17920, 40, 40, 10, 128, False, {}),
 }
 
 
@@ -53,7 +56,8 @@ def count(cls, vocab, hidden, inter, layers, heads, kv, head_dim, tied, extra):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     out["total"] = model.num_parameters()
-    for name, targets in (("lora_qkvo_r16", ["q_proj", "k_proj", "v_proj", "o_proj"]), ("lora_all_r16", "all-linear")):
+    qkvo = ["qkv_proj", "o_proj"] if cls is Phi3Config else ["q_proj", "k_proj", "v_proj", "o_proj"]
+    for name, targets in (("lora_qkvo_r16", qkvo), ("lora_all_r16", "all-linear")):
         with torch.device("meta"):
             base = AutoModelForCausalLM.from_config(cfg)
         peft = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=targets, task_type="CAUSAL_LM"))

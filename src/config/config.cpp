@@ -26,8 +26,8 @@ using json = nlohmann::ordered_json;
 
 namespace {
 
-const std::vector<std::string> kLoraModules = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
-                                               "gate_proj", "up_proj", "down_proj"};
+const std::vector<std::string> kLoraModules = {"q_proj",    "k_proj",  "v_proj",    "o_proj",  "gate_proj",
+                                               "up_proj",   "down_proj", "qkv_proj", "gate_up_proj"};
 constexpr const char* kAllLinear = "all-linear";
 // Upper bounds at or above this are shown as unbounded in messages.
 constexpr double kShowAsUnbounded = 1e11;

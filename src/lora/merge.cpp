@@ -237,7 +237,7 @@ bool is_decoder_projection(const std::string& name, size_t rank) {
   if (rank != 2 || !starts_with(name, "model.layers.")) return false;
   for (const auto& p : decoder_linear_names())
     if (ends_with(name, "." + p + ".weight")) return true;
-  return false;
+  return ends_with(name, ".qkv_proj.weight") || ends_with(name, ".gate_up_proj.weight");  // Phi-3
 }
 
 std::string config_dtype_of(const json& config) {

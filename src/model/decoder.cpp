@@ -93,8 +93,9 @@ void check_source(const DecoderConfig& c, const WeightSource& src) {
   throw InputError(os.str());
 }
 
-// Splits "model.layers.N.<group>.<proj>" into (N, index of proj); false otherwise.
-bool parse_linear_name(const std::string& name, int64_t num_layers, int64_t* layer, size_t* proj) {
+// Splits "model.layers.N.<group>.<proj>" into (N, index of proj in projection_names); false
+// otherwise.
+bool parse_linear_name(const std::string& name, const DecoderConfig& c, int64_t* layer, size_t* proj) {
   const std::string prefix = "model.layers.";
   if (name.compare(0, prefix.size(), prefix) != 0) return false;
   size_t dot = name.find('.', prefix.size());
@@ -102,8 +103,8 @@ bool parse_linear_name(const std::string& name, int64_t num_layers, int64_t* lay
   const std::string num = name.substr(prefix.size(), dot - prefix.size());
   if (num.find_first_not_of("0123456789") != std::string::npos || num.size() > 9) return false;
   const int64_t l = std::stoll(num);
-  if (l >= num_layers) return false;
-  const auto& names = decoder_linear_names();
+  if (l >= c.num_hidden_layers) return false;
+  const auto& names = projection_names(c);
   for (size_t i = 0; i < names.size(); ++i) {
     if (name == linear_module_name(l, names[i])) {
       *layer = l;
@@ -163,7 +164,7 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> decoder_weight_shapes(
 }
 
 std::string linear_module_name(int64_t layer, const std::string& proj) {
-  const bool attn = proj == "q_proj" || proj == "k_proj" || proj == "v_proj" || proj == "o_proj";
+  const bool attn = proj == "q_proj" || proj == "k_proj" || proj == "v_proj" || proj == "o_proj" || proj == "qkv_proj";
   return "model.layers." + std::to_string(layer) + (attn ? ".self_attn." : ".mlp.") + proj;
 }
 
@@ -397,6 +398,13 @@ at::Tensor DecoderModel::norm(const at::Tensor& x, const at::Tensor& weight) con
 
 std::pair<at::Tensor, at::Tensor> DecoderModel::rope(const at::Tensor& position_ids) const {
   const double scaling = config_.rope.attention_factor;
+  if (config_.rope.type == RopeType::kLongrope && position_ids.numel() > 0) {
+    // transformers' LongRoPE: the long factors once the batch's positions pass
+    // original_max_position_embeddings, the short ones (computed at load) before.
+    const int64_t seq_len = position_ids.max().item<int64_t>() + 1;
+    if (seq_len > config_.rope.original_max_position_embeddings)
+      return rope_cos_sin(rope_inv_freq(config_, seq_len).to(device_), position_ids, dtype_, scaling);
+  }
   if (config_.rope.type == RopeType::kDynamic && position_ids.numel() > 0) {
     // transformers' dynamic RoPE: past max_position_embeddings the base grows with the batch's
     // longest position (as a freshly loaded model computes it for this batch).
@@ -415,9 +423,18 @@ at::Tensor DecoderModel::layer_forward(int64_t index, const at::Tensor& hidden,
   const int64_t d = config_.head_dim, heads = config_.num_attention_heads, kv_heads = config_.num_key_value_heads;
 
   at::Tensor h = norm(hidden, layer.input_norm);
-  at::Tensor q = layer.proj[0]->forward(h).view({b, t, heads, d});  // [B, T, H, d]
-  at::Tensor k = layer.proj[1]->forward(h).view({b, t, kv_heads, d});
-  at::Tensor v = layer.proj[2]->forward(h).view({b, t, kv_heads, d}).transpose(1, 2);  // [B, Hkv, T, d]
+  const bool fused = config_.pieces.fused_projections;  // Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj
+  at::Tensor q, k, v;
+  if (fused) {
+    at::Tensor qkv = layer.proj[0]->forward(h);  // [B, T, (H + 2 Hkv) d]: q, then k, then v
+    q = qkv.narrow(-1, 0, heads * d).view({b, t, heads, d});
+    k = qkv.narrow(-1, heads * d, kv_heads * d).view({b, t, kv_heads, d});
+    v = qkv.narrow(-1, (heads + kv_heads) * d, kv_heads * d).view({b, t, kv_heads, d}).transpose(1, 2);
+  } else {
+    q = layer.proj[0]->forward(h).view({b, t, heads, d});  // [B, T, H, d]
+    k = layer.proj[1]->forward(h).view({b, t, kv_heads, d});
+    v = layer.proj[2]->forward(h).view({b, t, kv_heads, d}).transpose(1, 2);  // [B, Hkv, T, d]
+  }
   if (config_.pieces.qk_norm) {  // Qwen3, Gemma 3: RMSNorm over each head before RoPE
     q = norm(q, layer.q_norm);
     k = norm(k, layer.k_norm);
@@ -432,17 +449,24 @@ at::Tensor DecoderModel::layer_forward(int64_t index, const at::Tensor& hidden,
 
   const double scale = config_.query_pre_attn_scalar > 0 ? 1.0 / std::sqrt(config_.query_pre_attn_scalar) : 0.0;
   at::Tensor attn = model::attention(q, k, v, attention, window, scale, config_.attn_logit_softcapping);
-  attn = layer.proj[3]->forward(attn.transpose(1, 2).reshape({b, t, heads * d}));
+  attn = layer.proj[fused ? 1 : 3]->forward(attn.transpose(1, 2).reshape({b, t, heads * d}));
   if (config_.pieces.sandwich_norms) attn = norm(attn, layer.post_attention_norm);
   at::Tensor x = hidden + attn;
 
   h = norm(x, config_.pieces.sandwich_norms ? layer.pre_feedforward_norm : layer.post_attention_norm);
   // gate before up, as Python evaluates them: with LoRA dropout the order decides
   // which mask each draws (C++ leaves the order of a * b's operands unspecified).
-  at::Tensor gate = layer.proj[4]->forward(h);
-  at::Tensor up = layer.proj[5]->forward(h);
+  at::Tensor gate, up;
+  if (fused) {
+    at::Tensor gate_up = layer.proj[2]->forward(h);  // [B, T, 2 I]: gate, then up
+    gate = gate_up.narrow(-1, 0, config_.intermediate_size);
+    up = gate_up.narrow(-1, config_.intermediate_size, config_.intermediate_size);
+  } else {
+    gate = layer.proj[4]->forward(h);
+    up = layer.proj[5]->forward(h);
+  }
   gate = config_.pieces.act == Activation::kGeluTanh ? at::gelu(gate, "tanh") : at::silu(gate);
-  at::Tensor mlp = layer.proj[6]->forward(gate * up);
+  at::Tensor mlp = layer.proj[fused ? 3 : 6]->forward(gate * up);
   if (config_.pieces.sandwich_norms) mlp = norm(mlp, layer.post_feedforward_norm);
   return x + mlp;
 }
@@ -472,20 +496,20 @@ at::Tensor DecoderModel::forward(const at::Tensor& input_ids, const AttentionInp
 std::vector<std::string> DecoderModel::linear_names() const {
   std::vector<std::string> out;
   for (int64_t l = 0; l < num_layers(); ++l)
-    for (const auto& p : decoder_linear_names()) out.push_back(linear_module_name(l, p));
+    for (const auto& p : projection_names(config_)) out.push_back(linear_module_name(l, p));
   return out;
 }
 
 bool DecoderModel::has_linear(const std::string& name) const {
   int64_t l = 0;
   size_t p = 0;
-  return parse_linear_name(name, num_layers(), &l, &p);
+  return parse_linear_name(name, config_, &l, &p);
 }
 
 std::shared_ptr<Linear>& DecoderModel::slot(const std::string& name) {
   int64_t l = 0;
   size_t p = 0;
-  if (!parse_linear_name(name, num_layers(), &l, &p))
+  if (!parse_linear_name(name, config_, &l, &p))
     throw std::out_of_range("no projection named \"" + name + "\" in this model (" +
                             std::to_string(num_layers()) + " layers)");
   return layers_[static_cast<size_t>(l)].proj[p];

@@ -57,6 +57,11 @@ constexpr PresetRow kPresetRows[] = {
   {"gemma-3-1b",     "gemma3_text", 262144, 1152, 6912, 26,  4,    1, 256, 32768,  true,  1000000.0, 0,    1e-6, 512,   "bfloat16"},  // google/gemma-3-1b-pt
   {"gemma-3-4b",     "gemma3_text", 262208, 2560, 10240, 34, 8,    4, 256, 131072, true,  1000000.0, 8.0,  1e-6, 1024,  "bfloat16"},  // google/gemma-3-4b-pt text_config
   {"gemma-3-12b",    "gemma3_text", 262208, 3840, 15360, 48, 16,   8, 256, 131072, true,  1000000.0, 8.0,  1e-6, 1024,  "bfloat16"},  // google/gemma-3-12b-pt text_config
+  // Phi-3: fused qkv_proj / gate_up_proj. Phi-3.5-mini and Phi-4-mini's LongRoPE factors are left
+  // out (they change neither shapes nor memory); Phi-4-mini rotates 0.75 of each head.
+  {"phi-3.5-mini",   "phi3",    32064,  3072,  8192,  32,    32,  32, 96,  131072, false, 10000.0,   0,    1e-5, 262144, "bfloat16"}, // microsoft/Phi-3.5-mini-instruct
+  {"phi-4-mini",     "phi3",    200064, 3072,  8192,  32,    24,   8, 128, 131072, true,  10000.0,   0,    1e-5, 262144, "bfloat16"}, // microsoft/Phi-4-mini-instruct
+  {"phi-4",          "phi3",    100352, 5120,  17920, 40,    40,  10, 128, 16384,  false, 250000.0,  0,    1e-5, 0,     "bfloat16"},  // microsoft/phi-4
 };
 // clang-format on
 
@@ -98,9 +103,11 @@ std::vector<DecoderConfig> make_presets() {
       out.push_back(c);
       continue;
     }
-    // Qwen2: q, k, v biases always; Qwen3: q/k norms (model/family.h).
+    // Qwen2: q, k, v biases always; Qwen3: q/k norms; Phi-3: fused projections (model/family.h).
     c.pieces.qkv_bias = c.model_type == "qwen2";
     c.pieces.qk_norm = c.model_type == "qwen3";
+    c.pieces.fused_projections = c.model_type == "phi3";
+    if (c.name == "phi-4-mini") c.partial_rotary_factor = 0.75;
     if (r.rope_factor > 0) {
       c.rope.type = RopeType::kLlama3;
       c.rope.factor = r.rope_factor;
@@ -128,15 +135,22 @@ const std::vector<std::string>& decoder_linear_names() {
   return names;
 }
 
+const std::vector<std::string>& projection_names(const DecoderConfig& m) {
+  static const std::vector<std::string> fused = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"};
+  return m.pieces.fused_projections ? fused : decoder_linear_names();
+}
+
 std::vector<LinearShape> decoder_linear_shapes(const DecoderConfig& m) {
   const int64_t h = m.hidden_size, q = m.num_attention_heads * m.head_dim,
                 kv = m.num_key_value_heads * m.head_dim, i = m.intermediate_size;
+  if (m.pieces.fused_projections)
+    return {{"qkv_proj", h, q + 2 * kv}, {"o_proj", q, h}, {"gate_up_proj", h, 2 * i}, {"down_proj", i, h}};
   return {{"q_proj", h, q},    {"k_proj", h, kv}, {"v_proj", h, kv},  {"o_proj", q, h},
           {"gate_proj", h, i}, {"up_proj", h, i}, {"down_proj", i, h}};
 }
 
 bool projection_has_bias(const DecoderConfig& m, const std::string& proj) {
-  if (proj == "q_proj" || proj == "k_proj" || proj == "v_proj") return m.pieces.qkv_bias;
+  if (proj == "q_proj" || proj == "k_proj" || proj == "v_proj" || proj == "qkv_proj") return m.pieces.qkv_bias;
   if (proj == "o_proj") return m.pieces.o_bias;
   return m.pieces.mlp_bias;
 }
@@ -159,6 +173,9 @@ std::string fused_layer_gap(const DecoderConfig& m) {
     gaps.push_back("query_pre_attn_scalar");
   if (m.attn_logit_softcapping > 0) gaps.push_back("attention soft-capping");
   if (m.rope_local_theta > 0) gaps.push_back("a second RoPE base for local layers");
+  if (m.pieces.fused_projections) gaps.push_back("fused qkv_proj / gate_up_proj");
+  if (m.rotary_dim() != m.head_dim) gaps.push_back("partial rotary");
+  if (m.rope.type == RopeType::kLongrope) gaps.push_back("LongRoPE");
   return join(gaps);
 }
 

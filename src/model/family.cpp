@@ -27,6 +27,7 @@ const std::vector<Family> kFamilies = {
     {"qwen3", "Qwen3ForCausalLM", "Qwen3 dense"},
     {"gemma2", "Gemma2ForCausalLM", "Gemma 2"},
     {"gemma3_text", "Gemma3ForCausalLM", "Gemma 3 text-only (270M, 1B)"},
+    {"phi3", "Phi3ForCausalLM", "Phi-3, Phi-3.5, Phi-4, Phi-4-mini"},
 };
 
 // Keys that do not change what training computes: bookkeeping, initialization of weights the
@@ -193,8 +194,15 @@ void read_rope(const Reader& r, DecoderConfig& c) {
     if (where == nullptr) continue;
     const std::string key = where == params ? "rope_parameters.partial_rotary_factor" : "partial_rotary_factor";
     const double partial = r.number(*where, "partial_rotary_factor", key, 1.0, false);
-    if (partial != 1.0)
-      r.fail(key, "is " + format_double(partial) + "; qlora rotates the whole head (partial_rotary_factor 1)");
+    if (partial == 1.0) continue;
+    if (c.model_type != "phi3")  // transformers' other families rotate the whole head whatever it says
+      r.fail(key, "is " + format_double(partial) + "; the " + c.model_type + " layer rotates the whole head "
+                  "(partial_rotary_factor 1)");
+    const double dims = static_cast<double>(c.head_dim) * partial;
+    if (!(partial > 0 && partial < 1) || dims != std::floor(dims) || static_cast<int64_t>(dims) % 2 != 0)
+      r.fail(key, "is " + format_double(partial) + "; expected a factor in (0, 1) that turns an even number of "
+                  "the head's " + std::to_string(c.head_dim) + " dims");
+    c.partial_rotary_factor = partial;
   }
 
   std::string where = "rope_scaling";
@@ -237,7 +245,7 @@ void read_rope(const Reader& r, DecoderConfig& c) {
     rope.original_max_position_embeddings = original_max(true, 0);
     if (rope.low_freq_factor <= 0 || rope.high_freq_factor <= rope.low_freq_factor)
       r.fail(where, "expected factor > 0 and high_freq_factor > low_freq_factor > 0");
-  } else if (type == "yarn") {
+  } else if (type == "yarn" && c.model_type != "phi3") {
     rope.type = RopeType::kYarn;
     rope.original_max_position_embeddings = original_max(false, c.max_position_embeddings);
     rope.factor = r.find(*scaling, "factor") ? factor(true)
@@ -257,9 +265,36 @@ void read_rope(const Reader& r, DecoderConfig& c) {
     } else {
       rope.attention_factor = yarn_mscale(rope.factor);
     }
-  } else if (type == "longrope" || type == "su") {
-    r.fail(where + ".rope_type", "\"" + type + "\" (Phi-3 / Phi-4's LongRoPE) is not supported yet; qlora implements "
-                                 "default, linear, dynamic, yarn and llama3");
+  } else if (type == "longrope" || type == "su" || (type == "yarn" && c.model_type == "phi3")) {
+    // (Phi3Config reads its early "su" and "yarn" spellings as longrope.)
+    // transformers' _compute_longrope_parameters: Phi-3 keeps the pretrained context in a
+    // top-level original_max_position_embeddings and scales by max / original.
+    rope.type = RopeType::kLongrope;
+    const int64_t half = c.rotary_dim() / 2;
+    for (const char* which : {"short_factor", "long_factor"}) {
+      const json* f = r.find(*scaling, which);
+      const std::string key = where + "." + which;
+      if (!f || !f->is_array() || static_cast<int64_t>(f->size()) != half)
+        r.fail(key, "expected a list of " + std::to_string(half) + " numbers (half the rotary dims), got " +
+                        (f ? Reader::describe(*f) : std::string("nothing")));
+      std::vector<double>& out = std::string(which) == "short_factor" ? rope.short_factor : rope.long_factor;
+      for (const json& x : *f) {
+        if (!x.is_number() || x.get<double>() <= 0) r.fail(key, "expected positive numbers, got " + Reader::describe(x));
+        out.push_back(x.get<double>());
+      }
+    }
+    const json* top = r.find(r.root(), "original_max_position_embeddings");
+    rope.original_max_position_embeddings =
+        top ? r.positive_int(*top, "original_max_position_embeddings") : original_max(false, c.max_position_embeddings);
+    const double f = top ? static_cast<double>(c.max_position_embeddings) /
+                               static_cast<double>(rope.original_max_position_embeddings)
+                         : r.number(*scaling, "factor", where + ".factor", 1.0, false);
+    rope.factor = f;
+    rope.attention_factor =
+        r.find(*scaling, "attention_factor")
+            ? r.number(*scaling, "attention_factor", where + ".attention_factor", 1.0, true)
+            : (f <= 1.0 ? 1.0
+                        : std::sqrt(1 + std::log(f) / std::log(static_cast<double>(rope.original_max_position_embeddings))));
   } else {
     r.fail(where + ".rope_type", "\"" + type + "\" is not supported; qlora implements default, linear, dynamic, "
                                  "yarn and llama3");
@@ -382,6 +417,21 @@ void read_family_keys(const Reader& r, DecoderConfig& c) {
     read_qwen_windows(r, c);
   } else if (c.model_type == "gemma2" || c.model_type == "gemma3_text") {
     read_gemma_keys(r, c);
+  } else if (c.model_type == "phi3") {
+    // Phi3Config: q|k|v and gate|up fused; every layer slides when sliding_window is set (null
+    // or absent: none); residual and embedding dropout must be off, as LoRA's own is lora.dropout.
+    p.fused_projections = true;
+    p.qkv_bias = p.o_bias = r.optional_bool("attention_bias", false);
+    for (const char* key : {"resid_pdrop", "embd_pdrop"})
+      if (const double d = r.number(r.root(), key, key, 0, false); d != 0)
+        r.fail(key, "is " + format_double(d) + "; qlora trains without it (set it to 0.0; LoRA's own dropout is "
+                    "lora.dropout)");
+    if (r.present("sliding_window") && r.find(r.root(), "sliding_window"))
+      c.layer_window.assign(static_cast<size_t>(c.num_hidden_layers), r.optional_int("sliding_window", 0));
+    r.present("original_max_position_embeddings");
+    if (r.optional_bool("lm_head_bias", false))
+      r.fail("lm_head_bias", "is true; qlora's lm_head has no bias");
+    p.mlp_bias = r.optional_bool("mlp_bias", false);
   }
 }
 
@@ -398,6 +448,7 @@ Defaults defaults_of(const std::string& model_type) {
   if (model_type == "mistral") return {8, 0, 4096 * 32};
   if (model_type == "qwen2") return {32, 0, 32768};
   if (model_type == "qwen3") return {32, 128, 32768};
+  if (model_type == "phi3") return {0, 0, 4096};
   if (model_type == "gemma2") return {4, 256, 8192, 10000.0, true};
   if (model_type == "gemma3_text") return {4, 256, 131072, 1000000.0, true};
   return {0, 0, 2048};  // llama

@@ -64,8 +64,16 @@ at::Tensor yarn_inv_freq(const RopeScaling& r, double base, int64_t dim) {
 
 }  // namespace
 
+// LongRoPE (transformers' _compute_longrope_parameters): 1 / (factor_i * base^(2i / dim)).
+at::Tensor longrope_inv_freq(const RopeScaling& r, double base, int64_t dim, bool long_context) {
+  const std::vector<double>& f = long_context ? r.long_factor : r.short_factor;
+  at::Tensor ext = at::tensor(std::vector<float>(f.begin(), f.end()), at::TensorOptions().dtype(at::kFloat));
+  at::Tensor shape = at::arange(0, dim, 2, at::TensorOptions().dtype(at::kLong)).to(at::kFloat) / dim;
+  return at::reciprocal(ext * at::pow(base, shape)) * 1.0;
+}
+
 at::Tensor rope_inv_freq(const DecoderConfig& c, int64_t seq_len) {
-  const int64_t dim = c.head_dim;
+  const int64_t dim = c.rotary_dim();
   const RopeScaling& r = c.rope;
   switch (r.type) {
     case RopeType::kDefault:
@@ -76,6 +84,8 @@ at::Tensor rope_inv_freq(const DecoderConfig& c, int64_t seq_len) {
       return llama3_inv_freq(r, default_inv_freq(c.rope_theta, dim));
     case RopeType::kYarn:
       return yarn_inv_freq(r, c.rope_theta, dim);
+    case RopeType::kLongrope:
+      return longrope_inv_freq(r, c.rope_theta, dim, seq_len > r.original_max_position_embeddings);
     case RopeType::kDynamic: {
       const int64_t max_pos = c.max_position_embeddings;
       const int64_t len = std::max(seq_len, max_pos);
@@ -102,6 +112,10 @@ std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, const
 }
 
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  if (cos.size(-1) < x.size(-1)) {  // partial rotary: the first cos.size(-1) dims turn, the rest pass
+    const int64_t rot = cos.size(-1);
+    return at::cat({apply_rope(x.narrow(-1, 0, rot), cos, sin), x.narrow(-1, rot, x.size(-1) - rot)}, -1);
+  }
   const int64_t half = x.size(-1) / 2;
   at::Tensor c = cos.unsqueeze(1), s = sin.unsqueeze(1);  // [B, 1, T, d]
   at::Tensor rotated = at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);

@@ -196,7 +196,7 @@ std::vector<Component> memory_components(const DecoderConfig& m, const BudgetInp
     const Nf4Bytes b = nf4_bytes(m);
     const int64_t absmax = in.double_quant ? b.absmax_double_quant : b.absmax_plain;
     Component c{"base_weights_nf4", "base weights, NF4", double(b.packed + absmax), "", "", 0};
-    c.formula = commas(b.weights) + " weights in " + std::to_string(7 * L) + " projections × 4 bit = " +
+    c.formula = commas(b.weights) + " weights in " + std::to_string(static_cast<int64_t>(decoder_linear_shapes(m).size()) * L) + " projections × 4 bit = " +
                 gib(double(b.packed)) + "; absmax of " + commas(b.blocks) + " blocks of 64 ";
     if (in.double_quant)
       c.formula += "(double quant: 1 B each + fp32 per 256 blocks + offset) = " + gib(double(absmax));
@@ -212,15 +212,16 @@ std::vector<Component> memory_components(const DecoderConfig& m, const BudgetInp
   }
   // ---- 16-bit parts
   {
-    const int64_t embed = V * h, norms = (2 * L + 1) * h;
+    const int64_t embed = V * h;
     const int64_t head = m.tie_word_embeddings ? 0 : V * h;
-    const int64_t n = embed + head + norms;
+    // Everything but the NF4 projections: norms (Gemma's four a layer, q/k norms) and biases too.
+    const int64_t n = total_params(m) - decoder_linear_params(m);
+    const int64_t rest = n - embed - head;
     Component c{"base_weights_16bit", "embeddings, lm_head, norms", double(n * p), "", "", 0};
     c.formula = "embed_tokens " + commas(V) + " × " + commas(h) +
                 (m.tie_word_embeddings ? " (lm_head tied to it: counted once)"
                                        : " + lm_head " + commas(V) + " × " + commas(h)) +
-                " + " + std::to_string(2 * L + 1) + " norms × " + commas(h) + ", × " + std::to_string(p) +
-                " B (not quantized)";
+                " + " + commas(rest) + " norm and bias weights, × " + std::to_string(p) + " B (not quantized)";
     c.detail = "PEFT's prepare_model_for_kbit_training would upcast these to fp32: " + gib(double(n * 4));
     out.push_back(c);
   }

@@ -90,12 +90,12 @@ int bytes_of(const std::string& resolved) { return resolved == "fp32" ? 4 : 2; }
 
 // ---------------------------------------------------------------- inputs
 
-BudgetInputs inputs_from(const Config& cfg, const PrecisionAdvice& precision) {
+BudgetInputs inputs_from(const Config& cfg, const DecoderConfig& model, const PrecisionAdvice& precision) {
   BudgetInputs in;
   in.micro_batch_size = cfg.train.micro_batch_size;
   in.seq_length = cfg.data.max_seq_length;
   in.lora_r = cfg.lora.r;
-  in.lora_targets = resolve_lora_targets(cfg.lora.target_modules);
+  in.lora_targets = resolve_lora_targets(cfg.lora.target_modules, model);
   in.lora_dropout = cfg.lora.dropout;
   in.gradient_checkpointing = cfg.train.gradient_checkpointing;
   in.selective_recompute = cfg.train.recompute == Recompute::kSelective;
@@ -263,15 +263,37 @@ std::string smallest_fitting_gpu(double total) {
 // ---------------------------------------------------------------- building blocks
 
 std::vector<std::string> resolve_lora_targets(const std::vector<std::string>& target_modules) {
-  const auto& all = decoder_linear_names();
+  DecoderConfig unfused, fused;
+  fused.pieces.fused_projections = true;
+  std::vector<std::string> out;
+  for (const auto& t : target_modules) {  // a name of either layout; all-linear: the unfused seven
+    const auto& f = projection_names(fused);
+    if (t != "all-linear" && std::find(f.begin(), f.end(), t) != f.end()) {
+      if (std::find(out.begin(), out.end(), t) == out.end()) out.push_back(t);
+      continue;
+    }
+    for (const auto& n : resolve_lora_targets({t}, unfused))
+      if (std::find(out.begin(), out.end(), n) == out.end()) out.push_back(n);
+  }
+  return out;
+}
+
+std::vector<std::string> resolve_lora_targets(const std::vector<std::string>& target_modules,
+                                              const DecoderConfig& model) {
+  const auto& all = projection_names(model);
   std::vector<std::string> out;
   for (const auto& t : target_modules) {
     if (t == "all-linear") return all;
     if (std::find(all.begin(), all.end(), t) == all.end()) {
+      const auto& split = decoder_linear_names();
+      if (model.pieces.fused_projections && std::find(split.begin(), split.end(), t) != split.end())
+        throw InputError("lora.target_modules: \"" + t + "\" is not a module of this " + model.model_type +
+                         " model, which stores q, k, v as one qkv_proj and gate, up as one gate_up_proj (as PEFT "
+                         "targets them); its modules: " + join(all) + ", or all-linear");
       std::string msg = "lora.target_modules: unknown module \"" + t + "\"";
       const std::string near = closest_match(t, all);
       if (!near.empty()) msg += "; did you mean \"" + near + "\"?";
-      throw InputError(msg + " (Llama modules: " + join(all) + ", or all-linear)");
+      throw InputError(msg + " (this model's modules: " + join(all) + ", or all-linear)");
     }
     if (std::find(out.begin(), out.end(), t) == out.end()) out.push_back(t);
   }
@@ -279,7 +301,7 @@ std::vector<std::string> resolve_lora_targets(const std::vector<std::string>& ta
 }
 
 int64_t lora_trainable_params(const DecoderConfig& model, const LoraConfig& lora) {
-  const auto targets = resolve_lora_targets(lora.target_modules);
+  const auto targets = resolve_lora_targets(lora.target_modules, model);
   int64_t per_layer = 0;
   for (const auto& s : decoder_linear_shapes(model))
     if (std::find(targets.begin(), targets.end(), s.name) != targets.end())
@@ -383,7 +405,7 @@ Plan make_plan(const Config& cfg, const DecoderConfig& model, const GpuSpec* gpu
               " = " + std::to_string(b.total);
 
   plan.precision = resolve_precision(cfg.train.precision, gpu);
-  BudgetInputs in = inputs_from(cfg, plan.precision);
+  BudgetInputs in = inputs_from(cfg, model, plan.precision);
   resolve_recompute(plan, cfg, model, in, gpu);
   plan.activation_bytes = in.activation_bytes;
   plan.seq_length = in.seq_length;

@@ -124,6 +124,8 @@ json rope_scaling(const DecoderConfig& c) {
               {"beta_slow", r.beta_slow},
               {"truncate", r.truncate},
               {"attention_factor", r.attention_factor}};
+    case RopeType::kLongrope:  // with Phi-3's top-level original_max_position_embeddings (write_family_keys)
+      return {{"rope_type", "longrope"}, {"short_factor", r.short_factor}, {"long_factor", r.long_factor}};
   }
   return nullptr;
 }
@@ -158,6 +160,23 @@ void write_family_keys(const DecoderConfig& c, const std::string& type, json& j)
     // Qwen2Attention: q, k, v always with bias, o and the MLP without.
     if (!p.qkv_bias || p.o_bias || p.mlp_bias) cannot_write(c, "has biases other than on q, k, v");
     qwen_windows();
+  } else if (type == "gemma2" || type == "gemma3_text") {
+    // Gemma2Config / Gemma3TextConfig: the pieces follow from model_type; the numbers are keys.
+    json types = json::array();
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+      types.push_back(c.window_of(l) > 0 ? "sliding_attention" : "full_attention");
+    j["layer_types"] = types;
+    j["sliding_window"] = window > 0 ? window : 4096;
+    j["hidden_activation"] = "gelu_pytorch_tanh";
+    j["query_pre_attn_scalar"] = c.query_pre_attn_scalar;
+    j["attn_logit_softcapping"] = c.attn_logit_softcapping > 0 ? json(c.attn_logit_softcapping) : json(nullptr);
+    j["final_logit_softcapping"] = c.final_logit_softcapping > 0 ? json(c.final_logit_softcapping) : json(nullptr);
+    if (type == "gemma3_text") j["rope_local_base_freq"] = c.rope_local_theta;
+  } else if (type == "phi3") {
+    j["sliding_window"] = window > 0 ? json(window) : json(nullptr);
+    j["partial_rotary_factor"] = c.partial_rotary_factor;
+    if (c.rope.type == RopeType::kLongrope)
+      j["original_max_position_embeddings"] = c.rope.original_max_position_embeddings;
   } else if (type == "mistral") {
     if (p.qkv_bias || p.o_bias || p.mlp_bias) cannot_write(c, "has projection biases");
     // MistralConfig reads an absent sliding_window as 4096: no window is an explicit null.

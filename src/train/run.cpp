@@ -362,6 +362,9 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   const DecoderConfig& shape = base.shape;
 
   // 3. LoRA adapter (A from the seeded generator, as PEFT initializes it)
+  // Every named module must exist in this family (Phi-3 has qkv_proj where others have q_proj):
+  // PEFT would silently skip the rest, as attach's matching does.
+  plan::resolve_lora_targets(cfg.lora.target_modules, model.config());
   lora::LoraAdapter adapter = lora::LoraAdapter::attach(model, lora::settings_from_config(cfg.lora));
   // Every rank drew the same A (same seed, above); from here each rank's
   // dropout masks come from its own stream.

@@ -104,7 +104,8 @@ at::Tensor rope_inv_freq(const DecoderConfig& config, int64_t seq_len = 0);
 std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, const at::Tensor& position_ids,
                                                at::ScalarType dtype, double attention_scaling = 1.0);
 
-// Rotates x [B, heads, T, head_dim] by cos/sin [B, T, head_dim] (rotate-half layout).
+// Rotates x [B, heads, T, head_dim] by cos/sin [B, T, rotary dim] (rotate-half layout); with a
+// rotary dim below head_dim (partial_rotary_factor) only the first dims turn, as Phi-3 does.
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
 // Scaled dot-product attention of q [B, H, T, d] over k, v [B, Hkv, T, d] (H a multiple of
@@ -165,7 +166,8 @@ class DecoderModel {
   // Qwen3's per-head q / k RMSNorm weights [head_dim]; undefined without pieces.qk_norm.
   const at::Tensor& q_norm_weight(int64_t layer) const { return layers_.at(static_cast<size_t>(layer)).q_norm; }
   const at::Tensor& k_norm_weight(int64_t layer) const { return layers_.at(static_cast<size_t>(layer)).k_norm; }
-  // A decoder layer's projection, by its index in decoder_linear_names() (0 q ... 6 down).
+  // A decoder layer's projection, by its index in projection_names() (0 q ... 6 down; Phi-3's 0
+  // qkv ... 3 down).
   const std::shared_ptr<Linear>& projection(int64_t layer, size_t index) const {
     return layers_.at(static_cast<size_t>(layer)).proj.at(index);
   }
@@ -173,7 +175,7 @@ class DecoderModel {
   // ---- projection slots, by Hugging Face module name
 
   // "model.layers.0.self_attn.q_proj", ..., "model.layers.{L-1}.mlp.down_proj":
-  // layer by layer, each in decoder_linear_names() order.
+  // layer by layer, each in projection_names() order.
   std::vector<std::string> linear_names() const;
   bool has_linear(const std::string& name) const;
   // Throws std::out_of_range naming the slot when there is no such projection.
@@ -186,7 +188,7 @@ class DecoderModel {
     at::Tensor post_attention_norm;  // [h]
     at::Tensor pre_feedforward_norm, post_feedforward_norm;  // [h] (pieces.sandwich_norms)
     at::Tensor q_norm, k_norm;       // [head_dim] (pieces.qk_norm)
-    std::vector<std::shared_ptr<Linear>> proj;  // decoder_linear_names() order
+    std::vector<std::shared_ptr<Linear>> proj;  // projection_names() order
   };
   DecoderModel() = default;
   std::shared_ptr<Linear>& slot(const std::string& name);
@@ -207,7 +209,7 @@ class DecoderModel {
 // its bias), the final norm, lm_head unless tied. What DecoderModel::load expects.
 std::vector<std::pair<std::string, std::vector<int64_t>>> decoder_weight_shapes(const DecoderConfig& config);
 
-// Module name of projection `proj` (decoder_linear_names()) of layer `layer`.
+// Module name of projection `proj` (projection_names()) of layer `layer`.
 std::string linear_module_name(int64_t layer, const std::string& proj);
 
 // One decoder layer's forward in place of DecoderModel::layer_forward, with its arguments: what

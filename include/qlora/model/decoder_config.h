@@ -22,7 +22,7 @@ struct Config;
 
 // How RoPE frequencies are scaled (config.json's rope_scaling / rope_parameters rope_type), with
 // transformers' rope init functions' parameters (model/decoder.h computes them).
-enum class RopeType { kDefault, kLinear, kDynamic, kYarn, kLlama3 };
+enum class RopeType { kDefault, kLinear, kDynamic, kYarn, kLlama3, kLongrope };
 
 struct RopeScaling {
   RopeType type = RopeType::kDefault;
@@ -32,7 +32,10 @@ struct RopeScaling {
   int64_t original_max_position_embeddings = 0;  // llama3, yarn
   double beta_fast = 32.0, beta_slow = 1.0;   // yarn's correction range
   bool truncate = true;                       // yarn: floor/ceil the correction range
-  double attention_factor = 1.0;              // yarn: cos and sin are multiplied by it (1 otherwise)
+  double attention_factor = 1.0;              // yarn, longrope: cos and sin are multiplied by it (1 otherwise)
+  // longrope (Phi-3.5, Phi-4-mini): per-frequency divisors [rotary dim / 2], the short ones while
+  // the batch's positions stay within original_max_position_embeddings, the long ones beyond.
+  std::vector<double> short_factor, long_factor;
 };
 
 // The gate activation of the GLU MLP (hidden_act / hidden_activation): SiLU (SwiGLU), or GELU
@@ -53,6 +56,9 @@ struct LayerPieces {
   // Gemma 2 / 3's four norms a layer: post_attention_layernorm normalizes the attention output
   // before the residual add, pre_ and post_feedforward_layernorm wrap the MLP the same way.
   bool sandwich_norms = false;
+  // Phi-3: q|k|v stored as one qkv_proj and gate|up as one gate_up_proj (gate first), as PEFT
+  // targets them: the layer's projections are qkv_proj, o_proj, gate_up_proj, down_proj.
+  bool fused_projections = false;
 };
 
 struct DecoderConfig {
@@ -79,6 +85,12 @@ struct DecoderConfig {
   double final_logit_softcapping = 0;  // logits = cap · tanh(logits / cap) (Gemma 2)
   bool scale_embeddings = false;       // embeddings times sqrt(hidden_size), rounded to the model dtype
   double rope_local_theta = 0;         // sliding-window layers' RoPE base, unscaled (Gemma 3's rope_local_base_freq)
+  double partial_rotary_factor = 1.0;  // RoPE turns the first head_dim * factor dims of a head (Phi-4-mini: 0.75)
+
+  // The dims of a head RoPE rotates (all of head_dim unless partial_rotary_factor < 1).
+  int64_t rotary_dim() const {
+    return static_cast<int64_t>(static_cast<double>(head_dim) * partial_rotary_factor);
+  }
 
   // Sliding-window attention, per layer: a query at index i sees keys j with i - window < j <= i;
   // 0 = full causal attention. Empty (or all 0) when the model has no window (Mistral's
@@ -104,21 +116,24 @@ struct DecoderConfig {
   int64_t min_window() const;
 };
 
-// One projection of a decoder layer, as PEFT names it (q_proj ... down_proj).
-// The weight is [out_features, in_features]; every layer has the same seven.
+// One projection of a decoder layer, as PEFT names it (q_proj ... down_proj; Phi-3's qkv_proj,
+// gate_up_proj). The weight is [out_features, in_features]; every layer has the same ones.
 struct LinearShape {
   std::string name;
   int64_t in_features = 0;
   int64_t out_features = 0;
 };
 
-// q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.
+// q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj (pieces.fused_projections:
+// qkv_proj, o_proj, gate_up_proj, down_proj).
 std::vector<LinearShape> decoder_linear_shapes(const DecoderConfig& model);
 
-// The seven names above, in that order (what "all-linear" expands to).
+// The seven names of an unfused layer, in that order.
 const std::vector<std::string>& decoder_linear_names();
+// This model's projection names, in decoder_linear_shapes' order (what "all-linear" expands to).
+const std::vector<std::string>& projection_names(const DecoderConfig& model);
 
-// Whether projection `proj` (one of the seven names) adds a bias in this model (LayerPieces).
+// Whether projection `proj` (one of projection_names) adds a bias in this model (LayerPieces).
 bool projection_has_bias(const DecoderConfig& model, const std::string& proj);
 
 // Empty when the fused GPU decoder layer (src/layer/) has a piece for everything this model's

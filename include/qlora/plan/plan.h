@@ -166,8 +166,12 @@ std::string render_json(const Plan& plan);
 int64_t lora_trainable_params(const DecoderConfig& model, const LoraConfig& lora);
 
 // The targeted module names, "all-linear" expanded (PEFT: every decoder
-// projection, never lm_head). Throws InputError for an unknown name.
+// projection, never lm_head). Throws InputError for an unknown name. Without a model: the
+// seven projections of an unfused layer; with one: its projection_names (Phi-3's qkv_proj,
+// o_proj, gate_up_proj, down_proj; q_proj there names the fused module to use).
 std::vector<std::string> resolve_lora_targets(const std::vector<std::string>& target_modules);
+std::vector<std::string> resolve_lora_targets(const std::vector<std::string>& target_modules,
+                                              const DecoderConfig& model);
 
 // The knobs the memory budget depends on, pulled out of Config so that advice
 // can vary them and re-plan.
