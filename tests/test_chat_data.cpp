@@ -19,10 +19,7 @@ namespace {
 
 using ojson = nlohmann::ordered_json;
 
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
+using qlora::testing::slurp;
 
 std::string shared(const std::string& rel) { return qlora::testing::source_path("../shared/data/" + rel); }
 

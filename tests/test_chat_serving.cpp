@@ -18,16 +18,14 @@
 #include "qlora/train/demo.h"
 #include "qlora/train/run.h"
 #include "support/test_support.h"
+#include "support/train_fixtures.h"
 
 namespace qlora {
 namespace {
 
 namespace fs = std::filesystem;
 
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
+using testing::slurp;
 
 // A Llama 3 style template of the model's own, reading bos_token as transformers passes it.
 const char* kTemplate =
@@ -64,10 +62,7 @@ TEST(ChatServing, MergedModelStopsAtTheEndOfTurnInTransformersGenerate) {
   cfg.train.precision = Precision::kFp32;
   cfg.lora.dropout = 0.0;
   cfg.output.dir = tmp + "/out";
-  train::RunOptions ro;
-  ro.device = "cpu";
-  ro.evaluate_at_start = false;
-  ro.handle_signals = false;
+  train::RunOptions ro = testing::cpu_run_options();
   const train::RunResult r = train::run_training(cfg, ro);
   ASSERT_EQ(r.steps, 40);
 

@@ -65,10 +65,7 @@ TEST(TrainFamilies, EachFamilyTrainsAndPeftLoadsAndMergesTheAdapter) {
     cfg.lora.dropout = 0.0;
     if (std::string(v).rfind("phi3", 0) == 0) cfg.lora.target_modules = {"qkv_proj", "o_proj"};
     cfg.output.dir = tmp + "/out/" + v;
-    train::RunOptions ro;
-    ro.device = "cpu";
-    ro.evaluate_at_start = false;
-    ro.handle_signals = false;
+    train::RunOptions ro = testing::cpu_run_options();
     const train::RunResult r = train::run_training(cfg, ro);
     ASSERT_EQ(r.steps, 30);
     double first = 0, last = 0;

@@ -186,10 +186,7 @@ TEST(TrainRun, SlidingWindowShorterThanTheRowsTrainsWithTheWindow) {
   cfg.train.max_steps = 1;
   cfg.train.precision = Precision::kFp32;
   cfg.output.dir = tmp + "/out";
-  train::RunOptions ro;
-  ro.device = "cpu";
-  ro.evaluate_at_start = false;
-  ro.handle_signals = false;
+  train::RunOptions ro = testing::cpu_run_options();
   const train::RunResult windowed = train::run_training(cfg, ro);
   EXPECT_EQ(windowed.steps, 1);
   config["sliding_window"] = nullptr;  // MistralConfig: null is no window
@@ -227,10 +224,7 @@ Config oom_config(const std::string& tmp, const std::string& out) {
 }
 
 train::RunOptions oom_options(int64_t rows) {
-  train::RunOptions ro;
-  ro.device = "cpu";
-  ro.evaluate_at_start = false;
-  ro.handle_signals = false;
+  train::RunOptions ro = testing::cpu_run_options();
   ro.simulate_oom_above_rows = rows;
   return ro;
 }

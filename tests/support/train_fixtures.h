@@ -9,6 +9,7 @@
 #include "qlora/config/config.h"
 #include "qlora/model/decoder_config.h"
 #include "qlora/train/demo.h"
+#include "qlora/train/run.h"
 #include "support/test_support.h"
 
 namespace qlora::testing {
@@ -23,6 +24,16 @@ inline DecoderConfig small_shape(DecoderConfig c, int64_t hidden = 64) {
   c.num_key_value_heads = 2;
   c.head_dim = hidden / 4;
   return c;
+}
+
+// A run on the CPU as tests want it: no evaluation before the first step, no signal handlers
+// (the test runner keeps its own).
+inline train::RunOptions cpu_run_options() {
+  train::RunOptions ro;
+  ro.device = "cpu";
+  ro.evaluate_at_start = false;
+  ro.handle_signals = false;
+  return ro;
 }
 
 // The demo's Llama at hidden 64.
