@@ -702,12 +702,39 @@ def dir_size(path):
     return sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(path) for f in fs)
 
 
+def check_generate(path):
+    """--check-generate FILE: FILE holds qlora's greedy generations, a JSON list of {"variant",
+    "adapter" (bool), "prompt" (ids), "max_new_tokens", "generated" (ids)}; each must equal
+    transformers' generate (greedy, no stop token, the variant's own attention implementation)
+    on tests/data/families/<variant> (with its lora/adapter through PEFT when "adapter")."""
+    with open(path) as f:
+        cases = json.load(f)
+    bad = 0
+    for c in cases:
+        model = load_base(c["variant"])
+        if c["adapter"]:
+            model = PeftModel.from_pretrained(model, os.path.join(OUT, c["variant"], "lora", "adapter")).eval()
+        ids = torch.tensor([c["prompt"]])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=c["max_new_tokens"], min_new_tokens=c["max_new_tokens"],
+                                 eos_token_id=None, pad_token_id=PAD_ID)
+        want = out[0, ids.shape[1]:].tolist()
+        same = want == c["generated"]
+        bad += not same
+        print(f"{c['variant']}{' + adapter' if c['adapter'] else ''}: {len(want)} tokens "
+              f"{'equal' if same else 'DIFFER: transformers ' + str(want) + ', qlora ' + str(c['generated'])}")
+    return golden_model.verdict(bad > 0 or not cases)
+
+
 def main():
     golden_model.fix_string_hashing()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check-adapter", metavar="DIR", help="load qlora-written adapters from DIR/<variant>/ into PEFT")
     ap.add_argument("--check-merged", metavar="DIR",
                     help="compare DIR/<variant>/model.safetensors with PEFT's merge_and_unload")
+    ap.add_argument("--check-generate", metavar="FILE",
+                    help="compare qlora's greedy generations in FILE with transformers' generate")
     ap.add_argument("--only", nargs="+", metavar="VARIANT",
                     help="write these variants only (space or comma separated: " + ",".join(VARIANTS) + ")")
     ap.add_argument("--base", metavar="ROOT",
@@ -730,6 +757,8 @@ def main():
         sys.exit(check_adapter(args.check_adapter))
     if args.check_merged:
         sys.exit(check_merged(args.check_merged))
+    if args.check_generate:
+        sys.exit(check_generate(args.check_generate))
     os.makedirs(OUT, exist_ok=True)
     for name in args.only or VARIANTS:
         make_base(name)

@@ -344,13 +344,18 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionInputs& attention,
                      int64_t window, double scale, double softcap) {
-  const int64_t heads = q.size(1), kv_heads = k.size(1), t = q.size(2);
+  const int64_t heads = q.size(1), kv_heads = k.size(1), t = q.size(2), tk = k.size(2);
+  // Queries may be the last t of tk keys (decoding with a KvCache): then the caller's mask says
+  // what each sees, and the window counts back from each query's own index among the keys.
+  TORCH_CHECK(tk == t || attention.mask.defined(), "attention: ", t, " queries over ", tk,
+              " keys need a mask [B, 1, ", t, ", ", tk, "]");
   if (scale <= 0) scale = 1.0 / std::sqrt(static_cast<double>(q.size(3)));
-  if (window > 0 && window < t) {
+  if (window > 0 && window < tk) {
     // transformers' sliding window: key j is visible from query i when j > i - window, on top
     // of the causal, padding or packing mask.
     const auto opts = at::TensorOptions().dtype(at::kBool).device(q.device());
-    at::Tensor band = at::ones({t, t}, opts).tril().triu(-(window - 1)).view({1, 1, t, t});
+    const int64_t offset = tk - t;
+    at::Tensor band = at::ones({t, tk}, opts).tril(offset).triu(offset - (window - 1)).view({1, 1, t, tk});
     AttentionInputs windowed = attention;
     windowed.mask = attention.mask.defined() ? at::logical_and(attention.mask, band) : band;
     return model::attention(q, k, v, windowed, 0, scale, softcap);
@@ -417,7 +422,7 @@ std::pair<at::Tensor, at::Tensor> DecoderModel::rope(const at::Tensor& position_
 
 at::Tensor DecoderModel::layer_forward(int64_t index, const at::Tensor& hidden,
                                      const std::pair<at::Tensor, at::Tensor>& cos_sin,
-                                     const AttentionInputs& attention) const {
+                                     const AttentionInputs& attention, KvCache* cache) const {
   const Layer& layer = layers_.at(static_cast<size_t>(index));
   const auto b = hidden.size(0), t = hidden.size(1);
   const int64_t d = config_.head_dim, heads = config_.num_attention_heads, kv_heads = config_.num_key_value_heads;
@@ -446,6 +451,17 @@ at::Tensor DecoderModel::layer_forward(int64_t index, const at::Tensor& hidden,
   const auto& [cos, sin] = local.first.defined() ? local : cos_sin;
   q = apply_rope(q.transpose(1, 2), cos, sin);  // [B, H, T, d]
   k = apply_rope(k.transpose(1, 2), cos, sin);
+  if (cache != nullptr) {  // decoding: this call's keys and values join the cached ones
+    const int64_t at = cache->length;
+    TORCH_CHECK(at + t <= cache->k.at(static_cast<size_t>(index)).size(2), "KvCache: ", at + t,
+                " positions exceed its capacity ", cache->k.at(static_cast<size_t>(index)).size(2));
+    at::Tensor& ck = cache->k[static_cast<size_t>(index)];
+    at::Tensor& cv = cache->v[static_cast<size_t>(index)];
+    ck.narrow(2, at, t).copy_(k);
+    cv.narrow(2, at, t).copy_(v);
+    k = ck.narrow(2, 0, at + t);
+    v = cv.narrow(2, 0, at + t);
+  }
 
   const double scale = config_.query_pre_attn_scalar > 0 ? 1.0 / std::sqrt(config_.query_pre_attn_scalar) : 0.0;
   at::Tensor attn = model::attention(q, k, v, attention, window, scale, config_.attn_logit_softcapping);
@@ -489,6 +505,16 @@ at::Tensor DecoderModel::logits(const at::Tensor& hidden) const {
 
 at::Tensor DecoderModel::forward(const at::Tensor& input_ids, const AttentionInputs& attention) const {
   return logits(forward_hidden(input_ids, attention));
+}
+
+KvCache DecoderModel::new_cache(int64_t batch, int64_t capacity) const {
+  KvCache c;
+  const auto opts = at::TensorOptions().dtype(dtype_).device(device_);
+  for (int64_t l = 0; l < num_layers(); ++l) {
+    c.k.push_back(at::empty({batch, config_.num_key_value_heads, capacity, config_.head_dim}, opts));
+    c.v.push_back(at::empty({batch, config_.num_key_value_heads, capacity, config_.head_dim}, opts));
+  }
+  return c;
 }
 
 // ---------------------------------------------------------------- slots

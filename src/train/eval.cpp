@@ -13,26 +13,11 @@
 #include "qlora/data/tokenizer.h"
 #include "qlora/model/decoder.h"
 #include "qlora/model/loss.h"
+#include "qlora/train/generate.h"
 #include "qlora/train/trainer.h"
 
 namespace qlora::train {
 namespace {
-
-// Left-padded rows: row b's real tokens end at the last column. Positions
-// count from each row's first real token; padding attends only to itself so
-// no softmax row is empty (an empty row is NaN, and NaN in a padded value
-// would reach real rows through 0 * NaN in attention's weighted sum).
-model::AttentionInputs left_padded_attention(const at::Tensor& mask /* [B, T] bool */) {
-  const int64_t t = mask.size(1);
-  const at::Tensor positions = at::clamp_min(at::cumsum(mask.to(at::kLong), 1) - 1, 0);  // [B, T] int64
-  const at::Tensor causal = at::ones({t, t}, mask.options().dtype(at::kBool)).tril();  // [T, T]
-  const at::Tensor self = at::eye(t, mask.options().dtype(at::kBool));                 // [T, T]
-  const at::Tensor keys = mask.unsqueeze(1).unsqueeze(1);                              // [B, 1, 1, T]
-  model::AttentionInputs a;
-  a.position_ids = positions;
-  a.mask = at::logical_or(at::logical_and(causal, keys), self);  // [B, 1, T, T]
-  return a;
-}
 
 // Generated tokens allowed beyond the reference's length (whitespace the
 // comparison trims, then the stop token).
@@ -62,49 +47,19 @@ std::vector<int32_t> stop_token_ids(const data::Tokenizer& tokenizer) {
 std::vector<std::vector<int32_t>> greedy_generate(const model::DecoderModel& model,
                                                   const std::vector<std::vector<int32_t>>& prompts,
                                                   const std::vector<int32_t>& stop_ids, int64_t max_new_tokens) {
-  at::NoGradGuard no_grad;
-  const auto b = static_cast<int64_t>(prompts.size());
+  SamplingOptions o;
+  o.max_new_tokens = max_new_tokens;
+  o.stop_ids = stop_ids;
   std::vector<std::vector<int32_t>> out(prompts.size());
-  if (b == 0) return out;
-  int64_t longest = 0;
-  for (const auto& p : prompts) longest = std::max<int64_t>(longest, static_cast<int64_t>(p.size()));
-
-  // [B, T] ids and mask, left-padded; grown by one column per generated token.
-  at::Tensor ids = at::zeros({b, longest}, at::kLong);
-  at::Tensor mask = at::zeros({b, longest}, at::kBool);
-  for (int64_t r = 0; r < b; ++r) {
-    const auto& p = prompts[static_cast<size_t>(r)];
-    const auto n = static_cast<int64_t>(p.size());
-    if (n == 0) continue;
-    ids[r].narrow(0, longest - n, n).copy_(at::tensor(std::vector<int64_t>(p.begin(), p.end()), at::kLong));
-    mask[r].narrow(0, longest - n, n).fill_(true);
-  }
-  const c10::Device device = model.device();
-  ids = ids.to(device);
-  mask = mask.to(device);
-
-  std::vector<bool> done(prompts.size(), false);
-  for (int64_t step = 0; step < max_new_tokens; ++step) {
-    const at::Tensor hidden = model.forward_hidden(ids, left_padded_attention(mask));  // [B, T, h]
-    const at::Tensor last = hidden.select(1, hidden.size(1) - 1);                       // [B, h]
-    const at::Tensor next = model.logits(last).argmax(-1);                              // [B] int64
-    const at::Tensor next_cpu = next.to(at::kCPU);
-    const auto* nx = next_cpu.data_ptr<int64_t>();
-    bool all_done = true;
-    for (size_t r = 0; r < prompts.size(); ++r) {
-      if (done[r]) continue;
-      const auto tok = static_cast<int32_t>(nx[r]);
-      if (std::find(stop_ids.begin(), stop_ids.end(), tok) != stop_ids.end()) {
-        done[r] = true;
-      } else {
-        out[r].push_back(tok);
-        all_done = false;
-      }
+  std::vector<std::vector<int32_t>> nonempty;
+  std::vector<size_t> where;
+  for (size_t i = 0; i < prompts.size(); ++i)
+    if (!prompts[i].empty()) {
+      nonempty.push_back(prompts[i]);
+      where.push_back(i);
     }
-    if (all_done) break;
-    ids = at::cat({ids, next.unsqueeze(1)}, 1);
-    mask = at::cat({mask, at::ones({b, 1}, mask.options())}, 1);
-  }
+  const auto gen = generate(model, nonempty, o);
+  for (size_t i = 0; i < where.size(); ++i) out[where[i]] = gen[i];
   return out;
 }
 

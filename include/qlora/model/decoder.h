@@ -117,6 +117,17 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionInputs& attention,
                      int64_t window = 0, double scale = 0.0, double softcap = 0.0);
 
+// ---------------------------------------------------------------- decoding
+
+// Keys (after RoPE) and values of the positions decoded so far, per layer [B, kv heads,
+// capacity, head_dim] (grouped-query: kv heads only), filled up to `length`. A forward that takes
+// a cache writes its tokens' keys and values at `length` and attends over all of them; the caller
+// advances `length` after the last layer and gives each call a mask [B, 1, T, length + T].
+struct KvCache {
+  std::vector<at::Tensor> k, v;
+  int64_t length = 0;
+};
+
 // ---------------------------------------------------------------- the model
 
 class DecoderModel {
@@ -140,9 +151,12 @@ class DecoderModel {
   at::Tensor embed(const at::Tensor& input_ids) const;  // [B, T] int64 -> [B, T, h]
   // cos, sin [B, T, head_dim] in the model dtype for these positions.
   std::pair<at::Tensor, at::Tensor> rope(const at::Tensor& position_ids) const;
-  // One decoder layer: hidden [B, T, h] -> [B, T, h].
+  // One decoder layer: hidden [B, T, h] -> [B, T, h]; with a cache, T new positions after the
+  // cached ones (KvCache).
   at::Tensor layer_forward(int64_t layer, const at::Tensor& hidden, const std::pair<at::Tensor, at::Tensor>& cos_sin,
-                           const AttentionInputs& attention) const;
+                           const AttentionInputs& attention, KvCache* cache = nullptr) const;
+  // An empty cache for `batch` rows of up to `capacity` positions, in the model's dtype and device.
+  KvCache new_cache(int64_t batch, int64_t capacity) const;
   at::Tensor final_norm(const at::Tensor& hidden) const;  // [.., h]
   // The family's RMSNorm (pieces.norm_plus_one: Gemma's (1 + w)) of x with `weight`.
   at::Tensor norm(const at::Tensor& x, const at::Tensor& weight) const;
