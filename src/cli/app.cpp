@@ -54,6 +54,8 @@ int run(int argc, char** argv) {
   remember(add_config_command(app));
   remember(add_data_command(app));
   remember(add_merge_command(app));
+  remember(add_generate_command(app));
+  remember(add_chat_command(app));
   remember(add_env_command(app));
 
   if (argc >= 2 && argv[1][0] != '-') {
