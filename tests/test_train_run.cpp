@@ -142,6 +142,10 @@ TEST(TrainRun, TrainsWritesMetricsAndAPeftAdapter) {
     if (j["type"] == "train") {
       EXPECT_TRUE(j.contains("lr") && j.contains("grad_norm") && j.contains("tokens_per_second"));
       EXPECT_GT(j["memory_bytes"].get<int64_t>(), 0);
+    } else {  // a few held-out answers beside their prompts and references
+      ASSERT_EQ(j["samples"].size(), 3u) << line;
+      EXPECT_NE(j["samples"][0]["prompt"].get<std::string>().find("### Response:"), std::string::npos) << line;
+      EXPECT_TRUE(j["samples"][0].contains("answer") && j["samples"][0].contains("reference"));
     }
   }
   EXPECT_EQ(train_steps, (std::vector<int64_t>{1, 2, 3, 4, 5, 6}));

@@ -87,7 +87,7 @@ EvalResult evaluate(const model::DecoderModel& model, const data::Tokenizer& tok
   r.loss = r.tokens > 0 ? sum / static_cast<double>(r.tokens) : 0.0;
 
   // Exact match: greedy answers to the first generate_examples prompts.
-  const std::vector<int32_t> stops = stop_token_ids(tokenizer);
+  const std::vector<int32_t> stops = options.stop_ids.empty() ? stop_token_ids(tokenizer) : options.stop_ids;
   std::vector<size_t> chosen;  // indices into examples
   for (size_t i = 0; i < examples.size(); ++i) {
     if (static_cast<int64_t>(chosen.size()) >= options.generate_examples) break;
@@ -116,8 +116,15 @@ EvalResult evaluate(const model::DecoderModel& model, const data::Tokenizer& tok
       ++r.generated;
       std::string answer = tokenizer.decode(answers[j]);
       if (trim(answer) == refs[j]) ++r.exact;
-      if (static_cast<int64_t>(r.samples.size()) < options.samples)
-        r.samples.push_back({static_cast<int64_t>(chosen[i + j]), std::move(answer), refs[j]});
+      if (static_cast<int64_t>(r.samples.size()) < options.samples) {
+        std::string prompt = tokenizer.decode(prompts[j]);
+        if (prompt.size() > 160) {  // the tail, from a character's first byte (JSON wants whole UTF-8)
+          size_t from = prompt.size() - 160;
+          while (from < prompt.size() && (static_cast<unsigned char>(prompt[from]) & 0xC0) == 0x80) ++from;
+          prompt = "..." + prompt.substr(from);
+        }
+        r.samples.push_back({static_cast<int64_t>(chosen[i + j]), std::move(prompt), std::move(answer), refs[j]});
+      }
     }
   }
   r.seconds = std::chrono::duration<double>(Clock::now() - start).count();

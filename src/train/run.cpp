@@ -76,9 +76,25 @@ json step_json(const StepEvent& e, int64_t memory_bytes) {
 }
 
 json eval_json(int64_t step, const EvalResult& r) {
+  json samples = json::array();
+  for (const EvalSample& s : r.samples)
+    samples.push_back({{"index", s.index}, {"prompt", s.prompt}, {"answer", s.answer}, {"reference", s.reference}});
   return json{{"type", "eval"},          {"step", step},           {"loss", r.loss},
               {"tokens", r.tokens},      {"examples", r.examples}, {"exact_match", r.exact},
-              {"generated", r.generated}, {"accuracy", r.accuracy()}, {"seconds", r.seconds}};
+              {"generated", r.generated}, {"accuracy", r.accuracy()}, {"seconds", r.seconds},
+              {"samples", samples}};
+}
+
+// "  sample: ...prompt -> answer (reference: ...)", one line for the log; "" without one.
+std::string sample_line(const EvalResult& r) {
+  if (r.samples.empty()) return "";
+  const EvalSample& s = r.samples.front();
+  const auto one_line = [](std::string t) {
+    for (char& c : t)
+      if (c == '\n' || c == '\r') c = ' ';
+    return "\"" + t + "\"";
+  };
+  return "  sample: " + one_line(s.prompt) + " -> " + one_line(s.answer) + " (reference " + one_line(s.reference) + ")";
 }
 
 // Held-out evaluation split over the ranks (rank r takes examples r, r + W,
@@ -464,12 +480,22 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   };
   result.metrics_path = MetricsLog::path_in(cfg.output.dir);
   Progress progress(total, cfg.output.logging_steps, options.progress_bar && main_rank);
+  // Held-out answers end where the chat template ends a reply, too (Gemma's <end_of_turn>, ...).
+  EvalOptions eval_options = options.eval;
+  if (eval_options.stop_ids.empty()) {
+    eval_options.stop_ids = stop_token_ids(*tokenizer);
+    if (const auto eot = tokenizer->token_id(sets.train.summary.end_of_turn);
+        eot && !sets.train.summary.end_of_turn.empty() &&
+        std::find(eval_options.stop_ids.begin(), eval_options.stop_ids.end(), *eot) == eval_options.stop_ids.end())
+      eval_options.stop_ids.push_back(*eot);
+  }
   const auto run_eval = [&](int64_t step) {
     adapter.set_training(false);
-    const EvalResult r = evaluate_sharded(model, *tokenizer, sets.eval.examples, options.eval, group);
+    const EvalResult r = evaluate_sharded(model, *tokenizer, sets.eval.examples, eval_options, group);
     adapter.set_training(true);
     write_metrics(eval_json(step, r));
     progress.message("step " + std::to_string(step) + " " + format_eval_line(r));
+    if (const std::string line = sample_line(r); !line.empty()) progress.message(line);
     return r;
   };
   // The step whose checkpoint is on disk and verified: the one resumed from,

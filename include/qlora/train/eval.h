@@ -39,12 +39,14 @@ struct EvalOptions {
   int64_t loss_chunk = 1024;       // tokens per chunk of the cross-entropy
   int64_t generate_examples = 64;  // exact match over the first N examples (0: skip)
   int64_t max_new_tokens = 32;     // generation cap per example (also: reference length + 2)
-  int64_t samples = 1;             // generated answers kept in EvalResult::samples
+  int64_t samples = 3;             // generated answers kept in EvalResult::samples
+  std::vector<int32_t> stop_ids;   // where an answer ends; empty: stop_token_ids(tokenizer)
 };
 
 // One generated answer beside its reference, for showing what the model says.
 struct EvalSample {
   int64_t index = 0;      // of the example in the evaluated set
+  std::string prompt;     // its prompt's last 160 bytes, decoded (what the answer follows)
   std::string answer;     // decoded as generated (exact match compares it trimmed)
   std::string reference;  // decoded and trimmed
 };
