@@ -288,3 +288,21 @@ TEST(ChatData, EndOfTurnOfEachSharedTemplate) {
 
 }  // namespace
 }  // namespace qlora::data
+
+namespace qlora::data {
+namespace {
+
+// The template written beside adapters trained on alpaca data prompts as training did.
+TEST(ChatData, AlpacaTemplateGivesTheTrainingPrompt) {
+  const auto chat = make_model_chat(alpaca_chat_template(), "alpaca",
+                                    {{"bos_token", "<s>"}, {"eos_token", "</s>"}});
+  const ojson user = ojson::array({{{"role", "user"}, {"content", "Add 2 and 3."}}});
+  EXPECT_EQ(chat->tmpl.render(user, true, chat->variables), "<s>" + alpaca_prompt("Add 2 and 3.", ""));
+  ojson both = user;
+  both.push_back({{"role", "assistant"}, {"content", "5"}});
+  EXPECT_EQ(chat->tmpl.render(both, false, chat->variables), "<s>" + alpaca_prompt("Add 2 and 3.", "") + "5</s>");
+  EXPECT_EQ(chat->end_of_turn, "</s>");
+}
+
+}  // namespace
+}  // namespace qlora::data

@@ -298,6 +298,14 @@ std::string builtin_chat_template(ChatTemplate kind) {
   }
 }
 
+std::string alpaca_chat_template() {
+  // alpaca_prompt(instruction, "") in Jinja; '\\n' is Jinja's newline escape.
+  return "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ 'Below is an instruction "
+         "that describes a task. Write a response that appropriately completes the request.\\n\\n### Instruction:\\n' + "
+         "message['content'] + '\\n\\n### Response:\\n' }}{% elif message['role'] == 'assistant' %}{{ "
+         "message['content'] + eos_token }}{% endif %}{% endfor %}";
+}
+
 DataFormat detect_format(std::string_view json_line) {
   return detect_from_object(parse_object(json_line));
 }

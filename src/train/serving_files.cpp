@@ -9,6 +9,7 @@
 #include "qlora/common/errors.h"
 #include "qlora/common/log.h"
 #include "qlora/common/text.h"
+#include "qlora/data/format.h"
 
 namespace qlora::train {
 namespace {
@@ -60,11 +61,17 @@ std::string write_serving_files(const std::string& adapter_dir, const data::Data
       written.push_back(name);
     }
   }
-  if (summary.format != DataFormat::kChat || summary.chat_template_text.empty()) {
+  // Chat data: the template it was rendered with; alpaca data: a template giving its prompt.
+  const bool alpaca = summary.format == DataFormat::kAlpaca;
+  const std::string jinja = alpaca ? data::alpaca_chat_template() : summary.chat_template_text;
+  if ((summary.format != DataFormat::kChat && !alpaca) || jinja.empty()) {
     return written.empty() ? "" : "beside it: " + join(written);
   }
-  write_replacing(out / "chat_template.jinja", summary.chat_template_text);
+  write_replacing(out / "chat_template.jinja", jinja);
   written.push_back("chat_template.jinja");
+  if (alpaca) {  // it ends an answer with eos, which generation already stops at
+    return "beside it: " + join(written);
+  }
 
   // generation_config.json: the base's (or bos/eos from the tokenizer), eos_token_id a list that
   // ends with the end-of-turn token.

@@ -98,6 +98,11 @@ struct ChatRendering {
 // model's template, and written beside adapters so the tuned model is served with it.
 std::string builtin_chat_template(ChatTemplate kind);
 
+// A chat template that prompts as alpaca training did: a user turn becomes the Alpaca prompt
+// (no input) after bos, an assistant turn its text and eos. Written beside adapters trained on
+// alpaca data, so `qlora chat` and transformers prompt the tuned model the same way.
+std::string alpaca_chat_template();
+
 // Note [Alpaca prompt]: the wording of Stanford Alpaca's two prompts (with and
 // without input), with one newline after "### Response:" so the response
 // starts on its own line (as Alpaca-LoRA does): the prompt/response boundary is

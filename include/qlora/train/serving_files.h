@@ -2,7 +2,8 @@
 // model is served the way it was trained: the tokenizer's files, the chat template the chat data
 // was rendered with (chat_template.jinja), and a generation_config.json whose eos_token_id also
 // holds the template's end-of-turn token (a base model tuned on chats then stops after a reply in
-// transformers' generate and vLLM). `qlora merge` prefers these files to the base model's.
+// transformers' generate and vLLM); after alpaca data, a template that gives the Alpaca prompt
+// (data/format.h). `qlora merge` prefers these files to the base model's.
 #pragma once
 
 #include <string>
