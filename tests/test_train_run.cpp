@@ -23,6 +23,7 @@
 #include "qlora/model/decoder.h"
 #include "qlora/train/demo.h"
 #include "qlora/train/eval.h"
+#include "qlora/train/progress.h"
 #include "qlora/train/run.h"
 #include "support/test_support.h"
 #include "support/train_fixtures.h"
@@ -49,6 +50,18 @@ TEST(TrainRun, BannerLines) {
   cfg.train.gradient_accumulation_steps = 16;
   EXPECT_EQ(train::effective_batch_line(cfg, 1),
             "effective batch = micro 2 × accumulation 16 × GPUs 1 = 32 sequences per optimizer step");
+}
+
+// The ETA counts the held-out evaluations still ahead: eval_steps 3 over 10 steps evaluates at
+// 3, 6, 9 (after those steps) and at the end.
+TEST(TrainRun, EvaluationsLeftForTheEta) {
+  EXPECT_EQ(train::evaluations_left(1, 10, 3), 4);   // 3, 6, 9, end
+  EXPECT_EQ(train::evaluations_left(3, 10, 3), 4);   // step 3's own evaluation runs after the update
+  EXPECT_EQ(train::evaluations_left(4, 10, 3), 3);
+  EXPECT_EQ(train::evaluations_left(9, 10, 3), 2);
+  EXPECT_EQ(train::evaluations_left(10, 10, 3), 1);  // only the final one
+  EXPECT_EQ(train::evaluations_left(5, 10, 0), 1);   // no periodic evaluation
+  EXPECT_EQ(train::evaluations_left(5, 10, 5), 2);   // 5, end (10 is the final one, not a periodic)
 }
 
 TEST(TrainRun, BatchedGreedyEqualsOneByOne) {

@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -17,6 +18,11 @@
 #include "qlora/train/memory.h"
 
 namespace qlora::train {
+
+int64_t evaluations_left(int64_t step, int64_t total, int64_t every) {
+  const int64_t periodic = every > 0 && step < total ? (total - 1) / every - (step - 1) / every : 0;
+  return std::max<int64_t>(periodic, 0) + 1;
+}
 
 int64_t memory_in_use(c10::Device device) { return memory_stats(device).allocated; }
 

@@ -489,9 +489,11 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
         std::find(eval_options.stop_ids.begin(), eval_options.stop_ids.end(), *eot) == eval_options.stop_ids.end())
       eval_options.stop_ids.push_back(*eot);
   }
+  double last_eval_seconds = 0.0;  // the ETA adds the evaluations still to come at this cost
   const auto run_eval = [&](int64_t step) {
     adapter.set_training(false);
     const EvalResult r = evaluate_sharded(model, *tokenizer, sets.eval.examples, eval_options, group);
+    last_eval_seconds = r.seconds;
     adapter.set_training(true);
     write_metrics(eval_json(step, r));
     progress.message("step " + std::to_string(step) + " " + format_eval_line(r));
@@ -530,7 +532,11 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
     sum = train_loop(cfg, trainer, loader, [&](const StepEvent& e) {
       const int64_t mem = memory_in_use(dev.device);
       write_metrics(step_json(e, mem));
-      progress.update(e, mem);
+      StepEvent shown = e;
+      if (has_eval)
+        shown.eta_seconds +=
+            static_cast<double>(evaluations_left(e.step, e.total, cfg.train.eval_steps)) * last_eval_seconds;
+      progress.update(shown, mem);
       result.losses.push_back(e.stats.loss);
       if (has_eval && cfg.train.eval_steps > 0 && e.step % cfg.train.eval_steps == 0 && e.step < e.total)
         run_eval(e.step);

@@ -378,6 +378,7 @@ std::string format_step_line(int64_t step, int64_t total, const StepStats& stats
 }
 
 LoopSummary train_loop(const Config& cfg, Trainer& trainer, data::DataLoader& loader, const StepCallback& on_step) {
+  double step_seconds_sum = 0.0;  // training steps only, for the ETA
   using Clock = std::chrono::steady_clock;
   const int64_t total = total_optimizer_steps(cfg.train, loader.steps_in_epoch(0));
   if (trainer.scheduler().total_steps() != total)
@@ -416,8 +417,10 @@ LoopSummary train_loop(const Config& cfg, Trainer& trainer, data::DataLoader& lo
     ++sum.steps;
     sum.skipped += e.stats.skipped ? 1 : 0;
     sum.tokens += e.stats.tokens;
-    const double elapsed = std::chrono::duration<double>(now - start).count();
-    e.eta_seconds = elapsed / static_cast<double>(sum.steps) * static_cast<double>(total - e.step);
+    // The steps alone (what the callback does between them, evaluation and saves, is the caller's
+    // to add: train/run.cpp counts the evaluations still to come).
+    step_seconds_sum += e.step_seconds;
+    e.eta_seconds = step_seconds_sum / static_cast<double>(sum.steps) * static_cast<double>(total - e.step);
 
     if (on_step) {
       RECORD_USER_SCOPE("qlora::on_step");

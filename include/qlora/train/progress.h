@@ -32,6 +32,10 @@ std::string format_duration(double seconds);
 // format_step_line plus " | ETA 4:05 | mem 1.23 GiB".
 std::string format_progress_line(const StepEvent& e, int64_t memory_bytes);
 
+// Held-out evaluations a run still has after optimizer step `step` of `total`: one at every
+// multiple of `every` from `step` on below `total` (0: none) and the final one. What the ETA adds.
+int64_t evaluations_left(int64_t step, int64_t total, int64_t every);
+
 class Progress {
  public:
   // tty: draw a bar on stderr (pass isatty(2)); otherwise log every `every` steps.

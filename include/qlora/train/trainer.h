@@ -215,7 +215,7 @@ struct StepEvent {
   double step_seconds = 0.0;       // wall time of this step
   int64_t input_tokens = 0;        // real (non-padding) tokens of the step, all ranks
   double tokens_per_second = 0.0;  // input_tokens / step_seconds (what throughput means to users)
-  double eta_seconds = 0.0;        // remaining steps × mean step time of this call
+  double eta_seconds = 0.0;        // remaining steps × mean step time of this call (steps only)
 };
 
 // Called after every optimizer step: progress, metrics, evaluation and
