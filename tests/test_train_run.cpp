@@ -172,6 +172,42 @@ TEST(TrainRun, TrainsWritesMetricsAndAPeftAdapter) {
   EXPECT_EQ(loaded.module_names().size(), 2u * 7u);
 }
 
+// lora.init_from: a second run starts from the first one's adapter (its held-out loss at step 0
+// is the first run's final one, bit for bit) and refuses an adapter of another shape.
+TEST(TrainRun, ContinuesFromAnAdapter) {
+  const std::string tmp = testing::make_temp_dir("run_init_from");
+  Config cfg = default_config();
+  cfg.model.path = small_model_dir();
+  cfg.data.path = testing::small_alpaca_data(tmp, 16, 100);
+  cfg.data.eval_path = testing::small_alpaca_data(tmp, 4, 500);
+  cfg.data.max_seq_length = 256;
+  cfg.lora.dropout = 0.0;
+  cfg.train.micro_batch_size = 4;
+  cfg.train.gradient_accumulation_steps = 1;
+  cfg.train.max_steps = 3;
+  cfg.train.learning_rate = 3e-3;
+  cfg.train.precision = Precision::kFp32;
+  cfg.output.dir = tmp + "/first";
+  train::RunOptions ro = testing::cpu_run_options();
+  ro.eval.generate_examples = 0;
+  const train::RunResult first = train::run_training(cfg, ro);
+  ASSERT_TRUE(first.has_eval);
+
+  cfg.lora.init_from = first.adapter_dir;
+  cfg.output.dir = tmp + "/second";
+  ro.evaluate_at_start = true;
+  const train::RunResult second = train::run_training(cfg, ro);
+  EXPECT_EQ(second.start_eval.loss, first.final_eval.loss);
+  EXPECT_EQ(second.steps, 3);
+  EXPECT_LT(second.final_eval.loss, second.start_eval.loss);
+
+  cfg.lora.r = 8;
+  cfg.output.dir = tmp + "/third";
+  const std::string msg = testing::error_of([&] { train::run_training(cfg, ro); });
+  EXPECT_NE(msg.find("lora.init_from names an adapter that does not match"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("r 16 (the config's lora.r 8)"), std::string::npos) << msg;
+}
+
 TEST(TrainRun, MissingModelPathSaysWhatToDo) {
   Config cfg = default_config();
   cfg.data.path = "data/demo/train.alpaca.jsonl";

@@ -140,6 +140,9 @@ std::vector<Field> build_schema() {
            "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj, or all-linear"));
   add(bind_member("lora.rslora", Kind::kBool, &C::lora, &LoraConfig::rslora,
            "rank-stabilized scaling alpha / sqrt(r): steadier at high r"));
+  add(bind_member("lora.init_from", Kind::kString, &C::lora, &LoraConfig::init_from,
+                  "a PEFT adapter directory to continue training from (its r, alpha and targets must match); "
+                  "the optimizer starts fresh"));
 
   // data
   add(bind_member("data.path", Kind::kString, &C::data, &DataConfig::path, "JSONL training file"));

@@ -38,6 +38,40 @@ void save_adapter(const LoraAdapter& adapter, const std::string& dir, const std:
   write_text_atomically(fs::path(dir) / "adapter_config.json", adapter_config_json(adapter, base_model));
 }
 
+void init_adapter_from(LoraAdapter& adapter, const std::string& dir) {
+  const std::string config_path = (fs::path(dir) / "adapter_config.json").string();
+  const std::string weights_path = (fs::path(dir) / "adapter_model.safetensors").string();
+  const LoraSettings s = read_adapter_config(config_path);
+  const LoraSettings& mine = adapter.settings();
+  std::vector<std::string> diffs;
+  if (s.r != mine.r) diffs.push_back("r " + std::to_string(s.r) + " (the config's lora.r " + std::to_string(mine.r) + ")");
+  if (s.alpha != mine.alpha)
+    diffs.push_back("lora_alpha " + std::to_string(s.alpha) + " (lora.alpha " + std::to_string(mine.alpha) + ")");
+  if (s.rslora != mine.rslora)
+    diffs.push_back(std::string("use_rslora ") + (s.rslora ? "true" : "false") + " (lora.rslora " +
+                    (mine.rslora ? "true" : "false") + ")");
+  std::map<std::string, at::Tensor> tensors;
+  std::error_code ec;
+  if (!fs::exists(weights_path, ec)) throw InputError(weights_path + ": not found; lora.init_from must name a PEFT adapter directory");
+  tensors = io::load_safetensors(weights_path);
+  std::vector<std::string> missing;
+  for (const auto& [key, t] : adapter.named_parameters())
+    if (!tensors.count(key)) missing.push_back(key);
+  if (!missing.empty())
+    diffs.push_back(std::to_string(missing.size()) + " of the config's LoRA weights are not in it (first: " + missing[0] +
+                    "): its target_modules differ from lora.target_modules");
+  if (tensors.size() > adapter.named_parameters().size())
+    diffs.push_back("it holds " + std::to_string(tensors.size()) + " LoRA weights where the config makes " +
+                    std::to_string(adapter.named_parameters().size()) + ": it targets more modules");
+  if (!diffs.empty()) {
+    std::string list;
+    for (const auto& d : diffs) list += (list.empty() ? "" : "; ") + d;
+    throw InputError(dir + ": lora.init_from names an adapter that does not match the run's LoRA: " + list +
+                     ". Set lora.r, lora.alpha, lora.rslora and lora.target_modules to the adapter's");
+  }
+  adapter.load_state(tensors, weights_path);
+}
+
 LoraAdapter load_adapter(model::DecoderModel& model, const std::string& dir) {
   const std::string config_path = (fs::path(dir) / "adapter_config.json").string();
   const std::string weights_path = (fs::path(dir) / "adapter_model.safetensors").string();

@@ -382,6 +382,10 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   // PEFT would silently skip the rest, as attach's matching does.
   plan::resolve_lora_targets(cfg.lora.target_modules, model.config());
   lora::LoraAdapter adapter = lora::LoraAdapter::attach(model, lora::settings_from_config(cfg.lora));
+  if (!cfg.lora.init_from.empty()) {  // continue an adapter (a resume then loads its checkpoint over it)
+    lora::init_adapter_from(adapter, cfg.lora.init_from);
+    log::info("LoRA weights from " + cfg.lora.init_from + " (lora.init_from); the optimizer starts fresh");
+  }
   // Every rank drew the same A (same seed, above); from here each rank's
   // dropout masks come from its own stream.
   if (launch.rank > 0) at::manual_seed(static_cast<uint64_t>(cfg.train.seed) + static_cast<uint64_t>(launch.rank));

@@ -72,6 +72,7 @@ struct LoraConfig {
   // or the single entry "all-linear".
   std::vector<std::string> target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};
   bool rslora = false;  // scaling alpha / sqrt(r) instead of alpha / r
+  std::string init_from;  // a PEFT adapter directory training continues from ("": fresh LoRA)
 };
 
 struct DataConfig {

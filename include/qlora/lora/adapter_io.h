@@ -34,4 +34,9 @@ void save_adapter(const LoraAdapter& adapter, const std::string& dir, const std:
 // naming the file for anything that does not fit the model.
 LoraAdapter load_adapter(model::DecoderModel& model, const std::string& dir);
 
+// Fills `adapter` (attached from the run's config) with the weights of the PEFT adapter in `dir`
+// (lora.init_from: training continues from it). Its rank, alpha, rslora and target modules must
+// be the adapter's: an InputError names `dir` and lists every difference.
+void init_adapter_from(LoraAdapter& adapter, const std::string& dir);
+
 }  // namespace qlora::lora
