@@ -404,6 +404,9 @@ class Loader {
             "set either model.path (a model directory) or model.preset (shapes only, for planning), not both",
             line_for("model.preset"));
     check_names(c);
+    if (c.output.report_to != "tensorboard" && c.output.report_to != "none")
+      issue("output.report_to", "expected tensorboard or none, got \"" + c.output.report_to + "\"",
+            line_for("output.report_to"));
     if (c.output.dir.empty())
       issue("output.dir", "expected a directory path, got an empty string", line_for("output.dir"));
     if (c.train.no_recompute_layers > 0 && c.train.recompute == Recompute::kAuto)

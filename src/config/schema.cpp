@@ -235,6 +235,8 @@ std::vector<Field> build_schema() {
                  "keep the newest N checkpoints; 0 keeps all")), 0, 1e6);
   range(add(bind_member("output.logging_steps", Kind::kInt, &C::output, &OutputConfig::logging_steps,
                  "log loss, lr and speed every N optimizer steps")), 1, 1e12);
+  add(bind_member("output.report_to", Kind::kString, &C::output, &OutputConfig::report_to,
+                  "tensorboard: TensorBoard event files in output.dir/runs (tensorboard --logdir); none"));
 
   // hardware, distributed
   add(bind_member("hardware.gpu", Kind::kString, &C::hardware, &HardwareConfig::gpu,
@@ -300,6 +302,7 @@ std::vector<Alias> build_aliases() {
       {"save_steps", "output.save_steps", {}},
       {"save_total_limit", "output.keep_last", {}},
       {"logging_steps", "output.logging_steps", {}},
+      {"report_to", "output.report_to", {}},
       // PEFT LoraConfig
       {"lora_r", "lora.r", {}},
       {"lora_alpha", "lora.alpha", {}},

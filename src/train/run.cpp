@@ -45,6 +45,7 @@
 #include "qlora/train/schedule.h"
 #include "qlora/train/serving_files.h"
 #include "qlora/train/state.h"
+#include "qlora/train/tensorboard.h"
 #include "qlora/train/threads.h"
 #include "qlora/train/trainer.h"
 #include "qlora/train/vocab_check.h"
@@ -479,8 +480,13 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
 
   // 7. the loop (rank 0 alone writes metrics.jsonl and draws progress)
   std::unique_ptr<MetricsLog> metrics = main_rank ? std::make_unique<MetricsLog>(cfg.output.dir) : nullptr;
+  // TensorBoard's events from metrics.jsonl as it stands (a resume cut it back to its checkpoint).
+  std::unique_ptr<TensorboardLog> events = main_rank && cfg.output.report_to == "tensorboard"
+                                               ? std::make_unique<TensorboardLog>(cfg.output.dir, metrics_path)
+                                               : nullptr;
   const auto write_metrics = [&](const json& j) {
     if (metrics) metrics->write(j.dump());
+    if (events) events->write(j);
   };
   result.metrics_path = MetricsLog::path_in(cfg.output.dir);
   Progress progress(total, cfg.output.logging_steps, options.progress_bar && main_rank);

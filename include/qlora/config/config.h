@@ -126,6 +126,7 @@ struct OutputConfig {
   int64_t save_steps = 500;
   int64_t keep_last = 3;     // 0 keeps every checkpoint
   int64_t logging_steps = 10;
+  std::string report_to = "tensorboard";  // tensorboard (event files in dir/runs) | none
 };
 
 struct HardwareConfig {
