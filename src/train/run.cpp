@@ -24,6 +24,7 @@
 #include "qlora/ckpt/sha256.h"
 #include "qlora/ckpt/store.h"
 #include "qlora/common/errors.h"
+#include "qlora/common/text.h"
 #include "qlora/common/log.h"
 #include "qlora/data/dataset.h"
 #include "qlora/data/loader.h"
@@ -40,6 +41,7 @@
 #include "qlora/train/layer_choice.h"
 #include "qlora/train/measure.h"
 #include "qlora/train/memory.h"
+#include "qlora/train/plot.h"
 #include "qlora/train/progress.h"
 #include "qlora/train/setup.h"
 #include "qlora/train/schedule.h"
@@ -589,6 +591,14 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
     lora::save_adapter(adapter, result.adapter_dir, cfg.model.path);
     if (const std::string line = write_serving_files(result.adapter_dir, sets.train.summary, *tokenizer); !line.empty())
       log::info("adapter: " + line);
+  }
+  if (main_rank) {  // the loss curve beside metrics.jsonl (a picture: never fails the run)
+    try {
+      write_text_file((std::filesystem::path(cfg.output.dir) / "loss.svg").string(),
+                      loss_plot_svg(result.metrics_path, cfg.output.dir));
+    } catch (const std::exception& e) {
+      log::warn(std::string("loss.svg not written: ") + e.what());
+    }
   }
   group.barrier();  // no rank reports done before the adapter is on disk
   result.seconds = std::chrono::duration<double>(Clock::now() - start).count();
