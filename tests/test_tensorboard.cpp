@@ -30,12 +30,7 @@ TEST(Tensorboard, TensorboardReadsEveryMetricOnceAcrossAResume) {
   const std::string py = testing::python_with("tensorboard", &why);
   if (py.empty()) GTEST_SKIP() << why;
   const std::string tmp = testing::make_temp_dir("tensorboard");
-  Config cfg = default_config();
-  cfg.model.path = testing::small_model_dir();
-  cfg.data.path = testing::small_alpaca_data(tmp, 16, 100);
-  cfg.data.eval_path = testing::small_alpaca_data(tmp, 4, 500);
-  cfg.data.max_seq_length = 256;
-  cfg.train.micro_batch_size = 4;
+  Config cfg = testing::small_run_config(tmp, 16, 4);
   cfg.train.gradient_accumulation_steps = 1;
   cfg.train.max_steps = 4;
   cfg.train.eval_steps = 2;

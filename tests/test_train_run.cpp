@@ -120,14 +120,9 @@ TEST(TrainRun, ExactMatchCountsWhatGenerationProduces) {
 
 TEST(TrainRun, TrainsWritesMetricsAndAPeftAdapter) {
   const std::string tmp = testing::make_temp_dir("run_train");
-  Config cfg = default_config();
-  cfg.model.path = small_model_dir();
-  cfg.data.path = testing::small_alpaca_data(tmp, 48, 100);
-  cfg.data.eval_path = testing::small_alpaca_data(tmp, 8, 500);
-  cfg.data.max_seq_length = 256;
+  Config cfg = testing::small_run_config(tmp, 48, 8);
   cfg.lora.target_modules = {"all-linear"};
   cfg.lora.dropout = 0.0;
-  cfg.train.micro_batch_size = 4;
   cfg.train.gradient_accumulation_steps = 2;
   cfg.train.max_steps = 6;
   cfg.train.learning_rate = 3e-3;
@@ -176,13 +171,8 @@ TEST(TrainRun, TrainsWritesMetricsAndAPeftAdapter) {
 // is the first run's final one, bit for bit) and refuses an adapter of another shape.
 TEST(TrainRun, ContinuesFromAnAdapter) {
   const std::string tmp = testing::make_temp_dir("run_init_from");
-  Config cfg = default_config();
-  cfg.model.path = small_model_dir();
-  cfg.data.path = testing::small_alpaca_data(tmp, 16, 100);
-  cfg.data.eval_path = testing::small_alpaca_data(tmp, 4, 500);
-  cfg.data.max_seq_length = 256;
+  Config cfg = testing::small_run_config(tmp, 16, 4);
   cfg.lora.dropout = 0.0;
-  cfg.train.micro_batch_size = 4;
   cfg.train.gradient_accumulation_steps = 1;
   cfg.train.max_steps = 3;
   cfg.train.learning_rate = 3e-3;

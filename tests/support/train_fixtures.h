@@ -68,4 +68,16 @@ inline std::string small_completion_data(const std::string& dir, int n) {
   return write_file(dir, "completion.jsonl", text);
 }
 
+// A run of the small model on alpaca data: `train` examples and `eval` held out (0: none), rows
+// up to 256 tokens, micro batch 4; the rest default_config()'s.
+inline Config small_run_config(const std::string& dir, int train, int eval) {
+  Config cfg = default_config();
+  cfg.model.path = small_model_dir();
+  cfg.data.path = small_alpaca_data(dir, train, 100);
+  if (eval > 0) cfg.data.eval_path = small_alpaca_data(dir, eval, 500);
+  cfg.data.max_seq_length = 256;
+  cfg.train.micro_batch_size = 4;
+  return cfg;
+}
+
 }  // namespace qlora::testing
