@@ -131,7 +131,7 @@ TEST(CliTrain, UnknownCommandNamesTheCommands) {
   auto r = testing::run_qlora("trian --config x.yaml");
   EXPECT_EQ(r.exit_code, 2) << r.err;
   EXPECT_NE(r.err.find("unknown command 'trian' (did you mean 'train'?)"), std::string::npos) << r.err;
-  EXPECT_NE(r.err.find("demo train plan config data merge generate chat plot env"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("demo train plan config data merge generate chat plot export env"), std::string::npos) << r.err;
   r = testing::run_qlora("foo");
   EXPECT_EQ(r.exit_code, 2) << r.err;
   EXPECT_NE(r.err.find("unknown command 'foo'; the commands are"), std::string::npos) << r.err;

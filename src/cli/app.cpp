@@ -57,6 +57,7 @@ int run(int argc, char** argv) {
   remember(add_generate_command(app));
   remember(add_chat_command(app));
   remember(add_plot_command(app));
+  remember(add_export_command(app));
   remember(add_env_command(app));
 
   if (argc >= 2 && argv[1][0] != '-') {

@@ -24,6 +24,7 @@ Runner add_demo_command(CLI::App& root);
 Runner add_generate_command(CLI::App& root);
 Runner add_chat_command(CLI::App& root);
 Runner add_plot_command(CLI::App& root);
+Runner add_export_command(CLI::App& root);
 
 // --config FILE and repeated --set KEY=VALUE, shared by every command that
 // reads a run config.
