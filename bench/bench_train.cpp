@@ -438,9 +438,9 @@ int main(int argc, char** argv) {
         const qlora::DecoderConfig shape = qlora::model_preset(s.model);
         const fs::path model_dir = work / (std::string("model-") + s.model);
         if (!fs::exists(model_dir / "config.json") || !fs::exists(model_dir / "tokenizer.json")) {
-          qlora::train::write_llama_config(model_dir.string(), shape);
-          // Byte-level, no merges: vocabulary 261 (< the model's; ids stay in range).
-          qlora::train::write_demo_tokenizer(model_dir.string());
+          // Byte-level, no merges: vocabulary 261 (< the model's; ids stay in range), its
+          // bos/eos in config.json.
+          qlora::train::write_config_with_demo_tokenizer(model_dir.string(), shape);
         }
         j = run_one(s, args, work, model_dir, shape, gpu, time_gpu);
       } catch (const std::exception& e) {

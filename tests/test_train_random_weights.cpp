@@ -18,6 +18,7 @@
 #include "qlora/model/linear.h"
 #include "qlora/train/demo.h"
 #include "qlora/train/setup.h"
+#include "qlora/train/vocab_check.h"
 #include "support/decoder_config_checks.h"
 #include "support/test_support.h"
 #include "support/train_fixtures.h"
@@ -29,7 +30,7 @@ using testing::make_temp_dir;
 
 // One preset of each family, with what sets it apart: Llama 3's RoPE scaling and tied
 // embeddings, Mistral's sliding window, Qwen2's q/k/v biases, Qwen3's q/k norms.
-const char* const kPresets[] = {"llama-3.2-1b", "mistral-7b", "qwen2.5-1.5b", "qwen3-8b"};
+const char* const kPresets[] = {"llama-3.2-1b", "mistral-7b", "qwen2.5-1.5b", "qwen3-8b", "gemma-3-1b", "phi-4-mini"};
 
 // The preset's family, pieces, RoPE and windows at a tiny size.
 DecoderConfig tiny(const std::string& preset) {
@@ -53,8 +54,8 @@ void expect_family_tensors(const train::BaseModel& base, const std::string& pres
   const DecoderConfig& c = m.config();
   EXPECT_EQ(c.model_type, model_preset(preset).model_type) << preset;
   for (int64_t l = 0; l < m.num_layers(); ++l) {
-    for (size_t i = 0; i < decoder_linear_names().size(); ++i) {
-      const std::string& proj = decoder_linear_names()[i];
+    for (size_t i = 0; i < projection_names(c).size(); ++i) {
+      const std::string& proj = projection_names(c)[i];
       const auto frozen = std::dynamic_pointer_cast<model::FrozenLinear>(m.projection(l, i));
       ASSERT_TRUE(frozen) << preset << " layer " << l << " " << proj;
       const bool want = projection_has_bias(c, proj);
@@ -109,6 +110,16 @@ TEST(RandomWeights, ConfigOnlyDirectoryLoadsEveryFamily) {
     EXPECT_TRUE(base.random_weights) << preset;
     EXPECT_EQ(base.shape.model_type, tiny(preset).model_type);
     expect_family_tensors(base, preset);
+  }
+}
+
+// What bench_train trains on: a preset's config.json beside the demo's tokenizer, whose ids
+// config.json's bos/eos must be (the run checks them against the tokenizer before loading).
+TEST(RandomWeights, BenchDirectoryPassesTheTokenizerCheck) {
+  for (const char* preset : kPresets) {
+    const std::string dir = make_temp_dir("random_weights_bench");
+    train::write_config_with_demo_tokenizer(dir, model_preset(preset));
+    EXPECT_NO_THROW(train::load_checked_tokenizer(dir)) << preset;
   }
 }
 

@@ -134,7 +134,8 @@ json rope_scaling(const DecoderConfig& c) {
 // (read back by read_family_keys in src/model/family.cpp).
 void write_family_keys(const DecoderConfig& c, const std::string& type, json& j) {
   const LayerPieces& p = c.pieces;
-  if (p.qk_norm != (type == "qwen3")) cannot_write(c, p.qk_norm ? "has q/k norms" : "has no q/k norms");
+  if (p.qk_norm != (type == "qwen3" || type == "gemma3_text"))
+    cannot_write(c, p.qk_norm ? "has q/k norms" : "has no q/k norms");
   const int64_t window = uniform_window(c);
   const auto qwen_windows = [&] {
     j["use_sliding_window"] = window > 0;
@@ -187,6 +188,18 @@ void write_family_keys(const DecoderConfig& c, const std::string& type, json& j)
 }
 
 }  // namespace
+
+void write_config_with_demo_tokenizer(const std::string& dir, const DecoderConfig& shape) {
+  write_llama_config(dir, shape);
+  const int64_t vocab = data::write_demo_tokenizer(dir);
+  const std::string path = (fs::path(dir) / "config.json").string();
+  std::ifstream in(path);
+  json config = json::parse(in);
+  const auto first_special = vocab - static_cast<int64_t>(data::demo_special_tokens().size());
+  config["bos_token_id"] = first_special;      // <|begin_of_text|>
+  config["eos_token_id"] = first_special + 1;  // <|end_of_text|>
+  write_text_file(path, config.dump(2) + "\n");
+}
 
 void write_llama_config(const std::string& dir, const DecoderConfig& shape) {
   DecoderConfig c = shape;

@@ -43,6 +43,10 @@ void write_random_llama(const std::string& dir, const DecoderConfig& shape, uint
 // read_decoder_config reads `shape` back. Throws std::invalid_argument for pieces the family's
 // config.json cannot express (a Qwen2 without q/k/v biases, a Llama with q/k norms, ...).
 void write_llama_config(const std::string& dir, const DecoderConfig& shape);
+// write_llama_config with the demo's tokenizer beside it and config.json's bos/eos ids set to
+// that tokenizer's (its ids end far below a real vocabulary): a directory a run with
+// RunOptions::random_weights trains on (bench_train).
+void write_config_with_demo_tokenizer(const std::string& dir, const DecoderConfig& shape);
 
 // The same random weights without a file: each tensor drawn on `device` when
 // the loader asks for it (fp32). `qlora plan --measure` uses it for a model
