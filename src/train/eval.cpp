@@ -131,6 +131,28 @@ EvalResult evaluate(const model::DecoderModel& model, const data::Tokenizer& tok
   return r;
 }
 
+nlohmann::json eval_metrics_json(int64_t step, const EvalResult& r) {
+  using json = nlohmann::json;
+  json samples = json::array();
+  for (const EvalSample& s : r.samples)
+    samples.push_back({{"index", s.index}, {"prompt", s.prompt}, {"answer", s.answer}, {"reference", s.reference}});
+  return json{{"type", "eval"},          {"step", step},           {"loss", r.loss},
+              {"tokens", r.tokens},      {"examples", r.examples}, {"exact_match", r.exact},
+              {"generated", r.generated}, {"accuracy", r.accuracy()}, {"seconds", r.seconds},
+              {"samples", samples}};
+}
+
+std::string format_eval_sample(const EvalResult& r) {
+  if (r.samples.empty()) return "";
+  const EvalSample& s = r.samples.front();
+  const auto one_line = [](std::string t) {
+    for (char& c : t)
+      if (c == '\n' || c == '\r') c = ' ';
+    return "\"" + t + "\"";
+  };
+  return "  sample: " + one_line(s.prompt) + " -> " + one_line(s.answer) + " (reference " + one_line(s.reference) + ")";
+}
+
 std::string format_eval_line(const EvalResult& r) {
   char buf[200];
   std::snprintf(buf, sizeof buf, "eval loss %.4f | exact match %lld/%lld (%.1f%%) | %.1f s", r.loss,

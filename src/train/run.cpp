@@ -78,28 +78,6 @@ json step_json(const StepEvent& e, int64_t memory_bytes) {
               {"memory_bytes", memory_bytes}};
 }
 
-json eval_json(int64_t step, const EvalResult& r) {
-  json samples = json::array();
-  for (const EvalSample& s : r.samples)
-    samples.push_back({{"index", s.index}, {"prompt", s.prompt}, {"answer", s.answer}, {"reference", s.reference}});
-  return json{{"type", "eval"},          {"step", step},           {"loss", r.loss},
-              {"tokens", r.tokens},      {"examples", r.examples}, {"exact_match", r.exact},
-              {"generated", r.generated}, {"accuracy", r.accuracy()}, {"seconds", r.seconds},
-              {"samples", samples}};
-}
-
-// "  sample: ...prompt -> answer (reference: ...)", one line for the log; "" without one.
-std::string sample_line(const EvalResult& r) {
-  if (r.samples.empty()) return "";
-  const EvalSample& s = r.samples.front();
-  const auto one_line = [](std::string t) {
-    for (char& c : t)
-      if (c == '\n' || c == '\r') c = ' ';
-    return "\"" + t + "\"";
-  };
-  return "  sample: " + one_line(s.prompt) + " -> " + one_line(s.answer) + " (reference " + one_line(s.reference) + ")";
-}
-
 // Held-out evaluation split over the ranks (rank r takes examples r, r + W,
 // ...; exact match still covers the first generate_examples of the whole
 // set) and summed, so every rank returns the whole set's numbers.
@@ -507,9 +485,9 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
     const EvalResult r = evaluate_sharded(model, *tokenizer, sets.eval.examples, eval_options, group);
     last_eval_seconds = r.seconds;
     adapter.set_training(true);
-    write_metrics(eval_json(step, r));
+    write_metrics(eval_metrics_json(step, r));
     progress.message("step " + std::to_string(step) + " " + format_eval_line(r));
-    if (const std::string line = sample_line(r); !line.empty()) progress.message(line);
+    if (const std::string line = format_eval_sample(r); !line.empty()) progress.message(line);
     return r;
   };
   // The step whose checkpoint is on disk and verified: the one resumed from,

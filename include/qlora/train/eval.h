@@ -21,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "qlora/data/format.h"
 
 namespace qlora {
@@ -68,6 +70,13 @@ struct EvalResult {
 std::vector<std::vector<int32_t>> greedy_generate(const model::DecoderModel& model,
                                                   const std::vector<std::vector<int32_t>>& prompts,
                                                   const std::vector<int32_t>& stop_ids, int64_t max_new_tokens);
+
+// metrics.jsonl's line for an evaluation at `step`: {"type": "eval", "step", "loss", ...,
+// "samples": [{"index", "prompt", "answer", "reference"}]}.
+nlohmann::json eval_metrics_json(int64_t step, const EvalResult& r);
+
+// "  sample: \"...prompt\" -> \"answer\" (reference \"...\")" for the log; "" without a sample.
+std::string format_eval_sample(const EvalResult& r);
 
 // The ids that end a response for this tokenizer: eos, and <|eot_id|> /
 // <|end_of_text|> / <|im_end|> / </s> where the vocabulary has them.
