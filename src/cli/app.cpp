@@ -42,7 +42,7 @@ std::string closest_hint(const std::string& word, const std::vector<std::string>
 }  // namespace
 
 int run(int argc, char** argv) {
-  CLI::App app{"qlora: QLoRA fine-tuning of Llama-family models (NF4 base, LoRA adapters)", "qlora"};
+  CLI::App app{"qlora: QLoRA fine-tuning of open decoder models: Llama, Mistral, Qwen, Gemma, Phi (NF4 base, LoRA adapters)", "qlora"};
   app.require_subcommand(1);
   app.set_version_flag("--version", std::string("qlora ") + QLORA_VERSION);
 

@@ -196,7 +196,7 @@ at::Tensor ModelDir::tensor(const std::string& name) const {
     throw InputError((fs::path(dir_) / weights_file_).string() + ": no tensor \"" + name + "\" (the model has " +
                      std::to_string(where_.size()) + " tensors" +
                      (hint.empty() ? std::string() : "; did you mean \"" + hint + "\"?") +
-                     "). Check that the model is a Llama-family checkpoint of the expected size.");
+                     "). Check that the model is a checkpoint of a supported family and of the expected size.");
   }
   return tensor_view(it->second.file, *it->second.info);
 }
