@@ -393,7 +393,7 @@ at::Tensor DecoderModel::embed(const at::Tensor& input_ids) const {
   at::Tensor x = at::embedding(embed_, input_ids);
   if (!config_.scale_embeddings) return x;
   // Gemma: times sqrt(hidden_size) rounded to the model dtype first, as its normalizer tensor is.
-  return x * at::scalar_tensor(std::sqrt(static_cast<double>(config_.hidden_size)), x.options()).to(x.device());
+  return x * at::scalar_tensor(std::sqrt(static_cast<double>(config_.hidden_size)), x.options());
 }
 
 at::Tensor DecoderModel::norm(const at::Tensor& x, const at::Tensor& weight) const {

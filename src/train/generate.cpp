@@ -77,7 +77,7 @@ std::vector<std::vector<int32_t>> generate(const model::DecoderModel& model,
   real.narrow(1, longest, o.max_new_tokens).fill_(true);
   ids = ids.to(device);
   real = real.to(device);
-  at::Tensor seen = ids;  // [B, L] what the repetition penalty sees (padding: id 0 of a padded row... below)
+  at::Tensor seen = ids;  // [B, L] prompt and output: what the repetition penalty sees (padding masked below)
 
   // Prefill: causal over the real prompt tokens; a padding query sees itself (no empty softmax).
   model::KvCache cache = model.new_cache(b, capacity);
