@@ -25,6 +25,7 @@
 #   --measure-families   `qlora plan --measure` on one preset of each family (qwen2.5-0.5b, qwen3-0.6b,
 #                        smollm2-360m, mistral-7b-v0.3), the plan's bytes beside the measured peaks
 #   --no-nf4             no bench_nf4
+#   --no-plans           none of --measure, --finder, --measure-families (the peer gets their time)
 #
 # The comparison with transformers + PEFT + bitsandbytes in three runs, each under the machine's
 # 10-minute limit (every phase has its own time limit, so a run always returns what finished;
@@ -98,6 +99,7 @@ while [[ $# -gt 0 ]]; do
     --finder) finder=1 ;;
     --measure-families) measure_families=1 ;;
     --no-nf4) nf4=0 ;;
+    --no-plans) measure=0; finder=0; measure_families=0 ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "scripts/gpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
