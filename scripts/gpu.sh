@@ -7,6 +7,7 @@
 #   bash scripts/gpu.sh --suite shapes     # the comparison with the peer, first half (below)
 #   bash scripts/gpu.sh --suite variants   # the comparison with the peer, second half
 #   bash scripts/gpu.sh --suite families   # Qwen3-8B and Qwen2.5-1.5B beside the peer, a plan per family
+#   bash scripts/gpu.sh --suite generate   # the cuda tests, decoding speed of qlora and the peer (8B, batch 1 and 8)
 #   options (after --suite they change the preset):
 #   --all                the whole CPU suite too (builds every test)
 #   --no-tests           no ctest
@@ -26,6 +27,8 @@
 #                        smollm2-360m, mistral-7b-v0.3), the plan's bytes beside the measured peaks
 #   --no-nf4             no bench_nf4
 #   --no-plans           none of --measure, --finder, --measure-families (the peer gets their time)
+#   --generate           bench_generate and scripts/bench_peer_generate.py: decoding tokens/s of
+#                        Llama-3.1-8B NF4 + LoRA, batch 1 and 8, against the copy-bandwidth bound
 #
 # The comparison with transformers + PEFT + bitsandbytes in three runs, each under the machine's
 # 10-minute limit (every phase has its own time limit, so a run always returns what finished;
@@ -66,7 +69,7 @@ python=${QLORA_PYTHON:-$(command -v python3)}
 archs=${QLORA_CUDA_ARCHS:-90}
 out="$root/$build/out"
 
-all=0 tests=1 bench=1 nf4=1 demo=0 measure=0 measure_families=0 finder=0 suite="" demo_cpu="" steps=22 jobs=8
+all=0 tests=1 bench=1 nf4=1 demo=0 generate=0 measure=0 measure_families=0 finder=0 suite="" demo_cpu="" steps=22 jobs=8
 train_configs="2x512,4x1024,8x2048" peer_configs="" peer_modes="eager,compile" profile_configs=""
 preset() {
   case "$1" in
@@ -77,7 +80,8 @@ preset() {
        peer_configs="8b-2x2048,all-linear-4x1024,no-ckpt-2x512,fp16-4x1024" ;;
     families) nf4=0; measure_families=1; train_configs="qwen3-8b-2x2048,qwen2.5-1.5b-4x1024"
        peer_configs="qwen3-8b-2x2048,qwen2.5-1.5b-4x1024" ;;
-    *) echo "scripts/gpu.sh: --suite expects shapes, variants or families, got '$1'" >&2; exit 2 ;;
+    generate) nf4=0; generate=1; train_configs="" ;;
+    *) echo "scripts/gpu.sh: --suite expects shapes, variants, families or generate, got '$1'" >&2; exit 2 ;;
   esac
 }
 need() { [[ $# -ge 2 ]] || { echo "scripts/gpu.sh: $1 needs a value" >&2; exit 2; }; }
@@ -100,6 +104,7 @@ while [[ $# -gt 0 ]]; do
     --measure-families) measure_families=1 ;;
     --no-nf4) nf4=0 ;;
     --no-plans) measure=0; finder=0; measure_families=0 ;;
+    --generate) generate=1 ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "scripts/gpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -130,6 +135,17 @@ limited() {
   return $rc
 }
 rm -rf "$out"; mkdir -p "$out"
+# bitsandbytes for the peer: the carried wheel, when the machine's Python has none.
+ensure_bitsandbytes() {
+  "$python" -c "import bitsandbytes" 2>/dev/null && return 0
+  shopt -s nullglob
+  local wheels=("$root"/.whl/*.whl)
+  shopt -u nullglob
+  if [[ ${#wheels[@]} -gt 0 ]]; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      "${wheels[@]}" && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+}
 
 # ---------------------------------------------------------------- build
 # The GPU machine has no Debian gloo package and no network: Gloo's headers travel in
@@ -178,15 +194,7 @@ if [[ $bench == 1 ]]; then
     cut -c1-240 "$out/bench_train.json"
   fi
   if [[ -n $peer_configs ]]; then
-    if ! "$python" -c "import bitsandbytes" 2>/dev/null; then
-      shopt -s nullglob
-      wheels=("$root"/.whl/*.whl)
-      shopt -u nullglob
-      if [[ ${#wheels[@]} -gt 0 ]]; then
-        "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-          "${wheels[@]}" && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-      fi
-    fi
+    ensure_bitsandbytes
     # What follows the peer keeps its share of the run: the demo (two runs), the profiles and the
     # four family plans (5-15 s each; what the peer leaves unused comes on top).
     reserve=0
@@ -205,6 +213,39 @@ if [[ $bench == 1 ]]; then
       cat "$out/compare.txt"
     fi
   fi
+fi
+
+# ---------------------------------------------------------------- decoding speed
+if [[ $bench == 1 && $generate == 1 ]]; then
+  phase "bench_generate"
+  limited 200 "$build/bench/bench_generate" >"$out/bench_generate.json" 2>"$out/bench_generate.log" || failed "bench_generate"
+  cut -c1-400 "$out/bench_generate.json"
+  ensure_bitsandbytes
+  phase "bench_peer_generate"
+  PYTHONUNBUFFERED=1 limited 330 "$python" scripts/bench_peer_generate.py >"$out/bench_peer_generate.json" \
+    2>"$out/bench_peer_generate.log" || failed "bench_peer_generate"
+  "$python" - "$out" <<'PYEOF' | tee "$out/generate-compare.txt"
+import json, os, sys
+out = sys.argv[1]
+def rows(name):
+    path = os.path.join(out, name)
+    return [json.loads(l) for l in open(path) if l.startswith("{")] if os.path.exists(path) else []
+ours = [r for r in rows("bench_generate.json") if r.get("bench") == "generate"]
+peer = {r["batch"]: r for r in rows("bench_peer_generate.json") if r.get("bench") == "generate"}
+print("| batch | qlora mode | qlora decode tok/s | of the bandwidth bound | peer decode tok/s | x peer | qlora peak GB | peer peak GB |")
+print("|---|---|---|---|---|---|---|---|")
+for r in ours:
+    p = peer.get(r["batch"], {})
+    if "error" in r or "decode_tokens_per_second" not in r:
+        print(f"| {r.get('batch')} | {r.get('mode')} | error: {r.get('error', '?')[:120]} | | | | | |")
+        continue
+    ptps = p.get("decode_tokens_per_second")
+    ratio = f"{r['decode_tokens_per_second'] / ptps:.2f}" if ptps else "peer not run"
+    gb = lambda b: f"{b / 1e9:.2f}" if b else "-"
+    print(f"| {r['batch']} | {r['mode']} | {r['decode_tokens_per_second']:,.1f} | {100 * r['fraction_of_bound']:.0f}% "
+          f"of {r['bound_tokens_per_second']:,.0f} | {ptps and f'{ptps:,.1f}' or p.get('error', 'not run')[:80]} | {ratio} "
+          f"| {gb(r.get('peak_allocated_bytes'))} | {gb(p.get('peak_allocated_bytes'))} |")
+PYEOF
 fi
 
 # ---------------------------------------------------------------- the demo on GPU and CPU
@@ -345,7 +386,7 @@ phase "done${suite:+ (suite $suite)}; failures: ${failures[*]:-none}"
   echo "scripts/gpu.sh ${suite:+--suite $suite} on $(date -u +%F), $(elapsed) s; failures: ${failures[*]:-none}"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   grep -E "tests passed|tests failed|\(Failed\)" "$out/ctest.log" 2>/dev/null
-  cat "$out/demo-compare.txt" "$out/compare.txt" "$out/measure-families.txt" 2>/dev/null
+  cat "$out/demo-compare.txt" "$out/compare.txt" "$out/generate-compare.txt" "$out/measure-families.txt" 2>/dev/null
   for f in "$out"/profile-summary-*.json; do
     [[ -f $f ]] && "$python" -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1].rsplit('/',1)[-1], {k: v for k, v in d.items() if not isinstance(v, (list, dict))})" "$f"
   done

@@ -457,10 +457,19 @@ at::Tensor DecoderModel::layer_forward(int64_t index, const at::Tensor& hidden,
                 " positions exceed its capacity ", cache->k.at(static_cast<size_t>(index)).size(2));
     at::Tensor& ck = cache->k[static_cast<size_t>(index)];
     at::Tensor& cv = cache->v[static_cast<size_t>(index)];
-    ck.narrow(2, at, t).copy_(k);
-    cv.narrow(2, at, t).copy_(v);
-    k = ck.narrow(2, 0, at + t);
-    v = cv.narrow(2, 0, at + t);
+    if (cache->write_at.defined()) {  // fixed shapes: positions from the device, the whole capacity
+      TORCH_CHECK(window == 0 || window >= ck.size(2), "KvCache: layer ", index, "'s sliding window ", window,
+                  " is shorter than the cache's capacity ", ck.size(2), "; decode it with a growing cache");
+      ck.index_copy_(2, cache->write_at, k);
+      cv.index_copy_(2, cache->write_at, v);
+      k = ck;
+      v = cv;
+    } else {
+      ck.narrow(2, at, t).copy_(k);
+      cv.narrow(2, at, t).copy_(v);
+      k = ck.narrow(2, 0, at + t);
+      v = cv.narrow(2, 0, at + t);
+    }
   }
 
   const double scale = config_.query_pre_attn_scalar > 0 ? 1.0 / std::sqrt(config_.query_pre_attn_scalar) : 0.0;
@@ -511,8 +520,8 @@ KvCache DecoderModel::new_cache(int64_t batch, int64_t capacity) const {
   KvCache c;
   const auto opts = at::TensorOptions().dtype(dtype_).device(device_);
   for (int64_t l = 0; l < num_layers(); ++l) {
-    c.k.push_back(at::empty({batch, config_.num_key_value_heads, capacity, config_.head_dim}, opts));
-    c.v.push_back(at::empty({batch, config_.num_key_value_heads, capacity, config_.head_dim}, opts));
+    c.k.push_back(at::zeros({batch, config_.num_key_value_heads, capacity, config_.head_dim}, opts));
+    c.v.push_back(at::zeros({batch, config_.num_key_value_heads, capacity, config_.head_dim}, opts));
   }
   return c;
 }

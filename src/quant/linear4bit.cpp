@@ -2,9 +2,15 @@
 #include "qlora/quant/linear4bit.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <string>
+
+#include "qlora/kernels.h"
+#include "qlora/quant/nf4_cuda.h"
 
 namespace qlora::quant {
 namespace {
@@ -68,7 +74,30 @@ class Linear4bitFunction : public torch::autograd::Function<Linear4bitFunction> 
   }
 };
 
+std::atomic<bool>& gemv_switch() {
+  static std::atomic<bool> on{[] {
+    const char* v = std::getenv("QLORA_NF4_GEMV");
+    return v == nullptr || std::string(v) != "0";
+  }()};
+  return on;
+}
+
+// Note [NF4 GEMV for decoding]
+//   A decoding step multiplies one token a row by every weight: dequantizing a whole [out, in]
+//   matrix to multiply it with 1-16 rows reads 4 bits and writes and re-reads 16 bits per
+//   weight. The fused GEMV reads the 4 bits once. No autograd node is built: the caller wants
+//   no gradient.
+bool takes_gemv(const at::Tensor& x, at::ScalarType compute) {
+  if (!x.is_cuda() || compute == at::kFloat || !gemv_switch().load(std::memory_order_relaxed)) return false;
+  if (at::GradMode::is_enabled() && x.requires_grad()) return false;
+  const int64_t in = x.size(-1);
+  return in > 0 && x.numel() / in <= kernels::kNf4GemvMaxRows;
+}
+
 }  // namespace
+
+void set_nf4_gemv_enabled(bool enabled) { gemv_switch().store(enabled); }
+bool nf4_gemv_enabled() { return gemv_switch().load(); }
 
 at::Tensor linear4bit(const at::Tensor& x, const Nf4Tensor& w, at::ScalarType compute) {
   TORCH_CHECK(compute == at::kFloat || compute == at::kBFloat16 || compute == at::kHalf,
@@ -80,7 +109,9 @@ at::Tensor linear4bit(const at::Tensor& x, const Nf4Tensor& w, at::ScalarType co
               " input features");
   TORCH_CHECK(x.device() == w.device(), "linear4bit: x is on ", x.device(),
               " but the weight is on ", w.device());
-  return Linear4bitFunction::apply(x.to(compute), w);
+  const at::Tensor xc = x.to(compute);
+  if (takes_gemv(xc, compute)) return nf4_gemv_cuda(xc, w);
+  return Linear4bitFunction::apply(xc, w);
 }
 
 }  // namespace qlora::quant

@@ -5,7 +5,10 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
 #include <stdexcept>
+
+#include "qlora/train/decode_graph.h"
 
 namespace qlora::train {
 namespace {
@@ -97,8 +100,12 @@ std::vector<std::vector<int32_t>> generate(const model::DecoderModel& model,
   }
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
   std::vector<bool> done(prompts.size(), false);
+  // Decoding steps replay a CUDA graph where one applies (train/decode_graph.h).
+  std::unique_ptr<DecodeGraph> graph;
+  if (o.cuda_graph && o.max_new_tokens > 1 && decode_graph_unavailable(model, capacity).empty())
+    graph = std::make_unique<DecodeGraph>(model, cache, real, positions);
+  at::Tensor scores = model.logits(model.final_norm(hidden.select(1, hidden.size(1) - 1))).to(at::kFloat);  // [B, V]
   for (int64_t step = 0; step < o.max_new_tokens; ++step) {
-    at::Tensor scores = model.logits(model.final_norm(hidden.select(1, hidden.size(1) - 1))).to(at::kFloat);  // [B, V]
     if (o.repetition_penalty != 1.0) {
       // Padding columns hold id 0; penalizing it for a padded row would differ from the row alone.
       at::Tensor s = seen.clone();
@@ -131,15 +138,20 @@ std::vector<std::vector<int32_t>> generate(const model::DecoderModel& model,
       all_done = false;
     }
     if (all_done || step + 1 == o.max_new_tokens) break;
+    if (o.repetition_penalty != 1.0) seen = at::cat({seen, next.unsqueeze(1)}, 1);
+    if (graph) {
+      scores = graph->step(next);
+      continue;
+    }
     // One new position a row: it sees every real cached key and itself.
     positions = positions + 1;
     a.position_ids = positions.unsqueeze(1);                                   // [B, 1]
     a.mask = real.narrow(1, 0, cache.length + 1).view({b, 1, 1, cache.length + 1});
-    if (o.repetition_penalty != 1.0) seen = at::cat({seen, next.unsqueeze(1)}, 1);
     hidden = model.embed(next.unsqueeze(1));
     const auto cos_sin = model.rope(a.position_ids);
     for (int64_t l = 0; l < model.num_layers(); ++l) hidden = model.layer_forward(l, hidden, cos_sin, a, &cache);
     cache.length += 1;
+    scores = model.logits(model.final_norm(hidden.select(1, 0))).to(at::kFloat);
   }
   return out;
 }

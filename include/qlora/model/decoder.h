@@ -123,9 +123,15 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 // capacity, head_dim] (grouped-query: kv heads only), filled up to `length`. A forward that takes
 // a cache writes its tokens' keys and values at `length` and attends over all of them; the caller
 // advances `length` after the last layer and gives each call a mask [B, 1, T, length + T].
+// Fixed-shape mode (what a CUDA graph replays, train/decode_graph.h): with `write_at` set (int64
+// [T] on the device, the positions to write), keys and values go there and attention covers the
+// whole capacity, the mask [B, 1, T, capacity] hiding what is not written yet; then no layer may
+// have a sliding window shorter than the capacity. The tensors start zeroed, so a hidden
+// position never holds a NaN.
 struct KvCache {
   std::vector<at::Tensor> k, v;
   int64_t length = 0;
+  at::Tensor write_at;
 };
 
 // ---------------------------------------------------------------- the model

@@ -23,6 +23,8 @@ struct SamplingOptions {
   double repetition_penalty = 1.0;   // 1: off; > 1 discourages tokens of the prompt and the output
   uint64_t seed = 0;                 // sampling draws from a generator seeded with it
   std::vector<int32_t> stop_ids;     // a row ends at any of them (not included in its output)
+  bool cuda_graph = true;            // on a GPU, decoding steps replay a CUDA graph where one applies
+                                     // (train/decode_graph.h); false: every step eager
 };
 
 // Called with each new token of a row (streaming), and asked whether the row should stop now
