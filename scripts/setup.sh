@@ -24,7 +24,8 @@ cd "$root"
 TORCH_VERSION=2.11.0
 CUDA_RUNTIME_VERSION=13.0.96   # libcudart.so.13, as torch 2.11's cuda-toolkit pin
 CUDA_CUPTI_VERSION=13.0.85     # libcupti.so.13, likewise
-TEST_PACKAGES=(transformers==5.17.0 peft==0.21.0 safetensors==0.8.0 tensorboard==2.21.0 gguf==0.19.0)
+TEST_PACKAGES=(transformers==5.17.0 peft==0.21.0 safetensors==0.8.0 tensorboard==2.21.0 gguf==0.19.0
+               llama-cpp-py-sync==0.11739 cffi==2.1.1)
 ORACLE_PACKAGES=("${TEST_PACKAGES[@]}" bitsandbytes==0.50.2 tokenizers==0.23.3
                  sentencepiece==0.2.3 tiktoken==0.14.0 numpy)
 

@@ -17,7 +17,9 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string architecture_of(const DecoderConfig& c) {
+}  // namespace
+
+std::string gguf_architecture_of(const DecoderConfig& c) {
   static const std::map<std::string, std::string> names = {
       {"llama", "llama"}, {"mistral", "llama"},   {"qwen2", "qwen2"}, {"qwen3", "qwen3"},
       {"gemma2", "gemma2"}, {"gemma3_text", "gemma3"}, {"phi3", "phi3"}};
@@ -26,14 +28,12 @@ std::string architecture_of(const DecoderConfig& c) {
   return it->second;
 }
 
-// llama.cpp's converter for its llama architecture: rows of each head regrouped from
-// transformers' rotate-half order ([first halves | second halves]) into interleaved pairs.
-at::Tensor permute_rows(const at::Tensor& w, int64_t heads) {
+at::Tensor gguf_llama_rope_rows(const at::Tensor& w, int64_t heads) {
   const int64_t rows = w.size(0);
-  return w.reshape({heads, 2, rows / heads / 2, w.size(1)}).transpose(1, 2).reshape(w.sizes());
+  std::vector<int64_t> grouped = {heads, 2, rows / heads / 2};
+  grouped.insert(grouped.end(), w.sizes().begin() + 1, w.sizes().end());
+  return w.reshape(grouped).transpose(1, 2).reshape(w.sizes());
 }
-
-}  // namespace
 
 std::string gguf_tensor_of(const std::string& proj) {
   static const std::map<std::string, std::string> names = {
@@ -52,7 +52,7 @@ GgufExport export_adapter_gguf(const std::string& adapter_dir, const DecoderConf
   if (!fs::exists(weights_path, ec)) throw InputError(weights_path + ": not found; --adapter must name a PEFT adapter directory");
   const auto tensors = io::load_safetensors(weights_path);
   GgufExport r;
-  r.architecture = architecture_of(base);
+  r.architecture = gguf_architecture_of(base);
   const bool llama_rows = r.architecture == "llama";
   // base_model.model.model.layers.N.<self_attn|mlp>.<proj>.lora_<A|B>.weight
   const std::regex key(R"(base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight)");
@@ -71,7 +71,7 @@ GgufExport export_adapter_gguf(const std::string& adapter_dir, const DecoderConf
       throw InputError(weights_path + ": tensor \"" + name + "\" is for layer " + m[1].str() + "; the base has " +
                        std::to_string(base.num_hidden_layers));
     if (which == "B" && llama_rows && (proj == "q_proj" || proj == "k_proj"))
-      w = permute_rows(w, proj == "q_proj" ? base.num_attention_heads : base.num_key_value_heads).contiguous();
+      w = gguf_llama_rope_rows(w, proj == "q_proj" ? base.num_attention_heads : base.num_key_value_heads).contiguous();
     io::GgufTensor g;
     g.name = "blk." + m[1].str() + "." + tensor + ".weight.lora_" + (which == "A" ? "a" : "b");
     g.shape = {w.size(0), w.size(1)};

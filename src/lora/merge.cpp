@@ -266,61 +266,58 @@ io::DType merge_output_dtype(const std::string& requested, const std::string& ba
   return base_dtype == "float16" ? io::DType::F16 : io::DType::BF16;
 }
 
-MergeResult merge_adapter(const MergeOptions& opt) {
+MergedWeights::MergedWeights(const MergeOptions& opt)
+    : from_nf4_(opt.from_nf4), base_(io::ModelDir::open(opt.base_dir)) {
   auto progress = [&](const std::string& line) {
     if (opt.progress) opt.progress(line);
   };
-  const fs::path out = normalized(opt.out_dir);
-  check_out_dir(out, opt);
-
   // ---- the base
-  const io::ModelDir base = io::ModelDir::open(opt.base_dir);
-  json config = read_json_file(base.config_path());
-  if (!config.is_object()) throw InputError(base.config_path() + ": expected a JSON object");
+  const json config = read_json_file(base_.config_path());
+  if (!config.is_object()) throw InputError(base_.config_path() + ": expected a JSON object");
   if (config.contains("quantization_config"))
-    throw InputError(base.config_path() + ": has a quantization_config: this base is saved quantized (" +
+    throw InputError(base_.config_path() + ": has a quantization_config: this base is saved quantized (" +
                      config["quantization_config"].dump().substr(0, 60) +
                      "). Merge needs the 16- or 32-bit base it was quantized from; pass that directory as --base "
                      "(add --from-nf4 to merge into its NF4 round trip)");
-  const std::string base_dtype = config_dtype_of(config);
-  const io::DType out_dtype = merge_output_dtype(opt.dtype, base_dtype);
-  const std::vector<std::string> names = base.tensor_names();
-  progress("base     " + opt.base_dir + ": " + std::to_string(names.size()) + " tensors (" +
-           (base_dtype.empty() ? std::string("dtype not recorded") : base_dtype) + ") in " +
-           std::to_string(base.shards().size()) + " weights file(s)");
+  base_dtype_ = config_dtype_of(config);
+  progress("base     " + opt.base_dir + ": " + std::to_string(base_.tensor_names().size()) + " tensors (" +
+           (base_dtype_.empty() ? std::string("dtype not recorded") : base_dtype_) + ") in " +
+           std::to_string(base_.shards().size()) + " weights file(s)");
 
   // ---- the adapter
   const fs::path adapter_dir(opt.adapter_dir);
   const fs::path adapter_config_path = adapter_dir / "adapter_config.json";
-  const LoraSettings settings = read_adapter_config(adapter_config_path.string());
+  settings_ = read_adapter_config(adapter_config_path.string());
   std::string trained_on;
   {
     const json ac = read_json_file(adapter_config_path);
     if (ac.contains("base_model_name_or_path") && ac["base_model_name_or_path"].is_string())
       trained_on = ac["base_model_name_or_path"].get<std::string>();
   }
-  std::map<std::string, AdapterModule> modules = read_adapter_weights(adapter_dir / "adapter_model.safetensors");
-  const double scaling = settings.scaling();
+  for (auto& [module, m] : read_adapter_weights(adapter_dir / "adapter_model.safetensors"))
+    modules_[module] = {m.a, m.b};
+  adapter_modules_ = modules_.size();
   {
     std::ostringstream os;
-    os << "adapter  " << opt.adapter_dir << ": LoRA r " << settings.r << ", alpha " << settings.alpha
-       << (settings.rslora ? ", rslora" : "") << " (scaling " << scaling << "), " << modules.size() << " modules";
+    os << "adapter  " << opt.adapter_dir << ": LoRA r " << settings_.r << ", alpha " << settings_.alpha
+       << (settings_.rslora ? ", rslora" : "") << " (scaling " << settings_.scaling() << "), " << modules_.size()
+       << " modules";
     progress(os.str());
   }
 
   // ---- every check before anything is written
   std::vector<std::string> problems;
-  for (const auto& [module, m] : modules) {
+  for (const auto& [module, m] : modules_) {
     const std::string weight = module + ".weight";
-    const io::TensorInfo* info = base.info(weight);
+    const io::TensorInfo* info = base_.info(weight);
     const std::vector<int64_t> a(m.a.sizes().begin(), m.a.sizes().end()), b(m.b.sizes().begin(), m.b.sizes().end());
     if (!info) {
       problems.push_back("adapter module " + module + ": the base has no tensor " + weight);
       continue;
     }
-    if (a[0] != settings.r || b[1] != settings.r) {
+    if (a[0] != settings_.r || b[1] != settings_.r) {
       problems.push_back("adapter module " + module + ": lora_A " + shape_text(a) + " and lora_B " + shape_text(b) +
-                         " do not have the rank r = " + std::to_string(settings.r) + " of adapter_config.json");
+                         " do not have the rank r = " + std::to_string(settings_.r) + " of adapter_config.json");
       continue;
     }
     const std::vector<int64_t> expected = {b[0], a[1]};
@@ -344,6 +341,46 @@ MergeResult merge_adapter(const MergeOptions& opt) {
     os << "\nPass the base model the adapter was trained on.";
     throw InputError(os.str());
   }
+}
+
+at::Tensor MergedWeights::merged(const std::string& name) {
+  at::Tensor w = base_.tensor(name);  // mapped, read-only
+  if (from_nf4_ && is_decoder_projection(name, w.dim()) && w.is_floating_point()) {
+    // NF4 quantizes fp32 / bf16 / fp16; an f64 weight goes to fp32 first, as loading it into
+    // an fp32 model for training does.
+    const at::Tensor src = w.scalar_type() == at::kDouble ? w.to(at::kFloat) : w;
+    try {
+      // In fp32, Q(W) = code · absmax is exact: no rounding before the sum (Note [one rounding]).
+      w = quant::dequantize_nf4(quant::quantize_nf4(src, /*double_quant=*/true), at::kFloat);
+    } catch (const c10::Error& e) {
+      throw InputError("base tensor " + name + ": cannot be NF4-quantized: " + e.what_without_backtrace());
+    }
+    ++nf4_round_trips_;
+  }
+  const std::string module = name.size() > 7 ? name.substr(0, name.size() - 7) : "";
+  auto it = ends_with(name, ".weight") ? modules_.find(module) : modules_.end();
+  if (it == modules_.end()) return w;
+  // Note [one rounding]: the same fp32 ops as PEFT's merge, (B @ A) * scaling, added to the base
+  // widened exactly to fp32 (f64 for an f64 base); the caller casts once to the output dtype.
+  const at::ScalarType opmath = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor delta = at::matmul(it->second.b, it->second.a).mul_(settings_.scaling());  // [out, in] fp32
+  at::Tensor o = w.to(opmath) + delta.to(opmath);
+  merged_.push_back(module);
+  modules_.erase(it);  // the adapter's fp32 copies are no longer needed
+  return o;
+}
+
+MergeResult merge_adapter(const MergeOptions& opt) {
+  auto progress = [&](const std::string& line) {
+    if (opt.progress) opt.progress(line);
+  };
+  const fs::path out = normalized(opt.out_dir);
+  check_out_dir(out, opt);
+  MergedWeights weights(opt);
+  const io::ModelDir& base = weights.base();
+  json config = read_json_file(base.config_path());
+  const io::DType out_dtype = merge_output_dtype(opt.dtype, weights.base_config_dtype());
+  const std::vector<std::string> names = base.tensor_names();
 
   // ---- shard plan: tensors in name order, a new shard when the next one would pass the limit
   struct Planned {
@@ -387,42 +424,15 @@ MergeResult merge_adapter(const MergeOptions& opt) {
   MergeResult result;
   result.out_dir = out.string();
   result.dtype = out_dtype;
-  progress(std::string("merging  ") + std::to_string(modules.size()) + " modules into " +
+  progress(std::string("merging  ") + std::to_string(weights.adapter_modules()) + " modules into " +
            (opt.from_nf4 ? "the NF4 round trip of the base's decoder projections" : "the base weights as stored") +
            ", written as " + hf_dtype_name(out_dtype));
-  const at::ScalarType out_type = io::to_scalar_type(out_dtype);
   json weight_map = json::object();
   for (size_t s = 0; s < shards.size(); ++s) {
     std::vector<at::Tensor> keep;  // the shard's output tensors, alive until written
     std::vector<io::TensorToWrite> entries;
     for (const Planned& p : shards[s]) {
-      at::Tensor w = base.tensor(p.name);  // mapped, read-only
-      if (opt.from_nf4 && is_decoder_projection(p.name, w.dim()) && w.is_floating_point()) {
-        // NF4 quantizes fp32 / bf16 / fp16; an f64 weight goes to fp32 first, as loading it into
-        // an fp32 model for training does.
-        const at::Tensor src = w.scalar_type() == at::kDouble ? w.to(at::kFloat) : w;
-        try {
-          // In fp32, Q(W) = code · absmax is exact: no rounding before the sum (Note [one rounding]).
-          w = quant::dequantize_nf4(quant::quantize_nf4(src, /*double_quant=*/true), at::kFloat);
-        } catch (const c10::Error& e) {
-          throw InputError("base tensor " + p.name + ": cannot be NF4-quantized: " + e.what_without_backtrace());
-        }
-        ++result.nf4_round_trips;
-      }
-      const std::string module = p.name.size() > 7 ? p.name.substr(0, p.name.size() - 7) : "";
-      auto it = ends_with(p.name, ".weight") ? modules.find(module) : modules.end();
-      at::Tensor o;
-      if (it != modules.end()) {
-        // Note [one rounding]: the same fp32 ops as PEFT's merge, (B @ A) * scaling, added to the
-        // base widened exactly to fp32 (f64 for an f64 base), then one cast to the output dtype.
-        const at::ScalarType opmath = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-        const at::Tensor delta = at::matmul(it->second.b, it->second.a).mul_(scaling);  // [out, in] fp32
-        o = (w.to(opmath) + delta.to(opmath)).to(out_type);
-        result.merged_modules.push_back(module);
-        modules.erase(it);  // the adapter's fp32 copies are no longer needed
-      } else {
-        o = w.to(io::to_scalar_type(p.dtype));
-      }
+      at::Tensor o = weights.merged(p.name).to(io::to_scalar_type(p.dtype));
       o = o.contiguous();
       keep.push_back(o);
       entries.push_back({p.name, p.dtype, std::vector<int64_t>(o.sizes().begin(), o.sizes().end()), o.data_ptr(),
@@ -438,6 +448,8 @@ MergeResult merge_adapter(const MergeOptions& opt) {
     progress("wrote    " + shard_names[s] + " (" + std::to_string(shards[s].size()) + " tensors, " + mib_text(bytes) +
              ")");
   }
+  result.merged_modules = weights.merged_modules();
+  result.nf4_round_trips = weights.nf4_round_trips();
   if (shards.size() > 1) {
     const json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};
     write_file_synced(tmp / "model.safetensors.index.json", index.dump(2) + "\n");

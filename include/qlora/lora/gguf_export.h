@@ -7,6 +7,8 @@
 // rslora's scale alpha / sqrt(r) is written as alpha * sqrt(r), which llama.cpp divides by r.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <string>
 
@@ -23,6 +25,15 @@ struct GgufExport {
 // Throws InputError naming the file for an adapter that is not plain LoRA, does not fit `base`,
 // or a family llama.cpp has no name for here.
 GgufExport export_adapter_gguf(const std::string& adapter_dir, const DecoderConfig& base, const std::string& out_path);
+
+// llama.cpp's architecture name for a family (llama for Llama and Mistral, qwen2, qwen3, gemma2,
+// gemma3, phi3); InputError naming the model_type for a family llama.cpp has no name for here.
+std::string gguf_architecture_of(const DecoderConfig& model);
+
+// llama.cpp's row order of a q or k projection (weight, bias or LoRA B) for its llama
+// architecture: each head's rows go from transformers' rotate-half order [first halves | second
+// halves] to interleaved pairs. `w` is [heads * head_dim, ...].
+at::Tensor gguf_llama_rope_rows(const at::Tensor& w, int64_t heads);
 
 // llama.cpp's name of projection `proj` (q_proj ... down_proj, qkv_proj, gate_up_proj): attn_q,
 // attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down, attn_qkv, ffn_up (Phi-3's fused).

@@ -24,10 +24,13 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
+#include "qlora/io/model_dir.h"
 #include "qlora/io/safetensors.h"
+#include "qlora/lora/adapter_io.h"
 
 namespace qlora::lora {
 
@@ -54,6 +57,45 @@ struct MergeOptions {
 // The output dtype for a --dtype value ("bf16" / "fp16" / "fp32", or "" with the base's config
 // dtype string such as "bfloat16" / "float32"). InputError for anything else.
 io::DType merge_output_dtype(const std::string& requested, const std::string& base_config_dtype);
+
+// ---------------------------------------------------------------- the merged tensors, one at a time
+
+// The base and the adapter of a merge, opened and checked (every InputError merge_adapter names
+// for them; options.out_dir is not looked at), handing out the merged model's tensors one at a
+// time: what merge_adapter writes as safetensors and lora/gguf_merge.h as GGUF. Reports the
+// "base" and "adapter" stages through options.progress.
+class MergedWeights {
+ public:
+  explicit MergedWeights(const MergeOptions& options);
+
+  const io::ModelDir& base() const { return base_; }
+  // config.json's dtype ("bfloat16", ...; empty when not recorded).
+  const std::string& base_config_dtype() const { return base_dtype_; }
+  const LoraSettings& settings() const { return settings_; }
+  size_t adapter_modules() const { return adapter_modules_; }
+
+  // Tensor `name` of the merged model before its one rounding (Note [one rounding] in
+  // merge.cpp): a floating tensor in fp32 (f64 for an f64 base) when adapted or NF4 round-tripped,
+  // else as stored (mapped, read-only); W + B·A·scaling for an adapted projection, whose fp32
+  // adapter copies are then released. Ask for each name once.
+  at::Tensor merged(const std::string& name);
+
+  const std::vector<std::string>& merged_modules() const { return merged_; }  // in the order asked
+  int64_t nf4_round_trips() const { return nf4_round_trips_; }
+
+ private:
+  struct LoraPair {
+    at::Tensor a, b;  // A [r, in], B [out, r], fp32
+  };
+  bool from_nf4_;
+  io::ModelDir base_;
+  std::string base_dtype_;
+  LoraSettings settings_;
+  size_t adapter_modules_ = 0;
+  std::map<std::string, LoraPair> modules_;
+  std::vector<std::string> merged_;
+  int64_t nf4_round_trips_ = 0;
+};
 
 // ---------------------------------------------------------------- merging
 
