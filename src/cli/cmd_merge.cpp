@@ -67,11 +67,20 @@ Runner add_merge_command(CLI::App& root) {
     if (!gguf->empty()) lora::gguf_merge_type(type);  // a bad --type before any work
     opts->max_shard_bytes = static_cast<uint64_t>(*shard_gb * 1e9);
     opts->progress = [](const std::string& line) { std::cout << line << "\n" << std::flush; };
-    if (opts->out_dir.empty()) {
+    auto write_gguf = [&] {
       const lora::GgufMergeResult g = lora::write_merged_gguf(*opts, *gguf, type, opts->force);
       std::cout << "done     " << g.path << ": llama.cpp's " << g.architecture << " in " << g.type << ", "
                 << g.tokens << " tokens; run it with llama-cli -m " << g.path << "\n";
+    };
+    if (opts->out_dir.empty()) {
+      write_gguf();
       return kExitOk;
+    }
+    // Both: --out's refusals first, then the GGUF file (its own refusals, and the base's and the
+    // adapter's, come before it writes anything), then the directory.
+    if (!gguf->empty()) {
+      lora::check_merge_out_dir(*opts);
+      write_gguf();
     }
     const lora::MergeResult r = lora::merge_adapter(*opts);
     const char* torch_dtype = r.dtype == io::DType::F32   ? "torch.float32"
@@ -83,11 +92,6 @@ Runner add_merge_command(CLI::App& root) {
               << ", " << r.tensors << " tensors in " << r.out_dir
               << "; load it with transformers: AutoModelForCausalLM.from_pretrained(\"" << r.out_dir
               << "\", dtype=" << torch_dtype << ")\n";
-    if (!gguf->empty()) {
-      const lora::GgufMergeResult g = lora::write_merged_gguf(*opts, *gguf, type, opts->force);
-      std::cout << "done     " << g.path << ": llama.cpp's " << g.architecture << " in " << g.type << ", "
-                << g.tokens << " tokens; run it with llama-cli -m " << g.path << "\n";
-    }
     return kExitOk;
   };
 }

@@ -370,6 +370,8 @@ at::Tensor MergedWeights::merged(const std::string& name) {
   return o;
 }
 
+void check_merge_out_dir(const MergeOptions& opt) { check_out_dir(normalized(opt.out_dir), opt); }
+
 MergeResult merge_adapter(const MergeOptions& opt) {
   auto progress = [&](const std::string& line) {
     if (opt.progress) opt.progress(line);

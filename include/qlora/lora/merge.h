@@ -118,4 +118,9 @@ struct MergeResult {
 // then nothing is left behind.
 MergeResult merge_adapter(const MergeOptions& options);
 
+// merge_adapter's refusals of options.out_dir (missing, not a directory, non-empty without force,
+// equal to or inside an input) without merging anything: for a caller that writes something
+// else first (`qlora merge --out D --gguf F` checks D before F is written).
+void check_merge_out_dir(const MergeOptions& options);
+
 }  // namespace qlora::lora
