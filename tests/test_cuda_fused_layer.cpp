@@ -273,6 +273,10 @@ TEST(CudaFusedLayerFamilies, MistralSlidingWindow) { compare_family("mistral"); 
 // Layer 0 full, 1 and 2 windowed; q, k, v biases; yarn's attention factor.
 TEST(CudaFusedLayerFamilies, Qwen2WindowOnSomeLayers) { compare_family("qwen2_window"); }
 TEST(CudaFusedLayerFamilies, SmolLm2) { compare_family("smollm2"); }
+// qkv_proj and gate_up_proj as the merged GEMMs (Note [fused projections]); partial rotary.
+TEST(CudaFusedLayerFamilies, Phi3FusedProjections) { compare_family("phi3"); }
+// Partial rotary (0.75) and LongRoPE past original_max_position_embeddings.
+TEST(CudaFusedLayerFamilies, Phi3LongropeAndPartialRotary) { compare_family("phi3_longrope"); }
 // A bias on every projection, N(0, 0.5).
 TEST(CudaFusedLayerFamilies, LlamaWithAttentionAndMlpBiases) {
   const WeightsFn weights = [] { return rounded(testing::biased_llama_weights()); };

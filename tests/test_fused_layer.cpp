@@ -318,5 +318,28 @@ TEST(FusedLayerFamilies, LlamaWithAttentionAndMlpBiases) {
   compare_family("llama biases, LoRA on q v o up", load_biased_llama, s);
 }
 
+// Phi-3: qkv_proj and gate_up_proj are the merged GEMMs themselves (Note [fused projections] in
+// src/layer/fused_projections.h); once with LoRA on some projections only.
+TEST(FusedLayerFamilies, Phi3FusedProjections) {
+  ASSERT_TRUE(load_family("phi3", false).config().pieces.fused_projections);
+  compare_family("phi3", [] { return load_family("phi3", false); }, family_setup());
+  auto s = family_setup();
+  s.targets = {"qkv_proj", "down_proj"};
+  compare_family("phi3, LoRA on qkv down", [] { return load_family("phi3", true); }, s);
+}
+
+// Phi-4-mini's pieces: partial rotary (0.75 of each head turns) and LongRoPE, whose long factors
+// the 12 tokens reach (original_max_position_embeddings 10); padded once.
+TEST(FusedLayerFamilies, Phi3LongropeAndPartialRotary) {
+  const DecoderConfig c = load_family("phi3_longrope", false).config();
+  ASSERT_LT(c.rotary_dim(), c.head_dim);
+  ASSERT_EQ(c.rope.type, RopeType::kLongrope);
+  const auto load = [] { return load_family("phi3_longrope", false); };
+  compare_family("phi3_longrope", load, family_setup());
+  auto s = family_setup();
+  s.padded = true;
+  compare_family("phi3_longrope padded", load, s);
+}
+
 }  // namespace
 }  // namespace qlora

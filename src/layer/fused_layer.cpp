@@ -119,17 +119,33 @@ HeadNorm head_norm(const at::Tensor& cols, const at::Tensor& w, int64_t d, doubl
   return s;
 }
 
+// dst <- src's heads rotated (or, `backward`, RoPE's backward of them). Partial rotary (Phi-4-mini:
+// cos and sin narrower than the head): the first cos.size(-1) dims of each head turn, the rest
+// are copied, as model::apply_rope does.
+void rope_heads_into(at::Tensor dst, const at::Tensor& src, const std::pair<at::Tensor, at::Tensor>& cos_sin,
+                     bool backward) {
+  const int64_t d = dst.size(3), rot = cos_sin.first.size(-1);
+  at::Tensor turned = rot == d ? dst : dst.narrow(3, 0, rot);
+  const at::Tensor from = rot == d ? src : src.narrow(3, 0, rot);
+  if (backward)
+    model::rope_backward_into(turned, from, cos_sin.first, cos_sin.second);
+  else
+    model::rope_into(turned, from, cos_sin.first, cos_sin.second);
+  if (rot == d) return;
+  dst.narrow(3, rot, d - rot).copy_(src.narrow(3, rot, d - rot));
+}
+
 // dst [B, T, heads, d] (columns of the q|k|v gradient) <- the gradient at the q|k|v GEMM's
 // output of those heads, from g, the gradient at their rotated copy: RoPE's backward, then the
 // head norm's when there is one (`norm.x` defined; w its weight).
 void head_backward_into(at::Tensor dst, const at::Tensor& g, const HeadNorm& norm, const at::Tensor& w,
                         const std::pair<at::Tensor, at::Tensor>& cos_sin) {
   if (!norm.x.defined()) {
-    model::rope_backward_into(dst, g, cos_sin.first, cos_sin.second);
+    rope_heads_into(dst, g, cos_sin, /*backward=*/true);
     return;
   }
   at::Tensor normed = at::empty(dst.sizes(), dst.options());  // [B, T, heads, d] packed
-  model::rope_backward_into(normed, g, cos_sin.first, cos_sin.second);
+  rope_heads_into(normed, g, cos_sin, /*backward=*/true);
   dst.copy_(norm_backward(normed.view({-1, dst.size(3)}), norm.x, w, norm.n).view(dst.sizes()));
 }
 
@@ -171,8 +187,8 @@ AttentionHalf attention_half(const LayerRefs& r, const at::Tensor& x2, int64_t b
     q_in = std::move(s.q_norm.n.y);
     k_in = std::move(s.k_norm.n.y);
   }
-  model::rope_into(q, q_in.view({b, t, heads, d}), cos_sin.first, cos_sin.second);
-  model::rope_into(k, k_in.view({b, t, kv, d}), cos_sin.first, cos_sin.second);
+  rope_heads_into(q, q_in.view({b, t, heads, d}), cos_sin, /*backward=*/false);
+  rope_heads_into(k, k_in.view({b, t, kv, d}), cos_sin, /*backward=*/false);
   model::copy_heads(v, qkv.narrow(1, (heads + kv) * d, kv * d).view({b, t, kv, d}));
   q_in = at::Tensor();
   k_in = at::Tensor();
@@ -508,10 +524,10 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
 std::string fused_layer_unsupported(const model::DecoderModel& model) {
   if (std::string gap = fused_layer_gap(model.config()); !gap.empty()) return gap;
   for (int64_t l = 0; l < model.num_layers(); ++l) {
-    for (size_t i = 0; i < decoder_linear_names().size(); ++i) {
+    const std::vector<std::string>& names = projection_names(model.config());
+    for (size_t i = 0; i < names.size(); ++i) {
       if (proj_of(model, l, i).base == nullptr)
-        return "layer " + std::to_string(l) + " " + decoder_linear_names()[i] +
-               " is neither a frozen base projection nor LoRA over one";
+        return "layer " + std::to_string(l) + " " + names[i] + " is neither a frozen base projection nor LoRA over one";
     }
   }
   return {};

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <stdexcept>
 #include <utility>
 
 #include "qlora/lora/lora.h"
@@ -16,8 +17,12 @@ LayerRefs layer_refs(const model::DecoderModel& m, int64_t index, at::ScalarType
   LayerRefs r;
   r.model = &m;
   r.index = index;
+  // Note [fused projections]: Phi-3's qkv_proj and gate_up_proj are the merged q|k|v and
+  // gate|up themselves: they take the q and gate slots, and k, v and up stay empty.
+  const bool fused = m.config().pieces.fused_projections;
   for (size_t i = 0; i < r.proj.size(); ++i) {
-    r.proj[i] = proj_of(m, index, i, compute);
+    if (fused && (i == kK || i == kV || i == kUp)) continue;
+    r.proj[i] = proj_of(m, index, fused ? fused_slot(i) : i, compute);
     if (r.proj[i].lora && r.proj[i].lora->training() && r.proj[i].lora->dropout() > 0) r.any_dropout = true;
   }
   r.norm1 = m.input_norm_weight(index);
@@ -28,9 +33,20 @@ LayerRefs layer_refs(const model::DecoderModel& m, int64_t index, at::ScalarType
   return r;
 }
 
+size_t fused_slot(size_t index) {
+  switch (index) {
+    case kQ: return 0;     // qkv_proj
+    case kO: return 1;     // o_proj
+    case kGate: return 2;  // gate_up_proj
+    case kDown: return 3;  // down_proj
+    default: throw std::invalid_argument("fused_slot: k_proj, v_proj and up_proj are inside qkv_proj and gate_up_proj");
+  }
+}
+
 std::vector<Proj> pick(const LayerRefs& r, std::initializer_list<size_t> idx) {
   std::vector<Proj> out;
-  for (size_t i : idx) out.push_back(r.proj[i]);
+  for (size_t i : idx)
+    if (r.proj[i].base != nullptr) out.push_back(r.proj[i]);
   return out;
 }
 
@@ -75,8 +91,12 @@ std::vector<std::pair<size_t, Dropped>> shared_dropout(const LayerRefs& r, std::
 at::Tensor project(const LayerRefs& r, std::initializer_list<size_t> idx, const at::Tensor& x, const at::Tensor& w,
                    const at::Tensor& residual, std::vector<std::pair<size_t, LoraPass>>* passes,
                    std::vector<std::pair<size_t, Dropped>> drawn) {
-  const bool every_lora = std::all_of(idx.begin(), idx.end(), [&](size_t i) { return r.proj[i].lora != nullptr; });
-  const bool lora_first = every_lora && (!residual.defined() || idx.size() == 1);
+  // Empty slots (Note [fused projections]) have no columns.
+  const auto present = [&](size_t i) { return r.proj[i].base != nullptr; };
+  const bool every_lora =
+      std::all_of(idx.begin(), idx.end(), [&](size_t i) { return !present(i) || r.proj[i].lora != nullptr; });
+  const auto parts = std::count_if(idx.begin(), idx.end(), present);
+  const bool lora_first = every_lora && (!residual.defined() || parts == 1);
   // What the products are added to: the residual [N, out], the bias [out] (broadcast), their
   // sum (fresh, so accumulated into in place), or nothing.
   const at::Tensor bias = merged_bias(pick(r, idx), x.options());
@@ -93,6 +113,7 @@ at::Tensor project(const LayerRefs& r, std::initializer_list<size_t> idx, const 
   int64_t off = 0;
   for (size_t i : idx) {
     const Proj& p = r.proj[i];
+    if (!present(i)) continue;
     const int64_t n = p.base->out_features();
     if (p.lora) {
       LoraPass pass = lora_pass(p, std::move(next->second));  // pass.t holds the scaling
@@ -123,6 +144,7 @@ at::Tensor lora_columns_backward(const LayerRefs& r, std::initializer_list<size_
   int64_t off = 0;
   for (size_t i : idx) {
     const Proj& p = r.proj[i];
+    if (p.base == nullptr) continue;  // an empty slot (Note [fused projections])
     const int64_t n = p.base->out_features();
     for (auto& [which, pass] : passes) {
       if (which != i) continue;

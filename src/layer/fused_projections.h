@@ -36,8 +36,17 @@ struct LayerRefs {
 };
 
 // Layer `index` of m, LoRA's A and B cast to `compute` (once a layer call).
+// Note [fused projections]: a family with pieces.fused_projections (Phi-3: qkv_proj, o_proj,
+// gate_up_proj, down_proj) puts qkv_proj in the kQ slot and gate_up_proj in kGate; kK, kV and kUp
+// stay empty (base null: no columns, skipped by pick, project and lora_columns_backward). The
+// merged products' column layout is the same: q | k | v and gate | up.
 LayerRefs layer_refs(const model::DecoderModel& m, int64_t index, at::ScalarType compute);
 
+// The model's projection index (DecoderModel::projection) of slot kQ, kO, kGate or kDown in a
+// fused family.
+size_t fused_slot(size_t index);
+
+// The projections of `idx` that exist (empty slots left out).
 std::vector<Proj> pick(const LayerRefs& r, std::initializer_list<size_t> idx);
 
 // The dropped copies of x for the LoRA projections among `idx` (which share x), drawn

@@ -173,9 +173,6 @@ std::string fused_layer_gap(const DecoderConfig& m) {
     gaps.push_back("query_pre_attn_scalar");
   if (m.attn_logit_softcapping > 0) gaps.push_back("attention soft-capping");
   if (m.rope_local_theta > 0) gaps.push_back("a second RoPE base for local layers");
-  if (m.pieces.fused_projections) gaps.push_back("fused qkv_proj / gate_up_proj");
-  if (m.rotary_dim() != m.head_dim) gaps.push_back("partial rotary");
-  if (m.rope.type == RopeType::kLongrope) gaps.push_back("LongRoPE");
   return join(gaps);
 }
 
