@@ -20,7 +20,8 @@
 //                 --memory-cap), no-ckpt-8x2048 and no-ckpt-8b-2x2048; all compared with the
 //                 peer's full-checkpointing run of the same shape; qwen3-8b-2x2048 and
 //                 qwen2.5-1.5b-4x1024 (the other families: Qwen3's q/k norms, Qwen2's q/k/v
-//                 biases; `scripts/gpu.sh --suite families`)
+//                 biases; `scripts/gpu.sh --suite families`); phi-4-mini-4x1024 (LoRA on
+//                 qkv_proj and o_proj) and gemma-3-4b-4x1024 (`--suite families2`)
 //     --steps N   optimizer steps per configuration (default 12); the first kWarmupSteps are
 //                 warm-up, excluded from the timing and from the peak
 //     --work DIR  where the model directories (config.json + tokenizer), data and outputs go;
@@ -136,6 +137,8 @@ const Shape kShapes[] = {
     // Qwen3's q/k norms (model::decoder_weight_shapes); both run through the fused layer.
     {"qwen3-8b-2x2048", "qwen3-8b", 2, 2048},
     {"qwen2.5-1.5b-4x1024", "qwen2.5-1.5b", 4, 1024},
+    {"phi-4-mini-4x1024", "phi-4-mini", 4, 1024},  // LoRA on qkv_proj and o_proj: q, k, v, o
+    {"gemma-3-4b-4x1024", "gemma-3-4b", 4, 1024},
 };
 constexpr int kDefaultShapes = 3;  // without --configs: the three micro × seq points
 
@@ -240,6 +243,7 @@ qlora::Config make_config(const std::string& model_dir, const std::string& data_
   cfg.lora.alpha = 32.0;
   cfg.lora.dropout = 0.05;
   cfg.lora.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};
+  if (qlora::model_preset(s.model).pieces.fused_projections) cfg.lora.target_modules = {"qkv_proj", "o_proj"};
   if (s.all_linear) cfg.lora.target_modules = {"all-linear"};
   cfg.data.path = data_path;
   cfg.data.format = qlora::DataFormat::kText;

@@ -68,6 +68,8 @@ VARIANTS = {
     # The other families (scripts/gpu.sh --suite families), at the default settings.
     "qwen3-8b-2x2048": dict(micro=2, seq=2048, model="qwen3-8b"),
     "qwen2.5-1.5b-4x1024": dict(micro=4, seq=1024, model="qwen2.5-1.5b"),
+    "phi-4-mini-4x1024": dict(micro=4, seq=1024, model="phi-4-mini"),
+    "gemma-3-4b-4x1024": dict(micro=4, seq=1024, model="gemma-3-4b"),
 }
 LR = 2e-4
 MAX_GRAD_NORM = 1.0
@@ -125,12 +127,28 @@ QWEN25_15B = dict(QWEN, hidden_size=1536, intermediate_size=8960, num_hidden_lay
                   num_key_value_heads=2, max_position_embeddings=131072, tie_word_embeddings=True,
                   max_window_layers=28, eos_token_id=151643)
 QWEN_ROPE = {"rope_type": "default", "rope_theta": 1000000.0}
+# Phi-4-mini without its LongRoPE factors, as qlora's preset (they change neither shapes nor work).
+PHI4_MINI = dict(vocab_size=200064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                 num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=131072,
+                 original_max_position_embeddings=4096, partial_rotary_factor=0.75, rms_norm_eps=1e-5,
+                 hidden_act="silu", tie_word_embeddings=True, sliding_window=262144, initializer_range=0.02,
+                 bos_token_id=199999, eos_token_id=199999, pad_token_id=199999, use_cache=False)
+PHI_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+GEMMA3_4B = dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                 sliding_window=1024, max_position_embeddings=131072, rms_norm_eps=1e-6,
+                 hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, initializer_range=0.02,
+                 bos_token_id=2, eos_token_id=1, pad_token_id=0, use_cache=False)
+GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
 # model name (bench_train's preset) -> (transformers config class, causal LM class, values, RoPE)
 MODELS = {
     "llama-3.2-1b": ("LlamaConfig", "LlamaForCausalLM", LLAMA_32_1B, ROPE),
     "llama-3.1-8b": ("LlamaConfig", "LlamaForCausalLM", LLAMA_31_8B, dict(ROPE, factor=8.0)),
     "qwen3-8b": ("Qwen3Config", "Qwen3ForCausalLM", QWEN3_8B, QWEN_ROPE),
     "qwen2.5-1.5b": ("Qwen2Config", "Qwen2ForCausalLM", QWEN25_15B, QWEN_ROPE),
+    "phi-4-mini": ("Phi3Config", "Phi3ForCausalLM", PHI4_MINI, PHI_ROPE),
+    "gemma-3-4b": ("Gemma3TextConfig", "Gemma3ForCausalLM", GEMMA3_4B, GEMMA3_ROPE),
 }
 STARTED = time.monotonic()  # --deadline counts from here
 
@@ -200,6 +218,8 @@ def model_config(tiny, model="llama-3.2-1b"):
             values.update(head_dim=32)
         if "max_window_layers" in values:
             values.update(max_window_layers=2)
+        if "pad_token_id" in values:
+            values.update(pad_token_id=0)
     return getattr(transformers, config_class)(rope_parameters=dict(rope), **values)
 
 
@@ -219,6 +239,11 @@ def write_random_model(path, tiny, device, model_name):
     if device == "cuda":
         torch.cuda.empty_cache()
     return n
+
+
+def attention_targets(model):
+    """LoRA on q, k, v, o as PEFT names them for the family (Phi-3 fuses q|k|v in qkv_proj)."""
+    return ["qkv_proj", "o_proj"] if model.startswith("phi") else ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def load_qlora_model(path, device, v):
@@ -248,7 +273,7 @@ def load_qlora_model(path, device, v):
         r=16,
         lora_alpha=32,
         lora_dropout=0.05,
-        target_modules="all-linear" if v["all_linear"] else ["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_modules="all-linear" if v["all_linear"] else attention_targets(v["model"]),
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -7,6 +7,7 @@
 #   bash scripts/gpu.sh --suite shapes     # the comparison with the peer, first half (below)
 #   bash scripts/gpu.sh --suite variants   # the comparison with the peer, second half
 #   bash scripts/gpu.sh --suite families   # Qwen3-8B and Qwen2.5-1.5B beside the peer, a plan per family
+#   bash scripts/gpu.sh --suite families2  # Phi-4-mini and Gemma-3-4B beside the peer, a plan per family
 #   bash scripts/gpu.sh --suite generate   # the cuda tests, decoding speed of qlora and the peer (8B, batch 1 and 8)
 #   options (after --suite they change the preset):
 #   --all                the whole CPU suite too (builds every test)
@@ -39,6 +40,8 @@
 #             bench/results (the GPU run must reach the CPU run's held-out exact match).
 #   variants: bench_train and the peer on 8b-2x2048 (and its selective and auto-under-a-cap
 #             rows), all-linear-4x1024, no-ckpt-2x512, fp16-4x1024.
+#   families2: as families, on phi-4-mini-4x1024 (LoRA on qkv_proj, o_proj) and gemma-3-4b-4x1024,
+#             the plans on gemma-2-2b, gemma-3-1b and phi-3.5-mini.
 #   families: the cuda tests, bench_train and the peer (eager, compiled) on qwen3-8b-2x2048 and
 #             qwen2.5-1.5b-4x1024 (r 16 on q,k,v,o, checkpointing, bf16: the other families at
 #             the default settings; no bench_nf4), then --measure-families. Expected (from the
@@ -80,6 +83,8 @@ preset() {
        peer_configs="8b-2x2048,all-linear-4x1024,no-ckpt-2x512,fp16-4x1024" ;;
     families) nf4=0; measure_families=1; train_configs="qwen3-8b-2x2048,qwen2.5-1.5b-4x1024"
        peer_configs="qwen3-8b-2x2048,qwen2.5-1.5b-4x1024" ;;
+    families2) nf4=0; measure_families=2; train_configs="phi-4-mini-4x1024,gemma-3-4b-4x1024"
+       peer_configs="phi-4-mini-4x1024,gemma-3-4b-4x1024" ;;
     generate) nf4=0; generate=1; train_configs="" ;;
     *) echo "scripts/gpu.sh: --suite expects shapes, variants, families or generate, got '$1'" >&2; exit 2 ;;
   esac
@@ -200,7 +205,7 @@ if [[ $bench == 1 ]]; then
     reserve=0
     [[ $demo == 1 ]] && reserve=$(( reserve + (${#demo_cpu} > 0 ? 60 : 150) ))
     [[ -n $profile_configs ]] && reserve=$(( reserve + 60 * $(tr ',' '\n' <<<"$profile_configs" | grep -c .) ))
-    [[ $measure_families == 1 ]] && reserve=$(( reserve + 50 ))
+    [[ $measure_families != 0 ]] && reserve=$(( reserve + 50 ))
     peer_limit=$(( deadline - $(elapsed) - reserve ))
     phase "bench_peer --configs $peer_configs --modes $peer_modes"
     # Its warm-ups stop being waited for 60 s before its limit, so what is ready still gets timed.
@@ -328,13 +333,15 @@ if [[ $measure == 1 ]]; then
   measure_one 8b-2x2048 "${eight_b[@]}" --set train.micro_batch_size=2 --seq 2048
 fi
 # ---------------------------------------------------------------- plan --measure, a model a family
-if [[ $measure_families == 1 ]]; then
+if [[ $measure_families != 0 ]]; then
   phase "qlora plan --measure: one model of each family"
   # The 1B T4 config's settings (r 16 on q,k,v,o, checkpointing, paged 8-bit AdamW) in bf16, on
   # the family's preset: random weights drawn on the GPU, nothing to download. Small presets (and
   # the 7B at 2 x 1024) so that the four fit in what the peer leaves. family:preset:micro:seq
   family_runs=(qwen2:qwen2.5-0.5b:4:1024 qwen3:qwen3-0.6b:4:1024 llama:smollm2-360m:4:1024
                mistral:mistral-7b-v0.3:2:1024)
+  [[ $measure_families == 2 ]] && family_runs=(gemma2:gemma-2-2b:2:1024 gemma3_text:gemma-3-1b:4:1024
+                                              phi3:phi-3.5-mini:2:1024)
   for run in "${family_runs[@]}"; do
     IFS=: read -r family preset micro seq <<<"$run"
     name="$preset-${micro}x$seq"
