@@ -25,7 +25,13 @@ TORCH_VERSION=2.11.0
 CUDA_RUNTIME_VERSION=13.0.96   # libcudart.so.13, as torch 2.11's cuda-toolkit pin
 CUDA_CUPTI_VERSION=13.0.85     # libcupti.so.13, likewise
 TEST_PACKAGES=(transformers==5.17.0 peft==0.21.0 safetensors==0.8.0 tensorboard==2.21.0 gguf==0.19.0
-               llama-cpp-py-sync==0.11739 cffi==2.1.1)
+               cffi==2.1.1)
+# llama.cpp for tests/test_gguf_merge.cpp: the CPU build inside the llama-cpp-cffi wheel (llama.cpp
+# of April 2025, built for glibc 2.34), a CFFI module of 6 MB; the rest of the 291 MB wheel (CUDA
+# and Vulkan builds, a Python wrapper with its own dependencies) is not installed.
+LLAMA_CPP_CFFI_VERSION=0.4.42
+LLAMA_CPP_CFFI_MODULE=llama/_llama_cpp_cpu.cpython-311-x86_64-linux-gnu.so
+LLAMA_CPP_CFFI_SHA256=7f003c698c3752924db24900781587ef5eeb85ad8682c41d26d8ce503a09ee91
 ORACLE_PACKAGES=("${TEST_PACKAGES[@]}" bitsandbytes==0.50.2 tokenizers==0.23.3
                  sentencepiece==0.2.3 tiktoken==0.14.0 numpy)
 
@@ -110,6 +116,24 @@ PYEOF
     "$VPY" -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" "${python_packages[@]}"
   else
     step "Python reference packages: all present"
+  fi
+  # llama.cpp: just the one module, taken out of the pinned wheel into site-packages/llama/ (a
+  # namespace package: the test imports llama._llama_cpp_cpu and nothing else of the wheel).
+  site=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  if [ "$(sha256sum "$site/$LLAMA_CPP_CFFI_MODULE" 2>/dev/null | cut -d' ' -f1)" != "$LLAMA_CPP_CFFI_SHA256" ]; then
+    step "installing llama.cpp (CPU) from llama-cpp-cffi==$LLAMA_CPP_CFFI_VERSION"
+    wheels=$(mktemp -d)
+    "$VPY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d "$wheels" \
+      "llama-cpp-cffi==$LLAMA_CPP_CFFI_VERSION"
+    "$VPY" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])' \
+      "$wheels"/llama_cpp_cffi-*.whl "$LLAMA_CPP_CFFI_MODULE" "$site"
+    rm -rf "$wheels"
+    if [ "$(sha256sum "$site/$LLAMA_CPP_CFFI_MODULE" | cut -d' ' -f1)" != "$LLAMA_CPP_CFFI_SHA256" ]; then
+      echo "setup.sh: $LLAMA_CPP_CFFI_MODULE from llama-cpp-cffi==$LLAMA_CPP_CFFI_VERSION has an unexpected sha256" >&2
+      exit 1
+    fi
+  else
+    step "llama.cpp (CPU) from llama-cpp-cffi $LLAMA_CPP_CFFI_VERSION: present"
   fi
 fi
 

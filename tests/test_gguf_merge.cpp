@@ -1,12 +1,14 @@
 // qlora merge --gguf (lora/gguf_merge.h): the merged model of every family's golden base + adapter
 // written as GGUF, read back by the `gguf` package (llama.cpp's gguf-py) with every tensor's bytes
 // equal to the fp32 merged model encoded independently in tests/scripts/check_gguf_merge.py, then
-// run by llama.cpp itself (the libllama of the llama-cpp-py-sync wheel) next to transformers on the
+// run by llama.cpp itself (the CPU build in the llama-cpp-cffi wheel) next to transformers on the
 // merged Hugging Face directory; and each bad input refused with exit code 2 before anything is
 // written. The io/gguf encoders are checked against their definitions here too.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -21,14 +23,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
-
-// llama.cpp computes in fp32 from F16 weights (and an fp16 KV cache) where transformers runs the
-// fp32 merged model: the gap is the rounding of every weight to half precision (~5e-4 relative)
-// carried through the layers, a few 1e-3 on logits of magnitude ~1; Q8_0's steps are ~1/254 of a
-// block's largest value. The bounds sit above that and far below what a wrong tensor, a wrong
-// row order or a norm without its + 1 gives (differences of order 1).
-constexpr double kF16LogitsAtol = 2e-2;
-constexpr double kQ8LogitsAtol = 6e-2;
 
 std::string family_dir(const std::string& v) { return testing::source_path("tests/data/families/" + v); }
 
@@ -89,10 +83,12 @@ json byte_level_tokenizer() {
 
 const char* kChatTemplate = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}";
 
-// A base model directory: the golden model of variant `v`, its config.json with `patch` applied
-// (JSON merge patch), and (with_tokenizer) the byte-level tokenizer.
-std::string make_base(const std::string& root, const std::string& v, const json& patch, bool with_tokenizer = true) {
-  const std::string dir = root + "/base_" + v;
+// A base model directory (named `name`, "base_<v>" by default: the GGUF's general.name): the golden
+// model of variant `v`, its config.json with `patch` applied (JSON merge patch), and
+// (with_tokenizer) the byte-level tokenizer.
+std::string make_base(const std::string& root, const std::string& v, const json& patch, bool with_tokenizer = true,
+                      const std::string& name = "") {
+  const std::string dir = root + "/" + (name.empty() ? "base_" + v : name);
   fs::create_directories(dir);
   json config = json::parse(testing::slurp(family_dir(v) + "/config.json"));
   config.merge_patch(patch);
@@ -217,6 +213,7 @@ TEST(GgufMerge, GgufPyReadsTheMergedModelOfEachFamily) {
     EXPECT_EQ(g["mismatched"], json::array()) << "tensors whose bytes differ from the merged model's";
     EXPECT_EQ(g["unexpected"], json::array());
     EXPECT_EQ(g["missing"], json::array());
+    EXPECT_EQ(g["unnamed"], json::array()) << "tensor names llama.cpp does not look up for " << jobs[i]["arch"];
     const json& f = g["fields"];
     EXPECT_EQ(f["general.architecture"], arch);
     EXPECT_EQ(f["general.type"], "model");
@@ -241,31 +238,83 @@ TEST(GgufMerge, GgufPyReadsTheMergedModelOfEachFamily) {
       const char* want = t["ne"].size() == 1 ? "F32" : type == "f16" ? "F16" : type == "bf16" ? "BF16" : "Q8_0";
       EXPECT_EQ(t["type"], want) << name;
     }
-    if (v == "phi3") EXPECT_TRUE(g["tensors"].contains("blk.0.attn_qkv.weight"));
-    if (v == "gemma2") EXPECT_TRUE(g["tensors"].contains("blk.0.ffn_post_norm.weight"));
-    if (v == "qwen3") EXPECT_TRUE(g["tensors"].contains("blk.0.attn_q_norm.weight"));
+    if (v == "phi3") {
+      EXPECT_TRUE(g["tensors"].contains("blk.0.attn_qkv.weight"));
+    }
+    if (v == "gemma2") {
+      EXPECT_TRUE(g["tensors"].contains("blk.0.post_attention_norm.weight"));
+      EXPECT_TRUE(g["tensors"].contains("blk.0.post_ffw_norm.weight"));
+    }
+    if (v == "qwen3") {
+      EXPECT_TRUE(g["tensors"].contains("blk.0.attn_q_norm.weight"));
+    }
   }
 }
 
 // ---------------------------------------------------------------- llama.cpp runs it
 
+// The interpreter that runs llama.cpp (the CPU build of the llama-cpp-cffi wheel, which
+// scripts/setup.sh --tests installs) next to transformers; "" with `why` when it cannot, a
+// failure rather than a skip where QLORA_REQUIRE_ORACLES asks for every oracle.
+std::string python_with_llama_cpp(const std::string& tmp, std::string* why) {
+  const std::string py = testing::python_with("numpy, transformers, torch", why);
+  if (py.empty()) return "";
+  const std::string jobs_file = testing::write_file(tmp, "loads.json", R"([{"check": "loads"}])");
+  int status = -1;
+  const std::string out =
+      testing::run_capture("'" + py + "' '" + testing::source_path("tests/scripts/check_gguf_merge.py") + "' \"$(cat '" +
+                               jobs_file + "')\" 2>&1",
+                           &status);
+  if (status == 0) return py;
+  const std::string trimmed = out.substr(0, out.find_last_not_of('\n') + 1);
+  *why = py + " cannot load llama.cpp (bash scripts/setup.sh --tests installs it): " +
+         trimmed.substr(trimmed.rfind('\n') + 1);
+  if (const char* r = std::getenv("QLORA_REQUIRE_ORACLES"); r && *r && std::string(r) != "0") ADD_FAILURE() << *why;
+  return "";
+}
+
+// Bounds on max |llama.cpp logits - transformers fp32 logits| over the prompt, relative to the
+// largest |logit|. llama.cpp computes in fp32 from F16 weights, so the gap is the rounding of every
+// weight to half precision carried through the layers; with Q8_0 it also quantizes activations to 8
+// bits for each product. Measured (llama-cpp-cffi 0.4.42, CPU, KV cache F32): f16 worst 0.36% (Gemma 2,
+// 26 layers; 1.1e-2 on logits up to 2.97), the others 0.05% to 0.16%; q8_0 worst 9.4% (Gemma 2;
+// 0.28 on 2.97), the others 1.9% to 2.0%. A wrong tensor, row order or norm, or a reference without
+// Gemma 2's attention softcapping, gives 30% and more.
+constexpr double kF16RelativeBound = 0.01;
+constexpr double kQ8RelativeBound = 0.15;
+
+// What this llama.cpp build computes only at its real models' shapes, for the bases it runs: Gemma 2's
+// attention scale is picked by depth (26, 42 or 46 layers; it aborts on others), and Gemma 3's window
+// pattern is fixed at 5 sliding layers to 1 global (its decode crashes on fewer than 6 layers). The
+// golden layers are repeated up to that depth; the adapter changes the first ones.
+json llama_cpp_run_patch(const std::string& v) {
+  json patch = llama_cpp_patch(v);
+  if (v == "gemma3") patch["sliding_window_pattern"] = 6;
+  return patch;
+}
+int llama_cpp_run_layers(const std::string& v) { return v == "gemma2" ? 26 : v == "gemma3" ? 6 : 0; }
+
 TEST(GgufMerge, LlamaCppRunsTheMergedModelAsTransformersDoes) {
-  std::string why;
-  const std::string py = testing::python_with("llama_cpp_py_sync, transformers, torch", &why);
-  if (py.empty()) GTEST_SKIP() << why;
-  // The wheel's libllama.so is built against a newer glibc than some machines have (2.38).
-  int loads = -1;
-  const std::string load_error = testing::run_capture(
-      "'" + py + "' -c 'from llama_cpp_py_sync._cffi_bindings import get_lib; get_lib()' 2>&1 | tail -1", &loads);
-  if (load_error.find("Error") != std::string::npos) GTEST_SKIP() << "libllama does not load here: " << load_error;
   const std::string tmp = testing::make_temp_dir("gguf_merge_run");
+  std::string why;
+  const std::string py = python_with_llama_cpp(tmp, &why);
+  if (py.empty()) GTEST_SKIP() << why;
   const std::vector<int> ids = {1, 72, 101, 108, 108, 111};  // <s> H e l l o
   json jobs = json::array();
   std::vector<std::pair<std::string, std::string>> cases;
   for (const auto& f : families()) {
-    const std::string base = make_base(tmp, f.variant, llama_cpp_patch(f.variant));
+    // llama.cpp gives a model whose general.name contains "phi3" Phi-3's token attributes, looking up
+    // <unk>, <s> and <|endoftext|> by text, which this byte-level vocabulary lacks (its load fails):
+    // the bases are named by their architecture's position instead.
+    const std::string base = make_base(tmp, f.variant, llama_cpp_run_patch(f.variant), true,
+                                       "base" + std::to_string(jobs.size()));
+    if (const int layers = llama_cpp_run_layers(f.variant); layers > 0) {
+      const json grown = run_checker(py, json::array({{{"check", "grow"}, {"dir", base}, {"layers", layers}}}), tmp);
+      ASSERT_EQ(grown, json::array({{{"layers", layers}}})) << f.variant;
+    }
     for (const std::string type : {"f16", "q8_0"}) {
-      if (type == "q8_0" && f.variant != "qwen2" && f.variant != "gemma2") continue;
+      // q8_0 needs rows of 32k values (SmolLM2's are 48); qwen3 is refused by this llama.cpp anyway.
+      if (type == "q8_0" && (f.variant == "smollm2" || f.variant == "qwen3")) continue;
       const std::string stem = tmp + "/" + f.variant + "_" + type;
       ASSERT_EQ(merge_both(base, f.variant, stem + "_hf", stem + ".gguf", type), "") << f.variant;
       jobs.push_back({{"check", "run"}, {"gguf", stem + ".gguf"}, {"hf", stem + "_hf"}, {"ids", ids},
@@ -278,12 +327,23 @@ TEST(GgufMerge, LlamaCppRunsTheMergedModelAsTransformersDoes) {
   for (size_t i = 0; i < results.size(); ++i) {
     const auto& [v, type] = cases[i];
     const json& r = results[i];
+    if (r.contains("error")) {
+      // The llama.cpp of llama-cpp-cffi 0.4.42 (April 2025) predates its qwen3 architecture; a
+      // newer pin that knows it makes this case run (and this branch fail: drop it then).
+      if (v == "qwen3" && r["error"].get<std::string>().find("unknown model architecture: 'qwen3'") != std::string::npos) {
+        std::printf("  %-8s %-5s not checked: this llama.cpp has no qwen3 architecture\n", v.c_str(), type.c_str());
+        continue;
+      }
+      ADD_FAILURE() << v << " " << type << ": " << r["error"].get<std::string>();
+      continue;
+    }
     const double diff = r["max_abs_diff"];
     std::printf("  %-8s %-5s llama.cpp vs transformers: max |logits diff| %.2e (logits up to %.2f), greedy %s / %s\n",
                 v.c_str(), type.c_str(), diff, r["logit_scale"].get<double>(), r["greedy_llama_cpp"].dump().c_str(),
                 r["greedy_transformers"].dump().c_str());
-    EXPECT_LT(diff, type == "f16" ? kF16LogitsAtol : kQ8LogitsAtol) << v << " " << type;
-    if (type == "f16") EXPECT_EQ(r["greedy_llama_cpp"], r["greedy_transformers"]) << v;
+    EXPECT_LT(diff, (type == "f16" ? kF16RelativeBound : kQ8RelativeBound) * r["logit_scale"].get<double>())
+        << v << " " << type << ", by position " << r["max_abs_diff_by_position"].dump();
+    EXPECT_EQ(r["greedy_llama_cpp"], r["greedy_transformers"]) << v << " " << type;
   }
 }
 

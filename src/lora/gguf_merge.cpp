@@ -45,9 +45,9 @@ std::string gguf_name_of(const std::string& hf, const DecoderConfig& c, const st
     const std::string module = rest.substr(0, last), suffix = last == std::string::npos ? "" : rest.substr(last);
     std::string name;
     if (module == "input_layernorm") name = "attn_norm";
-    else if (module == "post_attention_layernorm") name = c.pieces.sandwich_norms ? "attn_post_norm" : "ffn_norm";
+    else if (module == "post_attention_layernorm") name = c.pieces.sandwich_norms ? "post_attention_norm" : "ffn_norm";
     else if (module == "pre_feedforward_layernorm") name = "ffn_norm";
-    else if (module == "post_feedforward_layernorm") name = "ffn_post_norm";
+    else if (module == "post_feedforward_layernorm") name = "post_ffw_norm";
     else if (module == "self_attn.q_norm") name = "attn_q_norm";
     else if (module == "self_attn.k_norm") name = "attn_k_norm";
     else if (module.rfind("self_attn.", 0) == 0 || module.rfind("mlp.", 0) == 0)

@@ -1,17 +1,21 @@
 """Checks merged-model GGUF files against the merged Hugging Face model they came from, with
-llama.cpp's own tools: the `gguf` package (gguf-py) reads the file, and llama.cpp itself (the
-libllama bundled by the llama-cpp-py-sync wheel) runs it next to transformers. Run by
+llama.cpp's own tools: the `gguf` package (gguf-py) reads the file, and llama.cpp itself (the CPU
+build in the llama-cpp-cffi wheel, see load_llama_cpp) runs it next to transformers. Run by
 tests/test_gguf_merge.cpp with one JSON argument, a list of jobs; prints one JSON line, a list of
 results in the same order.
 
     {"check": "values", "gguf": F, "hf": DIR, "arch": A, "type": "f16"|"bf16"|"q8_0"}
         -> {"fields": {key: value (arrays: their length and first entries)}, "tensors": {name:
             {"type", "ne"}}, "mismatched": [names whose bytes differ from the expected encoding
-            of the fp32 merged tensor], "unexpected": [...], "missing": [...]}
+            of the fp32 merged tensor], "unexpected": [...], "missing": [...], "unnamed": [names
+            gguf-py does not list for the architecture]}
     {"check": "run", "gguf": F, "hf": DIR, "ids": [...], "new_tokens": N}
         -> {"max_abs_diff": max |llama.cpp logits - transformers logits| over the prompt,
-            "logit_scale": max |transformers logits|, "greedy_llama_cpp": [...],
-            "greedy_transformers": [...]}
+            "max_abs_diff_by_position": [...], "logit_scale": max |transformers logits|,
+            "greedy_llama_cpp": [...], "greedy_transformers": [...]}, or {"error": llama.cpp's
+            message} when it cannot load or run the file
+    {"check": "loads"} -> {"system_info": ...} (fails when llama.cpp cannot be loaded)
+    {"check": "grow", "dir": DIR, "layers": N} -> {"layers": N}: see grow()
 
 The expected bytes are computed here from the merged fp32 safetensors independently of qlora:
 llama.cpp's tensor names, q/k rows in llama.cpp's order for its llama architecture, Gemma norms
@@ -35,9 +39,9 @@ def hf_name_of(gguf_name, arch):
         return None
     _, layer, kind, suffix = gguf_name.split(".")
     gemma = arch in ("gemma2", "gemma3")
-    names = {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
+    names = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
              "ffn_norm": "pre_feedforward_layernorm" if gemma else "post_attention_layernorm",
-             "ffn_post_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm",
+             "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm",
              "attn_k_norm": "self_attn.k_norm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
              "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_qkv": "self_attn.qkv_proj",
              "ffn_gate": "mlp.gate_proj", "ffn_down": "mlp.down_proj",
@@ -75,13 +79,20 @@ def check_values(job):
     merged = load_file(os.path.join(job["hf"], "model.safetensors"))
     r = gguf.GGUFReader(job["gguf"])
     fields = {k: short(f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")}
-    out = {"fields": fields, "tensors": {}, "mismatched": [], "unexpected": [], "missing": []}
+    out = {"fields": fields, "tensors": {}, "mismatched": [], "unexpected": [], "missing": [], "unnamed": []}
     arch = job["arch"]
+    # The tensor names gguf-py lists for the architecture, as llama.cpp looks them up.
+    arch_id = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    known = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch_id]}
     heads = {"attn_q": cfg["num_attention_heads"],
              "attn_k": cfg.get("num_key_value_heads", cfg["num_attention_heads"])}
     seen = set()
     for t in r.tensors:
         out["tensors"][t.name] = {"type": t.tensor_type.name, "ne": [int(d) for d in t.shape]}
+        parts = t.name.split(".")
+        stem = ".".join(["blk", "{bid}", *parts[2:-1]] if parts[0] == "blk" else parts[:-1])
+        if stem not in known:
+            out["unnamed"].append(t.name)
         hf = hf_name_of(t.name, arch)
         if hf is None:
             continue
@@ -105,44 +116,101 @@ def check_values(job):
     return out
 
 
-def llama_cpp_run(path, ids, new_tokens):
-    from llama_cpp_py_sync import Llama
-    llm = Llama(path, n_ctx=64, n_batch=64, n_threads=2, verbose=False)
-    lib, ffi, ctx = llm._lib, llm._ffi, llm._ctx
-    n_vocab = llm.n_vocab
+def load_llama_cpp():
+    """llama.cpp's C API: the CPU build of the llama-cpp-cffi wheel, a CFFI module (lib, ffi).
 
-    def decode(tokens, start, all_logits):
-        batch = lib.llama_batch_init(len(tokens), 0, 1)
-        batch.n_tokens = len(tokens)
-        for i, tok in enumerate(tokens):
-            batch.token[i] = tok
-            batch.pos[i] = start + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = 1 if (all_logits or i == len(tokens) - 1) else 0
-        rc = lib.llama_decode(ctx, batch)
-        lib.llama_batch_free(batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed: {rc}")
-        rows = range(len(tokens)) if all_logits else [len(tokens) - 1]
-        return np.array([np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(ctx, i), 4 * n_vocab), dtype=np.float32)
-                         for i in rows])
+    scripts/setup.sh installs only that module (llama/_llama_cpp_cpu.*.so, in a namespace package
+    `llama`), not the wheel's Python wrapper and its dependencies. Its one symbol this glibc's
+    libstdc++ lacks, __cxa_call_terminate (GCC 14: an exception leaving a noexcept function), is
+    bound lazily, so it is looked up only on the way to std::terminate."""
+    flags = sys.getdlopenflags()
+    sys.setdlopenflags(os.RTLD_LAZY | os.RTLD_LOCAL)
+    try:
+        from llama._llama_cpp_cpu import ffi, lib
+    finally:
+        sys.setdlopenflags(flags)
+    return lib, ffi
 
-    logits = decode(ids, 0, True)
-    greedy, last = [], logits[-1]
-    for k in range(new_tokens):
-        tok = int(np.argmax(last))
-        greedy.append(tok)
-        if k + 1 < new_tokens:
-            last = decode([tok], len(ids) + k, False)[-1]
-    llm.close()
+
+_log = []
+
+
+def llama_cpp_lib():
+    lib, ffi = load_llama_cpp()
+    if not hasattr(llama_cpp_lib, "callback"):
+        @ffi.callback("void(enum ggml_log_level, const char *, void *)")
+        def on_log(level, text, user_data):
+            _log.append(ffi.string(text).decode(errors="replace"))
+        llama_cpp_lib.callback = on_log
+        lib.llama_log_set(on_log, ffi.NULL)
+        lib.llama_backend_init()
+    return lib, ffi
+
+
+def llama_cpp_run(path, ids, new_tokens, lora=None):
+    """Logits of every prompt position and `new_tokens` greedy tokens from llama.cpp, the KV cache
+    in F32 (so only the weights' encoding differs from transformers' fp32); with `lora`, that
+    adapter GGUF applied at scale 1 on the model `path`. Raises with llama.cpp's log on failure."""
+    lib, ffi = llama_cpp_lib()
+    del _log[:]
+    mp = lib.llama_model_default_params()
+    mp.n_gpu_layers = 0
+    model = lib.llama_model_load_from_file(path.encode(), mp)
+    if model == ffi.NULL:
+        raise RuntimeError("llama.cpp cannot load " + path + ": " + "".join(_log[-3:]).strip())
+    adapter = ffi.NULL
+    cp = lib.llama_context_default_params()
+    cp.n_ctx = cp.n_batch = cp.n_ubatch = 64
+    cp.n_threads = cp.n_threads_batch = 2
+    cp.type_k = cp.type_v = 0  # GGML_TYPE_F32
+    ctx = lib.llama_init_from_model(model, cp)
+    try:
+        if ctx == ffi.NULL:
+            raise RuntimeError("llama.cpp cannot make a context: " + "".join(_log[-3:]).strip())
+        if lora:
+            adapter = lib.llama_adapter_lora_init(model, lora.encode())
+            if adapter == ffi.NULL or lib.llama_set_adapter_lora(ctx, adapter, 1.0) != 0:
+                raise RuntimeError("llama.cpp cannot apply " + lora + ": " + "".join(_log[-3:]).strip())
+        n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
+
+        def decode(tokens, start, all_logits):
+            batch = lib.llama_batch_init(len(tokens), 0, 1)
+            batch.n_tokens = len(tokens)
+            for i, tok in enumerate(tokens):
+                batch.token[i] = tok
+                batch.pos[i] = start + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 1 if (all_logits or i == len(tokens) - 1) else 0
+            rc = lib.llama_decode(ctx, batch)
+            lib.llama_batch_free(batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed: {rc}")
+            rows = range(len(tokens)) if all_logits else [len(tokens) - 1]
+            return np.array([np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(ctx, i), 4 * n_vocab),
+                                           dtype=np.float32).copy() for i in rows])
+
+        logits = decode(ids, 0, True)
+        greedy, last = [], logits[-1]
+        for k in range(new_tokens):
+            tok = int(np.argmax(last))
+            greedy.append(tok)
+            if k + 1 < new_tokens:
+                last = decode([tok], len(ids) + k, False)[-1]
+    finally:
+        if ctx != ffi.NULL:
+            lib.llama_free(ctx)
+        if adapter != ffi.NULL:
+            lib.llama_adapter_lora_free(adapter)
+        lib.llama_model_free(model)
     return logits, greedy
 
 
 def transformers_run(path, ids, new_tokens):
     import torch
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # Eager attention: SDPA leaves out Gemma 2's attention logit softcapping.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     x = torch.tensor([ids])
     with torch.no_grad():
         logits = model(x).logits[0].float().numpy()
@@ -152,16 +220,45 @@ def transformers_run(path, ids, new_tokens):
 
 
 def check_run(job):
-    ours, greedy_ours = llama_cpp_run(job["gguf"], job["ids"], job["new_tokens"])
+    try:
+        ours, greedy_ours = llama_cpp_run(job["gguf"], job["ids"], job["new_tokens"])
+    except RuntimeError as e:
+        return {"error": str(e)}
     ref, greedy_ref = transformers_run(job["hf"], job["ids"], job["new_tokens"])
     return {"max_abs_diff": float(np.abs(ours - ref).max()), "logit_scale": float(np.abs(ref).max()),
+            "max_abs_diff_by_position": [float(d) for d in np.abs(ours - ref).max(axis=1)],
             "greedy_llama_cpp": greedy_ours, "greedy_transformers": greedy_ref}
+
+
+def grow(job):
+    """Repeats a base model's layers cyclically up to job["layers"] (model.safetensors and
+    config.json's num_hidden_layers, in place): the llama.cpp build checks some families only at
+    the depths of their real models."""
+    import re
+    from safetensors.numpy import load_file, save_file
+    cfg_path, st_path = os.path.join(job["dir"], "config.json"), os.path.join(job["dir"], "model.safetensors")
+    cfg = json.load(open(cfg_path))
+    n, tensors = cfg["num_hidden_layers"], load_file(st_path)
+    for name, x in list(tensors.items()):
+        m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+        if m:
+            for layer in range(int(m.group(1)) + n, job["layers"], n):
+                tensors[f"model.layers.{layer}.{m.group(2)}"] = x.copy()
+    cfg["num_hidden_layers"] = job["layers"]
+    save_file(tensors, st_path, metadata={"format": "pt"})
+    json.dump(cfg, open(cfg_path, "w"), indent=2)
+    return {"layers": job["layers"]}
+
+
+def check_loads(job):
+    lib, ffi = llama_cpp_lib()
+    return {"system_info": ffi.string(lib.llama_print_system_info()).decode().strip()}
 
 
 def main(argv):
     jobs = json.loads(argv[1])
-    results = [check_values(j) if j["check"] == "values" else check_run(j) for j in jobs]
-    print(json.dumps(results))
+    checks = {"values": check_values, "run": check_run, "loads": check_loads, "grow": grow}
+    print(json.dumps([checks[j["check"]](j) for j in jobs]))
     return 0
 
 
