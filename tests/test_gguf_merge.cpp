@@ -389,6 +389,12 @@ TEST(GgufMerge, RefusesBadInputBeforeWriting) {
   // A family llama.cpp has no architecture for here (nor qlora).
   const std::string other = make_base(tmp + "/other", "qwen2", {{"model_type", "gpt_neox"}});
   expect_refused(merge_gguf(other, "qwen2", gguf, ""), "gpt_neox");
+  // Both outputs: a non-empty --out is refused before the GGUF file is written.
+  fs::create_directories(tmp + "/full");
+  testing::write_file(tmp + "/full", "keep.txt", "x");
+  r = testing::run_qlora("merge --base '" + qwen2 + "' --adapter '" + adapter_of("qwen2") + "' --out '" + tmp +
+                         "/full' --gguf '" + gguf + "'");
+  expect_refused({r.exit_code, r.err}, "is not empty");
   // An existing file is replaced only with --force.
   testing::write_file(tmp, "out.gguf", "old");
   r = testing::run_qlora("merge --base '" + qwen2 + "' --adapter '" + adapter_of("qwen2") + "' --gguf '" + gguf + "'");
