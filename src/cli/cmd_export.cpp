@@ -35,6 +35,10 @@ Runner add_export_command(CLI::App& root) {
                          "\" is not a model directory here; pass --base MODEL_DIR");
     }
     const DecoderConfig c = read_decoder_config((std::filesystem::path(model) / "config.json").string());
+    if (c.multimodal())
+      throw InputError("--gguf: the base " + model + " is a multimodal Gemma 3 (model_type gemma3), whose adapter "
+                       "qlora does not write as GGUF; merge it with `qlora merge --out DIR` and convert that directory "
+                       "with llama.cpp's convert_hf_to_gguf.py");
     const lora::GgufExport r = lora::export_adapter_gguf(*adapter, c, *gguf);
     std::cout << "wrote " << *gguf << ": " << r.tensors << " LoRA tensors for llama.cpp's " << r.architecture
               << " (alpha " << r.alpha << "); llama-cli -m BASE.gguf --lora " << *gguf << "\n";

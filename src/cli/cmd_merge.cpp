@@ -7,6 +7,7 @@
 // The work is lora::merge_adapter (lora/merge.h) and lora::write_merged_gguf (lora/gguf_merge.h);
 // this file maps flags onto them and prints one line per stage, then what was written and how to
 // load it.
+#include <filesystem>
 #include <iostream>
 #include <memory>
 
@@ -14,8 +15,22 @@
 #include "qlora/common/errors.h"
 #include "qlora/lora/gguf_merge.h"
 #include "qlora/lora/merge.h"
+#include "qlora/model/family.h"
 
 namespace qlora::cli {
+namespace {
+
+// llama.cpp keeps a multimodal model's image tower in a separate projector file, which this
+// writer does not make: --gguf is refused for the text part of a multimodal base.
+void refuse_multimodal_gguf(const std::string& base_dir) {
+  const DecoderConfig c = read_decoder_config((std::filesystem::path(base_dir) / "config.json").string());
+  if (c.multimodal())
+    throw InputError("--gguf: the base " + base_dir + " is a multimodal Gemma 3 (model_type gemma3), which qlora "
+                     "does not write as GGUF; merge with --out DIR and convert that directory with llama.cpp's "
+                     "convert_hf_to_gguf.py (it writes the image projector too)");
+}
+
+}  // namespace
 
 Runner add_merge_command(CLI::App& root) {
   auto opts = std::make_shared<lora::MergeOptions>();
@@ -64,7 +79,10 @@ Runner add_merge_command(CLI::App& root) {
     if (opts->out_dir.empty() && gguf->empty())
       throw InputError("merge: give --out DIR (a Hugging Face directory), --gguf FILE (for llama.cpp), or both");
     const std::string type = gguf_type->empty() ? "f16" : *gguf_type;
-    if (!gguf->empty()) lora::gguf_merge_type(type);  // a bad --type before any work
+    if (!gguf->empty()) {
+      lora::gguf_merge_type(type);  // a bad --type before any work
+      refuse_multimodal_gguf(opts->base_dir);
+    }
     opts->max_shard_bytes = static_cast<uint64_t>(*shard_gb * 1e9);
     opts->progress = [](const std::string& line) { std::cout << line << "\n" << std::flush; };
     auto write_gguf = [&] {

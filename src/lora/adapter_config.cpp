@@ -116,6 +116,17 @@ std::string adapter_config_json(const LoraAdapter& adapter, const std::string& b
     for (const auto& m : adapter.module_names()) names.insert(m.substr(m.rfind('.') + 1));
     targets = json::array();
     for (const auto& n : names) targets.push_back(n);
+    // The text part of a multimodal model: its image tower has q_proj, k_proj, ... too, which
+    // short names would make PEFT wrap. A regular expression (PEFT matches the whole module
+    // name) keeps PEFT to the decoder layers qlora trained.
+    const std::string& first = adapter.module_names().front();
+    if (const size_t at = first.find("layers."); at != std::string::npos && first.compare(0, at, "model.") != 0) {
+      std::string re;
+      for (const char ch : first.substr(0, at + 7)) re += ch == '.' ? std::string("\\.") : std::string(1, ch);
+      re += "\\d+\\.(self_attn|mlp)\\.(";
+      for (const auto& n : names) re += (re.back() == '(' ? "" : "|") + n;
+      targets = re + ")";
+    }
   }
   // Every field PEFT 0.21's LoraConfig serializes, with its default unless ours
   // differs, so PEFT reads the file without falling back on guesses.

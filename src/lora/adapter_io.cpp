@@ -86,6 +86,18 @@ LoraAdapter load_adapter(model::DecoderModel& model, const std::string& dir) {
     throw InputError(weights_path + ": not found" + hint);
   }
   auto tensors = io::load_safetensors(weights_path);
+  if (model.config().multimodal()) {
+    // PEFT on transformers < 4.52 named the text model's modules as the published files name its
+    // weights (base_model.model.language_model.model.layers...): read under the model's names.
+    std::map<std::string, at::Tensor> renamed;
+    const std::string peft = "base_model.model.";
+    for (auto& [key, t] : tensors) {
+      const std::string name =
+          key.rfind(peft, 0) == 0 ? model::text_model_weight_name(model.config(), key.substr(peft.size())) : "";
+      renamed[name.empty() ? key : peft + name] = t;
+    }
+    tensors = std::move(renamed);
+  }
   LoraAdapter adapter;
   try {
     adapter = LoraAdapter::attach(model, settings);

@@ -20,6 +20,7 @@
 #include "qlora/io/model_dir.h"
 #include "qlora/io/torch_io.h"
 #include "qlora/lora/adapter_io.h"
+#include "qlora/model/decoder.h"
 #include "qlora/model/decoder_config.h"
 #include "qlora/quant/nf4.h"
 
@@ -232,9 +233,11 @@ std::map<std::string, AdapterModule> read_adapter_weights(const fs::path& file) 
   return modules;
 }
 
-// A decoder projection weight: what training stores in NF4.
-bool is_decoder_projection(const std::string& name, size_t rank) {
-  if (rank != 2 || !starts_with(name, "model.layers.")) return false;
+// A decoder projection weight (`name` in the model's names: MergedWeights::model_name): what
+// training stores in NF4. A multimodal base's image tower has projections of the same short
+// names, which training does not touch.
+bool is_decoder_projection(const std::string& name, size_t rank, const std::string& module_prefix) {
+  if (rank != 2 || !starts_with(name, module_prefix + "layers.")) return false;
   for (const auto& p : decoder_linear_names())
     if (ends_with(name, "." + p + ".weight")) return true;
   return ends_with(name, ".qkv_proj.weight") || ends_with(name, ".gate_up_proj.weight");  // Phi-3
@@ -280,6 +283,10 @@ MergedWeights::MergedWeights(const MergeOptions& opt)
                      "). Merge needs the 16- or 32-bit base it was quantized from; pass that directory as --base "
                      "(add --from-nf4 to merge into its NF4 round trip)");
   base_dtype_ = config_dtype_of(config);
+  // The text part of a multimodal Gemma 3 (model/decoder.h: text_model_weight_name): the adapter
+  // names its modules as PEFT does on transformers 5's model, the base may be saved either way.
+  if (config.contains("model_type") && config["model_type"] == "gemma3") names_.module_prefix = kGemma3TextPrefix;
+  for (const std::string& n : base_.tensor_names()) base_name_[model_name(n)] = n;
   progress("base     " + opt.base_dir + ": " + std::to_string(base_.tensor_names().size()) + " tensors (" +
            (base_dtype_.empty() ? std::string("dtype not recorded") : base_dtype_) + ") in " +
            std::to_string(base_.shards().size()) + " weights file(s)");
@@ -294,8 +301,10 @@ MergedWeights::MergedWeights(const MergeOptions& opt)
     if (ac.contains("base_model_name_or_path") && ac["base_model_name_or_path"].is_string())
       trained_on = ac["base_model_name_or_path"].get<std::string>();
   }
-  for (auto& [module, m] : read_adapter_weights(adapter_dir / "adapter_model.safetensors"))
-    modules_[module] = {m.a, m.b};
+  for (auto& [module, m] : read_adapter_weights(adapter_dir / "adapter_model.safetensors")) {
+    const std::string weight = model_name(module + ".weight");
+    modules_[weight.substr(0, weight.size() - 7)] = {m.a, m.b};
+  }
   adapter_modules_ = modules_.size();
   {
     std::ostringstream os;
@@ -308,8 +317,9 @@ MergedWeights::MergedWeights(const MergeOptions& opt)
   // ---- every check before anything is written
   std::vector<std::string> problems;
   for (const auto& [module, m] : modules_) {
-    const std::string weight = module + ".weight";
-    const io::TensorInfo* info = base_.info(weight);
+    const auto base_name = base_name_.find(module + ".weight");
+    const std::string weight = base_name == base_name_.end() ? module + ".weight" : base_name->second;
+    const io::TensorInfo* info = base_name == base_name_.end() ? nullptr : base_.info(weight);
     const std::vector<int64_t> a(m.a.sizes().begin(), m.a.sizes().end()), b(m.b.sizes().begin(), m.b.sizes().end());
     if (!info) {
       problems.push_back("adapter module " + module + ": the base has no tensor " + weight);
@@ -343,9 +353,15 @@ MergedWeights::MergedWeights(const MergeOptions& opt)
   }
 }
 
-at::Tensor MergedWeights::merged(const std::string& name) {
-  at::Tensor w = base_.tensor(name);  // mapped, read-only
-  if (from_nf4_ && is_decoder_projection(name, w.dim()) && w.is_floating_point()) {
+std::string MergedWeights::model_name(const std::string& name) const {
+  const std::string mine = model::text_model_weight_name(names_, name);
+  return mine.empty() ? name : mine;  // the image tower's names stay as they are
+}
+
+at::Tensor MergedWeights::merged(const std::string& base_name) {
+  at::Tensor w = base_.tensor(base_name);  // mapped, read-only
+  const std::string name = model_name(base_name);
+  if (from_nf4_ && is_decoder_projection(name, w.dim(), names_.module_prefix) && w.is_floating_point()) {
     // NF4 quantizes fp32 / bf16 / fp16; an f64 weight goes to fp32 first, as loading it into
     // an fp32 model for training does.
     const at::Tensor src = w.scalar_type() == at::kDouble ? w.to(at::kFloat) : w;
@@ -353,7 +369,7 @@ at::Tensor MergedWeights::merged(const std::string& name) {
       // In fp32, Q(W) = code · absmax is exact: no rounding before the sum (Note [one rounding]).
       w = quant::dequantize_nf4(quant::quantize_nf4(src, /*double_quant=*/true), at::kFloat);
     } catch (const c10::Error& e) {
-      throw InputError("base tensor " + name + ": cannot be NF4-quantized: " + e.what_without_backtrace());
+      throw InputError("base tensor " + base_name + ": cannot be NF4-quantized: " + e.what_without_backtrace());
     }
     ++nf4_round_trips_;
   }

@@ -93,10 +93,10 @@ void check_source(const DecoderConfig& c, const WeightSource& src) {
   throw InputError(os.str());
 }
 
-// Splits "model.layers.N.<group>.<proj>" into (N, index of proj in projection_names); false
+// Splits "<module_prefix>layers.N.<group>.<proj>" into (N, index of proj in projection_names); false
 // otherwise.
 bool parse_linear_name(const std::string& name, const DecoderConfig& c, int64_t* layer, size_t* proj) {
-  const std::string prefix = "model.layers.";
+  const std::string prefix = c.module_prefix + "layers.";
   if (name.compare(0, prefix.size(), prefix) != 0) return false;
   size_t dot = name.find('.', prefix.size());
   if (dot == std::string::npos || dot == prefix.size()) return false;
@@ -106,7 +106,7 @@ bool parse_linear_name(const std::string& name, const DecoderConfig& c, int64_t*
   if (l >= c.num_hidden_layers) return false;
   const auto& names = projection_names(c);
   for (size_t i = 0; i < names.size(); ++i) {
-    if (name == linear_module_name(l, names[i])) {
+    if (name == linear_module_name(l, names[i], c.module_prefix)) {
       *layer = l;
       *proj = i;
       return true;
@@ -139,9 +139,9 @@ WeightSource weights_from_map(std::map<std::string, at::Tensor> tensors, std::st
 std::vector<std::pair<std::string, std::vector<int64_t>>> decoder_weight_shapes(const DecoderConfig& c) {
   std::vector<std::pair<std::string, std::vector<int64_t>>> t;
   const int64_t h = c.hidden_size;
-  t.push_back({"model.embed_tokens.weight", {c.vocab_size, h}});
+  t.push_back({c.module_prefix + "embed_tokens.weight", {c.vocab_size, h}});
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
+    const std::string p = c.module_prefix + "layers." + std::to_string(l) + ".";
     t.push_back({p + "input_layernorm.weight", {h}});
     t.push_back({p + "post_attention_layernorm.weight", {h}});
     if (c.pieces.sandwich_norms) {  // Gemma 2 / 3
@@ -153,24 +153,25 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> decoder_weight_shapes(
       t.push_back({p + "self_attn.k_norm.weight", {c.head_dim}});
     }
     for (const LinearShape& s : decoder_linear_shapes(c)) {
-      const std::string module = linear_module_name(l, s.name);
+      const std::string module = linear_module_name(l, s.name, c.module_prefix);
       t.push_back({module + ".weight", {s.out_features, s.in_features}});
       if (projection_has_bias(c, s.name)) t.push_back({module + ".bias", {s.out_features}});
     }
   }
-  t.push_back({"model.norm.weight", {h}});
+  t.push_back({c.module_prefix + "norm.weight", {h}});
   if (!c.tie_word_embeddings) t.push_back({"lm_head.weight", {c.vocab_size, h}});
   return t;
 }
 
-std::string linear_module_name(int64_t layer, const std::string& proj) {
+std::string linear_module_name(int64_t layer, const std::string& proj, const std::string& module_prefix) {
   const bool attn = proj == "q_proj" || proj == "k_proj" || proj == "v_proj" || proj == "o_proj" || proj == "qkv_proj";
-  return "model.layers." + std::to_string(layer) + (attn ? ".self_attn." : ".mlp.") + proj;
+  return module_prefix + "layers." + std::to_string(layer) + (attn ? ".self_attn." : ".mlp.") + proj;
 }
 
-DecoderModel DecoderModel::load(const DecoderConfig& c, const WeightSource& src, const LoadOptions& opt) {
+DecoderModel DecoderModel::load(const DecoderConfig& c, const WeightSource& checkpoint, const LoadOptions& opt) {
   if (opt.dtype != at::kFloat && opt.dtype != at::kBFloat16 && opt.dtype != at::kHalf)
     throw std::invalid_argument("DecoderModel::load: dtype must be float32, bfloat16 or float16");
+  const WeightSource src = text_model_weights(c, checkpoint);
   check_source(c, src);
   const auto expected = expected_weights(c);
   std::vector<std::string> misshaped;
@@ -205,8 +206,8 @@ DecoderModel DecoderModel::load(const DecoderConfig& c, const WeightSource& src,
   m.config_ = c;
   m.dtype_ = opt.dtype;
   m.device_ = opt.device;
-  m.embed_ = fetch("model.embed_tokens.weight");
-  m.norm_ = fetch("model.norm.weight");
+  m.embed_ = fetch(c.module_prefix + "embed_tokens.weight");
+  m.norm_ = fetch(c.module_prefix + "norm.weight");
   m.lm_head_ = c.tie_word_embeddings ? m.embed_ : fetch("lm_head.weight");
   m.inv_freq_ = rope_inv_freq(c).to(opt.device);
   if (c.rope_local_theta > 0) {  // Gemma 3's local layers: their own base, no scaling
@@ -217,7 +218,7 @@ DecoderModel DecoderModel::load(const DecoderConfig& c, const WeightSource& src,
   }
   const auto shapes = decoder_linear_shapes(c);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
+    const std::string p = c.module_prefix + "layers." + std::to_string(l) + ".";
     Layer layer;
     layer.input_norm = fetch(p + "input_layernorm.weight");
     layer.post_attention_norm = fetch(p + "post_attention_layernorm.weight");
@@ -230,7 +231,7 @@ DecoderModel DecoderModel::load(const DecoderConfig& c, const WeightSource& src,
       layer.k_norm = fetch(p + "self_attn.k_norm.weight");
     }
     for (const auto& s : shapes) {
-      const std::string module = linear_module_name(l, s.name);
+      const std::string module = linear_module_name(l, s.name, c.module_prefix);
       const std::string name = module + ".weight";
       at::Tensor w = fetch(name, /*quantized=*/static_cast<bool>(opt.make_linear));
       if (!w.defined()) {
@@ -531,7 +532,7 @@ KvCache DecoderModel::new_cache(int64_t batch, int64_t capacity) const {
 std::vector<std::string> DecoderModel::linear_names() const {
   std::vector<std::string> out;
   for (int64_t l = 0; l < num_layers(); ++l)
-    for (const auto& p : projection_names(config_)) out.push_back(linear_module_name(l, p));
+    for (const auto& p : projection_names(config_)) out.push_back(linear_module_name(l, p, config_.module_prefix));
   return out;
 }
 

@@ -10,11 +10,13 @@
 #include "qlora/common/json_file.h"
 #include "qlora/common/log.h"
 #include "qlora/common/text.h"
+#include "config_reader.h"
 
 namespace qlora {
 namespace {
 
 using json = nlohmann::json;
+using family_detail::Reader;
 
 // ---------------------------------------------------------------- the families
 
@@ -30,131 +32,6 @@ const std::vector<Family> kFamilies = {
     {"phi3", "Phi3ForCausalLM", "Phi-3, Phi-3.5, Phi-4, Phi-4-mini"},
 };
 
-// Keys that do not change what training computes: bookkeeping, initialization of weights the
-// checkpoint already holds, generation settings older transformers versions saved in config.json.
-const std::set<std::string> kHarmlessKeys = {
-    "_name_or_path", "architectures", "model_type", "transformers_version", "use_cache", "initializer_range",
-    "torch_dtype", "dtype", "pretraining_tp", "is_llama_config", "transformers.js_config", "tokenizer_class",
-    "auto_map", "output_attentions", "output_hidden_states", "return_dict", "torchscript", "id2label",
-    "label2id", "problem_type", "is_decoder", "is_encoder_decoder", "add_cross_attention", "tie_encoder_decoder",
-    "chunk_size_feed_forward", "pruned_heads", "finetuning_task", "prefix", "task_specific_params",
-    "sep_token_id", "decoder_start_token_id", "cross_attention_hidden_size", "tf_legacy_loss", "use_bfloat16",
-    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
-    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
-    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
-    "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
-    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
-    "_attn_implementation_autoset", "_attn_implementation", "num_labels", "embd_pdrop", "resid_pdrop",
-    "bos_token", "eos_token", "unk_token", "pad_token", "use_return_dict", "model_name"};
-
-// ---------------------------------------------------------------- typed reading
-
-// Reads typed keys of one config.json object; every failure names the file and key. Every key
-// looked at is remembered, so what is left over can be reported.
-class Reader {
- public:
-  Reader(std::string path, const json& root) : path_(std::move(path)), root_(root) {}
-  const std::string& path() const { return path_; }
-
-  [[noreturn]] void fail(const std::string& key, const std::string& what) const {
-    throw InputError(path_ + ": key \"" + key + "\": " + what);
-  }
-
-  static std::string describe(const json& v) {
-    std::string text = v.dump();
-    if (text.size() > 40) text = text.substr(0, 37) + "...";
-    return std::string(v.type_name()) + " " + text;
-  }
-
-  // nullptr when absent or null. Top-level keys count as read.
-  const json* find(const json& obj, const std::string& key) const {
-    if (&obj == &root_) read_.insert(key);
-    auto it = obj.find(key);
-    if (it == obj.end() || it->is_null()) return nullptr;
-    return &*it;
-  }
-  bool present(const std::string& key) const {
-    read_.insert(key);
-    return root_.contains(key);
-  }
-
-  int64_t positive_int(const json& v, const std::string& key) const {
-    if (!v.is_number_integer()) fail(key, "expected a positive integer, got " + describe(v));
-    int64_t n = v.get<int64_t>();
-    if (n <= 0) fail(key, "expected a positive integer, got " + std::to_string(n));
-    return n;
-  }
-  int64_t required_int(const std::string& key) const {
-    const json* v = find(root_, key);
-    if (!v) fail(key, "missing; it is required (a positive integer)");
-    return positive_int(*v, key);
-  }
-  int64_t optional_int(const std::string& key, int64_t fallback) const {
-    const json* v = find(root_, key);
-    return v ? positive_int(*v, key) : fallback;
-  }
-  double number(const json& obj, const std::string& key, const std::string& shown_key, double fallback,
-                bool required) const {
-    const json* v = find(obj, key);
-    if (!v) {
-      if (required) fail(shown_key, "missing; it is required (a number)");
-      return fallback;
-    }
-    if (!v->is_number()) fail(shown_key, "expected a number, got " + describe(*v));
-    return v->get<double>();
-  }
-  bool boolean(const json& obj, const std::string& key, const std::string& shown_key, bool fallback) const {
-    const json* v = find(obj, key);
-    if (!v) return fallback;
-    if (!v->is_boolean()) fail(shown_key, "expected true or false, got " + describe(*v));
-    return v->get<bool>();
-  }
-  bool optional_bool(const std::string& key, bool fallback) const { return boolean(root_, key, key, fallback); }
-  std::string string(const json& obj, const std::string& key, const std::string& shown_key) const {
-    const json* v = find(obj, key);
-    if (!v) return "";
-    if (!v->is_string()) fail(shown_key, "expected a string, got " + describe(*v));
-    return v->get<std::string>();
-  }
-
-  // A token id key (bos_token_id, ...): an integer naming a row of the embedding; `list_ok`:
-  // a list of them is accepted too (eos_token_id). Empty when absent or null; pad_token_id -1
-  // is "none", as old conversions wrote it.
-  std::vector<int64_t> token_ids(const std::string& key, int64_t vocab_size, bool list_ok) const {
-    const json* v = find(root_, key);
-    if (!v) return {};
-    if (key == "pad_token_id" && v->is_number_integer() && v->get<int64_t>() == -1) return {};
-    const bool list = v->is_array() && list_ok && !v->empty();
-    std::vector<int64_t> ids;
-    for (const json& e : list ? *v : json::array({*v})) {
-      if (!e.is_number_integer())
-        fail(key, std::string("expected a token id (an integer") + (list_ok ? ", or a list of them" : "") +
-                      "), got " + describe(*v));
-      const int64_t id = e.get<int64_t>();
-      if (id < 0 || id >= vocab_size)
-        fail(key, std::to_string(id) + " is not a token of the model: its embedding has vocab_size " +
-                      std::to_string(vocab_size) + " rows (ids 0.." + std::to_string(vocab_size - 1) +
-                      "). Fix " + key + ", or use the config.json that came with these weights");
-      ids.push_back(id);
-    }
-    return ids;
-  }
-
-  const json& root() const { return root_; }
-
-  // Top-level keys neither read nor known to be harmless, in file order.
-  std::vector<std::string> unread() const {
-    std::vector<std::string> out;
-    for (const auto& [key, value] : root_.items())
-      if (!read_.count(key) && !kHarmlessKeys.count(key)) out.push_back(key);
-    return out;
-  }
-
- private:
-  std::string path_;
-  const json& root_;
-  mutable std::set<std::string> read_;
-};
 
 // ---------------------------------------------------------------- RoPE
 
@@ -173,11 +50,11 @@ void read_rope(const Reader& r, DecoderConfig& c) {
     // per layer type. The global layers' is the model's RoPE; the local layers' must be unscaled.
     const json& full = (*params)["full_attention"];
     const json global = {{"rope_parameters", full}};
-    read_rope(Reader(r.path(), global), c);
+    read_rope(Reader(r.path(), global, r.key_prefix()), c);
     if (const json* local = r.find(*params, "sliding_attention")) {
       const json local_root = {{"rope_parameters", *local}};
       DecoderConfig l;
-      read_rope(Reader(r.path(), local_root), l);
+      read_rope(Reader(r.path(), local_root, r.key_prefix()), l);
       if (l.rope.type != RopeType::kDefault)
         r.fail("rope_parameters.sliding_attention", "scales RoPE; qlora rotates local layers unscaled, as Gemma 3 does");
       c.rope_local_theta = l.rope_theta;
@@ -454,6 +331,15 @@ Defaults defaults_of(const std::string& model_type) {
   return {0, 0, 2048};  // llama
 }
 
+// Gemma3TextConfig's defaults for the keys a gemma3 config's text_config may leave out (the
+// published 4B's gives only hidden_size, intermediate_size, num_hidden_layers, rope_scaling and
+// sliding_window): the shapes of the 4B but for its hidden and MLP sizes, and its token ids.
+struct TextConfigDefaults {
+  int64_t vocab_size = 262208, hidden_size = 2304, intermediate_size = 9216, num_hidden_layers = 26,
+          num_attention_heads = 8;
+  int64_t pad_token_id = 0, eos_token_id = 1, bos_token_id = 2;
+};
+
 json parse_file(const std::string& path) {
   namespace fs = std::filesystem;
   std::error_code ec;
@@ -480,7 +366,7 @@ const Family* find_family(const std::string& model_type) {
 std::string supported_families_text() {
   std::string out;
   for (const Family& f : kFamilies) out += (out.empty() ? "" : ", ") + f.model_type + " (" + f.models + ")";
-  return out;
+  return out + ", gemma3 (Gemma 3 4B, 12B, 27B multimodal: its text part)";
 }
 
 int64_t DecoderConfig::min_window() const {
@@ -490,49 +376,26 @@ int64_t DecoderConfig::min_window() const {
   return w;
 }
 
-DecoderConfig read_decoder_config(const std::string& path) {
-  namespace fs = std::filesystem;
-  const json root = parse_file(path);
-  Reader r(path, root);
+namespace {
 
-  DecoderConfig c;
-  c.name = fs::path(path).parent_path().string();
-  if (c.name.empty()) c.name = path;
-
-  std::vector<std::string> types;
-  for (const Family& f : kFamilies) types.push_back(f.model_type);
-  const json* type = r.find(root, "model_type");
-  if (!type) r.fail("model_type", "missing; qlora trains " + supported_families_text());
-  if (!type->is_string()) r.fail("model_type", "expected a string, got " + Reader::describe(*type));
-  c.model_type = type->get<std::string>();
-  const Family* family = find_family(c.model_type);
-  if (c.model_type == "gemma3")
-    r.fail("model_type", "is \"gemma3\", the multimodal Gemma 3 (Gemma3ForConditionalGeneration: 4B, 12B, 27B), "
-                         "which qlora does not train yet; the text-only checkpoints (gemma3_text: 270M, 1B) it does");
-  if (family == nullptr) {
-    std::string msg = "is \"" + c.model_type + "\", which qlora does not train";
-    if (const std::string near = closest_match(c.model_type, types); !near.empty())
-      msg += " (did you mean \"" + near + "\"?)";
-    r.fail("model_type", msg + "; supported: " + supported_families_text());
-  }
-  if (const json* arch = r.find(root, "architectures"); arch && arch->is_array()) {
-    for (const json& a : *arch) {
-      const std::string name = a.is_string() ? a.get<std::string>() : a.dump();
-      if (!ends_with(name, "ForCausalLM"))
-        r.fail("architectures", "lists \"" + name + "\"; qlora trains causal language models (" +
-                                    family->architecture + "): a checkpoint with another head cannot be trained here");
-    }
-  }
+// Everything below model_type and architectures, read from `r`'s object as a config of family
+// c.model_type. `text`: the object is a multimodal config's text_config (Gemma3TextConfig's
+// defaults stand in for the shape keys it leaves out).
+void read_text_model(const Reader& r, DecoderConfig& c, const TextConfigDefaults* text) {
+  const json& root = r.root();
   if (r.find(root, "quantization_config"))
     r.fail("quantization_config", "this checkpoint is already quantized (GPTQ, AWQ, FP8 or bitsandbytes); qlora "
                                   "quantizes the base itself: point model.path at the original bf16/fp16 model");
 
   const Defaults def = defaults_of(c.model_type);
-  c.vocab_size = r.required_int("vocab_size");
-  c.hidden_size = r.required_int("hidden_size");
-  c.intermediate_size = r.required_int("intermediate_size");
-  c.num_hidden_layers = r.required_int("num_hidden_layers");
-  c.num_attention_heads = r.required_int("num_attention_heads");
+  const auto shape = [&](const std::string& key, int64_t fallback) {
+    return text ? r.optional_int(key, fallback) : r.required_int(key);
+  };
+  c.vocab_size = shape("vocab_size", text ? text->vocab_size : 0);
+  c.hidden_size = shape("hidden_size", text ? text->hidden_size : 0);
+  c.intermediate_size = shape("intermediate_size", text ? text->intermediate_size : 0);
+  c.num_hidden_layers = shape("num_hidden_layers", text ? text->num_hidden_layers : 0);
+  c.num_attention_heads = shape("num_attention_heads", text ? text->num_attention_heads : 0);
   c.num_key_value_heads = r.optional_int("num_key_value_heads", def.kv_heads > 0 ? def.kv_heads : c.num_attention_heads);
   if (c.num_attention_heads % c.num_key_value_heads != 0)
     r.fail("num_key_value_heads", std::to_string(c.num_key_value_heads) + " does not divide num_attention_heads " +
@@ -552,6 +415,11 @@ DecoderConfig read_decoder_config(const std::string& path) {
   if (const auto ids = r.token_ids("bos_token_id", c.vocab_size, false); !ids.empty()) c.bos_token_id = ids[0];
   c.eos_token_ids = r.token_ids("eos_token_id", c.vocab_size, true);
   if (const auto ids = r.token_ids("pad_token_id", c.vocab_size, false); !ids.empty()) c.pad_token_id = ids[0];
+  if (text) {  // absent (not null): Gemma3TextConfig's ids
+    if (!r.present("bos_token_id")) c.bos_token_id = text->bos_token_id;
+    if (!r.present("eos_token_id")) c.eos_token_ids = {text->eos_token_id};
+    if (!r.present("pad_token_id")) c.pad_token_id = text->pad_token_id;
+  }
   c.tie_word_embeddings = r.optional_bool("tie_word_embeddings", def.tie_word_embeddings);
   c.rms_norm_eps = r.number(root, "rms_norm_eps", "rms_norm_eps", 1e-6, false);
   if (c.rms_norm_eps <= 0) r.fail("rms_norm_eps", "expected a positive number");
@@ -568,10 +436,94 @@ DecoderConfig read_decoder_config(const std::string& path) {
   if (r.optional_bool("rope_interleaved", false))
     r.fail("rope_interleaved", "is true; Hugging Face checkpoints rotate halves (false), and so does qlora");
   read_family_keys(r, c);
+}
+
+// The keys of a multimodal gemma3 config (Gemma3Config) besides text_config: the image tower
+// and how images enter the text (not trained: qlora feeds text only), bookkeeping.
+const std::set<std::string> kMultimodalKeys = {
+    "vision_config", "mm_tokens_per_image", "boi_token_index", "eoi_token_index", "image_token_index",
+    "boi_token_id", "eoi_token_id", "image_token_id", "processor_class"};
+
+// The multimodal Gemma 3 (model_type gemma3, Gemma3ForConditionalGeneration: 4B, 12B, 27B): its
+// text_config read as a gemma3_text config, with Gemma3TextConfig's defaults where it is silent.
+// The top level's tie_word_embeddings (Gemma3Config's, default true) ties lm_head, as
+// transformers ties it; its token ids, where given, are the model's (the -it files list eos
+// [1, 106] there). The text model's weights and modules are under "model.language_model.".
+void read_gemma3_multimodal(const Reader& top, DecoderConfig& c) {
+  const json& root = top.root();
+  if (const json* arch = top.find(root, "architectures"); arch && arch->is_array())
+    for (const json& a : *arch)
+      if (!a.is_string() || a.get<std::string>() != "Gemma3ForConditionalGeneration")
+        top.fail("architectures", "lists " + Reader::describe(a) + "; a gemma3 config qlora trains is saved as "
+                                  "Gemma3ForConditionalGeneration (its text part is trained)");
+  if (top.find(root, "quantization_config"))
+    top.fail("quantization_config", "this checkpoint is already quantized (GPTQ, AWQ, FP8 or bitsandbytes); qlora "
+                                    "quantizes the base itself: point model.path at the original bf16/fp16 model");
+  const json* given = top.find(root, "text_config");
+  if (!given)
+    top.fail("text_config", "missing; a gemma3 (multimodal) config.json holds its text model's keys there, as the "
+                            "published Gemma 3 4B, 12B and 27B files do");
+  if (!given->is_object()) top.fail("text_config", "expected an object, got " + Reader::describe(*given));
+  json text = *given;
+  if (const json* t = top.find(text, "model_type"); t && *t != "gemma3_text")
+    top.fail("text_config.model_type", "is " + Reader::describe(*t) + "; a gemma3 config's text model is gemma3_text");
+  // The top level's token ids stand for the model (text_config's are the text model's own).
+  for (const char* key : {"bos_token_id", "eos_token_id", "pad_token_id"})
+    if (top.present(key)) text[key] = root[key];
+  for (const std::string& key : kMultimodalKeys) top.present(key);
+  const TextConfigDefaults defaults;
+  c.model_type = "gemma3_text";
+  c.module_prefix = kGemma3TextPrefix;
+  Reader r(top.path(), text, "text_config.");
+  read_text_model(r, c, &defaults);
+  // text_config's own tie_word_embeddings ties nothing (its model has no lm_head).
+  r.present("tie_word_embeddings");
+  c.tie_word_embeddings = top.optional_bool("tie_word_embeddings", true);
+  c.unread_keys = r.unread();
+}
+
+}  // namespace
+
+DecoderConfig read_decoder_config(const std::string& path) {
+  namespace fs = std::filesystem;
+  const json root = parse_file(path);
+  Reader r(path, root);
+
+  DecoderConfig c;
+  c.name = fs::path(path).parent_path().string();
+  if (c.name.empty()) c.name = path;
+
+  std::vector<std::string> types;
+  for (const Family& f : kFamilies) types.push_back(f.model_type);
+  types.push_back("gemma3");
+  const json* type = r.find(root, "model_type");
+  if (!type) r.fail("model_type", "missing; qlora trains " + supported_families_text());
+  if (!type->is_string()) r.fail("model_type", "expected a string, got " + Reader::describe(*type));
+  c.model_type = type->get<std::string>();
+  const Family* family = find_family(c.model_type);
+  if (c.model_type == "gemma3") {
+    read_gemma3_multimodal(r, c);
+  } else {
+    if (family == nullptr) {
+      std::string msg = "is \"" + c.model_type + "\", which qlora does not train";
+      if (const std::string near = closest_match(c.model_type, types); !near.empty())
+        msg += " (did you mean \"" + near + "\"?)";
+      r.fail("model_type", msg + "; supported: " + supported_families_text());
+    }
+    if (const json* arch = r.find(root, "architectures"); arch && arch->is_array()) {
+      for (const json& a : *arch) {
+        const std::string name = a.is_string() ? a.get<std::string>() : a.dump();
+        if (!ends_with(name, "ForCausalLM"))
+          r.fail("architectures", "lists \"" + name + "\"; qlora trains causal language models (" +
+                                      family->architecture + "): a checkpoint with another head cannot be trained here");
+      }
+    }
+    read_text_model(r, c, nullptr);
+  }
 
   c.torch_dtype = r.string(root, "torch_dtype", "torch_dtype");
   if (c.torch_dtype.empty()) c.torch_dtype = r.string(root, "dtype", "dtype");  // transformers 5
-  c.unread_keys = r.unread();
+  for (std::string& key : r.unread()) c.unread_keys.push_back(std::move(key));
   if (!c.unread_keys.empty())
     log::warn(path + ": keys qlora does not read (they are ignored; check that none changes the model's "
                      "arithmetic): " + join(c.unread_keys));

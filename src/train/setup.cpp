@@ -105,7 +105,8 @@ std::vector<std::string> check_run_files(const Config& cfg) {
   if (!cfg.model.path.empty()) {
     const io::ModelDir dir = io::ModelDir::open(cfg.model.path);
     const DecoderConfig shape = read_decoder_config(dir.config_path());
-    lines.push_back("model: " + shape.model_type + ", " + std::to_string(shape.num_hidden_layers) + " layers, hidden " +
+    lines.push_back("model: " + shape.model_type + (shape.multimodal() ? " (the text part of a multimodal gemma3)" : "") +
+                    ", " + std::to_string(shape.num_hidden_layers) + " layers, hidden " +
                     std::to_string(shape.hidden_size) + ", vocab " + std::to_string(shape.vocab_size) + ", " +
                     std::to_string(dir.tensor_names().size()) + " tensors (" + dir.dir() + ")");
     const std::unique_ptr<data::Tokenizer> tok = load_checked_tokenizer(cfg.model.path);

@@ -6,6 +6,10 @@
 // writes loads with `PeftModel.from_pretrained`, and what PEFT writes loads
 // here, as long as it is plain LoRA on the decoder projections: DoRA, biases,
 // per-module ranks and modules_to_save are refused with a message saying so.
+// On the text part of a multimodal Gemma 3 the keys are PEFT's on Gemma3ForConditionalGeneration
+// ("base_model.model.model.language_model.layers.0..."; load_adapter also reads the
+// "language_model.model." naming of older PEFT files), and target_modules is written as a
+// regular expression over the language model's layers, so that PEFT leaves the image tower alone.
 #pragma once
 
 #include <map>

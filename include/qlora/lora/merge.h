@@ -31,6 +31,7 @@
 #include "qlora/io/model_dir.h"
 #include "qlora/io/safetensors.h"
 #include "qlora/lora/adapter_io.h"
+#include "qlora/model/decoder_config.h"
 
 namespace qlora::lora {
 
@@ -74,7 +75,7 @@ class MergedWeights {
   const LoraSettings& settings() const { return settings_; }
   size_t adapter_modules() const { return adapter_modules_; }
 
-  // Tensor `name` of the merged model before its one rounding (Note [one rounding] in
+  // Tensor `name` (the base's name for it) of the merged model before its one rounding (Note [one rounding] in
   // merge.cpp): a floating tensor in fp32 (f64 for an f64 base) when adapted or NF4 round-tripped,
   // else as stored (mapped, read-only); W + B·A·scaling for an adapted projection, whose fp32
   // adapter copies are then released. Ask for each name once.
@@ -87,8 +88,14 @@ class MergedWeights {
   struct LoraPair {
     at::Tensor a, b;  // A [r, in], B [out, r], fp32
   };
+  // A tensor or module name of the base or the adapter in the model's names (model/decoder.h:
+  // text_model_weight_name; unchanged but for a multimodal base's text model).
+  std::string model_name(const std::string& name) const;
+
   bool from_nf4_;
   io::ModelDir base_;
+  DecoderConfig names_;  // only module_prefix is set: how the model names its text weights
+  std::map<std::string, std::string> base_name_;  // model_name -> the base's tensor name
   std::string base_dtype_;
   LoraSettings settings_;
   size_t adapter_modules_ = 0;

@@ -141,7 +141,8 @@ class DecoderModel {
   // Checks the source against the config before allocating anything: every
   // missing name, unexpected name and mis-shaped tensor is listed in one
   // InputError naming source.origin. lm_head.weight is optional (and ignored)
-  // when the embeddings are tied; rotary_emb.inv_freq buffers are ignored.
+  // when the embeddings are tied; rotary_emb.inv_freq buffers are ignored. A multimodal
+  // checkpoint is read through text_model_weights (its image tower skipped, either naming).
   // A weight holding inf or NaN (or values the model dtype turns into inf) is
   // an InputError naming the file, the tensor and how many values.
   static DecoderModel load(const DecoderConfig& config, const WeightSource& source, const LoadOptions& options = {});
@@ -229,8 +230,24 @@ class DecoderModel {
 // its bias), the final norm, lm_head unless tied. What DecoderModel::load expects.
 std::vector<std::pair<std::string, std::vector<int64_t>>> decoder_weight_shapes(const DecoderConfig& config);
 
-// Module name of projection `proj` (projection_names()) of layer `layer`.
-std::string linear_module_name(int64_t layer, const std::string& proj);
+// Module name of projection `proj` (projection_names()) of layer `layer`, under the config's
+// module_prefix ("model." unless the model is the text part of a multimodal checkpoint).
+std::string linear_module_name(int64_t layer, const std::string& proj, const std::string& module_prefix = "model.");
+
+// ---------------------------------------------------------------- multimodal checkpoints
+
+// A multimodal checkpoint's tensor name in the model's names (DecoderConfig::module_prefix):
+// transformers 5's module names as they are; the published files' (which save_pretrained
+// writes: "language_model.model.layers.0...", "language_model.lm_head.weight") renamed as
+// transformers renames them on load; "" for a tensor of the image tower or its projector ("vision_tower.",
+// "multi_modal_projector.", either under "model." or not), which the text model does not use.
+// Any other name, and every name of a text-only config, unchanged.
+std::string text_model_weight_name(const DecoderConfig& config, const std::string& checkpoint_name);
+
+// `source` seen through text_model_weight_name: the text model's tensors under the model's
+// names, the image tower's left out (DecoderModel::load reads a multimodal checkpoint so).
+// `source` itself for a text-only config.
+WeightSource text_model_weights(const DecoderConfig& config, const WeightSource& source);
 
 // One decoder layer's forward in place of DecoderModel::layer_forward, with its arguments: what
 // a training run swaps in (train's generic checkpoint, layer/fused_layer.h's fused layer).

@@ -104,9 +104,17 @@ struct DecoderConfig {
   int64_t pad_token_id = -1;
 
   std::string model_type;   // a family of model/family.h: "llama", "mistral", "qwen2", "qwen3"
+  // What the decoder's weights and modules are named under: "model." (model.layers.N...,
+  // model.embed_tokens, model.norm, as a *ForCausalLM saves them), or kGemma3TextPrefix for the
+  // text part of a multimodal Gemma 3 (config.json's model_type "gemma3", whose text model is
+  // gemma3_text; its lm_head.weight stays at the top). PEFT's module names follow it.
+  std::string module_prefix = "model.";
   std::string torch_dtype;  // as written in config.json ("bfloat16", "float16"); may be empty
   // config.json keys the reader neither uses nor knows to be harmless (shown once as a warning).
   std::vector<std::string> unread_keys;
+
+  // The text part of a multimodal checkpoint (its image tower is not trained).
+  bool multimodal() const { return module_prefix != "model."; }
 
   // The window of layer `layer` (0: full attention).
   int64_t window_of(int64_t layer) const {
@@ -115,6 +123,12 @@ struct DecoderConfig {
   // The smallest window of any layer (0 when none slides).
   int64_t min_window() const;
 };
+
+// The text model of Gemma3ForConditionalGeneration as transformers 5's modules and PEFT name it
+// ("model.language_model.layers.0.self_attn.q_proj"). The published checkpoints, and what
+// save_pretrained writes, name its tensors "language_model.model.*" (model::DecoderModel::load
+// reads both namings; model/decoder.h: text_model_weight_name).
+inline constexpr const char* kGemma3TextPrefix = "model.language_model.";
 
 // One projection of a decoder layer, as PEFT names it (q_proj ... down_proj; Phi-3's qkv_proj,
 // gate_up_proj). The weight is [out_features, in_features]; every layer has the same ones.

@@ -42,6 +42,9 @@ std::string supported_families_text();
 // silu, attention_dropout > 0, rope_type longrope, a quantization_config, ...), or a bos/eos/pad
 // token id that is not a row of the embedding (0 <= id < vocab_size; pad_token_id -1 means none).
 // Keys it does not know are listed in DecoderConfig::unread_keys and logged as one warning.
+// A multimodal Gemma 3 config (model_type "gemma3", Gemma3ForConditionalGeneration) is read as
+// its text part: text_config as a gemma3_text config with Gemma3TextConfig's defaults for the
+// keys it leaves out, the image tower's keys ignored, module_prefix kGemma3TextPrefix.
 DecoderConfig read_decoder_config(const std::string& config_json_path);
 
 }  // namespace qlora
