@@ -228,5 +228,24 @@ TEST(ModelFamily, PresetsCountLikeTransformersAndPeft) {
   }
 }
 
+// How far a config's positions reach (the check of data.max_seq_length at the start of a run).
+TEST(ModelFamily, MaxPositionsFollowRopeScaling) {
+  DecoderConfig c;
+  c.max_position_embeddings = 32768;
+  EXPECT_EQ(c.max_positions(), 32768);
+  c.rope.type = RopeType::kYarn;  // Qwen2.5's long-context setting
+  c.rope.factor = 4.0;
+  c.rope.original_max_position_embeddings = 32768;
+  EXPECT_EQ(c.max_positions(), 131072);
+  c.rope.type = RopeType::kLinear;
+  c.rope.factor = 2.0;
+  c.rope.original_max_position_embeddings = 0;
+  EXPECT_EQ(c.max_positions(), 65536);
+  c.rope.type = RopeType::kLlama3;  // Llama 3.1: max_position_embeddings is already the extended length
+  c.rope.factor = 8.0;
+  c.max_position_embeddings = 131072;
+  EXPECT_EQ(c.max_positions(), 131072);
+}
+
 }  // namespace
 }  // namespace qlora

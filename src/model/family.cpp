@@ -1,5 +1,6 @@
 #include "qlora/model/family.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -374,6 +375,14 @@ int64_t DecoderConfig::min_window() const {
   for (int64_t x : layer_window)
     if (x > 0 && (w == 0 || x < w)) w = x;
   return w;
+}
+
+int64_t DecoderConfig::max_positions() const {
+  if (rope.type != RopeType::kLinear && rope.type != RopeType::kDynamic && rope.type != RopeType::kYarn)
+    return max_position_embeddings;
+  const int64_t original =
+      rope.original_max_position_embeddings > 0 ? rope.original_max_position_embeddings : max_position_embeddings;
+  return std::max(max_position_embeddings, static_cast<int64_t>(static_cast<double>(original) * rope.factor));
 }
 
 namespace {

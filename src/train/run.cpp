@@ -34,6 +34,7 @@
 #include "qlora/lora/adapter_io.h"
 #include "qlora/lora/lora.h"
 #include "qlora/model/decoder.h"
+#include "qlora/model/decoder_config.h"
 #include "qlora/optim/optimizer.h"
 #include "qlora/quant/nf4_cuda.h"
 #include "qlora/plan/plan.h"
@@ -353,6 +354,9 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   // A model.path that is no directory (a GGUF file, say) gets the model loader's message.
   std::unique_ptr<data::Tokenizer> tokenizer;
   if (std::filesystem::is_directory(cfg.model.path)) tokenizer = load_checked_tokenizer(cfg.model.path);
+  // Before any weight loads; a directory without config.json gets the loader's message below.
+  if (cfg.model.path.empty() || std::filesystem::exists(std::filesystem::path(cfg.model.path) / "config.json"))
+    check_sequence_length(cfg, resolve_model_shape(cfg));
   BaseModel base = load_base_model(cfg, dev, options.random_weights);
   if (!tokenizer) tokenizer = load_checked_tokenizer(cfg.model.path);
   model::DecoderModel& model = base.model;
