@@ -1,8 +1,8 @@
-"""Checks merged-model GGUF files against the merged Hugging Face model they came from, with
-llama.cpp's own tools: the `gguf` package (gguf-py) reads the file, and llama.cpp itself (the CPU
-build in the llama-cpp-cffi wheel, see load_llama_cpp) runs it next to transformers. Run by
-tests/test_gguf_merge.cpp with one JSON argument, a list of jobs; prints one JSON line, a list of
-results in the same order.
+"""Checks merged-model GGUF files against the merged Hugging Face model they came from, and LoRA
+adapter GGUF files against PEFT, with llama.cpp's own tools: the `gguf` package (gguf-py) reads
+the file, and llama.cpp itself (the CPU build in the llama-cpp-cffi wheel, see load_llama_cpp)
+runs it next to transformers. Run by tests/test_gguf_merge.cpp and tests/test_gguf_export.cpp
+with one JSON argument, a list of jobs; prints one JSON line, a list of results in the same order.
 
     {"check": "values", "gguf": F, "hf": DIR, "arch": A, "type": "f16"|"bf16"|"q8_0"}
         -> {"fields": {key: value (arrays: their length and first entries)}, "tensors": {name:
@@ -14,6 +14,11 @@ results in the same order.
             "max_abs_diff_by_position": [...], "logit_scale": max |transformers logits|,
             "greedy_llama_cpp": [...], "greedy_transformers": [...]}, or {"error": llama.cpp's
             message} when it cannot load or run the file
+    {"check": "lora", "gguf": F, "lora": L, "hf": DIR, "adapter": ADIR, "ids": [...], "new_tokens": N}
+        -> "run"'s result for llama.cpp running the model F with the adapter GGUF L applied (scale
+            1) next to transformers' model DIR (fp32) with PEFT's adapter ADIR, plus
+            "adapter_effect": max |PEFT logits - the base's logits| over the prompt (what a
+            dropped adapter would be off by)
     {"check": "loads"} -> {"system_info": ...} (fails when llama.cpp cannot be loaded)
     {"check": "grow", "dir": DIR, "layers": N} -> {"layers": N}: see grow()
 
@@ -206,17 +211,32 @@ def llama_cpp_run(path, ids, new_tokens, lora=None):
     return logits, greedy
 
 
-def transformers_run(path, ids, new_tokens):
+def transformers_run(path, ids, new_tokens, adapter=None):
+    """Logits of every prompt position and `new_tokens` greedy tokens from transformers in fp32;
+    with `adapter`, PEFT's LoRA adapter applied (unmerged), and the base's logits as a third value."""
     import torch
     from transformers import AutoModelForCausalLM
     # Eager attention: SDPA leaves out Gemma 2's attention logit softcapping.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    if adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter).eval()
     x = torch.tensor([ids])
     with torch.no_grad():
         logits = model(x).logits[0].float().numpy()
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False,
-                             min_new_tokens=new_tokens, pad_token_id=0)
-    return logits, [int(t) for t in out[0, len(ids):]]
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                             do_sample=False, min_new_tokens=new_tokens, pad_token_id=0)
+        if not adapter:
+            return logits, [int(t) for t in out[0, len(ids):]]
+        with model.disable_adapter():
+            base = model(x).logits[0].float().numpy()
+    return logits, [int(t) for t in out[0, len(ids):]], base
+
+
+def compare(ours, greedy_ours, ref, greedy_ref):
+    return {"max_abs_diff": float(np.abs(ours - ref).max()), "logit_scale": float(np.abs(ref).max()),
+            "max_abs_diff_by_position": [float(d) for d in np.abs(ours - ref).max(axis=1)],
+            "greedy_llama_cpp": greedy_ours, "greedy_transformers": greedy_ref}
 
 
 def check_run(job):
@@ -224,10 +244,16 @@ def check_run(job):
         ours, greedy_ours = llama_cpp_run(job["gguf"], job["ids"], job["new_tokens"])
     except RuntimeError as e:
         return {"error": str(e)}
-    ref, greedy_ref = transformers_run(job["hf"], job["ids"], job["new_tokens"])
-    return {"max_abs_diff": float(np.abs(ours - ref).max()), "logit_scale": float(np.abs(ref).max()),
-            "max_abs_diff_by_position": [float(d) for d in np.abs(ours - ref).max(axis=1)],
-            "greedy_llama_cpp": greedy_ours, "greedy_transformers": greedy_ref}
+    return compare(ours, greedy_ours, *transformers_run(job["hf"], job["ids"], job["new_tokens"]))
+
+
+def check_lora(job):
+    try:
+        ours, greedy_ours = llama_cpp_run(job["gguf"], job["ids"], job["new_tokens"], lora=job["lora"])
+    except RuntimeError as e:
+        return {"error": str(e)}
+    ref, greedy_ref, base = transformers_run(job["hf"], job["ids"], job["new_tokens"], adapter=job["adapter"])
+    return dict(compare(ours, greedy_ours, ref, greedy_ref), adapter_effect=float(np.abs(ref - base).max()))
 
 
 def grow(job):
@@ -257,7 +283,7 @@ def check_loads(job):
 
 def main(argv):
     jobs = json.loads(argv[1])
-    checks = {"values": check_values, "run": check_run, "loads": check_loads, "grow": grow}
+    checks = {"values": check_values, "run": check_run, "lora": check_lora, "loads": check_loads, "grow": grow}
     print(json.dumps([checks[j["check"]](j) for j in jobs]))
     return 0
 
