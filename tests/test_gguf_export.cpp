@@ -9,7 +9,6 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdio>
-#include <cstdlib>
 #include <filesystem>
 #include <map>
 #include <regex>
@@ -19,12 +18,13 @@
 #include "qlora/io/torch_io.h"
 #include "qlora/lora/gguf_export.h"
 #include "qlora/model/family.h"
+#include "support/gguf_fixtures.h"
 #include "support/test_support.h"
 
 namespace qlora {
 namespace {
 
-std::string dir_of(const std::string& v) { return testing::source_path("tests/data/families/" + v); }
+using testing::family_dir;
 
 TEST(GgufExport, GgufPyReadsTheAdapterOfEachFamily) {
   std::string why;
@@ -36,9 +36,9 @@ TEST(GgufExport, GgufPyReadsTheAdapterOfEachFamily) {
                                                    {"phi3", "phi3"}};
   for (const auto& [v, want_arch] : arch) {
     SCOPED_TRACE(v);
-    const DecoderConfig c = read_decoder_config(dir_of(v) + "/config.json");
+    const DecoderConfig c = read_decoder_config(family_dir(v) + "/config.json");
     const std::string out = tmp + "/" + v + ".gguf";
-    const auto r = testing::run_qlora("export --adapter '" + dir_of(v) + "/lora/adapter' --base '" + dir_of(v) +
+    const auto r = testing::run_qlora("export --adapter '" + family_dir(v) + "/lora/adapter' --base '" + family_dir(v) +
                                       "' --gguf '" + out + "'");
     ASSERT_EQ(r.exit_code, 0) << r.err;
     int status = -1;
@@ -49,7 +49,7 @@ TEST(GgufExport, GgufPyReadsTheAdapterOfEachFamily) {
     EXPECT_EQ(g["fields"]["general.architecture"], want_arch);
     EXPECT_EQ(g["fields"]["general.type"], "adapter");
     EXPECT_EQ(g["fields"]["adapter.type"], "lora");
-    const auto adapter = io::load_safetensors(dir_of(v) + "/lora/adapter/adapter_model.safetensors");
+    const auto adapter = io::load_safetensors(family_dir(v) + "/lora/adapter/adapter_model.safetensors");
     EXPECT_EQ(g["tensors"].size(), adapter.size());
     const std::regex key(R"(base_model\.model\.model\.layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])\.weight)");
     for (const auto& [name, t] : adapter) {
@@ -85,7 +85,8 @@ TEST(GgufExport, GgufPyReadsTheAdapterOfEachFamily) {
 
 TEST(GgufExport, RefusesWhatIsNotAnAdapter) {
   const std::string tmp = testing::make_temp_dir("gguf_bad");
-  auto r = testing::run_qlora("export --adapter '" + tmp + "' --base '" + dir_of("qwen2") + "' --gguf '" + tmp + "/x.gguf'");
+  auto r = testing::run_qlora("export --adapter '" + tmp + "' --base '" + family_dir("qwen2") + "' --gguf '" + tmp +
+                              "/x.gguf'");
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("adapter_config.json"), std::string::npos) << r.err;
 }
@@ -95,80 +96,6 @@ TEST(GgufExport, RefusesWhatIsNotAnAdapter) {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-// UTF-8 of a code point below 0x800.
-std::string utf8(uint32_t cp) {
-  std::string s;
-  if (cp < 0x80) {
-    s += static_cast<char>(cp);
-  } else {
-    s += static_cast<char>(0xC0 | (cp >> 6)), s += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-  return s;
-}
-
-// The byte-level BPE tokenizer.json of 256 ids (the golden models' vocab_size) that qlora merge
-// --gguf needs to write a model llama.cpp loads: <pad>, <s>, </s> at 0, 1, 2, byte b at id b for
-// b >= 3 in GPT-2's byte-to-char map, no merges, Llama 3's pre-tokenizer.
-json byte_level_tokenizer() {
-  json vocab = json::object(), added = json::array();
-  const char* specials[] = {"<pad>", "<s>", "</s>"};
-  for (int i = 0; i < 3; ++i) {
-    vocab[specials[i]] = i;
-    added.push_back({{"id", i}, {"content", specials[i]}, {"single_word", false}, {"lstrip", false},
-                     {"rstrip", false}, {"normalized", false}, {"special", true}});
-  }
-  uint32_t next = 256;
-  for (uint32_t b = 0; b < 256; ++b) {
-    const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE);
-    const uint32_t c = printable ? b : next++;
-    if (b >= 3) vocab[utf8(c)] = b;
-  }
-  const std::string regex =
-      "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
-      "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
-  const json split = {{"type", "Split"}, {"pattern", {{"Regex", regex}}}, {"behavior", "Isolated"}, {"invert", false}};
-  const json bytes = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", false}};
-  return {{"version", "1.0"}, {"truncation", nullptr}, {"padding", nullptr}, {"added_tokens", added},
-          {"normalizer", nullptr},
-          {"pre_tokenizer", {{"type", "Sequence"}, {"pretokenizers", json::array({split, bytes})}}},
-          {"post_processor", nullptr},
-          {"decoder", {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}}},
-          {"model", {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr},
-                     {"continuing_subword_prefix", nullptr}, {"end_of_word_suffix", nullptr}, {"fuse_unk", false},
-                     {"byte_fallback", false}, {"ignore_merges", false}, {"vocab", vocab}, {"merges", json::array()}}}};
-}
-
-// Runs tests/scripts/check_gguf_merge.py on `jobs`; the parsed list of results.
-json run_checker(const std::string& py, const json& jobs, const std::string& tmp) {
-  const std::string jobs_file = testing::write_file(tmp, "jobs.json", jobs.dump());
-  int status = -1;
-  const std::string out = testing::run_capture("'" + py + "' '" + testing::source_path("tests/scripts/check_gguf_merge.py") +
-                                                   "' \"$(cat '" + jobs_file + "')\" 2>'" + tmp + "/checker.err'",
-                                               &status);
-  EXPECT_EQ(status, 0) << out << testing::slurp(tmp + "/checker.err");
-  const size_t at = out.rfind("\n[");
-  return json::parse(at == std::string::npos ? out : out.substr(at + 1));
-}
-
-// The interpreter that runs llama.cpp next to transformers and PEFT; "" with `why` when it cannot,
-// a failure rather than a skip where QLORA_REQUIRE_ORACLES asks for every oracle.
-std::string python_with_llama_cpp(const std::string& tmp, std::string* why) {
-  const std::string py = testing::python_with("numpy, transformers, torch, peft", why);
-  if (py.empty()) return "";
-  const std::string jobs_file = testing::write_file(tmp, "loads.json", R"([{"check": "loads"}])");
-  int status = -1;
-  const std::string out =
-      testing::run_capture("'" + py + "' '" + testing::source_path("tests/scripts/check_gguf_merge.py") + "' \"$(cat '" +
-                               jobs_file + "')\" 2>&1",
-                           &status);
-  if (status == 0) return py;
-  const std::string trimmed = out.substr(0, out.find_last_not_of('\n') + 1);
-  *why = py + " cannot load llama.cpp (bash scripts/setup.sh --tests installs it): " +
-         trimmed.substr(trimmed.rfind('\n') + 1);
-  if (const char* r = std::getenv("QLORA_REQUIRE_ORACLES"); r && *r && std::string(r) != "0") ADD_FAILURE() << *why;
-  return "";
-}
-
 // The base model directory `dir` that llama.cpp and transformers both run: the golden model of `v`
 // with the byte-level tokenizer, its config without what llama.cpp's architecture computes
 // differently or only at real depths (as in tests/test_gguf_merge.cpp: no window for Mistral and
@@ -176,20 +103,14 @@ std::string python_with_llama_cpp(const std::string& tmp, std::string* why) {
 // up to a depth this llama.cpp runs (Gemma 2: 26, Gemma 3: 6).
 void make_llama_cpp_base(const std::string& py, const std::string& dir, const std::string& v, const std::string& tmp) {
   fs::create_directories(dir);
-  json config = json::parse(testing::slurp(dir_of(v) + "/config.json"));
+  json config = json::parse(testing::slurp(family_dir(v) + "/config.json"));
   if (v == "mistral" || v == "phi3") config["sliding_window"] = nullptr;
   if (v == "gemma2" || v == "gemma3") config["query_pre_attn_scalar"] = 16;
   if (v == "gemma3") config["sliding_window_pattern"] = 6;
   testing::write_file(dir, "config.json", config.dump(2));
-  fs::copy_file(dir_of(v) + "/model.safetensors", dir + "/model.safetensors", fs::copy_options::overwrite_existing);
-  testing::write_file(dir, "tokenizer.json", byte_level_tokenizer().dump());
-  const json tc = {{"tokenizer_class", "PreTrainedTokenizerFast"}, {"bos_token", "<s>"}, {"eos_token", "</s>"},
-                   {"pad_token", "<pad>"}, {"add_bos_token", true}};
-  testing::write_file(dir, "tokenizer_config.json", tc.dump(2));
-  if (const int layers = v == "gemma2" ? 26 : v == "gemma3" ? 6 : 0; layers > 0) {
-    const json grown = run_checker(py, json::array({{{"check", "grow"}, {"dir", dir}, {"layers", layers}}}), tmp);
-    ASSERT_EQ(grown, json::array({{{"layers", layers}}})) << v;
-  }
+  fs::copy_file(family_dir(v) + "/model.safetensors", dir + "/model.safetensors", fs::copy_options::overwrite_existing);
+  testing::write_byte_level_tokenizer(dir);
+  testing::grow_for_llama_cpp(py, dir, v, tmp);
 }
 
 // An adapter directory `to` of `config` (adapter_config.json) and `tensors`.
@@ -212,7 +133,7 @@ constexpr double kAdapterRelativeBound = 0.01;
 TEST(GgufExport, LlamaCppAppliesTheAdapterAsPeftDoes) {
   const std::string tmp = testing::make_temp_dir("gguf_lora_run");
   std::string why;
-  const std::string py = python_with_llama_cpp(tmp, &why);
+  const std::string py = testing::python_with_llama_cpp("numpy, transformers, torch, peft", tmp, &why);
   if (py.empty()) GTEST_SKIP() << why;
   const std::vector<int> ids = {1, 72, 101, 108, 108, 111};  // <s> H e l l o
   json jobs = json::array();
@@ -226,7 +147,7 @@ TEST(GgufExport, LlamaCppAppliesTheAdapterAsPeftDoes) {
     if (HasFatalFailure()) return;
     // The adapter: the golden one; Phi-3's also on the fused gate_up_proj (llama.cpp's ffn_up, whose
     // first half it takes as the gate), fixed values.
-    std::string adapter = dir_of(v) + "/lora/adapter";
+    std::string adapter = family_dir(v) + "/lora/adapter";
     json config = json::parse(testing::slurp(adapter + "/adapter_config.json"));
     auto tensors = io::load_safetensors(adapter + "/adapter_model.safetensors");
     if (v == "phi3") {
@@ -259,15 +180,13 @@ TEST(GgufExport, LlamaCppAppliesTheAdapterAsPeftDoes) {
                     {"ids", ids}, {"new_tokens", 4}});
     cases.push_back(v);
   }
-  const json results = run_checker(py, jobs, tmp);
+  const json results = testing::run_checker(py, jobs, tmp);
   ASSERT_EQ(results.size(), jobs.size());
   for (size_t i = 0; i < results.size(); ++i) {
     const std::string& v = cases[i];
     const json& r = results[i];
     if (r.contains("error")) {
-      // The llama.cpp of llama-cpp-cffi 0.4.42 (April 2025) predates its qwen3 architecture; a
-      // newer pin that knows it makes this case run (and this branch fail: drop it then).
-      if (v == "qwen3" && r["error"].get<std::string>().find("unknown model architecture: 'qwen3'") != std::string::npos) {
+      if (testing::llama_cpp_lacks_qwen3(v, r)) {
         std::printf("  %-8s not checked: this llama.cpp has no qwen3 architecture\n", v.c_str());
         continue;
       }

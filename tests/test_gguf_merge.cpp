@@ -8,7 +8,6 @@
 
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -16,6 +15,7 @@
 #include <vector>
 
 #include "qlora/io/gguf.h"
+#include "support/gguf_fixtures.h"
 #include "support/test_support.h"
 
 namespace qlora {
@@ -24,62 +24,7 @@ namespace {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-std::string family_dir(const std::string& v) { return testing::source_path("tests/data/families/" + v); }
-
-// UTF-8 of a code point.
-std::string utf8(uint32_t cp) {
-  std::string s;
-  if (cp < 0x80) {
-    s += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    s += static_cast<char>(0xC0 | (cp >> 6)), s += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    s += static_cast<char>(0xE0 | (cp >> 12)), s += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    s += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-  return s;
-}
-
-// A byte-level BPE tokenizer.json of 256 ids for the golden models (vocab_size 256): <pad>, <s>,
-// </s> at 0, 1, 2 (as config.json names them), byte b at id b for b >= 3 in GPT-2's byte-to-char
-// map, no merges, Llama 3's pre-tokenizer.
-json byte_level_tokenizer() {
-  std::vector<uint32_t> chars(256);
-  uint32_t next = 256;
-  for (uint32_t b = 0; b < 256; ++b) {
-    const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE);
-    chars[b] = printable ? b : next++;
-  }
-  json vocab = json::object(), added = json::array();
-  const char* specials[] = {"<pad>", "<s>", "</s>"};
-  for (int i = 0; i < 3; ++i) {
-    vocab[specials[i]] = i;
-    added.push_back({{"id", i}, {"content", specials[i]}, {"single_word", false}, {"lstrip", false},
-                     {"rstrip", false}, {"normalized", false}, {"special", true}});
-  }
-  for (uint32_t b = 3; b < 256; ++b) vocab[utf8(chars[b])] = b;
-  const std::string regex =
-      "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
-      "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
-  return {{"version", "1.0"},
-          {"truncation", nullptr},
-          {"padding", nullptr},
-          {"added_tokens", added},
-          {"normalizer", nullptr},
-          {"pre_tokenizer",
-           {{"type", "Sequence"},
-            {"pretokenizers",
-             json::array({{{"type", "Split"}, {"pattern", {{"Regex", regex}}}, {"behavior", "Isolated"},
-                           {"invert", false}},
-                          {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true},
-                           {"use_regex", false}}})}}},
-          {"post_processor", nullptr},
-          {"decoder", {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}}},
-          {"model",
-           {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"continuing_subword_prefix", nullptr},
-            {"end_of_word_suffix", nullptr}, {"fuse_unk", false}, {"byte_fallback", false},
-            {"ignore_merges", false}, {"vocab", vocab}, {"merges", json::array()}}}};
-}
+using testing::family_dir;
 
 const char* kChatTemplate = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}";
 
@@ -94,12 +39,7 @@ std::string make_base(const std::string& root, const std::string& v, const json&
   config.merge_patch(patch);
   testing::write_file(dir, "config.json", config.dump(2));
   fs::copy_file(family_dir(v) + "/model.safetensors", dir + "/model.safetensors", fs::copy_options::overwrite_existing);
-  if (with_tokenizer) {
-    testing::write_file(dir, "tokenizer.json", byte_level_tokenizer().dump());
-    const json tc = {{"tokenizer_class", "PreTrainedTokenizerFast"}, {"bos_token", "<s>"}, {"eos_token", "</s>"},
-                     {"pad_token", "<pad>"}, {"add_bos_token", true}, {"chat_template", kChatTemplate}};
-    testing::write_file(dir, "tokenizer_config.json", tc.dump(2));
-  }
+  if (with_tokenizer) testing::write_byte_level_tokenizer(dir, kChatTemplate);
   return dir;
 }
 
@@ -122,18 +62,6 @@ const std::vector<Family>& families() {
                                         {"qwen3", "qwen3"},   {"gemma2", "gemma2"},  {"gemma3", "gemma3"},
                                         {"phi3", "phi3"}};
   return f;
-}
-
-// Runs the checker script on `jobs`; the parsed list of results.
-json run_checker(const std::string& py, const json& jobs, const std::string& tmp) {
-  const std::string jobs_file = testing::write_file(tmp, "jobs.json", jobs.dump());
-  int status = -1;
-  const std::string out = testing::run_capture("'" + py + "' '" + testing::source_path("tests/scripts/check_gguf_merge.py") +
-                                                   "' \"$(cat '" + jobs_file + "')\" 2>'" + tmp + "/checker.err'",
-                                               &status);
-  EXPECT_EQ(status, 0) << out << testing::slurp(tmp + "/checker.err");
-  const size_t at = out.rfind("\n[");
-  return json::parse(at == std::string::npos ? out : out.substr(at + 1));
 }
 
 // Merges variant `v` into HF fp32 (the reference) and GGUF of `type`; "" on success.
@@ -202,7 +130,7 @@ TEST(GgufMerge, GgufPyReadsTheMergedModelOfEachFamily) {
       cases.emplace_back(f.variant, type);
     }
   }
-  const json results = run_checker(py, jobs, tmp);
+  const json results = testing::run_checker(py, jobs, tmp);
   ASSERT_EQ(results.size(), jobs.size());
   for (size_t i = 0; i < results.size(); ++i) {
     const auto& [v, type] = cases[i];
@@ -253,26 +181,6 @@ TEST(GgufMerge, GgufPyReadsTheMergedModelOfEachFamily) {
 
 // ---------------------------------------------------------------- llama.cpp runs it
 
-// The interpreter that runs llama.cpp (the CPU build of the llama-cpp-cffi wheel, which
-// scripts/setup.sh --tests installs) next to transformers; "" with `why` when it cannot, a
-// failure rather than a skip where QLORA_REQUIRE_ORACLES asks for every oracle.
-std::string python_with_llama_cpp(const std::string& tmp, std::string* why) {
-  const std::string py = testing::python_with("numpy, transformers, torch", why);
-  if (py.empty()) return "";
-  const std::string jobs_file = testing::write_file(tmp, "loads.json", R"([{"check": "loads"}])");
-  int status = -1;
-  const std::string out =
-      testing::run_capture("'" + py + "' '" + testing::source_path("tests/scripts/check_gguf_merge.py") + "' \"$(cat '" +
-                               jobs_file + "')\" 2>&1",
-                           &status);
-  if (status == 0) return py;
-  const std::string trimmed = out.substr(0, out.find_last_not_of('\n') + 1);
-  *why = py + " cannot load llama.cpp (bash scripts/setup.sh --tests installs it): " +
-         trimmed.substr(trimmed.rfind('\n') + 1);
-  if (const char* r = std::getenv("QLORA_REQUIRE_ORACLES"); r && *r && std::string(r) != "0") ADD_FAILURE() << *why;
-  return "";
-}
-
 // Bounds on max |llama.cpp logits - transformers fp32 logits| over the prompt, relative to the
 // largest |logit|. llama.cpp computes in fp32 from F16 weights, so the gap is the rounding of every
 // weight to half precision carried through the layers; with Q8_0 it also quantizes activations to 8
@@ -283,21 +191,18 @@ std::string python_with_llama_cpp(const std::string& tmp, std::string* why) {
 constexpr double kF16RelativeBound = 0.01;
 constexpr double kQ8RelativeBound = 0.15;
 
-// What this llama.cpp build computes only at its real models' shapes, for the bases it runs: Gemma 2's
-// attention scale is picked by depth (26, 42 or 46 layers; it aborts on others), and Gemma 3's window
-// pattern is fixed at 5 sliding layers to 1 global (its decode crashes on fewer than 6 layers). The
-// golden layers are repeated up to that depth; the adapter changes the first ones.
+// What this llama.cpp build computes only at its real models' shapes, for the bases it runs: Gemma 3's
+// window pattern is fixed at 5 sliding layers to 1 global (the depths: testing::llama_cpp_run_layers).
 json llama_cpp_run_patch(const std::string& v) {
   json patch = llama_cpp_patch(v);
   if (v == "gemma3") patch["sliding_window_pattern"] = 6;
   return patch;
 }
-int llama_cpp_run_layers(const std::string& v) { return v == "gemma2" ? 26 : v == "gemma3" ? 6 : 0; }
 
 TEST(GgufMerge, LlamaCppRunsTheMergedModelAsTransformersDoes) {
   const std::string tmp = testing::make_temp_dir("gguf_merge_run");
   std::string why;
-  const std::string py = python_with_llama_cpp(tmp, &why);
+  const std::string py = testing::python_with_llama_cpp("numpy, transformers, torch", tmp, &why);
   if (py.empty()) GTEST_SKIP() << why;
   const std::vector<int> ids = {1, 72, 101, 108, 108, 111};  // <s> H e l l o
   json jobs = json::array();
@@ -308,10 +213,8 @@ TEST(GgufMerge, LlamaCppRunsTheMergedModelAsTransformersDoes) {
     // the bases are named by their architecture's position instead.
     const std::string base = make_base(tmp, f.variant, llama_cpp_run_patch(f.variant), true,
                                        "base" + std::to_string(jobs.size()));
-    if (const int layers = llama_cpp_run_layers(f.variant); layers > 0) {
-      const json grown = run_checker(py, json::array({{{"check", "grow"}, {"dir", base}, {"layers", layers}}}), tmp);
-      ASSERT_EQ(grown, json::array({{{"layers", layers}}})) << f.variant;
-    }
+    testing::grow_for_llama_cpp(py, base, f.variant, tmp);
+    if (HasFatalFailure()) return;
     for (const std::string type : {"f16", "q8_0"}) {
       // q8_0 needs rows of 32k values (SmolLM2's are 48); qwen3 is refused by this llama.cpp anyway.
       if (type == "q8_0" && (f.variant == "smollm2" || f.variant == "qwen3")) continue;
@@ -322,15 +225,13 @@ TEST(GgufMerge, LlamaCppRunsTheMergedModelAsTransformersDoes) {
       cases.emplace_back(f.variant, type);
     }
   }
-  const json results = run_checker(py, jobs, tmp);
+  const json results = testing::run_checker(py, jobs, tmp);
   ASSERT_EQ(results.size(), jobs.size());
   for (size_t i = 0; i < results.size(); ++i) {
     const auto& [v, type] = cases[i];
     const json& r = results[i];
     if (r.contains("error")) {
-      // The llama.cpp of llama-cpp-cffi 0.4.42 (April 2025) predates its qwen3 architecture; a
-      // newer pin that knows it makes this case run (and this branch fail: drop it then).
-      if (v == "qwen3" && r["error"].get<std::string>().find("unknown model architecture: 'qwen3'") != std::string::npos) {
+      if (testing::llama_cpp_lacks_qwen3(v, r)) {
         std::printf("  %-8s %-5s not checked: this llama.cpp has no qwen3 architecture\n", v.c_str(), type.c_str());
         continue;
       }

@@ -20,6 +20,7 @@
 #include "qlora/model/nf4_linear.h"
 #include "qlora/quant/nf4.h"
 #include "qlora/common/text.h"
+#include "support/tensor_checks.h"
 #include "support/test_support.h"
 
 namespace {
@@ -51,17 +52,7 @@ std::map<std::string, at::Tensor> golden(const std::string& v, const std::string
   return io::load_safetensors(dir_of(v) + "/" + file);
 }
 
-// max |a - b| / max |b| over the positions where `keep` [B, T] is set (all when undefined).
-double rel_err(const at::Tensor& a, const at::Tensor& b, const at::Tensor& keep = {}) {
-  at::Tensor d = (a.to(at::kDouble) - b.to(at::kDouble)).abs();
-  at::Tensor ref = b.to(at::kDouble).abs();
-  if (keep.defined()) {
-    const at::Tensor m = keep.to(at::kBool);
-    d = d.index({m});
-    ref = ref.index({m});
-  }
-  return d.max().item<double>() / ref.max().item<double>();
-}
+using qlora::testing::rel_err;
 
 at::Tensor mean_loss(const DecoderModel& m, const at::Tensor& hidden, const at::Tensor& labels) {
   TokenLoss loss = chunked_cross_entropy(hidden.reshape({-1, hidden.size(-1)}), m.lm_head_weight(),

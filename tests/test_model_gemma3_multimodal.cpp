@@ -28,6 +28,7 @@
 #include "qlora/model/loss.h"
 #include "qlora/train/demo.h"
 #include "qlora/train/run.h"
+#include "support/tensor_checks.h"
 #include "support/test_support.h"
 #include "support/train_fixtures.h"
 
@@ -52,17 +53,7 @@ std::map<std::string, at::Tensor> golden(const std::string& file = "golden.safet
   return io::load_safetensors(dir() + "/" + file);
 }
 
-// max |a - b| / max |b| over the positions where `keep` [B, T] is set (all when undefined).
-double rel_err(const at::Tensor& a, const at::Tensor& b, const at::Tensor& keep = {}) {
-  at::Tensor d = (a.to(at::kDouble) - b.to(at::kDouble)).abs();
-  at::Tensor ref = b.to(at::kDouble).abs();
-  if (keep.defined()) {
-    const at::Tensor m = keep.to(at::kBool);
-    d = d.index({m});
-    ref = ref.index({m});
-  }
-  return d.max().item<double>() / ref.max().item<double>();
-}
+using testing::rel_err;
 
 DecoderModel load_golden_model() {
   const io::ModelDir d = io::ModelDir::open(dir());
@@ -333,22 +324,10 @@ TEST(Gemma3MultimodalOracle, TrainsAndPeftLoadsAndMergesTheAdapter) {
   ASSERT_EQ(status, 0) << out;
   train::write_demo_tokenizer(base);
 
-  Config cfg = default_config();
-  cfg.model.path = base;
-  cfg.data.path = testing::small_completion_data(tmp, 16);
-  cfg.data.max_seq_length = 64;
-  cfg.train.max_steps = 30;
-  cfg.train.learning_rate = 3e-3;
-  cfg.train.precision = Precision::kFp32;
-  cfg.lora.dropout = 0.0;
-  cfg.output.dir = tmp + "/out";
+  const Config cfg = testing::family_run_config(base, tmp, tmp + "/out");
   const train::RunResult r = train::run_training(cfg, testing::cpu_run_options());
   ASSERT_EQ(r.steps, 30);
-  double first = 0, last = 0;
-  for (int i = 0; i < 5; ++i) {
-    first += r.losses[static_cast<size_t>(i)] / 5;
-    last += r.losses[r.losses.size() - 1 - static_cast<size_t>(i)] / 5;
-  }
+  const auto [first, last] = testing::mean_losses_at_ends(r.losses);
   std::printf("  gemma3_mm loss %.3f -> %.3f over 30 steps\n", first, last);
   EXPECT_LT(last, 0.8 * first) << "the loss did not fall";
 
@@ -359,15 +338,7 @@ TEST(Gemma3MultimodalOracle, TrainsAndPeftLoadsAndMergesTheAdapter) {
     fs::create_directories(check + "/adapter");
     fs::copy_file(r.adapter_dir + "/" + f, check + "/adapter/" + f);
   }
-  {
-    const io::ModelDir d = io::ModelDir::open(base);
-    WeightSource src{d.dir(), d.tensor_names(), [&d](const std::string& n) { return d.tensor(n); }};
-    DecoderModel m = DecoderModel::load(read_decoder_config(d.config_path()), src);
-    lora::LoraAdapter a = lora::load_adapter(m, r.adapter_dir);
-    auto g = golden();
-    at::Tensor logits = m.forward(g.at("input_ids"), padded_attention(g.at("attention_mask")));
-    io::save_safetensors(check + "/qlora_logits.safetensors", {{"logits", logits.contiguous()}});
-  }
+  testing::write_adapter_logits(base, r.adapter_dir, golden(), check + "/qlora_logits.safetensors");
   lora::MergeOptions mo;
   mo.base_dir = base;
   mo.adapter_dir = r.adapter_dir;

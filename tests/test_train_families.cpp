@@ -4,19 +4,13 @@
 // merge_and_unload. Needs QLORA_PYTHON with transformers and PEFT (set-up installs them for
 // the tests); skipped, saying so, without them.
 #include <gtest/gtest.h>
-#include <ATen/ATen.h>
 
 #include <cstdio>
 #include <filesystem>
 #include <string>
 
-#include "qlora/io/model_dir.h"
 #include "qlora/io/torch_io.h"
-#include "qlora/lora/adapter_io.h"
-#include "qlora/lora/lora.h"
 #include "qlora/lora/merge.h"
-#include "qlora/model/decoder.h"
-#include "qlora/model/family.h"
 #include "qlora/train/demo.h"
 #include "qlora/train/run.h"
 #include "support/test_support.h"
@@ -55,24 +49,12 @@ TEST(TrainFamilies, EachFamilyTrainsAndPeftLoadsAndMergesTheAdapter) {
     ASSERT_EQ(status, 0) << out;
     train::write_demo_tokenizer(base);
 
-    Config cfg = default_config();
-    cfg.model.path = base;
-    cfg.data.path = testing::small_completion_data(tmp, 16);
-    cfg.data.max_seq_length = 64;
-    cfg.train.max_steps = 30;
-    cfg.train.learning_rate = 3e-3;
-    cfg.train.precision = Precision::kFp32;
-    cfg.lora.dropout = 0.0;
+    Config cfg = testing::family_run_config(base, tmp, tmp + "/out/" + v);
     if (std::string(v).rfind("phi3", 0) == 0) cfg.lora.target_modules = {"qkv_proj", "o_proj"};
-    cfg.output.dir = tmp + "/out/" + v;
     train::RunOptions ro = testing::cpu_run_options();
     const train::RunResult r = train::run_training(cfg, ro);
     ASSERT_EQ(r.steps, 30);
-    double first = 0, last = 0;
-    for (int i = 0; i < 5; ++i) {
-      first += r.losses[static_cast<size_t>(i)] / 5;
-      last += r.losses[r.losses.size() - 1 - static_cast<size_t>(i)] / 5;
-    }
+    const auto [first, last] = testing::mean_losses_at_ends(r.losses);
     std::printf("  %-8s loss %.3f -> %.3f over 30 steps\n", v, first, last);
     EXPECT_LT(last, 0.8 * first) << "the loss did not fall";
 
@@ -81,14 +63,7 @@ TEST(TrainFamilies, EachFamilyTrainsAndPeftLoadsAndMergesTheAdapter) {
     fs::create_directories(check);
     for (const char* f : {"adapter_config.json", "adapter_model.safetensors"})
       fs::copy_file(r.adapter_dir + "/" + f, check + "/" + f);
-    {
-      const io::ModelDir dir = io::ModelDir::open(base);
-      model::WeightSource src{dir.dir(), dir.tensor_names(), [&dir](const std::string& n) { return dir.tensor(n); }};
-      model::DecoderModel m = model::DecoderModel::load(read_decoder_config(dir.config_path()), src);
-      lora::LoraAdapter a = lora::load_adapter(m, r.adapter_dir);
-      at::Tensor logits = m.forward(batch.at("input_ids"), model::padded_attention(batch.at("attention_mask")));
-      io::save_safetensors(check + "/qlora_logits.safetensors", {{"logits", logits.contiguous()}});
-    }
+    testing::write_adapter_logits(base, r.adapter_dir, batch, check + "/qlora_logits.safetensors");
     // qlora merge in fp32, the adapter beside it for the check.
     lora::MergeOptions mo;
     mo.base_dir = base;

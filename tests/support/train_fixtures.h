@@ -1,13 +1,24 @@
 // Small training runs for tests: a random Llama with the demo's byte-level
 // tokenizer (hidden 64, 2 layers) and generated JSONL data, so `qlora train`'s
-// recipe runs end to end in a second or two on one core.
+// recipe runs end to end in a second or two on one core; the families' runs on
+// bases made by transformers, and qlora's logits with an adapter for PEFT's check.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <cstdint>
+#include <map>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "qlora/config/config.h"
+#include "qlora/io/model_dir.h"
+#include "qlora/io/torch_io.h"
+#include "qlora/lora/adapter_io.h"
+#include "qlora/model/decoder.h"
 #include "qlora/model/decoder_config.h"
+#include "qlora/model/family.h"
 #include "qlora/train/demo.h"
 #include "qlora/train/run.h"
 #include "support/test_support.h"
@@ -78,6 +89,44 @@ inline Config small_run_config(const std::string& dir, int train, int eval) {
   cfg.data.max_seq_length = 256;
   cfg.train.micro_batch_size = 4;
   return cfg;
+}
+
+// The end-to-end run of a family's base made by transformers (with the demo's tokenizer): 30 steps
+// in fp32 on 16 completion lines (written into `tmp`), rows up to 64 tokens, learning rate 3e-3,
+// no dropout; the adapter under `out_dir`.
+inline Config family_run_config(const std::string& base, const std::string& tmp, const std::string& out_dir) {
+  Config cfg = default_config();
+  cfg.model.path = base;
+  cfg.data.path = small_completion_data(tmp, 16);
+  cfg.data.max_seq_length = 64;
+  cfg.train.max_steps = 30;
+  cfg.train.learning_rate = 3e-3;
+  cfg.train.precision = Precision::kFp32;
+  cfg.lora.dropout = 0.0;
+  cfg.output.dir = out_dir;
+  return cfg;
+}
+
+// The mean of the first `n` and the mean of the last `n` of `losses` (at least n of them).
+inline std::pair<double, double> mean_losses_at_ends(const std::vector<double>& losses, int n = 5) {
+  double first = 0, last = 0;
+  for (int i = 0; i < n; ++i) {
+    first += losses[static_cast<size_t>(i)] / n;
+    last += losses[losses.size() - 1 - static_cast<size_t>(i)] / n;
+  }
+  return {first, last};
+}
+
+// qlora's logits of the base directory `base` with the adapter in `adapter_dir` on `batch`
+// (input_ids, attention_mask), written to `path` as "logits" for PEFT's check to compare with.
+inline void write_adapter_logits(const std::string& base, const std::string& adapter_dir,
+                                 const std::map<std::string, at::Tensor>& batch, const std::string& path) {
+  const io::ModelDir dir = io::ModelDir::open(base);
+  model::WeightSource src{dir.dir(), dir.tensor_names(), [&dir](const std::string& n) { return dir.tensor(n); }};
+  model::DecoderModel m = model::DecoderModel::load(read_decoder_config(dir.config_path()), src);
+  lora::LoraAdapter a = lora::load_adapter(m, adapter_dir);
+  at::Tensor logits = m.forward(batch.at("input_ids"), model::padded_attention(batch.at("attention_mask")));
+  io::save_safetensors(path, {{"logits", logits.contiguous()}});
 }
 
 }  // namespace qlora::testing
