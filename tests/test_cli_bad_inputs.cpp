@@ -231,9 +231,9 @@ std::vector<Row> rows() {
        2, "model/config.json", "pad_token_id 262 is no token of the tokenizer"},
       {"config.json: a directory", [](Scene& s) { replace_by_directory(s.config()); }, 2, "model/config.json",
        "is a directory"},
-      {"config.json: max_position_embeddings below data.max_seq_length (64)",
-       [](Scene& s) { edit_json(s.config(), [](json& j) { j["max_position_embeddings"] = 32; }); }, 2, "run.yaml",
-       "data.max_seq_length 64 is longer than the model's positions reach: the model's max_position_embeddings is 32"},
+      {"config.json: max_position_embeddings below the data's examples (up to 64 tokens)",
+       [](Scene& s) { edit_json(s.config(), [](json& j) { j["max_position_embeddings"] = 8; }); }, 2, "data.jsonl",
+       "tokens is longer than the model's positions reach: the model's max_position_embeddings is 8"},
 
       // tokenizer
       {"tokenizer: missing (no tokenizer.json or tokenizer.model)", [](Scene& s) { fs::remove(s.tokenizer()); },

@@ -34,7 +34,6 @@
 #include "qlora/lora/adapter_io.h"
 #include "qlora/lora/lora.h"
 #include "qlora/model/decoder.h"
-#include "qlora/model/decoder_config.h"
 #include "qlora/optim/optimizer.h"
 #include "qlora/quant/nf4_cuda.h"
 #include "qlora/plan/plan.h"
@@ -354,9 +353,6 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   // A model.path that is no directory (a GGUF file, say) gets the model loader's message.
   std::unique_ptr<data::Tokenizer> tokenizer;
   if (std::filesystem::is_directory(cfg.model.path)) tokenizer = load_checked_tokenizer(cfg.model.path);
-  // Before any weight loads; a directory without config.json gets the loader's message below.
-  if (cfg.model.path.empty() || std::filesystem::exists(std::filesystem::path(cfg.model.path) / "config.json"))
-    check_sequence_length(cfg, resolve_model_shape(cfg));
   BaseModel base = load_base_model(cfg, dev, options.random_weights);
   if (!tokenizer) tokenizer = load_checked_tokenizer(cfg.model.path);
   model::DecoderModel& model = base.model;
@@ -385,6 +381,8 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   const data::TrainEval sets = data::load_train_eval(cfg.data, static_cast<uint64_t>(cfg.train.seed), *tokenizer);
   log::info(sets.train.summary.describe());
   if (!sets.eval.examples.empty()) log::info("held out: " + sets.eval.summary.describe());
+  check_sequence_length(cfg, shape, sets.train.summary.longest, cfg.data.path);
+  check_sequence_length(cfg, shape, sets.eval.summary.longest, cfg.data.eval_path.empty() ? cfg.data.path : cfg.data.eval_path);
   if (options.micro_batch_auto) choose_micro_batch(cfg, options, resume_from, dev, base, adapter, sets.train.examples, group);
   if (const std::string line = resolve_auto_recompute(cfg, shape, dev, options.memory_cap_bytes, world); !line.empty())
     log::info(line);

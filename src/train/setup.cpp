@@ -77,15 +77,16 @@ at::ScalarType scalar_type(Precision p) {
   }
 }
 
-void check_sequence_length(const Config& cfg, const DecoderConfig& shape) {
+void check_sequence_length(const Config& cfg, const DecoderConfig& shape, int64_t longest, const std::string& what) {
   const int64_t reach = shape.max_positions();
-  if (reach <= 0 || cfg.data.max_seq_length <= reach) return;
+  if (reach <= 0 || longest <= reach) return;
   std::string why = "the model's max_position_embeddings is " + std::to_string(shape.max_position_embeddings);
   if (reach != shape.max_position_embeddings) why += " (" + std::to_string(reach) + " with its rope_scaling)";
-  throw InputError(cfg.source + ": data.max_seq_length " + std::to_string(cfg.data.max_seq_length) +
-                   " is longer than the model's positions reach: " + why +
-                   " in config.json. Lower data.max_seq_length to " + std::to_string(reach) +
-                   " or less, or give the model a rope_scaling that extends it (e.g. yarn with a factor)");
+  throw InputError(what + ": an example of " + std::to_string(longest) +
+                   " tokens is longer than the model's positions reach: " + why + " in config.json. Set " +
+                   "data.max_seq_length to " + std::to_string(reach) + " or less (in " + cfg.source +
+                   "; longer examples are truncated), or give the model a rope_scaling that extends it (e.g. yarn "
+                   "with a factor)");
 }
 
 BaseModel load_base_model(const Config& cfg, const DeviceChoice& dev, bool allow_random_weights) {
@@ -116,7 +117,6 @@ std::vector<std::string> check_run_files(const Config& cfg) {
   if (!cfg.model.path.empty()) {
     const io::ModelDir dir = io::ModelDir::open(cfg.model.path);
     const DecoderConfig shape = read_decoder_config(dir.config_path());
-    check_sequence_length(cfg, shape);
     lines.push_back("model: " + shape.model_type + (shape.multimodal() ? " (the text part of a multimodal gemma3)" : "") +
                     ", " + std::to_string(shape.num_hidden_layers) + " layers, hidden " +
                     std::to_string(shape.hidden_size) + ", vocab " + std::to_string(shape.vocab_size) + ", " +

@@ -48,9 +48,10 @@ struct BaseModel {
 // random_llama_weights) instead of an error.
 BaseModel load_base_model(const Config& cfg, const DeviceChoice& dev, bool allow_random_weights = false);
 
-// InputError when data.max_seq_length exceeds what the model's positions reach
-// (DecoderConfig::max_positions): the numbers, and the keys to change. Before any weight loads.
-void check_sequence_length(const Config& cfg, const DecoderConfig& shape);
+// InputError when an example of `longest` tokens (after truncation to data.max_seq_length) is
+// longer than the model's positions reach (DecoderConfig::max_positions): the numbers, the data
+// file `what`, and the keys to change.
+void check_sequence_length(const Config& cfg, const DecoderConfig& shape, int64_t longest, const std::string& what);
 
 // What `qlora config` checks of cfg.model.path without loading any weight:
 // config.json (a supported model), every safetensors header, the tokenizer
