@@ -252,11 +252,36 @@ TEST(ChatData, ChoicesThatCannotWorkNameTheirKey) {
   const std::string raised = error_of([&] { load_jsonl_text(chat + "\n" + sys + "\n", "g.jsonl", model_options(), *tok); });
   EXPECT_NE(raised.find("g.jsonl:2:"), std::string::npos) << raised;
   EXPECT_NE(raised.find("System role not supported"), std::string::npos) << raised;
+  EXPECT_NE(raised.find("set data.fold_system_prompt: true"), std::string::npos) << raised;
   LoadOptions skip = model_options();
   skip.skip_bad_lines = true;
   const Dataset kept = load_jsonl_text(chat + "\n" + sys + "\n", "g.jsonl", skip, *tok);
   EXPECT_EQ(kept.summary.examples, 1);
   EXPECT_EQ(kept.summary.skipped_total(), 1);
+}
+
+// data.fold_system_prompt: Gemma's template refuses a system message; folded into the first
+// user turn, the line trains as the same conversation written that way would.
+TEST(ChatData, GemmaFoldsTheSystemPromptWhenAsked) {
+  const std::string gemma = model_dir("qwen2-tokenizer", "google-gemma-2-2b-it.jinja");
+  const std::unique_ptr<Tokenizer> tok = load_tokenizer(gemma);
+  const std::string sys =
+      R"({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]})";
+  const std::string by_hand =
+      R"({"messages": [{"role": "user", "content": "Be brief.\n\nHi"}, {"role": "assistant", "content": "Yo"}]})";
+  LoadOptions fold = model_options();
+  fold.fold_system_prompt = true;
+  const Dataset folded = load_jsonl_text(sys + "\n", "g.jsonl", fold, *tok);
+  const Dataset written = load_jsonl_text(by_hand + "\n", "h.jsonl", model_options(), *tok);
+  ASSERT_EQ(folded.examples.size(), 1u);
+  ASSERT_EQ(written.examples.size(), 1u);
+  EXPECT_EQ(folded.examples[0].input_ids, written.examples[0].input_ids);
+  EXPECT_EQ(folded.examples[0].labels, written.examples[0].labels);
+  // A system message alone becomes the user turn; conversations without one are unchanged.
+  const ojson alone = data::fold_system_prompt(ojson::parse(R"([{"role": "system", "content": "S"}])"));
+  EXPECT_EQ(alone, ojson::parse(R"([{"role": "user", "content": "S"}])"));
+  const ojson plain = ojson::parse(R"([{"role": "user", "content": "U"}])");
+  EXPECT_EQ(data::fold_system_prompt(plain), plain);
 }
 
 TEST(ChatData, EndOfTurnOfEachSharedTemplate) {

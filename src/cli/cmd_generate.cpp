@@ -30,6 +30,7 @@ struct ModelFlags {
   std::string model, adapter, device = "auto";
   train::SamplingOptions sampling;
   std::vector<std::string> stop;
+  bool fold_system = false;
 };
 
 void add_model_flags(CLI::App& cmd, ModelFlags& f) {
@@ -52,10 +53,14 @@ void add_model_flags(CLI::App& cmd, ModelFlags& f) {
       ->check(CLI::PositiveNumber);
   cmd.add_option("--seed", f.sampling.seed, "sampling seed (the same seed, the same answers)");
   cmd.add_option("--stop", f.stop, "stop an answer at this text too (repeatable)");
+  cmd.add_flag("--fold-system", f.fold_system,
+               "fold a system message into the first user turn (\"SYSTEM\\n\\nUSER\"), for chat templates with no "
+               "place for one (Gemma's), as data.fold_system_prompt does in training");
 }
 
 train::ChatSession open(ModelFlags& f) {
   train::ChatSession s = train::open_chat_session(f.model, f.adapter, f.device);
+  s.fold_system = f.fold_system;
   f.sampling.stop_ids = s.stop_ids;
   return s;
 }

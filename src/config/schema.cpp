@@ -168,6 +168,9 @@ std::vector<Field> build_schema() {
                 "last_assistant | all (the whole chat, for continued pretraining)"));
   add(bind_member("data.train_reasoning", Kind::kBool, &C::data, &DataConfig::train_reasoning,
                   "chat: false leaves a reply's <think>...</think> block untrained (Qwen3, DeepSeek-R1)"));
+  add(bind_member("data.fold_system_prompt", Kind::kBool, &C::data, &DataConfig::fold_system_prompt,
+                  "chat: true folds a leading system message into the first user turn (\"<system>\\n\\n<user>\"), "
+                  "for templates with no place for one (Gemma's)"));
   add(bind_member("data.skip_bad_lines", Kind::kBool, &C::data, &DataConfig::skip_bad_lines,
                   "false: a malformed JSONL line stops the run (file:line named); true: skip and count it"));
 

@@ -537,4 +537,28 @@ std::shared_ptr<const ModelChat> load_model_chat(const std::string& model_dir) {
   return make_model_chat(source->text, source->origin, std::move(source->variables));
 }
 
+bool starts_with_system(const nlohmann::ordered_json& messages) {
+  return messages.is_array() && !messages.empty() && messages[0].is_object() && messages[0].contains("role") &&
+         messages[0]["role"] == "system";
+}
+
+nlohmann::ordered_json fold_system_prompt(const nlohmann::ordered_json& messages) {
+  if (!starts_with_system(messages)) return messages;
+  const auto text = [](const nlohmann::ordered_json& m) {
+    const auto it = m.find("content");
+    return it != m.end() && it->is_string() ? it->get<std::string>() : std::string();
+  };
+  nlohmann::ordered_json out = nlohmann::ordered_json::array();
+  nlohmann::ordered_json first = {{"role", "user"}, {"content", text(messages[0])}};
+  size_t next = 1;
+  if (messages.size() > 1 && messages[1].is_object() && messages[1].value("role", "") == "user") {
+    first = messages[1];
+    first["content"] = text(messages[0]) + "\n\n" + text(messages[1]);
+    next = 2;
+  }
+  out.push_back(std::move(first));
+  for (size_t i = next; i < messages.size(); ++i) out.push_back(messages[i]);
+  return out;
+}
+
 }  // namespace qlora::data

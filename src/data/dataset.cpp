@@ -55,6 +55,7 @@ LoadOptions LoadOptions::from(const DataConfig& cfg) {
   o.chat_template = cfg.chat_template;
   o.train_on = cfg.train_on;
   o.train_reasoning = cfg.train_reasoning;
+  o.fold_system_prompt = cfg.fold_system_prompt;
   o.max_seq_length = cfg.max_seq_length;
   o.train_on_inputs = cfg.train_on_inputs;
   o.skip_bad_lines = cfg.skip_bad_lines;
@@ -146,6 +147,7 @@ Dataset load_jsonl_text(std::string_view text, std::string_view source, const Lo
     const bool wants_model = options.chat_template == ChatTemplate::kAuto || options.chat_template == ChatTemplate::kModel;
     chat = resolve_chat(options.chat_template, options.train_on, options.train_reasoning, tokenizer,
                         wants_model && !dir.empty() ? load_model_chat(dir) : nullptr, dir);
+    chat.fold_system_prompt = options.fold_system_prompt;
   };
   if (format == DataFormat::kChat) resolve();
   if (format != DataFormat::kChat && format != DataFormat::kAuto) require_not_chat_options(options, format, source);

@@ -270,14 +270,28 @@ std::shared_ptr<const ModelChat> builtin_chat(ChatTemplate kind) {
 std::vector<Segment> render_chat(const nlohmann::ordered_json& messages, const ChatRendering& chat) {
   if (!chat.chat) throw InputError("internal: chat template must be resolved before rendering");
   std::vector<Segment> segs;
+  const auto spans = [&](const nlohmann::ordered_json& m) {
+    return render_chat_spans(chat.chat->tmpl, m, chat.chat->variables, chat.train_on, chat.train_reasoning);
+  };
   try {
-    for (ChatSpan& s : render_chat_spans(chat.chat->tmpl, messages, chat.chat->variables, chat.train_on,
-                                         chat.train_reasoning))
+    for (ChatSpan& s : spans(chat.fold_system_prompt ? fold_system_prompt(messages) : messages))
       push(segs, std::move(s.text), s.trained);
   } catch (const InputError& e) {
     // The template's own raise_exception (roles out of order, a system turn it has no place
     // for) or a conversation it cannot split: one line's problem, so skip_bad_lines may skip it.
-    throw LineError(LineProblem::kBadRole, e.what());
+    std::string why = e.what();
+    if (!chat.fold_system_prompt && starts_with_system(messages)) {
+      bool folded_renders = true;
+      try {
+        spans(fold_system_prompt(messages));
+      } catch (const InputError&) {
+        folded_renders = false;
+      }
+      if (folded_renders)
+        why += "; the model's chat template has no place for a system message: set data.fold_system_prompt: "
+               "true to fold it into the first user turn";
+    }
+    throw LineError(LineProblem::kBadRole, why);
   }
   return segs;
 }

@@ -68,7 +68,22 @@ std::vector<int32_t> ChatSession::chat_prompt(const nlohmann::ordered_json& mess
     throw InputError("the model has no chat template (chat_template.jinja or tokenizer_config.json's "
                      "\"chat_template\", in the adapter or model directory); give plain-text prompts "
                      "({\"prompt\": ...}) or add the template");
-  return tokenizer->encode(chat->tmpl.render(messages, /*add_generation_prompt=*/true, chat->variables));
+  const auto render = [&](const nlohmann::ordered_json& m) {
+    return chat->tmpl.render(m, /*add_generation_prompt=*/true, chat->variables);
+  };
+  if (fold_system) return tokenizer->encode(render(data::fold_system_prompt(messages)));
+  try {
+    return tokenizer->encode(render(messages));
+  } catch (const InputError& e) {
+    if (!data::starts_with_system(messages)) throw;
+    try {
+      render(data::fold_system_prompt(messages));
+    } catch (const InputError&) {
+      throw e;
+    }
+    throw InputError(std::string(e.what()) + "; the model's chat template has no place for a system message: "
+                     "start with --fold-system to fold it into the first user turn");
+  }
 }
 
 std::vector<int32_t> ChatSession::text_prompt(const std::string& text) const {

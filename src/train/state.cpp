@@ -86,6 +86,7 @@ json run_fingerprint(const Config& cfg, const std::string& model_config_sha256, 
       {"data.chat_template", std::string(to_string(cfg.data.chat_template))},
       {"data.train_on", std::string(to_string(cfg.data.train_on))},
       {"data.train_reasoning", cfg.data.train_reasoning},
+      {"data.fold_system_prompt", cfg.data.fold_system_prompt},
   };
   json f = {{"math", math}, {"other", other}};
   if (cpu_threads > 0) f["cpu_threads"] = cpu_threads;  // its own warning on resume, not a line of "other"

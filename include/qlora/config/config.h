@@ -86,6 +86,7 @@ struct DataConfig {
   ChatTemplate chat_template = ChatTemplate::kAuto;
   TrainOn train_on = TrainOn::kAllAssistant;  // chat only
   bool train_reasoning = true;   // chat only: false leaves <think>...</think> in responses untrained
+  bool fold_system_prompt = false;  // chat only: a leading system message joins the first user turn
   bool skip_bad_lines = false;   // true: skip and count malformed lines instead of stopping
 };
 

@@ -94,6 +94,12 @@ std::vector<ChatSpan> render_chat_spans(const ModelChatTemplate& tmpl, const nlo
                                         const nlohmann::ordered_json& variables, TrainOn train_on,
                                         bool train_reasoning = true);
 
+// For templates with no place for a system message (Gemma's raise "System role not supported"):
+// a leading system message folded into the first user turn, "<system>\n\n<user>" (a user turn of
+// its own when none follows). Other conversations are returned as they are.
+nlohmann::ordered_json fold_system_prompt(const nlohmann::ordered_json& messages);
+bool starts_with_system(const nlohmann::ordered_json& messages);
+
 // ---------------------------------------------------------------- a model directory's template
 
 // A model's template as transformers' tokenizer loads it, with the variables it passes beside

@@ -69,6 +69,7 @@ struct LoadOptions {
   ChatTemplate chat_template = ChatTemplate::kAuto;
   TrainOn train_on = TrainOn::kAllAssistant;
   bool train_reasoning = true;
+  bool fold_system_prompt = false;
   // Where the model's chat template is looked for (chat_template.jinja, tokenizer_config.json);
   // "" : the directory of the tokenizer's file.
   std::string chat_template_dir;

@@ -92,6 +92,7 @@ struct ChatRendering {
   std::shared_ptr<const ModelChat> chat;    // the template (the built-ins' Jinja spelling too)
   TrainOn train_on = TrainOn::kAllAssistant;
   bool train_reasoning = true;
+  bool fold_system_prompt = false;  // data.fold_system_prompt (data/chat_template.h: fold_system_prompt)
 };
 
 // The Jinja spelling of a built-in format (kLlama3, kChatml): rendered by the same engine as a

@@ -27,9 +27,13 @@ struct ChatSession {
   std::shared_ptr<const data::ModelChat> chat;  // nullptr when neither directory has a template
   std::vector<int32_t> stop_ids;
   std::string description;                 // "llama, 16 layers ... on CPU (fp32), adapter r 16"
+  bool fold_system = false;                // a leading system message joins the first user turn
+                                           // (data/chat_template.h: fold_system_prompt)
 
   // Messages [{"role", "content"}, ...] rendered with the generation prompt, as ids (the
-  // template writes bos where the model wants it). InputError without a template.
+  // template writes bos where the model wants it). InputError without a template, or where the
+  // template refuses the conversation (its own message; for a system message it has no place for,
+  // also the --fold-system that would fold it).
   std::vector<int32_t> chat_prompt(const nlohmann::ordered_json& messages) const;
   // Plain text as a prompt: bos first when the tokenizer adds one.
   std::vector<int32_t> text_prompt(const std::string& text) const;
