@@ -223,7 +223,10 @@ fi
 # ---------------------------------------------------------------- decoding speed
 if [[ $bench == 1 && $generate == 1 ]]; then
   phase "bench_generate"
-  limited 200 "$build/bench/bench_generate" >"$out/bench_generate.json" 2>"$out/bench_generate.log" || failed "bench_generate"
+  # QLORA_BENCH_GENERATE_ARGS: more bench_generate options (e.g. --modes graph,eager).
+  # shellcheck disable=SC2086
+  limited 200 "$build/bench/bench_generate" ${QLORA_BENCH_GENERATE_ARGS:-} >"$out/bench_generate.json" \
+    2>"$out/bench_generate.log" || failed "bench_generate"
   cut -c1-400 "$out/bench_generate.json"
   ensure_bitsandbytes
   phase "bench_peer_generate"
