@@ -21,7 +21,9 @@
 //                 peer's full-checkpointing run of the same shape; qwen3-8b-2x2048 and
 //                 qwen2.5-1.5b-4x1024 (the other families: Qwen3's q/k norms, Qwen2's q/k/v
 //                 biases; `scripts/gpu.sh --suite families`); phi-4-mini-4x1024 (LoRA on
-//                 qkv_proj and o_proj) and gemma-3-4b-4x1024 (`--suite families2`)
+//                 qkv_proj and o_proj) and gemma-3-4b-4x1024 (`--suite families2`);
+//                 real-padded-4x1024, real-packed-4x1024, real-padded-8b-2x2048 and
+//                 real-packed-8b-2x2048 (Note [real lengths])
 //     --steps N   optimizer steps per configuration (default 12); the first kWarmupSteps are
 //                 warm-up, excluded from the timing and from the peak
 //     --work DIR  where the model directories (config.json + tokenizer), data and outputs go;
@@ -52,6 +54,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -100,6 +103,9 @@ struct Shape {
   // no selective recompute: those rows stand beside its full-checkpointing run.
   const char* peer = nullptr;
   double memory_cap_gb = 0;  // > 0: RunOptions::memory_cap_bytes (decimal GB)
+  // Note [real lengths]: kFull rows of seq tokens each (the comparison with the peer), or
+  // examples of alpaca-like lengths, padded to each micro batch's longest or packed.
+  enum class Lengths { kFull, kPadded, kPacked } lengths = Lengths::kFull;
 };
 constexpr auto kSel = qlora::Recompute::kSelective;
 constexpr auto kAutoRc = qlora::Recompute::kAuto;
@@ -139,6 +145,16 @@ const Shape kShapes[] = {
     {"qwen2.5-1.5b-4x1024", "qwen2.5-1.5b", 4, 1024},
     {"phi-4-mini-4x1024", "phi-4-mini", 4, 1024},  // LoRA on qkv_proj and o_proj: q, k, v, o
     {"gemma-3-4b-4x1024", "gemma-3-4b", 4, 1024},
+    // Note [real lengths]: the same shapes on examples of alpaca-like lengths, beside the full rows
+    // (tokens/s counts real tokens, never padding).
+    {"real-padded-4x1024", "llama-3.2-1b", 4, 1024, false, true, false, qlora::Recompute::kFull, "4x1024", 0,
+     Shape::Lengths::kPadded},
+    {"real-packed-4x1024", "llama-3.2-1b", 4, 1024, false, true, false, qlora::Recompute::kFull, "4x1024", 0,
+     Shape::Lengths::kPacked},
+    {"real-padded-8b-2x2048", "llama-3.1-8b", 2, 2048, false, true, false, qlora::Recompute::kFull, "8b-2x2048", 0,
+     Shape::Lengths::kPadded},
+    {"real-packed-8b-2x2048", "llama-3.1-8b", 2, 2048, false, true, false, qlora::Recompute::kFull, "8b-2x2048", 0,
+     Shape::Lengths::kPacked},
 };
 constexpr int kDefaultShapes = 3;  // without --configs: the three micro × seq points
 
@@ -234,6 +250,29 @@ void write_text_data(const std::string& path, int64_t lines, int64_t chars, uint
   if (!f) throw std::runtime_error("could not write " + path);
 }
 
+// Note [real lengths]
+// Full rows measure the causal fast path only; users train on examples of many lengths. These
+// lines have alpaca-like lengths (in characters, the demo tokenizer's tokens): log-normal with
+// median 180 and sigma 0.8 (mean about 250: many short answers, a long tail), cut to
+// [16, max_chars]. Padded, a micro batch is as long as its longest row; packed, rows of
+// max_seq_length hold several examples (data.packing).
+void write_real_length_data(const std::string& path, int64_t lines, int64_t max_chars, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::lognormal_distribution<double> length(std::log(180.0), 0.8);
+  std::uniform_int_distribution<int> pick(0, 26);  // 26: a space
+  std::ofstream f(path, std::ios::trunc);
+  for (int64_t l = 0; l < lines; ++l) {
+    const auto n = std::clamp<int64_t>(static_cast<int64_t>(length(rng)), 16, max_chars);
+    std::string text(static_cast<size_t>(n), ' ');
+    for (auto& c : text) {
+      const int k = pick(rng);
+      c = k == 26 ? ' ' : static_cast<char>('a' + k);
+    }
+    f << json{{"text", text}}.dump() << '\n';
+  }
+  if (!f) throw std::runtime_error("could not write " + path);
+}
+
 qlora::Config make_config(const std::string& model_dir, const std::string& data_path, const std::string& out_dir,
                           const Shape& s, int64_t steps) {
   qlora::Config cfg = qlora::default_config();
@@ -248,7 +287,7 @@ qlora::Config make_config(const std::string& model_dir, const std::string& data_
   cfg.data.path = data_path;
   cfg.data.format = qlora::DataFormat::kText;
   cfg.data.max_seq_length = s.seq;
-  cfg.data.packing = false;
+  cfg.data.packing = s.lengths == Shape::Lengths::kPacked;
   cfg.train.micro_batch_size = s.micro;
   cfg.train.gradient_accumulation_steps = 1;
   cfg.train.max_steps = steps;
@@ -304,8 +343,15 @@ json run_one(const Shape& s, const Args& args, const fs::path& work, const fs::p
   const fs::path out = work / ("out_" + tag);
   fs::remove_all(out);
   // One row per micro batch per step, plus a spare batch (the loader never runs dry mid-window).
-  write_text_data(data.string(), (args.steps + 1) * s.micro, s.seq + kExtraChars,
-                  static_cast<uint64_t>(s.micro * 100003 + s.seq));
+  const auto seed = static_cast<uint64_t>(s.micro * 100003 + s.seq);
+  if (s.lengths == Shape::Lengths::kFull) {
+    write_text_data(data.string(), (args.steps + 1) * s.micro, s.seq + kExtraChars, seed);
+  } else {
+    // Enough lines for every step's rows: one a row padded, about seq / 250 a row packed (x 1.5).
+    const int64_t rows = (args.steps + 1) * s.micro;
+    write_real_length_data(data.string(),
+                           s.lengths == Shape::Lengths::kPacked ? rows * s.seq * 3 / 500 + 16 : rows, s.seq, seed);
+  }
   qlora::Config cfg = make_config(model_dir.string(), data.string(), out.string(), s, args.steps);
 
   // Note [what is timed and what is the peak]: the hook fires after each step with step + 1.

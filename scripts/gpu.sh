@@ -8,6 +8,7 @@
 #   bash scripts/gpu.sh --suite variants   # the comparison with the peer, second half
 #   bash scripts/gpu.sh --suite families   # Qwen3-8B and Qwen2.5-1.5B beside the peer, a plan per family
 #   bash scripts/gpu.sh --suite families2  # Phi-4-mini and Gemma-3-4B beside the peer, a plan per family
+#   bash scripts/gpu.sh --suite lengths    # full rows beside alpaca-like lengths, padded and packed (1B, 8B)
 #   bash scripts/gpu.sh --suite generate   # the cuda tests, decoding speed of qlora and the peer (8B, batch 1 and 8)
 #   options (after --suite they change the preset):
 #   --all                the whole CPU suite too (builds every test)
@@ -86,7 +87,10 @@ preset() {
     families2) nf4=0; measure_families=2; train_configs="phi-4-mini-4x1024,gemma-3-4b-4x1024"
        peer_configs="phi-4-mini-4x1024,gemma-3-4b-4x1024" ;;
     generate) nf4=0; generate=1; train_configs="" ;;
-    *) echo "scripts/gpu.sh: --suite expects shapes, variants, families or generate, got '$1'" >&2; exit 2 ;;
+    lengths) tests=0; nf4=0
+       train_configs="4x1024,real-padded-4x1024,real-packed-4x1024,8b-2x2048,real-padded-8b-2x2048,real-packed-8b-2x2048" ;;
+    *) echo "scripts/gpu.sh: --suite expects shapes, variants, families, families2, lengths or generate, got '$1'" >&2
+       exit 2 ;;
   esac
 }
 need() { [[ $# -ge 2 ]] || { echo "scripts/gpu.sh: $1 needs a value" >&2; exit 2; }; }
