@@ -98,7 +98,8 @@ at::Tensor DecodeGraph::step(const at::Tensor& next) {
       s.out = s.run();
     } else {
       if (!s.captured) {
-        s.graph.capture_begin();
+        // Thread-local: another thread's CUDA calls (a data loader's, a logger's) do not break it.
+        s.graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
         s.out = s.run();
         s.graph.capture_end();
         s.captured = true;
