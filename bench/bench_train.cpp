@@ -233,14 +233,15 @@ Args parse_args(int argc, char** argv) {
   return a;
 }
 
-// A text-format JSONL file of `lines` rows of `chars` random lowercase letters and spaces: the demo
-// tokenizer without merges makes one token per byte, so each row tokenizes to >= chars tokens.
-void write_text_data(const std::string& path, int64_t lines, int64_t chars, uint64_t seed) {
+// `lines` JSONL text lines of random lowercase letters and spaces, each as long as length(rng)
+// says: the demo tokenizer without merges makes one token per byte.
+template <typename LengthFn>
+void write_random_text(const std::string& path, int64_t lines, uint64_t seed, LengthFn length) {
   std::mt19937_64 rng(seed);
   std::uniform_int_distribution<int> pick(0, 26);  // 26: a space
   std::ofstream f(path, std::ios::trunc);
   for (int64_t l = 0; l < lines; ++l) {
-    std::string text(static_cast<size_t>(chars), ' ');
+    std::string text(static_cast<size_t>(length(rng)), ' ');
     for (auto& c : text) {
       const int k = pick(rng);
       c = k == 26 ? ' ' : static_cast<char>('a' + k);
@@ -250,6 +251,11 @@ void write_text_data(const std::string& path, int64_t lines, int64_t chars, uint
   if (!f) throw std::runtime_error("could not write " + path);
 }
 
+// Full rows: `chars` characters each, so each row tokenizes to >= chars tokens.
+void write_text_data(const std::string& path, int64_t lines, int64_t chars, uint64_t seed) {
+  write_random_text(path, lines, seed, [chars](std::mt19937_64&) { return chars; });
+}
+
 // Note [real lengths]
 // Full rows measure the causal fast path only; users train on examples of many lengths. These
 // lines have alpaca-like lengths (in characters, the demo tokenizer's tokens): log-normal with
@@ -257,20 +263,10 @@ void write_text_data(const std::string& path, int64_t lines, int64_t chars, uint
 // [16, max_chars]. Padded, a micro batch is as long as its longest row; packed, rows of
 // max_seq_length hold several examples (data.packing).
 void write_real_length_data(const std::string& path, int64_t lines, int64_t max_chars, uint64_t seed) {
-  std::mt19937_64 rng(seed);
   std::lognormal_distribution<double> length(std::log(180.0), 0.8);
-  std::uniform_int_distribution<int> pick(0, 26);  // 26: a space
-  std::ofstream f(path, std::ios::trunc);
-  for (int64_t l = 0; l < lines; ++l) {
-    const auto n = std::clamp<int64_t>(static_cast<int64_t>(length(rng)), 16, max_chars);
-    std::string text(static_cast<size_t>(n), ' ');
-    for (auto& c : text) {
-      const int k = pick(rng);
-      c = k == 26 ? ' ' : static_cast<char>('a' + k);
-    }
-    f << json{{"text", text}}.dump() << '\n';
-  }
-  if (!f) throw std::runtime_error("could not write " + path);
+  write_random_text(path, lines, seed, [&](std::mt19937_64& rng) {
+    return std::clamp<int64_t>(static_cast<int64_t>(length(rng)), 16, max_chars);
+  });
 }
 
 qlora::Config make_config(const std::string& model_dir, const std::string& data_path, const std::string& out_dir,
