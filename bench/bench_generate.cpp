@@ -39,6 +39,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.h"
 #include "qlora/config/config.h"
 #include "qlora/kernels.h"
 #include "qlora/lora/lora.h"
@@ -147,11 +148,7 @@ double timed_generate(const qlora::model::DecoderModel& m, const std::vector<std
 int main(int argc, char** argv) {
   const Args args = parse_args(argc, argv);
   qlora::kernels::DeviceInfo dev[1];
-  char reason[256] = {0};
-  if (qlora::kernels::query_devices(dev, 1, reason, sizeof reason) == 0) {
-    std::printf("{\"bench\":\"generate\",\"system\":\"qlora\",\"skipped\":\"no GPU: %s\"}\n", reason);
-    return 0;
-  }
+  if (!qlora::bench::find_gpu("generate", dev[0])) return 0;
   int failures = 0;
   try {
     qlora::quant::register_cuda_kernels();

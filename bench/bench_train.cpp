@@ -68,6 +68,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.h"
 #include "qlora/config/config.h"
 #include "qlora/kernels.h"
 #include "qlora/model/decoder_config.h"
@@ -450,11 +451,7 @@ json run_one(const Shape& s, const Args& args, const fs::path& work, const fs::p
 int main(int argc, char** argv) {
   const Args args = parse_args(argc, argv);
   qlora::kernels::DeviceInfo dev[1];
-  char reason[256] = {0};
-  if (qlora::kernels::query_devices(dev, 1, reason, sizeof reason) == 0) {
-    std::printf("{\"bench\":\"train\",\"system\":\"qlora\",\"skipped\":\"no GPU: %s\"}\n", reason);
-    return 0;
-  }
+  if (!qlora::bench::find_gpu("train", dev[0])) return 0;
   std::printf("%s\n", json{{"bench", "train_device"},
                            {"system", "qlora"},
                            {"name", dev[0].name},
