@@ -85,11 +85,15 @@ TEST(TrainThreads, PinnedCountHoldsWhenOpenMpMayShrinkIt) {
   ASSERT_NE(one, want) << "the probe sum gives the same bits with 1 and " << n
                        << " threads: it cannot see a team shrink";
 
-  // What OMP_DYNAMIC=true does: the same count asked for, a smaller team given.
+  // What OMP_DYNAMIC=true does: the same count asked for, a smaller team given. libgomp sizes
+  // the team from the machine's 1-minute load average, so on a machine that has been idle it may
+  // give a team whose sum has the same bits; then the check below could not fail, and the test
+  // says so by skipping (it ran, and passed, where the load had shrunk the team).
   train::set_openmp_dynamic_threads(true);
   at::set_num_threads(n);
-  EXPECT_NE(split_sum_bits(), want) << "dynamic adjustment did not shrink a team of " << n
-                                    << " on this machine: the check below proves nothing";
+  if (split_sum_bits() == want)
+    GTEST_SKIP() << "dynamic adjustment did not shrink a team of " << n
+                 << " on this machine now (libgomp reads the load average): the pinned check would prove nothing";
 
   const CompetingLoad load;
   EXPECT_EQ(train::pin_cpu_threads(n), n);
