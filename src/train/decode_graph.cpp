@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdlib>
+#include <exception>
 #include <optional>
 
 #ifdef QLORA_WITH_CUDA
@@ -46,6 +47,7 @@ struct DecodeGraph::Impl {
   std::optional<c10::cuda::CUDAStream> side;  // capture needs a stream other than the default
   at::cuda::CUDAGraph graph;
   bool captured = false;
+  bool failed = false;  // the capture failed: every step eager
 #endif
 
   Impl(const model::DecoderModel& m, model::KvCache& c) : model(m), cache(c) {}
@@ -94,17 +96,30 @@ at::Tensor DecodeGraph::step(const at::Tensor& next) {
     s.pos.add_(1);
     s.mask.select(3, slot).fill_(true);
     s.cache.write_at.fill_(slot);
-    if (s.steps == 0) {
+    if (s.steps == 0 || s.failed) {
       s.out = s.run();
     } else {
       if (!s.captured) {
         // Thread-local: another thread's CUDA calls (a data loader's, a logger's) do not break it.
+        // A step that cannot be captured ends the capture and decodes eagerly from then on.
         s.graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
-        s.out = s.run();
-        s.graph.capture_end();
-        s.captured = true;
+        try {
+          s.out = s.run();
+          s.graph.capture_end();
+          s.captured = true;
+        } catch (const std::exception&) {
+          try {
+            s.graph.capture_end();
+          } catch (const std::exception&) {
+          }
+          s.failed = true;
+        }
       }
-      s.graph.replay();
+      if (s.captured) {
+        s.graph.replay();
+      } else {
+        s.out = s.run();
+      }
     }
   }
   at::cuda::CUDAEvent done;
