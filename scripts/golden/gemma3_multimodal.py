@@ -208,19 +208,9 @@ def check_adapter(d, base_dir):
     with torch.no_grad():
         base_logits = load_base(base_dir)(input_ids=ids, attention_mask=mask).logits.float()
     model = PeftModel.from_pretrained(load_base(base_dir), d).eval()
-    saved = load_file(os.path.join(d, "adapter_model.safetensors"))
-    loaded = {golden_model.peft_key(n): p for n, p in model.named_parameters() if "lora_" in n}
-    assert sorted(loaded) == sorted(saved), ("PEFT's LoRA modules differ from the saved keys",
-                                             sorted(set(loaded) ^ set(saved))[:6])
-    assert all(torch.equal(loaded[k], saved[k]) for k in saved), "PEFT did not load the saved values"
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    effect = (logits - base_logits).abs().max().item()
-    theirs = load_file(os.path.join(d, "qlora_logits.safetensors"))["logits"].float()
-    err = ((logits - theirs).abs() * mask.unsqueeze(-1)).max().item()
-    with open(os.path.join(d, "adapter_config.json")) as f:
-        targets = json.load(f)["target_modules"]
-    print(f"gemma3_mm: PEFT loaded qlora's adapter ({len(saved)} LoRA weights, targets {targets}); "
+    effect, err, cfg, n_saved = golden_model.compare_with_peft(model, d, ids, mask, base_logits)
+    targets = cfg["target_modules"]
+    print(f"gemma3_mm: PEFT loaded qlora's adapter ({n_saved} LoRA weights, targets {targets}); "
           f"max |logits_peft - logits_qlora| = {err:.3e} (the adapter moves logits by up to {effect:.3f})")
     return golden_model.verdict(err > LOGIT_TOL or effect < 1e-3)
 

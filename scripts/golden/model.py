@@ -198,6 +198,27 @@ def load_base(name):
     return LlamaForCausalLM.from_pretrained(os.path.join(OUT, name), dtype=torch.float32).eval()
 
 
+def compare_with_peft(model, d, ids, mask, base_logits):
+    """PEFT's model with qlora's adapter from `d` loaded: checks PEFT loaded exactly the saved LoRA
+    weights, and returns (how far the adapter moves the logits, max |PEFT - qlora| on real tokens,
+    the adapter's target_modules, how many LoRA weights)."""
+    saved = load_file(os.path.join(d, "adapter_model.safetensors"))
+    loaded = {peft_key(n): p for n, p in model.named_parameters() if "lora_" in n}
+    assert sorted(loaded) == sorted(saved), ("PEFT's LoRA modules differ from the saved keys",
+                                             sorted(set(loaded) ^ set(saved))[:6])
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved), "PEFT did not load the saved values"
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    effect = (logits - base_logits).abs().max().item()
+    theirs = load_file(os.path.join(d, "qlora_logits.safetensors"))["logits"].float()
+    # Real tokens only: a padding query that a sliding window leaves with no key differs by
+    # design (eager attention spreads it uniformly, SDPA gives zeros); nothing reads it.
+    err = ((logits - theirs).abs() * mask.unsqueeze(-1)).max().item()
+    with open(os.path.join(d, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    return effect, err, cfg, len(saved)
+
+
 def lora_variants():
     return {
         "lora_qkvo": dict(
@@ -299,19 +320,7 @@ def check_adapters(root, bases):
         with torch.no_grad():
             base_logits = load()(input_ids=ids, attention_mask=mask).logits.float()
         model = PeftModel.from_pretrained(load(), d).eval()  # a fresh base: dynamic RoPE keeps state
-        saved = load_file(os.path.join(d, "adapter_model.safetensors"))
-        loaded = {peft_key(n): p for n, p in model.named_parameters() if "lora_" in n}
-        assert sorted(loaded) == sorted(saved), "PEFT's LoRA modules differ from the saved keys"
-        assert all(torch.equal(loaded[k], saved[k]) for k in saved), "PEFT did not load the saved values"
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        effect = (logits - base_logits).abs().max().item()
-        theirs = load_file(os.path.join(d, "qlora_logits.safetensors"))["logits"].float()
-        # Real tokens only: a padding query that a sliding window leaves with no key differs by
-        # design (eager attention spreads it uniformly, SDPA gives zeros); nothing reads it.
-        err = ((logits - theirs).abs() * mask.unsqueeze(-1)).max().item()
-        with open(os.path.join(d, "adapter_config.json")) as f:
-            cfg = json.load(f)
+        effect, err, cfg, _ = compare_with_peft(model, d, ids, mask, base_logits)
         print(f"{name}: PEFT loaded qlora's adapter (r {cfg['r']}, targets {cfg['target_modules']}); "
               f"max |logits_peft - logits_qlora| = {err:.3e} (the adapter moves logits by up to {effect:.3f})")
         worst = max(worst, err)
