@@ -13,6 +13,7 @@
 #include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -255,6 +256,13 @@ TEST(Gemma3Multimodal, AdapterConfigKeepsPeftToTheLanguageModel) {
   const json mine = json::parse(lora::adapter_config_json(a, "base"));
   const json peft = json::parse(testing::slurp(dir() + "/lora/adapter/adapter_config.json"));
   EXPECT_EQ(mine["target_modules"], peft["target_modules"]);
+  // PEFT matches the whole module name (re.fullmatch): transformers' names before 4.52 and after,
+  // never the image tower's projections.
+  const std::regex re(mine["target_modules"].get<std::string>());
+  EXPECT_TRUE(std::regex_match("model.language_model.layers.2.self_attn.q_proj", re));
+  EXPECT_TRUE(std::regex_match("language_model.model.layers.0.self_attn.o_proj", re));
+  EXPECT_FALSE(std::regex_match("model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj", re));
+  EXPECT_FALSE(std::regex_match("model.language_model.layers.0.mlp.gate_proj", re));
   const auto theirs = io::load_safetensors(dir() + "/lora/adapter/adapter_model.safetensors");
   std::vector<std::string> keys, want;
   for (const auto& [k, t] : a.named_parameters()) keys.push_back(k);

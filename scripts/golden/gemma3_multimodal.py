@@ -58,7 +58,7 @@ MERGE_TOL = 1e-5  # qlora merge (fp32) vs merge_and_unload
 EAGER = dict(attn_implementation="eager")
 # What qlora writes as target_modules for LoRA on q/k/v/o of a multimodal Gemma 3
 # (src/lora/adapter_config.cpp): the image tower has q_proj ... too.
-TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.(k_proj|o_proj|q_proj|v_proj)"
+TARGETS = r"(model\.language_model|language_model\.model)\.layers\.\d+\.(self_attn|mlp)\.(k_proj|o_proj|q_proj|v_proj)"
 # Gemma3TextConfig's defaults that the tiny text model keeps; config.json's text_config leaves
 # them out, as the published files do.
 TEXT_KEYS = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",

@@ -5,6 +5,7 @@
 
 #include "qlora/common/errors.h"
 #include "qlora/common/json_file.h"
+#include "qlora/model/decoder_config.h"
 
 namespace qlora::lora {
 namespace {
@@ -120,10 +121,19 @@ std::string adapter_config_json(const LoraAdapter& adapter, const std::string& b
     // short names would make PEFT wrap. A regular expression (PEFT matches the whole module
     // name) keeps PEFT to the decoder layers qlora trained.
     const std::string& first = adapter.module_names().front();
+    // transformers before 4.52 named the same modules "language_model.model.layers...": both
+    // spellings are accepted, so PEFT of either age finds them.
     if (const size_t at = first.find("layers."); at != std::string::npos && first.compare(0, at, "model.") != 0) {
-      std::string re;
-      for (const char ch : first.substr(0, at + 7)) re += ch == '.' ? std::string("\\.") : std::string(1, ch);
-      re += "\\d+\\.(self_attn|mlp)\\.(";
+      const auto escaped = [](const std::string& text) {
+        std::string out;
+        for (const char ch : text) out += ch == '.' ? std::string("\\.") : std::string(1, ch);
+        return out;
+      };
+      const std::string prefix = first.substr(0, at);
+      std::string re = escaped(prefix);
+      if (prefix == kGemma3TextPrefix)  // "(model\.language_model|language_model\.model)\."
+        re = "(" + escaped("model.language_model") + "|" + escaped("language_model.model") + ")\\.";
+      re += "layers\\.\\d+\\.(self_attn|mlp)\\.(";
       for (const auto& n : names) re += (re.back() == '(' ? "" : "|") + n;
       targets = re + ")";
     }
