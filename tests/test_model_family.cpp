@@ -239,8 +239,15 @@ TEST(ModelFamily, MaxPositionsFollowRopeScaling) {
   EXPECT_EQ(c.max_positions(), 131072);
   c.rope.type = RopeType::kLinear;
   c.rope.factor = 2.0;
+  EXPECT_EQ(c.max_positions(), 65536);  // the original named: twice it
   c.rope.original_max_position_embeddings = 0;
-  EXPECT_EQ(c.max_positions(), 65536);
+  c.rope.factor = 8.0;  // Gemma 3: 131072 positions are already the scaled length
+  c.max_position_embeddings = 131072;
+  EXPECT_EQ(c.max_positions(), 131072);
+  c.rope.type = RopeType::kDynamic;  // dynamic NTK grows the base past max_position_embeddings
+  c.rope.factor = 2.0;
+  c.max_position_embeddings = 4096;
+  EXPECT_EQ(c.max_positions(), 8192);
   c.rope.type = RopeType::kLlama3;  // Llama 3.1: max_position_embeddings is already the extended length
   c.rope.factor = 8.0;
   c.max_position_embeddings = 131072;

@@ -380,6 +380,12 @@ int64_t DecoderConfig::min_window() const {
 int64_t DecoderConfig::max_positions() const {
   if (rope.type != RopeType::kLinear && rope.type != RopeType::kDynamic && rope.type != RopeType::kYarn)
     return max_position_embeddings;
+  // A linear factor without original_max_position_embeddings is how extended checkpoints
+  // describe themselves (Gemma 3: 131072 positions, factor 8, trained at 131072): transformers
+  // has no original length for it, and multiplying would claim 8× what the model has seen.
+  if (rope.type == RopeType::kLinear && rope.original_max_position_embeddings <= 0) return max_position_embeddings;
+  // dynamic and yarn take max_position_embeddings as the original when none is given, as
+  // transformers' RoPE init functions do.
   const int64_t original =
       rope.original_max_position_embeddings > 0 ? rope.original_max_position_embeddings : max_position_embeddings;
   return std::max(max_position_embeddings, static_cast<int64_t>(static_cast<double>(original) * rope.factor));

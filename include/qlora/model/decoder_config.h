@@ -122,10 +122,11 @@ struct DecoderConfig {
   }
   // The smallest window of any layer (0 when none slides).
   int64_t min_window() const;
-  // The longest sequence its positions may reach: max_position_embeddings, or what a linear,
-  // dynamic or yarn rope_scaling extends it to (factor × original_max_position_embeddings, or ×
-  // max_position_embeddings where the original is not given). llama3 and longrope configs give
-  // the extended length as max_position_embeddings itself.
+  // The longest sequence its positions may reach: max_position_embeddings, or what a dynamic or
+  // yarn rope_scaling extends it to (factor × original_max_position_embeddings, or ×
+  // max_position_embeddings where the original is not given), or a linear one that names its
+  // original. llama3, longrope and linear configs without an original (Gemma 3) give the
+  // extended length as max_position_embeddings itself.
   int64_t max_positions() const;
 };
 
