@@ -284,6 +284,14 @@ TEST(ChatData, GemmaFoldsTheSystemPromptWhenAsked) {
   EXPECT_EQ(alone, ojson::parse(R"([{"role": "user", "content": "S"}])"));
   const ojson plain = ojson::parse(R"([{"role": "user", "content": "U"}])");
   EXPECT_EQ(data::fold_system_prompt(plain), plain);
+  // Content as a list of parts: the system's text parts lead the user's first text part.
+  const ojson parts = data::fold_system_prompt(ojson::parse(
+      R"([{"role": "system", "content": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]},
+          {"role": "user", "content": [{"type": "text", "text": "U"}, {"type": "image"}]}])"));
+  EXPECT_EQ(parts, ojson::parse(R"([{"role": "user", "content": [{"type": "text", "text": "A\n\nB\n\nU"}, {"type": "image"}]}])"));
+  const ojson image_first = data::fold_system_prompt(ojson::parse(
+      R"([{"role": "system", "content": "S"}, {"role": "user", "content": [{"type": "image"}]}])"));
+  EXPECT_EQ(image_first, ojson::parse(R"([{"role": "user", "content": [{"type": "text", "text": "S\n\n"}, {"type": "image"}]}])"));
 }
 
 TEST(ChatData, EndOfTurnOfEachSharedTemplate) {

@@ -544,16 +544,29 @@ bool starts_with_system(const nlohmann::ordered_json& messages) {
 
 nlohmann::ordered_json fold_system_prompt(const nlohmann::ordered_json& messages) {
   if (!starts_with_system(messages)) return messages;
-  const auto text = [](const nlohmann::ordered_json& m) {
-    const auto it = m.find("content");
-    return it != m.end() && it->is_string() ? it->get<std::string>() : std::string();
+  const auto is_text = [](const nlohmann::ordered_json& part) {
+    return part.is_object() && part.value("type", "") == "text" && part.contains("text") && part["text"].is_string();
   };
+  // The system text: a string, or the text parts of a list of parts (as multimodal data writes
+  // it: {"type": "text", "text": ...}) joined by blank lines.
+  std::string system;
+  const nlohmann::ordered_json sys = messages[0].value("content", nlohmann::ordered_json());
+  if (sys.is_string()) system = sys.get<std::string>();
+  for (const auto& part : sys.is_array() ? sys : nlohmann::ordered_json::array())
+    if (is_text(part)) system += (system.empty() ? "" : "\n\n") + part["text"].get<std::string>();
   nlohmann::ordered_json out = nlohmann::ordered_json::array();
-  nlohmann::ordered_json first = {{"role", "user"}, {"content", text(messages[0])}};
+  nlohmann::ordered_json first = {{"role", "user"}, {"content", system}};
   size_t next = 1;
   if (messages.size() > 1 && messages[1].is_object() && messages[1].value("role", "") == "user") {
     first = messages[1];
-    first["content"] = text(messages[0]) + "\n\n" + text(messages[1]);
+    nlohmann::ordered_json& content = first["content"];
+    if (!content.is_array()) {
+      content = system + "\n\n" + (content.is_string() ? content.get<std::string>() : std::string());
+    } else if (!content.empty() && is_text(content[0])) {  // parts: the system text leads the first
+      content[0]["text"] = system + "\n\n" + content[0]["text"].get<std::string>();
+    } else {
+      content.insert(content.begin(), nlohmann::ordered_json{{"type", "text"}, {"text", system + "\n\n"}});
+    }
     next = 2;
   }
   out.push_back(std::move(first));
