@@ -156,7 +156,14 @@ GgufWriter::GgufWriter(std::string path, const GgufMetadata& metadata, std::vect
   head.resize(padded(head.size()), '\0');
   fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd_ < 0) fail(tmp_, "cannot open for writing");
-  write_all(head.data(), head.size());
+  try {
+    write_all(head.data(), head.size());
+  } catch (...) {  // a throwing constructor runs no destructor: close and remove here
+    ::close(fd_);
+    fd_ = -1;
+    std::remove(tmp_.c_str());
+    throw;
+  }
 }
 
 GgufWriter::~GgufWriter() {
