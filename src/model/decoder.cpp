@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <limits>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -113,14 +112,6 @@ bool parse_linear_name(const std::string& name, const DecoderConfig& c, int64_t*
     }
   }
   return false;
-}
-
-// [B, kv_heads, T, d] -> [B, kv_heads * groups, T, d], each kv head repeated
-// for the query heads that share it.
-at::Tensor repeat_kv(const at::Tensor& x, int64_t groups) {
-  if (groups == 1) return x;
-  const auto b = x.size(0), h = x.size(1), t = x.size(2), d = x.size(3);
-  return x.unsqueeze(2).expand({b, h, groups, t, d}).reshape({b, h * groups, t, d});
 }
 
 }  // namespace
@@ -263,48 +254,6 @@ DecoderModel DecoderModel::load(const DecoderConfig& c, const WeightSource& chec
   return m;
 }
 
-// ---------------------------------------------------------------- attention layout
-
-AttentionInputs causal_attention(int64_t batch, int64_t seq_len, c10::Device device) {
-  AttentionInputs a;
-  a.position_ids = at::arange(seq_len, at::TensorOptions().dtype(at::kLong).device(device))
-                       .unsqueeze(0)
-                       .expand({batch, seq_len})
-                       .contiguous();
-  return a;
-}
-
-AttentionInputs padded_attention(const at::Tensor& attention_mask) {
-  TORCH_CHECK(attention_mask.dim() == 2, "attention_mask must be [B, T], got ", attention_mask.dim(), "-D");
-  const auto b = attention_mask.size(0), t = attention_mask.size(1);
-  AttentionInputs a = causal_attention(b, t, attention_mask.device());
-  const auto opts = at::TensorOptions().dtype(at::kBool).device(attention_mask.device());
-  at::Tensor causal = at::ones({t, t}, opts).tril();                           // [T, T]
-  at::Tensor keys = attention_mask.to(at::kBool).view({b, 1, 1, t});          // [B, 1, 1, T]
-  a.mask = at::logical_and(causal.view({1, 1, t, t}), keys);                   // [B, 1, T, T]
-  // A query with no visible key (a padding token before any real one, or an
-  // all-padding row) would make softmax 0/0 = NaN, and NaN times a zero loss
-  // weight is still NaN in backward. Let such queries see themselves; rows
-  // with any visible key are unchanged, so real tokens are unaffected.
-  at::Tensor blind = at::logical_not(a.mask.any(-1, /*keepdim=*/true));          // [B, 1, T, 1]
-  a.mask = at::logical_or(a.mask, at::logical_and(blind, at::eye(t, opts).view({1, 1, t, t})));
-  return a;
-}
-
-AttentionInputs packed_attention(const at::Tensor& segment_ids, const at::Tensor& position_ids) {
-  TORCH_CHECK(segment_ids.dim() == 2, "segment_ids must be [B, T], got ", segment_ids.dim(), "-D");
-  TORCH_CHECK(position_ids.sizes() == segment_ids.sizes(), "position_ids ", position_ids.sizes(),
-              " must have the shape of segment_ids ", segment_ids.sizes());
-  const auto b = segment_ids.size(0), t = segment_ids.size(1);
-  AttentionInputs a;
-  a.position_ids = position_ids.to(at::kLong);
-  const auto opts = at::TensorOptions().dtype(at::kBool).device(segment_ids.device());
-  at::Tensor causal = at::ones({t, t}, opts).tril().view({1, 1, t, t});
-  at::Tensor same = at::eq(segment_ids.view({b, 1, t, 1}), segment_ids.view({b, 1, 1, t}));  // [B, 1, T, T]
-  a.mask = at::logical_and(causal, same);
-  return a;
-}
-
 // ---------------------------------------------------------------- building blocks
 
 at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -341,51 +290,6 @@ bool fused_rms_norm_applies(const at::Tensor& x, const at::Tensor& weight) {
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   if (!fused_rms_norm_applies(x, weight)) return rms_norm_reference(x, weight, eps);
   return std::get<0>(at::_fused_rms_norm(x, {x.size(-1)}, weight, eps));
-}
-
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionInputs& attention,
-                     int64_t window, double scale, double softcap) {
-  const int64_t heads = q.size(1), kv_heads = k.size(1), t = q.size(2), tk = k.size(2);
-  // Queries may be the last t of tk keys (decoding with a KvCache): then the caller's mask says
-  // what each sees, and the window counts back from each query's own index among the keys.
-  TORCH_CHECK(tk == t || attention.mask.defined(), "attention: ", t, " queries over ", tk,
-              " keys need a mask [B, 1, ", t, ", ", tk, "]");
-  if (scale <= 0) scale = 1.0 / std::sqrt(static_cast<double>(q.size(3)));
-  if (window > 0 && window < tk) {
-    // transformers' sliding window: key j is visible from query i when j > i - window, on top
-    // of the causal, padding or packing mask.
-    const auto opts = at::TensorOptions().dtype(at::kBool).device(q.device());
-    const int64_t offset = tk - t;
-    at::Tensor band = at::ones({t, tk}, opts).tril(offset).triu(offset - (window - 1)).view({1, 1, t, tk});
-    AttentionInputs windowed = attention;
-    windowed.mask = attention.mask.defined() ? at::logical_and(attention.mask, band) : band;
-    return model::attention(q, k, v, windowed, 0, scale, softcap);
-  }
-  const int64_t groups = heads / kv_heads;
-  if (softcap > 0) {
-    // Gemma 2's eager attention: scores scaled, capped, then masked; softmax in fp32, back to the
-    // input dtype before the product with v.
-    at::Tensor scores = at::matmul(q, repeat_kv(k, groups).transpose(2, 3)) * scale;  // [B, H, T, T]
-    scores = at::tanh(scores / softcap) * softcap;
-    const at::Tensor visible = attention.mask.defined()
-                                   ? attention.mask
-                                   : at::ones({t, t}, q.options().dtype(at::kBool)).tril().view({1, 1, t, t});
-    // The dtype's lowest value, not -inf, as transformers' additive mask: a query that sees no
-    // key (padding beyond a window) gets a uniform row, never NaN.
-    const double lowest = q.scalar_type() == at::kHalf     ? -65504.0
-                          : q.scalar_type() == at::kBFloat16 ? -3.3895313892515355e38
-                                                             : static_cast<double>(std::numeric_limits<float>::lowest());
-    scores = scores.masked_fill(at::logical_not(visible), lowest);
-    return at::matmul(at::softmax(scores, -1, at::kFloat).to(q.scalar_type()), repeat_kv(v, groups));
-  }
-  if (attention.mask.defined()) {
-    // A mask rules out the flash kernels, and SDPA's GQA support with a mask
-    // falls back to the math kernel; repeat the kv heads as transformers does.
-    return at::scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attention.mask, 0.0,
-                                            /*is_causal=*/false, scale);
-  }
-  return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/t > 1, scale,
-                                          /*enable_gqa=*/heads != kv_heads);
 }
 
 // ---------------------------------------------------------------- forward

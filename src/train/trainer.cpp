@@ -134,7 +134,9 @@ std::pair<at::Tensor, int64_t> batch_loss(const model::DecoderModel& model, cons
   const bool packed = std::any_of(batch.segment_ids.begin(), batch.segment_ids.end(), [](int32_t s) { return s > 1; });
   model::AttentionInputs attention;
   if (packed) {
-    attention = model::packed_attention(model::upload(t.segment_ids, device), model::upload(t.position_ids, device));
+    // The examples' boundaries (model::PackedRows) are read from the host copy of the segment
+    // ids too; only their offsets go to the device, without a sync, and no [B, 1, T, T] mask.
+    attention = model::packed_attention(t.segment_ids, model::upload(t.position_ids, device));
   } else if (right_padded(batch)) {
     // Note [right padding needs no mask]: a real token attends only to earlier
     // positions, all real when padding comes last, so causal attention gives every

@@ -60,6 +60,12 @@ Batch collate_packed(const std::vector<TokenizedExample>& examples,
 // row is empty (an all-masked row gives NaN), and no real token attends to
 // padding. Returned as [rows, cols, cols] uint8 (1: may attend), row-major.
 // For a padded batch this is the ordinary causal mask with padding removed.
+// The model builds no such mask for a packed batch: each example is one run of its row, and
+// model::packed_attention (model/attention.h) keeps the runs' boundaries, read on the host,
+// for attention run by run (the flash kernel's variable-length runs on a GPU). There the
+// trailing padding is a run of its own, attending causally within itself: a real token's
+// attention is the one this mask gives, padding still never sees nothing (no NaN), and what
+// padding computes carries no loss.
 std::vector<uint8_t> packed_attention_mask(const std::vector<int32_t>& segment_ids, int64_t rows,
                                            int64_t cols);
 

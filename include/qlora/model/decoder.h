@@ -4,7 +4,8 @@
 // Hugging Face's weight names. The family's pieces (DecoderConfig::pieces: biases, q/k
 // norms, Gemma's (1 + w) and sandwich norms, GeGLU, soft-capping, the attention scale, the
 // embedding scale, a local RoPE base; the RoPE scaling; each layer's attention window) are
-// applied where transformers applies them. RoPE lives in src/model/rope.cpp.
+// applied where transformers applies them. RoPE lives in src/model/rope.cpp; attention (which
+// keys each query sees, and the kernel each layout takes) in model/attention.h.
 //
 // The model owns embeddings, RMSNorm weights, RoPE frequencies, the lm_head
 // weight and one `Linear` slot per projection (model/linear.h). It does not
@@ -24,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include "qlora/model/attention.h"
 #include "qlora/model/linear.h"
 #include "qlora/model/decoder_config.h"
 
@@ -58,27 +60,6 @@ struct LoadOptions {
   LinearFactory make_linear;  // empty: DenseLinear
 };
 
-// ---------------------------------------------------------------- attention layout
-
-// Positions and visibility for one batch of rows [B, T].
-struct AttentionInputs {
-  at::Tensor position_ids;  // [B, T] int64
-  at::Tensor mask;          // [B, 1, T, T] bool, true = query may attend key; undefined = causal only
-};
-
-// Every token real: causal attention without a mask tensor (SDPA's fast path).
-AttentionInputs causal_attention(int64_t batch, int64_t seq_len, c10::Device device);
-
-// Right- or left-padded rows. attention_mask [B, T]: 1 for real tokens, 0 for
-// padding. Keys that are padding are hidden; positions are 0..T-1 as
-// transformers uses when given no position_ids.
-AttentionInputs padded_attention(const at::Tensor& attention_mask);
-
-// Packed rows: several examples in one row. segment_ids [B, T] (any integers;
-// padding gets its own id, e.g. -1) and position_ids [B, T] restarting at 0 for
-// each example. A token attends to earlier tokens of its own segment only.
-AttentionInputs packed_attention(const at::Tensor& segment_ids, const at::Tensor& position_ids);
-
 // ---------------------------------------------------------------- building blocks
 
 // LlamaRMSNorm, x [..., h], weight [h]: rms_norm_reference on the CPU and in
@@ -107,15 +88,6 @@ std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, const
 // Rotates x [B, heads, T, head_dim] by cos/sin [B, T, rotary dim] (rotate-half layout); with a
 // rotary dim below head_dim (partial_rotary_factor) only the first dims turn, as Phi-3 does.
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
-
-// Scaled dot-product attention of q [B, H, T, d] over k, v [B, Hkv, T, d] (H a multiple of
-// Hkv): causal when `attention` has no mask, else the mask (k, v repeated per query head
-// then, as transformers does). `window` > 0 (a sliding-window layer) also hides keys
-// window or more tokens back (i - j >= window), through a mask once T exceeds it.
-// `scale` multiplies q·k (0: 1/sqrt(head_dim)); `softcap` > 0 caps the scaled scores at
-// cap · tanh(s / cap) before the mask, in Gemma 2's eager op order. Returns [B, H, T, d].
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionInputs& attention,
-                     int64_t window = 0, double scale = 0.0, double softcap = 0.0);
 
 // ---------------------------------------------------------------- decoding
 
@@ -183,6 +155,14 @@ class DecoderModel {
   const at::Tensor& input_norm_weight(int64_t layer) const { return layers_.at(static_cast<size_t>(layer)).input_norm; }
   const at::Tensor& post_attention_norm_weight(int64_t layer) const {
     return layers_.at(static_cast<size_t>(layer)).post_attention_norm;
+  }
+  // Gemma's pre_ and post_feedforward_layernorm weights [h] (pieces.sandwich_norms; there
+  // post_attention_norm_weight normalizes the attention output); undefined otherwise.
+  const at::Tensor& pre_feedforward_norm_weight(int64_t layer) const {
+    return layers_.at(static_cast<size_t>(layer)).pre_feedforward_norm;
+  }
+  const at::Tensor& post_feedforward_norm_weight(int64_t layer) const {
+    return layers_.at(static_cast<size_t>(layer)).post_feedforward_norm;
   }
   // Qwen3's per-head q / k RMSNorm weights [head_dim]; undefined without pieces.qk_norm.
   const at::Tensor& q_norm_weight(int64_t layer) const { return layers_.at(static_cast<size_t>(layer)).q_norm; }
