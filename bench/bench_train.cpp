@@ -23,7 +23,9 @@
 //                 biases; `scripts/gpu.sh --suite families`); phi-4-mini-4x1024 (LoRA on
 //                 qkv_proj and o_proj) and gemma-3-4b-4x1024 (`--suite families2`);
 //                 real-padded-4x1024, real-packed-4x1024, real-padded-8b-2x2048 and
-//                 real-packed-8b-2x2048 (Note [real lengths])
+//                 real-packed-8b-2x2048 (Note [real lengths]); 8b-1x16384, 8b-1x32768 and
+//                 offload-8b-1x16384, offload-8b-1x32768, offload-8b-2x2048
+//                 (train.offload_checkpoints: true)
 //     --steps N   optimizer steps per configuration (default 12); the first kWarmupSteps are
 //                 warm-up, excluded from the timing and from the peak
 //     --work DIR  where the model directories (config.json + tokenizer), data and outputs go;
@@ -107,6 +109,9 @@ struct Shape {
   // Note [real lengths]: kFull rows of seq tokens each (the comparison with the peer), or
   // examples of alpaca-like lengths, padded to each micro batch's longest or packed.
   enum class Lengths { kFull, kPadded, kPacked } lengths = Lengths::kFull;
+  // train.offload_checkpoints (Note [offloaded checkpoints] in src/layer/offload.cpp); auto keeps
+  // it off wherever the row fits the GPU without it.
+  qlora::Offload offload = qlora::Offload::kAuto;
 };
 constexpr auto kSel = qlora::Recompute::kSelective;
 constexpr auto kAutoRc = qlora::Recompute::kAuto;
@@ -156,6 +161,16 @@ const Shape kShapes[] = {
      Shape::Lengths::kPadded},
     {"real-packed-8b-2x2048", "llama-3.1-8b", 2, 2048, false, true, false, qlora::Recompute::kFull, "8b-2x2048", 0,
      Shape::Lengths::kPacked},
+    // Long context, one sequence (the 8B's rows measured beside Unsloth on 2026-12-07), and the
+    // same with each layer's checkpoint in host memory; the 2 × 2048 row offloaded too.
+    {"8b-1x16384", "llama-3.1-8b", 1, 16384},
+    {"8b-1x32768", "llama-3.1-8b", 1, 32768},
+    {"offload-8b-1x16384", "llama-3.1-8b", 1, 16384, false, true, false, qlora::Recompute::kFull, "8b-1x16384", 0,
+     Shape::Lengths::kFull, qlora::Offload::kOn},
+    {"offload-8b-1x32768", "llama-3.1-8b", 1, 32768, false, true, false, qlora::Recompute::kFull, "8b-1x32768", 0,
+     Shape::Lengths::kFull, qlora::Offload::kOn},
+    {"offload-8b-2x2048", "llama-3.1-8b", 2, 2048, false, true, false, qlora::Recompute::kFull, "8b-2x2048", 0,
+     Shape::Lengths::kFull, qlora::Offload::kOn},
 };
 constexpr int kDefaultShapes = 3;  // without --configs: the three micro × seq points
 
@@ -291,6 +306,7 @@ qlora::Config make_config(const std::string& model_dir, const std::string& data_
   cfg.train.precision = s.fp16 ? qlora::Precision::kFp16 : qlora::Precision::kBf16;
   cfg.train.gradient_checkpointing = s.checkpointing;
   cfg.train.recompute = s.recompute;
+  cfg.train.offload_checkpoints = s.offload;
   cfg.train.optimizer = qlora::OptimizerKind::kPagedAdamW8bit;
   cfg.train.eval_steps = 0;
   cfg.output.dir = out_dir;
@@ -412,6 +428,8 @@ json run_one(const Shape& s, const Args& args, const fs::path& work, const fs::p
             {"recompute_as_run", plan.recompute},
             {"selective_layers", plan.selective_layers},
             {"no_recompute_layers", plan.no_recompute_layers},
+            {"offload", plan.offload},
+            {"offload_host_bytes", static_cast<int64_t>(plan.offload_host_bytes)},
             {"memory_cap_bytes", static_cast<int64_t>(s.memory_cap_gb * 1e9)},
             {"peer_config", s.peer ? s.peer : s.name},
             {"optimizer", "paged_adamw_8bit"},

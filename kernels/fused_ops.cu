@@ -1,6 +1,6 @@
 // Fused element-wise ops of the decoder layer (include/qlora/kernels.h: "fused element-wise
 // ops"): RoPE forward / backward on strided head views, in place or from one view into another,
-// SwiGLU forward / backward of a merged gate/up GEMM output, RMSNorm's backward with the residual
+// SwiGLU and GeGLU forward / backward of a merged gate/up GEMM output, RMSNorm's backward with the residual
 // gradient added (LoRA dropout and its backward: kernels/dropout.cu). The math is
 // model/fused_ops.h's references'; every kernel loads its inputs to fp32, computes in fp32 and
 // rounds once into the output type. The shared helpers are in kernels/elementwise.cuh.
@@ -133,12 +133,44 @@ int rope_dispatch(void* out, const RopeView& vo, const void* in, const RopeView&
   });
 }
 
-// ---------------------------------------------------------------- SwiGLU
+// ---------------------------------------------------------------- SwiGLU, GeGLU
 
-// m[r, i] = silu(g) * u for columns i of V-groups; g = gu[r, i], u = gu[r, I + i].
-template <typename T, int V>
-__global__ void __launch_bounds__(kThreads) swiglu_kernel(const T* __restrict__ gu, int64_t gu_stride, int64_t rows,
-                                                          int64_t inter, T* __restrict__ m, int64_t m_stride) {
+// The GLU MLP's gate activations in fp32: value = act(g) · u, and grad, (dg, du) for dm.
+struct SiluGate {
+  static __device__ __forceinline__ float value(float g, float u) { return swiglu_value(g, u); }
+  static __device__ __forceinline__ void grad(float g, float u, float d, float& dg, float& du) {
+    const float s = sigmoid(g);
+    du = d * (g * s);
+    dg = d * u * (s * (1.0f + g * (1.0f - s)));
+  }
+};
+
+// gelu_pytorch_tanh in ATen's fp32 opmath and op order (its CUDA GeluCUDAKernelImpl and
+// GeluBackwardCUDAKernelImpl for approximate "tanh"), so m and the gradients differ from
+// at::gelu(g, "tanh") * u only by the product's one rounding.
+struct GeluTanhGate {
+  static __device__ __forceinline__ float beta() { return 0.7978845608028654f; }  // sqrt(2) · 2/sqrt(pi) · 0.5
+  static __device__ __forceinline__ float kappa() { return 0.044715f; }
+  static __device__ __forceinline__ float value(float g, float u) {
+    const float cube = g * g * g;
+    const float inner = beta() * (g + kappa() * cube);
+    return 0.5f * g * (1.0f + tanhf(inner)) * u;
+  }
+  static __device__ __forceinline__ void grad(float g, float u, float d, float& dg, float& du) {
+    const float sq = g * g;
+    const float inner = beta() * (g + kappa() * (sq * g));
+    const float t = tanhf(inner);
+    const float left = 0.5f * g, right = 1.0f + t;
+    const float inner_grad = beta() * (1.0f + 3.0f * kappa() * sq);
+    du = d * (left * right);
+    dg = d * u * (0.5f * right + left * (1.0f - t * t) * inner_grad);
+  }
+};
+
+// m[r, i] = act(g) * u for columns i of V-groups; g = gu[r, i], u = gu[r, I + i].
+template <typename T, int V, typename Gate>
+__global__ void __launch_bounds__(kThreads) glu_kernel(const T* __restrict__ gu, int64_t gu_stride, int64_t rows,
+                                                       int64_t inter, T* __restrict__ m, int64_t m_stride) {
   const int64_t groups = inter / V;
   const int64_t total = rows * groups;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
@@ -149,16 +181,15 @@ __global__ void __launch_bounds__(kThreads) swiglu_kernel(const T* __restrict__ 
     load<T, V>(gu + r * gu_stride + i, g);
     load<T, V>(gu + r * gu_stride + inter + i, u);
 #pragma unroll
-    for (int k = 0; k < V; ++k) y[k] = swiglu_value(g[k], u[k]);
+    for (int k = 0; k < V; ++k) y[k] = Gate::value(g[k], u[k]);
     store<T, V>(m + r * m_stride + i, y);
   }
 }
 
 // Note [fused ops in place]: dg over g, du over u.
-template <typename T, int V>
-__global__ void __launch_bounds__(kThreads) swiglu_backward_kernel(const T* __restrict__ dm, int64_t dm_stride,
-                                                                   T* gu, int64_t gu_stride, int64_t rows,
-                                                                   int64_t inter) {
+template <typename T, int V, typename Gate>
+__global__ void __launch_bounds__(kThreads) glu_backward_kernel(const T* __restrict__ dm, int64_t dm_stride, T* gu,
+                                                                int64_t gu_stride, int64_t rows, int64_t inter) {
   const int64_t groups = inter / V;
   const int64_t total = rows * groups;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
@@ -172,48 +203,69 @@ __global__ void __launch_bounds__(kThreads) swiglu_backward_kernel(const T* __re
     load<T, V>(up, u);
     load<T, V>(dm + r * dm_stride + i, d);
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const float s = sigmoid(g[k]);
-      du[k] = d[k] * (g[k] * s);
-      dg[k] = d[k] * u[k] * (s * (1.0f + g[k] * (1.0f - s)));
-    }
+    for (int k = 0; k < V; ++k) Gate::grad(g[k], u[k], d[k], dg[k], du[k]);
     store<T, V>(gp, dg);
     store<T, V>(up, du);
   }
 }
 
-template <typename T>
-int launch_swiglu(const void* gu, int64_t gu_stride, int64_t rows, int64_t inter, void* m, int64_t m_stride,
-                  cudaStream_t stream) {
+template <typename T, typename Gate>
+int launch_glu(const void* gu, int64_t gu_stride, int64_t rows, int64_t inter, void* m, int64_t m_stride,
+               cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = inter % kVec == 0 && gu_stride % kVec == 0 && m_stride % kVec == 0 && aligned16(gu) && aligned16(m);
   const T* g = static_cast<const T*>(gu);
   T* out = static_cast<T*>(m);
   if (vec) {
-    swiglu_kernel<T, kVec><<<grid_for(rows * (inter / kVec)), kThreads, 0, stream>>>(g, gu_stride, rows, inter, out,
-                                                                                     m_stride);
+    glu_kernel<T, kVec, Gate><<<grid_for(rows * (inter / kVec)), kThreads, 0, stream>>>(g, gu_stride, rows, inter, out,
+                                                                                        m_stride);
   } else {
-    swiglu_kernel<T, 1><<<grid_for(rows * inter), kThreads, 0, stream>>>(g, gu_stride, rows, inter, out, m_stride);
+    glu_kernel<T, 1, Gate><<<grid_for(rows * inter), kThreads, 0, stream>>>(g, gu_stride, rows, inter, out, m_stride);
   }
   return static_cast<int>(cudaGetLastError());
 }
 
-template <typename T>
-int launch_swiglu_backward(const void* dm, int64_t dm_stride, void* gu, int64_t gu_stride, int64_t rows,
-                           int64_t inter, cudaStream_t stream) {
+template <typename T, typename Gate>
+int launch_glu_backward(const void* dm, int64_t dm_stride, void* gu, int64_t gu_stride, int64_t rows, int64_t inter,
+                        cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const bool vec =
       inter % kVec == 0 && gu_stride % kVec == 0 && dm_stride % kVec == 0 && aligned16(gu) && aligned16(dm);
   const T* d = static_cast<const T*>(dm);
   T* g = static_cast<T*>(gu);
   if (vec) {
-    swiglu_backward_kernel<T, kVec>
+    glu_backward_kernel<T, kVec, Gate>
         <<<grid_for(rows * (inter / kVec)), kThreads, 0, stream>>>(d, dm_stride, g, gu_stride, rows, inter);
   } else {
-    swiglu_backward_kernel<T, 1><<<grid_for(rows * inter), kThreads, 0, stream>>>(d, dm_stride, g, gu_stride, rows,
-                                                                                  inter);
+    glu_backward_kernel<T, 1, Gate><<<grid_for(rows * inter), kThreads, 0, stream>>>(d, dm_stride, g, gu_stride, rows,
+                                                                                     inter);
   }
   return static_cast<int>(cudaGetLastError());
+}
+
+// The launchers' shared checks and type dispatch.
+template <typename Gate>
+int glu(const void* gu, int64_t gu_row_stride, int64_t rows, int64_t inter, void* m, int64_t m_row_stride,
+        FloatType type, CUstream_st* stream) {
+  if (rows < 0 || inter < 0) return static_cast<int>(cudaErrorInvalidValue);
+  if (rows == 0 || inter == 0) return 0;
+  if (gu == nullptr || m == nullptr || gu_row_stride < 2 * inter || m_row_stride < inter)
+    return static_cast<int>(cudaErrorInvalidValue);
+  return dispatch_type(type, [&](auto tag) {
+    return launch_glu<decltype(tag), Gate>(gu, gu_row_stride, rows, inter, m, m_row_stride, stream);
+  });
+}
+
+template <typename Gate>
+int glu_backward(const void* dm, int64_t dm_row_stride, void* gu, int64_t gu_row_stride, int64_t rows, int64_t inter,
+                 FloatType type, CUstream_st* stream) {
+  if (rows < 0 || inter < 0) return static_cast<int>(cudaErrorInvalidValue);
+  if (rows == 0 || inter == 0) return 0;
+  if (gu == nullptr || dm == nullptr || gu_row_stride < 2 * inter || dm_row_stride < inter)
+    return static_cast<int>(cudaErrorInvalidValue);
+  return dispatch_type(type, [&](auto tag) {
+    return launch_glu_backward<decltype(tag), Gate>(dm, dm_row_stride, gu, gu_row_stride, rows, inter, stream);
+  });
 }
 
 // ---------------------------------------------------------------- RMSNorm backward + residual
@@ -299,13 +351,12 @@ int rope_into(void* dst, const RopeView& dst_view, const void* src, const RopeVi
 
 int swiglu(const void* gu, int64_t gu_row_stride, int64_t rows, int64_t inter, void* m, int64_t m_row_stride,
            FloatType type, CUstream_st* stream) {
-  if (rows < 0 || inter < 0) return static_cast<int>(cudaErrorInvalidValue);
-  if (rows == 0 || inter == 0) return 0;
-  if (gu == nullptr || m == nullptr || gu_row_stride < 2 * inter || m_row_stride < inter)
-    return static_cast<int>(cudaErrorInvalidValue);
-  return dispatch_type(type, [&](auto tag) {
-    return launch_swiglu<decltype(tag)>(gu, gu_row_stride, rows, inter, m, m_row_stride, stream);
-  });
+  return glu<SiluGate>(gu, gu_row_stride, rows, inter, m, m_row_stride, type, stream);
+}
+
+int geglu(const void* gu, int64_t gu_row_stride, int64_t rows, int64_t inter, void* m, int64_t m_row_stride,
+          FloatType type, CUstream_st* stream) {
+  return glu<GeluTanhGate>(gu, gu_row_stride, rows, inter, m, m_row_stride, type, stream);
 }
 
 int rms_norm_backward_add(void* out, const void* g, const void* x, const void* w, const float* rstd, const void* res,
@@ -321,13 +372,12 @@ int rms_norm_backward_add(void* out, const void* g, const void* x, const void* w
 
 int swiglu_backward_inplace(const void* dm, int64_t dm_row_stride, void* gu, int64_t gu_row_stride, int64_t rows,
                             int64_t inter, FloatType type, CUstream_st* stream) {
-  if (rows < 0 || inter < 0) return static_cast<int>(cudaErrorInvalidValue);
-  if (rows == 0 || inter == 0) return 0;
-  if (gu == nullptr || dm == nullptr || gu_row_stride < 2 * inter || dm_row_stride < inter)
-    return static_cast<int>(cudaErrorInvalidValue);
-  return dispatch_type(type, [&](auto tag) {
-    return launch_swiglu_backward<decltype(tag)>(dm, dm_row_stride, gu, gu_row_stride, rows, inter, stream);
-  });
+  return glu_backward<SiluGate>(dm, dm_row_stride, gu, gu_row_stride, rows, inter, type, stream);
+}
+
+int geglu_backward_inplace(const void* dm, int64_t dm_row_stride, void* gu, int64_t gu_row_stride, int64_t rows,
+                           int64_t inter, FloatType type, CUstream_st* stream) {
+  return glu_backward<GeluTanhGate>(dm, dm_row_stride, gu, gu_row_stride, rows, inter, type, stream);
 }
 
 }  // namespace qlora::kernels

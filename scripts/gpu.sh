@@ -10,6 +10,7 @@
 #   bash scripts/gpu.sh --suite families2  # Phi-4-mini and Gemma-3-4B beside the peer, a plan per family
 #   bash scripts/gpu.sh --suite lengths    # full rows beside alpaca-like lengths, padded and packed (1B, 8B)
 #   bash scripts/gpu.sh --suite generate   # the cuda tests, decoding speed of qlora and the peer (8B, batch 1 and 8)
+#   bash scripts/gpu.sh --suite long       # the 8B at 2 × 2048, 16k and 32k tokens, checkpoints on the GPU and offloaded
 #   options (after --suite they change the preset):
 #   --all                the whole CPU suite too (builds every test)
 #   --no-tests           no ctest
@@ -89,7 +90,9 @@ preset() {
     generate) nf4=0; generate=1; train_configs="" ;;
     lengths) tests=0; nf4=0
        train_configs="4x1024,real-padded-4x1024,real-packed-4x1024,8b-2x2048,real-padded-8b-2x2048,real-packed-8b-2x2048" ;;
-    *) echo "scripts/gpu.sh: --suite expects shapes, variants, families, families2, lengths or generate, got '$1'" >&2
+    long) nf4=0; steps=8
+       train_configs="8b-2x2048,offload-8b-2x2048,8b-1x16384,offload-8b-1x16384,8b-1x32768,offload-8b-1x32768" ;;
+    *) echo "scripts/gpu.sh: --suite expects shapes, variants, families, families2, lengths, generate or long, got '$1'" >&2
        exit 2 ;;
   esac
 }

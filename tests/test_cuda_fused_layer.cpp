@@ -5,7 +5,8 @@
 // the roundings the two orders take). The dropout masks are the same in both:
 // the same generator, drawn in the same order (checked by the outputs).
 // Each family's tiny model (tests/data/families/: Qwen2's q, k, v biases, Qwen3's q/k norms,
-// Mistral's and Qwen2's sliding windows, SmolLM2) and a Llama with attention_bias and mlp_bias:
+// Mistral's and Qwen2's sliding windows, SmolLM2, Phi-3, Gemma 2's and Gemma 3's pieces) and a
+// Llama with attention_bias and mlp_bias:
 // the fused layer in bf16, in every recompute mode, against the generic layer in fp32 on the CPU
 // over the same bf16-rounded weights, inputs and LoRA matrices; and with dropout against the
 // generic layer in bf16 on the GPU.
@@ -277,6 +278,12 @@ TEST(CudaFusedLayerFamilies, SmolLm2) { compare_family("smollm2"); }
 TEST(CudaFusedLayerFamilies, Phi3FusedProjections) { compare_family("phi3"); }
 // Partial rotary (0.75) and LongRoPE past original_max_position_embeddings.
 TEST(CudaFusedLayerFamilies, Phi3LongropeAndPartialRotary) { compare_family("phi3_longrope"); }
+// GeGLU (the kernel), (1 + w) and sandwich norms, query_pre_attn_scalar 24 (head_dim 16),
+// soft-capping at 2 (the eager attention), windows of 5 on every other layer.
+TEST(CudaFusedLayerFamilies, Gemma2) { compare_family("gemma2"); }
+// (1 + w) q/k norms, the windowed layers' local RoPE base beside the global layer's scaled one,
+// GeGLU, sandwich norms, one kv head.
+TEST(CudaFusedLayerFamilies, Gemma3) { compare_family("gemma3"); }
 // A bias on every projection, N(0, 0.5).
 TEST(CudaFusedLayerFamilies, LlamaWithAttentionAndMlpBiases) {
   const WeightsFn weights = [] { return rounded(testing::biased_llama_weights()); };

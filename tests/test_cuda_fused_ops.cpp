@@ -1,4 +1,4 @@
-// kernels/fused_ops.cu (label cuda): RoPE, its backward (in place and out of place), SwiGLU and its backward on the GPU
+// kernels/fused_ops.cu (label cuda): RoPE, its backward (in place and out of place), SwiGLU, GeGLU and their backward on the GPU
 // (and RMSNorm's backward with the residual; LoRA dropout: tests/test_cuda_dropout.cpp)
 // against model/fused_ops.h's references run in fp32 on the CPU, element by element, for fp32,
 // bf16 and fp16, on seeded random ragged shapes: strided column-slice views as the fused layer
@@ -275,23 +275,37 @@ std::string swiglu_name(const char* op, FloatType ft, const SwigluCase& c) {
          " out_stride=" + std::to_string(c.out_width) + " out_col=" + std::to_string(c.out_col);
 }
 
-TEST(CudaFusedOps, SwigluMatchesReference) {
-  SKIP_WITHOUT_GPU();
-  torch::manual_seed(13);
+// A GLU's launchers and references: SwiGLU's and GeGLU's share the layout, the checks and the
+// vector path, so both run the same cases.
+struct GluOps {
+  const char* name;
+  int (*forward)(const void* gu, int64_t gu_row_stride, int64_t rows, int64_t inter, void* m, int64_t m_row_stride,
+                 FloatType type, CUstream_st* stream);
+  int (*backward)(const void* dm, int64_t dm_row_stride, void* gu, int64_t gu_row_stride, int64_t rows, int64_t inter,
+                  FloatType type, CUstream_st* stream);
+  at::Tensor (*reference)(const at::Tensor& gu);
+  void (*backward_reference)(const at::Tensor& dm, at::Tensor& gu);
+};
+const GluOps kSwiglu{"swiglu", kernels::swiglu, kernels::swiglu_backward_inplace, model::swiglu_reference,
+                     model::swiglu_backward_inplace_reference};
+const GluOps kGeglu{"geglu", kernels::geglu, kernels::geglu_backward_inplace, model::geglu_reference,
+                    model::geglu_backward_inplace_reference};
+
+void check_glu_forward(const GluOps& op) {
   for (FloatType ft : kTypes)
     for (const SwigluCase& c : kSwigluCases) {
-      const std::string what = swiglu_name("swiglu", ft, c);
+      const std::string what = swiglu_name(op.name, ft, c);
       const at::ScalarType dtype = scalar_of(ft);
       const at::Tensor gu = sentinel_buffer(c.n, c.width, c.col, 2 * c.inter, dtype, 3.0);
       const at::Tensor m = at::full({c.n, c.out_width}, kSentinel, dtype);
       DeviceCopy dgu(gu), dmb(m);
       ASSERT_TRUE(dgu.ok() && dmb.ok()) << what;
-      const int rc = kernels::swiglu(dgu.at(c.col), c.width, c.n, c.inter, dmb.at(c.out_col), c.out_width, ft, nullptr);
+      const int rc = op.forward(dgu.at(c.col), c.width, c.n, c.inter, dmb.at(c.out_col), c.out_width, ft, nullptr);
       ASSERT_EQ(rc, 0) << what << ": " << kernels::cuda_error_string(rc);
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << what;
       const at::Tensor got = dmb.download(), gu_after = dgu.download();
       ASSERT_TRUE(got.defined() && gu_after.defined()) << what;
-      const at::Tensor ref = model::swiglu_reference(f32(gu.narrow(1, c.col, 2 * c.inter)));
+      const at::Tensor ref = op.reference(f32(gu.narrow(1, c.col, 2 * c.inter)));
       const double err = check_close(got.narrow(1, c.out_col, c.inter), ref, tolerance(ft), what);
       check_outside(got, c.out_col, c.inter, what);
       EXPECT_TRUE(at::equal(gu_after, gu)) << what << ": the input changed";
@@ -299,25 +313,22 @@ TEST(CudaFusedOps, SwigluMatchesReference) {
     }
 }
 
-TEST(CudaFusedOps, SwigluBackwardMatchesReference) {
-  SKIP_WITHOUT_GPU();
-  torch::manual_seed(14);
+void check_glu_backward(const GluOps& op) {
   for (FloatType ft : kTypes)
     for (const SwigluCase& c : kSwigluCases) {
-      const std::string what = swiglu_name("swiglu backward", ft, c);
+      const std::string what = swiglu_name((std::string(op.name) + " backward").c_str(), ft, c);
       const at::ScalarType dtype = scalar_of(ft);
       const at::Tensor gu = sentinel_buffer(c.n, c.width, c.col, 2 * c.inter, dtype, 3.0);
       const at::Tensor dm = sentinel_buffer(c.n, c.out_width, c.out_col, c.inter, dtype, 1.0);
       DeviceCopy dgu(gu), ddm(dm);
       ASSERT_TRUE(dgu.ok() && ddm.ok()) << what;
-      const int rc = kernels::swiglu_backward_inplace(ddm.at(c.out_col), c.out_width, dgu.at(c.col), c.width, c.n,
-                                                      c.inter, ft, nullptr);
+      const int rc = op.backward(ddm.at(c.out_col), c.out_width, dgu.at(c.col), c.width, c.n, c.inter, ft, nullptr);
       ASSERT_EQ(rc, 0) << what << ": " << kernels::cuda_error_string(rc);
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << what;
       const at::Tensor got = dgu.download(), dm_after = ddm.download();
       ASSERT_TRUE(got.defined() && dm_after.defined()) << what;
       at::Tensor ref = f32(gu.narrow(1, c.col, 2 * c.inter));
-      model::swiglu_backward_inplace_reference(f32(dm.narrow(1, c.out_col, c.inter)), ref);
+      op.backward_reference(f32(dm.narrow(1, c.out_col, c.inter)), ref);
       // dg and du differ in scale: each against its own max |ref|.
       const double err_dg =
           check_close(got.narrow(1, c.col, c.inter), ref.narrow(1, 0, c.inter), tolerance(ft), what + " dg");
@@ -327,6 +338,31 @@ TEST(CudaFusedOps, SwigluBackwardMatchesReference) {
       EXPECT_TRUE(at::equal(dm_after, dm)) << what << ": dm changed";
       std::printf("  %-70s max err / max|ref| = %.3g (dg), %.3g (du)\n", what.c_str(), err_dg, err_du);
     }
+}
+
+TEST(CudaFusedOps, SwigluMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  torch::manual_seed(13);
+  check_glu_forward(kSwiglu);
+}
+
+TEST(CudaFusedOps, SwigluBackwardMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  torch::manual_seed(14);
+  check_glu_backward(kSwiglu);
+}
+
+// GeGLU (Gemma's gelu_pytorch_tanh): ATen's tanh formula in fp32 against at::gelu's on the CPU.
+TEST(CudaFusedOps, GegluMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  torch::manual_seed(15);
+  check_glu_forward(kGeglu);
+}
+
+TEST(CudaFusedOps, GegluBackwardMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  torch::manual_seed(16);
+  check_glu_backward(kGeglu);
 }
 
 // ---------------------------------------------------------------- the at::Tensor dispatch
@@ -401,6 +437,20 @@ TEST(CudaFusedOps, TensorApiOnCudaTensors) {
     check_close(got.narrow(1, col + inter, inter), ref.narrow(1, inter, inter), tolerance(ft),
                 "tensor api swiglu du " + type);
     check_outside(got, col, 2 * inter, "tensor api swiglu backward " + type);
+    // GeGLU through model::geglu / geglu_backward_inplace on the same slices.
+    at::Tensor gud2 = gu.to(cuda);
+    at::Tensor gus2 = gud2.narrow(1, col, 2 * inter);
+    const at::Tensor mg = model::geglu(gus2);
+    EXPECT_TRUE(mg.is_cuda() && mg.is_contiguous() && mg.scalar_type() == dtype);
+    check_close(mg.cpu(), model::geglu_reference(gf), tolerance(ft), "tensor api geglu " + type);
+    model::geglu_backward_inplace(dm.to(cuda).narrow(1, 3, inter), gus2);
+    at::Tensor gref = gf.clone();
+    model::geglu_backward_inplace_reference(f32(dm.narrow(1, 3, inter)), gref);
+    const at::Tensor ggot = gud2.cpu();
+    check_close(ggot.narrow(1, col, inter), gref.narrow(1, 0, inter), tolerance(ft), "tensor api geglu dg " + type);
+    check_close(ggot.narrow(1, col + inter, inter), gref.narrow(1, inter, inter), tolerance(ft),
+                "tensor api geglu du " + type);
+    check_outside(ggot, col, 2 * inter, "tensor api geglu backward " + type);
   }
 }
 

@@ -5,8 +5,9 @@
 // only by the order of additions (the residual, the bias and the LoRA update inside one
 // GEMM, the RMSNorm backward written out). A Llama built here, and each family's tiny
 // model (tests/data/families/, scripts/golden/families.py) with its pieces: Qwen2's q, k, v
-// biases, Qwen3's q/k norms, Mistral's and Qwen2's sliding windows, SmolLM2, and a Llama with
-// attention_bias and mlp_bias, in every recompute mode.
+// biases, Qwen3's q/k norms, Mistral's and Qwen2's sliding windows, SmolLM2, Phi-3's fused
+// projections, Gemma 2's and Gemma 3's pieces, and a Llama with attention_bias and mlp_bias, in
+// every recompute mode.
 #include <gtest/gtest.h>
 #include <ATen/ATen.h>
 #include <torch/cuda.h>
@@ -16,10 +17,12 @@
 
 #include <cstdio>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "qlora/layer/fused_layer.h"
+#include "qlora/layer/offload.h"
 #include "qlora/lora/lora.h"
 #include "qlora/model/decoder.h"
 #include "qlora/model/family.h"
@@ -339,6 +342,110 @@ TEST(FusedLayerFamilies, Phi3LongropeAndPartialRotary) {
   auto s = family_setup();
   s.padded = true;
   compare_family("phi3_longrope padded", load, s);
+}
+
+// Gemma 2: GeGLU, (1 + w) norms, the sandwich norms around attention and the MLP,
+// query_pre_attn_scalar 24 against head_dim 16, attention soft-capping at 2 (most scores
+// capped), windows of 5 on every other layer; once with a padding mask over NF4, once with LoRA
+// on some projections (o_proj's, before the post-attention norm; none on down_proj).
+TEST(FusedLayerFamilies, Gemma2) {
+  const DecoderConfig c = load_family("gemma2", false).config();
+  ASSERT_EQ(c.pieces.act, Activation::kGeluTanh);
+  ASSERT_TRUE(c.pieces.norm_plus_one && c.pieces.sandwich_norms);
+  ASSERT_FALSE(c.pieces.qk_norm);
+  ASSERT_GT(c.query_pre_attn_scalar, 0);
+  ASSERT_NE(c.query_pre_attn_scalar, static_cast<double>(c.head_dim));
+  ASSERT_GT(c.attn_logit_softcapping, 0);
+  ASSERT_EQ(c.window_of(0), 5);
+  ASSERT_EQ(c.window_of(1), 0);
+  compare_family("gemma2", [] { return load_family("gemma2", false); }, family_setup());
+  auto s = family_setup();
+  s.targets = {"q_proj", "v_proj", "o_proj", "up_proj"};
+  compare_family("gemma2, LoRA on q v o up", [] { return load_family("gemma2", false); }, s);
+}
+
+TEST(FusedLayerFamilies, Gemma2OverNf4WithPadding) {
+  auto s = family_setup();
+  s.padded = true;
+  compare_family("gemma2 nf4 padded", [] { return load_family("gemma2", true); }, s);
+}
+
+// Gemma 3: its (1 + w) q/k norms, the local RoPE base of its windowed layers (0 and 1; layer 2
+// is global, with linear RoPE scaling), GeGLU, sandwich norms, query_pre_attn_scalar, one kv
+// head; once with a padding mask over NF4.
+TEST(FusedLayerFamilies, Gemma3) {
+  const DecoderConfig c = load_family("gemma3", false).config();
+  ASSERT_TRUE(c.pieces.qk_norm && c.pieces.norm_plus_one && c.pieces.sandwich_norms);
+  ASSERT_GT(c.rope_local_theta, 0);
+  ASSERT_NE(c.rope_local_theta, c.rope_theta);
+  ASSERT_NE(c.query_pre_attn_scalar, static_cast<double>(c.head_dim));
+  ASSERT_EQ(c.attn_logit_softcapping, 0);
+  ASSERT_EQ(c.window_of(0), 5);
+  ASSERT_EQ(c.window_of(2), 0);
+  compare_family("gemma3", [] { return load_family("gemma3", false); }, family_setup());
+  auto s = family_setup();
+  s.padded = true;
+  compare_family("gemma3 nf4 padded", [] { return load_family("gemma3", true); }, s);
+}
+
+// selective_layers: the last layer keeps its gate/up output, the ones below recompute it; the
+// kept down_proj output of Note [sandwich norms] in both kinds of layer.
+TEST(FusedLayerFamilies, Gemma2SelectiveInTheLastLayerOnly) {
+  DecoderModel m = load_family("gemma2", true);
+  auto s = family_setup();
+  s.recompute = layer::FusedRecompute::kSelective;
+  s.selective_layers = 1;
+  const Measured e = compare(m, s);
+  std::printf("  gemma2 nf4, selective in the last layer: output %.2e, input grad %.2e, worst LoRA grad %.2e\n", e.y,
+              e.dx, e.grad);
+}
+
+// Note [offloaded checkpoints]: what a recomputed layer keeps (x, h1; gate/up when selective;
+// Gemma's down_proj output) goes to its own host buffer and comes back for its backward; a layer
+// kept whole keeps its own. The results are the same bits as without.
+// `modes`: the recompute settings to compare, on one adapter (the dropout and targets of the first).
+void expect_offload_changes_nothing(DecoderModel& m, const std::vector<Setup>& modes) {
+  lora::LoraSettings ls;
+  ls.r = 4;
+  ls.alpha = 8;
+  ls.dropout = modes.front().dropout;
+  ls.target_modules = modes.front().targets;
+  torch::manual_seed(1);
+  lora::LoraAdapter adapter = lora::LoraAdapter::attach(m, ls);
+  testing::give_lora_b_values(adapter);
+  for (const Setup& s : modes) {
+    auto offload = std::make_shared<layer::CheckpointOffload>(/*copy_on_cpu=*/true);
+    const Result kept =
+        run(m, adapter, layer::fused_layer_forward(m, s.recompute, s.selective_layers, s.no_recompute_layers), s);
+    const Result moved = run(
+        m, adapter, layer::fused_layer_forward(m, s.recompute, s.selective_layers, s.no_recompute_layers, offload), s);
+    EXPECT_TRUE(at::equal(kept.y, moved.y));
+    EXPECT_TRUE(at::equal(kept.dx, moved.dx));
+    EXPECT_TRUE(at::equal(kept.after, moved.after));
+    ASSERT_EQ(kept.grads.size(), moved.grads.size());
+    for (size_t i = 0; i < kept.grads.size(); ++i) EXPECT_TRUE(at::equal(kept.grads[i], moved.grads[i])) << i;
+    EXPECT_GT(offload->peak_host_bytes(), 0);
+    EXPECT_EQ(offload->host_bytes(), 0);  // every layer's came back
+  }
+}
+
+TEST(FusedLayer, OffloadedCheckpointsChangeNothing) {
+  const DecoderConfig shape = testing::small_llama_shape();
+  DecoderModel m = DecoderModel::load(shape, train::random_llama_weights(shape, 3, c10::kCPU), {});
+  auto full = family_setup();  // dropout 0.1
+  full.t = 7;
+  auto selective = full;
+  selective.recompute = layer::FusedRecompute::kSelective;
+  selective.selective_layers = 1;
+  selective.no_recompute_layers = 1;
+  expect_offload_changes_nothing(m, {full, selective});
+}
+
+TEST(FusedLayerFamilies, Gemma2OffloadedCheckpointsChangeNothing) {
+  DecoderModel m = load_family("gemma2", true);
+  auto selective = family_setup();
+  selective.recompute = layer::FusedRecompute::kSelective;
+  expect_offload_changes_nothing(m, {family_setup(), selective});
 }
 
 }  // namespace

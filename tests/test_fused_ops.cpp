@@ -1,7 +1,8 @@
 // model/fused_ops: the ATen references against independent formulations on the CPU:
 // rope_inplace_reference against model::apply_rope (the model's own op sequence, on the
 // [B, H, T, d] layout), rope_backward_inplace_reference and swiglu_backward_inplace_reference
-// against autograd, swiglu_reference against at::silu(g) * u; on contiguous tensors and on the
+// against autograd, swiglu_reference against at::silu(g) * u, geglu_reference against
+// at::gelu(g, "tanh") * u and its backward against autograd; on contiguous tensors and on the
 // strided column-slice views the fused decoder layer passes, at ragged sizes. The dispatching
 // entry points take the references on the CPU, so they are checked equal to them too.
 #include <gtest/gtest.h>
@@ -16,6 +17,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cmath>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -182,25 +184,31 @@ TEST(FusedOpsReference, RopeBackwardIsTheAdjoint) {
   EXPECT_NEAR(lhs, rhs, 1e-10 * (std::abs(lhs) + 1.0));
 }
 
-TEST(FusedOpsReference, SwigluEqualsSiluTimesUp) {
-  torch::manual_seed(4);
+// A gated product op (swiglu, geglu) against act(g) * u: its reference exact, the op equal to
+// the reference, both contiguous [N, I], also from a column slice of a wider row (odd stride).
+using GatedOp = at::Tensor (*)(const at::Tensor&);
+void expect_gated_product(GatedOp op, GatedOp reference, const std::function<at::Tensor(const at::Tensor&)>& act,
+                          uint64_t seed) {
+  torch::manual_seed(seed);
   for (int64_t n : kRows)
     for (int64_t inter : kInters) {
       const at::Tensor gu = at::randn({n, 2 * inter}) * 3;
-      const at::Tensor want = at::silu(gu.narrow(1, 0, inter)) * gu.narrow(1, inter, inter);
-      const at::Tensor m = swiglu_reference(gu);
+      const at::Tensor want = act(gu.narrow(1, 0, inter)) * gu.narrow(1, inter, inter);
+      const at::Tensor m = reference(gu);
       EXPECT_TRUE(m.is_contiguous());
       EXPECT_EQ(m.sizes(), (std::vector<int64_t>{n, inter}));
       EXPECT_LE(rel_err(m, want), kExact) << "N=" << n << " I=" << inter;
-      EXPECT_TRUE(at::equal(swiglu(gu), m));
-
-      // gu as a column slice of [N, 3I + 5] (odd row stride).
+      EXPECT_TRUE(at::equal(op(gu), m));
       const at::Tensor wide = at::randn({n, 3 * inter + 5});
       wide.narrow(1, 3, 2 * inter).copy_(gu);
-      const at::Tensor ms = swiglu_reference(wide.narrow(1, 3, 2 * inter));
+      const at::Tensor ms = op(wide.narrow(1, 3, 2 * inter));
       EXPECT_TRUE(ms.is_contiguous());
       EXPECT_TRUE(at::equal(ms, m));
     }
+}
+
+TEST(FusedOpsReference, SwigluEqualsSiluTimesUp) {
+  expect_gated_product(&swiglu, &swiglu_reference, [](const at::Tensor& g) { return at::silu(g); }, 4);
 }
 
 TEST(FusedOpsReference, SwigluBackwardMatchesAutograd) {
@@ -232,6 +240,49 @@ TEST(FusedOpsReference, SwigluBackwardMatchesAutograd) {
       at::Tensor dms = dm_wide.narrow(1, 1, inter);
       dms.copy_(dm);
       swiglu_backward_inplace(dms, gus);
+      EXPECT_TRUE(at::equal(wide.narrow(1, 3, 2 * inter), gu));
+      EXPECT_TRUE(at::equal(wide.narrow(1, 0, 3), before.narrow(1, 0, 3)));
+      EXPECT_TRUE(at::equal(wide.narrow(1, 3 + 2 * inter, inter + 2), before.narrow(1, 3 + 2 * inter, inter + 2)));
+    }
+}
+
+TEST(FusedOpsReference, GegluEqualsGeluTanhTimesUp) {
+  expect_gated_product(&geglu, &geglu_reference, [](const at::Tensor& g) { return at::gelu(g, "tanh"); }, 6);
+}
+
+// The reference's backward takes autograd's own ops for gelu(g, "tanh") * u (the product's
+// backward, then at::gelu_backward), but ATen's CPU gelu and gelu_backward round the last bit of
+// some elements differently on the column slices of gu than on autograd's contiguous g (their
+// strided and contiguous loops): seen 1.2e-8 of the largest gradient, 0 where the layouts agree.
+TEST(FusedOpsReference, GegluBackwardMatchesAutograd) {
+  torch::manual_seed(7);
+  for (int64_t n : kRows)
+    for (int64_t inter : kInters) {
+      const at::Tensor gu0 = at::randn({n, 2 * inter}) * 3;
+      const at::Tensor dm = at::randn({n, inter});
+      const at::Tensor g = gu0.narrow(1, 0, inter).clone().requires_grad_(true);
+      const at::Tensor u = gu0.narrow(1, inter, inter).clone().requires_grad_(true);
+      (at::gelu(g, "tanh") * u).backward(dm);
+
+      at::Tensor gu = gu0.clone();
+      geglu_backward_inplace_reference(dm, gu);
+      const double err_dg = rel_err(gu.narrow(1, 0, inter), g.grad());
+      const double err_du = rel_err(gu.narrow(1, inter, inter), u.grad());
+      EXPECT_LE(err_dg, kAutogradRtol) << "dg N=" << n << " I=" << inter;
+      EXPECT_LE(err_du, kAutogradRtol) << "du N=" << n << " I=" << inter;
+      std::printf("  geglu backward vs autograd N=%lld I=%lld: max err / max|ref| = %.3g (dg), %.3g (du)\n",
+                  static_cast<long long>(n), static_cast<long long>(inter), err_dg, err_du);
+
+      // Strided, through the dispatching entry point: gu a column slice of [N, 3I + 5], dm a
+      // column slice of [N, 2I + 1]; the columns outside gu's slice stay as they were.
+      at::Tensor wide = at::randn({n, 3 * inter + 5});
+      const at::Tensor before = wide.clone();
+      at::Tensor gus = wide.narrow(1, 3, 2 * inter);
+      gus.copy_(gu0);
+      const at::Tensor dm_wide = at::randn({n, 2 * inter + 1});
+      at::Tensor dms = dm_wide.narrow(1, 1, inter);
+      dms.copy_(dm);
+      geglu_backward_inplace(dms, gus);
       EXPECT_TRUE(at::equal(wide.narrow(1, 3, 2 * inter), gu));
       EXPECT_TRUE(at::equal(wide.narrow(1, 0, 3), before.narrow(1, 0, 3)));
       EXPECT_TRUE(at::equal(wide.narrow(1, 3 + 2 * inter, inter + 2), before.narrow(1, 3 + 2 * inter, inter + 2)));
@@ -428,6 +479,8 @@ TEST(FusedOpsReference, EmptyRowsAreFine) {
   EXPECT_EQ(swiglu(gu).sizes(), (std::vector<int64_t>{0, 5}));
   at::Tensor gu2 = gu.clone();
   EXPECT_NO_THROW(swiglu_backward_inplace(at::randn({0, 5}), gu2));
+  EXPECT_EQ(geglu(gu).sizes(), (std::vector<int64_t>{0, 5}));
+  EXPECT_NO_THROW(geglu_backward_inplace(at::randn({0, 5}), gu2));
 }
 
 TEST(FusedOpsReference, BadInputThrows) {
@@ -460,6 +513,12 @@ TEST(FusedOpsReference, BadInputThrows) {
   EXPECT_THROW(swiglu_backward_inplace(at::randn({3, 8}), gu), c10::Error);
   EXPECT_THROW(swiglu_backward_inplace(at::randn({4, 4}).t().narrow(0, 0, 3), gu), c10::Error);
   EXPECT_THROW(swiglu_backward_inplace(at::randn({3, 4}, at::kDouble), gu), c10::Error);
+  // GeGLU: the same rules.
+  EXPECT_THROW(geglu(at::randn({3, 7})), c10::Error);
+  EXPECT_THROW(geglu(at::randn({8, 3}).t()), c10::Error);
+  EXPECT_THROW(geglu_backward_inplace(at::randn({3, 8}), gu), c10::Error);
+  EXPECT_THROW(geglu_backward_inplace(at::randn({4, 4}).t().narrow(0, 0, 3), gu), c10::Error);
+  EXPECT_THROW(geglu_backward_inplace(at::randn({3, 4}, at::kDouble), gu), c10::Error);
 }
 
 }  // namespace

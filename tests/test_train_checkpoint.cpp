@@ -14,10 +14,12 @@
 #include <cstdio>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "qlora/io/model_dir.h"
+#include "qlora/layer/offload.h"
 #include "qlora/lora/lora.h"
 #include "qlora/model/decoder.h"
 #include "qlora/model/decoder_config.h"
@@ -156,6 +158,45 @@ TEST(Checkpoint, LossAndEveryLoraGradientBitIdenticalWithDropout) {
   EXPECT_EQ(first_grad_mismatch(a, plain, ckpt), "");
   // The recomputation's draws are undone: the next step's dropout is the same.
   EXPECT_TRUE(at::equal(plain.rng_after, ckpt.rng_after));
+}
+
+// Note [offloaded checkpoints]: each layer's input goes to its own host buffer (the CPU runs the
+// GPU's bookkeeping when asked to copy) and comes back for its backward; nothing changes.
+TEST(Checkpoint, OffloadedInputsGiveTheSameGradientsAndAreAllReturned) {
+  DecoderModel m = load_model(3);
+  lora::LoraAdapter a = attach_lora(m);
+  const Batch batch = make_batch(2, 16, m.config().vocab_size);
+  train::CheckpointOptions offloaded;
+  offloaded.offload = std::make_shared<layer::CheckpointOffload>(/*copy_on_cpu=*/true);
+  const int64_t layer_bytes = 2 * 16 * m.config().hidden_size * 4;  // one fp32 [B, T, h] input
+  int64_t held_between = -1;
+  const Step kept = run_step(m, a, batch, /*checkpointing=*/true);
+  const Step moved = run_step(m, a, batch, /*checkpointing=*/true, offloaded,
+                              [&] { held_between = offloaded.offload->host_bytes(); });
+  EXPECT_TRUE(at::equal(kept.loss, moved.loss));
+  EXPECT_EQ(first_grad_mismatch(a, kept, moved), "");
+  EXPECT_TRUE(at::equal(kept.rng_after, moved.rng_after));
+  EXPECT_EQ(held_between, 3 * layer_bytes);  // every layer's input, between forward and backward
+  EXPECT_EQ(offloaded.offload->host_bytes(), 0);
+  EXPECT_EQ(offloaded.offload->peak_host_bytes(), 3 * layer_bytes);
+  // A second step reuses the offloader (gradient accumulation, the next step).
+  const Step again = run_step(m, a, batch, /*checkpointing=*/true, offloaded);
+  EXPECT_EQ(first_grad_mismatch(a, kept, again), "");
+  EXPECT_EQ(offloaded.offload->host_bytes(), 0);
+}
+
+// A forward abandoned before its backward (the out-of-memory retry) frees what it stashed.
+TEST(Checkpoint, AnAbandonedOffloadedForwardLeavesNothingHeld) {
+  DecoderModel m = load_model(2);
+  lora::LoraAdapter a = attach_lora(m);
+  const Batch batch = make_batch(2, 16, m.config().vocab_size);
+  train::CheckpointOptions offloaded;
+  offloaded.offload = std::make_shared<layer::CheckpointOffload>(/*copy_on_cpu=*/true);
+  {
+    at::Tensor hidden = train::checkpointed_forward_hidden(m, batch.input_ids, batch.attention, true, offloaded);
+    EXPECT_GT(offloaded.offload->host_bytes(), 0);
+  }
+  EXPECT_EQ(offloaded.offload->host_bytes(), 0);
 }
 
 TEST(Checkpoint, DropoutIsActiveInTheseRuns) {

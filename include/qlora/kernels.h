@@ -144,7 +144,7 @@ int adamw8bit_step_multi(const AdamW8bitTensor* tensors, int64_t count, FloatTyp
                          const AdamW8bitScalars& scalars, const DynamicMaps& maps, CUstream_st* stream);
 
 // ---------------------------------------------------------------- fused element-wise ops
-// The decoder layer's RoPE, SwiGLU, RMSNorm backward (kernels/fused_ops.cu) and LoRA dropout
+// The decoder layer's RoPE, SwiGLU, GeGLU, RMSNorm backward (kernels/fused_ops.cu) and LoRA dropout
 // (kernels/dropout.cu) (model/fused_ops.h: the references and the at::Tensor API). Each kernel loads to fp32, computes in fp32 and rounds once into the output type
 // (`type`, shared by every operand). Strides are in elements and must be >= 0; the last dim is
 // contiguous. Aligned operands (16-byte row starts: base pointers aligned, row strides and the
@@ -185,6 +185,11 @@ int rope_into(void* dst, const RopeView& dst_view, const void* src, const RopeVi
 int swiglu(const void* gu, int64_t gu_row_stride, int64_t rows, int64_t inter, void* m, int64_t m_row_stride,
            FloatType type, CUstream_st* stream);
 
+// GeGLU (Gemma's gelu_pytorch_tanh), swiglu's layout and rules: m[r, :] = gelu_tanh(g) * u with
+// gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))), ATen's tanh approximation.
+int geglu(const void* gu, int64_t gu_row_stride, int64_t rows, int64_t inter, void* m, int64_t m_row_stride,
+          FloatType type, CUstream_st* stream);
+
 // RMSNorm's input gradient plus a residual's gradient (Note [RMSNorm backward add],
 // kernels/fused_ops.cu): for each of `rows` rows of h elements, with r = rstd[row],
 // out = round(r·g⊙w − x·r³·mean(g⊙w⊙x) + res), in fp32. g, x, res, out: [rows, h] contiguous of
@@ -197,6 +202,11 @@ int rms_norm_backward_add(void* out, const void* g, const void* x, const void* w
 // silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g))); dm: [rows, >= inter], row stride dm_row_stride.
 int swiglu_backward_inplace(const void* dm, int64_t dm_row_stride, void* gu, int64_t gu_row_stride, int64_t rows,
                             int64_t inter, FloatType type, CUstream_st* stream);
+
+// GeGLU's backward, swiglu_backward_inplace's layout: du = dm * gelu_tanh(g), dg = dm * u *
+// gelu_tanh'(g), the derivative as ATen's gelu_backward (approximate "tanh") computes it.
+int geglu_backward_inplace(const void* dm, int64_t dm_row_stride, void* gu, int64_t gu_row_stride, int64_t rows,
+                           int64_t inter, FloatType type, CUstream_st* stream);
 
 // LoRA dropout's backward added into an input gradient (Note [dropout backward add],
 // kernels/dropout.cu): out[i] = acc[i] + v (or out[i] = v when acc is null), with

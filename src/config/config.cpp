@@ -122,6 +122,9 @@ json coerce(const Field& f, const json& v, std::string& err) {
       }
       return v;
     case Kind::kEnum: {
+      // A YAML true / false for an enum that has those words (train.offload_checkpoints).
+      if (v.is_boolean() && std::find(f.choices.begin(), f.choices.end(), v.dump()) != f.choices.end())
+        return json(v.dump());
       if (v.is_string()) {
         std::string c = config_detail::canonical_enum_value(f, v.get<std::string>());
         if (std::find(f.choices.begin(), f.choices.end(), c) != f.choices.end()) return json(c);

@@ -43,6 +43,10 @@ const std::vector<std::string>& recompute_names() {
   static const std::vector<std::string> names = {"full", "selective", "auto"};
   return names;
 }
+const std::vector<std::string>& offload_names() {
+  static const std::vector<std::string> names = {"auto", "true", "false"};
+  return names;
+}
 
 template <typename E>
 std::string_view name_of(const std::vector<std::string>& names, E v) {
@@ -64,6 +68,7 @@ std::string_view to_string(ChatTemplate v) { return name_of(template_names(), v)
 std::string_view to_string(TrainOn v) { return name_of(train_on_names(), v); }
 std::string_view to_string(DistBackend v) { return name_of(backend_names(), v); }
 std::string_view to_string(Recompute v) { return name_of(recompute_names(), v); }
+std::string_view to_string(Offload v) { return name_of(offload_names(), v); }
 
 namespace config_detail {
 namespace {
@@ -215,6 +220,10 @@ std::vector<Field> build_schema() {
   range(add(bind_member("train.selective_layers", Kind::kInt, &C::train, &TrainConfig::selective_layers,
                  "with train.recompute: selective, how many layers (the last ones) keep gate/up; -1: all")),
         -1, 1e6);
+  add(bind_enum("train.offload_checkpoints", &C::train, &TrainConfig::offload_checkpoints, offload_names(),
+                "with checkpointing, on a GPU: keep each layer's checkpoint in pinned host memory until its "
+                "backward (far less GPU memory at long sequences; host memory and PCIe time instead): auto (when "
+                "the run does not fit the GPU without it; see qlora plan) | true | false"));
   range(add(bind_member("train.no_recompute_layers", Kind::kInt, &C::train, &TrainConfig::no_recompute_layers,
                  "with checkpointing, on a GPU: how many layers (the last ones) recompute nothing, keeping all "
                  "their activations (fastest, most memory); auto sets it when every layer keeps gate/up and "

@@ -219,30 +219,34 @@ at::Tensor add_input_grads(at::Tensor acc, std::vector<DroppedGrad> grads) {
 
 // ---------------------------------------------------------------- RMSNorm
 
-Normed norm_forward(const at::Tensor& x, const at::Tensor& w, double eps) {
-  if (model::fused_rms_norm_applies(x, w)) {
+Normed norm_forward(const at::Tensor& x, const at::Tensor& w, double eps, bool plus_one) {
+  if (!plus_one && model::fused_rms_norm_applies(x, w)) {
     auto [y, rstd] = at::_fused_rms_norm(x, {x.size(-1)}, w, eps);
     return {y, rstd};
   }
-  // model::rms_norm_reference's ops, keeping 1/rms.
+  // model::rms_norm_reference's (or rms_norm_plus_one's) ops, keeping 1/rms.
   const at::Tensor h = x.to(at::kFloat);
   const at::Tensor rstd = at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  if (plus_one) return {(h * rstd * (w.to(at::kFloat) + 1.0)).to(x.scalar_type()), rstd};
   return {w * (h * rstd).to(x.scalar_type()), rstd};
 }
 
-at::Tensor norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const Normed& n) {
-  if (model::fused_rms_norm_applies(x, w))
+at::Tensor norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const Normed& n,
+                         bool plus_one) {
+  if (!plus_one && model::fused_rms_norm_applies(x, w))
     return std::get<0>(at::_fused_rms_norm_backward(dy, x, {x.size(-1)}, n.rstd, w, {true, false}));
-  const at::Tensor xhat = x.to(at::kFloat) * n.rstd;           // [N, h] fp32
-  const at::Tensor dxhat = (dy * w).to(at::kFloat);            // as autograd: the product in x's dtype
+  const at::Tensor xhat = x.to(at::kFloat) * n.rstd;  // [N, h] fp32
+  // As autograd: Llama's product in x's dtype, Gemma's (1 + w) in fp32 (Note [(1 + w) norms]).
+  const at::Tensor dxhat = plus_one ? dy.to(at::kFloat) * (w.to(at::kFloat) + 1.0) : (dy * w).to(at::kFloat);
   const at::Tensor dot = (dxhat * xhat).mean(-1, /*keepdim=*/true);
   return (n.rstd * (dxhat - xhat * dot)).to(x.scalar_type());
 }
 
 at::Tensor norm_backward_add(at::Tensor dy, const at::Tensor& x, const at::Tensor& w, const Normed& n,
-                             const at::Tensor& residual) {
-  if (model::fused_rms_norm_applies(x, w)) return model::rms_norm_backward_add(std::move(dy), x, w, n.rstd, residual);
-  return norm_backward(dy, x, w, n).add_(residual);
+                             const at::Tensor& residual, bool plus_one) {
+  if (!plus_one && model::fused_rms_norm_applies(x, w))
+    return model::rms_norm_backward_add(std::move(dy), x, w, n.rstd, residual);
+  return norm_backward(dy, x, w, n, plus_one).add_(residual);
 }
 
 }  // namespace qlora::layer

@@ -2,7 +2,7 @@
 // made of, private to src/layer: a projection's frozen base, bias and LoRA, the merged
 // dequantized weights and biases, LoRA's dropout, forward and backward as the layer's
 // hand-written backward needs them, and RMSNorm forward / backward keeping 1/rms (the layer's
-// two norms, and Qwen3's per-head q / k norms).
+// norms, Qwen3's and Gemma 3's per-head q / k norms; Gemma's (1 + w) form too).
 #pragma once
 
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -158,11 +158,20 @@ struct Normed {
   at::Tensor rstd;  // [N, 1] fp32
 };
 
-Normed norm_forward(const at::Tensor& x, const at::Tensor& w, double eps);
-at::Tensor norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const Normed& n);
-// norm_backward(dy, ...) + residual, in place on dy: on GPUs (16-bit) one kernel pass
-// (model::rms_norm_backward_add), elsewhere norm_backward's ops and an add.
+// Note [(1 + w) norms]
+// Gemma's RMSNorm (pieces.norm_plus_one) scales the normalized row by (1 + w) in fp32 and
+// rounds once (model::rms_norm_plus_one); Llama's rounds x̂ to x's dtype and then multiplies by
+// w. With plus_one, norm_forward runs rms_norm_plus_one's ops keeping 1/rms (bit for bit the
+// reference's output on every device), and norm_backward the closed form with
+// dx̂ = dy·(1 + w) in fp32: ATen's ops, on the GPU too. ATen's fused kernel (which multiplies by a
+// weight of x's dtype: 1 + w rounded to 16 bits) and model::rms_norm_backward_add's kernel
+// (the same weight) are not used for them; a kernel taking the fp32 (1 + w) is a later speed-up.
+Normed norm_forward(const at::Tensor& x, const at::Tensor& w, double eps, bool plus_one = false);
+at::Tensor norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const Normed& n,
+                         bool plus_one = false);
+// norm_backward(dy, ...) + residual, in place on dy: on GPUs (16-bit, not plus_one) one kernel
+// pass (model::rms_norm_backward_add), elsewhere norm_backward's ops and an add.
 at::Tensor norm_backward_add(at::Tensor dy, const at::Tensor& x, const at::Tensor& w, const Normed& n,
-                             const at::Tensor& residual);
+                             const at::Tensor& residual, bool plus_one = false);
 
 }  // namespace qlora::layer

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
 #include <utility>
 
@@ -25,11 +26,24 @@ LayerRefs layer_refs(const model::DecoderModel& m, int64_t index, at::ScalarType
     r.proj[i] = proj_of(m, index, fused ? fused_slot(i) : i, compute);
     if (r.proj[i].lora && r.proj[i].lora->training() && r.proj[i].lora->dropout() > 0) r.any_dropout = true;
   }
+  const DecoderConfig& c = m.config();
   r.norm1 = m.input_norm_weight(index);
-  r.norm2 = m.post_attention_norm_weight(index);
+  if (c.pieces.sandwich_norms) {  // Gemma: post_attention_layernorm normalizes the attention output
+    r.post_attention_norm = m.post_attention_norm_weight(index);
+    r.norm2 = m.pre_feedforward_norm_weight(index);
+    r.post_feedforward_norm = m.post_feedforward_norm_weight(index);
+  } else {
+    r.norm2 = m.post_attention_norm_weight(index);
+  }
   r.q_norm = m.q_norm_weight(index);  // undefined without pieces.qk_norm
   r.k_norm = m.k_norm_weight(index);
-  r.window = m.config().window_of(index);
+  r.eps = c.rms_norm_eps;
+  r.plus_one = c.pieces.norm_plus_one;
+  r.act = c.pieces.act;
+  r.window = c.window_of(index);
+  // As model::DecoderModel::layer_forward passes them to model::attention.
+  r.scale = c.query_pre_attn_scalar > 0 ? 1.0 / std::sqrt(c.query_pre_attn_scalar) : 0.0;
+  r.softcap = c.attn_logit_softcapping;
   return r;
 }
 

@@ -1,8 +1,8 @@
 // layer/fused_projections: a decoder layer's seven projections as the fused layer
 // (src/layer/fused_layer.cpp) uses them, private to src/layer: the layer's frozen bases, biases,
-// LoRAs, norm weights and window gathered once a layer call (LayerRefs), the merged q|k|v and
-// gate|up products with their biases and LoRAs (project), and the LoRAs' backward over a merged
-// output.
+// LoRAs, norm weights, window and the family's other pieces gathered once a layer call
+// (LayerRefs), the merged q|k|v and gate|up products with their biases and LoRAs (project), and
+// the LoRAs' backward over a merged output.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "layer/fused_layer_parts.h"
+#include "qlora/model/decoder_config.h"
 
 namespace qlora::model {
 class DecoderModel;
@@ -25,13 +26,23 @@ namespace qlora::layer {
 // Index of each projection in decoder_linear_names().
 constexpr size_t kQ = 0, kK = 1, kV = 2, kO = 3, kGate = 4, kUp = 5, kDown = 6;
 
+// A layer's weights and the family's pieces it uses (Note [the family's pieces] in
+// src/layer/fused_layer.cpp).
 struct LayerRefs {
   const model::DecoderModel* model = nullptr;
   int64_t index = 0;
   std::array<Proj, 7> proj;
-  at::Tensor norm1, norm2;
-  at::Tensor q_norm, k_norm;  // [head_dim], Qwen3's per-head norms (pieces.qk_norm); undefined otherwise
+  at::Tensor norm1, norm2;    // [h]: the norms before attention and before the MLP
+  at::Tensor q_norm, k_norm;  // [head_dim], the per-head norms (pieces.qk_norm); undefined otherwise
+  // [h], Gemma's sandwich norms (pieces.sandwich_norms) of o_proj's and down_proj's outputs;
+  // undefined otherwise.
+  at::Tensor post_attention_norm, post_feedforward_norm;
+  double eps = 1e-6;          // every norm's
+  bool plus_one = false;      // every norm scales by (1 + w) (pieces.norm_plus_one)
+  Activation act = Activation::kSilu;
   int64_t window = 0;         // the layer's attention window (DecoderConfig::window_of); 0: causal only
+  double scale = 0.0;         // of q·k: query_pre_attn_scalar^-1/2; 0: head_dim^-1/2
+  double softcap = 0.0;       // attn_logit_softcapping; 0: none
   bool any_dropout = false;
 };
 

@@ -155,24 +155,18 @@ bool projection_has_bias(const DecoderConfig& m, const std::string& proj) {
   return m.pieces.mlp_bias;
 }
 
-// The fused layer has a piece for every bias, the q/k norms and the windows (Note [the family's
-// pieces] in src/layer/fused_layer.cpp). A new piece says here what the fused layer lacks until it
-// has it: the switch has no default, so a new activation is a -Wswitch warning without a line.
+// The fused layer has a piece for every bias, the q/k norms, the windows and Gemma's pieces
+// (GeGLU, (1 + w) and sandwich norms, query_pre_attn_scalar, attention soft-capping, the local
+// RoPE base: Note [the family's pieces] in src/layer/fused_layer.cpp). A new piece says here what
+// the fused layer lacks until it has it: the switch has no default, so a new activation is a
+// -Wswitch warning without a line.
 std::string fused_layer_gap(const DecoderConfig& m) {
   std::vector<std::string> gaps;
   switch (m.pieces.act) {
     case Activation::kSilu:
-      break;
     case Activation::kGeluTanh:
-      gaps.push_back("GeGLU (gelu_pytorch_tanh)");
       break;
   }
-  if (m.pieces.norm_plus_one) gaps.push_back("(1 + w) RMSNorms");
-  if (m.pieces.sandwich_norms) gaps.push_back("post-attention and feed-forward norms");
-  if (m.query_pre_attn_scalar > 0 && m.query_pre_attn_scalar != static_cast<double>(m.head_dim))
-    gaps.push_back("query_pre_attn_scalar");
-  if (m.attn_logit_softcapping > 0) gaps.push_back("attention soft-capping");
-  if (m.rope_local_theta > 0) gaps.push_back("a second RoPE base for local layers");
   return join(gaps);
 }
 

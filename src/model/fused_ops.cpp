@@ -1,5 +1,5 @@
 // The fused element-wise ops (include/qlora/model/fused_ops.h) but LoRA dropout (dropout_ops.cpp):
-// RoPE, SwiGLU and the RMSNorm backward, their argument checks, the ATen references, and the
+// RoPE, SwiGLU, GeGLU and the RMSNorm backward, their argument checks, the ATen references, and the
 // dispatch to kernels/fused_ops.cu for bf16 / fp16 CUDA tensors. Compiled in every build; the
 // kernel calls need CUDA torch (streams, guards), so they sit under QLORA_WITH_CUDA and a CPU-only
 // build always takes the references.
@@ -108,6 +108,24 @@ at::Tensor swiglu_reference(const at::Tensor& gu) {
   check_gu("swiglu", gu);
   const int64_t inter = gu.size(1) / 2;
   return (at::silu(gu.narrow(1, 0, inter)) * gu.narrow(1, inter, inter)).contiguous();
+}
+
+at::Tensor geglu_reference(const at::Tensor& gu) {
+  check_gu("geglu", gu);
+  const int64_t inter = gu.size(1) / 2;
+  return (at::gelu(gu.narrow(1, 0, inter), "tanh") * gu.narrow(1, inter, inter)).contiguous();
+}
+
+void geglu_backward_inplace_reference(const at::Tensor& dm, at::Tensor& gu) {
+  check_gu("geglu_backward_inplace", gu);
+  check_dm("geglu_backward_inplace", dm, gu);
+  const int64_t inter = gu.size(1) / 2;
+  at::Tensor g = gu.narrow(1, 0, inter), u = gu.narrow(1, inter, inter);
+  // Autograd's ops for gelu(g) * u: the product's backward, then gelu's.
+  const at::Tensor du = dm * at::gelu(g, "tanh");
+  const at::Tensor dg = at::gelu_backward(dm * u, g, "tanh");
+  g.copy_(dg);  // both computed before either half is overwritten
+  u.copy_(du);
 }
 
 at::Tensor rms_norm_backward_add_reference(at::Tensor g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
@@ -231,6 +249,39 @@ at::Tensor swiglu(const at::Tensor& gu) {
   }
 #endif
   return swiglu_reference(gu);
+}
+
+at::Tensor geglu(const at::Tensor& gu) {
+#ifdef QLORA_WITH_CUDA
+  if (use_kernel(gu)) {
+    check_gu("geglu", gu);
+    const int64_t inter = gu.size(1) / 2;
+    at::Tensor m = at::empty({gu.size(0), inter}, gu.options());  // [N, I] contiguous
+    const c10::cuda::CUDAGuard guard(gu.device());
+    check_launch(kernels::geglu(gu.const_data_ptr(), row_stride(gu, 2 * inter), gu.size(0), inter, m.data_ptr(),
+                                inter, float_type(gu), stream_of(gu)),
+                 "geglu");
+    return m;
+  }
+#endif
+  return geglu_reference(gu);
+}
+
+void geglu_backward_inplace(const at::Tensor& dm, at::Tensor& gu) {
+#ifdef QLORA_WITH_CUDA
+  if (use_kernel(gu)) {
+    check_gu("geglu_backward_inplace", gu);
+    check_dm("geglu_backward_inplace", dm, gu);
+    const int64_t inter = gu.size(1) / 2;
+    const c10::cuda::CUDAGuard guard(gu.device());
+    check_launch(kernels::geglu_backward_inplace(dm.const_data_ptr(), row_stride(dm, inter), gu.data_ptr(),
+                                                 row_stride(gu, 2 * inter), gu.size(0), inter, float_type(gu),
+                                                 stream_of(gu)),
+                 "geglu_backward_inplace");
+    return;
+  }
+#endif
+  geglu_backward_inplace_reference(dm, gu);
 }
 
 at::Tensor rms_norm_backward_add(at::Tensor g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,

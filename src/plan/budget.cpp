@@ -145,16 +145,18 @@ std::string format_gib(double bytes) { return fmt::fixed(bytes / kGiB, 2); }
 //     only where a gate/up LoRA without dropout takes it as its input, gate|up (2·p·i), the
 //     gradient at the MLP product (p·i), the LoRA temporary (p·i) and dropout bit mask (i/8),
 //     the gate/up LoRA inputs (dropped copy p·h and bit mask h/8 each with dropout) and A
-//     outputs (p·r); weights: [Wg;Wu] and Wd dequantized, or, with a kept gate|up output (the
-//     top layer under selective recompute), the larger of the two: [Wg;Wu] is dequantized only
-//     after Wd and the product's gradient are freed.
+//     outputs (p·r), with sandwich norms the gradient at down_proj's output (p·h); weights:
+//     [Wg;Wu] and Wd dequantized, or, with a kept gate|up output (the top layer under selective
+//     recompute), the larger of the two: [Wg;Wu] is dequantized only after Wd and the
+//     product's gradient are freed.
 //   attention half, at SDPA's backward: the layer's incoming gradient (the autograd engine
 //     holds it until the layer's backward returns), the gradient at h1, n1 only where a q/k/v
 //     LoRA without dropout takes it as its input, the packed copies of q, k, v (p·(q+k+v);
 //     the GEMM output they came from is gone), SDPA's output and lse, the gradient at the attention output
 //     and SDPA's dense copy of it (2·p·H·d),
 //     the q, k, v gradients and SDPA's fp32 accumulator for dq (4·H·d), the q/k/v LoRA inputs
-//     and o's dropout bit mask; weights: [Wq;Wk;Wv], Wo.
+//     and o's dropout bit mask (with soft-capping, the eager attention's kept scores instead of
+//     SDPA's: counted per B·H·S² element); weights: [Wq;Wk;Wv], Wo.
 struct FusedHalves {
   double mlp_tok = 0, attention_tok = 0;          // bytes per token
   double mlp_weights = 0, attention_weights = 0;  // dequantized weights
@@ -173,6 +175,8 @@ FusedHalves fused_halves(const DecoderConfig& m, const BudgetInputs& in, bool ke
   const bool n2_kept = !drop && (targets(in, "gate_proj") || targets(in, "up_proj"));
   f.mlp_tok = double((n2_kept ? 2 : 1) * p * h + 4 + 2 * p * i + p * i + lora_in("gate_proj", h) + lora_in("up_proj", h));
   if (targets(in, "down_proj")) f.mlp_tok += double(p * i + (drop ? (i + 7) / 8 : 0));
+  // Note [sandwich norms] (src/layer/fused_layer.cpp): the gradient at down_proj's output beside dy.
+  if (m.pieces.sandwich_norms) f.mlp_tok += double(p * h);
   const bool n1_kept = !drop && (targets(in, "q_proj") || targets(in, "k_proj") || targets(in, "v_proj"));
   f.attention_tok = double((n1_kept ? 3 : 2) * p * h + 4 + p * qkv + p * hd + 4 * m.num_attention_heads + 2 * p * hd + p * qkv + 4 * hd +
                            lora_in("q_proj", h) + lora_in("k_proj", h) + lora_in("v_proj", h));
@@ -180,6 +184,22 @@ FusedHalves fused_halves(const DecoderConfig& m, const BudgetInputs& in, bool ke
   f.mlp_weights = double((kept_gate_up ? 2 : 3) * i * h * in.dequant_bytes);
   f.attention_weights = double((qkv + hd) * h * in.dequant_bytes);
   return f;
+}
+
+double offloaded_bytes(const DecoderConfig& m, const BudgetInputs& in) {
+  if (!in.gradient_checkpointing) return 0.0;
+  const int64_t L = m.num_hidden_layers, p = in.activation_bytes, whole = whole_layers(in, L);
+  const bool fused_layer = p == 2;  // the GPU's 16-bit path: the fused layer (Note [plan: the GPU paths])
+  const double tokens = double(in.micro_batch_size) * double(in.seq_length);
+  // The fused layer keeps the attention residual h1 beside each layer input, and with
+  // selective recompute each layer's gate/up GEMM output [T, 2i] (Note [selective recompute]).
+  // The last `whole` layers keep all of a layer instead (counted with the layer's tensors).
+  const int64_t kept_layers_gu = std::max<int64_t>(0, kept_gate_up_layers(in.selective_layers, L) - whole);
+  const bool selective = fused_layer && in.selective_recompute && kept_layers_gu > 0;
+  const double gate_up = selective ? double(kept_layers_gu) * tokens * double(2 * m.intermediate_size * p) : 0.0;
+  // With sandwich norms it keeps down_proj's output too (Note [sandwich norms] in src/layer/fused_layer.cpp).
+  const int64_t fused_kept = m.pieces.sandwich_norms ? 3 : 2;
+  return double(fused_layer ? fused_kept : 1) * double(L - whole) * tokens * double(m.hidden_size * p) + gate_up;
 }
 
 std::vector<Component> memory_components(const DecoderConfig& m, const BudgetInputs& in) {
@@ -280,7 +300,9 @@ std::vector<Component> memory_components(const DecoderConfig& m, const BudgetInp
   const double tokens = double(T);
   const double square = in.packed ? double(B) * double(S) * double(S) : 0.0;  // B·S² mask elements
   const int64_t nkv = m.num_key_value_heads;
-  const int64_t step_tok = 2 * p * d + kStepIndexBytesPerToken;  // cos, sin [B, S, d] + indices
+  // cos, sin [B, S, d] (twice with Gemma 3's local RoPE base: the fused layer's windowed layers
+  // share one more pair, Note [the family's pieces] in src/layer/fused_layer.cpp) + indices.
+  const int64_t step_tok = (m.rope_local_theta > 0 ? 4 : 2) * p * d + kStepIndexBytesPerToken;
   // What a layer keeps for its LoRAs a token: A's output, and the input A saw. Without dropout
   // that is the input itself, kept once for the projections sharing it (o_proj's is SDPA's
   // output, counted with attention). With dropout the generic layer keeps each dropped copy and
@@ -304,7 +326,10 @@ std::vector<Component> memory_components(const DecoderConfig& m, const BudgetInp
     if (gu_lora) lora_tok += p * h;
     if (!drop && targets(in, "down_proj")) lora_tok += p * i;
   }
-  const int64_t norm_tok = gpu16 ? 2 * (p * h + 4) : 2 * (4 * h + 4);
+  // Gemma's sandwich norms: four a layer; the fused layer keeps their inputs (o_proj's and
+  // down_proj's outputs) and makes their 1/rms again (Note [sandwich norms]).
+  const bool sandwich = m.pieces.sandwich_norms;
+  const int64_t norm_tok = gpu16 ? 2 * (p * h + 4) + (sandwich ? 2 * p * h : 0) : (sandwich ? 4 : 2) * (4 * h + 4);
   // With a mask k, v are repeated to every head (the memory-efficient kernel); without, SDPA
   // takes them grouped.
   const int64_t attn_tok = (in.packed ? 4 * p * nh * d : p * (2 * nh * d + 2 * nkv * d)) + 4 * nh;
@@ -314,8 +339,14 @@ std::vector<Component> memory_components(const DecoderConfig& m, const BudgetInp
   const int64_t mlp_factor = gpu16 ? 2 : 3;
   const int64_t mlp_tok = mlp_factor * p * i;
   const int64_t layer_tok = norm_tok + attn_tok + mlp_tok + lora_tok;
+  // Gemma 2's soft-capped attention is the eager one (Note [the family's pieces] in
+  // src/layer/fused_layer.cpp): its graph keeps the capped scores' tanh (p), the fp32 softmax
+  // (4) and its 16-bit copy (p) for every head's [S, S]; not its backward's temporaries.
+  const double capped_scores =
+      m.attn_logit_softcapping > 0 ? double(B) * double(nh) * double(S) * double(S) * double(2 * p + 4) : 0.0;
   // One layer's kept tensors: per token, its bias per mask element, its 16-bit LoRA copies.
-  const double layer_bytes = tokens * double(layer_tok) + square * double(p) + double(p * lora_per_layer);
+  const double layer_bytes =
+      tokens * double(layer_tok) + square * double(p) + capped_scores + double(p * lora_per_layer);
   // Layers kept whole at the peak: every layer without checkpointing, the `whole` ones with it
   // (train.no_recompute_layers, Note [layers not recomputed]); under the generic checkpoint the
   // one being recomputed.
@@ -329,19 +360,27 @@ std::vector<Component> memory_components(const DecoderConfig& m, const BudgetInp
   const bool selective = fused_layer && in.selective_recompute && kept_layers_gu > 0;
   const double kept_gate_up = selective ? double(kept_layers_gu) * tokens * double(2 * i * p) : 0.0;
   const int64_t boundary_layers = L - whole;
-  const double boundaries =
-      (in.gradient_checkpointing ? double(fused_layer ? 2 : 1) * double(boundary_layers) * tokens * double(h * p)
-                                 : 0.0) +
-      kept_gate_up;
+  // Offloaded (Note [offloaded checkpoints] in src/layer/offload.cpp): these wait in host
+  // memory; the GPU holds at most two layers' worth, in flight to or from the host.
+  const double all_boundaries = offloaded_bytes(m, in);
+  const bool offloaded = in.offload && in.gradient_checkpointing && boundary_layers > 0;
+  const double on_gpu_share = offloaded ? double(std::min<int64_t>(2, boundary_layers)) / double(boundary_layers) : 1.0;
+  const double boundaries = all_boundaries * on_gpu_share;
   const double step_bytes = tokens * double(step_tok) + square;  // + the bool mask
   const bool any_boundaries = in.gradient_checkpointing && boundary_layers > 0;
   const std::string boundary_text =
-      any_boundaries ? std::string(fused_layer ? "layer inputs and attention residuals 2 × " : "layer inputs ") +
+      any_boundaries ? std::string(!fused_layer ? "layer inputs "
+                                   : sandwich   ? "layer inputs, attention residuals and down_proj outputs 3 × "
+                                                : "layer inputs and attention residuals 2 × ") +
                                       std::to_string(boundary_layers) + " × " + commas(T) + " tokens × " + commas(h) +
-                                      " × " + std::to_string(p) + " B = " + gib(boundaries - kept_gate_up) + " + " +
+                                      " × " + std::to_string(p) + " B = " + gib(all_boundaries - kept_gate_up) + " + " +
                                       (selective ? "gate/up outputs kept (selective recompute) " + std::to_string(kept_layers_gu) +
                                                        " × " + commas(T) + " tokens × 2 × " + commas(i) + " × " +
                                                        std::to_string(p) + " B = " + gib(kept_gate_up) + " + "
+                                                 : std::string()) +
+                                      (offloaded ? "[all of it offloaded to host memory; on the GPU " +
+                                                       std::to_string(std::min<int64_t>(2, boundary_layers)) +
+                                                       " layers' worth, " + gib(boundaries) + "] + "
                                                  : std::string())
                                 : std::string();
   const std::string layers_text = !in.gradient_checkpointing ? std::to_string(L) + " layers (no checkpointing)"
@@ -375,13 +414,14 @@ std::vector<Component> memory_components(const DecoderConfig& m, const BudgetInp
   FusedHalves fused = fused_halves(m, in, selective);
   if (selective) fused.mlp_tok -= double(2 * p * i);  // the top layer's gate|up is among the kept
   const bool fused_mlp_peak = fused.mlp_tok * tokens + fused.mlp_weights >=
-                              fused.attention_tok * tokens + square * double(1 + p) + fused.attention_weights;
+                              fused.attention_tok * tokens + square * double(1 + p) + capped_scores + fused.attention_weights;
   // With layers kept whole the top one is such a layer: its backward is the one without
   // checkpointing (the generic temporaries above), not a recomputed half's.
   const bool fused_halves_peak = fused_layer && whole == 0;
   if (fused_halves_peak) {
     layer_act = boundaries + step_bytes +
-                (fused_mlp_peak ? fused.mlp_tok * tokens : fused.attention_tok * tokens + square * double(1 + p));
+                (fused_mlp_peak ? fused.mlp_tok * tokens
+                                : fused.attention_tok * tokens + square * double(1 + p) + capped_scores);
     layer_ws = fused_mlp_peak ? fused.mlp_weights : fused.attention_weights;
   }
   const double layer_total = layer_act + layer_ws;
@@ -397,17 +437,28 @@ std::vector<Component> memory_components(const DecoderConfig& m, const BudgetInp
     const std::string steps = "; mask, cos/sin, indices " + gib(step_bytes);
     if (loss_peak)
       c.formula = "at the loss backward: " + boundary_text +
-                  (kept_whole > 0 ? layers_text + ", " + per_layer + " = " + gib(kept_whole) + " + " : "") +
+                  (kept_whole > 0 ? layers_text + ", " + per_layer +
+                                        (capped_scores > 0 ? " + soft-capped attention scores " + gib(capped_scores) +
+                                                                 " a layer"
+                                                           : std::string()) +
+                                        " = " + gib(kept_whole) + " + "
+                                  : "") +
                   (gpu16 ? "final norm's input and output " : "final norm's fp32 copy and output ") + gib(loss_final) + steps;
     else if (fused_halves_peak)
       c.formula = "at the top layer's backward (fused layer, " +
                   std::string(fused_mlp_peak ? "MLP" : "attention") + " half): " + boundary_text + "that half's " +
                   commas(int64_t(fused_mlp_peak ? fused.mlp_tok : fused.attention_tok)) + " B/token × " + commas(T) +
-                  " tokens = " + gib(layer_act - boundaries - step_bytes) + steps;
+                  " tokens" +
+                  (!fused_mlp_peak && capped_scores > 0
+                       ? " + its soft-capped attention's scores (tanh, fp32 softmax, its copy) " + gib(capped_scores)
+                       : std::string()) +
+                  " = " + gib(layer_act - boundaries - step_bytes) + steps;
     else
       c.formula = "at the top layer's backward: " + boundary_text + layers_text + ", " + per_layer + " × " +
-                  commas(T) + " tokens + attention bias = " + gib(kept_layers * layer_bytes) + steps;
-    c.detail = "per layer and token: norms 2×(4h+4) = " + commas(norm_tok) + ", attention q, k, v (repeated to " +
+                  commas(T) + " tokens + attention bias" +
+                  (capped_scores > 0 ? " + soft-capped attention scores" : std::string()) + " = " +
+                  gib(kept_layers * layer_bytes) + steps;
+    c.detail = "per layer and token: norms " + commas(norm_tok) + ", attention q, k, v (repeated to " +
                std::to_string(nh) + " heads), out, lse = " + commas(attn_tok) + ", MLP " + std::to_string(mlp_factor) + "·p·i = " + commas(mlp_tok) +
                ", LoRA = " + commas(lora_tok) +
                (in.lora_dropout <= 0 ? " (A outputs + kept inputs)"

@@ -95,6 +95,10 @@ inline constexpr double kKernelGapSeconds = 1.07e-6;
 // about 2,550 kernels); that machine's host read 37% faster in one run than in an earlier one
 // the same day (2026-12-02) at the shape without checkpointing, so this part moves with the CPU.
 inline constexpr double kHostSecondsPerKernel = 9.9e-6;
+// Offloaded checkpoints (Note [offloaded checkpoints]) cross the host link once each way a micro
+// batch, beside the compute. Assumed, not yet measured here: 25 GB/s, what pinned copies reach
+// on PCIe 4.0 x16 (PCIe 5.0 hosts such as H100 SXM machines reach about twice that).
+inline constexpr double kHostLinkBytesPerSecond = 25e9;
 
 // ---------------------------------------------------------------- advice
 inline constexpr int64_t kSeqLengthStep = 128;  // suggested lengths are multiples of this

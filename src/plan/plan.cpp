@@ -11,6 +11,8 @@
 //      effective batch (micro × accumulation × GPUs) stays what was asked:
 //      the same math, only slower;
 //   2. activation checkpointing, when it is off: the same math, ~30% slower;
+//      2b. the checkpoints offloaded to host memory (train.offload_checkpoints), where that
+//      alone fits: the same math, host memory and PCIe time (Note [offloaded checkpoints]);
 //   3. the sequence length: examples longer than it are truncated;
 //   4. the LoRA rank: a smaller adapter;
 //   5. a larger GPU.
@@ -207,6 +209,21 @@ std::vector<Advice> advise_over(const DecoderConfig& model, BudgetInputs in, int
                               accumulation, total, gpu));
     if (out.back().fits) return out;
   }
+  // 2b. the checkpoints in host memory: the same batch and math, host memory and PCIe time.
+  if (in.gradient_checkpointing && !in.offload) {
+    const double before = budget(model, in).total;
+    in.offload = true;
+    const double total = budget(model, in).total;
+    if (fits(total, gpu)) {  // advised only where it is enough: the knobs below cost the training
+      out.push_back(make_advice("offload",
+                                "set train.offload_checkpoints: true (each layer's checkpoint waits in host memory: " +
+                                    gib(before - total) + " less on the GPU, " + gib(offloaded_bytes(model, in)) +
+                                    " of pinned host memory)",
+                                in, accumulation, total, gpu));
+      return out;
+    }
+    in.offload = false;
+  }
   // 3. sequence length: the longest multiple of kSeqLengthStep that fits.
   if (in.seq_length > kMinAdviceSeqLength) {
     const int64_t old = in.seq_length;
@@ -358,6 +375,26 @@ namespace {
 
 // train.recompute as the run will have it: auto resolved against `gpu` (full without one), the
 // selective count clamped to the model's layers; written into `in` and the plan.
+// train.offload_checkpoints (Note [offloaded checkpoints] in src/layer/offload.cpp): true offloads
+// under checkpointing; auto when a micro batch of one sequence does not fit `gpu` without it and
+// does with it (with more sequences a smaller micro batch is the cheaper fix: the advice's first).
+void resolve_offload(Plan& plan, const Config& cfg, const DecoderConfig& model, BudgetInputs& in, const GpuSpec* gpu) {
+  const Offload o = cfg.train.offload_checkpoints;
+  in.offload = false;
+  if (in.gradient_checkpointing && o == Offload::kOn) {
+    in.offload = true;
+  } else if (in.gradient_checkpointing && o == Offload::kAuto && gpu && in.micro_batch_size == 1) {
+    BudgetInputs with = in;
+    with.offload = true;
+    in.offload = !fits(budget(model, in).total, *gpu) && fits(budget(model, with).total, *gpu);
+    if (in.offload)
+      plan.notes.push_back("train.offload_checkpoints: auto offloads: without it the run needs " +
+                           gib(budget(model, in).total) + " (" + gpu->name + " has " + gib(gpu->memory_bytes) + ")");
+  }
+  plan.offload = in.offload;
+  plan.offload_host_bytes = in.offload ? offloaded_bytes(model, in) : 0.0;
+}
+
 void resolve_recompute(Plan& plan, const Config& cfg, const DecoderConfig& model, BudgetInputs& in, const GpuSpec* gpu) {
   const int64_t L = model.num_hidden_layers;
   if (cfg.train.recompute == Recompute::kAuto) {
@@ -406,6 +443,7 @@ Plan make_plan(const Config& cfg, const DecoderConfig& model, const GpuSpec* gpu
 
   plan.precision = resolve_precision(cfg.train.precision, gpu);
   BudgetInputs in = inputs_from(cfg, model, plan.precision);
+  resolve_offload(plan, cfg, model, in, gpu);
   resolve_recompute(plan, cfg, model, in, gpu);
   plan.activation_bytes = in.activation_bytes;
   plan.seq_length = in.seq_length;

@@ -59,6 +59,9 @@ std::string render_text(const Plan& p) {
   o << "  precision   " << p.precision.message << "\n";
   o << "  recompute   "
     << recompute_text(p.recompute, p.model.num_hidden_layers, p.selective_layers, p.no_recompute_layers) << "\n";
+  if (p.offload)
+    o << "  offload     each layer's checkpoint waits in pinned host memory until its backward: "
+      << gib(p.offload_host_bytes) << " of host memory (train.offload_checkpoints)\n";
   if (p.gpu)
     o << "  GPU         " << (p.gpu->from_device ? "this machine: " : "") << p.gpu->name << ", "
       << gib(p.gpu->memory_bytes) << " usable" << (p.gpu->note.empty() ? "" : " (" + p.gpu->note + ")") << "\n";
@@ -141,6 +144,7 @@ std::string render_json(const Plan& p) {
   j["recompute"] = {{"mode", p.recompute},
                     {"selective_layers", p.selective_layers},
                     {"no_recompute_layers", p.no_recompute_layers}};
+  j["offload"] = {{"enabled", p.offload}, {"host_bytes", int64_t(std::llround(p.offload_host_bytes))}};
   j["precision"] = {{"requested", p.precision.requested},
                     {"resolved", p.precision.resolved},
                     {"supported", p.precision.supported},
@@ -207,6 +211,7 @@ std::string render_json(const Plan& p) {
                  {"kernels_per_step", p.time.kernels_per_step},
                  {"gap_seconds_per_step", p.time.gap_seconds_per_step},
                  {"host_seconds_per_step", p.time.host_seconds_per_step},
+                 {"offload_seconds_per_step", p.time.offload_seconds_per_step},
                  {"host_bound", p.time.host_bound},
                  {"train_examples", p.time.train_examples},
                  {"steps_per_epoch", p.time.steps_per_epoch},

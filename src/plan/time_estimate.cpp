@@ -183,7 +183,11 @@ TimeEstimate estimate_time(const DecoderConfig& m, const BudgetInputs& in, int64
   const double on_gpu = t.gemm_seconds_per_step + t.attention_seconds_per_step + t.memory_seconds_per_step +
                         t.dequant_seconds_per_step + t.gap_seconds_per_step;
   t.host_bound = t.host_seconds_per_step > on_gpu;
-  t.seconds_per_step = std::max(on_gpu, t.host_seconds_per_step);
+  // Offloaded checkpoints: copies on their own streams beside the compute, the step no shorter
+  // than them (Note [offloaded checkpoints]).
+  if (in.offload)
+    t.offload_seconds_per_step = 2.0 * offloaded_bytes(m, in) * double(accumulation) / kHostLinkBytesPerSecond;
+  t.seconds_per_step = std::max({on_gpu, t.host_seconds_per_step, t.offload_seconds_per_step});
   t.utilisation = t.flops_per_step / (peak * t.seconds_per_step);
   t.hours_per_1000_steps = t.seconds_per_step * 1000.0 / 3600.0;
   t.tokens_per_second = t.tokens_per_step * double(world) / t.seconds_per_step;
@@ -207,7 +211,12 @@ TimeEstimate estimate_time(const DecoderConfig& m, const BudgetInputs& in, int64
               fixed(kBandwidthEfficiency * 100, 0) + "% of " + fixed(gpu->memory_bandwidth_gbs, 0) + " GB/s, ~" +
               commas(int64_t(t.kernels_per_step)) + " kernels: gaps " + ms(t.gap_seconds_per_step) +
               ", the host issuing them " + ms(t.host_seconds_per_step) +
-              (t.host_bound ? " (the host is the floor: larger micro batches cost little more a step)" : "");
+              (t.host_bound ? " (the host is the floor: larger micro batches cost little more a step)" : "") +
+              (in.offload ? ", offloaded checkpoints " + fixed(2.0 * offloaded_bytes(m, in) * double(accumulation) / 1e9, 1) +
+                                " GB over the host link " + ms(t.offload_seconds_per_step) + " at an assumed " +
+                                fixed(kHostLinkBytesPerSecond / 1e9, 0) + " GB/s beside the compute" +
+                                (t.offload_seconds_per_step > on_gpu ? " (the link is the floor)" : "")
+                          : std::string());
   t.note = "an estimate from rates measured on an H200 (GEMMs, attention, bandwidth, the host; other GPUs "
            "assumed to reach the same fractions of their datasheet), " +
            fixed(t.utilisation * 100, 0) + "% of the peak overall; sequences shorter than max_seq_length run faster";

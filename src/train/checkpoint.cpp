@@ -14,6 +14,7 @@
 #include <mutex>
 #include <utility>
 
+#include "qlora/layer/offload.h"
 #include "qlora/layer/rng_state.h"
 #include "qlora/model/decoder.h"
 
@@ -75,8 +76,11 @@ class AutocastReplay {
 
 // The function travels to backward in ctx->saved_data, which holds IValues.
 struct FnHolder : torch::CustomClassHolder {
-  explicit FnHolder(TensorFn f) : fn(std::move(f)) {}
+  FnHolder(TensorFn f, std::shared_ptr<layer::CheckpointOffload> o, int64_t l)
+      : fn(std::move(f)), offload(std::move(o)), layer(l) {}
   TensorFn fn;
+  std::shared_ptr<layer::CheckpointOffload> offload;  // null: the input stays where it is
+  int64_t layer = 0;
 };
 
 // Forward: fn(input) with grad off (Function::apply turns it off), keeping the
@@ -104,18 +108,30 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
     ctx->saved_data["autocast_cache"] = at::autocast::is_autocast_cache_enabled();
     ctx->saved_data["preserve_rng"] = preserve_rng;
     ctx->saved_data["fn"] = at::IValue::make_capsule(holder);
+    if (holder->offload) {  // Note [offloaded checkpoints] in src/layer/offload.cpp
+      at::Tensor out = holder->fn(input);
+      ctx->saved_data["offloaded"] = at::IValue::make_capsule(
+          c10::make_intrusive<layer::OffloadHandle>(holder->offload, holder->offload->stash(holder->layer, {input})));
+      return out;
+    }
     ctx->save_for_backward({input});
     return holder->fn(input);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const at::Tensor input = ctx->get_saved_variables()[0];
+    auto& data = ctx->saved_data;
+    at::Tensor input;
+    if (const auto it = data.find("offloaded"); it != data.end()) {
+      const auto h = c10::static_intrusive_pointer_cast<layer::OffloadHandle>(it->second.toCapsule());
+      input = h->offload->fetch(h->entry).front();
+    } else {
+      input = ctx->get_saved_variables()[0];
+    }
     const at::Tensor& grad_out = grad_outputs[0];
     const bool need_input_grad = ctx->needs_input_grad(0);
     variable_list grads(4);
     if (!grad_out.defined()) return grads;
 
-    auto& data = ctx->saved_data;
     const auto holder = c10::static_intrusive_pointer_cast<FnHolder>(data["fn"].toCapsule());
     const c10::Device device = input.device();
     const bool preserve_rng = data["preserve_rng"].toBool();
@@ -206,7 +222,7 @@ c10::Allocator* counting_allocator() {
 
 // ---------------------------------------------------------------- public API
 
-at::Tensor checkpoint(const TensorFn& fn, const at::Tensor& input, const CheckpointOptions& options) {
+at::Tensor checkpoint(const TensorFn& fn, const at::Tensor& input, const CheckpointOptions& options, int64_t layer) {
   TORCH_CHECK(fn, "checkpoint: the function is empty");
   TORCH_CHECK(input.defined(), "checkpoint: the input is undefined");
   if (!at::GradMode::is_enabled()) return fn(input);
@@ -214,7 +230,8 @@ at::Tensor checkpoint(const TensorFn& fn, const at::Tensor& input, const Checkpo
   // requires grad only when the input does not.
   at::Tensor anchor = at::empty({}, input.options().dtype(at::kFloat));
   if (!input.requires_grad()) anchor.requires_grad_(true);
-  return CheckpointFunction::apply(input, anchor, c10::make_intrusive<FnHolder>(fn), options.preserve_rng_state);
+  return CheckpointFunction::apply(input, anchor, c10::make_intrusive<FnHolder>(fn, options.offload, layer),
+                                   options.preserve_rng_state);
 }
 
 LayerForwardFn checkpointed_layer_forward(const model::DecoderModel& model, const CheckpointOptions& options) {
@@ -224,7 +241,7 @@ LayerForwardFn checkpointed_layer_forward(const model::DecoderModel& model, cons
     // By value: backward runs after this call has returned.
     return checkpoint(
         [m, layer, cos_sin, attention](const at::Tensor& h) { return m->layer_forward(layer, h, cos_sin, attention); },
-        hidden, options);
+        hidden, options, layer);
   };
 }
 

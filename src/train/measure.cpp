@@ -91,6 +91,38 @@ std::string resolve_auto_recompute(Config& cfg, const DecoderConfig& shape, cons
          " GiB" + (memory_cap_bytes > 0 ? " (--memory-cap)" : "");
 }
 
+std::string resolve_offload(Config& cfg, const DecoderConfig& shape, const DeviceChoice& dev, double memory_cap_bytes,
+                            int64_t world, int64_t local_processes, int64_t host_available) {
+  const Offload asked = cfg.train.offload_checkpoints;
+  if (!dev.device.is_cuda() || !cfg.train.gradient_checkpointing) {
+    cfg.train.offload_checkpoints = Offload::kOff;
+    return asked != Offload::kOn ? std::string()
+                                 : "train.offload_checkpoints: true has no effect here (it needs " +
+                                       std::string(dev.device.is_cuda() ? "train.gradient_checkpointing: true)"
+                                                                        : "a GPU)");
+  }
+  Config c = cfg;
+  c.train.precision = dev.precision;
+  const plan::GpuSpec gpu = gpu_spec_of(dev, memory_cap_bytes);
+  const plan::Plan p = plan::make_plan(c, shape, &gpu, world);
+  cfg.train.offload_checkpoints = p.offload ? Offload::kOn : Offload::kOff;
+  if (!p.offload) return {};
+  const double need = p.offload_host_bytes * double(std::max<int64_t>(1, local_processes));
+  const std::string each = local_processes > 1 ? " (" + std::to_string(local_processes) + " processes on this host × " +
+                                                     plan::format_gib(p.offload_host_bytes) + " GiB)"
+                                               : std::string();
+  if (host_available > 0 && need > 0.9 * double(host_available))
+    throw InputError(cfg.source + ": train.offload_checkpoints" + (asked == Offload::kAuto ? " (auto)" : "") +
+                     ": the offloaded checkpoints need " + plan::format_gib(need) + " GiB of pinned host memory" +
+                     each + ", more than 90% of the " + plan::format_gib(double(host_available)) +
+                     " GiB this machine has available (MemAvailable in /proc/meminfo). Shorten data.max_seq_length, "
+                     "free host memory, or set train.offload_checkpoints: false (see `qlora plan`)");
+  return std::string("train.offload_checkpoints") + (asked == Offload::kAuto ? " auto" : "") +
+         ": each layer's checkpoint waits in pinned host memory until its backward, " +
+         plan::format_gib(p.offload_host_bytes) + " GiB of host memory" + each + "; the plan's total " +
+         plan::format_gib(p.total_bytes) + " GiB of " + plan::format_gib(gpu.memory_bytes) + " GiB";
+}
+
 int64_t longest_sequence(const Config& cfg, const std::vector<data::TokenizedExample>& examples, std::string* source) {
   if (cfg.data.packing) {
     *source = "data.max_seq_length (packed rows are always full)";

@@ -82,6 +82,18 @@ void set_memory_fraction(c10::Device device, double fraction) {
   (void)fraction;
 }
 
+int64_t host_available_bytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  int64_t kib = 0;
+  std::string unit;
+  while (in >> key >> kib) {
+    std::getline(in, unit);
+    if (key == "MemAvailable:") return kib * 1024;
+  }
+  return 0;
+}
+
 bool is_out_of_memory(const std::exception& e) {
   return dynamic_cast<const c10::OutOfMemoryError*>(&e) != nullptr;
 }

@@ -384,8 +384,10 @@ RunResult run_training(const Config& cfg_in, const RunOptions& options) {
   check_sequence_length(cfg, shape, sets.train.summary.longest, cfg.data.path);
   check_sequence_length(cfg, shape, sets.eval.summary.longest, cfg.data.eval_path.empty() ? cfg.data.path : cfg.data.eval_path);
   if (options.micro_batch_auto) choose_micro_batch(cfg, options, resume_from, dev, base, adapter, sets.train.examples, group);
-  if (const std::string line = resolve_auto_recompute(cfg, shape, dev, options.memory_cap_bytes, world); !line.empty())
-    log::info(line);
+  for (const std::string& line : {resolve_auto_recompute(cfg, shape, dev, options.memory_cap_bytes, world),
+                                  resolve_offload(cfg, shape, dev, options.memory_cap_bytes, world,
+                                                  launch.local_world_size, host_available_bytes())})
+    if (!line.empty()) log::info(line);
   result.recompute = cfg.train.recompute;
   result.selective_layers = cfg.train.selective_layers;
   result.no_recompute_layers = cfg.train.no_recompute_layers;

@@ -41,6 +41,9 @@ enum class DistBackend { kAuto, kNccl, kGloo };
 // the gate/up GEMM output (in train.selective_layers of the layers), or that with the number of
 // layers chosen from the memory plan (auto).
 enum class Recompute { kFull, kSelective, kAuto };
+// Whether checkpointed layers keep their tensors in host memory between forward and backward
+// (train.offload_checkpoints): decided by the plan (auto), always, never.
+enum class Offload { kAuto, kOn, kOff };
 
 std::string_view to_string(Precision v);
 std::string_view to_string(OptimizerKind v);
@@ -50,6 +53,7 @@ std::string_view to_string(ChatTemplate v);
 std::string_view to_string(TrainOn v);
 std::string_view to_string(DistBackend v);
 std::string_view to_string(Recompute v);
+std::string_view to_string(Offload v);
 
 // ---------------------------------------------------------------- the tree
 
@@ -116,6 +120,10 @@ struct TrainConfig {
   // backward, keeping every activation as without checkpointing; 0: none. auto sets it once
   // every layer keeps gate/up and memory is left (Note [layers not recomputed]).
   int64_t no_recompute_layers = 0;
+  // With checkpointing, on a GPU: each layer's kept tensors wait in pinned host memory from its
+  // forward to its backward (Note [offloaded checkpoints] in src/layer/offload.cpp). auto: when
+  // the plan finds the run does not fit the GPU without it and does with it.
+  Offload offload_checkpoints = Offload::kAuto;
   OptimizerKind optimizer = OptimizerKind::kPagedAdamW8bit;
   int64_t seed = 42;
   int64_t eval_steps = 0;                   // 0: evaluate only at the end

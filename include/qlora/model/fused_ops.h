@@ -1,6 +1,7 @@
 // model/fused_ops: the decoder layer's element-wise ops as in-place / fused calls, for the
 // hand-written layer forward and backward (no autograd inside the layer): RoPE and its
-// backward on strided head views, SwiGLU of a merged gate/up GEMM output and its backward.
+// backward on strided head views, SwiGLU and GeGLU of a merged gate/up GEMM output and their
+// backward.
 //
 // Each op has an ATen reference (op for op what model/llama.h computes, so CPU and fp32 runs
 // keep their bits) and, for bf16 / fp16 tensors on a CUDA device in a QLORA_CUDA build, one
@@ -46,6 +47,14 @@ at::Tensor swiglu(const at::Tensor& gu);
 // overwrites gu with [dg | du]: du = dm * silu(g), dg = dm * u * silu'(g),
 // silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g))).
 void swiglu_backward_inplace(const at::Tensor& dm, at::Tensor& gu);
+
+// GeGLU (Gemma's gelu_pytorch_tanh), swiglu's layout: m = gelu_tanh(g) * u with
+// gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), [N, I] contiguous.
+at::Tensor geglu(const at::Tensor& gu);
+
+// Its backward, in place, swiglu_backward_inplace's layout: du = dm * gelu_tanh(g),
+// dg = dm * u * gelu_tanh'(g).
+void geglu_backward_inplace(const at::Tensor& dm, at::Tensor& gu);
 
 // RMSNorm's backward with the residual branch's gradient added, in place on g: for x [N, h] whose
 // norm kept rstd [N, 1] (fp32, 1/rms a row), g the gradient at the norm's output and res the
@@ -126,6 +135,11 @@ void rope_inplace_reference(at::Tensor& x, const at::Tensor& cos, const at::Tens
 void rope_backward_inplace_reference(at::Tensor& g, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor swiglu_reference(const at::Tensor& gu);
 void swiglu_backward_inplace_reference(const at::Tensor& dm, at::Tensor& gu);
+// geglu_reference is at::gelu(g, "tanh") * u; its backward takes autograd's ops for that product
+// (du = dm * gelu(g), dg = at::gelu_backward(dm * u, g, "tanh")): autograd's values, bit for bit on
+// the same layout (ATen's CPU gelu may round a last bit differently on a strided slice).
+at::Tensor geglu_reference(const at::Tensor& gu);
+void geglu_backward_inplace_reference(const at::Tensor& dm, at::Tensor& gu);
 // In fp32: r·(g⊙w) − x·r³·mean(g⊙w⊙x) + res, rounded once into g (in place).
 at::Tensor rms_norm_backward_add_reference(at::Tensor g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
                                            const at::Tensor& res);

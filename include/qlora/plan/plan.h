@@ -46,7 +46,8 @@ struct Component {
 
 struct Advice {
   std::string kind;  // "recompute", "micro_batch", "gradient_checkpointing", "seq_length", "lora_r",
-                     // "larger_gpu", "more_micro_batch", "recompute_less", "headroom", "sliding_window"
+                     // "larger_gpu", "more_micro_batch", "recompute_less", "headroom", "sliding_window",
+                     // "offload"
   std::string text;  // one line, with the values and the resulting total
   // The settings this advice arrives at (cumulative with earlier advice of
   // the same plan) and the memory they were re-planned at.
@@ -76,6 +77,7 @@ struct TimeEstimate {
   double kernels_per_step = 0;
   double gap_seconds_per_step = 0;      // idle between kernels
   double host_seconds_per_step = 0;     // the host issuing every kernel
+  double offload_seconds_per_step = 0;  // offloaded checkpoints to the host and back (PCIe)
   bool host_bound = false;              // the host's floor decides the step
   double utilisation = 0;         // what the estimate implies: FLOPs / (peak × seconds)
   double seconds_per_step = 0;
@@ -130,6 +132,10 @@ struct Plan {
   std::string recompute;
   int64_t selective_layers = 0;
   int64_t no_recompute_layers = 0;  // of those, the last ones that recompute nothing (whole_layers)
+  // train.offload_checkpoints as resolved (auto: on when only it makes the run fit the GPU), and
+  // the pinned host memory it holds at the peak (offloaded_bytes).
+  bool offload = false;
+  double offload_host_bytes = 0;
   std::vector<Advice> advice;
   TimeEstimate time;
   std::vector<std::string> notes;  // other remarks (paging, sliding window, ...)
@@ -190,6 +196,7 @@ struct BudgetInputs {
   int activation_bytes = 2;   // bf16 / fp16: 2, fp32: 4
   int dequant_bytes = 2;      // quantization.compute_dtype
   bool packed = false;        // data.packing: an attention mask per micro batch (padded rows need none)
+  bool offload = false;       // train.offload_checkpoints, resolved (under checkpointing only)
 };
 
 // How many layers keep their gate/up output for train.selective_layers = `selective_layers`
@@ -223,6 +230,11 @@ struct AutoRecompute {
   int64_t no_recompute_layers = 0;
 };
 AutoRecompute auto_recompute(const DecoderConfig& model, BudgetInputs in, const GpuSpec& gpu);
+
+// What the checkpointed layers keep from forward to backward, every layer's at once (0 without
+// checkpointing): the host memory train.offload_checkpoints needs, and what its copies move each
+// way a micro batch (Note [offloaded checkpoints] in src/layer/offload.cpp).
+double offloaded_bytes(const DecoderConfig& model, const BudgetInputs& in);
 
 // Sum of the components.
 double total_bytes(const std::vector<Component>& components);

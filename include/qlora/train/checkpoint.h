@@ -19,8 +19,13 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 
 #include "qlora/train/trainer.h"
+
+namespace qlora::layer {
+class CheckpointOffload;
+}  // namespace qlora::layer
 
 namespace qlora::model {
 class DecoderModel;
@@ -41,6 +46,9 @@ struct CheckpointOptions {
   // Replay the CPU (and, for CUDA inputs, the CUDA) generator state of the
   // forward when recomputing. Off only to show what goes wrong without it.
   bool preserve_rng_state = true;
+  // Move the kept input to host memory until backward (train.offload_checkpoints; Note
+  // [offloaded checkpoints] in src/layer/offload.cpp). Shared by every layer of a run.
+  std::shared_ptr<layer::CheckpointOffload> offload;
 };
 
 // fn(input), recomputed in backward. Differentiable with respect to `input`
@@ -49,7 +57,9 @@ struct CheckpointOptions {
 // frozen embedding), so the leaves inside fn still get gradients; fn and what
 // it captures must stay valid until backward. With grad mode off this is just
 // fn(input).
-at::Tensor checkpoint(const TensorFn& fn, const at::Tensor& input, const CheckpointOptions& options = {});
+// `layer`: the decoder layer's index (an offloaded chain starts again at 0).
+at::Tensor checkpoint(const TensorFn& fn, const at::Tensor& input, const CheckpointOptions& options = {},
+                      int64_t layer = 0);
 
 // One decoder layer of `model` through checkpoint(): the layer_forward the
 // trainer runs with train.gradient_checkpointing (StepOptions::layer_forward).

@@ -24,13 +24,15 @@ namespace qlora::train {
 // compare; fused on an unsupported model throws). `recompute` reaches the fused layer
 // only, and so does `no_recompute_layers` (train.no_recompute_layers): the generic checkpoint
 // always recomputes the whole layer. Recompute::kAuto must have been resolved by then
-// (train::resolve_auto_recompute); here it reads as full.
+// (train::resolve_auto_recompute); here it reads as full. `offload` (train.offload_checkpoints,
+// resolved by train::resolve_offload; kAuto reads as off): under checkpointing each layer's kept
+// tensors wait in pinned host memory (Note [offloaded checkpoints] in src/layer/offload.cpp).
 LayerForwardFn training_layer_forward(const model::DecoderModel& model, bool gradient_checkpointing,
                                       Recompute recompute = Recompute::kFull, int64_t selective_layers = -1,
-                                      int64_t no_recompute_layers = 0);
+                                      int64_t no_recompute_layers = 0, Offload offload = Offload::kOff);
 
 // The same for a run's train section: gradient_checkpointing, recompute, selective_layers,
-// no_recompute_layers.
+// no_recompute_layers, offload_checkpoints.
 LayerForwardFn training_layer_forward(const model::DecoderModel& model, const TrainConfig& train);
 
 // Whether training_layer_forward gives `model` the fused layer (where train.recompute: selective

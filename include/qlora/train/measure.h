@@ -97,6 +97,15 @@ plan::GpuSpec gpu_spec_of(const DeviceChoice& dev, double memory_cap_bytes);
 std::string resolve_auto_recompute(Config& cfg, const DecoderConfig& shape, const DeviceChoice& dev,
                                    double memory_cap_bytes, int64_t world);
 
+// train.offload_checkpoints made concrete for the run, in cfg: auto as the plan decides for this
+// device (the cap, when > 0), off on the CPU and without checkpointing. When on, the pinned host
+// memory the checkpoints need (plan::offloaded_bytes, for each of `local_processes` on this host)
+// is checked against `host_available` bytes (host_available_bytes(); 0: unknown, not checked):
+// InputError with the numbers and the settings to change. Returns the line to log ("" when there
+// is nothing to say). After the micro batch and train.recompute are settled.
+std::string resolve_offload(Config& cfg, const DecoderConfig& shape, const DeviceChoice& dev, double memory_cap_bytes,
+                            int64_t world, int64_t local_processes, int64_t host_available);
+
 // The worst-case sequence length of cfg's data: max_seq_length with packing;
 // else the longest tokenized training example (capped at max_seq_length),
 // when the data and tokenizer load; else max_seq_length. *source says which.

@@ -34,6 +34,10 @@ void release_cached_memory(c10::Device device);
 // with the usual out-of-memory error. No-op on CPU.
 void set_memory_fraction(c10::Device device, double fraction);
 
+// The host memory the kernel says a new allocation may take without swapping (MemAvailable of
+// /proc/meminfo), in bytes; 0 when unknown.
+int64_t host_available_bytes();
+
 // True for c10's OutOfMemoryError (a CUDA allocation that failed), whatever
 // wrapped it.
 bool is_out_of_memory(const std::exception& e);

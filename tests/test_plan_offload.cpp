@@ -1,0 +1,78 @@
+// plan: train.offload_checkpoints (Note [offloaded checkpoints] in src/layer/offload.cpp): what
+// the GPU keeps when each layer's checkpoint waits in host memory, the host memory it needs,
+// the transfer in the time estimate, auto's choice and the advice.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "qlora/plan/plan.h"
+#include "support/plan_fixtures.h"
+
+namespace qlora::plan {
+namespace {
+
+using testing::component;
+using testing::plan_for;
+
+// Llama-3.1-8B, one sequence of 32,768 tokens, bf16: the fused layer keeps x and h1 of each of
+// 32 layers, 2 × 32 × 32,768 × 4,096 × 2 B = 17,179,869,184 B (16 GiB). Offloaded, the GPU holds
+// two layers' worth (1 GiB) and the host all of it.
+const std::vector<std::string> kLong = {"train.micro_batch_size=1", "train.gradient_accumulation_steps=1",
+                                        "data.max_seq_length=32768", "train.precision=bf16", "train.recompute=full"};
+
+std::vector<std::string> with(std::vector<std::string> sets, const std::string& more) {
+  sets.push_back(more);
+  return sets;
+}
+
+TEST(PlanOffload, TheGpuKeepsTwoLayersOfCheckpointsAndTheHostAll) {
+  const Plan kept = plan_for("llama-3.1-8b", "h100", with(kLong, "train.offload_checkpoints=false"));
+  const Plan moved = plan_for("llama-3.1-8b", "h100", with(kLong, "train.offload_checkpoints=true"));
+  EXPECT_FALSE(kept.offload);
+  EXPECT_TRUE(moved.offload);
+  EXPECT_DOUBLE_EQ(moved.offload_host_bytes, 17'179'869'184.0);
+  // Both peaks carry the checkpoints: whichever phase peaks, 30 of 32 layers' worth leave the GPU.
+  EXPECT_DOUBLE_EQ(kept.allocated_bytes - moved.allocated_bytes, 17'179'869'184.0 * 30.0 / 32.0);
+  EXPECT_NE(component(moved, "activations").formula.find("offloaded to host memory"), std::string::npos)
+      << component(moved, "activations").formula;
+  // The transfer: out and back, at the assumed host link rate, beside the compute.
+  EXPECT_DOUBLE_EQ(moved.time.offload_seconds_per_step, 2.0 * 17'179'869'184.0 / 25e9);
+  EXPECT_GE(moved.time.seconds_per_step, moved.time.offload_seconds_per_step);
+  EXPECT_EQ(kept.time.offload_seconds_per_step, 0.0);
+  const nlohmann::json j = nlohmann::json::parse(render_json(moved));
+  EXPECT_EQ(j["offload"]["enabled"], true);
+  EXPECT_EQ(j["offload"]["host_bytes"].get<int64_t>(), 17'179'869'184);
+  EXPECT_NE(render_text(moved).find("of host memory (train.offload_checkpoints)"), std::string::npos);
+}
+
+// auto: on for one sequence that does not fit without it and does with it; off where it fits
+// anyway, and for micro batches of several sequences (a smaller one is the cheaper fix).
+TEST(PlanOffload, AutoOffloadsOnlyWhereItMakesOneSequenceFit) {
+  const Plan cap = plan_for("llama-3.1-8b", "24GiB", kLong);
+  EXPECT_TRUE(cap.offload);
+  EXPECT_TRUE(cap.fits);
+  EXPECT_FALSE(plan_for("llama-3.1-8b", "24GiB", with(kLong, "train.offload_checkpoints=false")).fits);
+  EXPECT_FALSE(plan_for("llama-3.1-8b", "h200", kLong).offload);  // fits without
+  const Plan two = plan_for("llama-3.1-8b", "24GiB",
+                            {"train.micro_batch_size=2", "data.max_seq_length=16384", "train.precision=bf16"});
+  EXPECT_FALSE(two.offload);
+  EXPECT_FALSE(plan_for("llama-3.1-8b", "", kLong).offload);  // no GPU: nothing to decide against
+  const Plan no_ckpt = plan_for("llama-3.1-8b", "h100",
+                                with(with(kLong, "train.offload_checkpoints=true"), "train.gradient_checkpointing=false"));
+  EXPECT_FALSE(no_ckpt.offload);  // nothing is checkpointed
+}
+
+// With it off by hand, the advice names it where it alone makes the run fit.
+TEST(PlanOffload, AdvisedWhereItAloneFits) {
+  const Plan p = plan_for("llama-3.1-8b", "24GiB", with(kLong, "train.offload_checkpoints=false"));
+  ASSERT_FALSE(p.fits);
+  ASSERT_FALSE(p.advice.empty());
+  EXPECT_EQ(p.advice.front().kind, "offload") << p.advice.front().text;
+  EXPECT_TRUE(p.advice.front().fits);
+  EXPECT_DOUBLE_EQ(p.advice.front().total_bytes, plan_for("llama-3.1-8b", "24GiB", kLong).total_bytes);
+}
+
+}  // namespace
+}  // namespace qlora::plan
