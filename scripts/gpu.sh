@@ -74,7 +74,7 @@ python=${QLORA_PYTHON:-$(command -v python3)}
 archs=${QLORA_CUDA_ARCHS:-90}
 out="$root/$build/out"
 
-all=0 tests=1 bench=1 nf4=1 demo=0 generate=0 measure=0 measure_families=0 finder=0 suite="" demo_cpu="" steps=22 jobs=8
+all=0 tests=1 bench=1 nf4=1 demo=0 generate=0 measure=0 measure_families=0 finder=0 max_seq=0 suite="" demo_cpu="" steps=22 jobs=8
 train_configs="2x512,4x1024,8x2048" peer_configs="" peer_modes="eager,compile" profile_configs=""
 preset() {
   case "$1" in
@@ -90,7 +90,7 @@ preset() {
     generate) nf4=0; generate=1; train_configs="" ;;
     lengths) tests=0; nf4=0
        train_configs="4x1024,real-padded-4x1024,real-packed-4x1024,8b-2x2048,real-padded-8b-2x2048,real-packed-8b-2x2048" ;;
-    long) nf4=0; steps=8
+    long) nf4=0; steps=8; max_seq=1
        train_configs="8b-2x2048,offload-8b-2x2048,8b-1x16384,offload-8b-1x16384,8b-1x32768,offload-8b-1x32768" ;;
     *) echo "scripts/gpu.sh: --suite expects shapes, variants, families, families2, lengths, generate or long, got '$1'" >&2
        exit 2 ;;
@@ -115,7 +115,7 @@ while [[ $# -gt 0 ]]; do
     --finder) finder=1 ;;
     --measure-families) measure_families=1 ;;
     --no-nf4) nf4=0 ;;
-    --no-plans) measure=0; finder=0; measure_families=0 ;;
+    --no-plans) measure=0; finder=0; measure_families=0; max_seq=0 ;;
     --generate) generate=1 ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "scripts/gpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -395,6 +395,13 @@ if [[ $finder == 1 ]]; then
   limited 200 "$build/qlora" plan --config configs/llama-3.1-8b-t4.yaml --find-micro-batch --memory-cap 15GiB --seq 2048 \
     >"$out/finder-8b-15gib.txt" 2>&1 || failed "finder"
   tail -3 "$out/finder-8b-15gib.txt"
+fi
+if [[ $max_seq == 1 ]]; then
+  phase "qlora plan --find-max-seq: 8B, batch 1, r 16 on q,k,v,o, bf16, under a 22 GiB cap"
+  limited 300 "$build/qlora" plan --set model.preset=llama-3.1-8b --set train.micro_batch_size=1 \
+    --set train.gradient_accumulation_steps=1 --set train.precision=bf16 --find-max-seq --memory-cap 22GiB \
+    --seq 131072 >"$out/max-seq-8b-22gib.txt" 2>&1 || failed "find-max-seq"
+  tail -12 "$out/max-seq-8b-22gib.txt"
 fi
 
 # ---------------------------------------------------------------- what comes back

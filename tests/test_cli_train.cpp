@@ -240,11 +240,12 @@ TEST(CliTrain, MicroBatchAutoOnCpuKeepsTheConfigAndSaysWhy) {
   EXPECT_NE(r.err.find("effective batch = micro 2 × accumulation 2 × GPUs 1 = 4"), std::string::npos) << r.err;
 }
 
-// plan --measure / --find-micro-batch run real steps on a GPU; without one the
+// plan --measure / --find-micro-batch / --find-max-seq run real steps on a GPU; without one the
 // message says so (exit 2), never a crash or a made-up number.
 TEST(CliPlan, MeasureWithoutAGpuIsAClearError) {
-  for (const char* flag : {"--measure", "--find-micro-batch"}) {
-    const auto r = testing::run_qlora(std::string("plan --config configs/llama-3.2-1b-t4.yaml --seq 64 ") + flag);
+  for (const char* flag : {"--measure", "--find-micro-batch", "--find-max-seq"}) {
+    const std::string seq = std::string(flag) == "--find-max-seq" ? "2048" : "64";  // the longest tried there
+    const auto r = testing::run_qlora("plan --config configs/llama-3.2-1b-t4.yaml --seq " + seq + " " + flag);
     if (r.exit_code == 0) GTEST_SKIP() << "this machine has a GPU: " << flag << " measured (the cuda tests cover it)";
     EXPECT_EQ(r.exit_code, 2) << r.err;
     EXPECT_NE(r.err.find(std::string("qlora plan ") + flag + " needs a GPU"), std::string::npos) << r.err;

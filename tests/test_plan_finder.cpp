@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 #include <set>
 
 #include "qlora/common/errors.h"
@@ -240,6 +241,37 @@ TEST(Finder, OomFallbackSequences) {
   EXPECT_EQ(a->micro, 3);
   EXPECT_EQ(a->accumulation, 10);
   for (int64_t m = 2; m <= 200; ++m) fallback_micros(m, 3);
+}
+
+// --find-max-seq: the same search over lengths, in steps: the longest multiple of the step
+// under a threshold, for every start and threshold, each length asked once.
+TEST(SeqFinder, FindsTheLongestLengthInSteps) {
+  for (int64_t threshold : {0, 1000, 1024, 5000, 32768, 100000, 131072})
+    for (int64_t predicted : {0, 1024, 20000, 131072}) {
+      ThresholdProbe p;
+      p.threshold = threshold;
+      SeqFinderInputs in;
+      in.predicted_seq = predicted;
+      in.upper_seq = 131072;
+      in.step = 1024;
+      in.device_capacity_bytes = 80 * kGiB;
+      const SeqFinderResult r = find_max_seq(in, std::ref(p));
+      const int64_t want = std::min<int64_t>(threshold, 131072) / 1024 * 1024;
+      EXPECT_EQ(r.found, want > 0) << threshold << " from " << predicted;
+      EXPECT_EQ(r.seq, want) << threshold << " from " << predicted;
+      const std::set<int64_t> distinct(p.asked.begin(), p.asked.end());
+      EXPECT_EQ(distinct.size(), p.asked.size()) << "a length asked twice";
+      for (int64_t a : p.asked) EXPECT_EQ(a % 1024, 0);
+      EXPECT_EQ(r.trials.size(), p.asked.size());
+      if (want == 131072) EXPECT_NE(r.message.find("the longest tried (131072)"), std::string::npos) << r.message;
+      if (want > 0 && want < 131072)
+        EXPECT_NE(r.message.find(std::to_string(want) + " tokens (peak"), std::string::npos) << r.message;
+      if (want == 0) EXPECT_NE(r.message.find("not even 1024 tokens fit"), std::string::npos) << r.message;
+    }
+  SeqFinderInputs bad;
+  bad.upper_seq = 512;  // shorter than the step
+  ThresholdProbe p;
+  EXPECT_THROW(find_max_seq(bad, std::ref(p)), InputError);
 }
 
 }  // namespace

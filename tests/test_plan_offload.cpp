@@ -3,10 +3,12 @@
 // the transfer in the time estimate, auto's choice and the advice.
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
+#include "qlora/model/decoder_config.h"
 #include "qlora/plan/plan.h"
 #include "support/plan_fixtures.h"
 
@@ -72,6 +74,28 @@ TEST(PlanOffload, AdvisedWhereItAloneFits) {
   EXPECT_EQ(p.advice.front().kind, "offload") << p.advice.front().text;
   EXPECT_TRUE(p.advice.front().fits);
   EXPECT_DOUBLE_EQ(p.advice.front().total_bytes, plan_for("llama-3.1-8b", "24GiB", kLong).total_bytes);
+}
+
+// The plan's guess for --find-max-seq: the longest multiple of the step whose plan fits, with and
+// without offloading; longer checkpoints in host memory reach further.
+TEST(PlanOffload, LongestFittingSequence) {
+  const DecoderConfig m = model_preset("llama-3.1-8b");
+  const Config cfg = default_config({"train.micro_batch_size=1", "train.gradient_accumulation_steps=1",
+                                     "train.precision=bf16"});
+  BudgetInputs in = budget_inputs(cfg, m, "bf16");
+  const GpuSpec gpu = resolve_gpu("22GiB");
+  const int64_t kept = largest_fitting_seq(m, in, gpu, 1 << 20, 1024);
+  in.offload = true;
+  const int64_t moved = largest_fitting_seq(m, in, gpu, 1 << 20, 1024);
+  std::printf("  llama-3.1-8b on 22 GiB, plan: %lld tokens with the checkpoints on the GPU, %lld offloaded\n",
+              static_cast<long long>(kept), static_cast<long long>(moved));
+  EXPECT_GT(moved, kept);
+  EXPECT_EQ(moved % 1024, 0);
+  for (const auto& [seq, fit] : {std::pair<int64_t, bool>{moved, true}, {moved + 1024, false}}) {
+    in.seq_length = seq;
+    EXPECT_EQ(total_bytes(memory_components(m, in)) <= gpu.memory_bytes, fit) << seq;
+  }
+  EXPECT_EQ(largest_fitting_seq(m, in, resolve_gpu("4GiB"), 1 << 20, 1024), 0);  // the base alone is more
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 //   qlora plan --config configs/llama-3.1-8b-t4.yaml [--gpu t4|h100|24GiB|this|auto|none] [--gpus N] [--json]
 //   qlora plan --config run.yaml --measure [--steps 3] [--seq N] [--memory-cap 15GiB]   (on a GPU)
 //   qlora plan --config run.yaml --find-micro-batch [--memory-cap 15GiB]               (on a GPU)
+//   qlora plan --config run.yaml --find-max-seq [--seq LONGEST] [--memory-cap 22GiB]   (on a GPU)
 //
 // The GPU comes from --gpu, else hardware.gpu in the config; "this" (or
 // "auto") is the GPU of this machine, read from the CUDA driver (none
@@ -33,6 +34,7 @@ struct PlanOptions {
   bool json = false;
   bool measure = false;
   bool find_micro_batch = false;
+  bool find_max_seq = false;
   std::string memory_cap;
   train::MeasureOptions measure_options;
 };
@@ -125,12 +127,17 @@ Runner add_plan_command(CLI::App& root) {
   cmd->add_flag("--find-micro-batch", opts->find_micro_batch,
                 "GPU: the largest micro batch that fits (real forward + backward passes, from the plan's guess) and "
                 "the accumulation that keeps the effective batch");
-  cmd->add_option("--memory-cap", opts->memory_cap, "with --measure / --find-micro-batch: cap the allocator (e.g. 15GiB)");
+  cmd->add_flag("--find-max-seq", opts->find_max_seq,
+                "GPU: the longest sequence (a multiple of 1,024 tokens) that trains at the configured micro batch "
+                "(real forward + backward passes, from the plan's guess; checkpoints offloaded where "
+                "train.offload_checkpoints allows), with its tokens/s");
+  cmd->add_option("--memory-cap", opts->memory_cap,
+                  "with --measure / --find-micro-batch / --find-max-seq: cap the allocator (e.g. 15GiB)");
   cmd->add_option("--steps", opts->measure_options.steps, "with --measure: optimizer steps to run")
       ->check(CLI::Range(2, 1000))
       ->capture_default_str();
   cmd->add_option("--seq", opts->measure_options.seq, "with --measure / --find-micro-batch: sequence length (default: "
-                  "the longest the data makes)")
+                  "the longest the data makes); with --find-max-seq: the longest tried (default: the model's positions)")
       ->check(CLI::PositiveNumber);
   return [opts]() {
     const Config cfg = load_config_options(opts->config);
@@ -148,6 +155,15 @@ Runner add_plan_command(CLI::App& root) {
     const std::optional<plan::GpuSpec> gpu = gpu_for(gpu_arg, here, &notes);
 
     if (!opts->memory_cap.empty()) opts->measure_options.memory_cap_bytes = plan::resolve_gpu(opts->memory_cap).memory_bytes;
+    if (opts->find_max_seq) {
+      const plan::SeqFinderResult f = train::find_max_seq_for(cfg, opts->measure_options, world);
+      for (const auto& t : f.trials)
+        std::cerr << "  " << t.micro << " tokens: " << (t.result.fits ? "fits" : "does not fit") << ", peak allocated "
+                  << plan::format_gib(t.result.peak_allocated_bytes) << " GiB"
+                  << (t.result.error.empty() ? "" : " (" + t.result.error + ")") << "\n";
+      std::cout << f.message << "\n";
+      return f.found ? kExitOk : kExitBadInput;
+    }
     if (opts->find_micro_batch) {
       const plan::FinderResult f = train::find_micro_batch_for(cfg, opts->measure_options, world);
       for (const auto& t : f.trials)

@@ -72,6 +72,34 @@ class CachedProbe {
   std::map<int64_t, ProbeResult> cache_;
 };
 
+// Note [finder search]: the largest size in [1, upper] that fits, from `start`; 0 when 1 fails.
+int64_t largest_fitting(int64_t start, int64_t upper, CachedProbe& fits_at) {
+  int64_t lo = 0;  // largest size known to fit (0: none)
+  int64_t hi = 0;  // smallest size known not to fit (0: none yet)
+  if (fits_at(start).fits) {
+    lo = start;
+    while (lo < upper) {
+      const int64_t next = std::min(upper, 2 * lo);
+      if (!fits_at(next).fits) {
+        hi = next;
+        break;
+      }
+      lo = next;
+    }
+  } else {
+    hi = start;
+  }
+  if (hi > 0)
+    while (hi - lo > 1) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (fits_at(mid).fits)
+        lo = mid;
+      else
+        hi = mid;
+    }
+  return lo;
+}
+
 }  // namespace
 
 int64_t largest_divisor_at_most(int64_t n, int64_t limit) {
@@ -115,34 +143,12 @@ FinderResult find_micro_batch(const FinderInputs& in, const Probe& probe) {
 
   FinderResult out;
   CachedProbe fits_at(probe, &out.trials);
-  int64_t lo = 0;  // largest size known to fit (0: none)
-  int64_t hi = 0;  // smallest size known not to fit (0: none yet)
-  if (fits_at(start).fits) {
-    lo = start;
-    while (lo < upper) {
-      const int64_t next = std::min(upper, 2 * lo);
-      if (!fits_at(next).fits) {
-        hi = next;
-        break;
-      }
-      lo = next;
-    }
-  } else {
-    hi = start;
-  }
-  if (hi > 0)
-    while (hi - lo > 1) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (fits_at(mid).fits)
-        lo = mid;
-      else
-        hi = mid;
-    }
+  const int64_t lo = largest_fitting(start, upper, fits_at);
 
   const std::string config_text = "(config: micro " + std::to_string(in.config_micro) + " × accumulation " +
                                   std::to_string(in.config_accumulation) + ")";
   if (lo == 0) {
-    const ProbeResult& one = fits_at(1);  // probed by the bisection above: a cache hit
+    const ProbeResult& one = fits_at(1);  // probed by the search above: a cache hit
     out.message = "micro batch 1 does not fit at the longest sequence" +
                   (in.device_capacity_bytes > 0 ? " on " + gib1(in.device_capacity_bytes) + " GiB" : std::string()) +
                   (one.error.empty() ? std::string() : " (" + one.error + ")") +
@@ -170,6 +176,39 @@ FinderResult find_micro_batch(const FinderInputs& in, const Probe& probe) {
             product_text(out.micro, out.accumulation, in.world);
   }
   out.message = line + " " + config_text;
+  return out;
+}
+
+SeqFinderResult find_max_seq(const SeqFinderInputs& in, const Probe& probe) {
+  if (in.step < 1 || in.micro < 1 || in.upper_seq < in.step)
+    throw InputError("sequence finder: the step (" + std::to_string(in.step) + ") and micro batch (" +
+                     std::to_string(in.micro) + ") must be at least 1 and the longest length (" +
+                     std::to_string(in.upper_seq) + ") at least the step");
+  // In units of `step`: the same search as the micro batch's.
+  const int64_t upper = in.upper_seq / in.step;
+  const int64_t start = std::clamp<int64_t>(in.predicted_seq / in.step, 1, upper);
+  SeqFinderResult out;
+  std::vector<Trial> units;
+  const Probe by_units = [&](int64_t n) { return probe(n * in.step); };
+  CachedProbe fits_at(by_units, &units);
+  const int64_t lo = largest_fitting(start, upper, fits_at);
+  for (const Trial& t : units) out.trials.push_back({t.micro * in.step, t.result});
+  const std::string where = in.device_capacity_bytes > 0 ? " on " + gib1(in.device_capacity_bytes) + " GiB" : "";
+  if (lo == 0) {
+    const ProbeResult& one = fits_at(1);
+    out.message = "not even " + std::to_string(in.step) + " tokens fit at micro batch " + std::to_string(in.micro) +
+                  where + (one.error.empty() ? std::string() : " (" + one.error + ")");
+    return out;
+  }
+  const ProbeResult& best = fits_at(lo);
+  out.found = true;
+  out.seq = lo * in.step;
+  out.peak_allocated_bytes = best.peak_allocated_bytes;
+  out.peak_reserved_bytes = best.peak_reserved_bytes;
+  out.message = "the longest sequence that trains at micro batch " + std::to_string(in.micro) + ": " +
+                std::to_string(out.seq) + " tokens " + peak_text(best.peak_allocated_bytes, in.device_capacity_bytes) +
+                (lo == upper ? ", the longest tried (" + std::to_string(in.upper_seq) + ")"
+                             : ", " + std::to_string(out.seq + in.step) + " does not");
   return out;
 }
 

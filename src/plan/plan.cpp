@@ -143,6 +143,30 @@ int64_t largest_fitting_micro(const DecoderConfig& model, BudgetInputs in, const
   return lo;
 }
 
+}  // namespace
+
+int64_t largest_fitting_seq(const DecoderConfig& model, BudgetInputs in, const GpuSpec& gpu, int64_t upper,
+                            int64_t step) {
+  int64_t lo = 0, hi = step > 0 ? upper / step : 0;  // in steps
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo + 1) / 2;
+    in.seq_length = mid * step;
+    if (fits(budget(model, in).total, gpu))
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo * step;
+}
+
+BudgetInputs budget_inputs(const Config& cfg, const DecoderConfig& model, const std::string& precision) {
+  PrecisionAdvice p;
+  p.resolved = precision;
+  return inputs_from(cfg, model, p);
+}
+
+namespace {
+
 Advice make_advice(const std::string& kind, const std::string& text, const BudgetInputs& in, int64_t accumulation,
                    double total, const GpuSpec& gpu) {
   Advice a;

@@ -221,6 +221,55 @@ plan::FinderResult find_micro_batch_for(const Config& cfg, const MeasureOptions&
   return f;
 }
 
+plan::SeqFinderResult find_max_seq_for(const Config& cfg_in, const MeasureOptions& o, int64_t world) {
+  constexpr int64_t kStep = 1024;
+  Config cfg = cfg_in;
+  const DeviceChoice dev = measuring_device(cfg, o, "--find-max-seq");
+  if (cfg.train.recompute == Recompute::kAuto) cfg.train.recompute = Recompute::kFull;
+  const bool offload = cfg.train.gradient_checkpointing &&
+                       (cfg.train.offload_checkpoints == Offload::kOn ||
+                        (cfg.train.offload_checkpoints == Offload::kAuto && cfg.train.micro_batch_size == 1));
+  cfg.train.offload_checkpoints = offload ? Offload::kOn : Offload::kOff;
+  at::manual_seed(static_cast<uint64_t>(cfg.train.seed));
+  BaseModel base = load_base_model(cfg, dev, /*allow_random_weights=*/true);
+  lora::LoraAdapter adapter = lora::LoraAdapter::attach(base.model, lora::settings_from_config(cfg.lora));
+  StepOptions probe;
+  probe.layer_forward = training_layer_forward(base.model, cfg.train);
+  const plan::GpuSpec gpu = gpu_spec_of(dev, o.memory_cap_bytes);
+  plan::BudgetInputs in = plan::budget_inputs(cfg, base.shape, std::string(to_string(dev.precision)));
+  in.offload = offload;
+  plan::SeqFinderInputs s;
+  s.micro = cfg.train.micro_batch_size;
+  s.step = kStep;
+  s.upper_seq = o.seq > 0 ? o.seq : base.shape.max_positions();
+  s.predicted_seq = plan::largest_fitting_seq(base.shape, in, gpu, s.upper_seq, kStep);
+  s.device_capacity_bytes = gpu.memory_bytes;
+  const double host = static_cast<double>(host_available_bytes());
+  plan::SeqFinderResult f = plan::find_max_seq(s, [&](int64_t seq) {
+    in.seq_length = seq;
+    if (offload && host > 0 && plan::offloaded_bytes(base.shape, in) > 0.9 * host) {
+      plan::ProbeResult r;
+      r.error = "its offloaded checkpoints need " + plan::format_gib(plan::offloaded_bytes(base.shape, in)) +
+                " GiB of host memory, more than 90% of the " + plan::format_gib(host) + " GiB available";
+      return r;
+    }
+    return probe_micro_batch(base.model, adapter.parameters(), probe, s.micro, seq, gpu.memory_bytes);
+  });
+  if (f.found) {  // the search's pass at this length was the warm-up
+    const auto start = std::chrono::steady_clock::now();
+    const plan::ProbeResult again = probe_micro_batch(base.model, adapter.parameters(), probe, s.micro, f.seq, gpu.memory_bytes);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (again.fits)
+      f.message += "; one forward + backward there: " + std::to_string(static_cast<int64_t>(double(s.micro * f.seq) / seconds)) +
+                   " tokens/s";
+  }
+  in.seq_length = f.seq;
+  f.message += std::string("; offloaded checkpoints: ") +
+               (offload ? plan::format_gib(plan::offloaded_bytes(base.shape, in)) + " GiB of host memory" : "no") +
+               " [" + dev.description + ", the plan's guess " + std::to_string(s.predicted_seq) + "]";
+  return f;
+}
+
 Measurement measure_plan(const Config& cfg_in, const MeasureOptions& o) {
   Config cfg = cfg_in;
   Measurement m;

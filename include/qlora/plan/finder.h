@@ -82,6 +82,29 @@ FinderInputs finder_inputs(const Plan& plan);
 // taken to fit). Throws InputError only for inputs that are not positive.
 FinderResult find_micro_batch(const FinderInputs& in, const Probe& probe);
 
+// ---------------------------------------------------------------- the longest sequence
+
+// `qlora plan --find-max-seq`: the longest sequence (a multiple of `step`) at the configured micro
+// batch, the same search over lengths (Note [finder search]: the probe is called with a length).
+struct SeqFinderInputs {
+  int64_t predicted_seq = 0;  // the plan's longest (largest_fitting_seq); the first probe
+  int64_t upper_seq = 0;      // nothing longer is tried (the model's positions, or --seq)
+  int64_t step = 1024;        // lengths probed are multiples of this
+  int64_t micro = 1;
+  double device_capacity_bytes = 0;  // for the log line; 0: unknown
+};
+
+struct SeqFinderResult {
+  bool found = false;       // false: not even `step` tokens fit
+  int64_t seq = 0;          // the longest length probed that fitted
+  double peak_allocated_bytes = 0;  // measured there
+  double peak_reserved_bytes = 0;
+  std::vector<Trial> trials;  // Trial::micro holds the length probed
+  std::string message;
+};
+
+SeqFinderResult find_max_seq(const SeqFinderInputs& in, const Probe& probe);
+
 // ---------------------------------------------------------------- divisors
 
 // The largest divisor of n (n >= 1) that is <= limit; 1 when limit < 1.

@@ -236,6 +236,16 @@ AutoRecompute auto_recompute(const DecoderConfig& model, BudgetInputs in, const 
 // way a micro batch (Note [offloaded checkpoints] in src/layer/offload.cpp).
 double offloaded_bytes(const DecoderConfig& model, const BudgetInputs& in);
 
+// The longest sequence, a multiple of `step` no longer than `upper`, whose plan (the rest as in
+// `in`) fits `gpu`; 0 when not even `step` tokens do. Memory grows with the length: a binary search.
+int64_t largest_fitting_seq(const DecoderConfig& model, BudgetInputs in, const GpuSpec& gpu, int64_t upper,
+                            int64_t step);
+
+// The budget's knobs as `cfg` sets them, precision resolved to `precision` ("bf16", "fp16",
+// "fp32"); train.recompute: auto as full and train.offload_checkpoints: auto as off (the plan
+// settles both against a GPU, make_plan).
+BudgetInputs budget_inputs(const Config& cfg, const DecoderConfig& model, const std::string& precision);
+
 // Sum of the components.
 double total_bytes(const std::vector<Component>& components);
 

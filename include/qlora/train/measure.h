@@ -87,6 +87,15 @@ plan::FinderResult find_micro_batch_on_device(const Config& cfg, const DecoderCo
 // the worst-case sequence length. InputError on a CPU.
 plan::FinderResult find_micro_batch_for(const Config& cfg, const MeasureOptions& options, int64_t world);
 
+// `qlora plan --find-max-seq`: the longest sequence (a multiple of 1,024 tokens, up to `options.seq`
+// or else the model's positions) that trains at the configured micro batch on this GPU, by real
+// forward + backward passes from the plan's guess (plan::find_max_seq). train.offload_checkpoints:
+// auto probes with offloading where it could apply (checkpointing, one sequence); a length whose
+// offloaded checkpoints would not fit 90% of the host's available memory does not fit. The
+// result's message ends with one timed pass at that length (tokens per second, after a warm-up
+// pass). InputError on a CPU.
+plan::SeqFinderResult find_max_seq_for(const Config& cfg, const MeasureOptions& options, int64_t world);
+
 // The plan's view of the device a run chose, with its capacity (a cap when > 0).
 plan::GpuSpec gpu_spec_of(const DeviceChoice& dev, double memory_cap_bytes);
 
