@@ -458,5 +458,20 @@ TEST(PlanGpu, NoGpuOnThisMachineIsSaidPlainly) {
   }
 }
 
+// Packed rows in bf16 take flash's variable-length kernel (Note [attention paths]): no mask, k and
+// v not repeated, so they cost what full rows do; fp16 (a T4 among them) keeps the mask's
+// [B, 1, S, S] and the repeated heads.
+TEST(Plan, PackedRowsInBf16CostWhatFullRowsDo) {
+  const std::vector<std::string> sets = {"train.micro_batch_size=4", "data.max_seq_length=2048"};
+  auto with = [&](const std::string& precision, bool packed) {
+    auto s = sets;
+    s.push_back("train.precision=" + precision);
+    s.push_back(std::string("data.packing=") + (packed ? "true" : "false"));
+    return plan_for("llama-3.2-1b", "h100", s).allocated_bytes;
+  };
+  EXPECT_DOUBLE_EQ(with("bf16", true), with("bf16", false));
+  EXPECT_GE(with("fp16", true), with("fp16", false) + 4.0 * 2048 * 2048);  // at least the bool mask
+}
+
 }  // namespace
 }  // namespace qlora::plan

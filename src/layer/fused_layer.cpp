@@ -309,20 +309,24 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
     variable_list grads(3);
     if (!grad_outputs[0].defined()) return grads;
     const BelowAutograd below;  // Note [fused layer below autograd]
+    // x and h1: locals, freed as this backward returns (saved_data lives as long as the node,
+    // to the end of the whole backward). Offloaded: back from host memory (gu and d into the
+    // slots the recompute takes them from, erased there).
+    at::Tensor input, h1;
     if (auto it = ctx->saved_data.find("offloaded"); it != ctx->saved_data.end()) {
-      // Back from host memory, into the slots the layer keeps them in on the device.
       const auto handle = c10::static_intrusive_pointer_cast<OffloadHandle>(it->second.toCapsule());
       std::vector<at::Tensor> back = handle->offload->fetch(handle->entry);
       ctx->saved_data.erase(it);
       size_t next = 2;
       if (ctx->saved_data["offloaded_gu"].toBool()) ctx->saved_data["gu"] = back.at(next++);
       if (ctx->saved_data["offloaded_down"].toBool()) ctx->saved_data["down"] = back.at(next++);
-      ctx->saved_data["input"] = back[0];
-      ctx->saved_data["h1"] = back[1];
+      input = std::move(back[0]);
+      h1 = std::move(back[1]);
+    } else {
+      input = ctx->get_saved_variables()[0];
+      h1 = ctx->saved_data["h1"].toTensor();
+      ctx->saved_data.erase("h1");
     }
-    const auto in_it = ctx->saved_data.find("input");
-    const at::Tensor input = in_it != ctx->saved_data.end() ? in_it->second.toTensor() : ctx->get_saved_variables()[0];
-    const at::Tensor h1 = ctx->saved_data["h1"].toTensor();
     const auto holder = c10::static_intrusive_pointer_cast<LayerHolder>(ctx->saved_data["layer"].toCapsule());
     const LayerRefs& r = holder->refs;
     const c10::Device device = input.device();

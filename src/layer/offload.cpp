@@ -26,29 +26,36 @@ namespace qlora::layer {
 //  - stash (forward, as a layer leaves): the compute stream records an event; a side stream
 //    (one per device, from the pool) waits for it and copies each tensor into pinned host memory
 //    (the CUDA host allocator: its blocks are reused from step to step, and one a copy still
-//    reads is never handed out again). record_stream tells the caching allocator the side stream
-//    reads the device tensor, so its memory is reused only after the copy, once the layer has
-//    dropped its references. Before starting layer l's copies the compute stream waits for those
-//    of layer l - 2: at most two layers' kept tensors are on the device waiting for their copy.
-//  - fetch (backward of layer l): the layer's tensors come back on a second side stream into
-//    memory allocated on the compute stream (which the copy stream waits for first, so nothing
-//    still queued there reads it); the compute stream waits for the copy. Then layer l - 1's
-//    copy starts, overlapping layer l's backward: two layers' worth on the device at a time.
+//    reads is never handed out again). The entry keeps its device tensors until the compute
+//    stream has waited for their copy: layer l's stash makes the compute stream wait for layer
+//    l - 2's copies and then drops l - 2's device tensors, so their memory goes back to the
+//    compute stream's pool in stream order and is reused at once (record_stream would free it
+//    only once the allocator sees the event passed, later than the host, which runs ahead).
+//    At most two layers' kept tensors are on the device beside the one being computed.
+//  - fetch (backward of layer l): a layer that still has its device tensors (the top two) uses
+//    them, no round trip. Otherwise they come back on a second side stream into memory allocated
+//    on the compute stream (which the copy stream waits for first, so nothing still queued there
+//    reads it); the compute stream waits for the copy. Then layer l - 1's copy starts,
+//    overlapping layer l's backward: two layers' worth on the device at a time.
 //  - Each layer's entry belongs to its autograd context (OffloadHandle); an entry points at the
 //    one stashed before it to prefetch it. A forward abandoned half way (an out-of-memory retry)
-//    frees its entries with its graph; host blocks a copy still uses are not reused before it ends.
+//    frees its entries with its graph: an entry makes the current stream wait for its copies
+//    before its device memory goes back; host blocks a copy still uses are not reused before it
+//    ends. Pinned blocks are rounded up to powers of two by the host allocator and kept for reuse
+//    (the run's host-memory check counts the rounding; a new batch shape pins new blocks).
 // On the CPU the kept tensors are host memory already: they stay as they are (copy_on_cpu: are
 // copied, so tests run the bookkeeping). Host memory needed: every layer's kept bytes at once
 // (plan::offloaded_bytes; the run checks the machine has it).
 
 struct OffloadedTensors {
   int64_t layer = 0;
-  std::vector<at::Tensor> host;  // the copies (or, on the CPU, the tensors) until fetched
-  std::vector<at::Tensor> back;  // on the device again, once prefetched
+  std::vector<at::Tensor> device;  // the originals, until their copies are known done (CUDA)
+  std::vector<at::Tensor> host;    // the copies (or, on the CPU, the tensors) until fetched
+  std::vector<at::Tensor> back;    // on the device again, once prefetched
   std::weak_ptr<OffloadedTensors> below;  // stashed before this one in the same forward
   bool prefetched = false;
   bool fetched = false;
-  int64_t bytes = 0;
+  int64_t bytes = 0;  // counted in `held` once the stash succeeded
   std::shared_ptr<std::atomic<int64_t>> held;  // the offloader's host byte count
 #ifdef QLORA_WITH_CUDA
   std::optional<at::cuda::CUDAEvent> copied;    // on the copy-out stream: host copies complete
@@ -59,7 +66,20 @@ struct OffloadedTensors {
     host.clear();
     held->fetch_sub(bytes);
   }
-  ~OffloadedTensors() { release_host(); }
+  ~OffloadedTensors() {
+#ifdef QLORA_WITH_CUDA
+    // Abandoned before its copies were waited for: the memory they read or write must not go
+    // back to the compute stream's pool ahead of them.
+    const auto settle = [](std::vector<at::Tensor>& ts, std::optional<at::cuda::CUDAEvent>& ev) {
+      if (ts.empty() || !ev || !ts.front().is_cuda()) return;
+      ev->block(c10::cuda::getCurrentCUDAStream(ts.front().device().index()));
+      ts.clear();
+    };
+    settle(device, copied);
+    settle(back, returned);
+#endif
+    release_host();
+  }
 };
 
 struct CheckpointOffload::Impl {
@@ -84,8 +104,6 @@ struct CheckpointOffload::Impl {
     const c10::DeviceIndex d = tensors.front().device().index();
     streams_for(d);
     const c10::cuda::CUDAStream compute = c10::cuda::getCurrentCUDAStream(d);
-    if (auto b = e.below.lock())
-      if (auto bb = b->below.lock(); bb && bb->copied) bb->copied->block(compute);
     at::cuda::CUDAEvent ready;
     ready.record(compute);
     ready.block(*out);
@@ -94,12 +112,18 @@ struct CheckpointOffload::Impl {
       for (const at::Tensor& t : tensors) {
         at::Tensor h = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
         h.copy_(t, /*non_blocking=*/true);
-        t.record_stream(*out);
         e.host.push_back(std::move(h));
       }
     }
     e.copied.emplace();
     e.copied->record(*out);
+    e.device = tensors;
+    // Layer l - 2's copies done in stream order, its device tensors go (Note [offloaded checkpoints]).
+    if (auto b = e.below.lock())
+      if (auto bb = b->below.lock(); bb && bb->copied && !bb->device.empty()) {
+        bb->copied->block(compute);
+        bb->device.clear();
+      }
   }
 
   void bring_back_cuda(OffloadedTensors& e, c10::Device device) {
@@ -124,7 +148,12 @@ struct CheckpointOffload::Impl {
     e.prefetched = true;
 #ifdef QLORA_WITH_CUDA
     if (device.is_cuda()) {
-      bring_back_cuda(e, device);
+      if (!e.device.empty()) {  // never left the device (the top layers): no round trip
+        e.back = std::move(e.device);
+        e.device.clear();
+      } else {
+        bring_back_cuda(e, device);
+      }
       e.release_host();  // the host allocator keeps the blocks until the copies have read them
       return;
     }
@@ -148,7 +177,6 @@ std::shared_ptr<OffloadedTensors> CheckpointOffload::stash(int64_t layer, const 
   e->layer = layer;
   e->held = impl_->held;
   if (layer > 0) e->below = impl_->last;  // layer 0: a new forward
-  for (const at::Tensor& t : tensors) e->bytes += static_cast<int64_t>(t.nbytes());
   const c10::Device device = tensors.front().device();
 #ifdef QLORA_WITH_CUDA
   if (device.is_cuda()) impl_->stash_cuda(*e, tensors);
@@ -156,6 +184,8 @@ std::shared_ptr<OffloadedTensors> CheckpointOffload::stash(int64_t layer, const 
   if (!device.is_cuda()) {
     for (const at::Tensor& t : tensors) e->host.push_back(impl_->copy_on_cpu ? t.clone() : t);
   }
+  // Counted once stashed: an entry whose stash threw part way subtracts nothing.
+  for (const at::Tensor& t : tensors) e->bytes += static_cast<int64_t>(t.nbytes());
   const int64_t now = impl_->held->fetch_add(e->bytes) + e->bytes;
   int64_t peak = impl_->peak.load();
   while (now > peak && !impl_->peak.compare_exchange_weak(peak, now)) {

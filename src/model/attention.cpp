@@ -292,6 +292,8 @@ AttentionInputs packed_attention(const at::Tensor& segment_ids, const at::Tensor
 bool flash_attention_applies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double softcap) {
 #ifdef QLORA_WITH_CUDA
   if (!q.is_cuda() || softcap > 0 || q.dim() != 4) return false;  // ATen's flash kernel has no soft cap
+  // SDPA pads other head sizes before its flash call; the raw varlen entry point refuses them.
+  if (q.size(3) % 8 != 0) return false;
   // ATen's own gate for SDPA's flash kernel: bf16 / fp16, the head dims it takes, the GPUs it
   // runs on (with the sm86 / sm89 limits on backward), torch's switch for it.
   const sdp::sdp_params params{q, k, v, std::nullopt, 0.0, /*is_causal=*/true, /*enable_gqa=*/q.size(1) != k.size(1)};

@@ -186,7 +186,14 @@ FusedHalves fused_halves(const DecoderConfig& m, const BudgetInputs& in, bool ke
   return f;
 }
 
-double offloaded_bytes(const DecoderConfig& m, const BudgetInputs& in) {
+namespace {
+
+// The CUDA host allocator's block for `bytes`: the next power of two.
+double pinned_block(double bytes) { return bytes <= 1 ? bytes : std::exp2(std::ceil(std::log2(bytes))); }
+
+// offloaded_bytes, each tensor's size passed through `block` first.
+template <typename Block>
+double kept_between(const DecoderConfig& m, const BudgetInputs& in, Block block) {
   if (!in.gradient_checkpointing) return 0.0;
   const int64_t L = m.num_hidden_layers, p = in.activation_bytes, whole = whole_layers(in, L);
   const bool fused_layer = p == 2;  // the GPU's 16-bit path: the fused layer (Note [plan: the GPU paths])
@@ -196,10 +203,20 @@ double offloaded_bytes(const DecoderConfig& m, const BudgetInputs& in) {
   // The last `whole` layers keep all of a layer instead (counted with the layer's tensors).
   const int64_t kept_layers_gu = std::max<int64_t>(0, kept_gate_up_layers(in.selective_layers, L) - whole);
   const bool selective = fused_layer && in.selective_recompute && kept_layers_gu > 0;
-  const double gate_up = selective ? double(kept_layers_gu) * tokens * double(2 * m.intermediate_size * p) : 0.0;
+  const double gate_up = selective ? double(kept_layers_gu) * block(tokens * double(2 * m.intermediate_size * p)) : 0.0;
   // With sandwich norms it keeps down_proj's output too (Note [sandwich norms] in src/layer/fused_layer.cpp).
   const int64_t fused_kept = m.pieces.sandwich_norms ? 3 : 2;
-  return double(fused_layer ? fused_kept : 1) * double(L - whole) * tokens * double(m.hidden_size * p) + gate_up;
+  return double(fused_layer ? fused_kept : 1) * double(L - whole) * block(tokens * double(m.hidden_size * p)) + gate_up;
+}
+
+}  // namespace
+
+double offloaded_bytes(const DecoderConfig& m, const BudgetInputs& in) {
+  return kept_between(m, in, [](double bytes) { return bytes; });
+}
+
+double offloaded_pinned_bytes(const DecoderConfig& m, const BudgetInputs& in) {
+  return kept_between(m, in, pinned_block);
 }
 
 std::vector<Component> memory_components(const DecoderConfig& m, const BudgetInputs& in) {
@@ -294,11 +311,15 @@ std::vector<Component> memory_components(const DecoderConfig& m, const BudgetInp
   // Note [plan: the GPU paths]: bf16/fp16 run on a GPU, where the norm is ATen's fused
   // kernel (it keeps the 16-bit input and rstd, no fp32 copy), the checkpointed layer is the
   // fused one (layer/fused_layer.h) and the cross-entropy computes its gradient in forward.
-  // Only packed rows carry an attention mask (right-padded rows attend causally).
+  // Only packed rows carry an attention mask (right-padded rows attend causally), and not where
+  // flash's variable-length kernel takes them (bf16; not Gemma 2's soft-capped attention, nor a
+  // head size flash lacks: Note [attention paths] in src/model/attention.cpp).
   const bool gpu16 = p == 2;
   const bool fused_layer = gpu16 && in.gradient_checkpointing;
   const double tokens = double(T);
-  const double square = in.packed ? double(B) * double(S) * double(S) : 0.0;  // B·S² mask elements
+  const bool packed_flash = in.packed && in.flash_attention && m.attn_logit_softcapping <= 0 && d % 8 == 0 && d <= 256;
+  const bool masked = in.packed && !packed_flash;
+  const double square = masked ? double(B) * double(S) * double(S) : 0.0;  // B·S² mask elements
   const int64_t nkv = m.num_key_value_heads;
   // cos, sin [B, S, d] (twice with Gemma 3's local RoPE base: the fused layer's windowed layers
   // share one more pair, Note [the family's pieces] in src/layer/fused_layer.cpp) + indices.
@@ -332,7 +353,7 @@ std::vector<Component> memory_components(const DecoderConfig& m, const BudgetInp
   const int64_t norm_tok = gpu16 ? 2 * (p * h + 4) + (sandwich ? 2 * p * h : 0) : (sandwich ? 4 : 2) * (4 * h + 4);
   // With a mask k, v are repeated to every head (the memory-efficient kernel); without, SDPA
   // takes them grouped.
-  const int64_t attn_tok = (in.packed ? 4 * p * nh * d : p * (2 * nh * d + 2 * nkv * d)) + 4 * nh;
+  const int64_t attn_tok = (masked ? 4 * p * nh * d : p * (2 * nh * d + 2 * nkv * d)) + 4 * nh;
   // The generic layer keeps gate, up and silu(gate) (3·p·i); the fused layer without
   // checkpointing (the GPU's 16-bit path, Note [fused layer without checkpointing]) keeps
   // gate|up alone and silu(gate)·up only as down_proj's LoRA input (counted with LoRA).

@@ -107,6 +107,7 @@ BudgetInputs inputs_from(const Config& cfg, const DecoderConfig& model, const Pr
   in.double_quant = cfg.quantization.double_quant;
   in.packed = cfg.data.packing;
   in.activation_bytes = bytes_of(precision.resolved);
+  in.flash_attention = precision.resolved == "bf16";
   const Precision cd = cfg.quantization.compute_dtype;
   in.dequant_bytes = cd == Precision::kAuto ? in.activation_bytes : (cd == Precision::kFp32 ? 4 : 2);
   return in;
@@ -241,7 +242,7 @@ std::vector<Advice> advise_over(const DecoderConfig& model, BudgetInputs in, int
     if (fits(total, gpu)) {  // advised only where it is enough: the knobs below cost the training
       out.push_back(make_advice("offload",
                                 "set train.offload_checkpoints: true (each layer's checkpoint waits in host memory: " +
-                                    gib(before - total) + " less on the GPU, " + gib(offloaded_bytes(model, in)) +
+                                    gib(before - total) + " less on the GPU, " + gib(offloaded_pinned_bytes(model, in)) +
                                     " of pinned host memory)",
                                 in, accumulation, total, gpu));
       return out;
@@ -416,7 +417,7 @@ void resolve_offload(Plan& plan, const Config& cfg, const DecoderConfig& model, 
                            gib(budget(model, in).total) + " (" + gpu->name + " has " + gib(gpu->memory_bytes) + ")");
   }
   plan.offload = in.offload;
-  plan.offload_host_bytes = in.offload ? offloaded_bytes(model, in) : 0.0;
+  plan.offload_host_bytes = in.offload ? offloaded_pinned_bytes(model, in) : 0.0;
 }
 
 void resolve_recompute(Plan& plan, const Config& cfg, const DecoderConfig& model, BudgetInputs& in, const GpuSpec* gpu) {

@@ -247,9 +247,9 @@ plan::SeqFinderResult find_max_seq_for(const Config& cfg_in, const MeasureOption
   const double host = static_cast<double>(host_available_bytes());
   plan::SeqFinderResult f = plan::find_max_seq(s, [&](int64_t seq) {
     in.seq_length = seq;
-    if (offload && host > 0 && plan::offloaded_bytes(base.shape, in) > 0.9 * host) {
+    if (offload && host > 0 && plan::offloaded_pinned_bytes(base.shape, in) > 0.9 * host) {
       plan::ProbeResult r;
-      r.error = "its offloaded checkpoints need " + plan::format_gib(plan::offloaded_bytes(base.shape, in)) +
+      r.error = "its offloaded checkpoints need " + plan::format_gib(plan::offloaded_pinned_bytes(base.shape, in)) +
                 " GiB of host memory, more than 90% of the " + plan::format_gib(host) + " GiB available";
       return r;
     }
@@ -265,7 +265,7 @@ plan::SeqFinderResult find_max_seq_for(const Config& cfg_in, const MeasureOption
   }
   in.seq_length = f.seq;
   f.message += std::string("; offloaded checkpoints: ") +
-               (offload ? plan::format_gib(plan::offloaded_bytes(base.shape, in)) + " GiB of host memory" : "no") +
+               (offload ? plan::format_gib(plan::offloaded_pinned_bytes(base.shape, in)) + " GiB of host memory" : "no") +
                " [" + dev.description + ", the plan's guess " + std::to_string(s.predicted_seq) + "]";
   return f;
 }

@@ -133,7 +133,7 @@ struct Plan {
   int64_t selective_layers = 0;
   int64_t no_recompute_layers = 0;  // of those, the last ones that recompute nothing (whole_layers)
   // train.offload_checkpoints as resolved (auto: on when only it makes the run fit the GPU), and
-  // the pinned host memory it holds at the peak (offloaded_bytes).
+  // the pinned host memory it holds at the peak (offloaded_pinned_bytes).
   bool offload = false;
   double offload_host_bytes = 0;
   std::vector<Advice> advice;
@@ -197,6 +197,10 @@ struct BudgetInputs {
   int dequant_bytes = 2;      // quantization.compute_dtype
   bool packed = false;        // data.packing: an attention mask per micro batch (padded rows need none)
   bool offload = false;       // train.offload_checkpoints, resolved (under checkpointing only)
+  // bf16 (so sm_80 or later): packed rows take flash's variable-length kernel, with neither a
+  // mask nor k, v repeated (Note [attention paths] in src/model/attention.cpp); fp16 may be a
+  // T4's, whose packed rows keep the [B, 1, S, S] mask.
+  bool flash_attention = false;
 };
 
 // How many layers keep their gate/up output for train.selective_layers = `selective_layers`
@@ -235,6 +239,9 @@ AutoRecompute auto_recompute(const DecoderConfig& model, BudgetInputs in, const 
 // checkpointing): the host memory train.offload_checkpoints needs, and what its copies move each
 // way a micro batch (Note [offloaded checkpoints] in src/layer/offload.cpp).
 double offloaded_bytes(const DecoderConfig& model, const BudgetInputs& in);
+// The pinned host memory that takes: each tensor in a block of the next power of two, as the
+// CUDA host allocator rounds (up to 2× offloaded_bytes).
+double offloaded_pinned_bytes(const DecoderConfig& model, const BudgetInputs& in);
 
 // The longest sequence, a multiple of `step` no longer than `upper`, whose plan (the rest as in
 // `in`) fits `gpu`; 0 when not even `step` tokens do. Memory grows with the length: a binary search.

@@ -108,7 +108,7 @@ std::string resolve_auto_recompute(Config& cfg, const DecoderConfig& shape, cons
 
 // train.offload_checkpoints made concrete for the run, in cfg: auto as the plan decides for this
 // device (the cap, when > 0), off on the CPU and without checkpointing. When on, the pinned host
-// memory the checkpoints need (plan::offloaded_bytes, for each of `local_processes` on this host)
+// memory the checkpoints need (plan::offloaded_pinned_bytes, for each of `local_processes` on this host)
 // is checked against `host_available` bytes (host_available_bytes(); 0: unknown, not checked):
 // InputError with the numbers and the settings to change. Returns the line to log ("" when there
 // is nothing to say). After the micro batch and train.recompute are settled.
