@@ -7,6 +7,9 @@
 #include <optional>
 
 #ifdef QLORA_WITH_CUDA
+#include <map>
+#include <mutex>
+
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -34,6 +37,25 @@ std::string decode_graph_unavailable(const model::DecoderModel& model, int64_t c
   return "";
 #endif
 }
+
+#ifdef QLORA_WITH_CUDA
+namespace {
+
+// Capture needs a stream other than the default one. One per device for every generation: the
+// caching allocator keeps freed blocks per stream, so a new pool stream per call (each held-out
+// evaluation, each chat turn) would leave each call's blocks cached where the next never looks.
+c10::cuda::CUDAStream decode_stream(c10::DeviceIndex device) {
+  static std::mutex mu;
+  static std::map<c10::DeviceIndex, c10::cuda::CUDAStream> streams;
+  const std::lock_guard<std::mutex> lock(mu);
+  auto it = streams.find(device);
+  if (it == streams.end())
+    it = streams.emplace(device, c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device)).first;
+  return it->second;
+}
+
+}  // namespace
+#endif
 
 struct DecodeGraph::Impl {
   const model::DecoderModel& model;
@@ -75,7 +97,7 @@ DecodeGraph::DecodeGraph(const model::DecoderModel& model, model::KvCache& cache
   impl_->mask = written.view({b, 1, 1, capacity});
   cache.write_at = at::zeros({1}, last_positions.options());
 #ifdef QLORA_WITH_CUDA
-  impl_->side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, model.device().index());
+  impl_->side = decode_stream(model.device().index());
 #endif
 }
 
