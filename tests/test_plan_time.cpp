@@ -156,5 +156,20 @@ TEST(Plan, EpochEstimateFromTheNumberOfExamples) {
   EXPECT_EQ(q.time.total_steps, 10);
 }
 
+// Gemma's sandwich norms make the fused layer recompute o_proj (its output is the post-attention
+// norm's input; down_proj's is kept instead): 2·L·h·(H·d) FLOPs a token more than without them.
+TEST(PlanTime, SandwichNormsRecomputeOProj) {
+  const Config cfg = default_config({"train.micro_batch_size=2", "data.max_seq_length=1024", "train.precision=bf16",
+                                     "train.gradient_accumulation_steps=1"});
+  DecoderConfig m = model_preset("gemma-2-2b");
+  ASSERT_TRUE(m.pieces.sandwich_norms);
+  const GpuSpec gpu = resolve_gpu("h100");
+  const double with = make_plan(cfg, m, &gpu, 1).time.flops_per_token;
+  m.pieces.sandwich_norms = false;
+  const double without = make_plan(cfg, m, &gpu, 1).time.flops_per_token;
+  EXPECT_DOUBLE_EQ(with - without, 2.0 * double(m.num_hidden_layers) * double(m.hidden_size) *
+                                       double(m.num_attention_heads * m.head_dim));
+}
+
 }  // namespace
 }  // namespace qlora::plan

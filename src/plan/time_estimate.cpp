@@ -126,15 +126,18 @@ TimeEstimate estimate_time(const DecoderConfig& m, const BudgetInputs& in, int64
   //   recompute (checkpointing): the generic checkpoint (fp32) runs the decoder forward again,
   //            2N + attention; the GPU's fused layer (bf16/fp16, Note [fused decoder layer])
   //            keeps each layer's input and attention residual, so it recomputes q, k, v and
-  //            gate/up but neither o_proj nor down_proj, 2·(N - L·h·(H·d + i)) + attention;
+  //            gate/up but neither o_proj nor down_proj, 2·(N - L·h·(H·d + i)) + attention
+  //            (with Gemma's sandwich norms o_proj too: 2·(N - L·h·i));
   //            selective leaves out the gate/up GEMMs too, 2·L·h·2i (a layer at a time); the
   //            last whole_layers recompute nothing (Note [layers not recomputed])
   const double N = double(decoder_linear_params(m)), Vh = double(m.vocab_size * m.hidden_size);
   const bool fused_layer = in.gradient_checkpointing && in.activation_bytes == 2;
   const int64_t L = m.num_hidden_layers;
-  const double not_recomputed = fused_layer ? double(L) * double(m.hidden_size) *
-                                                  double(m.num_attention_heads * m.head_dim + m.intermediate_size)
-                                            : 0.0;
+  // Gemma's sandwich norms: o_proj's output is recomputed (down_proj's is kept), Note [sandwich
+  // norms] in src/layer/fused_layer.cpp.
+  const int64_t o_cols = m.pieces.sandwich_norms ? 0 : m.num_attention_heads * m.head_dim;
+  const double not_recomputed =
+      fused_layer ? double(L) * double(m.hidden_size) * double(o_cols + m.intermediate_size) : 0.0;
   const double attn = 2.0 * double(L) * double(in.seq_length) * double(m.num_attention_heads * m.head_dim);
   const double P = double(lora_params);
   const int64_t whole = whole_layers(in, L);
