@@ -1,6 +1,7 @@
 #include "qlora/layer/offload.h"
 
 #include <ATen/ATen.h>
+#include <c10/util/Exception.h>
 
 #include <atomic>
 #include <mutex>
@@ -211,7 +212,16 @@ std::vector<at::Tensor> CheckpointOffload::fetch(const std::shared_ptr<Offloaded
 #endif
   std::vector<at::Tensor> out = std::move(entry->back);
   entry->back.clear();
-  if (auto b = entry->below.lock()) impl_->bring_back(*b, target);
+  if (auto b = entry->below.lock()) {
+    try {
+      impl_->bring_back(*b, target);
+    } catch (const c10::OutOfMemoryError&) {
+      // No room to prefetch beside this layer's backward: the layer below fetches its own when
+      // its backward starts (this layer's tensors are fine).
+      b->prefetched = false;
+      b->back.clear();
+    }
+  }
   return out;
 }
 
