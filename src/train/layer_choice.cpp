@@ -30,7 +30,7 @@ LayerForwardFn training_layer_forward(const model::DecoderModel& model, bool gra
   // One offloader for every layer of the run: its side streams and its chain from layer to layer.
   std::shared_ptr<layer::CheckpointOffload> offloader;
   if (gradient_checkpointing && offload == Offload::kOn)
-    offloader = std::make_shared<layer::CheckpointOffload>(env_is("QLORA_OFFLOAD_COPY_ON_CPU", "1"));
+    offloader = std::make_shared<layer::CheckpointOffload>();
   if (!trains_with_fused_layer(model)) {
     CheckpointOptions options;
     options.offload = offloader;
