@@ -93,14 +93,7 @@ void compare(at::ScalarType dtype, layer::FusedRecompute what = layer::FusedReco
   opt.dtype = dtype;
   opt.make_linear = model::nf4_linear_factory(true, dtype);
   DecoderModel m = DecoderModel::load(shape, train::random_llama_weights(shape, 5, c10::kCPU), opt);
-  lora::LoraSettings ls;
-  ls.r = 8;
-  ls.alpha = 16;
-  ls.dropout = 0.1;
-  ls.target_modules = {"all-linear"};
-  torch::manual_seed(2);
-  lora::LoraAdapter adapter = lora::LoraAdapter::attach(m, ls);
-  testing::give_lora_b_values(adapter);
+  const lora::LoraAdapter adapter = testing::attach_all_linear_lora(m);
   const Result want = run(m, adapter, testing::generic_layer_forward(m, what), dtype);
   const Result got = run(m, adapter, layer::fused_layer_forward(m, what, -1, no_recompute_layers), dtype);
   const bool fp32 = dtype == at::kFloat;

@@ -80,18 +80,6 @@ DecoderModel make_model(at::ScalarType dtype) {
   return DecoderModel::load(shape, train::random_llama_weights(shape, 5, c10::kCPU), opt);
 }
 
-lora::LoraAdapter attach(DecoderModel& m) {
-  lora::LoraSettings ls;
-  ls.r = 8;
-  ls.alpha = 16;
-  ls.dropout = 0.1;
-  ls.target_modules = {"all-linear"};
-  torch::manual_seed(2);
-  lora::LoraAdapter adapter = lora::LoraAdapter::attach(m, ls);
-  testing::give_lora_b_values(adapter);
-  return adapter;
-}
-
 void expect_same_bits(const Result& kept, const Result& moved, const std::string& what) {
   EXPECT_TRUE(at::equal(kept.y, moved.y)) << what << ": outputs";
   EXPECT_TRUE(at::equal(kept.dx, moved.dx)) << what << ": input gradient";
@@ -102,7 +90,7 @@ void expect_same_bits(const Result& kept, const Result& moved, const std::string
 TEST(CudaOffload, FusedLayerSameBitsAndTwoLayersOnTheDevice) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device visible to torch";
   DecoderModel m = make_model(at::kBFloat16);
-  const lora::LoraAdapter adapter = attach(m);
+  const lora::LoraAdapter adapter = testing::attach_all_linear_lora(m);
   // x and h1 of a layer: 2 × B × T × h × 2 B.
   const int64_t layer_bytes = 2 * kBatch * kSeq * m.config().hidden_size * 2;
   struct Mode {
@@ -133,7 +121,7 @@ TEST(CudaOffload, FusedLayerSameBitsAndTwoLayersOnTheDevice) {
 TEST(CudaOffload, GenericCheckpointSameBits) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device visible to torch";
   DecoderModel m = make_model(at::kFloat);
-  const lora::LoraAdapter adapter = attach(m);
+  const lora::LoraAdapter adapter = testing::attach_all_linear_lora(m);
   train::CheckpointOptions offloaded;
   offloaded.offload = std::make_shared<layer::CheckpointOffload>();
   const Result kept = run(m, adapter, train::checkpointed_layer_forward(m), at::kFloat);

@@ -211,27 +211,30 @@ TEST(FusedOpsReference, SwigluEqualsSiluTimesUp) {
   expect_gated_product(&swiglu, &swiglu_reference, [](const at::Tensor& g) { return at::silu(g); }, 4);
 }
 
-TEST(FusedOpsReference, SwigluBackwardMatchesAutograd) {
-  torch::manual_seed(5);
+// A gated product's backward in place (dg | du over gu) against autograd's of act(g) * u, the
+// reference to kAutogradRtol; the dispatching op on column slices (gu of [N, 3I + 5], dm of
+// [N, 2I + 1]) equal to the reference, the columns outside gu's slice untouched.
+using GatedBackward = void (*)(const at::Tensor&, at::Tensor&);
+void expect_gated_backward(const char* name, GatedBackward op, GatedBackward reference,
+                           const std::function<at::Tensor(const at::Tensor&)>& act, uint64_t seed) {
+  torch::manual_seed(seed);
   for (int64_t n : kRows)
     for (int64_t inter : kInters) {
       const at::Tensor gu0 = at::randn({n, 2 * inter}) * 3;
       const at::Tensor dm = at::randn({n, inter});
       const at::Tensor g = gu0.narrow(1, 0, inter).clone().requires_grad_(true);
       const at::Tensor u = gu0.narrow(1, inter, inter).clone().requires_grad_(true);
-      (at::silu(g) * u).backward(dm);
+      (act(g) * u).backward(dm);
 
       at::Tensor gu = gu0.clone();
-      swiglu_backward_inplace_reference(dm, gu);
+      reference(dm, gu);
       const double err_dg = rel_err(gu.narrow(1, 0, inter), g.grad());
       const double err_du = rel_err(gu.narrow(1, inter, inter), u.grad());
-      EXPECT_LE(err_dg, kAutogradRtol) << "dg N=" << n << " I=" << inter;
-      EXPECT_LE(err_du, kAutogradRtol) << "du N=" << n << " I=" << inter;
-      std::printf("  swiglu backward vs autograd N=%lld I=%lld: max err / max|ref| = %.3g (dg), %.3g (du)\n",
+      EXPECT_LE(err_dg, kAutogradRtol) << name << " dg N=" << n << " I=" << inter;
+      EXPECT_LE(err_du, kAutogradRtol) << name << " du N=" << n << " I=" << inter;
+      std::printf("  %s backward vs autograd N=%lld I=%lld: max err / max|ref| = %.3g (dg), %.3g (du)\n", name,
                   static_cast<long long>(n), static_cast<long long>(inter), err_dg, err_du);
 
-      // Strided: gu a column slice of [N, 3I + 5], dm a column slice of [N, 2I + 1]; the columns
-      // outside gu's slice stay as they were.
       at::Tensor wide = at::randn({n, 3 * inter + 5});
       const at::Tensor before = wide.clone();
       at::Tensor gus = wide.narrow(1, 3, 2 * inter);
@@ -239,11 +242,17 @@ TEST(FusedOpsReference, SwigluBackwardMatchesAutograd) {
       const at::Tensor dm_wide = at::randn({n, 2 * inter + 1});
       at::Tensor dms = dm_wide.narrow(1, 1, inter);
       dms.copy_(dm);
-      swiglu_backward_inplace(dms, gus);
-      EXPECT_TRUE(at::equal(wide.narrow(1, 3, 2 * inter), gu));
-      EXPECT_TRUE(at::equal(wide.narrow(1, 0, 3), before.narrow(1, 0, 3)));
-      EXPECT_TRUE(at::equal(wide.narrow(1, 3 + 2 * inter, inter + 2), before.narrow(1, 3 + 2 * inter, inter + 2)));
+      op(dms, gus);
+      EXPECT_TRUE(at::equal(wide.narrow(1, 3, 2 * inter), gu)) << name;
+      EXPECT_TRUE(at::equal(wide.narrow(1, 0, 3), before.narrow(1, 0, 3))) << name;
+      EXPECT_TRUE(at::equal(wide.narrow(1, 3 + 2 * inter, inter + 2), before.narrow(1, 3 + 2 * inter, inter + 2)))
+          << name;
     }
+}
+
+TEST(FusedOpsReference, SwigluBackwardMatchesAutograd) {
+  expect_gated_backward("swiglu", &swiglu_backward_inplace, &swiglu_backward_inplace_reference,
+                        [](const at::Tensor& g) { return at::silu(g); }, 5);
 }
 
 TEST(FusedOpsReference, GegluEqualsGeluTanhTimesUp) {
@@ -255,38 +264,8 @@ TEST(FusedOpsReference, GegluEqualsGeluTanhTimesUp) {
 // some elements differently on the column slices of gu than on autograd's contiguous g (their
 // strided and contiguous loops): seen 1.2e-8 of the largest gradient, 0 where the layouts agree.
 TEST(FusedOpsReference, GegluBackwardMatchesAutograd) {
-  torch::manual_seed(7);
-  for (int64_t n : kRows)
-    for (int64_t inter : kInters) {
-      const at::Tensor gu0 = at::randn({n, 2 * inter}) * 3;
-      const at::Tensor dm = at::randn({n, inter});
-      const at::Tensor g = gu0.narrow(1, 0, inter).clone().requires_grad_(true);
-      const at::Tensor u = gu0.narrow(1, inter, inter).clone().requires_grad_(true);
-      (at::gelu(g, "tanh") * u).backward(dm);
-
-      at::Tensor gu = gu0.clone();
-      geglu_backward_inplace_reference(dm, gu);
-      const double err_dg = rel_err(gu.narrow(1, 0, inter), g.grad());
-      const double err_du = rel_err(gu.narrow(1, inter, inter), u.grad());
-      EXPECT_LE(err_dg, kAutogradRtol) << "dg N=" << n << " I=" << inter;
-      EXPECT_LE(err_du, kAutogradRtol) << "du N=" << n << " I=" << inter;
-      std::printf("  geglu backward vs autograd N=%lld I=%lld: max err / max|ref| = %.3g (dg), %.3g (du)\n",
-                  static_cast<long long>(n), static_cast<long long>(inter), err_dg, err_du);
-
-      // Strided, through the dispatching entry point: gu a column slice of [N, 3I + 5], dm a
-      // column slice of [N, 2I + 1]; the columns outside gu's slice stay as they were.
-      at::Tensor wide = at::randn({n, 3 * inter + 5});
-      const at::Tensor before = wide.clone();
-      at::Tensor gus = wide.narrow(1, 3, 2 * inter);
-      gus.copy_(gu0);
-      const at::Tensor dm_wide = at::randn({n, 2 * inter + 1});
-      at::Tensor dms = dm_wide.narrow(1, 1, inter);
-      dms.copy_(dm);
-      geglu_backward_inplace(dms, gus);
-      EXPECT_TRUE(at::equal(wide.narrow(1, 3, 2 * inter), gu));
-      EXPECT_TRUE(at::equal(wide.narrow(1, 0, 3), before.narrow(1, 0, 3)));
-      EXPECT_TRUE(at::equal(wide.narrow(1, 3 + 2 * inter, inter + 2), before.narrow(1, 3 + 2 * inter, inter + 2)));
-    }
+  expect_gated_backward("geglu", &geglu_backward_inplace, &geglu_backward_inplace_reference,
+                        [](const at::Tensor& g) { return at::gelu(g, "tanh"); }, 7);
 }
 
 // LoRA dropout's backward: acc + d · scale where the mask keeps, acc where it drops, or

@@ -38,6 +38,20 @@ inline void give_lora_b_values(const lora::LoraAdapter& adapter) {
   for (const auto& l : adapter.layers()) l->lora_b().normal_(0.0, 0.05);
 }
 
+// The GPU suites' adapter (test_cuda_fused_layer.cpp, test_cuda_offload.cpp): r 8, alpha 16,
+// dropout 0.1 on every projection, drawn from seed 2, B with values.
+inline lora::LoraAdapter attach_all_linear_lora(model::DecoderModel& m) {
+  lora::LoraSettings ls;
+  ls.r = 8;
+  ls.alpha = 16;
+  ls.dropout = 0.1;
+  ls.target_modules = {"all-linear"};
+  torch::manual_seed(2);
+  lora::LoraAdapter adapter = lora::LoraAdapter::attach(m, ls);
+  give_lora_b_values(adapter);
+  return adapter;
+}
+
 // The recompute modes a family's model runs through: full, selective, nothing, the last layer
 // kept whole (Note [layers not recomputed]).
 struct RecomputeMode {
