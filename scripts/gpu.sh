@@ -11,6 +11,7 @@
 #   bash scripts/gpu.sh --suite lengths    # full rows beside alpaca-like lengths, padded and packed (1B, 8B)
 #   bash scripts/gpu.sh --suite generate   # the cuda tests, decoding speed of qlora and the peer (8B, batch 1 and 8)
 #   bash scripts/gpu.sh --suite long       # the 8B at 2 × 2048, 16k and 32k tokens, checkpoints on the GPU and offloaded
+#   bash scripts/gpu.sh --suite maxseq     # the cuda tests, then the 8B's longest sequence under a 22 GiB cap
 #   options (after --suite they change the preset):
 #   --all                the whole CPU suite too (builds every test)
 #   --no-tests           no ctest
@@ -90,9 +91,10 @@ preset() {
     generate) nf4=0; generate=1; train_configs="" ;;
     lengths) tests=0; nf4=0
        train_configs="4x1024,real-padded-4x1024,real-packed-4x1024,8b-2x2048,real-padded-8b-2x2048,real-packed-8b-2x2048" ;;
-    long) nf4=0; steps=8; max_seq=1
+    long) tests=0; nf4=0; steps=6
        train_configs="8b-2x2048,offload-8b-2x2048,8b-1x16384,offload-8b-1x16384,8b-1x32768,offload-8b-1x32768" ;;
-    *) echo "scripts/gpu.sh: --suite expects shapes, variants, families, families2, lengths, generate or long, got '$1'" >&2
+    maxseq) nf4=0; max_seq=1; train_configs="" ;;
+    *) echo "scripts/gpu.sh: --suite expects shapes, variants, families, families2, lengths, generate, long or maxseq, got '$1'" >&2
        exit 2 ;;
   esac
 }
