@@ -150,6 +150,8 @@ struct CheckpointOffload::Impl {
 #ifdef QLORA_WITH_CUDA
     if (device.is_cuda()) {
       if (!e.device.empty()) {  // never left the device (the top layers): no round trip
+        // Its copy out may still read it; backward may write it in place (a kept gate/up).
+        e.copied->block(c10::cuda::getCurrentCUDAStream(device.index()));
         e.back = std::move(e.device);
         e.device.clear();
       } else {
