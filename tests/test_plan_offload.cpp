@@ -30,8 +30,10 @@ std::vector<std::string> with(std::vector<std::string> sets, const std::string& 
 }
 
 TEST(PlanOffload, TheGpuKeepsTwoLayersOfCheckpointsAndTheHostAll) {
-  const Plan kept = plan_for("llama-3.1-8b", "h100", with(kLong, "train.offload_checkpoints=false"));
-  const Plan moved = plan_for("llama-3.1-8b", "h100", with(kLong, "train.offload_checkpoints=true"));
+  // LoRA dropout 0: no dropped copies for the recompute to shed (that saving: the next test).
+  const auto sets = with(kLong, "lora.dropout=0");
+  const Plan kept = plan_for("llama-3.1-8b", "h100", with(sets, "train.offload_checkpoints=false"));
+  const Plan moved = plan_for("llama-3.1-8b", "h100", with(sets, "train.offload_checkpoints=true"));
   EXPECT_FALSE(kept.offload);
   EXPECT_TRUE(moved.offload);
   EXPECT_DOUBLE_EQ(moved.offload_host_bytes, 17'179'869'184.0);
@@ -47,6 +49,19 @@ TEST(PlanOffload, TheGpuKeepsTwoLayersOfCheckpointsAndTheHostAll) {
   EXPECT_EQ(j["offload"]["enabled"], true);
   EXPECT_EQ(j["offload"]["host_bytes"].get<int64_t>(), 17'179'869'184);
   EXPECT_NE(render_text(moved).find("of host memory (train.offload_checkpoints)"), std::string::npos);
+}
+
+// With LoRA dropout, an offloaded run's recompute sheds its dropped LoRA inputs (Note [shed LoRA
+// inputs]): q, k, v's three copies of n1 become n1 once and three bit masks, gate and up's two of
+// n2 the same; the top layer's backward half holds that much less a token.
+TEST(PlanOffload, TheRecomputeShedsDroppedLoraInputs) {
+  const auto dropped = with(with(kLong, "lora.dropout=0.05"), "train.offload_checkpoints=true");
+  const auto plain = with(with(kLong, "lora.dropout=0"), "train.offload_checkpoints=true");
+  const double per_token_dropped = component(plan_for("llama-3.1-8b", "h100", dropped), "activations").bytes;
+  const double per_token_plain = component(plan_for("llama-3.1-8b", "h100", plain), "activations").bytes;
+  // Dropout then costs only the bit masks (and o_proj's / down_proj's own): far less than the
+  // copies, 2 × 4,096 × 2 B a token for q, k, v alone.
+  EXPECT_LT(per_token_dropped - per_token_plain, 32768.0 * 2 * 4096 * 2);
 }
 
 // auto: on for one sequence that does not fit without it and does with it; off where it fits

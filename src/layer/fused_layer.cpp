@@ -348,14 +348,17 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
       kept_gu = it->second.toTensor();
       ctx->saved_data.erase(it);  // used once: backward overwrites it with [dg | du]
     }
-    auto [mlp, down] = mlp_recompute(r, h1, std::move(kept_gu));
+    // Offloaded (long sequences): the recomputed halves shed their dropped LoRA inputs too, the
+    // largest LoRA share of a half's working set there (Note [shed LoRA inputs]).
+    const bool shed = holder->offload != nullptr;
+    auto [mlp, down] = mlp_recompute(r, h1, std::move(kept_gu), shed);
     if (auto it = ctx->saved_data.find("down"); it != ctx->saved_data.end()) {
       mlp.d = it->second.toTensor();  // Note [sandwich norms]: kept from forward
       ctx->saved_data.erase(it);      // freed with the MLP half, before the attention half's
     }
     const at::Tensor dh1 = mlp_backward(r, h1, dy, std::move(mlp), std::move(down));
     if (r.any_dropout) load_rng(ctx, "rng_attention", device);
-    auto [att, graph, o] = attention_recompute(r, holder->cos_sin, holder->attention, x2, b, t);
+    auto [att, graph, o] = attention_recompute(r, holder->cos_sin, holder->attention, x2, b, t, shed);
     grads[0] = attention_backward(r, holder->cos_sin, x2, b, t, dh1, std::move(att), std::move(graph), std::move(o))
                    .view({b, t, h});
     return grads;

@@ -121,11 +121,12 @@ void make_m(const LayerRefs& r, MlpHalf& s, bool keep_m) {
 
 // Note [selective recompute]: the MLP half again from the kept gu, without its GEMM. [Wg;Wu]
 // is left for mlp_backward to dequantize once down_proj's weight and gradient are gone.
-MlpHalf mlp_half_from_kept(const LayerRefs& r, const at::Tensor& h1, at::Tensor gu) {
+MlpHalf mlp_half_from_kept(const LayerRefs& r, const at::Tensor& h1, at::Tensor gu, bool shed_inputs) {
   MlpHalf s;
   s.n2 = norm_forward(h1, r.norm2, r.eps, r.plus_one);
   for (auto& [i, dropped] : shared_dropout(r, {kGate, kUp}, s.n2.y))
     s.lora.emplace_back(i, lora_pass(r.proj[i], std::move(dropped)));
+  if (shed_inputs) shed_passes(s.lora, s.n2.y);
   s.n2.y = at::Tensor();
   s.gu = std::move(gu);
   if (r.proj[kDown].lora) make_m(r, s, /*keep_m=*/false);  // down_proj's LoRA input
@@ -202,9 +203,10 @@ at::Tensor attention_residual(const LayerRefs& r, const at::Tensor& x2, Attentio
 
 std::tuple<AttentionHalf, AttentionGraph, LoraPass> attention_recompute(const LayerRefs& r, const CosSin& cos_sin,
                                                                         const model::AttentionInputs& attention,
-                                                                        const at::Tensor& x2, int64_t b, int64_t t) {
+                                                                        const at::Tensor& x2, int64_t b, int64_t t,
+                                                                        bool shed_inputs) {
   AttentionGraph graph;
-  AttentionHalf att = attention_half(r, x2, b, t, cos_sin, attention, &graph.leaves, &graph.out);
+  AttentionHalf att = attention_half(r, x2, b, t, cos_sin, attention, &graph.leaves, &graph.out, shed_inputs);
   LoraPass o;
   if (r.post_attention_norm.defined()) {
     // Note [sandwich norms]: o again, as attention_residual made it; W_o stays for backward.
@@ -284,8 +286,10 @@ at::Tensor mlp_residual(const LayerRefs& r, const at::Tensor& h1, const at::Tens
   return h1 + norm_forward(*d, r.post_feedforward_norm, r.eps, r.plus_one).y;
 }
 
-std::pair<MlpHalf, LoraPass> mlp_recompute(const LayerRefs& r, const at::Tensor& h1, at::Tensor kept_gu) {
-  MlpHalf mlp = kept_gu.defined() ? mlp_half_from_kept(r, h1, std::move(kept_gu)) : mlp_half(r, h1, /*forward=*/false);
+std::pair<MlpHalf, LoraPass> mlp_recompute(const LayerRefs& r, const at::Tensor& h1, at::Tensor kept_gu,
+                                           bool shed_inputs) {
+  MlpHalf mlp = kept_gu.defined() ? mlp_half_from_kept(r, h1, std::move(kept_gu), shed_inputs)
+                                  : mlp_half(r, h1, /*forward=*/false, shed_inputs);
   LoraPass down;  // m is down_proj's LoRA input, nothing else's
   if (r.proj[kDown].lora)
     down = mlp.down_in.x.defined() ? lora_pass(r.proj[kDown], std::move(mlp.down_in)) : lora_pass(r.proj[kDown], mlp.m);

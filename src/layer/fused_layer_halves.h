@@ -77,9 +77,11 @@ at::Tensor attention_residual(const LayerRefs& r, const at::Tensor& x2, Attentio
 
 // The attention half recomputed from x: q, k, v and then o's dropout masks drawn in the
 // forward's order; with sandwich norms o_proj's output made again too (Note [sandwich norms]).
+// `shed_inputs`: q, k, v's dropped LoRA inputs shed (Note [shed LoRA inputs]).
 std::tuple<AttentionHalf, AttentionGraph, LoraPass> attention_recompute(const LayerRefs& r, const CosSin& cos_sin,
                                                                         const model::AttentionInputs& attention,
-                                                                        const at::Tensor& x2, int64_t b, int64_t t);
+                                                                        const at::Tensor& x2, int64_t b, int64_t t,
+                                                                        bool shed_inputs = false);
 
 // The attention half's backward from its forward pieces (recomputed or kept; att.w_qkv must
 // hold [Wq;Wk;Wv] dequantized) and o_proj's LoRA pass: the gradient from dh1 down to x.
@@ -101,7 +103,9 @@ at::Tensor mlp_residual(const LayerRefs& r, const at::Tensor& h1, const at::Tens
 // The MLP half recomputed from h1 (from the kept gate/up output when `kept_gu` is defined),
 // its dropout masks drawn in the forward's order: gate, up, then down. mlp.d is the caller's to
 // set (kept from forward).
-std::pair<MlpHalf, LoraPass> mlp_recompute(const LayerRefs& r, const at::Tensor& h1, at::Tensor kept_gu);
+// `shed_inputs`: gate and up's dropped LoRA inputs shed (Note [shed LoRA inputs]).
+std::pair<MlpHalf, LoraPass> mlp_recompute(const LayerRefs& r, const at::Tensor& h1, at::Tensor kept_gu,
+                                           bool shed_inputs = false);
 
 // The MLP half's backward from its forward pieces (recomputed, rebuilt from the kept gate/up
 // output, or kept whole; with sandwich norms mlp.d set) and down_proj's LoRA pass: the gradient

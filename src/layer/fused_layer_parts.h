@@ -100,8 +100,10 @@ struct Dropped {
 };
 
 // Note [shed LoRA inputs]
-// Kept from forward to backward (the layer without recompute), a dropped copy costs the
-// input's size a LoRA: three copies of n1 for q, k, v, one of the attention output for o.
+// Kept from forward to backward (the layer without recompute; and from a recompute to its
+// backward where the checkpoints are offloaded, long sequences, where the copies are the
+// largest LoRA share of a half's working set), a dropped copy costs the input's size a LoRA:
+// three copies of n1 for q, k, v, one of the attention output for o.
 // Shed, the copy goes and the LoRA keeps only its bit mask and the undropped input, which
 // the projections sharing it keep once (and o's, the attention output, SDPA keeps anyway);
 // backward remakes the copy from the two (model::apply_dropout_bits: the forward's roundings,

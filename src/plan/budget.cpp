@@ -167,17 +167,20 @@ FusedHalves fused_halves(const DecoderConfig& m, const BudgetInputs& in, bool ke
   const int64_t hd = m.num_attention_heads * m.head_dim;
   const int64_t qkv = hd + 2 * m.num_key_value_heads * m.head_dim;
   const bool drop = in.lora_dropout > 0;
+  // Offloaded, a recompute sheds its dropped copies (Note [shed LoRA inputs]): the bit mask a
+  // LoRA, and the undropped input once.
+  const bool shed = in.offload && in.gradient_checkpointing;
   auto lora_in = [&](const char* name, int64_t in_features) -> int64_t {
     if (!targets(in, name)) return 0;
-    return p * r + (drop ? p * in_features + (in_features + 7) / 8 : 0);  // bit masks on GPUs
+    return p * r + (drop ? (shed ? 0 : p * in_features) + (in_features + 7) / 8 : 0);  // bit masks on GPUs
   };
   FusedHalves f;
-  const bool n2_kept = !drop && (targets(in, "gate_proj") || targets(in, "up_proj"));
+  const bool n2_kept = (!drop || shed) && (targets(in, "gate_proj") || targets(in, "up_proj"));
   f.mlp_tok = double((n2_kept ? 2 : 1) * p * h + 4 + 2 * p * i + p * i + lora_in("gate_proj", h) + lora_in("up_proj", h));
   if (targets(in, "down_proj")) f.mlp_tok += double(p * i + (drop ? (i + 7) / 8 : 0));
   // Note [sandwich norms] (src/layer/fused_layer.cpp): the gradient at down_proj's output beside dy.
   if (m.pieces.sandwich_norms) f.mlp_tok += double(p * h);
-  const bool n1_kept = !drop && (targets(in, "q_proj") || targets(in, "k_proj") || targets(in, "v_proj"));
+  const bool n1_kept = (!drop || shed) && (targets(in, "q_proj") || targets(in, "k_proj") || targets(in, "v_proj"));
   f.attention_tok = double((n1_kept ? 3 : 2) * p * h + 4 + p * qkv + p * hd + 4 * m.num_attention_heads + 2 * p * hd + p * qkv + 4 * hd +
                            lora_in("q_proj", h) + lora_in("k_proj", h) + lora_in("v_proj", h));
   if (targets(in, "o_proj")) f.attention_tok += double(p * r + (drop ? (hd + 7) / 8 : 0));
