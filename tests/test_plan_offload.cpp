@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "qlora/model/decoder_config.h"
+#include "qlora/plan/finder.h"
 #include "qlora/plan/plan.h"
 #include "support/plan_fixtures.h"
 

@@ -212,4 +212,18 @@ SeqFinderResult find_max_seq(const SeqFinderInputs& in, const Probe& probe) {
   return out;
 }
 
+int64_t largest_fitting_seq(const DecoderConfig& model, BudgetInputs in, const GpuSpec& gpu, int64_t upper,
+                            int64_t step) {
+  int64_t lo = 0, hi = step > 0 ? upper / step : 0;  // in steps
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo + 1) / 2;
+    in.seq_length = mid * step;
+    if (total_bytes(memory_components(model, in)) <= gpu.memory_bytes)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo * step;
+}
+
 }  // namespace qlora::plan

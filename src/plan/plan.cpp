@@ -146,20 +146,6 @@ int64_t largest_fitting_micro(const DecoderConfig& model, BudgetInputs in, const
 
 }  // namespace
 
-int64_t largest_fitting_seq(const DecoderConfig& model, BudgetInputs in, const GpuSpec& gpu, int64_t upper,
-                            int64_t step) {
-  int64_t lo = 0, hi = step > 0 ? upper / step : 0;  // in steps
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo + 1) / 2;
-    in.seq_length = mid * step;
-    if (fits(budget(model, in).total, gpu))
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo * step;
-}
-
 BudgetInputs budget_inputs(const Config& cfg, const DecoderConfig& model, const std::string& precision) {
   PrecisionAdvice p;
   p.resolved = precision;

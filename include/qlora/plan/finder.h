@@ -105,6 +105,12 @@ struct SeqFinderResult {
 
 SeqFinderResult find_max_seq(const SeqFinderInputs& in, const Probe& probe);
 
+// The plan's guess for it: the longest sequence, a multiple of `step` no longer than `upper`,
+// whose plan (the rest as in `in`) fits `gpu`; 0 when not even `step` tokens do. Memory grows
+// with the length: a binary search.
+int64_t largest_fitting_seq(const DecoderConfig& model, BudgetInputs in, const GpuSpec& gpu, int64_t upper,
+                            int64_t step);
+
 // ---------------------------------------------------------------- divisors
 
 // The largest divisor of n (n >= 1) that is <= limit; 1 when limit < 1.

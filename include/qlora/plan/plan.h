@@ -243,11 +243,6 @@ double offloaded_bytes(const DecoderConfig& model, const BudgetInputs& in);
 // CUDA host allocator rounds (up to 2× offloaded_bytes).
 double offloaded_pinned_bytes(const DecoderConfig& model, const BudgetInputs& in);
 
-// The longest sequence, a multiple of `step` no longer than `upper`, whose plan (the rest as in
-// `in`) fits `gpu`; 0 when not even `step` tokens do. Memory grows with the length: a binary search.
-int64_t largest_fitting_seq(const DecoderConfig& model, BudgetInputs in, const GpuSpec& gpu, int64_t upper,
-                            int64_t step);
-
 // The budget's knobs as `cfg` sets them, precision resolved to `precision` ("bf16", "fp16",
 // "fp32"); train.recompute: auto as full and train.offload_checkpoints: auto as off (the plan
 // settles both against a GPU, make_plan).
