@@ -348,8 +348,9 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
       kept_gu = it->second.toTensor();
       ctx->saved_data.erase(it);  // used once: backward overwrites it with [dg | du]
     }
-    // Offloaded (long sequences): the recomputed halves shed their dropped LoRA inputs too, the
-    // largest LoRA share of a half's working set there (Note [shed LoRA inputs]).
+    // Offloaded (long sequences): the recomputed halves shed q, k, v's and gate, up's dropped
+    // LoRA inputs too, the largest LoRA share of a half's working set there (Note [shed LoRA
+    // inputs]); o's and down's are used before the half's peak.
     const bool shed = holder->offload != nullptr;
     auto [mlp, down] = mlp_recompute(r, h1, std::move(kept_gu), shed);
     if (auto it = ctx->saved_data.find("down"); it != ctx->saved_data.end()) {

@@ -57,8 +57,13 @@ void head_backward_into(const LayerRefs& r, at::Tensor dst, const at::Tensor& g,
 // Note [sandwich norms]: the gradient at a sandwich norm's input x (o_proj's or down_proj's
 // output) from g at its output, its 1/rms computed again from x.
 at::Tensor sandwich_backward(const LayerRefs& r, const at::Tensor& g, const at::Tensor& x, const at::Tensor& w) {
-  Normed n = norm_forward(x, w, r.eps, r.plus_one);
-  n.y = at::Tensor();
+  Normed n;
+  if (r.plus_one || !model::fused_rms_norm_applies(x, w)) {
+    n.rstd = norm_rstd(x, r.eps);  // 1/rms alone: the normed output would be thrown away
+  } else {
+    n = norm_forward(x, w, r.eps, r.plus_one);
+    n.y = at::Tensor();
+  }
   return norm_backward(g, x, w, n, r.plus_one);
 }
 

@@ -226,20 +226,27 @@ Normed norm_forward(const at::Tensor& x, const at::Tensor& w, double eps, bool p
   }
   // model::rms_norm_reference's (or rms_norm_plus_one's) ops, keeping 1/rms.
   const at::Tensor h = x.to(at::kFloat);
-  const at::Tensor rstd = at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  const at::Tensor rstd = norm_rstd(h, eps);
   if (plus_one) return {(h * rstd * (w.to(at::kFloat) + 1.0)).to(x.scalar_type()), rstd};
   return {w * (h * rstd).to(x.scalar_type()), rstd};
+}
+
+at::Tensor norm_rstd(const at::Tensor& x, double eps) {
+  return at::rsqrt(x.to(at::kFloat).pow(2).mean(-1, /*keepdim=*/true) + eps);
 }
 
 at::Tensor norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const Normed& n,
                          bool plus_one) {
   if (!plus_one && model::fused_rms_norm_applies(x, w))
     return std::get<0>(at::_fused_rms_norm_backward(dy, x, {x.size(-1)}, n.rstd, w, {true, false}));
-  const at::Tensor xhat = x.to(at::kFloat) * n.rstd;  // [N, h] fp32
+  at::Tensor xhat = x.to(at::kFloat) * n.rstd;  // [N, h] fp32, new
   // As autograd: Llama's product in x's dtype, Gemma's (1 + w) in fp32 (Note [(1 + w) norms]).
-  const at::Tensor dxhat = plus_one ? dy.to(at::kFloat) * (w.to(at::kFloat) + 1.0) : (dy * w).to(at::kFloat);
+  at::Tensor dxhat = plus_one ? dy.to(at::kFloat) * (w.to(at::kFloat) + 1.0) : (dy * w).to(at::kFloat);  // new
   const at::Tensor dot = (dxhat * xhat).mean(-1, /*keepdim=*/true);
-  return (n.rstd * (dxhat - xhat * dot)).to(x.scalar_type());
+  // rstd · (dx̂ - x̂ · dot) in place on the two: the same values, two fp32 [N, h] temporaries fewer.
+  dxhat.sub_(xhat.mul_(dot));
+  xhat = at::Tensor();
+  return dxhat.mul_(n.rstd).to(x.scalar_type());
 }
 
 at::Tensor norm_backward_add(at::Tensor dy, const at::Tensor& x, const at::Tensor& w, const Normed& n,

@@ -169,6 +169,8 @@ struct Normed {
 // weight of x's dtype: 1 + w rounded to 16 bits) and model::rms_norm_backward_add's kernel
 // (the same weight) are not used for them; a kernel taking the fp32 (1 + w) is a later speed-up.
 Normed norm_forward(const at::Tensor& x, const at::Tensor& w, double eps, bool plus_one = false);
+// The 1/rms norm_forward's reference ops keep ([N, 1] fp32), alone.
+at::Tensor norm_rstd(const at::Tensor& x, double eps);
 at::Tensor norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const Normed& n,
                          bool plus_one = false);
 // norm_backward(dy, ...) + residual, in place on dy: on GPUs (16-bit, not plus_one) one kernel

@@ -180,10 +180,15 @@ FusedHalves fused_halves(const DecoderConfig& m, const BudgetInputs& in, bool ke
   if (targets(in, "down_proj")) f.mlp_tok += double(p * i + (drop ? (i + 7) / 8 : 0));
   // Note [sandwich norms] (src/layer/fused_layer.cpp): the gradient at down_proj's output beside dy.
   if (m.pieces.sandwich_norms) f.mlp_tok += double(p * h);
+  // Note [(1 + w) norms]: their backward is ATen's fp32 ops, three [N, h] fp32 temporaries at
+  // once (x̂, dx̂ and their product) while the half's tensors are alive (the post-feed-forward
+  // norm's, first in the MLP half's backward); Gemma 3's q head norms the same over H·d.
+  if (m.pieces.norm_plus_one) f.mlp_tok += double(12 * h);
   const bool n1_kept = (!drop || shed) && (targets(in, "q_proj") || targets(in, "k_proj") || targets(in, "v_proj"));
   f.attention_tok = double((n1_kept ? 3 : 2) * p * h + 4 + p * qkv + p * hd + 4 * m.num_attention_heads + 2 * p * hd + p * qkv + 4 * hd +
                            lora_in("q_proj", h) + lora_in("k_proj", h) + lora_in("v_proj", h));
   if (targets(in, "o_proj")) f.attention_tok += double(p * r + (drop ? (hd + 7) / 8 : 0));
+  if (m.pieces.norm_plus_one && m.pieces.qk_norm) f.attention_tok += double(12 * hd);
   f.mlp_weights = double((kept_gate_up ? 2 : 3) * i * h * in.dequant_bytes);
   f.attention_weights = double((qkv + hd) * h * in.dequant_bytes);
   return f;
