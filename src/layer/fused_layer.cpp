@@ -247,6 +247,7 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
     const bool replay = r.any_dropout && !keep_all;  // recomputing halves replay the generators
     const at::Tensor x2 = input.reshape({b * t, h});
     std::unique_ptr<KeptLayer> kept = keep_all ? std::make_unique<KeptLayer>() : nullptr;
+    ctx->saved_data["layer"] = at::IValue::make_capsule(holder);
 
     if (replay) save_rng(ctx, "rng_attention", input.device());
     at::Tensor h1;
@@ -289,7 +290,6 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
             c10::make_intrusive<OffloadHandle>(holder->offload, holder->offload->stash(holder->layer, keep)));
         ctx->saved_data["offloaded_gu"] = gu.defined();
         ctx->saved_data["offloaded_down"] = d.defined();
-        ctx->saved_data["layer"] = at::IValue::make_capsule(holder);
         return y.view({b, t, h});
       }
       if (gu.defined()) ctx->saved_data["gu"] = gu;
@@ -297,7 +297,6 @@ struct FusedLayerFunction : public torch::autograd::Function<FusedLayerFunction>
     }
     ctx->save_for_backward({input});
     ctx->saved_data["h1"] = h1;
-    ctx->saved_data["layer"] = at::IValue::make_capsule(holder);
     return y.view({b, t, h});
   }
 

@@ -199,6 +199,15 @@ namespace {
 // The CUDA host allocator's block for `bytes`: the next power of two.
 double pinned_block(double bytes) { return bytes <= 1 ? bytes : std::exp2(std::ceil(std::log2(bytes))); }
 
+// How many layers keep their gate/up GEMM output [T, 2i] beside x and h1: with selective
+// recompute on the GPU's fused layer, those of train.selective_layers that are not kept whole
+// (Note [selective recompute]); 0 otherwise.
+int64_t selective_gate_up_layers(const DecoderConfig& m, const BudgetInputs& in) {
+  if (!in.gradient_checkpointing || in.activation_bytes != 2 || !in.selective_recompute) return 0;
+  const int64_t L = m.num_hidden_layers;
+  return std::max<int64_t>(0, kept_gate_up_layers(in.selective_layers, L) - whole_layers(in, L));
+}
+
 // offloaded_bytes, each tensor's size passed through `block` first.
 template <typename Block>
 double kept_between(const DecoderConfig& m, const BudgetInputs& in, Block block) {
@@ -206,12 +215,11 @@ double kept_between(const DecoderConfig& m, const BudgetInputs& in, Block block)
   const int64_t L = m.num_hidden_layers, p = in.activation_bytes, whole = whole_layers(in, L);
   const bool fused_layer = p == 2;  // the GPU's 16-bit path: the fused layer (Note [plan: the GPU paths])
   const double tokens = double(in.micro_batch_size) * double(in.seq_length);
-  // The fused layer keeps the attention residual h1 beside each layer input, and with
-  // selective recompute each layer's gate/up GEMM output [T, 2i] (Note [selective recompute]).
-  // The last `whole` layers keep all of a layer instead (counted with the layer's tensors).
-  const int64_t kept_layers_gu = std::max<int64_t>(0, kept_gate_up_layers(in.selective_layers, L) - whole);
-  const bool selective = fused_layer && in.selective_recompute && kept_layers_gu > 0;
-  const double gate_up = selective ? double(kept_layers_gu) * block(tokens * double(2 * m.intermediate_size * p)) : 0.0;
+  // The fused layer keeps the attention residual h1 beside each layer input, and the gate/up
+  // outputs of selective recompute. The last `whole` layers keep all of a layer instead
+  // (counted with the layer's tensors).
+  const double gate_up =
+      double(selective_gate_up_layers(m, in)) * block(tokens * double(2 * m.intermediate_size * p));
   // With sandwich norms it keeps down_proj's output too (Note [sandwich norms] in src/layer/fused_layer.cpp).
   const int64_t fused_kept = m.pieces.sandwich_norms ? 3 : 2;
   return double(fused_layer ? fused_kept : 1) * double(L - whole) * block(tokens * double(m.hidden_size * p)) + gate_up;
@@ -385,9 +393,9 @@ std::vector<Component> memory_components(const DecoderConfig& m, const BudgetInp
   // The fused layer keeps the attention residual h1 beside each layer input, and with
   // selective recompute each layer's gate/up GEMM output [T, 2i] (Note [selective recompute]).
   // The last `whole` layers keep all of a layer instead (layer_bytes: their input and h1 among it).
-  const int64_t kept_layers_gu = std::max<int64_t>(0, kept_gate_up_layers(in.selective_layers, L) - whole);
-  const bool selective = fused_layer && in.selective_recompute && kept_layers_gu > 0;
-  const double kept_gate_up = selective ? double(kept_layers_gu) * tokens * double(2 * i * p) : 0.0;
+  const int64_t kept_layers_gu = selective_gate_up_layers(m, in);
+  const bool selective = kept_layers_gu > 0;
+  const double kept_gate_up = double(kept_layers_gu) * tokens * double(2 * i * p);
   const int64_t boundary_layers = L - whole;
   // Offloaded (Note [offloaded checkpoints] in src/layer/offload.cpp): these wait in host
   // memory; the GPU holds at most two layers' worth, in flight to or from the host.

@@ -146,6 +146,12 @@ int64_t largest_fitting_micro(const DecoderConfig& model, BudgetInputs in, const
 
 }  // namespace
 
+bool offload_may_apply(const Config& cfg) {
+  const Offload o = cfg.train.offload_checkpoints;
+  return cfg.train.gradient_checkpointing &&
+         (o == Offload::kOn || (o == Offload::kAuto && cfg.train.micro_batch_size == 1));
+}
+
 BudgetInputs budget_inputs(const Config& cfg, const DecoderConfig& model, const std::string& precision) {
   PrecisionAdvice p;
   p.resolved = precision;
@@ -390,17 +396,17 @@ namespace {
 // under checkpointing; auto when a micro batch of one sequence does not fit `gpu` without it and
 // does with it (with more sequences a smaller micro batch is the cheaper fix: the advice's first).
 void resolve_offload(Plan& plan, const Config& cfg, const DecoderConfig& model, BudgetInputs& in, const GpuSpec* gpu) {
-  const Offload o = cfg.train.offload_checkpoints;
   in.offload = false;
-  if (in.gradient_checkpointing && o == Offload::kOn) {
+  if (offload_may_apply(cfg) && cfg.train.offload_checkpoints == Offload::kOn) {
     in.offload = true;
-  } else if (in.gradient_checkpointing && o == Offload::kAuto && gpu && in.micro_batch_size == 1) {
+  } else if (offload_may_apply(cfg) && gpu) {  // auto
     BudgetInputs with = in;
     with.offload = true;
-    in.offload = !fits(budget(model, in).total, *gpu) && fits(budget(model, with).total, *gpu);
+    const double without = budget(model, in).total;
+    in.offload = !fits(without, *gpu) && fits(budget(model, with).total, *gpu);
     if (in.offload)
-      plan.notes.push_back("train.offload_checkpoints: auto offloads: without it the run needs " +
-                           gib(budget(model, in).total) + " (" + gpu->name + " has " + gib(gpu->memory_bytes) + ")");
+      plan.notes.push_back("train.offload_checkpoints: auto offloads: without it the run needs " + gib(without) + " (" +
+                           gpu->name + " has " + gib(gpu->memory_bytes) + ")");
   }
   plan.offload = in.offload;
   plan.offload_host_bytes = in.offload ? offloaded_pinned_bytes(model, in) : 0.0;

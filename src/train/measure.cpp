@@ -62,6 +62,10 @@ double sum_of(const plan::Plan& p, std::initializer_list<const char*> keys) {
 
 std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
 
+// Whether the host can pin `need` bytes of offloaded checkpoints: at most 90% of what it has
+// available, leaving the rest to the process and the machine; `available` 0 (unknown) holds all.
+bool host_holds(double need, double available) { return available <= 0 || need <= 0.9 * available; }
+
 }  // namespace
 
 plan::GpuSpec gpu_spec_of(const DeviceChoice& dev, double memory_cap_bytes) {
@@ -111,7 +115,7 @@ std::string resolve_offload(Config& cfg, const DecoderConfig& shape, const Devic
   const std::string each = local_processes > 1 ? " (" + std::to_string(local_processes) + " processes on this host × " +
                                                      plan::format_gib(p.offload_host_bytes) + " GiB)"
                                                : std::string();
-  if (host_available > 0 && need > 0.9 * double(host_available))
+  if (!host_holds(need, double(host_available)))
     throw InputError(cfg.source + ": train.offload_checkpoints" + (asked == Offload::kAuto ? " (auto)" : "") +
                      ": the offloaded checkpoints need " + plan::format_gib(need) + " GiB of pinned host memory" +
                      each + ", more than 90% of the " + plan::format_gib(double(host_available)) +
@@ -226,9 +230,7 @@ plan::SeqFinderResult find_max_seq_for(const Config& cfg_in, const MeasureOption
   Config cfg = cfg_in;
   const DeviceChoice dev = measuring_device(cfg, o, "--find-max-seq");
   if (cfg.train.recompute == Recompute::kAuto) cfg.train.recompute = Recompute::kFull;
-  const bool offload = cfg.train.gradient_checkpointing &&
-                       (cfg.train.offload_checkpoints == Offload::kOn ||
-                        (cfg.train.offload_checkpoints == Offload::kAuto && cfg.train.micro_batch_size == 1));
+  const bool offload = plan::offload_may_apply(cfg);
   cfg.train.offload_checkpoints = offload ? Offload::kOn : Offload::kOff;
   at::manual_seed(static_cast<uint64_t>(cfg.train.seed));
   BaseModel base = load_base_model(cfg, dev, /*allow_random_weights=*/true);
@@ -247,10 +249,10 @@ plan::SeqFinderResult find_max_seq_for(const Config& cfg_in, const MeasureOption
   const double host = static_cast<double>(host_available_bytes());
   plan::SeqFinderResult f = plan::find_max_seq(s, [&](int64_t seq) {
     in.seq_length = seq;
-    if (offload && host > 0 && plan::offloaded_pinned_bytes(base.shape, in) > 0.9 * host) {
+    if (const double need = plan::offloaded_pinned_bytes(base.shape, in); offload && !host_holds(need, host)) {
       plan::ProbeResult r;
-      r.error = "its offloaded checkpoints need " + plan::format_gib(plan::offloaded_pinned_bytes(base.shape, in)) +
-                " GiB of host memory, more than 90% of the " + plan::format_gib(host) + " GiB available";
+      r.error = "its offloaded checkpoints need " + plan::format_gib(need) + " GiB of host memory, more than 90% of the " +
+                plan::format_gib(host) + " GiB available";
       return r;
     }
     return probe_micro_batch(base.model, adapter.parameters(), probe, s.micro, seq, gpu.memory_bytes);

@@ -235,6 +235,10 @@ struct AutoRecompute {
 };
 AutoRecompute auto_recompute(const DecoderConfig& model, BudgetInputs in, const GpuSpec& gpu);
 
+// Whether train.offload_checkpoints may offload this run: true under checkpointing, or auto for a
+// micro batch of one sequence (where auto then offloads only if that alone fits: make_plan).
+bool offload_may_apply(const Config& cfg);
+
 // What the checkpointed layers keep from forward to backward, every layer's at once (0 without
 // checkpointing): the host memory train.offload_checkpoints needs, and what its copies move each
 // way a micro batch (Note [offloaded checkpoints] in src/layer/offload.cpp).
